@@ -1,0 +1,27 @@
+"""Progress bars for long work; silenced by ``--quiet`` or when stderr is not a terminal."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+from tqdm.auto import tqdm
+
+T = TypeVar("T")
+
+
+def progress(
+    iterable: Iterable[T],
+    *,
+    total: int | None = None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+) -> Iterator[T]:
+    """Wrap ``iterable`` in a progress bar on stderr when ``enabled``."""
+    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=False))
+
+
+def progress_bar(*, total: int, desc: str = "", unit: str = "it", enabled: bool = True) -> tqdm:
+    """A manually updated bar (``bar.update(k)``), for work that advances in uneven steps."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)

@@ -1,0 +1,318 @@
+"""Multi-seed training of the CNN family on a dataset folder.
+
+One run trains the same configuration from several seeds (a *seed family*,
+used by the gate's self-consistency check). The train/validation/test split
+depends only on the split seed, so every member of a family is tested on the
+same held-out beats. Batches are read from the memory-mapped arrays, so the
+dataset size is bounded by disk, not memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import platform
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+import ecgx
+from ecgx.progress import progress
+from training.checkpoint import save_checkpoint
+from training.config import TrainConfig
+from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
+from training.data.schema import CLASSES
+from training.distributed import DistContext, broadcast_float, init_distributed, shutdown_distributed
+from training.metrics import per_class_auroc
+from training.models import ECGNet, ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class Split:
+    """Sorted beat indices of each part (sorted: memory-mapped reads stay sequential)."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+
+
+def make_split(n: int, cfg: TrainConfig) -> Split:
+    """Random split fixed by ``cfg.split_seed``; every part gets at least one beat."""
+    n_val = max(1, round(n * cfg.val_fraction))
+    n_test = max(1, round(n * cfg.test_fraction))
+    if n - n_val - n_test < 1:
+        raise ValueError(f"a dataset of {n} beats is too small to split into train/validation/test")
+    perm = np.random.default_rng(cfg.split_seed).permutation(n)
+    test, val, train = np.split(perm, [n_test, n_test + n_val])
+    return Split(np.sort(train), np.sort(val), np.sort(test))
+
+
+def seed_dir(run_dir: Path, seed: int) -> Path:
+    return Path(run_dir) / f"seed-{seed}"
+
+
+def iter_batches(
+    ds: Dataset, indices: np.ndarray, batch_size: int, rng: np.random.Generator | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(signals, labels) tensors in batches; shuffled when ``rng`` is given."""
+    order = rng.permutation(indices) if rng is not None else indices
+    for start in range(0, len(order), batch_size):
+        idx = np.sort(order[start : start + batch_size])
+        x = torch.from_numpy(np.ascontiguousarray(ds.signals[idx], dtype=np.float32))
+        y = torch.from_numpy(np.ascontiguousarray(ds.labels[idx], dtype=np.float32))
+        yield x, y
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, ds: Dataset, indices: np.ndarray, batch_size: int, device: torch.device):
+    """Logits of ``model`` (eval mode) for the given beats, as a NumPy array."""
+    model.eval()
+    out = [model(x.to(device)).cpu().numpy() for x, _ in iter_batches(ds, indices, batch_size)]
+    return np.concatenate(out) if out else np.zeros((0, len(CLASSES)), np.float32)
+
+
+def _bce(logits: np.ndarray, labels: np.ndarray) -> float:
+    # Numerically stable BCE-with-logits, the same loss training minimises.
+    z = logits.astype(np.float64)
+    return float(np.mean(np.maximum(z, 0) - z * labels + np.log1p(np.exp(-np.abs(z)))))
+
+
+def _epoch_indices(split: Split, cfg: TrainConfig, ctx: DistContext, rng: np.random.Generator) -> np.ndarray:
+    """This process's share of one epoch: the same shuffle on every rank, strided by rank."""
+    perm = rng.permutation(split.train)
+    if cfg.max_beats_per_epoch is not None:
+        perm = perm[: cfg.max_beats_per_epoch]
+    per_rank = len(perm) // ctx.world_size  # equal step counts on every rank, or DDP would hang
+    return perm[ctx.rank :: ctx.world_size][:per_rank]
+
+
+def _train_one_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    ds: Dataset,
+    indices: np.ndarray,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    desc: str,
+    show_progress: bool,
+) -> float:
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    total, count = 0.0, 0
+    # Shuffling already happened in _epoch_indices; batches keep that order.
+    batches = [indices[i : i + cfg.batch_size] for i in range(0, len(indices), cfg.batch_size)]
+    for idx in progress(batches, desc=desc, unit="batch", enabled=show_progress and ctx.is_main):
+        x, y = next(iter_batches(ds, idx, len(idx)))
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)
+
+
+def train_seed(
+    ds: Dataset,
+    split: Split,
+    seed: int,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    show_progress: bool = True,
+) -> tuple[ECGNet, dict[str, Any]]:
+    """Train one model; returns it (best validation epoch) and its metrics."""
+    torch.manual_seed(seed)
+    model = build_model(model_cfg).to(ctx.device)
+    wrapped: nn.Module = DistributedDataParallel(model) if ctx.distributed else model
+    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 1]))
+    best_loss, best_state, best_epoch, stale = math.inf, copy.deepcopy(model.state_dict()), 0, 0
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    for epoch in range(1, cfg.max_epochs + 1):
+        t0 = time.perf_counter()
+        indices = _epoch_indices(split, cfg, ctx, rng)
+        desc = f"seed {seed} epoch {epoch}/{cfg.max_epochs}"
+        train_loss = _train_one_epoch(wrapped, optimizer, ds, indices, cfg, ctx, desc, show_progress)
+        val_loss = math.nan
+        if ctx.is_main:
+            logits = predict_logits(model, ds, split.val, cfg.eval_batch_size, ctx.device)
+            val_loss = _bce(logits, np.asarray(ds.labels[split.val], dtype=np.float64))
+        val_loss = broadcast_float(ctx, val_loss)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "seconds": time.perf_counter() - t0,
+            }
+        )
+        log.info("seed %d epoch %d: train loss %.4f, validation loss %.4f", seed, epoch, train_loss, val_loss)
+        if val_loss < best_loss - cfg.min_delta:
+            best_loss, best_state, best_epoch, stale = val_loss, copy.deepcopy(model.state_dict()), epoch, 0
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                log.info("seed %d: early stop after epoch %d (best epoch %d)", seed, epoch, best_epoch)
+                break
+    model.load_state_dict(best_state)
+    model.eval()
+    metrics = {
+        "seed": seed,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history),
+        "best_val_loss": best_loss,
+        "train_seconds": time.perf_counter() - started,
+        "history": history,
+    }
+    return model, metrics
+
+
+def evaluate(model: ECGNet, ds: Dataset, indices: np.ndarray, batch_size: int, device: torch.device):
+    """Per-class AUROC (None where a class has only one label value in ``indices``)."""
+    logits = predict_logits(model, ds, indices, batch_size, device)
+    labels = np.asarray(ds.labels[indices])
+    return per_class_auroc(labels, logits)
+
+
+def _class_table(test_auroc: list[float | None], val_auroc: list[float | None], labels: np.ndarray):
+    return [
+        {
+            "key": c.key,
+            "code": c.code,
+            "name": c.name,
+            "test_auroc": t,
+            "val_auroc": v,
+            "test_positives": int(labels[:, i].sum()),
+        }
+        for i, (c, t, v) in enumerate(zip(CLASSES, test_auroc, val_auroc, strict=True))
+    ]
+
+
+def _environment(ctx: DistContext) -> dict[str, Any]:
+    return {
+        "ecgx_version": ecgx.__version__,
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "threads": torch.get_num_threads(),
+        "world_size": ctx.world_size,
+        "device": str(ctx.device),
+    }
+
+
+def train_run(
+    data_dir: Path | str,
+    seeds: Sequence[int],
+    out: Path | str,
+    model_cfg: ModelConfig | None = None,
+    cfg: TrainConfig | None = None,
+    *,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """Train one model per seed into ``out/seed-<s>/`` and write ``out/run.json``.
+
+    Works the same in one process and under ``torchrun`` (DistributedDataParallel);
+    only rank 0 writes files. Returns the run summary.
+    """
+    model_cfg, cfg = model_cfg or ModelConfig(), cfg or TrainConfig()
+    seeds = _check_seeds(seeds)
+    out = Path(out)
+    for s in seeds:
+        if (seed_dir(out, s) / CHECKPOINT_FILE).exists() and not overwrite:
+            raise FileExistsError(f"{seed_dir(out, s)} already holds a trained model; pass --overwrite")
+    ds = load_dataset(data_dir)
+    if ds.labels.shape[0] == 0:
+        raise ValueError(f"dataset {data_dir} holds no beats")
+    split = make_split(len(ds), cfg)
+    ctx = init_distributed(cfg.device)
+    torch.use_deterministic_algorithms(True, warn_only=ctx.device.type != "cpu")
+    try:
+        summary = _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress)
+    finally:
+        shutdown_distributed(ctx)
+    return summary
+
+
+def _check_seeds(seeds: Sequence[int]) -> list[int]:
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("give at least one seed")
+    if any(s < 0 for s in seeds):
+        raise ValueError(f"seeds must be >= 0, got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+    return seeds
+
+
+def _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress) -> dict[str, Any]:
+    data_info = {
+        "path": str(Path(ds.path).resolve()),
+        "n": len(ds),
+        "fingerprint": dataset_fingerprint(ds),
+        "source": ds.meta.get("source"),
+    }
+    summary: dict[str, Any] = {
+        "data": data_info,
+        "split": {"seed": cfg.split_seed, **split.sizes()},
+        "model_config": model_cfg.to_dict(),
+        "train_config": cfg.to_dict(),
+        "environment": _environment(ctx),
+        "seeds": {},
+    }
+    test_labels = np.asarray(ds.labels[split.test])
+    for seed in seeds:
+        model, metrics = train_seed(ds, split, seed, model_cfg, cfg, ctx, show_progress)
+        if not ctx.is_main:
+            continue
+        test_auroc = evaluate(model, ds, split.test, cfg.eval_batch_size, ctx.device)
+        val_auroc = evaluate(model, ds, split.val, cfg.eval_batch_size, ctx.device)
+        defined = [a for a in test_auroc if a is not None]
+        metrics.update(
+            classes=_class_table(test_auroc, val_auroc, test_labels),
+            mean_test_auroc=float(np.mean(defined)) if defined else None,
+            min_test_auroc=float(np.min(defined)) if defined else None,
+            data=data_info,
+            split={"seed": cfg.split_seed, **split.sizes()},
+            environment=_environment(ctx),
+        )
+        _write_seed(out, seed, model.cpu(), metrics, model_cfg, cfg)
+        keys = ("mean_test_auroc", "min_test_auroc", "best_epoch", "train_seconds")
+        summary["seeds"][str(seed)] = {k: metrics[k] for k in keys}
+        log.info(
+            "seed %d: mean test AUROC %.4f, min %.4f",
+            seed,
+            metrics["mean_test_auroc"] or math.nan,
+            metrics["min_test_auroc"] or math.nan,
+        )
+    if ctx.is_main:
+        (out / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _write_seed(out: Path, seed: int, model: ECGNet, metrics: dict, model_cfg: ModelConfig, cfg: TrainConfig):
+    d = seed_dir(out, seed)
+    d.mkdir(parents=True, exist_ok=True)
+    save_checkpoint(d / CHECKPOINT_FILE, model, seed=seed, train_config=cfg.to_dict(), metrics=metrics)
+    (d / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
