@@ -2,7 +2,7 @@
 
 Built only from the layers the ONNX backward-graph export supports (DESIGN.md):
 Conv1d, BatchNorm1d, ReLU, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d, Linear,
-Dropout and residual addition. Every ReLU is its own module instance (never
+Dropout and residual addition (:class:`Add`). Every ReLU is its own module instance (never
 reused) because attribution rules (guided backprop, DeepLIFT, LRP) are applied
 per ReLU module, in the export and in the Captum reference alike.
 """
@@ -95,6 +95,13 @@ class ConvBlock(nn.Sequential):
         super().__init__(*layers)
 
 
+class Add(nn.Module):
+    """Residual addition as a module, so attribution rules (LRP's epsilon rule) can attach to it."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
 class ResidualBlock(nn.Module):
     """Two convolutions with a skip connection: relu(body(x) + shortcut(x)).
 
@@ -111,17 +118,20 @@ class ResidualBlock(nn.Module):
         if cfg.batch_norm:
             body.append(nn.BatchNorm1d(c_out))
         self.body = nn.Sequential(*body)
-        if c_in == c_out:
-            self.shortcut: nn.Module = nn.Identity()
-        else:
+        # No module on an identity shortcut: the block input itself is added, so LRP
+        # sees one tensor feeding two layers rather than an extra pass-through layer.
+        self.shortcut: nn.Sequential | None = None
+        if c_in != c_out:
             short: list[nn.Module] = [nn.Conv1d(c_in, c_out, 1, bias=bias)]
             if cfg.batch_norm:
                 short.append(nn.BatchNorm1d(c_out))
             self.shortcut = nn.Sequential(*short)
+        self.add = Add()
         self.relu = nn.ReLU()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.body(x) + self.shortcut(x))
+        skip = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(self.add(self.body(x), skip))
 
 
 class ECGNet(nn.Module):

@@ -1,0 +1,101 @@
+"""Reference attributions computed by Captum on the PyTorch model.
+
+The export checks its ONNX graphs against these before it writes a package,
+and the tests compare every engine method with them. Only the export and
+tests import this module (it needs PyTorch and Captum; the engine needs neither).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+from torch import nn
+
+from training.models import Add
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with each BatchNorm1d folded into the Conv1d before it.
+
+    The folded model computes the same function. LRP is run on it because the
+    package applies LRP's rules to folded convolutions (as Zennit's canonizers do).
+    """
+    model = copy.deepcopy(model).eval()
+    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
+        children = list(seq)
+        folded = [i + 1 for i, (conv, bn) in enumerate(zip(children, children[1:], strict=False))
+                  if isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d)]  # fmt: skip
+        for i in reversed(folded):
+            _fold_into(children[i - 1], children[i])
+            del seq[i]
+    return model
+
+
+def _fold_into(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> None:
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        conv.weight.mul_(scale[:, None, None])
+        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+
+
+def lrp_model(model: nn.Module, epsilon: float) -> nn.Module:
+    """The folded model prepared for Captum's LRP with the epsilon rule on every linear layer."""
+    from captum.attr._utils.lrp_rules import EpsilonRule
+
+    model = fold_batchnorm(model)
+    rule_types = (nn.Conv1d, nn.Linear, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, Add)
+    for m in model.modules():
+        if isinstance(m, rule_types):
+            m.rule = EpsilonRule(epsilon)
+    return model
+
+
+def _targets(target: np.ndarray | int, n: int) -> torch.Tensor:
+    return torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (n,)).copy())
+
+
+def captum_attribution(
+    model: nn.Module,
+    method: str,
+    x: np.ndarray,
+    target: np.ndarray | int,
+    baseline: np.ndarray | None = None,
+    epsilon: float = 1e-9,
+) -> np.ndarray:
+    """Captum's attribution for the graph-backed methods: gradient, guided_backprop,
+    deconvolution, deeplift (against ``baseline``) and lrp (epsilon rule)."""
+    from captum.attr import LRP, Deconvolution, DeepLift, GuidedBackprop, Saliency
+
+    model = model.eval()
+    xt = torch.tensor(x, dtype=torch.float32)
+    tgt = _targets(target, len(x))
+    if method == "gradient":
+        out = Saliency(model).attribute(xt, target=tgt, abs=False)
+    elif method == "guided_backprop":
+        out = GuidedBackprop(model).attribute(xt, target=tgt)
+    elif method == "deconvolution":
+        out = Deconvolution(model).attribute(xt, target=tgt)
+    elif method == "deeplift":
+        base = torch.zeros_like(xt) if baseline is None else torch.tensor(baseline, dtype=torch.float32)
+        out = DeepLift(copy.deepcopy(model)).attribute(xt, baselines=base, target=tgt)
+    elif method == "lrp":
+        out = LRP(lrp_model(model, epsilon)).attribute(xt, target=tgt)
+    else:
+        raise ValueError(f"no Captum reference for {method!r}")
+    return out.detach().numpy()
+
+
+def layer_activations_and_gradients(
+    model: nn.Module, layer: nn.Module, x: np.ndarray, target: np.ndarray | int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Activations of ``layer`` and the target logit's gradient with respect to them (GradCAM's inputs)."""
+    from captum._utils.gradient import compute_layer_gradients_and_eval
+
+    xt = torch.tensor(x, dtype=torch.float32)
+    grads, acts = compute_layer_gradients_and_eval(
+        model.eval(), layer, xt, target_ind=_targets(target, len(x))
+    )
+    return acts[0].detach().numpy(), grads[0].detach().numpy()
