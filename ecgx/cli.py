@@ -64,9 +64,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     model_cfg, train_cfg = load_config(args.config)
     summary = train_run(
-        args.data, args.seeds, args.out, model_cfg, train_cfg,
-        overwrite=args.overwrite, show_progress=not args.quiet,
-    )  # fmt: skip
+        args.data,
+        args.seeds,
+        args.out,
+        model_cfg,
+        train_cfg,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+    )
     if summary["seeds"]:
         from training.summary import format_training_summary
 

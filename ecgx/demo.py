@@ -43,8 +43,9 @@ def run_demo(
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
     if todo:
         log.info("step 2/2: training seeds %s into %s", todo, run_dir)
-        train_run(data_dir, todo, run_dir, ModelConfig(), TrainConfig(), overwrite=True,
-                  show_progress=show_progress)  # fmt: skip
+        train_run(
+            data_dir, todo, run_dir, ModelConfig(), TrainConfig(), overwrite=True, show_progress=show_progress
+        )
     else:
         log.info("step 2/2: reusing trained seeds in %s", run_dir)
     print(format_training_summary(run_dir, seeds))

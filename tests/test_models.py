@@ -9,9 +9,18 @@ from torch import nn
 from training.models import Add, ECGNet, ModelConfig, build_model
 
 ALLOWED = (
-    nn.Conv1d, nn.BatchNorm1d, nn.ReLU, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d,
-    nn.Linear, nn.Dropout, nn.Sequential, ECGNet, Add,
-)  # fmt: skip
+    nn.Conv1d,
+    nn.BatchNorm1d,
+    nn.ReLU,
+    nn.MaxPool1d,
+    nn.AvgPool1d,
+    nn.AdaptiveAvgPool1d,
+    nn.Linear,
+    nn.Dropout,
+    nn.Sequential,
+    ECGNet,
+    Add,
+)
 
 CONFIGS = [
     ModelConfig(),
@@ -61,6 +70,6 @@ def test_invalid_config_is_named(kwargs: dict, message: str) -> None:
 
 
 def test_unknown_config_key_is_named() -> None:
-    with pytest.raises(ValueError, match="unknown model setting.*'depth'"):
+    with pytest.raises(ValueError, match=r"unknown model setting.*'depth'"):
         ModelConfig.from_dict({"depth": 3})
     assert ModelConfig.from_dict(ModelConfig(residual=True).to_dict()) == ModelConfig(residual=True)

@@ -85,10 +85,15 @@ class ConvBlock(nn.Sequential):
         pad = cfg.dilation * (cfg.kernel_size - 1) // 2
         layers: list[nn.Module] = [
             nn.Conv1d(
-                c_in, c_out, cfg.kernel_size, stride=stride, padding=pad,
-                dilation=cfg.dilation, bias=cfg.conv_bias or not cfg.batch_norm,
+                c_in,
+                c_out,
+                cfg.kernel_size,
+                stride=stride,
+                padding=pad,
+                dilation=cfg.dilation,
+                bias=cfg.conv_bias or not cfg.batch_norm,
             )
-        ]  # fmt: skip
+        ]
         if cfg.batch_norm:
             layers.append(nn.BatchNorm1d(c_out))
         layers.append(nn.ReLU())

@@ -10,9 +10,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LEADS: tuple[str, ...] = (
-    "I", "II", "III", "aVR", "aVL", "aVF",
-    "V1", "V2", "V3", "V4", "V5", "V6",
-)  # fmt: skip
+    "I",
+    "II",
+    "III",
+    "aVR",
+    "aVL",
+    "aVF",
+    "V1",
+    "V2",
+    "V3",
+    "V4",
+    "V5",
+    "V6",
+)
 N_LEADS = len(LEADS)
 SAMPLING_RATE_HZ = 500
 BEAT_SAMPLES = 600  # 1.2 s at 500 Hz

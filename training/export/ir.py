@@ -24,8 +24,15 @@ from training.models import Add
 
 # Op kinds. "Linear" layers (in the LRP sense: z = W a + b) are the ones rules attach to.
 CONV, LINEAR, MAXPOOL, AVGPOOL, GAP, ADD, RELU, FLATTEN = (
-    "conv", "linear", "maxpool", "avgpool", "gap", "add", "relu", "flatten",
-)  # fmt: skip
+    "conv",
+    "linear",
+    "maxpool",
+    "avgpool",
+    "gap",
+    "add",
+    "relu",
+    "flatten",
+)
 RULE_LAYERS = frozenset({CONV, LINEAR, MAXPOOL, AVGPOOL, GAP, ADD})
 INPUT = "x"
 SUPPORTED_LAYERS = (
@@ -149,9 +156,12 @@ def _module_op(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[str,
         if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
             raise ExportError(f"layer {name}: Conv1d must have groups=1, zero padding and integer padding")
         return CONV, {
-            "weight": _np(m.weight), "bias": _np(m.bias), "stride": _single(m.stride, "stride", name),
-            "padding": _single(m.padding, "padding", name), "dilation": _single(m.dilation, "dilation", name),
-        }  # fmt: skip
+            "weight": _np(m.weight),
+            "bias": _np(m.bias),
+            "stride": _single(m.stride, "stride", name),
+            "padding": _single(m.padding, "padding", name),
+            "dilation": _single(m.dilation, "dilation", name),
+        }
     if isinstance(m, nn.BatchNorm1d):
         return "batchnorm", {"module": m}
     if isinstance(m, nn.Linear):

@@ -110,8 +110,15 @@ def _forward_op(b: GraphBuilder, op: Op, ins: list[str]) -> str:
     if op.kind == CONV:
         w, bias = param_names(op)
         args = [ins[0], b.param(w, p["weight"])] + ([b.param(bias, p["bias"])] if bias else [])
-        return b.op("Conv", args, op.name, kernel_shape=[p["weight"].shape[2]], strides=[p["stride"]],
-                    pads=[p["padding"], p["padding"]], dilations=[p["dilation"]])  # fmt: skip
+        return b.op(
+            "Conv",
+            args,
+            op.name,
+            kernel_shape=[p["weight"].shape[2]],
+            strides=[p["stride"]],
+            pads=[p["padding"], p["padding"]],
+            dilations=[p["dilation"]],
+        )
     if op.kind == LINEAR:
         w, bias = param_names(op)
         args = [ins[0], b.param(w, p["weight"])] + ([b.param(bias, p["bias"])] if bias else [])
@@ -299,8 +306,16 @@ def _conv_transpose(b: GraphBuilder, g: str, op: Op) -> str:
     k, s, pad, d = p["weight"].shape[2], p["stride"], p["padding"], p["dilation"]
     l_in, l_out = op.in_shape[1], op.out_shape[1]
     extra = l_in - (s * (l_out - 1) + d * (k - 1) + 1 - 2 * pad)
-    return b.op("ConvTranspose", [g, w], f"{op.name}.T", kernel_shape=[k], strides=[s], pads=[pad, pad],
-                dilations=[d], output_padding=[extra])  # fmt: skip
+    return b.op(
+        "ConvTranspose",
+        [g, w],
+        f"{op.name}.T",
+        kernel_shape=[k],
+        strides=[s],
+        pads=[pad, pad],
+        dilations=[d],
+        output_padding=[extra],
+    )
 
 
 def _backward_op(b: GraphBuilder, rule: Rule, op: Op, g: str, t: dict[str, str]) -> list[str]:

@@ -229,12 +229,19 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
     layers = []
     for op in ir.ops:
         w, b = param_names(op) if op.kind in ("conv", "linear") else (None, None)
-        layers.append({
-            "name": op.name, "kind": op.kind, "inputs": list(op.inputs), "output": op.output,
-            "in_shape": list(op.in_shape), "out_shape": list(op.out_shape),
-            "parameters": [p for p in (w, b) if p], "folded_batchnorm": op.params.get("folded"),
-            **({k: op.params[k] for k in ("stride", "padding", "dilation", "kernel") if k in op.params}),
-        })  # fmt: skip
+        layers.append(
+            {
+                "name": op.name,
+                "kind": op.kind,
+                "inputs": list(op.inputs),
+                "output": op.output,
+                "in_shape": list(op.in_shape),
+                "out_shape": list(op.out_shape),
+                "parameters": [p for p in (w, b) if p],
+                "folded_batchnorm": op.params.get("folded"),
+                **({k: op.params[k] for k in ("stride", "padding", "dilation", "kernel") if k in op.params}),
+            }
+        )
     all_files = [WEIGHTS_FILE, *files]
     return {
         "format": PACKAGE_FORMAT,
@@ -252,12 +259,12 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
             "units": "mV",
             "sampling_rate_hz": SAMPLING_RATE_HZ,
             "r_peak_sample": R_PEAK_SAMPLE,
-        },  # fmt: skip
+        },
         "output": {"name": "logits", "shape": [None, len(CLASSES)], "activation": "sigmoid"},
         "graphs": {
             name: {"file": f"{name}.onnx", "inputs": list(sig[0]), "outputs": list(sig[1])}
             for name, sig in GRAPH_SIGNATURES.items()
-        },  # fmt: skip
+        },
         "gradcam_layer": layer,
         "layers": layers,
         "parameters": params,
@@ -269,7 +276,7 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
             "rel_tol": REL_TOL,
             "max_outlier_fraction": MAX_OUTLIER_FRACTION,
             "checks": checks,
-        },  # fmt: skip
+        },
         "training": training_info or {},
         "source": source or {},
     }

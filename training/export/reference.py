@@ -8,6 +8,7 @@ tests import this module (it needs PyTorch and Captum; the engine needs neither)
 from __future__ import annotations
 
 import copy
+import itertools
 
 import numpy as np
 import torch
@@ -25,8 +26,11 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model).eval()
     for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
         children = list(seq)
-        folded = [i + 1 for i, (conv, bn) in enumerate(zip(children, children[1:], strict=False))
-                  if isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d)]  # fmt: skip
+        folded = [
+            i + 1
+            for i, (conv, bn) in enumerate(itertools.pairwise(children))
+            if isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d)
+        ]
         for i in reversed(folded):
             _fold_into(children[i - 1], children[i])
             del seq[i]
