@@ -79,6 +79,61 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite
+    )
+    log.info("wrote model package %s", out)
+    return 0
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    """``name=value``; the value is read as JSON when it parses (numbers, true, null), else kept as text."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise ValueError(f"--param must look like name=value, got {text!r}")
+    try:
+        return name, json.loads(value)
+    except json.JSONDecodeError:
+        return name, value
+
+
+def _cmd_attribute(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from service.engine import AttributionEngine
+    from training.data.dataset import load_dataset
+
+    params = dict(_parse_param(p) for p in args.param)
+    if args.seed is not None:
+        params["seed"] = args.seed
+    ds = load_dataset(args.data)
+    stop = len(ds) if args.count is None else args.start + args.count
+    if not 0 <= args.start < len(ds) or stop > len(ds) or stop <= args.start:
+        raise ValueError(
+            f"--start/--count select beats {args.start}..{stop - 1}, but {args.data} holds {len(ds)}"
+        )
+    engine = AttributionEngine(args.package, providers=args.providers, max_batch=args.max_batch)
+    x = np.asarray(ds.signals[args.start : stop])
+    attributions = engine.attribute(args.method, x, args.target, **params)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(args.out, attributions)
+    log.info(
+        "wrote %s attributions %s for beats %d..%d to %s (providers %s)",
+        args.method,
+        attributions.shape,
+        args.start,
+        stop - 1,
+        args.out,
+        engine.providers,
+    )
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ecgx.demo import run_demo
 
@@ -147,6 +202,53 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace models already trained in RUNDIR")
     _add_common(p)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser(
+        "export",
+        help="export a trained checkpoint as an ONNX model package",
+        description="Write PKGDIR with the forward graph, the backward graphs every attribution method needs "
+        "(gradient, guided backprop, deconvnet, DeepLIFT, LRP, GradCAM), one shared weights file and "
+        "manifest.json. The graphs are checked against Captum on the PyTorch model first; a mismatch "
+        "writes nothing.",
+    )
+    p.add_argument("checkpoint", type=Path, help="RUNDIR/seed-<s>/checkpoint.pt")
+    p.add_argument("--out", type=Path, required=True, help="package folder to write")
+    p.add_argument("--gradcam-layer", help="IR tensor GradCAM reads (default: last convolutional block)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    _add_common(p)
+    p.set_defaults(func=_cmd_export)
+
+    from service.methods import METHOD_NAMES
+
+    p = sub.add_parser(
+        "attribute",
+        help="compute attributions of a package for beats of a dataset",
+        description="Run one attribution method from a model package on ONNX Runtime (no PyTorch) and save "
+        "(B, 12, 600) float32 to a .npy file. Method settings go in --param name=value.",
+    )
+    p.add_argument("--package", type=Path, required=True, help="model package folder")
+    p.add_argument("--data", type=Path, required=True, help="dataset folder")
+    p.add_argument(
+        "--method",
+        required=True,
+        choices=METHOD_NAMES,
+        metavar="METHOD",
+        help="one of: " + ", ".join(METHOD_NAMES),
+    )
+    p.add_argument(
+        "--target", help="class key (AF), SNOMED code or index; default: each beat's predicted class"
+    )
+    p.add_argument("--start", type=int, default=0, help="first beat (default 0)")
+    p.add_argument("--count", type=int, help="number of beats (default: all from --start)")
+    p.add_argument(
+        "--param", action="append", default=[], metavar="NAME=VALUE", help="method setting, repeatable"
+    )
+    p.add_argument("--seed", type=int, help="seed of stochastic methods")
+    p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
+    p.add_argument("--max-batch", type=int, default=64, help="rows per ONNX Runtime run (default 64)")
+    p.add_argument("--out", type=Path, required=True, help=".npy file to write")
+    _add_common(p)
+    p.set_defaults(func=_cmd_attribute)
 
     p = sub.add_parser(
         "demo",

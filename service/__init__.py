@@ -1,0 +1,1 @@
+"""Serving path: ONNX Runtime engine, model repository, gRPC server. Never imports PyTorch."""

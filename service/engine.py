@@ -1,0 +1,227 @@
+"""The attribution engine: ONNX Runtime sessions over a model package.
+
+One engine per package, created once and shared by all threads of a server:
+sessions are created once (under a lock) and ``InferenceSession.run`` is
+thread-safe, and the engine keeps no per-request state. Every call splits
+its rows into batches of at most ``max_batch``, so memory stays bounded
+whatever the request size.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.package import ModelPackage, load_package
+
+log = logging.getLogger(__name__)
+
+PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Inputs are millivolts; anything beyond this is a units error or garbage, not an ECG.
+MAX_ABS_MV = 50.0
+
+
+def select_providers(requested: Sequence[str] | None = None) -> list[str]:
+    """Execution providers to use: ``requested`` (validated) or the best available.
+
+    The default order is TensorRT, CUDA, CPU, keeping those this onnxruntime build offers.
+    """
+    available = ort.get_available_providers()
+    if requested is None:
+        return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
+    requested = list(requested)
+    if not requested:
+        raise ValueError("give at least one execution provider")
+    missing = [p for p in requested if p not in available]
+    if missing:
+        raise ValueError(
+            f"execution provider(s) {missing} are not available; this onnxruntime offers {available}"
+        )
+    return requested
+
+
+class AttributionEngine:
+    """Predictions and attributions for one model package on ONNX Runtime.
+
+    Args:
+        package: a package folder or an already loaded :class:`ModelPackage`.
+        providers: execution providers in priority order (default: TensorRT, CUDA, CPU as available).
+        max_batch: the most rows sent to ONNX Runtime in one run (forward or backward pass).
+        threads: intra-op threads per session (default: ONNX Runtime's choice).
+        verify_hashes: check every package file against the manifest's SHA-256 on load.
+    """
+
+    def __init__(
+        self,
+        package: str | Path | ModelPackage,
+        *,
+        providers: Sequence[str] | None = None,
+        max_batch: int = 64,
+        threads: int | None = None,
+        verify_hashes: bool = True,
+    ):
+        if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
+            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+        if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
+            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.package = package if isinstance(package, ModelPackage) else load_package(package, verify_hashes)
+        self.providers = select_providers(providers)
+        self.max_batch = int(max_batch)
+        self.threads = threads
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ sessions
+
+    def session(self, graph: str) -> ort.InferenceSession:
+        """The ONNX Runtime session of one package graph, created on first use."""
+        sess = self._sessions.get(graph)
+        if sess is not None:
+            return sess
+        with self._lock:
+            if graph not in self._sessions:
+                opts = ort.SessionOptions()
+                if self.threads is not None:
+                    opts.intra_op_num_threads = self.threads
+                    opts.inter_op_num_threads = 1
+                path = str(self.package.graph_file(graph))
+                self._sessions[graph] = ort.InferenceSession(path, opts, providers=self.providers)
+                log.debug("loaded graph %s with %s", graph, self._sessions[graph].get_providers())
+            return self._sessions[graph]
+
+    def warm_up(self, graphs: Sequence[str] | None = None) -> None:
+        """Create sessions ahead of the first request (a server does this at load time)."""
+        for graph in graphs or list(self.package.manifest["graphs"]):
+            self.session(graph)
+
+    def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
+        """One ONNX Runtime run, no batching."""
+        return self.session(graph).run(list(outputs), feeds)
+
+    # ------------------------------------------------------------------ input checks
+
+    def check_inputs(self, inputs: Any) -> np.ndarray:
+        """(B, 12, 600) float32 from an array-like, or a ValueError saying what is wrong."""
+        x = np.asarray(inputs)
+        leads, samples = self.package.input_shape
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3 or x.shape[1:] != (leads, samples):
+            raise ValueError(
+                f"inputs must have shape (batch, {leads}, {samples}) or ({leads}, {samples}), got {x.shape}"
+            )
+        if x.shape[0] == 0:
+            raise ValueError("inputs hold no ECG (batch size 0)")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise ValueError(f"inputs must be real numbers, got dtype {x.dtype}")
+        x = x.astype(np.float32, copy=False)
+        bad = ~np.isfinite(x).all(axis=(1, 2))
+        if bad.any():
+            raise ValueError(f"ECG(s) {np.flatnonzero(bad).tolist()} hold NaN or infinite values")
+        big = np.abs(x).max(axis=(1, 2)) > MAX_ABS_MV
+        if big.any():
+            raise ValueError(
+                f"ECG(s) {np.flatnonzero(big).tolist()} exceed {MAX_ABS_MV} mV; inputs must be millivolts"
+            )
+        return np.ascontiguousarray(x)
+
+    def resolve_target(self, target: Any, x: np.ndarray) -> np.ndarray:
+        """Per-ECG class indices: ``None`` means each ECG's most probable class; a class
+        index, key or SNOMED code applies to all; a sequence gives one per ECG."""
+        if target is None:
+            return self.logits(x).argmax(axis=1)
+        if isinstance(target, (str, int, np.integer)):
+            return np.full(len(x), self.package.class_index(_as_index(target)), dtype=np.int64)
+        targets = list(np.asarray(target).ravel()) if not isinstance(target, (list, tuple)) else list(target)
+        if len(targets) != len(x):
+            raise ValueError(
+                f"got {len(targets)} targets for {len(x)} ECGs; give one per ECG or a single class"
+            )
+        return np.array([self.package.class_index(_as_index(t)) for t in targets], dtype=np.int64)
+
+    def seeds(self, target: np.ndarray) -> np.ndarray:
+        """One-hot rows selecting each ECG's target logit (the backward graphs' ``seed`` input)."""
+        return np.eye(self.package.n_classes, dtype=np.float32)[target]
+
+    # ------------------------------------------------------------------ batched passes
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """Logits (B, classes) of checked inputs, batched."""
+        parts = [self.run("forward", {"x": x[sl]}, ["logits"])[0] for sl in self._chunks(len(x))]
+        return np.concatenate(parts)
+
+    def probabilities(self, x: np.ndarray) -> np.ndarray:
+        return 1.0 / (1.0 + np.exp(-self.logits(x)))
+
+    def backward(
+        self, graph: str, x: np.ndarray, target: np.ndarray, output: str = "gradient", **extra: np.ndarray
+    ) -> np.ndarray:
+        """One backward graph over rows of ``x`` (and per-row ``extra`` inputs), batched."""
+        seeds = self.seeds(target)
+        parts = []
+        for sl in self._chunks(len(x)):
+            feeds = {"x": x[sl], "seed": seeds[sl]}
+            feeds.update({k: (v[sl] if np.ndim(v) and len(v) == len(x) else v) for k, v in extra.items()})
+            parts.append(self.run(graph, feeds, [output])[0])
+        return np.concatenate(parts)
+
+    def accumulate(
+        self,
+        graph: str,
+        n_rows: int,
+        make_rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, Any]],
+        combine: Callable[[np.ndarray, np.ndarray, Any], np.ndarray],
+        out: np.ndarray,
+        owner: Callable[[np.ndarray], np.ndarray],
+    ) -> np.ndarray:
+        """Sum per-row results of the gradient-like ``graph`` into ``out[owner(rows)]``.
+
+        Path and noise methods need many passes per ECG (steps x ECGs). Rows are
+        built chunk by chunk from their indices (``make_rows(rows) -> (x, seed,
+        context)``), so the scaled or noisy inputs of a whole request never exist
+        at once; ``combine(rows, gradient, context)`` turns a chunk's gradients
+        into contributions.
+        """
+        output = self.session(graph).get_outputs()[1].name
+        for sl in self._chunks(n_rows):
+            rows = np.arange(sl.start, sl.stop)
+            x, seeds, context = make_rows(rows)
+            result = self.run(graph, {"x": x, "seed": seeds}, [output])[0]
+            np.add.at(out, owner(rows), combine(rows, result, context))
+        return out
+
+    def _chunks(self, n: int) -> Iterator[slice]:
+        for start in range(0, n, self.max_batch):
+            yield slice(start, min(start + self.max_batch, n))
+
+    # ------------------------------------------------------------------ attribution
+
+    def attribute(self, method: str, inputs: Any, target: Any = None, **params: Any) -> np.ndarray:
+        """Attribution map (B, 12, 600) float32 of ``method`` for ``inputs`` and ``target``.
+
+        ``params`` are the method's own settings (see ``ecgx attribute --help`` or
+        :mod:`service.methods`); unknown names are an error, as are bad values.
+        """
+        from service.methods import get_method
+
+        impl = get_method(method)
+        impl.check_params(params)
+        x = self.check_inputs(inputs)
+        t = self.resolve_target(target, x)
+        return np.ascontiguousarray(impl.attribute(self, x, t, **params), dtype=np.float32)
+
+
+def _as_index(t: Any) -> str | int:
+    if isinstance(t, (bool, np.bool_)):
+        raise ValueError(f"target must be a class index, key or SNOMED code, got {t!r}")
+    if isinstance(t, (int, np.integer)):
+        return int(t)
+    if isinstance(t, float) and t.is_integer():
+        return int(t)
+    return str(t)

@@ -1,0 +1,19 @@
+"""Layer-wise relevance propagation with the epsilon rule."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.methods.base import AttributionMethod, check_non_negative
+
+
+class Lrp(AttributionMethod):
+    """LRP-epsilon (Bach et al.) on the BatchNorm-folded network, as Captum's LRP with
+    EpsilonRule on every convolution, dense, pooling and addition layer: relevance
+    starts at the target logit and is conserved up to what epsilon absorbs."""
+
+    name, kind = "lrp", "modified backward"
+
+    def attribute(self, engine, x, target, *, epsilon: float = 1e-6) -> np.ndarray:
+        eps = np.array(check_non_negative("epsilon", epsilon), np.float32)
+        return engine.backward("lrp", x, target, output="attribution", epsilon=eps)
