@@ -212,7 +212,7 @@ def _class_table(test_auroc: list[float | None], val_auroc: list[float | None], 
 def _environment(ctx: DistContext) -> dict[str, Any]:
     return {
         "ecgx_version": ecgx.__version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "threads": torch.get_num_threads(),

@@ -1,0 +1,38 @@
+"""Shared fixtures: small synthetic datasets from the project's generator, and the shared WFDB records."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.data.synth import synthesize_dataset
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared WFDB records not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def small_synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 synthetic beats, seed 0: enough for mechanics, not for accuracy."""
+    out = tmp_path_factory.mktemp("data") / "synth600"
+    return synthesize_dataset(out, 600, seed=0, show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported package of a small untrained residual CNN (export itself is tested elsewhere)."""
+    import torch
+
+    from training.export import export_package
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(widths=(8, 16), stem_stride=4, residual=True))
+    return export_package(model, tmp_path_factory.mktemp("pkg") / "tiny")

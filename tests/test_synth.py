@@ -1,0 +1,181 @@
+"""The synthetic median-beat generator: physics, labels, masks, determinism and argument checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data.dataset import load_dataset
+from training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, N_CLASSES, N_LEADS, R_PEAK_SAMPLE
+from training.data.synth import GENERATOR_VERSION, SynthBatch, generate, synthesize_dataset
+
+C = {k: i for i, k in enumerate(CLASS_KEYS)}
+LD = {k: i for i, k in enumerate(LEADS)}
+RHYTHMS = [C["SR"], C["STach"], C["SBrad"], C["AF"]]
+
+
+@pytest.fixture(scope="module")
+def batch() -> SynthBatch:
+    return generate(2000, np.random.default_rng(1234))
+
+
+def _bits(batch: SynthBatch, cls: int) -> np.ndarray:
+    return (batch.masks >> cls) & 1
+
+
+def test_shapes_and_dtypes(batch: SynthBatch) -> None:
+    assert batch.signals.shape == (2000, N_LEADS, BEAT_SAMPLES) and batch.signals.dtype == np.float32
+    assert batch.labels.shape == (2000, N_CLASSES) and batch.labels.dtype == np.uint8
+    assert batch.masks.shape == (2000, N_LEADS, BEAT_SAMPLES) and batch.masks.dtype == np.uint16
+    assert np.isfinite(batch.signals).all()
+    assert set(np.unique(batch.labels)) <= {0, 1}
+    assert batch.masks.max() < 1 << N_CLASSES
+
+
+def test_lead_identities_hold_with_noise(batch: SynthBatch) -> None:
+    x = batch.signals.astype(np.float64)
+    lead = {name: x[:, i] for i, name in enumerate(LEADS)}
+    tol = 1e-5  # mV: float32 rounding of values of a few mV
+    np.testing.assert_allclose(lead["I"] + lead["III"], lead["II"], atol=tol)
+    np.testing.assert_allclose(lead["aVR"] + lead["aVL"] + lead["aVF"], 0.0, atol=tol)
+    np.testing.assert_allclose(lead["aVR"], -(lead["I"] + lead["II"]) / 2, atol=tol)
+    np.testing.assert_allclose(lead["aVL"], (lead["I"] - lead["III"]) / 2, atol=tol)
+    np.testing.assert_allclose(lead["aVF"], (lead["II"] + lead["III"]) / 2, atol=tol)
+    # The noise is really there: the identities are not trivially met by a noise-free signal.
+    assert np.abs(np.diff(lead["V1"][:, :100], 2, axis=1)).mean() > 1e-4
+
+
+def test_amplitudes_are_plausible(batch: SynthBatch) -> None:
+    peak = np.abs(batch.signals).max(axis=(1, 2))
+    assert peak.min() > 0.3 and peak.max() < 6.5
+    assert 0.8 < np.median(peak) < 3.0
+    lvh = batch.labels[:, C["LVH"]] == 1
+    # Sokolow-Lyon-like voltage: S in V1 + R in V5/V6 is larger with LVH.
+    qrs = batch.signals[:, :, 215:290]
+    sokolow = -qrs[:, LD["V1"]].min(1) + qrs[:, [LD["V5"], LD["V6"]]].max(axis=(1, 2))
+    assert np.median(sokolow[lvh]) > 1.6 * np.median(sokolow[~lvh])
+
+
+def test_label_rules_and_prevalence(batch: SynthBatch) -> None:
+    y = batch.labels
+    assert (y[:, RHYTHMS].sum(1) == 1).all()
+    assert not (y[:, C["IAVB"]] & y[:, C["AF"]]).any()
+    assert not (y[:, C["LBBB"]] & y[:, C["RBBB"]]).any()
+    prevalence = y.mean(0)
+    assert (prevalence > 0.08).all(), dict(zip(CLASS_KEYS, prevalence, strict=True))
+    assert (prevalence < 0.6).all()
+    normal = (y[:, C["SR"]] == 1) & (y.sum(1) == 1)
+    assert 0.08 < normal.mean() < 0.35
+
+
+def test_r_peak_of_normal_beats_is_at_the_fiducial(batch: SynthBatch) -> None:
+    normal = (batch.labels[:, C["SR"]] == 1) & (batch.labels.sum(1) == 1)
+    lead_ii = batch.signals[normal, LD["II"], R_PEAK_SAMPLE - 100 : R_PEAK_SAMPLE + 100]
+    peak = np.argmax(lead_ii, axis=1) + R_PEAK_SAMPLE - 100
+    assert np.mean(np.abs(peak - R_PEAK_SAMPLE) <= 5) > 0.97
+
+
+def test_masks_only_for_present_classes_and_nearly_always_present(batch: SynthBatch) -> None:
+    for cls in range(N_CLASSES):
+        bits = _bits(batch, cls).reshape(len(batch.labels), -1).any(1)
+        present = batch.labels[:, cls] == 1
+        assert not bits[~present].any(), CLASS_KEYS[cls]
+        assert bits[present].mean() > 0.97, CLASS_KEYS[cls]
+
+
+def _mask_time_profile(batch: SynthBatch, cls: int) -> np.ndarray:
+    rows = batch.labels[:, cls] == 1
+    return _bits(batch, cls)[rows].sum(axis=(0, 1)).astype(np.float64)
+
+
+def test_mask_locations_are_plausible(batch: SynthBatch) -> None:
+    # Neighbouring beats carry the same features, so masks also mark them near the window edges;
+    # these checks look at where the median beat's own feature lies.
+    t = np.arange(BEAT_SAMPLES)
+    qrs = (t > R_PEAK_SAMPLE - 20) & (t < R_PEAK_SAMPLE + 20)
+    for key in ("SR", "IAVB"):  # P waves: before the QRS, never on it
+        prof = _mask_time_profile(batch, C[key])
+        assert prof[(t > R_PEAK_SAMPLE - 150) & (t < R_PEAK_SAMPLE - 15)].sum() > 0.4 * prof.sum(), key
+        assert prof[qrs].sum() < 0.02 * prof.sum(), key
+    for key in ("LBBB", "RBBB", "LVH"):  # QRS around the fiducial in (almost) every beat
+        rows = batch.labels[:, C[key]] == 1
+        on_qrs = _bits(batch, C[key])[rows][:, :, qrs].any(axis=(1, 2))
+        assert on_qrs.mean() > 0.97, key
+    rbbb = batch.labels[:, C["RBBB"]] == 1
+    assert _bits(batch, C["RBBB"])[rbbb, LD["V1"]][:, qrs].any(1).mean() > 0.95
+    prof = _mask_time_profile(batch, C["STT"])  # ST segment and T wave, after the QRS
+    assert prof[(t > R_PEAK_SAMPLE + 20) & (t < R_PEAK_SAMPLE + 250)].sum() > 0.5 * prof.sum()
+    assert prof[qrs].sum() < 0.02 * prof.sum()
+    for key in ("STach", "SBrad"):  # the rate moves the T wave (and the neighbours), not the QRS
+        prof = _mask_time_profile(batch, C[key])
+        assert prof[qrs].sum() < 0.02 * prof.sum(), key
+
+
+def test_af_has_no_p_wave_and_a_busy_baseline(batch: SynthBatch) -> None:
+    y = batch.labels
+    af, sr = y[:, C["AF"]] == 1, (y[:, C["SR"]] == 1) & (y[:, C["IAVB"]] == 0)
+    # Lead II just before the QRS: P wave in SR, only f-waves in AF, so SR's mean level is higher.
+    p_zone = batch.signals[:, LD["II"], R_PEAK_SAMPLE - 90 : R_PEAK_SAMPLE - 30]
+    assert p_zone[sr].max(1).mean() > p_zone[af].max(1).mean() + 0.03
+    af_bits = _bits(batch, C["AF"])[af, LD["V1"]]
+    assert af_bits.any(1).mean() > 0.8  # f-waves are strongest in V1
+
+
+def test_same_seed_same_bytes_different_seed_differs(tmp_path: Path) -> None:
+    a = synthesize_dataset(tmp_path / "a", 300, seed=7, show_progress=False, chunk_size=128)
+    b = synthesize_dataset(tmp_path / "b", 300, seed=7, show_progress=False, chunk_size=128)
+    c = synthesize_dataset(tmp_path / "c", 300, seed=8, show_progress=False, chunk_size=128)
+    for name in ("signals.npy", "labels.npy", "masks.npy", "meta.json"):
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert (a / "signals.npy").read_bytes() != (c / "signals.npy").read_bytes()
+    ds = load_dataset(a)
+    assert len(ds) == 300 and ds.has_ground_truth
+    meta = json.loads((a / "meta.json").read_text())
+    assert meta["generator_version"] == GENERATOR_VERSION and meta["seed"] == 7
+    assert meta["source"] == "synthetic" and "label_prior" in meta
+
+
+def test_existing_folder_needs_overwrite(tmp_path: Path) -> None:
+    out = synthesize_dataset(tmp_path / "d", 5, seed=0, show_progress=False)
+    with pytest.raises(ValueError, match="already exists"):
+        synthesize_dataset(out, 5, seed=0, show_progress=False)
+    synthesize_dataset(out, 6, seed=0, show_progress=False, overwrite=True)
+    assert len(load_dataset(out)) == 6
+
+
+def test_generate_is_deterministic_given_the_rng() -> None:
+    a = generate(50, np.random.default_rng(3))
+    b = generate(50, np.random.default_rng(3))
+    np.testing.assert_array_equal(a.signals, b.signals)
+    np.testing.assert_array_equal(a.masks, b.masks)
+    np.testing.assert_array_equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"n": 0}, "n must be >= 1"),
+        ({"n": -3}, "n must be >= 1"),
+        ({"n": 2.5}, "n must be an integer"),
+        ({"n": True}, "n must be an integer"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": "1"}, "seed must be an integer"),
+        ({"chunk_size": 0}, "chunk_size must be >= 1"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict, message: str) -> None:
+    args = {"n": 10, "seed": 0, **kwargs}
+    n, seed = args.pop("n"), args.pop("seed")
+    with pytest.raises(ValueError, match=message):
+        synthesize_dataset(tmp_path / "x", n, seed, show_progress=False, **args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_generate_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        generate(0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"rng must be a numpy\.random\.Generator"):
+        generate(5, 0)  # type: ignore[arg-type]
