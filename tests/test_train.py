@@ -67,7 +67,8 @@ def test_existing_models_are_not_overwritten(small_synth: Path, tmp_path: Path) 
 
 
 def test_early_stopping_stops_when_validation_loss_stalls(small_synth: Path, tmp_path: Path) -> None:
-    stalled = TrainConfig(max_epochs=10, learning_rate=1e-12, patience=2, batch_size=64)
+    # No later epoch can beat the first by min_delta, so training must stop after `patience` more.
+    stalled = TrainConfig(max_epochs=10, min_delta=1e6, patience=2, batch_size=64)
     train_run(small_synth, [0], tmp_path / "run", TINY, stalled, show_progress=False)
     metrics = json.loads((seed_dir(tmp_path / "run", 0) / METRICS_FILE).read_text())
     assert metrics["best_epoch"] == 1

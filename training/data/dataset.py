@@ -130,6 +130,7 @@ class DatasetWriter:
             raise
         if self.out.exists():
             shutil.rmtree(self.out)
+        self._tmp.chmod(0o755)  # mkdtemp makes it owner-only; a published dataset is readable like any folder
         self._tmp.rename(self.out)
         return self.out
 

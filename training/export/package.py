@@ -110,6 +110,7 @@ def export_package(
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if out.exists():
             shutil.rmtree(out)
+        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a served package must be readable by the server user
         tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
