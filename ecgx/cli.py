@@ -111,13 +111,13 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     params = dict(_parse_param(p) for p in args.param)
     if args.seed is not None:
         params["seed"] = args.seed
+    engine = AttributionEngine(args.package, providers=args.providers, max_batch=args.max_batch)
     ds = load_dataset(args.data)
     stop = len(ds) if args.count is None else args.start + args.count
     if not 0 <= args.start < len(ds) or stop > len(ds) or stop <= args.start:
         raise ValueError(
             f"--start/--count select beats {args.start}..{stop - 1}, but {args.data} holds {len(ds)}"
         )
-    engine = AttributionEngine(args.package, providers=args.providers, max_batch=args.max_batch)
     x = np.asarray(ds.signals[args.start : stop])
     attributions = engine.attribute(args.method, x, args.target, **params)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -56,7 +56,7 @@ def test_run_writes_checkpoint_metrics_and_summary(small_synth: Path, tmp_path: 
 
     model, ckpt = load_checkpoint(seed_dir(tmp_path / "run", 3) / CHECKPOINT_FILE)
     assert ckpt["model_config"] == TINY.to_dict() and ckpt["seed"] == 3
-    x = torch.from_numpy(np.asarray(load_dataset(small_synth).signals[:4]))
+    x = torch.from_numpy(np.array(load_dataset(small_synth).signals[:4]))
     assert model(x).shape == (4, 9)
 
 

@@ -247,10 +247,16 @@ def train_run(
         raise ValueError(f"dataset {data_dir} holds no beats")
     split = make_split(len(ds), cfg)
     ctx = init_distributed(cfg.device)
+    # Determinism is a process-wide switch: set it for training only, then restore the caller's.
+    was = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     torch.use_deterministic_algorithms(True, warn_only=ctx.device.type != "cpu")
     try:
         summary = _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress)
     finally:
+        torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         shutdown_distributed(ctx)
     return summary
 
