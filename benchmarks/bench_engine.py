@@ -27,7 +27,7 @@ from service.engine import AttributionEngine
 from service.methods.perturbation import segment_mask
 from training.data.synth import generate
 from training.export import export_package
-from training.export.reference import lrp_model
+from training.export.reference import attach_epsilon_rules, lrp_model
 from training.models import ModelConfig, build_model
 
 
@@ -137,7 +137,7 @@ def run_all(model, engine, x64, target64, repeats):
     add(
         "lrp, 64 ECGs",
         lambda: engine.attribute("lrp", x64, target64),
-        lambda: CaptumLRP(lrp_ref).attribute(xt64, target=tt64),
+        lambda: CaptumLRP(attach_epsilon_rules(lrp_ref, 1e-6)).attribute(xt64, target=tt64),
     )
     occ = Occlusion(model)
     add(
@@ -151,7 +151,7 @@ def run_all(model, engine, x64, target64, repeats):
             perturbations_per_eval=16,
         ),
     )
-    mask = torch.tensor(segment_mask(50))
+    mask = torch.tensor(segment_mask(50))[None]
     add(
         "feature ablation 144 segments, 4 ECGs",
         lambda: engine.attribute("feature_ablation", x64[:4], target64[:4]),

@@ -193,7 +193,12 @@ class AttributionEngine:
             rows = np.arange(sl.start, sl.stop)
             x, seeds, context = make_rows(rows)
             result = self.run(graph, {"x": x, "seed": seeds}, [output])[0]
-            np.add.at(out, owner(rows), combine(rows, result, context))
+            own = owner(rows)
+            contribution = combine(rows, result, context)
+            if len(np.unique(own)) == len(own):
+                out[own] += contribution  # one row per ECG in this chunk: plain indexing, ~20x faster
+            else:
+                np.add.at(out, own, contribution)
         return out
 
     def _chunks(self, n: int) -> Iterator[slice]:

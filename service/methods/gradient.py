@@ -86,14 +86,14 @@ class IntegratedGradients(AttributionMethod):
         n_steps = check_positive_int("n_steps", n_steps)
         check_choice("method", method, ("gausslegendre", "riemann_trapezoid"))
         base = check_finite("baseline", per_ecg_array("baseline", baseline, x))
-        alphas, weights = path_coefficients(n_steps, method)
+        alphas, weights = (c.astype(np.float32) for c in path_coefficients(n_steps, method))
         delta = x - base
         seeds = engine.seeds(target)
         batch = len(x)
 
         def make_rows(rows: np.ndarray):
             step, ecg = rows // batch, rows % batch
-            points = base[ecg] + alphas[step, None, None].astype(np.float32) * delta[ecg]
+            points = base[ecg] + alphas[step, None, None] * delta[ecg]
             return points, seeds[ecg], None
 
         def combine(rows: np.ndarray, grads: np.ndarray, _: None) -> np.ndarray:
@@ -104,7 +104,7 @@ class IntegratedGradients(AttributionMethod):
             n_steps * batch,
             make_rows,
             combine,
-            np.zeros(x.shape, np.float64),
+            np.zeros(x.shape, np.float32),
             lambda rows: rows % batch,
         )
         return delta * total
@@ -153,7 +153,7 @@ class SmoothGrad(AttributionMethod):
             n * batch,
             make_rows,
             combine,
-            np.zeros(x.shape, np.float64),
+            np.zeros(x.shape, np.float32),
             lambda rows: rows % batch,
         )
         return total / n
@@ -227,7 +227,7 @@ class GradientShap(AttributionMethod):
             n * batch,
             make_rows,
             combine,
-            np.zeros(x.shape, np.float64),
+            np.zeros(x.shape, np.float32),
             lambda rows: rows % batch,
         )
         return total / n

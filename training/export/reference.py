@@ -8,12 +8,12 @@ tests import this module (it needs PyTorch and Captum; the engine needs neither)
 from __future__ import annotations
 
 import copy
-import itertools
 
 import numpy as np
 import torch
 from torch import nn
 
+from training.export.ir import trace_model
 from training.models import Add
 
 
@@ -22,18 +22,16 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
     The folded model computes the same function. LRP is run on it because the
     package applies LRP's rules to folded convolutions (as Zennit's canonizers do).
+    The pairs are the ones the export folds (found by tracing), and each folded
+    BatchNorm becomes a Dropout(0), which Captum's LRP passes relevance through.
     """
     model = copy.deepcopy(model).eval()
-    for seq in [m for m in model.modules() if isinstance(m, nn.Sequential)]:
-        children = list(seq)
-        folded = [
-            i + 1
-            for i, (conv, bn) in enumerate(itertools.pairwise(children))
-            if isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d)
-        ]
-        for i in reversed(folded):
-            _fold_into(children[i - 1], children[i])
-            del seq[i]
+    for op in trace_model(model).ops:
+        bn_path = op.params.get("folded")
+        if bn_path:
+            _fold_into(model.get_submodule(op.name), model.get_submodule(bn_path))
+            parent, _, name = bn_path.rpartition(".")
+            setattr(model.get_submodule(parent), name, nn.Dropout(0.0))
     return model
 
 
@@ -47,9 +45,13 @@ def _fold_into(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> None:
 
 def lrp_model(model: nn.Module, epsilon: float) -> nn.Module:
     """The folded model prepared for Captum's LRP with the epsilon rule on every linear layer."""
+    return attach_epsilon_rules(fold_batchnorm(model), epsilon)
+
+
+def attach_epsilon_rules(model: nn.Module, epsilon: float) -> nn.Module:
+    """(Re)attach EpsilonRule to every linear layer; Captum's LRP removes the rules after each call."""
     from captum.attr._utils.lrp_rules import EpsilonRule
 
-    model = fold_batchnorm(model)
     rule_types = (nn.Conv1d, nn.Linear, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, Add)
     for m in model.modules():
         if isinstance(m, rule_types):

@@ -1,0 +1,142 @@
+"""ONNX export: supported layers, refusal messages, shared weights, dynamic batch, self-check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+from training.export import ExportError, export_package, onnx_graphs
+from training.models import ModelConfig, build_model
+
+X = np.random.default_rng(0).normal(0, 0.3, (3, 12, 600)).astype(np.float32)
+
+
+class WithLayer(nn.Module):
+    def __init__(self, layer: nn.Module):
+        super().__init__()
+        self.conv = nn.Conv1d(12, 4, 3, padding=1)
+        self.odd = layer
+        self.relu = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(4, 9)
+
+    def forward(self, x):
+        return self.fc(self.gap(self.relu(self.odd(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize(
+    ("layer", "message"),
+    [
+        (nn.Tanh(), r"layer odd \(Tanh\) is not supported"),
+        (nn.LeakyReLU(), r"layer odd \(LeakyReLU\) is not supported"),
+        (nn.MaxPool1d(3, stride=2), r"layer odd \(MaxPool1d\): only non-overlapping pooling"),
+        (nn.BatchNorm1d(4), None),  # folds into the conv before it: supported
+    ],
+)
+def test_unsupported_layers_are_refused_by_name(layer, message, tmp_path: Path) -> None:
+    model = WithLayer(layer).eval()
+    if message is None:
+        assert (export_package(model, tmp_path / "pkg", sample_inputs=X) / "manifest.json").is_file()
+        return
+    with pytest.raises(ExportError, match=message):
+        export_package(model, tmp_path / "pkg", sample_inputs=X)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_batchnorm_without_a_conv_before_it_is_refused(tmp_path: Path) -> None:
+    class BnFirst(WithLayer):
+        def forward(self, x):
+            return self.fc(self.gap(self.relu(self.conv(self.odd(x)))).flatten(1))
+
+    with pytest.raises(ExportError, match=r"BatchNorm1d.*must directly follow a Conv1d"):
+        export_package(BnFirst(nn.BatchNorm1d(12)).eval(), tmp_path / "pkg", sample_inputs=X)
+
+
+@pytest.fixture(scope="module")
+def package(tmp_path_factory) -> tuple[nn.Module, Path]:
+    torch.manual_seed(1)
+    model = build_model(ModelConfig(widths=(8, 16), residual=True)).eval()
+    return model, export_package(model, tmp_path_factory.mktemp("e") / "pkg", sample_inputs=X)
+
+
+def test_manifest_lists_files_layers_and_checks(package) -> None:
+    _, pkg = package
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"weights.bin", *(f"{g}.onnx" for g in onnx_graphs.GRAPH_SIGNATURES)}
+    assert [c["key"] for c in manifest["classes"]][:2] == ["SR", "STach"]
+    assert manifest["input"]["shape"] == [None, 12, 600] and manifest["opset"] == onnx_graphs.OPSET
+    assert any(layer["kind"] == "add" for layer in manifest["layers"])
+    assert all(layer["folded_batchnorm"] for layer in manifest["layers"] if layer["kind"] == "conv")
+    assert all(c["outlier_fraction"] <= 1e-3 for c in manifest["verification"]["checks"].values())
+
+
+def test_every_graph_reads_the_one_weights_file(package) -> None:
+    _, pkg = package
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    for graph in onnx_graphs.GRAPH_SIGNATURES:
+        model = onnx.load(str(pkg / f"{graph}.onnx"), load_external_data=False)
+        params = [i for i in model.graph.initializer if not i.name.startswith("const/")]
+        assert params, graph
+        for init in params:
+            location = {e.key: e.value for e in init.external_data}
+            assert init.data_location == onnx.TensorProto.EXTERNAL and location["location"] == "weights.bin"
+            assert int(location["offset"]) == manifest["parameters"][init.name]["offset"]
+
+
+def test_randomising_a_weight_changes_forward_and_backward_graphs_alike(package, tmp_path: Path) -> None:
+    import shutil
+
+    _, pkg = package
+    copy = tmp_path / "pkg"
+    shutil.copytree(pkg, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    entry = manifest["parameters"]["classifier.weight"]
+    with open(copy / "weights.bin", "r+b") as f:
+        f.seek(entry["offset"])
+        f.write(np.random.default_rng(0).normal(0, 1, entry["length"] // 4).astype("<f4").tobytes())
+
+    def logits(folder: Path, graph: str) -> np.ndarray:
+        sess = ort.InferenceSession(str(folder / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+        feeds = {"x": X, "seed": np.eye(9, dtype=np.float32)[[0, 1, 2]]}
+        return sess.run(
+            ["logits"], {k: v for k, v in feeds.items() if k in {i.name for i in sess.get_inputs()}}
+        )[0]
+
+    before, after = logits(pkg, "forward"), logits(copy, "forward")
+    assert not np.allclose(before, after)
+    for graph in ("gradient", "guided_backprop", "gradcam"):
+        np.testing.assert_allclose(logits(copy, graph), after, rtol=1e-5, atol=1e-6)
+
+
+def test_batch_dimension_is_dynamic(package) -> None:
+    _, pkg = package
+    sess = ort.InferenceSession(str(pkg / "gradient.onnx"), providers=["CPUExecutionProvider"])
+    for b in (1, 2, 5):
+        x = np.repeat(X[:1], b, axis=0)
+        _, grad = sess.run(None, {"x": x, "seed": np.eye(9, dtype=np.float32)[[4] * b]})
+        assert grad.shape == (b, 12, 600)
+        np.testing.assert_allclose(grad, np.repeat(grad[:1], b, axis=0), rtol=1e-5, atol=1e-7)
+
+
+def test_a_graph_that_disagrees_with_captum_is_never_written(tmp_path: Path, monkeypatch) -> None:
+    # Break guided backprop's rule: the export's self-check must catch it.
+    monkeypatch.setattr(onnx_graphs.GuidedRule, "relu", onnx_graphs.Rule.relu)
+    model = build_model(ModelConfig(widths=(8, 16))).eval()
+    with pytest.raises(ExportError, match="guided_backprop"):
+        export_package(model, tmp_path / "pkg", sample_inputs=X)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_package_is_not_replaced_unless_asked(package, tmp_path: Path) -> None:
+    model, _ = package
+    export_package(model, tmp_path / "pkg", sample_inputs=X)
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        export_package(model, tmp_path / "pkg", sample_inputs=X)
+    export_package(model, tmp_path / "pkg", sample_inputs=X, overwrite=True)
