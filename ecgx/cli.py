@@ -252,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="generate data, train a seed family and show the results",
-        description="The whole pipeline on the built-in defaults: synthesise a dataset, train three seeds "
-        "and print per-class test AUROC.",
+        help="generate data, train a seed family, export packages, draw attributions",
+        description="The whole pipeline on the built-in defaults: synthesise a dataset, train three seeds, "
+        "print per-class test AUROC, export each model as an ONNX package and draw attributions of the "
+        "package for one test beat per class (PNG files in OUT/figures).",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     p.add_argument("--n", type=int, default=None, help="number of synthetic beats (default: the demo's own)")

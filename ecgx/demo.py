@@ -1,7 +1,9 @@
 """``ecgx demo``: the whole pipeline on the built-in defaults.
 
-Each step skips itself when its output already exists (unless ``overwrite``),
-so an interrupted demo resumes where it stopped.
+Synthesise data, train a seed family, export each model as an ONNX package and
+draw attributions of the exported package for one test beat per class. Each
+step skips itself when its output already exists (unless ``overwrite``), so an
+interrupted demo resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -11,16 +13,24 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
+from ecgx.plots import plot_attributions
+from service.engine import AttributionEngine
 from training.config import TrainConfig
+from training.data.dataset import load_dataset
+from training.data.schema import CLASSES
 from training.data.synth import synthesize_dataset
+from training.export import export_checkpoint
 from training.models import ModelConfig
 from training.summary import format_training_summary
-from training.train import CHECKPOINT_FILE, seed_dir, train_run
+from training.train import CHECKPOINT_FILE, make_split, seed_dir, train_run
 
 log = logging.getLogger(__name__)
 
 DEMO_BEATS = 8000
 DEMO_DATA_SEED = 0
+DEMO_METHODS = ("saliency", "integrated_gradients", "deeplift", "lrp", "gradcam", "occlusion")
 
 
 def run_demo(
@@ -31,22 +41,71 @@ def run_demo(
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> None:
-    """Synthesise a dataset, train a seed family on it and print per-class test AUROC."""
+    """Run every step and print per-class test AUROC and where the pictures are."""
     started = time.perf_counter()
-    n = DEMO_BEATS if n is None else n
-    data_dir, run_dir = out / "data", out / "runs"
+    data_dir, run_dir, pkg_dir, fig_dir = out / "data", out / "runs", out / "packages", out / "figures"
+    _synthesise(data_dir, DEMO_BEATS if n is None else n, overwrite, show_progress)
+    _train(data_dir, run_dir, seeds, overwrite, show_progress)
+    packages = _export(run_dir, pkg_dir, seeds, overwrite)
+    figures = _draw(data_dir, packages[0], fig_dir)
+    print(format_training_summary(run_dir, seeds))
+    print(f"packages: {', '.join(str(p) for p in packages)}")
+    print(f"attribution pictures ({len(figures)}, package {packages[0].name}): {fig_dir}")
+    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
+
+
+def _synthesise(data_dir: Path, n: int, overwrite: bool, show_progress: bool) -> None:
     if overwrite or not (data_dir / "meta.json").is_file():
-        log.info("step 1/2: generating %d synthetic beats into %s", n, data_dir)
+        log.info("step 1/4: generating %d synthetic beats into %s", n, data_dir)
         synthesize_dataset(data_dir, n, DEMO_DATA_SEED, overwrite=True, show_progress=show_progress)
     else:
-        log.info("step 1/2: reusing dataset %s", data_dir)
+        log.info("step 1/4: reusing dataset %s", data_dir)
+
+
+def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool, show_progress: bool) -> None:
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
     if todo:
-        log.info("step 2/2: training seeds %s into %s", todo, run_dir)
+        log.info("step 2/4: training seeds %s into %s", todo, run_dir)
         train_run(
             data_dir, todo, run_dir, ModelConfig(), TrainConfig(), overwrite=True, show_progress=show_progress
         )
     else:
-        log.info("step 2/2: reusing trained seeds in %s", run_dir)
-    print(format_training_summary(run_dir, seeds))
-    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
+        log.info("step 2/4: reusing trained seeds in %s", run_dir)
+
+
+def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool) -> list[Path]:
+    packages = []
+    for s in seeds:
+        pkg = pkg_dir / f"seed-{s}"
+        if overwrite or not (pkg / "manifest.json").is_file():
+            log.info("step 3/4: exporting seed %d to %s (checked against Captum)", s, pkg)
+            export_checkpoint(seed_dir(run_dir, s) / CHECKPOINT_FILE, pkg, overwrite=True)
+        packages.append(pkg)
+    return packages
+
+
+def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
+    """For each class, the test beat the model finds most typical of it, explained by
+    several methods from the ONNX package."""
+    log.info("step 4/4: drawing attributions of %s into %s", package, fig_dir)
+    ds = load_dataset(data_dir, check_values=False)
+    test = make_split(len(ds), TrainConfig()).test
+    engine = AttributionEngine(package)
+    x = np.asarray(ds.signals[test])
+    probs = engine.probabilities(x)
+    figures = []
+    for c, cls in enumerate(CLASSES):
+        positives = np.flatnonzero(ds.labels[test, c])
+        if len(positives) == 0:
+            continue
+        i = positives[np.argmax(probs[positives, c])]
+        beat = x[i : i + 1]
+        maps = {m: engine.attribute(m, beat, c)[0] for m in DEMO_METHODS}
+        title = f"{cls.name} ({cls.key}, SNOMED {cls.code}): test beat {test[i]}, p = {probs[i, c]:.3f}"
+        mask = (np.asarray(ds.masks[test[i]]) >> c) & 1
+        figures.append(
+            plot_attributions(
+                beat[0], maps, fig_dir / f"attributions_{cls.key}.png", title=title, mask=mask.astype(bool)
+            )
+        )
+    return figures

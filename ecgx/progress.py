@@ -1,4 +1,8 @@
-"""Progress bars for long work; silenced by ``--quiet`` or when stderr is not a terminal."""
+"""Progress bars for long work.
+
+Silenced by ``--quiet`` (``enabled=False``) and, through tqdm's ``disable=None``,
+whenever stderr is not a terminal, so logs and CI output stay readable.
+"""
 
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ def progress(
     enabled: bool = True,
 ) -> Iterator[T]:
     """Wrap ``iterable`` in a progress bar on stderr when ``enabled``."""
-    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, disable=not enabled, leave=False))
+    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False))
 
 
 def progress_bar(*, total: int, desc: str = "", unit: str = "it", enabled: bool = True) -> tqdm:
     """A manually updated bar (``bar.update(k)``), for work that advances in uneven steps."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, leave=False)
+    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False)
