@@ -23,9 +23,16 @@ def progress(
     enabled: bool = True,
 ) -> Iterator[T]:
     """Wrap ``iterable`` in a progress bar on stderr when ``enabled``."""
-    return iter(tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False))
+    return iter(progress_bar(total=total, desc=desc, unit=unit, enabled=enabled, iterable=iterable))
 
 
-def progress_bar(*, total: int, desc: str = "", unit: str = "it", enabled: bool = True) -> tqdm:
-    """A manually updated bar (``bar.update(k)``), for work that advances in uneven steps."""
-    return tqdm(total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False)
+def progress_bar(
+    *,
+    total: int | None,
+    desc: str = "",
+    unit: str = "it",
+    enabled: bool = True,
+    iterable: Iterable | None = None,
+) -> tqdm:
+    """A bar over ``iterable``, or one updated by hand (``bar.update(k)``) for uneven steps."""
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None if enabled else True, leave=False)

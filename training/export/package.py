@@ -38,7 +38,7 @@ import ecgx
 from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 from training.export.ir import ExportError, ModelIR, trace_model
 from training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graphs, param_names
-from training.export.reference import captum_attribution, layer_activations_and_gradients
+from training.export.reference import captum_attribution, layer_activations_and_gradients, near_tie_samples
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,8 @@ def sha256_file(path: Path) -> str:
 
 
 def parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
-    """Largest relative error and fraction of elements above ``REL_TOL``."""
+    """Largest relative error (to the reference's largest magnitude) and fraction of
+    elements above ``REL_TOL``."""
     scale = float(np.abs(ref).max()) or 1.0
     rel = np.abs(np.asarray(got, np.float64) - ref) / scale
     return {"max_rel_error": float(rel.max()), "outlier_fraction": float((rel > REL_TOL).mean())}
@@ -72,6 +73,31 @@ def parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 def parity_ok(p: dict[str, float]) -> bool:
     return p["outlier_fraction"] <= MAX_OUTLIER_FRACTION
+
+
+def per_sample_parity(got: np.ndarray, ref: np.ndarray, near_tie: np.ndarray) -> dict[str, Any]:
+    """Parity of each sample's map; a sample may disagree only if it sits near a max-pool tie.
+
+    ``ok`` needs every disagreeing sample to be near a tie and at least half of the
+    samples to agree: a construction error shows on every sample, a tie on a few.
+    """
+    results = [parity(g, r) for g, r in zip(got, ref, strict=True)]
+    agree = np.array([parity_ok(r) for r in results])
+    unexplained = ~agree & ~near_tie
+    summary = {
+        "max_rel_error": max(
+            (r["max_rel_error"] for r, a in zip(results, agree, strict=True) if a), default=None
+        ),
+        "outlier_fraction": max(
+            (r["outlier_fraction"] for r, a in zip(results, agree, strict=True) if a), default=None
+        ),
+        "samples": len(results),
+        "samples_off_near_tie": int((~agree & near_tie).sum()),
+        "ok": bool(agree.sum() >= len(results) / 2 and not unexplained.any()),
+    }
+    if unexplained.any():
+        summary["samples_off_unexplained"] = np.flatnonzero(unexplained).tolist()
+    return summary
 
 
 def export_package(
@@ -174,7 +200,7 @@ def _sample_inputs(sample_inputs: np.ndarray | None) -> np.ndarray:
         return x
     from training.data.synth import generate
 
-    return generate(4, np.random.default_rng(20261124)).signals
+    return generate(8, np.random.default_rng(20261124)).signals
 
 
 def _session(folder: Path, graph: str) -> ort.InferenceSession:
@@ -183,46 +209,55 @@ def _session(folder: Path, graph: str) -> ort.InferenceSession:
 
 def verify_package_graphs(
     folder: Path, model: nn.Module, ir: ModelIR, layer: str, x: np.ndarray
-) -> dict[str, dict[str, float]]:
-    """Run every graph on ONNX Runtime and compare it with PyTorch/Captum; raise on a mismatch."""
+) -> dict[str, Any]:
+    """Run every graph on ONNX Runtime and compare it with PyTorch/Captum; raise on a mismatch.
+
+    Each sample's map must agree (see ``per_sample_parity``); a sample whose forward
+    pass sits within float rounding of a max-pool tie (``near_tie_samples``) may
+    legitimately take another gradient path and is allowed to differ.
+    """
     rng = np.random.default_rng(0)
     target = np.arange(len(x)) % len(CLASSES)
     seed = np.eye(len(CLASSES), dtype=np.float32)[target]
     baseline = (rng.normal(0, 0.05, x.shape)).astype(np.float32)
+    ties = near_tie_samples(model, x)
     with torch.no_grad():
         logits_ref = model(torch.from_numpy(x)).numpy()
-    checks = {"forward": parity(_session(folder, "forward").run(None, {"x": x})[0], logits_ref)}
+    forward = parity(_session(folder, "forward").run(None, {"x": x})[0], logits_ref)
+    checks: dict[str, dict[str, Any]] = {"forward": {**forward, "ok": parity_ok(forward)}}
     for graph in ("gradient", "guided_backprop", "deconvolution"):
         got = _session(folder, graph).run(None, {"x": x, "seed": seed})[1]
-        checks[graph] = parity(got, captum_attribution(model, graph, x, target))
-    checks.update(_verify_deeplift(folder, model, x, baseline, seed, target))
-    got = _session(folder, "lrp").run(
-        None, {"x": x, "seed": seed, "epsilon": np.array(LRP_CHECK_EPSILON, np.float32)}
-    )[1]
-    checks["lrp"] = parity(got, captum_attribution(model, "lrp", x, target, epsilon=LRP_CHECK_EPSILON))
+        checks[graph] = per_sample_parity(got, captum_attribution(model, graph, x, target), ties)
+    checks.update(_verify_deeplift(folder, model, x, baseline, seed, target, ties))
+    eps = np.array(LRP_CHECK_EPSILON, np.float32)
+    got = _session(folder, "lrp").run(None, {"x": x, "seed": seed, "epsilon": eps})[1]
+    ref = captum_attribution(model, "lrp", x, target, epsilon=LRP_CHECK_EPSILON)
+    checks["lrp"] = per_sample_parity(got, ref, ties)
     _, acts, grads = _session(folder, "gradcam").run(None, {"x": x, "seed": seed})
     module = dict(model.named_modules())[ir.op_producing(layer).name]
     acts_ref, grads_ref = layer_activations_and_gradients(model, module, x, target)
-    checks["gradcam.activations"] = parity(acts, acts_ref)
-    checks["gradcam.gradients"] = parity(grads, grads_ref)
-    failed = {k: v for k, v in checks.items() if not parity_ok(v)}
+    checks["gradcam.activations"] = per_sample_parity(acts, acts_ref, np.zeros(len(x), bool))
+    checks["gradcam.gradients"] = per_sample_parity(grads, grads_ref, ties)
+    failed = {k: v for k, v in checks.items() if not v["ok"]}
     if failed:
         raise ExportError(
             f"exported graphs disagree with the PyTorch reference, package not written: {failed}"
         )
-    return checks
+    return {"samples": len(x), "near_max_pool_tie": np.flatnonzero(ties).tolist(), "checks": checks}
 
 
-def _verify_deeplift(folder, model, x, baseline, seed, target) -> dict[str, dict[str, float]]:
+def _verify_deeplift(folder, model, x, baseline, seed, target, ties) -> dict[str, dict[str, Any]]:
     sess = _session(folder, "deeplift")
     feeds = {"x": x, "baseline": baseline, "seed": seed}
     plain = sess.run(None, {**feeds, "maxpool_rescale": np.array(False)})[1]
-    checks = {"deeplift": parity(plain, captum_attribution(model, "deeplift", x, target, baseline=baseline))}
+    reference = captum_attribution(model, "deeplift", x, target, baseline=baseline)
+    checks = {"deeplift": per_sample_parity(plain, reference, ties | near_tie_samples(model, baseline))}
     # The rescale max-pool rule has no Captum counterpart; check DeepLIFT's summation-to-delta instead.
     logits, rescaled = sess.run(None, {**feeds, "maxpool_rescale": np.array(True)})
     logits_base = sess.run(None, {**feeds, "x": baseline, "maxpool_rescale": np.array(True)})[0]
     delta = (logits - logits_base)[np.arange(len(x)), target]
-    checks["deeplift.maxpool_rescale.summation"] = parity(rescaled.sum(axis=(1, 2)), delta)
+    summation = parity(rescaled.sum(axis=(1, 2)), delta)
+    checks["deeplift.maxpool_rescale.summation"] = {**summation, "ok": parity_ok(summation)}
     return checks
 
 
@@ -276,7 +311,7 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
             "reference": "captum",
             "rel_tol": REL_TOL,
             "max_outlier_fraction": MAX_OUTLIER_FRACTION,
-            "checks": checks,
+            **checks,
         },
         "training": training_info or {},
         "source": source or {},

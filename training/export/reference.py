@@ -105,3 +105,39 @@ def layer_activations_and_gradients(
         model.eval(), layer, xt, target_ind=_targets(target, len(x))
     )
     return acts[0].detach().numpy(), grads[0].detach().numpy()
+
+
+def near_tie_samples(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> np.ndarray:
+    """Samples whose forward pass comes within float rounding of a max-pool tie.
+
+    Two float32 implementations (ONNX Runtime, PyTorch) differ by about 1e-7 to 1e-6
+    of a layer's largest magnitude, enough to swap the winner of a max-pool window
+    whose two largest values are that close. The gradient then takes another path
+    through the whole receptive field below, so such a sample cannot be compared
+    element by element. (A ReLU input that close to 0 flips one unit, which moves
+    few elements: that is what the 0.1 % outlier allowance is for.)
+    Returns one bool per sample (True: near a tie).
+    """
+    flags = np.zeros(len(x), dtype=bool)
+
+    def pool_hook(module, inputs, output):
+        a = inputs[0].detach()
+        k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+        if k < 2:
+            return
+        n = a.shape[-1] // k
+        top2 = a[..., : n * k].reshape(*a.shape[:-1], n, k).topk(2, dim=-1).values
+        gap = (top2[..., 0] - top2[..., 1]).flatten(1)
+        scale = a.abs().flatten(1).max(dim=1).values.clamp_min(1e-30)
+        # Exact (0, 0) windows after a ReLU tie in both implementations alike and carry no gradient.
+        active = (top2[..., 0] > 0).flatten(1)
+        flags[:] |= ((gap < rel_gap * scale[:, None]) & active).any(dim=1).numpy()
+
+    handles = [m.register_forward_hook(pool_hook) for m in model.modules() if isinstance(m, nn.MaxPool1d)]
+    try:
+        with torch.no_grad():
+            model.eval()(torch.tensor(x, dtype=torch.float32))
+    finally:
+        for h in handles:
+            h.remove()
+    return flags
