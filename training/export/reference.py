@@ -8,6 +8,7 @@ tests import this module (it needs PyTorch and Captum; the engine needs neither)
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import torch
@@ -73,9 +74,15 @@ def captum_attribution(
 ) -> np.ndarray:
     """Captum's attribution for the graph-backed methods: gradient, guided_backprop,
     deconvolution, deeplift (against ``baseline``) and lrp (epsilon rule)."""
+    with warnings.catch_warnings():
+        # Captum announces its hooks and autograd flags on every call; export logs would drown in them.
+        warnings.simplefilter("ignore", UserWarning)
+        return _captum(model.eval(), method, x, target, baseline, epsilon)
+
+
+def _captum(model, method, x, target, baseline, epsilon) -> np.ndarray:
     from captum.attr import LRP, Deconvolution, DeepLift, GuidedBackprop, Saliency
 
-    model = model.eval()
     xt = torch.tensor(x, dtype=torch.float32)
     tgt = _targets(target, len(x))
     if method == "gradient":
