@@ -1,183 +1,232 @@
-"""Engine (ONNX Runtime, explicit backward graphs) against Captum (PyTorch autograd), side by side.
+"""Engine (ONNX Runtime, explicit backward graphs) against Captum (PyTorch autograd).
 
-Same model, same inputs, same thread count, one run. Prints a table of median
-times and the Captum / engine ratio (> 1: the engine is faster). Usage:
+Same model, same inputs, same thread count. Each side runs in its own process,
+as in production, where the serving process never imports PyTorch: PyTorch's
+OpenMP threads and ONNX Runtime's thread pool would otherwise spin against each
+other. The sides alternate over several rounds (engine, Captum, Captum, engine,
+...) so slow phases of a shared machine fall on both; the table gives median
+times over all rounds and the Captum / engine ratio (> 1: the engine is faster).
 
-    python benchmarks/bench_engine.py [--threads 2] [--repeats 7] [--residual] [--providers P ...]
+    python benchmarks/bench_engine.py [--threads 1] [--repeats 5] [--rounds 4] [--residual] [--providers ...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-import torch
-from captum.attr import LRP as CaptumLRP
-from captum.attr import DeepLift, FeatureAblation, GuidedBackprop, IntegratedGradients, Occlusion, Saliency
 
-from service.engine import AttributionEngine
-from service.methods.perturbation import segment_mask
-from training.data.synth import generate
-from training.export import export_package
-from training.export.reference import attach_epsilon_rules, lrp_model
-from training.models import ModelConfig, build_model
+N_ECGS = 64
+ENGINE_ONLY = (
+    "smoothgrad",
+    "gradient_shap",
+    "deeplift_shap",
+    "gradcam",
+    "guided_gradcam",
+    "kernel_shap",
+    "lime",
+    "random",
+)
+IG_BATCHES = (None, 64, 256, 640, 1600)
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
+def timed(fn: Callable[[], object], repeats: int) -> list[float]:
     fn()  # warm-up: session creation, allocator, hook registration
-    times = []
+    out = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        out.append(time.perf_counter() - t0)
+    return out
 
 
-def best_internal_batch(model, x, target, repeats) -> tuple[float, int | None]:
+def engine_cases(work: Path, threads: int, providers: list[str] | None) -> dict[str, Callable[[], object]]:
+    from service.engine import AttributionEngine
+
+    engine = AttributionEngine(work / "pkg", providers=providers, threads=threads, max_batch=64)
+    engine.warm_up()
+    x = np.load(work / "x.npy")
+    t = np.zeros(len(x), np.int64)
+    x1, t1, x4, t4 = x[:1], t[:1], x[:4], t[:4]
+    s1, s64 = engine.seeds(t1), engine.seeds(t)
+    cases = {
+        "forward pass, 1 ECG": lambda: engine.logits(x1),
+        "forward pass, 64 ECGs": lambda: engine.logits(x),
+        "gradient pass, 1 ECG": lambda: engine.run("gradient", {"x": x1, "seed": s1}, ["gradient"]),
+        "gradient pass, 64 ECGs": lambda: engine.run("gradient", {"x": x, "seed": s64}, ["gradient"]),
+        "saliency, 1 ECG": lambda: engine.attribute("saliency", x1, t1),
+        "saliency, 64 ECGs": lambda: engine.attribute("saliency", x, t),
+        "integrated gradients, 50 steps, 64 ECGs": lambda: engine.attribute("integrated_gradients", x, t),
+        "deeplift, 1 ECG": lambda: engine.attribute("deeplift", x1, t1, maxpool_rule="gradient"),
+        "deeplift, 64 ECGs": lambda: engine.attribute("deeplift", x, t, maxpool_rule="gradient"),
+        "guided backprop, 64 ECGs": lambda: engine.attribute("guided_backprop", x, t),
+        "lrp, 64 ECGs": lambda: engine.attribute("lrp", x, t),
+        "occlusion 1x50 stride 25, 4 ECGs": lambda: engine.attribute("occlusion", x4, t4),
+        "feature ablation 144 segments, 4 ECGs": lambda: engine.attribute("feature_ablation", x4, t4),
+    }
+    for m in ENGINE_ONLY:
+        params = {"seed": 0} if m not in ("gradcam", "guided_gradcam") else {}
+        cases[f"{m}, 4 ECGs"] = lambda m=m, params=params: engine.attribute(m, x4, t4, **params)
+    return cases
+
+
+def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[], object]]:
+    import warnings
+
+    import torch
+    from captum.attr import (
+        LRP,
+        DeepLift,
+        FeatureAblation,
+        GuidedBackprop,
+        IntegratedGradients,
+        Occlusion,
+        Saliency,
+    )
+
+    from service.methods.perturbation import segment_mask
+    from training.checkpoint import load_checkpoint
+    from training.export.reference import attach_epsilon_rules, lrp_model
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    model, _ = load_checkpoint(work / "model.pt")
+    x = torch.tensor(np.load(work / "x.npy"))
+    t = torch.zeros(len(x), dtype=torch.int64)
+    x1, t1, x4, t4 = x[:1], t[:1], x[:4], t[:4]
     ig = IntegratedGradients(model)
-    results = []
-    for ibs in (None, 64, 256, 640, 1600):
-        t = median_seconds(
-            lambda ibs=ibs: ig.attribute(x, target=target, n_steps=50, internal_batch_size=ibs), repeats
-        )
-        results.append((t, ibs))
-    return min(results, key=lambda r: r[0])
+    best = min(
+        IG_BATCHES,
+        key=lambda b: statistics.median(
+            timed(lambda: ig.attribute(x, target=t, n_steps=50, internal_batch_size=b), 2)
+        ),
+    )
+    lrp_ref = lrp_model(model, 1e-6)
+    mask = torch.tensor(segment_mask(50))[None]
+
+    def forward(inputs):
+        with torch.no_grad():
+            return model(inputs)
+
+    return {
+        "forward pass, 1 ECG": lambda: forward(x1),
+        "forward pass, 64 ECGs": lambda: forward(x),
+        "saliency, 1 ECG": lambda: Saliency(model).attribute(x1, target=t1),
+        "saliency, 64 ECGs": lambda: Saliency(model).attribute(x, target=t),
+        "integrated gradients, 50 steps, 64 ECGs": lambda: ig.attribute(
+            x, target=t, n_steps=50, internal_batch_size=best
+        ),
+        f"(Captum IG at its best internal_batch_size: {best})": lambda: None,
+        "deeplift, 1 ECG": lambda: DeepLift(model).attribute(x1, target=t1),
+        "deeplift, 64 ECGs": lambda: DeepLift(model).attribute(x, target=t),
+        "guided backprop, 64 ECGs": lambda: GuidedBackprop(model).attribute(x, target=t),
+        "lrp, 64 ECGs": lambda: LRP(attach_epsilon_rules(lrp_ref, 1e-6)).attribute(x, target=t),
+        "occlusion 1x50 stride 25, 4 ECGs": lambda: Occlusion(model).attribute(
+            x4, target=t4, sliding_window_shapes=(1, 50), strides=(1, 25), perturbations_per_eval=16
+        ),
+        "feature ablation 144 segments, 4 ECGs": lambda: FeatureAblation(model).attribute(
+            x4, target=t4, feature_mask=mask, perturbations_per_eval=16
+        ),
+    }
+
+
+def run_side(args: argparse.Namespace) -> None:
+    work = Path(args.workdir)
+    if args.side == "engine":
+        cases = engine_cases(work, args.threads, args.providers)
+        assert "torch" not in sys.modules, "the engine side must not import PyTorch"
+    else:
+        cases = captum_cases(work, args.threads, args.repeats)
+    results = {name: timed(fn, args.repeats) for name, fn in cases.items()}
+    print(json.dumps(results))
+
+
+def prepare(work: Path, residual: bool) -> None:
+    import torch
+
+    from training.checkpoint import save_checkpoint
+    from training.data.synth import generate
+    from training.export import export_package
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(residual=residual)).eval()
+    x = generate(N_ECGS, np.random.default_rng(0)).signals
+    np.save(work / "x.npy", x)
+    save_checkpoint(work / "model.pt", model)
+    export_package(model, work / "pkg", sample_inputs=x[:8])
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--residual", action="store_true")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed calls per case per round")
+    p.add_argument("--rounds", type=int, default=4, help="alternating rounds per side")
+    p.add_argument(
+        "--residual", action="store_true", help="the residual default CNN instead of the plain one"
+    )
     p.add_argument("--providers", nargs="+", default=None)
+    p.add_argument("--side", choices=("engine", "captum"), help=argparse.SUPPRESS)
+    p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    model = build_model(ModelConfig(residual=args.residual)).eval()
-    x64 = generate(64, np.random.default_rng(0)).signals
-    target64 = np.zeros(64, np.int64)
+    if args.side:
+        run_side(args)
+        return
     with tempfile.TemporaryDirectory() as tmp:
-        pkg = export_package(model, Path(tmp) / "pkg", sample_inputs=x64[:4])
-        engine = AttributionEngine(pkg, providers=args.providers, threads=args.threads, max_batch=64)
-        engine.warm_up()
-        rows = run_all(model, engine, x64, target64, args.repeats)
+        work = Path(tmp)
+        prepare(work, args.residual)
+        times: dict[str, dict[str, list[float]]] = {"engine": {}, "captum": {}}
+        for r in range(args.rounds):
+            for side in ("engine", "captum") if r % 2 == 0 else ("captum", "engine"):
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--side",
+                    side,
+                    "--workdir",
+                    tmp,
+                    "--threads",
+                    str(args.threads),
+                    "--repeats",
+                    str(args.repeats),
+                ] + (["--providers", *args.providers] if args.providers else [])
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                for name, ts in json.loads(out.strip().splitlines()[-1]).items():
+                    times[side].setdefault(name, []).extend(ts)
+    report(times, args)
+
+
+def report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+    import onnxruntime as ort
+
+    med = {side: {k: statistics.median(v) for k, v in t.items()} for side, t in times.items()}
+    e, c = med["engine"], med["captum"]
     print(
         f"# {time.strftime('%Y-%m-%d')} {platform.machine()}, threads={args.threads}, "
-        f"providers={engine.providers}, torch {torch.__version__}, onnxruntime {ort.__version__}, "
-        f"{'residual' if args.residual else 'plain'} default CNN"
+        f"providers={args.providers or 'default'}, onnxruntime {ort.__version__}, "
+        f"{'residual' if args.residual else 'plain'} default CNN, {args.rounds} rounds x {args.repeats} runs"
     )
+    for b in ("1 ECG", "64 ECGs"):
+        print(
+            f"# gradient pass / forward pass of the package, {b}: "
+            f"{e[f'gradient pass, {b}'] / e[f'forward pass, {b}']:.2f}x"
+        )
+    print(next(k for k in c if k.startswith("(Captum IG")))
     print("| case | engine ms | Captum ms | Captum / engine |")
     print("| --- | ---: | ---: | ---: |")
-    for name, te, tc in rows:
-        ratio = f"{tc / te:.2f}x" if tc else "—"
-        captum = f"{tc * 1e3:.1f}" if tc else "—"
-        print(f"| {name} | {te * 1e3:.1f} | {captum} | {ratio} |")
-
-
-def run_all(model, engine, x64, target64, repeats):
-    xt64, tt64 = torch.tensor(x64), torch.tensor(target64)
-    x1, t1, xt1, tt1 = x64[:1], target64[:1], xt64[:1], tt64[:1]
-    rows = []
-
-    def add(name, engine_fn, captum_fn=None):
-        te = median_seconds(engine_fn, repeats)
-        tc = median_seconds(captum_fn, repeats) if captum_fn else None
-        rows.append((name, te, tc))
-
-    with torch.no_grad():
-        add("forward pass, 1 ECG", lambda: engine.logits(x1), lambda: model(xt1))
-        add("forward pass, 64 ECGs", lambda: engine.logits(x64), lambda: model(xt64))
-    seeds1, seeds64 = engine.seeds(t1), engine.seeds(target64)
-    add(
-        "gradient pass, 1 ECG (ORT graph only)",
-        lambda: engine.run("gradient", {"x": x1, "seed": seeds1}, ["gradient"]),
-    )
-    add(
-        "gradient pass, 64 ECGs (ORT graph only)",
-        lambda: engine.run("gradient", {"x": x64, "seed": seeds64}, ["gradient"]),
-    )
-    add(
-        "saliency, 1 ECG",
-        lambda: engine.attribute("saliency", x1, t1),
-        lambda: Saliency(model).attribute(xt1, target=tt1),
-    )
-    add(
-        "saliency, 64 ECGs",
-        lambda: engine.attribute("saliency", x64, target64),
-        lambda: Saliency(model).attribute(xt64, target=tt64),
-    )
-    t_ig, ibs = best_internal_batch(model, xt64, tt64, max(3, repeats // 2))
-    te = median_seconds(lambda: engine.attribute("integrated_gradients", x64, target64, n_steps=50), repeats)
-    rows.append((f"integrated gradients, 50 steps, 64 ECGs (Captum internal_batch_size={ibs})", te, t_ig))
-    add(
-        "deeplift, 1 ECG",
-        lambda: engine.attribute("deeplift", x1, t1, maxpool_rule="gradient"),
-        lambda: DeepLift(model).attribute(xt1, target=tt1),
-    )
-    add(
-        "deeplift, 64 ECGs",
-        lambda: engine.attribute("deeplift", x64, target64, maxpool_rule="gradient"),
-        lambda: DeepLift(model).attribute(xt64, target=tt64),
-    )
-    add(
-        "guided backprop, 64 ECGs",
-        lambda: engine.attribute("guided_backprop", x64, target64),
-        lambda: GuidedBackprop(model).attribute(xt64, target=tt64),
-    )
-    lrp_ref = lrp_model(model, 1e-6)
-    add(
-        "lrp, 64 ECGs",
-        lambda: engine.attribute("lrp", x64, target64),
-        lambda: CaptumLRP(attach_epsilon_rules(lrp_ref, 1e-6)).attribute(xt64, target=tt64),
-    )
-    occ = Occlusion(model)
-    add(
-        "occlusion 1x50 stride 25, 4 ECGs",
-        lambda: engine.attribute("occlusion", x64[:4], target64[:4]),
-        lambda: occ.attribute(
-            xt64[:4],
-            target=tt64[:4],
-            sliding_window_shapes=(1, 50),
-            strides=(1, 25),
-            perturbations_per_eval=16,
-        ),
-    )
-    mask = torch.tensor(segment_mask(50))[None]
-    add(
-        "feature ablation 144 segments, 4 ECGs",
-        lambda: engine.attribute("feature_ablation", x64[:4], target64[:4]),
-        lambda: FeatureAblation(model).attribute(
-            xt64[:4], target=tt64[:4], feature_mask=mask, perturbations_per_eval=16
-        ),
-    )
-    for method in (
-        "smoothgrad",
-        "gradient_shap",
-        "deeplift_shap",
-        "gradcam",
-        "guided_gradcam",
-        "kernel_shap",
-        "lime",
-        "random",
-    ):
-        add(
-            f"{method}, 4 ECGs (engine only)",
-            lambda m=method: (
-                engine.attribute(m, x64[:4], target64[:4], seed=0)
-                if m not in ("gradcam", "guided_gradcam")
-                else engine.attribute(m, x64[:4], target64[:4])
-            ),
-        )
-    return rows
+    for name, te in e.items():
+        tc = c.get(name)
+        cap, ratio = (f"{tc * 1e3:.2f}", f"{tc / te:.2f}x") if tc is not None else ("—", "—")
+        print(f"| {name} | {te * 1e3:.2f} | {cap} | {ratio} |")
 
 
 if __name__ == "__main__":
