@@ -174,29 +174,32 @@ class AttributionEngine:
     def accumulate(
         self,
         graph: str,
-        n_rows: int,
+        n_samples: int,
+        shape: tuple[int, ...],
         make_rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, Any]],
         combine: Callable[[np.ndarray, np.ndarray, Any], np.ndarray],
-        out: np.ndarray,
-        owner: Callable[[np.ndarray], np.ndarray],
     ) -> np.ndarray:
-        """Sum per-row results of the gradient-like ``graph`` into ``out[owner(rows)]``.
+        """Sum, per ECG, ``n_samples`` passes of the gradient-like ``graph``.
 
-        Path and noise methods need many passes per ECG (steps x ECGs). Rows are
-        built chunk by chunk from their indices (``make_rows(rows) -> (x, seed,
-        context)``), so the scaled or noisy inputs of a whole request never exist
-        at once; ``combine(rows, gradient, context)`` turns a chunk's gradients
-        into contributions.
+        Path and noise methods need many passes per ECG. Virtual row ``r`` is sample
+        ``r // B`` of ECG ``r % B`` (B = ``shape[0]``); rows are built chunk by chunk
+        (``make_rows(rows) -> (x, seed, context)``), so the scaled or noisy inputs of a
+        whole request never exist at once, and ``combine(rows, gradient, context)``
+        turns a chunk's gradients into contributions. Returns the (B, ...) sums.
         """
+        batch = shape[0]
+        out = np.zeros(shape, np.float32)
         output = self.session(graph).get_outputs()[1].name
-        for sl in self._chunks(n_rows):
+        for sl in self._chunks(n_samples * batch):
             rows = np.arange(sl.start, sl.stop)
             x, seeds, context = make_rows(rows)
             result = self.run(graph, {"x": x, "seed": seeds}, [output])[0]
-            own = owner(rows)
+            own = rows % batch
             contribution = combine(rows, result, context)
-            if len(np.unique(own)) == len(own):
-                out[own] += contribution  # one row per ECG in this chunk: plain indexing, ~20x faster
+            if len(rows) <= batch:
+                out[own] += (
+                    contribution  # consecutive rows belong to distinct ECGs: plain indexing, ~20x faster
+                )
             else:
                 np.add.at(out, own, contribution)
         return out

@@ -99,14 +99,7 @@ class IntegratedGradients(AttributionMethod):
         def combine(rows: np.ndarray, grads: np.ndarray, _: None) -> np.ndarray:
             return grads * weights[rows // batch, None, None]
 
-        total = engine.accumulate(
-            "gradient",
-            n_steps * batch,
-            make_rows,
-            combine,
-            np.zeros(x.shape, np.float32),
-            lambda rows: rows % batch,
-        )
+        total = engine.accumulate("gradient", n_steps, x.shape, make_rows, combine)
         return delta * total
 
 
@@ -148,14 +141,7 @@ class SmoothGrad(AttributionMethod):
         def combine(rows: np.ndarray, grads: np.ndarray, _: None) -> np.ndarray:
             return np.abs(grads) if abs else grads
 
-        total = engine.accumulate(
-            "gradient",
-            n * batch,
-            make_rows,
-            combine,
-            np.zeros(x.shape, np.float32),
-            lambda rows: rows % batch,
-        )
+        total = engine.accumulate("gradient", n, x.shape, make_rows, combine)
         return total / n
 
 
@@ -222,14 +208,7 @@ class GradientShap(AttributionMethod):
         def combine(rows: np.ndarray, grads: np.ndarray, diff: np.ndarray) -> np.ndarray:
             return diff * grads
 
-        total = engine.accumulate(
-            "gradient",
-            n * batch,
-            make_rows,
-            combine,
-            np.zeros(x.shape, np.float32),
-            lambda rows: rows % batch,
-        )
+        total = engine.accumulate("gradient", n, x.shape, make_rows, combine)
         return total / n
 
 

@@ -17,7 +17,6 @@ The export runs every graph on ONNX Runtime against the PyTorch reference
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import shutil
@@ -35,6 +34,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 import ecgx
+from service.package import MANIFEST_FILE, PACKAGE_FORMAT, sha256_file
 from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 from training.export.ir import ExportError, ModelIR, trace_model
 from training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graphs, param_names
@@ -42,9 +42,7 @@ from training.export.reference import captum_attribution, layer_activations_and_
 
 log = logging.getLogger(__name__)
 
-PACKAGE_FORMAT = "ecgx-model-package"
-PACKAGE_VERSION = 1
-MANIFEST_FILE = "manifest.json"
+PACKAGE_VERSION = 1  # the reader (service/package.py) lists the versions it accepts
 WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64
 # Parity criterion shared with the tests: relative error (to the reference's largest
@@ -53,14 +51,6 @@ _ALIGN = 64
 REL_TOL = 1e-4
 MAX_OUTLIER_FRACTION = 1e-3
 LRP_CHECK_EPSILON = 1e-6
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
