@@ -26,6 +26,7 @@ from captum.attr import (
     Saliency,
 )
 from captum.attr._core.gradient_shap import InputBaselineXGradient
+from parity_helpers import assert_parity, randomise_batchnorm
 
 from service.engine import AttributionEngine
 from training.data.median_beat import median_beat
@@ -74,22 +75,6 @@ ARCHITECTURES = {
 }
 
 
-def assert_parity(got: np.ndarray, ref: np.ndarray) -> None:
-    rel = np.abs(got.astype(np.float64) - ref) / np.abs(ref).max()
-    outliers = (rel > 1e-4).mean()
-    assert outliers <= 1e-3, f"{outliers:.2%} of elements off by more than 1e-4 (max {rel.max():.2e})"
-
-
-def _randomise_batchnorm(model: torch.nn.Module) -> None:
-    # Untrained BatchNorm is the identity; give it statistics so folding is exercised.
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-
-
 @pytest.fixture(scope="module")
 def inputs(shared_data: Path) -> np.ndarray:
     """Two synthetic beats and one real median beat (PTB-XL HR06000)."""
@@ -103,7 +88,7 @@ def inputs(shared_data: Path) -> np.ndarray:
 def setup(request, inputs, tmp_path_factory):
     torch.manual_seed(0)
     model = ARCHITECTURES[request.param]().eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     pkg = export_package(model, tmp_path_factory.mktemp(request.param) / "pkg", sample_inputs=inputs)
     engine = AttributionEngine(pkg, providers=["CPUExecutionProvider"], max_batch=5)
     target = np.array([0, 5, 8])

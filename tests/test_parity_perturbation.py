@@ -16,6 +16,7 @@ import pytest
 import torch
 from captum._utils.models.linear_model import SkLearnLinearRegression
 from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
+from parity_helpers import assert_parity, randomise_batchnorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from service.engine import AttributionEngine
@@ -35,22 +36,6 @@ X = generate(3, np.random.default_rng(0)).signals.astype(np.float32)
 TARGET = np.array([0, 4, 8])
 
 
-def assert_parity(got: np.ndarray, ref: np.ndarray) -> None:
-    rel = np.abs(got.astype(np.float64) - ref) / np.abs(ref).max()
-    outliers = (rel > 1e-4).mean()
-    assert outliers <= 1e-3, f"{outliers:.2%} of elements off by more than 1e-4 (max {rel.max():.2e})"
-
-
-def _randomise_batchnorm(model: torch.nn.Module) -> None:
-    # Untrained BatchNorm is the identity; give it statistics so folding is exercised.
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm1d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-
-
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     # The reference runs many tiny forward passes; on a small, busy machine PyTorch's
@@ -65,7 +50,7 @@ def one_torch_thread():
 def setup(request, tmp_path_factory):
     torch.manual_seed(0)
     model = build_model(ARCHITECTURES[request.param]).eval()
-    _randomise_batchnorm(model)
+    randomise_batchnorm(model)
     # An untrained net's logit barely moves when one 0.1 s segment is replaced, so the
     # float32 rounding of two nearly equal logits would dominate the comparison (up to
     # 3e-4 of the largest attribution on the real beat, Captum float32 vs float64).
