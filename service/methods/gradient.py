@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from service.engine import ecg_of_rows
 from service.methods.base import (
     AttributionMethod,
     check_choice,
@@ -92,12 +93,13 @@ class IntegratedGradients(AttributionMethod):
         batch = len(x)
 
         def make_rows(rows: np.ndarray):
-            step, ecg = rows // batch, rows % batch
+            step, ecg = rows // batch, ecg_of_rows(rows, batch)  # a slice: views, no copies
             points = base[ecg] + alphas[step, None, None] * delta[ecg]
             return points, seeds[ecg], None
 
         def combine(rows: np.ndarray, grads: np.ndarray, _: None) -> np.ndarray:
-            return grads * weights[rows // batch, None, None]
+            grads *= weights[rows // batch, None, None]
+            return grads
 
         total = engine.accumulate("gradient", n_steps, x.shape, make_rows, combine)
         return delta * total
