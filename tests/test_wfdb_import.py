@@ -15,15 +15,13 @@ from training.data.median_beat import MedianBeatError, detect_r_peaks, median_be
 from training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, R_PEAK_SAMPLE
 from training.data.wfdb_import import ImportReport, WfdbImportError, import_wfdb, read_record
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PTBXL = [f"HR0600{i}" for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def shared() -> Path:
-    if not SHARED.is_dir():
-        pytest.skip(f"shared WFDB records not found at {SHARED}")
-    return SHARED
+def shared(shared_data: Path) -> Path:
+    """The shared records folder (skips when absent; see conftest.py)."""
+    return shared_data
 
 
 @pytest.fixture(scope="module")

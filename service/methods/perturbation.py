@@ -298,13 +298,7 @@ class KernelShap(AttributionMethod):
         seed: int | None = None,
         coalitions: Any = None,
     ) -> np.ndarray:
-        _, leads, samples = x.shape
-        seg = segment_mask(_check_window("window", window, samples), leads, samples)
-        m = int(seg.max()) + 1
-        n = _check_n_samples(n_samples)
-        base = _baseline(baseline, x)
-        rng = rng_for(seed)
-        given = _given_coalitions(coalitions, (len(x), n, m))
+        seg, m, n, base, rng, given = _surrogate_setup(x, window, n_samples, baseline, seed, coalitions)
 
         def weigh(z: np.ndarray, ecg: int) -> np.ndarray:
             size = z.sum(axis=1)
@@ -313,6 +307,18 @@ class KernelShap(AttributionMethod):
         return _surrogate_attribution(
             engine, x, target, base, seg, n, lambda: kernel_shap_coalitions(rng, n, m), given, weigh
         )
+
+
+def _surrogate_setup(x: np.ndarray, window: Any, n_samples: Any, baseline: Any, seed: Any, coalitions: Any):
+    """Validated settings shared by Kernel SHAP and LIME: segment mask, feature count,
+    sample count, baseline, generator and any given coalitions."""
+    _, leads, samples = x.shape
+    seg = segment_mask(_check_window("window", window, samples), leads, samples)
+    m = int(seg.max()) + 1
+    n = _check_n_samples(n_samples)
+    base = _baseline(baseline, x)
+    rng = rng_for(seed)
+    return seg, m, n, base, rng, _given_coalitions(coalitions, (len(x), n, m))
 
 
 def cosine_kernel_weights(
@@ -372,16 +378,10 @@ class Lime(AttributionMethod):
         seed: int | None = None,
         coalitions: Any = None,
     ) -> np.ndarray:
-        _, leads, samples = x.shape
-        seg = segment_mask(_check_window("window", window, samples), leads, samples)
-        m = int(seg.max()) + 1
-        n = _check_n_samples(n_samples)
         width = check_non_negative("kernel_width", kernel_width)
         if width == 0:
             raise ValueError("kernel_width must be > 0, got 0")
-        base = _baseline(baseline, x)
-        rng = rng_for(seed)
-        given = _given_coalitions(coalitions, (len(x), n, m))
+        seg, m, n, base, rng, given = _surrogate_setup(x, window, n_samples, baseline, seed, coalitions)
 
         def weigh(z: np.ndarray, ecg: int) -> np.ndarray:
             return cosine_kernel_weights(z, x[ecg], base[ecg], seg, width)
