@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,10 @@ class AttributionEngine:
         max_batch: the most rows sent to ONNX Runtime in one run (forward or backward pass).
         threads: intra-op threads per session (default: ONNX Runtime's choice).
         verify_hashes: check every package file against the manifest's SHA-256 on load.
+        parameters: replacement values for some weight initialisers, by name (as in
+            ``ModelPackage.read_parameters``). Every graph reads the replaced values, so
+            all methods see the same modified model. The validation gate uses this to
+            randomise layers; a serving engine never sets it.
     """
 
     def __init__(
@@ -65,6 +69,7 @@ class AttributionEngine:
         max_batch: int = 64,
         threads: int | None = None,
         verify_hashes: bool = True,
+        parameters: Mapping[str, np.ndarray] | None = None,
     ):
         if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
             raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
@@ -74,6 +79,7 @@ class AttributionEngine:
         self.providers = select_providers(providers)
         self.max_batch = int(max_batch)
         self.threads = threads
+        self._overrides = self._check_overrides(parameters or {})
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
@@ -90,10 +96,29 @@ class AttributionEngine:
                 if self.threads is not None:
                     opts.intra_op_num_threads = self.threads
                     opts.inter_op_num_threads = 1
+                if self._overrides:
+                    names = list(self._overrides)
+                    opts.add_external_initializers(names, [self._overrides[n] for n in names])
                 path = str(self.package.graph_file(graph))
                 self._sessions[graph] = ort.InferenceSession(path, opts, providers=self.providers)
                 log.debug("loaded graph %s with %s", graph, self._sessions[graph].get_providers())
             return self._sessions[graph]
+
+    def _check_overrides(self, parameters: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+        table = self.package.parameter_table()
+        overrides = {}
+        for name, value in parameters.items():
+            if name not in table:
+                raise ValueError(f"package {self.package.path} has no parameter {name!r}")
+            arr = np.ascontiguousarray(value, dtype=np.float32)
+            if list(arr.shape) != list(table[name]["shape"]):
+                shape = table[name]["shape"]
+                raise ValueError(f"parameter {name!r} must have shape {shape}, got {arr.shape}")
+            if not np.isfinite(arr).all():
+                raise ValueError(f"parameter {name!r} holds NaN or infinite values")
+            # The OrtValue wraps ``arr`` without copying; the engine keeps both alive.
+            overrides[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+        return overrides
 
     def warm_up(self, graphs: Sequence[str] | None = None) -> None:
         """Create sessions ahead of the first request (a server does this at load time)."""

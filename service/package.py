@@ -11,9 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 PACKAGE_FORMAT = "ecgx-model-package"
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_FILE = "manifest.json"
+WEIGHTS_FILE = "weights.bin"
 
 
 class PackageError(ValueError):
@@ -49,6 +52,19 @@ class ModelPackage:
         if graph not in graphs:
             raise PackageError(f"package {self.path} has no {graph!r} graph; it has {sorted(graphs)}")
         return self.path / graphs[graph]["file"]
+
+    def parameter_table(self) -> dict[str, dict[str, Any]]:
+        """Name -> {offset, length, shape} of every weight in ``weights.bin``."""
+        return self.manifest["parameters"]
+
+    def read_parameters(self) -> dict[str, np.ndarray]:
+        """Every weight initialiser, by name, read from ``weights.bin`` (float32 copies)."""
+        raw = (self.path / WEIGHTS_FILE).read_bytes()
+        out = {}
+        for name, entry in self.parameter_table().items():
+            data = raw[entry["offset"] : entry["offset"] + entry["length"]]
+            out[name] = np.frombuffer(data, dtype="<f4").reshape(entry["shape"]).astype(np.float32)
+        return out
 
     def class_index(self, key_or_code: str | int) -> int:
         """Index of a class given by index (also as text, ``"3"``), key (``"AF"``) or SNOMED code."""

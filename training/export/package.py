@@ -34,7 +34,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 import ecgx
-from service.package import MANIFEST_FILE, PACKAGE_FORMAT, sha256_file
+from service.package import MANIFEST_FILE, PACKAGE_FORMAT, WEIGHTS_FILE, sha256_file
 from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 from training.export.ir import ExportError, ModelIR, trace_model
 from training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graphs, param_names
@@ -43,7 +43,6 @@ from training.export.reference import captum_attribution, layer_activations_and_
 log = logging.getLogger(__name__)
 
 PACKAGE_VERSION = 1  # the reader (service/package.py) lists the versions it accepts
-WEIGHTS_FILE = "weights.bin"
 _ALIGN = 64
 # Parity criterion shared with the tests: relative error (to the reference's largest
 # magnitude) above REL_TOL is tolerated on at most MAX_OUTLIER_FRACTION of elements

@@ -1,0 +1,384 @@
+"""The validation gate: every check, for every method, on the exact package that will be served.
+
+``run_gate`` loads the package (verifying its hashes), its seed family and a
+validation dataset, computes each method's attributions through the package's
+ONNX graphs, runs the five checks of DESIGN.md and decides per method and
+overall with the policy. The result is the gate report (a JSON-ready dict), and
+the arrays behind it for figures.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+import ecgx
+from ecgx.progress import progress_bar
+from service.engine import AttributionEngine
+from service.methods import METHOD_NAMES, get_method
+from service.package import MANIFEST_FILE, ModelPackage, load_package, sha256_file
+from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
+from validation import checks
+from validation.perturbation import bootstrap_difference, perturbation_curves
+from validation.policy import CONTROL_METHOD, Policy, load_policy
+from validation.randomisation import Attributor, n_steps, randomisation_curves
+from validation.similarity import auroc_rows, mass_inside, mean_pairwise_pearson, pearson_rows
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "ecgx-gate-report"
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class GateData:
+    """The validation ECGs the gate uses, each with the class it explains."""
+
+    x: np.ndarray  # (B, 12, 600) float32
+    target: np.ndarray  # (B,) class index
+    masks: np.ndarray | None  # (B, 12, 600) bool, the target class's ground truth; None without
+    indices: np.ndarray  # rows of the dataset
+    fingerprint: str  # of the whole dataset
+    path: str
+
+    @property
+    def sha256(self) -> str:
+        """Hash of exactly what was evaluated: the selected signals and targets."""
+        h = hashlib.sha256(np.ascontiguousarray(self.x).tobytes())
+        h.update(self.target.astype(np.int64).tobytes())
+        return h.hexdigest()
+
+
+@dataclass
+class GateRun:
+    """A gate report and the arrays behind it (for the experiments report's figures)."""
+
+    report: dict[str, Any]
+    data: GateData
+    maps: dict[str, np.ndarray]  # method -> attributions on the gated package
+    family_maps: list[dict[str, np.ndarray]] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return self.report["verdict"] == checks.PASS
+
+
+def select_ecgs(ds: Dataset, n: int, seed: int, class_keys: Sequence[str]) -> GateData:
+    """Up to ``n`` ECGs in class-balanced order: classes take turns, each offering one of its
+    positive ECGs (shuffled with ``seed``) not taken yet; that class is the ECG's target."""
+    keys = [c["key"] for c in ds.meta.get("classes", [])]
+    if keys and keys != list(class_keys):
+        raise ValueError(f"dataset {ds.path} has classes {keys}, but the package predicts {list(class_keys)}")
+    labels = np.asarray(ds.labels)
+    if len(ds) == 0 or not labels.any():
+        raise ValueError(f"dataset {ds.path} has no labelled ECG; the gate needs labelled validation ECGs")
+    rng = np.random.default_rng([seed, 1])
+    queues = [list(rng.permutation(np.flatnonzero(labels[:, c]))) for c in range(labels.shape[1])]
+    taken: set[int] = set()
+    rows, targets = [], []
+    while len(rows) < n and any(queues):
+        for c, queue in enumerate(queues):
+            while queue and int(queue[0]) in taken:
+                queue.pop(0)
+            if queue and len(rows) < n:
+                i = int(queue.pop(0))
+                taken.add(i)
+                rows.append(i)
+                targets.append(c)
+    order = np.argsort(rows, kind="stable")  # read the memory map in file order
+    idx, target = np.asarray(rows)[order], np.asarray(targets, np.int64)[order]
+    x = np.ascontiguousarray(ds.signals[idx], dtype=np.float32)
+    masks = None
+    if ds.has_ground_truth:
+        masks = ((np.asarray(ds.masks[idx]) >> target[:, None, None].astype(np.uint16)) & 1).astype(bool)
+    return GateData(x, target, masks, idx, dataset_fingerprint(ds), str(ds.path))
+
+
+def method_attributor(name: str, seed: int) -> Attributor:
+    """The served method ``name`` with default settings; stochastic methods get ``seed``, the
+    same for every model, so differences come from the model and not from the draws."""
+    params = {"seed": seed} if get_method(name).stochastic else {}
+
+    def attribute(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+        return engine.attribute(name, x, target, **params)
+
+    return attribute
+
+
+def run_gate(
+    package: str | Path,
+    data: str | Path,
+    *,
+    family: Sequence[str | Path] = (),
+    policy: Policy | str | Path | None = None,
+    methods: Sequence[str] | None = None,
+    attributors: Mapping[str, Attributor] | None = None,
+    providers: Sequence[str] | None = None,
+    workers: int | None = None,
+    show_progress: bool = True,
+) -> GateRun:
+    """Gate ``package`` on the validation dataset ``data``.
+
+    Args:
+        family: other packages of the same configuration trained from other seeds
+            (self-consistency needs at least one).
+        policy: a :class:`Policy`, a TOML file, or None for the defaults.
+        methods: method names to check (default: all); the random control always runs.
+        attributors: extra or replacement methods by name, ``attribute(engine, x, target)``;
+            used by tests to gate constructed methods.
+        workers: methods computed side by side (default: CPU count), one ONNX Runtime
+            thread each.
+    """
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    pkg = load_package(package)
+    fam = [load_package(p) for p in family]
+    _check_family(pkg, fam)
+    ds = load_dataset(data)
+    gd = select_ecgs(ds, pol.n_ecgs, pol.seed, pkg.class_keys)
+    attrib = _attributors(methods, attributors, pol.seed)
+    workers = workers or os.cpu_count() or 1
+    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress)
+    timings["load"] = time.perf_counter() - started
+
+    maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.engine()))
+    family_maps = [
+        ctx.timed(timings, f"family_{i}", lambda p=p: ctx.attribute_all(ctx.engine(package=p)))
+        for i, p in enumerate(fam)
+    ]
+    entries: dict[str, dict[str, Any]] = {m: {} for m in attrib}
+    ctx.timed(timings, "randomisation", lambda: ctx.randomisation(maps, entries))
+    ctx.timed(timings, "perturbation", lambda: ctx.perturbation(maps, entries))
+    ctx.self_consistency(maps, family_maps, entries)
+    matrix = ctx.inter_method(maps, entries)
+    ctx.localisation(maps, entries)
+    timings["total"] = time.perf_counter() - started
+    report = _report(ctx, fam, entries, matrix, timings)
+    return GateRun(report, gd, maps, family_maps)
+
+
+def _attributors(
+    methods: Sequence[str] | None, extra: Mapping[str, Attributor] | None, seed: int
+) -> dict[str, Attributor]:
+    names = list(METHOD_NAMES if methods is None else methods)
+    for name in names:
+        if name not in METHOD_NAMES and name not in (extra or {}):
+            raise ValueError(f"unknown attribution method {name!r}; known: {', '.join(METHOD_NAMES)}")
+    if CONTROL_METHOD not in names:
+        names.append(CONTROL_METHOD)
+    out = {n: method_attributor(n, seed) for n in names if n in METHOD_NAMES}
+    out.update(extra or {})
+    return out
+
+
+def _check_family(pkg: ModelPackage, fam: list[ModelPackage]) -> None:
+    for other in fam:
+        if other.path.resolve() == pkg.path.resolve():
+            raise ValueError(f"--family lists the gated package {pkg.path} itself; give its seed siblings")
+        if other.class_keys != pkg.class_keys or other.input_shape != pkg.input_shape:
+            raise ValueError(f"family package {other.path} has other classes or input shape than {pkg.path}")
+
+
+@dataclass
+class _Context:
+    """What every step of one gate run shares."""
+
+    pkg: ModelPackage
+    policy: Policy
+    data: GateData
+    methods: dict[str, Attributor]
+    providers: Sequence[str] | None
+    workers: int
+    show_progress: bool
+
+    def engine(self, package: ModelPackage | None = None, overrides=None) -> AttributionEngine:
+        threads = 1 if self.workers > 1 else None
+        return AttributionEngine(
+            package or self.pkg, providers=self.providers, threads=threads, parameters=overrides
+        )
+
+    def timed(self, timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 3)
+        log.info("gate: %s took %.1f s", name, timings[name])
+        return out
+
+    def parallel(self, fn: Callable[[str], Any], names: Sequence[str], desc: str | None) -> dict[str, Any]:
+        """``fn`` of every name, ``workers`` at a time; a progress bar unless ``desc`` is None."""
+        enabled = self.show_progress and desc is not None
+        with progress_bar(total=len(names), desc=desc or "", unit="method", enabled=enabled) as bar:
+
+            def one(name: str) -> Any:
+                out = fn(name)
+                bar.update(1)
+                return out
+
+            if self.workers <= 1:
+                return {n: one(n) for n in names}
+            with ThreadPoolExecutor(self.workers) as pool:
+                return dict(zip(names, pool.map(one, names), strict=True))
+
+    def attribute_all(self, engine: AttributionEngine, x=None, target=None) -> dict[str, np.ndarray]:
+        x = self.data.x if x is None else x
+        target = self.data.target if target is None else target
+        desc = f"attributions {engine.package.path.name}"
+        return self.parallel(lambda m: self.methods[m](engine, x, target), list(self.methods), desc)
+
+    def randomisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
+        cfg = self.policy.check("randomisation")
+        k = min(cfg["ecgs"], len(self.data.x))
+        x, t = self.data.x[:k], self.data.target[:k]
+        steps = n_steps(self.pkg)
+        with progress_bar(total=steps, desc="randomisation", unit="model", enabled=self.show_progress) as bar:
+
+            def step_maps(engine: AttributionEngine) -> dict[str, np.ndarray]:
+                return self.parallel(lambda m: self.methods[m](engine, x, t), list(self.methods), None)
+
+            curves = randomisation_curves(
+                self.pkg,
+                lambda overrides: self.engine(overrides=overrides),
+                step_maps,
+                {m: maps[m][:k] for m in self.methods},
+                self.policy.seed,
+                on_step=lambda: bar.update(1),
+            )
+        for m, c in curves.items():
+            entry = checks.randomisation_entry(c, cfg["max_similarity"], cfg["blocking"])
+            entries[m]["randomisation"] = entry
+
+    def perturbation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
+        cfg = self.policy.check("perturbation")
+        engine = self.engine()
+        settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_mv")}
+
+        def curves_of(m: str):
+            return perturbation_curves(
+                engine, self.data.x, self.data.target, maps[m], seed=self.policy.seed, **settings
+            )
+
+        curves = self.parallel(curves_of, list(self.methods), "perturbation")
+        control = curves[CONTROL_METHOD]
+        for m, c in curves.items():
+            versus = {
+                s: bootstrap_difference(
+                    c.score[s],
+                    control.score[s],
+                    n_boot=cfg["bootstrap"],
+                    confidence=cfg["confidence"],
+                    seed=self.policy.seed,
+                )
+                for s in cfg["strategies"]
+            }
+            entries[m]["perturbation"] = checks.perturbation_entry(c, versus, cfg["margin"], cfg["blocking"])
+
+    def self_consistency(self, maps, family_maps: list[dict[str, np.ndarray]], entries: dict) -> None:
+        cfg = self.policy.check("self_consistency")
+        for m in self.methods:
+            if not family_maps:
+                reason = "no seed family given (--family PKG2 PKG3 ...)"
+                entries[m]["self_consistency"] = checks.not_run(reason, cfg["blocking"])
+                continue
+            per_ecg = mean_pairwise_pearson([np.abs(maps[m])] + [np.abs(f[m]) for f in family_maps])
+            entries[m]["self_consistency"] = checks.self_consistency_entry(
+                per_ecg, 1 + len(family_maps), cfg["min_correlation"], cfg["blocking"]
+            )
+
+    def inter_method(self, maps: dict[str, np.ndarray], entries: dict) -> dict[str, Any]:
+        """Mean per-ECG Pearson correlation of absolute attributions, method x method."""
+        cfg = self.policy.check("inter_method")
+        names = list(self.methods)
+        matrix = np.eye(len(names))
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                r = pearson_rows(np.abs(maps[names[i]]), np.abs(maps[names[j]]))
+                matrix[i, j] = matrix[j, i] = np.nanmean(r) if np.isfinite(r).any() else np.nan
+        for i, m in enumerate(names):
+            row = {n: float(matrix[i, j]) for j, n in enumerate(names) if j != i and n != CONTROL_METHOD}
+            entries[m]["inter_method"] = (
+                checks.inter_method_entry(row, cfg["min_correlation"], cfg["blocking"])
+                if row
+                else checks.not_run("no other method to compare with", cfg["blocking"])
+            )
+        return {"methods": names, "matrix": [[checks._num(v) for v in row] for row in matrix]}
+
+    def localisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
+        cfg = self.policy.check("localisation")
+        masks = self.data.masks
+        for m in self.methods:
+            if masks is None or not masks.any():
+                reason = "the validation data has no ground-truth masks (only synthetic data has them)"
+                entries[m]["localisation"] = checks.not_run(reason, cfg["blocking"])
+                continue
+            has = masks.reshape(len(masks), -1).any(axis=1)
+            a, t = np.abs(maps[m][has]), masks[has]
+            entries[m]["localisation"] = checks.localisation_entry(
+                auroc_rows(a, t), mass_inside(a, t), t.mean(axis=(1, 2)), cfg["min_auroc"], cfg["blocking"]
+            )
+
+
+def _report(ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict, timings: dict) -> dict:
+    methods = {}
+    for m, method_checks in entries.items():
+        verdict, reasons = checks.method_verdict(method_checks)
+        methods[m] = {"verdict": verdict, "reasons": reasons, "checks": method_checks}
+    required = ctx.policy.required_methods()
+    missing = [m for m in required if m not in methods]
+    failing = [m for m in required if m in methods and methods[m]["verdict"] != checks.PASS]
+    gate_reasons = [f"required method {m} was not checked" for m in missing]
+    gate_reasons += [f"required method {m} failed" for m in failing]
+    serve = [m for m, r in methods.items() if r["verdict"] == checks.PASS and m != CONTROL_METHOD]
+    if len(serve) < ctx.policy.min_passing:
+        needed = ctx.policy.min_passing
+        gate_reasons.append(f"{len(serve)} method(s) passed; the policy needs at least {needed}")
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "verdict": checks.FAIL if gate_reasons else checks.PASS,
+        "reasons": gate_reasons,
+        "required_methods": required,
+        "serve": serve,
+        "package": package_record(ctx.pkg),
+        "family": [package_record(p) for p in fam],
+        "data": {
+            "path": ctx.data.path,
+            "fingerprint": ctx.data.fingerprint,
+            "selected_sha256": ctx.data.sha256,
+            "ecgs": len(ctx.data.x),
+            "randomisation_ecgs": min(ctx.policy.check("randomisation")["ecgs"], len(ctx.data.x)),
+            "targets": {k: int((ctx.data.target == i).sum()) for i, k in enumerate(ctx.pkg.class_keys)},
+            "ground_truth": ctx.data.masks is not None,
+        },
+        "policy": {"source": ctx.policy.source, "sha256": ctx.policy.sha256, "content": ctx.policy.content},
+        "software": {
+            "ecgx": ecgx.__version__,
+            "onnxruntime": ort.__version__,
+            "numpy": np.__version__,
+            "python": platform.python_version(),
+            "providers": list(ctx.engine().providers),
+        },
+        "methods": methods,
+        "inter_method": matrix,
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+
+
+def package_record(pkg: ModelPackage) -> dict[str, Any]:
+    """Path, model identity and the SHA-256 of every package file, manifest included."""
+    files = {name: entry["sha256"] for name, entry in pkg.manifest["files"].items()}
+    files[MANIFEST_FILE] = sha256_file(pkg.path / MANIFEST_FILE)
+    return {"path": str(pkg.path), "source": pkg.manifest.get("source"), "files": files}

@@ -1,0 +1,166 @@
+"""The gate policy: which checks block a method, their thresholds and their settings.
+
+Defaults live in ``default_policy.toml`` beside this module; a user's TOML file
+overrides any subset of its keys. Unknown keys and values of the wrong type or
+range are errors that name the key, so a typo never silently keeps a default.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.methods import METHOD_NAMES
+
+CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_method", "localisation")
+STRATEGIES = ("zero", "lead_mean", "linear", "noisy_linear")
+CONTROL_METHOD = "random"
+DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.toml")
+
+# key -> (type, lower bound, upper bound); bounds are inclusive, None means open.
+_SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
+    "gate": {"ecgs": (int, 1, None), "seed": (int, 0, None), "min_passing": (int, 0, None)},
+    "checks.randomisation": {"ecgs": (int, 1, None), "max_similarity": (float, -1, 1)},
+    "checks.perturbation": {
+        "window": (int, 1, 600),
+        "steps": (int, 2, None),
+        "noise_mv": (float, 0, 50),
+        "margin": (float, -1, 1),
+        "confidence": (float, 0.5, 0.9999),
+        "bootstrap": (int, 100, None),
+    },
+    "checks.self_consistency": {"min_correlation": (float, -1, 1)},
+    "checks.inter_method": {"min_correlation": (float, -1, 1)},
+    "checks.localisation": {"min_auroc": (float, 0, 1)},
+}
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be read or holds an unknown key or a bad value."""
+
+
+@dataclass(frozen=True)
+class Policy:
+    """An effective policy: the defaults with a user's file applied."""
+
+    content: dict[str, Any]
+    source: str  # "default" or the file it was read from
+
+    @property
+    def sha256(self) -> str:
+        """Hash of the effective settings (not of the file's bytes: comments do not matter)."""
+        return hashlib.sha256(json.dumps(self.content, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def seed(self) -> int:
+        return self.content["gate"]["seed"]
+
+    @property
+    def min_passing(self) -> int:
+        return self.content["gate"]["min_passing"]
+
+    @property
+    def n_ecgs(self) -> int:
+        return self.content["gate"]["ecgs"]
+
+    def check(self, name: str) -> dict[str, Any]:
+        return self.content["checks"][name]
+
+    def blocking(self, name: str) -> bool:
+        return bool(self.check(name)["blocking"])
+
+    def required_methods(self, available: tuple[str, ...] = METHOD_NAMES) -> list[str]:
+        req = self.content["gate"]["required_methods"]
+        if req == "all":
+            return [m for m in available if m != CONTROL_METHOD]
+        return list(req)
+
+
+def default_policy() -> Policy:
+    text = DEFAULT_POLICY_FILE.read_text()
+    return Policy(content=_validate(tomllib.loads(text)), source="default")
+
+
+def load_policy(path: Path | str | None = None) -> Policy:
+    """The default policy, with the keys of the TOML file at ``path`` (if given) applied."""
+    base = default_policy()
+    if path is None:
+        return base
+    path = Path(path)
+    if not path.is_file():
+        raise PolicyError(f"policy file {path} does not exist")
+    try:
+        user = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise PolicyError(f"policy file {path} is not valid TOML: {e}") from None
+    merged = _merge(base.content, user, "")
+    try:
+        return Policy(content=_validate(merged), source=str(path))
+    except PolicyError as e:
+        raise PolicyError(f"policy file {path}: {e}") from None
+
+
+def _merge(base: dict[str, Any], user: Mapping[str, Any], where: str) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in user.items():
+        name = f"{where}{key}"
+        if key not in base:
+            raise PolicyError(f"unknown policy key {name!r}; known here: {', '.join(sorted(base))}")
+        if isinstance(base[key], dict):
+            if not isinstance(value, Mapping):
+                raise PolicyError(f"policy key {name!r} must be a table")
+            out[key] = _merge(base[key], value, f"{name}.")
+        else:
+            out[key] = value
+    return out
+
+
+def _validate(content: dict[str, Any]) -> dict[str, Any]:
+    for section, keys in _SCHEMA.items():
+        table = content
+        for part in section.split("."):
+            table = table[part]
+        for key, (kind, low, high) in keys.items():
+            table[key] = _number(f"{section}.{key}", table[key], kind, low, high)
+    for check in CHECKS:
+        if not isinstance(content["checks"][check]["blocking"], bool):
+            raise PolicyError(f"checks.{check}.blocking must be true or false")
+    _check_required(content["gate"]["required_methods"])
+    _check_strategies(content["checks"]["perturbation"]["strategies"])
+    return content
+
+
+def _number(name: str, value: Any, kind: type, low: float | None, high: float | None) -> int | float:
+    ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise PolicyError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise PolicyError(f"{name} must be {bounds}, got {value!r}")
+    return kind(value)
+
+
+def _check_required(req: Any) -> None:
+    if req == "all":
+        return
+    if not isinstance(req, list) or not all(isinstance(m, str) for m in req):
+        raise PolicyError('gate.required_methods must be "all" or a list of method names')
+    unknown = [m for m in req if m not in METHOD_NAMES]
+    if unknown:
+        raise PolicyError(f"gate.required_methods names unknown method(s) {unknown}; known: {METHOD_NAMES}")
+    if CONTROL_METHOD in req:
+        raise PolicyError("gate.required_methods cannot require the random control: it is built to fail")
+
+
+def _check_strategies(strategies: Any) -> None:
+    if not isinstance(strategies, list) or not strategies:
+        raise PolicyError(f"checks.perturbation.strategies must be a non-empty list from {list(STRATEGIES)}")
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        raise PolicyError(f"checks.perturbation.strategies has unknown {unknown}; known: {list(STRATEGIES)}")
