@@ -36,3 +36,28 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
     model = build_model(ModelConfig(widths=(8, 16), stem_stride=4, residual=True))
     return export_package(model, tmp_path_factory.mktemp("pkg") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Three small CNNs trained from seeds 0, 1, 2 and exported, plus 64 validation beats with masks.
+
+    Small and short (about 10 s in all), yet trained: what the gate's checks tell apart
+    is a model that learned something from one that did not.
+    """
+    from training.config import TrainConfig
+    from training.export import export_checkpoint
+    from training.models import ModelConfig
+    from training.train import CHECKPOINT_FILE, seed_dir, train_run
+
+    root = tmp_path_factory.mktemp("family")
+    data = synthesize_dataset(root / "train", 1500, seed=3, show_progress=False)
+    validation = synthesize_dataset(root / "validation", 64, seed=4, show_progress=False)
+    model = ModelConfig(widths=(8, 16, 16), stem_stride=2)
+    train_run(data, [0, 1, 2], root / "runs", model, TrainConfig(max_epochs=8), show_progress=False)
+    out = {"data": validation, "runs": root / "runs"}
+    for s in (0, 1, 2):
+        out[f"seed-{s}"] = export_checkpoint(
+            seed_dir(root / "runs", s) / CHECKPOINT_FILE, root / "packages" / f"seed-{s}"
+        )
+    return out

@@ -10,6 +10,7 @@ the arrays behind it for figures.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import platform
@@ -141,6 +142,8 @@ def run_gate(
         workers: methods computed side by side (default: CPU count), one ONNX Runtime
             thread each.
     """
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
+        raise ValueError(f"workers must be a positive integer, got {workers!r}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     pol = policy if isinstance(policy, Policy) else load_policy(policy)
@@ -382,3 +385,35 @@ def package_record(pkg: ModelPackage) -> dict[str, Any]:
     files = {name: entry["sha256"] for name, entry in pkg.manifest["files"].items()}
     files[MANIFEST_FILE] = sha256_file(pkg.path / MANIFEST_FILE)
     return {"path": str(pkg.path), "source": pkg.manifest.get("source"), "files": files}
+
+
+def save_report(report: dict[str, Any], path: str | Path) -> Path:
+    """Write ``report`` as JSON atomically: a reader sees the old report or the new one, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(report, indent=1, allow_nan=False)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A terminal table: one line per method with each check's score and verdict."""
+    names = ["randomisation", "perturbation", "self_consistency", "inter_method", "localisation"]
+    short = {"pass": "ok", "fail": "FAIL", "not_run": "-"}
+    lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in names)]
+    for m, r in report["methods"].items():
+        cells = []
+        for n in names:
+            c = r["checks"].get(n)
+            if c is None or c["verdict"] == checks.NOT_RUN:
+                cells.append(f"{'-':>17s}")
+            else:
+                score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
+                cells.append(f"{score + ' ' + short[c['verdict']]:>17s}")
+        lines.append(f"{m:22s} {r['verdict']:7s} " + " ".join(cells))
+    why = f" ({'; '.join(report['reasons'])})" if report["reasons"] else ""
+    lines.append(f"gate verdict: {report['verdict']}{why}")
+    lines.append(f"methods that may serve explanations: {', '.join(report['serve']) or 'none'}")
+    return lines

@@ -96,8 +96,11 @@ def mean_pairwise_pearson(maps: list[np.ndarray]) -> np.ndarray:
     """Per ECG, the mean Pearson correlation over all pairs of maps (e.g. one per model seed)."""
     if len(maps) < 2:
         raise ValueError(f"pairwise correlation needs at least 2 sets of maps, got {len(maps)}")
-    pairs = [pearson_rows(maps[i], maps[j]) for i in range(len(maps)) for j in range(i + 1, len(maps))]
-    return np.nanmean(np.stack(pairs), axis=0) if np.isfinite(pairs).any() else np.full(len(maps[0]), np.nan)
+    n = len(maps)
+    pairs = np.stack([pearson_rows(maps[i], maps[j]) for i in range(n) for j in range(i + 1, n)])
+    defined = np.isfinite(pairs)
+    with np.errstate(invalid="ignore"):
+        return np.where(defined, pairs, 0).sum(axis=0) / defined.sum(axis=0)
 
 
 def auroc_rows(scores: np.ndarray, truth: np.ndarray) -> np.ndarray:

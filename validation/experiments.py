@@ -1,0 +1,113 @@
+"""The study's four experiments plus ground-truth localisation, over a seed family, as a report.
+
+The experiments are the gate's checks run over every method with a family of at
+least three seeds: inter-method similarity, self-consistency across seeds,
+cascading randomisation and perturbation curves, and localisation where the data
+has masks. They reuse :func:`validation.gate.run_gate`, so the numbers in the
+report are exactly what the gate measures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.package import MANIFEST_FILE
+from validation.gate import GateRun, run_gate
+from validation.policy import Policy
+
+log = logging.getLogger(__name__)
+
+MIN_SEEDS = 3
+REPORT_JSON = "experiments.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def find_packages(runs: Path, export_dir: Path) -> list[Path]:
+    """One package per ``seed-<s>`` folder of ``runs``, in seed order.
+
+    A folder holding ``manifest.json`` is a package already (``ecgx demo``'s
+    ``packages/``); one holding ``checkpoint.pt`` is a training run, exported once
+    into ``export_dir/seed-<s>`` (with the export's Captum check) and reused after.
+    """
+    runs = Path(runs)
+    if not runs.is_dir():
+        raise FileNotFoundError(f"run folder {runs} does not exist")
+    seeds = sorted(
+        (d for d in runs.iterdir() if d.is_dir() and re.fullmatch(r"seed-\d+", d.name)),
+        key=lambda d: int(d.name.split("-")[1]),
+    )
+    packages = []
+    for d in seeds:
+        if (d / MANIFEST_FILE).is_file():
+            packages.append(d)
+        elif (d / CHECKPOINT_FILE).is_file():
+            packages.append(_exported(d / CHECKPOINT_FILE, export_dir / d.name))
+    if len(packages) < MIN_SEEDS:
+        raise ValueError(
+            f"{runs} holds {len(packages)} trained seed(s) (seed-<s>/{CHECKPOINT_FILE} or packages); "
+            f"the self-consistency experiment needs at least {MIN_SEEDS}: train more with "
+            f"`ecgx train --seeds 0 1 2`"
+        )
+    return packages
+
+
+def _exported(checkpoint: Path, package: Path) -> Path:
+    if (package / MANIFEST_FILE).is_file():
+        return package
+    from training.export import export_checkpoint  # PyTorch is needed only here
+
+    log.info("exporting %s to %s", checkpoint, package)
+    return export_checkpoint(checkpoint, package, overwrite=True)
+
+
+def run_experiments(
+    data: Path,
+    runs: Path,
+    out: Path,
+    *,
+    policy: Policy | Path | None = None,
+    methods: Sequence[str] | None = None,
+    providers: Sequence[str] | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Gate the first seed with the others as its family and write ``out/report.html``."""
+    out = Path(out)
+    packages = find_packages(runs, out / "packages")
+    run = run_gate(
+        packages[0],
+        data,
+        family=packages[1:],
+        policy=policy,
+        methods=methods,
+        providers=providers,
+        show_progress=show_progress,
+    )
+    return write_experiments(run, out)
+
+
+def write_experiments(run: GateRun, out: Path) -> Path:
+    """The HTML report with its PNG figures, and the measurements as JSON, in ``out``."""
+    from validation.html_report import study_comparison_rows, write_html_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REPORT_JSON).write_text(json.dumps(run.report, indent=1, allow_nan=False))
+    n_models = 1 + len(run.report["family"])
+    notes = [
+        f"Package {run.report['package']['path']} gated with {n_models - 1} seed sibling(s) as its family; "
+        f"{run.report['data']['ecgs']} validation ECGs from {run.report['data']['path']}.",
+        "Correlations between maps are Pearson correlations of absolute attributions, per ECG, then "
+        "averaged; randomisation similarity is Spearman of absolute attributions (and signed, and SSIM).",
+        "Stochastic methods use the same random draws for every model, so differences between seeds "
+        "come from the models; for the random control this makes its self-consistency 1 by construction.",
+    ]
+    return write_html_report(
+        run,
+        out,
+        title="Attribution sanity experiments",
+        study_comparison=study_comparison_rows(run.report),
+        notes=notes,
+    )
