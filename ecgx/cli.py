@@ -134,6 +134,72 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     return 0
 
 
+EXIT_GATE_FAILED = 1
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from validation.gate import run_gate, save_report, summary_lines
+    from validation.signing import load_private_key, sign_report
+
+    # The key is checked before the (minutes-long) gate runs, not after.
+    key = None if args.unsigned else load_private_key(args.signing_key)
+    out = args.out or args.package / "gate.json"
+    run = run_gate(
+        args.package,
+        args.data,
+        family=args.family,
+        policy=args.policy,
+        methods=args.methods,
+        providers=args.providers,
+        workers=args.workers,
+        show_progress=not args.quiet,
+    )
+    report = run.report if key is None else sign_report(run.report, key)
+    save_report(report, out)
+    print("\n".join(summary_lines(report)))
+    log.info("wrote %s gate report %s", "unsigned" if key is None else "signed", out)
+    return 0 if run.passed else EXIT_GATE_FAILED
+
+
+def _cmd_gate_verify(args: argparse.Namespace) -> int:
+    from validation.signing import load_public_key, verify_gate
+
+    result = verify_gate(args.package, load_public_key(args.public_key), args.report)
+    if not result.ok:
+        print(f"gate report {result.report_path} does NOT verify for {result.package_path}:")
+        for problem in result.problems:
+            print(f"  - {problem}")
+        return EXIT_GATE_FAILED
+    print(f"gate report {result.report_path}: signature valid, every package file unchanged")
+    print(f"verdict: {result.verdict}")
+    return 0 if result.verdict == "pass" else EXIT_GATE_FAILED
+
+
+def _cmd_gate_keygen(args: argparse.Namespace) -> int:
+    from validation.signing import generate_keypair
+
+    private, public = generate_keypair(args.out, overwrite=args.overwrite)
+    print(f"signing key (keep secret): {private}")
+    print(f"public key (give to verifiers and servers): {public}")
+    return 0
+
+
+def _cmd_experiments(args: argparse.Namespace) -> int:
+    from validation.experiments import run_experiments
+
+    html = run_experiments(
+        args.data,
+        args.runs,
+        args.out,
+        policy=args.policy,
+        methods=args.methods,
+        providers=args.providers,
+        show_progress=not args.quiet,
+    )
+    print(f"report: {html}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from ecgx.demo import run_demo
 
@@ -250,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_attribute)
 
+    _add_gate_parsers(sub, METHOD_NAMES)
+
     p = sub.add_parser(
         "demo",
         help="generate data, train a seed family, export packages, draw attributions",
@@ -264,6 +332,70 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
     return parser
+
+
+def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[str]) -> None:
+    p = sub.add_parser(
+        "validate",
+        help="gate a model package: sanity checks of every attribution method",
+        description="Run the validation gate on PKG through its ONNX graphs: model randomisation, "
+        "perturbation faithfulness against the random control, self-consistency across the seed family, "
+        "inter-method similarity and ground-truth localisation. Writes a signed JSON report. "
+        "Exit status: 0 the gate passed, 1 it failed, 2 bad usage or input.",
+    )
+    p.add_argument("package", type=Path, metavar="PKG", help="model package folder")
+    p.add_argument("--data", type=Path, required=True, help="validation dataset folder")
+    p.add_argument("--family", type=Path, nargs="+", default=[], metavar="PKG", help="seed siblings of PKG")
+    p.add_argument("--policy", type=Path, help="policy TOML (default: the shipped default policy)")
+    p.add_argument("--out", type=Path, help="report file to write (default PKG/gate.json)")
+    key_help = "Ed25519 private key PEM (default: the ECGX_GATE_SIGNING_KEY environment variable)"
+    p.add_argument("--signing-key", type=Path, help=key_help)
+    p.add_argument("--unsigned", action="store_true", help="write the report without a signature")
+    p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
+    p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
+    p.add_argument("--workers", type=int, help="methods computed side by side (default: CPU count)")
+    _add_common(p)
+    p.set_defaults(func=_cmd_validate)
+
+    gate = sub.add_parser("gate", help="keys for gate reports, and verification of a gated package")
+    gate_sub = gate.add_subparsers(dest="gate_command", required=True, metavar="GATE_COMMAND")
+    p = gate_sub.add_parser(
+        "verify",
+        help="check a package's gate report: signature, file hashes, verdict",
+        description="Check that PKG's gate report is signed by the given public key and that no package file "
+        "changed since gating. Exit status: 0 authentic, intact and passed; 1 otherwise; 2 bad input.",
+    )
+    p.add_argument("package", type=Path, metavar="PKG", help="model package folder")
+    p.add_argument("--report", type=Path, help="gate report (default PKG/gate.json)")
+    p.add_argument(
+        "--public-key", type=Path, help="Ed25519 public key PEM (default: the ECGX_GATE_PUBLIC_KEY variable)"
+    )
+    _add_common(p)
+    p.set_defaults(func=_cmd_gate_verify)
+    p = gate_sub.add_parser(
+        "keygen", help="create an Ed25519 key pair for signing gate reports", description="Create a key pair."
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for the two PEM files")
+    p.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    _add_common(p)
+    p.set_defaults(func=_cmd_gate_keygen)
+
+    p = sub.add_parser(
+        "experiments",
+        help="the study's experiments over all methods and a seed family, as an HTML report",
+        description="Inter-method similarity, self-consistency across seeds, cascading randomisation, "
+        "perturbation curves and ground-truth localisation for every method, as OUT/report.html (figures "
+        "embedded, and also written as PNG) with the measurements in OUT/experiments.json. RUNDIR holds "
+        "seed-<s> folders: training runs (exported on first use) or packages.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="validation dataset folder")
+    p.add_argument("--runs", type=Path, required=True, help="folder of seed-<s> runs or packages (>= 3)")
+    p.add_argument("--out", type=Path, required=True, help="report folder to write")
+    p.add_argument("--policy", type=Path, help="policy TOML (ECG counts, settings)")
+    p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
+    p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
+    _add_common(p)
+    p.set_defaults(func=_cmd_experiments)
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

@@ -19,6 +19,10 @@ SUBCOMMANDS = [
     ["export"],
     ["attribute"],
     ["demo"],
+    ["validate"],
+    ["gate", "verify"],
+    ["gate", "keygen"],
+    ["experiments"],
 ]
 
 
