@@ -1,9 +1,10 @@
 """``ecgx demo``: the whole pipeline on the built-in defaults.
 
-Synthesise data, train a seed family, export each model as an ONNX package and
-draw attributions of the exported package for one test beat per class. Each
-step skips itself when its output already exists (unless ``overwrite``), so an
-interrupted demo resumes where it stopped.
+Synthesise data, train a seed family, export each model as an ONNX package,
+draw attributions of the exported package for one test beat per class, gate
+every package (signed reports, with its siblings as the seed family) and write
+the experiments report. Each step up to the export skips itself when its output
+already exists (unless ``overwrite``), so an interrupted demo resumes there.
 """
 
 from __future__ import annotations
@@ -31,6 +32,10 @@ log = logging.getLogger(__name__)
 DEMO_BEATS = 8000
 DEMO_DATA_SEED = 0
 DEMO_METHODS = ("saliency", "integrated_gradients", "deeplift", "lrp", "gradcam", "occlusion")
+# Validation beats come from another generator seed than the training beats.
+VALIDATION_SEED = 1000
+# The demo gates three packages; half the default policy's 256 ECGs keeps it within minutes.
+DEMO_GATE_ECGS = 128
 
 
 def run_demo(
@@ -51,26 +56,31 @@ def run_demo(
     print(format_training_summary(run_dir, seeds))
     print(f"packages: {', '.join(str(p) for p in packages)}")
     print(f"attribution pictures ({len(figures)}, package {packages[0].name}): {fig_dir}")
+    if len(packages) > 1:
+        report = _gate(out, packages, show_progress)
+        print(f"experiments report: {report}")
+    else:
+        log.warning("one seed only: the gate needs a seed family, so gating and the report are skipped")
     print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
 
 
 def _synthesise(data_dir: Path, n: int, overwrite: bool, show_progress: bool) -> None:
     if overwrite or not (data_dir / "meta.json").is_file():
-        log.info("step 1/4: generating %d synthetic beats into %s", n, data_dir)
+        log.info("step 1/6: generating %d synthetic beats into %s", n, data_dir)
         synthesize_dataset(data_dir, n, DEMO_DATA_SEED, overwrite=True, show_progress=show_progress)
     else:
-        log.info("step 1/4: reusing dataset %s", data_dir)
+        log.info("step 1/6: reusing dataset %s", data_dir)
 
 
 def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool, show_progress: bool) -> None:
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
     if todo:
-        log.info("step 2/4: training seeds %s into %s", todo, run_dir)
+        log.info("step 2/6: training seeds %s into %s", todo, run_dir)
         train_run(
             data_dir, todo, run_dir, ModelConfig(), TrainConfig(), overwrite=True, show_progress=show_progress
         )
     else:
-        log.info("step 2/4: reusing trained seeds in %s", run_dir)
+        log.info("step 2/6: reusing trained seeds in %s", run_dir)
 
 
 def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool) -> list[Path]:
@@ -78,16 +88,48 @@ def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool)
     for s in seeds:
         pkg = pkg_dir / f"seed-{s}"
         if overwrite or not (pkg / "manifest.json").is_file():
-            log.info("step 3/4: exporting seed %d to %s (checked against Captum)", s, pkg)
+            log.info("step 3/6: exporting seed %d to %s (checked against Captum)", s, pkg)
             export_checkpoint(seed_dir(run_dir, s) / CHECKPOINT_FILE, pkg, overwrite=True)
         packages.append(pkg)
     return packages
 
 
+def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
+    """Gate every package with its siblings as the family, sign the reports with a demo key,
+    and write the experiments report from the first package's gate run."""
+    from validation.experiments import write_experiments
+    from validation.gate import run_gate, save_report, summary_lines
+    from validation.signing import generate_keypair, load_private_key, sign_report
+
+    validation = out / "validation"
+    if not (validation / "meta.json").is_file():
+        synthesize_dataset(validation, 256, VALIDATION_SEED, overwrite=True, show_progress=show_progress)
+    keys = out / "keys"
+    if not (keys / "gate_signing_key.pem").is_file():
+        generate_keypair(keys, overwrite=True)
+    key = load_private_key(keys / "gate_signing_key.pem")
+    policy = out / "demo_policy.toml"
+    policy.write_text(f"# The demo's policy: the defaults, fewer ECGs.\n[gate]\necgs = {DEMO_GATE_ECGS}\n")
+    report = out / "report"
+    for i, pkg in enumerate(packages):
+        log.info("step 5/6: gating %s (family: the other seeds)", pkg)
+        family = [p for p in packages if p != pkg]
+        run = run_gate(pkg, validation, family=family, policy=policy, show_progress=show_progress)
+        save_report(sign_report(run.report, key), pkg / "gate.json")
+        print(f"\ngate of {pkg} ({pkg / 'gate.json'}):")
+        print("\n".join(summary_lines(run.report)))
+        if i == 0:  # the report shows the first package; its gate run has every measurement
+            log.info("step 6/6: writing the experiments report")
+            report = write_experiments(run, report)
+    public = keys / "gate_public_key.pem"
+    print(f"verify a package with: ecgx gate verify {packages[0]} --public-key {public}")
+    return report
+
+
 def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
     """For each class, the test beat the model finds most typical of it, explained by
     several methods from the ONNX package."""
-    log.info("step 4/4: drawing attributions of %s into %s", package, fig_dir)
+    log.info("step 4/6: drawing attributions of %s into %s", package, fig_dir)
     ds = load_dataset(data_dir, check_values=False)
     test = make_split(len(ds), TrainConfig()).test
     engine = AttributionEngine(package)
