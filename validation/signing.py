@@ -12,12 +12,14 @@ or as the PEM text in an environment variable (for CI secrets).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -35,18 +37,33 @@ ALGORITHM = "Ed25519"
 REPORT_SCHEMA = "ecgx-gate-report"
 SUPPORTED_SCHEMA_VERSIONS = (1,)
 
+_KEYGEN_HINT = "create a key pair with `ecgx gate keygen --out DIR`"
+_REGATE_HINT = "gate the package again (`ecgx validate`) to get a new signed report"
+
 
 class SigningError(ValueError):
     """A missing or bad key, a malformed or unsigned report, or a signature that does not verify."""
 
 
+# ---------------------------------------------------------------------------------------------- keys
+
+
 def generate_keypair(out_dir: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a new key pair to ``out_dir``; the private key is readable by its owner only."""
+    """Write a new key pair to ``out_dir`` (created if needed): ``gate_signing_key.pem``, readable
+    by its owner only, and ``gate_public_key.pem``. Returns (private key path, public key path).
+
+    Raises :class:`FileExistsError` if either file exists, unless ``overwrite``.
+    """
     out_dir = Path(out_dir)
     private_path, public_path = out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE
-    existing = [p for p in (private_path, public_path) if p.exists()]
+    existing = [str(p) for p in (private_path, public_path) if p.exists() or p.is_symlink()]
     if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]} exists; pass --overwrite to replace the key pair")
+        verb = "exists" if len(existing) == 1 else "exist"
+        raise FileExistsError(
+            f"{' and '.join(existing)} already {verb}; refusing to replace the gate keys, since reports "
+            "signed with the old key would no longer verify with the new public key. Choose another "
+            "folder, or replace them with --overwrite (overwrite=True)"
+        )
     out_dir.mkdir(parents=True, exist_ok=True)
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
@@ -55,117 +72,216 @@ def generate_keypair(out_dir: Path | str, overwrite: bool = False) -> tuple[Path
     public_pem = key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
-    # Created with 0600 from the start: the key is never readable by others, not even briefly.
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    # A fresh file created 0600: the new key never lands in an old file with looser permissions,
+    # nor is it written through a symlink planted where the key goes (O_EXCL refuses both).
+    private_path.unlink(missing_ok=True)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(private_pem)
-    os.chmod(private_path, 0o600)
+    os.chmod(private_path, 0o600)  # the umask can only remove bits; this states the intent exactly
     public_path.write_bytes(public_pem)
     return private_path, public_path
-
-
-def _pem_from(
-    path: Path | str | None, env: Mapping[str, str] | None, var: str, what: str
-) -> tuple[bytes, str]:
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise SigningError(f"{what} file {path} does not exist")
-        return path.read_bytes(), f"file {path}"
-    env = os.environ if env is None else env
-    text = env.get(var)
-    if not text:
-        option = "--signing-key FILE" if var == SIGNING_KEY_ENV else "--public-key FILE"
-        raise SigningError(
-            f"no {what} given: pass {option} or set the environment variable {var} to the PEM text "
-            f"(create a key pair with `ecgx gate keygen --out DIR`)"
-        )
-    return text.encode(), f"environment variable {var}"
 
 
 def load_private_key(
     path: Path | str | None = None, env: Mapping[str, str] | None = None
 ) -> Ed25519PrivateKey:
-    """The signing key from ``path``, else from the environment variable ``ECGX_GATE_SIGNING_KEY``."""
-    pem, source = _pem_from(path, env, SIGNING_KEY_ENV, "signing key")
+    """The signing key from the PEM file ``path``, else from the PEM text in the environment
+    variable ``ECGX_GATE_SIGNING_KEY`` (``env`` defaults to ``os.environ``)."""
+    pem, source = _pem_from(path, env, SIGNING_KEY_ENV, "signing key", "--signing-key FILE")
+    if b"PUBLIC KEY" in pem and b"PRIVATE KEY" not in pem:
+        raise SigningError(f"{source} holds a public key; signing needs the private key ({PRIVATE_KEY_FILE})")
     try:
         key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError) as e:
-        raise SigningError(f"{source} does not hold an unencrypted PEM private key ({_reason(e)})") from None
+    except TypeError:  # cryptography's way of saying "encrypted, and no password given"
+        raise SigningError(
+            f"{source} holds an encrypted private key; gate signing keys must be unencrypted PKCS8 PEM "
+            f"(protect the file with permissions or a CI secret instead); {_KEYGEN_HINT}"
+        ) from None
+    except ValueError:
+        # cryptography's message is not shown: it is generic, and nothing derived from the key belongs here.
+        raise SigningError(
+            f"{source} is not a readable PEM private key (bad base64, framing or key encoding); "
+            f"{_KEYGEN_HINT}"
+        ) from None
     if not isinstance(key, Ed25519PrivateKey):
-        raise SigningError(f"{source} holds a {type(key).__name__}, not an Ed25519 private key")
+        raise SigningError(
+            f"{source} holds a private key of type {_kind(key)}, not Ed25519: gate reports are signed "
+            f"with Ed25519 keys; {_KEYGEN_HINT}"
+        )
     return key
 
 
 def load_public_key(path: Path | str | None = None, env: Mapping[str, str] | None = None) -> Ed25519PublicKey:
-    """The verification key from ``path``, else from the environment variable ``ECGX_GATE_PUBLIC_KEY``."""
-    pem, source = _pem_from(path, env, PUBLIC_KEY_ENV, "public key")
+    """The verification key from the PEM file ``path``, else from the PEM text in the environment
+    variable ``ECGX_GATE_PUBLIC_KEY`` (``env`` defaults to ``os.environ``). Private keys are refused."""
+    pem, source = _pem_from(path, env, PUBLIC_KEY_ENV, "public key", "--public-key FILE")
     if b"PRIVATE KEY" in pem:
+        # Accepting it would work, but it would teach verifiers to hold the secret that forges reports.
         raise SigningError(
-            f"{source} holds a private key; verification needs the public key (keep the other secret)"
+            f"{source} holds a private key; verification needs the public key ({PUBLIC_KEY_FILE}). "
+            "Give that instead, and keep the private key only where reports are signed"
         )
     try:
         key = serialization.load_pem_public_key(pem)
-    except (ValueError, TypeError) as e:
-        raise SigningError(f"{source} does not hold a PEM public key ({_reason(e)})") from None
+    except ValueError:
+        raise SigningError(
+            f"{source} is not a readable PEM public key (bad base64, framing or key encoding); "
+            f"give the {PUBLIC_KEY_FILE} written by `ecgx gate keygen`"
+        ) from None
     if not isinstance(key, Ed25519PublicKey):
-        raise SigningError(f"{source} holds a {type(key).__name__}, not an Ed25519 public key")
+        raise SigningError(
+            f"{source} holds a public key of type {_kind(key)}, not Ed25519: gate reports are signed "
+            f"with Ed25519 keys; give the {PUBLIC_KEY_FILE} written by `ecgx gate keygen`"
+        )
     return key
 
 
-def _reason(e: Exception) -> str:
-    # cryptography's messages describe the format problem; they never contain key bytes.
-    return str(e).split("\n")[0][:120] or type(e).__name__
+def _pem_from(
+    path: Path | str | None, env: Mapping[str, str] | None, var: str, what: str, option: str
+) -> tuple[bytes, str]:
+    """The PEM bytes and a description of where they came from (for messages; never the bytes)."""
+    if path is not None:
+        path = Path(path)
+        source = f"{what} file {path}"
+        if not path.is_file():
+            reason = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise SigningError(f"{source} {reason}")
+        try:
+            pem = path.read_bytes()
+        except OSError as e:
+            raise SigningError(f"{source} cannot be read: {e.strerror}") from None
+    else:
+        text = (os.environ if env is None else env).get(var, "")
+        if not text.strip():
+            raise SigningError(
+                f"no {what} given: pass {option} or set the environment variable {var} to the PEM text "
+                f"of the key ({_KEYGEN_HINT})"
+            )
+        pem, source = text.encode(), f"environment variable {var}"
+    if b"-----BEGIN" not in pem:
+        # The usual mistake: the variable holds a path to the key instead of the key itself.
+        hint = f" (it must hold the key itself, not a path to it: to use a file, pass {option})"
+        raise SigningError(f"{source} holds no PEM text{hint if path is None else ''}; {_KEYGEN_HINT}")
+    return pem, source
+
+
+def _kind(key: object) -> str:
+    # e.g. RSAPrivateKey -> "RSA"; names the key type without anything from the key itself.
+    name = type(key).__name__
+    for suffix in ("PrivateKey", "PublicKey"):
+        name = name.removesuffix(suffix)
+    return name.lstrip("_") or "non-Ed25519"
 
 
 def key_id(public_key: Ed25519PublicKey) -> str:
-    """Hex SHA-256 of the raw 32-byte public key."""
+    """Hex SHA-256 of the raw 32-byte public key: names the key in a report without holding it."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return hashlib.sha256(raw).hexdigest()
 
 
+# ------------------------------------------------------------------------------------------ signatures
+
+
 def canonical_bytes(report: Mapping[str, Any]) -> bytes:
-    """What the signature covers: the report without ``signature``, as canonical JSON."""
+    """What the signature covers: the report without ``signature``, as canonical JSON
+    (sorted keys, no whitespace, ASCII). NaN, infinities, non-string keys and values that are
+    not JSON raise :class:`SigningError`: they would not survive a round trip through the file."""
     body = {k: v for k, v in report.items() if k != "signature"}
-    try:
-        text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    except ValueError:
-        raise SigningError("the report holds NaN or infinite numbers; reports must use null") from None
+    _check_json(body, "report", set())
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
     return text.encode()
 
 
+def _check_json(value: Any, where: str, parents: set[int]) -> None:
+    """Raise :class:`SigningError` naming the first place where ``value`` is not plain, finite JSON."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise SigningError(f"{where} is {value} (NaN or infinite); reports must use null instead")
+        return
+    if not isinstance(value, (dict, list, tuple)):
+        raise SigningError(
+            f"{where} is a {type(value).__name__}, not a JSON value; convert it (e.g. float(), str()) "
+            "before signing"
+        )
+    if id(value) in parents:
+        raise SigningError(f"{where} contains itself; a report must be a tree")
+    parents.add(id(value))
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                # JSON turns it into a string, which sorts differently: the signature would break on reload.
+                raise SigningError(f"{where} has the non-string key {k!r}; report keys must be strings")
+            _check_json(v, f"{where}[{k!r}]", parents)
+    else:
+        for i, v in enumerate(value):
+            _check_json(v, f"{where}[{i}]", parents)
+    parents.discard(id(value))
+
+
 def sign_report(report: Mapping[str, Any], private_key: Ed25519PrivateKey) -> dict[str, Any]:
-    """A copy of ``report`` with an Ed25519 ``signature`` over its canonical bytes."""
+    """A copy of ``report`` with ``signature`` = {algorithm, key_id, value (base64)} over
+    :func:`canonical_bytes`. An existing signature is replaced; ``report`` is not modified."""
     value = private_key.sign(canonical_bytes(report))
-    signed = {k: v for k, v in report.items() if k != "signature"}
+    # A deep, plain-JSON copy (key order kept for readable files): later edits of the caller's dicts
+    # cannot alter the signed copy, and what is returned is exactly what was signed.
+    body = {k: v for k, v in report.items() if k != "signature"}
+    signed: dict[str, Any] = json.loads(json.dumps(body, allow_nan=False))
     signed["signature"] = {
         "algorithm": ALGORITHM,
         "key_id": key_id(private_key.public_key()),
-        "value": base64.b64encode(value).decode(),
+        "value": base64.b64encode(value).decode("ascii"),
     }
     return signed
 
 
 def verify_signature(report: Mapping[str, Any], public_key: Ed25519PublicKey) -> None:
-    """Raise :class:`SigningError` unless ``report`` carries a valid signature by ``public_key``."""
+    """Raise :class:`SigningError` unless ``report`` carries a valid Ed25519 signature by ``public_key``."""
     sig = report.get("signature")
-    if not isinstance(sig, Mapping):
-        raise SigningError("the report is not signed")
+    if sig is None:
+        raise SigningError(
+            f"the report is not signed; sign it when gating (`ecgx validate --signing-key FILE`, or set "
+            f"{SIGNING_KEY_ENV}) rather than with --unsigned"
+        )
+    if not isinstance(sig, Mapping) or not all(isinstance(sig.get(k), str) for k in ("key_id", "value")):
+        raise SigningError(
+            f"the report's signature is malformed (it must be an object with algorithm, key_id and value); "
+            f"{_REGATE_HINT}"
+        )
     if sig.get("algorithm") != ALGORITHM:
         raise SigningError(
             f"the report is signed with {sig.get('algorithm')!r}; only {ALGORITHM} is accepted"
         )
-    if sig.get("key_id") != key_id(public_key):
-        raise SigningError("the report was signed by another key than the public key given")
+    expected = key_id(public_key)
+    if sig["key_id"] != expected:
+        raise SigningError(
+            f"the report was signed by another key (key id {sig['key_id'][:12]}) than the public key given "
+            f"(key id {expected[:12]}); verify with the public key of the key pair that signed it"
+        )
     try:
-        public_key.verify(base64.b64decode(sig.get("value", ""), validate=True), canonical_bytes(report))
-    except (InvalidSignature, ValueError, TypeError):
-        raise SigningError("the signature does not match: the report was modified after signing") from None
+        value = base64.b64decode(sig["value"], validate=True)
+    except (binascii.Error, ValueError):
+        raise SigningError(f"the report's signature value is not valid base64; {_REGATE_HINT}") from None
+    try:
+        public_key.verify(value, canonical_bytes(report))
+    except InvalidSignature:
+        raise SigningError(
+            f"the signature does not verify: the report was modified after signing, or its signature "
+            f"was altered; {_REGATE_HINT}"
+        ) from None
+
+
+# -------------------------------------------------------------------------------------- verification
 
 
 @dataclass(frozen=True)
 class GateVerification:
-    """Outcome of :func:`verify_gate`: ``ok`` when the report is authentic and every file unchanged."""
+    """Outcome of :func:`verify_gate`: ``ok`` when the report is authentic and every file unchanged.
+
+    ``verdict`` is the report's own verdict ("pass" or "fail"), whether or not it verified.
+    """
 
     report_path: Path
     package_path: Path
@@ -174,15 +290,20 @@ class GateVerification:
 
     @property
     def ok(self) -> bool:
+        """True when no problem was found (a "fail" verdict is not a problem)."""
         return not self.problems
 
 
 def read_report(report_path: Path | str) -> dict[str, Any]:
+    """The JSON object in ``report_path``; :class:`SigningError` if missing, unreadable or not an object."""
     report_path = Path(report_path)
     if not report_path.is_file():
-        raise SigningError(f"gate report {report_path} does not exist; gate the package with `ecgx validate`")
+        reason = "is a folder, not a file" if report_path.is_dir() else "does not exist"
+        raise SigningError(f"gate report {report_path} {reason}; gate the package with `ecgx validate`")
     try:
-        report = json.loads(report_path.read_text())
+        report = json.loads(report_path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise SigningError(f"gate report {report_path} cannot be read: {e.strerror}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SigningError(f"gate report {report_path} is not valid JSON: {e}") from None
     if not isinstance(report, dict):
@@ -193,11 +314,13 @@ def read_report(report_path: Path | str) -> dict[str, Any]:
 def verify_gate(
     package_dir: Path | str, public_key: Ed25519PublicKey, report_path: Path | str | None = None
 ) -> GateVerification:
-    """Check a package against its gate report: signature, schema, and every file's SHA-256.
+    """Check a package against its gate report (default ``package_dir/gate.json``): the signature,
+    the report schema, and the SHA-256 of every package file, with no file added since gating.
 
-    All problems are collected, not just the first. A report whose verdict is "fail"
-    still verifies: verification is about authenticity and integrity; what a failed
-    verdict means is the caller's decision.
+    A missing or non-JSON report raises :class:`SigningError`; everything else is collected into
+    ``problems``, all of them rather than the first. A report whose verdict is "fail" still
+    verifies: verification is about authenticity and integrity; what the verdict means is the
+    caller's decision.
     """
     package_dir = Path(package_dir)
     report_path = Path(report_path) if report_path is not None else package_dir / GATE_REPORT_FILE
@@ -207,26 +330,40 @@ def verify_gate(
         verify_signature(report, public_key)
     except SigningError as e:
         problems.append(str(e))
-    if report.get("schema") != REPORT_SCHEMA or report.get("schema_version") not in SUPPORTED_SCHEMA_VERSIONS:
-        problems.append(
-            f"not a gate report of a supported schema ({report.get('schema')!r} "
-            f"version {report.get('schema_version')!r}; "
-            f"this ecgx reads {REPORT_SCHEMA} {list(SUPPORTED_SCHEMA_VERSIONS)})"
-        )
-    problems += _file_problems(package_dir, report)
+    problems += _schema_problems(report)
+    if package_dir.is_dir():
+        problems += _file_problems(package_dir, report)
+    else:
+        problems.append(f"package folder {package_dir} does not exist")
     verdict = report.get("verdict")
     return GateVerification(
         report_path, package_dir, verdict if isinstance(verdict, str) else None, tuple(problems)
     )
 
 
+def _schema_problems(report: Mapping[str, Any]) -> list[str]:
+    if report.get("schema") != REPORT_SCHEMA:
+        return [f"not a gate report: its schema is {report.get('schema')!r}, not {REPORT_SCHEMA!r}"]
+    if report.get("schema_version") not in SUPPORTED_SCHEMA_VERSIONS:
+        return [
+            f"gate report schema version {report.get('schema_version')!r} is not supported "
+            f"(this ecgx reads {list(SUPPORTED_SCHEMA_VERSIONS)}); verify it with the ecgx that wrote it"
+        ]
+    return []
+
+
 def _file_problems(package_dir: Path, report: Mapping[str, Any]) -> list[str]:
+    """Files of the report that are missing or changed, and files of the manifest the report lacks."""
     package = report.get("package")
     files = package.get("files") if isinstance(package, Mapping) else None
     if not isinstance(files, Mapping) or not files:
-        return ["the report lists no package files"]
+        return ["the report records no package files (package.files), so it certifies nothing"]
     problems = []
     for name, digest in files.items():
+        if not _inside(name):
+            # Never hash a path the report points outside the package (an edited report could name any file).
+            problems.append(f"the report lists {name!r}, which is not a file inside the package")
+            continue
         path = package_dir / name
         if not path.is_file():
             problems.append(f"{name} is missing from {package_dir}")
@@ -234,10 +371,33 @@ def _file_problems(package_dir: Path, report: Mapping[str, Any]) -> list[str]:
         actual = sha256_file(path)
         if actual != digest:
             problems.append(f"{name} changed after gating (SHA-256 {actual[:12]} != {str(digest)[:12]})")
-    try:
-        manifest = json.loads((package_dir / MANIFEST_FILE).read_text())
-        listed = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return [*problems, f"{MANIFEST_FILE} cannot be read: {e}"]
+    if MANIFEST_FILE not in files:
+        problems.append(f"the report does not record the SHA-256 of {MANIFEST_FILE}; {_REGATE_HINT}")
+    listed, manifest_problem = _manifest_files(package_dir, missing_reported=MANIFEST_FILE in files)
+    if manifest_problem:
+        return [*problems, manifest_problem]
     problems += [f"{name} was added to the package after gating" for name in listed if name not in files]
     return problems
+
+
+def _inside(name: object) -> bool:
+    parts = PurePosixPath(str(name)).parts
+    return isinstance(name, str) and bool(parts) and not name.startswith("/") and ".." not in parts
+
+
+def _manifest_files(package_dir: Path, missing_reported: bool) -> tuple[list[str], str | None]:
+    """The names in the current manifest's "files" table, or a problem saying why there are none."""
+    path = package_dir / MANIFEST_FILE
+    if not path.is_file():
+        # Said once: the report's own file check already names the manifest as missing.
+        return [], None if missing_reported else f"{MANIFEST_FILE} is missing from {package_dir}"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        return [], f"{MANIFEST_FILE} cannot be read ({e.strerror}), so added files cannot be detected"
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return [], f"{MANIFEST_FILE} is not valid JSON ({e}), so added files cannot be detected"
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict):
+        return [], f'{MANIFEST_FILE} has no "files" table, so added files cannot be detected'
+    return list(listed), None
