@@ -102,7 +102,7 @@ def write_experiments(run: GateRun, out: Path) -> Path:
         "Correlations between maps are Pearson correlations of absolute attributions, per ECG, then "
         "averaged; randomisation similarity is Spearman of absolute attributions (and signed, and SSIM).",
         "Stochastic methods use the same random draws for every model, so differences between seeds "
-        "come from the models; for the random control this makes its self-consistency 1 by construction.",
+        "come from the models. The random control draws anew for each trained model: it is the floor.",
     ]
     return write_html_report(
         run,

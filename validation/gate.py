@@ -29,7 +29,7 @@ import ecgx
 from ecgx.progress import progress_bar
 from service.engine import AttributionEngine
 from service.methods import METHOD_NAMES, get_method
-from service.package import MANIFEST_FILE, ModelPackage, load_package, sha256_file
+from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
 from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
 from validation.perturbation import bootstrap_difference, perturbation_curves
@@ -109,7 +109,19 @@ def select_ecgs(ds: Dataset, n: int, seed: int, class_keys: Sequence[str]) -> Ga
 
 def method_attributor(name: str, seed: int) -> Attributor:
     """The served method ``name`` with default settings; stochastic methods get ``seed``, the
-    same for every model, so differences come from the model and not from the draws."""
+    same for every model, so differences come from the model and not from the draws.
+
+    The random control is the exception: it draws per trained model (its seed mixes in the
+    package's weights hash), so it is the floor of self-consistency too. A randomised copy
+    of a package keeps the package's draws, so the control still fails randomisation.
+    """
+    if name == CONTROL_METHOD:
+
+        def control(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+            weights = engine.package.manifest["files"][WEIGHTS_FILE]["sha256"]
+            return engine.attribute(name, x, target, seed=seed + int(weights[:8], 16))
+
+        return control
     params = {"seed": seed} if get_method(name).stochastic else {}
 
     def attribute(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
