@@ -20,7 +20,7 @@ PASS, FAIL, NOT_RUN = "pass", "fail", "not_run"
 
 def _entry(score: float, threshold: float, passes: bool, comparison: str, blocking: bool, **details: Any):
     return {
-        "score": _num(score),
+        "score": json_number(score),
         "threshold": threshold,
         "comparison": comparison,
         "verdict": PASS if passes else FAIL,
@@ -64,9 +64,9 @@ def perturbation_entry(
         fractions=curves.fractions,
         morf=_nums(curves.morf),
         lerf=_nums(curves.lerf),
-        faithfulness={s: _num(float(np.mean(v))) for s, v in curves.score.items()},
+        faithfulness={s: json_number(float(np.mean(v))) for s, v in curves.score.items()},
         versus_control={
-            s: {"mean": _num(c.mean), "low": _num(c.low), "high": _num(c.high)}
+            s: {"mean": json_number(c.mean), "low": json_number(c.low), "high": json_number(c.high)}
             for s, c in versus_control.items()
         },
     )
@@ -97,7 +97,7 @@ def inter_method_entry(row: dict[str, float], minimum: float, blocking: bool) ->
         ">=",
         blocking,
         most_similar=best_method,
-        correlations={m: _num(v) for m, v in row.items()},
+        correlations={m: json_number(v) for m, v in row.items()},
     )
 
 
@@ -111,8 +111,8 @@ def localisation_entry(auroc: np.ndarray, mass: np.ndarray, area: np.ndarray, mi
         ">=",
         blocking,
         ecgs_with_mask=int(np.isfinite(auroc).sum()),
-        mass_inside=_num(_nanmean(mass)),
-        mask_area=_num(_nanmean(area)),
+        mass_inside=json_number(_nanmean(mass)),
+        mask_area=json_number(_nanmean(area)),
     )
 
 
@@ -129,14 +129,14 @@ def method_verdict(checks: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
     return (FAIL if reasons else PASS), reasons
 
 
-def _num(v: float) -> float | None:
+def json_number(v: float) -> float | None:
     """JSON-safe float: NaN and infinities become null (reports are strict JSON)."""
     v = float(v)
     return round(v, 6) if np.isfinite(v) else None
 
 
 def _nums(table: dict[str, list[float]]) -> dict[str, list[float | None]]:
-    return {k: [_num(v) for v in values] for k, values in table.items()}
+    return {k: [json_number(v) for v in values] for k, values in table.items()}
 
 
 def _nanmean(a: np.ndarray) -> float:
@@ -147,4 +147,4 @@ def _nanmean(a: np.ndarray) -> float:
 def _quartiles(a: np.ndarray) -> list[float | None]:
     a = np.asarray(a, np.float64)
     a = a[np.isfinite(a)]
-    return [_num(v) for v in np.quantile(a, [0.25, 0.5, 0.75])] if len(a) else [None, None, None]
+    return [json_number(v) for v in np.quantile(a, [0.25, 0.5, 0.75])] if len(a) else [None, None, None]

@@ -27,7 +27,7 @@ import onnxruntime as ort
 
 import ecgx
 from ecgx.progress import progress_bar
-from service.engine import AttributionEngine
+from service.engine import AttributionEngine, select_providers
 from service.methods import METHOD_NAMES, get_method
 from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
 from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
@@ -328,7 +328,7 @@ class _Context:
                 if row
                 else checks.not_run("no other method to compare with", cfg["blocking"])
             )
-        return {"methods": names, "matrix": [[checks._num(v) for v in row] for row in matrix]}
+        return {"methods": names, "matrix": [[checks.json_number(v) for v in row] for row in matrix]}
 
     def localisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
         cfg = self.policy.check("localisation")
@@ -384,7 +384,7 @@ def _report(ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict,
             "onnxruntime": ort.__version__,
             "numpy": np.__version__,
             "python": platform.python_version(),
-            "providers": list(ctx.engine().providers),
+            "providers": select_providers(ctx.providers),
         },
         "methods": methods,
         "inter_method": matrix,
