@@ -223,6 +223,10 @@ def test_validation_ecgs_are_balanced_over_classes(trained_family) -> None:
     data = select_ecgs(ds, 18, seed=0, class_keys=[c["key"] for c in ds.meta["classes"]])
     counts = np.bincount(data.target, minlength=9)
     assert len(data.x) == 18 and counts.max() - counts[counts > 0].min() <= 1
+    # Classes take turns, so a prefix (the randomisation check's ECGs) is balanced too.
+    present = int((np.asarray(ds.labels).sum(axis=0) > 0).sum())
+    assert len(set(data.target[:present].tolist())) == present
+    assert np.array_equal(data.x, np.asarray(ds.signals[data.indices]))
     assert all(ds.labels[i, t] for i, t in zip(data.indices, data.target, strict=True))
     masks = (np.asarray(ds.masks[data.indices]) >> data.target[:, None, None].astype(np.uint16)) & 1
     assert np.array_equal(data.masks, masks.astype(bool))

@@ -98,12 +98,16 @@ def select_ecgs(ds: Dataset, n: int, seed: int, class_keys: Sequence[str]) -> Ga
                 taken.add(i)
                 rows.append(i)
                 targets.append(c)
-    order = np.argsort(rows, kind="stable")  # read the memory map in file order
-    idx, target = np.asarray(rows)[order], np.asarray(targets, np.int64)[order]
-    x = np.ascontiguousarray(ds.signals[idx], dtype=np.float32)
+    # Keep the class-balanced order, so any prefix (the randomisation check uses one) is
+    # balanced too; read the memory map in file order and put the rows back.
+    idx, target = np.asarray(rows), np.asarray(targets, np.int64)
+    order = np.argsort(idx, kind="stable")
+    back = np.argsort(order)
+    x = np.ascontiguousarray(np.asarray(ds.signals[idx[order]], dtype=np.float32)[back])
     masks = None
     if ds.has_ground_truth:
-        masks = ((np.asarray(ds.masks[idx]) >> target[:, None, None].astype(np.uint16)) & 1).astype(bool)
+        raw = np.asarray(ds.masks[idx[order]])[back]
+        masks = ((raw >> target[:, None, None].astype(np.uint16)) & 1).astype(bool)
     return GateData(x, target, masks, idx, dataset_fingerprint(ds), str(ds.path))
 
 
