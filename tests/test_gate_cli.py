@@ -15,10 +15,10 @@ from validation.signing import SIGNING_KEY_ENV
 
 FAST = """
 [gate]
-ecgs = 16
-required_methods = ["occlusion"]
+ecgs = 32
+required_methods = ["lime"]
 [checks.randomisation]
-ecgs = 4
+ecgs = 8
 [checks.perturbation]
 bootstrap = 100
 """
@@ -32,7 +32,7 @@ def setup(trained_family: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
     passing, failing = tmp_path / "pass.toml", tmp_path / "fail.toml"
     passing.write_text(FAST)
     # No method can be that dissimilar from itself, so every method fails randomisation.
-    failing.write_text(FAST.replace("ecgs = 4", "ecgs = 4\nmax_similarity = -1.0"))
+    failing.write_text(FAST.replace("ecgs = 8", "ecgs = 8\nmax_similarity = -1.0"))
     return {
         "pkg": pkg,
         "data": trained_family["data"],
@@ -53,7 +53,7 @@ def validate(s: dict[str, Path], policy: str, *extra: str) -> int:
             "--policy",
             str(s[policy]),
             "--methods",
-            "occlusion",
+            "lime",
             "gradcam",
             "--workers",
             "1",
@@ -70,7 +70,7 @@ def verify(s: dict[str, Path]) -> int:
 def test_a_passing_gate_exits_0_and_its_signed_report_verifies(setup, capsys) -> None:
     assert validate(setup, "pass", "--signing-key", str(setup["private"])) == 0
     out = capsys.readouterr().out
-    assert "gate verdict: pass" in out and "occlusion" in out
+    assert "gate verdict: pass" in out and "lime" in out
     report = json.loads((setup["pkg"] / "gate.json").read_text())
     assert report["verdict"] == "pass" and report["signature"]["algorithm"] == "Ed25519"
     assert verify(setup) == 0
@@ -79,7 +79,7 @@ def test_a_passing_gate_exits_0_and_its_signed_report_verifies(setup, capsys) ->
 
 def test_a_failing_gate_exits_1_and_still_writes_its_report(setup, capsys) -> None:
     assert validate(setup, "fail", "--signing-key", str(setup["private"])) == 1
-    assert "required method occlusion failed" in capsys.readouterr().out
+    assert "required method lime failed" in capsys.readouterr().out
     assert json.loads((setup["pkg"] / "gate.json").read_text())["verdict"] == "fail"
     assert verify(setup) == 1  # authentic, but the verdict is fail
     assert "verdict: fail" in capsys.readouterr().out

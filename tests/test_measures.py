@@ -10,8 +10,8 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
+from validation.bootstrap import bootstrap_difference
 from validation.perturbation import (
-    bootstrap_difference,
     linear_fill,
     removal_order,
     replace,

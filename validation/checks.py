@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from validation.perturbation import Comparison, PerturbationCurves
+from validation.bootstrap import Interval
+from validation.perturbation import PerturbationCurves
 from validation.randomisation import RandomisationCurves
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not_run"
@@ -33,15 +34,20 @@ def not_run(reason: str, blocking: bool) -> dict[str, Any]:
     return {"score": None, "verdict": NOT_RUN, "blocking": blocking, "reason": reason, "details": {}}
 
 
-def randomisation_entry(curves: RandomisationCurves, max_similarity: float, blocking: bool) -> dict[str, Any]:
-    """Fails when attributions of the fully randomised model still resemble the trained ones."""
+def randomisation_entry(
+    curves: RandomisationCurves, interval: Interval, max_similarity: float, blocking: bool
+) -> dict[str, Any]:
+    """Passes when the upper end of the confidence interval of the mean Spearman |a| between
+    trained and fully randomised model is at most ``max_similarity``: the method must be
+    shown to change, not merely be estimated to."""
     score = curves.final("spearman_abs")
     return _entry(
         score,
         max_similarity,
-        bool(score <= max_similarity),
+        bool(interval.high <= max_similarity),
         "<=",
         blocking,
+        interval={"low": json_number(interval.low), "high": json_number(interval.high)},
         layers=curves.layers,
         cascading=_nums(curves.cascading),
         independent=_nums(curves.independent),
@@ -50,7 +56,7 @@ def randomisation_entry(curves: RandomisationCurves, max_similarity: float, bloc
 
 
 def perturbation_entry(
-    curves: PerturbationCurves, versus_control: dict[str, Comparison], margin: float, blocking: bool
+    curves: PerturbationCurves, versus_control: dict[str, Interval], margin: float, blocking: bool
 ) -> dict[str, Any]:
     """Passes when, under every replacement strategy, the lower end of the confidence interval
     of (method - random control) faithfulness is above ``margin``."""

@@ -32,7 +32,8 @@ from service.methods import METHOD_NAMES, get_method
 from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
 from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
-from validation.perturbation import bootstrap_difference, perturbation_curves
+from validation.bootstrap import bootstrap_difference, bootstrap_mean
+from validation.perturbation import perturbation_curves
 from validation.policy import CONTROL_METHOD, Policy, load_policy
 from validation.randomisation import Attributor, n_steps, randomisation_curves
 from validation.similarity import auroc_rows, mass_inside, mean_pairwise_pearson, pearson_rows
@@ -276,7 +277,10 @@ class _Context:
                 on_step=lambda: bar.update(1),
             )
         for m, c in curves.items():
-            entry = checks.randomisation_entry(c, cfg["max_similarity"], cfg["blocking"])
+            interval = bootstrap_mean(
+                c.final_per_ecg, n_boot=cfg["bootstrap"], confidence=cfg["confidence"], seed=self.policy.seed
+            )
+            entry = checks.randomisation_entry(c, interval, cfg["max_similarity"], cfg["blocking"])
             entries[m]["randomisation"] = entry
 
     def perturbation(self, maps: dict[str, np.ndarray], entries: dict) -> None:

@@ -129,24 +129,3 @@ def perturbation_curves(
             areas[order_name] = np.trapezoid(p, fractions, axis=1)
         curves.score[strategy] = areas["lerf"] - areas["morf"]
     return curves
-
-
-@dataclass
-class Comparison:
-    """A method's per-ECG score minus the control's: mean and bootstrap interval."""
-
-    mean: float
-    low: float
-    high: float
-
-
-def bootstrap_difference(
-    score: np.ndarray, control: np.ndarray, *, n_boot: int, confidence: float, seed: int
-) -> Comparison:
-    """Paired bootstrap over ECGs of mean(score - control), percentile interval."""
-    d = np.asarray(score, np.float64) - np.asarray(control, np.float64)
-    rng = np.random.default_rng([seed, 7])
-    means = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-    tail = (1 - confidence) / 2
-    low, high = np.quantile(means, [tail, 1 - tail])
-    return Comparison(mean=float(d.mean()), low=float(low), high=float(high))

@@ -26,7 +26,12 @@ DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.toml")
 # key -> (type, lower bound, upper bound); bounds are inclusive, None means open.
 _SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
     "gate": {"ecgs": (int, 1, None), "seed": (int, 0, None), "min_passing": (int, 0, None)},
-    "checks.randomisation": {"ecgs": (int, 1, None), "max_similarity": (float, -1, 1)},
+    "checks.randomisation": {
+        "ecgs": (int, 1, None),
+        "max_similarity": (float, -1, 1),
+        "confidence": (float, 0.5, 0.9999),
+        "bootstrap": (int, 100, None),
+    },
     "checks.perturbation": {
         "window": (int, 1, 600),
         "steps": (int, 2, None),

@@ -32,12 +32,14 @@ class RandomisationCurves:
     ``cascading[measure][k]`` is the mean over ECGs after randomising ``layers[: k + 1]``;
     ``independent[measure][k]`` after randomising ``layers[k]`` alone. ``undefined``
     counts comparisons where a map was constant (no ranking): they count as 0.
+    ``final_per_ecg`` is each ECG's Spearman |a| with every layer randomised.
     """
 
     layers: list[str]
     cascading: dict[str, list[float]]
     independent: dict[str, list[float]]
     undefined: int
+    final_per_ecg: np.ndarray | None = None
 
     def final(self, measure: str = "spearman_abs") -> float:
         """Similarity with every layer randomised: what the check's verdict rests on."""
@@ -112,6 +114,9 @@ def _add_step(curves: RandomisationCurves, mode: str, trained: np.ndarray, rando
     for measure, fn in SIMILARITY_MEASURES.items():
         values = fn(trained, randomised)
         undefined = ~np.isfinite(values)
+        values = np.where(undefined, 0.0, values)
         if measure == "spearman_abs":
             curves.undefined += int(undefined.sum())
-        table[measure].append(float(np.where(undefined, 0.0, values).mean()))
+            if mode == "cascading":  # the last cascading step randomises every layer
+                curves.final_per_ecg = values
+        table[measure].append(float(values.mean()))
