@@ -30,6 +30,11 @@ def _entry(score: float, threshold: float, passes: bool, comparison: str, blocki
     }
 
 
+def _at_least(score: float, minimum: float, blocking: bool, **details: Any) -> dict[str, Any]:
+    """An entry that passes when ``score`` is defined and reaches ``minimum``."""
+    return _entry(score, minimum, bool(np.isfinite(score) and score >= minimum), ">=", blocking, **details)
+
+
 def not_run(reason: str, blocking: bool) -> dict[str, Any]:
     return {"score": None, "verdict": NOT_RUN, "blocking": blocking, "reason": reason, "details": {}}
 
@@ -80,27 +85,17 @@ def perturbation_entry(
 
 def self_consistency_entry(per_ecg: np.ndarray, n_models: int, minimum: float, blocking: bool):
     """Passes when the mean pairwise correlation across the seed family reaches ``minimum``."""
-    score = _nanmean(per_ecg)
-    return _entry(
-        score,
-        minimum,
-        bool(np.isfinite(score) and score >= minimum),
-        ">=",
-        blocking,
-        models=n_models,
-        per_ecg_quartiles=_quartiles(per_ecg),
+    return _at_least(
+        _nanmean(per_ecg), minimum, blocking, models=n_models, per_ecg_quartiles=_quartiles(per_ecg)
     )
 
 
 def inter_method_entry(row: dict[str, float], minimum: float, blocking: bool) -> dict[str, Any]:
     """Passes when the method agrees with at least one other (non-control) method."""
     best_method = max(row, key=lambda m: -np.inf if not np.isfinite(row[m]) else row[m])
-    score = row[best_method]
-    return _entry(
-        score,
+    return _at_least(
+        row[best_method],
         minimum,
-        bool(np.isfinite(score) and score >= minimum),
-        ">=",
         blocking,
         most_similar=best_method,
         correlations={m: json_number(v) for m, v in row.items()},
@@ -109,12 +104,9 @@ def inter_method_entry(row: dict[str, float], minimum: float, blocking: bool) ->
 
 def localisation_entry(auroc: np.ndarray, mass: np.ndarray, area: np.ndarray, minimum: float, blocking: bool):
     """Passes when the mean AUROC of |attribution| against the ground-truth mask reaches ``minimum``."""
-    score = _nanmean(auroc)
-    return _entry(
-        score,
+    return _at_least(
+        _nanmean(auroc),
         minimum,
-        bool(np.isfinite(score) and score >= minimum),
-        ">=",
         blocking,
         ecgs_with_mask=int(np.isfinite(auroc).sum()),
         mass_inside=json_number(_nanmean(mass)),

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 
 MIN_SEEDS = 3
 REPORT_JSON = "experiments.json"
+# training.train.CHECKPOINT_FILE; importing that module would load PyTorch for every run.
 CHECKPOINT_FILE = "checkpoint.pt"
 
 

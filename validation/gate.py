@@ -9,6 +9,7 @@ the arrays behind it for figures.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -174,7 +175,7 @@ def run_gate(
     ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress)
     timings["load"] = time.perf_counter() - started
 
-    maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.engine()))
+    maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.trained))
     family_maps = [
         ctx.timed(timings, f"family_{i}", lambda p=p: ctx.attribute_all(ctx.engine(package=p)))
         for i, p in enumerate(fam)
@@ -223,6 +224,11 @@ class _Context:
     providers: Sequence[str] | None
     workers: int
     show_progress: bool
+
+    @functools.cached_property
+    def trained(self) -> AttributionEngine:
+        """The engine on the gated package as it will be served (attributions, perturbation)."""
+        return self.engine()
 
     def engine(self, package: ModelPackage | None = None, overrides=None) -> AttributionEngine:
         threads = 1 if self.workers > 1 else None
@@ -285,7 +291,7 @@ class _Context:
 
     def perturbation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
         cfg = self.policy.check("perturbation")
-        engine = self.engine()
+        engine = self.trained
         settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_mv")}
 
         def curves_of(m: str):
