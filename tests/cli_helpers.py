@@ -1,0 +1,68 @@
+"""Run ``ecgx`` as a user would (a real subprocess) and check how it fails on bad input.
+
+The contract every bad-input case must meet: exit status 2, exactly one line on
+stderr that starts with ``ecgx: error:`` and names what is wrong, no traceback,
+and the file system exactly as it was (nothing half-written, nothing replaced).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+
+def run_ecgx(
+    *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``python -m ecgx.cli ARGS`` in a fresh process, progress bars and info logging off."""
+    return subprocess.run(
+        [sys.executable, "-m", "ecgx.cli", *args, "--quiet"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 (files), 'dir' (folders) or 'link -> target' under each root."""
+    state: dict[str, str] = {}
+    for root in roots:
+        if not root.exists() and not root.is_symlink():
+            continue
+        for path in [root, *sorted(root.rglob("*"))] if root.is_dir() else [root]:
+            key = str(path)
+            if path.is_symlink():
+                state[key] = f"link -> {os.readlink(path)}"
+            elif path.is_dir():
+                state[key] = "dir"
+            else:
+                state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state
+
+
+def assert_clean_failure(
+    result: subprocess.CompletedProcess,
+    *fragments: str,
+    before: dict[str, str] | None = None,
+    roots: Iterable[Path] = (),
+) -> None:
+    """Exit 2, one ``ecgx: error:`` line containing every fragment, no traceback, files untouched.
+
+    ``before`` is a :func:`snapshot` of ``roots`` taken before the command ran.
+    """
+    err_lines = [line for line in result.stderr.splitlines() if line.strip()]
+    context = f"exit {result.returncode}\nstderr:\n{result.stderr[-3000:]}"
+    assert result.returncode == 2, context
+    assert "Traceback" not in result.stderr, context
+    assert len(err_lines) == 1, context
+    assert err_lines[0].startswith("ecgx: error: "), context
+    for fragment in fragments:
+        assert fragment in err_lines[0], f"{fragment!r} not in the error line\n{context}"
+    if before is not None:
+        assert snapshot(*roots) == before, f"the file system changed\n{context}"
