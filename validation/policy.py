@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,14 +24,24 @@ STRATEGIES = ("zero", "lead_mean", "linear", "noisy_linear")
 CONTROL_METHOD = "random"
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.toml")
 
-# key -> (type, lower bound, upper bound); bounds are inclusive, None means open.
+# The most bootstrap resamples a policy may ask for: the resampled indices are held in memory
+# (resamples x ECGs), and beyond this the interval's ends no longer move.
+MAX_BOOTSTRAP = 100_000
+
+# key -> (type, lower bound, upper bound); bounds are inclusive, None means open. Every number
+# must also be finite: TOML spells NaN and infinity (``nan``, ``inf``), and a NaN threshold
+# compares false with everything, so it would silently decide every verdict.
 _SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
-    "gate": {"ecgs": (int, 1, None), "seed": (int, 0, None), "min_passing": (int, 0, None)},
+    "gate": {
+        "ecgs": (int, 1, None),
+        "seed": (int, 0, None),
+        "min_passing": (int, 0, len(METHOD_NAMES) - 1),  # the random control never counts
+    },
     "checks.randomisation": {
         "ecgs": (int, 1, None),
         "max_similarity": (float, -1, 1),
         "confidence": (float, 0.5, 0.9999),
-        "bootstrap": (int, 100, None),
+        "bootstrap": (int, 100, MAX_BOOTSTRAP),
     },
     "checks.perturbation": {
         "window": (int, 1, 600),
@@ -38,7 +49,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
         "noise_mv": (float, 0, 50),
         "margin": (float, -1, 1),
         "confidence": (float, 0.5, 0.9999),
-        "bootstrap": (int, 100, None),
+        "bootstrap": (int, 100, MAX_BOOTSTRAP),
     },
     "checks.self_consistency": {"min_correlation": (float, -1, 1)},
     "checks.inter_method": {"min_correlation": (float, -1, 1)},
@@ -74,6 +85,16 @@ class Policy:
     def n_ecgs(self) -> int:
         return self.content["gate"]["ecgs"]
 
+    @property
+    def allow_incomplete_data(self) -> bool:
+        """Gate data with fewer ECGs than ``gate.ecgs``, or without a class, instead of refusing it."""
+        return bool(self.content["gate"]["allow_incomplete_data"])
+
+    @property
+    def label(self) -> str:
+        """How reports name the policy: its source and the start of its hash."""
+        return f"{self.source} (sha256 {self.sha256[:12]})"
+
     def check(self, name: str) -> dict[str, Any]:
         return self.content["checks"][name]
 
@@ -85,6 +106,16 @@ class Policy:
         if req == "all":
             return [m for m in available if m != CONTROL_METHOD]
         return list(req)
+
+
+def validated(policy: Policy) -> Policy:
+    """``policy`` checked as a file would be (a :class:`Policy` built in code skips the file's checks)."""
+    try:
+        return Policy(content=_validate(copy.deepcopy(policy.content)), source=policy.source)
+    except (KeyError, TypeError) as e:
+        raise PolicyError(f"policy {policy.source}: incomplete or malformed content ({e!r})") from None
+    except PolicyError as e:
+        raise PolicyError(f"policy {policy.source}: {e}") from None
 
 
 def default_policy() -> Policy:
@@ -133,6 +164,8 @@ def _validate(content: dict[str, Any]) -> dict[str, Any]:
             table = table[part]
         for key, (kind, low, high) in keys.items():
             table[key] = _number(f"{section}.{key}", table[key], kind, low, high)
+    if not isinstance(content["gate"]["allow_incomplete_data"], bool):
+        raise PolicyError("gate.allow_incomplete_data must be true or false")
     for check in CHECKS:
         if not isinstance(content["checks"][check]["blocking"], bool):
             raise PolicyError(f"checks.{check}.blocking must be true or false")
@@ -145,6 +178,8 @@ def _number(name: str, value: Any, kind: type, low: float | None, high: float | 
     ok_type = isinstance(value, int) if kind is int else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
         raise PolicyError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if not math.isfinite(value):
+        raise PolicyError(f"{name} must be a finite number, got {value!r}")
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f">= {low}"
         raise PolicyError(f"{name} must be {bounds}, got {value!r}")
