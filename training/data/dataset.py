@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.outputs import DATASET, OutputError, StagedOutput
 from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_CLASSES, N_LEADS, SAMPLING_RATE_HZ
 
 FORMAT_VERSION = 1
@@ -78,30 +77,32 @@ class DatasetWriter:
     """Write a dataset folder chunk by chunk, so size is bounded by disk, not memory.
 
     Files go to a temporary folder beside ``out`` and are renamed into place only
-    when :meth:`close` succeeds: an interrupted write never leaves a half dataset
-    that looks complete, and an existing folder is only replaced when asked.
+    when :meth:`close` succeeds and the folder reads back valid (:mod:`ecgx.outputs`):
+    an interrupted write never leaves a half dataset, and an existing folder is only
+    replaced when asked and only if it is a dataset folder.
     """
 
     def __init__(self, out: Path | str, n: int, meta: dict[str, Any], overwrite: bool = False):
         self.out = Path(out)
         if n < 0:
             raise DatasetError(f"number of beats must be >= 0, got {n}")
-        occupied = self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir()))
-        if occupied and not overwrite:
-            raise DatasetError(
-                f"{self.out} already exists and is not empty; choose another --out "
-                "or pass --overwrite to replace it"
-            )
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", dir=self.out.parent))
+        try:
+            self._stage = StagedOutput(self.out, DATASET, overwrite=overwrite)
+        except OutputError as e:  # callers catch DatasetError for everything about a dataset folder
+            raise DatasetError(str(e)) from None
+        self._tmp = self._stage.path
         self.n = n
         self.meta = {**meta, "n": n}
         self._pos = 0
         shape = (n, N_LEADS, BEAT_SAMPLES)
         open_mm = np.lib.format.open_memmap
-        self._signals = open_mm(self._tmp / SIGNALS_FILE, "w+", np.float32, shape)
-        self._labels = open_mm(self._tmp / LABELS_FILE, "w+", np.uint8, (n, N_CLASSES))
-        self._masks = open_mm(self._tmp / MASKS_FILE, "w+", np.uint16, shape)
+        try:
+            self._signals = open_mm(self._tmp / SIGNALS_FILE, "w+", np.float32, shape)
+            self._labels = open_mm(self._tmp / LABELS_FILE, "w+", np.uint8, (n, N_CLASSES))
+            self._masks = open_mm(self._tmp / MASKS_FILE, "w+", np.uint16, shape)
+        except BaseException:
+            self.abort()
+            raise
 
     def write(self, signals: np.ndarray, labels: np.ndarray, masks: np.ndarray | None = None) -> None:
         """Append a chunk of beats."""
@@ -116,26 +117,22 @@ class DatasetWriter:
 
     def close(self) -> Path:
         """Flush, validate and move the folder into place; returns its path."""
-        if self._pos != self.n:
-            self.abort()
-            raise DatasetError(f"only {self._pos} of {self.n} declared beats were written")
-        for arr in (self._signals, self._labels, self._masks):
-            arr.flush()
-        del self._signals, self._labels, self._masks
-        (self._tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
         try:
+            if self._pos != self.n:
+                raise DatasetError(f"only {self._pos} of {self.n} declared beats were written")
+            for arr in (self._signals, self._labels, self._masks):
+                arr.flush()
+            del self._signals, self._labels, self._masks
+            (self._tmp / META_FILE).write_text(json.dumps(self.meta, indent=2) + "\n")
             load_dataset(self._tmp)  # never publish a folder we could not read back
-        except DatasetError:
+            self._stage.commit()
+        except BaseException:
             self.abort()
             raise
-        if self.out.exists():
-            shutil.rmtree(self.out)
-        self._tmp.chmod(0o755)  # mkdtemp makes it owner-only; a published dataset is readable like any folder
-        self._tmp.rename(self.out)
         return self.out
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        self._stage.abort()
 
     def __enter__(self) -> DatasetWriter:
         return self
