@@ -35,7 +35,7 @@ from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
 from validation.bootstrap import bootstrap_difference, bootstrap_mean
 from validation.perturbation import perturbation_curves
-from validation.policy import CONTROL_METHOD, Policy, load_policy
+from validation.policy import CONTROL_METHOD, Policy, load_policy, validated
 from validation.randomisation import Attributor, n_steps, randomisation_curves
 from validation.similarity import auroc_rows, mass_inside, mean_pairwise_pearson, pearson_rows
 
@@ -164,12 +164,13 @@ def run_gate(
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
-    pol = policy if isinstance(policy, Policy) else load_policy(policy)
+    pol = validated(policy) if isinstance(policy, Policy) else load_policy(policy)
     pkg = load_package(package)
     fam = [load_package(p) for p in family]
     _check_family(pkg, fam)
     ds = load_dataset(data)
     gd = select_ecgs(ds, pol.n_ecgs, pol.seed, pkg.class_keys)
+    warnings = check_coverage(ds, gd, pol, pkg.class_keys)
     attrib = _attributors(methods, attributors, pol.seed)
     workers = workers or os.cpu_count() or 1
     ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress)
@@ -187,7 +188,7 @@ def run_gate(
     matrix = ctx.inter_method(maps, entries)
     ctx.localisation(maps, entries)
     timings["total"] = time.perf_counter() - started
-    report = _report(ctx, fam, entries, matrix, timings)
+    report = _report(ctx, fam, entries, matrix, timings, warnings)
     return GateRun(report, gd, maps, family_maps)
 
 
@@ -205,12 +206,91 @@ def _attributors(
     return out
 
 
+def check_coverage(ds: Dataset, gd: GateData, policy: Policy, class_keys: Sequence[str]) -> list[str]:
+    """What the validation ECGs lack for ``policy``, as warnings for the report.
+
+    Data that has fewer labelled ECGs than ``gate.ecgs`` asks for, or no ECG of a class the
+    package predicts, is refused (ValueError, before any computation) unless the policy sets
+    ``gate.allow_incomplete_data``; then it is gated and the shortfall becomes a warning. A
+    class the data has but the policy's ``gate.ecgs`` leaves out (fewer ECGs than classes) is
+    the policy's own choice: a warning, never a refusal.
+    """
+    labels = np.asarray(ds.labels, bool)
+    available = int(labels.any(axis=1).sum())
+    absent = [k for c, k in enumerate(class_keys) if not labels[:, c].any()]
+    shortfalls = []
+    if available < policy.n_ecgs:
+        shortfalls.append(
+            f"the data has {available} labelled ECG(s) but the policy asks for gate.ecgs = {policy.n_ecgs}"
+        )
+    if absent:
+        shortfalls.append(
+            f"the data has no ECG of class(es) {', '.join(absent)}, so their explanations go unchecked"
+        )
+    if shortfalls and not policy.allow_incomplete_data:
+        fixes = []
+        if available < policy.n_ecgs:
+            fixes.append(f"give at least {policy.n_ecgs} labelled ECGs or lower gate.ecgs in a policy file")
+        if absent:
+            fixes.append("give ECGs of every class")
+        raise ValueError(
+            f"validation data {ds.path} is too small for policy {policy.label}: {'; '.join(shortfalls)}. "
+            f"{' and '.join(fixes).capitalize()} (--policy), or set gate.allow_incomplete_data = true "
+            "in the policy to gate it anyway (the report then records what is missing)"
+        )
+    warnings = [f"incomplete validation data, allowed by gate.allow_incomplete_data: {s}" for s in shortfalls]
+    left_out = [k for c, k in enumerate(class_keys) if k not in absent and not (gd.target == c).any()]
+    if left_out:
+        warnings.append(
+            f"gate.ecgs = {policy.n_ecgs} is fewer ECGs than classes: no ECG of class(es) "
+            f"{', '.join(left_out)} was gated, although the data has some"
+        )
+    return warnings
+
+
 def _check_family(pkg: ModelPackage, fam: list[ModelPackage]) -> None:
+    """Family members must be other models: a copy of the gated package (in any folder), or one
+    member given twice, would agree with itself perfectly, the random control included."""
+    seen = {_weights_id(pkg): pkg}
+    paths = {pkg.path.resolve(): pkg}
     for other in fam:
-        if other.path.resolve() == pkg.path.resolve():
+        first = paths.get(other.path.resolve())
+        if first is pkg:
             raise ValueError(f"--family lists the gated package {pkg.path} itself; give its seed siblings")
+        if first is not None:
+            raise ValueError(
+                f"--family lists {other.path} twice (also as {first.path}); give each sibling once"
+            )
         if other.class_keys != pkg.class_keys or other.input_shape != pkg.input_shape:
             raise ValueError(f"family package {other.path} has other classes or input shape than {pkg.path}")
+        weights = _weights_id(other)
+        same = seen.get(weights)
+        why = (
+            "self-consistency against a copy is 1.0 for every method, the random control included; "
+            "give packages trained from other seeds"
+        )
+        if same is pkg:
+            raise ValueError(
+                f"family member {other.path} has the same weights as the gated package {pkg.path} "
+                f"(a copy, not a seed sibling): {why}"
+            )
+        if same is not None:
+            raise ValueError(
+                f"family members {same.path} and {other.path} have the same weights (one is a copy of "
+                f"the other): {why}"
+            )
+        seen[weights] = other
+        paths[other.path.resolve()] = other
+
+
+def _weights_id(pkg: ModelPackage) -> str:
+    """Hash of the package's parameter values (not of its files, nor the parameters' names), so
+    a copy is recognised in any folder, re-exported or with its files laid out differently."""
+    tensors = sorted(
+        hashlib.sha256(repr(a.shape).encode() + np.ascontiguousarray(a).tobytes()).hexdigest()
+        for a in pkg.read_parameters().values()
+    )
+    return hashlib.sha256("".join(tensors).encode()).hexdigest()
 
 
 @dataclass
@@ -286,7 +366,9 @@ class _Context:
             interval = bootstrap_mean(
                 c.final_per_ecg, n_boot=cfg["bootstrap"], confidence=cfg["confidence"], seed=self.policy.seed
             )
-            entry = checks.randomisation_entry(c, interval, cfg["max_similarity"], cfg["blocking"])
+            entry = checks.randomisation_entry(
+                c, interval, cfg["max_similarity"], cfg["blocking"], confidence=cfg["confidence"]
+            )
             entries[m]["randomisation"] = entry
 
     def perturbation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
@@ -312,7 +394,9 @@ class _Context:
                 )
                 for s in cfg["strategies"]
             }
-            entries[m]["perturbation"] = checks.perturbation_entry(c, versus, cfg["margin"], cfg["blocking"])
+            entries[m]["perturbation"] = checks.perturbation_entry(
+                c, versus, cfg["margin"], cfg["blocking"], confidence=cfg["confidence"]
+            )
 
     def self_consistency(self, maps, family_maps: list[dict[str, np.ndarray]], entries: dict) -> None:
         cfg = self.policy.check("self_consistency")
@@ -359,7 +443,9 @@ class _Context:
             )
 
 
-def _report(ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict, timings: dict) -> dict:
+def _report(
+    ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict, timings: dict, warnings: list[str]
+) -> dict:
     methods = {}
     for m, method_checks in entries.items():
         verdict, reasons = checks.method_verdict(method_checks)
@@ -369,18 +455,33 @@ def _report(ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict,
     failing = [m for m in required if m in methods and methods[m]["verdict"] != checks.PASS]
     gate_reasons = [f"required method {m} was not checked" for m in missing]
     gate_reasons += [f"required method {m} failed" for m in failing]
-    serve = [m for m, r in methods.items() if r["verdict"] == checks.PASS and m != CONTROL_METHOD]
-    if len(serve) < ctx.policy.min_passing:
+    passed = [m for m, r in methods.items() if r["verdict"] == checks.PASS and m != CONTROL_METHOD]
+    failed = [m for m, r in methods.items() if r["verdict"] != checks.PASS and m != CONTROL_METHOD]
+    not_checked = [m for m in METHOD_NAMES if m not in methods and m != CONTROL_METHOD]
+    if len(passed) < ctx.policy.min_passing:
         needed = ctx.policy.min_passing
-        gate_reasons.append(f"{len(serve)} method(s) passed; the policy needs at least {needed}")
+        gate_reasons.append(f"{len(passed)} method(s) passed; the policy needs at least {needed}")
+    control = methods.get(CONTROL_METHOD)
+    if control is not None and control["verdict"] == checks.PASS:
+        warnings = [
+            *warnings,
+            "the random control passed every blocking check: on this data and policy the checks do not "
+            "tell a method from noise, so no verdict of this report carries evidence",
+        ]
+    verdict = checks.FAIL if gate_reasons else checks.PASS
+    outcome = {"passed": passed, "failed": failed, "not_checked": not_checked}
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "verdict": checks.FAIL if gate_reasons else checks.PASS,
+        "verdict": verdict,
+        "headline": headline(verdict, gate_reasons, outcome, ctx.policy, required, warnings),
         "reasons": gate_reasons,
+        "warnings": warnings,
         "required_methods": required,
-        "serve": serve,
+        # What the service may serve: the passing methods, and nothing when the gate failed.
+        "serve": passed if verdict == checks.PASS else [],
+        **outcome,
         "package": package_record(ctx.pkg),
         "family": [package_record(p) for p in fam],
         "data": {
@@ -388,6 +489,7 @@ def _report(ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict,
             "fingerprint": ctx.data.fingerprint,
             "selected_sha256": ctx.data.sha256,
             "ecgs": len(ctx.data.x),
+            "ecgs_asked": ctx.policy.n_ecgs,
             "randomisation_ecgs": min(ctx.policy.check("randomisation")["ecgs"], len(ctx.data.x)),
             "targets": {k: int((ctx.data.target == i).sum()) for i, k in enumerate(ctx.pkg.class_keys)},
             "ground_truth": ctx.data.masks is not None,
@@ -404,6 +506,50 @@ def _report(ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict,
         "inter_method": matrix,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _names(methods: Sequence[str]) -> str:
+    return f" ({', '.join(methods)})" if methods else ""
+
+
+def headline(
+    verdict: str,
+    reasons: Sequence[str],
+    outcome: Mapping[str, Sequence[str]],
+    policy: Policy,
+    required: Sequence[str],
+    warnings: Sequence[str] = (),
+) -> str:
+    """The verdict in one sentence: under which policy, what that policy demands, what may be
+    served and what will be refused, e.g. ``PASS under policy default (sha256 ...), which
+    requires ...: the package may be served with 7 of 16 methods (...); 9 fail ...``."""
+    passed, failed, unchecked = outcome["passed"], outcome["failed"], outcome["not_checked"]
+    total = len(passed) + len(failed) + len(unchecked)
+    demands = (
+        f"which requires {', '.join(required) if required else 'no particular method'} to pass and at "
+        f"least {policy.min_passing} method(s) to pass"
+    )
+    refused = [f"{len(failed)} fail their blocking checks{_names(failed)}"] if failed else []
+    if unchecked:
+        refused.append(f"{len(unchecked)} were not checked{_names(unchecked)}")
+    if verdict == checks.PASS:
+        text = (
+            f"PASS under policy {policy.label}, {demands}: the package may be served with "
+            f"{len(passed)} of {total} methods{_names(passed)}"
+        )
+        if refused:
+            text += f"; {' and '.join(refused)}; they will be refused"
+    else:
+        text = (
+            f"FAIL under policy {policy.label}, {demands}: {'; '.join(reasons)}. No method of this "
+            f"package may be served; {len(passed)} of {total} methods passed their checks{_names(passed)}"
+        )
+        if refused:
+            text += f", {' and '.join(refused)}"
+    text += "."
+    if warnings:
+        text += f" WARNING: {'; '.join(warnings)}."
+    return text
 
 
 def package_record(pkg: ModelPackage) -> dict[str, Any]:
@@ -424,22 +570,56 @@ def save_report(report: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
+_SUMMARY_CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_method", "localisation")
+
+
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A terminal table: one line per method with each check's score and verdict."""
-    names = ["randomisation", "perturbation", "self_consistency", "inter_method", "localisation"]
-    short = {"pass": "ok", "fail": "FAIL", "not_run": "-"}
-    lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in names)]
+    """What ``ecgx validate`` prints: one line per method with, per check, the number its verdict
+    is decided on (what that number is, once per check below the table), then why each failing
+    method failed (decisive number, mean and interval, threshold), any warnings, and the verdict
+    as a sentence: under which policy, what may be served and what will be refused."""
+    short = {checks.PASS: "ok", checks.FAIL: "FAIL"}
+    lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in _SUMMARY_CHECKS)]
+    legend: dict[str, str] = {}
     for m, r in report["methods"].items():
         cells = []
-        for n in names:
+        for n in _SUMMARY_CHECKS:
             c = r["checks"].get(n)
             if c is None or c["verdict"] == checks.NOT_RUN:
                 cells.append(f"{'-':>17s}")
-            else:
-                score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
-                cells.append(f"{score + ' ' + short[c['verdict']]:>17s}")
-        lines.append(f"{m:22s} {r['verdict']:7s} " + " ".join(cells))
-    why = f" ({'; '.join(report['reasons'])})" if report["reasons"] else ""
-    lines.append(f"gate verdict: {report['verdict']}{why}")
-    lines.append(f"methods that may serve explanations: {', '.join(report['serve']) or 'none'}")
+                continue
+            score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
+            cells.append(f"{score + ' ' + short[c['verdict']]:>17s}")
+            if n not in legend:
+                legend[n] = _legend(c)
+        label = f"{m} (control)" if m == CONTROL_METHOD else m
+        lines.append(f"{label:22s} {r['verdict']:7s} " + " ".join(cells))
+    lines.append("Each cell is the number the check's verdict is decided on:")
+    lines += [f"  {n}: {text}" for n, text in legend.items()]
+    for n in _SUMMARY_CHECKS:
+        reason = next(
+            (
+                c["reason"]
+                for r in report["methods"].values()
+                if (c := r["checks"].get(n)) and c["verdict"] == checks.NOT_RUN
+            ),
+            None,
+        )
+        if n not in legend and reason:
+            lines.append(f"  {n}: not run ({reason})")
+    lines.append("Blocking checks, per method: the number that decides, with its mean and interval:")
+    for m, r in report["methods"].items():
+        label = f"{m} (control, expected to fail)" if m == CONTROL_METHOD else m
+        for n, c in r["checks"].items():
+            if c["blocking"]:
+                lines.append(f"  {label} {n}: {c.get('summary') or checks.describe(c)}")
+    lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
+    lines.append(f"Gate verdict: {report.get('headline') or report['verdict'].upper()}")
     return lines
+
+
+def _legend(entry: dict[str, Any]) -> str:
+    decided = entry.get("decided_by")
+    what = decided["label"] if decided else "score"
+    blocking = "blocking" if entry["blocking"] else "informative, does not block"
+    return f"{what}; passes when {entry['comparison']} {entry['threshold']:g} ({blocking})"

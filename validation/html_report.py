@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from validation import figures
+from validation.checks import describe
 from validation.policy import CHECKS, CONTROL_METHOD
 
 if TYPE_CHECKING:
@@ -46,6 +47,9 @@ figure { margin: 1.5em 0; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
 figcaption { font-size: 0.92em; color: #444; max-width: 900px; }
 .small { font-size: 0.85em; color: #555; font-weight: normal; }
+.headline { font-size: 1.1em; padding: .6em .8em; border-left: 6px solid #08519c; background: #f4f8fc; }
+.headline.fail { border-left-color: #a63603; background: #fdf1e7; }
+.warning { padding: .6em .8em; border: 2px solid #a63603; background: #fff3e0; font-weight: bold; }
 code { background: #f4f4f4; padding: 0 .2em; }
 """
 
@@ -211,25 +215,54 @@ def _summary(report: dict) -> str:
     policy = report.get("policy", {})
     software = report.get("software", {})
     versions = ", ".join(f"{k} {v}" for k, v in software.items() if k != "providers")
+    passed = report.get("passed", report.get("serve", []))
     items = [
         ("Gate verdict", _verdict(report["verdict"]) + "".join(_small(r) for r in report.get("reasons", []))),
-        ("Methods that pass (may serve)", _e(", ".join(report.get("serve", [])) or "none")),
+        ("May be served", _e(", ".join(report.get("serve", [])) or "none")),
+        ("Passed their checks", _e(", ".join(passed) or "none")),
+        ("Failed (refused)", _e(", ".join(report.get("failed", [])) or "none")),
+        ("Not checked (refused)", _e(", ".join(report.get("not_checked", [])) or "none")),
         ("Required methods", _e(", ".join(report.get("required_methods", [])) or "none")),
         ("Package", _e(pkg["path"]) + (_small(f"from {source}") if source else "")),
         ("Seed family", family_text),
         ("Data", _e(data["path"]) + _small(f"fingerprint {data['fingerprint'][:16]}…")),
-        ("ECGs", _e(f"{data['ecgs']} (randomisation on {data.get('randomisation_ecgs', data['ecgs'])})")),
+        ("ECGs", _e(_ecgs_text(data))),
         ("ECGs per explained class", _e(targets or "n/a")),
         ("Ground-truth masks", "yes" if data.get("ground_truth") else "no"),
         ("Policy", _e(policy.get("source", "?")) + _small(f"sha256 {policy.get('sha256', '')[:16]}…")),
         ("Software", _e(versions) + _small(f"providers: {', '.join(software.get('providers', []))}")),
         ("Created", _e(report.get("created", "?"))),
     ]
-    html_out = "<h2>Summary</h2>\n" + _rows(items)
+    html_out = "<h2>Summary</h2>\n" + _headline(report) + _rows(items)
     timings = report.get("timings_s", {})
     if timings:
         html_out += "\n<h3>Timings</h3>\n" + _rows([(k, f"{v:.1f} s") for k, v in timings.items()])
     return html_out
+
+
+def _ecgs_text(data: dict) -> str:
+    asked = data.get("ecgs_asked")
+    text = f"{data['ecgs']}" + (
+        f" of the {asked} the policy asks for" if asked not in (None, data["ecgs"]) else ""
+    )
+    return text + f" (randomisation on {data.get('randomisation_ecgs', data['ecgs'])})"
+
+
+def _headline(report: dict) -> str:
+    """The verdict as a sentence (what passed, what will be refused, under which policy) and any
+    warnings, above everything else."""
+    verdict = report["verdict"]
+    text = report.get("headline") or verdict.upper()
+    out = f'<p class="headline {_e(verdict)}">Gate verdict: {_e(text)}</p>\n'
+    out += "".join(f'<p class="warning">WARNING: {_e(w)}</p>\n' for w in report.get("warnings", []))
+    return out
+
+
+def _statistic_name(entry: dict) -> str:
+    decided = entry.get("decided_by")
+    if not decided:
+        return "score"
+    return {"ci_high": "upper end of CI", "ci_low": "lower end of CI"}.get(decided["statistic"], "mean")
 
 
 def _check_condition(report: dict, check: str) -> str:
@@ -237,7 +270,8 @@ def _check_condition(report: dict, check: str) -> str:
         e = r["checks"].get(check)
         if e is not None and e["verdict"] != "not_run":
             kind = "blocking" if e["blocking"] else "informative"
-            return f"score {_SYMBOLS.get(e['comparison'], e['comparison'])} {e['threshold']:g}, {kind}"
+            condition = f"{_SYMBOLS.get(e['comparison'], e['comparison'])} {e['threshold']:g}"
+            return f"{_statistic_name(e)} {condition}, {kind}"
     return "not run"
 
 
@@ -251,9 +285,20 @@ def _check_cell(entry: dict | None, footnotes: list[str]) -> str:
         n = footnotes.index(reason) + 1
         return f'<td class="not_run" title="{_e(reason)}">not run <sup>{n}</sup></td>'
     verdict = entry["verdict"]
-    condition = f"{_SYMBOLS.get(entry['comparison'], entry['comparison'])} {entry['threshold']:g}"
-    title = f"score {_fmt(entry['score'])}; passes when score {condition}: {verdict}"
-    return f'<td class="num {_e(verdict)}" title="{_e(title)}">{_fmt(entry["score"])} {_e(verdict)}</td>'
+    summary = entry.get("summary") or describe(entry)
+    decided = entry.get("decided_by")
+    title = f"{decided['label']}: {summary}" if decided else summary
+    interval = entry.get("interval")
+    extra = ""
+    if interval:
+        extra = _small(
+            f"mean {_fmt(entry.get('mean'))}, CI [{_fmt(interval['low'])}, {_fmt(interval['high'])}]"
+        )
+        strategy = entry.get("details", {}).get("strategy")
+        if strategy:
+            extra += _small(f"under {strategy}")
+    shown = "pass" if verdict == "pass" else "FAIL"
+    return f'<td class="num {_e(verdict)}" title="{_e(title)}">{_fmt(entry["score"])} {shown}{extra}</td>'
 
 
 def _methods_table(report: dict) -> str:
@@ -273,13 +318,30 @@ def _methods_table(report: dict) -> str:
         rows.append(f"<tr{cls}><td>{label}</td>{cells}{verdict}</tr>")
     notes = "".join(f"<li>{_e(f)}</li>" for f in footnotes)
     foot = f'<ol class="small">{notes}</ol>' if footnotes else ""
+    legend = "".join(
+        f"<li><b>{_e(c.replace('_', '-'))}</b>: {_e(text)}</li>" for c, text in _legends(report, cols).items()
+    )
     intro = (
-        "<p>Score of each check per method, with the pass condition under the check's name. "
-        "A method passes when every <em>blocking</em> check passes; the verdict column "
-        "says which check stopped it. The random control is expected to fail: it is the baseline.</p>"
+        "<p>Each cell is the number the check's verdict is decided on, with the pass condition under "
+        "the check's name; where the verdict rests on an end of a bootstrap confidence interval, the "
+        "mean and the interval are shown beneath it. A method passes when every <em>blocking</em> check "
+        "passes; the verdict column says which check stopped it. The random control is expected to "
+        f"fail: it is the baseline.</p><ul class='small'>{legend}</ul>"
     )
     table = f"<table><tr><th>method</th>{head}<th>verdict</th></tr>{''.join(rows)}</table>"
     return "<h2>Methods and checks</h2>\n" + intro + table + foot
+
+
+def _legends(report: dict, cols: Sequence[str]) -> dict[str, str]:
+    """What each check's number is, in words (from the first method where the check ran)."""
+    out = {}
+    for c in cols:
+        for r in report["methods"].values():
+            e = r["checks"].get(c)
+            if e is not None and e["verdict"] != "not_run" and e.get("decided_by"):
+                out[c] = e["decided_by"]["label"]
+                break
+    return out
 
 
 def _data_uri(path: Path) -> str:
@@ -362,10 +424,12 @@ def _randomisation_here(report: dict) -> str:
     zero = {m: v for m, v in final.items() if abs(v) < NEAR_ZERO}
     high = {m: v for m, v in final.items() if v > threshold}
     between = len(final) - len(zero) - len(high)
+    failed = {m: e["score"] for m, e in entries.items() if e["verdict"] == "fail" and e["score"] is not None}
     return (
-        f"Spearman |a| with every layer randomised reaches |ρ| < {NEAR_ZERO:g} for {len(zero)} of "
-        f"{len(final)} methods: {_listing(zero, 3)}; stays above the {threshold:g} threshold for "
-        f"{len(high)}: {_listing(high, 3)}; {between} in between"
+        f"mean Spearman |a| with every layer randomised reaches |ρ| < {NEAR_ZERO:g} for {len(zero)} of "
+        f"{len(final)} methods: {_listing(zero, 3)}; stays above {threshold:g} for "
+        f"{len(high)}: {_listing(high, 3)}; {between} in between. The verdict uses the upper end of "
+        f"the interval: {len(failed)} fail the check (upper end above {threshold:g}): {_listing(failed, 3)}"
     )
 
 
