@@ -116,7 +116,7 @@ def test_config_file(tmp_path: Path) -> None:
 def test_non_checkpoint_files_are_refused(tmp_path: Path) -> None:
     bogus = tmp_path / "model.pt"
     bogus.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="not a readable checkpoint"):
+    with pytest.raises(ValueError, match="not an ecgx checkpoint, or it is corrupt"):
         load_checkpoint(bogus)
     torch.save({"weights": torch.zeros(1)}, bogus)
     with pytest.raises(ValueError, match="not an ecgx checkpoint"):
