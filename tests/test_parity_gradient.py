@@ -33,7 +33,8 @@ from training.data.median_beat import median_beat
 from training.data.synth import generate
 from training.data.wfdb_import import read_record
 from training.export import export_package
-from training.export.reference import lrp_model
+from training.export.package import REL_TOL
+from training.export.reference import ill_conditioned_samples, lrp_model
 from training.models import ModelConfig, build_model
 
 
@@ -246,8 +247,14 @@ def test_gradcam_and_guided_gradcam(setup, inputs, mode):
 
 @pytest.mark.parametrize("epsilon", [1e-6, 0.1])
 def test_lrp_epsilon(setup, inputs, epsilon):
+    """Element-wise parity, except on a sample whose LRP multipliers float32 cannot pin down
+    at this epsilon (``ill_conditioned_samples``, issue #8); at 0.1 none is excused."""
     model, engine, target = setup
     ref = _captum(
         CaptumLRP(lrp_model(model, epsilon)).attribute, torch.tensor(inputs), target=torch.tensor(target)
     )
-    assert_parity(engine.attribute("lrp", inputs, target, epsilon=epsilon), ref)
+    got = engine.attribute("lrp", inputs, target, epsilon=epsilon)
+    flagged = ill_conditioned_samples(model, inputs, epsilon, REL_TOL)
+    if epsilon >= 0.1:
+        assert not flagged.any()
+    assert_parity(got[~flagged], ref[~flagged])

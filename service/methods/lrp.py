@@ -6,6 +6,9 @@ import numpy as np
 
 from service.methods.base import AttributionMethod, check_non_negative
 
+# Zennit's default stabiliser; the export checks the package's LRP graph at this value too.
+DEFAULT_EPSILON = 1e-6
+
 
 class Lrp(AttributionMethod):
     """LRP-epsilon (Bach et al.) on the BatchNorm-folded network, as Captum's LRP with
@@ -14,6 +17,10 @@ class Lrp(AttributionMethod):
 
     name, kind = "lrp", "modified backward"
 
-    def attribute(self, engine, x, target, *, epsilon: float = 1e-6) -> np.ndarray:
+    def check(self, x, *, epsilon: float = 1e-6) -> int:
+        check_non_negative("epsilon", epsilon)
+        return 1
+
+    def attribute(self, engine, x, target, *, epsilon: float = DEFAULT_EPSILON) -> np.ndarray:
         eps = np.array(check_non_negative("epsilon", epsilon), np.float32)
         return engine.backward("lrp", x, target, output="attribution", epsilon=eps)

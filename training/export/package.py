@@ -22,6 +22,7 @@ import logging
 import shutil
 import tempfile
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,11 +35,17 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 import ecgx
+from service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
 from service.package import MANIFEST_FILE, PACKAGE_FORMAT, WEIGHTS_FILE, sha256_file
 from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 from training.export.ir import ExportError, ModelIR, trace_model
 from training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graphs, param_names
-from training.export.reference import captum_attribution, layer_activations_and_gradients, near_tie_samples
+from training.export.reference import (
+    captum_attribution,
+    ill_conditioned_samples,
+    layer_activations_and_gradients,
+    near_tie_samples,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +56,12 @@ _ALIGN = 64
 # (ReLU and max-pool near-ties flip masks for a few elements).
 REL_TOL = 1e-4
 MAX_OUTLIER_FRACTION = 1e-3
-LRP_CHECK_EPSILON = 1e-6
+# LRP is checked at two epsilons. At the engine's default (1e-6, as Zennit's) the rule is
+# ill-conditioned: a unit whose output lies within a few epsilon of zero amplifies the float32
+# rounding of that output, so ONNX Runtime and PyTorch may both be right and still differ
+# (``ill_conditioned_samples`` finds such samples; they are excused). At 1e-2 the same graph
+# is well-conditioned on nearly every sample, which checks its construction element by element.
+LRP_CHECK_EPSILONS = {"lrp": 1e-2, "lrp.default_epsilon": DEFAULT_LRP_EPSILON}
 
 
 def parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
@@ -64,29 +76,51 @@ def parity_ok(p: dict[str, float]) -> bool:
     return p["outlier_fraction"] <= MAX_OUTLIER_FRACTION
 
 
-def per_sample_parity(got: np.ndarray, ref: np.ndarray, near_tie: np.ndarray) -> dict[str, Any]:
-    """Parity of each sample's map; a sample may disagree only if it sits near a max-pool tie.
+def per_sample_parity(
+    got: np.ndarray, ref: np.ndarray, excused: Mapping[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Parity of each sample's map; a sample may disagree only for a reason in ``excused``.
 
-    ``ok`` needs every disagreeing sample to be near a tie and at least half of the
-    samples to agree: a construction error shows on every sample, a tie on a few.
+    ``excused`` maps a reason (``"near_max_pool_tie"``, ``"ill_conditioned"``) to one bool
+    per sample: samples whose map float32 arithmetic does not pin down, so two correct
+    implementations may differ there. ``ok`` needs every disagreeing sample to be excused
+    and at least half of the samples to agree: a construction error shows on every
+    sample, rounding on a few. ``failing`` holds the figures of each unexcused sample.
     """
     results = [parity(g, r) for g, r in zip(got, ref, strict=True)]
     agree = np.array([parity_ok(r) for r in results])
-    unexplained = ~agree & ~near_tie
-    summary = {
-        "max_rel_error": max(
-            (r["max_rel_error"] for r, a in zip(results, agree, strict=True) if a), default=None
-        ),
-        "outlier_fraction": max(
-            (r["outlier_fraction"] for r, a in zip(results, agree, strict=True) if a), default=None
-        ),
+    reasons = {k: np.asarray(v, bool) for k, v in (excused or {}).items()}
+    any_excuse = np.zeros(len(results), bool)
+    for flags in reasons.values():
+        any_excuse |= flags
+    unexplained = ~agree & ~any_excuse
+    agreeing = [r for r, a in zip(results, agree, strict=True) if a]
+    return {
         "samples": len(results),
-        "samples_off_near_tie": int((~agree & near_tie).sum()),
+        "agreeing": int(agree.sum()),
+        "max_rel_error": max((r["max_rel_error"] for r in agreeing), default=None),
+        "outlier_fraction": max((r["outlier_fraction"] for r in agreeing), default=None),
+        "excused": {k: np.flatnonzero(~agree & v).tolist() for k, v in reasons.items()},
+        "failing": [{"sample": int(i), **results[i]} for i in np.flatnonzero(unexplained)],
         "ok": bool(agree.sum() >= len(results) / 2 and not unexplained.any()),
     }
-    if unexplained.any():
-        summary["samples_off_unexplained"] = np.flatnonzero(unexplained).tolist()
-    return summary
+
+
+def describe_parity_failure(name: str, check: dict[str, Any]) -> str:
+    """One line per failed check, with the failing samples' own figures."""
+    if "failing" not in check:  # a whole-batch comparison (forward logits, summation)
+        return (
+            f"{name}: {check['outlier_fraction']:.2%} of values off by more than {REL_TOL:g} "
+            f"of the largest magnitude (max {check['max_rel_error']:.2e})"
+        )
+    parts = [
+        f"sample {f['sample']}: {f['outlier_fraction']:.2%} of elements off by more than {REL_TOL:g} of the "
+        f"largest magnitude (max {f['max_rel_error']:.2e}; limit {MAX_OUTLIER_FRACTION:.1%} of elements)"
+        for f in check["failing"]
+    ]
+    if check["agreeing"] < check["samples"] / 2:
+        parts.append(f"only {check['agreeing']} of {check['samples']} samples agree")
+    return f"{name}: " + "; ".join(parts)
 
 
 def export_package(
@@ -201,15 +235,16 @@ def verify_package_graphs(
 ) -> dict[str, Any]:
     """Run every graph on ONNX Runtime and compare it with PyTorch/Captum; raise on a mismatch.
 
-    Each sample's map must agree (see ``per_sample_parity``); a sample whose forward
+    Each sample's map must agree (see ``per_sample_parity``). A sample whose forward
     pass sits within float rounding of a max-pool tie (``near_tie_samples``) may
-    legitimately take another gradient path and is allowed to differ.
+    legitimately take another gradient path, and a sample with an LRP unit too close to
+    zero for float32 (``ill_conditioned_samples``) another LRP multiplier: they may differ.
     """
     rng = np.random.default_rng(0)
     target = np.arange(len(x)) % len(CLASSES)
     seed = np.eye(len(CLASSES), dtype=np.float32)[target]
     baseline = (rng.normal(0, 0.05, x.shape)).astype(np.float32)
-    ties = near_tie_samples(model, x)
+    ties = {"near_max_pool_tie": near_tie_samples(model, x)}
     with torch.no_grad():
         logits_ref = model(torch.from_numpy(x)).numpy()
     forward = parity(_session(folder, "forward").run(None, {"x": x})[0], logits_ref)
@@ -218,21 +253,30 @@ def verify_package_graphs(
         got = _session(folder, graph).run(None, {"x": x, "seed": seed})[1]
         checks[graph] = per_sample_parity(got, captum_attribution(model, graph, x, target), ties)
     checks.update(_verify_deeplift(folder, model, x, baseline, seed, target, ties))
-    eps = np.array(LRP_CHECK_EPSILON, np.float32)
-    got = _session(folder, "lrp").run(None, {"x": x, "seed": seed, "epsilon": eps})[1]
-    ref = captum_attribution(model, "lrp", x, target, epsilon=LRP_CHECK_EPSILON)
-    checks["lrp"] = per_sample_parity(got, ref, ties)
+    checks.update(_verify_lrp(folder, model, x, seed, target, ties))
     _, acts, grads = _session(folder, "gradcam").run(None, {"x": x, "seed": seed})
     module = dict(model.named_modules())[ir.op_producing(layer).name]
     acts_ref, grads_ref = layer_activations_and_gradients(model, module, x, target)
-    checks["gradcam.activations"] = per_sample_parity(acts, acts_ref, np.zeros(len(x), bool))
+    checks["gradcam.activations"] = per_sample_parity(acts, acts_ref)
     checks["gradcam.gradients"] = per_sample_parity(grads, grads_ref, ties)
-    failed = {k: v for k, v in checks.items() if not v["ok"]}
+    failed = [describe_parity_failure(k, v) for k, v in checks.items() if not v["ok"]]
     if failed:
         raise ExportError(
-            f"exported graphs disagree with the PyTorch reference, package not written: {failed}"
+            "exported graphs disagree with the PyTorch reference (Captum), package not written: "
+            + " | ".join(failed)
         )
-    return {"samples": len(x), "near_max_pool_tie": np.flatnonzero(ties).tolist(), "checks": checks}
+    return {"samples": len(x), "lrp_epsilons": LRP_CHECK_EPSILONS, "checks": checks}
+
+
+def _verify_lrp(folder, model, x, seed, target, ties) -> dict[str, dict[str, Any]]:
+    sess = _session(folder, "lrp")
+    checks = {}
+    for name, eps in LRP_CHECK_EPSILONS.items():
+        got = sess.run(None, {"x": x, "seed": seed, "epsilon": np.array(eps, np.float32)})[1]
+        ref = captum_attribution(model, "lrp", x, target, epsilon=eps)
+        excused = {**ties, "ill_conditioned": ill_conditioned_samples(model, x, eps, REL_TOL)}
+        checks[name] = {"epsilon": eps, **per_sample_parity(got, ref, excused)}
+    return checks
 
 
 def _verify_deeplift(folder, model, x, baseline, seed, target, ties) -> dict[str, dict[str, Any]]:
@@ -240,7 +284,8 @@ def _verify_deeplift(folder, model, x, baseline, seed, target, ties) -> dict[str
     feeds = {"x": x, "baseline": baseline, "seed": seed}
     plain = sess.run(None, {**feeds, "maxpool_rescale": np.array(False)})[1]
     reference = captum_attribution(model, "deeplift", x, target, baseline=baseline)
-    checks = {"deeplift": per_sample_parity(plain, reference, ties | near_tie_samples(model, baseline))}
+    near_tie = ties["near_max_pool_tie"] | near_tie_samples(model, baseline)
+    checks = {"deeplift": per_sample_parity(plain, reference, {"near_max_pool_tie": near_tie})}
     # The rescale max-pool rule has no Captum counterpart; check DeepLIFT's summation-to-delta instead.
     logits, rescaled = sess.run(None, {**feeds, "maxpool_rescale": np.array(True)})
     logits_base = sess.run(None, {**feeds, "x": baseline, "maxpool_rescale": np.array(True)})[0]

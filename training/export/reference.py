@@ -12,6 +12,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from training.export.ir import trace_model
@@ -148,3 +149,52 @@ def near_tie_samples(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> 
         for h in handles:
             h.remove()
     return flags
+
+
+FLOAT32_UNIT_ROUNDOFF = 2.0**-24
+
+
+def ill_conditioned_samples(model: nn.Module, x: np.ndarray, epsilon: float, tol: float) -> np.ndarray:
+    """Samples whose LRP-epsilon map is not determined to ``tol`` by float32 arithmetic.
+
+    LRP-epsilon divides each layer's relevance by its stabilised output ``z + eps*sign(z)``.
+    After a ReLU a unit's relevance multiplier is ``z / (z + eps)``, whose derivative is
+    ``eps / (|z| + eps)**2``: once ``|z|`` is within a few ``eps`` of zero, the rounding
+    error of ``z`` itself (about one float32 rounding of the sum's scale,
+    ``u * sum|w*a|``) moves the multiplier by more than ``tol``. Two correct float32
+    implementations (ONNX Runtime, PyTorch) then legitimately disagree on that unit's
+    receptive field. The forward pass here runs in float64 on the BatchNorm-folded
+    model (the function LRP is applied to) and flags a sample when any convolution,
+    dense layer or addition has a unit with ``eps * delta / (|z| + eps)**2 > tol``,
+    ``delta = u * sum|w*a|``, and ``z > -delta`` (a unit that float32 may see active).
+    Pooling layers are exempt: they add or pick non-negative values, without cancellation.
+    Returns one bool per sample (True: ill-conditioned).
+    """
+    folded = fold_batchnorm(model).double()
+    worst = torch.zeros(len(x), dtype=torch.float64)
+
+    def hook(module, inputs, z):
+        if isinstance(module, Add):
+            scale = inputs[0].abs() + inputs[1].abs()
+        else:
+            a, w = inputs[0].abs(), module.weight.abs()
+            bias = None if module.bias is None else module.bias.abs()
+            if isinstance(module, nn.Conv1d):
+                scale = F.conv1d(a, w, bias, module.stride, module.padding, module.dilation, module.groups)
+            else:
+                scale = F.linear(a, w, bias)
+        delta = FLOAT32_UNIT_ROUNDOFF * scale
+        # With epsilon = 0 the multiplier is z / z: only a unit rounding can switch on or off is sensitive.
+        error = epsilon * delta / (z.abs() + epsilon) ** 2 if epsilon > 0 else (z.abs() < delta).to(z.dtype)
+        error = torch.where(z > -delta, error, torch.zeros_like(error))
+        worst[:] = torch.maximum(worst, error.flatten(1).max(dim=1).values)
+
+    layers = [m for m in folded.modules() if isinstance(m, (nn.Conv1d, nn.Linear, Add))]
+    handles = [m.register_forward_hook(hook) for m in layers]
+    try:
+        with torch.no_grad():
+            folded(torch.tensor(x, dtype=torch.float64))
+    finally:
+        for h in handles:
+            h.remove()
+    return (worst > tol).numpy()
