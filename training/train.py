@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import platform
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ecgx
+from ecgx.outputs import RUN, OutputError, StagedOutput, classify_output, temporary_sibling, write_text_atomic
 from ecgx.progress import progress
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
@@ -162,8 +164,8 @@ def train_seed(
         history.append(
             {
                 "epoch": epoch,
-                "train_loss": train_loss,
-                "val_loss": val_loss,
+                "train_loss": train_loss if math.isfinite(train_loss) else None,  # null, never NaN
+                "val_loss": val_loss if math.isfinite(val_loss) else None,
                 "seconds": time.perf_counter() - t0,
             }
         )
@@ -175,6 +177,11 @@ def train_seed(
             if stale >= cfg.patience:
                 log.info("seed %d: early stop after epoch %d (best epoch %d)", seed, epoch, best_epoch)
                 break
+    if best_epoch == 0:
+        raise ValueError(
+            f"training seed {seed} diverged: the validation loss was not finite in any of its {len(history)} "
+            "epoch(s); lower learning_rate in --config [train]"
+        )
     model.load_state_dict(best_state)
     model.eval()
     metrics = {
@@ -195,7 +202,10 @@ def evaluate(model: ECGNet, ds: Dataset, indices: np.ndarray, batch_size: int, d
     return per_class_auroc(labels, logits)
 
 
-def _class_table(test_auroc: list[float | None], val_auroc: list[float | None], labels: np.ndarray):
+def _class_table(
+    test_auroc: list[float | None], val_auroc: list[float | None], labels: np.ndarray, val_labels: np.ndarray
+):
+    """Per class; an AUROC is None (null) where the split lacks positives or negatives of the class."""
     return [
         {
             "key": c.key,
@@ -204,6 +214,7 @@ def _class_table(test_auroc: list[float | None], val_auroc: list[float | None], 
             "test_auroc": t,
             "val_auroc": v,
             "test_positives": int(labels[:, i].sum()),
+            "val_positives": int(val_labels[:, i].sum()),
         }
         for i, (c, t, v) in enumerate(zip(CLASSES, test_auroc, val_auroc, strict=True))
     ]
@@ -239,13 +250,15 @@ def train_run(
     model_cfg, cfg = model_cfg or ModelConfig(), cfg or TrainConfig()
     seeds = _check_seeds(seeds)
     out = Path(out)
-    for s in seeds:
-        if (seed_dir(out, s) / CHECKPOINT_FILE).exists() and not overwrite:
-            raise FileExistsError(f"{seed_dir(out, s)} already holds a trained model; pass --overwrite")
+    existing = _existing_run(out, seeds, overwrite)  # fail before minutes of work, not after
     ds = load_dataset(data_dir)
     if ds.labels.shape[0] == 0:
         raise ValueError(f"dataset {data_dir} holds no beats")
     split = make_split(len(ds), cfg)
+    unevaluable = check_class_coverage(ds, split)
+    fingerprint = dataset_fingerprint(ds)
+    if existing is not None:
+        _check_same_family(out, existing, ds, fingerprint, model_cfg, cfg)
     ctx = init_distributed(cfg.device)
     # Determinism is a process-wide switch: set it for training only, then restore the caller's.
     was = (
@@ -254,11 +267,157 @@ def train_run(
     )
     torch.use_deterministic_algorithms(True, warn_only=ctx.device.type != "cpu")
     try:
-        summary = _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress)
+        writer = _RunWriter(out, overwrite, existing) if ctx.is_main else None
+        try:
+            summary = _train_seeds(ds, split, seeds, writer, model_cfg, cfg, ctx, show_progress, fingerprint)
+            if writer is not None:
+                summary["unevaluable_classes"] = unevaluable
+                summary = writer.commit(summary)
+        except BaseException:
+            if writer is not None:
+                writer.abort()
+            raise
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
         shutdown_distributed(ctx)
     return summary
+
+
+def _existing_run(out: Path, seeds: list[int], overwrite: bool) -> dict[str, Any] | None:
+    """run.json of the run folder ``out`` when new seeds are to be added to it, else None.
+
+    An existing run folder is replaced with ``overwrite``; without it, seeds may be added
+    (checked later to be of the same dataset and config), but never retrained.
+    """
+    if classify_output(out, RUN) != "ours" or overwrite:
+        return None
+    summary = json.loads((out / RUN_FILE).read_text())
+    present = [s for s in seeds if str(s) in summary["seeds"] or seed_dir(out, s).exists()]
+    if present:
+        raise FileExistsError(
+            f"{out} already holds seed(s) {', '.join(map(str, present))}; train other seeds into it, "
+            "choose another --out, or pass --overwrite to replace the whole run folder"
+        )
+    return summary
+
+
+def _check_same_family(
+    out: Path,
+    existing: dict[str, Any],
+    ds: Dataset,
+    fingerprint: str,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+) -> None:
+    """Seeds added to a run folder must be of the same dataset and config as the seeds in it."""
+    differences = []
+    old_data = existing.get("data", {})
+    if old_data.get("fingerprint") != fingerprint:
+        differences.append(
+            f"dataset: {old_data.get('path')} (fingerprint {str(old_data.get('fingerprint'))[:12]}) there, "
+            f"{Path(ds.path).resolve()} (fingerprint {fingerprint[:12]}) here"
+        )
+    for table, new in (("model", model_cfg.to_dict()), ("train", cfg.to_dict())):
+        old = existing.get(f"{table}_config", {})
+        for key in sorted(set(old) | set(new)):
+            if old.get(key) != new.get(key):
+                differences.append(f"{table}.{key}: {old.get(key)!r} there, {new.get(key)!r} here")
+    if differences:
+        raise ValueError(
+            f"cannot add seeds to run folder {out}: a seed family shares its dataset and config, but "
+            f"{'; '.join(differences)}; choose another --out, or pass --overwrite to replace the run folder"
+        )
+
+
+def check_class_coverage(ds: Dataset, split: Split) -> dict[str, list[str]]:
+    """Refuse a split where some class cannot be learned; name the classes that cannot be evaluated.
+
+    Every class needs positive and negative beats in the training split, or the model cannot learn
+    it (:class:`ValueError` names the classes and their counts). A class without positives (or
+    without negatives) in the validation or test split cannot be evaluated there: its AUROC is
+    recorded as null and the classes are returned per split (and logged), never written as NaN.
+    """
+    labels = np.asarray(ds.labels)
+    total = labels.sum(axis=0, dtype=np.int64)
+    train = labels[split.train].sum(axis=0, dtype=np.int64)
+    n_train = len(split.train)
+    problems = []
+    for i, c in enumerate(CLASSES):
+        if train[i] == 0:
+            where = "none in the whole dataset" if total[i] == 0 else f"{total[i]} in the whole dataset"
+            problems.append(f"{c.key} has no positive beat ({where})")
+        elif train[i] == n_train:
+            problems.append(f"{c.key} is positive in every beat")
+    if problems:
+        raise ValueError(
+            f"cannot train on {ds.path}: in the training split ({n_train} beats) {'; '.join(problems)}. "
+            "Every class needs positive and negative training beats to be learned: add beats of these "
+            "classes, or change the split (split_seed, val_fraction, test_fraction in --config [train])"
+        )
+    unevaluable: dict[str, list[str]] = {}
+    for part, idx in (("val", split.val), ("test", split.test)):
+        pos = labels[idx].sum(axis=0, dtype=np.int64)
+        keys = [c.key for i, c in enumerate(CLASSES) if pos[i] == 0 or pos[i] == len(idx)]
+        if keys:
+            unevaluable[part] = keys
+            name = "validation" if part == "val" else "test"
+            log.warning(
+                "the %s split (%d beats) has no positive (or no negative) beat of %s: their %s AUROC "
+                "is undefined and recorded as null",
+                name,
+                len(idx),
+                ", ".join(keys),
+                name,
+            )
+    return unevaluable
+
+
+class _RunWriter:
+    """Where rank 0 writes a run (see :mod:`ecgx.outputs`).
+
+    A new run folder (or one replaced with ``overwrite``) is built whole in a temporary
+    sibling and renamed into place when every seed is trained. Seeds added to an existing
+    run folder are trained in a temporary sibling too, then moved in, and run.json is
+    rewritten listing every seed. An interruption leaves the run folder as it was.
+    """
+
+    def __init__(self, out: Path, overwrite: bool, existing: dict[str, Any] | None):
+        self.out = out
+        self.existing = existing
+        if existing is None:
+            self._stage: StagedOutput | None = StagedOutput(out, RUN, overwrite=overwrite)
+            self.root = self._stage.path
+        else:
+            self._stage = None
+            self.root = temporary_sibling(out, folder=True)
+
+    def commit(self, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.existing is not None:
+            seeds = {**self.existing["seeds"], **summary["seeds"]}
+            summary = {**summary, "seeds": dict(sorted(seeds.items(), key=lambda kv: int(kv[0])))}
+        text = json.dumps(summary, indent=2, allow_nan=False) + "\n"
+        if self._stage is not None:
+            (self.root / RUN_FILE).write_text(text)
+            self._stage.commit()
+            return summary
+        # Re-checked now: the folder may have changed while the seeds trained.
+        if classify_output(self.out, RUN) != "ours":
+            raise OutputError(f"run folder {self.out} disappeared while training; nothing was added")
+        for d in sorted(self.root.iterdir()):
+            if (self.out / d.name).exists():
+                raise OutputError(f"{self.out / d.name} appeared while training; nothing was added")
+        for d in sorted(self.root.iterdir()):
+            d.chmod(0o755)
+            d.rename(self.out / d.name)
+        write_text_atomic(self.out / RUN_FILE, text)
+        self.root.rmdir()
+        return summary
+
+    def abort(self) -> None:
+        if self._stage is not None:
+            self._stage.abort()
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _check_seeds(seeds: Sequence[int]) -> list[int]:
@@ -272,11 +431,11 @@ def _check_seeds(seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
-def _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress) -> dict[str, Any]:
+def _train_seeds(ds, split, seeds, writer, model_cfg, cfg, ctx, show_progress, fingerprint) -> dict[str, Any]:
     data_info = {
         "path": str(Path(ds.path).resolve()),
         "n": len(ds),
-        "fingerprint": dataset_fingerprint(ds),
+        "fingerprint": fingerprint,
         "source": ds.meta.get("source"),
     }
     summary: dict[str, Any] = {
@@ -288,6 +447,7 @@ def _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress) -> d
         "seeds": {},
     }
     test_labels = np.asarray(ds.labels[split.test])
+    val_labels = np.asarray(ds.labels[split.val])
     for seed in seeds:
         model, metrics = train_seed(ds, split, seed, model_cfg, cfg, ctx, show_progress)
         if not ctx.is_main:
@@ -296,24 +456,27 @@ def _train_seeds(ds, split, seeds, out, model_cfg, cfg, ctx, show_progress) -> d
         val_auroc = evaluate(model, ds, split.val, cfg.eval_batch_size, ctx.device)
         defined = [a for a in test_auroc if a is not None]
         metrics.update(
-            classes=_class_table(test_auroc, val_auroc, test_labels),
+            classes=_class_table(test_auroc, val_auroc, test_labels, val_labels),
             mean_test_auroc=float(np.mean(defined)) if defined else None,
             min_test_auroc=float(np.min(defined)) if defined else None,
             data=data_info,
             split={"seed": cfg.split_seed, **split.sizes()},
             environment=_environment(ctx),
         )
-        _write_seed(out, seed, model.cpu(), metrics, model_cfg, cfg)
+        _write_seed(writer.root, seed, model.cpu(), metrics, model_cfg, cfg)
         keys = ("mean_test_auroc", "min_test_auroc", "best_epoch", "train_seconds")
         summary["seeds"][str(seed)] = {k: metrics[k] for k in keys}
-        log.info(
-            "seed %d: mean test AUROC %.4f, min %.4f",
-            seed,
-            metrics["mean_test_auroc"] or math.nan,
-            metrics["min_test_auroc"] or math.nan,
-        )
-    if ctx.is_main:
-        (out / RUN_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+        if defined:
+            log.info(
+                "seed %d: mean test AUROC %.4f, min %.4f over %d of %d classes",
+                seed,
+                metrics["mean_test_auroc"],
+                metrics["min_test_auroc"],
+                len(defined),
+                len(test_auroc),
+            )
+        else:
+            log.warning("seed %d: no class can be evaluated on the test split: test AUROC undefined", seed)
     return summary
 
 
@@ -321,4 +484,4 @@ def _write_seed(out: Path, seed: int, model: ECGNet, metrics: dict, model_cfg: M
     d = seed_dir(out, seed)
     d.mkdir(parents=True, exist_ok=True)
     save_checkpoint(d / CHECKPOINT_FILE, model, seed=seed, train_config=cfg.to_dict(), metrics=metrics)
-    (d / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    (d / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")
