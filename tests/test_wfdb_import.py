@@ -146,7 +146,7 @@ def test_unusable_records_are_skipped_with_reasons(
     reasons = dict(report.skipped)
     assert set(reasons) == {"garbage", "no_v3", "short", str(tmp_path / "nowhere")}
     assert "missing leads: V3" in reasons["no_v3"]
-    assert "unreadable" in reasons["garbage"]
+    assert "garbage.hea line 1: number of signals (n_sig) 'is' is not a whole number" in reasons["garbage"]
     assert "too few beats" in reasons["short"]
     assert reasons[str(tmp_path / "nowhere")] == "not found"
     for name in reasons:
@@ -215,5 +215,7 @@ def test_median_beat_rejects_bad_input() -> None:
     bad[3, 10] = np.nan
     with pytest.raises(MedianBeatError, match="NaN"):
         median_beat(bad, 500.0)
-    with pytest.raises(MedianBeatError, match="too few beats"):
+    with pytest.raises(MedianBeatError, match="flat leads I, II, .*, V6"):
         median_beat(np.zeros((12, 5000)), 500.0)
+    with pytest.raises(MedianBeatError, match="too few beats"):
+        median_beat(np.random.default_rng(0).normal(0.0, 0.1, (12, 5000)), 500.0)

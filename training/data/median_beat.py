@@ -2,6 +2,11 @@
 
 Pipeline of :func:`median_beat`:
 
+0. refuse what cannot give a trustworthy beat (:func:`check_sampling_rate`,
+   :func:`check_leads`): a sampling rate below ``MIN_SAMPLING_RATE_HZ`` or above
+   ``MAX_SAMPLING_RATE_HZ``, a record shorter than one beat window, a flat lead
+   (peak-to-peak below ``FLAT_LEAD_MV``, e.g. all zeros) or a lead that holds one value
+   for ``FLAT_RUN_S`` or longer (electrode off or saturated during the recording);
 1. resample to 500 Hz (``resample_poly`` with the rational ratio);
 2. detect QRS complexes on a 5-15 Hz band-passed, squared-derivative energy summed
    over all leads (:func:`detect_r_peaks`); this filtering is for detection only;
@@ -27,11 +32,25 @@ from fractions import Fraction
 import numpy as np
 from scipy import ndimage, signal
 
-from training.data.schema import BEAT_SAMPLES, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
+from training.data.schema import BEAT_SAMPLES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 
 REFRACTORY_S = 0.25  # two QRS complexes are never closer than this
 T_WAVE_WINDOW_S = 0.36  # a weak peak this soon after a beat is a T wave (Pan-Tompkins)
 MIN_BEAT_CORRELATION = 0.8
+# Lowest accepted sampling rate. The beat is resampled to 500 Hz, but resampling cannot bring back what
+# was never sampled: at 250 Hz the record keeps QRS content up to 125 Hz and, on the PTB-XL records
+# downsampled for the test, the median beat stays within 0.04 mV of the 500 Hz beat's per-lead QRS peak
+# with the R fiducial within 2 ms. At 100 Hz (PTB-XL's records100, a decimated copy of records500) the
+# band ends at 50 Hz: QRS peaks lose up to 0.2 mV and notches vanish, a different input from the 500 Hz
+# beats the models are trained on; at 50 Hz the loss is 0.66 mV. 250 Hz still admits INCART (257 Hz).
+MIN_SAMPLING_RATE_HZ = 250.0
+MAX_SAMPLING_RATE_HZ = 20_000.0  # far above any ECG recorder; a higher value is a corrupt header
+# A lead whose whole record spans less than this (peak to peak) carries no ECG: an unconnected electrode,
+# all zeros, or a gain 1000 times too large. Real leads span 0.4 mV or more (QRS plus baseline drift).
+FLAT_LEAD_MV = 0.02
+# A lead holding exactly one value this long was disconnected or saturated during the recording. Real
+# records hold one quantised value for at most ~0.2 s (PTB-XL's flattest isoelectric stretches).
+FLAT_RUN_S = 2.0
 _DETECT_BAND_HZ = (5.0, 15.0)
 _HIGHPASS_HZ = 0.5
 _ENVELOPE_S = 0.08  # moving average merging one QRS's energy lobes into one peak
@@ -47,6 +66,52 @@ _ISO_WIDTH = 10  # 20 ms
 
 class MedianBeatError(ValueError):
     """No trustworthy median beat can be made from a signal (the message says why)."""
+
+
+def check_sampling_rate(fs: float) -> None:
+    """Raise :class:`MedianBeatError` unless ``fs`` lies in [MIN_SAMPLING_RATE_HZ, MAX_SAMPLING_RATE_HZ]."""
+    if not np.isfinite(fs) or fs <= 0:
+        raise MedianBeatError(f"sampling rate must be a positive number of Hz, got {fs}")
+    if fs < MIN_SAMPLING_RATE_HZ:
+        raise MedianBeatError(
+            f"sampling rate {fs:g} Hz is below the {MIN_SAMPLING_RATE_HZ:g} Hz minimum for median beats "
+            "(QRS detail above half the rate is lost; for PTB-XL import records500, not records100)"
+        )
+    if fs > MAX_SAMPLING_RATE_HZ:
+        raise MedianBeatError(
+            f"sampling rate {fs:g} Hz is above the {MAX_SAMPLING_RATE_HZ:g} Hz plausible for an ECG"
+        )
+
+
+def _longest_constant_run(lead: np.ndarray) -> int:
+    """Length (samples) of the longest stretch of identical consecutive values."""
+    changes = np.flatnonzero(np.diff(lead) != 0)
+    bounds = np.concatenate(([-1], changes, [len(lead) - 1]))
+    return int(np.diff(bounds).max())
+
+
+def check_leads(signal_12xT: np.ndarray, fs: float) -> None:
+    """Raise :class:`MedianBeatError` naming every flat or disconnected lead of a (12, T) mV signal.
+
+    A lead is flat when it spans less than ``FLAT_LEAD_MV`` peak to peak over the whole
+    record, and disconnected when it holds one value for ``FLAT_RUN_S`` or longer.
+    """
+    x = _as_leads(signal_12xT)
+    span = np.ptp(x, axis=1)
+    flat = [LEADS[k] for k in np.flatnonzero(span < FLAT_LEAD_MV)]
+    if flat:
+        raise MedianBeatError(
+            f"flat lead{'s' if len(flat) > 1 else ''} {', '.join(flat)}: less than {FLAT_LEAD_MV} mV peak to "
+            "peak over the whole record (electrode not connected, or wrong gain or units in the header)"
+        )
+    min_run = int(np.ceil(FLAT_RUN_S * fs))
+    runs = [(LEADS[k], _longest_constant_run(x[k])) for k in range(N_LEADS)]
+    stuck = [f"{lead} ({n / fs:.1f} s)" for lead, n in runs if n >= min_run]
+    if stuck:
+        raise MedianBeatError(
+            f"disconnected lead{'s' if len(stuck) > 1 else ''} {', '.join(stuck)}: one constant value for "
+            f"{FLAT_RUN_S:g} s or longer (electrode off or saturated during the recording)"
+        )
 
 
 def resample(x: np.ndarray, fs: float, target: float = SAMPLING_RATE_HZ) -> np.ndarray:
@@ -208,10 +273,22 @@ def median_beat(
     """The (12, 600) float32 median beat (mV, R peak at sample 250, 500 Hz) of a rhythm ECG.
 
     ``signal_12xT`` holds the 12 leads in ``schema.LEADS`` order, in millivolts, at
-    ``fs`` Hz. Raises :class:`MedianBeatError` when the signal is malformed or yields
-    fewer than ``min_beats`` usable, mutually consistent beats.
+    ``fs`` Hz. Raises :class:`MedianBeatError` when the signal is malformed (see
+    :func:`check_sampling_rate`, :func:`check_leads`) or yields fewer than ``min_beats``
+    usable, mutually consistent beats.
     """
-    x = resample(_as_leads(signal_12xT), fs)
+    if isinstance(min_beats, bool) or not isinstance(min_beats, (int, np.integer)) or min_beats < 1:
+        raise MedianBeatError(f"min_beats must be a whole number of at least 1, got {min_beats!r}")
+    check_sampling_rate(fs)
+    x = _as_leads(signal_12xT)
+    seconds = x.shape[-1] / fs
+    if seconds * SAMPLING_RATE_HZ < BEAT_SAMPLES:  # checked before resampling, which would cost time
+        raise MedianBeatError(
+            f"too few beats: the record is {seconds:.2f} s long, "
+            f"shorter than one {BEAT_SAMPLES / SAMPLING_RATE_HZ:.1f} s beat window"
+        )
+    check_leads(x, fs)
+    x = resample(x, fs)
     n = x.shape[-1]
     if n < BEAT_SAMPLES:
         raise MedianBeatError(

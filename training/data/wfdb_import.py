@@ -4,12 +4,22 @@ Each record is read with ``wfdb.rdrecord``, its 12 standard leads are picked by
 name (case-insensitively, extra channels such as Frank leads ignored), converted to
 millivolts, reduced to one median beat (:mod:`training.data.median_beat`) and
 labelled from its ``# Dx:`` SNOMED CT codes. A record that cannot be used is
-skipped with a logged reason; the import fails only when no record is usable.
+skipped with its reason (listed in the report and ``meta.json``); the import fails,
+writing nothing, only when no record is usable.
+
+Headers are parsed strictly (:func:`read_header`) before ``wfdb`` reads the samples:
+``wfdb`` silently reads an unparsable, negative or missing sampling frequency as
+250 Hz and a missing or zero gain as 200, so any such field is refused with the
+header file, line and field named. Every record must also pass the median-beat
+pipeline's input checks (:func:`training.data.median_beat.check_sampling_rate`,
+:func:`~training.data.median_beat.check_leads`): at least 250 Hz, no flat or
+disconnected lead.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,7 +30,7 @@ import wfdb
 
 from ecgx.progress import progress
 from training.data.dataset import MAX_ABS_MV, DatasetError, default_meta, write_dataset
-from training.data.median_beat import MedianBeatError, median_beat
+from training.data.median_beat import MedianBeatError, check_sampling_rate, median_beat
 from training.data.schema import LEADS, N_CLASSES, snomed_to_class
 
 log = logging.getLogger(__name__)
@@ -30,6 +40,27 @@ RECORD_SUFFIXES = (".hea", ".mat", ".dat")
 UNIT_TO_MV = {"mv": 1.0, "uv": 1e-3, "µv": 1e-3, "μv": 1e-3, "microvolt": 1e-3, "v": 1e3, "nv": 1e-6}
 # Short gaps (invalid samples) are interpolated; a lead missing more than this is not trusted.
 MAX_MISSING_FRACTION = 0.2
+# Bytes per sample of the WFDB storage formats whose data-file size follows from the sample count
+# (the compressed FLAC formats 508/516/524 do not, and are not size-checked).
+_FORMAT_BYTES = {
+    "8": 1.0,
+    "16": 2.0,
+    "61": 2.0,
+    "80": 1.0,
+    "160": 2.0,
+    "212": 1.5,
+    "310": 4 / 3,
+    "311": 4 / 3,
+    "24": 3.0,
+    "32": 4.0,
+}
+_NUMBER = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")  # no nan, inf or 1_000
+_INTEGER = re.compile(r"^[-+]?\d+$")
+_FORMAT = re.compile(r"^(\d+)(?:x(\d+))?(?::(\d+))?(?:\+(\d+))?$")  # fmt[xspf][:skew][+offset]
+_GAIN = re.compile(r"^([^(/]*)(?:\(([^)]*)\))?(?:/(.*))?$")  # gain[(baseline)][/units]
+# Storage formats of the WFDB specification (signal(5)); wfdb raises a bare KeyError on others.
+_FORMATS = {"0", "8", "16", "24", "32", "61", "80", "160", "212", "310", "311", "508", "516", "524"}
+_SIGNAL_INTEGER_FIELDS = ("ADC resolution", "ADC zero", "initial value", "checksum", "block size")
 _DX_LINE = re.compile(r"^\s*dx\s*:\s*(.*)$", re.IGNORECASE)
 _MAX_LISTED = 10  # names listed in one aggregated warning
 
@@ -55,24 +86,35 @@ def record_base(path: str | Path) -> Path:
     return p.with_suffix("") if p.suffix.lower() in RECORD_SUFFIXES else p
 
 
-def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None]]:
-    """Expand files and folders into ``(name, record base)`` pairs; base ``None`` = not found.
+def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None, str]]:
+    """Expand files and folders into ``(name, record base, problem)`` triples.
 
     A folder contributes every record whose ``.hea`` it holds, sorted; a record given
-    twice is imported once.
+    twice is imported once. Base ``None`` marks a path that gives no record (not found,
+    a folder without headers, an unreadable folder) and ``problem`` says why.
     """
-    found: list[tuple[str, Path | None]] = []
+    found: list[tuple[str, Path | None, str]] = []
     seen: set[Path] = set()
     for given in paths:
         p = Path(given)
-        bases = sorted(h.with_suffix("") for h in p.glob("*.hea")) if p.is_dir() else [record_base(p)]
-        if not p.is_dir() and not _header(bases[0]).is_file():
-            found.append((str(given), None))
-            continue
+        if p.is_dir():
+            try:
+                bases = sorted(h.with_suffix("") for h in p.glob("*.hea"))
+            except OSError as e:
+                found.append((str(given), None, f"cannot list the folder: {e.strerror or e}"))
+                continue
+            if not bases:
+                found.append((str(given), None, "the folder holds no WFDB header (.hea)"))
+                continue
+        else:
+            bases = [record_base(p)]
+            if not _header(bases[0]).is_file():
+                found.append((str(given), None, "not found"))
+                continue
         for base in bases:
             if base.resolve() not in seen:
                 seen.add(base.resolve())
-                found.append((base.name, base))
+                found.append((base.name, base, ""))
     return found
 
 
@@ -81,53 +123,251 @@ def _header(base: Path) -> Path:
     return base.parent / f"{base.name}.hea"
 
 
+@dataclass(frozen=True)
+class SignalSpec:
+    """One signal line of a WFDB header, every field the import uses checked."""
+
+    line: int  # line number in the header file
+    file: str  # data file, relative to the header's folder
+    fmt: str  # storage format, e.g. "16" or "212"
+    samples_per_frame: int
+    byte_offset: int
+    gain: float  # ADC units per physical unit, > 0
+    baseline: int | None  # None: not given (WFDB's documented default, the ADC zero)
+    units: str  # "mV" where the header gives none (WFDB's documented default)
+    name: str  # the description, e.g. "V1"
+
+
+@dataclass(frozen=True)
+class HeaderSpec:
+    """The record line and signal lines of a WFDB header (:func:`read_header`)."""
+
+    file: Path
+    line: int  # line number of the record line
+    fs: float  # > 0
+    sig_len: int | None  # > 0; None: not given (WFDB counts the samples in the data file)
+    signals: tuple[SignalSpec, ...]
+
+
+def read_header(path: str | Path) -> HeaderSpec:
+    """Parse a record's ``.hea`` strictly; raise :class:`WfdbImportError` naming file, line and field.
+
+    ``wfdb.rdheader`` reads an unparsable, negative or missing sampling frequency as
+    250 Hz, a missing, zero or unparsable gain as 200 and ignores junk after a field; here
+    each of those is an error. A missing ``units`` (millivolts) and a missing baseline
+    (the ADC zero) keep the WFDB format's documented defaults, which real databases (MIT-BIH,
+    PTB Diagnostic) rely on. Multi-segment records are refused.
+    """
+    hea = _header(record_base(path))
+    try:
+        text = hea.read_bytes().decode("utf-8", errors="replace")
+    except OSError as e:
+        raise WfdbImportError(f"{hea.name}: cannot read the header: {e.strerror or e}") from None
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1)]
+    lines = [(n, line) for n, line in lines if line and not line.startswith("#")]
+    if not lines:
+        raise WfdbImportError(f"{hea.name}: no record line (the header is empty or only comments)")
+    (n, record_line), signal_lines = lines[0], lines[1:]
+    at = f"{hea.name} line {n}"
+    tok = record_line.split()
+    if "/" in tok[0]:
+        raise WfdbImportError(f"{at}: record name {tok[0]!r}: multi-segment records are not supported")
+    if len(tok) < 2:
+        raise WfdbImportError(f"{at}: no number of signals (n_sig) in the record line {record_line!r}")
+    n_sig = _integer(tok[1], at, "number of signals (n_sig)")
+    if n_sig < 1:
+        raise WfdbImportError(f"{at}: number of signals (n_sig) is {n_sig}: the record has no signals")
+    if len(tok) < 3:
+        raise WfdbImportError(f"{at}: no sampling frequency (fs); WFDB's default of 250 Hz would be a guess")
+    fs = _number(tok[2].split("/")[0], at, "sampling frequency (fs)")
+    if fs <= 0:
+        raise WfdbImportError(f"{at}: sampling frequency (fs) {tok[2]!r} is not positive")
+    sig_len = None
+    if len(tok) > 3:
+        sig_len = _integer(tok[3], at, "number of samples per signal (sig_len)")
+        if sig_len <= 0:
+            raise WfdbImportError(
+                f"{at}: number of samples per signal (sig_len) is {sig_len}: the record holds no samples"
+            )
+    if len(signal_lines) != n_sig:
+        raise WfdbImportError(
+            f"{at}: number of signals (n_sig) is {n_sig} but {len(signal_lines)} signal line(s) follow"
+        )
+    return HeaderSpec(hea, n, fs, sig_len, tuple(_signal_spec(hea.name, n, line) for n, line in signal_lines))
+
+
+def _signal_spec(header: str, n: int, line: str) -> SignalSpec:
+    tok = line.split(maxsplit=8)
+    name = tok[8] if len(tok) > 8 else ""
+    at = f"{header} line {n}" + (f" ({name})" if name else "")
+    if len(tok) < 2:
+        raise WfdbImportError(f"{at}: no storage format in the signal line {line!r}")
+    fmt = _FORMAT.match(tok[1])
+    if fmt is None or fmt[1] not in _FORMATS:
+        raise WfdbImportError(
+            f"{at}: storage format {tok[1]!r} is not a WFDB format (e.g. 16, 212, 16x1+24; see signal(5))"
+        )
+    if len(tok) < 3:
+        raise WfdbImportError(f"{at}: no ADC gain; WFDB's default of 200 units/mV would be a guess")
+    spec = _GAIN.match(tok[2])
+    if spec is None:
+        raise WfdbImportError(f"{at}: ADC gain field {tok[2]!r} is not gain[(baseline)][/units]")
+    gain = _number(spec[1], at, "ADC gain")
+    if gain == 0:
+        raise WfdbImportError(f"{at}: ADC gain is 0 (uncalibrated); WFDB's default of 200 would be a guess")
+    if gain < 0:
+        raise WfdbImportError(f"{at}: ADC gain {spec[1]} is negative")
+    baseline = None if spec[2] is None else _integer(spec[2], at, "baseline")
+    for text, field_name in zip(tok[3:8], _SIGNAL_INTEGER_FIELDS, strict=False):
+        _integer(text, at, field_name)
+    return SignalSpec(
+        line=n,
+        file=tok[0],
+        fmt=fmt[1],
+        samples_per_frame=int(fmt[2] or 1),
+        byte_offset=int(fmt[4] or 0),
+        gain=gain,
+        baseline=baseline,
+        units=(spec[3] or "").strip() or "mV",
+        name=name,
+    )
+
+
+def _number(text: str, at: str, field_name: str) -> float:
+    if not _NUMBER.match(text):
+        raise WfdbImportError(f"{at}: {field_name} {text!r} is not a number")
+    value = float(text)
+    if not math.isfinite(value):
+        raise WfdbImportError(f"{at}: {field_name} {text!r} is out of range")
+    return value
+
+
+def _integer(text: str, at: str, field_name: str) -> int:
+    if not _INTEGER.match(text):
+        raise WfdbImportError(f"{at}: {field_name} {text!r} is not a whole number")
+    return int(text)
+
+
 def read_record(path: str | Path) -> tuple[np.ndarray, float, list[str]]:
     """Read one WFDB record: ``(signal, fs, dx_codes)``.
 
     ``signal`` is (12, T) float32 millivolts in ``schema.LEADS`` order at the record's
     own sampling rate ``fs``; short runs of invalid samples are linearly interpolated.
     ``dx_codes`` are the SNOMED codes of the header's ``# Dx:`` lines (empty if none).
-    Raises :class:`WfdbImportError` for an unreadable record, missing leads, unknown
-    units or leads without enough valid samples.
+    Raises :class:`WfdbImportError`, naming the file and field, for a header field that
+    is missing or impossible (:func:`read_header`), a sampling rate outside the
+    median-beat pipeline's range, missing or duplicated leads, unknown units, a data file
+    that is missing, unreadable or holds another number of samples than the header
+    says, and leads without enough valid samples.
     """
     base = record_base(path)
     if not _header(base).is_file():
         raise WfdbImportError(f"not found: {_header(base)}")
+    header = read_header(base)
+    hea = header.file.name
+    try:
+        check_sampling_rate(header.fs)
+    except MedianBeatError as e:
+        raise WfdbImportError(f"{hea} line {header.line}: sampling frequency (fs): {e}") from None
+    idx = _lead_indices(header)
+    scale = np.array([_mv_factor(header.signals[i], LEADS[k], hea) for k, i in enumerate(idx)])
+    _check_data_files(base, header)
     try:
         rec = wfdb.rdrecord(str(base))
     except Exception as e:  # wfdb raises many types on malformed files; all mean "unreadable"
-        raise WfdbImportError(f"unreadable WFDB record: {type(e).__name__}: {e}") from None
-    if rec.p_signal is None or rec.fs is None:
-        raise WfdbImportError("unreadable WFDB record: no physical signal or sampling rate")
-    idx = _lead_indices(rec.sig_name or [])
-    units = rec.units or ["mV"] * rec.n_sig
-    scale = np.array([_mv_factor(units[i], LEADS[k]) for k, i in enumerate(idx)])
+        files = ", ".join(dict.fromkeys(s.file for s in header.signals))
+        message = " ".join(f"{type(e).__name__}: {e}".split())
+        raise WfdbImportError(f"{hea}: cannot read the samples in {files}: {message}") from None
+    _check_agrees(rec, header)
     signal = rec.p_signal[:, idx].T * scale[:, None]
-    return _fill_gaps(signal).astype(np.float32), float(rec.fs), _dx_codes(rec.comments or [])
+    return _fill_gaps(signal).astype(np.float32), header.fs, _dx_codes(rec.comments or [])
 
 
-def _lead_indices(names: Sequence[str]) -> list[int]:
-    """Channel index of each of the 12 standard leads; the first channel wins on duplicates."""
+def _lead_indices(header: HeaderSpec) -> list[int]:
+    """Channel index of each of the 12 standard leads, matched case-insensitively; duplicates are refused."""
     index: dict[str, int] = {}
-    for i, name in enumerate(names):
-        index.setdefault(str(name).strip().casefold(), i)
+    for i, signal in enumerate(header.signals):
+        key = signal.name.strip().casefold()
+        if key in index and key in {lead.casefold() for lead in LEADS}:
+            first = header.signals[index[key]]
+            raise WfdbImportError(
+                f"{header.file.name} lines {first.line} and {signal.line}: signal description (lead name) "
+                f"{signal.name!r} appears twice; which one is lead {signal.name} would be a guess"
+            )
+        index.setdefault(key, i)
     missing = [lead for lead in LEADS if lead.casefold() not in index]
     if missing:
-        present = ", ".join(map(str, names)) or "none"
-        raise WfdbImportError(f"missing leads: {', '.join(missing)} (channels present: {present})")
+        present = ", ".join(s.name or "(unnamed)" for s in header.signals)
+        raise WfdbImportError(
+            f"{header.file.name}: missing leads: {', '.join(missing)} (signal descriptions: {present})"
+        )
     return [index[lead.casefold()] for lead in LEADS]
 
 
-def _mv_factor(unit: str | None, lead: str) -> float:
-    key = (unit or "mV").strip().casefold()
+def _mv_factor(signal: SignalSpec, lead: str, header: str) -> float:
+    key = signal.units.casefold()
     if key not in UNIT_TO_MV:
-        raise WfdbImportError(f"lead {lead}: unsupported units {unit!r} (expected mV, uV or V)")
+        raise WfdbImportError(
+            f"{header} line {signal.line} (lead {lead}): unsupported units {signal.units!r} "
+            "(expected mV, uV or V)"
+        )
     return UNIT_TO_MV[key]
+
+
+def _check_data_files(base: Path, header: HeaderSpec) -> None:
+    """Every data file exists and, where its format allows, holds exactly ``sig_len`` samples per signal."""
+    by_file: dict[str, list[SignalSpec]] = {}
+    for signal in header.signals:
+        by_file.setdefault(signal.file, []).append(signal)
+    for name, signals in by_file.items():
+        at = f"{header.file.name} line {signals[0].line}"
+        path = base.parent / name
+        if not path.is_file():
+            raise WfdbImportError(f"{at}: data file {name} not found")
+        if header.sig_len is None or any(s.fmt not in _FORMAT_BYTES for s in signals):
+            continue
+        frame = sum(s.samples_per_frame * _FORMAT_BYTES[s.fmt] for s in signals)  # bytes per frame
+        data = path.stat().st_size - signals[0].byte_offset
+        expected = math.ceil(header.sig_len * frame)
+        if not expected <= data < expected + frame:
+            held = max(data, 0) // frame
+            raise WfdbImportError(
+                f"{at}: data file {name} holds {held:.0f} samples per signal but the header's "
+                f"number of samples per signal (sig_len) is {header.sig_len}"
+            )
+
+
+def _check_agrees(rec: wfdb.Record, header: HeaderSpec) -> None:
+    """``wfdb`` read the fields the conversion relies on as :func:`read_header` did (a safety net)."""
+    hea = header.file.name
+    n_sig, n_samples = (None, None) if rec.p_signal is None else rec.p_signal.shape[::-1]
+    if n_sig != len(header.signals):
+        raise WfdbImportError(f"{hea}: wfdb read {n_sig} signals, the header has {len(header.signals)}")
+    if rec.fs is None or not math.isclose(float(rec.fs), header.fs, rel_tol=1e-9):
+        raise WfdbImportError(f"{hea}: wfdb read the sampling frequency (fs) as {rec.fs}, not {header.fs:g}")
+    if header.sig_len is not None and n_samples != header.sig_len:
+        raise WfdbImportError(
+            f"{hea}: wfdb read {n_samples} samples per signal, not sig_len {header.sig_len}"
+        )
+    for signal, gain, baseline in zip(header.signals, rec.adc_gain, rec.baseline, strict=True):
+        if not math.isclose(float(gain), signal.gain, rel_tol=1e-9):
+            raise WfdbImportError(
+                f"{hea} line {signal.line}: wfdb read the ADC gain as {gain}, not {signal.gain:g}"
+            )
+        if signal.baseline is not None and baseline != signal.baseline:
+            raise WfdbImportError(
+                f"{hea} line {signal.line}: wfdb read the baseline as {baseline}, not {signal.baseline}"
+            )
 
 
 def _fill_gaps(signal: np.ndarray) -> np.ndarray:
     """Interpolate invalid samples (NaN in ``p_signal``) lead by lead, refusing mostly-empty leads."""
-    bad = ~np.isfinite(signal)
+    if np.isinf(signal).any():
+        lead = LEADS[int(np.flatnonzero(np.isinf(signal).any(axis=1))[0])]
+        raise WfdbImportError(
+            f"lead {lead}: samples overflow to infinity in millivolts (ADC gain too small?)"
+        )
+    bad = np.isnan(signal)
     if not bad.any():
         return signal
     out = signal.copy()
@@ -135,9 +375,14 @@ def _fill_gaps(signal: np.ndarray) -> np.ndarray:
     for k in np.flatnonzero(bad.any(axis=1)):
         missing = bad[k].mean()
         if missing == 1.0:
-            raise WfdbImportError(f"lead {LEADS[k]} has no valid samples (all NaN)")
+            raise WfdbImportError(
+                f"lead {LEADS[k]}: no valid samples (all are the format's invalid-sample code)"
+            )
         if missing > MAX_MISSING_FRACTION:
-            raise WfdbImportError(f"lead {LEADS[k]} has {missing:.0%} invalid samples")
+            raise WfdbImportError(
+                f"lead {LEADS[k]}: {missing:.0%} of the samples are invalid "
+                f"(at most {MAX_MISSING_FRACTION:.0%} are interpolated)"
+            )
         out[k, bad[k]] = np.interp(t[bad[k]], t[~bad[k]], signal[k, ~bad[k]])
     return out
 
@@ -171,6 +416,8 @@ def record_median_beat(path: str | Path, min_beats: int = 3) -> tuple[np.ndarray
         beat = median_beat(signal, fs, min_beats=min_beats)
     except MedianBeatError as e:
         raise WfdbImportError(str(e)) from None
+    except (ValueError, ArithmeticError, MemoryError) as e:  # numpy/scipy on a signal the checks let through
+        raise WfdbImportError(f"median beat failed: {type(e).__name__}: {e}") from None
     peak = float(np.abs(beat).max())
     if peak > MAX_ABS_MV:
         # A units mistake (e.g. µV labelled mV) would otherwise fail the whole dataset write.
@@ -202,8 +449,9 @@ class _Collected:
             self.unknown[name] = unknown
 
     def skip(self, name: str, reason: str) -> None:
-        log.warning("skipping WFDB record %s: %s", name, reason)
-        self.skipped.append((name, reason))
+        # Logged once the import is known to go ahead (_warn_skipped): if no record is usable,
+        # the error alone says why, on one line.
+        self.skipped.append((name, " ".join(reason.split())))
 
 
 def import_wfdb(
@@ -217,20 +465,23 @@ def import_wfdb(
     """Turn WFDB records into a dataset folder of median beats at ``out``.
 
     ``paths`` are records (with or without ``.hea``/``.mat``/``.dat``) or folders (every
-    record in them). Unusable records are skipped with a WARNING and listed in the
-    report; if none is usable, :class:`WfdbImportError` lists the reasons and nothing
-    is written. Labels are multi-hot from the ``# Dx:`` codes; the data has no
-    ground-truth masks.
+    record in them). Unusable records are skipped, listed with their reasons in the
+    report and summarised in one WARNING; if none is usable, :class:`WfdbImportError`
+    lists the reasons and nothing is written. ``min_beats`` (>= 1) is the fewest
+    consistent beats a record's median beat is made of. Labels are multi-hot from the
+    ``# Dx:`` codes; the data has no ground-truth masks.
     """
+    if isinstance(min_beats, bool) or not isinstance(min_beats, (int, np.integer)) or min_beats < 1:
+        raise WfdbImportError(f"--min-beats must be a whole number of at least 1, got {min_beats!r}")
     out = Path(out)
     _check_out(out, overwrite)  # fail before minutes of work, not after
     records = find_records(paths)
     got = _Collected()
-    for name, base in progress(
+    for name, base, problem in progress(
         records, total=len(records), desc="import WFDB", unit="rec", enabled=show_progress
     ):
         if base is None:
-            got.skip(name, "not found")
+            got.skip(name, problem)
             continue
         try:
             beat, codes = record_median_beat(base, min_beats=min_beats)
@@ -239,8 +490,8 @@ def import_wfdb(
             continue
         got.add(name, base, beat, codes)
     if not got.beats:
-        reasons = "; ".join(f"{n}: {r}" for n, r in got.skipped) or "no records given"
-        raise WfdbImportError(f"no usable WFDB record among {len(records)}: {reasons}")
+        raise WfdbImportError(_nothing_usable(len(records), got.skipped))
+    _warn_skipped(got, len(records))
     _warn_labels(got)
     written = write_dataset(out, np.stack(got.beats), np.stack(got.labels), _meta(got), overwrite=overwrite)
     return ImportReport(written, got.names, got.skipped, got.unlabelled, got.unknown)
@@ -269,6 +520,25 @@ def _meta(got: _Collected) -> dict[str, object]:
 def _listing(names: Sequence[str]) -> str:
     more = f" and {len(names) - _MAX_LISTED} more" if len(names) > _MAX_LISTED else ""
     return ", ".join(names[:_MAX_LISTED]) + more
+
+
+def _nothing_usable(n_records: int, skipped: Sequence[tuple[str, str]]) -> str:
+    """One line: why not one of ``n_records`` records could be imported (the first few reasons)."""
+    if not skipped:
+        return "no WFDB records given"
+    reasons = "; ".join(f"{name}: {reason}" for name, reason in skipped[:_MAX_LISTED])
+    more = f"; and {len(skipped) - _MAX_LISTED} more" if len(skipped) > _MAX_LISTED else ""
+    return f"no usable WFDB record among {n_records}: {reasons}{more}"
+
+
+def _warn_skipped(got: _Collected, n_records: int) -> None:
+    if got.skipped:
+        log.warning(
+            "skipped %d of %d WFDB record(s) (reasons in the report and meta.json): %s",
+            len(got.skipped),
+            n_records,
+            _listing([name for name, _ in got.skipped]),
+        )
 
 
 def _warn_labels(got: _Collected) -> None:
