@@ -49,37 +49,46 @@ class SigningError(ValueError):
 
 
 def generate_keypair(out_dir: Path | str, overwrite: bool = False) -> tuple[Path, Path]:
-    """Write a new key pair to ``out_dir`` (created if needed): ``gate_signing_key.pem``, readable
-    by its owner only, and ``gate_public_key.pem``. Returns (private key path, public key path).
+    """Write a new key pair as the folder ``out_dir``: ``gate_signing_key.pem``, readable by its
+    owner only, and ``gate_public_key.pem``. Returns (private key path, public key path).
 
-    Raises :class:`FileExistsError` if either file exists, unless ``overwrite``.
+    The folder follows the output rule (:mod:`ecgx.outputs`): built beside ``out_dir`` and renamed
+    into place whole. An existing key folder (even half a pair) raises :class:`FileExistsError`
+    unless ``overwrite``, since reports signed with the old key would no longer verify with the
+    new public key; a folder holding anything but gate keys is never replaced.
     """
+    from ecgx.outputs import KEYS, OutputError, OutputExistsError, StagedOutput
+
     out_dir = Path(out_dir)
     private_path, public_path = out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE
-    existing = [str(p) for p in (private_path, public_path) if p.exists() or p.is_symlink()]
-    if existing and not overwrite:
+    try:
+        stage = StagedOutput(out_dir, KEYS, overwrite=overwrite)
+    except OutputExistsError:
+        existing = [str(p) for p in (private_path, public_path) if p.exists() or p.is_symlink()]
         verb = "exists" if len(existing) == 1 else "exist"
-        raise FileExistsError(
+        raise OutputExistsError(
             f"{' and '.join(existing)} already {verb}; refusing to replace the gate keys, since reports "
             "signed with the old key would no longer verify with the new public key. Choose another "
             "folder, or replace them with --overwrite (overwrite=True)"
+        ) from None
+    except OutputError as e:
+        raise OutputError(f"gate keys: {e}") from None
+    with stage as tmp:
+        key = Ed25519PrivateKey.generate()
+        private_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    key = Ed25519PrivateKey.generate()
-    private_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    public_pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    # A fresh file created 0600: the new key never lands in an old file with looser permissions,
-    # nor is it written through a symlink planted where the key goes (O_EXCL refuses both).
-    private_path.unlink(missing_ok=True)
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(private_pem)
-    os.chmod(private_path, 0o600)  # the umask can only remove bits; this states the intent exactly
-    public_path.write_bytes(public_pem)
+        public_pem = key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        # A fresh file created 0600 in a fresh folder: the key is never readable by others, not even
+        # for a moment, and never written through a link (O_EXCL).
+        fd = os.open(tmp / PRIVATE_KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(private_pem)
+        os.chmod(tmp / PRIVATE_KEY_FILE, 0o600)  # the umask can only remove bits; this states the intent
+        (tmp / PUBLIC_KEY_FILE).write_bytes(public_pem)
+        load_private_key(tmp / PRIVATE_KEY_FILE)  # read back before publishing
     return private_path, public_path
 
 
