@@ -4,7 +4,11 @@ One engine per package, created once and shared by all threads of a server:
 sessions are created once (under a lock) and ``InferenceSession.run`` is
 thread-safe, and the engine keeps no per-request state. Every call splits
 its rows into batches of at most ``max_batch``, so memory stays bounded
-whatever the request size.
+whatever the request size; the caps in :mod:`service.limits` bound its time.
+
+Sessions are built from the graph bytes that :func:`~service.package.load_package`
+hashed, and every parameter is handed to ONNX Runtime from the one verified copy of
+``weights.bin`` in memory: nothing is read from the package folder after loading.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.package import ModelPackage, load_package
+from service import limits
+from service.package import ModelPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +57,12 @@ class AttributionEngine:
     Args:
         package: a package folder or an already loaded :class:`ModelPackage`.
         providers: execution providers in priority order (default: TensorRT, CUDA, CPU as available).
-        max_batch: the most rows sent to ONNX Runtime in one run (forward or backward pass).
+        max_batch: the most rows sent to ONNX Runtime in one run (forward or backward pass),
+            at most ``limits.MAX_BATCH_ROWS``.
         threads: intra-op threads per session (default: ONNX Runtime's choice).
+        max_request_ecgs: the most ECGs one ``attribute`` call takes (None: no cap).
+        max_request_rows: the most model passes (ECGs x passes per ECG) one ``attribute``
+            call may need (None: no cap). Offline jobs that size their own work may lift both.
         verify_hashes: check every package file against the manifest's SHA-256 on load.
         parameters: replacement values for some weight initialisers, by name (as in
             ``ModelPackage.read_parameters``). Every graph reads the replaced values, so
@@ -70,16 +79,25 @@ class AttributionEngine:
         threads: int | None = None,
         verify_hashes: bool = True,
         parameters: Mapping[str, np.ndarray] | None = None,
+        max_request_ecgs: int | None = limits.MAX_REQUEST_ECGS,
+        max_request_rows: int | None = limits.MAX_REQUEST_ROWS,
     ):
-        if not isinstance(max_batch, (int, np.integer)) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
-        if threads is not None and (not isinstance(threads, (int, np.integer)) or threads < 1):
-            raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
+        self.max_batch = _check_count("max_batch", max_batch, limits.MAX_BATCH_ROWS, "MAX_BATCH_ROWS")
+        if threads is not None:
+            threads = _check_count("threads", threads, None, "")
+        self.max_request_ecgs = (
+            None if max_request_ecgs is None else _check_count("max_request_ecgs", max_request_ecgs, None, "")
+        )
+        self.max_request_rows = (
+            None if max_request_rows is None else _check_count("max_request_rows", max_request_rows, None, "")
+        )
         self.package = package if isinstance(package, ModelPackage) else load_package(package, verify_hashes)
         self.providers = select_providers(providers)
-        self.max_batch = int(max_batch)
         self.threads = threads
-        self._overrides = self._check_overrides(parameters or {})
+        # One float32 array per parameter: views of the verified weights.bin bytes, or the
+        # replacement values. Every session reads these (ONNX Runtime wraps them, no copy on CPU).
+        self._parameters = {**self.package.parameter_views(), **self._check_overrides(parameters or {})}
+        self._initializers = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._parameters.items()}
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
 
@@ -92,19 +110,42 @@ class AttributionEngine:
             return sess
         with self._lock:
             if graph not in self._sessions:
-                opts = ort.SessionOptions()
-                if self.threads is not None:
-                    opts.intra_op_num_threads = self.threads
-                    opts.inter_op_num_threads = 1
-                if self._overrides:
-                    names = list(self._overrides)
-                    opts.add_external_initializers(names, [self._overrides[n] for n in names])
-                path = str(self.package.graph_file(graph))
-                self._sessions[graph] = ort.InferenceSession(path, opts, providers=self.providers)
+                self._sessions[graph] = self._build_session(graph)
                 log.debug("loaded graph %s with %s", graph, self._sessions[graph].get_providers())
             return self._sessions[graph]
 
-    def _check_overrides(self, parameters: Mapping[str, np.ndarray]) -> dict[str, ort.OrtValue]:
+    def _build_session(self, graph: str) -> ort.InferenceSession:
+        """A session from the verified graph bytes, its parameters supplied from memory.
+
+        The package check (``load_package``) made sure that every external data reference
+        of the graph is one of these parameters, so ONNX Runtime reads no file.
+        """
+        data = self.package.graph_bytes(graph)
+        file = self.package.graph_file(graph)
+        opts = ort.SessionOptions()
+        if self.threads is not None:
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+        names = list(self.package.graph_parameters.get(graph, ()))
+        if names:
+            opts.add_external_initializers(names, [self._initializers[n] for n in names])
+        try:
+            sess = ort.InferenceSession(data, opts, providers=self.providers)
+        except Exception as e:  # onnxruntime's own exception types derive from Exception only
+            raise PackageError(
+                f"{file}: ONNX Runtime cannot load graph {graph!r} (a corrupt or invalid ONNX model): "
+                f"{str(e).strip()[:500]}"
+            ) from None
+        inputs, outputs = self.package.graph_signature(graph)
+        got = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+        if sorted(got[0]) != sorted(inputs) or got[1] != outputs:
+            raise PackageError(
+                f"{file}: graph {graph!r} has inputs {got[0]} and outputs {got[1]}, but the manifest says "
+                f"inputs {inputs} and outputs {outputs}"
+            )
+        return sess
+
+    def _check_overrides(self, parameters: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         table = self.package.parameter_table()
         overrides = {}
         for name, value in parameters.items():
@@ -116,8 +157,7 @@ class AttributionEngine:
                 raise ValueError(f"parameter {name!r} must have shape {shape}, got {arr.shape}")
             if not np.isfinite(arr).all():
                 raise ValueError(f"parameter {name!r} holds NaN or infinite values")
-            # The OrtValue wraps ``arr`` without copying; the engine keeps both alive.
-            overrides[name] = ort.OrtValue.ortvalue_from_numpy(arr)
+            overrides[name] = arr
         return overrides
 
     def warm_up(self, graphs: Sequence[str] | None = None) -> None:
@@ -201,24 +241,26 @@ class AttributionEngine:
         graph: str,
         n_samples: int,
         shape: tuple[int, ...],
-        make_rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, Any]],
+        make_rows: Callable[[np.ndarray], tuple[dict[str, np.ndarray], Any]],
         combine: Callable[[np.ndarray, np.ndarray, Any], np.ndarray],
+        output: str | None = None,
     ) -> np.ndarray:
-        """Sum, per ECG, ``n_samples`` passes of the gradient-like ``graph``.
+        """Sum, per ECG, ``n_samples`` passes of the backward ``graph``.
 
-        Path and noise methods need many passes per ECG. Virtual row ``r`` is sample
-        ``r // B`` of ECG ``r % B`` (B = ``shape[0]``); rows are built chunk by chunk
-        (``make_rows(rows) -> (x, seed, context)``), so the scaled or noisy inputs of a
-        whole request never exist at once, and ``combine(rows, gradient, context)``
-        turns a chunk's gradients into contributions. Returns the (B, ...) sums.
+        Path, noise and baseline-distribution methods need many passes per ECG. Virtual
+        row ``r`` is sample ``r // B`` of ECG ``r % B`` (B = ``shape[0]``); rows are built
+        chunk by chunk (``make_rows(rows) -> (feeds, context)``), so the scaled or noisy
+        inputs of a whole request never exist at once, and ``combine(rows, result,
+        context)`` turns a chunk's ``output`` (default: the graph's second output, the
+        gradient or attribution) into contributions. Returns the (B, ...) sums.
         """
         batch = shape[0]
         out = np.zeros(shape, np.float32)
-        output = self.session(graph).get_outputs()[1].name
+        output = output or self.session(graph).get_outputs()[1].name
         for sl in self._chunks(n_samples * batch):
             rows = np.arange(sl.start, sl.stop)
-            x, seeds, context = make_rows(rows)
-            result = self.run(graph, {"x": x, "seed": seeds}, [output])[0]
+            feeds, context = make_rows(rows)
+            result = self.run(graph, feeds, [output])[0]
             own = ecg_of_rows(rows, batch)
             contribution = combine(rows, result, context)
             if isinstance(own, slice) or len(rows) <= batch:
@@ -244,8 +286,34 @@ class AttributionEngine:
         impl = get_method(method)
         impl.check_params(params)
         x = self.check_inputs(inputs)
+        if self.max_request_ecgs is not None and len(x) > self.max_request_ecgs:
+            raise ValueError(
+                f"inputs hold {len(x)} ECGs; this engine takes at most {self.max_request_ecgs} per request "
+                "(max_request_ecgs), which bounds the memory of one request: send them in several requests"
+            )
+        # Every parameter is checked before any model pass (a target of None already needs one).
+        passes = impl.check(x, **{**impl.parameters(), **params})
+        rows = passes * len(x)
+        if self.max_request_rows is not None and rows > self.max_request_rows:
+            raise ValueError(
+                f"{method} with these settings needs {passes:,} model passes per ECG x {len(x)} ECGs = "
+                f"{rows:,} passes; this engine allows at most {self.max_request_rows:,} per request "
+                "(max_request_rows), which bounds the time of one request: send fewer ECGs per request "
+                "or lower the method's sample, step or window count"
+            )
         t = self.resolve_target(target, x)
         return np.ascontiguousarray(impl.attribute(self, x, t, **params), dtype=np.float32)
+
+
+def _check_count(name: str, value: Any, limit: int | None, limit_name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if limit is not None and value > limit:
+        raise ValueError(
+            f"{name}={value} is over the limit of {limit} (service.limits.{limit_name}): every row of a "
+            "run holds its layer activations in ONNX Runtime at once, so this bounds the engine's memory"
+        )
+    return int(value)
 
 
 def ecg_of_rows(rows: np.ndarray, batch: int) -> slice | np.ndarray:

@@ -13,5 +13,9 @@ class RandomAttribution(AttributionMethod):
 
     name, kind, stochastic = "random", "control", True
 
+    def check(self, x, *, seed: int | None = None) -> int:
+        rng_for(seed)
+        return 0  # no model pass
+
     def attribute(self, engine, x, target, *, seed: int | None = None) -> np.ndarray:
         return rng_for(seed).standard_normal(x.shape, dtype=np.float32)

@@ -6,8 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from service.methods.base import AttributionMethod, check_choice, check_finite, per_ecg_array, rng_for
-from service.methods.gradient import shap_baselines
+from service.engine import ecg_of_rows
+from service.methods.base import AttributionMethod, check_choice, check_per_ecg, per_ecg_array, rng_for
+from service.methods.gradient import n_baselines, shap_baselines
 
 MAXPOOL_RULES = ("rescale", "gradient")
 
@@ -29,20 +30,33 @@ class DeepLift(AttributionMethod):
 
     name, kind = "deeplift", "modified backward"
 
+    def check(self, x, *, baseline: Any = None, maxpool_rule: str = "rescale") -> int:
+        check_per_ecg("baseline", baseline, x)
+        check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
+        return 1
+
     def attribute(
         self, engine, x, target, *, baseline: Any = None, maxpool_rule: str = "rescale"
     ) -> np.ndarray:
-        base = check_finite("baseline", per_ecg_array("baseline", baseline, x))
+        base = per_ecg_array("baseline", baseline, x)
         return _deeplift(engine, x, target, base, maxpool_rule)
 
 
 class DeepLiftShap(AttributionMethod):
     """Mean DeepLIFT attribution over a baseline distribution (as Captum's DeepLiftShap).
 
-    Every ECG is paired with every baseline (B x K rows, run in batches).
+    Every ECG is paired with every baseline: B x K rows, built and run ``max_batch`` at a
+    time and summed per ECG as they come, so no (B, K, 12, 600) array exists.
     """
 
     name, kind, stochastic = "deeplift_shap", "modified backward", True
+
+    def check(
+        self, x, *, baselines: Any = None, maxpool_rule: str = "rescale", seed: int | None = None
+    ) -> int:
+        check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
+        rng_for(seed)
+        return n_baselines(baselines, x)
 
     def attribute(
         self,
@@ -54,13 +68,17 @@ class DeepLiftShap(AttributionMethod):
         maxpool_rule: str = "rescale",
         seed: int | None = None,
     ) -> np.ndarray:
+        check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
         base = shap_baselines(baselines, x, rng_for(seed))
-        k = len(base)
-        per_chunk = max(1, engine.max_batch // k)  # ECGs whose B x K pairs fit one batch
-        out = np.empty(x.shape, np.float32)
-        for start in range(0, len(x), per_chunk):
-            xs, ts = x[start : start + per_chunk], target[start : start + per_chunk]
-            pairs_x, pairs_b = np.repeat(xs, k, axis=0), np.tile(base, (len(xs), 1, 1))
-            attr = _deeplift(engine, pairs_x, np.repeat(ts, k), pairs_b, maxpool_rule)
-            out[start : start + len(xs)] = attr.reshape(len(xs), k, *x.shape[1:]).mean(axis=1)
-        return out
+        k, batch = len(base), len(x)
+        flag = np.array(maxpool_rule == "rescale")
+        seeds = engine.seeds(target)
+
+        def make_rows(rows: np.ndarray):
+            j, ecg = rows // batch, ecg_of_rows(rows, batch)
+            return {"x": x[ecg], "baseline": base[j], "seed": seeds[ecg], "maxpool_rescale": flag}, None
+
+        total = engine.accumulate(
+            "deeplift", k, x.shape, make_rows, lambda rows, attr, _: attr, output="attribution"
+        )
+        return total / k

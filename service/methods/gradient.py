@@ -2,23 +2,41 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
 
 from service.engine import ecg_of_rows
+from service.limits import MAX_BASELINES, MAX_N_SAMPLES, MAX_N_STEPS, MAX_STDEV_MV
 from service.methods.base import (
     AttributionMethod,
+    check_bool,
     check_choice,
-    check_finite,
+    check_count,
     check_non_negative,
-    check_positive_int,
+    check_per_ecg,
+    numeric_array,
     per_ecg_array,
     rng_for,
 )
 
 DEFAULT_SHAP_BASELINES = 8
 DEFAULT_BASELINE_NOISE_MV = 0.05
+PATH_METHODS = ("gausslegendre", "riemann_trapezoid")
+_WHY_STEPS = "each step is one gradient pass per ECG; the cap bounds a request's time"
+_WHY_SAMPLES = "each sample is one gradient pass per ECG; the cap bounds a request's time"
+
+
+def check_stdev(value: Any) -> float:
+    return check_non_negative("stdev", value, MAX_STDEV_MV, " mV (inputs are millivolts)")
+
+
+class _OnePass(AttributionMethod):
+    """A method with no settings that runs one backward pass per ECG."""
+
+    def check(self, x, **params: Any) -> int:
+        return 1
 
 
 class Saliency(AttributionMethod):
@@ -26,12 +44,16 @@ class Saliency(AttributionMethod):
 
     name, kind = "saliency", "gradient"
 
+    def check(self, x, *, abs: bool = True) -> int:
+        check_bool("abs", abs)
+        return 1
+
     def attribute(self, engine, x, target, *, abs: bool = True) -> np.ndarray:
         grad = engine.backward("gradient", x, target)
         return np.abs(grad) if abs else grad
 
 
-class InputXGradient(AttributionMethod):
+class InputXGradient(_OnePass):
     """x * d logit / d x."""
 
     name, kind = "input_x_gradient", "gradient"
@@ -40,7 +62,7 @@ class InputXGradient(AttributionMethod):
         return x * engine.backward("gradient", x, target)
 
 
-class GuidedBackprop(AttributionMethod):
+class GuidedBackprop(_OnePass):
     """Gradient where each ReLU passes only positive gradient, and only where it was active."""
 
     name, kind = "guided_backprop", "modified backward"
@@ -49,7 +71,7 @@ class GuidedBackprop(AttributionMethod):
         return engine.backward("guided_backprop", x, target)
 
 
-class Deconvolution(AttributionMethod):
+class Deconvolution(_OnePass):
     """Deconvnet (Zeiler & Fergus): each ReLU passes the positive part of the gradient."""
 
     name, kind = "deconvolution", "modified backward"
@@ -58,17 +80,22 @@ class Deconvolution(AttributionMethod):
         return engine.backward("deconvolution", x, target)
 
 
+@functools.lru_cache(maxsize=16)
 def path_coefficients(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray]:
-    """(alphas, step weights) of the path integral, as Captum's approximation methods."""
+    """(alphas, step weights) of the path integral, as Captum's approximation methods.
+
+    Cached (read-only arrays): Gauss-Legendre nodes cost O(n_steps^3) time to compute.
+    """
     if method == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(n_steps)
-        return 0.5 * (1 + nodes), 0.5 * weights
-    # riemann_trapezoid
-    if n_steps < 2:
-        raise ValueError("riemann_trapezoid needs n_steps >= 2")
-    alphas = np.linspace(0, 1, n_steps)
-    weights = np.full(n_steps, 1.0 / (n_steps - 1))
-    weights[[0, -1]] /= 2
+        alphas, weights = 0.5 * (1 + nodes), 0.5 * weights
+    else:  # riemann_trapezoid
+        if n_steps < 2:
+            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+        alphas = np.linspace(0, 1, n_steps)
+        weights = np.full(n_steps, 1.0 / (n_steps - 1))
+        weights[[0, -1]] /= 2
+    alphas.flags.writeable = weights.flags.writeable = False
     return alphas, weights
 
 
@@ -81,12 +108,19 @@ class IntegratedGradients(AttributionMethod):
 
     name, kind = "integrated_gradients", "gradient"
 
+    def check(self, x, *, baseline: Any = None, n_steps: int = 50, method: str = "gausslegendre") -> int:
+        n = check_count("n_steps", n_steps, MAX_N_STEPS, _WHY_STEPS)
+        check_choice("method", method, PATH_METHODS)
+        if method == "riemann_trapezoid" and n < 2:
+            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+        check_per_ecg("baseline", baseline, x)
+        return n
+
     def attribute(
         self, engine, x, target, *, baseline: Any = None, n_steps: int = 50, method: str = "gausslegendre"
     ) -> np.ndarray:
-        n_steps = check_positive_int("n_steps", n_steps)
-        check_choice("method", method, ("gausslegendre", "riemann_trapezoid"))
-        base = check_finite("baseline", per_ecg_array("baseline", baseline, x))
+        n_steps = self.check(x, baseline=baseline, n_steps=n_steps, method=method)
+        base = per_ecg_array("baseline", baseline, x)
         alphas, weights = (c.astype(np.float32) for c in path_coefficients(n_steps, method))
         delta = x - base
         seeds = engine.seeds(target)
@@ -95,7 +129,7 @@ class IntegratedGradients(AttributionMethod):
         def make_rows(rows: np.ndarray):
             step, ecg = rows // batch, ecg_of_rows(rows, batch)  # a slice: views, no copies
             points = base[ecg] + alphas[step, None, None] * delta[ecg]
-            return points, seeds[ecg], None
+            return {"x": points, "seed": seeds[ecg]}, None
 
         def combine(rows: np.ndarray, grads: np.ndarray, _: None) -> np.ndarray:
             grads *= weights[rows // batch, None, None]
@@ -112,6 +146,24 @@ class SmoothGrad(AttributionMethod):
 
     name, kind, stochastic = "smoothgrad", "gradient", True
 
+    def check(
+        self,
+        x,
+        *,
+        n_samples: int = 20,
+        stdev: float = 0.1,
+        abs: bool = True,
+        seed: int | None = None,
+        noise: Any = None,
+    ) -> int:
+        n = check_count("n_samples", n_samples, MAX_N_SAMPLES, _WHY_SAMPLES)
+        check_stdev(stdev)
+        check_bool("abs", abs)
+        rng_for(seed)
+        if noise is not None:
+            _given("noise", noise, (n, *x.shape))
+        return n
+
     def attribute(
         self,
         engine,
@@ -124,21 +176,18 @@ class SmoothGrad(AttributionMethod):
         seed: int | None = None,
         noise: Any = None,
     ) -> np.ndarray:
-        n = check_positive_int("n_samples", n_samples)
-        stdev = check_non_negative("stdev", stdev)
+        n = self.check(x, n_samples=n_samples, stdev=stdev, abs=abs, seed=seed, noise=noise)
+        stdev = float(stdev)
         rng = rng_for(seed)
         if noise is not None:
-            noise = check_finite("noise", np.asarray(noise, dtype=np.float32))
-            if noise.shape != (n, *x.shape):
-                raise ValueError(
-                    f"noise must have shape (n_samples, *inputs.shape) = {(n, *x.shape)}, got {noise.shape}"
-                )
+            noise = _given("noise", noise, (n, *x.shape))
         batch, seeds = len(x), engine.seeds(target)
 
         def make_rows(rows: np.ndarray):
+            # The noise of one chunk at a time, drawn in row order: independent of max_batch.
             sample, ecg = rows // batch, rows % batch
             eps = noise[sample, ecg] if noise is not None else rng.normal(0, stdev, (len(rows), *x.shape[1:]))
-            return (x[ecg] + eps).astype(np.float32), seeds[ecg], None
+            return {"x": (x[ecg] + eps).astype(np.float32), "seed": seeds[ecg]}, None
 
         def combine(rows: np.ndarray, grads: np.ndarray, _: None) -> np.ndarray:
             return np.abs(grads) if abs else grads
@@ -147,17 +196,35 @@ class SmoothGrad(AttributionMethod):
         return total / n
 
 
-def shap_baselines(baselines: Any, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The baseline distribution (K, 12, 600): given, or K flat lines with a little noise."""
+def check_baselines(baselines: Any, x: np.ndarray) -> np.ndarray | None:
+    """Given baselines as (K, 12, 600) float32 (K <= MAX_BASELINES), or None for the default."""
     if baselines is None:
-        shape = (DEFAULT_SHAP_BASELINES, *x.shape[1:])
-        return rng.normal(0, DEFAULT_BASELINE_NOISE_MV, shape).astype(np.float32)
-    arr = np.asarray(baselines, dtype=np.float32)
+        return None
+    arr = numeric_array("baselines", baselines)
     if arr.shape == x.shape[1:]:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] != x.shape[1:] or len(arr) == 0:
         raise ValueError(f"baselines must have shape (K, {x.shape[1]}, {x.shape[2]}), got {arr.shape}")
-    return check_finite("baselines", arr)
+    if len(arr) > MAX_BASELINES:
+        raise ValueError(
+            f"baselines must number between 1 and {MAX_BASELINES}, got {len(arr)}: a baseline distribution "
+            "that large adds nothing, and the cap bounds a request's time"
+        )
+    return arr
+
+
+def n_baselines(baselines: Any, x: np.ndarray) -> int:
+    given = check_baselines(baselines, x)
+    return DEFAULT_SHAP_BASELINES if given is None else len(given)
+
+
+def shap_baselines(baselines: Any, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The baseline distribution (K, 12, 600): given, or K flat lines with a little noise."""
+    given = check_baselines(baselines, x)
+    if given is None:
+        shape = (DEFAULT_SHAP_BASELINES, *x.shape[1:])
+        return rng.normal(0, DEFAULT_BASELINE_NOISE_MV, shape).astype(np.float32)
+    return given
 
 
 class GradientShap(AttributionMethod):
@@ -170,6 +237,30 @@ class GradientShap(AttributionMethod):
     """
 
     name, kind, stochastic = "gradient_shap", "gradient", True
+
+    def check(
+        self,
+        x,
+        *,
+        baselines: Any = None,
+        n_samples: int = 20,
+        stdev: float = 0.0,
+        seed: int | None = None,
+        baseline_index: Any = None,
+        alphas: Any = None,
+        noise: Any = None,
+    ) -> int:
+        n = check_count("n_samples", n_samples, MAX_N_SAMPLES, _WHY_SAMPLES)
+        check_stdev(stdev)
+        rng_for(seed)
+        k = n_baselines(baselines, x)
+        if baseline_index is not None:
+            _given_index(baseline_index, (n, len(x)), k)
+        if alphas is not None:
+            _given("alphas", alphas, (n, len(x)))
+        if noise is not None:
+            _given("noise", noise, (n, *x.shape))
+        return n
 
     def attribute(
         self,
@@ -185,27 +276,44 @@ class GradientShap(AttributionMethod):
         alphas: Any = None,
         noise: Any = None,
     ) -> np.ndarray:
-        n = check_positive_int("n_samples", n_samples)
-        stdev = check_non_negative("stdev", stdev)
+        n = self.check(
+            x,
+            baselines=baselines,
+            n_samples=n_samples,
+            stdev=stdev,
+            seed=seed,
+            baseline_index=baseline_index,
+            alphas=alphas,
+            noise=noise,
+        )
+        stdev = float(stdev)
         rng = rng_for(seed)
         base = shap_baselines(baselines, x, rng)
-        batch = len(x)
-        idx = _draws("baseline_index", baseline_index, (n, batch), lambda s: rng.integers(0, len(base), s))
-        if idx.min() < 0 or idx.max() >= len(base):
-            raise ValueError(f"baseline_index must lie in 0..{len(base) - 1}")
-        alpha = _draws("alphas", alphas, (n, batch), lambda s: rng.uniform(0, 1, s)).astype(np.float32)
-        eps = (
-            None
-            if noise is None and stdev == 0
-            else _draws("noise", noise, (n, *x.shape), lambda s: rng.normal(0, stdev, s).astype(np.float32))
-        )
+        k, batch = len(base), len(x)
+        idx = None if baseline_index is None else _given_index(baseline_index, (n, batch), k)
+        alpha = None if alphas is None else _given("alphas", alphas, (n, batch))
+        eps = None if noise is None else _given("noise", noise, (n, *x.shape))
+        # Draws are made chunk by chunk, each from its own stream in row order, so that no
+        # (n_samples, B, ...) array exists and the result does not depend on max_batch.
+        idx_rng, alpha_rng, noise_rng = rng.spawn(3)
         seeds = engine.seeds(target)
 
         def make_rows(rows: np.ndarray):
             sample, ecg = rows // batch, rows % batch
-            noisy = x[ecg] if eps is None else x[ecg] + eps[sample, ecg]
-            b = base[idx[sample, ecg]]
-            return b + alpha[sample, ecg][:, None, None] * (noisy - b), seeds[ecg], noisy - b
+            if idx is not None:
+                i = idx[sample, ecg]
+            else:
+                i = np.minimum((idx_rng.random(len(rows)) * k).astype(np.int64), k - 1)
+            a = alpha[sample, ecg] if alpha is not None else alpha_rng.random(len(rows)).astype(np.float32)
+            if eps is not None:
+                noisy = x[ecg] + eps[sample, ecg]
+            elif stdev > 0:
+                noisy = x[ecg] + noise_rng.normal(0, stdev, (len(rows), *x.shape[1:])).astype(np.float32)
+            else:
+                noisy = x[ecg]
+            b = base[i]
+            diff = noisy - b
+            return {"x": b + a[:, None, None] * diff, "seed": seeds[ecg]}, diff
 
         def combine(rows: np.ndarray, grads: np.ndarray, diff: np.ndarray) -> np.ndarray:
             return diff * grads
@@ -214,10 +322,20 @@ class GradientShap(AttributionMethod):
         return total / n
 
 
-def _draws(name: str, given: Any, shape: tuple[int, ...], draw) -> np.ndarray:
-    if given is None:
-        return draw(shape)
-    arr = np.asarray(given)
+def _given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An explicit draw (noise, alphas) of exactly ``shape``: float32, finite."""
+    arr = numeric_array(name, value)
     if arr.shape != shape:
         raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
-    return check_finite(name, arr) if np.issubdtype(arr.dtype, np.floating) else arr
+    return arr
+
+
+def _given_index(value: Any, shape: tuple[int, ...], k: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.shape != shape:
+        raise ValueError(f"baseline_index must have shape {shape}, got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"baseline_index must hold integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= k):
+        raise ValueError(f"baseline_index must lie in 0..{k - 1}")
+    return arr

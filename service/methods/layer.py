@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.methods.base import AttributionMethod, check_choice
+from service.methods.base import AttributionMethod, check_bool, check_choice
 
 INTERPOLATIONS = ("linear", "nearest")
 
@@ -44,6 +44,11 @@ class GradCam(AttributionMethod):
 
     name, kind = "gradcam", "layer"
 
+    def check(self, x, *, relu: bool = True, interpolation: str = "linear") -> int:
+        check_bool("relu", relu)
+        check_choice("interpolation", interpolation, INTERPOLATIONS)
+        return 1
+
     def attribute(self, engine, x, target, *, relu: bool = True, interpolation: str = "linear") -> np.ndarray:
         cam = gradcam_map(engine, x, target, relu, interpolation)
         return np.repeat(cam[:, None, :], x.shape[1], axis=1)
@@ -53,6 +58,10 @@ class GuidedGradCam(AttributionMethod):
     """Guided backprop x upsampled GradCAM, as Captum's GuidedGradCam."""
 
     name, kind = "guided_gradcam", "layer"
+
+    def check(self, x, *, interpolation: str = "linear") -> int:
+        check_choice("interpolation", interpolation, INTERPOLATIONS)
+        return 2  # a GradCAM pass and a guided backprop pass
 
     def attribute(self, engine, x, target, *, interpolation: str = "linear") -> np.ndarray:
         cam = gradcam_map(engine, x, target, True, interpolation)

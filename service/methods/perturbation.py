@@ -7,6 +7,8 @@ the target logit. Features are lead x time-window segments (:func:`segment_mask`
 Memory stays bounded whatever the request: perturbed inputs are built from row
 indices chunk by chunk (at most ``engine.max_batch`` rows each), and the
 coalitions of the sampling methods are held for a bounded group of ECGs at a time.
+The number of perturbations per ECG and the surrogate's size are capped
+(:mod:`service.limits`).
 """
 
 from __future__ import annotations
@@ -17,21 +19,22 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
 from service.methods.base import (
     AttributionMethod,
-    check_finite,
+    check_count,
     check_non_negative,
+    check_per_ecg,
     check_positive_int,
     per_ecg_array,
     rng_for,
 )
 
 DEFAULT_WINDOW = 50  # samples: 0.1 s at 500 Hz
-MAX_SAMPLES = 100_000  # coalitions per ECG; far beyond any useful setting, guards memory and time
 KERNEL_SHAP_INF_WEIGHT = 1e6  # Captum's weight of the empty and the full coalition
 LSTSQ_RCOND = 1e-6  # sklearn LinearRegression's default ``tol``: relative singular value cut-off
 COSINE_EPS = 1e-8  # torch.nn.CosineSimilarity's default eps
-_GROUP_COALITIONS = 8192  # coalition rows held at once (a group of ECGs), bounding memory
+_GROUP_ENTRIES = 1 << 22  # coalition entries held at once (a group of ECGs), bounding memory
 
 # (ecg indices, item indices) -> perturbed inputs (rows, leads, samples) float32
 RowBuilder = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -61,14 +64,24 @@ def _check_window(name: str, value: Any, samples: int) -> int:
 
 
 def _check_n_samples(value: Any) -> int:
-    n = check_positive_int("n_samples", value)
-    if not 2 <= n <= MAX_SAMPLES:
-        raise ValueError(f"n_samples must be between 2 and {MAX_SAMPLES}, got {n}")
-    return n
+    why = "each sample is one forward pass per ECG; the cap bounds a request's time"
+    return check_count("n_samples", value, MAX_N_SAMPLES, why, minimum=2)
+
+
+def _check_perturbations(method: str, settings: str, leads: int, per_lead: int, what: str) -> int:
+    """Forward passes per ECG (perturbations and the unperturbed input), capped."""
+    n = leads * per_lead
+    if n > MAX_PERTURBATIONS:
+        raise ValueError(
+            f"{method} with {settings} needs {leads} leads x {per_lead} {what} = {n} forward passes per "
+            f"ECG; the limit is {MAX_PERTURBATIONS} (it bounds a request's time): use a larger window"
+            + (" or stride" if method == "occlusion" else "")
+        )
+    return n + 1
 
 
 def _baseline(value: Any, x: np.ndarray) -> np.ndarray:
-    return check_finite("baseline", per_ecg_array("baseline", value, x))
+    return per_ecg_array("baseline", value, x)
 
 
 # ---------------------------------------------------------------------- batched forward passes
@@ -119,15 +132,25 @@ class Occlusion(AttributionMethod):
 
     name, kind = "occlusion", "perturbation"
 
-    def attribute(
-        self, engine, x, target, *, window: int = DEFAULT_WINDOW, stride: int = 25, baseline: Any = 0.0
-    ) -> np.ndarray:
+    def check(self, x, *, window: int = DEFAULT_WINDOW, stride: int = 25, baseline: Any = 0.0) -> int:
         _, leads, samples = x.shape
         window = _check_window("window", window, samples)
         stride = _check_window("stride", stride, samples)
         # As Captum: a stride longer than the window would leave samples never occluded.
         if stride > window and window < samples:
             raise ValueError(f"stride must be at most window ({window}), got {stride}")
+        check_per_ecg("baseline", baseline, x)
+        n_windows = len(window_starts(samples, window, stride))
+        return _check_perturbations(
+            "occlusion", f"window={window}, stride={stride}", leads, n_windows, "windows"
+        )
+
+    def attribute(
+        self, engine, x, target, *, window: int = DEFAULT_WINDOW, stride: int = 25, baseline: Any = 0.0
+    ) -> np.ndarray:
+        _, leads, samples = x.shape
+        self.check(x, window=window, stride=stride, baseline=baseline)
+        window, stride = int(window), int(stride)
         base = _baseline(baseline, x)
         starts = window_starts(samples, window, stride)
         ends = np.minimum(starts + window, samples)
@@ -158,11 +181,19 @@ class FeatureAblation(AttributionMethod):
 
     name, kind = "feature_ablation", "perturbation"
 
+    def check(self, x, *, window: int = DEFAULT_WINDOW, baseline: Any = 0.0) -> int:
+        _, leads, samples = x.shape
+        window = _check_window("window", window, samples)
+        check_per_ecg("baseline", baseline, x)
+        per_lead = -(-samples // window)
+        return _check_perturbations("feature_ablation", f"window={window}", leads, per_lead, "segments")
+
     def attribute(
         self, engine, x, target, *, window: int = DEFAULT_WINDOW, baseline: Any = 0.0
     ) -> np.ndarray:
         _, leads, samples = x.shape
-        seg = segment_mask(_check_window("window", window, samples), leads, samples)
+        self.check(x, window=window, baseline=baseline)
+        seg = segment_mask(int(window), leads, samples)
         base = _baseline(baseline, x)
 
         def build(ecg: np.ndarray, item: np.ndarray) -> np.ndarray:
@@ -229,10 +260,11 @@ def _surrogate_attribution(
 
     ``draw()`` gives one ECG's (n, M) coalitions, called in ECG order so the draws
     do not depend on grouping or ``max_batch``; ``weigh(z, ecg)`` their weights.
-    Coalitions live only for one group of ECGs (about ``_GROUP_COALITIONS`` rows).
+    Coalitions live only for one group of ECGs (about ``_GROUP_ENTRIES`` entries).
     """
-    coef = np.empty((len(x), int(seg.max()) + 1), np.float64)
-    group = max(1, _GROUP_COALITIONS // n)
+    m = int(seg.max()) + 1
+    coef = np.empty((len(x), m), np.float64)
+    group = max(1, _GROUP_ENTRIES // (n * m))
     for g0 in range(0, len(x), group):
         g = slice(g0, min(g0 + group, len(x)))
         z = given[g].astype(bool) if given is not None else np.stack([draw() for _ in range(g.stop - g0)])
@@ -286,6 +318,18 @@ class KernelShap(AttributionMethod):
 
     name, kind, stochastic = "kernel_shap", "perturbation", True
 
+    def check(
+        self,
+        x,
+        *,
+        window: int = DEFAULT_WINDOW,
+        n_samples: int = 200,
+        baseline: Any = 0.0,
+        seed: int | None = None,
+        coalitions: Any = None,
+    ) -> int:
+        return _surrogate_check(self.name, x, window, n_samples, baseline, seed, coalitions)
+
     def attribute(
         self,
         engine,
@@ -298,7 +342,9 @@ class KernelShap(AttributionMethod):
         seed: int | None = None,
         coalitions: Any = None,
     ) -> np.ndarray:
-        seg, m, n, base, rng, given = _surrogate_setup(x, window, n_samples, baseline, seed, coalitions)
+        seg, m, n, base, rng, given = _surrogate_setup(
+            self.name, x, window, n_samples, baseline, seed, coalitions
+        )
 
         def weigh(z: np.ndarray, ecg: int) -> np.ndarray:
             size = z.sum(axis=1)
@@ -309,13 +355,36 @@ class KernelShap(AttributionMethod):
         )
 
 
-def _surrogate_setup(x: np.ndarray, window: Any, n_samples: Any, baseline: Any, seed: Any, coalitions: Any):
+def _surrogate_check(
+    method: str, x: np.ndarray, window: Any, n_samples: Any, baseline: Any, seed: Any, coalitions: Any
+) -> int:
+    """Check the settings shared by Kernel SHAP and LIME; returns the forward passes per ECG."""
+    _, leads, samples = x.shape
+    window = _check_window("window", window, samples)
+    m = leads * -(-samples // window)
+    n = _check_n_samples(n_samples)
+    if n * m > MAX_SURROGATE_ENTRIES:
+        raise ValueError(
+            f"{method} with n_samples={n} and window={window} fits a {n} x {m} coalition matrix "
+            f"({n * m:,} entries) per ECG; the limit is {MAX_SURROGATE_ENTRIES:,} (it bounds the memory and "
+            "time of the least-squares fit): lower n_samples or use a larger window"
+        )
+    check_per_ecg("baseline", baseline, x)
+    rng_for(seed)
+    _given_coalitions(coalitions, (len(x), n, m))
+    return n
+
+
+def _surrogate_setup(
+    method: str, x: np.ndarray, window: Any, n_samples: Any, baseline: Any, seed: Any, coalitions: Any
+):
     """Validated settings shared by Kernel SHAP and LIME: segment mask, feature count,
     sample count, baseline, generator and any given coalitions."""
+    _surrogate_check(method, x, window, n_samples, baseline, seed, coalitions)
     _, leads, samples = x.shape
-    seg = segment_mask(_check_window("window", window, samples), leads, samples)
+    seg = segment_mask(int(window), leads, samples)
     m = int(seg.max()) + 1
-    n = _check_n_samples(n_samples)
+    n = int(n_samples)
     base = _baseline(baseline, x)
     rng = rng_for(seed)
     return seg, m, n, base, rng, _given_coalitions(coalitions, (len(x), n, m))
@@ -365,6 +434,21 @@ class Lime(AttributionMethod):
 
     name, kind, stochastic = "lime", "perturbation", True
 
+    def check(
+        self,
+        x,
+        *,
+        window: int = DEFAULT_WINDOW,
+        n_samples: int = 200,
+        baseline: Any = 0.0,
+        kernel_width: float = 1.0,
+        seed: int | None = None,
+        coalitions: Any = None,
+    ) -> int:
+        if check_non_negative("kernel_width", kernel_width) == 0:
+            raise ValueError("kernel_width must be > 0, got 0")
+        return _surrogate_check(self.name, x, window, n_samples, baseline, seed, coalitions)
+
     def attribute(
         self,
         engine,
@@ -381,7 +465,9 @@ class Lime(AttributionMethod):
         width = check_non_negative("kernel_width", kernel_width)
         if width == 0:
             raise ValueError("kernel_width must be > 0, got 0")
-        seg, m, n, base, rng, given = _surrogate_setup(x, window, n_samples, baseline, seed, coalitions)
+        seg, m, n, base, rng, given = _surrogate_setup(
+            self.name, x, window, n_samples, baseline, seed, coalitions
+        )
 
         def weigh(z: np.ndarray, ecg: int) -> np.ndarray:
             return cosine_kernel_weights(z, x[ecg], base[ecg], seg, width)
