@@ -19,14 +19,14 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from service.package import MANIFEST_FILE, sha256_file
+from service.package import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
 
 SIGNING_KEY_ENV = "ECGX_GATE_SIGNING_KEY"
 PUBLIC_KEY_ENV = "ECGX_GATE_PUBLIC_KEY"
@@ -326,6 +326,10 @@ def verify_gate(
     """Check a package against its gate report (default ``package_dir/gate.json``): the signature,
     the report schema, and the SHA-256 of every package file, with no file added since gating.
 
+    Every entry of the package folder must be a regular file the report lists (symbolic links
+    and folders never are), except ``gate.json`` and the report itself; listed files are
+    plain names in the folder, read without following links.
+
     A missing or non-JSON report raises :class:`SigningError`; everything else is collected into
     ``problems``, all of them rather than the first. A report whose verdict is "fail" still
     verifies: verification is about authenticity and integrity; what the verdict means is the
@@ -341,7 +345,7 @@ def verify_gate(
         problems.append(str(e))
     problems += _schema_problems(report)
     if package_dir.is_dir():
-        problems += _file_problems(package_dir, report)
+        problems += _file_problems(package_dir, report, report_path)
     else:
         problems.append(f"package folder {package_dir} does not exist")
     verdict = report.get("verdict")
@@ -361,52 +365,87 @@ def _schema_problems(report: Mapping[str, Any]) -> list[str]:
     return []
 
 
-def _file_problems(package_dir: Path, report: Mapping[str, Any]) -> list[str]:
-    """Files of the report that are missing or changed, and files of the manifest the report lacks."""
+def _file_problems(package_dir: Path, report: Mapping[str, Any], report_path: Path) -> list[str]:
+    """Files of the report that are missing, changed or not regular files; entries of the folder
+    the report does not list; and files of the manifest the report lacks."""
     package = report.get("package")
     files = package.get("files") if isinstance(package, Mapping) else None
     if not isinstance(files, Mapping) or not files:
         return ["the report records no package files (package.files), so it certifies nothing"]
     problems = []
     for name, digest in files.items():
-        if not _inside(name):
+        if not is_plain_name(name):
             # Never hash a path the report points outside the package (an edited report could name any file).
             problems.append(f"the report lists {name!r}, which is not a file inside the package")
             continue
         path = package_dir / name
-        if not path.is_file():
+        if path.is_symlink():
+            problems.append(f"{name} is a symbolic link; package files must be regular files in the package")
+            continue
+        if not path.exists():
             problems.append(f"{name} is missing from {package_dir}")
             continue
-        actual = sha256_file(path)
+        try:
+            actual = hash_package_file(package_dir, name)  # never follows a link, regular files only
+        except PackageError as e:
+            problems.append(str(e))
+            continue
         if actual != digest:
             problems.append(f"{name} changed after gating (SHA-256 {actual[:12]} != {str(digest)[:12]})")
     if MANIFEST_FILE not in files:
         problems.append(f"the report does not record the SHA-256 of {MANIFEST_FILE}; {_REGATE_HINT}")
+    added = _unlisted_entries(package_dir, files, report_path)
+    problems += [f"{name} was added to the package after gating ({kind})" for name, kind in added.items()]
     listed, manifest_problem = _manifest_files(package_dir, missing_reported=MANIFEST_FILE in files)
     if manifest_problem:
         return [*problems, manifest_problem]
-    problems += [f"{name} was added to the package after gating" for name in listed if name not in files]
+    problems += [
+        f"{name} was added to the package after gating (listed in {MANIFEST_FILE})"
+        for name in listed
+        if name not in files and name not in added
+    ]
     return problems
 
 
-def _inside(name: object) -> bool:
-    parts = PurePosixPath(str(name)).parts
-    return isinstance(name, str) and bool(parts) and not name.startswith("/") and ".." not in parts
+def _unlisted_entries(package_dir: Path, files: Mapping[str, Any], report_path: Path) -> dict[str, str]:
+    """Name -> kind of every entry of the package folder that the report does not list, other
+    than the gate report (``gate.json``, and the report verified when it lies in the folder) and
+    the manifest (a report that does not list it is a problem of its own)."""
+    exempt = {GATE_REPORT_FILE, MANIFEST_FILE}
+    try:
+        if report_path.resolve().parent == package_dir.resolve():
+            exempt.add(report_path.name)
+    except OSError:
+        pass
+    added = {}
+    with os.scandir(package_dir) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name in exempt or entry.name in files:  # listed files are checked by name
+                continue
+            if entry.is_symlink():
+                added[entry.name] = "a symbolic link"
+            elif entry.is_dir(follow_symlinks=False):
+                added[entry.name] = "a folder"
+            else:
+                added[entry.name] = "a file the report does not list"
+    return added
 
 
 def _manifest_files(package_dir: Path, missing_reported: bool) -> tuple[list[str], str | None]:
     """The names in the current manifest's "files" table, or a problem saying why there are none."""
     path = package_dir / MANIFEST_FILE
+    if path.is_symlink():
+        return [], None  # never read through a link; the file check names it
     if not path.is_file():
         # Said once: the report's own file check already names the manifest as missing.
         return [], None if missing_reported else f"{MANIFEST_FILE} is missing from {package_dir}"
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
-        return [], f"{MANIFEST_FILE} cannot be read ({e.strerror}), so added files cannot be detected"
+        return [], f"{MANIFEST_FILE} cannot be read ({e.strerror})"
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        return [], f"{MANIFEST_FILE} is not valid JSON ({e}), so added files cannot be detected"
+        return [], f"{MANIFEST_FILE} is not valid JSON ({e}), so the package cannot be loaded"
     listed = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(listed, dict):
-        return [], f'{MANIFEST_FILE} has no "files" table, so added files cannot be detected'
+        return [], f'{MANIFEST_FILE} has no "files" table, so the package cannot be loaded'
     return list(listed), None
