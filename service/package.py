@@ -239,7 +239,7 @@ def load_package(path: Path | str, verify_hashes: bool = True) -> ModelPackage:
                 f"{path}: {name} does not match its SHA-256 in the manifest; the package was modified"
             )
 
-    _check_parameters(manifest["parameters"], contents[WEIGHTS_FILE], path)
+    check_parameters(manifest["parameters"], contents[WEIGHTS_FILE], path)
     graph_parameters = {
         graph: _check_graph(graph, contents[entry["file"]], path / entry["file"], manifest["parameters"])
         for graph, entry in manifest["graphs"].items()
@@ -388,7 +388,7 @@ def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
                 c.fail(f"layers[{i}].parameters[{j}]", f"names no parameter of the table: {_show(n)}")
 
 
-def _check_parameters(params: dict[str, dict[str, Any]], weights: bytes, path: Path) -> None:
+def check_parameters(params: dict[str, dict[str, Any]], weights: bytes, path: Path) -> None:
     """Every parameter lies inside weights.bin and holds finite values."""
     for name, entry in params.items():
         end = entry["offset"] + entry["length"]

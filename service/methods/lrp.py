@@ -17,7 +17,7 @@ class Lrp(AttributionMethod):
 
     name, kind = "lrp", "modified backward"
 
-    def check(self, x, *, epsilon: float = 1e-6) -> int:
+    def check(self, x, *, epsilon: float = DEFAULT_EPSILON) -> int:
         check_non_negative("epsilon", epsilon)
         return 1
 

@@ -36,7 +36,15 @@ from torch import nn
 
 import ecgx
 from service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
-from service.package import MANIFEST_FILE, PACKAGE_FORMAT, WEIGHTS_FILE, sha256_file
+from service.package import (
+    MANIFEST_FILE,
+    PACKAGE_FORMAT,
+    WEIGHTS_FILE,
+    check_manifest,
+    check_parameters,
+    is_plain_name,
+    sha256_file,
+)
 from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 from training.export.ir import ExportError, ModelIR, trace_model
 from training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graphs, param_names
@@ -312,8 +320,15 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
                 **({k: op.params[k] for k in ("stride", "padding", "dilation", "kernel") if k in op.params}),
             }
         )
+    # Every file the package uses is listed with its SHA-256 under a plain name, and the graphs
+    # section names exactly the graph files written (the reader refuses anything else).
     all_files = [WEIGHTS_FILE, *files]
-    return {
+    if any(not is_plain_name(f) for f in all_files) or len(set(all_files)) != len(all_files):
+        raise ExportError(f"package files must have distinct plain names, got {all_files}")
+    graph_files = {name: f"{name}.onnx" for name in GRAPH_SIGNATURES}
+    if sorted(graph_files.values()) != sorted(files):
+        raise ExportError(f"graphs written {sorted(files)} differ from the graph table {sorted(graph_files)}")
+    manifest = {
         "format": PACKAGE_FORMAT,
         "format_version": PACKAGE_VERSION,
         "ecgx_version": ecgx.__version__,
@@ -332,7 +347,7 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
         },
         "output": {"name": "logits", "shape": [None, len(CLASSES)], "activation": "sigmoid"},
         "graphs": {
-            name: {"file": f"{name}.onnx", "inputs": list(sig[0]), "outputs": list(sig[1])}
+            name: {"file": graph_files[name], "inputs": list(sig[0]), "outputs": list(sig[1])}
             for name, sig in GRAPH_SIGNATURES.items()
         },
         "gradcam_layer": layer,
@@ -350,6 +365,11 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
         "training": training_info or {},
         "source": source or {},
     }
+    # The reader's own checks, so that writer and reader cannot drift apart: structure, and
+    # parameters inside weights.bin with finite values (NaN weights would make every map NaN).
+    check_manifest(manifest, folder / MANIFEST_FILE)
+    check_parameters(params, (folder / WEIGHTS_FILE).read_bytes(), folder)
+    return manifest
 
 
 def export_checkpoint(checkpoint: Path | str, out: Path | str, **kwargs: Any) -> Path:
