@@ -230,13 +230,15 @@ def check_coverage(ds: Dataset, gd: GateData, policy: Policy, class_keys: Sequen
     if shortfalls and not policy.allow_incomplete_data:
         fixes = []
         if available < policy.n_ecgs:
-            fixes.append(f"give at least {policy.n_ecgs} labelled ECGs or lower gate.ecgs in a policy file")
+            fixes.append(
+                f"give at least {policy.n_ecgs} labelled ECGs (or lower gate.ecgs in a --policy file)"
+            )
         if absent:
             fixes.append("give ECGs of every class")
         raise ValueError(
             f"validation data {ds.path} is too small for policy {policy.label}: {'; '.join(shortfalls)}. "
-            f"{' and '.join(fixes).capitalize()} (--policy), or set gate.allow_incomplete_data = true "
-            "in the policy to gate it anyway (the report then records what is missing)"
+            f"To proceed, {' and '.join(fixes)}, or set gate.allow_incomplete_data = true in a --policy "
+            "file to gate it anyway (the report then records what is missing)"
         )
     warnings = [f"incomplete validation data, allowed by gate.allow_incomplete_data: {s}" for s in shortfalls]
     left_out = [k for c, k in enumerate(class_keys) if k not in absent and not (gd.target == c).any()]
@@ -258,9 +260,8 @@ def _check_family(pkg: ModelPackage, fam: list[ModelPackage]) -> None:
         if first is pkg:
             raise ValueError(f"--family lists the gated package {pkg.path} itself; give its seed siblings")
         if first is not None:
-            raise ValueError(
-                f"--family lists {other.path} twice (also as {first.path}); give each sibling once"
-            )
+            also = "" if str(first.path) == str(other.path) else f" (as {first.path} and as {other.path})"
+            raise ValueError(f"--family lists the package {first.path} twice{also}; give each sibling once")
         if other.class_keys != pkg.class_keys or other.input_shape != pkg.input_shape:
             raise ValueError(f"family package {other.path} has other classes or input shape than {pkg.path}")
         weights = _weights_id(other)
@@ -559,15 +560,19 @@ def package_record(pkg: ModelPackage) -> dict[str, Any]:
     return {"path": str(pkg.path), "source": pkg.manifest.get("source"), "files": files}
 
 
-def save_report(report: dict[str, Any], path: str | Path) -> Path:
-    """Write ``report`` as JSON atomically: a reader sees the old report or the new one, never half."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def save_report(report: dict[str, Any], path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write ``report`` as JSON atomically: a reader sees the old report or the new one, never half.
+
+    The output rule (:mod:`ecgx.outputs`): an existing file is replaced only with ``overwrite``
+    and only if it is a gate report; anything else at ``path`` is never replaced.
+    """
+    from ecgx.outputs import GATE_REPORT, StagedOutput
+
     text = json.dumps(report, indent=1, allow_nan=False)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    with StagedOutput(path, GATE_REPORT, overwrite=overwrite) as tmp:
+        tmp.write_text(text)
+        json.loads(tmp.read_text())  # read back before publishing
+    return Path(path)
 
 
 _SUMMARY_CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_method", "localisation")
