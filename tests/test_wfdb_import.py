@@ -215,7 +215,7 @@ def test_median_beat_rejects_bad_input() -> None:
     bad[3, 10] = np.nan
     with pytest.raises(MedianBeatError, match="NaN"):
         median_beat(bad, 500.0)
-    with pytest.raises(MedianBeatError, match="flat leads I, II, .*, V6"):
+    with pytest.raises(MedianBeatError, match=r"flat leads I, II, .*, V6"):
         median_beat(np.zeros((12, 5000)), 500.0)
     with pytest.raises(MedianBeatError, match="too few beats"):
         median_beat(np.random.default_rng(0).normal(0.0, 0.1, (12, 5000)), 500.0)

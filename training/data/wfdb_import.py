@@ -534,7 +534,7 @@ def _nothing_usable(n_records: int, skipped: Sequence[tuple[str, str]]) -> str:
 def _warn_skipped(got: _Collected, n_records: int) -> None:
     if got.skipped:
         log.warning(
-            "skipped %d of %d WFDB record(s) (reasons in the report and meta.json): %s",
+            "skipped %d of %d WFDB record(s), reasons kept in meta.json: %s",
             len(got.skipped),
             n_records,
             _listing([name for name, _ in got.skipped]),
