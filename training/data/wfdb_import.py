@@ -488,6 +488,9 @@ def import_wfdb(
         except WfdbImportError as e:
             got.skip(name, str(e))
             continue
+        except (OSError, ValueError, ArithmeticError, MemoryError) as e:  # a file gone or changed mid-run
+            got.skip(name, f"{type(e).__name__}: {e}")
+            continue
         got.add(name, base, beat, codes)
     if not got.beats:
         raise WfdbImportError(_nothing_usable(len(records), got.skipped))
