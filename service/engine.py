@@ -275,11 +275,14 @@ class AttributionEngine:
 
     # ------------------------------------------------------------------ attribution
 
-    def attribute(self, method: str, inputs: Any, target: Any = None, **params: Any) -> np.ndarray:
+    def attribute(self, method: str, inputs: Any, /, target: Any = None, **params: Any) -> np.ndarray:
         """Attribution map (B, 12, 600) float32 of ``method`` for ``inputs`` and ``target``.
 
         ``params`` are the method's own settings (see ``ecgx attribute --help`` or
-        :mod:`service.methods`); unknown names are an error, as are bad values.
+        :mod:`service.methods`); unknown names are an error, as are bad values and
+        requests over a cost cap (:mod:`service.limits`), all before any model pass.
+        ``method`` and ``inputs`` are positional-only, so integrated gradients' own
+        ``method`` setting can be passed as a keyword.
         """
         from service.methods import get_method
 
