@@ -77,7 +77,8 @@ def test_methods_that_use_the_weights_pass_randomisation(gate) -> None:
         curve = c["details"]["cascading"]["spearman_abs"]
         assert len(curve) == len(c["details"]["layers"]) == 5  # stem, 3 conv blocks, classifier
         assert c["details"]["layers"][0] == "classifier"  # cascading starts at the output
-        assert curve[-1] < 0.5 and c["details"]["interval"]["high"] <= 0.5
+        # The score is the number the verdict is decided on: the interval's upper end.
+        assert curve[-1] < 0.5 and c["score"] == c["interval"]["high"] <= 0.5
 
 
 def test_a_method_that_ignores_the_weights_fails_randomisation(gate) -> None:
@@ -189,13 +190,15 @@ def test_localisation_does_not_run_without_masks(trained_family, shared_data: Pa
 
     real = import_wfdb([shared_data / "ptbxl-sample"], tmp_path / "real", show_progress=False).out
     policy = tmp_path / "p.toml"
-    policy.write_text("[gate]\necgs = 8\n[checks.randomisation]\necgs = 2\n")
+    # The sample has 10 ECGs and no ECG of five classes: gated only because the policy allows it.
+    policy.write_text("[gate]\necgs = 8\nallow_incomplete_data = true\n[checks.randomisation]\necgs = 2\n")
     run = run_gate(
         trained_family["seed-0"], real, policy=policy, methods=["gradcam"], workers=1, show_progress=False
     )
     c = run.report["methods"]["gradcam"]["checks"]["localisation"]
     assert c["verdict"] == "not_run" and "ground-truth" in c["reason"]
     assert run.report["data"]["ground_truth"] is False
+    assert any("no ECG of class(es)" in w for w in run.report["warnings"])
 
 
 # ---------------------------------------------------------------- the report
@@ -215,7 +218,9 @@ def test_report_records_what_was_gated(gate, trained_family) -> None:
     assert report["software"]["ecgx"] and report["software"]["onnxruntime"]
     assert report["timings_s"]["total"] > 0
     assert "random" not in report["serve"]
+    assert report["verdict"] == "pass" and report["warnings"] == []
     assert set(report["serve"]) == {m for m, r in report["methods"].items() if r["verdict"] == "pass"}
+    assert report["serve"] == report["passed"] and report["data"]["ecgs_asked"] == 48
 
 
 def test_validation_ecgs_are_balanced_over_classes(trained_family) -> None:

@@ -58,6 +58,7 @@ def validate(s: dict[str, Path], policy: str, *extra: str) -> int:
             "--workers",
             "1",
             "-q",
+            *(["--family", *map(str, s["family"])] if s.get("family") else []),
             *extra,
         ]
     )
@@ -70,8 +71,10 @@ def verify(s: dict[str, Path]) -> int:
 def test_a_passing_gate_exits_0_and_its_signed_report_verifies(setup, capsys) -> None:
     assert validate(setup, "pass", "--signing-key", str(setup["private"])) == 0
     out = capsys.readouterr().out
-    assert "gate verdict: pass" in out and "lime" in out
     report = json.loads((setup["pkg"] / "gate.json").read_text())
+    assert "lime" in report["serve"]
+    served = f"may be served with {len(report['serve'])} of 16 methods ({', '.join(report['serve'])})"
+    assert "Gate verdict: PASS under policy" in out and served in out
     assert report["verdict"] == "pass" and report["signature"]["algorithm"] == "Ed25519"
     assert verify(setup) == 0
     assert "signature valid" in capsys.readouterr().out
@@ -79,7 +82,8 @@ def test_a_passing_gate_exits_0_and_its_signed_report_verifies(setup, capsys) ->
 
 def test_a_failing_gate_exits_1_and_still_writes_its_report(setup, capsys) -> None:
     assert validate(setup, "fail", "--signing-key", str(setup["private"])) == 1
-    assert "required method lime failed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Gate verdict: FAIL under policy" in out and "required method lime failed" in out
     assert json.loads((setup["pkg"] / "gate.json").read_text())["verdict"] == "fail"
     assert verify(setup) == 1  # authentic, but the verdict is fail
     assert "verdict: fail" in capsys.readouterr().out
@@ -117,10 +121,12 @@ def test_no_key_is_bad_usage_before_any_work(setup, monkeypatch, capsys) -> None
     ("change", "message"),
     [
         (lambda s: s["fail"].write_text("[gate]\necgs = -3\n"), "gate.ecgs must be >= 1"),
+        (lambda s: s["fail"].write_text("[checks.perturbation]\nmargin = nan\n"), "margin must be a finite"),
+        (lambda s: s.update(family=[s["pkg"], s["pkg"]]), "lists the gated package"),
         (lambda s: (s["pkg"] / "manifest.json").unlink(), "manifest.json is missing"),
         (lambda s: s.update(data=s["pkg"]), "is not a dataset folder"),
     ],
-    ids=["bad policy", "not a package", "not a dataset"],
+    ids=["bad policy", "NaN in the policy", "family of itself", "not a package", "not a dataset"],
 )
 def test_bad_input_exits_2(setup, change, message: str, capsys) -> None:
     change(setup)

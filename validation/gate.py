@@ -165,13 +165,13 @@ def run_gate(
     timings: dict[str, float] = {}
     started = time.perf_counter()
     pol = validated(policy) if isinstance(policy, Policy) else load_policy(policy)
+    attrib = _attributors(methods, attributors, pol.seed)
     pkg = load_package(package)
     fam = [load_package(p) for p in family]
     _check_family(pkg, fam)
     ds = load_dataset(data)
     gd = select_ecgs(ds, pol.n_ecgs, pol.seed, pkg.class_keys)
     warnings = check_coverage(ds, gd, pol, pkg.class_keys)
-    attrib = _attributors(methods, attributors, pol.seed)
     workers = workers or os.cpu_count() or 1
     ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress)
     timings["load"] = time.perf_counter() - started
