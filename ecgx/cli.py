@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -12,9 +15,11 @@ import ecgx
 
 log = logging.getLogger("ecgx")
 
-# Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileExistsError, FileNotFoundError, KeyError)
+# Errors a user can cause and fix (file-system errors are told apart in main()); anything else is
+# a bug and keeps its traceback. KeyError is not one of them: a bare key name says nothing.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
 EXIT_USAGE = 2
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -105,9 +110,13 @@ def _parse_param(text: str) -> tuple[str, object]:
 def _cmd_attribute(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ecgx.outputs import ATTRIBUTIONS, StagedOutput, check_output
     from service.engine import AttributionEngine
     from training.data.dataset import load_dataset
 
+    if args.out.suffix != ".npy":
+        raise ValueError(f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')})")
+    check_output(args.out, ATTRIBUTIONS, overwrite=args.overwrite)  # before the work, not after
     params = dict(_parse_param(p) for p in args.param)
     if args.seed is not None:
         params["seed"] = args.seed
@@ -120,8 +129,12 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         )
     x = np.asarray(ds.signals[args.start : stop])
     attributions = engine.attribute(args.method, x, args.target, **params)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(args.out, attributions)
+    with StagedOutput(args.out, ATTRIBUTIONS, overwrite=args.overwrite) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, attributions)
+        back = np.load(tmp, mmap_mode="r")
+        if back.shape != attributions.shape or back.dtype != attributions.dtype:
+            raise OSError(errno.EIO, "the written array does not read back", str(args.out))
     log.info(
         "wrote %s attributions %s for beats %d..%d to %s (providers %s)",
         args.method,
@@ -138,12 +151,17 @@ EXIT_GATE_FAILED = 1
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
+    from ecgx.outputs import GATE_REPORT, check_output
     from validation.gate import run_gate, save_report, summary_lines
     from validation.signing import load_private_key, sign_report
 
-    # The key is checked before the (minutes-long) gate runs, not after.
+    # The key and the report path are checked before the (minutes-long) gate runs, not after.
     key = None if args.unsigned else load_private_key(args.signing_key)
     out = args.out or args.package / "gate.json"
+    # Re-gating is validate's normal use: the package's own report (the default) is replaced,
+    # as long as it is a gate report; a report at an explicit --out needs --overwrite.
+    replace = args.overwrite or args.out is None
+    check_output(out, GATE_REPORT, overwrite=replace)
     run = run_gate(
         args.package,
         args.data,
@@ -155,7 +173,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     report = run.report if key is None else sign_report(run.report, key)
-    save_report(report, out)
+    save_report(report, out, overwrite=replace)
     print("\n".join(summary_lines(report)))
     log.info("wrote %s gate report %s", "unsigned" if key is None else "signed", out)
     return 0 if run.passed else EXIT_GATE_FAILED
@@ -194,6 +212,7 @@ def _cmd_experiments(args: argparse.Namespace) -> int:
         policy=args.policy,
         methods=args.methods,
         providers=args.providers,
+        overwrite=args.overwrite,
         show_progress=not args.quiet,
     )
     print(f"report: {html}")
@@ -229,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, required=True, help="number of beats")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder ecgx wrote")
     _add_common(p)
     p.set_defaults(func=_cmd_synth)
 
@@ -243,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="records or folders holding records")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     p.add_argument("--min-beats", type=int, default=3, help="fewest usable beats per record (default 3)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder ecgx wrote")
     _add_common(p)
     p.set_defaults(func=_cmd_import_wfdb)
 
@@ -265,7 +284,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (default 0)")
     p.add_argument("--out", type=Path, required=True, help="run folder to write")
     p.add_argument("--config", type=Path, help="TOML file with [model] and [train] tables")
-    p.add_argument("--overwrite", action="store_true", help="replace models already trained in RUNDIR")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the whole run folder (without it, new seeds of the same dataset and config are added)",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_train)
 
@@ -280,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", type=Path, help="RUNDIR/seed-<s>/checkpoint.pt")
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--gradcam-layer", help="IR tensor GradCAM reads (default: last convolutional block)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing package folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing package ecgx wrote")
     _add_common(p)
     p.set_defaults(func=_cmd_export)
 
@@ -313,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
     p.add_argument("--max-batch", type=int, default=64, help="rows per ONNX Runtime run (default 64)")
     p.add_argument("--out", type=Path, required=True, help=".npy file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .npy file")
     _add_common(p)
     p.set_defaults(func=_cmd_attribute)
 
@@ -328,7 +352,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     p.add_argument("--n", type=int, default=None, help="number of synthetic beats (default: the demo's own)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
-    p.add_argument("--overwrite", action="store_true", help="redo steps whose outputs exist")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="redo every step, replacing the outputs of an earlier demo in OUT",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
     return parser
@@ -347,7 +375,10 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--data", type=Path, required=True, help="validation dataset folder")
     p.add_argument("--family", type=Path, nargs="+", default=[], metavar="PKG", help="seed siblings of PKG")
     p.add_argument("--policy", type=Path, help="policy TOML (default: the shipped default policy)")
-    p.add_argument("--out", type=Path, help="report file to write (default PKG/gate.json)")
+    p.add_argument(
+        "--out", type=Path, help="report file to write (default PKG/gate.json, replaced when re-gating)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing gate report at --out")
     key_help = "Ed25519 private key PEM (default: the ECGX_GATE_SIGNING_KEY environment variable)"
     p.add_argument("--signing-key", type=Path, help=key_help)
     p.add_argument("--unsigned", action="store_true", help="write the report without a signature")
@@ -376,7 +407,7 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         "keygen", help="create an Ed25519 key pair for signing gate reports", description="Create a key pair."
     )
     p.add_argument("--out", type=Path, required=True, help="folder for the two PEM files")
-    p.add_argument("--overwrite", action="store_true", help="replace existing keys")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing key folder")
     _add_common(p)
     p.set_defaults(func=_cmd_gate_keygen)
 
@@ -391,6 +422,7 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--data", type=Path, required=True, help="validation dataset folder")
     p.add_argument("--runs", type=Path, required=True, help="folder of seed-<s> runs or packages (>= 3)")
     p.add_argument("--out", type=Path, required=True, help="report folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report folder ecgx wrote")
     p.add_argument("--policy", type=Path, help="policy TOML (ECG counts, settings)")
     p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
@@ -403,20 +435,62 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
+def describe_os_error(e: OSError) -> str:
+    """One line naming the file and what is wrong, never a bare ``[Errno 22] Invalid argument``."""
+    if e.errno is None or not e.strerror:  # raised by ecgx with a message of its own
+        return str(e)
+    what = {
+        errno.ENOENT: "does not exist",
+        errno.EISDIR: "is a folder, where a file is needed",
+        errno.ENOTDIR: "is not a folder, or a part of the path is a file",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "operation not permitted",
+        errno.EINVAL: "invalid argument: the operating system refused this path or operation",
+        errno.ENOSPC: "no space left on the device",
+        errno.EROFS: "is on a read-only file system",
+        errno.ENAMETOOLONG: "the name is too long",
+        errno.EEXIST: "already exists",
+        errno.ENOTEMPTY: "is a folder that is not empty",
+    }.get(e.errno, e.strerror.lower())
+    if e.filename is None:
+        return f"file system error: {what} (errno {e.errno}; --verbose shows where)"
+    target = f" -> {e.filename2}" if e.filename2 is not None else ""
+    return f"{e.filename}{target}: {what}"
+
+
+def _terminate(signum: int, frame: object) -> None:
+    # SIGTERM unwinds like Ctrl-C, so temporary outputs are removed on the way out.
+    raise SystemExit(EXIT_TERMINATED)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.quiet, args.verbose)
     func: Callable[[argparse.Namespace], int] = args.func
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return func(args)
     except USER_ERRORS as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"ecgx: error: {message}", file=sys.stderr)
+        _error(str(e))
+        return EXIT_USAGE
+    except OSError as e:
+        log.debug("file system error", exc_info=True)
+        _error(describe_os_error(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ecgx: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _error(message: str) -> None:
+    """The one ``ecgx: error:`` line (a message of several lines is joined, never cut)."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    print(f"ecgx: error: {'; '.join(lines) or 'unknown error'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

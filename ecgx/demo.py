@@ -3,12 +3,17 @@
 Synthesise data, train a seed family, export each model as an ONNX package,
 draw attributions of the exported package for one test beat per class, gate
 every package (signed reports, with its siblings as the seed family) and write
-the experiments report. Each step up to the export skips itself when its output
-already exists (unless ``overwrite``), so an interrupted demo resumes there.
+the experiments report.
+
+OUT is the demo's working folder, marked by ``ecgx-demo.json``: the demo continues a
+folder it wrote (each step up to the export skips itself when its output exists, so
+an interrupted demo resumes there; ``overwrite`` redoes every step), and refuses any
+other non-empty folder. Every step writes its output by the rule of :mod:`ecgx.outputs`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ecgx.outputs import DEMO, FIGURES, OutputError, StagedOutput, classify_output, write_text_atomic
 from ecgx.plots import plot_attributions
 from service.engine import AttributionEngine
 from training.config import TrainConfig
@@ -25,7 +31,7 @@ from training.data.synth import synthesize_dataset
 from training.export import export_checkpoint
 from training.models import ModelConfig
 from training.summary import format_training_summary
-from training.train import CHECKPOINT_FILE, make_split, seed_dir, train_run
+from training.train import CHECKPOINT_FILE, check_seeds, make_split, seed_dir, train_run
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +42,7 @@ DEMO_METHODS = ("saliency", "integrated_gradients", "deeplift", "lrp", "gradcam"
 VALIDATION_SEED = 1000
 # The demo gates three packages; half the default policy's 256 ECGs keeps it within minutes.
 DEMO_GATE_ECGS = 128
+MARKER_FILE = "ecgx-demo.json"
 
 
 def run_demo(
@@ -48,8 +55,21 @@ def run_demo(
 ) -> None:
     """Run every step and print per-class test AUROC and where the pictures are."""
     started = time.perf_counter()
+    out = Path(out)
+    n = DEMO_BEATS if n is None else n
     data_dir, run_dir, pkg_dir, fig_dir = out / "data", out / "runs", out / "packages", out / "figures"
-    _synthesise(data_dir, DEMO_BEATS if n is None else n, overwrite, show_progress)
+    # Everything that can be checked is checked before anything is written.
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"--n must be a whole number >= 1, got {n!r}")
+    seeds = check_seeds(seeds)
+    state = classify_output(out, DEMO)  # a non-empty folder without the marker is refused, whatever the flags
+    if state == "ours":
+        _check_reusable_data(data_dir, n, overwrite)
+        log.info("continuing the demo in %s", out)
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out / MARKER_FILE, json.dumps({"ecgx_demo": 1, "created": time.time()}) + "\n")
+    _synthesise(data_dir, n, overwrite, show_progress)
     _train(data_dir, run_dir, seeds, overwrite, show_progress)
     packages = _export(run_dir, pkg_dir, seeds, overwrite)
     figures = _draw(data_dir, packages[0], fig_dir)
@@ -64,6 +84,24 @@ def run_demo(
     print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
 
 
+def _check_reusable_data(data_dir: Path, n: int, overwrite: bool) -> None:
+    """An earlier demo's dataset is reused only if it is what this demo would generate."""
+    if overwrite or not (data_dir / "meta.json").is_file():
+        return
+    try:
+        meta = json.loads((data_dir / "meta.json").read_text())
+    except (OSError, ValueError):
+        return  # not a dataset: the synthesis step refuses it by the output rule
+    if not isinstance(meta, dict):
+        return
+    if (meta.get("n"), meta.get("seed")) != (n, DEMO_DATA_SEED):
+        raise OutputError(
+            f"{data_dir} holds {meta.get('n')} beats (seed {meta.get('seed')}), not the {n} "
+            f"(seed {DEMO_DATA_SEED}) this demo uses; pass --overwrite to redo every step, "
+            "or choose another --out"
+        )
+
+
 def _synthesise(data_dir: Path, n: int, overwrite: bool, show_progress: bool) -> None:
     if overwrite or not (data_dir / "meta.json").is_file():
         log.info("step 1/6: generating %d synthetic beats into %s", n, data_dir)
@@ -76,9 +114,18 @@ def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool,
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
     if todo:
         log.info("step 2/6: training seeds %s into %s", todo, run_dir)
-        train_run(
-            data_dir, todo, run_dir, ModelConfig(), TrainConfig(), overwrite=True, show_progress=show_progress
-        )
+        # One seed at a time, each added to the run folder when done, so an interrupted demo
+        # keeps the seeds it finished; --overwrite replaces the run folder with the first one.
+        for i, s in enumerate(todo):
+            train_run(
+                data_dir,
+                [s],
+                run_dir,
+                ModelConfig(),
+                TrainConfig(),
+                overwrite=overwrite and i == 0,
+                show_progress=show_progress,
+            )
     else:
         log.info("step 2/6: reusing trained seeds in %s", run_dir)
 
@@ -89,7 +136,7 @@ def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool)
         pkg = pkg_dir / f"seed-{s}"
         if overwrite or not (pkg / "manifest.json").is_file():
             log.info("step 3/6: exporting seed %d to %s (checked against Captum)", s, pkg)
-            export_checkpoint(seed_dir(run_dir, s) / CHECKPOINT_FILE, pkg, overwrite=True)
+            export_checkpoint(seed_dir(run_dir, s) / CHECKPOINT_FILE, pkg, overwrite=overwrite)
         packages.append(pkg)
     return packages
 
@@ -103,24 +150,28 @@ def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
 
     validation = out / "validation"
     if not (validation / "meta.json").is_file():
-        synthesize_dataset(validation, 256, VALIDATION_SEED, overwrite=True, show_progress=show_progress)
+        synthesize_dataset(validation, 256, VALIDATION_SEED, show_progress=show_progress)
     keys = out / "keys"
     if not (keys / "gate_signing_key.pem").is_file():
-        generate_keypair(keys, overwrite=True)
+        generate_keypair(
+            keys, overwrite=True
+        )  # half a pair left by hand is replaced: the folder is the demo's
     key = load_private_key(keys / "gate_signing_key.pem")
     policy = out / "demo_policy.toml"
-    policy.write_text(f"# The demo's policy: the defaults, fewer ECGs.\n[gate]\necgs = {DEMO_GATE_ECGS}\n")
+    write_text_atomic(
+        policy, f"# The demo's policy: the defaults, fewer ECGs.\n[gate]\necgs = {DEMO_GATE_ECGS}\n"
+    )
     report = out / "report"
     for i, pkg in enumerate(packages):
         log.info("step 5/6: gating %s (family: the other seeds)", pkg)
         family = [p for p in packages if p != pkg]
         run = run_gate(pkg, validation, family=family, policy=policy, show_progress=show_progress)
-        save_report(sign_report(run.report, key), pkg / "gate.json")
+        save_report(sign_report(run.report, key), pkg / "gate.json", overwrite=True)  # re-gating replaces it
         print(f"\ngate of {pkg} ({pkg / 'gate.json'}):")
         print("\n".join(summary_lines(run.report)))
         if i == 0:  # the report shows the first package; its gate run has every measurement
             log.info("step 6/6: writing the experiments report")
-            report = write_experiments(run, report)
+            report = write_experiments(run, report, overwrite=True)
     public = keys / "gate_public_key.pem"
     print(f"verify a package with: ecgx gate verify {packages[0]} --public-key {public}")
     return report
@@ -136,6 +187,7 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
     x = np.asarray(ds.signals[test])
     probs = engine.probabilities(x)
     figures = []
+    stage = StagedOutput(fig_dir, FIGURES, overwrite=True)  # the demo redraws its own figures
     for c, cls in enumerate(CLASSES):
         positives = np.flatnonzero(ds.labels[test, c])
         if len(positives) == 0:
@@ -145,9 +197,12 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
         maps = {m: engine.attribute(m, beat, c)[0] for m in DEMO_METHODS}
         title = f"{cls.name} ({cls.key}, SNOMED {cls.code}): test beat {test[i]}, p = {probs[i, c]:.3f}"
         mask = (np.asarray(ds.masks[test[i]]) >> c) & 1
-        figures.append(
-            plot_attributions(
-                beat[0], maps, fig_dir / f"attributions_{cls.key}.png", title=title, mask=mask.astype(bool)
-            )
-        )
+        name = f"attributions_{cls.key}.png"
+        try:
+            plot_attributions(beat[0], maps, stage.path / name, title=title, mask=mask.astype(bool))
+        except BaseException:
+            stage.abort()
+            raise
+        figures.append(fig_dir / name)
+    stage.commit()
     return figures

@@ -51,6 +51,10 @@ class OutputKind:
     marker: str  # what recognise looks for, for messages ("meta.json")
     example: str = ""  # file kinds: a file name for the "give a file" hint
 
+    @property
+    def a_name(self) -> str:
+        return ("an " if self.name[0] in "aeiou" else "a ") + self.name
+
 
 def _json_object(path: Path) -> dict[str, Any] | None:
     try:
@@ -171,7 +175,7 @@ def classify_output(out: Path | str, kind: OutputKind) -> State:
                 return "empty"
             if not kind.recognise(out):
                 raise OutputError(
-                    f"{out} already exists and is not a {kind.name} written by ecgx (no {kind.marker}; it "
+                    f"{out} already exists and is not {kind.a_name} written by ecgx (no {kind.marker}; it "
                     f"holds {_describe_folder(out)}); refusing to replace it, even with --overwrite: "
                     "choose another --out"
                 )
@@ -183,7 +187,7 @@ def classify_output(out: Path | str, kind: OutputKind) -> State:
             raise OutputError(f"{out} is not a regular file; the {kind.name} --out must be one")
         if not kind.recognise(out):
             raise OutputError(
-                f"{out} already exists and is not a {kind.name} written by ecgx (not {kind.marker}); "
+                f"{out} already exists and is not {kind.a_name} written by ecgx (not {kind.marker}); "
                 "refusing to replace it, even with --overwrite: choose another --out"
             )
         return "ours"
@@ -196,7 +200,7 @@ def check_output(out: Path | str, kind: OutputKind, *, overwrite: bool = False) 
     state = classify_output(out, kind)
     if state == "ours" and not overwrite:
         raise OutputExistsError(
-            f"{out} already exists (a {kind.name} ecgx wrote); choose another --out, "
+            f"{out} already exists ({kind.a_name} ecgx wrote); choose another --out, "
             "or pass --overwrite to replace it"
         )
     return state

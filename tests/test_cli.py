@@ -104,5 +104,6 @@ def test_pipeline_synth_train_export_attribute(tmp_path: Path) -> None:
         "window=0",
         "--out",
         str(out),
+        "--overwrite",
     )
     assert result.returncode == 2 and "window" in result.stderr and "Traceback" not in result.stderr

@@ -248,7 +248,7 @@ def train_run(
     only rank 0 writes files. Returns the run summary.
     """
     model_cfg, cfg = model_cfg or ModelConfig(), cfg or TrainConfig()
-    seeds = _check_seeds(seeds)
+    seeds = check_seeds(seeds)
     out = Path(out)
     existing = _existing_run(out, seeds, overwrite)  # fail before minutes of work, not after
     ds = load_dataset(data_dir)
@@ -420,7 +420,7 @@ class _RunWriter:
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _check_seeds(seeds: Sequence[int]) -> list[int]:
+def check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise ValueError("give at least one seed")

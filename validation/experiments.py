@@ -12,9 +12,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from ecgx.outputs import EXPERIMENTS, StagedOutput
 from service.package import MANIFEST_FILE
 from validation.gate import GateRun, run_gate
 from validation.policy import Policy
@@ -23,16 +25,19 @@ log = logging.getLogger(__name__)
 
 MIN_SEEDS = 3
 REPORT_JSON = "experiments.json"
+REPORT_FILE = "report.html"  # validation.html_report.REPORT_FILE, without importing matplotlib
 # training.train.CHECKPOINT_FILE; importing that module would load PyTorch for every run.
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def find_packages(runs: Path, export_dir: Path) -> list[Path]:
+def find_packages(runs: Path, export_dir: Path, reuse_dir: Path | None = None) -> list[Path]:
     """One package per ``seed-<s>`` folder of ``runs``, in seed order.
 
     A folder holding ``manifest.json`` is a package already (``ecgx demo``'s
-    ``packages/``); one holding ``checkpoint.pt`` is a training run, exported once
-    into ``export_dir/seed-<s>`` (with the export's Captum check) and reused after.
+    ``packages/``); one holding ``checkpoint.pt`` is a training run, exported into
+    ``export_dir/seed-<s>`` (with the export's Captum check), or copied from
+    ``reuse_dir/seed-<s>`` (an earlier report's exports) when that is an export of the
+    very same checkpoint file.
     """
     runs = Path(runs)
     if not runs.is_dir():
@@ -46,7 +51,8 @@ def find_packages(runs: Path, export_dir: Path) -> list[Path]:
         if (d / MANIFEST_FILE).is_file():
             packages.append(d)
         elif (d / CHECKPOINT_FILE).is_file():
-            packages.append(_exported(d / CHECKPOINT_FILE, export_dir / d.name))
+            reuse = None if reuse_dir is None else reuse_dir / d.name
+            packages.append(_exported(d / CHECKPOINT_FILE, export_dir / d.name, reuse))
     if len(packages) < MIN_SEEDS:
         raise ValueError(
             f"{runs} holds {len(packages)} trained seed(s) (seed-<s>/{CHECKPOINT_FILE} or packages); "
@@ -56,13 +62,28 @@ def find_packages(runs: Path, export_dir: Path) -> list[Path]:
     return packages
 
 
-def _exported(checkpoint: Path, package: Path) -> Path:
+def _exported(checkpoint: Path, package: Path, reuse: Path | None = None) -> Path:
     if (package / MANIFEST_FILE).is_file():
         return package
+    if reuse is not None and _is_export_of(reuse, checkpoint):
+        log.info("reusing %s, an export of %s", reuse, checkpoint)
+        package.parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copytree(reuse, package))
     from training.export import export_checkpoint  # PyTorch is needed only here
 
     log.info("exporting %s to %s", checkpoint, package)
-    return export_checkpoint(checkpoint, package, overwrite=True)
+    return export_checkpoint(checkpoint, package)
+
+
+def _is_export_of(package: Path, checkpoint: Path) -> bool:
+    """True when ``package`` was exported from exactly this checkpoint file (its SHA-256)."""
+    from service.package import sha256_file
+
+    try:
+        manifest = json.loads((package / MANIFEST_FILE).read_text())
+        return manifest["source"]["sha256"] == sha256_file(checkpoint)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def run_experiments(
@@ -73,28 +94,53 @@ def run_experiments(
     policy: Policy | Path | None = None,
     methods: Sequence[str] | None = None,
     providers: Sequence[str] | None = None,
+    overwrite: bool = False,
     show_progress: bool = True,
 ) -> Path:
-    """Gate the first seed with the others as its family and write ``out/report.html``."""
+    """Gate the first seed with the others as its family and write the report folder ``out``.
+
+    ``out`` follows the output rule (:mod:`ecgx.outputs`): it is built in a temporary sibling,
+    exported packages included (``out/packages``), and renamed into place when complete; with
+    ``overwrite`` an earlier report's exports of the same checkpoints are reused.
+    """
     out = Path(out)
-    packages = find_packages(runs, out / "packages")
-    run = run_gate(
-        packages[0],
-        data,
-        family=packages[1:],
-        policy=policy,
-        methods=methods,
-        providers=providers,
-        show_progress=show_progress,
-    )
-    return write_experiments(run, out)
+    with StagedOutput(out, EXPERIMENTS, overwrite=overwrite) as tmp:
+        reuse = out / "packages" if overwrite and (out / "packages").is_dir() else None
+        packages = find_packages(runs, tmp / "packages", reuse)
+        run = run_gate(
+            packages[0],
+            data,
+            family=packages[1:],
+            policy=policy,
+            methods=methods,
+            providers=providers,
+            show_progress=show_progress,
+        )
+        _relocate(run.report, tmp, out)
+        _write_report(run, tmp)
+    return out / REPORT_FILE
 
 
-def write_experiments(run: GateRun, out: Path) -> Path:
-    """The HTML report with its PNG figures, and the measurements as JSON, in ``out``."""
+def _relocate(report: dict, tmp: Path, out: Path) -> None:
+    """Packages exported into the temporary folder are recorded where they will end up."""
+    for record in [report["package"], *report["family"]]:
+        path = Path(record["path"])
+        if path.is_relative_to(tmp):
+            record["path"] = str(out / path.relative_to(tmp))
+
+
+def write_experiments(run: GateRun, out: Path, *, overwrite: bool = False) -> Path:
+    """The HTML report with its PNG figures, and the measurements as JSON, as the folder ``out``
+    (the output rule of :mod:`ecgx.outputs`); returns the path of ``report.html``."""
+    out = Path(out)
+    with StagedOutput(out, EXPERIMENTS, overwrite=overwrite) as tmp:
+        _write_report(run, tmp)
+    return out / REPORT_FILE
+
+
+def _write_report(run: GateRun, out: Path) -> None:
     from validation.html_report import study_comparison_rows, write_html_report
 
-    out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_JSON).write_text(json.dumps(run.report, indent=1, allow_nan=False))
     n_models = 1 + len(run.report["family"])
     notes = [
@@ -105,7 +151,7 @@ def write_experiments(run: GateRun, out: Path) -> Path:
         "Stochastic methods use the same random draws for every model, so differences between seeds "
         "come from the models. The random control draws anew for each trained model: it is the floor.",
     ]
-    return write_html_report(
+    write_html_report(
         run,
         out,
         title="Attribution sanity experiments",

@@ -501,11 +501,13 @@ def import_wfdb(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    occupied = out.exists() and (not out.is_dir() or any(out.iterdir()))
-    if occupied and not overwrite:
-        raise DatasetError(
-            f"{out} already exists and is not empty; choose another --out or pass --overwrite to replace it"
-        )
+    """The output rule of :mod:`ecgx.outputs`, checked before minutes of work (the writer checks again)."""
+    from ecgx.outputs import DATASET, OutputError, check_output
+
+    try:
+        check_output(out, DATASET, overwrite=overwrite)
+    except OutputError as e:
+        raise DatasetError(str(e)) from None
 
 
 def _meta(got: _Collected) -> dict[str, object]:

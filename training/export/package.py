@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -147,17 +145,18 @@ def export_package(
     convolutional block's output). ``sample_inputs`` (B, 12, 600) are used for
     the parity check (default: synthetic beats from the project's generator).
     """
+    from ecgx.outputs import PACKAGE, StagedOutput, check_output
+
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+    check_output(out, PACKAGE, overwrite=overwrite)  # before the work, not after
     started = time.perf_counter()
     model = model.eval()
     ir = trace_model(model)
     layer = _pick_gradcam_layer(ir, gradcam_layer)
     graphs = build_graphs(ir, (N_LEADS, BEAT_SAMPLES), layer)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    # The output rule (ecgx.outputs): built beside ``out``, renamed into place once the graphs
+    # passed their check; an old package is removed only then, and only a package is replaced.
+    with StagedOutput(out, PACKAGE, overwrite=overwrite) as tmp:
         params = _write_weights(tmp, graphs)
         files = _write_graphs(tmp, graphs, params)
         x = _sample_inputs(sample_inputs)
@@ -165,13 +164,6 @@ def export_package(
         manifest = _manifest(ir, layer, params, files, checks, training_info, source, tmp)
         manifest["export_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.chmod(0o755)  # mkdtemp makes it owner-only; a served package must be readable by the server user
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("exported package %s (%d graphs) in %.1f s", out, len(graphs), time.perf_counter() - started)
     return out
 
