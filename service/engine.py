@@ -133,8 +133,7 @@ class AttributionEngine:
             sess = ort.InferenceSession(data, opts, providers=self.providers)
         except Exception as e:  # onnxruntime's own exception types derive from Exception only
             raise PackageError(
-                f"{file}: ONNX Runtime cannot load graph {graph!r} (a corrupt or invalid ONNX model): "
-                f"{str(e).strip()[:500]}"
+                f"{file}: ONNX Runtime cannot load graph {graph!r}: {str(e).strip()[:500]}"
             ) from None
         inputs, outputs = self.package.graph_signature(graph)
         got = ([i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
