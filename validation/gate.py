@@ -580,9 +580,9 @@ _SUMMARY_CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_m
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """What ``ecgx validate`` prints: one line per method with, per check, the number its verdict
-    is decided on (what that number is, once per check below the table), then why each failing
-    method failed (decisive number, mean and interval, threshold), any warnings, and the verdict
-    as a sentence: under which policy, what may be served and what will be refused."""
+    is decided on (what that number is, once per check below the table), then every method's
+    blocking checks (decisive number, mean and interval, threshold, verdict), any warnings, and
+    the verdict as a sentence: under which policy, what may be served and what will be refused."""
     short = {checks.PASS: "ok", checks.FAIL: "FAIL"}
     lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in _SUMMARY_CHECKS)]
     legend: dict[str, str] = {}

@@ -69,8 +69,10 @@ _REPORT_FIGURES: tuple[tuple[str, str, Callable[[dict, Path], Path], str], ...] 
         "scores.png",
         "Scores and verdicts",
         figures.plot_scores,
-        "Each cell is one check's score for one method; blue cells pass, orange cells fail and grey "
-        "cells did not run. The column header gives the pass condition and whether the check blocks "
+        "Each cell is the number one check's verdict for one method is decided on (for randomisation the "
+        "upper end of its bootstrap interval, for perturbation the lowest lower end over the replacement "
+        "strategies, otherwise a mean); blue cells pass, orange cells fail and grey cells did not run. "
+        "The column header gives the pass condition and whether the check blocks "
         "the method (blocking) or is only reported (informative). The last column is the method's "
         "verdict: it passes when all its blocking checks pass.",
     ),
@@ -82,8 +84,9 @@ _REPORT_FIGURES: tuple[tuple[str, str, Callable[[dict, Path], Path], str], ...] 
         "input, and each method is recomputed on the same ECGs. The y axis is how similar the new "
         "attributions are to those of the trained model (1 = unchanged). A method that explains the "
         "model should fall towards 0 as more of the model is destroyed; one that stays high is "
-        "mostly showing the input signal. The verdict uses the left panel's last point against the "
-        "dotted threshold. The random control (grey, dashed) does not depend on the model and stays at 1.",
+        "mostly showing the input signal. The left panel's last point is the mean over the ECGs; the "
+        "verdict uses the upper end of its bootstrap interval against the dotted threshold (both are in the "
+        "table above). The random control (grey, dashed) does not depend on the model and stays at 1.",
     ),
     (
         "randomisation_independent.png",
