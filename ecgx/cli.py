@@ -448,7 +448,7 @@ def describe_os_error(e: OSError) -> str:
         errno.EINVAL: "invalid argument: the operating system refused this path or operation",
         errno.ENOSPC: "no space left on the device",
         errno.EROFS: "is on a read-only file system",
-        errno.ENAMETOOLONG: "the name is too long",
+        errno.ENAMETOOLONG: "file name too long",
         errno.EEXIST: "already exists",
         errno.ENOTEMPTY: "is a folder that is not empty",
     }.get(e.errno, e.strerror.lower())

@@ -160,12 +160,12 @@ def classify_output(out: Path | str, kind: OutputKind) -> State:
     """``absent``, ``empty`` (an empty folder, free to use) or ``ours`` (an output of ``kind``
     that ecgx wrote). Anything else raises :class:`OutputError` naming what is in the way."""
     out = Path(out)
-    if out.is_symlink():
-        raise OutputError(
-            f"{out} is a symbolic link; ecgx never writes through or replaces links: give the real path"
-        )
-    _check_parents(out)
     try:
+        if out.is_symlink():
+            raise OutputError(
+                f"{out} is a symbolic link; ecgx never writes through or replaces links: give the real path"
+            )
+        _check_parents(out)
         if not out.exists():
             return "absent"
         if kind.folder:
