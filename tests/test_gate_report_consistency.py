@@ -224,6 +224,30 @@ def test_a_failing_gate_serves_nothing_and_says_why(trained_family, tmp_path: Pa
     assert summary_lines(report)[-1] == f"Gate verdict: {head}"
 
 
+def test_a_policy_the_random_control_passes_is_a_warning(trained_family, tmp_path: Path) -> None:
+    """With no blocking check, every method passes, the control too: the report says the verdict
+    carries no evidence instead of a bare PASS."""
+    policy = tmp_path / "p.toml"
+    policy.write_text(
+        "[gate]\necgs = 16\n[checks.randomisation]\necgs = 4\nblocking = false\n"
+        "[checks.perturbation]\nblocking = false\nbootstrap = 100\nsteps = 4\n"
+    )
+    run = run_gate(
+        trained_family["seed-0"],
+        trained_family["data"],
+        policy=policy,
+        methods=["saliency"],
+        workers=1,
+        show_progress=False,
+    )
+    report = run.report
+    assert report["methods"]["random"]["verdict"] == "pass" and report["verdict"] == "pass"
+    (warning,) = report["warnings"]
+    assert warning.startswith("the random control passed every blocking check")
+    assert report["headline"].endswith(f"WARNING: {warning}.")
+    assert f"WARNING: {warning}" in summary_lines(report)
+
+
 # ---------------------------------------------------------------- the seed family
 
 
