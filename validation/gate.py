@@ -313,8 +313,14 @@ class _Context:
 
     def engine(self, package: ModelPackage | None = None, overrides=None) -> AttributionEngine:
         threads = 1 if self.workers > 1 else None
+        # The policy bounds the gate's own work; the per-request caps are for served requests.
         return AttributionEngine(
-            package or self.pkg, providers=self.providers, threads=threads, parameters=overrides
+            package or self.pkg,
+            providers=self.providers,
+            threads=threads,
+            parameters=overrides,
+            max_request_ecgs=None,
+            max_request_rows=None,
         )
 
     def timed(self, timings: dict[str, float], name: str, fn: Callable[[], Any]) -> Any:
@@ -556,7 +562,8 @@ def headline(
 def package_record(pkg: ModelPackage) -> dict[str, Any]:
     """Path, model identity and the SHA-256 of every package file, manifest included."""
     files = {name: entry["sha256"] for name, entry in pkg.manifest["files"].items()}
-    files[MANIFEST_FILE] = sha256_file(pkg.path / MANIFEST_FILE)
+    # The hash of the manifest that was loaded and checked, not of whatever is on disk now.
+    files[MANIFEST_FILE] = pkg.manifest_sha256 or sha256_file(pkg.path / MANIFEST_FILE)
     return {"path": str(pkg.path), "source": pkg.manifest.get("source"), "files": files}
 
 
