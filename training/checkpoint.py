@@ -81,6 +81,8 @@ def _read(path: Path) -> Any:
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.is_dir():
         raise CheckpointError(f"checkpoint {path} is a folder; give the file, e.g. {path / 'checkpoint.pt'}")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} is not a regular file (a device, pipe or socket)")
     try:
         data = path.read_bytes()  # read here, so file-system errors are told apart from bad content
     except OSError as e:
