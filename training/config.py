@@ -148,6 +148,8 @@ def load_config(path: Path | str | None) -> tuple[ModelConfig, TrainConfig]:
     if path is None:
         return ModelConfig(), TrainConfig()
     path = Path(path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise ValueError(f"config file {path} is not a regular file (a device, pipe or socket)")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
