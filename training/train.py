@@ -244,6 +244,12 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one model per seed into ``out/seed-<s>/`` and write ``out/run.json``.
 
+    ``out`` follows the output rule of :mod:`ecgx.outputs`: a new run folder appears whole
+    when every seed is trained; ``overwrite`` replaces a run folder ecgx wrote. Without it,
+    seeds not yet in an existing run folder are added, only for the same dataset
+    (fingerprint) and config, and run.json then lists every seed. Every class needs
+    positive and negative training beats (:func:`check_class_coverage`).
+
     Works the same in one process and under ``torchrun`` (DistributedDataParallel);
     only rank 0 writes files. Returns the run summary.
     """
