@@ -163,7 +163,7 @@ def prepare(work: Path, residual: bool) -> None:
     x = generate(N_ECGS, np.random.default_rng(0)).signals
     np.save(work / "x.npy", x)
     save_checkpoint(work / "model.pt", model)
-    export_package(model, work / "pkg", sample_inputs=x[:8])
+    export_package(model, work / "pkg", sample_inputs=x[:8], overwrite=True)
 
 
 def main() -> None:

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
-from tests.cli_helpers import assert_clean_failure, run_ecgx, snapshot
 from training.config import TrainConfig
 from training.data.dataset import default_meta, load_dataset, write_dataset
 from training.data.synth import synthesize_dataset

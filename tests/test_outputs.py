@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cli_helpers import snapshot
 
 import ecgx.cli
 from ecgx.cli import describe_os_error, main
@@ -25,7 +26,6 @@ from ecgx.outputs import (
     classify_output,
     write_text_atomic,
 )
-from tests.cli_helpers import snapshot
 from training.config import TrainConfig
 from training.data.dataset import default_meta, load_dataset, write_dataset
 from training.models import ModelConfig

@@ -38,6 +38,12 @@ class TrainConfig:
     # For study-sized sets: an epoch visits this many random training beats instead of all.
     max_beats_per_epoch: int | None = None
     device: str = "auto"  # "auto" (CUDA when present), "cpu" or "cuda"
+    # Torch intra-op threads per training process on CPU; 0: torch's default (every core, or the
+    # cores split between torchrun's processes). One thread is the default because these small
+    # CNNs gain little from a second thread on an idle machine and slow down several-fold when
+    # another process competes for the cores (benchmarks/RESULTS.md), and because the trained
+    # weights then do not depend on the machine's core count.
+    threads: int = 1
 
     def __post_init__(self) -> None:
         checks = [
@@ -59,6 +65,7 @@ class TrainConfig:
                 self.max_beats_per_epoch is None or self.max_beats_per_epoch >= 1,
                 f"max_beats_per_epoch must be >= 1 or unset, got {self.max_beats_per_epoch}",
             ),
+            (self.threads >= 0, f"threads must be >= 0 (0: torch's default), got {self.threads}"),
             (
                 self.device in ("auto", "cpu", "cuda"),
                 f"device must be auto, cpu or cuda, not {self.device!r}",

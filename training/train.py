@@ -272,6 +272,9 @@ def train_run(
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     torch.use_deterministic_algorithms(True, warn_only=ctx.device.type != "cpu")
+    threads_before = torch.get_num_threads()
+    if ctx.device.type == "cpu" and cfg.threads:
+        torch.set_num_threads(cfg.threads)
     try:
         writer = _RunWriter(out, overwrite, existing) if ctx.is_main else None
         try:
@@ -285,6 +288,7 @@ def train_run(
             raise
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
+        torch.set_num_threads(threads_before)
         shutdown_distributed(ctx)
     return summary
 
