@@ -129,12 +129,18 @@ def load_policy(path: Path | str | None = None) -> Policy:
     if path is None:
         return base
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise PolicyError(f"policy file {path} does not exist")
+    if not path.is_file():
+        raise PolicyError(
+            f"policy file {path} is not a regular file (a folder or a device?); give a TOML file"
+        )
     try:
         user = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise PolicyError(f"policy file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise PolicyError(f"policy file {path} cannot be read: {e.strerror or e}") from None
     merged = _merge(base.content, user, "")
     try:
         return Policy(content=_validate(merged), source=str(path))

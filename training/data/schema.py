@@ -66,7 +66,7 @@ def class_index(key_or_code: str) -> int:
         if key_or_code in (c.key, c.code, *c.aliases):
             return i
     known = ", ".join(CLASS_KEYS)
-    raise KeyError(f"unknown class {key_or_code!r}; known classes: {known}")
+    raise ValueError(f"unknown class {key_or_code!r}; known classes: {known}")
 
 
 def snomed_to_class() -> dict[str, int]:
