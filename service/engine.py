@@ -23,6 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import limits
+from service.errors import InvalidArgument, NotFound, ResourceExhausted
 from service.package import ModelPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,10 @@ def select_providers(requested: Sequence[str] | None = None) -> list[str]:
         return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
     requested = list(requested)
     if not requested:
-        raise ValueError("give at least one execution provider")
+        raise InvalidArgument("give at least one execution provider")
     missing = [p for p in requested if p not in available]
     if missing:
-        raise ValueError(
+        raise InvalidArgument(
             f"execution provider(s) {missing} are not available; this onnxruntime offers {available}"
         )
     return requested
@@ -149,13 +150,13 @@ class AttributionEngine:
         overrides = {}
         for name, value in parameters.items():
             if name not in table:
-                raise ValueError(f"package {self.package.path} has no parameter {name!r}")
+                raise InvalidArgument(f"package {self.package.path} has no parameter {name!r}")
             arr = np.ascontiguousarray(value, dtype=np.float32)
             if list(arr.shape) != list(table[name]["shape"]):
                 shape = table[name]["shape"]
-                raise ValueError(f"parameter {name!r} must have shape {shape}, got {arr.shape}")
+                raise InvalidArgument(f"parameter {name!r} must have shape {shape}, got {arr.shape}")
             if not np.isfinite(arr).all():
-                raise ValueError(f"parameter {name!r} holds NaN or infinite values")
+                raise InvalidArgument(f"parameter {name!r} holds NaN or infinite values")
             overrides[name] = arr
         return overrides
 
@@ -171,26 +172,26 @@ class AttributionEngine:
     # ------------------------------------------------------------------ input checks
 
     def check_inputs(self, inputs: Any) -> np.ndarray:
-        """(B, 12, 600) float32 from an array-like, or a ValueError saying what is wrong."""
+        """(B, 12, 600) float32 from an array-like, or an :class:`InvalidArgument` saying what is wrong."""
         x = np.asarray(inputs)
         leads, samples = self.package.input_shape
         if x.ndim == 2:
             x = x[None]
         if x.ndim != 3 or x.shape[1:] != (leads, samples):
-            raise ValueError(
+            raise InvalidArgument(
                 f"inputs must have shape (batch, {leads}, {samples}) or ({leads}, {samples}), got {x.shape}"
             )
         if x.shape[0] == 0:
-            raise ValueError("inputs hold no ECG (batch size 0)")
+            raise InvalidArgument("inputs hold no ECG (batch size 0)")
         if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
-            raise ValueError(f"inputs must be real numbers, got dtype {x.dtype}")
+            raise InvalidArgument(f"inputs must be real numbers, got dtype {x.dtype}")
         x = x.astype(np.float32, copy=False)
         bad = ~np.isfinite(x).all(axis=(1, 2))
         if bad.any():
-            raise ValueError(f"ECG(s) {np.flatnonzero(bad).tolist()} hold NaN or infinite values")
+            raise InvalidArgument(f"ECG(s) {np.flatnonzero(bad).tolist()} hold NaN or infinite values")
         big = np.abs(x).max(axis=(1, 2)) > MAX_ABS_MV
         if big.any():
-            raise ValueError(
+            raise InvalidArgument(
                 f"ECG(s) {np.flatnonzero(big).tolist()} exceed {MAX_ABS_MV} mV; inputs must be millivolts"
             )
         return np.ascontiguousarray(x)
@@ -201,13 +202,21 @@ class AttributionEngine:
         if target is None:
             return self.logits(x).argmax(axis=1)
         if isinstance(target, (str, int, np.integer)):
-            return np.full(len(x), self.package.class_index(_as_index(target)), dtype=np.int64)
+            return np.full(len(x), self.class_index(target), dtype=np.int64)
         targets = list(np.asarray(target).ravel()) if not isinstance(target, (list, tuple)) else list(target)
         if len(targets) != len(x):
-            raise ValueError(
+            raise InvalidArgument(
                 f"got {len(targets)} targets for {len(x)} ECGs; give one per ECG or a single class"
             )
-        return np.array([self.package.class_index(_as_index(t)) for t in targets], dtype=np.int64)
+        return np.array([self.class_index(t) for t in targets], dtype=np.int64)
+
+    def class_index(self, target: Any) -> int:
+        """Index of one class given by index, key or SNOMED code; :class:`NotFound` otherwise."""
+        key = _as_index(target)
+        try:
+            return self.package.class_index(key)
+        except ValueError as e:
+            raise NotFound(str(e)) from None
 
     def seeds(self, target: np.ndarray) -> np.ndarray:
         """One-hot rows selecting each ECG's target logit (the backward graphs' ``seed`` input)."""
@@ -289,7 +298,7 @@ class AttributionEngine:
         impl.check_params(params)
         x = self.check_inputs(inputs)
         if self.max_request_ecgs is not None and len(x) > self.max_request_ecgs:
-            raise ValueError(
+            raise ResourceExhausted(
                 f"inputs hold {len(x)} ECGs; this engine takes at most {self.max_request_ecgs} per request "
                 "(max_request_ecgs), which bounds the memory of one request: send them in several requests"
             )
@@ -297,7 +306,7 @@ class AttributionEngine:
         passes = impl.check(x, **{**impl.parameters(), **params})
         rows = passes * len(x)
         if self.max_request_rows is not None and rows > self.max_request_rows:
-            raise ValueError(
+            raise ResourceExhausted(
                 f"{method} with these settings needs {passes:,} model passes per ECG x {len(x)} ECGs = "
                 f"{rows:,} passes; this engine allows at most {self.max_request_rows:,} per request "
                 "(max_request_rows), which bounds the time of one request: send fewer ECGs per request "
@@ -309,9 +318,9 @@ class AttributionEngine:
 
 def _check_count(name: str, value: Any, limit: int | None, limit_name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
     if limit is not None and value > limit:
-        raise ValueError(
+        raise InvalidArgument(
             f"{name}={value} is over the limit of {limit} (service.limits.{limit_name}): every row of a "
             "run holds its layer activations in ONNX Runtime at once, so this bounds the engine's memory"
         )
@@ -329,7 +338,7 @@ def ecg_of_rows(rows: np.ndarray, batch: int) -> slice | np.ndarray:
 
 def _as_index(t: Any) -> str | int:
     if isinstance(t, (bool, np.bool_)):
-        raise ValueError(f"target must be a class index, key or SNOMED code, got {t!r}")
+        raise InvalidArgument(f"target must be a class index, key or SNOMED code, got {t!r}")
     if isinstance(t, (int, np.integer)):
         return int(t)
     if isinstance(t, float) and t.is_integer():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from service.errors import NotFound
 from service.methods.base import AttributionMethod
 from service.methods.control import RandomAttribution
 from service.methods.deeplift import DeepLift, DeepLiftShap
@@ -42,11 +43,11 @@ _BY_NAME = {c.name: c() for c in _CLASSES}
 
 
 def get_method(name: str) -> AttributionMethod:
-    """The method called ``name``; a ValueError lists the known names otherwise."""
+    """The method called ``name``; a :class:`~service.errors.NotFound` lists the known names otherwise."""
     try:
         return _BY_NAME[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown attribution method {name!r}; known: {', '.join(METHOD_NAMES)}") from None
+        raise NotFound(f"unknown attribution method {name!r}; known: {', '.join(METHOD_NAMES)}") from None
 
 
 __all__ = ["METHOD_NAMES", "AttributionMethod", "get_method"]

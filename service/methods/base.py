@@ -7,6 +7,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from service.errors import InvalidArgument, ResourceExhausted
+
 if TYPE_CHECKING:
     from service.engine import AttributionEngine
 
@@ -33,7 +35,8 @@ class AttributionMethod:
         defaults filled in) and return the model passes (forward or backward rows) per ECG.
 
         Runs before any model pass, so a bad value or a request over a cost cap
-        (:mod:`service.limits`) fails at once with a ValueError that names the parameter.
+        (:mod:`service.limits`) fails at once, naming the parameter: InvalidArgument for a
+        bad value, ResourceExhausted over a cost cap (:mod:`service.errors`).
         """
         raise NotImplementedError
 
@@ -50,7 +53,9 @@ class AttributionMethod:
         unknown = sorted(set(params) - set(cls.parameters()))
         if unknown:
             allowed = ", ".join(sorted(cls.parameters())) or "none"
-            raise ValueError(f"method {cls.name!r} has no parameter(s) {unknown}; its parameters: {allowed}")
+            raise InvalidArgument(
+                f"method {cls.name!r} has no parameter(s) {unknown}; its parameters: {allowed}"
+            )
 
 
 def _show(value: Any) -> str:
@@ -60,7 +65,7 @@ def _show(value: Any) -> str:
 
 def check_positive_int(name: str, value: Any) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {_show(value)}")
+        raise InvalidArgument(f"{name} must be a positive integer, got {_show(value)}")
     return int(value)
 
 
@@ -68,31 +73,33 @@ def check_count(name: str, value: Any, limit: int, why: str, minimum: int = 1) -
     """A whole number of passes, samples or steps, ``minimum``..``limit`` (a cost cap, see
     :mod:`service.limits`); ``why`` says what the cap bounds."""
     n = check_positive_int(name, value)
-    if n < minimum or n > limit:
-        raise ValueError(f"{name} must be between {minimum} and {limit}, got {n}: {why}")
+    if n > limit:  # over a cost cap: RESOURCE_EXHAUSTED over gRPC
+        raise ResourceExhausted(f"{name} must be between {minimum} and {limit}, got {n}: {why}")
+    if n < minimum:
+        raise InvalidArgument(f"{name} must be between {minimum} and {limit}, got {n}: {why}")
     return n
 
 
 def check_non_negative(name: str, value: Any, maximum: float | None = None, unit: str = "") -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {_show(value)}")
+        raise InvalidArgument(f"{name} must be a number, got {_show(value)}")
     v = float(value)
     if not np.isfinite(v) or v < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {_show(value)}")
+        raise InvalidArgument(f"{name} must be a finite number >= 0, got {_show(value)}")
     if maximum is not None and v > maximum:
-        raise ValueError(f"{name} must be at most {maximum}{unit}, got {_show(value)}")
+        raise InvalidArgument(f"{name} must be at most {maximum}{unit}, got {_show(value)}")
     return v
 
 
 def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be true or false, got {_show(value)}")
+        raise InvalidArgument(f"{name} must be true or false, got {_show(value)}")
     return bool(value)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
     if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}, got {_show(value)}")
+        raise InvalidArgument(f"{name} must be one of {list(choices)}, got {_show(value)}")
     return value
 
 
@@ -100,7 +107,7 @@ def rng_for(seed: int | None) -> np.random.Generator:
     if seed is not None and (
         isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0
     ):
-        raise ValueError(f"seed must be a non-negative integer or None, got {_show(seed)}")
+        raise InvalidArgument(f"seed must be a non-negative integer or None, got {_show(seed)}")
     return np.random.default_rng(seed)
 
 
@@ -109,9 +116,9 @@ def numeric_array(name: str, value: Any, dtype: type = np.float32) -> np.ndarray
     ValueError naming ``name``; NaN and infinities are refused."""
     arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
-        raise ValueError(f"{name} must hold real numbers, got {_show(value)}")
+        raise InvalidArgument(f"{name} must hold real numbers, got {_show(value)}")
     if np.issubdtype(arr.dtype, np.complexfloating):
-        raise ValueError(f"{name} must hold real numbers, got complex values")
+        raise InvalidArgument(f"{name} must hold real numbers, got complex values")
     return check_finite(name, arr.astype(dtype, copy=False))
 
 
@@ -121,7 +128,7 @@ def check_per_ecg(name: str, value: Any, x: np.ndarray, default: float = 0.0) ->
     arr = numeric_array(name, default if value is None else value)
     if arr.ndim == 0 or arr.shape in (x.shape[1:], x.shape):
         return arr
-    raise ValueError(
+    raise InvalidArgument(
         f"{name} must be a number, one ECG {x.shape[1:]} or one per ECG {x.shape}, got shape {arr.shape}"
     )
 
@@ -136,5 +143,5 @@ def per_ecg_array(name: str, value: Any, x: np.ndarray, default: float = 0.0) ->
 
 def check_finite(name: str, arr: np.ndarray) -> np.ndarray:
     if not np.isfinite(arr).all():
-        raise ValueError(f"{name} holds NaN or infinite values")
+        raise InvalidArgument(f"{name} holds NaN or infinite values")
     return arr

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from service.engine import ecg_of_rows
+from service.errors import InvalidArgument, ResourceExhausted
 from service.limits import MAX_BASELINES, MAX_N_SAMPLES, MAX_N_STEPS, MAX_STDEV_MV
 from service.methods.base import (
     AttributionMethod,
@@ -91,7 +92,7 @@ def path_coefficients(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray
         alphas, weights = 0.5 * (1 + nodes), 0.5 * weights
     else:  # riemann_trapezoid
         if n_steps < 2:
-            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+            raise InvalidArgument("riemann_trapezoid needs n_steps >= 2")
         alphas = np.linspace(0, 1, n_steps)
         weights = np.full(n_steps, 1.0 / (n_steps - 1))
         weights[[0, -1]] /= 2
@@ -112,7 +113,7 @@ class IntegratedGradients(AttributionMethod):
         n = check_count("n_steps", n_steps, MAX_N_STEPS, _WHY_STEPS)
         check_choice("method", method, PATH_METHODS)
         if method == "riemann_trapezoid" and n < 2:
-            raise ValueError("riemann_trapezoid needs n_steps >= 2")
+            raise InvalidArgument("riemann_trapezoid needs n_steps >= 2")
         check_per_ecg("baseline", baseline, x)
         return n
 
@@ -204,9 +205,9 @@ def check_baselines(baselines: Any, x: np.ndarray) -> np.ndarray | None:
     if arr.shape == x.shape[1:]:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] != x.shape[1:] or len(arr) == 0:
-        raise ValueError(f"baselines must have shape (K, {x.shape[1]}, {x.shape[2]}), got {arr.shape}")
+        raise InvalidArgument(f"baselines must have shape (K, {x.shape[1]}, {x.shape[2]}), got {arr.shape}")
     if len(arr) > MAX_BASELINES:
-        raise ValueError(
+        raise ResourceExhausted(
             f"baselines must number between 1 and {MAX_BASELINES}, got {len(arr)}: a baseline distribution "
             "that large adds nothing, and the cap bounds a request's time"
         )
@@ -326,16 +327,16 @@ def _given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     """An explicit draw (noise, alphas) of exactly ``shape``: float32, finite."""
     arr = numeric_array(name, value)
     if arr.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {arr.shape}")
+        raise InvalidArgument(f"{name} must have shape {shape}, got {arr.shape}")
     return arr
 
 
 def _given_index(value: Any, shape: tuple[int, ...], k: int) -> np.ndarray:
     arr = np.asarray(value)
     if arr.shape != shape:
-        raise ValueError(f"baseline_index must have shape {shape}, got {arr.shape}")
+        raise InvalidArgument(f"baseline_index must have shape {shape}, got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.integer):
-        raise ValueError(f"baseline_index must hold integers, got dtype {arr.dtype}")
+        raise InvalidArgument(f"baseline_index must hold integers, got dtype {arr.dtype}")
     if arr.size and (arr.min() < 0 or arr.max() >= k):
-        raise ValueError(f"baseline_index must lie in 0..{k - 1}")
+        raise InvalidArgument(f"baseline_index must lie in 0..{k - 1}")
     return arr

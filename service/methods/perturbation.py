@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from service.errors import InvalidArgument, ResourceExhausted
 from service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
 from service.methods.base import (
     AttributionMethod,
@@ -59,7 +60,7 @@ def segment_mask(window: int = DEFAULT_WINDOW, leads: int = 12, samples: int = 6
 def _check_window(name: str, value: Any, samples: int) -> int:
     value = check_positive_int(name, value)
     if value > samples:
-        raise ValueError(f"{name} must be at most {samples} samples, got {value}")
+        raise InvalidArgument(f"{name} must be at most {samples} samples, got {value}")
     return value
 
 
@@ -72,7 +73,7 @@ def _check_perturbations(method: str, settings: str, leads: int, per_lead: int, 
     """Forward passes per ECG (perturbations and the unperturbed input), capped."""
     n = leads * per_lead
     if n > MAX_PERTURBATIONS:
-        raise ValueError(
+        raise ResourceExhausted(
             f"{method} with {settings} needs {leads} leads x {per_lead} {what} = {n} forward passes per "
             f"ECG; the limit is {MAX_PERTURBATIONS} (it bounds a request's time): use a larger window"
             + (" or stride" if method == "occlusion" else "")
@@ -138,7 +139,7 @@ class Occlusion(AttributionMethod):
         stride = _check_window("stride", stride, samples)
         # As Captum: a stride longer than the window would leave samples never occluded.
         if stride > window and window < samples:
-            raise ValueError(f"stride must be at most window ({window}), got {stride}")
+            raise InvalidArgument(f"stride must be at most window ({window}), got {stride}")
         check_per_ecg("baseline", baseline, x)
         n_windows = len(window_starts(samples, window, stride))
         return _check_perturbations(
@@ -236,12 +237,14 @@ def _given_coalitions(coalitions: Any, shape: tuple[int, int, int]) -> np.ndarra
     if arr.shape == shape[1:]:
         arr = np.broadcast_to(arr, shape)
     if arr.shape != shape:
-        raise ValueError(
+        raise InvalidArgument(
             f"coalitions must have shape (n_samples, n_features) = {shape[1:]} or "
             f"(batch, n_samples, n_features) = {shape}, got {arr.shape}"
         )
     if arr.dtype == object or not np.isin(arr, (0, 1)).all():
-        raise ValueError("coalitions must hold only 0 and 1 (1 keeps a segment, 0 replaces it by baseline)")
+        raise InvalidArgument(
+            "coalitions must hold only 0 and 1 (1 keeps a segment, 0 replaces it by baseline)"
+        )
     return arr
 
 
@@ -364,7 +367,7 @@ def _surrogate_check(
     m = leads * -(-samples // window)
     n = _check_n_samples(n_samples)
     if n * m > MAX_SURROGATE_ENTRIES:
-        raise ValueError(
+        raise ResourceExhausted(
             f"{method} with n_samples={n} and window={window} fits a {n} x {m} coalition matrix "
             f"({n * m:,} entries) per ECG; the limit is {MAX_SURROGATE_ENTRIES:,} (it bounds the memory and "
             "time of the least-squares fit): lower n_samples or use a larger window"
@@ -446,7 +449,7 @@ class Lime(AttributionMethod):
         coalitions: Any = None,
     ) -> int:
         if check_non_negative("kernel_width", kernel_width) == 0:
-            raise ValueError("kernel_width must be > 0, got 0")
+            raise InvalidArgument("kernel_width must be > 0, got 0")
         return _surrogate_check(self.name, x, window, n_samples, baseline, seed, coalitions)
 
     def attribute(
@@ -464,7 +467,7 @@ class Lime(AttributionMethod):
     ) -> np.ndarray:
         width = check_non_negative("kernel_width", kernel_width)
         if width == 0:
-            raise ValueError("kernel_width must be > 0, got 0")
+            raise InvalidArgument("kernel_width must be > 0, got 0")
         seg, m, n, base, rng, given = _surrogate_setup(
             self.name, x, window, n_samples, baseline, seed, coalitions
         )
