@@ -202,6 +202,22 @@ def _cmd_gate_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_repo_add(args: argparse.Namespace) -> int:
+    from service.repository import PromotionRefused, promote
+    from validation.signing import load_public_key
+
+    keys = [load_public_key(k) for k in args.public_key] if args.public_key else [load_public_key()]
+    try:
+        out = promote(
+            args.package, args.repo, args.model, args.version, keys, allowed_policies=args.allowed_policy
+        )
+    except PromotionRefused as e:
+        print(f"ecgx: refused: {e}", file=sys.stderr)
+        return EXIT_GATE_FAILED
+    print(f"promoted {args.package} to {out}")
+    return 0
+
+
 def _cmd_experiments(args: argparse.Namespace) -> int:
     from validation.experiments import run_experiments
 
@@ -410,6 +426,33 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--overwrite", action="store_true", help="replace an existing key folder")
     _add_common(p)
     p.set_defaults(func=_cmd_gate_keygen)
+
+    repo = sub.add_parser("repo", help="the model repository that `ecgx serve` reads")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True, metavar="REPO_COMMAND")
+    p = repo_sub.add_parser(
+        "add",
+        help="promote a gated package into a model repository",
+        description="Copy PKG into DIR/NAME/VERSION, atomically, only when its gate report (PKG/gate.json) "
+        "is signed by a given public key, names exactly PKG's files, passed, and (with --allowed-policy) was "
+        "made under an allowed policy. An existing version is never replaced. Exit status: 0 promoted; "
+        "1 the gate failed or its report does not verify; 2 bad usage or input.",
+    )
+    p.add_argument("package", type=Path, metavar="PKG", help="gated model package folder")
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="model repository folder")
+    p.add_argument("--model", required=True, metavar="NAME", help="model name (a plain name)")
+    p.add_argument("--version", metavar="V", help="version name (default: the largest integer version + 1)")
+    p.add_argument(
+        "--public-key",
+        type=Path,
+        action="append",
+        metavar="PEM",
+        help="trusted Ed25519 public key, repeatable (default: the ECGX_GATE_PUBLIC_KEY variable)",
+    )
+    p.add_argument(
+        "--allowed-policy", nargs="+", metavar="SHA256", help="accept only reports made under these policies"
+    )
+    _add_common(p)
+    p.set_defaults(func=_cmd_repo_add)
 
     p = sub.add_parser(
         "experiments",
