@@ -218,6 +218,28 @@ def _cmd_repo_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    # The serving path never imports PyTorch (tests/test_grpc_service.py runs it without).
+    from service.repository import ModelRepository
+    from service.server import serve
+    from validation.signing import load_public_key
+
+    keys = [load_public_key(k) for k in args.trusted_key] if args.trusted_key else [load_public_key()]
+    repository = ModelRepository(
+        args.repo, keys, allowed_policies=args.allowed_policy, allow_ungated=args.allow_ungated
+    )
+    if args.allow_ungated:
+        log.warning("RESEARCH MODE (--allow-ungated): methods the gate did not pass serve, marked ungated")
+    return serve(
+        repository,
+        host=args.host,
+        port=args.port,
+        max_batch=args.max_batch,
+        max_concurrent=args.max_concurrent,
+        grace_s=args.grace,
+    )
+
+
 def _cmd_experiments(args: argparse.Namespace) -> int:
     from validation.experiments import run_experiments
 
@@ -453,6 +475,46 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     )
     _add_common(p)
     p.set_defaults(func=_cmd_repo_add)
+
+    p = sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (ecgx.v1.ExplanationService)",
+        description="Serve the verified, gated versions under DIR (DIR/MODEL/VERSION, see `ecgx repo add`) "
+        "over gRPC, picking up new and removed versions without a restart. Plaintext for now: listen on a "
+        "trusted network only. SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish within "
+        "--grace seconds, exit 0.",
+    )
+    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="model repository folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    p.add_argument(
+        "--trusted-key",
+        type=Path,
+        action="append",
+        metavar="PEM",
+        help="trusted Ed25519 public key for gate reports, repeatable (default: ECGX_GATE_PUBLIC_KEY)",
+    )
+    p.add_argument(
+        "--allowed-policy", nargs="+", metavar="SHA256", help="serve only reports made under these policies"
+    )
+    p.add_argument(
+        "--allow-ungated",
+        action="store_true",
+        help="research mode: also serve methods (and versions) the gate did not pass, marked ungated",
+    )
+    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="most ECGs a request (default 64)")
+    p.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=8,
+        metavar="N",
+        help="most Predict/Explain requests at once; more get RESOURCE_EXHAUSTED (default 8)",
+    )
+    p.add_argument(
+        "--grace", type=float, default=10.0, metavar="S", help="seconds in-flight requests get at SIGTERM"
+    )
+    _add_common(p)
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
         "experiments",

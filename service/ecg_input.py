@@ -1,0 +1,191 @@
+"""ECG payloads of the gRPC API (``ecgx.v1.Ecg``) to the (B, 12, 600) mV median beats a model takes.
+
+An ECG arrives as lead names (any order, matched case-insensitively as in the WFDB importer),
+a sampling rate, explicit units and packed little-endian float32 samples (leads x T). Two
+kinds are accepted:
+
+- a median beat: T = 600 at 500 Hz, passed to the model as it is;
+- a rhythm strip: at least ``MIN_STRIP_S`` seconds at a rate the importer accepts, from
+  which the beat is computed with the importer's own code (:func:`training.data.median_beat.median_beat`).
+
+Anything else is refused with an :class:`~service.errors.InvalidArgument` whose message
+names the ECG (``ecgs[i]``) and what is wrong. Messages never quote sample values beyond
+one peak amplitude, and nothing here logs.
+
+NumPy/SciPy only: the serving path never imports PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from service.errors import InvalidArgument, ResourceExhausted
+from training.data.median_beat import MedianBeatError, check_leads, check_sampling_rate, median_beat
+
+# Units (values of the ecgx.v1.Units enum).
+UNITS_UNSPECIFIED, MILLIVOLT, MICROVOLT = 0, 1, 2
+_TO_MV = {MILLIVOLT: 1.0, MICROVOLT: 1e-3}
+# Same bound as the engine and the dataset format: beyond it the units are wrong or it is not an ECG.
+MAX_ABS_MV = 50.0
+BEAT_RATE_HZ = 500.0
+# A rhythm strip must hold enough beats for a trustworthy median (PTB-XL records are 10 s).
+MIN_STRIP_S = 8.0
+# Longer strips add nothing to a median beat and cost time (resampling, detection).
+MAX_STRIP_S = 120.0
+
+
+def decode_ecgs(
+    ecgs: Sequence[Any], leads: Sequence[str], beat_samples: int = 600, max_batch: int | None = None
+) -> tuple[np.ndarray, list[bool]]:
+    """(B, leads, beat_samples) float32 mV beats from ``Ecg`` messages, and whether each came from a strip.
+
+    ``leads`` is the model's lead order (its package manifest). Raises InvalidArgument for
+    an empty batch or any malformed ECG, ResourceExhausted for more than ``max_batch`` ECGs.
+    """
+    if len(ecgs) == 0:
+        raise InvalidArgument("the request holds no ECG (ecgs is empty)")
+    if max_batch is not None and len(ecgs) > max_batch:
+        raise ResourceExhausted(
+            f"the request holds {len(ecgs)} ECGs; this server takes at most {max_batch} per request "
+            "(--max-batch): send them in several requests"
+        )
+    beats = np.empty((len(ecgs), len(leads), beat_samples), np.float32)
+    from_strip = []
+    for i, ecg in enumerate(ecgs):
+        beats[i], strip = decode_ecg(ecg, leads, beat_samples, where=f"ecgs[{i}]")
+        from_strip.append(strip)
+    return beats, from_strip
+
+
+def decode_ecg(
+    ecg: Any, leads: Sequence[str], beat_samples: int = 600, where: str = "ecg"
+) -> tuple[np.ndarray, bool]:
+    """One ``Ecg`` message as a (leads, beat_samples) float32 mV beat, and whether it was a rhythm strip."""
+    order = lead_order(list(ecg.leads), leads, where)
+    scale = units_to_mv(ecg.units, where)
+    fs = float(ecg.sampling_rate_hz)
+    if not math.isfinite(fs) or fs <= 0:
+        raise InvalidArgument(f"{where}: sampling_rate_hz must be a positive number of Hz, got {fs:g}")
+    t = int(ecg.samples_per_lead)
+    if t < 1:
+        raise InvalidArgument(f"{where}: samples_per_lead must be at least 1, got {t}")
+    n = len(ecg.leads)
+    expected = 4 * n * t
+    if len(ecg.samples) != expected:
+        raise InvalidArgument(
+            f"{where}: samples holds {len(ecg.samples)} bytes; {n} leads x {t} samples_per_lead x 4 bytes "
+            f"(float32) = {expected} expected"
+        )
+    is_beat = t == beat_samples and fs == BEAT_RATE_HZ
+    if not is_beat:
+        seconds = t / fs
+        if seconds > MAX_STRIP_S:
+            raise InvalidArgument(
+                f"{where}: the rhythm strip is {seconds:.1f} s long; at most {MAX_STRIP_S:g} s is accepted "
+                "(a median beat needs 8-10 s)"
+            )
+    x = np.frombuffer(ecg.samples, "<f4").reshape(n, t)[order]
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise InvalidArgument(f"{where}: NaN or infinite samples in lead(s) {_names(leads, bad)}")
+    x = x.astype(np.float32) * np.float32(scale)
+    _check_amplitude(x, leads, scale, where)
+    if is_beat:
+        return np.ascontiguousarray(x, dtype=np.float32), False
+    return strip_to_beat(x, fs, leads, scale, where), True
+
+
+def lead_order(names: Sequence[str], leads: Sequence[str], where: str = "ecg") -> list[int]:
+    """Row of each model lead in ``names`` (matched case-insensitively, surrounding blanks ignored).
+
+    Every model lead must appear exactly once and no other name may appear: an extra signal
+    (a rhythm lead, a duplicate) is refused rather than silently dropped.
+    """
+    if not names:
+        raise InvalidArgument(f"{where}: no lead names; give the {len(leads)} leads {', '.join(leads)}")
+    wanted = {lead.casefold(): lead for lead in leads}
+    index: dict[str, int] = {}
+    duplicated, unknown = [], []
+    for i, name in enumerate(names):
+        key = str(name).strip().casefold()
+        if key not in wanted:
+            unknown.append(name)
+        elif key in index:
+            duplicated.append(name)
+        else:
+            index[key] = i
+    missing = [lead for lead in leads if lead.casefold() not in index]
+    problems = []
+    if missing:
+        problems.append(f"missing lead(s) {', '.join(missing)}")
+    if unknown:
+        problems.append(f"unknown lead name(s) {', '.join(repr(u) for u in unknown)}")
+    if duplicated:
+        problems.append(f"lead(s) given twice: {', '.join(duplicated)}")
+    if problems:
+        raise InvalidArgument(
+            f"{where}: {'; '.join(problems)}; the model takes exactly the {len(leads)} leads "
+            f"{', '.join(leads)} (any order, names case-insensitive)"
+        )
+    return [index[lead.casefold()] for lead in leads]
+
+
+def units_to_mv(units: int, where: str = "ecg") -> float:
+    """Factor from the stated units to millivolts; UNITS_UNSPECIFIED and unknown values are refused."""
+    if units == UNITS_UNSPECIFIED:
+        raise InvalidArgument(f"{where}: units must be given (MILLIVOLT or MICROVOLT), got UNITS_UNSPECIFIED")
+    if units not in _TO_MV:
+        raise InvalidArgument(f"{where}: unknown units value {units}; use MILLIVOLT or MICROVOLT")
+    return _TO_MV[units]
+
+
+def strip_to_beat(
+    x: np.ndarray, fs: float, leads: Sequence[str], scale: float, where: str = "ecg"
+) -> np.ndarray:
+    """The median beat of a (12, T) mV rhythm strip at ``fs`` Hz, with the importer's checks and code."""
+    try:
+        check_sampling_rate(fs)
+    except MedianBeatError as e:
+        raise InvalidArgument(f"{where}: {e}") from None
+    seconds = x.shape[-1] / fs
+    if seconds < MIN_STRIP_S:
+        raise InvalidArgument(
+            f"{where}: the rhythm strip is {seconds:.2f} s long ({x.shape[-1]} samples at {fs:g} Hz); "
+            f"at least {MIN_STRIP_S:g} s is needed for a median beat, or send a {len(leads)} x 600 median "
+            f"beat at {BEAT_RATE_HZ:g} Hz"
+        )
+    try:
+        check_leads(x, fs)
+        beat = median_beat(x, fs)
+    except MedianBeatError as e:
+        raise InvalidArgument(f"{where}: no median beat from this rhythm strip: {e}") from None
+    except (ValueError, ArithmeticError) as e:  # numpy/scipy on a signal the checks let through
+        raise InvalidArgument(
+            f"{where}: no median beat from this rhythm strip: {type(e).__name__}: {e}"
+        ) from None
+    _check_amplitude(beat, leads, scale, where, what="its median beat")
+    return np.ascontiguousarray(beat, dtype=np.float32)
+
+
+def _check_amplitude(x: np.ndarray, leads: Sequence[str], scale: float, where: str, what: str = "") -> None:
+    peak = np.abs(x).max(axis=1)
+    big = peak > MAX_ABS_MV
+    if big.any():
+        hint = (
+            " (microvolts sent as MILLIVOLT? set units to MICROVOLT)"
+            if scale == 1.0 and float(peak.max()) <= MAX_ABS_MV * 1000
+            else ""
+        )
+        subject = f" of {what}" if what else ""
+        raise InvalidArgument(
+            f"{where}: implausible amplitude{subject} in lead(s) {_names(leads, big)}: |x| up to "
+            f"{float(peak.max()):.4g} mV, over the {MAX_ABS_MV:g} mV an ECG can reach{hint}"
+        )
+
+
+def _names(leads: Sequence[str], mask: np.ndarray) -> str:
+    return ", ".join(leads[k] for k in np.flatnonzero(mask))

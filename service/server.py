@@ -1,0 +1,578 @@
+"""The gRPC explanation service (``ecgx.v1.ExplanationService``) over a model repository.
+
+ListModels, GetModel, Predict, Explain and GetGateReport (proto/ecgx/v1/ecgx.proto). Every
+error a handler raises is typed (:mod:`service.errors`) and maps one to one onto a gRPC status
+code; anything else is a bug, answered INTERNAL with a generic message and logged (without the
+request: no waveform, no ECG id, ever reaches the log).
+
+Per request the forward graph runs once (probabilities and the "predicted" targets); every
+attribution call then gets explicit class indices, so the engine does not run it again.
+Client deadlines and cancellations are checked between engine calls (one per method and
+target slot): the work stops there with CANCELLED or DEADLINE_EXCEEDED.
+
+Limits: at most ``max_batch`` ECGs per request and ``max_concurrent`` Predict/Explain
+requests at a time (RESOURCE_EXHAUSTED past them, at once, rather than queueing), the
+engine's cost caps per method (RESOURCE_EXHAUSTED), and ``MAX_MESSAGE_BYTES`` per message.
+
+No PyTorch here (tested with torch made unimportable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import secrets
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+
+from service import errors
+from service.ecg_input import decode_ecgs
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    ServiceError,
+)
+from service.methods import METHOD_NAMES, get_method
+
+try:
+    from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+    from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+except ImportError as e:  # pragma: no cover - a checkout that was never installed
+    raise ImportError(
+        f"the gRPC stubs are missing ({e}): they are generated when the package is installed "
+        "(pip install -e .) or by `python -m service.grpc_codegen`"
+    ) from None
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 50051
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_CONCURRENT = 8
+DEFAULT_GRACE_S = 10.0
+# 64 ECGs of 120 s rhythm strips at 500 Hz in float32 are ~18 MB; beats and attributions of a
+# full response (64 ECGs x a few methods x targets) are ~29 kB each.
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+MAX_TOP_K = 32  # bounded anyway by the number of classes
+PROBABILITY_THRESHOLD = 0.5  # "all predicted": every class at or above it
+
+_STATUS = {
+    cls: grpc.StatusCode[cls.code]
+    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Cancelled, DeadlineExceeded)
+}
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status code of a typed service error (one code per error class)."""
+    for cls in type(error).__mro__:
+        if cls in _STATUS:
+            return _STATUS[cls]
+    return grpc.StatusCode[getattr(error, "code", "UNKNOWN")]
+
+
+def _handler(limited: bool = False) -> Callable:
+    """Wrap an RPC handler: typed errors -> their status code, anything else -> INTERNAL (logged);
+    ``limited`` handlers take one of the ``max_concurrent`` request slots or fail at once."""
+
+    def wrap(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def run(self: ExplanationServicer, request: Any, context: grpc.ServicerContext) -> Any:
+            code, message = None, None
+            acquired = False
+            try:
+                if limited:
+                    acquired = self._slots.acquire(blocking=False)
+                    if not acquired:
+                        raise ResourceExhausted(
+                            f"the server is busy: {self.max_concurrent} requests are being served "
+                            "(--max-concurrent); retry with backoff"
+                        )
+                return fn(self, request, context)
+            except ServiceError as e:
+                code, message = status_of(e), str(e)
+                log.info("%s: %s %s", fn.__name__, code.name, message)
+            except Exception:
+                # Tracebacks name code and exception messages, never the request's samples.
+                log.exception("%s: internal error", fn.__name__)
+                code, message = (
+                    grpc.StatusCode.INTERNAL,
+                    f"internal error in {fn.__name__}; see the server log",
+                )
+            finally:
+                if acquired:
+                    self._slots.release()
+            context.abort(code, message)  # raises; outside the try so it is not caught above
+
+        return run
+
+    return wrap
+
+
+def _tensor(array: np.ndarray) -> pb.Tensor:
+    a = np.ascontiguousarray(array, dtype="<f4")
+    return pb.Tensor(shape=list(a.shape), data=a.tobytes())
+
+
+def _finite(value: float | None) -> float:
+    return float(value) if value is not None and math.isfinite(value) else float("nan")
+
+
+def method_gate_message(gate: Any) -> pb.MethodGate:
+    return pb.MethodGate(
+        method=gate.method,
+        servable=gate.servable,
+        verdict=gate.verdict,
+        ungated=gate.ungated,
+        checks=[
+            pb.CheckScore(
+                check=c.check,
+                score=_finite(c.score),
+                threshold=_finite(c.threshold),
+                verdict=c.verdict,
+                blocking=c.blocking,
+                summary=c.summary,
+            )
+            for c in gate.checks
+        ],
+    )
+
+
+def refusal_of_method(served: Any, gate: Any) -> str:
+    """Why the gate of ``served`` does not let ``gate.method`` serve: its failed checks and scores."""
+    where = (
+        f"method {gate.method!r} did not pass the validation gate of {served.model} version {served.version}"
+    )
+    failed = [c for c in gate.checks if c.verdict == "fail"]
+    if failed:
+        parts = [
+            f"{c.check} score {_show(c.score)} vs threshold {_show(c.threshold)}"
+            + (f" ({c.summary})" if c.summary else "")
+            for c in failed
+        ]
+        return f"{where}: failed {'; '.join(parts)}"
+    if gate.verdict == "not checked":
+        return f"{where}: the gate did not check it"
+    report = served.report or {}
+    return f"{where}: verdict {gate.verdict!r}" + (
+        f" (gate: {report.get('headline')})" if report.get("headline") else ""
+    )
+
+
+def _show(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
+@dataclasses.dataclass
+class _Request:
+    """What a Predict or Explain request resolved to."""
+
+    served: Any
+    beats: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        return (1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))).astype(np.float32)
+
+
+class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
+    """``ecgx.v1.ExplanationService`` over a :class:`service.repository.ModelRepository`."""
+
+    def __init__(
+        self,
+        repository: Any,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    ):
+        if max_batch < 1 or max_concurrent < 1:
+            raise InvalidArgument("max_batch and max_concurrent must be at least 1")
+        self.repository = repository
+        self.max_batch = int(max_batch)
+        self.max_concurrent = int(max_concurrent)
+        self._slots = threading.BoundedSemaphore(self.max_concurrent)
+
+    # ------------------------------------------------------------------ models
+
+    @_handler()
+    def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.ServicerContext
+    ) -> pb.ListModelsResponse:
+        out = []
+        for name in self.repository.models():
+            default = self.repository.default_version(name)
+            out.append(
+                pb.ModelSummary(
+                    name=name,
+                    default_version=default.version if default is not None else "",
+                    versions=[v.version for v in self.repository.versions(name)],
+                )
+            )
+        return pb.ListModelsResponse(models=out)
+
+    @_handler()
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
+        model = _name("model", request.model)
+        versions = self.repository.versions(model)
+        default = self.repository.default_version(model)
+        return pb.ModelInfo(
+            name=model,
+            default_version=default.version if default is not None else "",
+            versions=[self._version_info(v) for v in versions],
+        )
+
+    def _version_info(self, served: Any) -> pb.VersionInfo:
+        info = pb.VersionInfo(
+            version=served.version,
+            serving=served.servable,
+            refusal_reason=served.refusal or "",
+            package_sha256=served.package_sha256 or "",
+            gate_report_sha256=served.report_sha256 or "",
+            policy_sha256=served.policy_sha256 or "",
+        )
+        report = served.report or {}
+        info.gate_verdict = str(report.get("verdict") or "")
+        info.gate_headline = str(report.get("headline") or "")
+        package = served.engine.package if served.engine is not None else getattr(served, "package", None)
+        if package is not None:
+            manifest = package.manifest
+            info.classes.extend(
+                pb.ClassInfo(key=c["key"], snomed_code=str(c.get("code", "")), name=str(c.get("name", "")))
+                for c in manifest["classes"]
+            )
+            info.leads.extend(package.leads)
+            info.input_shape.extend(package.input_shape)
+            rate = manifest.get("input", {}).get("sampling_rate_hz", 500)
+            info.sampling_rate_hz = float(rate) if isinstance(rate, (int, float)) else 500.0
+        if served.report is not None:
+            info.methods.extend(method_gate_message(served.method_gate(m)) for m in METHOD_NAMES)
+        return info
+
+    @_handler()
+    def GetGateReport(self, request: pb.GetGateReportRequest, context: grpc.ServicerContext) -> pb.GateReport:
+        model = _name("model", request.model)
+        versions = self.repository.versions(model)
+        if request.version:
+            match = [v for v in versions if v.version == request.version]
+            if not match:
+                known = ", ".join(v.version for v in versions) or "none"
+                raise NotFound(f"model {model!r} has no version {request.version!r}; it has {known}")
+            served = match[0]
+        else:
+            served = self.repository.default_version(model)
+            if served is None:
+                raise FailedPrecondition(f"model {model!r} has no serving version; name one")
+        if served.report_bytes is None:
+            raise NotFound(
+                f"{model} version {served.version} has no verified gate report: {served.refusal or 'none'}"
+            )
+        return pb.GateReport(
+            model=model,
+            version=served.version,
+            report_json=served.report_bytes,
+            sha256=served.report_sha256 or "",
+            verdict=str((served.report or {}).get("verdict") or ""),
+        )
+
+    # ------------------------------------------------------------------ predict, explain
+
+    def _prepare(self, served: Any, ecgs: Sequence[Any]) -> _Request:
+        """The request's beats (checked) and their logits: the one forward pass of the request."""
+        engine = served.engine
+        _, samples = engine.package.input_shape
+        beats, _ = decode_ecgs(ecgs, engine.package.leads, samples, max_batch=self.max_batch)
+        x = engine.check_inputs(beats)
+        return _Request(served, x, engine.logits(x))
+
+    @_handler(limited=True)
+    def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
+        served = self.repository.get(_name("model", request.model), request.version or None)
+        req = self._prepare(served, request.ecgs)
+        return pb.PredictResponse(
+            model=req.served.model,
+            version=req.served.version,
+            package_sha256=req.served.package_sha256 or "",
+            class_keys=req.served.engine.package.class_keys,
+            probabilities=_tensor(req.probabilities),
+            logits=_tensor(req.logits),
+            beats=_tensor(req.beats),
+        )
+
+    @_handler(limited=True)
+    def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
+        started = time.perf_counter()
+        methods = self._methods(request)
+        params = self._parameters(request, methods)
+        served = self.repository.get(_name("model", request.model), request.version or None)
+        gates = {}
+        for m in methods:
+            gate = served.method_gate(m)
+            if not gate.servable:
+                raise FailedPrecondition(refusal_of_method(served, gate))
+            gates[m] = gate
+        req = self._prepare(served, request.ecgs)
+        engine = served.engine
+        targets = self._targets(request.targets, req, engine)
+        effective = {m: self._effective(m, params[m]) for m in methods}
+        # Attribution slots: slot j holds the j-th target of every ECG that has one.
+        slots = max(len(t) for t in targets)
+        results: dict[tuple[int, str, int], tuple[np.ndarray, float]] = {}
+        for m in methods:
+            for j in range(slots):
+                _check_active(context)
+                rows = [i for i, t in enumerate(targets) if len(t) > j]
+                cls = np.array([targets[i][j] for i in rows], dtype=np.int64)
+                t0 = time.perf_counter()
+                maps = engine.attribute(m, req.beats[rows], target=cls, **effective[m])
+                share = (time.perf_counter() - t0) / len(rows)
+                for k, i in enumerate(rows):
+                    results[(i, m, j)] = (maps[k], share)
+        keys = engine.package.class_keys
+        out = []
+        for i, t in enumerate(targets):
+            for m in methods:
+                for j, c in enumerate(t):
+                    a, seconds = results[(i, m, j)]
+                    out.append(
+                        pb.Attribution(
+                            ecg_index=i,
+                            method=m,
+                            target_class=keys[c],
+                            attribution=_tensor(a),
+                            lead_relevance_share=lead_shares(a).tolist(),
+                            effective_parameters_json=json.dumps(effective[m], sort_keys=True),
+                            gate=method_gate_message(gates[m]),
+                            compute_seconds=seconds,
+                        )
+                    )
+        return pb.ExplainResponse(
+            model=served.model,
+            version=served.version,
+            package_sha256=served.package_sha256 or "",
+            gate_report_sha256=served.report_sha256 or "",
+            policy_sha256=served.policy_sha256 or "",
+            onnxruntime_version=ort.__version__,
+            providers=engine.session("forward").get_providers(),
+            class_keys=keys,
+            probabilities=_tensor(req.probabilities),
+            beats=_tensor(req.beats),
+            attributions=out,
+            compute_seconds=time.perf_counter() - started,
+            research_mode=any(g.ungated for g in gates.values()),
+        )
+
+    def _methods(self, request: pb.ExplainRequest) -> list[str]:
+        methods = list(request.methods)
+        if not methods:
+            raise InvalidArgument(f"give at least one method; known: {', '.join(METHOD_NAMES)}")
+        twice = sorted({m for m in methods if methods.count(m) > 1})
+        if twice:
+            raise InvalidArgument(f"method(s) {twice} named more than once")
+        for m in methods:
+            get_method(m)  # NotFound for an unknown name
+        return methods
+
+    def _parameters(self, request: pb.ExplainRequest, methods: list[str]) -> dict[str, dict[str, Any]]:
+        extra = sorted(set(request.parameters_json) - set(methods))
+        if extra:
+            raise InvalidArgument(
+                f"parameters_json names method(s) {extra} that the request does not ask for"
+            )
+        out = {}
+        for m in methods:
+            text = request.parameters_json.get(m, "") or "{}"
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise InvalidArgument(f"parameters_json[{m!r}] is not valid JSON: {e}") from None
+            if not isinstance(value, dict):
+                raise InvalidArgument(
+                    f'parameters_json[{m!r}] must be a JSON object such as {{"n_steps": 64}}, '
+                    f"got a {type(value).__name__}"
+                )
+            get_method(m).check_params(value)  # InvalidArgument for an unknown parameter
+            out[m] = value
+        return out
+
+    @staticmethod
+    def _effective(method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Every setting of ``method`` as it will run: defaults filled in and, for a stochastic
+        method without a seed, a seed drawn here and reported, so the answer can be reproduced."""
+        impl = get_method(method)
+        effective = {**impl.parameters(), **params}
+        if impl.stochastic and effective.get("seed") is None:
+            effective["seed"] = secrets.randbelow(2**31)
+        return effective
+
+    def _targets(self, targets: Sequence[pb.Target], req: _Request, engine: Any) -> list[list[int]]:
+        """Class indices to explain for each ECG (one or more: top_k, all_predicted)."""
+        n = len(req.beats)
+        if len(targets) not in (0, 1, n):
+            raise InvalidArgument(
+                f"got {len(targets)} targets for {n} ECGs; give none, one for all, or one per ECG"
+            )
+        probs = req.probabilities
+        out = []
+        for i in range(n):
+            t = targets[0] if len(targets) == 1 else targets[i] if targets else pb.Target(predicted=True)
+            out.append(self._target(t, probs[i], engine, f"targets[{i if len(targets) > 1 else 0}]"))
+        return out
+
+    @staticmethod
+    def _target(t: pb.Target, probs: np.ndarray, engine: Any, where: str) -> list[int]:
+        kind = t.WhichOneof("kind")
+        n_classes = len(probs)
+        if kind is None:
+            raise InvalidArgument(
+                f"{where} sets no kind (class_key, snomed_code, index, predicted, top_k, ...)"
+            )
+        if kind in ("class_key", "snomed_code"):
+            value = getattr(t, kind)
+            if not value:
+                raise InvalidArgument(f"{where}: {kind} is empty")
+            if kind == "class_key" and value.isdigit():
+                raise NotFound(
+                    f"{where}: unknown class key {value!r}; known: {', '.join(engine.package.class_keys)}"
+                )
+            if kind == "snomed_code" and not value.isdigit():
+                raise NotFound(f"{where}: {value!r} is not a SNOMED CT code (digits)")
+            return [_class(engine, value, where)]
+        if kind == "index":
+            if t.index >= n_classes:
+                raise NotFound(f"{where}: class index {t.index} is out of range 0..{n_classes - 1}")
+            return [int(t.index)]
+        if kind == "predicted":
+            if not t.predicted:
+                raise InvalidArgument(f"{where}: predicted must be true when set")
+            return [int(np.argmax(probs))]
+        if kind == "top_k":
+            if not 1 <= t.top_k <= n_classes:
+                raise InvalidArgument(f"{where}: top_k must be between 1 and {n_classes}, got {t.top_k}")
+            return [int(c) for c in np.argsort(-probs, kind="stable")[: t.top_k]]
+        if kind == "all_predicted":
+            if not t.all_predicted:
+                raise InvalidArgument(f"{where}: all_predicted must be true when set")
+            positive = np.flatnonzero(probs >= PROBABILITY_THRESHOLD)
+            return [int(c) for c in positive] or [int(np.argmax(probs))]
+        raise InvalidArgument(f"{where}: unsupported target kind {kind!r}")  # pragma: no cover
+
+
+def _class(engine: Any, value: str, where: str) -> int:
+    try:
+        return engine.class_index(value)
+    except NotFound as e:
+        raise NotFound(f"{where}: {e}") from None
+
+
+def _name(what: str, value: str) -> str:
+    if not value:
+        raise InvalidArgument(f"{what} is empty; ListModels lists the models")
+    return value
+
+
+def _check_active(context: grpc.ServicerContext) -> None:
+    """Stop between engine calls when the client went away or its deadline passed."""
+    if context.is_active():
+        return
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the client's deadline passed; the work was stopped between engine calls")
+    raise Cancelled("the client cancelled the request; the work was stopped between engine calls")
+
+
+def lead_shares(attribution: np.ndarray) -> np.ndarray:
+    """Share of total |attribution| per lead (sums to 1; zeros for an all-zero map)."""
+    per_lead = np.abs(attribution.astype(np.float64)).sum(axis=-1)
+    total = per_lead.sum()
+    return per_lead / total if total > 0 else np.zeros_like(per_lead)
+
+
+# ---------------------------------------------------------------------- server
+
+
+def build_server(
+    repository: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+) -> tuple[grpc.Server, int, ExplanationServicer]:
+    """A started-ready (not yet started) server on an insecure port; returns (server, bound port, servicer).
+
+    Plaintext for now (TLS is issue #11). ``port`` 0 picks a free port.
+    """
+    servicer = ExplanationServicer(repository, max_batch=max_batch, max_concurrent=max_concurrent)
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    # A few threads beyond the Predict/Explain slots, so cheap calls and refusals get through.
+    pool = futures.ThreadPoolExecutor(max_workers=max_concurrent + 4, thread_name_prefix="ecgx-grpc")
+    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=4 * (max_concurrent + 4))
+    pb_grpc.add_ExplanationServiceServicer_to_server(servicer, server)
+    address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    return server, bound, servicer
+
+
+def serve(
+    repository: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    grace_s: float = DEFAULT_GRACE_S,
+    watch_interval_s: float | None = 2.0,
+    ready: Callable[[int], None] | None = None,
+) -> int:
+    """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
+    ``grace_s`` seconds, and return 0."""
+    server, bound, _ = build_server(
+        repository, host=host, port=port, max_batch=max_batch, max_concurrent=max_concurrent
+    )
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server.start()
+        if watch_interval_s and hasattr(repository, "start_watching"):
+            repository.start_watching(watch_interval_s)
+        log.warning(
+            "serving ecgx.v1.ExplanationService on %s:%d in PLAINTEXT (no TLS, no authentication; "
+            "issue #11): expose it only on a trusted network",
+            host,
+            bound,
+        )
+        if ready is not None:
+            ready(bound)
+        while not stop.wait(0.5):
+            pass
+        log.info("stopping: no new requests; in-flight requests have %.0f s to finish", grace_s)
+        server.stop(grace_s).wait(grace_s + 5)
+        log.info("stopped")
+        return 0
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if hasattr(repository, "stop"):
+            repository.stop()
+
+
+__all__ = ["ExplanationServicer", "build_server", "errors", "lead_shares", "serve", "status_of"]

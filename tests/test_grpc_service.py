@@ -1,0 +1,541 @@
+"""The gRPC explanation service over real channels on loopback (issue #9).
+
+A repository is built in a temporary folder from the trained seed family: model ``ecg``,
+version 1 gated under a small passing policy (lime and gradcam checked), version 2 gated under
+a policy every method fails. Servers run in-process on port 0; the last test runs ``ecgx serve``
+in a subprocess with PyTorch made unimportable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from ecgx.cli import main
+from service.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+from service.repository import ModelRepository
+from service.server import build_server, lead_shares, status_of
+from training.data.dataset import load_dataset
+from training.data.schema import LEADS
+from validation.signing import load_public_key
+
+FAST = """
+[gate]
+ecgs = 32
+required_methods = ["lime"]
+allow_incomplete_data = true
+[checks.randomisation]
+ecgs = 8
+[checks.perturbation]
+bootstrap = 100
+"""
+SERVED, UNCHECKED = "lime", "saliency"
+
+
+def _validate(pkg: Path, data: Path, policy: Path, key: Path) -> int:
+    return main(
+        [
+            "validate",
+            str(pkg),
+            "--data",
+            str(data),
+            "--policy",
+            str(policy),
+            "--methods",
+            "lime",
+            "gradcam",
+            "--workers",
+            "1",
+            "-q",
+            "--signing-key",
+            str(key),
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def repo(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("grpc")
+    assert main(["gate", "keygen", "--out", str(tmp / "keys"), "-q"]) == 0
+    key, public = tmp / "keys" / "gate_signing_key.pem", tmp / "keys" / "gate_public_key.pem"
+    passing, failing = tmp / "pass.toml", tmp / "fail.toml"
+    passing.write_text(FAST)
+    failing.write_text(FAST.replace("ecgs = 8", "ecgs = 8\nmax_similarity = -1.0"))
+    root = tmp / "repo"
+    for version, policy, status in (("1", passing, 0), ("2", failing, 1)):
+        pkg = shutil.copytree(trained_family["seed-0"], tmp / f"pkg-{version}")
+        assert _validate(pkg, trained_family["data"], policy, key) == status
+        shutil.copytree(pkg, root / "ecg" / version)
+    report = json.loads((root / "ecg" / "1" / "gate.json").read_text())
+    assert SERVED in report["serve"] and UNCHECKED not in report["methods"]
+    return {"root": root, "public": public, "data": trained_family["data"]}
+
+
+class Server:
+    def __init__(self, root: Path, public: Path, **kwargs):
+        allow_ungated = kwargs.pop("allow_ungated", False)
+        self.repository = ModelRepository(root, [load_public_key(public)], allow_ungated=allow_ungated)
+        self.server, self.port, self.servicer = build_server(
+            self.repository, host="127.0.0.1", port=0, **kwargs
+        )
+        self.server.start()
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.stub = pb_grpc.ExplanationServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def server(repo):
+    s = Server(repo["root"], repo["public"], max_batch=8, max_concurrent=2)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def research(repo):
+    s = Server(repo["root"], repo["public"], allow_ungated=True)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def beats(repo) -> np.ndarray:
+    return np.asarray(load_dataset(repo["data"]).signals[:4], dtype=np.float32)
+
+
+def ecg_msg(x: np.ndarray, leads=LEADS, fs: float = 500.0, units=pb.MILLIVOLT, **over) -> pb.Ecg:
+    x = np.asarray(x, dtype="<f4")
+    fields = dict(
+        leads=list(leads), sampling_rate_hz=fs, units=units, samples_per_lead=x.shape[-1], samples=x.tobytes()
+    )
+    fields.update(over)
+    return pb.Ecg(**fields)
+
+
+def tensor(t: pb.Tensor) -> np.ndarray:
+    return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
+
+
+def code_of(call) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as e:
+        call()
+    return e.value.code(), e.value.details()
+
+
+# ------------------------------------------------------------------------------ every RPC
+
+
+def test_status_codes_map_one_to_one() -> None:
+    classes = [InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Cancelled, DeadlineExceeded]
+    codes = [status_of(c("x")) for c in classes]
+    assert len(set(codes)) == len(classes)
+    assert codes[0] == grpc.StatusCode.INVALID_ARGUMENT and codes[-1] == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert all(issubclass(c, ValueError) for c in classes)
+
+
+def test_list_and_get_model(server) -> None:
+    models = server.stub.ListModels(pb.ListModelsRequest()).models
+    assert [(m.name, m.default_version, list(m.versions)) for m in models] == [("ecg", "1", ["1", "2"])]
+    info = server.stub.GetModel(pb.GetModelRequest(model="ecg"))
+    v1, v2 = info.versions
+    assert v1.serving and v1.gate_verdict == "pass" and len(v1.package_sha256) == 64
+    assert list(v1.leads) == list(LEADS) and list(v1.input_shape) == [12, 600]
+    assert any(c.key == "AF" and c.snomed_code == "164889003" for c in v1.classes)
+    assert len(v1.gate_report_sha256) == 64 and len(v1.policy_sha256) == 64
+    gates = {m.method: m for m in v1.methods}
+    assert gates[SERVED].servable and gates[SERVED].verdict == "pass" and gates[SERVED].checks
+    assert not gates[UNCHECKED].servable and gates[UNCHECKED].verdict == "not checked"
+    assert not v2.serving and "gate failed" in v2.refusal_reason
+
+
+def test_get_gate_report_is_the_signed_file(server, repo) -> None:
+    from validation.signing import verify_signature
+
+    r = server.stub.GetGateReport(pb.GetGateReportRequest(model="ecg"))
+    raw = (repo["root"] / "ecg" / "1" / "gate.json").read_bytes()
+    assert r.version == "1" and r.report_json == raw and r.verdict == "pass"
+    verify_signature(json.loads(r.report_json), load_public_key(repo["public"]))
+    r2 = server.stub.GetGateReport(pb.GetGateReportRequest(model="ecg", version="2"))
+    assert r2.verdict == "fail"
+
+
+def test_predict(server, beats) -> None:
+    r = server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(b) for b in beats]))
+    probs = tensor(r.probabilities)
+    assert probs.shape == (4, 9) and ((probs >= 0) & (probs <= 1)).all()
+    assert r.version == "1" and len(r.package_sha256) == 64 and list(r.class_keys)[3] == "AF"
+    np.testing.assert_allclose(1 / (1 + np.exp(-tensor(r.logits))), probs, rtol=1e-5)
+    np.testing.assert_array_equal(tensor(r.beats), beats)
+
+
+def test_predict_matches_the_engine_and_accepts_any_lead_order_and_microvolts(server, beats) -> None:
+    engine = server.repository.get("ecg").engine
+    order = np.random.default_rng(0).permutation(12)
+    names = [LEADS[k].upper() for k in order]  # case-insensitive
+    msgs = [ecg_msg(b[order] * 1000, leads=names, units=pb.MICROVOLT) for b in beats]
+    r = server.stub.Predict(pb.PredictRequest(model="ecg", version="1", ecgs=msgs))
+    np.testing.assert_allclose(tensor(r.probabilities), engine.probabilities(beats), rtol=1e-4, atol=1e-6)
+
+
+def test_explain_carries_everything_to_reproduce_and_audit(server, beats) -> None:
+    engine = server.repository.get("ecg").engine
+    req = pb.ExplainRequest(
+        model="ecg",
+        ecgs=[ecg_msg(b) for b in beats[:2]],
+        methods=[SERVED],
+        targets=[pb.Target(class_key="AF")],
+        parameters_json={SERVED: json.dumps({"n_samples": 50})},
+    )
+    r = server.stub.Explain(req)
+    assert len(r.attributions) == 2 and not r.research_mode
+    assert r.onnxruntime_version and "CPUExecutionProvider" in r.providers
+    assert len(r.gate_report_sha256) == 64 and len(r.policy_sha256) == 64 and len(r.package_sha256) == 64
+    a = r.attributions[0]
+    assert a.method == SERVED and a.target_class == "AF" and a.ecg_index == 0
+    assert a.gate.servable and not a.gate.ungated and a.gate.verdict == "pass"
+    assert {c.check for c in a.gate.checks} >= {"randomisation"} and a.compute_seconds > 0
+    params = json.loads(a.effective_parameters_json)
+    assert params["n_samples"] == 50 and isinstance(params["seed"], int)  # a seed drawn and reported
+    got = np.stack([tensor(x.attribution) for x in r.attributions])
+    assert got.shape == (2, 12, 600)
+    again = engine.attribute(SERVED, beats[:2], target="AF", **params)
+    np.testing.assert_allclose(got, again, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(a.lead_relevance_share, lead_shares(got[0]), rtol=1e-6)
+    assert abs(sum(a.lead_relevance_share) - 1) < 1e-6
+
+
+def test_explain_targets(server, beats) -> None:
+    msgs = [ecg_msg(b) for b in beats[:3]]
+    probs = server.repository.get("ecg").engine.probabilities(beats[:3])
+
+    def classes(*targets: pb.Target) -> list[list[str]]:
+        r = server.stub.Explain(
+            pb.ExplainRequest(
+                model="ecg", ecgs=msgs, methods=[SERVED], targets=list(targets),
+                parameters_json={SERVED: '{"n_samples": 20, "seed": 1}'},
+            )
+        )  # fmt: skip
+        out: list[list[str]] = [[] for _ in msgs]
+        for a in r.attributions:
+            out[a.ecg_index].append(a.target_class)
+        return out
+
+    keys = server.repository.get("ecg").engine.package.class_keys
+    top = [[keys[c] for c in np.argsort(-p, kind="stable")] for p in probs]
+    assert classes() == [t[:1] for t in top]  # predicted by default
+    assert classes(pb.Target(predicted=True)) == [t[:1] for t in top]
+    assert classes(pb.Target(top_k=2)) == [t[:2] for t in top]
+    assert classes(pb.Target(snomed_code="164889003")) == [["AF"]] * 3
+    assert classes(pb.Target(index=0), pb.Target(class_key="AF"), pb.Target(index=8)) == [
+        [keys[0]],
+        ["AF"],
+        [keys[8]],
+    ]
+    positive = [[keys[c] for c in np.flatnonzero(p >= 0.5)] or t[:1] for p, t in zip(probs, top, strict=True)]
+    assert classes(pb.Target(all_predicted=True)) == positive
+
+
+def test_rhythm_strip_becomes_the_importers_median_beat(server, shared_data) -> None:
+    from training.data.median_beat import median_beat
+    from training.data.wfdb_import import read_record
+
+    signal_, fs, _ = read_record(shared_data / "ptbxl-sample" / "HR06000")
+    r = server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(signal_, fs=fs)]))
+    np.testing.assert_allclose(tensor(r.beats)[0], median_beat(signal_, fs), atol=1e-6)
+    short = signal_[:, : int(5 * fs)]
+    code, msg = code_of(
+        lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(short, fs=fs)]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "5.00 s long" in msg and "at least 8 s" in msg
+    code, msg = code_of(
+        lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(signal_, fs=100)]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "sampling rate 100 Hz is below" in msg
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def _bad_ecgs(b: np.ndarray) -> list[tuple[str, list[pb.Ecg], str]]:
+    nan = b.copy()
+    nan[3, 10] = np.nan
+    inf = b.copy()
+    inf[0, 0] = np.inf
+    return [
+        ("wrong byte count", [ecg_msg(b, samples=b.astype("<f4").tobytes()[:-4])], "= 28800 expected"),
+        ("samples_per_lead 0", [ecg_msg(b, samples_per_lead=0)], "samples_per_lead must be at least 1"),
+        ("missing lead", [ecg_msg(b[:11], leads=LEADS[:11])], "missing lead(s) V6"),
+        ("unknown lead", [ecg_msg(b, leads=[*LEADS[:11], "V7"])], "unknown lead name(s) 'V7'"),
+        ("extra lead", [ecg_msg(np.vstack([b, b[:1]]), leads=[*LEADS, "II"])], "given twice: II"),
+        ("no leads", [ecg_msg(b, leads=[])], "no lead names"),
+        ("NaN", [ecg_msg(nan)], "NaN or infinite samples in lead(s) aVR"),
+        ("Inf", [ecg_msg(inf)], "NaN or infinite samples in lead(s) I"),
+        ("µV sent as mV", [ecg_msg(b * 1000)], "set units to MICROVOLT"),
+        ("absurd amplitude", [ecg_msg(b * 1e6, units=pb.MICROVOLT)], "implausible amplitude"),
+        ("no units", [ecg_msg(b, units=pb.UNITS_UNSPECIFIED)], "units must be given"),
+        ("bad rate", [ecg_msg(b, fs=0)], "sampling_rate_hz must be a positive number"),
+        ("beat at wrong rate", [ecg_msg(b, fs=250)], "at least 8 s"),
+        ("wrong length", [ecg_msg(b[:, :500])], "at least 8 s is needed"),
+        ("empty batch", [], "no ECG"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(15))
+def test_bad_ecgs_are_invalid_argument_with_a_precise_message(server, beats, case: int) -> None:
+    name, ecgs, expected = _bad_ecgs(beats[0])[case]
+    for call in (
+        lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=ecgs)),
+        lambda: server.stub.Explain(pb.ExplainRequest(model="ecg", ecgs=ecgs, methods=[SERVED])),
+    ):
+        code, msg = code_of(call)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (name, msg)
+        assert expected in msg, (name, msg)
+        if ecgs:
+            assert msg.startswith("ecgs[0]: ")
+
+
+def test_oversized_batch_is_resource_exhausted(server, beats) -> None:
+    ecgs = [ecg_msg(beats[0])] * 9  # the server takes 8
+    code, msg = code_of(lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=ecgs)))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "at most 8" in msg
+
+
+def explain(server, beats, **kw) -> pb.ExplainResponse:
+    fields = dict(model="ecg", ecgs=[ecg_msg(beats[0])], methods=[SERVED])
+    fields.update(kw)
+    return server.stub.Explain(pb.ExplainRequest(**fields))
+
+
+@pytest.mark.parametrize(
+    "kw, code, expected",
+    [
+        ({"model": "nope"}, grpc.StatusCode.NOT_FOUND, "nope"),
+        ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "model is empty"),
+        ({"version": "7"}, grpc.StatusCode.NOT_FOUND, "no version '7'"),
+        ({"version": "2"}, grpc.StatusCode.FAILED_PRECONDITION, "gate failed"),
+        ({"methods": ["magic"]}, grpc.StatusCode.NOT_FOUND, "unknown attribution method 'magic'"),
+        ({"methods": []}, grpc.StatusCode.INVALID_ARGUMENT, "at least one method"),
+        ({"methods": [SERVED, SERVED]}, grpc.StatusCode.INVALID_ARGUMENT, "more than once"),
+        ({"targets": [pb.Target(class_key="XYZ")]}, grpc.StatusCode.NOT_FOUND, "unknown class 'XYZ'"),
+        ({"targets": [pb.Target(snomed_code="123456789")]}, grpc.StatusCode.NOT_FOUND, "unknown class"),
+        ({"targets": [pb.Target(index=9)]}, grpc.StatusCode.NOT_FOUND, "out of range 0..8"),
+        ({"targets": [pb.Target(top_k=10)]}, grpc.StatusCode.INVALID_ARGUMENT, "top_k must be between 1"),
+        ({"targets": [pb.Target()]}, grpc.StatusCode.INVALID_ARGUMENT, "sets no kind"),
+        ({"targets": [pb.Target(index=0)] * 2}, grpc.StatusCode.INVALID_ARGUMENT, "2 targets for 1 ECGs"),
+        ({"parameters_json": {SERVED: "{"}}, grpc.StatusCode.INVALID_ARGUMENT, "not valid JSON"),
+        ({"parameters_json": {SERVED: "[1]"}}, grpc.StatusCode.INVALID_ARGUMENT, "must be a JSON object"),
+        ({"parameters_json": {SERVED: '{"steps": 3}'}}, grpc.StatusCode.INVALID_ARGUMENT, "no parameter(s)"),
+        ({"parameters_json": {"gradcam": "{}"}}, grpc.StatusCode.INVALID_ARGUMENT, "does not ask for"),
+        ({"parameters_json": {SERVED: '{"n_samples": 1}'}}, grpc.StatusCode.INVALID_ARGUMENT, "n_samples"),
+        (
+            {"parameters_json": {SERVED: '{"n_samples": 99999}'}},
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "n_samples",
+        ),
+        ({"parameters_json": {SERVED: '{"seed": -1}'}}, grpc.StatusCode.INVALID_ARGUMENT, "seed must be"),
+    ],
+)
+def test_bad_requests(server, beats, kw, code, expected) -> None:
+    got, msg = code_of(lambda: explain(server, beats, **kw))
+    assert got == code and expected in msg, msg
+
+
+def test_unknown_model_in_every_rpc(server, beats) -> None:
+    for call in (
+        lambda: server.stub.GetModel(pb.GetModelRequest(model="nope")),
+        lambda: server.stub.GetGateReport(pb.GetGateReportRequest(model="nope")),
+        lambda: server.stub.GetGateReport(pb.GetGateReportRequest(model="ecg", version="9")),
+        lambda: server.stub.Predict(pb.PredictRequest(model="nope", ecgs=[ecg_msg(beats[0])])),
+    ):
+        assert code_of(call)[0] == grpc.StatusCode.NOT_FOUND
+
+
+# ------------------------------------------------------------------------------ the gate
+
+
+def test_a_method_the_gate_did_not_pass_is_refused(server, beats) -> None:
+    code, msg = code_of(lambda: explain(server, beats, methods=[SERVED, UNCHECKED]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"method '{UNCHECKED}' did not pass the validation gate of ecg version 1" in msg
+
+
+def test_research_mode_serves_ungated_methods_and_says_so(research, beats) -> None:
+    r = explain(research, beats, methods=[UNCHECKED])
+    assert r.research_mode and r.attributions[0].gate.ungated and r.attributions[0].gate.servable
+    failed = explain(
+        research, beats, version="2", methods=[SERVED], parameters_json={SERVED: '{"n_samples": 20}'}
+    )
+    gate = failed.attributions[0].gate
+    assert failed.research_mode and gate.ungated and gate.verdict == "fail"
+    assert any(c.verdict == "fail" and c.check == "randomisation" for c in gate.checks)
+    gated = explain(research, beats, parameters_json={SERVED: '{"n_samples": 20}'})
+    assert not gated.research_mode and not gated.attributions[0].gate.ungated
+
+
+def test_failed_checks_and_scores_are_named(repo, beats) -> None:
+    """A method whose checks failed on a version that serves (its gate failed for that method only)."""
+    from service.server import refusal_of_method
+
+    repository = ModelRepository(repo["root"], [load_public_key(repo["public"])], allow_ungated=True)
+    v2 = repository.get("ecg", "2")
+    strict = ModelRepository(repo["root"], [load_public_key(repo["public"])])
+    gate = type(v2.method_gate(SERVED))(
+        **{**v2.method_gate(SERVED).__dict__, "servable": False, "ungated": False}
+    )
+    assert not strict.versions("ecg")[1].servable
+    msg = refusal_of_method(v2, gate)
+    assert "failed randomisation score" in msg and "vs threshold" in msg
+
+
+# ------------------------------------------------------------------------------ limits, deadlines
+
+
+def test_concurrency_limit_is_resource_exhausted(server, beats) -> None:
+    for _ in range(server.servicer.max_concurrent):
+        assert server.servicer._slots.acquire(blocking=False)
+    try:
+        code, msg = code_of(
+            lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])]))
+        )
+        assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-concurrent" in msg
+        assert server.stub.ListModels(pb.ListModelsRequest()).models  # cheap calls are not limited
+    finally:
+        for _ in range(server.servicer.max_concurrent):
+            server.servicer._slots.release()
+    assert server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])])).probabilities.data
+
+
+def test_a_deadline_stops_the_work_between_engine_calls(research, beats) -> None:
+    # Many methods, each one engine call: the deadline passes after the first few.
+    methods = ["integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "feature_ablation"]
+    params = {
+        "integrated_gradients": '{"n_steps": 400}',
+        "smoothgrad": '{"n_samples": 400}',
+        "gradient_shap": '{"n_samples": 400}',
+    }
+    req = pb.ExplainRequest(
+        model="ecg", ecgs=[ecg_msg(b) for b in beats], methods=methods, parameters_json=params
+    )
+    t0 = time.perf_counter()
+    code, _ = code_of(lambda: research.stub.Explain(req, timeout=0.3))
+    assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The server frees its slot soon after (it stops at the next engine call).
+    deadline = time.monotonic() + 30
+    while research.servicer._slots._value < research.servicer.max_concurrent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert research.servicer._slots._value == research.servicer.max_concurrent
+    assert time.perf_counter() - t0 < 30
+
+
+def test_concurrent_clients(server, beats) -> None:
+    errors: list[BaseException] = []
+
+    def call() -> None:
+        try:
+            server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])]))
+        except grpc.RpcError as e:
+            if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:  # max_concurrent=2 here
+                errors.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+# ------------------------------------------------------------------------------ ecgx serve, without torch
+
+_NO_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, sys
+
+    class _NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ImportError(f"torch is not importable in the serving process ({name})")
+            return None
+
+    sys.meta_path.insert(0, _NoTorch())
+    from ecgx.cli import main
+    rc = main(sys.argv[1:])
+    print("TORCH_LOADED", any(m == "torch" or m.startswith("torch.") for m in sys.modules), flush=True)
+    sys.exit(rc)
+    """
+)
+
+
+def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_path) -> None:
+    script = tmp_path / "serve_no_torch.py"
+    script.write_text(_NO_TORCH)
+    args = ["--repo", str(repo["root"]), "--port", "0", "--trusted-key", str(repo["public"]), "--grace", "5"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, str(script), "serve", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    try:
+        port = None
+        lines = []
+        deadline = time.monotonic() + 120
+        while port is None and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            lines.append(line)
+            m = re.search(r"ExplanationService on [^ ]+:(\d+) in PLAINTEXT", line)
+            port = int(m[1]) if m else None
+        assert port, "".join(lines)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExplanationServiceStub(channel)
+            assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == ["ecg"]
+            r = stub.Explain(
+                pb.ExplainRequest(
+                    model="ecg", ecgs=[ecg_msg(beats[0])], methods=[SERVED],
+                    parameters_json={SERVED: '{"n_samples": 20}'},
+                ),
+                timeout=60,
+            )  # fmt: skip
+            assert len(r.attributions) == 1
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "TORCH_LOADED False" in out
+    log = "".join(lines) + err
+    assert "stopped" in log
+    # Waveforms are never logged: no sample value of the request appears in the log.
+    assert f"{float(beats[0].ravel()[300]):.6f}"[:8] not in log
