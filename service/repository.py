@@ -426,6 +426,7 @@ class ModelRepository:
         self.allow_ungated = allow_ungated
         self.engine_options = dict(engine_options or {})
         self.last_error: str | None = None
+        self.generation = 0  # successful reloads so far (each swapped in a new snapshot)
         self._snapshot: dict[str, tuple[ServedVersion, ...]] = {}
         self._cache: dict[tuple[str, str], _Loaded] = {}
         self._skipped: set[str] = set()
@@ -489,7 +490,12 @@ class ModelRepository:
                 self.last_error = f"reload of {self.root} failed, the serving versions stay: {e}"
                 log.error("%s", self.last_error, exc_info=not isinstance(e, (OSError, RepositoryError)))
                 return
+            for model, versions in self._snapshot.items():
+                gone = {v.version for v in versions} - {v.version for v in snapshot.get(model, ())}
+                for name in sorted(gone, key=version_sort_key):
+                    log.info("model %s version %s was removed", model, name)
             self._snapshot, self._cache, self.last_error = snapshot, cache, None
+            self.generation += 1
 
     def _scan(self) -> tuple[dict[str, tuple[ServedVersion, ...]], dict[tuple[str, str], _Loaded]]:
         if not self.root.is_dir():
@@ -510,7 +516,9 @@ class ModelRepository:
                 if loaded is None or loaded.fingerprint != fp:
                     loaded = self._load(vdir, fp)
                 cache[key] = loaded
-                versions.append(self._served(model_dir.name, vdir, loaded, now))
+                version = self._served(model_dir.name, vdir, loaded, now)
+                self._log_change(version)
+                versions.append(version)
             if versions:
                 versions.sort(key=lambda v: version_sort_key(v.version))
                 snapshot[model_dir.name] = tuple(versions)
@@ -548,13 +556,18 @@ class ModelRepository:
                     engine = self._build_engine(verified.package)
                 except Exception as e:  # a bad graph refuses one version, not the reload
                     problem = f"the engine cannot be built: {str(e)[:500]}"
-        if verified.problem:
-            log.warning("%s does not serve: %s", folder, verified.problem)
-        elif problem:
-            log.warning("%s does not serve: %s", folder, problem)
-        else:
-            log.info("loaded %s (gate %s)", folder, (verified.report or {}).get("verdict"))
         return _Loaded(fingerprint, verified, engine, problem)
+
+    def _log_change(self, v: ServedVersion) -> None:
+        """Log a version that is new or whose state changed (not every scan)."""
+        old = next((o for o in self._snapshot.get(v.model, ()) if o.version == v.version), None)
+        if old is not None and old.refusal == v.refusal and old.servable == v.servable:
+            return
+        if v.servable:
+            mark = " (UNGATED: research mode)" if v.ungated else ""
+            log.info("model %s version %s serves%s", v.model, v.version, mark)
+        else:
+            log.warning("model %s version %s does not serve: %s", v.model, v.version, v.refusal)
 
     def _build_engine(self, package: ModelPackage) -> AttributionEngine:
         """An engine from the verified bytes, warmed up: every session created, one forward and

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -135,6 +137,12 @@ def test_loads_verified_versions_and_serves_the_newest_by_default(gated, repo_ro
         repo.get(MODEL, "3")
 
 
+def test_the_repository_does_not_import_pytorch() -> None:
+    code = "import sys; sys.modules['torch'] = None; import service.repository; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
 def test_version_order_integers_first_then_names() -> None:
     assert sorted(["b", "10", "2", "a", "1"], key=version_sort_key) == ["1", "2", "10", "a", "b"]
 
@@ -158,7 +166,9 @@ def add_file(folder: Path) -> str:
 
 
 @pytest.mark.parametrize("tamper", ["weights", "graph", "added"])
-def test_a_tampered_version_is_refused_and_the_others_keep_serving(gated, repo_root: Path, tamper) -> None:
+def test_a_tampered_version_is_refused_and_the_others_keep_serving(
+    gated, repo_root: Path, tamper, caplog
+) -> None:
     folder = repo_root / MODEL / "2"
     if tamper == "weights":
         name = flip_weight_byte(folder)
@@ -166,10 +176,12 @@ def test_a_tampered_version_is_refused_and_the_others_keep_serving(gated, repo_r
         name = replace_graph(folder)
     else:
         name = add_file(folder)
-    repo = repository(gated, repo_root)
+    with caplog.at_level("INFO", logger="service.repository"):
+        repo = repository(gated, repo_root)
     assert served(repo) == {"1": True, "2": False}
     v2 = repo.versions(MODEL)[1]
     assert name in v2.refusal and v2.engine is None
+    assert f"model {MODEL} version 2 does not serve: {v2.refusal}" in caplog.text  # the reason is logged
     assert repo.get(MODEL).version == "1"  # the default falls back to the newest that serves
     with pytest.raises(FailedPrecondition, match=name):
         repo.get(MODEL, "2")
@@ -316,8 +328,10 @@ def test_a_failed_reload_keeps_the_serving_versions(gated, repo_root: Path, tmp_
         assert repo.versions(MODEL) == before and repo.get(MODEL).version == "2"
     finally:
         os.rename(tmp_path / "moved", repo_root)
+    generation = repo.generation
     repo.reload()
     assert repo.last_error is None and served(repo) == {"1": True, "2": True}
+    assert repo.generation == generation + 1
 
 
 def test_readers_see_whole_snapshots_during_reloads(gated, repo_root: Path) -> None:
