@@ -678,9 +678,16 @@ def promote(
         raise ValueError(f"repository {repo} is not a folder")
     if not (package_dir / MANIFEST_FILE).is_file():
         raise ValueError(f"{package_dir} is not a model package: {MANIFEST_FILE} is missing")
+    if not (package_dir / GATE_REPORT_FILE).exists():
+        raise ValueError(
+            f"{package_dir} has no {GATE_REPORT_FILE}: gate it first (`ecgx validate PKG --data DIR`)"
+        )
     verified = verify_version(package_dir, trusted_keys)
     if verified.problem:
         raise PromotionRefused(f"{package_dir} is not promoted: {verified.problem}")
+    revoked = revocation(package_dir)
+    if revoked:
+        raise PromotionRefused(f"{package_dir} is not promoted: {revoked}")
     problem = gate_problem(verified.report or {}, allowed_policies, datetime.now(UTC))
     if problem:
         raise PromotionRefused(f"{package_dir} is not promoted: {problem}")

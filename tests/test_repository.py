@@ -394,6 +394,9 @@ def test_repo_add_refuses_a_failed_or_unverified_gate_with_exit_1(gated, tmp_pat
     ok = make_package(gated, tmp_path / "ok", 0)
     r = repo_add(gated, ok, root, "--allowed-policy", "0" * 64)
     assert r.returncode == 1 and "allow-list" in r.stderr
+    (ok / "REVOKED").write_text("recalled\n")
+    r = repo_add(gated, ok, root)
+    assert r.returncode == 1 and "revoked: recalled" in r.stderr
     assert not (root / MODEL).exists() or not any((root / MODEL).iterdir())
 
 
@@ -407,6 +410,9 @@ def test_repo_add_bad_input_exits_2_and_never_overwrites(gated, tmp_path: Path) 
     other = make_package(gated, tmp_path / "other", 1)
     r = repo_add(gated, other, root, "--version", "7")
     assert_clean_failure(r, "already exists", before=before, roots=[root])
+    ungated = shutil.copytree(gated["family"]["seed-0"], tmp_path / "ungated")
+    r = repo_add(gated, ungated, root)
+    assert_clean_failure(r, "no gate.json", before=before, roots=[root])
     r = repo_add(gated, tmp_path / "missing", root)
     assert_clean_failure(r, "missing", before=before, roots=[root])
     r = run_ecgx("repo", "add", str(pkg), "--repo", str(root), "--model", "../x",
