@@ -179,6 +179,11 @@ def _number(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _now() -> datetime:
+    """The time expiry is judged by (one place, so tests can move it)."""
+    return datetime.now(UTC)
+
+
 def version_sort_key(version: str) -> tuple[int, int, str]:
     """Integers numerically, first; other names by name, after them."""
     return (0, int(version), version) if version.isdigit() else (1, 0, version)
@@ -500,7 +505,7 @@ class ModelRepository:
     def _scan(self) -> tuple[dict[str, tuple[ServedVersion, ...]], dict[tuple[str, str], _Loaded]]:
         if not self.root.is_dir():
             raise RepositoryError(f"model repository {self.root} is not a folder (any more)")
-        now = datetime.now(UTC)
+        now = _now()
         snapshot: dict[str, tuple[ServedVersion, ...]] = {}
         cache: dict[tuple[str, str], _Loaded] = {}
         for model_dir in self._plain_dirs(self.root):
@@ -546,7 +551,7 @@ class ModelRepository:
             static = gate_problem(
                 verified.report or {},
                 self.allowed_policies,
-                datetime.now(UTC),
+                _now(),
                 allow_ungated=self.allow_ungated,
             )
             # No engine for a version that can never serve (policy, failed gate); expiry is
@@ -688,7 +693,7 @@ def promote(
     revoked = revocation(package_dir)
     if revoked:
         raise PromotionRefused(f"{package_dir} is not promoted: {revoked}")
-    problem = gate_problem(verified.report or {}, allowed_policies, datetime.now(UTC))
+    problem = gate_problem(verified.report or {}, allowed_policies, _now())
     if problem:
         raise PromotionRefused(f"{package_dir} is not promoted: {problem}")
     model_dir = repo / model

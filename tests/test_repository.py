@@ -244,18 +244,21 @@ def test_only_reports_under_an_allowed_policy_serve(gated, repo_root: Path) -> N
     }
 
 
-def test_an_expired_version_stops_serving_at_the_next_reload(gated, repo_root: Path) -> None:
-    soon = datetime.now(UTC) + timedelta(seconds=3)
+def test_an_expired_version_stops_serving_at_the_next_reload(gated, repo_root: Path, monkeypatch) -> None:
+    import service.repository as repository_module
+
+    now = datetime.now(UTC)
+    soon = now + timedelta(hours=1)
     make_package(gated, repo_root / MODEL / "3", 2, expires=soon.isoformat())
-    past = (datetime.now(UTC) - timedelta(days=1)).isoformat().replace("+00:00", "Z")
+    past = (now - timedelta(days=1)).isoformat().replace("+00:00", "Z")
     make_package(gated, repo_root / MODEL / "4", 2, expires=past)
     make_package(gated, repo_root / MODEL / "5", 2, expires="2030-01-01T00:00:00")  # no offset
     repo = repository(gated, repo_root)
     assert served(repo) == {"1": True, "2": True, "3": True, "4": False, "5": False}
     assert "expired" in repo.versions(MODEL)[3].refusal
     assert "UTC offset" in repo.versions(MODEL)[4].refusal
-    assert repo.get(MODEL, "3").expires == soon
-    time.sleep(max(0.0, (soon - datetime.now(UTC)).total_seconds()) + 0.1)
+    assert repo.get(MODEL, "3").expires == soon and repo.get(MODEL).version == "3"
+    monkeypatch.setattr(repository_module, "_now", lambda: soon + timedelta(seconds=1))
     repo.reload()
     assert served(repo)["3"] is False and "expired" in repo.versions(MODEL)[2].refusal
     assert repo.get(MODEL).version == "2"
