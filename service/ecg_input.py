@@ -123,9 +123,11 @@ def lead_order(names: Sequence[str], leads: Sequence[str], where: str = "ecg") -
     if missing:
         problems.append(f"missing lead(s) {', '.join(missing)}")
     if unknown:
-        problems.append(f"unknown lead name(s) {', '.join(repr(u) for u in unknown)}")
+        shown = [repr(u) if len(repr(u)) <= 24 else repr(u)[:21] + "..." for u in unknown[:16]]
+        more = f" and {len(unknown) - 16} more" if len(unknown) > 16 else ""
+        problems.append(f"unknown lead name(s) {', '.join(shown)}{more}")
     if duplicated:
-        problems.append(f"lead(s) given twice: {', '.join(duplicated)}")
+        problems.append(f"lead(s) given twice: {', '.join(dict.fromkeys(duplicated))}")
     if problems:
         raise InvalidArgument(
             f"{where}: {'; '.join(problems)}; the model takes exactly the {len(leads)} leads "

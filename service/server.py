@@ -103,7 +103,7 @@ def _handler(limited: bool = False) -> Callable:
                         )
                 return fn(self, request, context)
             except ServiceError as e:
-                code, message = status_of(e), str(e)
+                code, message = status_of(e), _clip(str(e))
                 log.info("%s: %s %s", fn.__name__, code.name, message)
             except Exception:
                 # Tracebacks name code and exception messages, never the request's samples.
@@ -120,6 +120,15 @@ def _handler(limited: bool = False) -> Callable:
         return run
 
     return wrap
+
+
+# Status details travel in HTTP/2 trailers, whose size is limited (8 kB by default): a message
+# that echoes long client input (lead names) is cut rather than lost.
+MAX_DETAILS_CHARS = 2000
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 3] + "..."
 
 
 def _tensor(array: np.ndarray) -> pb.Tensor:

@@ -539,3 +539,61 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
     assert "stopped" in log
     # Waveforms are never logged: no sample value of the request appears in the log.
     assert f"{float(beats[0].ravel()[300]):.6f}"[:8] not in log
+
+
+def test_a_client_cancellation_stops_the_work(research, beats) -> None:
+    methods = ["integrated_gradients", "smoothgrad", "gradient_shap", "occlusion", "feature_ablation"]
+    params = {m: '{"n_samples": 400}' for m in ("smoothgrad", "gradient_shap")}
+    req = pb.ExplainRequest(
+        model="ecg", ecgs=[ecg_msg(b) for b in beats], methods=methods, parameters_json=params
+    )
+    future = research.stub.Explain.future(req)
+    time.sleep(0.2)
+    assert future.cancel()
+    deadline = time.monotonic() + 30
+    while research.servicer._slots._value < research.servicer.max_concurrent and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert research.servicer._slots._value == research.servicer.max_concurrent
+
+
+def test_anything_untyped_is_internal_with_a_generic_message(repo, caplog) -> None:
+    class Broken:
+        def models(self):
+            raise RuntimeError("secret detail of a bug")
+
+    server, port, _ = build_server(Broken(), host="127.0.0.1", port=0)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = pb_grpc.ExplanationServiceStub(channel)
+            code, msg = code_of(lambda: stub.ListModels(pb.ListModelsRequest()))
+    finally:
+        server.stop(None)
+    assert code == grpc.StatusCode.INTERNAL and "secret" not in msg and "see the server log" in msg
+    assert "secret detail of a bug" in caplog.text  # logged for the operator
+
+
+def test_long_client_input_is_clipped_in_the_status(server, beats) -> None:
+    names = [*LEADS[:11], "x" * 100_000]
+    code, msg = code_of(
+        lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0], leads=names)]))
+    )
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "missing lead(s) V6" in msg and len(msg) < 2000
+
+
+def test_generated_stubs_match_the_proto(tmp_path) -> None:
+    """The installed stubs are what service.grpc_codegen makes from proto/ now (reinstall if not)."""
+    from service import grpc_codegen
+
+    written = grpc_codegen.generate(out_dir=tmp_path / "proto_gen")
+    assert {p.name for p in written} >= {"ecgx_pb2.py", "ecgx_pb2_grpc.py", "ecgx_pb2.pyi"}
+    for p in written:
+        installed = grpc_codegen.OUT_DIR / p.relative_to(tmp_path / "proto_gen")
+        assert installed.read_text() == p.read_text(), (
+            f"{installed} is stale: pip install -e . regenerates it"
+        )
+    assert (
+        "from service.proto_gen.ecgx.v1 import ecgx_pb2"
+        in (tmp_path / "proto_gen/ecgx/v1/ecgx_pb2_grpc.py").read_text()
+    )
+    assert pb.DESCRIPTOR.name == "ecgx/v1/ecgx.proto"

@@ -393,6 +393,23 @@ def _surrogate_setup(
     return seg, m, n, base, rng, _given_coalitions(coalitions, (len(x), n, m))
 
 
+# Cosine distances lie in [0, 2]: beyond this width every weight is 1 (and kernel_width**2
+# overflows long before float64 does); below the minimum every perturbed weight underflows to 0.
+MAX_KERNEL_WIDTH = 1e6
+MIN_KERNEL_WIDTH = 1e-6
+
+
+def _check_kernel_width(value: Any) -> float:
+    width = check_non_negative("kernel_width", value, MAX_KERNEL_WIDTH)
+    if width == 0:
+        raise InvalidArgument("kernel_width must be > 0, got 0")
+    if width < MIN_KERNEL_WIDTH:
+        raise InvalidArgument(
+            f"kernel_width must be between {MIN_KERNEL_WIDTH} and {MAX_KERNEL_WIDTH}, got {value!r}"
+        )
+    return width
+
+
 def cosine_kernel_weights(
     z: np.ndarray, x: np.ndarray, base: np.ndarray, seg: np.ndarray, kernel_width: float
 ) -> np.ndarray:
@@ -448,8 +465,7 @@ class Lime(AttributionMethod):
         seed: int | None = None,
         coalitions: Any = None,
     ) -> int:
-        if check_non_negative("kernel_width", kernel_width) == 0:
-            raise InvalidArgument("kernel_width must be > 0, got 0")
+        _check_kernel_width(kernel_width)
         return _surrogate_check(self.name, x, window, n_samples, baseline, seed, coalitions)
 
     def attribute(
@@ -465,9 +481,7 @@ class Lime(AttributionMethod):
         seed: int | None = None,
         coalitions: Any = None,
     ) -> np.ndarray:
-        width = check_non_negative("kernel_width", kernel_width)
-        if width == 0:
-            raise InvalidArgument("kernel_width must be > 0, got 0")
+        width = _check_kernel_width(kernel_width)
         seg, m, n, base, rng, given = _surrogate_setup(
             self.name, x, window, n_samples, baseline, seed, coalitions
         )
