@@ -236,6 +236,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         max_batch=args.max_batch,
         max_concurrent=args.max_concurrent,
+        max_queued=args.max_queued,
         grace_s=args.grace,
     )
 
@@ -508,7 +509,14 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         type=int,
         default=8,
         metavar="N",
-        help="most Predict/Explain requests at once; more get RESOURCE_EXHAUSTED (default 8)",
+        help="most Predict/Explain requests running at once (default 8)",
+    )
+    p.add_argument(
+        "--max-queued",
+        type=int,
+        metavar="N",
+        help="requests that may wait for a slot (up to 30 s) beyond --max-concurrent; more get "
+        "RESOURCE_EXHAUSTED at once (default 4 x --max-concurrent)",
     )
     p.add_argument(
         "--grace", type=float, default=10.0, metavar="S", help="seconds in-flight requests get at SIGTERM"

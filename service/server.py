@@ -10,9 +10,10 @@ attribution call then gets explicit class indices, so the engine does not run it
 Client deadlines and cancellations are checked between engine calls (one per method and
 target slot): the work stops there with CANCELLED or DEADLINE_EXCEEDED.
 
-Limits: at most ``max_batch`` ECGs per request and ``max_concurrent`` Predict/Explain
-requests at a time (RESOURCE_EXHAUSTED past them, at once, rather than queueing), the
-engine's cost caps per method (RESOURCE_EXHAUSTED), and ``MAX_MESSAGE_BYTES`` per message.
+Limits: at most ``max_batch`` ECGs per request; ``max_concurrent`` Predict/Explain requests
+run at a time and up to ``max_queued`` more wait for a slot (at most ``QUEUE_WAIT_S`` or the
+client's deadline); past that, RESOURCE_EXHAUSTED at once. The engine's cost caps per method
+are RESOURCE_EXHAUSTED too, and a message may hold at most ``MAX_MESSAGE_BYTES``.
 
 No PyTorch here (tested with torch made unimportable).
 """
@@ -64,6 +65,7 @@ DEFAULT_PORT = 50051
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_CONCURRENT = 8
 DEFAULT_GRACE_S = 10.0
+QUEUE_WAIT_S = 30.0  # the longest a request waits for a slot (or less: the client's deadline)
 # 64 ECGs of 120 s rhythm strips at 500 Hz in float32 are ~18 MB; beats and attributions of a
 # full response (64 ECGs x a few methods x targets) are ~29 kB each.
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -86,7 +88,7 @@ def status_of(error: ServiceError) -> grpc.StatusCode:
 
 def _handler(limited: bool = False) -> Callable:
     """Wrap an RPC handler: typed errors -> their status code, anything else -> INTERNAL (logged);
-    ``limited`` handlers take one of the ``max_concurrent`` request slots or fail at once."""
+    ``limited`` handlers hold one of the ``max_concurrent`` request slots while they run."""
 
     def wrap(fn: Callable) -> Callable:
         @functools.wraps(fn)
@@ -95,12 +97,7 @@ def _handler(limited: bool = False) -> Callable:
             acquired = False
             try:
                 if limited:
-                    acquired = self._slots.acquire(blocking=False)
-                    if not acquired:
-                        raise ResourceExhausted(
-                            f"the server is busy: {self.max_concurrent} requests are being served "
-                            "(--max-concurrent); retry with backoff"
-                        )
+                    acquired = self._enter(context)
                 return fn(self, request, context)
             except ServiceError as e:
                 code, message = status_of(e), _clip(str(e))
@@ -207,13 +204,44 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        max_queued: int | None = None,
     ):
-        if max_batch < 1 or max_concurrent < 1:
-            raise InvalidArgument("max_batch and max_concurrent must be at least 1")
+        max_queued = 4 * max_concurrent if max_queued is None else max_queued
+        if max_batch < 1 or max_concurrent < 1 or max_queued < 0:
+            raise InvalidArgument("max_batch and max_concurrent must be at least 1, max_queued at least 0")
         self.repository = repository
         self.max_batch = int(max_batch)
         self.max_concurrent = int(max_concurrent)
+        self.max_queued = int(max_queued)
         self._slots = threading.BoundedSemaphore(self.max_concurrent)
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    def _enter(self, context: grpc.ServicerContext) -> bool:
+        """Take a request slot, waiting in a bounded queue; ResourceExhausted when the queue is
+        full or no slot frees in time, Cancelled/DeadlineExceeded when the client goes first."""
+        if self._slots.acquire(blocking=False):
+            return True
+        with self._waiting_lock:
+            if self._waiting >= self.max_queued:
+                raise ResourceExhausted(
+                    f"the server is busy: {self.max_concurrent} requests are running and {self._waiting} "
+                    "waiting (--max-concurrent); retry with backoff"
+                )
+            self._waiting += 1
+        try:
+            give_up = time.monotonic() + QUEUE_WAIT_S
+            while time.monotonic() < give_up:
+                if self._slots.acquire(timeout=0.25):
+                    return True
+                _check_active(context)
+            raise ResourceExhausted(
+                f"the server is busy: no request slot freed within {QUEUE_WAIT_S:g} s (--max-concurrent); "
+                "retry with backoff"
+            )
+        finally:
+            with self._waiting_lock:
+                self._waiting -= 1
 
     # ------------------------------------------------------------------ models
 
@@ -520,19 +548,24 @@ def build_server(
     port: int = DEFAULT_PORT,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queued: int | None = None,
 ) -> tuple[grpc.Server, int, ExplanationServicer]:
     """A started-ready (not yet started) server on an insecure port; returns (server, bound port, servicer).
 
     Plaintext for now (TLS is issue #11). ``port`` 0 picks a free port.
     """
-    servicer = ExplanationServicer(repository, max_batch=max_batch, max_concurrent=max_concurrent)
+    servicer = ExplanationServicer(
+        repository, max_batch=max_batch, max_concurrent=max_concurrent, max_queued=max_queued
+    )
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ]
-    # A few threads beyond the Predict/Explain slots, so cheap calls and refusals get through.
-    pool = futures.ThreadPoolExecutor(max_workers=max_concurrent + 4, thread_name_prefix="ecgx-grpc")
-    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=4 * (max_concurrent + 4))
+    # A thread for every running and queued request and a few more, so cheap calls and refusals
+    # get through; gRPC refuses RPCs beyond that with RESOURCE_EXHAUSTED rather than queue them.
+    workers = servicer.max_concurrent + servicer.max_queued + 4
+    pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ecgx-grpc")
+    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=workers)
     pb_grpc.add_ExplanationServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     bound = server.add_insecure_port(address)
@@ -548,6 +581,7 @@ def serve(
     port: int = DEFAULT_PORT,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+    max_queued: int | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     watch_interval_s: float | None = 2.0,
     ready: Callable[[int], None] | None = None,
@@ -555,7 +589,12 @@ def serve(
     """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
     ``grace_s`` seconds, and return 0."""
     server, bound, _ = build_server(
-        repository, host=host, port=port, max_batch=max_batch, max_concurrent=max_concurrent
+        repository,
+        host=host,
+        port=port,
+        max_batch=max_batch,
+        max_concurrent=max_concurrent,
+        max_queued=max_queued,
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}

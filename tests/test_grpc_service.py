@@ -111,7 +111,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(repo):
-    s = Server(repo["root"], repo["public"], max_batch=8, max_concurrent=2)
+    s = Server(repo["root"], repo["public"], max_batch=8, max_concurrent=2, max_queued=0)
     yield s
     s.close()
 
@@ -452,7 +452,33 @@ def test_a_deadline_stops_the_work_between_engine_calls(research, beats) -> None
     assert time.perf_counter() - t0 < 30
 
 
-def test_concurrent_clients(server, beats) -> None:
+def test_32_concurrent_clients_without_an_error(research, beats) -> None:
+    """8 requests run at a time (the default), the others wait for a slot: none is refused."""
+    errors: list[BaseException] = []
+    ecgs = [ecg_msg(b) for b in beats[:2]]
+
+    def call(i: int) -> None:
+        try:
+            if i % 2:
+                research.stub.Predict(pb.PredictRequest(model="ecg", ecgs=ecgs), timeout=120)
+            else:
+                r = research.stub.Explain(
+                    pb.ExplainRequest(model="ecg", ecgs=ecgs, methods=["saliency", "integrated_gradients"]),
+                    timeout=120,
+                )
+                assert len(r.attributions) == 4
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(32)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
+def test_concurrent_clients_past_the_limit_are_refused_cleanly(server, beats) -> None:
     errors: list[BaseException] = []
 
     def call() -> None:
@@ -527,7 +553,17 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
                 timeout=60,
             )  # fmt: skip
             assert len(r.attributions) == 1
-        proc.send_signal(signal.SIGTERM)
+            # SIGTERM while a request is in flight: it still completes, then the server exits 0.
+            slow = pb.ExplainRequest(
+                model="ecg", ecgs=[ecg_msg(b) for b in beats], methods=[SERVED],
+                parameters_json={SERVED: '{"n_samples": 2000}'},
+            )  # fmt: skip
+            future = stub.Explain.future(slow, timeout=60)
+            time.sleep(0.3)
+            proc.send_signal(signal.SIGTERM)
+            assert len(future.result().attributions) == 4
+            code, _ = code_of(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
+            assert code == grpc.StatusCode.UNAVAILABLE  # no new requests once stopping
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
