@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # Inputs are millivolts; anything beyond this is a units error or garbage, not an ECG.
 MAX_ABS_MV = 50.0
+# Backward graphs whose ``logits`` output is the logits of their ``x`` input: when a method runs
+# one of them on the request's own inputs, ``attribute_with_logits`` returns those logits, so a
+# server need not run the forward graph as well.
+LOGITS_AT_X_GRAPHS = frozenset({"gradient", "guided_backprop", "deconvolution", "lrp"})
 
 
 def select_providers(requested: Sequence[str] | None = None) -> list[str]:
@@ -101,6 +105,7 @@ class AttributionEngine:
         self._initializers = {n: ort.OrtValue.ortvalue_from_numpy(a) for n, a in self._parameters.items()}
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
+        self._capture = threading.local()  # attribute_with_logits: per calling thread
 
     # ------------------------------------------------------------------ sessions
 
@@ -237,11 +242,19 @@ class AttributionEngine:
     ) -> np.ndarray:
         """One backward graph over rows of ``x`` (and per-row ``extra`` inputs), batched."""
         seeds = self.seeds(target)
-        parts = []
+        # The graph computes the logits of x anyway: keep them when this is the request's own x.
+        capture = graph in LOGITS_AT_X_GRAPHS and x is getattr(self._capture, "x", None)
+        outputs = [output, "logits"] if capture else [output]
+        parts, logits = [], []
         for sl in self._chunks(len(x)):
             feeds = {"x": x[sl], "seed": seeds[sl]}
             feeds.update({k: (v[sl] if np.ndim(v) and len(v) == len(x) else v) for k, v in extra.items()})
-            parts.append(self.run(graph, feeds, [output])[0])
+            got = self.run(graph, feeds, outputs)
+            parts.append(got[0])
+            if capture:
+                logits.append(got[1])
+        if capture:
+            self._capture.logits = np.concatenate(logits)
         return np.concatenate(parts)
 
     def accumulate(
@@ -283,6 +296,20 @@ class AttributionEngine:
 
     # ------------------------------------------------------------------ attribution
 
+    def attribute_with_logits(
+        self, method: str, inputs: Any, /, target: Any = None, **params: Any
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """:meth:`attribute`, and the logits (B, classes) of ``inputs`` when the method computed
+        them on the way (a backward graph in ``LOGITS_AT_X_GRAPHS`` run on the inputs themselves:
+        saliency, input x gradient, guided backprop, deconvolution, LRP), else None. A server
+        uses them instead of running the forward graph again."""
+        self._capture.x, self._capture.logits = None, None
+        try:
+            maps = self._attribute(method, inputs, target, params, capture=True)
+            return maps, self._capture.logits
+        finally:
+            self._capture.x, self._capture.logits = None, None
+
     def attribute(self, method: str, inputs: Any, /, target: Any = None, **params: Any) -> np.ndarray:
         """Attribution map (B, 12, 600) float32 of ``method`` for ``inputs`` and ``target``.
 
@@ -292,11 +319,18 @@ class AttributionEngine:
         ``method`` and ``inputs`` are positional-only, so integrated gradients' own
         ``method`` setting can be passed as a keyword.
         """
+        return self._attribute(method, inputs, target, params)
+
+    def _attribute(
+        self, method: str, inputs: Any, target: Any, params: dict[str, Any], capture: bool = False
+    ) -> np.ndarray:
         from service.methods import get_method
 
         impl = get_method(method)
         impl.check_params(params)
         x = self.check_inputs(inputs)
+        if capture:
+            self._capture.x = x
         if self.max_request_ecgs is not None and len(x) > self.max_request_ecgs:
             raise ResourceExhausted(
                 f"inputs hold {len(x)} ECGs; this engine takes at most {self.max_request_ecgs} per request "

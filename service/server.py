@@ -20,7 +20,6 @@ No PyTorch here (tested with torch made unimportable).
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -182,17 +181,12 @@ def _show(value: float | None) -> str:
     return "none" if value is None else f"{value:.4g}"
 
 
-@dataclasses.dataclass
-class _Request:
-    """What a Predict or Explain request resolved to."""
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
 
-    served: Any
-    beats: np.ndarray
-    logits: np.ndarray
 
-    @property
-    def probabilities(self) -> np.ndarray:
-        return (1.0 / (1.0 + np.exp(-self.logits.astype(np.float64)))).astype(np.float32)
+# Target kinds that need the model's probabilities before any attribution runs.
+_NEEDS_PROBABILITIES = ("predicted", "top_k", "all_predicted")
 
 
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
@@ -327,26 +321,26 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
 
     # ------------------------------------------------------------------ predict, explain
 
-    def _prepare(self, served: Any, ecgs: Sequence[Any]) -> _Request:
-        """The request's beats (checked) and their logits: the one forward pass of the request."""
+    def _beats(self, served: Any, ecgs: Sequence[Any]) -> np.ndarray:
+        """The request's ECGs as checked (B, 12, 600) float32 mV beats for ``served``'s model."""
         engine = served.engine
         _, samples = engine.package.input_shape
         beats, _ = decode_ecgs(ecgs, engine.package.leads, samples, max_batch=self.max_batch)
-        x = engine.check_inputs(beats)
-        return _Request(served, x, engine.logits(x))
+        return engine.check_inputs(beats)
 
     @_handler(limited=True)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         served = self.repository.get(_name("model", request.model), request.version or None)
-        req = self._prepare(served, request.ecgs)
+        x = self._beats(served, request.ecgs)
+        logits = served.engine.logits(x)
         return pb.PredictResponse(
-            model=req.served.model,
-            version=req.served.version,
-            package_sha256=req.served.package_sha256 or "",
-            class_keys=req.served.engine.package.class_keys,
-            probabilities=_tensor(req.probabilities),
-            logits=_tensor(req.logits),
-            beats=_tensor(req.beats),
+            model=served.model,
+            version=served.version,
+            package_sha256=served.package_sha256 or "",
+            class_keys=served.engine.package.class_keys,
+            probabilities=_tensor(sigmoid(logits)),
+            logits=_tensor(logits),
+            beats=_tensor(x),
         )
 
     @_handler(limited=True)
@@ -361,9 +355,16 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             if not gate.servable:
                 raise FailedPrecondition(refusal_of_method(served, gate))
             gates[m] = gate
-        req = self._prepare(served, request.ecgs)
         engine = served.engine
-        targets = self._targets(request.targets, req, engine)
+        x = self._beats(served, request.ecgs)
+        # The forward graph runs at most once: first, when targets depend on the prediction; else
+        # the logits come from an attribution's backward pass over all ECGs when one gives them,
+        # and from the forward graph at the end otherwise.
+        needs = not request.targets or any(
+            t.WhichOneof("kind") in _NEEDS_PROBABILITIES for t in request.targets
+        )
+        logits = engine.logits(x) if needs else None
+        targets = self._targets(request.targets, x, engine, logits)
         effective = {m: self._effective(m, params[m]) for m in methods}
         # Attribution slots: slot j holds the j-th target of every ECG that has one.
         slots = max(len(t) for t in targets)
@@ -373,11 +374,16 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                 _check_active(context)
                 rows = [i for i, t in enumerate(targets) if len(t) > j]
                 cls = np.array([targets[i][j] for i in rows], dtype=np.int64)
+                every = len(rows) == len(x)
                 t0 = time.perf_counter()
-                maps = engine.attribute(m, req.beats[rows], target=cls, **effective[m])
+                maps, got = engine.attribute_with_logits(m, x if every else x[rows], cls, **effective[m])
                 share = (time.perf_counter() - t0) / len(rows)
+                if logits is None and every and got is not None:
+                    logits = got
                 for k, i in enumerate(rows):
                     results[(i, m, j)] = (maps[k], share)
+        if logits is None:
+            logits = engine.logits(x)
         keys = engine.package.class_keys
         out = []
         for i, t in enumerate(targets):
@@ -405,8 +411,8 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             onnxruntime_version=ort.__version__,
             providers=engine.session("forward").get_providers(),
             class_keys=keys,
-            probabilities=_tensor(req.probabilities),
-            beats=_tensor(req.beats),
+            probabilities=_tensor(sigmoid(logits)),
+            beats=_tensor(x),
             attributions=out,
             compute_seconds=time.perf_counter() - started,
             research_mode=any(g.ungated for g in gates.values()),
@@ -455,24 +461,28 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             effective["seed"] = secrets.randbelow(2**31)
         return effective
 
-    def _targets(self, targets: Sequence[pb.Target], req: _Request, engine: Any) -> list[list[int]]:
+    def _targets(
+        self, targets: Sequence[pb.Target], x: np.ndarray, engine: Any, logits: np.ndarray | None
+    ) -> list[list[int]]:
         """Class indices to explain for each ECG (one or more: top_k, all_predicted)."""
-        n = len(req.beats)
+        n = len(x)
         if len(targets) not in (0, 1, n):
             raise InvalidArgument(
                 f"got {len(targets)} targets for {n} ECGs; give none, one for all, or one per ECG"
             )
-        probs = req.probabilities
+        probs = None if logits is None else sigmoid(logits)
+        n_classes = engine.package.n_classes
         out = []
         for i in range(n):
             t = targets[0] if len(targets) == 1 else targets[i] if targets else pb.Target(predicted=True)
-            out.append(self._target(t, probs[i], engine, f"targets[{i if len(targets) > 1 else 0}]"))
+            where = f"targets[{i if len(targets) > 1 else 0}]"
+            out.append(self._target(t, None if probs is None else probs[i], n_classes, engine, where))
         return out
 
     @staticmethod
-    def _target(t: pb.Target, probs: np.ndarray, engine: Any, where: str) -> list[int]:
+    def _target(t: pb.Target, probs: np.ndarray | None, n_classes: int, engine: Any, where: str) -> list[int]:
+        """Class indices for one target; ``probs`` (this ECG's) is given when the kind needs it."""
         kind = t.WhichOneof("kind")
-        n_classes = len(probs)
         if kind is None:
             raise InvalidArgument(
                 f"{where} sets no kind (class_key, snomed_code, index, predicted, top_k, ...)"

@@ -633,3 +633,34 @@ def test_generated_stubs_match_the_proto(tmp_path) -> None:
         in (tmp_path / "proto_gen/ecgx/v1/ecgx_pb2_grpc.py").read_text()
     )
     assert pb.DESCRIPTOR.name == "ecgx/v1/ecgx.proto"
+
+
+@pytest.mark.parametrize(
+    "methods, target, forward_runs",
+    [
+        (["saliency"], pb.Target(class_key="AF"), 0),  # the backward graph's logits are used
+        (["lime"], pb.Target(class_key="AF"), 1),  # none to use: one forward pass, at the end
+        (["saliency", "lime"], pb.Target(predicted=True), 1),  # needed first, once
+        (["saliency"], pb.Target(top_k=2), 1),
+    ],
+)
+def test_the_forward_graph_runs_at_most_once_per_request(
+    research, beats, monkeypatch, methods, target, forward_runs
+):
+    engine = research.repository.get("ecg").engine
+    graphs: list[str] = []
+    run = engine.run
+
+    def counting(graph, feeds, outputs):
+        # The request's own forward pass, not a method's passes over perturbed inputs.
+        if graph == "forward" and feeds["x"].shape == (3, 12, 600) and np.array_equal(feeds["x"], beats[:3]):
+            graphs.append(graph)
+        return run(graph, feeds, outputs)
+
+    monkeypatch.setattr(engine, "run", counting)
+    r = explain(
+        research, beats[:3], ecgs=[ecg_msg(b) for b in beats[:3]], methods=methods, targets=[target],
+        parameters_json={"lime": '{"n_samples": 20}'} if "lime" in methods else {},
+    )  # fmt: skip
+    assert graphs.count("forward") == forward_runs
+    np.testing.assert_allclose(tensor(r.probabilities), engine.probabilities(beats[:3]), rtol=1e-5, atol=1e-6)
