@@ -570,6 +570,9 @@ def build_server(
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # gRPC shares a port with another server by default (SO_REUSEPORT): a second `ecgx serve`
+        # on a busy port would silently take half its traffic. Fail instead.
+        ("grpc.so_reuseport", 0),
     ]
     # A thread for every running and queued request and a few more, so cheap calls and refusals
     # get through; gRPC refuses RPCs beyond that with RESOURCE_EXHAUSTED rather than queue them.
@@ -578,9 +581,12 @@ def build_server(
     server = grpc.server(pool, options=options, maximum_concurrent_rpcs=workers)
     pb_grpc.add_ExplanationServiceServicer_to_server(servicer, server)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {address}")
+        raise OSError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
     return server, bound, servicer
 
 

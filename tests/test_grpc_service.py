@@ -664,3 +664,8 @@ def test_the_forward_graph_runs_at_most_once_per_request(
     )  # fmt: skip
     assert graphs.count("forward") == forward_runs
     np.testing.assert_allclose(tensor(r.probabilities), engine.probabilities(beats[:3]), rtol=1e-5, atol=1e-6)
+
+
+def test_a_busy_port_is_refused_not_shared(server, capsys) -> None:
+    with pytest.raises(OSError, match="in use"):
+        build_server(server.repository, host="127.0.0.1", port=server.port)
