@@ -161,11 +161,12 @@ def refusal_of_method(served: Any, gate: Any) -> str:
     where = (
         f"method {gate.method!r} did not pass the validation gate of {served.model} version {served.version}"
     )
-    failed = [c for c in gate.checks if c.verdict == "fail"]
+    failed = sorted((c for c in gate.checks if c.verdict == "fail"), key=lambda c: not c.blocking)
     if failed:
         parts = [
             f"{c.check} score {_show(c.score)} vs threshold {_show(c.threshold)}"
-            + (f" ({c.summary})" if c.summary else "")
+            + (" (blocking)" if c.blocking else " (not blocking)")
+            + (f": {c.summary}" if c.summary else "")
             for c in failed
         ]
         return f"{where}: failed {'; '.join(parts)}"

@@ -382,6 +382,11 @@ def test_a_method_the_gate_did_not_pass_is_refused(server, beats) -> None:
     code, msg = code_of(lambda: explain(server, beats, methods=[SERVED, UNCHECKED]))
     assert code == grpc.StatusCode.FAILED_PRECONDITION
     assert f"method '{UNCHECKED}' did not pass the validation gate of ecg version 1" in msg
+    assert "the gate did not check it" in msg
+    # The random control is checked and fails: the refusal names the failed checks and scores.
+    code, msg = code_of(lambda: explain(server, beats, methods=["random"]))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert re.search(r"failed randomisation score 1 vs threshold [0-9.]+ \(blocking\)", msg), msg
 
 
 def test_research_mode_serves_ungated_methods_and_says_so(research, beats) -> None:
