@@ -1,0 +1,400 @@
+"""The Open Inference Protocol (service/oip.py), gRPC health and reflection (service/health.py),
+over real gRPC on loopback, with Triton's own client (tritonclient.grpc).
+
+The repository is built from real trained packages gated once per session (test_repository's
+``gated`` fixture, whose gate passes gradcam and fails saliency): model ``ecg`` versions 1
+(seed-0) and 2 (seed-1), and model ``broken`` whose only version failed its gate.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from tritonclient.grpc import service_pb2 as oip_pb
+from tritonclient.grpc import service_pb2_grpc as oip_grpc
+from tritonclient.utils import InferenceServerException
+
+from service.health import NOT_SERVING, SERVING, add_health, add_reflection
+from service.oip import SERVICE_NAME as OIP_SERVICE
+from service.oip import OipServicer
+from service.repository import ModelRepository
+from tests.test_repository import gated, make_package  # noqa: F401  (gated is a fixture)
+from training.data.dataset import load_dataset
+
+MODEL = "ecg"
+BROKEN = "broken"
+
+try:  # the ecgx.v1 servicer, when its module imports in this checkout
+    from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc
+    from service.server import ExplanationServicer
+
+    ECGX_SERVICE = "ecgx.v1.ExplanationService"
+except Exception:  # pragma: no cover - built in parallel; the OIP tests do not need it
+    ExplanationServicer = None
+    ECGX_SERVICE = None
+
+
+@pytest.fixture(scope="module")
+def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:  # noqa: F811
+    root = tmp_path_factory.mktemp("oip") / "repo"
+    make_package(gated, root / MODEL / "1", 0)
+    make_package(gated, root / MODEL / "2", 1)
+    make_package(gated, root / BROKEN / "1", 2, verdict="fail", serve=[])
+    repository = ModelRepository(root, [gated["public"]], engine_options={"threads": 1})
+    assert [v.servable for v in repository.versions(MODEL)] == [True, True]
+    assert not repository.versions(BROKEN)[0].servable
+    return repository
+
+
+class Served:
+    """A grpc.server on a free loopback port with OIP, health, reflection (and ecgx.v1 when present)."""
+
+    def __init__(self, repository: ModelRepository, **oip: Any):
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+        self.oip = OipServicer(repository, **oip)
+        self.oip.add_to_server(self.server)
+        services = [OIP_SERVICE]
+        if ExplanationServicer is not None:
+            ecgx_pb2_grpc.add_ExplanationServiceServicer_to_server(
+                ExplanationServicer(repository), self.server
+            )
+            services.append(ECGX_SERVICE)
+        self.health = add_health(self.server, repository, services)
+        self.reflected = add_reflection(self.server, services)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+        self.url = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.url)
+        self.client = tc.InferenceServerClient(self.url)
+
+    def close(self) -> None:
+        self.client.close()
+        self.channel.close()
+        self.server.stop(None)
+
+
+@pytest.fixture(scope="module")
+def served(repo):
+    s = Served(repo, max_batch=8)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def beats(gated) -> np.ndarray:  # noqa: F811
+    return np.asarray(load_dataset(gated["family"]["data"]).signals[:4], dtype=np.float32)
+
+
+def infer_input(x: np.ndarray, name: str = "ecg", datatype: str = "FP32") -> tc.InferInput:
+    i = tc.InferInput(name, list(x.shape), datatype)
+    i.set_data_from_numpy(x)
+    return i
+
+
+def code_of(e: InferenceServerException) -> str:
+    return str(e.status())
+
+
+def infer_error(served: Served, x: np.ndarray, **kw: Any) -> InferenceServerException:
+    model = kw.pop("model", MODEL)
+    with pytest.raises(InferenceServerException) as info:
+        served.client.infer(model, [infer_input(x)], **kw)
+    return info.value
+
+
+# ------------------------------------------------------------------------------------ server, metadata
+
+
+def test_server_live_ready_and_metadata(served) -> None:
+    assert served.client.is_server_live()
+    assert served.client.is_server_ready()
+    meta = served.client.get_server_metadata()
+    assert meta.name == "ecgx" and "parameters" in meta.extensions
+
+
+def test_model_ready_per_version(served) -> None:
+    c = served.client
+    assert c.is_model_ready(MODEL) and c.is_model_ready(MODEL, "1") and c.is_model_ready(MODEL, "2")
+    assert not c.is_model_ready(MODEL, "7")  # unknown version: false, as on Triton
+    assert not c.is_model_ready("nope")
+    assert not c.is_model_ready(BROKEN)  # its only version failed its gate
+
+
+def test_model_metadata(served, repo) -> None:
+    meta = served.client.get_model_metadata(MODEL)
+    assert meta.name == MODEL and list(meta.versions) == ["1", "2"] and meta.platform == "onnxruntime_onnx"
+    n = repo.get(MODEL).engine.package.n_classes
+    assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("ecg", "FP32", [-1, 12, 600])]
+    assert [(t.name, list(t.shape)) for t in meta.outputs] == [
+        ("probabilities", [-1, n]),
+        ("logits", [-1, n]),
+        ("attribution", [-1, 12, 600]),
+    ]
+    assert served.client.get_model_metadata(MODEL, "1").name == MODEL
+    with pytest.raises(InferenceServerException) as e:
+        served.client.get_model_metadata("nope")
+    assert code_of(e.value) == "StatusCode.NOT_FOUND" and "unknown model 'nope'" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        served.client.get_model_metadata(MODEL, "7")
+    assert code_of(e.value) == "StatusCode.NOT_FOUND" and "no version '7'" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        served.client.get_model_metadata(BROKEN)
+    assert code_of(e.value) == "StatusCode.FAILED_PRECONDITION" and "no version" in e.value.message()
+
+
+def test_triton_only_rpcs_are_unimplemented(served) -> None:
+    with pytest.raises(InferenceServerException) as e:
+        served.client.get_model_config(MODEL)
+    assert code_of(e.value) == "StatusCode.UNIMPLEMENTED"
+
+
+# ------------------------------------------------------------------------------------------ inference
+
+
+def test_model_infer_probabilities_match_the_engine(served, repo, beats) -> None:
+    engine = repo.get(MODEL).engine
+    result = served.client.infer(MODEL, [infer_input(beats)])
+    np.testing.assert_array_equal(result.as_numpy("logits"), engine.logits(beats))
+    np.testing.assert_allclose(result.as_numpy("probabilities"), engine.probabilities(beats), rtol=1e-6)
+    assert result.as_numpy("attribution") is None
+    r = result.get_response()
+    assert r.model_name == MODEL and r.model_version == "2"  # the default: newest whose gate passed
+    assert json.loads(r.parameters["classes"].string_param) == list(engine.package.class_keys)
+    assert r.parameters["package_sha256"].string_param == repo.get(MODEL).package_sha256
+
+
+def test_model_infer_with_attribution_matches_the_engine(served, repo, beats) -> None:
+    v1 = repo.get(MODEL, "1")
+    result = served.client.infer(
+        MODEL,
+        [infer_input(beats)],
+        model_version="1",
+        parameters={"method": "gradcam", "target": "predicted"},
+    )
+    predicted = v1.engine.logits(beats).argmax(axis=1)
+    np.testing.assert_array_equal(result.as_numpy("attribution"), v1.engine.attribute("gradcam", beats))
+    np.testing.assert_array_equal(result.as_numpy("logits"), v1.engine.logits(beats))
+    r = result.get_response()
+    assert r.model_version == "1" and r.parameters["method"].string_param == "gradcam"
+    assert json.loads(r.parameters["targets"].string_param) == predicted.tolist()
+    assert r.parameters["gate_verdict"].string_param == "pass" and not r.parameters["ungated"].bool_param
+    assert r.parameters["gate_report_sha256"].string_param == v1.report_sha256
+    # A class key, its SNOMED code and its index name the same target; method settings as JSON.
+    cls = v1.engine.package.manifest["classes"][1]
+    expected = v1.engine.attribute("gradcam", beats, target=1, relu=False)
+    for target in (cls["key"], cls["code"], 1, "1"):
+        got = served.client.infer(
+            MODEL,
+            [infer_input(beats)],
+            model_version="1",
+            outputs=[tc.InferRequestedOutput("attribution")],
+            parameters={"method": "gradcam", "target": target, "parameters": '{"relu": false}'},
+        )
+        np.testing.assert_array_equal(got.as_numpy("attribution"), expected)
+        assert got.as_numpy("probabilities") is None  # only the requested output
+        assert json.loads(got.get_response().parameters["targets"].string_param) == [1] * len(beats)
+
+
+def test_typed_fp32_contents_are_accepted(served, repo, beats) -> None:
+    """The same request with ``contents.fp32_contents`` instead of raw bytes (a KServe client's way)."""
+    stub = oip_grpc.GRPCInferenceServiceStub(served.channel)
+    request = oip_pb.ModelInferRequest(model_name=MODEL, model_version="1")
+    t = request.inputs.add(name="ecg", datatype="FP32", shape=list(beats[:2].shape))
+    t.contents.fp32_contents.extend(beats[:2].ravel().tolist())
+    request.parameters["method"].string_param = "gradcam"
+    request.parameters["target"].int64_param = 0
+    response = stub.ModelInfer(request, timeout=60)
+    names = [o.name for o in response.outputs]
+    attribution = np.frombuffer(response.raw_output_contents[names.index("attribution")], "<f4")
+    engine = repo.get(MODEL, "1").engine
+    np.testing.assert_array_equal(attribution.reshape(2, 12, 600), engine.attribute("gradcam", beats[:2], 0))
+    assert [list(o.shape) for o in response.outputs][names.index("attribution")] == [2, 12, 600]
+
+
+def test_a_method_the_gate_did_not_pass_is_failed_precondition(served, repo, beats) -> None:
+    gate = repo.get(MODEL, "1").method_gate("saliency")
+    failed = [c.check for c in gate.checks if c.verdict == "fail"]
+    assert not gate.servable and failed  # seed-0's gate failed saliency
+    e = infer_error(served, beats, model_version="1", parameters={"method": "saliency"})
+    assert code_of(e) == "StatusCode.FAILED_PRECONDITION"
+    assert "'saliency' did not pass the validation gate of ecg version 1: failed " in e.message()
+    assert all(f"{check} score " in e.message() for check in failed), e.message()
+    e = infer_error(served, beats, parameters={"method": "lime"})
+    assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "did not check it" in e.message()
+    e = infer_error(served, beats, model=BROKEN)
+    assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "no version of model 'broken'" in e.message()
+
+
+def test_research_mode_serves_ungated_methods_marked(gated, repo, beats) -> None:  # noqa: F811
+    research = ModelRepository(
+        repo.root, [gated["public"]], allow_ungated=True, engine_options={"threads": 1}
+    )
+    s = Served(research)
+    try:
+        r = s.client.infer(
+            MODEL, [infer_input(beats[:1])], model_version="2", parameters={"method": "saliency"}
+        )
+        assert r.get_response().parameters["ungated"].bool_param
+        assert r.get_response().parameters["gate_verdict"].string_param == "fail"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [
+        ({"model": "nope"}, "NOT_FOUND", "unknown model 'nope'"),
+        ({"model_version": "7"}, "NOT_FOUND", "no version '7'"),
+        ({"parameters": {"method": "nope"}}, "NOT_FOUND", "unknown attribution method 'nope'"),
+        ({"parameters": {"method": "gradcam", "target": "XYZ"}}, "NOT_FOUND", "unknown class 'XYZ'"),
+        ({"parameters": {"method": "gradcam", "target": 99}}, "NOT_FOUND", "out of range"),
+        ({"parameters": {"method": "gradcam", "parameters": '{"bogus": 1}'}}, "INVALID_ARGUMENT", "bogus"),
+        (
+            {"parameters": {"method": "gradcam", "parameters": "{not json"}},
+            "INVALID_ARGUMENT",
+            "not valid JSON",
+        ),
+        ({"parameters": {"method": "gradcam", "parameters": "[1]"}}, "INVALID_ARGUMENT", "JSON object"),
+        ({"parameters": {"target": "AF"}}, "INVALID_ARGUMENT", "needs 'method'"),
+        ({"parameters": {"colour": "red"}}, "INVALID_ARGUMENT", "unknown request parameter 'colour'"),
+        ({"outputs": ["attribution"]}, "INVALID_ARGUMENT", "'attribution' needs the request parameter"),
+        ({"outputs": ["nope"]}, "NOT_FOUND", "unknown output 'nope'"),
+    ],
+)
+def test_bad_requests(served, beats, change, code, message) -> None:
+    kw = dict(change)
+    if "outputs" in kw:
+        kw["outputs"] = [tc.InferRequestedOutput(n) for n in kw["outputs"]]
+    e = infer_error(served, beats[:1], **kw)
+    assert code_of(e) == f"StatusCode.{code}", e.message()
+    assert message in e.message()
+
+
+def test_out_of_range_method_setting_is_invalid_argument(served, beats) -> None:
+    e = infer_error(
+        served, beats[:1], parameters={"method": "gradcam", "parameters": '{"interpolation": "cubic-ish"}'}
+    )
+    assert code_of(e) == "StatusCode.INVALID_ARGUMENT" and "interpolation" in e.message()
+
+
+@pytest.mark.parametrize(
+    ("make", "code", "message"),
+    [
+        (lambda b: b[:, :11], "INVALID_ARGUMENT", "must have shape [batch, 12, 600]"),
+        (lambda b: b[0], "INVALID_ARGUMENT", "must have shape [batch, 12, 600]"),
+        (lambda b: b[:0], "INVALID_ARGUMENT", "batch size 0"),
+        (lambda b: np.concatenate([b] * 3), "RESOURCE_EXHAUSTED", "at most 8"),
+        (lambda b: np.where(np.arange(4)[:, None, None] == 2, np.nan, b), "INVALID_ARGUMENT", "[2] hold NaN"),
+        (lambda b: np.where(np.arange(4)[:, None, None] == 1, np.inf, b), "INVALID_ARGUMENT", "[1] hold NaN"),
+        (lambda b: b * 1000.0, "INVALID_ARGUMENT", "exceed 50.0 mV"),
+    ],
+)
+def test_bad_inputs(served, beats, make, code, message) -> None:
+    x = np.ascontiguousarray(make(beats), dtype=np.float32)
+    e = infer_error(served, x)
+    assert code_of(e) == f"StatusCode.{code}", e.message()
+    assert message in e.message()
+
+
+def test_bad_input_encodings(served, beats) -> None:
+    with pytest.raises(InferenceServerException) as e:
+        served.client.infer(MODEL, [infer_input(beats.astype(np.float64), datatype="FP64")])
+    assert (
+        code_of(e.value) == "StatusCode.INVALID_ARGUMENT" and "datatype FP32, got 'FP64'" in e.value.message()
+    )
+    with pytest.raises(InferenceServerException) as e:
+        served.client.infer(MODEL, [infer_input(beats, name="x")])
+    assert "exactly one input named 'ecg'" in e.value.message()
+    stub = oip_grpc.GRPCInferenceServiceStub(served.channel)
+    request = oip_pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="ecg", datatype="FP32", shape=[1, 12, 600])
+    request.raw_input_contents.append(beats[0].tobytes()[:-4])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 28800" in err.value.details()
+    request = oip_pb.ModelInferRequest(model_name=MODEL)
+    t = request.inputs.add(name="ecg", datatype="FP32", shape=[1, 12, 600])
+    t.contents.fp32_contents.extend([0.0] * 10)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "needs 7200" in err.value.details()
+    request = oip_pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="ecg", datatype="FP32", shape=[1, 12, 600])
+    with pytest.raises(grpc.RpcError) as err:
+        stub.ModelInfer(request, timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "has no data" in err.value.details()
+
+
+# ------------------------------------------------------------------------------------ health, reflection
+
+
+def check(served: Served, service: str) -> int:
+    stub = health_pb2_grpc.HealthStub(served.channel)
+    return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+
+
+def test_health_server_and_per_model(served) -> None:
+    assert check(served, "") == SERVING
+    assert check(served, OIP_SERVICE) == SERVING
+    assert check(served, MODEL) == SERVING
+    assert check(served, BROKEN) == NOT_SERVING
+    with pytest.raises(grpc.RpcError) as err:
+        check(served, "nope")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_health_follows_reloads_and_shutdown(gated, tmp_path: Path) -> None:  # noqa: F811
+    root = tmp_path / "repo"
+    make_package(gated, root / MODEL / "1", 0)
+    repository = ModelRepository(root, [gated["public"]], engine_options={"threads": 1})
+    s = Served(repository)
+    try:
+        assert check(s, MODEL) == SERVING
+        (root / MODEL / "1" / "REVOKED").write_text("withdrawn by the test\n")
+        repository.reload()
+        s.health.update()
+        assert check(s, MODEL) == NOT_SERVING and check(s, "") == SERVING
+        assert not s.client.is_model_ready(MODEL) and not s.client.is_server_ready()
+        import shutil
+
+        shutil.rmtree(root / MODEL)
+        repository.reload()
+        s.health.update()
+        assert check(s, MODEL) == NOT_SERVING  # a model that left the repository
+        s.health.shutdown()
+        s.oip.shutdown()
+        assert check(s, "") == NOT_SERVING and check(s, OIP_SERVICE) == NOT_SERVING
+        s.health.update()  # ignored after shutdown
+        assert check(s, "") == NOT_SERVING
+    finally:
+        s.close()
+
+
+def test_reflection_lists_the_services(served) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    responses = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+    names = {s.name for r in responses for s in r.list_services_response.service}
+    expected = {OIP_SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"}
+    if ECGX_SERVICE:
+        expected.add(ECGX_SERVICE)
+    assert names == expected
+    request = reflection_pb2.ServerReflectionRequest(file_containing_symbol=OIP_SERVICE)
+    (response,) = list(stub.ServerReflectionInfo(iter([request])))
+    assert response.file_descriptor_response.file_descriptor_proto  # grpcurl can describe it
+
+
+def test_the_oip_and_health_modules_do_not_import_pytorch() -> None:
+    code = "import sys; sys.modules['torch'] = None; import service.oip, service.health; print('ok')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
