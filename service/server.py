@@ -208,6 +208,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         self.max_batch = int(max_batch)
         self.max_concurrent = int(max_concurrent)
         self.max_queued = int(max_queued)
+        self.max_message_bytes = MAX_MESSAGE_BYTES
         self._slots = threading.BoundedSemaphore(self.max_concurrent)
         self._waiting = 0
         self._waiting_lock = threading.Lock()
@@ -367,6 +368,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         logits = engine.logits(x) if needs else None
         targets = self._targets(request.targets, x, engine, logits)
         effective = {m: self._effective(m, params[m]) for m in methods}
+        self._check_response_size(x, targets, methods)
         # Attribution slots: slot j holds the j-th target of every ECG that has one.
         slots = max(len(t) for t in targets)
         results: dict[tuple[int, str, int], tuple[np.ndarray, float]] = {}
@@ -418,6 +420,17 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             compute_seconds=time.perf_counter() - started,
             research_mode=any(g.ungated for g in gates.values()),
         )
+
+    def _check_response_size(self, x: np.ndarray, targets: list[list[int]], methods: list[str]) -> None:
+        """Refuse, before any attribution runs, a response that could not be sent."""
+        n = sum(len(t) for t in targets) * len(methods)
+        size = (n + len(x)) * x[0].nbytes + 1024 * (n + len(x))  # maps, beats, per-entry fields
+        if size > self.max_message_bytes:
+            raise ResourceExhausted(
+                f"the response would hold {n} attributions ({size / 2**20:.0f} MiB), over the "
+                f"{self.max_message_bytes / 2**20:.0f} MiB message limit: ask for fewer ECGs, methods or "
+                "targets per request"
+            )
 
     def _methods(self, request: pb.ExplainRequest) -> list[str]:
         methods = list(request.methods)

@@ -674,3 +674,11 @@ def test_the_forward_graph_runs_at_most_once_per_request(
 def test_a_busy_port_is_refused_not_shared(server, capsys) -> None:
     with pytest.raises(OSError, match="in use"):
         build_server(server.repository, host="127.0.0.1", port=server.port)
+
+
+def test_a_response_too_large_to_send_is_refused_before_any_work(server, beats, monkeypatch) -> None:
+    monkeypatch.setattr(server.servicer, "max_message_bytes", 200_000)  # ~6 maps
+    code, msg = code_of(
+        lambda: explain(server, beats, ecgs=[ecg_msg(b) for b in beats], targets=[pb.Target(top_k=2)])
+    )
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "would hold 8 attributions" in msg
