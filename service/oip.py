@@ -43,7 +43,7 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
@@ -127,21 +127,26 @@ def _param_value(p: Any) -> Any:
 
 
 def refusal_of_method(served: Any, gate: Any) -> str:
-    """Why the version's gate does not let ``gate.method`` serve: its failed checks and scores."""
+    """Why the version's gate does not let ``gate.method`` serve: its failed checks (blocking
+    first) with scores and thresholds; the same text as ``ecgx.v1`` (service.server)."""
     where = (
         f"method {gate.method!r} did not pass the validation gate of {served.model} version {served.version}"
     )
-    failed = [c for c in gate.checks if c.verdict == "fail"]
+    failed = sorted((c for c in gate.checks if c.verdict == "fail"), key=lambda c: not c.blocking)
     if failed:
         parts = [
             f"{c.check} score {_show(c.score)} vs threshold {_show(c.threshold)}"
-            + (f" ({c.summary})" if c.summary else "")
+            + (" (blocking)" if c.blocking else " (not blocking)")
+            + (f": {c.summary}" if c.summary else "")
             for c in failed
         ]
         return f"{where}: failed {'; '.join(parts)}"
     if gate.verdict == "not checked":
         return f"{where}: the gate did not check it"
-    return f"{where}: verdict {gate.verdict!r}"
+    report = served.report or {}
+    return f"{where}: verdict {gate.verdict!r}" + (
+        f" (gate: {report.get('headline')})" if report.get("headline") else ""
+    )
 
 
 def _show(value: float | None) -> str:
@@ -429,6 +434,26 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         return wanted
 
 
+def shared_slots(
+    explanation_servicer: Any,
+) -> Callable[[grpc.ServicerContext], contextlib.AbstractContextManager]:
+    """An ``admit`` for :class:`OipServicer` that takes the request slots of the ``ecgx.v1``
+    servicer (``service.server.ExplanationServicer``: ``_enter(context)`` waits in its bounded
+    queue or raises ResourceExhausted; ``_slots`` is released after), so ``--max-concurrent``
+    and ``--max-queued`` bound both protocols together."""
+
+    @contextlib.contextmanager
+    def admit(context: grpc.ServicerContext) -> Iterator[None]:
+        acquired = explanation_servicer._enter(context)
+        try:
+            yield
+        finally:
+            if acquired:
+                explanation_servicer._slots.release()
+
+    return admit
+
+
 def add_oip(server: grpc.Server, repository: Any, **kwargs: Any) -> OipServicer:
     """Register the Open Inference Protocol on ``server``; returns the servicer."""
     servicer = OipServicer(repository, **kwargs)
@@ -436,4 +461,4 @@ def add_oip(server: grpc.Server, repository: Any, **kwargs: Any) -> OipServicer:
     return servicer
 
 
-__all__ = ["SERVICE_NAME", "OipServicer", "add_oip", "refusal_of_method"]
+__all__ = ["SERVICE_NAME", "OipServicer", "add_oip", "refusal_of_method", "shared_slots"]

@@ -27,7 +27,7 @@ from tritonclient.utils import InferenceServerException
 
 from service.health import NOT_SERVING, SERVING, add_health, add_reflection
 from service.oip import SERVICE_NAME as OIP_SERVICE
-from service.oip import OipServicer
+from service.oip import OipServicer, shared_slots
 from service.repository import ModelRepository
 from tests.test_repository import gated, make_package  # noqa: F401  (gated is a fixture)
 from training.data.dataset import load_dataset
@@ -58,18 +58,20 @@ def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:  #
 
 
 class Served:
-    """A grpc.server on a free loopback port with OIP, health, reflection (and ecgx.v1 when present)."""
+    """A grpc.server on a free loopback port with OIP, health, reflection (and ecgx.v1 when present,
+    sharing its request slots with OIP)."""
 
-    def __init__(self, repository: ModelRepository, **oip: Any):
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    def __init__(self, repository: ModelRepository, max_concurrent: int = 8, **oip: Any):
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
+        services = [OIP_SERVICE]
+        self.ecgx = None
+        if ExplanationServicer is not None:
+            self.ecgx = ExplanationServicer(repository, max_concurrent=max_concurrent, max_queued=0)
+            ecgx_pb2_grpc.add_ExplanationServiceServicer_to_server(self.ecgx, self.server)
+            services.append(ECGX_SERVICE)
+            oip.setdefault("admit", shared_slots(self.ecgx))
         self.oip = OipServicer(repository, **oip)
         self.oip.add_to_server(self.server)
-        services = [OIP_SERVICE]
-        if ExplanationServicer is not None:
-            ecgx_pb2_grpc.add_ExplanationServiceServicer_to_server(
-                ExplanationServicer(repository), self.server
-            )
-            services.append(ECGX_SERVICE)
         self.health = add_health(self.server, repository, services)
         self.reflected = add_reflection(self.server, services)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
@@ -234,6 +236,69 @@ def test_a_method_the_gate_did_not_pass_is_failed_precondition(served, repo, bea
     assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "did not check it" in e.message()
     e = infer_error(served, beats, model=BROKEN)
     assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "no version of model 'broken'" in e.message()
+
+
+needs_ecgx = pytest.mark.skipif(ExplanationServicer is None, reason="service.server does not import here")
+
+
+@needs_ecgx
+def test_the_refusal_is_the_same_on_both_protocols(served, repo, beats) -> None:
+    from service.proto_gen.ecgx.v1 import ecgx_pb2
+
+    package = repo.get(MODEL, "1").engine.package
+    ecg = ecgx_pb2.Ecg(
+        leads=package.leads,
+        sampling_rate_hz=500,
+        units=ecgx_pb2.MILLIVOLT,
+        samples_per_lead=600,
+        samples=np.ascontiguousarray(beats[0], "<f4").tobytes(),
+    )
+    stub = ecgx_pb2_grpc.ExplanationServiceStub(served.channel)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Explain(ecgx_pb2.ExplainRequest(model=MODEL, version="1", ecgs=[ecg], methods=["saliency"]))
+    e = infer_error(served, beats[:1], model_version="1", parameters={"method": "saliency"})
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.message().endswith(err.value.details())  # tritonclient prefixes the status code
+
+
+@needs_ecgx
+def test_oip_shares_the_request_slots_of_ecgx(repo, beats) -> None:
+    s = Served(repo, max_concurrent=1)
+    try:
+        assert s.ecgx._slots.acquire(blocking=False)  # the one slot is busy; no queue
+        try:
+            e = infer_error(s, beats[:1])
+            assert code_of(e) == "StatusCode.RESOURCE_EXHAUSTED" and "busy" in e.message()
+        finally:
+            s.ecgx._slots.release()
+        assert s.client.infer(MODEL, [infer_input(beats[:1])]).as_numpy("logits").shape[0] == 1
+        assert s.ecgx._slots.acquire(blocking=False)  # released again after the request
+        s.ecgx._slots.release()
+    finally:
+        s.close()
+
+
+def test_concurrent_triton_clients(served, repo, beats) -> None:
+    engine = repo.get(MODEL, "1").engine
+    expected = engine.attribute("gradcam", beats, target=0)
+
+    def one(i: int) -> bool:
+        client = tc.InferenceServerClient(served.url)
+        try:
+            for _ in range(3):
+                r = client.infer(
+                    MODEL,
+                    [infer_input(beats)],
+                    model_version="1",
+                    parameters={"method": "gradcam", "target": 0},
+                )
+                np.testing.assert_array_equal(r.as_numpy("attribution"), expected)
+            return True
+        finally:
+            client.close()
+
+    with futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(one, range(8)))
 
 
 def test_research_mode_serves_ungated_methods_marked(gated, repo, beats) -> None:  # noqa: F811
