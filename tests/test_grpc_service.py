@@ -402,21 +402,6 @@ def test_research_mode_serves_ungated_methods_and_says_so(research, beats) -> No
     assert not gated.research_mode and not gated.attributions[0].gate.ungated
 
 
-def test_failed_checks_and_scores_are_named(repo, beats) -> None:
-    """A method whose checks failed on a version that serves (its gate failed for that method only)."""
-    from service.server import refusal_of_method
-
-    repository = ModelRepository(repo["root"], [load_public_key(repo["public"])], allow_ungated=True)
-    v2 = repository.get("ecg", "2")
-    strict = ModelRepository(repo["root"], [load_public_key(repo["public"])])
-    gate = type(v2.method_gate(SERVED))(
-        **{**v2.method_gate(SERVED).__dict__, "servable": False, "ungated": False}
-    )
-    assert not strict.versions("ecg")[1].servable
-    msg = refusal_of_method(v2, gate)
-    assert "failed randomisation score" in msg and "vs threshold" in msg
-
-
 # ------------------------------------------------------------------------------ limits, deadlines
 
 
