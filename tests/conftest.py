@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,3 +62,47 @@ def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             seed_dir(root / "runs", s) / CHECKPOINT_FILE, root / "packages" / f"seed-{s}"
         )
     return out
+
+
+GATE_POLICY = """
+[gate]
+ecgs = 32
+allow_incomplete_data = true
+[checks.randomisation]
+ecgs = 8
+[checks.perturbation]
+bootstrap = 100
+"""
+
+
+@pytest.fixture(scope="session")
+def gated(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Keys (trusted and untrusted), the policy, and the unsigned gate report of seed-0 (the
+    repository and service tests sign copies of it: tests/test_repository.py make_package)."""
+    from validation.gate import run_gate
+    from validation.signing import generate_keypair, load_private_key, load_public_key
+
+    tmp = tmp_path_factory.mktemp("gated")
+    generate_keypair(tmp / "keys")
+    generate_keypair(tmp / "other")
+    policy = tmp / "policy.toml"
+    policy.write_text(GATE_POLICY)
+    run = run_gate(
+        trained_family["seed-0"],
+        trained_family["data"],
+        policy=policy,
+        methods=["gradcam", "saliency"],
+        workers=1,
+        show_progress=False,
+    )
+    assert run.report["verdict"] == "pass", run.report["headline"]
+    return {
+        "family": trained_family,
+        "report": run.report,
+        "private": load_private_key(tmp / "keys" / "gate_signing_key.pem"),
+        "public": load_public_key(tmp / "keys" / "gate_public_key.pem"),
+        "public_pem": tmp / "keys" / "gate_public_key.pem",
+        "other_private": load_private_key(tmp / "other" / "gate_signing_key.pem"),
+        "other_public": load_public_key(tmp / "other" / "gate_public_key.pem"),
+        "other_public_pem": tmp / "other" / "gate_public_key.pem",
+    }

@@ -1,7 +1,7 @@
 """The Open Inference Protocol (service/oip.py), gRPC health and reflection (service/health.py),
 over real gRPC on loopback, with Triton's own client (tritonclient.grpc).
 
-The repository is built from real trained packages gated once per session (test_repository's
+The repository is built from real trained packages gated once per session (conftest's
 ``gated`` fixture, whose gate passes gradcam and fails saliency): model ``ecg`` versions 1
 (seed-0) and 2 (seed-1), and model ``broken`` whose only version failed its gate.
 """
@@ -29,7 +29,7 @@ from service.health import NOT_SERVING, SERVING, add_health, add_reflection
 from service.oip import SERVICE_NAME as OIP_SERVICE
 from service.oip import OipServicer, shared_slots
 from service.repository import ModelRepository
-from tests.test_repository import gated, make_package  # noqa: F401  (gated is a fixture)
+from tests.test_repository import make_package
 from training.data.dataset import load_dataset
 
 MODEL = "ecg"
@@ -46,7 +46,7 @@ except Exception:  # pragma: no cover - built in parallel; the OIP tests do not 
 
 
 @pytest.fixture(scope="module")
-def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:  # noqa: F811
+def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
     root = tmp_path_factory.mktemp("oip") / "repo"
     make_package(gated, root / MODEL / "1", 0)
     make_package(gated, root / MODEL / "2", 1)
@@ -94,7 +94,7 @@ def served(repo):
 
 
 @pytest.fixture(scope="module")
-def beats(gated) -> np.ndarray:  # noqa: F811
+def beats(gated) -> np.ndarray:
     return np.asarray(load_dataset(gated["family"]["data"]).signals[:4], dtype=np.float32)
 
 
@@ -301,7 +301,7 @@ def test_concurrent_triton_clients(served, repo, beats) -> None:
         assert all(pool.map(one, range(8)))
 
 
-def test_research_mode_serves_ungated_methods_marked(gated, repo, beats) -> None:  # noqa: F811
+def test_research_mode_serves_ungated_methods_marked(gated, repo, beats) -> None:
     research = ModelRepository(
         repo.root, [gated["public"]], allow_ungated=True, engine_options={"threads": 1}
     )
@@ -321,6 +321,7 @@ def test_research_mode_serves_ungated_methods_marked(gated, repo, beats) -> None
     [
         ({"model": "nope"}, "NOT_FOUND", "unknown model 'nope'"),
         ({"model_version": "7"}, "NOT_FOUND", "no version '7'"),
+        ({"model": BROKEN, "model_version": "1"}, "FAILED_PRECONDITION", "version '1' does not serve"),
         ({"parameters": {"method": "nope"}}, "NOT_FOUND", "unknown attribution method 'nope'"),
         ({"parameters": {"method": "gradcam", "target": "XYZ"}}, "NOT_FOUND", "unknown class 'XYZ'"),
         ({"parameters": {"method": "gradcam", "target": 99}}, "NOT_FOUND", "out of range"),
@@ -419,7 +420,7 @@ def test_health_server_and_per_model(served) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
-def test_health_follows_reloads_and_shutdown(gated, tmp_path: Path) -> None:  # noqa: F811
+def test_health_follows_reloads_and_shutdown(gated, tmp_path: Path) -> None:
     root = tmp_path / "repo"
     make_package(gated, root / MODEL / "1", 0)
     repository = ModelRepository(root, [gated["public"]], engine_options={"threads": 1})

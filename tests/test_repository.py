@@ -25,48 +25,13 @@ from service.errors import FailedPrecondition, NotFound
 from service.package import load_package
 from service.repository import ModelRepository, ServedVersion, version_sort_key
 from tests.cli_helpers import run_ecgx, snapshot
-from validation.gate import package_record, run_gate
-from validation.signing import generate_keypair, load_private_key, load_public_key, sign_report
+from validation.gate import package_record
+from validation.signing import sign_report
 
-POLICY = """
-[gate]
-ecgs = 32
-allow_incomplete_data = true
-[checks.randomisation]
-ecgs = 8
-[checks.perturbation]
-bootstrap = 100
-"""
 MODEL = "ecg"
 
 
-@pytest.fixture(scope="session")
-def gated(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Keys (trusted and untrusted), the policy, and the unsigned gate report of seed-0."""
-    tmp = tmp_path_factory.mktemp("gated")
-    generate_keypair(tmp / "keys")
-    generate_keypair(tmp / "other")
-    policy = tmp / "policy.toml"
-    policy.write_text(POLICY)
-    run = run_gate(
-        trained_family["seed-0"],
-        trained_family["data"],
-        policy=policy,
-        methods=["gradcam", "saliency"],
-        workers=1,
-        show_progress=False,
-    )
-    assert run.report["verdict"] == "pass", run.report["headline"]
-    return {
-        "family": trained_family,
-        "report": run.report,
-        "private": load_private_key(tmp / "keys" / "gate_signing_key.pem"),
-        "public": load_public_key(tmp / "keys" / "gate_public_key.pem"),
-        "public_pem": tmp / "keys" / "gate_public_key.pem",
-        "other_private": load_private_key(tmp / "other" / "gate_signing_key.pem"),
-        "other_public": load_public_key(tmp / "other" / "gate_public_key.pem"),
-        "other_public_pem": tmp / "other" / "gate_public_key.pem",
-    }
+# ``gated`` (keys, policy and the gate report of seed-0, once per session) is in conftest.py.
 
 
 def make_package(gated: dict, dest: Path, seed: int = 0, key: Any = None, **changes: Any) -> Path:
