@@ -276,6 +276,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             package_sha256=served.package_sha256 or "",
             gate_report_sha256=served.report_sha256 or "",
             policy_sha256=served.policy_sha256 or "",
+            ungated=bool(getattr(served, "ungated", False)),
         )
         report = served.report or {}
         info.gate_verdict = str(report.get("verdict") or "")
@@ -343,6 +344,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             probabilities=_tensor(sigmoid(logits)),
             logits=_tensor(logits),
             beats=_tensor(x),
+            research_mode=bool(getattr(served, "ungated", False)),
         )
 
     @_handler(limited=True)
@@ -418,7 +420,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             beats=_tensor(x),
             attributions=out,
             compute_seconds=time.perf_counter() - started,
-            research_mode=any(g.ungated for g in gates.values()),
+            research_mode=bool(getattr(served, "ungated", False)) or any(g.ungated for g in gates.values()),
         )
 
     def _check_response_size(self, x: np.ndarray, targets: list[list[int]], methods: list[str]) -> None:

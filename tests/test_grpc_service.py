@@ -398,6 +398,11 @@ def test_research_mode_serves_ungated_methods_and_says_so(research, beats) -> No
     gate = failed.attributions[0].gate
     assert failed.research_mode and gate.ungated and gate.verdict == "fail"
     assert any(c.verdict == "fail" and c.check == "randomisation" for c in gate.checks)
+    predicted = research.stub.Predict(pb.PredictRequest(model="ecg", version="2", ecgs=[ecg_msg(beats[0])]))
+    assert predicted.research_mode
+    assert not research.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])])).research_mode
+    v1, v2 = research.stub.GetModel(pb.GetModelRequest(model="ecg")).versions
+    assert v2.serving and v2.ungated and v1.serving and not v1.ungated
     gated = explain(research, beats, parameters_json={SERVED: '{"n_samples": 20}'})
     assert not gated.research_mode and not gated.attributions[0].gate.ungated
 
