@@ -1,4 +1,5 @@
-"""Standard gRPC health checking (``grpc.health.v1``) and server reflection for the serving port.
+"""Standard gRPC health checking (``grpc.health.v1``) and server reflection for the serving port,
+and :func:`register_extras`, which puts these and the Open Inference Protocol on a server.
 
 Health: the overall status (service name ``""``) and each registered service name
 (``ecgx.v1.ExplanationService``, ``inference.GRPCInferenceService``) are SERVING while the
@@ -18,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -127,12 +129,65 @@ def add_reflection(server: grpc.Server, service_names: Iterable[str]) -> tuple[s
     return names
 
 
+ECGX_SERVICE_NAME = "ecgx.v1.ExplanationService"
+
+
+@dataclass(frozen=True)
+class Extras:
+    """What :func:`register_extras` put on a server."""
+
+    oip: Any  # service.oip.OipServicer
+    health: HealthPublisher
+    services: tuple[str, ...]  # the names reflection lists
+
+    def start(self, interval_s: float = 2.0) -> None:
+        """Follow repository reloads in health every ``interval_s`` (call after server.start())."""
+        self.health.start(interval_s)
+
+    def shutdown(self) -> None:
+        """Health NOT_SERVING everywhere and OIP ServerReady/ModelReady false: call at SIGTERM,
+        before ``server.stop(grace)``."""
+        self.health.shutdown()
+        self.oip.shutdown()
+
+
+def register_extras(
+    server: grpc.Server,
+    repository: Any,
+    *,
+    explanation_servicer: Any = None,
+    max_batch: int = 64,
+) -> Extras:
+    """Register the Open Inference Protocol, health and reflection on ``server`` (not started).
+
+    ``explanation_servicer``: the ``ecgx.v1`` servicer already registered on the server, if any:
+    reflection and health then list ``ecgx.v1.ExplanationService`` too, and ModelInfer takes its
+    request slots (``service.oip.shared_slots``), so its concurrency limits bound both protocols.
+    """
+    from service.oip import SERVICE_NAME as OIP_SERVICE_NAME
+    from service.oip import OipServicer, shared_slots
+
+    services = [OIP_SERVICE_NAME]
+    admit = None
+    if explanation_servicer is not None:
+        services.insert(0, ECGX_SERVICE_NAME)
+        admit = shared_slots(explanation_servicer)
+    oip = OipServicer(repository, max_batch=max_batch, admit=admit)
+    oip.add_to_server(server)
+    publisher = add_health(server, repository, services)
+    reflected = add_reflection(server, services)
+    return Extras(oip, publisher, reflected)
+
+
 __all__ = [
+    "ECGX_SERVICE_NAME",
     "HEALTH_SERVICE_NAME",
     "NOT_SERVING",
     "OVERALL",
     "SERVING",
+    "Extras",
     "HealthPublisher",
     "add_health",
     "add_reflection",
+    "register_extras",
 ]

@@ -9,8 +9,10 @@ The repository is built from real trained packages gated once per session (conft
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -25,9 +27,8 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.health import NOT_SERVING, SERVING, add_health, add_reflection
+from service.health import NOT_SERVING, SERVING, register_extras
 from service.oip import SERVICE_NAME as OIP_SERVICE
-from service.oip import OipServicer, shared_slots
 from service.repository import ModelRepository
 from tests.test_repository import make_package
 from training.data.dataset import load_dataset
@@ -58,22 +59,19 @@ def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
 
 
 class Served:
-    """A grpc.server on a free loopback port with OIP, health, reflection (and ecgx.v1 when present,
-    sharing its request slots with OIP)."""
+    """A grpc.server on a free loopback port, built as the server builder does: ecgx.v1 (when it
+    imports here), then ``register_extras`` (OIP sharing ecgx.v1's request slots, health, reflection)."""
 
-    def __init__(self, repository: ModelRepository, max_concurrent: int = 8, **oip: Any):
+    def __init__(self, repository: ModelRepository, max_concurrent: int = 8, max_batch: int = 64):
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        services = [OIP_SERVICE]
         self.ecgx = None
         if ExplanationServicer is not None:
             self.ecgx = ExplanationServicer(repository, max_concurrent=max_concurrent, max_queued=0)
             ecgx_pb2_grpc.add_ExplanationServiceServicer_to_server(self.ecgx, self.server)
-            services.append(ECGX_SERVICE)
-            oip.setdefault("admit", shared_slots(self.ecgx))
-        self.oip = OipServicer(repository, **oip)
-        self.oip.add_to_server(self.server)
-        self.health = add_health(self.server, repository, services)
-        self.reflected = add_reflection(self.server, services)
+        self.extras = register_extras(
+            self.server, repository, explanation_servicer=self.ecgx, max_batch=max_batch
+        )
+        self.oip, self.health = self.extras.oip, self.extras.health
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.url = f"127.0.0.1:{self.port}"
@@ -420,6 +418,13 @@ def test_health_server_and_per_model(served) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def wait_for(condition: Any, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
 def test_health_follows_reloads_and_shutdown(gated, tmp_path: Path) -> None:
     root = tmp_path / "repo"
     make_package(gated, root / MODEL / "1", 0)
@@ -432,15 +437,17 @@ def test_health_follows_reloads_and_shutdown(gated, tmp_path: Path) -> None:
         s.health.update()
         assert check(s, MODEL) == NOT_SERVING and check(s, "") == SERVING
         assert not s.client.is_model_ready(MODEL) and not s.client.is_server_ready()
-        import shutil
-
+        s.extras.start(0.05)  # from now on the publisher follows reloads by itself
+        (root / MODEL / "1" / "REVOKED").unlink()
+        repository.reload()
+        wait_for(lambda: check(s, MODEL) == SERVING)
+        assert s.client.is_model_ready(MODEL) and s.client.is_server_ready()
         shutil.rmtree(root / MODEL)
         repository.reload()
-        s.health.update()
-        assert check(s, MODEL) == NOT_SERVING  # a model that left the repository
-        s.health.shutdown()
-        s.oip.shutdown()
+        wait_for(lambda: check(s, MODEL) == NOT_SERVING)  # a model that left the repository
+        s.extras.shutdown()
         assert check(s, "") == NOT_SERVING and check(s, OIP_SERVICE) == NOT_SERVING
+        assert not s.client.is_server_ready()
         s.health.update()  # ignored after shutdown
         assert check(s, "") == NOT_SERVING
     finally:
