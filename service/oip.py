@@ -43,11 +43,14 @@ import contextlib
 import functools
 import json
 import logging
+import secrets
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
 import numpy as np
+import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
@@ -252,7 +255,13 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             gate = served.method_gate(method)
             if not gate.servable:
                 raise FailedPrecondition(refusal_of_method(served, gate))
-            get_method(method).check_params(params)  # unknown parameter names, before any pass
+            impl = get_method(method)
+            impl.check_params(params)  # unknown parameter names, before any pass
+            # Every setting as it will run: defaults filled in and, for a stochastic method
+            # without a seed, a seed drawn here and reported, so the answer can be reproduced.
+            params = {**impl.parameters(), **params}
+            if impl.stochastic and params.get("seed") is None:
+                params["seed"] = secrets.randbelow(2**31)
         targets = None
         if method is not None and target != PREDICTED:
             targets = np.full(len(x), engine.class_index(target), dtype=np.int64)  # NotFound
@@ -266,11 +275,13 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                     logits = engine.logits(x)
                     targets = logits.argmax(axis=1).astype(np.int64)
                     _check_active(context)
+                t0 = time.perf_counter()
                 with_logits = getattr(engine, "attribute_with_logits", None)
                 if logits is None and with_logits is not None:
-                    attribution, logits = with_logits(method, x, target=targets, **params)
+                    attribution, logits = with_logits(method, x, targets, **params)
                 else:
-                    attribution = engine.attribute(method, x, target=targets, **params)
+                    attribution = engine.attribute(method, x, targets, **params)
+                seconds = time.perf_counter() - t0
                 outputs[OUTPUT_ATTRIBUTION] = attribution
             if logits is None:
                 logits = engine.logits(x)
@@ -297,6 +308,10 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             p["gate_report_sha256"].string_param = served.report_sha256 or ""
             p["policy_sha256"].string_param = served.policy_sha256 or ""
             p["ungated"].bool_param = bool(gate.ungated)
+            p["effective_parameters"].string_param = json.dumps(params, sort_keys=True)
+            p["compute_seconds"].double_param = seconds
+            p["onnxruntime_version"].string_param = ort.__version__
+            p["providers"].string_param = json.dumps(engine.providers)
         return response
 
     def _parameters(self, request: Any) -> tuple[str | None, Any, dict[str, Any]]:

@@ -299,17 +299,29 @@ def test_concurrent_triton_clients(served, repo, beats) -> None:
         assert all(pool.map(one, range(8)))
 
 
-def test_research_mode_serves_ungated_methods_marked(gated, repo, beats) -> None:
+def test_research_mode_serves_ungated_methods_marked_and_reproducible(gated, repo, beats) -> None:
     research = ModelRepository(
         repo.root, [gated["public"]], allow_ungated=True, engine_options={"threads": 1}
     )
     s = Served(research)
     try:
-        r = s.client.infer(
-            MODEL, [infer_input(beats[:1])], model_version="2", parameters={"method": "saliency"}
+        settings = {"method": "smoothgrad", "target": "AF", "parameters": '{"n_samples": 3}'}
+        r = s.client.infer(MODEL, [infer_input(beats[:2])], model_version="2", parameters=settings)
+        p = r.get_response().parameters
+        assert p["ungated"].bool_param and p["gate_verdict"].string_param == "not checked"
+        effective = json.loads(p["effective_parameters"].string_param)
+        assert effective["n_samples"] == 3 and isinstance(effective["seed"], int)  # drawn, reported
+        engine = research.get(MODEL, "2").engine
+        expected = engine.attribute("smoothgrad", beats[:2], "AF", **effective)
+        np.testing.assert_array_equal(r.as_numpy("attribution"), expected)
+        again = s.client.infer(
+            MODEL,
+            [infer_input(beats[:2])],
+            model_version="2",
+            parameters={**settings, "parameters": json.dumps({"n_samples": 3, "seed": effective["seed"]})},
         )
-        assert r.get_response().parameters["ungated"].bool_param
-        assert r.get_response().parameters["gate_verdict"].string_param == "fail"
+        np.testing.assert_array_equal(again.as_numpy("attribution"), expected)  # the seed reproduces it
+        assert p["compute_seconds"].double_param > 0 and p["onnxruntime_version"].string_param
     finally:
         s.close()
 
