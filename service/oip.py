@@ -251,11 +251,10 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         x = self._input(request, engine)
         gate = None
         if method is not None:
-            get_method(method)  # NotFound for an unknown method, before the gate
+            impl = get_method(method)  # NotFound for an unknown method, before the gate
             gate = served.method_gate(method)
             if not gate.servable:
                 raise FailedPrecondition(refusal_of_method(served, gate))
-            impl = get_method(method)
             impl.check_params(params)  # unknown parameter names, before any pass
             # Every setting as it will run: defaults filled in and, for a stochastic method
             # without a seed, a seed drawn here and reported, so the answer can be reproduced.
@@ -283,13 +282,14 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
                     attribution = engine.attribute(method, x, targets, **params)
                 seconds = time.perf_counter() - t0
                 outputs[OUTPUT_ATTRIBUTION] = attribution
-            if logits is None:
-                logits = engine.logits(x)
-            logits = np.asarray(logits, dtype=np.float32)
-            outputs[OUTPUT_LOGITS] = logits
-            outputs[OUTPUT_PROBABILITIES] = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(
-                np.float32
-            )
+            if OUTPUT_LOGITS in wanted or OUTPUT_PROBABILITIES in wanted:
+                if logits is None:  # no attribution gave them: the forward graph, once
+                    logits = engine.logits(x)
+                logits = np.asarray(logits, dtype=np.float32)
+                outputs[OUTPUT_LOGITS] = logits
+                outputs[OUTPUT_PROBABILITIES] = (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(
+                    np.float32
+                )
         response = oip_pb.ModelInferResponse(
             model_name=served.model, model_version=served.version, id=request.id
         )
