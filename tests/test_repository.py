@@ -20,28 +20,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from cli_helpers import run_ecgx, snapshot
+from repo_helpers import make_package
 
 from service.errors import FailedPrecondition, NotFound
 from service.package import load_package
 from service.repository import ModelRepository, ServedVersion, version_sort_key
-from tests.cli_helpers import run_ecgx, snapshot
-from validation.gate import package_record
-from validation.signing import sign_report
 
 MODEL = "ecg"
 
 
 # ``gated`` (keys, policy and the gate report of seed-0, once per session) is in conftest.py.
-
-
-def make_package(gated: dict, dest: Path, seed: int = 0, key: Any = None, **changes: Any) -> Path:
-    """A copy of the seed's package at ``dest`` with a signed gate.json (report fields changed)."""
-    shutil.copytree(gated["family"][f"seed-{seed}"], dest)
-    (dest / "gate.json").unlink(missing_ok=True)
-    report = {**gated["report"], "package": package_record(load_package(dest)), **changes}
-    signed = sign_report(report, key or gated["private"])
-    (dest / "gate.json").write_text(json.dumps(signed, indent=1))
-    return dest
 
 
 def repository(gated: dict, root: Path, **kw: Any) -> ModelRepository:
@@ -369,7 +358,7 @@ def test_repo_add_refuses_a_failed_or_unverified_gate_with_exit_1(gated, tmp_pat
 
 
 def test_repo_add_bad_input_exits_2_and_never_overwrites(gated, tmp_path: Path) -> None:
-    from tests.cli_helpers import assert_clean_failure
+    from cli_helpers import assert_clean_failure
 
     pkg = make_package(gated, tmp_path / "pkg", 0)
     root = tmp_path / "repo"
