@@ -55,8 +55,13 @@ class HealthPublisher:
 
     def statuses(self) -> dict[str, int]:
         """What update() would publish: service name -> SERVING or NOT_SERVING."""
+        try:
+            models = self.repository.models()
+        except Exception:  # a repository that cannot list its models cannot serve: say so, keep running
+            log.exception("health: the repository could not list its models")
+            return {OVERALL: NOT_SERVING, **{s: NOT_SERVING for s in self.services}}
         out = {OVERALL: SERVING, **{s: SERVING for s in self.services}}
-        for model in self.repository.models():
+        for model in models:
             try:
                 serving = self.repository.default_version(model) is not None
             except Exception:  # a model removed between models() and default_version()

@@ -30,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -47,6 +47,7 @@ from service.errors import (
     ResourceExhausted,
     ServiceError,
 )
+from service.health import Extras, register_extras
 from service.methods import METHOD_NAMES, get_method
 
 try:
@@ -567,6 +568,15 @@ def lead_shares(attribution: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------------- server
 
 
+class BuiltServer(NamedTuple):
+    """What :func:`build_server` made: start ``server``, then ``extras.start`` (health updates)."""
+
+    server: grpc.Server
+    port: int
+    servicer: ExplanationServicer
+    extras: Extras
+
+
 def build_server(
     repository: Any,
     *,
@@ -575,8 +585,9 @@ def build_server(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     max_queued: int | None = None,
-) -> tuple[grpc.Server, int, ExplanationServicer]:
-    """A started-ready (not yet started) server on an insecure port; returns (server, bound port, servicer).
+) -> BuiltServer:
+    """A ready (not yet started) server on an insecure port: ecgx.v1, the Open Inference Protocol
+    (sharing ecgx.v1's request slots), grpc.health.v1 and reflection, all on one port.
 
     Plaintext for now (TLS is issue #11). ``port`` 0 picks a free port.
     """
@@ -596,6 +607,7 @@ def build_server(
     pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ecgx-grpc")
     server = grpc.server(pool, options=options, maximum_concurrent_rpcs=workers)
     pb_grpc.add_ExplanationServiceServicer_to_server(servicer, server)
+    extras = register_extras(server, repository, explanation_servicer=servicer, max_batch=max_batch)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
@@ -603,7 +615,7 @@ def build_server(
         bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {address}: the port is in use or the address is not this machine's")
-    return server, bound, servicer
+    return BuiltServer(server, bound, servicer, extras)
 
 
 def serve(
@@ -620,7 +632,7 @@ def serve(
 ) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
     ``grace_s`` seconds, and return 0."""
-    server, bound, _ = build_server(
+    server, bound, _, extras = build_server(
         repository,
         host=host,
         port=port,
@@ -634,6 +646,7 @@ def serve(
         server.start()
         if watch_interval_s and hasattr(repository, "start_watching"):
             repository.start_watching(watch_interval_s)
+        extras.start(watch_interval_s or 2.0)
         log.warning(
             "serving ecgx.v1.ExplanationService on %s:%d in PLAINTEXT (no TLS, no authentication; "
             "issue #11): expose it only on a trusted network",
@@ -645,6 +658,7 @@ def serve(
         while not stop.wait(0.5):
             pass
         log.info("stopping: no new requests; in-flight requests have %.0f s to finish", grace_s)
+        extras.shutdown()  # health turns NOT_SERVING first, so probes stop routing here
         server.stop(grace_s).wait(grace_s + 5)
         log.info("stopped")
         return 0
@@ -655,4 +669,12 @@ def serve(
             repository.stop()
 
 
-__all__ = ["ExplanationServicer", "build_server", "errors", "lead_shares", "serve", "status_of"]
+__all__ = [
+    "BuiltServer",
+    "ExplanationServicer",
+    "build_server",
+    "errors",
+    "lead_shares",
+    "serve",
+    "status_of",
+]

@@ -23,6 +23,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+import tritonclient.grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecgx.cli import main
 from service.errors import (
@@ -97,7 +99,7 @@ class Server:
     def __init__(self, root: Path, public: Path, **kwargs):
         allow_ungated = kwargs.pop("allow_ungated", False)
         self.repository = ModelRepository(root, [load_public_key(public)], allow_ungated=allow_ungated)
-        self.server, self.port, self.servicer = build_server(
+        self.server, self.port, self.servicer, self.extras = build_server(
             self.repository, host="127.0.0.1", port=0, **kwargs
         )
         self.server.start()
@@ -548,6 +550,14 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
                 timeout=60,
             )  # fmt: skip
             assert len(r.attributions) == 1
+            # The same port answers standard probes and Triton's client (Open Inference Protocol).
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "ecg", "inference.GRPCInferenceService"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+                assert status == health_pb2.HealthCheckResponse.SERVING, service
+            triton = tritonclient.grpc.InferenceServerClient(f"127.0.0.1:{port}")
+            assert triton.is_server_live() and triton.is_model_ready("ecg")
+            triton.close()
             # SIGTERM while a request is in flight: it still completes, then the server exits 0.
             slow = pb.ExplainRequest(
                 model="ecg", ecgs=[ecg_msg(b) for b in beats], methods=[SERVED],
@@ -592,7 +602,7 @@ def test_anything_untyped_is_internal_with_a_generic_message(repo, caplog) -> No
         def models(self):
             raise RuntimeError("secret detail of a bug")
 
-    server, port, _ = build_server(Broken(), host="127.0.0.1", port=0)
+    server, port, _, _ = build_server(Broken(), host="127.0.0.1", port=0)
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:

@@ -23,27 +23,21 @@ import pytest
 import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from repo_helpers import make_package
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.health import NOT_SERVING, SERVING, register_extras
+from service.health import NOT_SERVING, SERVING
 from service.oip import SERVICE_NAME as OIP_SERVICE
 from service.repository import ModelRepository
-from tests.test_repository import make_package
+from service.server import build_server
 from training.data.dataset import load_dataset
 
 MODEL = "ecg"
 BROKEN = "broken"
 
-try:  # the ecgx.v1 servicer, when its module imports in this checkout
-    from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc
-    from service.server import ExplanationServicer
-
-    ECGX_SERVICE = "ecgx.v1.ExplanationService"
-except Exception:  # pragma: no cover - built in parallel; the OIP tests do not need it
-    ExplanationServicer = None
-    ECGX_SERVICE = None
+ECGX_SERVICE = "ecgx.v1.ExplanationService"
 
 
 @pytest.fixture(scope="module")
@@ -59,20 +53,20 @@ def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
 
 
 class Served:
-    """A grpc.server on a free loopback port, built as the server builder does: ecgx.v1 (when it
-    imports here), then ``register_extras`` (OIP sharing ecgx.v1's request slots, health, reflection)."""
+    """``build_server`` on a free loopback port: ecgx.v1, the OIP (sharing ecgx.v1's request
+    slots), health and reflection, as ``ecgx serve`` runs them."""
 
     def __init__(self, repository: ModelRepository, max_concurrent: int = 8, max_batch: int = 64):
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=16))
-        self.ecgx = None
-        if ExplanationServicer is not None:
-            self.ecgx = ExplanationServicer(repository, max_concurrent=max_concurrent, max_queued=0)
-            ecgx_pb2_grpc.add_ExplanationServiceServicer_to_server(self.ecgx, self.server)
-        self.extras = register_extras(
-            self.server, repository, explanation_servicer=self.ecgx, max_batch=max_batch
+        built = build_server(
+            repository,
+            host="127.0.0.1",
+            port=0,
+            max_batch=max_batch,
+            max_concurrent=max_concurrent,
+            max_queued=0,
         )
+        self.server, self.port, self.ecgx, self.extras = built
         self.oip, self.health = self.extras.oip, self.extras.health
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
         self.url = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.url)
@@ -236,12 +230,8 @@ def test_a_method_the_gate_did_not_pass_is_failed_precondition(served, repo, bea
     assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "no version of model 'broken'" in e.message()
 
 
-needs_ecgx = pytest.mark.skipif(ExplanationServicer is None, reason="service.server does not import here")
-
-
-@needs_ecgx
 def test_the_refusal_is_the_same_on_both_protocols(served, repo, beats) -> None:
-    from service.proto_gen.ecgx.v1 import ecgx_pb2
+    from service.proto_gen.ecgx.v1 import ecgx_pb2, ecgx_pb2_grpc
 
     package = repo.get(MODEL, "1").engine.package
     ecg = ecgx_pb2.Ecg(
@@ -259,7 +249,6 @@ def test_the_refusal_is_the_same_on_both_protocols(served, repo, beats) -> None:
     assert e.message().endswith(err.value.details())  # tritonclient prefixes the status code
 
 
-@needs_ecgx
 def test_oip_shares_the_request_slots_of_ecgx(repo, beats) -> None:
     s = Served(repo, max_concurrent=1)
     try:
