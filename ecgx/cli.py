@@ -398,6 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
     p.set_defaults(func=_cmd_demo)
+
+    from ecgx.client import add_parser as add_client_parser  # no PyTorch: the client path stays light
+
+    add_client_parser(sub, _add_common)
     return parser
 
 

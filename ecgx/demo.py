@@ -2,8 +2,11 @@
 
 Synthesise data, train a seed family, export each model as an ONNX package,
 draw attributions of the exported package for one test beat per class, gate
-every package (signed reports, with its siblings as the seed family) and write
-the experiments report.
+every package (signed reports, with its siblings as the seed family), write
+the experiments report, and finally promote the gated packages into a model
+repository (``OUT/repo``, as ``ecgx repo add`` does), serve it on a free loopback
+port in this process and fetch an explanation of one test beat over gRPC with the
+client's code (``OUT/figures/grpc_explanation.png``).
 
 OUT is the demo's working folder, marked by ``ecgx-demo.json``: the demo continues a
 folder it wrote (each step up to the export skips itself when its output exists, so
@@ -21,7 +24,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ecgx.outputs import DEMO, FIGURES, OutputError, StagedOutput, classify_output, write_text_atomic
+from ecgx.outputs import (
+    DEMO,
+    FIGURES,
+    OutputError,
+    OutputKind,
+    StagedOutput,
+    classify_output,
+    write_text_atomic,
+)
 from ecgx.plots import plot_attributions
 from service.engine import AttributionEngine
 from training.config import TrainConfig
@@ -43,6 +54,27 @@ VALIDATION_SEED = 1000
 # The demo gates three packages; half the default policy's 256 ECGs keeps it within minutes.
 DEMO_GATE_ECGS = 128
 MARKER_FILE = "ecgx-demo.json"
+DEMO_MODEL = "ecg"  # the model name in OUT/repo
+GRPC_FIGURE = "grpc_explanation.png"
+# The method explained over gRPC: the first of these the gate passed on the served version
+# (cheap ones first), else the first method the gate passed.
+GRPC_METHODS = ("gradcam", "integrated_gradients", "saliency", "deeplift", "lrp", "input_x_gradient")
+
+
+def _is_repository(folder: Path) -> bool:
+    """A model repository the demo wrote: <model>/<version>/ package folders (hidden copies aside)."""
+    for model in folder.iterdir():
+        if model.name.startswith("."):
+            continue
+        if not model.is_dir():
+            return False
+        for version in model.iterdir():
+            if not version.name.startswith(".") and not (version / "manifest.json").is_file():
+                return False
+    return True
+
+
+REPOSITORY = OutputKind("model repository", True, _is_repository, "<model>/<version>/manifest.json")
 
 
 def run_demo(
@@ -79,8 +111,11 @@ def run_demo(
     if len(packages) > 1:
         report = _gate(out, packages, show_progress)
         print(f"experiments report: {report}")
+        _serve_and_explain(out, packages, data_dir, fig_dir)
     else:
-        log.warning("one seed only: the gate needs a seed family, so gating and the report are skipped")
+        log.warning(
+            "one seed only: the gate needs a seed family, so gating, the report and serving are skipped"
+        )
     print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
 
 
@@ -104,16 +139,16 @@ def _check_reusable_data(data_dir: Path, n: int, overwrite: bool) -> None:
 
 def _synthesise(data_dir: Path, n: int, overwrite: bool, show_progress: bool) -> None:
     if overwrite or not (data_dir / "meta.json").is_file():
-        log.info("step 1/6: generating %d synthetic beats into %s", n, data_dir)
+        log.info("step 1/7: generating %d synthetic beats into %s", n, data_dir)
         synthesize_dataset(data_dir, n, DEMO_DATA_SEED, overwrite=True, show_progress=show_progress)
     else:
-        log.info("step 1/6: reusing dataset %s", data_dir)
+        log.info("step 1/7: reusing dataset %s", data_dir)
 
 
 def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool, show_progress: bool) -> None:
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
     if todo:
-        log.info("step 2/6: training seeds %s into %s", todo, run_dir)
+        log.info("step 2/7: training seeds %s into %s", todo, run_dir)
         # One seed at a time, each added to the run folder when done, so an interrupted demo
         # keeps the seeds it finished; --overwrite replaces the run folder with the first one.
         for i, s in enumerate(todo):
@@ -127,7 +162,7 @@ def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool,
                 show_progress=show_progress,
             )
     else:
-        log.info("step 2/6: reusing trained seeds in %s", run_dir)
+        log.info("step 2/7: reusing trained seeds in %s", run_dir)
 
 
 def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool) -> list[Path]:
@@ -135,7 +170,7 @@ def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool)
     for s in seeds:
         pkg = pkg_dir / f"seed-{s}"
         if overwrite or not (pkg / "manifest.json").is_file():
-            log.info("step 3/6: exporting seed %d to %s (checked against Captum)", s, pkg)
+            log.info("step 3/7: exporting seed %d to %s (checked against Captum)", s, pkg)
             export_checkpoint(seed_dir(run_dir, s) / CHECKPOINT_FILE, pkg, overwrite=overwrite)
         packages.append(pkg)
     return packages
@@ -163,14 +198,14 @@ def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
     )
     report = out / "report"
     for i, pkg in enumerate(packages):
-        log.info("step 5/6: gating %s (family: the other seeds)", pkg)
+        log.info("step 5/7: gating %s (family: the other seeds)", pkg)
         family = [p for p in packages if p != pkg]
         run = run_gate(pkg, validation, family=family, policy=policy, show_progress=show_progress)
         save_report(sign_report(run.report, key), pkg / "gate.json", overwrite=True)  # re-gating replaces it
         print(f"\ngate of {pkg} ({pkg / 'gate.json'}):")
         print("\n".join(summary_lines(run.report)))
         if i == 0:  # the report shows the first package; its gate run has every measurement
-            log.info("step 6/6: writing the experiments report")
+            log.info("step 6/7: writing the experiments report")
             report = write_experiments(run, report, overwrite=True)
     public = keys / "gate_public_key.pem"
     print(f"verify a package with: ecgx gate verify {packages[0]} --public-key {public}")
@@ -180,7 +215,7 @@ def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
 def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
     """For each class, the test beat the model finds most typical of it, explained by
     several methods from the ONNX package."""
-    log.info("step 4/6: drawing attributions of %s into %s", package, fig_dir)
+    log.info("step 4/7: drawing attributions of %s into %s", package, fig_dir)
     ds = load_dataset(data_dir, check_values=False)
     test = make_split(len(ds), TrainConfig()).test
     engine = AttributionEngine(package)
@@ -206,3 +241,70 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
         figures.append(fig_dir / name)
     stage.commit()
     return figures
+
+
+def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir: Path) -> Path | None:
+    """Promote the gated packages into ``OUT/repo`` (rebuilt every run: the reports may be new),
+    serve it on a free loopback port in this process, call Explain over gRPC for one test beat
+    with a method the gate passed, and draw the answer with the client's code."""
+    from ecgx.client import (
+        Client,
+        EcgInput,
+        ecg_messages,
+        format_checks,
+        servable_methods,
+        version_info,
+        write_explanation_pngs,
+    )
+    from service.repository import ModelRepository, PromotionRefused, promote
+    from service.server import build_server
+    from validation.signing import load_public_key
+
+    started = time.perf_counter()
+    repo = out / "repo"
+    log.info("step 7/7: promoting the gated packages into %s and explaining a test beat over gRPC", repo)
+    public = load_public_key(out / "keys" / "gate_public_key.pem")
+    promoted = []
+    with StagedOutput(repo, REPOSITORY, overwrite=True) as tmp:  # the demo rebuilds its own repository
+        for pkg in packages:
+            try:
+                promote(pkg, tmp, DEMO_MODEL, None, [public])  # what `ecgx repo add` does
+                promoted.append(pkg)
+            except PromotionRefused as e:
+                log.warning("%s", e)
+    if not promoted:
+        print(f"model repository {repo}: no package passed its gate, so nothing is served over gRPC")
+        return None
+    repository = ModelRepository(repo, [public])
+    server, port, _, _ = build_server(repository, host="127.0.0.1", port=0)
+    server.start()
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=120) as client:
+            info = client.get_model(DEMO_MODEL)
+            passed = servable_methods(info)
+            method = next((m for m in GRPC_METHODS if m in passed), passed[0] if passed else None)
+            if method is None:
+                print(f"model repository {repo}: the gate passed no method, so no explanation is served")
+                return None
+            ds = load_dataset(data_dir, check_values=False)
+            index = int(make_split(len(ds), TrainConfig()).test[0])
+            beat = np.asarray(ds.signals[index], dtype=np.float32)
+            r = client.explain(DEMO_MODEL, ecg_messages(EcgInput([beat], 500.0, "demo")), [method])
+            v = version_info(info, r.version)
+            leads = list(v.leads) if v is not None else None
+            kwargs = {"leads": leads} if leads and len(leads) == beat.shape[0] else {}
+            (figure,) = write_explanation_pngs(r, fig_dir / GRPC_FIGURE, overwrite=True, **kwargs)
+    finally:
+        server.stop(None)
+        repository.stop()
+    a = r.attributions[0]
+    print(
+        f"model repository {repo}: {len(promoted)} version(s) of {DEMO_MODEL!r} promoted; served on "
+        f"127.0.0.1:{port} and stopped"
+    )
+    print(
+        f"explanation over gRPC: {a.method} for {a.target_class} of test beat {index} by {r.model} version "
+        f"{r.version}, gate {a.gate.verdict} ({format_checks(a.gate)}), in "
+        f"{time.perf_counter() - started:.1f} s: {figure}"
+    )
+    return figure

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -21,21 +21,24 @@ def plot_attributions(
     *,
     title: str = "",
     mask: np.ndarray | None = None,
+    leads: Sequence[str] = LEADS,
+    fmt: str | None = None,
 ) -> Path:
     """One column per method, one row per lead: the ECG (black) over the method's
     |attribution| (red, scaled to the method's own maximum), and the ground-truth
-    feature ``mask`` (green band under the trace) where there is one."""
+    feature ``mask`` (green band under the trace) where there is one. ``leads`` names the rows;
+    ``fmt`` is the file format when ``out``'s suffix does not say it (a temporary file)."""
     methods = list(attributions)
     t = np.arange(signal.shape[1]) / SAMPLING_RATE_HZ
     fig, axes = plt.subplots(
-        len(LEADS), len(methods), figsize=(2.6 * len(methods), 11), sharex=True, squeeze=False
+        len(leads), len(methods), figsize=(max(2.6 * len(methods), 6.0), 11), sharex=True, squeeze=False
     )
     lo, hi = float(signal.min()), float(signal.max())
     pad = 0.1 * (hi - lo + 1e-6)
     for col, name in enumerate(methods):
         heat = np.abs(attributions[name])
         heat = heat / (heat.max() or 1.0)
-        for row, lead in enumerate(LEADS):
+        for row, lead in enumerate(leads):
             ax = axes[row, col]
             ax.imshow(
                 heat[row][None, :],
@@ -61,6 +64,6 @@ def plot_attributions(
     fig.suptitle(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=90)
+    fig.savefig(out, dpi=90, format=fmt)
     plt.close(fig)
     return out

@@ -1,0 +1,663 @@
+"""``ecgx client``: call an ``ecgx serve`` (``ecgx.v1.ExplanationService``) over gRPC.
+
+``models`` lists the models, versions, whether each serves and the gate's verdict on every
+method (GetModel); ``predict`` prints class probabilities; ``explain`` prints, per attribution,
+the method, target, gate verdict and the scores it was decided on, and the leads that carry
+the most relevance, and can draw the attribution over the 12 leads of the beat the server
+explained (``--png``). ``--json`` writes the whole result as JSON.
+
+ECGs come from a ``.npy`` file (a (12, 600) or (B, 12, 600) float32 median beat at 500 Hz in
+millivolts, or with ``--fs`` a rhythm strip (12, T) / (B, 12, T) in the standard lead order) or
+from a WFDB record (read with the importer's :func:`training.data.wfdb_import.read_record`
+and sent as a rhythm strip: the server computes the median beat and returns it).
+
+A gRPC error becomes a :class:`ClientError` (a ValueError, so the command line prints one
+``ecgx: error: STATUS: message`` line and exits 2). No PyTorch on this path.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+
+from ecgx.outputs import OutputKind, StagedOutput, check_output
+from training.data.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
+
+DEFAULT_TIMEOUT_S = 300.0
+TOP_LEADS = 4  # leads listed per attribution
+_MAX_MESSAGE_BYTES = 64 * 2**20  # as the server
+
+
+class ClientError(ValueError):
+    """A call failed: the message is ``STATUS: what the server said`` (one line)."""
+
+
+def _pb():  # imported late: the generated stubs exist only after installation
+    from service.proto_gen.ecgx.v1 import ecgx_pb2, ecgx_pb2_grpc
+
+    return ecgx_pb2, ecgx_pb2_grpc
+
+
+# ---------------------------------------------------------------------- outputs
+
+
+def _starts_with(path: Path, magic: bytes) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
+def _is_client_json(path: Path) -> bool:
+    try:
+        if path.stat().st_size > 512 * 2**20:
+            return False
+        value = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and "ecgx_client" in value
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PNG_FILE = OutputKind("PNG picture", False, lambda p: _starts_with(p, PNG_MAGIC), "a PNG file", "out.png")
+JSON_RESULT = OutputKind(
+    "client result file", False, _is_client_json, "a JSON result of ecgx client", "result.json"
+)
+
+
+def check_outputs(png: Path | None, json_out: Path | None, overwrite: bool) -> None:
+    """Before any call: the output paths have the right suffix and may be written."""
+    if png is not None:
+        if png.suffix.lower() != ".png":
+            raise ValueError(f"--png {png} must name a .png file")
+        check_output(png, PNG_FILE, overwrite=overwrite)
+    if json_out is not None:
+        if json_out.suffix.lower() != ".json":
+            raise ValueError(f"--json {json_out} must name a .json file")
+        check_output(json_out, JSON_RESULT, overwrite=overwrite)
+
+
+def write_json(result: Mapping[str, Any], out: Path, overwrite: bool = False) -> Path:
+    with StagedOutput(out, JSON_RESULT, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps({"ecgx_client": 1, **result}, indent=1) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------- ECG input
+
+
+@dataclass
+class EcgInput:
+    """ECGs to send: each (12, T) float32 mV in ``LEADS`` order at ``fs`` Hz."""
+
+    signals: list[np.ndarray]
+    fs: float
+    source: str
+
+
+def load_npy(path: Path, fs: float | None = None) -> EcgInput:
+    """(12, 600) / (B, 12, 600) median beats at 500 Hz, or with ``fs`` rhythm strips (12, T) / (B, 12, T)."""
+    path = Path(path)
+    try:
+        x = np.load(path, allow_pickle=False)
+    except (OSError, EOFError) as e:
+        if isinstance(e, OSError) and e.errno is not None:
+            raise
+        raise ValueError(f"{path}: not a NumPy .npy array ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not a NumPy .npy array of numbers ({e})") from None
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"{path}: holds several arrays (.npz); give one .npy array")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise ValueError(f"{path}: holds {x.dtype} values; numbers (float32 millivolts) are needed")
+    if x.ndim == 2:
+        x = x[None]
+    if x.ndim != 3 or x.shape[1] != len(LEADS) or x.shape[0] == 0 or x.shape[2] == 0:
+        raise ValueError(
+            f"{path}: shape {tuple(x.shape)}; expected (12, {BEAT_SAMPLES}) or (B, 12, {BEAT_SAMPLES}) "
+            f"median beats at {SAMPLING_RATE_HZ} Hz in the lead order {', '.join(LEADS)} "
+            "(or, with --fs, rhythm strips (12, T) or (B, 12, T))"
+        )
+    if fs is None:
+        if x.shape[2] != BEAT_SAMPLES:
+            raise ValueError(
+                f"{path}: {x.shape[2]} samples per lead is not a {BEAT_SAMPLES}-sample median beat; "
+                "for a rhythm strip give its sampling rate with --fs"
+            )
+        fs = float(SAMPLING_RATE_HZ)
+    x = np.asarray(x, dtype=np.float32)
+    return EcgInput([x[i] for i in range(len(x))], float(fs), str(path))
+
+
+def load_record(path: Path) -> EcgInput:
+    """A WFDB record as a rhythm strip in mV (the server computes its median beat)."""
+    from training.data.wfdb_import import read_record
+
+    signal, fs, _ = read_record(path)
+    return EcgInput([np.asarray(signal, dtype=np.float32)], float(fs), str(path))
+
+
+def ecg_messages(ecgs: EcgInput, units: str = "mV") -> list[Any]:
+    pb, _ = _pb()
+    unit = {"mv": pb.MILLIVOLT, "uv": pb.MICROVOLT, "µv": pb.MICROVOLT}.get(units.lower())
+    if unit is None:
+        raise ValueError(f"--units must be mV or uV, got {units!r}")
+    out = []
+    for x in ecgs.signals:
+        x = np.ascontiguousarray(x, dtype="<f4")
+        out.append(
+            pb.Ecg(
+                leads=list(LEADS),
+                sampling_rate_hz=ecgs.fs,
+                units=unit,
+                samples_per_lead=x.shape[-1],
+                samples=x.tobytes(),
+            )
+        )
+    return out
+
+
+# ---------------------------------------------------------------------- requests
+
+
+def parse_target(text: str) -> Any:
+    """``predicted``, ``all`` (every positive class), ``top-K``, a small index (0-99), a SNOMED
+    code (digits, 6 or more) or a class key (``AF``)."""
+    pb, _ = _pb()
+    t = text.strip()
+    low = t.lower()
+    if low in ("", "predicted"):
+        return pb.Target(predicted=True)
+    if low in ("all", "all_predicted", "all-predicted"):
+        return pb.Target(all_predicted=True)
+    m = re.fullmatch(r"top[-_]?k?[-_=]?(\d+)", low)
+    if m:
+        return pb.Target(top_k=int(m[1]))
+    if t.isdigit():
+        return pb.Target(index=int(t)) if len(t) <= 2 else pb.Target(snomed_code=t)
+    return pb.Target(class_key=t)
+
+
+def parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, str]:
+    """``METHOD:NAME=VALUE`` (or ``NAME=VALUE`` with one method) as parameters_json by method.
+    A value is read as JSON when it parses (numbers, true, null), else kept as text."""
+    by_method: dict[str, dict[str, Any]] = {}
+    for item in items:
+        left, sep, value = item.partition("=")
+        method, colon, name = left.rpartition(":")
+        if not colon:
+            if len(methods) != 1:
+                raise ValueError(f"--param {item!r} must name its method: METHOD:NAME=VALUE")
+            method = methods[0]
+        if not sep or not name or not method:
+            raise ValueError(f"--param must look like METHOD:NAME=VALUE, got {item!r}")
+        try:
+            parsed: Any = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        by_method.setdefault(method, {})[name] = parsed
+    return {m: json.dumps(p) for m, p in by_method.items()}
+
+
+def tensor(t: Any) -> np.ndarray:
+    return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
+
+
+class Client:
+    """A channel to one server; every call turns a gRPC error into a :class:`ClientError`."""
+
+    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S):
+        if not address or any(c.isspace() for c in address):
+            raise ValueError(f"--server must be HOST:PORT, got {address!r}")
+        self.address = address
+        self.timeout = timeout
+        options = [
+            ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+        ]
+        self.channel = grpc.insecure_channel(address, options=options)
+        _, pb_grpc = _pb()
+        self.stub = pb_grpc.ExplanationServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
+        try:
+            return getattr(self.stub, name)(request, timeout=timeout or self.timeout)
+        except grpc.RpcError as e:
+            raise error_of(e, self.address) from None
+
+    def list_models(self) -> list[Any]:
+        pb, _ = _pb()
+        return list(self._call("ListModels", pb.ListModelsRequest(), timeout=30).models)
+
+    def get_model(self, model: str) -> Any:
+        pb, _ = _pb()
+        return self._call("GetModel", pb.GetModelRequest(model=model), timeout=30)
+
+    def resolve_model(self, model: str | None) -> str:
+        """``model``, or the server's only model when None."""
+        if model:
+            return model
+        names = [m.name for m in self.list_models()]
+        if len(names) == 1:
+            return names[0]
+        if not names:
+            raise ClientError(f"NOT_FOUND: the server at {self.address} has no models")
+        raise ClientError(f"the server has models {', '.join(names)}: choose one with --model")
+
+    def predict(self, model: str, ecgs: Sequence[Any], version: str = "") -> Any:
+        pb, _ = _pb()
+        return self._call("Predict", pb.PredictRequest(model=model, version=version or "", ecgs=list(ecgs)))
+
+    def explain(
+        self,
+        model: str,
+        ecgs: Sequence[Any],
+        methods: Sequence[str],
+        targets: Sequence[Any] = (),
+        parameters_json: Mapping[str, str] | None = None,
+        version: str = "",
+    ) -> Any:
+        pb, _ = _pb()
+        request = pb.ExplainRequest(
+            model=model,
+            version=version or "",
+            ecgs=list(ecgs),
+            methods=list(methods),
+            targets=list(targets),
+            parameters_json=dict(parameters_json or {}),
+        )
+        return self._call("Explain", request)
+
+
+def error_of(e: grpc.RpcError, address: str) -> ClientError:
+    """One line: ``STATUS: message``; an unreachable server says so."""
+    code = e.code() if hasattr(e, "code") else None
+    details = " ".join(str(e.details() if hasattr(e, "details") else e).split())
+    name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return ClientError(f"UNAVAILABLE: cannot reach {address} ({details})")
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return ClientError(f"DEADLINE_EXCEEDED: no answer from {address} in time (--timeout); {details}")
+    return ClientError(f"{name}: {details}")
+
+
+def version_info(info: Any, version: str) -> Any | None:
+    """The VersionInfo of ``version`` ("" the default) in a ModelInfo, None if absent."""
+    want = version or info.default_version
+    return next((v for v in info.versions if v.version == want), None)
+
+
+def servable_methods(info: Any, version: str = "") -> list[str]:
+    """Methods the gate passed (servable, not ungated) on ``version`` (the default when "")."""
+    v = version_info(info, version)
+    if v is None:
+        return []
+    return [m.method for m in v.methods if m.servable and not m.ungated]
+
+
+# ---------------------------------------------------------------------- text
+
+
+def _num(x: float) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.3g}"
+
+
+def format_checks(gate: Any) -> str:
+    parts = []
+    for c in gate.checks:
+        block = ", blocking" if c.blocking else ""
+        parts.append(f"{c.check} {_num(c.score)} (threshold {_num(c.threshold)}, {c.verdict}{block})")
+    return "; ".join(parts) or "no checks"
+
+
+def format_models(infos: Sequence[Any]) -> str:
+    lines = []
+    for info in infos:
+        lines.append(f"model {info.name}: default version {info.default_version or '(none serves)'}")
+        for v in info.versions:
+            state = "serving" if v.serving else f"NOT serving: {v.refusal_reason}"
+            if v.ungated:
+                state += " (UNGATED, research mode)"
+            lines.append(f"  version {v.version}: {state}")
+            if v.gate_verdict:
+                lines.append(f"    gate {v.gate_verdict}: {v.gate_headline}")
+            if v.package_sha256:
+                shape = "x".join(str(s) for s in v.input_shape)
+                lines.append(
+                    f"    package sha256 {v.package_sha256}, input {shape} at {v.sampling_rate_hz:g} Hz, "
+                    f"classes {', '.join(c.key for c in v.classes)}"
+                )
+            for m in v.methods:
+                serve = "servable" if m.servable and not m.ungated else "UNGATED" if m.servable else "refused"
+                lines.append(f"    {m.method:22s} {m.verdict:12s} {serve:9s} {format_checks(m)}")
+    return "\n".join(lines)
+
+
+def _classes(info: Any, version: str) -> dict[str, Any]:
+    v = version_info(info, version) if info is not None else None
+    return {c.key: c for c in v.classes} if v is not None else {}
+
+
+def format_predict(response: Any, info: Any = None) -> str:
+    probs = tensor(response.probabilities)
+    classes = _classes(info, response.version)
+    lines = [f"model {response.model} version {response.version} (package sha256 {response.package_sha256})"]
+    if response.research_mode:
+        lines.append("RESEARCH MODE: this version's gate failed; served only with --allow-ungated")
+    for i, p in enumerate(probs):
+        lines.append(f"ecg {i}: class probabilities (* = 0.5 or more)")
+        for k in np.argsort(-p, kind="stable"):
+            key = response.class_keys[k]
+            c = classes.get(key)
+            extra = f"  {c.snomed_code:>10s}  {c.name}" if c is not None else ""
+            lines.append(f"  {'*' if p[k] >= 0.5 else ' '} {key:6s} {p[k]:.3f}{extra}")
+    return "\n".join(lines)
+
+
+def format_explain(response: Any, leads: Sequence[str] = LEADS) -> str:
+    probs = tensor(response.probabilities)
+    keys = list(response.class_keys)
+    lines = [
+        f"model {response.model} version {response.version} (package sha256 {response.package_sha256})",
+        f"gate report sha256 {response.gate_report_sha256}, policy sha256 {response.policy_sha256}",
+        f"onnxruntime {response.onnxruntime_version} on {', '.join(response.providers)}; "
+        f"compute {response.compute_seconds:.3f} s",
+    ]
+    if response.research_mode:
+        lines.append("RESEARCH MODE: some attributions were served UNGATED (--allow-ungated)")
+    for a in response.attributions:
+        p = probs[a.ecg_index, keys.index(a.target_class)] if a.target_class in keys else float("nan")
+        gate = a.gate
+        verdict = gate.verdict + (" (UNGATED, research mode)" if gate.ungated else "")
+        lines.append(f"ecg {a.ecg_index}: {a.method} for {a.target_class} (p = {p:.3f}): gate {verdict}")
+        lines.append(f"  scores: {format_checks(gate)}")
+        shares = np.asarray(a.lead_relevance_share, dtype=float)
+        top = np.argsort(-shares, kind="stable")[:TOP_LEADS]
+        names = list(leads) if len(leads) == len(shares) else [str(k) for k in range(len(shares))]
+        lines.append("  top leads: " + ", ".join(f"{names[k]} {100 * shares[k]:.1f}%" for k in top))
+        lines.append(f"  settings {a.effective_parameters_json}; compute {a.compute_seconds:.3f} s")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------- JSON
+
+
+def _gate_dict(g: Any) -> dict[str, Any]:
+    return {
+        "method": g.method,
+        "servable": g.servable,
+        "verdict": g.verdict,
+        "ungated": g.ungated,
+        "checks": [
+            {
+                "check": c.check,
+                "score": c.score,
+                "threshold": c.threshold,
+                "verdict": c.verdict,
+                "blocking": c.blocking,
+                "summary": c.summary,
+            }
+            for c in g.checks
+        ],
+    }
+
+
+def models_dict(infos: Sequence[Any]) -> dict[str, Any]:
+    return {
+        "models": [
+            {
+                "name": i.name,
+                "default_version": i.default_version,
+                "versions": [
+                    {
+                        "version": v.version,
+                        "serving": v.serving,
+                        "refusal_reason": v.refusal_reason,
+                        "ungated": v.ungated,
+                        "classes": [
+                            {"key": c.key, "snomed_code": c.snomed_code, "name": c.name} for c in v.classes
+                        ],
+                        "leads": list(v.leads),
+                        "input_shape": list(v.input_shape),
+                        "sampling_rate_hz": v.sampling_rate_hz,
+                        "package_sha256": v.package_sha256,
+                        "gate_verdict": v.gate_verdict,
+                        "gate_headline": v.gate_headline,
+                        "gate_report_sha256": v.gate_report_sha256,
+                        "policy_sha256": v.policy_sha256,
+                        "methods": [_gate_dict(m) for m in v.methods],
+                    }
+                    for v in i.versions
+                ],
+            }
+            for i in infos
+        ]
+    }
+
+
+def _probabilities(response: Any) -> list[dict[str, float]]:
+    return [
+        dict(zip(response.class_keys, map(float, p), strict=True)) for p in tensor(response.probabilities)
+    ]
+
+
+def predict_dict(response: Any) -> dict[str, Any]:
+    return {
+        "model": response.model,
+        "version": response.version,
+        "package_sha256": response.package_sha256,
+        "research_mode": response.research_mode,
+        "probabilities": _probabilities(response),
+        "beats_mv": tensor(response.beats).tolist(),
+    }
+
+
+def explain_dict(response: Any) -> dict[str, Any]:
+    return {
+        "model": response.model,
+        "version": response.version,
+        "package_sha256": response.package_sha256,
+        "gate_report_sha256": response.gate_report_sha256,
+        "policy_sha256": response.policy_sha256,
+        "onnxruntime_version": response.onnxruntime_version,
+        "providers": list(response.providers),
+        "compute_seconds": response.compute_seconds,
+        "research_mode": response.research_mode,
+        "probabilities": _probabilities(response),
+        "beats_mv": tensor(response.beats).tolist(),
+        "attributions": [
+            {
+                "ecg_index": a.ecg_index,
+                "method": a.method,
+                "target_class": a.target_class,
+                "gate": _gate_dict(a.gate),
+                "lead_relevance_share": list(a.lead_relevance_share),
+                "effective_parameters": json.loads(a.effective_parameters_json or "{}"),
+                "compute_seconds": a.compute_seconds,
+                "attribution": tensor(a.attribution).tolist(),
+            }
+            for a in response.attributions
+        ],
+    }
+
+
+# ---------------------------------------------------------------------- pictures
+
+
+def png_paths(out: Path, n_ecgs: int) -> list[Path]:
+    """``out`` for one ECG; ``stem-ecgI.png`` beside it for several."""
+    if n_ecgs == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}-ecg{i}{out.suffix}") for i in range(n_ecgs)]
+
+
+def write_explanation_pngs(
+    response: Any, out: Path, leads: Sequence[str] = LEADS, overwrite: bool = False
+) -> list[Path]:
+    """The attributions of each ECG over the beat the server explained: one column per
+    (method, target), one row per lead (:func:`ecgx.plots.plot_attributions`)."""
+    from ecgx.plots import plot_attributions
+
+    beats = tensor(response.beats)
+    probs = tensor(response.probabilities)
+    keys = list(response.class_keys)
+    paths = png_paths(out, len(beats))
+    for i, path in enumerate(paths):
+        maps = {}
+        for a in response.attributions:
+            if a.ecg_index == i:
+                mark = " UNGATED" if a.gate.ungated else ""
+                label = f"{a.method} -> {a.target_class}\ngate {a.gate.verdict}{mark}"
+                maps[label] = tensor(a.attribution)
+        top = int(np.argmax(probs[i]))
+        title = (
+            f"{response.model} v{response.version}, ecg {i}: most probable {keys[top]} "
+            f"(p = {probs[i, top]:.3f}); red: |attribution|"
+        )
+        with StagedOutput(path, PNG_FILE, overwrite=overwrite) as tmp:
+            plot_attributions(beats[i], maps, tmp, title=title, leads=leads, fmt="png")
+    return paths
+
+
+# ---------------------------------------------------------------------- the command
+
+
+def run_client(args: Any) -> int:
+    """``ecgx client models|predict|explain`` (arguments from :mod:`ecgx.cli`)."""
+    action = args.client_command
+    png = getattr(args, "png", None)
+    json_out = getattr(args, "json", None)
+    overwrite = getattr(args, "overwrite", False)
+    check_outputs(None, json_out, overwrite)
+    ecgs = None
+    if action in ("predict", "explain"):
+        if args.record is not None and args.fs is not None:
+            raise ValueError("--fs is for --ecg rhythm strips; a WFDB record names its own rate")
+        ecgs = load_record(args.record) if args.record is not None else load_npy(args.ecg, args.fs)
+    if png is not None:  # before the call, every picture it will write
+        check_outputs(png, None, overwrite)
+        for path in png_paths(png, len(ecgs.signals) if ecgs else 1)[1:]:
+            check_output(path, PNG_FILE, overwrite=overwrite)
+    with Client(args.server, timeout=args.timeout) as client:
+        if action == "models":
+            names = [args.model] if args.model else [m.name for m in client.list_models()]
+            infos = [client.get_model(n) for n in names]
+            print(format_models(infos) if infos else f"the server at {args.server} has no models")
+            result = models_dict(infos)
+        elif action == "predict":
+            model = client.resolve_model(args.model)
+            r = client.predict(model, ecg_messages(ecgs, args.units), args.version or "")
+            info = client.get_model(model)
+            print(format_predict(r, info))
+            result = predict_dict(r)
+        else:
+            model = client.resolve_model(args.model)
+            if not args.method:
+                info = client.get_model(model)
+                ok = servable_methods(info, args.version or "")
+                raise ValueError(
+                    "explain needs --method; the gate passed "
+                    + (", ".join(ok) if ok else "no method")
+                    + f" on model {model!r}"
+                )
+            targets = [parse_target(t) for t in args.target or []]
+            params = parse_params(args.param, args.method)
+            r = client.explain(
+                model, ecg_messages(ecgs, args.units), args.method, targets, params, args.version or ""
+            )
+            info = client.get_model(model)
+            v = version_info(info, r.version)
+            leads = list(v.leads) if v is not None and len(v.leads) == len(LEADS) else LEADS
+            print(format_explain(r, leads))
+            if png is not None:
+                for path in write_explanation_pngs(r, png, leads, overwrite=overwrite):
+                    print(f"picture: {path}")
+            result = explain_dict(r)
+    if json_out is not None:
+        write_json(result, json_out, overwrite=overwrite)
+        print(f"json: {json_out}")
+    return 0
+
+
+def add_parser(sub: Any, add_common: Any) -> None:
+    """The ``client`` subcommand and its three actions (called by :func:`ecgx.cli.build_parser`)."""
+    import argparse
+
+    client = sub.add_parser(
+        "client",
+        help="call an `ecgx serve` over gRPC: models, predictions, explanations",
+        description="Call the ecgx.v1.ExplanationService of a running `ecgx serve`. gRPC errors print one "
+        "line `ecgx: error: STATUS: message` and exit 2.",
+    )
+    client_sub = client.add_subparsers(dest="client_command", required=True, metavar="CLIENT_COMMAND")
+
+    def common(p: argparse.ArgumentParser, ecg: bool) -> None:
+        p.add_argument("--server", required=True, metavar="ADDR", help="HOST:PORT of `ecgx serve`")
+        p.add_argument("--model", metavar="M", help="model name (default: the server's only model)")
+        p.add_argument(
+            "--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="S", help="deadline per call (s)"
+        )
+        if ecg:
+            p.add_argument("--version", metavar="V", help="model version (default: the default version)")
+            src = p.add_mutually_exclusive_group(required=True)
+            src.add_argument(
+                "--ecg",
+                type=Path,
+                metavar="FILE.npy",
+                help="(12, 600) or (B, 12, 600) float32 median beats at 500 Hz, standard lead order "
+                "(with --fs: rhythm strips (12, T) or (B, 12, T))",
+            )
+            src.add_argument(
+                "--record", type=Path, metavar="WFDB", help="a WFDB record, sent as a rhythm strip"
+            )
+            p.add_argument("--fs", type=float, help="sampling rate (Hz) of --ecg rhythm strips")
+            p.add_argument("--units", default="mV", choices=["mV", "uV"], help="units of --ecg (default mV)")
+        p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the result as JSON")
+        p.add_argument("--overwrite", action="store_true", help="replace outputs ecgx client wrote")
+        add_common(p)
+
+    p = client_sub.add_parser(
+        "models", help="models, versions, serving state and gate verdicts", description="GetModel."
+    )
+    common(p, ecg=False)
+    p = client_sub.add_parser("predict", help="class probabilities", description="Predict.")
+    common(p, ecg=True)
+    p = client_sub.add_parser(
+        "explain",
+        help="attributions, with gate verdicts and scores; --png draws them",
+        description="Explain: per attribution the method, target, gate verdict and scores, and the "
+        "leads with the most relevance; --png draws the attributions over the beat the server explained.",
+    )
+    common(p, ecg=True)
+    p.add_argument("--method", nargs="+", metavar="NAME", help="attribution method(s)")
+    p.add_argument(
+        "--target",
+        action="append",
+        metavar="T",
+        help="class key (AF), SNOMED code, index, predicted (default), all (every positive class) or "
+        "top-K; once for all ECGs or once per ECG",
+    )
+    p.add_argument(
+        "--param", action="append", default=[], metavar="METHOD:NAME=VALUE", help="method setting, repeatable"
+    )
+    p.add_argument("--png", type=Path, metavar="OUT.png", help="draw the attributions over the 12 leads")
+    for p in client_sub.choices.values():
+        p.set_defaults(func=run_client)
