@@ -313,3 +313,13 @@ def test_the_demo_ends_with_an_explanation_over_grpc(gated, tmp_path, capsys) ->
     with pytest.raises(ValueError, match="not a model repository"):
         _serve_and_explain(demo, packages, data, demo / "figures")
     assert (demo / "repo" / "mine.txt").exists()
+
+
+@pytest.mark.parametrize("action", ["models", "predict", "explain"])
+def test_every_client_action_explains_itself(action: str, capsys) -> None:
+    from ecgx.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["client", action, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: ecgx client" in capsys.readouterr().out
