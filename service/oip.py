@@ -64,6 +64,7 @@ from service.errors import (
     ServiceError,
 )
 from service.methods import get_method
+from service.repository import refusal_of_method
 
 log = logging.getLogger(__name__)
 
@@ -127,33 +128,6 @@ def _param_value(p: Any) -> Any:
     """The value of an ``InferParameter`` (None when unset)."""
     which = p.WhichOneof("parameter_choice")
     return None if which is None else getattr(p, which)
-
-
-def refusal_of_method(served: Any, gate: Any) -> str:
-    """Why the version's gate does not let ``gate.method`` serve: its failed checks (blocking
-    first) with scores and thresholds; the same text as ``ecgx.v1`` (service.server)."""
-    where = (
-        f"method {gate.method!r} did not pass the validation gate of {served.model} version {served.version}"
-    )
-    failed = sorted((c for c in gate.checks if c.verdict == "fail"), key=lambda c: not c.blocking)
-    if failed:
-        parts = [
-            f"{c.check} score {_show(c.score)} vs threshold {_show(c.threshold)}"
-            + (" (blocking)" if c.blocking else " (not blocking)")
-            + (f": {c.summary}" if c.summary else "")
-            for c in failed
-        ]
-        return f"{where}: failed {'; '.join(parts)}"
-    if gate.verdict == "not checked":
-        return f"{where}: the gate did not check it"
-    report = served.report or {}
-    return f"{where}: verdict {gate.verdict!r}" + (
-        f" (gate: {report.get('headline')})" if report.get("headline") else ""
-    )
-
-
-def _show(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4g}"
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
@@ -476,4 +450,4 @@ def add_oip(server: grpc.Server, repository: Any, **kwargs: Any) -> OipServicer:
     return servicer
 
 
-__all__ = ["SERVICE_NAME", "OipServicer", "add_oip", "refusal_of_method", "shared_slots"]
+__all__ = ["SERVICE_NAME", "OipServicer", "add_oip", "shared_slots"]

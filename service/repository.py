@@ -640,6 +640,33 @@ class ModelRepository:
             self._thread = None
 
 
+def refusal_of_method(served: ServedVersion, gate: MethodGate) -> str:
+    """Why the gate of ``served`` does not let ``gate.method`` serve: its failed checks (blocking
+    first) with scores and thresholds. Both protocols (ecgx.v1, the OIP) refuse with this text."""
+    where = (
+        f"method {gate.method!r} did not pass the validation gate of {served.model} version {served.version}"
+    )
+    failed = sorted((c for c in gate.checks if c.verdict == "fail"), key=lambda c: not c.blocking)
+    if failed:
+        parts = [
+            f"{c.check} score {_show(c.score)} vs threshold {_show(c.threshold)}"
+            + (" (blocking)" if c.blocking else " (not blocking)")
+            + (f": {c.summary}" if c.summary else "")
+            for c in failed
+        ]
+        return f"{where}: failed {'; '.join(parts)}"
+    if gate.verdict == "not checked":
+        return f"{where}: the gate did not check it"
+    report = served.report or {}
+    return f"{where}: verdict {gate.verdict!r}" + (
+        f" (gate: {report.get('headline')})" if report.get("headline") else ""
+    )
+
+
+def _show(value: float | None) -> str:
+    return "none" if value is None else f"{value:.4g}"
+
+
 # ------------------------------------------------------------------------------------------ promotion
 
 

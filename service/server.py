@@ -49,6 +49,7 @@ from service.errors import (
 )
 from service.health import Extras, register_extras
 from service.methods import METHOD_NAMES, get_method
+from service.repository import refusal_of_method
 
 try:
     from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
@@ -155,32 +156,6 @@ def method_gate_message(gate: Any) -> pb.MethodGate:
             for c in gate.checks
         ],
     )
-
-
-def refusal_of_method(served: Any, gate: Any) -> str:
-    """Why the gate of ``served`` does not let ``gate.method`` serve: its failed checks and scores."""
-    where = (
-        f"method {gate.method!r} did not pass the validation gate of {served.model} version {served.version}"
-    )
-    failed = sorted((c for c in gate.checks if c.verdict == "fail"), key=lambda c: not c.blocking)
-    if failed:
-        parts = [
-            f"{c.check} score {_show(c.score)} vs threshold {_show(c.threshold)}"
-            + (" (blocking)" if c.blocking else " (not blocking)")
-            + (f": {c.summary}" if c.summary else "")
-            for c in failed
-        ]
-        return f"{where}: failed {'; '.join(parts)}"
-    if gate.verdict == "not checked":
-        return f"{where}: the gate did not check it"
-    report = served.report or {}
-    return f"{where}: verdict {gate.verdict!r}" + (
-        f" (gate: {report.get('headline')})" if report.get("headline") else ""
-    )
-
-
-def _show(value: float | None) -> str:
-    return "none" if value is None else f"{value:.4g}"
 
 
 def sigmoid(logits: np.ndarray) -> np.ndarray:
