@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 import numpy as np
 
 from ecgx.outputs import OutputKind, StagedOutput, check_output
@@ -218,6 +217,8 @@ class Client:
     def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S):
         if not address or any(c.isspace() for c in address):
             raise ValueError(f"--server must be HOST:PORT, got {address!r}")
+        import grpc  # here, not at import: every ecgx command builds the client's parser
+
         self.address = address
         self.timeout = timeout
         options = [
@@ -238,6 +239,8 @@ class Client:
         self.close()
 
     def _call(self, name: str, request: Any, timeout: float | None = None) -> Any:
+        import grpc
+
         try:
             return getattr(self.stub, name)(request, timeout=timeout or self.timeout)
         except grpc.RpcError as e:
@@ -287,8 +290,10 @@ class Client:
         return self._call("Explain", request)
 
 
-def error_of(e: grpc.RpcError, address: str) -> ClientError:
-    """One line: ``STATUS: message``; an unreachable server says so."""
+def error_of(e: Any, address: str) -> ClientError:
+    """One line: ``STATUS: message`` of a ``grpc.RpcError``; an unreachable server says so."""
+    import grpc
+
     code = e.code() if hasattr(e, "code") else None
     details = " ".join(str(e.details() if hasattr(e, "details") else e).split())
     name = code.name if code is not None else "UNKNOWN"
