@@ -386,7 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="generate data, train a seed family, export packages, draw attributions",
         description="The whole pipeline on the built-in defaults: synthesise a dataset, train three seeds, "
         "print per-class test AUROC, export each model as an ONNX package and draw attributions of the "
-        "package for one test beat per class (PNG files in OUT/figures).",
+        "package for one test beat per class (PNG files in OUT/figures), gate the packages, and end by "
+        "serving the gated ones (OUT/repo) on loopback and fetching an explanation over gRPC "
+        "(OUT/figures/grpc_explanation.png).",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     p.add_argument("--n", type=int, default=None, help="number of synthetic beats (default: the demo's own)")
