@@ -284,18 +284,25 @@ def test_the_client_never_imports_torch(server, shared_data, tmp_path) -> None:
 # ------------------------------------------------------------------------------ the demo's last step
 
 
-def test_the_demo_ends_with_an_explanation_over_grpc(gated, tmp_path, capsys) -> None:
-    from ecgx.demo import GRPC_FIGURE, MARKER_FILE, _serve_and_explain
+def _demo_like(gated, demo: Path) -> list[Path]:
+    """A demo folder as the steps before the last one leave it: marker, keys, figures, gated packages."""
+    from ecgx.demo import MARKER_FILE
 
-    demo = tmp_path / "demo"
     (demo / "figures").mkdir(parents=True)
     (demo / MARKER_FILE).write_text('{"ecgx_demo": 1}\n')
     shutil.copytree(gated["public_pem"].parent, demo / "keys")  # the key that signed the reports
-    packages = [
+    return [
         make_package(gated, demo / "packages" / "seed-0", 0),
         make_package(gated, demo / "packages" / "seed-1", 1, verdict="fail", serve=[]),  # not promoted
         make_package(gated, demo / "packages" / "seed-2", 2),
     ]
+
+
+def test_the_demo_ends_with_an_explanation_over_grpc(gated, tmp_path, capsys) -> None:
+    from ecgx.demo import GRPC_FIGURE, _serve_and_explain
+
+    demo = tmp_path / "demo"
+    packages = _demo_like(gated, demo)
     data = gated["family"]["data"]
     for _ in range(2):  # a second demo run rebuilds the repository of the first
         figure = _serve_and_explain(demo, packages, data, demo / "figures")
@@ -313,6 +320,26 @@ def test_the_demo_ends_with_an_explanation_over_grpc(gated, tmp_path, capsys) ->
     with pytest.raises(ValueError, match="not a model repository"):
         _serve_and_explain(demo, packages, data, demo / "figures")
     assert (demo / "repo" / "mine.txt").exists()
+
+
+def test_run_demo_ends_with_the_grpc_step(gated, tmp_path, monkeypatch, capsys) -> None:
+    """run_demo's wiring, with the minutes-long steps before the last one stubbed out."""
+    import ecgx.demo as demo_module
+
+    demo = tmp_path / "demo"
+    packages = _demo_like(gated, demo)
+    shutil.copytree(gated["family"]["data"], demo / "data")
+    for name in ("_check_reusable_data", "_synthesise", "_train"):
+        monkeypatch.setattr(demo_module, name, lambda *a, **k: None)
+    monkeypatch.setattr(demo_module, "_export", lambda *a, **k: packages)
+    monkeypatch.setattr(demo_module, "_draw", lambda *a, **k: [])
+    monkeypatch.setattr(demo_module, "format_training_summary", lambda *a, **k: "")
+    monkeypatch.setattr(demo_module, "_gate", lambda *a, **k: demo / "report" / "report.html")
+    demo_module.run_demo(demo, seeds=(0, 1, 2), show_progress=False)
+    out = capsys.readouterr().out
+    order = [out.index(line) for line in ("experiments report:", "explanation over gRPC: ", "demo finished")]
+    assert order == sorted(order)
+    assert (demo / "figures" / demo_module.GRPC_FIGURE).is_file()
 
 
 @pytest.mark.parametrize("action", ["models", "predict", "explain"])
