@@ -556,6 +556,8 @@ def run_client(args: Any) -> int:
     if action in ("predict", "explain"):
         if args.record is not None and args.fs is not None:
             raise ValueError("--fs is for --ecg rhythm strips; a WFDB record names its own rate")
+        if args.record is not None and args.units != "mV":
+            raise ValueError("--units is for --ecg; a WFDB record is read in millivolts")
         ecgs = load_record(args.record) if args.record is not None else load_npy(args.ecg, args.fs)
     if png is not None:  # before the call, every picture it will write
         check_outputs(png, None, overwrite)
