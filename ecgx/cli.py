@@ -221,23 +221,40 @@ def _cmd_repo_add(args: argparse.Namespace) -> int:
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The serving path never imports PyTorch (tests/test_grpc_service.py runs it without).
     from service.repository import ModelRepository
+    from service.serve_config import resolve_serve_config
     from service.server import serve
     from validation.signing import load_public_key
 
-    keys = [load_public_key(k) for k in args.trusted_key] if args.trusted_key else [load_public_key()]
-    repository = ModelRepository(
-        args.repo, keys, allowed_policies=args.allowed_policy, allow_ungated=args.allow_ungated
+    cfg = resolve_serve_config(
+        args.config,
+        {
+            "repo": args.repo,
+            "host": args.host,
+            "port": args.port,
+            "trusted_keys": tuple(args.trusted_key or ()),
+            "allowed_policies": tuple(args.allowed_policy) if args.allowed_policy else None,
+            "allow_ungated": args.allow_ungated,
+            "max_batch": args.max_batch,
+            "max_concurrent": args.max_concurrent,
+            "max_queued": args.max_queued,
+            "grace_s": args.grace,
+        },
     )
-    if args.allow_ungated:
+    keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [load_public_key()]
+    repository = ModelRepository(
+        cfg.repo, keys, allowed_policies=cfg.allowed_policies, allow_ungated=cfg.allow_ungated
+    )
+    if cfg.allow_ungated:
         log.warning("RESEARCH MODE (--allow-ungated): methods the gate did not pass serve, marked ungated")
     return serve(
         repository,
-        host=args.host,
-        port=args.port,
-        max_batch=args.max_batch,
-        max_concurrent=args.max_concurrent,
-        max_queued=args.max_queued,
-        grace_s=args.grace,
+        host=cfg.host,
+        port=cfg.port,
+        max_batch=cfg.max_batch,
+        max_concurrent=cfg.max_concurrent,
+        max_queued=cfg.max_queued,
+        grace_s=cfg.grace_s,
+        watch_interval_s=cfg.watch_interval_s,
     )
 
 
@@ -491,9 +508,12 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         "trusted network only. SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish within "
         "--grace seconds, exit 0.",
     )
-    p.add_argument("--repo", type=Path, required=True, metavar="DIR", help="model repository folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=50051, help="port (default 50051; 0 picks a free one)")
+    p.add_argument("--repo", type=Path, metavar="DIR", help="model repository folder (or repo = in --config)")
+    p.add_argument(
+        "--config", type=Path, metavar="FILE", help="TOML file with a [serve] table; flags win over it"
+    )
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
     p.add_argument(
         "--trusted-key",
         type=Path,
@@ -507,13 +527,13 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument(
         "--allow-ungated",
         action="store_true",
+        default=None,
         help="research mode: also serve methods (and versions) the gate did not pass, marked ungated",
     )
-    p.add_argument("--max-batch", type=int, default=64, metavar="N", help="most ECGs a request (default 64)")
+    p.add_argument("--max-batch", type=int, metavar="N", help="most ECGs a request (default 64)")
     p.add_argument(
         "--max-concurrent",
         type=int,
-        default=8,
         metavar="N",
         help="most Predict/Explain requests running at once (default 8)",
     )
@@ -525,7 +545,7 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         "RESOURCE_EXHAUSTED at once (default 4 x --max-concurrent)",
     )
     p.add_argument(
-        "--grace", type=float, default=10.0, metavar="S", help="seconds in-flight requests get at SIGTERM"
+        "--grace", type=float, metavar="S", help="seconds in-flight requests get at SIGTERM (default 10)"
     )
     _add_common(p)
     p.set_defaults(func=_cmd_serve)

@@ -1,0 +1,130 @@
+"""Settings of ``ecgx serve``: defaults, a TOML file (``--config``) and command-line flags.
+
+A config file has one ``[serve]`` table; every key is optional and a flag given on the
+command line wins over the file::
+
+    [serve]
+    repo = "/srv/ecgx/models"
+    host = "0.0.0.0"
+    port = 50051
+    trusted_keys = ["/etc/ecgx/gate_public_key.pem"]
+    allowed_policies = ["<sha256 of an accepted gate policy>"]
+    allow_ungated = false     # research mode
+    max_batch = 64
+    max_concurrent = 8
+    max_queued = 32           # default: 4 x max_concurrent
+    grace_s = 10.0
+    watch_interval_s = 2.0    # how often the repository is rescanned
+
+Unknown keys, wrong types and out-of-range values are errors naming the file and key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+
+class ServeConfigError(ValueError):
+    """A serve setting is missing, unknown or out of range; the message names it."""
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Everything ``ecgx serve`` needs to start (see the module docstring for the file format)."""
+
+    repo: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    trusted_keys: tuple[Path, ...] = ()
+    allowed_policies: tuple[str, ...] | None = None
+    allow_ungated: bool = False
+    max_batch: int = 64
+    max_concurrent: int = 8
+    max_queued: int | None = None
+    grace_s: float = 10.0
+    watch_interval_s: float = 2.0
+
+    def check(self, source: str) -> ServeConfig:
+        """Raise :class:`ServeConfigError` on a missing repository or a value out of range."""
+        if self.repo is None:
+            raise ServeConfigError(f"{source}: give the model repository (--repo DIR or repo = in [serve])")
+        ranges = [
+            ("port", self.port, 0, 65535),
+            ("max_batch", self.max_batch, 1, 4096),
+            ("max_concurrent", self.max_concurrent, 1, 1024),
+            ("max_queued", self.max_queued if self.max_queued is not None else 0, 0, 65536),
+            ("grace_s", self.grace_s, 0, 3600),
+            ("watch_interval_s", self.watch_interval_s, 0.1, 3600),
+        ]
+        for key, value, low, high in ranges:
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ServeConfigError(f"{source}: {key} must be in [{low}, {high}], got {value}")
+        return self
+
+
+_TYPES: dict[str, tuple[type, ...]] = {
+    "repo": (str,),
+    "host": (str,),
+    "port": (int,),
+    "trusted_keys": (list,),
+    "allowed_policies": (list,),
+    "allow_ungated": (bool,),
+    "max_batch": (int,),
+    "max_concurrent": (int,),
+    "max_queued": (int,),
+    "grace_s": (int, float),
+    "watch_interval_s": (int, float),
+}
+
+
+def read_serve_config(path: Path | str) -> dict[str, Any]:
+    """The ``[serve]`` table of a TOML file, type-checked, as ServeConfig field values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ServeConfigError(f"config file {path} does not exist or is not a regular file")
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ServeConfigError(f"config file {path} is not valid TOML: {e}") from None
+    except OSError as e:
+        raise ServeConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
+    unknown_tables = sorted(set(document) - {"serve"})
+    if unknown_tables:
+        raise ServeConfigError(
+            f"config file {path}: unknown table(s) {unknown_tables}; ecgx serve reads [serve]"
+        )
+    table = document.get("serve", {})
+    if not isinstance(table, dict):
+        raise ServeConfigError(f"config file {path}: serve must be a table ([serve])")
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        if key not in _TYPES:
+            raise ServeConfigError(f"config file {path}: unknown key serve.{key}; known: {sorted(_TYPES)}")
+        types = _TYPES[key]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            expected = " or ".join(t.__name__ for t in types)
+            raise ServeConfigError(f"config file {path}: serve.{key} must be {expected}, got {value!r}")
+        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+            raise ServeConfigError(f"config file {path}: serve.{key} must be a list of strings")
+        values[key] = value
+    if "repo" in values:
+        values["repo"] = Path(values["repo"])
+    if "trusted_keys" in values:
+        values["trusted_keys"] = tuple(Path(k) for k in values["trusted_keys"])
+    if "allowed_policies" in values:
+        values["allowed_policies"] = tuple(values["allowed_policies"])
+    return values
+
+
+def resolve_serve_config(config_file: Path | None, flags: dict[str, Any]) -> ServeConfig:
+    """Defaults, then the file's values, then the flags that were given (not None)."""
+    values = read_serve_config(config_file) if config_file is not None else {}
+    names = {f.name for f in fields(ServeConfig)}
+    values.update({k: v for k, v in flags.items() if k in names and v is not None and v != ()})
+    source = f"config file {config_file}" if config_file is not None else "ecgx serve"
+    return dataclasses.replace(ServeConfig(), **values).check(source)

@@ -1,0 +1,56 @@
+"""``ecgx serve --config``: a [serve] table under the flags, with precise errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_clean_failure, run_ecgx, snapshot
+
+from service.serve_config import ServeConfigError, resolve_serve_config
+
+
+def _config(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "serve.toml"
+    path.write_text(text)
+    return path
+
+
+def test_file_values_fill_in_and_flags_win(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[serve]\nrepo = "/srv/models"\nport = 6000\nmax_concurrent = 4\nallow_ungated = true\n'
+        'trusted_keys = ["/etc/k.pem"]\ngrace_s = 3\n',
+    )
+    cfg = resolve_serve_config(path, {"port": 7000, "repo": None, "allow_ungated": None, "trusted_keys": ()})
+    assert cfg.repo == Path("/srv/models") and cfg.port == 7000 and cfg.max_concurrent == 4
+    assert cfg.allow_ungated is True and cfg.trusted_keys == (Path("/etc/k.pem"),) and cfg.grace_s == 3
+    assert cfg.host == "127.0.0.1" and cfg.max_batch == 64  # defaults where neither says
+    assert resolve_serve_config(None, {"repo": tmp_path}).repo == tmp_path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[serve]\nrepo = 'r'\nports = 1\n", "unknown key serve.ports"),
+        ("[serve]\nrepo = 'r'\nport = '50051'\n", "serve.port must be int"),
+        ("[serve]\nrepo = 'r'\nallow_ungated = 1\n", "serve.allow_ungated must be bool"),
+        ("[serve]\nrepo = 'r'\nmax_concurrent = 0\n", "max_concurrent must be in [1, 1024], got 0"),
+        ("[serve]\nrepo = 'r'\ngrace_s = nan\n", "grace_s must be in [0, 3600], got nan"),
+        ("[serve]\nrepo = 'r'\ntrusted_keys = [1]\n", "serve.trusted_keys must be a list of strings"),
+        ("[server]\nrepo = 'r'\n", "unknown table(s) ['server']"),
+        ("[serve]\nport = 1\n", "give the model repository"),
+        ("[serve\n", "is not valid TOML"),
+    ],
+)
+def test_bad_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ServeConfigError) as err:
+        resolve_serve_config(_config(tmp_path, text), {})
+    assert message in str(err.value) and "serve.toml" in str(err.value)
+
+
+def test_ecgx_serve_with_a_bad_config_exits_2_before_listening(tmp_path: Path) -> None:
+    path = _config(tmp_path, "[serve]\nrepo = 'r'\nmax_batch = -1\n")
+    before = snapshot(tmp_path)
+    result = run_ecgx("serve", "--config", str(path), "--port", "0")
+    assert_clean_failure(result, "max_batch must be in [1, 4096], got -1", before=before, roots=[tmp_path])
