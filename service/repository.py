@@ -399,6 +399,13 @@ class _Loaded:
     build_problem: str | None
 
 
+def _why_not_default(v: ServedVersion) -> str:
+    if v.refusal:
+        return v.refusal
+    # Research mode serves a version whose gate failed, but never picks it by default.
+    return f"its gate verdict is {v.gate_verdict!r}; name the version to use it in research mode"
+
+
 class ModelRepository:
     """Serves the verified versions under ``root``; see the module docstring for the rules.
 
@@ -466,8 +473,11 @@ class ModelRepository:
         if version is None or version == "":
             v = self.default_version(model)
             if v is None:
-                refused = "; ".join(f"version {x.version}: {x.refusal}" for x in versions) or "it has none"
-                raise FailedPrecondition(f"no version of model {model!r} serves: {refused}")
+                refused = "; ".join(f"version {x.version}: {_why_not_default(x)}" for x in versions)
+                raise FailedPrecondition(
+                    f"model {model!r} has no default version (the newest whose gate passed): "
+                    f"{refused or 'it has no version'}"
+                )
             return v
         for v in versions:
             if v.version == version:

@@ -144,7 +144,9 @@ def test_model_metadata(served, repo) -> None:
     assert code_of(e.value) == "StatusCode.NOT_FOUND" and "no version '7'" in e.value.message()
     with pytest.raises(InferenceServerException) as e:
         served.client.get_model_metadata(BROKEN)
-    assert code_of(e.value) == "StatusCode.FAILED_PRECONDITION" and "no version" in e.value.message()
+    assert (
+        code_of(e.value) == "StatusCode.FAILED_PRECONDITION" and "has no default version" in e.value.message()
+    )
 
 
 def test_triton_only_rpcs_are_unimplemented(served) -> None:
@@ -227,7 +229,10 @@ def test_a_method_the_gate_did_not_pass_is_failed_precondition(served, repo, bea
     e = infer_error(served, beats, parameters={"method": "lime"})
     assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "did not check it" in e.message()
     e = infer_error(served, beats, model=BROKEN)
-    assert code_of(e) == "StatusCode.FAILED_PRECONDITION" and "no version of model 'broken'" in e.message()
+    assert (
+        code_of(e) == "StatusCode.FAILED_PRECONDITION"
+        and "model 'broken' has no default version" in e.message()
+    )
 
 
 def test_the_refusal_is_the_same_on_both_protocols(served, repo, beats) -> None:
