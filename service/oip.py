@@ -55,16 +55,14 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from service.errors import (
-    Cancelled,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
 )
 from service.methods import get_method
 from service.repository import refusal_of_method
+from service.rpc import check_active, failure_status
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +79,6 @@ PARAM_PARAMETERS = "parameters"
 IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
 PREDICTED = "predicted"
 DEFAULT_MAX_BATCH = 64
-MAX_DETAILS_CHARS = 2000  # status details travel in HTTP/2 trailers (8 kB by default)
 
 
 def _server_version() -> str:
@@ -93,10 +90,6 @@ def _server_version() -> str:
         return "0"
 
 
-def _clip(message: str) -> str:
-    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 3] + "..."
-
-
 def _rpc(fn: Callable) -> Callable:
     """Typed service errors -> their gRPC status code; anything else -> INTERNAL, logged."""
 
@@ -104,24 +97,11 @@ def _rpc(fn: Callable) -> Callable:
     def run(self: OipServicer, request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(self, request, context)
-        except ServiceError as e:
-            code, message = grpc.StatusCode[e.code], _clip(str(e))
-            log.info("OIP %s: %s %s", fn.__name__, code.name, message)
-        except Exception:
-            log.exception("OIP %s: internal error", fn.__name__)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {fn.__name__}; see the server log"
+        except Exception as e:
+            code, message = failure_status(e, f"OIP {fn.__name__}")
         context.abort(code, message)  # raises
 
     return run
-
-
-def _check_active(context: grpc.ServicerContext) -> None:
-    if context.is_active():
-        return
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded("the client's deadline passed; the work was stopped")
-    raise Cancelled("the client cancelled the request; the work was stopped")
 
 
 def _param_value(p: Any) -> Any:
@@ -240,14 +220,14 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
             targets = np.full(len(x), engine.class_index(target), dtype=np.int64)  # NotFound
         wanted = self._outputs(request, method is not None)
         with self.admit(context) if self.admit is not None else contextlib.nullcontext():
-            _check_active(context)
+            check_active(context)
             outputs: dict[str, np.ndarray] = {}
             logits = None
             if method is not None:
                 if targets is None:  # "predicted": each ECG's most probable class
                     logits = engine.logits(x)
                     targets = logits.argmax(axis=1).astype(np.int64)
-                    _check_active(context)
+                    check_active(context)
                 t0 = time.perf_counter()
                 with_logits = getattr(engine, "attribute_with_logits", None)
                 if logits is None and with_logits is not None:

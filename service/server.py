@@ -39,17 +39,15 @@ import onnxruntime as ort
 from service import errors
 from service.ecg_input import decode_ecgs
 from service.errors import (
-    Cancelled,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
-    ServiceError,
 )
 from service.health import Extras, register_extras
 from service.methods import METHOD_NAMES, get_method
 from service.repository import refusal_of_method
+from service.rpc import check_active, failure_status, status_of
 
 try:
     from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
@@ -73,19 +71,6 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 MAX_TOP_K = 32  # bounded anyway by the number of classes
 PROBABILITY_THRESHOLD = 0.5  # "all predicted": every class at or above it
 
-_STATUS = {
-    cls: grpc.StatusCode[cls.code]
-    for cls in (InvalidArgument, NotFound, FailedPrecondition, ResourceExhausted, Cancelled, DeadlineExceeded)
-}
-
-
-def status_of(error: ServiceError) -> grpc.StatusCode:
-    """The gRPC status code of a typed service error (one code per error class)."""
-    for cls in type(error).__mro__:
-        if cls in _STATUS:
-            return _STATUS[cls]
-    return grpc.StatusCode[getattr(error, "code", "UNKNOWN")]
-
 
 def _handler(limited: bool = False) -> Callable:
     """Wrap an RPC handler: typed errors -> their status code, anything else -> INTERNAL (logged);
@@ -100,16 +85,8 @@ def _handler(limited: bool = False) -> Callable:
                 if limited:
                     acquired = self._enter(context)
                 return fn(self, request, context)
-            except ServiceError as e:
-                code, message = status_of(e), _clip(str(e))
-                log.info("%s: %s %s", fn.__name__, code.name, message)
-            except Exception:
-                # Tracebacks name code and exception messages, never the request's samples.
-                log.exception("%s: internal error", fn.__name__)
-                code, message = (
-                    grpc.StatusCode.INTERNAL,
-                    f"internal error in {fn.__name__}; see the server log",
-                )
+            except Exception as e:
+                code, message = failure_status(e, fn.__name__)
             finally:
                 if acquired:
                     self._slots.release()
@@ -118,15 +95,6 @@ def _handler(limited: bool = False) -> Callable:
         return run
 
     return wrap
-
-
-# Status details travel in HTTP/2 trailers, whose size is limited (8 kB by default): a message
-# that echoes long client input (lead names) is cut rather than lost.
-MAX_DETAILS_CHARS = 2000
-
-
-def _clip(message: str) -> str:
-    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 3] + "..."
 
 
 def _tensor(array: np.ndarray) -> pb.Tensor:
@@ -206,7 +174,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             while time.monotonic() < give_up:
                 if self._slots.acquire(timeout=0.25):
                     return True
-                _check_active(context)
+                check_active(context)
             raise ResourceExhausted(
                 f"the server is busy: no request slot freed within {QUEUE_WAIT_S:g} s (--max-concurrent); "
                 "retry with backoff"
@@ -352,7 +320,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         results: dict[tuple[int, str, int], tuple[np.ndarray, float]] = {}
         for m in methods:
             for j in range(slots):
-                _check_active(context)
+                check_active(context)
                 rows = [i for i, t in enumerate(targets) if len(t) > j]
                 cls = np.array([targets[i][j] for i in rows], dtype=np.int64)
                 every = len(rows) == len(x)
@@ -521,16 +489,6 @@ def _name(what: str, value: str) -> str:
     if not value:
         raise InvalidArgument(f"{what} is empty; ListModels lists the models")
     return value
-
-
-def _check_active(context: grpc.ServicerContext) -> None:
-    """Stop between engine calls when the client went away or its deadline passed."""
-    if context.is_active():
-        return
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded("the client's deadline passed; the work was stopped between engine calls")
-    raise Cancelled("the client cancelled the request; the work was stopped between engine calls")
 
 
 def lead_shares(attribution: np.ndarray) -> np.ndarray:

@@ -66,3 +66,22 @@ def assert_clean_failure(
         assert fragment in err_lines[0], f"{fragment!r} not in the error line\n{context}"
     if before is not None:
         assert snapshot(*roots) == before, f"the file system changed\n{context}"
+
+
+# ``python SCRIPT ARGS`` runs ``ecgx ARGS`` with PyTorch made unimportable (an import hook: setting
+# sys.modules["torch"] = None would break scipy), then prints whether torch got loaded anyway.
+ECGX_WITHOUT_TORCH = """
+import importlib.abc, sys
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" or name.startswith("torch."):
+            raise ImportError(f"torch is not importable in this process ({name})")
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+from ecgx.cli import main
+rc = main(sys.argv[1:])
+print("TORCH_LOADED", any(m == "torch" or m.startswith("torch.") for m in sys.modules), flush=True)
+sys.exit(rc)
+"""

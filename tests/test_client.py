@@ -12,12 +12,11 @@ import shutil
 import socket
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
-from cli_helpers import assert_clean_failure, run_ecgx, snapshot
+from cli_helpers import ECGX_WITHOUT_TORCH, assert_clean_failure, run_ecgx, snapshot
 from repo_helpers import make_package
 
 from service.repository import ModelRepository
@@ -246,28 +245,9 @@ def test_existing_outputs_need_overwrite(server, beats, tmp_path) -> None:
     ok(client(server, "predict", "--ecg", str(beats["one"]), "--json", str(js), "--overwrite"))
 
 
-_NO_TORCH = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class _NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is not importable on the client path ({name})")
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-    from ecgx.cli import main
-    rc = main(sys.argv[1:])
-    print("TORCH_LOADED", any(m == "torch" or m.startswith("torch.") for m in sys.modules), flush=True)
-    sys.exit(rc)
-    """
-)
-
-
 def test_the_client_never_imports_torch(server, shared_data, tmp_path) -> None:
     script = tmp_path / "no_torch.py"
-    script.write_text(_NO_TORCH)
+    script.write_text(ECGX_WITHOUT_TORCH)
     record = shared_data / "ptbxl-sample" / "HR06000"
     args = ["client", "explain", "--server", server["address"], "--record", str(record), "--method", PASSED]
     r = subprocess.run(

@@ -15,7 +15,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc
+from cli_helpers import ECGX_WITHOUT_TORCH
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecgx.cli import main
@@ -495,28 +495,10 @@ def test_concurrent_clients_past_the_limit_are_refused_cleanly(server, beats) ->
 
 # ------------------------------------------------------------------------------ ecgx serve, without torch
 
-_NO_TORCH = textwrap.dedent(
-    """
-    import importlib.abc, sys
-
-    class _NoTorch(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "torch" or name.startswith("torch."):
-                raise ImportError(f"torch is not importable in the serving process ({name})")
-            return None
-
-    sys.meta_path.insert(0, _NoTorch())
-    from ecgx.cli import main
-    rc = main(sys.argv[1:])
-    print("TORCH_LOADED", any(m == "torch" or m.startswith("torch.") for m in sys.modules), flush=True)
-    sys.exit(rc)
-    """
-)
-
 
 def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_path) -> None:
     script = tmp_path / "serve_no_torch.py"
-    script.write_text(_NO_TORCH)
+    script.write_text(ECGX_WITHOUT_TORCH)
     args = ["--repo", str(repo["root"]), "--port", "0", "--trusted-key", str(repo["public"]), "--grace", "5"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(

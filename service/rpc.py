@@ -1,0 +1,46 @@
+"""What both gRPC servicers (ecgx.v1 in service/server.py, the OIP in service/oip.py) share:
+typed errors to status codes, status details of bounded size, and client-gone checks."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from service.errors import Cancelled, DeadlineExceeded, ServiceError
+
+log = logging.getLogger(__name__)
+
+# Status details travel in HTTP/2 trailers, whose size is limited (8 kB by default): a message
+# that echoes long client input (lead names) is cut rather than lost.
+MAX_DETAILS_CHARS = 2000
+
+
+def status_of(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status code of a typed service error (each class names its code)."""
+    return grpc.StatusCode[getattr(error, "code", "UNKNOWN")]
+
+
+def clip_details(message: str) -> str:
+    return message if len(message) <= MAX_DETAILS_CHARS else message[: MAX_DETAILS_CHARS - 3] + "..."
+
+
+def failure_status(error: Exception, where: str) -> tuple[grpc.StatusCode, str]:
+    """The status a handler aborts with: a typed error's own code and message, anything else
+    INTERNAL with a generic message (the traceback goes to the log, never the request's samples)."""
+    if isinstance(error, ServiceError):
+        code, message = status_of(error), clip_details(str(error))
+        log.info("%s: %s %s", where, code.name, message)
+        return code, message
+    log.error("%s: internal error", where, exc_info=error)
+    return grpc.StatusCode.INTERNAL, f"internal error in {where}; see the server log"
+
+
+def check_active(context: grpc.ServicerContext) -> None:
+    """Stop between engine calls when the client went away or its deadline passed."""
+    if context.is_active():
+        return
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlineExceeded("the client's deadline passed; the work was stopped between engine calls")
+    raise Cancelled("the client cancelled the request; the work was stopped between engine calls")
