@@ -32,6 +32,9 @@ PACKAGE_FORMAT = "ecgx-model-package"
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
+# The training split's fingerprint (training/export/package.py writes them; validation/leakage.py reads).
+TRAINING_BEATS_FILE = "training_beats.sha256"
+TRAINING_IDS_FILE = "training_ids.json"
 REQUIRED_GRAPHS = ("forward",)
 # Package files are plain names in the package folder: no separators, no "." or "..".
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -378,6 +381,13 @@ def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
                 f"is {length} bytes, but shape {dims} holds {math.prod(dims)} float32 ({4 * math.prod(dims)} "
                 "bytes)",
             )
+
+    if manifest.get("training_data") is not None:
+        training = c.dict_(manifest["training_data"], "training_data")
+        for key in ("beats_file", "ids_file"):
+            name = c.str_(c.get(training, key, "training_data."), f"training_data.{key}")
+            if name not in files:
+                c.fail(f"training_data.{key}", f"names {_show(name)}, which is not listed in files")
 
     layers = c.list_(c.get(manifest, "layers"), "layers")
     for i, layer in enumerate(layers):

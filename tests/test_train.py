@@ -50,7 +50,7 @@ def test_run_writes_checkpoint_metrics_and_summary(small_synth: Path, tmp_path: 
     ]
     for c in metrics["classes"]:
         assert c["test_auroc"] is None or 0.0 <= c["test_auroc"] <= 1.0
-    assert metrics["split"] == {"seed": 0, "train": 420, "val": 90, "test": 90}
+    assert metrics["split"] == {"seed": 0, "by": "beat", "train": 420, "val": 90, "test": 90}
     assert metrics["data"]["fingerprint"] == summary["data"]["fingerprint"]
     assert json.loads((tmp_path / "run" / RUN_FILE).read_text())["seeds"]["3"]["best_epoch"] >= 1
 
@@ -121,3 +121,44 @@ def test_non_checkpoint_files_are_refused(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, bogus)
     with pytest.raises(ValueError, match="not an ecgx checkpoint"):
         load_checkpoint(bogus)
+
+
+def test_split_by_patient_keeps_each_patient_on_one_side() -> None:
+    patients = [f"P{i % 37}" for i in range(1000)]
+    a = make_split(1000, TrainConfig(split_seed=5), patients)
+    b = make_split(1000, TrainConfig(split_seed=5), patients)
+    assert all(
+        np.array_equal(x, y) for x, y in zip((a.train, a.val, a.test), (b.train, b.val, b.test), strict=True)
+    )
+    sides = [{patients[i] for i in part} for part in (a.train, a.val, a.test)]
+    assert not (sides[0] & sides[1] or sides[0] & sides[2] or sides[1] & sides[2])
+    assert np.array_equal(np.sort(np.concatenate([a.train, a.val, a.test])), np.arange(1000))
+    assert min(a.sizes().values()) > 0
+    assert not np.array_equal(a.test, make_split(1000, TrainConfig(split_seed=6), patients).test)
+    # One beat per patient is the beat split exactly: old runs keep their split.
+    plain, singletons = (
+        make_split(1000, TrainConfig(split_seed=5)),
+        make_split(1000, TrainConfig(split_seed=5), [str(i) for i in range(1000)]),
+    )
+    assert all(
+        np.array_equal(x, y)
+        for x, y in zip((plain.train, plain.test), (singletons.train, singletons.test), strict=True)
+    )
+    with pytest.raises(ValueError, match="2 patient"):
+        make_split(10, TrainConfig(), ["a"] * 5 + ["b"] * 5)
+
+
+def test_a_run_records_its_training_split_beside_each_checkpoint(small_synth: Path, tmp_path: Path) -> None:
+    from training.data.dataset import beat_sha256
+    from training.train import TRAINING_BEATS_FILE, TRAINING_IDS_FILE, split_dataset
+
+    train_run(small_synth, [0], tmp_path / "run", TINY, FAST, show_progress=False)
+    ds = load_dataset(small_synth)
+    split = split_dataset(ds, FAST)
+    hashes = (seed_dir(tmp_path / "run", 0) / TRAINING_BEATS_FILE).read_text().split()
+    assert hashes == sorted(set(beat_sha256(ds.signals[split.train])))
+    assert not set(hashes) & set(beat_sha256(ds.signals[split.test]))
+    ids = json.loads((seed_dir(tmp_path / "run", 0) / TRAINING_IDS_FILE).read_text())
+    assert ids["split_by"] == "beat" and ids["patient_ids"] is None  # synthetic data names no patients
+    metrics = json.loads((seed_dir(tmp_path / "run", 0) / METRICS_FILE).read_text())
+    assert metrics["split"]["by"] == "beat"

@@ -219,3 +219,47 @@ def test_median_beat_rejects_bad_input() -> None:
         median_beat(np.zeros((12, 5000)), 500.0)
     with pytest.raises(MedianBeatError, match="too few beats"):
         median_beat(np.random.default_rng(0).normal(0.0, 0.1, (12, 5000)), 500.0)
+
+
+def test_import_keeps_record_and_patient_ids(imported: tuple[ImportReport, Dataset], tmp_path: Path) -> None:
+    _, ds = imported
+    assert ds.record_ids == ds.meta["records"] and "HR06000" in ds.record_ids
+    # These headers name no patient: each record counts as its own patient.
+    assert ds.patient_ids == ds.record_ids
+
+
+def test_patient_ids_come_from_header_comments_and_patient_folders(shared: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from training.data.wfdb_import import patient_id
+
+    for i, name in enumerate(("HR06000", "HR06001")):
+        for suffix in (".hea", ".mat"):
+            shutil.copy(shared / "ptbxl-sample" / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+        with open(tmp_path / f"{name}.hea", "a") as f:
+            f.write("# Patient ID: 15709\n" if i == 0 else "# Subject: P7\n")
+    folder = tmp_path / "patient001"
+    folder.mkdir()
+    for suffix in (".hea", ".dat", ".xyz"):
+        shutil.copy(shared / "ptb-diagnostic" / f"s0010_re{suffix}", folder / f"s0010_re{suffix}")
+    assert patient_id(tmp_path / "HR06000") == "15709" and patient_id(folder / "s0010_re") == "patient001"
+    import_wfdb([tmp_path, folder], tmp_path / "ds", show_progress=False)
+    ds = load_dataset(tmp_path / "ds")
+    assert dict(zip(ds.record_ids, ds.patient_ids, strict=True)) == {
+        "HR06000": "15709",
+        "HR06001": "P7",
+        "s0010_re": "patient001",
+    }
+
+
+def test_old_datasets_without_ids_still_load_and_bad_ids_are_refused(shared: Path, tmp_path: Path) -> None:
+    import_wfdb([shared / "ptbxl-sample"], tmp_path / "ds", show_progress=False)
+    meta_file = tmp_path / "ds" / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    old = {k: v for k, v in meta.items() if k not in ("record_ids", "patient_ids")}
+    meta_file.write_text(json.dumps(old))
+    ds = load_dataset(tmp_path / "ds")
+    assert ds.patient_ids is None and ds.record_ids == meta["records"]  # the old records list
+    meta_file.write_text(json.dumps({**old, "patient_ids": ["a"]}))
+    with pytest.raises(DatasetError, match=r"patient_ids must be a list of one id per beat \(10\), got 1"):
+        load_dataset(tmp_path / "ds")

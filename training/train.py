@@ -31,7 +31,7 @@ from ecgx.outputs import RUN, OutputError, StagedOutput, classify_output, tempor
 from ecgx.progress import progress
 from training.checkpoint import save_checkpoint
 from training.config import TrainConfig
-from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
+from training.data.dataset import Dataset, beat_sha256, dataset_fingerprint, load_dataset
 from training.data.schema import CLASSES
 from training.distributed import DistContext, broadcast_float, init_distributed, shutdown_distributed
 from training.metrics import per_class_auroc
@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
 RUN_FILE = "run.json"
+# What the model was trained on, beside each checkpoint; the export copies both into the package
+# so the gate can refuse validation data that overlaps it (validation/leakage.py).
+TRAINING_BEATS_FILE = "training_beats.sha256"  # SHA-256 of each training beat, sorted, one per line
+TRAINING_IDS_FILE = "training_ids.json"  # record and patient ids of the training split
 
 
 @dataclass(frozen=True)
@@ -56,15 +60,74 @@ class Split:
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
 
 
-def make_split(n: int, cfg: TrainConfig) -> Split:
-    """Random split fixed by ``cfg.split_seed``; every part gets at least one beat."""
+def make_split(n: int, cfg: TrainConfig, groups: Sequence[str] | None = None) -> Split:
+    """Random split fixed by ``cfg.split_seed``; every part gets at least one beat.
+
+    ``groups`` (one patient id per beat) keeps all beats of a patient on one side: patients are
+    shuffled and dealt to test, then validation, until each holds its share of beats; the rest
+    train. Without groups every beat is its own patient, which gives the same split as before
+    patient ids existed (old runs stay reproducible).
+    """
     n_val = max(1, round(n * cfg.val_fraction))
     n_test = max(1, round(n * cfg.test_fraction))
     if n - n_val - n_test < 1:
         raise ValueError(f"a dataset of {n} beats is too small to split into train/validation/test")
-    perm = np.random.default_rng(cfg.split_seed).permutation(n)
-    test, val, train = np.split(perm, [n_test, n_test + n_val])
-    return Split(np.sort(train), np.sort(val), np.sort(test))
+    if groups is None:
+        perm = np.random.default_rng(cfg.split_seed).permutation(n)
+        test, val, train = np.split(perm, [n_test, n_test + n_val])
+        return Split(np.sort(train), np.sort(val), np.sort(test))
+    return _split_by_group(n, cfg, groups, n_test, n_val)
+
+
+def _split_by_group(n: int, cfg: TrainConfig, groups: Sequence[str], n_test: int, n_val: int) -> Split:
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} patient ids for {n} beats; give one per beat")
+    names, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    if len(names) < 3:
+        raise ValueError(
+            f"the {n} beats come from {len(names)} patient(s); a split by patient needs at least 3 "
+            "(one each for train, validation and test)"
+        )
+    # First-appearance order, so that one beat per patient reproduces the ungrouped split exactly.
+    first = np.full(len(names), n)
+    np.minimum.at(first, inverse, np.arange(n))
+    order = np.argsort(first, kind="stable")  # group ids in first-appearance order
+    sizes = np.bincount(inverse, minlength=len(names))
+    dealt = order[np.random.default_rng(cfg.split_seed).permutation(len(names))]
+    part = np.full(len(names), 2)  # 0 test, 1 validation, 2 train
+    i = 0
+    # Test, then validation, take whole patients until they hold their share of beats; each
+    # leaves at least one patient for the parts after it.
+    for p, want, keep in ((0, n_test, 2), (1, n_val, 1)):
+        filled = 0
+        while i < len(dealt) - keep and filled < want:
+            part[dealt[i]] = p
+            filled += sizes[dealt[i]]
+            i += 1
+    side = part[inverse]
+    train, val, test = (np.flatnonzero(side == p) for p in (2, 1, 0))
+    return Split(train, val, test)
+
+
+def split_dataset(ds: Dataset, cfg: TrainConfig) -> Split:
+    """The split of ``ds``: by patient where the dataset names patients (:func:`make_split`)."""
+    return make_split(len(ds), cfg, ds.patient_ids)
+
+
+def split_by(ds: Dataset) -> str:
+    """How :func:`split_dataset` splits ``ds``: ``"patient"`` where it names patients, else ``"beat"``."""
+    return "patient" if ds.patient_ids is not None else "beat"
+
+
+def training_fingerprint(ds: Dataset, split: Split) -> tuple[str, dict[str, Any]]:
+    """The training split as the package records it: the text of ``training_beats.sha256``
+    (sorted unique SHA-256 of each training beat's float32 bytes) and ``training_ids.json``
+    (sorted unique record and patient ids, None where the dataset has none)."""
+    beats = sorted(set(beat_sha256(ds.signals[split.train])))
+    ids: dict[str, Any] = {"split_by": split_by(ds), "beats": len(split.train)}
+    for key, values in (("record_ids", ds.record_ids), ("patient_ids", ds.patient_ids)):
+        ids[key] = None if values is None else sorted({values[i] for i in split.train})
+    return "".join(f"{h}\n" for h in beats), ids
 
 
 def seed_dir(run_dir: Path, seed: int) -> Path:
@@ -260,7 +323,7 @@ def train_run(
     ds = load_dataset(data_dir)
     if ds.labels.shape[0] == 0:
         raise ValueError(f"dataset {data_dir} holds no beats")
-    split = make_split(len(ds), cfg)
+    split = split_dataset(ds, cfg)
     unevaluable = check_class_coverage(ds, split)
     fingerprint = dataset_fingerprint(ds)
     if existing is not None:
@@ -450,7 +513,7 @@ def _train_seeds(ds, split, seeds, writer, model_cfg, cfg, ctx, show_progress, f
     }
     summary: dict[str, Any] = {
         "data": data_info,
-        "split": {"seed": cfg.split_seed, **split.sizes()},
+        "split": {"seed": cfg.split_seed, "by": split_by(ds), **split.sizes()},
         "model_config": model_cfg.to_dict(),
         "train_config": cfg.to_dict(),
         "environment": _environment(ctx),
@@ -458,6 +521,7 @@ def _train_seeds(ds, split, seeds, writer, model_cfg, cfg, ctx, show_progress, f
     }
     test_labels = np.asarray(ds.labels[split.test])
     val_labels = np.asarray(ds.labels[split.val])
+    fingerprint_files = training_fingerprint(ds, split) if ctx.is_main else None
     for seed in seeds:
         model, metrics = train_seed(ds, split, seed, model_cfg, cfg, ctx, show_progress)
         if not ctx.is_main:
@@ -470,10 +534,10 @@ def _train_seeds(ds, split, seeds, writer, model_cfg, cfg, ctx, show_progress, f
             mean_test_auroc=float(np.mean(defined)) if defined else None,
             min_test_auroc=float(np.min(defined)) if defined else None,
             data=data_info,
-            split={"seed": cfg.split_seed, **split.sizes()},
+            split={"seed": cfg.split_seed, "by": split_by(ds), **split.sizes()},
             environment=_environment(ctx),
         )
-        _write_seed(writer.root, seed, model.cpu(), metrics, model_cfg, cfg)
+        _write_seed(writer.root, seed, model.cpu(), metrics, model_cfg, cfg, fingerprint_files)
         keys = ("mean_test_auroc", "min_test_auroc", "best_epoch", "train_seconds")
         summary["seeds"][str(seed)] = {k: metrics[k] for k in keys}
         if defined:
@@ -490,8 +554,19 @@ def _train_seeds(ds, split, seeds, writer, model_cfg, cfg, ctx, show_progress, f
     return summary
 
 
-def _write_seed(out: Path, seed: int, model: ECGNet, metrics: dict, model_cfg: ModelConfig, cfg: TrainConfig):
+def _write_seed(
+    out: Path,
+    seed: int,
+    model: ECGNet,
+    metrics: dict,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    fingerprint: tuple[str, dict[str, Any]] | None = None,
+):
     d = seed_dir(out, seed)
     d.mkdir(parents=True, exist_ok=True)
+    if fingerprint is not None:
+        (d / TRAINING_BEATS_FILE).write_text(fingerprint[0])
+        (d / TRAINING_IDS_FILE).write_text(json.dumps(fingerprint[1], indent=1) + "\n")
     save_checkpoint(d / CHECKPOINT_FILE, model, seed=seed, train_config=cfg.to_dict(), metrics=metrics)
     (d / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n")

@@ -6,7 +6,11 @@ A dataset folder holds
 - ``labels.npy``  (N, 9) uint8, 0/1, class order of ``meta.json``;
 - ``masks.npy``   (N, 12, 600) uint16, bit c set where class c's feature lies
   (all zero for real data, which has no ground truth);
-- ``meta.json``   lead names, sampling rate, classes, source, generator version, seed.
+- ``meta.json``   lead names, sampling rate, classes, source, generator version, seed, and
+  optionally ``record_ids`` / ``patient_ids``: one text per beat naming the recording and the
+  patient it came from (the WFDB import writes both; synthetic data has neither, and each of
+  its beats is its own patient). Training splits by patient, and the gate's leakage guard
+  compares them with the training split of the gated package.
 
 Arrays are read with ``mmap_mode="r"`` so a study-sized set (hundreds of
 thousands of beats, tens of GB) is never loaded whole.
@@ -31,6 +35,8 @@ SIGNALS_FILE = "signals.npy"
 LABELS_FILE = "labels.npy"
 MASKS_FILE = "masks.npy"
 META_FILE = "meta.json"
+RECORD_IDS = "record_ids"  # meta.json keys: one text per beat, optional
+PATIENT_IDS = "patient_ids"
 # Values beyond this are not an ECG (a 12-lead ECG rarely exceeds ~5 mV): a units
 # mistake (µV stored as mV) or a corrupt file, and training on them would be silent garbage.
 MAX_ABS_MV = 50.0
@@ -57,6 +63,24 @@ class Dataset:
     @property
     def has_ground_truth(self) -> bool:
         return bool(self.meta.get("has_ground_truth", False))
+
+    @property
+    def record_ids(self) -> list[str] | None:
+        """The recording of each beat, or None when the source does not say.
+
+        Datasets written before ``record_ids`` existed fall back to the WFDB import's
+        ``records`` list (one name per beat, in beat order)."""
+        ids = self.meta.get(RECORD_IDS)
+        records = self.meta.get("records")
+        if ids is None and isinstance(records, list) and len(records) == len(self):
+            ids = records
+        return None if ids is None else [str(i) for i in ids]
+
+    @property
+    def patient_ids(self) -> list[str] | None:
+        """The patient of each beat, or None when the source does not say (each beat its own patient)."""
+        ids = self.meta.get(PATIENT_IDS)
+        return None if ids is None else [str(i) for i in ids]
 
 
 def default_meta(source: str, **extra: Any) -> dict[str, Any]:
@@ -175,6 +199,7 @@ def load_dataset(path: Path | str, mmap: bool = True, check_values: bool = True)
     masks = _read_array(path, MASKS_FILE, np.uint16, (N_LEADS, BEAT_SAMPLES), mode, n)
     if "n" in meta and meta["n"] != n:
         raise DatasetError(f"{path / META_FILE} says n={meta['n']} but {SIGNALS_FILE} holds {n} beats")
+    _check_ids(path, meta, n)
     if check_values:
         _check_values(path, signals, labels, masks)
     return Dataset(path=path, signals=signals, labels=labels, masks=masks, meta=meta)
@@ -206,6 +231,34 @@ def _read_meta(path: Path) -> dict[str, Any]:
     if rate != SAMPLING_RATE_HZ:
         raise DatasetError(f"{meta_path}: sampling_rate_hz must be {SAMPLING_RATE_HZ}, got {rate}")
     return meta
+
+
+def _check_ids(path: Path, meta: dict[str, Any], n: int) -> None:
+    """``record_ids`` and ``patient_ids``, where present, are lists of N non-empty texts."""
+    for key in (RECORD_IDS, PATIENT_IDS):
+        ids = meta.get(key)
+        if ids is None:
+            continue
+        if not isinstance(ids, list) or len(ids) != n:
+            got = f"{len(ids)} entries" if isinstance(ids, list) else type(ids).__name__
+            raise DatasetError(
+                f"{path / META_FILE}: {key} must be a list of one id per beat ({n}), got {got}"
+            )
+        bad = next((i for i, v in enumerate(ids) if not isinstance(v, str) or not v), None)
+        if bad is not None:
+            raise DatasetError(f"{path / META_FILE}: {key}[{bad}] must be a non-empty text, got {ids[bad]!r}")
+
+
+def beat_sha256(signals: np.ndarray) -> list[str]:
+    """SHA-256 of each beat's float32 little-endian bytes: identical signals, identical hashes.
+
+    The package manifest keeps these for the training split, and the gate's leakage guard
+    compares them with the validation ECGs (:mod:`validation.leakage`)."""
+    out = []
+    for sl in iter_chunks(len(signals)):
+        block = np.ascontiguousarray(signals[sl], dtype="<f4")
+        out += [hashlib.sha256(beat.tobytes()).hexdigest() for beat in block]
+    return out
 
 
 def _read_array(

@@ -62,6 +62,10 @@ _GAIN = re.compile(r"^([^(/]*)(?:\(([^)]*)\))?(?:/(.*))?$")  # gain[(baseline)][
 _FORMATS = {"0", "8", "16", "24", "32", "61", "80", "160", "212", "310", "311", "508", "516", "524"}
 _SIGNAL_INTEGER_FIELDS = ("ADC resolution", "ADC zero", "initial value", "checksum", "block size")
 _DX_LINE = re.compile(r"^\s*dx\s*:\s*(.*)$", re.IGNORECASE)
+# Header comments that name the patient (e.g. "# Patient ID: 15709"), and PTB Diagnostic's layout
+# (records in one folder per patient, "patient001/s0010_re").
+_PATIENT_LINE = re.compile(r"^\s*#?\s*(?:patient|subject)(?:[ _]?id)?\s*:\s*(\S.*?)\s*$", re.IGNORECASE)
+_PATIENT_FOLDER = re.compile(r"^patient\d+$", re.IGNORECASE)
 _MAX_LISTED = 10  # names listed in one aggregated warning
 
 
@@ -396,6 +400,23 @@ def _dx_codes(comments: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(codes))  # unique, header order
 
 
+def patient_id(base: str | Path) -> str | None:
+    """The patient a record belongs to, where the source says: a ``# Patient:`` / ``# Patient ID:`` /
+    ``# Subject:`` header comment, else a parent folder named ``patient<digits>`` (PTB Diagnostic's
+    layout); None when neither is there (the import then counts the record as its own patient)."""
+    base = record_base(base)
+    try:
+        text = _header(base).read_bytes().decode("utf-8", errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        m = _PATIENT_LINE.match(line) if line.lstrip().startswith("#") else None
+        if m:
+            return m.group(1)
+    folder = base.parent.name
+    return folder if _PATIENT_FOLDER.match(folder) else None
+
+
 def labels_from_codes(codes: Iterable[str]) -> tuple[np.ndarray, list[str]]:
     """Multi-hot (9,) uint8 labels of SNOMED ``codes`` and the codes that map to no class."""
     table = snomed_to_class()
@@ -433,6 +454,7 @@ class _Collected:
     labels: list[np.ndarray] = field(default_factory=list)
     names: list[str] = field(default_factory=list)
     paths: list[str] = field(default_factory=list)
+    patients: list[str] = field(default_factory=list)  # the record's name where no patient is named
     skipped: list[tuple[str, str]] = field(default_factory=list)
     unlabelled: list[str] = field(default_factory=list)
     unknown: dict[str, list[str]] = field(default_factory=dict)
@@ -443,6 +465,7 @@ class _Collected:
         self.labels.append(labels)
         self.names.append(name)
         self.paths.append(str(base))
+        self.patients.append(patient_id(base) or name)
         if not codes:
             self.unlabelled.append(name)
         if unknown:
@@ -515,6 +538,8 @@ def _meta(got: _Collected) -> dict[str, object]:
         "wfdb",
         records=got.names,
         record_paths=got.paths,
+        record_ids=got.names,
+        patient_ids=got.patients,
         unknown_codes=got.unknown,
         unlabelled_records=got.unlabelled,
         skipped=[list(s) for s in got.skipped],

@@ -9,7 +9,12 @@ A package folder holds
   forward and backward parts share one set of weights;
 - ``manifest.json``: format version, classes, leads, input shape, layer list,
   parameter table, graph signatures, files with SHA-256, opset, training
-  metrics, source checkpoint and the export's own parity check.
+  metrics, source checkpoint and the export's own parity check;
+- for a package exported from a training run, ``training_beats.sha256`` (the
+  SHA-256 of every training-split beat, sorted) and ``training_ids.json`` (the
+  split's record and patient ids), listed in ``files`` and described by the
+  manifest's ``training_data``: the gate refuses validation data that overlaps
+  them (``validation/leakage.py``).
 
 The export runs every graph on ONNX Runtime against the PyTorch reference
 (Captum) and refuses to publish a package that disagrees.
@@ -37,6 +42,8 @@ from service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
 from service.package import (
     MANIFEST_FILE,
     PACKAGE_FORMAT,
+    TRAINING_BEATS_FILE,
+    TRAINING_IDS_FILE,
     WEIGHTS_FILE,
     check_manifest,
     check_parameters,
@@ -137,6 +144,7 @@ def export_package(
     sample_inputs: np.ndarray | None = None,
     training_info: dict[str, Any] | None = None,
     source: dict[str, Any] | None = None,
+    training_data: tuple[str, dict[str, Any]] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Export ``model`` as a package folder ``out`` and return its path.
@@ -144,6 +152,9 @@ def export_package(
     ``gradcam_layer`` names the IR tensor GradCAM reads (default: the last
     convolutional block's output). ``sample_inputs`` (B, 12, 600) are used for
     the parity check (default: synthetic beats from the project's generator).
+    ``training_data`` is the training split's fingerprint
+    (:func:`training.train.training_fingerprint`: the text of ``training_beats.sha256``
+    and the ids of ``training_ids.json``); without it the package records none.
     """
     from ecgx.outputs import PACKAGE, StagedOutput, check_output
 
@@ -161,11 +172,35 @@ def export_package(
         files = _write_graphs(tmp, graphs, params)
         x = _sample_inputs(sample_inputs)
         checks = verify_package_graphs(tmp, model, ir, layer, x)
-        manifest = _manifest(ir, layer, params, files, checks, training_info, source, tmp)
+        extra = _write_training_data(tmp, training_data)
+        manifest = _manifest(ir, layer, params, [*files, *extra], checks, training_info, source, tmp)
+        if training_data is not None:
+            manifest["training_data"] = _training_data_entry(training_data)
         manifest["export_seconds"] = round(time.perf_counter() - started, 3)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     log.info("exported package %s (%d graphs) in %.1f s", out, len(graphs), time.perf_counter() - started)
     return out
+
+
+def _write_training_data(folder: Path, training_data: tuple[str, dict[str, Any]] | None) -> list[str]:
+    if training_data is None:
+        return []
+    beats, ids = training_data
+    (folder / TRAINING_BEATS_FILE).write_text(beats)
+    (folder / TRAINING_IDS_FILE).write_text(json.dumps(ids, indent=1) + "\n")
+    return [TRAINING_BEATS_FILE, TRAINING_IDS_FILE]
+
+
+def _training_data_entry(training_data: tuple[str, dict[str, Any]]) -> dict[str, Any]:
+    beats, ids = training_data
+    return {
+        "beats_file": TRAINING_BEATS_FILE,
+        "ids_file": TRAINING_IDS_FILE,
+        "unique_beats": beats.count("\n"),
+        "split_by": ids.get("split_by"),
+        "record_ids": None if ids.get("record_ids") is None else len(ids["record_ids"]),
+        "patient_ids": None if ids.get("patient_ids") is None else len(ids["patient_ids"]),
+    }
 
 
 def _pick_gradcam_layer(ir: ModelIR, requested: str | None) -> str:
@@ -318,7 +353,7 @@ def _manifest(ir, layer, params, files, checks, training_info, source, folder) -
     if any(not is_plain_name(f) for f in all_files) or len(set(all_files)) != len(all_files):
         raise ExportError(f"package files must have distinct plain names, got {all_files}")
     graph_files = {name: f"{name}.onnx" for name in GRAPH_SIGNATURES}
-    if sorted(graph_files.values()) != sorted(files):
+    if sorted(graph_files.values()) != sorted(f for f in files if f.endswith(".onnx")):
         raise ExportError(f"graphs written {sorted(files)} differ from the graph table {sorted(graph_files)}")
     manifest = {
         "format": PACKAGE_FORMAT,
@@ -380,4 +415,47 @@ def export_checkpoint(checkpoint: Path | str, out: Path | str, **kwargs: Any) ->
         "split": metrics.get("split"),
     }
     source = {"checkpoint": str(checkpoint.resolve()), "sha256": sha256_file(checkpoint)}
+    kwargs.setdefault("training_data", checkpoint_training_data(checkpoint, payload))
     return export_package(model, out, training_info=training_info, source=source, **kwargs)
+
+
+def checkpoint_training_data(checkpoint: Path, payload: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The training split's fingerprint of a checkpoint: the files ``ecgx train`` wrote beside it,
+    or, for a run trained before they existed, recomputed from the training dataset when it is
+    still where the run says and unchanged (same fingerprint). None (logged) when neither is there:
+    the package then records no training data and the gate can only warn."""
+    from training.train import TRAINING_BEATS_FILE as BEATS
+    from training.train import TRAINING_IDS_FILE as IDS
+
+    folder = checkpoint.parent
+    if (folder / BEATS).is_file() and (folder / IDS).is_file():
+        return (folder / BEATS).read_text(), json.loads((folder / IDS).read_text())
+    data = (payload.get("metrics") or {}).get("data") or {}
+    try:
+        return _recompute_training_data(data, payload.get("train_config") or {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning(
+            "%s: no record of its training data (%s and %s are missing, and the dataset %s cannot be "
+            "read again: %s); the package records none, so the gate cannot check validation data for "
+            "overlap with it",
+            checkpoint,
+            BEATS,
+            IDS,
+            data.get("path"),
+            e,
+        )
+        return None
+
+
+def _recompute_training_data(
+    data: dict[str, Any], train_config: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
+    from training.config import TrainConfig
+    from training.data.dataset import dataset_fingerprint, load_dataset
+    from training.train import split_dataset, training_fingerprint
+
+    ds = load_dataset(data["path"], check_values=False)
+    if dataset_fingerprint(ds) != data.get("fingerprint"):
+        raise ValueError("it changed since training (another fingerprint)")
+    cfg = TrainConfig(**{k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__})
+    return training_fingerprint(ds, split_dataset(ds, cfg))
