@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -53,10 +54,12 @@ def test_amplitudes_are_plausible(batch: SynthBatch) -> None:
     assert peak.min() > 0.3 and peak.max() < 6.5
     assert 0.8 < np.median(peak) < 3.0
     lvh = batch.labels[:, C["LVH"]] == 1
-    # Sokolow-Lyon-like voltage: S in V1 + R in V5/V6 is larger with LVH.
+    # Sokolow-Lyon-like voltage: S in V1 + R in V5/V6 is larger with LVH, but the ranges
+    # overlap (generator 2.0: median ratio about 1.45), as they do in real ECGs.
     qrs = batch.signals[:, :, 215:290]
     sokolow = -qrs[:, LD["V1"]].min(1) + qrs[:, [LD["V5"], LD["V6"]]].max(axis=(1, 2))
-    assert np.median(sokolow[lvh]) > 1.6 * np.median(sokolow[~lvh])
+    assert np.median(sokolow[lvh]) > 1.25 * np.median(sokolow[~lvh])
+    assert np.mean(sokolow[lvh] < np.percentile(sokolow[~lvh], 90)) > 0.2  # overlap
 
 
 def test_label_rules_and_prevalence(batch: SynthBatch) -> None:
@@ -100,18 +103,103 @@ def test_mask_locations_are_plausible(batch: SynthBatch) -> None:
         prof = _mask_time_profile(batch, C[key])
         assert prof[(t > R_PEAK_SAMPLE - 150) & (t < R_PEAK_SAMPLE - 15)].sum() > 0.4 * prof.sum(), key
         assert prof[qrs].sum() < 0.02 * prof.sum(), key
-    for key in ("LBBB", "RBBB", "LVH"):  # QRS around the fiducial in (almost) every beat
+    for key in ("LBBB", "LVH"):  # QRS around the fiducial in (almost) every beat
         rows = batch.labels[:, C[key]] == 1
         on_qrs = _bits(batch, C[key])[rows][:, :, qrs].any(axis=(1, 2))
         assert on_qrs.mean() > 0.97, key
-    rbbb = batch.labels[:, C["RBBB"]] == 1
-    assert _bits(batch, C["RBBB"])[rbbb, LD["V1"]][:, qrs].any(1).mean() > 0.95
+    rbbb = batch.labels[:, C["RBBB"]] == 1  # the terminal QRS (R' in V1), after the R peak
+    terminal = (t >= R_PEAK_SAMPLE + 5) & (t < R_PEAK_SAMPLE + 70)
+    assert _bits(batch, C["RBBB"])[rbbb, LD["V1"]][:, terminal].any(1).mean() > 0.95
     prof = _mask_time_profile(batch, C["STT"])  # ST segment and T wave, after the QRS
     assert prof[(t > R_PEAK_SAMPLE + 20) & (t < R_PEAK_SAMPLE + 250)].sum() > 0.5 * prof.sum()
     assert prof[qrs].sum() < 0.02 * prof.sum()
     for key in ("STach", "SBrad"):  # the rate moves the T wave (and the neighbours), not the QRS
         prof = _mask_time_profile(batch, C[key])
         assert prof[qrs].sum() < 0.02 * prof.sum(), key
+
+
+def test_masks_are_small(batch: SynthBatch) -> None:
+    # Masks mark the feature, not a third of the map (generator 1.0: 0.10-0.40 of it).
+    for cls, key in enumerate(CLASS_KEYS):
+        rows = batch.labels[:, cls] == 1
+        area = _bits(batch, cls)[rows].mean()
+        assert area < 0.16, (key, area)
+
+
+def test_rbbb_mask_is_the_terminal_qrs_in_v1_and_v6(batch: SynthBatch) -> None:
+    rows = batch.labels[:, C["RBBB"]] == 1
+    bits = _bits(batch, C["RBBB"])[rows].astype(np.int64)
+    assert bits.mean() < 0.05  # measured 0.032
+    # Inside the median beat's own span (the rest marks the neighbours' R'), the bits lie on the
+    # terminal QRS: from just after the R peak to the end of the widened complex.
+    own = bits[:, :, R_PEAK_SAMPLE - 50 : R_PEAK_SAMPLE + 150]
+    terminal = bits[:, :, R_PEAK_SAMPLE + 5 : R_PEAK_SAMPLE + 70]
+    assert terminal.sum() > 0.97 * own.sum()
+    assert bits[:, :, : R_PEAK_SAMPLE - 25].sum() < 0.2 * bits.sum()  # nothing before the QRS onset but
+    # the previous beat's tail at the window's start
+    v1_v6 = terminal[:, [LD["V1"], LD["V6"]]].any(axis=(1, 2))
+    assert v1_v6.mean() > 0.97
+    per_lead = terminal.sum(axis=(0, 2))
+    assert set(np.argsort(per_lead)[-4:]) & {LD["V1"], LD["V2"]}, per_lead  # strongest in the right
+
+
+def test_af_median_beat_keeps_little_f_wave_energy() -> None:
+    # f-waves are not phase-locked: the median over the record's beats averages them out.
+    from training.data import synth
+
+    rng = np.random.default_rng(5)
+    labels = synth._draw_labels(1500, rng)
+    patients = synth._draw_patients(1500, labels, rng)
+    af = labels[:, C["AF"]] == 1
+    median = synth._f_waves(patients, af)[af]
+    locked = dataclasses.replace(patients, f_phase=np.repeat(patients.f_phase[:, :1], synth._AF_MAX_BEATS, 1))
+    single = synth._f_waves(locked, af)[af]  # every beat at the same phase: one beat's f-waves
+    ratio = np.sqrt((median**2).mean(axis=(1, 2)) / (single**2).mean(axis=(1, 2)))
+    assert np.median(ratio) < 0.45 and np.percentile(ratio, 95) < 0.8  # measured 0.37, 0.57 at p90
+
+
+def test_label_noise_flips_about_the_asked_fraction() -> None:
+    clean = generate(1000, np.random.default_rng(5))
+    noisy = generate(1000, np.random.default_rng(5), label_noise=0.1)
+    np.testing.assert_array_equal(clean.signals, noisy.signals)  # flips are drawn last
+    np.testing.assert_array_equal(clean.masks, noisy.masks)  # masks follow the true classes
+    flipped = (clean.labels != noisy.labels).mean()
+    assert 0.09 < flipped < 0.11, flipped  # 9000 labels: SD 0.003
+    assert ((clean.labels != noisy.labels).mean(axis=0) > 0.07).all()  # every class
+
+
+def test_label_noise_is_checked_and_recorded(tmp_path: Path) -> None:
+    for bad in (-0.1, 0.6, "0.1", True):
+        with pytest.raises(ValueError, match="label_noise must be a number"):
+            generate(5, np.random.default_rng(0), label_noise=bad)  # type: ignore[arg-type]
+    out = synthesize_dataset(tmp_path / "n", 20, seed=0, show_progress=False, label_noise=0.05)
+    assert json.loads((out / "meta.json").read_text())["label_noise"] == 0.05
+
+
+def _auroc(score: np.ndarray, truth: np.ndarray) -> float:
+    ranks = np.argsort(np.argsort(score)) + 1.0  # scores are continuous: no ties
+    pos = truth.sum()
+    return float((ranks[truth == 1].sum() - pos * (pos + 1) / 2) / (pos * (len(truth) - pos)))
+
+
+def test_a_linear_model_on_raw_samples_is_not_near_perfect() -> None:
+    # Kernel ridge regression (closed form, dual) on standardised raw samples: 560 training,
+    # 240 test beats. On generator 1.0 the same fit reached 1.0 on LBBB, RBBB and LVH;
+    # generator 2.0 gives LVH 0.85, STT 0.57, IAVB 0.91, RBBB 0.97, LBBB 0.99 (measured 2026-11-25).
+    b = generate(800, np.random.default_rng(11))
+    x = b.signals.reshape(len(b.signals), -1).astype(np.float64)
+    cut = 560
+    z = (x - x[:cut].mean(0)) / (x[:cut].std(0) + 1e-6)
+    gram = z[:cut] @ z[:cut].T
+    y = b.labels[:cut] - b.labels[:cut].mean(0)
+    alpha = np.linalg.solve(gram + np.trace(gram) / cut * np.eye(cut), y)
+    scores = z[cut:] @ (z[:cut].T @ alpha)
+    auc = {k: _auroc(scores[:, c], b.labels[cut:, c]) for c, k in enumerate(CLASS_KEYS)}
+    assert auc["LBBB"] > 0.9, auc  # the fit works: an easy class is found
+    for key in ("IAVB", "LVH", "STT"):  # hard classes: well below near-perfect
+        assert auc[key] < 0.95, auc
+    for key in ("RBBB", "AF", "SR"):
+        assert auc[key] < 0.99, auc
 
 
 def test_af_has_no_p_wave_and_a_busy_baseline(batch: SynthBatch) -> None:

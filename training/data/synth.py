@@ -7,7 +7,7 @@ a sum of Gaussian waves, each with a centre time, a width and a 3-D vector
 (direction x amplitude): two atrial P components, six QRS slots (septal q, R, S and
 the notch / R' / slurred S of the bundle branch blocks; unused slots are silent),
 three ST components (a plateau from the J point) and an asymmetric T (two
-Gaussians). QT follows Bazett (QTc 390-430 ms) and the T width grows with RR. The
+Gaussians). QT follows Bazett (QTc 380-440 ms) and the T width grows with RR. The
 beats before and after the median beat are the same waves shifted by -RR and +RR
 (+-2 RR too): at high rates the previous T and the next P/QRS fall inside the 1.2 s
 window. In atrial fibrillation the RR varies, and the median of beats whose
@@ -30,17 +30,42 @@ QRS is at ``R_PEAK_SAMPLE``.
 Classes and label prior
 -----------------------
 Exactly one rhythm: SR 0.45 (60-100 bpm), STach 0.20 (100-150), SBrad 0.20 (40-60),
-AF 0.15 (mean 50-140 bpm, RR coefficient of variation 0.12-0.25, no P wave, 4-9 Hz
-f-waves of about 0.05-0.15 mV strongest in V1 and II). IAVB (PR 220-320 ms vs
-120-190 normal) with probability 0.17 among sinus rhythms only. Bundle branch block:
-none 0.70, LBBB 0.13, RBBB 0.17 (QRS 130-170 / 120-160 ms). LVH (R x1.35-1.8 plus an
-extra leftward-posterior force, S x1.5-2, QRS 5-15 ms wider, strain ST depression
-and T inversion in lateral leads in half of them) with probability 0.17, and STT (ST
-depression or elevation 0.1-0.3 mV and/or T inversion in an inferior, lateral,
-anterior or anteroseptal territory) with probability 0.22, both never with LBBB
-(secondary ST-T changes and voltage make both undiagnosable there). Expected
+AF 0.15 (mean 50-140 bpm, RR coefficient of variation 0.08-0.25, no P wave). IAVB with
+probability 0.17 among sinus rhythms only. Bundle branch block: none 0.70, LBBB 0.13,
+RBBB 0.17. LVH with probability 0.17 and STT with probability 0.22, both never with
+LBBB (secondary ST-T changes and voltage make both undiagnosable there). Expected
 prevalences: SR .45, STach .20, SBrad .20, AF .15, IAVB .145, LBBB .13, RBBB .17,
 LVH .15, STT .19; SR alone ("normal") about .17.
+
+The classes are not separated by gaps between parameter ranges (issue #10): a label
+follows a clinical cut through a continuous quantity, and draws crowd towards the cut,
+so near-cut beats are genuinely ambiguous, as they are for a cardiologist:
+
+- Rate: the label follows the record's mean rate (cuts at 60 and 100 bpm; STach and
+  SBrad crowd towards the cut); the median beat's RR differs from the mean's by sinus
+  arrhythmia (SD 2.5 %), so a beat labelled SR may look like 101 bpm.
+- PR: 120-200 ms without IAVB, 200-300 ms (crowding towards 200) with it.
+- QRS: normal 80-105 ms; complete LBBB / RBBB 120-170 / 120-160 ms crowding towards the
+  120 ms cut; 8 % / 15 % of the beats without a block carry an unlabelled incomplete
+  left / right block (the same morphology, QRS 100-120 ms, a weaker R' and secondary
+  ST-T: block gain 0.45-0.95 against 0.6-1.15).
+- LVH: R x1.1-1.6 plus an extra leftward-posterior force of 0.1-0.45 mV, S x1.15-1.7,
+  QRS 0-12 ms wider, strain in a third; normal R amplitudes span 0.9-1.8 and body
+  habitus scales all voltages by 0.75-1.35, so voltages overlap.
+- STT: ST shift 0.04-0.25 mV and T inversion from 0.04 mV up, crowding towards small
+  values, in an inferior, lateral, anterior or anteroseptal territory; every patient
+  also has a non-specific ST shift of up to 0.04 mV.
+- AF: f-waves (4-9 Hz, about 0.06-0.16 mV in a single beat, strongest in V1 and II)
+  are not phase-locked to the QRS: each beat of the 10 s record sees them at a random
+  phase, and the median over the record's beats leaves only a residual (about a third
+  of a single beat's amplitude). What remains is the absent P wave and, at higher
+  rates, the smeared neighbours.
+
+``label_noise`` (default 0) flips each stored (beat, class) label independently with
+that probability after rendering: signals and masks keep following the true classes,
+so a noisy dataset can carry a mask for a class its label denies (and none for one it
+claims), and the one-rhythm rule may not hold in its labels. The probability is in
+``meta.json``.
 
 Ground-truth masks
 ------------------
@@ -51,19 +76,23 @@ kept (the counterfactual):
 
 - SR: P waves removed;  STach / SBrad: rate set to 75 bpm (QT, T width and the
   neighbouring beats follow);  AF: sinus rhythm at the same mean rate, with the
-  patient's P wave, no f-waves, unsmeared neighbours;  IAVB: the patient's
-  normal PR;  LBBB / RBBB: normal QRS and ST-T;  LVH: normal voltage, no strain;
-  STT: normal ST-T.
+  patient's P wave, no f-waves, unsmeared neighbours;  IAVB: a typical PR of 160 ms
+  (the P wave's displacement);  LBBB: normal QRS and ST-T;  RBBB: the terminal R' and
+  slurred S removed, the rest of the block kept, so the mask is the terminal QRS (V1,
+  V2, V6, I);  LVH: normal voltage, no strain;  STT: normal ST-T.
 
 With ``delta`` the 12-lead difference (full minus counterfactual, mV), the bit
-is set where ``|delta| > max(MASK_FLOOR_MV, MASK_REL * max |delta|)`` (0.03 mV,
-5 %), the maximum taken over all leads and samples of that beat: a lead whose
-difference never reaches the threshold gets no bits, and a Gaussian's tails are
-cut at 5 % of the beat's strongest change. Gaps of at most ``MASK_MAX_GAP``
-samples (20 ms) inside a lead are then filled, because the difference of a moved
-wave crosses zero inside the feature. Neighbouring beats inside the window carry
-the same features, so their waves are marked too (e.g. the next beat's P for SR
-at higher rates, the previous T for STT). Absent classes never get bits.
+is set where ``|delta| > max(MASK_FLOOR_MV, MASK_REL * max |delta|)`` (0.02 mV,
+25 %), the maximum taken over all leads and samples of that beat: the mask keeps the
+leads and samples where the feature is strong, and a lead whose difference never
+reaches a quarter of the beat's strongest change gets no bits. Gaps of at most
+``MASK_MAX_GAP`` samples (20 ms) inside a lead are then filled, because the difference
+of a moved wave crosses zero inside the feature. Neighbouring beats inside the window
+carry the same features, so their waves are marked too (e.g. the next beat's P for SR
+at higher rates, the previous T for STT). Absent classes never get bits. Mean mask
+areas (share of the 12 x 600 map, beats with the class, 2000 beats): SR .074,
+STach .063, SBrad .099, AF .076, IAVB .137, LBBB .098, RBBB .032, LVH .067, STT .103
+(generator 1.0, with 5 % and no RBBB-specific counterfactual: .10 to .40).
 """
 
 from __future__ import annotations
@@ -82,10 +111,10 @@ from training.data.schema import BEAT_SAMPLES, CLASS_KEYS, N_CLASSES, N_LEADS, R
 
 log = logging.getLogger(__name__)
 
-GENERATOR_VERSION = "dipole-1.0"
+GENERATOR_VERSION = "dipole-2.0"
 
-MASK_FLOOR_MV = 0.03
-MASK_REL = 0.05
+MASK_FLOOR_MV = 0.02
+MASK_REL = 0.25
 MASK_MAX_GAP = 10  # samples (20 ms): gaps this short inside a lead's mask are filled
 
 _F32 = np.float32
@@ -99,11 +128,21 @@ _SR, _STACH, _SBRAD, _AF, _IAVB, _LBBB, _RBBB, _LVH, _STT = (
 )
 _RHYTHMS = (_SR, _STACH, _SBRAD, _AF)
 _NORMAL_RR_S = 0.8  # 75 bpm: the rate of the STach / SBrad counterfactual
+_PR_CUT_S = 0.2  # first-degree AV block: PR above 200 ms
+_TYPICAL_PR_S = 0.16  # the PR of the first-degree AV block counterfactual
+_QRS_CUT_S = 0.12  # complete bundle branch block: QRS of 120 ms or more
+_SINUS_ARRHYTHMIA = 0.025  # SD of log(median RR / mean RR) in sinus rhythm
+_AF_RECORD_S = 10.0  # the median beat of AF is the median of the beats of a 10 s record
+_AF_MAX_BEATS = int(np.ceil(_AF_RECORD_S * 140 / 60))
 
-# Heart-rate ranges (bpm) per rhythm, in _RHYTHMS order.
+# Heart-rate ranges (bpm) per rhythm, in _RHYTHMS order, and the skew of the draw: the rate
+# is lo + (hi - lo) * u ** power (u uniform), or hi - (hi - lo) * u ** power for SBrad, so
+# that tachycardia and bradycardia crowd towards their 100 / 60 bpm cuts, as in real data.
 _HR_LO = np.array([60.0, 100.0, 40.0, 50.0])
 _HR_HI = np.array([100.0, 150.0, 60.0, 140.0])
-for _a in (_T, _HR_LO, _HR_HI):
+_HR_POWER = np.array([1.0, 1.8, 1.8, 1.0])
+_HR_FROM_HI = np.array([False, False, True, False])
+for _a in (_T, _HR_LO, _HR_HI, _HR_POWER, _HR_FROM_HI):
     _a.setflags(write=False)  # module constants: never modified
 
 
@@ -116,6 +155,9 @@ class LabelPrior:
     bbb: tuple[float, float, float] = (0.70, 0.13, 0.17)  # none, LBBB, RBBB
     lvh_given_no_lbbb: float = 0.17
     stt_given_no_lbbb: float = 0.22
+    # Not labels: among beats without a (complete) block, the share with an incomplete
+    # left / right block (the morphology with a QRS of 100-120 ms, labelled neither).
+    incomplete_bbb_given_none: tuple[float, float] = (0.08, 0.15)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -124,6 +166,10 @@ class LabelPrior:
             "bundle_branch_block": dict(zip(("none", "LBBB", "RBBB"), self.bbb, strict=True)),
             "LVH_given_no_LBBB": self.lvh_given_no_lbbb,
             "STT_given_no_LBBB": self.stt_given_no_lbbb,
+            "incomplete_block_given_no_BBB (unlabelled)": dict(
+                zip(("LBBB-like", "RBBB-like"), self.incomplete_bbb_given_none, strict=True)
+            ),
+            "cuts": {"IAVB_PR_ms": 1000 * _PR_CUT_S, "BBB_QRS_ms": 1000 * _QRS_CUT_S},
             "heart_rate_bpm": {
                 k: [float(lo), float(hi)]
                 for k, lo, hi in zip(("SR", "STach", "SBrad", "AF"), _HR_LO, _HR_HI, strict=True)
@@ -214,8 +260,9 @@ class _Patient:
     pr_normal: np.ndarray  # s, P onset to QRS onset
     pr_long: np.ndarray  # s, first-degree AV block
     qrs_n: np.ndarray  # s, normal QRS duration
-    qrs_l: np.ndarray  # s, LBBB QRS duration
-    qrs_r: np.ndarray  # s, RBBB QRS duration
+    qrs_l: np.ndarray  # s, LBBB QRS duration (100-120 ms if incomplete)
+    qrs_r: np.ndarray  # s, RBBB QRS duration (100-120 ms if incomplete)
+    inc_mode: np.ndarray  # QRS mode without a labelled block: 0 normal, 1 / 2 incomplete LBBB / RBBB
     rp_sigma: np.ndarray  # s, width of RBBB's R'
     lvh_widen: np.ndarray  # s, extra QRS duration in LVH
     lvh_gain_r: np.ndarray
@@ -242,12 +289,13 @@ class _Patient:
     rb_st: np.ndarray
     strain_t: np.ndarray  # zero for LVH without strain
     strain_st: np.ndarray
+    st_base: np.ndarray  # (n, 3) small non-specific ST shift every patient has
     stt_t: np.ndarray
     stt_st: np.ndarray
     f_u1: np.ndarray  # f-wave directions x amplitudes
     f_u2: np.ndarray
     f_freq: np.ndarray  # (n, 3) Hz
-    f_phase: np.ndarray  # (n, 3)
+    f_phase: np.ndarray  # (n, _AF_MAX_BEATS, 3): a phase per beat of the record
     f_weight: np.ndarray  # (n, 3)
     lead_field: np.ndarray  # (n, 9, 3) electrode lead-field vectors, rotated and scaled
 
@@ -255,54 +303,90 @@ class _Patient:
         return _Patient(**{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)})
 
 
-def _draw_patients(n: int, labels: np.ndarray, rng: np.random.Generator) -> _Patient:
+def _skewed(rng: np.random.Generator, n: int, near: float, far: float, power: float) -> np.ndarray:
+    """Draws in [near, far] (either order) crowding towards ``near`` for power > 1."""
+    return (near + (far - near) * rng.random(n) ** power).astype(_F32)
+
+
+def _median_rr(rng: np.random.Generator, labels: np.ndarray) -> np.ndarray:
+    """RR (s) of the median beat: the label follows the record's mean rate, drawn in the
+    rhythm's range; in sinus rhythm the median RR differs from the mean's by sinus arrhythmia
+    (about 2.5 %), so beats near the 60 / 100 bpm cuts are genuinely ambiguous."""
     rhythm = np.argmax(labels[:, list(_RHYTHMS)], axis=1)  # position in _RHYTHMS
-    hr = _HR_LO[rhythm] + (_HR_HI[rhythm] - _HR_LO[rhythm]) * rng.random(n)
-    t = _vectors(rng, n, 45, 20, 0.25, 0.45)
+    frac = rng.random(len(labels)) ** _HR_POWER[rhythm]
+    frac = np.where(_HR_FROM_HI[rhythm], 1.0 - frac, frac)
+    hr = _HR_LO[rhythm] + (_HR_HI[rhythm] - _HR_LO[rhythm]) * frac
+    jitter = np.where(labels[:, _AF] == 1, 0.0, rng.normal(0.0, _SINUS_ARRHYTHMIA, len(labels)))
+    return (60.0 / hr * np.exp(jitter)).astype(_F32)
+
+
+def _qrs_durations(rng: np.random.Generator, labels: np.ndarray, prior: LabelPrior) -> dict[str, np.ndarray]:
+    """QRS durations and hidden incomplete blocks: a complete block has QRS >= 120 ms, crowding
+    towards the cut; an incomplete one (unlabelled) 100-120 ms with a weaker R' / secondary ST-T."""
+    n = len(labels)
+    lb, rb = labels[:, _LBBB] == 1, labels[:, _RBBB] == 1
+    p_l, p_r = prior.incomplete_bbb_given_none
+    u = rng.random(n)
+    inc_mode = np.where(lb | rb, 0, np.where(u < p_l, 1, np.where(u < p_l + p_r, 2, 0)))
+    incomplete = _u(rng, n, 0.1, _QRS_CUT_S)
+    gain = np.where(lb | rb, _u(rng, n, 0.6, 1.15), _u(rng, n, 0.45, 0.95))[:, None]
+    return {
+        "qrs_n": _u(rng, n, 0.08, 0.105),
+        "qrs_l": np.where(lb, _skewed(rng, n, _QRS_CUT_S, 0.17, 2.0), incomplete),
+        "qrs_r": np.where(rb, _skewed(rng, n, _QRS_CUT_S, 0.16, 2.0), incomplete),
+        "inc_mode": inc_mode.astype(np.int64),
+        "gain": gain.astype(_F32),
+    }
+
+
+def _draw_patients(n: int, labels: np.ndarray, rng: np.random.Generator) -> _Patient:
+    rr = _median_rr(rng, labels)
+    qrs = _qrs_durations(rng, labels, LABEL_PRIOR)
+    gain = qrs.pop("gain")  # of the block's R' / slurred S and secondary ST-T
+    t = _vectors(rng, n, 45, 20, 0.2, 0.45)
     lateral = _vectors(rng, n, -15, -15, 1.0, 1.0, 0.1)
-    strain = rng.random(n) < 0.5
-    strain_depth = np.maximum(np.sum(t * lateral, axis=1), 0) + _u(rng, n, 0.15, 0.35)
+    strain = rng.random(n) < 0.35
+    strain_depth = np.maximum(np.sum(t * lateral, axis=1), 0) * 0.8 + _u(rng, n, 0.05, 0.3)
     stt_t, stt_st = _ischaemia(rng, n, t)
     return _Patient(
-        rr=(60.0 / hr).astype(_F32),
-        af_cv=_u(rng, n, 0.12, 0.25),
-        pr_normal=_u(rng, n, 0.12, 0.19),
-        pr_long=_u(rng, n, 0.22, 0.32),
-        qrs_n=_u(rng, n, 0.08, 0.10),
-        qrs_l=_u(rng, n, 0.13, 0.17),
-        qrs_r=_u(rng, n, 0.12, 0.16),
-        rp_sigma=_u(rng, n, 0.014, 0.02),
-        lvh_widen=_u(rng, n, 0.005, 0.015),
-        lvh_gain_r=_u(rng, n, 1.35, 1.8),
-        lvh_gain_s=_u(rng, n, 1.5, 2.0),
-        lvh_r=_vectors(rng, n, -5, -35, 0.4, 0.8),
-        qtc=_u(rng, n, 0.39, 0.43),
-        t_sigma=_u(rng, n, 0.036, 0.046),
-        p_sigma=_u(rng, n, 0.016, 0.022),
-        p_gap=_u(rng, n, 0.02, 0.03),
-        p_ra=_vectors(rng, n, 80, 30, 0.10, 0.18),
-        p_la=_vectors(rng, n, 20, -35, 0.08, 0.14),
-        q=_vectors(rng, n, 160, 45, 0.15, 0.3),
-        r=_vectors(rng, n, 40, -12, 1.1, 1.7),
-        s=_vectors(rng, n, -100, -50, 0.3, 0.55),
+        rr=rr,
+        af_cv=_u(rng, n, 0.08, 0.25),
+        pr_normal=_u(rng, n, 0.12, _PR_CUT_S),
+        pr_long=_skewed(rng, n, _PR_CUT_S, 0.3, 1.8),
+        **qrs,
+        rp_sigma=_u(rng, n, 0.012, 0.02),
+        lvh_widen=_u(rng, n, 0.0, 0.012),
+        lvh_gain_r=_u(rng, n, 1.1, 1.6),
+        lvh_gain_s=_u(rng, n, 1.15, 1.7),
+        lvh_r=_vectors(rng, n, -5, -35, 0.1, 0.45),
+        qtc=_u(rng, n, 0.38, 0.44),
+        t_sigma=_u(rng, n, 0.034, 0.048),
+        p_sigma=_u(rng, n, 0.014, 0.024),
+        p_gap=_u(rng, n, 0.015, 0.035),
+        p_ra=_vectors(rng, n, 80, 30, 0.05, 0.18),
+        p_la=_vectors(rng, n, 20, -35, 0.04, 0.14),
+        q=_vectors(rng, n, 160, 45, 0.1, 0.3),
+        r=_vectors(rng, n, 40, -12, 0.9, 1.8, 0.2),
+        s=_vectors(rng, n, -100, -50, 0.25, 0.6),
         t=t,
         lb_init=_vectors(rng, n, 10, 5, 0.15, 0.3),
-        lb_r1=_vectors(rng, n, 20, -35, 1.2, 1.8),
-        lb_r2=_vectors(rng, n, -5, -55, 1.2, 1.8),
-        lb_t=_vectors(rng, n, -170, 45, 0.4, 0.7),
-        lb_st=_vectors(rng, n, -170, 45, 0.1, 0.2),
-        rb_rp=_vectors(rng, n, -160, 55, 0.7, 1.2),
-        rb_slur=_vectors(rng, n, 180, 0, 0.15, 0.3),
-        rb_t=_vectors(rng, n, 20, -55, 0.2, 0.4),
-        rb_st=_vectors(rng, n, 20, -55, 0.05, 0.12),
+        lb_r1=_vectors(rng, n, 20, -35, 1.0, 1.8),
+        lb_r2=_vectors(rng, n, -5, -55, 1.0, 1.8),
+        lb_t=_vectors(rng, n, -170, 45, 0.4, 0.7) * gain,
+        lb_st=_vectors(rng, n, -170, 45, 0.1, 0.2) * gain,
+        rb_rp=_vectors(rng, n, -160, 55, 0.6, 1.2) * gain,
+        rb_slur=_vectors(rng, n, 180, 0, 0.15, 0.3) * gain,
+        rb_t=_vectors(rng, n, 20, -55, 0.2, 0.4) * gain,
+        rb_st=_vectors(rng, n, 20, -55, 0.05, 0.12) * gain,
         strain_t=(-lateral * (strain_depth * strain)[:, None]).astype(_F32),
-        strain_st=(-lateral * (_u(rng, n, 0.08, 0.15) * strain)[:, None]).astype(_F32),
+        strain_st=(-lateral * (_u(rng, n, 0.04, 0.15) * strain)[:, None]).astype(_F32),
+        st_base=_vectors(rng, n, 0, 0, 0.0, 0.04, 1.0),
         stt_t=stt_t,
         stt_st=stt_st,
-        f_u1=_vectors(rng, n, 100, 50, 0.06, 0.14),
+        f_u1=_vectors(rng, n, 100, 50, 0.06, 0.16),
         f_u2=_vectors(rng, n, 40, -20, 0.02, 0.06),
         f_freq=(rng.uniform(4.0, 9.0, (n, 1)) * rng.uniform(0.85, 1.15, (n, 3))).astype(_F32),
-        f_phase=rng.uniform(0, 2 * np.pi, (n, 3)).astype(_F32),
+        f_phase=rng.uniform(0, 2 * np.pi, (n, _AF_MAX_BEATS, 3)).astype(_F32),
         f_weight=np.column_stack([np.ones(n), rng.uniform(0.3, 0.7, n), rng.uniform(0.2, 0.5, n)]).astype(
             _F32
         ),
@@ -326,8 +410,10 @@ def _ischaemia(rng: np.random.Generator, n: int, t: np.ndarray) -> tuple[np.ndar
     u /= np.linalg.norm(u, axis=1, keepdims=True)
     mode = rng.integers(0, 4, n)
     st_sign = np.select([mode == 1, mode == 2], [1.0, 0.0], -1.0)
-    st = u * (st_sign * rng.uniform(0.12, 0.25, n))[:, None]
-    invert = (mode >= 2) * (np.maximum(np.sum(t * u, axis=1), 0) + rng.uniform(0.15, 0.4, n))
+    # Amplitudes crowd towards small values: a slight ST shift or a flat T is a borderline case.
+    st = u * (st_sign * _skewed(rng, n, 0.04, 0.25, 1.5))[:, None]
+    flip = np.maximum(np.sum(t * u, axis=1), 0) * rng.uniform(0.5, 1.0, n) + _skewed(rng, n, 0.04, 0.35, 1.5)
+    invert = (mode >= 2) * flip
     return (-u * invert[:, None]).astype(_F32), st.astype(_F32)
 
 
@@ -373,7 +459,8 @@ class _Switches:
     af: np.ndarray  # bool: f-waves and smeared neighbours
     rr: np.ndarray  # s
     pr: np.ndarray  # s
-    qrs_mode: np.ndarray  # 0 normal, 1 LBBB, 2 RBBB
+    qrs_mode: np.ndarray  # 0 normal, 1 LBBB, 2 RBBB (complete or incomplete)
+    terminal: np.ndarray  # bool: RBBB's R' and slurred S are drawn (off only in its counterfactual)
     lvh: np.ndarray  # bool
     stt: np.ndarray  # bool
 
@@ -388,7 +475,8 @@ def _switches(labels: np.ndarray, p: _Patient) -> _Switches:
         af=lab[:, _AF],
         rr=p.rr,
         pr=np.where(lab[:, _IAVB], p.pr_long, p.pr_normal),
-        qrs_mode=lab[:, _LBBB] * 1 + lab[:, _RBBB] * 2,
+        qrs_mode=np.where(lab[:, _LBBB], 1, np.where(lab[:, _RBBB], 2, p.inc_mode)),
+        terminal=np.ones(len(lab), bool),
         lvh=lab[:, _LVH],
         stt=lab[:, _STT],
     )
@@ -403,9 +491,11 @@ def _counterfactual(sw: _Switches, p: _Patient, cls: int) -> _Switches:
         return dataclasses.replace(sw, rr=np.full(m, _NORMAL_RR_S, _F32))
     if cls == _AF:
         return dataclasses.replace(sw, af=np.zeros(m, bool), has_p=np.ones(m, bool), pr=p.pr_normal)
-    if cls == _IAVB:
-        return dataclasses.replace(sw, pr=p.pr_normal)
-    if cls in (_LBBB, _RBBB):
+    if cls == _IAVB:  # a typical PR, not the patient's draw: that may sit just under the cut
+        return dataclasses.replace(sw, pr=np.full(m, _TYPICAL_PR_S, _F32))
+    if cls == _RBBB:  # the feature is the terminal R' / slurred S, not the whole changed beat
+        return dataclasses.replace(sw, terminal=np.zeros(m, bool))
+    if cls == _LBBB:
         return dataclasses.replace(sw, qrs_mode=np.zeros(m, sw.qrs_mode.dtype))
     if cls == _LVH:
         return dataclasses.replace(sw, lvh=np.zeros(m, bool))
@@ -449,20 +539,21 @@ def _qrs_waves(p: _Patient, sw: _Switches) -> tuple[list[_Wave], np.ndarray]:
     ql = p.qrs_l
     lbbb = [  # septum depolarised right to left (no septal q), then a slow, notched left-ward R
         (onset + 0.1 * ql, 0.06 * ql, p.lb_init),
-        (onset + 0.36 * ql, 0.13 * ql, p.lb_r1),
-        (onset + 0.7 * ql, 0.12 * ql, p.lb_r2),
+        (onset + 0.36 * ql, 0.13 * ql, p.lb_r1 * g_r),  # LVH shows in an incomplete block's R too
+        (onset + 0.7 * ql, 0.12 * ql, p.lb_r2 * g_r),
         silent,
         silent,
         silent,
     ]
     c_rp = onset + p.qrs_r - 2.0 * p.rp_sigma
+    on = sw.terminal[:, None]
     rbbb = [  # normal start, then late right-ventricular R' (rSR' in V1, wide slurred S in I, V6)
         normal[0],
         normal[1],
         silent,
         (0.28 * qn, 0.1 * qn, 0.7 * p.s * g_s),
-        (c_rp, p.rp_sigma, p.rb_rp),
-        (c_rp + 0.004, 1.6 * p.rp_sigma, p.rb_slur),
+        (c_rp, p.rp_sigma, p.rb_rp * on),
+        (c_rp + 0.004, 1.6 * p.rp_sigma, p.rb_slur * on),
     ]
     mode = sw.qrs_mode
     j_point = np.choose(mode, [0.5 * qn, onset + ql, onset + p.qrs_r]).astype(_F32)
@@ -485,7 +576,8 @@ def _beat_waves(p: _Patient, sw: _Switches) -> list[_Wave]:
     strain = sw.lvh[:, None] * p.strain_t
     t_vec = np.where(lb[:, None], p.lb_t, p.t + rb[:, None] * p.rb_t + strain) + sw.stt[:, None] * p.stt_t
     st_vec = (
-        lb[:, None] * p.lb_st
+        p.st_base
+        + lb[:, None] * p.lb_st
         + rb[:, None] * p.rb_st
         + sw.lvh[:, None] * p.strain_st
         + sw.stt[:, None] * p.stt_st
@@ -537,8 +629,12 @@ def _add_gaussian(d: np.ndarray, c: np.ndarray, s: np.ndarray, v: np.ndarray) ->
 _NEIGHBOURS = (-2, -1, 1, 2)
 
 
-def _render(p: _Patient, sw: _Switches) -> np.ndarray:
-    """Noise-free dipole (m, 3, 600) of the median beat and its neighbours."""
+def _render(p: _Patient, sw: _Switches, f_dipole: np.ndarray) -> np.ndarray:
+    """Noise-free dipole (m, 3, 600) of the median beat and its neighbours.
+
+    ``f_dipole`` is the median beat's residual f-wave dipole (:func:`_f_waves`), added where
+    ``sw.af``: it depends on the patient only, so it is computed once per block.
+    """
     d = np.zeros((len(sw.rr), 3, BEAT_SAMPLES), _F32)
     waves = _beat_waves(p, sw)
     # AF: neighbours k beats away sit at k*RR +- sqrt(|k|) * cv * RR; their median is smeared.
@@ -548,20 +644,32 @@ def _render(p: _Patient, sw: _Switches) -> np.ndarray:
         for k in _NEIGHBOURS:
             s_k = np.sqrt(s * s + abs(k) * tau * tau)
             _add_gaussian(d, c + k * sw.rr, s_k, v * (s / s_k)[:, None])
-    _add_f_waves(d, p, sw.af)
+    d[sw.af] += f_dipole[sw.af]
     return d
 
 
-def _add_f_waves(d: np.ndarray, p: _Patient, af: np.ndarray) -> None:
+def _f_waves(p: _Patient, af: np.ndarray) -> np.ndarray:
+    """(m, 3, 600) f-wave dipole of the median beat, zero where ``af`` is off.
+
+    f-waves are not phase-locked to the QRS: every beat of the 10 s record sees them at
+    its own random phase, and the median over the record's beats (about 8-23 of them)
+    leaves a small residual. The median is taken per dipole component sum, an
+    approximation of the per-lead median that keeps the cost at one pass.
+    """
+    out = np.zeros((len(af), 3, BEAT_SAMPLES), _F32)
     rows = np.flatnonzero(af)
     if rows.size == 0:
-        return
-    ph = 2 * np.pi * p.f_freq[rows, :, None] * _T + p.f_phase[rows, :, None]  # (m, 3, 600)
-    w = p.f_weight[rows]
-    w = w / w.sum(axis=1, keepdims=True)
-    s1 = np.einsum("mk,mkt->mt", w, np.sin(ph))
-    s2 = np.einsum("mk,mkt->mt", w[:, ::-1], np.cos(ph))
-    d[rows] += p.f_u1[rows, :, None] * s1[:, None, :] + p.f_u2[rows, :, None] * s2[:, None, :]
+        return out
+    beats = np.clip(np.rint(_AF_RECORD_S / p.rr[rows]), 3, _AF_MAX_BEATS).astype(int)
+    w = p.f_weight[rows] / p.f_weight[rows].sum(axis=1, keepdims=True)
+    for nb in np.unique(beats):
+        sel = beats == nb
+        idx = rows[sel]
+        ph = 2 * np.pi * p.f_freq[idx, None, :, None] * _T + p.f_phase[idx, :nb, :, None]  # (g, nb, 3, 600)
+        s1 = np.median(np.einsum("gk,gbkt->gbt", w[sel], np.sin(ph)), axis=1)
+        s2 = np.median(np.einsum("gk,gbkt->gbt", w[sel][:, ::-1], np.cos(ph)), axis=1)
+        out[idx] = p.f_u1[idx, :, None] * s1[:, None, :] + p.f_u2[idx, :, None] * s2[:, None, :]
+    return out
 
 
 # ------------------------------------------------------------------------ noise
@@ -636,7 +744,7 @@ def _electrode_noise(nz: _Noise) -> np.ndarray:
 # ------------------------------------------------------------------------ masks
 
 
-def _masks(d: np.ndarray, p: _Patient, sw: _Switches, labels: np.ndarray) -> np.ndarray:
+def _masks(d: np.ndarray, p: _Patient, sw: _Switches, labels: np.ndarray, f_dipole: np.ndarray) -> np.ndarray:
     """Class bit-masks from the counterfactual differences (module docstring); ``d`` is the full render."""
     masks = np.zeros((len(labels), N_LEADS, BEAT_SAMPLES), np.uint16)
     for cls in range(N_CLASSES):
@@ -645,7 +753,7 @@ def _masks(d: np.ndarray, p: _Patient, sw: _Switches, labels: np.ndarray) -> np.
             continue
         p_c = p.take(rows)
         sw_c = sw.take(rows)
-        delta_d = d[rows] - _render(p_c, _counterfactual(sw_c, p_c, cls))
+        delta_d = d[rows] - _render(p_c, _counterfactual(sw_c, p_c, cls), f_dipole[rows])
         delta = np.abs(leads_from_electrodes(p_c.lead_field @ delta_d))
         thr = np.maximum(MASK_FLOOR_MV, MASK_REL * delta.max(axis=(1, 2)))
         bits = _close_gaps(delta > thr[:, None, None], MASK_MAX_GAP)
@@ -677,9 +785,27 @@ def _check_count(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-def generate(n: int, rng: np.random.Generator) -> SynthBatch:
-    """Generate ``n`` labelled median beats with ground-truth masks, reproducibly from ``rng``."""
+def _check_label_noise(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 0.5:
+        raise ValueError(f"label_noise must be a number in [0, 0.5], got {value!r}")
+    return float(value)
+
+
+def _flip_labels(labels: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Each (beat, class) label flipped with probability ``rate``, independently (module docstring)."""
+    flips = rng.random(labels.shape) < rate
+    return labels ^ flips.astype(np.uint8)
+
+
+def generate(n: int, rng: np.random.Generator, *, label_noise: float = 0.0) -> SynthBatch:
+    """Generate ``n`` labelled median beats with ground-truth masks, reproducibly from ``rng``.
+
+    ``label_noise`` flips each (beat, class) label with that probability after the beats
+    are rendered: signals and masks follow the true labels (module docstring). The flips are
+    drawn last, so with the same ``rng`` state signals and masks do not depend on it.
+    """
     n = _check_count("n", n, 1)
+    label_noise = _check_label_noise(label_noise)
     if not isinstance(rng, np.random.Generator):
         raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     labels = _draw_labels(n, rng)
@@ -691,9 +817,12 @@ def generate(n: int, rng: np.random.Generator) -> SynthBatch:
         sl = slice(start, min(start + _BLOCK, n))
         p = patients.take(sl)
         sw = _switches(labels[sl], p)
-        d = _render(p, sw)
+        f_dipole = _f_waves(p, sw.af)
+        d = _render(p, sw, f_dipole)
         signals[sl] = leads_from_electrodes(p.lead_field @ d + _electrode_noise(noise.take(sl)))
-        masks[sl] = _masks(d, p, sw, labels[sl])
+        masks[sl] = _masks(d, p, sw, labels[sl], f_dipole)
+    if label_noise > 0:
+        labels = _flip_labels(labels, label_noise, rng)
     return SynthBatch(signals=signals, labels=labels, masks=masks)
 
 
@@ -705,16 +834,20 @@ def synthesize_dataset(
     overwrite: bool = False,
     show_progress: bool = True,
     chunk_size: int = 1024,
+    label_noise: float = 0.0,
 ) -> Path:
     """Write ``n`` synthetic beats as a dataset folder and return its path.
 
     Chunk ``k`` is generated from ``SeedSequence([seed, k])``, so memory stays
-    bounded for any ``n`` and the same ``(n, seed, chunk_size)`` always gives
-    byte-identical files.
+    bounded for any ``n`` and the same ``(n, seed, chunk_size, label_noise)`` always
+    gives byte-identical files. ``label_noise`` (default 0: clean labels) is the
+    probability that each stored label is flipped (:func:`generate`); it is recorded
+    in ``meta.json``.
     """
     n = _check_count("n", n, 1)
     seed = _check_count("seed", seed, 0)
     chunk_size = _check_count("chunk_size", chunk_size, 1)
+    label_noise = _check_label_noise(label_noise)
     meta = default_meta(
         "synthetic",
         generator_version=GENERATOR_VERSION,
@@ -723,13 +856,14 @@ def synthesize_dataset(
         has_ground_truth=True,
         label_prior=LABEL_PRIOR.as_dict(),
         mask_threshold={"floor_mv": MASK_FLOOR_MV, "relative_to_beat_max": MASK_REL},
+        label_noise=label_noise,
     )
     log.info("generating %d synthetic beats (seed %d, generator %s) into %s", n, seed, GENERATOR_VERSION, out)
     writer = DatasetWriter(out, n, meta, overwrite=overwrite)
     with writer, progress_bar(total=n, desc="synth", unit="beat", enabled=show_progress) as bar:
         for k, start in enumerate(range(0, n, chunk_size)):
             rng = np.random.default_rng(np.random.SeedSequence([seed, k]))
-            batch = generate(min(chunk_size, n - start), rng)
+            batch = generate(min(chunk_size, n - start), rng, label_noise=label_noise)
             writer.write(batch.signals, batch.labels, batch.masks)
             bar.update(len(batch.labels))
     return writer.close()
