@@ -20,12 +20,13 @@ The nine electrode potentials (RA, LA, LL, V1..V6) are ``E @ d(t)``, with ``E`` 
 precordial vectors around the chest, jittered (electrode placement), rotated
 (electrical axis: +-30 degrees frontal, +-15 transverse, +-10 sagittal) and scaled
 (body habitus). Noise is added per electrode: baseline wander (two sinusoids below
-0.7 Hz), band-limited 20-100 Hz muscle noise (windows of a noise bank drawn per
-call) and 50 or 60 Hz mains hum with random phase; levels are drawn per patient,
-independently of the labels. The 12 leads are then the fixed linear map of the
-electrodes (:func:`leads_from_electrodes`), so I + III = II, aVR + aVL + aVF = 0 and
-aVR = -(I + II) / 2 hold to float32 rounding, noise included. The R peak of a normal
-QRS is at ``R_PEAK_SAMPLE``.
+0.7 Hz), band-limited 20-100 Hz muscle noise (windows of a noise bank drawn per call),
+in 30 % of patients 3-10 Hz tremor / motion residue (about 0.004-0.02 mV) and 50 or 60
+Hz mains hum with random phase; levels are drawn per patient, independently of the
+labels. The 12 leads are then the fixed linear map of the electrodes
+(:func:`leads_from_electrodes`), so I + III = II, aVR + aVL + aVF = 0 and aVR = -(I +
+II) / 2 hold to float32 rounding, noise included. The R peak of a normal QRS is at
+``R_PEAK_SAMPLE``.
 
 Classes and label prior
 -----------------------
@@ -59,7 +60,8 @@ so near-cut beats are genuinely ambiguous, as they are for a cardiologist:
   are not phase-locked to the QRS: each beat of the 10 s record sees them at a random
   phase, and the median over the record's beats leaves only a residual (about a third
   of a single beat's amplitude). What remains is the absent P wave and, at higher
-  rates, the smeared neighbours.
+  rates, the smeared neighbours; 10 % of patients have a low, flat P wave (15-50 % of
+  the usual amplitude), so their sinus rhythm borders on AF.
 
 ``label_noise`` (default 0) flips each stored (beat, class) label independently with
 that probability after rendering: signals and masks keep following the true classes,
@@ -82,7 +84,7 @@ kept (the counterfactual):
   V2, V6, I);  LVH: normal voltage, no strain;  STT: normal ST-T.
 
 With ``delta`` the 12-lead difference (full minus counterfactual, mV), the bit
-is set where ``|delta| > max(MASK_FLOOR_MV, MASK_REL * max |delta|)`` (0.02 mV,
+is set where ``|delta| > max(MASK_FLOOR_MV, MASK_REL * max |delta|)`` (0.01 mV,
 25 %), the maximum taken over all leads and samples of that beat: the mask keeps the
 leads and samples where the feature is strong, and a lead whose difference never
 reaches a quarter of the beat's strongest change gets no bits. Gaps of at most
@@ -90,9 +92,9 @@ reaches a quarter of the beat's strongest change gets no bits. Gaps of at most
 of a moved wave crosses zero inside the feature. Neighbouring beats inside the window
 carry the same features, so their waves are marked too (e.g. the next beat's P for SR
 at higher rates, the previous T for STT). Absent classes never get bits. Mean mask
-areas (share of the 12 x 600 map, beats with the class, 2000 beats): SR .074,
-STach .063, SBrad .099, AF .076, IAVB .137, LBBB .098, RBBB .032, LVH .067, STT .103
-(generator 1.0, with 5 % and no RBBB-specific counterfactual: .10 to .40).
+areas (share of the 12 x 600 map, beats with the class, 2000 beats): SR .075,
+STach .061, SBrad .098, AF .082, IAVB .142, LBBB .104, RBBB .032, LVH .066, STT .106
+(generator 1.0, 0.03 mV / 5 % thresholds, no RBBB-specific counterfactual: .10 to .40).
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ log = logging.getLogger(__name__)
 
 GENERATOR_VERSION = "dipole-2.0"
 
-MASK_FLOOR_MV = 0.02
+MASK_FLOOR_MV = 0.01
 MASK_REL = 0.25
 MASK_MAX_GAP = 10  # samples (20 ms): gaps this short inside a lead's mask are filled
 
@@ -131,6 +133,7 @@ _NORMAL_RR_S = 0.8  # 75 bpm: the rate of the STach / SBrad counterfactual
 _PR_CUT_S = 0.2  # first-degree AV block: PR above 200 ms
 _TYPICAL_PR_S = 0.16  # the PR of the first-degree AV block counterfactual
 _QRS_CUT_S = 0.12  # complete bundle branch block: QRS of 120 ms or more
+_FLAT_P_SHARE = 0.1  # patients whose P wave is 15-50 % of the usual
 _SINUS_ARRHYTHMIA = 0.025  # SD of log(median RR / mean RR) in sinus rhythm
 _AF_RECORD_S = 10.0  # the median beat of AF is the median of the beats of a 10 s record
 _AF_MAX_BEATS = int(np.ceil(_AF_RECORD_S * 140 / 60))
@@ -348,6 +351,8 @@ def _draw_patients(n: int, labels: np.ndarray, rng: np.random.Generator) -> _Pat
     strain = rng.random(n) < 0.35
     strain_depth = np.maximum(np.sum(t * lateral, axis=1), 0) * 0.8 + _u(rng, n, 0.05, 0.3)
     stt_t, stt_st = _ischaemia(rng, n, t)
+    # A few patients have a low, flat P wave: their sinus rhythm borders on AF's absent P.
+    p_gain = np.where(rng.random(n) < _FLAT_P_SHARE, _u(rng, n, 0.15, 0.5), _F32(1))[:, None]
     return _Patient(
         rr=rr,
         af_cv=_u(rng, n, 0.08, 0.25),
@@ -363,8 +368,8 @@ def _draw_patients(n: int, labels: np.ndarray, rng: np.random.Generator) -> _Pat
         t_sigma=_u(rng, n, 0.034, 0.048),
         p_sigma=_u(rng, n, 0.014, 0.024),
         p_gap=_u(rng, n, 0.015, 0.035),
-        p_ra=_vectors(rng, n, 80, 30, 0.05, 0.18),
-        p_la=_vectors(rng, n, 20, -35, 0.04, 0.14),
+        p_ra=_vectors(rng, n, 80, 30, 0.05, 0.18) * p_gain,
+        p_la=_vectors(rng, n, 20, -35, 0.04, 0.14) * p_gain,
         q=_vectors(rng, n, 160, 45, 0.1, 0.3),
         r=_vectors(rng, n, 40, -12, 0.9, 1.8, 0.2),
         s=_vectors(rng, n, -100, -50, 0.25, 0.6),
@@ -687,26 +692,39 @@ class _Noise:
     emg_row: np.ndarray  # (n, 9) bank row
     emg_off: np.ndarray  # (n, 9) bank offset
     emg_gain: np.ndarray  # (n, 9) mV RMS
+    tremor_row: np.ndarray  # (n, 9) row of the tremor bank
+    tremor_off: np.ndarray  # (n, 9)
+    tremor_gain: np.ndarray  # (n, 9) mV RMS, zero for most patients
     bank: np.ndarray  # (rows, length) unit-RMS 20-100 Hz noise
+    tremor_bank: np.ndarray  # (rows, length) unit-RMS 3-10 Hz noise
 
     def take(self, rows: slice) -> _Noise:
         return dataclasses.replace(
             self,
-            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if f.name != "bank"},
+            **{f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self) if "bank" not in f.name},
         )
 
 
 _BANK_ROWS, _BANK_LEN = 32, 4096
+_TREMOR_SHARE = 0.3  # patients with residual tremor / motion noise in the f-wave band
+
+
+def _noise_bank(rng: np.random.Generator, rows: int, lo_hz: float, hi_hz: float) -> np.ndarray:
+    """Unit-RMS band-limited white noise; each electrode reads a random window of a row."""
+    shape = (rows, _BANK_LEN // 2 + 1)
+    spec = rng.normal(size=shape) + 1j * rng.normal(size=shape)
+    freqs = np.fft.rfftfreq(_BANK_LEN, 1.0 / SAMPLING_RATE_HZ)
+    spec[:, (freqs < lo_hz) | (freqs > hi_hz)] = 0
+    bank = np.fft.irfft(spec, _BANK_LEN, axis=1)
+    return (bank / bank.std(axis=1, keepdims=True)).astype(_F32)
 
 
 def _draw_noise(n: int, rng: np.random.Generator) -> _Noise:
-    # Muscle noise: a small bank of band-limited white noise; each electrode reads a random window.
-    shape = (_BANK_ROWS, _BANK_LEN // 2 + 1)
-    spec = rng.normal(size=shape) + 1j * rng.normal(size=shape)
-    freqs = np.fft.rfftfreq(_BANK_LEN, 1.0 / SAMPLING_RATE_HZ)
-    spec[:, (freqs < 20.0) | (freqs > 100.0)] = 0
-    bank = np.fft.irfft(spec, _BANK_LEN, axis=1)
-    bank /= bank.std(axis=1, keepdims=True)
+    bank = _noise_bank(rng, _BANK_ROWS, 20.0, 100.0)  # muscle noise
+    # Tremor and motion leave 3-10 Hz residuals in some median beats, in AF's f-wave band:
+    # without them, any energy there would give AF away.
+    tremor_bank = _noise_bank(rng, _BANK_ROWS // 4, 3.0, 10.0)
+    tremor = (rng.random(n) < _TREMOR_SHARE) * rng.uniform(0.004, 0.02, n)
     wander = rng.uniform(0.0, 0.05, (n, 1, 1)) * rng.normal(size=(n, 9, 2))
     hum = rng.uniform(0.0, 0.015, (n, 1, 1)) * rng.uniform(0.3, 1.0, (n, 9, 1)) * _unit_pairs(rng, (n, 9))
     return _Noise(
@@ -718,7 +736,11 @@ def _draw_noise(n: int, rng: np.random.Generator) -> _Noise:
         emg_row=rng.integers(0, _BANK_ROWS, (n, 9)),
         emg_off=rng.integers(0, _BANK_LEN - BEAT_SAMPLES + 1, (n, 9)),
         emg_gain=(rng.uniform(0.002, 0.012, (n, 1)) * rng.uniform(0.5, 1.5, (n, 9))).astype(_F32),
-        bank=bank.astype(_F32),
+        tremor_row=rng.integers(0, len(tremor_bank), (n, 9)),
+        tremor_off=rng.integers(0, _BANK_LEN - BEAT_SAMPLES + 1, (n, 9)),
+        tremor_gain=(tremor[:, None] * rng.uniform(0.5, 1.5, (n, 9))).astype(_F32),
+        bank=bank,
+        tremor_bank=tremor_bank,
     )
 
 
@@ -729,7 +751,7 @@ def _unit_pairs(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 
 
 def _electrode_noise(nz: _Noise) -> np.ndarray:
-    """(m, 9, 600) mV: baseline wander + mains hum + muscle noise at each electrode."""
+    """(m, 9, 600) mV: baseline wander + mains hum + muscle and tremor noise at each electrode."""
     m = len(nz.hum_f)
     basis = np.empty((m, 4, BEAT_SAMPLES), _F32)
     basis[:, :2] = np.sin(2 * np.pi * nz.wander_f[:, :, None] * _T + nz.wander_ph[:, :, None])
@@ -738,6 +760,10 @@ def _electrode_noise(nz: _Noise) -> np.ndarray:
     noise = nz.weights @ basis
     windows = np.lib.stride_tricks.sliding_window_view(nz.bank, BEAT_SAMPLES, axis=1)
     noise += windows[nz.emg_row, nz.emg_off] * nz.emg_gain[:, :, None]
+    shaking = np.flatnonzero(nz.tremor_gain.any(axis=1))
+    windows = np.lib.stride_tricks.sliding_window_view(nz.tremor_bank, BEAT_SAMPLES, axis=1)
+    tremor = windows[nz.tremor_row[shaking], nz.tremor_off[shaking]] * nz.tremor_gain[shaking, :, None]
+    noise[shaking] += tremor
     return noise
 
 
