@@ -155,8 +155,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from validation.gate import run_gate, save_report, summary_lines
     from validation.signing import load_private_key, sign_report
 
-    # The key and the report path are checked before the (minutes-long) gate runs, not after.
+    # The key, the report path and user methods are checked before the (minutes-long) gate runs.
     key = None if args.unsigned else load_private_key(args.signing_key)
+    user_methods = _user_methods(args.method or [])
     out = args.out or args.package / "gate.json"
     # Re-gating is validate's normal use: the package's own report (the default) is replaced,
     # as long as it is a gate report; a report at an explicit --out needs --overwrite.
@@ -168,9 +169,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         family=args.family,
         policy=args.policy,
         methods=args.methods,
+        attributors=user_methods,
         providers=args.providers,
         workers=args.workers,
         show_progress=not args.quiet,
+        research=args.research,
     )
     report = run.report if key is None else sign_report(run.report, key)
     save_report(report, out, overwrite=replace)
@@ -179,18 +182,39 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 0 if run.passed else EXIT_GATE_FAILED
 
 
-def _cmd_gate_verify(args: argparse.Namespace) -> int:
-    from validation.signing import load_public_key, verify_gate
+def _user_methods(options: Sequence[str]) -> dict[str, Callable]:
+    """``--method NAME=module:function`` options, loaded and checked (:mod:`validation.user_methods`)."""
+    from validation.user_methods import load_method, parse_method_option
 
-    result = verify_gate(args.package, load_public_key(args.public_key), args.report)
+    methods: dict[str, Callable] = {}
+    for text in options:
+        name, spec = parse_method_option(text)
+        if name in methods:
+            raise ValueError(f"--method {text!r}: the name {name!r} is given twice")
+        methods[name] = load_method(spec, name)
+    return methods
+
+
+def _cmd_gate_verify(args: argparse.Namespace) -> int:
+    from validation.signing import allowed_policy_hashes, load_public_key, verify_gate
+
+    allowed = allowed_policy_hashes(args.allowed_policy or (), args.allowed_policies or ())
+    result = verify_gate(
+        args.package, load_public_key(args.public_key), args.report, allowed_policies=allowed
+    )
     if not result.ok:
         print(f"gate report {result.report_path} does NOT verify for {result.package_path}:")
         for problem in result.problems:
             print(f"  - {problem}")
         return EXIT_GATE_FAILED
-    print(f"gate report {result.report_path}: signature valid, every package file unchanged")
+    print(f"gate report {result.report_path}: signature valid, every package file unchanged, policy allowed")
     print(f"verdict: {result.verdict}")
-    return 0 if result.verdict == "pass" else EXIT_GATE_FAILED
+    if result.research:
+        print("NOT servable: a RESEARCH report (ecgx validate --research); gate again without --research")
+        return EXIT_GATE_FAILED
+    if result.verdict != "pass":
+        print("NOT servable: the gate failed (see the report's headline)")
+    return 0 if result.servable else EXIT_GATE_FAILED
 
 
 def _cmd_gate_keygen(args: argparse.Namespace) -> int:
@@ -447,6 +471,20 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
     p.add_argument("--workers", type=int, help="methods computed side by side (default: CPU count)")
+    p.add_argument(
+        "--method",
+        action="append",
+        metavar="NAME=MODULE:FUNCTION",
+        help="also gate your own method, fn(engine, x, target) -> (B, 12, 600) array, from module:function "
+        "or path/to/file.py:function; repeatable. Its verdict is informational: the service serves only "
+        "built-in methods",
+    )
+    p.add_argument(
+        "--research",
+        action="store_true",
+        help="gate under a policy below the floor (refused otherwise); the report is marked research "
+        "and can never be served or verified as servable",
+    )
     _add_common(p)
     p.set_defaults(func=_cmd_validate)
 
@@ -455,13 +493,29 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p = gate_sub.add_parser(
         "verify",
         help="check a package's gate report: signature, file hashes, verdict",
-        description="Check that PKG's gate report is signed by the given public key and that no package file "
-        "changed since gating. Exit status: 0 authentic, intact and passed; 1 otherwise; 2 bad input.",
+        description="Check that PKG's gate report is signed by the given public key, that no package file "
+        "changed since gating and that its policy is on the allow-list (default: this ecgx's default "
+        "policy). Exit status: 0 authentic, intact, allowed, passed and not a research report; 1 otherwise; "
+        "2 bad input.",
     )
     p.add_argument("package", type=Path, metavar="PKG", help="model package folder")
     p.add_argument("--report", type=Path, help="gate report (default PKG/gate.json)")
     p.add_argument(
         "--public-key", type=Path, help="Ed25519 public key PEM (default: the ECGX_GATE_PUBLIC_KEY variable)"
+    )
+    p.add_argument(
+        "--allowed-policy",
+        action="append",
+        metavar="SHA256",
+        help="accept reports made under this policy hash (repeatable); with no --allowed-policy, "
+        "--allowed-policies or ECGX_ALLOWED_POLICIES, only this ecgx's default policy is accepted",
+    )
+    p.add_argument(
+        "--allowed-policies",
+        action="append",
+        type=Path,
+        metavar="FILE",
+        help="file of accepted policy hashes, one per line, '#' comments (repeatable)",
     )
     _add_common(p)
     p.set_defaults(func=_cmd_gate_verify)

@@ -208,7 +208,9 @@ def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
             log.info("step 6/7: writing the experiments report")
             report = write_experiments(run, report, overwrite=True)
     public = keys / "gate_public_key.pem"
-    print(f"verify a package with: ecgx gate verify {packages[0]} --public-key {public}")
+    allowed = run.report["policy"]["sha256"]  # the demo's own policy, not the default
+    verify = f"ecgx gate verify {packages[0]} --public-key {public} --allowed-policy {allowed}"
+    print(f"verify a package with: {verify}")
     return report
 
 

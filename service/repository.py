@@ -22,6 +22,8 @@ At load, every version is verified before it can serve:
   their hashes and the hash of the manifest bytes that were loaded (not a second read from disk).
   The folder may hold nothing else but ``gate.json`` and a ``REVOKED`` file.
 - the gate verdict is ``pass`` (a failed gate serves only in research mode, ``allow_ungated``);
+- the report is not a research report (``ecgx validate --research``: a policy below the floor;
+  such a report serves only in research mode, like a failed gate);
 - the report's policy hash (``policy.sha256``) is on the allow-list, when one is configured;
 - the report's optional ``expires`` (ISO-8601 with a UTC offset, e.g. ``2027-01-01T00:00:00Z``;
   signed with the rest of the report) has not passed;
@@ -139,7 +141,8 @@ class ServedVersion:
 
     @property
     def gate_passed(self) -> bool:
-        return self.gate_verdict == "pass"
+        """The gate passed and its report may serve (a research report never does)."""
+        return self.gate_verdict == "pass" and not is_research(self.report)
 
     @property
     def ungated(self) -> bool:
@@ -337,6 +340,12 @@ def policy_sha256(report: Mapping[str, Any] | None) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def is_research(report: Mapping[str, Any] | None) -> bool:
+    """A research report (``ecgx validate --research``): made under a policy that may be below the
+    floor, marked not servable. Anything but an explicit ``false`` is not trusted to be servable."""
+    return report is not None and report.get("research", False) is not False
+
+
 def gate_problem(
     report: Mapping[str, Any],
     allowed_policies: Collection[str] | None,
@@ -357,6 +366,11 @@ def gate_problem(
         return f"the gate report expired at {expires.isoformat()}; gate the package again"
     if report.get("verdict") != "pass" and not allow_ungated:
         return f"the gate failed: {report.get('headline') or '; '.join(report.get('reasons') or [])}"
+    if is_research(report) and not allow_ungated:
+        return (
+            "the gate report is a research report (ecgx validate --research), which is never served: "
+            "gate the package again without --research, under a policy at or above the floor"
+        )
     return None
 
 
@@ -403,6 +417,8 @@ def _why_not_default(v: ServedVersion) -> str:
     if v.refusal:
         return v.refusal
     # Research mode serves a version whose gate failed, but never picks it by default.
+    if is_research(v.report):
+        return "its gate report is a research report; name the version to use it in research mode"
     return f"its gate verdict is {v.gate_verdict!r}; name the version to use it in research mode"
 
 

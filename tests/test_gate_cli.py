@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 
 from ecgx.cli import main
+from validation.policy import load_policy
 from validation.signing import SIGNING_KEY_ENV
 
+# As small as the policy floor allows (a smaller policy needs --research, and its report never serves).
 FAST = """
 [gate]
-ecgs = 32
+ecgs = 64
 required_methods = ["lime"]
 [checks.randomisation]
-ecgs = 8
-[checks.perturbation]
-bootstrap = 100
+ecgs = 16
 """
 
 
@@ -32,8 +32,9 @@ def setup(trained_family: dict[str, Path], tmp_path: Path) -> dict[str, Path]:
     passing, failing = tmp_path / "pass.toml", tmp_path / "fail.toml"
     passing.write_text(FAST)
     # No method can be that dissimilar from itself, so every method fails randomisation.
-    failing.write_text(FAST.replace("ecgs = 8", "ecgs = 8\nmax_similarity = -1.0"))
+    failing.write_text(FAST.replace("ecgs = 16", "ecgs = 16\nmax_similarity = -1.0"))
     return {
+        "allowed": [load_policy(passing).sha256, load_policy(failing).sha256],
         "pkg": pkg,
         "data": trained_family["data"],
         "private": tmp_path / "keys" / "gate_signing_key.pem",
@@ -65,7 +66,8 @@ def validate(s: dict[str, Path], policy: str, *extra: str) -> int:
 
 
 def verify(s: dict[str, Path]) -> int:
-    return main(["gate", "verify", str(s["pkg"]), "--public-key", str(s["public"]), "-q"])
+    allowed = [arg for h in s["allowed"] for arg in ("--allowed-policy", h)]  # not the default policy
+    return main(["gate", "verify", str(s["pkg"]), "--public-key", str(s["public"]), *allowed, "-q"])
 
 
 def test_a_passing_gate_exits_0_and_its_signed_report_verifies(setup, capsys) -> None:

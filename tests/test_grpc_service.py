@@ -43,15 +43,14 @@ from training.data.dataset import load_dataset
 from training.data.schema import LEADS
 from validation.signing import load_public_key
 
+# As small as the policy floor allows: the repository serves no research report.
 FAST = """
 [gate]
-ecgs = 32
+ecgs = 64
 required_methods = ["lime"]
 allow_incomplete_data = true
 [checks.randomisation]
-ecgs = 8
-[checks.perturbation]
-bootstrap = 100
+ecgs = 16
 """
 SERVED, UNCHECKED = "lime", "saliency"
 
@@ -84,7 +83,7 @@ def repo(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     key, public = tmp / "keys" / "gate_signing_key.pem", tmp / "keys" / "gate_public_key.pem"
     passing, failing = tmp / "pass.toml", tmp / "fail.toml"
     passing.write_text(FAST)
-    failing.write_text(FAST.replace("ecgs = 8", "ecgs = 8\nmax_similarity = -1.0"))
+    failing.write_text(FAST.replace("ecgs = 16", "ecgs = 16\nmax_similarity = -1.0"))
     root = tmp / "repo"
     for version, policy, status in (("1", passing, 0), ("2", failing, 1)):
         pkg = shutil.copytree(trained_family["seed-0"], tmp / f"pkg-{version}")

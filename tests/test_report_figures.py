@@ -36,7 +36,9 @@ def gate_run(tiny_package: Path, tmp_path_factory: pytest.TempPathFactory) -> Ga
     data = synthesize_dataset(root / "data", 60, seed=3, overwrite=True, show_progress=False)
     policy = root / "policy.toml"
     policy.write_text(POLICY)
-    return run_gate(tiny_package, data, methods=METHODS, policy=policy, workers=1, show_progress=False)
+    return run_gate(
+        tiny_package, data, methods=METHODS, policy=policy, workers=1, show_progress=False, research=True
+    )
 
 
 @pytest.fixture(scope="module")

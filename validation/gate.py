@@ -34,10 +34,12 @@ from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_pack
 from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
 from validation.bootstrap import bootstrap_difference, bootstrap_mean
+from validation.leakage import check_leakage, leakage_record
 from validation.perturbation import perturbation_curves
-from validation.policy import CONTROL_METHOD, Policy, load_policy, validated
+from validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, validated
 from validation.randomisation import Attributor, n_steps, randomisation_curves
 from validation.similarity import auroc_rows, mass_inside, mean_pairwise_pearson, pearson_rows
+from validation.user_methods import checked_attributor, mark_user_methods, method_spec
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ def run_gate(
     providers: Sequence[str] | None = None,
     workers: int | None = None,
     show_progress: bool = True,
+    research: bool = False,
 ) -> GateRun:
     """Gate ``package`` on the validation dataset ``data``.
 
@@ -155,23 +158,33 @@ def run_gate(
             (self-consistency needs at least one).
         policy: a :class:`Policy`, a TOML file, or None for the defaults.
         methods: method names to check (default: all); the random control always runs.
-        attributors: extra or replacement methods by name, ``attribute(engine, x, target)``;
-            used by tests to gate constructed methods.
+        attributors: user-supplied methods by name, ``attribute(engine, x, target)``
+            (:mod:`validation.user_methods`); each result is checked, and the report marks
+            them ``user_supplied`` and never serves them.
         workers: methods computed side by side (default: CPU count), one ONNX Runtime
             thread each.
+        research: gate under a policy below the floor (:data:`validation.policy.POLICY_FLOOR`),
+            which is refused otherwise; the report is marked research and not servable.
+
+    Refuses (ValueError, before any computation) a policy below the floor without
+    ``research``, and validation ECGs that overlap the package's training data
+    (:mod:`validation.leakage`).
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     pol = validated(policy) if isinstance(policy, Policy) else load_policy(policy)
+    below_floor = check_floor(pol, research)
     attrib = _attributors(methods, attributors, pol.seed)
     pkg = load_package(package)
     fam = [load_package(p) for p in family]
     _check_family(pkg, fam)
     ds = load_dataset(data)
     gd = select_ecgs(ds, pol.n_ecgs, pol.seed, pkg.class_keys)
-    warnings = check_coverage(ds, gd, pol, pkg.class_keys)
+    warnings = check_leakage(pkg, ds, gd.indices)  # refuses training data, before any computation
+    warnings += check_coverage(ds, gd, pol, pkg.class_keys)
+    warnings += [f"research mode: the policy is below the floor: {v}" for v in below_floor]
     workers = workers or os.cpu_count() or 1
     ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress)
     timings["load"] = time.perf_counter() - started
@@ -189,6 +202,12 @@ def run_gate(
     ctx.localisation(maps, entries)
     timings["total"] = time.perf_counter() - started
     report = _report(ctx, fam, entries, matrix, timings, warnings)
+    report["leakage"] = leakage_record(pkg)
+    mark_user_methods(report, {m: attrib[m] for m in attributors or {}})
+    report["research"] = research
+    report["servable"] = report["verdict"] == checks.PASS and not research
+    if research:
+        report["headline"] = f"RESEARCH report, not servable (ecgx validate --research): {report['headline']}"
     return GateRun(report, gd, maps, family_maps)
 
 
@@ -202,7 +221,7 @@ def _attributors(
     if CONTROL_METHOD not in names:
         names.append(CONTROL_METHOD)
     out = {n: method_attributor(n, seed) for n in names if n in METHOD_NAMES}
-    out.update(extra or {})
+    out.update({n: checked_attributor(n, fn, method_spec(fn)) for n, fn in (extra or {}).items()})
     return out
 
 

@@ -210,3 +210,68 @@ def _check_strategies(strategies: Any) -> None:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise PolicyError(f"checks.perturbation.strategies has unknown {unknown}; known: {list(STRATEGIES)}")
+
+
+# ---------------------------------------------------------------------------------- the policy floor
+
+# The floor's bound for a key that must be no looser than the default policy's own value.
+DEFAULT = "default"
+
+# key -> (comparison, bound, why): the minimum a policy must meet for its report to be servable.
+# Below it the gate refuses (PolicyError) unless run in research mode, whose report is marked
+# "research" and never served. Add a key with one line; a bound of DEFAULT means the value in
+# default_policy.toml.
+POLICY_FLOOR: dict[str, tuple[str, bool | float | str, str]] = {
+    "checks.randomisation.blocking": (
+        "==",
+        True,
+        "a method whose maps ignore the model's weights must not pass",
+    ),
+    "checks.perturbation.blocking": ("==", True, "a method no better than random removal must not pass"),
+    "checks.randomisation.max_similarity": ("<=", 0.5, "above it the map is mostly explained by the input"),
+    "checks.perturbation.margin": (">=", DEFAULT, "a smaller margin lets noise-level methods pass"),
+    "checks.randomisation.confidence": (">=", 0.9, "a narrower interval makes the verdict a coin toss"),
+    "checks.perturbation.confidence": (">=", 0.9, "a narrower interval makes the verdict a coin toss"),
+    "checks.randomisation.bootstrap": (">=", 1000, "fewer resamples leave the interval's ends unstable"),
+    "checks.perturbation.bootstrap": (">=", 1000, "fewer resamples leave the interval's ends unstable"),
+    "gate.ecgs": (">=", 64, "fewer ECGs give intervals too wide to tell methods apart"),
+    "checks.randomisation.ecgs": (">=", 16, "fewer ECGs give intervals too wide to tell methods apart"),
+}
+_COMPARE = {
+    "==": lambda v, b: v == b,
+    ">=": lambda v, b: v >= b,
+    "<=": lambda v, b: v <= b,
+}
+
+
+def _value(content: Mapping[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        content = content[part]
+    return content
+
+
+def floor_violations(policy: Policy) -> list[str]:
+    """Each key of ``policy`` looser than :data:`POLICY_FLOOR`, in words (empty: at or above it)."""
+    problems = []
+    for key, (op, bound, why) in POLICY_FLOOR.items():
+        if bound == DEFAULT:
+            bound = _value(default_policy().content, key)
+        value = _value(policy.content, key)
+        if not _COMPARE[op](value, bound):
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            floor = str(bound).lower() if isinstance(bound, bool) else f"{op} {bound!r}"
+            problems.append(f"{key} = {shown} (floor: {floor}; {why})")
+    return problems
+
+
+def check_floor(policy: Policy, research: bool = False) -> list[str]:
+    """Refuse (:class:`PolicyError`) a policy below the floor unless ``research``; returns the
+    violations (for a research report's warnings)."""
+    problems = floor_violations(policy)
+    if problems and not research:
+        raise PolicyError(
+            f"policy {policy.source} is below the floor this ecgx enforces for servable reports: "
+            f"{'; '.join(problems)}. Raise these settings, or gate anyway with --research "
+            "(run_gate(research=True)): the report is then marked research and can never be served"
+        )
+    return problems

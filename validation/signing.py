@@ -17,7 +17,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from service.package import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
 
 SIGNING_KEY_ENV = "ECGX_GATE_SIGNING_KEY"
+ALLOWED_POLICIES_ENV = (
+    "ECGX_ALLOWED_POLICIES"  # SHA-256 hashes of accepted policies, space or comma separated
+)
 PUBLIC_KEY_ENV = "ECGX_GATE_PUBLIC_KEY"
 PRIVATE_KEY_FILE = "gate_signing_key.pem"
 PUBLIC_KEY_FILE = "gate_public_key.pem"
@@ -287,15 +290,23 @@ def verify_signature(report: Mapping[str, Any], public_key: Ed25519PublicKey) ->
 
 @dataclass(frozen=True)
 class GateVerification:
-    """Outcome of :func:`verify_gate`: ``ok`` when the report is authentic and every file unchanged.
+    """Outcome of :func:`verify_gate`: ``ok`` when the report is authentic, every file unchanged
+    and (when an allow-list was given) its policy allowed.
 
-    ``verdict`` is the report's own verdict ("pass" or "fail"), whether or not it verified.
+    ``verdict`` is the report's own verdict ("pass" or "fail"), whether or not it verified;
+    ``research`` whether it is a research report (``ecgx validate --research``, never servable).
     """
 
     report_path: Path
     package_path: Path
     verdict: str | None
     problems: tuple[str, ...]
+    research: bool = False
+
+    @property
+    def servable(self) -> bool:
+        """Verified, passed and not a research report: what ``ecgx gate verify`` exits 0 for."""
+        return self.ok and self.verdict == "pass" and not self.research
 
     @property
     def ok(self) -> bool:
@@ -321,7 +332,10 @@ def read_report(report_path: Path | str) -> dict[str, Any]:
 
 
 def verify_gate(
-    package_dir: Path | str, public_key: Ed25519PublicKey, report_path: Path | str | None = None
+    package_dir: Path | str,
+    public_key: Ed25519PublicKey,
+    report_path: Path | str | None = None,
+    allowed_policies: Collection[str] | None = None,
 ) -> GateVerification:
     """Check a package against its gate report (default ``package_dir/gate.json``): the signature,
     the report schema, and the SHA-256 of every package file, with no file added since gating.
@@ -333,7 +347,10 @@ def verify_gate(
     A missing or non-JSON report raises :class:`SigningError`; everything else is collected into
     ``problems``, all of them rather than the first. A report whose verdict is "fail" still
     verifies: verification is about authenticity and integrity; what the verdict means is the
-    caller's decision.
+    caller's decision (:attr:`GateVerification.servable` is the usual one).
+
+    ``allowed_policies`` (SHA-256 hashes, see :func:`allowed_policy_hashes`): the report's
+    ``policy.sha256`` must be one of them; None checks no policy.
     """
     package_dir = Path(package_dir)
     report_path = Path(report_path) if report_path is not None else package_dir / GATE_REPORT_FILE
@@ -348,10 +365,63 @@ def verify_gate(
         problems += _file_problems(package_dir, report, report_path)
     else:
         problems.append(f"package folder {package_dir} does not exist")
+    if allowed_policies is not None:
+        problems += _policy_problems(report, allowed_policies)
     verdict = report.get("verdict")
+    research = report.get("research", False) is not False
     return GateVerification(
-        report_path, package_dir, verdict if isinstance(verdict, str) else None, tuple(problems)
+        report_path, package_dir, verdict if isinstance(verdict, str) else None, tuple(problems), research
     )
+
+
+def _policy_problems(report: Mapping[str, Any], allowed: Collection[str]) -> list[str]:
+    policy = report.get("policy")
+    digest = policy.get("sha256") if isinstance(policy, Mapping) else None
+    if isinstance(digest, str) and digest.lower() in allowed:
+        return []
+    source = policy.get("source") if isinstance(policy, Mapping) else None
+    return [
+        f"the report's policy ({source or 'unnamed'}, sha256 {digest}) is not on the allow-list of "
+        f"{len(allowed)} policy hash(es); accept it with --allowed-policy {digest} (or --allowed-policies "
+        f"FILE, or {ALLOWED_POLICIES_ENV}), or gate the package under an allowed policy"
+    ]
+
+
+def allowed_policy_hashes(
+    hashes: Iterable[str] = (), files: Iterable[Path | str] = (), env: Mapping[str, str] | None = None
+) -> frozenset[str]:
+    """The allow-list of policy hashes: ``hashes``, the lines of each file in ``files`` (``#``
+    starts a comment) and the hashes in the environment variable ``ECGX_ALLOWED_POLICIES``
+    (space or comma separated). When none of them gives a hash, the hash of this ecgx's default
+    policy: a report gated under any other policy is then not accepted unless allowed explicitly.
+    Raises :class:`SigningError` for a value that is not a SHA-256, naming where it came from."""
+    found: list[tuple[str, str]] = [(h, "--allowed-policy") for h in hashes]
+    for f in files:
+        path = Path(f)
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise SigningError(
+                f"allowed policies file {path} cannot be read: {getattr(e, 'strerror', e)}"
+            ) from None
+        for n, line in enumerate(lines, 1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                found.append((text, f"{path} line {n}"))
+    text = (os.environ if env is None else env).get(ALLOWED_POLICIES_ENV, "")
+    found += [(h, ALLOWED_POLICIES_ENV) for h in text.replace(",", " ").split()]
+    out = set()
+    for value, where in found:
+        if len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value):
+            raise SigningError(
+                f"{where}: {value!r} is not a policy hash (64 hex digits, as in a report's policy.sha256)"
+            )
+        out.add(value.lower())
+    if not out:
+        from validation.policy import default_policy
+
+        out.add(default_policy().sha256)
+    return frozenset(out)
 
 
 def _schema_problems(report: Mapping[str, Any]) -> list[str]:

@@ -1,0 +1,157 @@
+"""The policy floor, research mode, and what a research report may do (serve: no; verify: no),
+and `ecgx gate verify`'s allow-list of policy hashes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from cli_helpers import assert_clean_failure, run_ecgx
+from repo_helpers import make_package
+
+from service.repository import ModelRepository, PromotionRefused, promote
+from validation.gate import run_gate
+from validation.policy import (
+    POLICY_FLOOR,
+    PolicyError,
+    check_floor,
+    default_policy,
+    floor_violations,
+    load_policy,
+)
+from validation.signing import ALLOWED_POLICIES_ENV, allowed_policy_hashes
+
+# (key, a value below the floor) for every key of the floor.
+BELOW = {
+    "checks.randomisation.blocking": "false",
+    "checks.perturbation.blocking": "false",
+    "checks.randomisation.max_similarity": "0.6",
+    "checks.perturbation.margin": "-0.5",
+    "checks.randomisation.confidence": "0.8",
+    "checks.perturbation.confidence": "0.8",
+    "checks.randomisation.bootstrap": "500",
+    "checks.perturbation.bootstrap": "500",
+    "gate.ecgs": "32",
+    "checks.randomisation.ecgs": "8",
+}
+SMALL = "[gate]\necgs = 8\nallow_incomplete_data = true\n[checks.randomisation]\necgs = 2\n"
+
+
+def _policy(tmp_path: Path, key: str, value: str) -> Path:
+    section, name = key.rsplit(".", 1)
+    path = tmp_path / f"{key}.toml"
+    path.write_text(f"[{section}]\n{name} = {value}\n")
+    return path
+
+
+def test_the_default_policy_meets_the_floor_and_the_floor_names_real_keys() -> None:
+    assert floor_violations(default_policy()) == []
+    assert set(BELOW) == set(POLICY_FLOOR)
+
+
+@pytest.mark.parametrize("key", sorted(BELOW))
+def test_each_key_below_the_floor_is_refused_with_the_floor_and_why(key: str, tmp_path: Path) -> None:
+    policy = load_policy(_policy(tmp_path, key, BELOW[key]))
+    why = POLICY_FLOOR[key][2]
+    with pytest.raises(PolicyError) as e:
+        check_floor(policy)
+    message = str(e.value)
+    assert f"{key} = {BELOW[key]}" in message and why in message and "--research" in message
+    assert "can never be served" in message
+    assert check_floor(policy, research=True) == floor_violations(policy)
+
+
+def test_the_gate_refuses_a_policy_below_the_floor_before_any_work(trained_family, tmp_path: Path) -> None:
+    policy = tmp_path / "small.toml"
+    policy.write_text(SMALL)
+    result = run_ecgx(
+        "validate",
+        str(trained_family["seed-0"]),
+        "--data",
+        str(trained_family["data"]),
+        "--policy",
+        str(policy),
+        "--unsigned",
+    )
+    assert_clean_failure(result, "is below the floor", "gate.ecgs = 8", "--research")
+    assert not (trained_family["seed-0"] / "gate.json").exists()
+
+
+@pytest.fixture(scope="module")
+def research_run(trained_family, tmp_path_factory: pytest.TempPathFactory):
+    policy = tmp_path_factory.mktemp("research") / "small.toml"
+    policy.write_text(SMALL)
+    return run_gate(
+        trained_family["seed-0"],
+        trained_family["data"],
+        policy=policy,
+        methods=["saliency"],
+        research=True,
+        workers=1,
+        show_progress=False,
+    )
+
+
+def test_a_research_report_says_so_and_is_not_servable(research_run) -> None:
+    report = research_run.report
+    assert report["research"] is True and report["servable"] is False
+    assert report["headline"].startswith("RESEARCH report, not servable")
+    assert any("research mode: the policy is below the floor: gate.ecgs = 8" in w for w in report["warnings"])
+
+
+def test_a_normal_report_is_servable_when_it_passed(gated) -> None:
+    assert gated["report"]["servable"] is True and gated["report"]["research"] is False
+
+
+def test_the_repository_never_serves_or_promotes_a_research_report(gated, tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    make_package(gated, root / "ecg" / "1", research=True, servable=False)
+    repo = ModelRepository(root, [gated["public"]])
+    (version,) = repo.versions("ecg")
+    assert not version.servable and "research report" in version.refusal
+    ungated = ModelRepository(root, [gated["public"]], allow_ungated=True)
+    (version,) = ungated.versions("ecg")
+    assert version.servable and version.ungated and ungated.default_version("ecg") is None
+    assert version.method_gate("gradcam").ungated
+    pkg = make_package(gated, tmp_path / "pkg", research=True)
+    with pytest.raises(PromotionRefused, match="research report"):
+        promote(pkg, tmp_path / "other", "ecg", None, [gated["public"]])
+
+
+def _verify(pkg: Path, public: Path, *extra: str, env: dict[str, str] | None = None):
+    return run_ecgx("gate", "verify", str(pkg), "--public-key", str(public), *extra, env=env)
+
+
+def test_gate_verify_accepts_only_allowed_policies(gated, tmp_path: Path) -> None:
+    pkg = make_package(gated, tmp_path / "pkg")
+    digest = gated["report"]["policy"]["sha256"]
+    assert digest != default_policy().sha256
+    result = _verify(pkg, gated["public_pem"], env={ALLOWED_POLICIES_ENV: ""})
+    assert result.returncode == 1 and "is not on the allow-list" in result.stdout
+    assert f"--allowed-policy {digest}" in result.stdout
+    assert _verify(pkg, gated["public_pem"], "--allowed-policy", digest).returncode == 0
+    listing = tmp_path / "allowed.txt"
+    listing.write_text(f"# our policies\n{default_policy().sha256}\n{digest}  # the small one\n")
+    assert _verify(pkg, gated["public_pem"], "--allowed-policies", str(listing)).returncode == 0
+    assert (
+        _verify(pkg, gated["public_pem"], env={ALLOWED_POLICIES_ENV: f"{'0' * 64},{digest}"}).returncode == 0
+    )
+    bad = _verify(pkg, gated["public_pem"], "--allowed-policy", "abc")
+    assert_clean_failure(bad, "--allowed-policy: 'abc' is not a policy hash")
+
+
+def test_without_an_allow_list_only_the_default_policy_is_accepted() -> None:
+    assert allowed_policy_hashes(env={}) == {default_policy().sha256}
+
+
+def test_gate_verify_fails_a_research_report_and_a_failed_verdict(gated, tmp_path: Path) -> None:
+    digest = gated["report"]["policy"]["sha256"]
+    research = make_package(gated, tmp_path / "research", research=True, servable=False)
+    result = _verify(research, gated["public_pem"], "--allowed-policy", digest)
+    assert result.returncode == 1 and "RESEARCH report" in result.stdout
+    failed = make_package(gated, tmp_path / "failed", verdict="fail", servable=False)
+    result = _verify(failed, gated["public_pem"], "--allowed-policy", digest)
+    assert result.returncode == 1 and "the gate failed" in result.stdout
+    report = json.loads((failed / "gate.json").read_text())
+    assert report["verdict"] == "fail"
