@@ -60,6 +60,7 @@ def gate(trained_family: dict[str, Path], policy_file: Path):
         attributors=CONSTRUCTED,
         workers=2,
         show_progress=False,
+        research=True,  # SMALL_POLICY is below the floor, to keep the suite fast
     )
 
 
@@ -71,22 +72,35 @@ def check(gate, method: str, name: str) -> dict:
 
 
 def test_methods_that_use_the_weights_pass_randomisation(gate) -> None:
-    for method in ("gradcam", "lime"):
+    for method in ("occlusion", "lime"):
         c = check(gate, method, "randomisation")
-        assert c["verdict"] == "pass", (method, c["score"])
+        assert c["verdict"] == "pass", (method, c["summary"])
         curve = c["details"]["cascading"]["spearman_abs"]
         assert len(curve) == len(c["details"]["layers"]) == 5  # stem, 3 conv blocks, classifier
         assert c["details"]["layers"][0] == "classifier"  # cascading starts at the output
-        # The score is the number the verdict is decided on: the interval's upper end.
-        assert curve[-1] < 0.5 and c["score"] == c["interval"]["high"] <= 0.5
+        assert c["details"]["draws"] == 3 and curve[-1] < 0.5
+        # Every criterion holds, each decided on its interval's unfavourable end.
+        for name, criterion in c["details"]["criteria"].items():
+            assert criterion["verdict"] == "pass", (method, name, criterion["summary"])
+            end = "high" if criterion["comparison"] == "<=" else "low"
+            assert criterion["score"] == criterion["interval"][end]
 
 
 def test_a_method_that_ignores_the_weights_fails_randomisation(gate) -> None:
     for method in ("input_magnitude", "random"):
         c = check(gate, method, "randomisation")
         assert c["verdict"] == "fail"
-        assert c["score"] == pytest.approx(1.0)
+        assert c["details"]["criteria"]["final"]["score"] == pytest.approx(1.0)
         assert gate.report["methods"][method]["verdict"] == "fail"
+
+
+def test_gradcam_maps_that_are_all_zero_fail_instead_of_counting_as_changed(gate) -> None:
+    """The issue's finding: constant maps have no correlation; that is not evidence of change."""
+    c = check(gate, "gradcam", "randomisation")
+    constant = c["details"]["constant_maps"]
+    if not any(constant.values()):
+        pytest.skip("no GradCAM map was constant on this model")
+    assert c["verdict"] == "fail" and c["score"] is None and "undefined on" in c["summary"]
 
 
 def test_randomisation_reaches_every_graph_through_the_initialisers(trained_family) -> None:
@@ -121,7 +135,10 @@ def test_a_faithful_method_beats_the_random_control(gate) -> None:
     assert c["verdict"] == "pass", c["score"]
     versus = c["details"]["versus_control"]
     assert set(versus) == {"zero", "lead_mean", "linear", "noisy_linear"}
-    assert all(v["low"] > 0.02 and v["low"] <= v["mean"] <= v["high"] for v in versus.values())
+    assert all(v["low"] > c["threshold"] and v["low"] <= v["mean"] <= v["high"] for v in versus.values())
+    # Only ECGs whose target the model predicts are perturbed; the others are counted.
+    assert c["details"]["ecgs"] + c["details"]["not_predicted"] == gate.report["data"]["ecgs"]
+    assert "8 independent leads" in c["details"]["leads"]
     # Removing the most relevant segments first hurts more than removing the least relevant.
     for strategy in versus:
         assert c["details"]["morf"][strategy][-2] < c["details"]["lerf"][strategy][-2]
@@ -157,6 +174,7 @@ def test_blocking_check_that_cannot_run_fails_the_method(trained_family, tmp_pat
         methods=["gradcam"],
         workers=1,
         show_progress=False,
+        research=True,
     )
     c = run.report["methods"]["gradcam"]
     assert c["checks"]["self_consistency"]["verdict"] == "not_run"
@@ -193,7 +211,13 @@ def test_localisation_does_not_run_without_masks(trained_family, shared_data: Pa
     # The sample has 10 ECGs and no ECG of five classes: gated only because the policy allows it.
     policy.write_text("[gate]\necgs = 8\nallow_incomplete_data = true\n[checks.randomisation]\necgs = 2\n")
     run = run_gate(
-        trained_family["seed-0"], real, policy=policy, methods=["gradcam"], workers=1, show_progress=False
+        trained_family["seed-0"],
+        real,
+        policy=policy,
+        methods=["gradcam"],
+        workers=1,
+        show_progress=False,
+        research=True,
     )
     c = run.report["methods"]["gradcam"]["checks"]["localisation"]
     assert c["verdict"] == "not_run" and "ground-truth" in c["reason"]
@@ -218,7 +242,8 @@ def test_report_records_what_was_gated(gate, trained_family) -> None:
     assert report["software"]["ecgx"] and report["software"]["onnxruntime"]
     assert report["timings_s"]["total"] > 0
     assert "random" not in report["serve"]
-    assert report["verdict"] == "pass" and report["warnings"] == []
+    assert report["verdict"] == "pass"
+    assert all(w.startswith("research mode") for w in report["warnings"])  # the small policy
     assert set(report["serve"]) == {m for m, r in report["methods"].items() if r["verdict"] == "pass"}
     assert report["serve"] == report["passed"] and report["data"]["ecgs_asked"] == 48
 

@@ -24,12 +24,11 @@ import pytest
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
 from validation import checks
-from validation.bootstrap import Interval
+from validation.bootstrap import Interval, bootstrap_mean
 from validation.gate import run_gate, summary_lines
 from validation.html_report import render_html
 from validation.perturbation import PerturbationCurves
 from validation.policy import Policy, PolicyError, default_policy, load_policy
-from validation.randomisation import RandomisationCurves
 
 SMALL = """
 [gate]
@@ -39,37 +38,69 @@ ecgs = 16
 [checks.perturbation]
 bootstrap = 200
 """
+# Small policies are below the floor: their reports are research reports, and say so first.
+RESEARCH = "RESEARCH report, not servable (ecgx validate --research): "
 _HOLDS = {"<=": np.less_equal, ">=": np.greater_equal, ">": np.greater, "<": np.less}
 
 
-def _curves(final: float) -> RandomisationCurves:
-    per_ecg = np.full(8, final)
-    return RandomisationCurves(
-        layers=["classifier", "stem"],
-        cascading={"spearman_abs": [0.8, final]},
-        independent={"spearman_abs": [0.7, 0.6]},
-        undefined=0,
-        final_per_ecg=per_ecg,
-    )
+def _criterion(
+    values, threshold: float = 0.5, comparison: str = "<=", name: str = "final"
+) -> checks.Criterion:
+    return checks.Criterion(name, "the mean Spearman |a|", np.asarray(values, float), threshold, comparison)
+
+
+def _judge(criterion: checks.Criterion) -> dict:
+    return checks.judge(criterion, bootstrap=1000, confidence=0.95, seed=0)
 
 
 # ---------------------------------------------------------------- the decisive number
 
 
 def test_randomisation_score_is_the_upper_end_that_decides() -> None:
-    """The issue's case: mean 0.497 under 0.5, upper end 0.512 above it. The check fails, and
-    every text says 0.512 and why, not '0.497 not <= 0.5'."""
-    entry = checks.randomisation_entry(
-        _curves(0.497), Interval(mean=0.497, low=0.44, high=0.512), 0.5, True, confidence=0.95
-    )
-    assert entry["verdict"] == "fail" and entry["score"] == 0.512
+    """The issue's case: a mean under 0.5 with an upper end above it. The criterion fails, and
+    every text gives the upper end and why, not 'mean not <= 0.5'."""
+    values = np.random.default_rng(0).normal(0.5, 0.08, 16)
+    interval = bootstrap_mean(values, n_boot=1000, confidence=0.95, seed=0)
+    assert interval.mean < 0.5 < interval.high
+    entry = _judge(_criterion(values))
+    assert entry["verdict"] == "fail" and entry["score"] == round(interval.high, 6)
     assert entry["decided_by"]["statistic"] == "ci_high" and "upper end" in entry["decided_by"]["label"]
-    assert entry["mean"] == 0.497
-    assert entry["interval"] == {"low": 0.44, "high": 0.512, "confidence": 0.95}
-    assert entry["summary"] == "0.512 (upper end of the 95 % CI; mean 0.497, CI [0.440, 0.512]) > 0.5: FAIL"
-    verdict, reasons = checks.method_verdict({"randomisation": entry})
+    assert entry["mean"] == round(interval.mean, 6)
+    assert entry["summary"] == (
+        f"final: {interval.high:.3f} (upper end of the 95 % CI; mean {interval.mean:.3f}, "
+        f"CI [{interval.low:.3f}, {interval.high:.3f}]) > 0.5: FAIL"
+    )
+    check = checks.criteria_entry([entry], True)
+    verdict, reasons = checks.method_verdict({"randomisation": check})
     assert verdict == "fail" and reasons == [f"randomisation: {entry['summary']}"]
-    assert "0.497 not" not in reasons[0]
+
+
+def test_a_check_of_several_criteria_is_decided_by_the_first_that_fails() -> None:
+    passing = _judge(_criterion(np.full(8, 0.2)))
+    close = _judge(_criterion(np.full(8, 0.75), threshold=0.8, name="top_layer"))
+    failing = _judge(_criterion(np.full(8, 0.1), threshold=0.3, comparison=">=", name="noise_floor_gap"))
+    also = _judge(_criterion(np.full(8, 0.9), threshold=0.8, name="independent"))
+    entry = checks.criteria_entry([passing, close, failing, also], True)
+    assert entry["verdict"] == "fail" and entry["details"]["criterion"] == "noise_floor_gap"
+    assert (
+        entry["score"] == 0.1 and entry["threshold"] == 0.3 and entry["decided_by"]["statistic"] == "ci_low"
+    )
+    assert (
+        entry["summary"].startswith("noise_floor_gap: 0.100 (lower end") and "< 0.3: FAIL" in entry["summary"]
+    )
+    assert entry["summary"].endswith("(also failing: independent)")
+    assert set(entry["details"]["criteria"]) == {"final", "top_layer", "noise_floor_gap", "independent"}
+    # When every criterion holds, the one closest to its threshold is shown.
+    ok = checks.criteria_entry([passing, close], True)
+    assert ok["verdict"] == "pass" and ok["details"]["criterion"] == "top_layer"
+
+
+def test_an_undefined_similarity_fails_with_its_reason() -> None:
+    """A constant map has no ranking: it must not count as 'changed' (the issue's first finding)."""
+    values = np.array([0.1, np.nan, 0.2, np.nan])
+    entry = _judge(checks.Criterion("final", "x", values, 0.5, "<=", "constant maps (2 trained-model)"))
+    assert entry["verdict"] == "fail" and entry["score"] is None
+    assert entry["summary"] == "final: undefined on 2 of 4 ECGs: constant maps (2 trained-model): FAIL"
 
 
 def test_perturbation_score_is_the_lowest_lower_end_and_names_its_strategy() -> None:
@@ -90,11 +121,9 @@ def test_perturbation_score_is_the_lowest_lower_end_and_names_its_strategy() -> 
 
 
 def test_a_score_next_to_its_threshold_is_not_printed_as_the_threshold() -> None:
-    entry = checks.randomisation_entry(
-        _curves(0.49), Interval(mean=0.49, low=0.47, high=0.5004), 0.5, True, confidence=0.95
-    )
+    entry = _judge(_criterion(np.full(8, 0.5004)))
     assert entry["verdict"] == "fail"
-    assert entry["summary"].startswith("0.500400 (upper end")
+    assert entry["summary"].startswith("final: 0.500400 (upper end")
 
 
 def test_checks_without_an_interval_say_they_decide_on_the_mean() -> None:
@@ -126,6 +155,7 @@ def gate(trained_family: dict[str, Path], small_policy: Path):
         methods=["saliency", "gradcam", "input_x_gradient", "lime"],
         workers=2,
         show_progress=False,
+        research=True,
     )
 
 
@@ -144,16 +174,27 @@ def test_every_verdict_follows_from_the_score_shown(gate) -> None:
             holds = bool(_HOLDS[c["comparison"]](c["score"], c["threshold"]))
             assert holds == (c["verdict"] == "pass"), (m, name, c["summary"])
         statistic = c["decided_by"]["statistic"]
-        if statistic == "ci_high":
+        if c["score"] is None:  # undefined similarity: fails, with its reason
+            assert c["verdict"] == "fail" and "undefined on" in c["summary"]
+        elif statistic == "ci_high":
             assert c["score"] == c["interval"]["high"] and c["interval"]["low"] <= c["mean"] <= c["score"]
         elif statistic == "ci_low":
             assert c["score"] == c["interval"]["low"] and c["score"] <= c["mean"] <= c["interval"]["high"]
-            strategy = c["details"]["strategy"]
-            assert c["details"]["versus_control"][strategy]["low"] == c["score"]
+            if name == "perturbation":
+                strategy = c["details"]["strategy"]
+                assert c["details"]["versus_control"][strategy]["low"] == c["score"]
         else:
             assert statistic == "mean" and c["score"] == c["mean"]
-        assert c["summary"] == checks.describe(c)
-        assert c["summary"].startswith(f"{c['score']:.3f}"), c["summary"]
+        criterion = c["details"].get("criterion")
+        if criterion is None:
+            assert c["summary"] == checks.describe(c)
+            assert c["summary"].startswith(f"{c['score']:.3f}"), c["summary"]
+        else:  # a check of several criteria shows the one that decided, named
+            decisive = c["details"]["criteria"][criterion]
+            assert c["summary"].startswith(decisive["summary"]) and decisive["summary"] == checks.describe(
+                decisive
+            )
+            assert c["score"] == decisive["score"] and c["threshold"] == decisive["threshold"]
 
 
 def test_cli_summary_shows_the_decisive_numbers_and_intervals(gate) -> None:
@@ -167,7 +208,8 @@ def test_cli_summary_shows_the_decisive_numbers_and_intervals(gate) -> None:
             assert cell in row, (m, name, row)
             if c["blocking"]:
                 assert c["summary"] in text, (m, name)  # the number, its mean and interval
-    assert "upper end of the 95 % bootstrap confidence interval" in text
+    assert "lower end of the 95 % bootstrap confidence interval" in text
+    assert "final <= 0.5, top_layer <= 0.8" in text  # every randomisation criterion, with its threshold
     assert lines[-1] == f"Gate verdict: {report['headline']}"
 
 
@@ -179,7 +221,9 @@ def test_html_shows_the_decisive_numbers_intervals_and_headline(gate) -> None:
         if c["interval"]:
             ci = f"CI [{c['interval']['low']:.3f}, {c['interval']['high']:.3f}]"
             assert f"mean {c['mean']:.3f}, {ci}" in page
-    assert "upper end of CI ≤ 0.5, blocking" in page and "lower end of CI &gt; 0.02, blocking" in page
+    assert "final: upper end of CI ≤ 0.5; top_layer: upper end of CI ≤ 0.8" in page
+    assert "noise_floor_gap: lower end of CI ≥ 0.3; all blocking" in page
+    assert "lower end of CI &gt; 0.1, blocking" in page
     assert html.escape(report["headline"], quote=True) in page
 
 
@@ -188,7 +232,9 @@ def test_the_headline_says_what_may_be_served_and_what_is_refused(gate) -> None:
     assert report["verdict"] == "pass"
     policy = load_policy(report["policy"]["source"])
     head = report["headline"]
-    assert head.startswith(f"PASS under policy {policy.source} (sha256 {policy.sha256[:12]})")
+    assert head.removeprefix(RESEARCH).startswith(
+        f"PASS under policy {policy.source} (sha256 {policy.sha256[:12]})"
+    )
     assert "which requires no particular method to pass and at least 1 method(s) to pass" in head
     served = report["passed"]
     assert report["serve"] == served and served
@@ -197,7 +243,7 @@ def test_the_headline_says_what_may_be_served_and_what_is_refused(gate) -> None:
         assert f"{len(report['failed'])} fail their blocking checks ({', '.join(report['failed'])})" in head
     assert set(report["failed"]) | set(served) == set(report["methods"]) - {"random"}
     assert len(report["not_checked"]) == 12 and not set(report["not_checked"]) & set(report["methods"])
-    assert "12 were not checked" in head and head.endswith("they will be refused.")
+    assert "12 were not checked" in head and head.split(" WARNING: ")[0].endswith("they will be refused.")
     assert "random" not in served + report["failed"] + report["not_checked"]
 
 
@@ -215,18 +261,23 @@ def test_a_failing_gate_serves_nothing_and_says_why(trained_family, tmp_path: Pa
         methods=["gradcam"],
         workers=1,
         show_progress=False,
+        research=True,
     )
     report = run.report
     assert report["verdict"] == "fail" and report["serve"] == [] and report["failed"] == ["gradcam"]
     head = report["headline"]
-    assert head.startswith("FAIL under policy") and "which requires gradcam to pass" in head
+    assert (
+        head.removeprefix(RESEARCH).startswith("FAIL under policy")
+        and "which requires gradcam to pass" in head
+    )
     assert "required method gradcam failed" in head and "No method of this package may be served" in head
     assert summary_lines(report)[-1] == f"Gate verdict: {head}"
 
 
-def test_a_policy_the_random_control_passes_is_a_warning(trained_family, tmp_path: Path) -> None:
-    """With no blocking check, every method passes, the control too: the report says the verdict
-    carries no evidence instead of a bare PASS."""
+def test_a_policy_the_model_independent_maps_pass_fails_the_gate(trained_family, tmp_path: Path) -> None:
+    """With no blocking check, every method passes, the control and the reference rows too: the
+    gate fails, naming each reference row, and warns that the control passed, instead of a bare
+    PASS. (Such a policy is below the floor: only a research run may use it.)"""
     policy = tmp_path / "p.toml"
     policy.write_text(
         "[gate]\necgs = 16\n[checks.randomisation]\necgs = 4\nblocking = false\n"
@@ -239,12 +290,16 @@ def test_a_policy_the_random_control_passes_is_a_warning(trained_family, tmp_pat
         methods=["saliency"],
         workers=1,
         show_progress=False,
+        research=True,
     )
     report = run.report
-    assert report["methods"]["random"]["verdict"] == "pass" and report["verdict"] == "pass"
-    (warning,) = report["warnings"]
-    assert warning.startswith("the random control passed every blocking check")
-    assert report["headline"].endswith(f"WARNING: {warning}.")
+    assert report["methods"]["random"]["verdict"] == "pass" and report["verdict"] == "fail"
+    assert report["serve"] == []
+    refs = sorted(report["references"])
+    assert all(report["references"][r]["verdict"] == "pass" for r in refs)
+    assert [r for r in refs if any(r in reason for reason in report["reasons"])] == refs
+    (warning,) = [w for w in report["warnings"] if w.startswith("the random control passed every")]
+    assert warning in report["headline"].split("WARNING: ", 1)[1]
     assert f"WARNING: {warning}" in summary_lines(report)
 
 
@@ -299,7 +354,13 @@ def test_data_smaller_than_the_policy_asks_is_refused(trained_family, tmp_path: 
     policy.write_text("[gate]\necgs = 100\n")  # the data has 64 labelled ECGs
     t0 = time.perf_counter()
     with pytest.raises(ValueError) as e:
-        run_gate(trained_family["seed-0"], trained_family["data"], policy=policy, show_progress=False)
+        run_gate(
+            trained_family["seed-0"],
+            trained_family["data"],
+            policy=policy,
+            show_progress=False,
+            research=True,
+        )
     message = str(e.value)
     assert "64 labelled ECG(s) but the policy asks for gate.ecgs = 100" in message
     assert "gate.allow_incomplete_data = true" in message and "lower gate.ecgs" in message
@@ -336,7 +397,13 @@ def test_allowed_incomplete_data_is_gated_and_shown_prominently(
     policy = tmp_path / "p.toml"
     policy.write_text("[gate]\nallow_incomplete_data = true\n[checks.randomisation]\necgs = 4\n")
     run = run_gate(
-        trained_family["seed-0"], real, policy=policy, methods=["gradcam"], workers=1, show_progress=False
+        trained_family["seed-0"],
+        real,
+        policy=policy,
+        methods=["gradcam"],
+        workers=1,
+        show_progress=False,
+        research=True,
     )
     report = run.report
     assert report["data"]["ecgs"] == 10 and report["data"]["ecgs_asked"] == 256
@@ -365,8 +432,9 @@ def test_a_policy_with_fewer_ecgs_than_classes_is_warned_about(trained_family, t
         methods=["saliency"],
         workers=1,
         show_progress=False,
+        research=True,
     )
-    (warning,) = run.report["warnings"]
+    (warning,) = [w for w in run.report["warnings"] if not w.startswith("research mode")]
     assert warning.startswith("gate.ecgs = 4 is fewer ECGs than classes: no ECG of class(es) ")
     ungated = [k for k, n in run.report["data"]["targets"].items() if n == 0]
     assert len(ungated) == 5 and ", ".join(ungated) in warning
@@ -382,7 +450,7 @@ def test_a_policy_with_fewer_ecgs_than_classes_is_warned_about(trained_family, t
         ("[checks.randomisation]\nmax_similarity = nan\n", "checks.randomisation.max_similarity"),
         ("[checks.randomisation]\nmax_similarity = -inf\n", "checks.randomisation.max_similarity"),
         ("[checks.randomisation]\nconfidence = nan\n", "checks.randomisation.confidence"),
-        ("[checks.perturbation]\nnoise_mv = inf\n", "checks.perturbation.noise_mv"),
+        ("[checks.perturbation]\nnoise_scale = inf\n", "checks.perturbation.noise_scale"),
         ("[checks.self_consistency]\nmin_correlation = nan\n", "checks.self_consistency.min_correlation"),
         ("[checks.inter_method]\nmin_correlation = +inf\n", "checks.inter_method.min_correlation"),
         ("[checks.localisation]\nmin_auroc = nan\n", "checks.localisation.min_auroc"),

@@ -10,10 +10,15 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
+from service.methods.perturbation import segment_mask
 from validation.bootstrap import bootstrap_difference
+from validation.ecg_noise import high_frequency_noise, high_frequency_sd
 from validation.perturbation import (
+    STANDARD_LEADS,
+    lead_basis,
     linear_fill,
     removal_order,
+    remove_segments,
     replace,
     segment_relevance,
 )
@@ -23,6 +28,7 @@ from validation.similarity import (
     mass_inside,
     mean_pairwise_pearson,
     pearson_rows,
+    segment_sums,
     spearman_rows,
     ssim_rows,
 )
@@ -107,28 +113,84 @@ def test_replacements_touch_only_removed_samples() -> None:
     removed = np.zeros(x.shape, bool)
     removed[:, 2, 100:150] = True
     for strategy in ("zero", "lead_mean", "linear", "noisy_linear"):
-        out = replace(x, removed, strategy, np.random.default_rng(0), noise_mv=0.05)
+        out = replace(x, removed, strategy, np.random.default_rng(0), noise_sd=0.05)
         assert np.array_equal(out[~removed], x[~removed]), strategy
         assert not np.array_equal(out[removed], x[removed]), strategy
     lead_mean = replace(x, removed, "lead_mean", rng, 0.05)
     assert lead_mean[0, 2, 120] == pytest.approx(x[0, 2].mean())
-    noisy = replace(x, removed, "noisy_linear", np.random.default_rng(0), noise_mv=0.05)
+    noisy = replace(x, removed, "noisy_linear", np.random.default_rng(0), noise_sd=0.05)
     linear = replace(x, removed, "linear", rng, 0.05)
     assert np.std(noisy[removed] - linear[removed]) == pytest.approx(0.05, rel=0.2)
 
 
-def test_segments_are_ranked_by_summed_relevance_with_random_tie_breaks() -> None:
+def _limb_consistent(rng: np.random.Generator) -> np.ndarray:
+    """Random ECGs whose derived limb leads follow from I and II, as recorded ones do."""
+    x = rng.standard_normal((2, 12, 600))
+    i, ii = x[:, 0], x[:, 1]
+    x[:, 2], x[:, 3], x[:, 4], x[:, 5] = ii - i, -(i + ii) / 2, i - ii / 2, ii - i / 2
+    return x.astype(np.float32)
+
+
+def test_removal_happens_in_the_independent_leads_and_the_derived_leads_follow() -> None:
+    basis = lead_basis(STANDARD_LEADS)
+    assert [STANDARD_LEADS[i] for i in basis.independent] == ["I", "II", "V1", "V2", "V3", "V4", "V5", "V6"]
+    x = _limb_consistent(np.random.default_rng(3))
+    removed = np.zeros((2, 8, 600), bool)
+    removed[:, 0, 100:150] = True  # lead I only
+    out = remove_segments(x, removed, basis, "zero", np.random.default_rng(0), np.zeros((2, 8, 1)))
+    # Lead I is gone in that window, and so is its share of III, aVR, aVL and aVF: no copy survives.
+    assert np.all(out[:, 0, 100:150] == 0)
+    ii = x[:, 1, 100:150]
+    assert out[:, 2, 100:150] == pytest.approx(ii, abs=1e-5)  # III = II - I with I = 0
+    assert out[:, 3, 100:150] == pytest.approx(-ii / 2, abs=1e-5)
+    assert out[:, 4, 100:150] == pytest.approx(-ii / 2, abs=1e-5)
+    assert out[:, 5, 100:150] == pytest.approx(ii, abs=1e-5)
+    # Everything outside the window, and the precordial leads, are exactly as recorded.
+    outside = np.ones(600, bool)
+    outside[100:150] = False
+    assert np.array_equal(out[:, :, outside], x[:, :, outside])
+    assert np.array_equal(out[:, 6:], x[:, 6:])
+    # Another lead set is not guessed at: every lead is independent.
+    other = lead_basis(["A", "B"])
+    assert other.independent == (0, 1) and not other.derived
+
+
+def test_segment_relevance_counts_the_derived_leads_an_independent_lead_feeds() -> None:
+    basis = lead_basis(STANDARD_LEADS)
     a = np.zeros((1, 12, 600), np.float32)
-    a[0, 4, 100:150] = 1.0  # lead 4, window 2 (window 50): the most relevant segment
-    a[0, 7, 500:550] = -1.0  # the least relevant
-    relevance, ids = segment_relevance(a, 50)
-    assert relevance.shape == (1, 144) and ids.shape == (12, 600)
+    a[0, 2, 100:150] = 1.0  # III in window 2: fed by I (-1) and II (+1)
+    a[0, 8, 500:550] = -1.0  # V3 in window 10, the least relevant
+    relevance = segment_relevance(a, 50, basis)
+    assert relevance.shape == (1, 8 * 12)
+    assert relevance[0, 0 * 12 + 2] == pytest.approx(50) and relevance[0, 1 * 12 + 2] == pytest.approx(50)
+    assert relevance[0, 4 * 12 + 10] == pytest.approx(-50)  # V3 is the 5th independent lead
     morf = removal_order(relevance, np.random.default_rng(0), most_relevant_first=True)
     lerf = removal_order(relevance, np.random.default_rng(0), most_relevant_first=False)
-    assert morf[0, 0] == 4 * 12 + 2 and morf[0, -1] == 7 * 12 + 10
-    assert lerf[0, 0] == 7 * 12 + 10 and lerf[0, -1] == 4 * 12 + 2
-    # Among the 142 tied zero segments the order is shuffled, not lead by lead.
-    assert not np.array_equal(np.sort(morf[0, 1:-1]), morf[0, 1:-1])
+    assert set(morf[0, :2]) == {2, 14} and lerf[0, 0] == 4 * 12 + 10
+    # Among the tied zero segments the order is shuffled, not lead by lead.
+    assert not np.array_equal(np.sort(morf[0, 2:-1]), morf[0, 2:-1])
+
+
+def test_segment_sums_follow_the_perturbation_segments() -> None:
+    rng = np.random.default_rng(4)
+    a = rng.standard_normal((3, 12, 600))
+    ids = segment_mask(70, 12, 600)  # 70 does not divide 600: the last window is shorter
+    expected = np.stack([np.bincount(ids.ravel(), weights=row.ravel()) for row in a])
+    assert segment_sums(a, 70) == pytest.approx(expected)
+
+
+def test_the_noise_level_is_each_ecgs_own() -> None:
+    rng = np.random.default_rng(5)
+    t = np.arange(600) / 500
+    wave = np.sin(2 * np.pi * 1.2 * t) + np.exp(-(((t - 0.6) / 0.02) ** 2))  # slow waves and a QRS-like spike
+    quiet = wave + rng.normal(0, 0.005, 600)
+    loud = wave + rng.normal(0, 0.05, 600)
+    x = np.stack([np.tile(quiet, (12, 1)), np.tile(loud, (12, 1))]).astype(np.float32)
+    sd = high_frequency_sd(x)[:, 0, 0]
+    # The residual of a 5-sample average keeps 0.89 of white noise's SD; the spike hardly counts.
+    assert sd[0] == pytest.approx(0.005 * 0.89, rel=0.25) and sd[1] == pytest.approx(0.05 * 0.89, rel=0.25)
+    noise = high_frequency_noise(x, np.random.default_rng(0), scale=2.0)
+    assert noise[1].std() / noise[0].std() == pytest.approx(10, rel=0.3)
 
 
 def test_bootstrap_interval_surrounds_the_mean_and_shrinks_with_more_ecgs() -> None:

@@ -8,11 +8,12 @@ family, no masks) says why; if it blocks, the method cannot pass.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from validation.bootstrap import Interval
+from validation.bootstrap import Interval, bootstrap_mean
 from validation.perturbation import PerturbationCurves
 from validation.randomisation import RandomisationCurves
 
@@ -101,8 +102,12 @@ def describe(entry: dict[str, Any]) -> str:
     if not decided:
         return f"score {_decisive(entry)} {comparison} {entry['threshold']:g}: {verdict}"
     interval = entry.get("interval")
+    details = entry["details"]
+    prefix = f"{details['criterion']}: " if details.get("criterion") else ""
+    if details.get("undefined"):
+        return f"{prefix}{details['undefined']}: FAIL"
     if interval is None:
-        best = entry["details"].get("most_similar")
+        best = details.get("most_similar")
         context = decided["statistic"] + (f", with {best}" if best else "")
     else:
         short = {CI_LOW: "lower end", CI_HIGH: "upper end"}.get(decided["statistic"], decided["statistic"])
@@ -113,7 +118,7 @@ def describe(entry: dict[str, Any]) -> str:
             + f"; mean {_number(entry.get('mean'))}, "
             f"CI [{_number(interval['low'])}, {_number(interval['high'])}]"
         )
-    return f"{_decisive(entry)} ({context}) {comparison} {entry['threshold']:g}: {verdict}"
+    return f"{prefix}{_decisive(entry)} ({context}) {comparison} {entry['threshold']:g}: {verdict}"
 
 
 def _decisive(entry: dict[str, Any]) -> str:
@@ -124,37 +129,176 @@ def _decisive(entry: dict[str, Any]) -> str:
     return _number(score)
 
 
-def randomisation_entry(
-    curves: RandomisationCurves,
-    interval: Interval,
-    max_similarity: float,
-    blocking: bool,
-    confidence: float | None = None,
-) -> dict[str, Any]:
-    """Passes when the upper end of the confidence interval of the mean Spearman |a| between
-    trained and fully randomised model is at most ``max_similarity``: the method must be
-    shown to change, not merely be estimated to. The score is that upper end."""
-    n = 0 if curves.final_per_ecg is None else len(curves.final_per_ecg)
-    label = (
-        f"upper end of the {_level(confidence)}bootstrap confidence interval of the mean Spearman |a| "
-        f"between the trained and the fully randomised model's maps, over {n} ECGs"
-    )
+@dataclass(frozen=True)
+class Criterion:
+    """One condition of a check: the mean of a per-ECG statistic against a threshold.
+
+    ``comparison`` "<=" is judged by the upper end of the bootstrap interval of the mean
+    (the statistic must be shown to be low), ">=" by the lower end. Any undefined ECG
+    (NaN: a constant map has no ranking) fails the criterion, with ``undefined_reason``.
+    """
+
+    name: str
+    label: str
+    per_ecg: np.ndarray
+    threshold: float
+    comparison: str
+    undefined_reason: str = ""
+
+
+def judge(criterion: Criterion, *, bootstrap: int, confidence: float, seed: int) -> dict[str, Any]:
+    """``criterion``'s entry (the fields of a check's entry), decided on its bootstrap interval."""
+    values = np.asarray(criterion.per_ecg, np.float64)
+    undefined = int((~np.isfinite(values)).sum())
+    upper = criterion.comparison.startswith("<")
+    statistic = CI_HIGH if upper else CI_LOW
+    end = "upper" if upper else "lower"
+    label = f"{end} end of the {_level(confidence)}bootstrap confidence interval of {criterion.label}"
+    if undefined or len(values) == 0:
+        why = criterion.undefined_reason or "a map without a ranking cannot show what it depends on"
+        entry = _entry(
+            float("nan"),
+            criterion.threshold,
+            False,
+            criterion.comparison,
+            True,
+            statistic=statistic,
+            label=label,
+            mean=float("nan"),
+            criterion=criterion.name,
+            undefined=f"undefined on {undefined} of {len(values)} ECGs: {why}",
+        )
+        return entry
+    interval = bootstrap_mean(values, n_boot=bootstrap, confidence=confidence, seed=seed)
+    score = interval.high if upper else interval.low
     return _entry(
-        interval.high,
-        max_similarity,
-        bool(interval.high <= max_similarity),
-        "<=",
-        blocking,
-        statistic=CI_HIGH,
+        score,
+        criterion.threshold,
+        _holds(score, criterion.comparison, criterion.threshold),
+        criterion.comparison,
+        True,
+        statistic=statistic,
         label=label,
         mean=interval.mean,
         interval=interval,
         confidence=confidence,
+        criterion=criterion.name,
+    )
+
+
+def _holds(score: float, comparison: str, threshold: float) -> bool:
+    return bool(
+        {"<=": score <= threshold, "<": score < threshold, ">=": score >= threshold, ">": score > threshold}[
+            comparison
+        ]
+    )
+
+
+def criteria_entry(judged: list[dict[str, Any]], blocking: bool, **details: Any) -> dict[str, Any]:
+    """A check made of several criteria: it passes when every one does. Its score, threshold and
+    summary are those of the criterion that decided: the first that failed, or, when all passed,
+    the one closest to its threshold. ``details.criteria`` holds every criterion's entry."""
+    failing = [c for c in judged if c["verdict"] != PASS]
+    decisive = failing[0] if failing else min(judged, key=_slack)
+    entry = {k: v for k, v in decisive.items() if k not in ("details", "summary")}
+    entry["blocking"] = blocking
+    entry["details"] = {
+        **details,
+        "criterion": decisive["details"]["criterion"],
+        "criteria": {c["details"]["criterion"]: c for c in judged},
+    }
+    if "undefined" in decisive["details"]:
+        entry["details"]["undefined"] = decisive["details"]["undefined"]
+    summary = decisive["summary"]
+    others = [c["details"]["criterion"] for c in failing[1:]]
+    if others:
+        summary += f" (also failing: {', '.join(others)})"
+    entry["summary"] = summary
+    return entry
+
+
+def _slack(entry: dict[str, Any]) -> float:
+    score, threshold = entry["score"], entry["threshold"]
+    return threshold - score if entry["comparison"].startswith("<") else score - threshold
+
+
+# The randomisation criteria: (name, policy key, comparison, what the per-ECG value is).
+RANDOMISATION_CRITERIA = (
+    ("final", "max_similarity", "<=", "the mean Spearman |a| with every layer randomised"),
+    ("top_layer", "max_top_layer_similarity", "<=", "the mean Spearman |a| with the output layer randomised"),
+    ("curve_area", "max_curve_area", "<=", "the mean area under the cascading curve (its mean over steps)"),
+    (
+        "independent",
+        "max_independent_similarity",
+        "<=",
+        "the mean Spearman |a| with one layer randomised, averaged over the layers",
+    ),
+    (
+        "noise_floor_gap",
+        "min_noise_floor_gap",
+        ">=",
+        "the mean drop below the method's own noise floor with every layer randomised",
+    ),
+)
+
+
+def randomisation_entry(curves: RandomisationCurves, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
+    """Every criterion of :data:`RANDOMISATION_CRITERIA` must hold, judged per ECG at the more
+    similar of the sample and segment resolutions, averaged over the weight draws; ``cfg`` is
+    the policy's ``checks.randomisation`` table."""
+    per_ecg = {
+        "final": curves.worst("cascading", -1),
+        "top_layer": curves.worst("cascading", 0),
+        "curve_area": curves.worst("cascading", slice(None)),
+        "independent": curves.worst("independent", slice(None)),
+        "noise_floor_gap": curves.gap_to_noise_floor(),
+    }
+    reason = _constant_reason(curves.constant_maps)
+    n = len(per_ecg["final"])
+    draws = curves.per_ecg_cascading.shape[0]
+    judged = [
+        judge(
+            Criterion(
+                name,
+                f"{what}, over {n} ECGs and {draws} weight draw(s)",
+                per_ecg[name],
+                cfg[key],
+                comparison,
+                reason,
+            ),
+            bootstrap=cfg["bootstrap"],
+            confidence=cfg["confidence"],
+            seed=seed,
+        )
+        for name, key, comparison, what in RANDOMISATION_CRITERIA
+    ]
+    return criteria_entry(
+        judged,
+        cfg["blocking"],
         layers=curves.layers,
+        draws=draws,
         cascading=_nums(curves.cascading),
         independent=_nums(curves.independent),
-        constant_maps=curves.undefined,
+        noise_floor={
+            r: json_number(_nanmean(v))
+            for r, v in zip(("sample", "segment"), curves.noise_floor, strict=True)
+        },
+        constant_maps=curves.constant_maps,
     )
+
+
+def _constant_reason(constant: dict[str, int]) -> str:
+    parts = [
+        f"{n} {where}"
+        for where, n in (
+            ("trained-model", constant.get("trained", 0)),
+            ("noisy-input", constant.get("noisy_input", 0)),
+            ("randomised-model", constant.get("randomised", 0)),
+        )
+        if n
+    ]
+    what = f"constant maps ({', '.join(parts)})" if parts else "constant maps"
+    return f"{what}; a map with no ranking cannot show that it depends on the weights"
 
 
 def perturbation_entry(
@@ -163,16 +307,19 @@ def perturbation_entry(
     margin: float,
     blocking: bool,
     confidence: float | None = None,
+    **extra: Any,
 ) -> dict[str, Any]:
     """Passes when, under every replacement strategy, the lower end of the confidence interval
     of (method - random control) faithfulness is above ``margin``. The score is the lowest of
-    those lower ends; ``details.strategy`` names its strategy."""
+    those lower ends; ``details.strategy`` names its strategy. Faithfulness is area(LeRF) -
+    area(MoRF) of the target's logit; ``extra`` goes into the details."""
     worst = min(versus_control, key=lambda s: versus_control[s].low)
     decisive = versus_control[worst]
     n = len(next(iter(curves.score.values()))) if curves.score else 0
     label = (
         f"lower end of the {_level(confidence)}bootstrap confidence interval of the mean faithfulness "
-        f"gap to the random control over {n} ECGs, under the replacement strategy where it is lowest"
+        f"gap (logit area) to the random control over {n} ECGs whose target the model predicts, "
+        "under the replacement strategy where it is lowest"
     )
     return _entry(
         decisive.low,
@@ -194,6 +341,7 @@ def perturbation_entry(
             s: {"mean": json_number(c.mean), "low": json_number(c.low), "high": json_number(c.high)}
             for s, c in versus_control.items()
         },
+        **extra,
     )
 
 

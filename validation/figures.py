@@ -232,7 +232,7 @@ def plot_randomisation_independent(report: dict, out: Path | str) -> Path:
 
 
 def plot_perturbation(report: dict, out: Path | str) -> Path:
-    """Mean target-class probability as segments are removed: one column per replacement
+    """Mean target-class logit as segments are removed: one column per replacement
     strategy, MoRF (most relevant first, solid) on top and LeRF (least relevant first,
     dashed) below, one colour per method, the random control grey."""
     title = "Perturbation curves"
@@ -264,8 +264,7 @@ def plot_perturbation(report: dict, out: Path | str) -> Path:
             if r == 1:
                 ax.set_xlabel("segments removed (%)")
             if c == 0:
-                ax.set_ylabel(f"{order_label}\n target-class probability")
-    axes[0, 0].set_ylim(-0.02, 1.02)
+                ax.set_ylabel(f"{order_label}\n target-class logit")
     fig.legend(
         handles=_legend_handles(styles, methods),
         loc="center left",
@@ -273,10 +272,10 @@ def plot_perturbation(report: dict, out: Path | str) -> Path:
         title="method",
         fontsize=8,
     )
-    ecgs = report.get("data", {}).get("ecgs", "?")
+    ecgs = first.get("ecgs", report.get("data", {}).get("ecgs", "?"))
     fig.suptitle(
-        f"{title} (mean over {ecgs} ECGs): a faithful method falls fast in the top row "
-        "and stays high in the bottom row"
+        f"{title} (mean over {ecgs} ECGs whose target the model predicts): a faithful method falls "
+        "fast in the top row and stays high in the bottom row"
     )
     fig.tight_layout()
     return _save(fig, out)

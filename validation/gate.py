@@ -33,11 +33,12 @@ from service.methods import METHOD_NAMES, get_method
 from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
 from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
-from validation.bootstrap import bootstrap_difference, bootstrap_mean
+from validation.bootstrap import bootstrap_difference
 from validation.leakage import check_leakage, leakage_record
-from validation.perturbation import perturbation_curves
+from validation.perturbation import lead_basis, perturbation_curves
 from validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, validated
-from validation.randomisation import Attributor, n_steps, randomisation_curves
+from validation.randomisation import Attributor, RandomisationSetup, n_steps, randomisation_curves
+from validation.references import is_reference, reference_attributors
 from validation.similarity import auroc_rows, mass_inside, mean_pairwise_pearson, pearson_rows
 from validation.user_methods import checked_attributor, mark_user_methods, method_spec
 
@@ -186,7 +187,7 @@ def run_gate(
     warnings += check_coverage(ds, gd, pol, pkg.class_keys)
     warnings += [f"research mode: the policy is below the floor: {v}" for v in below_floor]
     workers = workers or os.cpu_count() or 1
-    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress)
+    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress, fam[0] if fam else None)
     timings["load"] = time.perf_counter() - started
 
     maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.trained))
@@ -194,7 +195,7 @@ def run_gate(
         ctx.timed(timings, f"family_{i}", lambda p=p: ctx.attribute_all(ctx.engine(package=p)))
         for i, p in enumerate(fam)
     ]
-    entries: dict[str, dict[str, Any]] = {m: {} for m in attrib}
+    entries: dict[str, dict[str, Any]] = {m: {} for m in ctx.methods}
     ctx.timed(timings, "randomisation", lambda: ctx.randomisation(maps, entries))
     ctx.timed(timings, "perturbation", lambda: ctx.perturbation(maps, entries))
     ctx.self_consistency(maps, family_maps, entries)
@@ -324,6 +325,14 @@ class _Context:
     providers: Sequence[str] | None
     workers: int
     show_progress: bool
+    sibling: ModelPackage | None = None  # the "other model" of the reference rows
+
+    def __post_init__(self) -> None:
+        # Every run scores the model-independent reference rows beside the methods.
+        self.methods = {
+            **self.methods,
+            **reference_attributors(self.pkg, self.policy.seed, self.engine, self.sibling),
+        }
 
     @functools.cached_property
     def trained(self) -> AttributionEngine:
@@ -374,37 +383,60 @@ class _Context:
         cfg = self.policy.check("randomisation")
         k = min(cfg["ecgs"], len(self.data.x))
         x, t = self.data.x[:k], self.data.target[:k]
-        steps = n_steps(self.pkg)
+        setup = RandomisationSetup(
+            self.pkg,
+            lambda overrides: self.engine(overrides=overrides),
+            x,
+            t,
+            window=cfg["window"],
+            draws=cfg["draws"],
+            noise_scale=cfg["noise_scale"],
+            seed=self.policy.seed,
+        )
+        steps = n_steps(self.pkg, cfg["draws"])
         with progress_bar(total=steps, desc="randomisation", unit="model", enabled=self.show_progress) as bar:
 
-            def step_maps(engine: AttributionEngine) -> dict[str, np.ndarray]:
-                return self.parallel(lambda m: self.methods[m](engine, x, t), list(self.methods), None)
+            def step_maps(engine: AttributionEngine, inputs: np.ndarray) -> dict[str, np.ndarray]:
+                return self.parallel(lambda m: self.methods[m](engine, inputs, t), list(self.methods), None)
 
             curves = randomisation_curves(
-                self.pkg,
-                lambda overrides: self.engine(overrides=overrides),
+                setup,
                 step_maps,
                 {m: maps[m][:k] for m in self.methods},
-                self.policy.seed,
+                self.trained,
                 on_step=lambda: bar.update(1),
             )
         for m, c in curves.items():
-            interval = bootstrap_mean(
-                c.final_per_ecg, n_boot=cfg["bootstrap"], confidence=cfg["confidence"], seed=self.policy.seed
-            )
-            entry = checks.randomisation_entry(
-                c, interval, cfg["max_similarity"], cfg["blocking"], confidence=cfg["confidence"]
-            )
-            entries[m]["randomisation"] = entry
+            entries[m]["randomisation"] = checks.randomisation_entry(c, cfg, self.policy.seed)
+
+    def predicted(self) -> np.ndarray:
+        """Which gate ECGs the trained model predicts its target for (logit above 0)."""
+        logits = self.trained.logits(self.data.x)
+        return logits[np.arange(len(self.data.x)), self.data.target] > 0
 
     def perturbation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
+        """Faithfulness on the ECGs whose target the model predicts: removing the evidence for a
+        class the model does not see there says little about what it uses. The others are
+        left out and counted in the details."""
         cfg = self.policy.check("perturbation")
         engine = self.trained
-        settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_mv")}
+        keep = self.predicted()
+        basis = lead_basis(self.pkg.leads)
+        counts = {"ecgs": int(keep.sum()), "not_predicted": int((~keep).sum()), "leads": basis.describe()}
+        if keep.sum() < 2:
+            reason = (
+                f"the model predicts the target of only {int(keep.sum())} of {len(keep)} gate ECGs; "
+                "faithfulness needs at least 2"
+            )
+            for m in self.methods:
+                entries[m]["perturbation"] = checks.not_run(reason, cfg["blocking"])
+            return
+        settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_scale")}
+        x, t = self.data.x[keep], self.data.target[keep]
 
         def curves_of(m: str):
             return perturbation_curves(
-                engine, self.data.x, self.data.target, maps[m], seed=self.policy.seed, **settings
+                engine, x, t, maps[m][keep], seed=self.policy.seed, basis=basis, **settings
             )
 
         curves = self.parallel(curves_of, list(self.methods), "perturbation")
@@ -421,7 +453,7 @@ class _Context:
                 for s in cfg["strategies"]
             }
             entries[m]["perturbation"] = checks.perturbation_entry(
-                c, versus, cfg["margin"], cfg["blocking"], confidence=cfg["confidence"]
+                c, versus, cfg["margin"], cfg["blocking"], confidence=cfg["confidence"], **counts
             )
 
     def self_consistency(self, maps, family_maps: list[dict[str, np.ndarray]], entries: dict) -> None:
@@ -439,7 +471,12 @@ class _Context:
     def inter_method(self, maps: dict[str, np.ndarray], entries: dict) -> dict[str, Any]:
         """Mean per-ECG Pearson correlation of absolute attributions, method x method."""
         cfg = self.policy.check("inter_method")
-        names = list(self.methods)
+        # Agreeing with |x| is no agreement with another explanation: reference rows stay out.
+        names = [m for m in self.methods if not is_reference(m)]
+        for m in self.methods:
+            if is_reference(m):
+                reason = "reference rows are not compared with the methods"
+                entries[m]["inter_method"] = checks.not_run(reason, cfg["blocking"])
         matrix = np.eye(len(names))
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
@@ -472,15 +509,22 @@ class _Context:
 def _report(
     ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict, timings: dict, warnings: list[str]
 ) -> dict:
-    methods = {}
+    methods, references = {}, {}
     for m, method_checks in entries.items():
         verdict, reasons = checks.method_verdict(method_checks)
-        methods[m] = {"verdict": verdict, "reasons": reasons, "checks": method_checks}
+        row = {"verdict": verdict, "reasons": reasons, "checks": method_checks}
+        (references if is_reference(m) else methods)[m] = row
     required = ctx.policy.required_methods()
     missing = [m for m in required if m not in methods]
     failing = [m for m in required if m in methods and methods[m]["verdict"] != checks.PASS]
     gate_reasons = [f"required method {m} was not checked" for m in missing]
     gate_reasons += [f"required method {m} failed" for m in failing]
+    gate_reasons += [
+        f"the model-independent reference row {m} passed every blocking check, so under this policy "
+        "the checks cannot tell an explanation from a map that ignores the model"
+        for m, r in references.items()
+        if r["verdict"] == checks.PASS
+    ]
     passed = [m for m, r in methods.items() if r["verdict"] == checks.PASS and m != CONTROL_METHOD]
     failed = [m for m, r in methods.items() if r["verdict"] != checks.PASS and m != CONTROL_METHOD]
     not_checked = [m for m in METHOD_NAMES if m not in methods and m != CONTROL_METHOD]
@@ -529,6 +573,8 @@ def _report(
             "providers": select_providers(ctx.providers),
         },
         "methods": methods,
+        # Maps that ignore the model, scored like the methods: the floor every method must beat.
+        "references": references,
         "inter_method": matrix,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -612,7 +658,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     short = {checks.PASS: "ok", checks.FAIL: "FAIL"}
     lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in _SUMMARY_CHECKS)]
     legend: dict[str, str] = {}
-    for m, r in report["methods"].items():
+    references = report.get("references", {})
+    for m, r in {**report["methods"], **references}.items():
         cells = []
         for n in _SUMMARY_CHECKS:
             c = r["checks"].get(n)
@@ -624,6 +671,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             if n not in legend:
                 legend[n] = _legend(c)
         label = f"{m} (control)" if m == CONTROL_METHOD else m
+        if m in references and m == next(iter(references)):
+            lines.append("Reference rows (maps that ignore the model; each must fail):")
         lines.append(f"{label:22s} {r['verdict']:7s} " + " ".join(cells))
     lines.append("Each cell is the number the check's verdict is decided on:")
     lines += [f"  {n}: {text}" for n, text in legend.items()]
@@ -650,6 +699,15 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
 
 
 def _legend(entry: dict[str, Any]) -> str:
+    criteria = entry["details"].get("criteria")
+    if criteria:
+        blocking = "blocking" if entry["blocking"] else "informative, does not block"
+        conditions = ", ".join(f"{n} {c['comparison']} {c['threshold']:g}" for n, c in criteria.items())
+        return (
+            "the number of the criterion that decided (the first that failed, else the one closest to "
+            f"its threshold; each judged by its bootstrap interval's unfavourable end); passes when "
+            f"{conditions} ({blocking})"
+        )
     decided = entry.get("decided_by")
     what = decided["label"] if decided else "score"
     blocking = "blocking" if entry["blocking"] else "informative, does not block"

@@ -273,9 +273,16 @@ def _check_condition(report: dict, check: str) -> str:
         e = r["checks"].get(check)
         if e is not None and e["verdict"] != "not_run":
             kind = "blocking" if e["blocking"] else "informative"
-            condition = f"{_SYMBOLS.get(e['comparison'], e['comparison'])} {e['threshold']:g}"
-            return f"{_statistic_name(e)} {condition}, {kind}"
+            criteria = e["details"].get("criteria")
+            if criteria:  # several conditions, each with its own threshold
+                parts = [f"{n}: {_statistic_name(c)} {_condition(c)}" for n, c in criteria.items()]
+                return f"{'; '.join(parts)}; all {kind}"
+            return f"{_statistic_name(e)} {_condition(e)}, {kind}"
     return "not run"
+
+
+def _condition(entry: dict) -> str:
+    return f"{_SYMBOLS.get(entry['comparison'], entry['comparison'])} {entry['threshold']:g}"
 
 
 def _check_cell(entry: dict | None, footnotes: list[str]) -> str:
@@ -312,11 +319,14 @@ def _methods_table(report: dict) -> str:
         for c in cols
     )
     rows = []
-    for m, r in report["methods"].items():
+    references = report.get("references", {})
+    for m, r in {**report["methods"], **references}.items():
         cells = "".join(_check_cell(r["checks"].get(c), footnotes) for c in cols)
         reasons = "".join(_small(reason) for reason in r.get("reasons", []))
         label = f"{_e(m)} (control)" if m == CONTROL_METHOD else _e(m)
-        cls = ' class="control"' if m == CONTROL_METHOD else ""
+        if m in references:
+            label += " (reference, must fail)"
+        cls = ' class="control"' if m == CONTROL_METHOD or m in references else ""
         verdict = f'<td class="{_e(r["verdict"])}">{_e(r["verdict"])}{reasons}</td>'
         rows.append(f"<tr{cls}><td>{label}</td>{cells}{verdict}</tr>")
     notes = "".join(f"<li>{_e(f)}</li>" for f in footnotes)
@@ -329,7 +339,9 @@ def _methods_table(report: dict) -> str:
         "the check's name; where the verdict rests on an end of a bootstrap confidence interval, the "
         "mean and the interval are shown beneath it. A method passes when every <em>blocking</em> check "
         "passes; the verdict column says which check stopped it. The random control is expected to "
-        f"fail: it is the baseline.</p><ul class='small'>{legend}</ul>"
+        "fail: it is the baseline. The reference rows at the bottom are maps that ignore the model "
+        "(|x|, |dx/dt|, a constant, unseeded noise, another model's saliency): each must fail, and "
+        f"the gate fails if one passes.</p><ul class='small'>{legend}</ul>"
     )
     table = f"<table><tr><th>method</th>{head}<th>verdict</th></tr>{''.join(rows)}</table>"
     return "<h2>Methods and checks</h2>\n" + intro + table + foot

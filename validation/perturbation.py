@@ -1,33 +1,88 @@
 """Perturbation faithfulness: does removing what a method calls relevant change the prediction?
 
-The ECG is cut into lead x window segments. A segment's relevance is the sum of
-the attribution inside it. Segments are removed in equal parts, most relevant
-first (MoRF) or least relevant first (LeRF), and the target-class probability is
-tracked. A faithful method makes the MoRF curve fall fast and the LeRF curve stay
-high; its score per ECG is area(LeRF) - area(MoRF), compared with the random
-control's on the same ECGs.
+The ECG is cut into segments: a window of samples in one of the 8 independent
+leads (I, II, V1-V6). The 12 leads span only 8 dimensions: III, aVR, aVL and
+aVF are fixed combinations of I and II, so a segment removed from one limb lead
+alone survives in the others and the model can still read it. Removal therefore
+happens in the independent leads and the derived leads follow (their recorded
+values plus the change the combination implies, so what is kept stays exactly
+as recorded). A method's relevance for an independent-lead segment is the sum
+of its attribution over every lead that segment feeds, weighted by how much
+it feeds it.
+
+Segments are removed in equal parts, most relevant first (MoRF) or least
+relevant first (LeRF), and the target class's logit (its log-odds: the model's
+outputs are independent sigmoids) is tracked; a logit keeps its range where a
+probability saturates. A faithful method makes the MoRF curve fall fast and
+the LeRF curve stay high; its score per ECG is area(LeRF) - area(MoRF), in
+logit units, compared with the random control's on the same ECGs.
 
 Removed samples are replaced in one of several ways, because each has its own
 bias (zeros and means create edges the model may react to; interpolation can
 leak the removed shape). ``noisy_linear`` is ROAD's noisy linear imputation
 (Rong et al. 2022): in one dimension the neighbour-average system ROAD solves is
-exactly linear interpolation between the kept edges, plus Gaussian noise so that
-the imputed stretch does not reveal where segments were removed.
+exactly linear interpolation between the kept edges, plus Gaussian noise at the
+ECG's own high-frequency noise level (:mod:`validation.ecg_noise`), so the
+imputed stretch does not reveal where segments were removed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from service.engine import AttributionEngine
-from service.methods.perturbation import segment_mask
+from validation.ecg_noise import high_frequency_sd
+from validation.similarity import segment_sums
+
+STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
+# Each derived limb lead as (coefficient of I, coefficient of II) (Einthoven and Goldberger).
+_DERIVED = {"III": (-1.0, 1.0), "aVR": (-0.5, -0.5), "aVL": (1.0, -0.5), "aVF": (-0.5, 1.0)}
+
+
+@dataclass(frozen=True)
+class LeadBasis:
+    """The independent leads of a lead set and how every lead follows from them.
+
+    ``leads = matrix @ independent`` for each sample: ``matrix`` is (leads, independent)
+    and ``independent`` the indices of the independent leads among ``names``.
+    """
+
+    names: tuple[str, ...]
+    independent: tuple[int, ...]
+    matrix: np.ndarray
+
+    @property
+    def derived(self) -> bool:
+        return len(self.independent) < len(self.names)
+
+    def describe(self) -> str:
+        kept = ", ".join(self.names[i] for i in self.independent)
+        if not self.derived:
+            return f"every lead on its own ({kept}): the leads are not the standard 12"
+        return f"the {len(self.independent)} independent leads ({kept}); the others are derived from I and II"
+
+
+def lead_basis(names: Sequence[str]) -> LeadBasis:
+    """The standard 12 leads reduce to I, II, V1-V6; any other lead set is taken as it is."""
+    names = tuple(names)
+    if names != STANDARD_LEADS:
+        return LeadBasis(names, tuple(range(len(names))), np.eye(len(names)))
+    independent = tuple(i for i, n in enumerate(names) if n not in _DERIVED)
+    matrix = np.zeros((len(names), len(independent)))
+    for row, name in enumerate(names):
+        if name in _DERIVED:
+            matrix[row, 0], matrix[row, 1] = _DERIVED[name]  # I and II are the first two
+        else:
+            matrix[row, independent.index(row)] = 1.0
+    return LeadBasis(names, independent, matrix)
 
 
 @dataclass
 class PerturbationCurves:
-    """Mean target probability after each removal step, and per-ECG areas, per strategy."""
+    """Mean target logit after each removal step, and per-ECG areas, per strategy."""
 
     fractions: list[float]
     morf: dict[str, list[float]]  # strategy -> mean curve
@@ -35,14 +90,11 @@ class PerturbationCurves:
     score: dict[str, np.ndarray]  # strategy -> per-ECG area(LeRF) - area(MoRF)
 
 
-def segment_relevance(attribution: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
-    """(B, n_segments) summed attribution per segment, and the (leads, samples) segment ids."""
-    ids = segment_mask(window, attribution.shape[1], attribution.shape[2])
-    n_seg = int(ids.max()) + 1
-    flat = attribution.reshape(len(attribution), -1).astype(np.float64)
-    onehot = np.zeros((ids.size, n_seg))
-    onehot[np.arange(ids.size), ids.ravel()] = 1.0
-    return flat @ onehot, ids
+def segment_relevance(attribution: np.ndarray, window: int, basis: LeadBasis) -> np.ndarray:
+    """(B, independent leads x windows) relevance of each removable segment: the attribution
+    of every lead, weighted by how strongly the independent lead feeds it, summed."""
+    per_independent = np.einsum("lk,bls->bks", np.abs(basis.matrix), np.asarray(attribution, np.float64))
+    return segment_sums(per_independent, window)
 
 
 def removal_order(relevance: np.ndarray, rng: np.random.Generator, most_relevant_first: bool) -> np.ndarray:
@@ -53,9 +105,10 @@ def removal_order(relevance: np.ndarray, rng: np.random.Generator, most_relevant
 
 
 def replace(
-    x: np.ndarray, removed: np.ndarray, strategy: str, rng: np.random.Generator, noise_mv: float
+    x: np.ndarray, removed: np.ndarray, strategy: str, rng: np.random.Generator, noise_sd: np.ndarray
 ) -> np.ndarray:
-    """``x`` with the ``removed`` elements (boolean, same shape) replaced by ``strategy``."""
+    """``x`` with the ``removed`` elements (boolean, same shape) replaced by ``strategy``;
+    ``noise_sd`` (broadcast to ``x``) is the noise level of ``noisy_linear``."""
     if strategy == "zero":
         fill = np.zeros_like(x)
     elif strategy == "lead_mean":
@@ -63,10 +116,26 @@ def replace(
     elif strategy in ("linear", "noisy_linear"):
         fill = linear_fill(x, removed)
         if strategy == "noisy_linear":
-            fill = fill + rng.normal(0.0, noise_mv, x.shape).astype(np.float32)
+            fill = fill + rng.standard_normal(x.shape) * noise_sd
     else:
         raise ValueError(f"unknown replacement strategy {strategy!r}")
     return np.where(removed, fill, x).astype(np.float32)
+
+
+def remove_segments(
+    x: np.ndarray,
+    removed: np.ndarray,
+    basis: LeadBasis,
+    strategy: str,
+    rng: np.random.Generator,
+    noise_sd: np.ndarray,
+) -> np.ndarray:
+    """``x`` (B, leads, samples) with the ``removed`` samples of the independent leads (B,
+    independent, samples) replaced, and every derived lead changed by what follows from them."""
+    kept = x[:, basis.independent].astype(np.float64)
+    filled = replace(kept, removed, strategy, rng, noise_sd).astype(np.float64)
+    change = np.einsum("lk,bks->bls", basis.matrix, filled - kept)
+    return (x + change).astype(np.float32)
 
 
 def linear_fill(x: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -88,9 +157,9 @@ def linear_fill(x: np.ndarray, removed: np.ndarray) -> np.ndarray:
     return np.where(whole, x.mean(axis=-1, keepdims=True), fill).astype(np.float32)
 
 
-def target_probability(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
-    logits = engine.logits(x)[np.arange(len(x)), target]
-    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64)))
+def target_logit(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The target class's logit per ECG (float64)."""
+    return engine.logits(x)[np.arange(len(x)), target].astype(np.float64)
 
 
 def perturbation_curves(
@@ -102,15 +171,21 @@ def perturbation_curves(
     strategies: list[str],
     window: int,
     steps: int,
-    noise_mv: float,
+    noise_scale: float,
     seed: int,
+    basis: LeadBasis,
 ) -> PerturbationCurves:
-    """MoRF and LeRF curves of one method's ``attribution`` for every replacement strategy."""
-    relevance, ids = segment_relevance(attribution, window)
+    """MoRF and LeRF curves of one method's ``attribution`` for every replacement strategy,
+    removing segments of ``basis``'s independent leads."""
+    relevance = segment_relevance(attribution, window, basis)
+    n_ind, n_samples = len(basis.independent), x.shape[2]
     n_seg = relevance.shape[1]
+    starts = np.arange(0, n_samples, window)
+    window_of = np.searchsorted(starts, np.arange(n_samples), side="right") - 1
     counts = np.round(np.linspace(0, n_seg, steps + 1)).astype(int)
     fractions = (counts / n_seg).tolist()
-    start = target_probability(engine, x, target)
+    noise_sd = high_frequency_sd(x[:, basis.independent]) * noise_scale
+    start = target_logit(engine, x, target)
     curves = PerturbationCurves(fractions, {}, {}, {})
     for strategy in strategies:
         areas = {}
@@ -118,14 +193,15 @@ def perturbation_curves(
             # One generator per (strategy, order): the draws do not depend on which methods run.
             rng = np.random.default_rng([seed, int(most_first), strategies.index(strategy)])
             order = removal_order(relevance, rng, most_first)
-            probs = [start]
+            logits = [start]
             for k in counts[1:]:
                 removed_seg = np.zeros((len(x), n_seg), bool)
                 np.put_along_axis(removed_seg, order[:, :k], True, axis=1)
-                removed = removed_seg[:, ids]
-                probs.append(target_probability(engine, replace(x, removed, strategy, rng, noise_mv), target))
-            p = np.stack(probs, axis=1)
-            getattr(curves, order_name)[strategy] = p.mean(axis=0).tolist()
-            areas[order_name] = np.trapezoid(p, fractions, axis=1)
+                removed = removed_seg.reshape(len(x), n_ind, -1)[:, :, window_of]
+                perturbed = remove_segments(x, removed, basis, strategy, rng, noise_sd)
+                logits.append(target_logit(engine, perturbed, target))
+            z = np.stack(logits, axis=1)
+            getattr(curves, order_name)[strategy] = z.mean(axis=0).tolist()
+            areas[order_name] = np.trapezoid(z, fractions, axis=1)
         curves.score[strategy] = areas["lerf"] - areas["morf"]
     return curves

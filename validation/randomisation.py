@@ -7,43 +7,75 @@ on the same ECGs through the package's own graphs (the engine replaces the
 initialisers in memory), and compared with its attributions on the trained model.
 A method that explains the model must change; one that only shows the input
 will not.
+
+Each comparison is made at two resolutions: per sample, and per lead x window
+segment (the unit the perturbation check removes). A map can look changed per
+sample yet keep every segment's total, which is what perturbation sees; the
+check takes the more similar of the two. Several independent weight draws are
+averaged per ECG, so one lucky draw does not decide. The method's own noise
+floor, its similarity to itself on the same ECG with a little of the ECG's own
+high-frequency noise added (and other random draws for stochastic methods), is
+what a drop must be measured against: a map that is noise to begin with
+(Hedström et al. 2023, smooth MPRT) cannot show that it lost anything.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from service.engine import AttributionEngine
 from service.package import ModelPackage
-from validation.similarity import SIMILARITY_MEASURES
+from validation.ecg_noise import high_frequency_noise
+from validation.similarity import SIMILARITY_MEASURES, segment_sums, spearman_rows
 
 # attribute(engine, x, target) -> (B, 12, 600); lets tests plug in constructed methods.
 Attributor = Callable[[AttributionEngine, np.ndarray, np.ndarray], np.ndarray]
 EngineFactory = Callable[[Mapping[str, np.ndarray]], AttributionEngine]
 
+RESOLUTIONS = ("sample", "segment")
+
 
 @dataclass
 class RandomisationCurves:
-    """One method's similarity to its trained-model attributions, per randomisation step.
+    """One method's similarity to its trained-model attributions under randomisation.
 
-    ``cascading[measure][k]`` is the mean over ECGs after randomising ``layers[: k + 1]``;
-    ``independent[measure][k]`` after randomising ``layers[k]`` alone. ``undefined``
-    counts comparisons where a map was constant (no ranking): they count as 0.
-    ``final_per_ecg`` is each ECG's Spearman |a| with every layer randomised.
+    ``cascading[measure][k]`` (for plots) is the mean over ECGs and draws, per sample,
+    after randomising ``layers[: k + 1]``; ``independent[measure][k]`` after randomising
+    ``layers[k]`` alone. The per-ECG arrays the verdict rests on hold the Spearman |a|
+    at each resolution: ``per_ecg_cascading[draw, step, resolution, ecg]`` (and
+    ``per_ecg_independent`` likewise), ``noise_floor[resolution, ecg]``. NaN marks an
+    undefined comparison (a constant map has no ranking); ``constant_maps`` counts why.
     """
 
     layers: list[str]
     cascading: dict[str, list[float]]
     independent: dict[str, list[float]]
-    undefined: int
-    final_per_ecg: np.ndarray | None = None
+    per_ecg_cascading: np.ndarray
+    per_ecg_independent: np.ndarray
+    noise_floor: np.ndarray
+    constant_maps: dict[str, int] = field(default_factory=dict)
 
     def final(self, measure: str = "spearman_abs") -> float:
-        """Similarity with every layer randomised: what the check's verdict rests on."""
+        """Mean similarity per sample with every layer randomised (for plots and tables)."""
         return self.cascading[measure][-1]
+
+    def worst(self, mode: str, step: int | slice) -> np.ndarray:
+        """Per ECG, the higher of the two resolutions' similarity, averaged over draws,
+        at cascading or independent ``step`` (a slice averages the steps too)."""
+        table = self.per_ecg_cascading if mode == "cascading" else self.per_ecg_independent
+        chosen = table[:, step]
+        if chosen.ndim == 4:  # (draws, steps, resolutions, ecgs)
+            chosen = chosen.mean(axis=1)
+        return chosen.mean(axis=0).max(axis=0)
+
+    def gap_to_noise_floor(self) -> np.ndarray:
+        """Per ECG, how far the fully randomised similarity falls below the method's own noise
+        floor, at the resolution where it falls least."""
+        final = self.per_ecg_cascading[:, -1].mean(axis=0)  # (resolutions, ecgs)
+        return (self.noise_floor - final).min(axis=0)
 
 
 def parameterised_layers(package: ModelPackage) -> list[dict]:
@@ -52,17 +84,17 @@ def parameterised_layers(package: ModelPackage) -> list[dict]:
 
 
 def randomised_weights(
-    trained: Mapping[str, np.ndarray], layers: Sequence[dict], seed: int
+    trained: Mapping[str, np.ndarray], layers: Sequence[dict], seed: int, draw: int = 0
 ) -> dict[str, dict[str, np.ndarray]]:
     """Per layer name, fresh Gaussian weights with each tensor's trained standard deviation.
 
     Keeping the scale keeps activations in range, so a method's change reflects lost
-    structure, not exploding or vanishing signals. Layer ``i`` of ``layers`` always gets
-    the same draw, so cascading and independent steps randomise a layer identically.
+    structure, not exploding or vanishing signals. Layer ``i`` of one ``draw`` always gets
+    the same values, so cascading and independent steps randomise a layer identically.
     """
     out = {}
     for i, layer in enumerate(layers):
-        rng = np.random.default_rng([seed, i])
+        rng = np.random.default_rng([seed, draw, i])
         out[layer["name"]] = {
             p: (rng.standard_normal(trained[p].shape) * float(trained[p].std())).astype(np.float32)
             for p in layer["parameters"]
@@ -70,53 +102,113 @@ def randomised_weights(
     return out
 
 
+@dataclass
+class RandomisationSetup:
+    """What the randomisation of one gate run needs besides the methods."""
+
+    package: ModelPackage
+    make_engine: EngineFactory
+    x: np.ndarray
+    target: np.ndarray
+    window: int
+    draws: int
+    noise_scale: float
+    seed: int
+
+
 def randomisation_curves(
-    package: ModelPackage,
-    make_engine: EngineFactory,
-    attribute_all: Callable[[AttributionEngine], Mapping[str, np.ndarray]],
+    setup: RandomisationSetup,
+    attribute_all: Callable[[AttributionEngine, np.ndarray], Mapping[str, np.ndarray]],
     reference: Mapping[str, np.ndarray],
-    seed: int,
+    trained: AttributionEngine,
     on_step: Callable[[], None] | None = None,
 ) -> dict[str, RandomisationCurves]:
-    """Cascading and independent randomisation curves of every method.
+    """Cascading and independent randomisation curves of every method, over several draws.
 
-    ``reference[m]`` are method ``m``'s attributions on the trained model;
-    ``make_engine(overrides)`` builds an engine on the package with those weights replaced
-    and ``attribute_all(engine)`` computes every method on it, for the same ECGs.
+    ``reference[m]`` are method ``m``'s attributions on the trained model for ``setup.x``;
+    ``attribute_all(engine, x)`` computes every method on ``engine`` for those ECGs' targets.
+    ``trained`` is the engine of the trained package, for the noise floor.
     """
-    layers = parameterised_layers(package)
-    draws = randomised_weights(package.read_parameters(), layers, seed)
+    layers = parameterised_layers(setup.package)
     names = [layer["name"] for layer in layers]
-    curves = {m: RandomisationCurves(names, _empty(), _empty(), 0) for m in reference}
-    for mode in ("cascading", "independent"):
-        for k in range(len(layers)):
-            chosen = names[: k + 1] if mode == "cascading" else [names[k]]
-            overrides = {p: v for n in chosen for p, v in draws[n].items()}
-            randomised = attribute_all(make_engine(overrides))
-            for m in reference:
-                _add_step(curves[m], mode, reference[m], randomised[m])
-            if on_step is not None:
-                on_step()
-    return curves
+    params = setup.package.read_parameters()
+    rng = np.random.default_rng([setup.seed, 11])
+    noisy = setup.x + high_frequency_noise(setup.x, rng, setup.noise_scale)
+    floor_maps = attribute_all(trained, noisy)
+    curves = {
+        m: _Accumulator(names, setup.draws, reference[m], floor_maps[m], setup.window) for m in reference
+    }
+    for draw in range(setup.draws):
+        weights = randomised_weights(params, layers, setup.seed, draw)
+        for mode in ("cascading", "independent"):
+            for k in range(len(layers)):
+                chosen = names[: k + 1] if mode == "cascading" else [names[k]]
+                overrides = {p: v for n in chosen for p, v in weights[n].items()}
+                randomised = attribute_all(setup.make_engine(overrides), setup.x)
+                for m, acc in curves.items():
+                    acc.add(mode, draw, k, randomised[m])
+                if on_step is not None:
+                    on_step()
+    return {m: acc.result() for m, acc in curves.items()}
 
 
-def n_steps(package: ModelPackage) -> int:
+def n_steps(package: ModelPackage, draws: int = 1) -> int:
     """How many randomised models :func:`randomisation_curves` builds (for progress bars)."""
-    return 2 * len(parameterised_layers(package))
+    return 2 * len(parameterised_layers(package)) * draws
 
 
-def _empty() -> dict[str, list[float]]:
-    return {measure: [] for measure in SIMILARITY_MEASURES}
+def resolution_similarity(trained: np.ndarray, other: np.ndarray, window: int) -> np.ndarray:
+    """(resolutions, B) Spearman |a| per sample and per lead x ``window`` segment; NaN undefined."""
+    per_sample = spearman_rows(trained, other, absolute=True)
+    per_segment = spearman_rows(segment_sums(trained, window), segment_sums(other, window), absolute=True)
+    return np.stack([per_sample, per_segment])
 
 
-def _add_step(curves: RandomisationCurves, mode: str, trained: np.ndarray, randomised: np.ndarray) -> None:
-    table = curves.cascading if mode == "cascading" else curves.independent
-    for measure, fn in SIMILARITY_MEASURES.items():
-        values = fn(trained, randomised)
-        undefined = ~np.isfinite(values)
-        values = np.where(undefined, 0.0, values)
-        if measure == "spearman_abs":
-            curves.undefined += int(undefined.sum())
-            if mode == "cascading":  # the last cascading step randomises every layer
-                curves.final_per_ecg = values
-        table[measure].append(float(values.mean()))
+def is_constant(maps: np.ndarray) -> np.ndarray:
+    """Per ECG, whether its map has one value everywhere (no ranking, no correlation)."""
+    flat = np.asarray(maps, np.float64).reshape(len(maps), -1)
+    return flat.max(axis=1) - flat.min(axis=1) <= 0
+
+
+class _Accumulator:
+    """Collects one method's comparisons step by step."""
+
+    def __init__(self, layers: list[str], draws: int, trained: np.ndarray, floor: np.ndarray, window: int):
+        n, b = len(layers), len(trained)
+        self.layers, self.trained, self.window, self.draws = layers, trained, window, draws
+        self.tables = {
+            "cascading": np.full((draws, n, len(RESOLUTIONS), b), np.nan),
+            "independent": np.full((draws, n, len(RESOLUTIONS), b), np.nan),
+        }
+        self.curves = {"cascading": _empty(n), "independent": _empty(n)}
+        self.noise_floor = resolution_similarity(trained, floor, window)
+        self.constant = {
+            "trained": int(is_constant(trained).sum()),
+            "noisy_input": int(is_constant(floor).sum()),
+            "randomised": 0,
+        }
+
+    def add(self, mode: str, draw: int, step: int, randomised: np.ndarray) -> None:
+        self.tables[mode][draw, step] = resolution_similarity(self.trained, randomised, self.window)
+        self.constant["randomised"] += int(is_constant(randomised).sum())
+        for measure, fn in SIMILARITY_MEASURES.items():
+            values = fn(self.trained, randomised)
+            mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+            # A running mean over draws, so plots show the average curve.
+            curve = self.curves[mode][measure]
+            curve[step] = mean if draw == 0 else curve[step] + (mean - curve[step]) / (draw + 1)
+
+    def result(self) -> RandomisationCurves:
+        return RandomisationCurves(
+            self.layers,
+            {k: list(v) for k, v in self.curves["cascading"].items()},
+            {k: list(v) for k, v in self.curves["independent"].items()},
+            self.tables["cascading"],
+            self.tables["independent"],
+            self.noise_floor,
+            self.constant,
+        )
+
+
+def _empty(n: int) -> dict[str, list[float]]:
+    return {measure: [float("nan")] * n for measure in SIMILARITY_MEASURES}

@@ -1,0 +1,237 @@
+"""Calibration of the gate's default thresholds, on seeds and data the demo never uses.
+
+    python benchmarks/calibrate_gate.py --out /tmp/calibration     # about 20 min on 2 cores
+
+Trains the default model from seeds 100, 101, 102 on 8,000 synthetic beats (generator seed
+2000), exports them, and gates each on 128 validation ECGs (generator seed 3000) with the
+other two as its seed family, under the default policy's settings. Every check's decisive
+number is recorded for every method and reference row, whatever its verdict. The demo uses
+data seeds 0 and 1000 and model seeds 0, 1, 2; the test suite 3, 4 and 7.
+
+The thresholds follow from rules fixed before any of these numbers was seen, and use the
+reference rows (maps that ignore the model) and the literature, never which methods one
+would like to pass:
+
+- ``max_similarity`` 0.5: after every weight is replaced, at most a quarter of the rank
+  variance may be shared with the trained model's map (Adebayo et al. 2018 report methods
+  that stay above this as failing).
+- ``max_top_layer_similarity`` and ``max_independent_similarity`` 0.8: replacing a whole layer
+  must change the map more than two maps sharing 64 % of their rank variance differ; guided
+  backprop's insensitivity to the upper layers shows as similarities near 1 (Adebayo et al.).
+- ``max_curve_area``: the area of a cascading curve falling straight from the top-layer limit
+  to the final limit, (0.8 + 0.5) / 2 = 0.65.
+- ``min_noise_floor_gap``: above every reference row's mean gap on every calibration seed, by
+  0.1, rounded up to 0.05, and at least 0.1.
+- perturbation ``margin``: the null: two random maps differ by chance. The unseeded random
+  reference row against the random control, largest absolute mean gap over the seeds, plus
+  0.05, rounded up to 0.05, and at least 0.05 (logit area).
+
+The script writes ``calibration.json`` (every score) and ``calibration.md`` (per check and
+criterion, the methods' and the reference rows' distribution, the threshold the rule gives
+and the default policy's), and ``calibration.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.config import TrainConfig  # noqa: E402
+from training.data.synth import synthesize_dataset  # noqa: E402
+from training.export import export_checkpoint  # noqa: E402
+from training.models import ModelConfig  # noqa: E402
+from training.train import CHECKPOINT_FILE, seed_dir, train_run  # noqa: E402
+from validation.gate import run_gate  # noqa: E402
+from validation.policy import default_policy  # noqa: E402
+from validation.references import is_reference  # noqa: E402
+
+DATA_SEED, VALIDATION_SEED, MODEL_SEEDS = 2000, 3000, (100, 101, 102)
+LITERATURE = {
+    "max_similarity": 0.5,
+    "max_top_layer_similarity": 0.8,
+    "max_independent_similarity": 0.8,
+    "max_curve_area": 0.65,
+}
+
+
+def prepare(out: Path, beats: int, seeds: tuple[int, ...]) -> list[Path]:
+    """Data, training and export; each step is skipped when its output exists (resumable)."""
+    data, validation = out / "data", out / "validation"
+    if not (data / "signals.npy").exists():
+        synthesize_dataset(data, beats, DATA_SEED, overwrite=True)
+    if not (validation / "signals.npy").exists():
+        synthesize_dataset(validation, 1000, VALIDATION_SEED, overwrite=True)
+    runs = out / "runs"
+    todo = [s for s in seeds if not (seed_dir(runs, s) / CHECKPOINT_FILE).is_file()]
+    for s in todo:  # one seed at a time: an interrupted calibration keeps the seeds it finished
+        train_run(data, [s], runs, ModelConfig(), TrainConfig())
+    packages = []
+    for s in seeds:
+        pkg = out / "packages" / f"seed-{s}"
+        if not (pkg / "manifest.json").is_file():
+            export_checkpoint(seed_dir(runs, s) / CHECKPOINT_FILE, pkg)
+        packages.append(pkg)
+    return packages
+
+
+def gate_all(out: Path, packages: list[Path], ecgs: int) -> list[dict]:
+    policy = out / "policy.toml"
+    policy.write_text(f"[gate]\necgs = {ecgs}\n")
+    reports = []
+    for pkg in packages:
+        report_file = out / f"gate-{pkg.name}.json"
+        if not report_file.is_file():
+            family = [p for p in packages if p != pkg]
+            started = time.perf_counter()
+            run = run_gate(pkg, out / "validation", family=family, policy=policy)
+            print(f"{pkg.name}: gated in {time.perf_counter() - started:.0f} s", flush=True)
+            report_file.write_text(json.dumps(run.report, indent=1))
+        reports.append(json.loads(report_file.read_text()))
+    return reports
+
+
+def scores(reports: list[dict]) -> dict[str, dict[str, dict[str, list]]]:
+    """criterion -> row -> per-seed (score, mean) pairs; None where undefined or not run."""
+    table: dict[str, dict[str, dict[str, list]]] = {}
+    for report in reports:
+        rows = {**report["methods"], **report["references"]}
+        for name, row in rows.items():
+            for check, entry in row["checks"].items():
+                parts = entry["details"].get("criteria") or {check: entry}
+                for criterion, c in parts.items():
+                    key = check if criterion == check else f"{check}.{criterion}"
+                    cell = table.setdefault(key, {}).setdefault(name, {"score": [], "mean": []})
+                    cell["score"].append(c.get("score"))
+                    cell["mean"].append(c.get("mean"))
+    return table
+
+
+def _up(v: float, step: float) -> float:
+    return math.ceil(v / step - 1e-9) * step
+
+
+def thresholds(table: dict) -> dict[str, float]:
+    """The thresholds the module's rules give on these scores."""
+    out = dict(LITERATURE)
+    gaps = [
+        m
+        for row, cell in table["randomisation.noise_floor_gap"].items()
+        if is_reference(row)
+        for m in cell["mean"]
+        if m is not None
+    ]
+    out["min_noise_floor_gap"] = round(max(0.1, _up(max(gaps) + 0.1, 0.05)), 2)
+    null = [abs(m) for m in table["perturbation"]["ref:unseeded_random"]["mean"] if m is not None]
+    out["margin"] = round(max(0.05, _up(max(null) + 0.05, 0.05)), 2)
+    return out
+
+
+KEYS = {
+    "randomisation.final": "max_similarity",
+    "randomisation.top_layer": "max_top_layer_similarity",
+    "randomisation.curve_area": "max_curve_area",
+    "randomisation.independent": "max_independent_similarity",
+    "randomisation.noise_floor_gap": "min_noise_floor_gap",
+    "perturbation": "margin",
+}
+
+
+def markdown(table: dict, rule: dict[str, float], seeds: tuple[int, ...], timings: dict) -> str:
+    policy = default_policy()
+    current = {**policy.check("randomisation"), "margin": policy.check("perturbation")["margin"]}
+    lines = [
+        f"Calibration of the gate (benchmarks/calibrate_gate.py): model seeds {list(seeds)}, "
+        f"data seed {DATA_SEED}, validation seed {VALIDATION_SEED}; {timings}",
+        "",
+        "| criterion | key | rule gives | default | methods: score per seed (min / median / max of the"
+        " decisive CI end) | reference rows (each: decisive CI end over the seeds, n/a = undefined) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for crit, key in KEYS.items():
+        cells = table.get(crit, {})
+        methods = [
+            s for row, c in cells.items() if not is_reference(row) for s in c["score"] if s is not None
+        ]
+        refs = "; ".join(
+            f"{row[4:]} {'/'.join('n/a' if s is None else f'{s:.2f}' for s in c['score'])}"
+            for row, c in cells.items()
+            if is_reference(row)
+        )
+        spread = (
+            f"{min(methods):.2f} / {float(np.median(methods)):.2f} / {max(methods):.2f}" if methods else "n/a"
+        )
+        lines.append(f"| {crit} | `{key}` | {rule[key]:g} | {current[key]:g} | {spread} | {refs} |")
+    lines += ["", "Per method and seed (the decisive number of each criterion):", ""]
+    rows = sorted({row for cells in table.values() for row in cells}, key=lambda r: (is_reference(r), r))
+    lines.append("| row | " + " | ".join(KEYS) + " |")
+    lines.append("| --- |" + " --- |" * len(KEYS))
+    for row in rows:
+        vals = []
+        for crit in KEYS:
+            c = table.get(crit, {}).get(row)
+            vals.append(
+                "-" if c is None else "/".join("n/a" if s is None else f"{s:.2f}" for s in c["score"])
+            )
+        lines.append(f"| {row} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _per_seed(values: list) -> str:
+    return "/".join("n/a" if s is None else f"{s:.2f}" for s in values)
+
+
+def plot(table: dict, rule: dict[str, float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(KEYS), figsize=(3.2 * len(KEYS), 4.2))
+    for ax, (crit, key) in zip(axes, KEYS.items(), strict=True):
+        for row, c in table.get(crit, {}).items():
+            ref = is_reference(row)
+            ys = [s for s in c["score"] if s is not None]
+            xs = np.full(len(ys), 1.0 if ref else 0.0) + np.random.default_rng(len(row)).uniform(-0.15, 0.15)
+            ax.scatter(xs, ys, s=14, color="tab:red" if ref else "tab:blue", alpha=0.8)
+        ax.axhline(rule[key], color="k", linestyle="--", linewidth=1)
+        ax.set_xticks([0, 1], ["methods", "references"])
+        ax.set_title(crit.replace("randomisation.", "rand. "), fontsize=9)
+    fig.suptitle("Decisive numbers per criterion (dots: method x seed); dashed: threshold by rule")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--beats", type=int, default=8000)
+    parser.add_argument("--ecgs", type=int, default=128)
+    parser.add_argument("--seeds", type=int, nargs="+", default=list(MODEL_SEEDS))
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    seeds = tuple(args.seeds)
+    started = time.perf_counter()
+    packages = prepare(args.out, args.beats, seeds)
+    prepared = time.perf_counter()
+    reports = gate_all(args.out, packages, args.ecgs)
+    timings = f"data+training+export {prepared - started:.0f} s, gates {time.perf_counter() - prepared:.0f} s"
+    table = scores(reports)
+    rule = thresholds(table)
+    (args.out / "calibration.json").write_text(json.dumps({"rule": rule, "scores": table}, indent=1))
+    (args.out / "calibration.md").write_text(markdown(table, rule, seeds, timings))
+    plot(table, rule, args.out / "calibration.png")
+    print((args.out / "calibration.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
