@@ -43,8 +43,11 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Three small CNNs trained from seeds 0, 1, 2 and exported, plus 64 validation beats with masks.
 
-    Small and short (about 10 s in all), yet trained: what the gate's checks tell apart
-    is a model that learned something from one that did not.
+    Small and short (about 40 s in all), yet trained: what the gate's checks tell apart
+    is a model that learned something from one that did not. On the synthetic data that is
+    not trivially separable (generator 2.0), 1,500 beats and 8 epochs left the models
+    predicting 11 % of the validation targets; 3,000 and 12 predict about 40 %, which the
+    perturbation check (predicted targets only) needs.
     """
     from training.config import TrainConfig
     from training.export import export_checkpoint
@@ -52,10 +55,10 @@ def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from training.train import CHECKPOINT_FILE, seed_dir, train_run
 
     root = tmp_path_factory.mktemp("family")
-    data = synthesize_dataset(root / "train", 1500, seed=3, show_progress=False)
+    data = synthesize_dataset(root / "train", 3000, seed=3, show_progress=False)
     validation = synthesize_dataset(root / "validation", 64, seed=4, show_progress=False)
     model = ModelConfig(widths=(8, 16, 16), stem_stride=2)
-    train_run(data, [0, 1, 2], root / "runs", model, TrainConfig(max_epochs=8), show_progress=False)
+    train_run(data, [0, 1, 2], root / "runs", model, TrainConfig(max_epochs=12), show_progress=False)
     out = {"data": validation, "runs": root / "runs"}
     for s in (0, 1, 2):
         out[f"seed-{s}"] = export_checkpoint(
@@ -64,14 +67,21 @@ def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+# The serving tests need a report in which gradcam passes and saliency fails (what a method's
+# verdict does to serving is what they test, not the gate). Under the default criteria gradcam
+# fails randomisation on this small family (some of its maps are all zero, and undefined
+# similarity fails), so here only perturbation blocks, with a margin well above what the
+# reference rows reach (|x| about 0.09, gradcam about 0.75, saliency below 0).
 GATE_POLICY = """
 [gate]
 ecgs = 32
 allow_incomplete_data = true
 [checks.randomisation]
 ecgs = 8
+blocking = false
 [checks.perturbation]
 bootstrap = 100
+margin = 0.3
 """
 
 
