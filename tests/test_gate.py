@@ -199,6 +199,10 @@ def test_localisation_against_ground_truth_masks_both_ways(gate) -> None:
     good = check(gate, "occlusion", "localisation")
     assert good["verdict"] == "pass" and good["score"] > 0.6
     assert good["details"]["mass_inside"] > good["details"]["mask_area"]  # more than chance
+    # Mass, pointing game and top-k precision are reported beside the input |x| scored the same way.
+    base = good["details"]["input_baseline"]
+    assert set(base) == {"mass", "pointing_game", "top_k_precision", "auroc"}
+    assert 0 <= good["details"]["pointing_game"] <= 1 and 0 <= good["details"]["top_k_precision"] <= 1
     bad = check(gate, "random", "localisation")
     assert bad["verdict"] == "fail" and bad["score"] == pytest.approx(0.5, abs=0.03)
 

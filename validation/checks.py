@@ -367,17 +367,30 @@ def inter_method_entry(row: dict[str, float], minimum: float, blocking: bool) ->
     )
 
 
-def localisation_entry(auroc: np.ndarray, mass: np.ndarray, area: np.ndarray, minimum: float, blocking: bool):
-    """Passes when the mean AUROC of |attribution| against the ground-truth mask reaches ``minimum``."""
-    n = int(np.isfinite(auroc).sum())
+def localisation_entry(
+    scores: dict[str, np.ndarray],
+    baseline: dict[str, float | None],
+    area: np.ndarray,
+    minimum: float,
+    blocking: bool,
+) -> dict[str, Any]:
+    """Passes when the mean AUROC of |attribution| against the ground-truth mask reaches ``minimum``.
+
+    ``scores`` are :func:`validation.localisation.localisation_scores` per ECG (AUROC, relevance
+    mass, pointing game, top-k precision); ``baseline`` the same means for the input |x|, shown
+    beside them, since good localisation can come from the input alone."""
+    n = int(np.isfinite(scores["auroc"]).sum())
     return _at_least(
-        _nanmean(auroc),
+        _nanmean(scores["auroc"]),
         minimum,
         blocking,
         "mean AUROC of |a| against the ground-truth mask over the ECGs that have one",
         ecgs_with_mask=n,
-        mass_inside=json_number(_nanmean(mass)),
+        mass_inside=json_number(_nanmean(scores["mass"])),
+        pointing_game=json_number(_nanmean(scores["pointing_game"])),
+        top_k_precision=json_number(_nanmean(scores["top_k_precision"])),
         mask_area=json_number(_nanmean(area)),
+        input_baseline=baseline,
     )
 
 

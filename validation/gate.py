@@ -35,11 +35,12 @@ from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
 from validation.bootstrap import bootstrap_difference
 from validation.leakage import check_leakage, leakage_record
+from validation.localisation import localisation_scores
 from validation.perturbation import lead_basis, perturbation_curves
 from validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, validated
 from validation.randomisation import Attributor, RandomisationSetup, n_steps, randomisation_curves
 from validation.references import is_reference, reference_attributors
-from validation.similarity import auroc_rows, mass_inside, mean_pairwise_pearson, pearson_rows
+from validation.similarity import mean_pairwise_pearson, pearson_rows
 from validation.user_methods import checked_attributor, mark_user_methods, method_spec
 
 log = logging.getLogger(__name__)
@@ -494,15 +495,21 @@ class _Context:
     def localisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
         cfg = self.policy.check("localisation")
         masks = self.data.masks
+        baseline: dict[str, float] = {}
+        if masks is not None and masks.any():
+            # |x| scored the same way: a method at this level only highlights large voltages.
+            has = masks.reshape(len(masks), -1).any(axis=1)
+            input_scores = localisation_scores(self.data.x[has], masks[has])
+            baseline = {k: checks.json_number(_nanmean(v)) for k, v in input_scores.items()}
         for m in self.methods:
             if masks is None or not masks.any():
                 reason = "the validation data has no ground-truth masks (only synthetic data has them)"
                 entries[m]["localisation"] = checks.not_run(reason, cfg["blocking"])
                 continue
             has = masks.reshape(len(masks), -1).any(axis=1)
-            a, t = np.abs(maps[m][has]), masks[has]
+            scores = localisation_scores(maps[m][has], masks[has])
             entries[m]["localisation"] = checks.localisation_entry(
-                auroc_rows(a, t), mass_inside(a, t), t.mean(axis=(1, 2)), cfg["min_auroc"], cfg["blocking"]
+                scores, baseline, masks[has].mean(axis=(1, 2)), cfg["min_auroc"], cfg["blocking"]
             )
 
 
@@ -578,6 +585,11 @@ def _report(
         "inter_method": matrix,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
+
+
+def _nanmean(values: np.ndarray) -> float:
+    values = np.asarray(values, np.float64)
+    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
 def _names(methods: Sequence[str]) -> str:

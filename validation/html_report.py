@@ -497,11 +497,29 @@ def _localisation_here(report: dict) -> str:
     lo, hi = _extremes(auroc)
     threshold = next(iter(entries.values()))["threshold"]
     reach = sum(v >= threshold for v in auroc.values())
-    return (
+    text = (
         f"AUROC {auroc[lo]:.2f} ({lo}) to {auroc[hi]:.2f} ({hi}), mean "
         f"{statistics.fmean(auroc.values()):.2f} (chance 0.5); {reach} of {len(auroc)} methods reach "
         f"{threshold:g}"
     )
+    details = next(iter(entries.values()))["details"]
+    base = details.get("input_baseline") or {}
+    if base.get("auroc") is not None:
+        best = {m: e["details"].get("pointing_game") for m, e in entries.items()}
+        best = {m: v for m, v in best.items() if v is not None}
+        top = max(best, key=best.get) if best else None
+        text += (
+            f"; the input |x| alone scores AUROC {base['auroc']:.2f}, pointing game "
+            f"{_fmt(base.get('pointing_game'))}, top-k precision {_fmt(base.get('top_k_precision'))}, "
+            f"relevance mass {_fmt(base.get('mass'))} (mask area {_fmt(details.get('mask_area'))})"
+        )
+        if top is not None:
+            text += f"; best pointing game {best[top]:.2f} ({top})"
+    return text
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def study_comparison_rows(report: dict) -> list[dict]:

@@ -236,6 +236,23 @@ POLICY_FLOOR: dict[str, tuple[str, bool | float | str, str]] = {
     ),
     "checks.perturbation.blocking": ("==", True, "a method no better than random removal must not pass"),
     "checks.randomisation.max_similarity": ("<=", 0.5, "above it the map is mostly explained by the input"),
+    "checks.randomisation.max_top_layer_similarity": (
+        "<=",
+        DEFAULT,
+        "a looser limit lets maps that ignore the output layer pass (guided backprop's failure)",
+    ),
+    "checks.randomisation.max_curve_area": ("<=", DEFAULT, "a looser limit lets slowly changing maps pass"),
+    "checks.randomisation.max_independent_similarity": (
+        "<=",
+        DEFAULT,
+        "a looser limit lets maps that ignore whole layers pass",
+    ),
+    "checks.randomisation.min_noise_floor_gap": (
+        ">=",
+        DEFAULT,
+        "a smaller gap lets maps that are noise to begin with pass (the unseeded random reference)",
+    ),
+    "checks.randomisation.draws": (">=", 2, "one weight draw can be lucky"),
     "checks.perturbation.margin": (">=", DEFAULT, "a smaller margin lets noise-level methods pass"),
     "checks.randomisation.confidence": (">=", 0.9, "a narrower interval makes the verdict a coin toss"),
     "checks.perturbation.confidence": (">=", 0.9, "a narrower interval makes the verdict a coin toss"),
