@@ -1,0 +1,36 @@
+"""The demo's seed 0 gated under the demo's policy, without the rest of the demo (docs/gate.md).
+
+python benchmarks/gate_demo_seed.py    # about 6 min on 2 cores; writes /tmp/demo_gate
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ecgx.demo import DEMO_BEATS, DEMO_DATA_SEED, DEMO_GATE_ECGS, VALIDATION_SEED
+from training.config import TrainConfig
+from training.data.synth import synthesize_dataset
+from training.export import export_checkpoint
+from training.models import ModelConfig
+from training.train import CHECKPOINT_FILE, seed_dir, train_run
+from validation.gate import run_gate, summary_lines
+
+out = Path("/tmp/demo_gate")
+out.mkdir(exist_ok=True)
+t = time.time()
+if not (out / "data" / "signals.npy").exists():
+    synthesize_dataset(out / "data", DEMO_BEATS, DEMO_DATA_SEED, overwrite=True, show_progress=False)
+    synthesize_dataset(out / "validation", 256, VALIDATION_SEED, overwrite=True, show_progress=False)
+if not (seed_dir(out / "runs", 0) / CHECKPOINT_FILE).exists():
+    train_run(out / "data", [0], out / "runs", ModelConfig(), TrainConfig(), show_progress=False)
+pkg = out / "packages" / "seed-0"
+if not (pkg / "manifest.json").exists():
+    export_checkpoint(seed_dir(out / "runs", 0) / CHECKPOINT_FILE, pkg)
+print("prepared", time.time() - t, flush=True)
+(out / "policy.toml").write_text(f"[gate]\necgs = {DEMO_GATE_ECGS}\n")
+run = run_gate(pkg, out / "validation", policy=out / "policy.toml", show_progress=False)
+(out / "gate.json").write_text(json.dumps(run.report, indent=1))
+print("\n".join(summary_lines(run.report)))
+print("total", time.time() - t)
