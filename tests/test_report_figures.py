@@ -89,6 +89,10 @@ def test_html_shows_methods_verdict_and_study_table(gate_run: GateRun, written: 
     page = written.read_text(encoding="utf-8")
     for method in gate_run.report["methods"]:
         assert method in page
+    # The reference rows are shown beside the methods, as the floor they must beat.
+    assert len(gate_run.report["references"]) == 5
+    for reference in gate_run.report["references"]:
+        assert f"{reference} (reference, must fail)" in page
     assert gate_run.report["verdict"].upper() in page
     assert "Beside the published study" in page
     for row in study_comparison_rows(gate_run.report):
