@@ -222,8 +222,8 @@ def test_html_shows_the_decisive_numbers_intervals_and_headline(gate) -> None:
             ci = f"CI [{c['interval']['low']:.3f}, {c['interval']['high']:.3f}]"
             assert f"mean {c['mean']:.3f}, {ci}" in page
     assert "final: upper end of CI ≤ 0.5; top_layer: upper end of CI ≤ 0.8" in page
-    assert "noise_floor_gap: lower end of CI ≥ 0.3; all blocking" in page
-    assert "lower end of CI &gt; 0.1, blocking" in page
+    assert "noise_floor_gap: lower end of CI ≥ 0.1; all blocking" in page
+    assert "lower end of CI &gt; 0.25, blocking" in page
     assert html.escape(report["headline"], quote=True) in page
 
 

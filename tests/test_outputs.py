@@ -190,7 +190,14 @@ def test_main_maps_os_errors_to_exit_2_and_keeps_bugs_as_tracebacks(monkeypatch,
 def test_an_interrupted_command_leaves_nothing_behind(tmp_path: Path, sig: int, code: int) -> None:
     out = tmp_path / "work" / "data"
     cmd = [sys.executable, "-m", "ecgx.cli", "data", "synth", "--n", "400000", "--out", str(out), "-q"]
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN
+    # (no KeyboardInterrupt): restore the default so the test means the same however it is run.
+    proc = subprocess.Popen(
+        cmd,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.monotonic() + 60
 
     def writing() -> bool:
