@@ -369,7 +369,7 @@ def inter_method_entry(row: dict[str, float], minimum: float, blocking: bool) ->
 
 def localisation_entry(
     scores: dict[str, np.ndarray],
-    baseline: dict[str, float | None],
+    baseline: dict[str, np.ndarray],
     area: np.ndarray,
     minimum: float,
     blocking: bool,
@@ -377,8 +377,8 @@ def localisation_entry(
     """Passes when the mean AUROC of |attribution| against the ground-truth mask reaches ``minimum``.
 
     ``scores`` are :func:`validation.localisation.localisation_scores` per ECG (AUROC, relevance
-    mass, pointing game, top-k precision); ``baseline`` the same means for the input |x|, shown
-    beside them, since good localisation can come from the input alone."""
+    mass, pointing game, top-k precision); ``baseline`` the same for the input |x|, whose means
+    are shown beside them, since good localisation can come from the input alone."""
     n = int(np.isfinite(scores["auroc"]).sum())
     return _at_least(
         _nanmean(scores["auroc"]),
@@ -390,7 +390,7 @@ def localisation_entry(
         pointing_game=json_number(_nanmean(scores["pointing_game"])),
         top_k_precision=json_number(_nanmean(scores["top_k_precision"])),
         mask_area=json_number(_nanmean(area)),
-        input_baseline=baseline,
+        input_baseline={k: json_number(_nanmean(v)) for k, v in baseline.items()},
     )
 
 

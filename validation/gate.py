@@ -495,21 +495,20 @@ class _Context:
     def localisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
         cfg = self.policy.check("localisation")
         masks = self.data.masks
-        baseline: dict[str, float] = {}
-        if masks is not None and masks.any():
-            # |x| scored the same way: a method at this level only highlights large voltages.
-            has = masks.reshape(len(masks), -1).any(axis=1)
-            input_scores = localisation_scores(self.data.x[has], masks[has])
-            baseline = {k: checks.json_number(_nanmean(v)) for k, v in input_scores.items()}
-        for m in self.methods:
-            if masks is None or not masks.any():
-                reason = "the validation data has no ground-truth masks (only synthetic data has them)"
+        if masks is None or not masks.any():
+            reason = "the validation data has no ground-truth masks (only synthetic data has them)"
+            for m in self.methods:
                 entries[m]["localisation"] = checks.not_run(reason, cfg["blocking"])
-                continue
-            has = masks.reshape(len(masks), -1).any(axis=1)
-            scores = localisation_scores(maps[m][has], masks[has])
+            return
+        has = masks.reshape(len(masks), -1).any(axis=1)
+        masks = masks[has]
+        # |x| scored the same way: a method at this level only highlights large voltages.
+        baseline = localisation_scores(self.data.x[has], masks)
+        area = masks.mean(axis=(1, 2))
+        for m in self.methods:
+            scores = localisation_scores(maps[m][has], masks)
             entries[m]["localisation"] = checks.localisation_entry(
-                scores, baseline, masks[has].mean(axis=(1, 2)), cfg["min_auroc"], cfg["blocking"]
+                scores, baseline, area, cfg["min_auroc"], cfg["blocking"]
             )
 
 
@@ -585,11 +584,6 @@ def _report(
         "inter_method": matrix,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
-
-
-def _nanmean(values: np.ndarray) -> float:
-    values = np.asarray(values, np.float64)
-    return float(values[np.isfinite(values)].mean()) if np.isfinite(values).any() else float("nan")
 
 
 def _names(methods: Sequence[str]) -> str:

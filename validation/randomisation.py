@@ -58,10 +58,6 @@ class RandomisationCurves:
     noise_floor: np.ndarray
     constant_maps: dict[str, int] = field(default_factory=dict)
 
-    def final(self, measure: str = "spearman_abs") -> float:
-        """Mean similarity per sample with every layer randomised (for plots and tables)."""
-        return self.cascading[measure][-1]
-
     def worst(self, mode: str, step: int | slice) -> np.ndarray:
         """Per ECG, the higher of the two resolutions' similarity, averaged over draws,
         at cascading or independent ``step`` (a slice averages the steps too)."""
@@ -189,10 +185,12 @@ class _Accumulator:
         }
 
     def add(self, mode: str, draw: int, step: int, randomised: np.ndarray) -> None:
-        self.tables[mode][draw, step] = resolution_similarity(self.trained, randomised, self.window)
+        table = resolution_similarity(self.trained, randomised, self.window)
+        self.tables[mode][draw, step] = table
         self.constant["randomised"] += int(is_constant(randomised).sum())
         for measure, fn in SIMILARITY_MEASURES.items():
-            values = fn(self.trained, randomised)
+            # The per-sample Spearman |a| is the table's first row; the others are for plots only.
+            values = table[0] if measure == "spearman_abs" else fn(self.trained, randomised)
             mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
             # A running mean over draws, so plots show the average curve.
             curve = self.curves[mode][measure]
