@@ -51,3 +51,15 @@ class DeadlineExceeded(ServiceError):
     """The client's deadline passed before the work was done (DEADLINE_EXCEEDED)."""
 
     code = "DEADLINE_EXCEEDED"  # grpc.StatusCode name
+
+
+class Unauthenticated(ServiceError):
+    """No credentials, or credentials that are not valid (UNAUTHENTICATED)."""
+
+    code = "UNAUTHENTICATED"  # grpc.StatusCode name
+
+
+class PermissionDenied(ServiceError):
+    """The caller is known but lacks the scope the RPC needs (PERMISSION_DENIED)."""
+
+    code = "PERMISSION_DENIED"  # grpc.StatusCode name
