@@ -1,15 +1,280 @@
 """How the serving port is secured: TLS material, who may call, which RPCs are open.
 
+:func:`load_server_security` turns ``ecgx serve``'s flags (or the environment) into a
+:class:`ServerSecurity`: TLS from PEM files, mutual TLS with a client CA, and the access list of
+hashed tokens and certificate names (:mod:`service.access`). A secure port needs TLS *and* a way
+to identify callers; anything less is refused unless asked for explicitly (``--insecure``).
+
+PEM material comes from a file, or from the environment variables ``ECGX_TLS_CERT``,
+``ECGX_TLS_KEY`` and ``ECGX_TLS_CLIENT_CA`` (each the path of a file, or the PEM text itself).
+Every mistake is one line naming the source: missing, unreadable, not PEM, a key where a
+certificate belongs (and the reverse), an encrypted key, a key that does not belong to the
+certificate, a server certificate that has expired or is not yet valid (refused: every client
+would fail the handshake with a far less helpful message).
+
 No PyTorch here (the serving path).
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import re
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
 
 import grpc
 
+from service.access import PROBE_RPCS, AccessList, SecurityConfigError
 from service.calls import Authenticator
+
+log = logging.getLogger(__name__)
+
+CERT_ENV, KEY_ENV, CLIENT_CA_ENV = "ECGX_TLS_CERT", "ECGX_TLS_KEY", "ECGX_TLS_CLIENT_CA"
+EXPIRY_WARNING = timedelta(days=14)
+_PEM_BLOCK = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----\r?\n.*?-----END \1-----\r?\n?", re.DOTALL)
+_KEY_LABELS = (b"PRIVATE KEY", b"RSA PRIVATE KEY", b"EC PRIVATE KEY", b"ENCRYPTED PRIVATE KEY")
+
+
+# ------------------------------------------------------------------------------------- PEM input
+
+
+@dataclass(frozen=True)
+class Pem:
+    """PEM text and where it came from (for messages: the source, never the bytes)."""
+
+    data: bytes
+    source: str
+    path: Path | None = None  # the file it was read from
+
+    def blocks(self, *labels: bytes) -> list[bytes]:
+        return [m.group(0) for m in _PEM_BLOCK.finditer(self.data) if not labels or m.group(1) in labels]
+
+    def labels(self) -> list[str]:
+        return [m.group(1).decode() for m in _PEM_BLOCK.finditer(self.data)]
+
+
+def read_pem(
+    path: str | Path | None, env_var: str, option: str, env: Mapping[str, str] | None = None
+) -> Pem | None:
+    """PEM text from the file ``path`` (given as ``option``), else from the environment variable
+    ``env_var`` (the path of a file, or PEM text starting with "-----BEGIN"); None when neither."""
+    if path is not None and str(path) != "":
+        return _read_pem_file(Path(path), f"{option} {path}")
+    value = (os.environ if env is None else env).get(env_var, "").strip()
+    if not value:
+        return None
+    if value.startswith("-----BEGIN"):
+        return _check_pem(Pem(value.encode() + b"\n", f"environment variable {env_var}"))
+    if "\n" in value or len(value) > 4096:
+        raise SecurityConfigError(
+            f"environment variable {env_var} holds neither PEM text (starting with -----BEGIN) "
+            "nor a file path"
+        )
+    return _read_pem_file(Path(value), f"{env_var}={value}")
+
+
+def _read_pem_file(path: Path, source: str) -> Pem:
+    if not path.exists():
+        raise SecurityConfigError(f"{source}: the file does not exist")
+    if path.is_dir():
+        raise SecurityConfigError(f"{source}: is a folder, where a PEM file is needed")
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SecurityConfigError(f"{source}: cannot be read ({(e.strerror or str(e)).lower()})") from None
+    return _check_pem(Pem(data, source, path))
+
+
+def _check_pem(pem: Pem) -> Pem:
+    if pem.blocks():
+        return pem
+    if pem.data[:1] == b"\x30":  # an ASN.1 SEQUENCE: DER, the binary form of the same thing
+        raise SecurityConfigError(
+            f"{pem.source}: is binary DER, not PEM; convert it, e.g. "
+            "`openssl x509 -inform der -in F -out F.pem` "
+            "(or `openssl pkey -inform der ...` for a key)"
+        )
+    raise SecurityConfigError(f"{pem.source}: holds no PEM block (-----BEGIN ...-----); give a PEM file")
+
+
+# ---------------------------------------------------------------------------- certificates, keys
+
+
+def load_certificates(pem: Pem, what: str) -> list[Any]:
+    """The X.509 certificates of ``pem`` (a chain or a CA bundle), in order; errors name ``what``."""
+    from cryptography import x509
+
+    blocks = pem.blocks(b"CERTIFICATE")
+    if not blocks:
+        raise SecurityConfigError(
+            f"{pem.source}: {_what_it_holds(pem)}, where {what} (a CERTIFICATE) is needed"
+        )
+    certs = []
+    for n, block in enumerate(blocks, 1):
+        try:
+            certs.append(x509.load_pem_x509_certificate(block))
+        except ValueError:
+            raise SecurityConfigError(
+                f"{pem.source}: certificate #{n} is damaged (bad base64 or DER)"
+            ) from None
+    return certs
+
+
+def load_tls_key(pem: Pem) -> Any:
+    """The unencrypted private key of ``pem``; errors for certificates, public and encrypted keys."""
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.primitives import serialization
+
+    blocks = pem.blocks(*_KEY_LABELS)
+    if not blocks:
+        raise SecurityConfigError(f"{pem.source}: {_what_it_holds(pem)}, where the PRIVATE KEY is needed")
+    if len(blocks) > 1:
+        raise SecurityConfigError(f"{pem.source}: holds {len(blocks)} private keys; give one")
+    if b"ENCRYPTED" in blocks[0].split(b"\n", 2)[0] or b"Proc-Type: 4,ENCRYPTED" in blocks[0]:
+        raise _encrypted(pem)
+    try:
+        return serialization.load_pem_private_key(blocks[0], password=None)
+    except TypeError:  # cryptography's "encrypted, and no password given"
+        raise _encrypted(pem) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise SecurityConfigError(
+            f"{pem.source}: the private key is damaged or of an unsupported type"
+        ) from None
+
+
+def _encrypted(pem: Pem) -> SecurityConfigError:
+    return SecurityConfigError(
+        f"{pem.source}: the private key is encrypted; gRPC needs it unencrypted: decrypt it "
+        "(`openssl pkey -in KEY -out KEY.plain`) and protect the file with permissions (chmod 600)"
+    )
+
+
+def _what_it_holds(pem: Pem) -> str:
+    labels = pem.labels()
+    if any(label.endswith("PRIVATE KEY") for label in labels):
+        return "holds a private key"
+    if "CERTIFICATE" in labels:
+        return "holds a certificate"
+    if "PUBLIC KEY" in labels:
+        return "holds a bare public key"
+    return f"holds PEM of type {', '.join(dict.fromkeys(labels))}"
+
+
+def _spki(public_key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return public_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+
+
+def describe_certificate(cert: Any) -> str:
+    """Subject and expiry, for messages and the start-up log."""
+    return (
+        f"{cert.subject.rfc4514_string() or '(no subject)'}, valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+    )
+
+
+def check_validity(cert: Any, source: str, now: datetime | None = None) -> None:
+    """Refuse a server certificate that expired or is not yet valid; warn two weeks ahead."""
+    now = now or datetime.now(UTC)
+    name = cert.subject.rfc4514_string() or "(no subject)"
+    if now > cert.not_valid_after_utc:
+        raise SecurityConfigError(
+            f"{source}: the certificate {name} expired on "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; every client would refuse it: renew it"
+        )
+    if now < cert.not_valid_before_utc:
+        raise SecurityConfigError(
+            f"{source}: the certificate {name} is not valid before "
+            f"{cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC (check this machine's clock)"
+        )
+    if cert.not_valid_after_utc - now < EXPIRY_WARNING:
+        log.warning(
+            "%s: the certificate %s expires on %s UTC: renew it",
+            source,
+            name,
+            f"{cert.not_valid_after_utc:%Y-%m-%d}",
+        )
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """Checked PEM for ``grpc.ssl_server_credentials``: the chain (leaf first), its key, a client CA."""
+
+    cert_chain: bytes
+    key: bytes
+    client_ca: bytes | None
+    subject: str  # describe_certificate of the leaf
+
+
+def load_tls(cert: Pem, key: Pem, client_ca: Pem | None = None, now: datetime | None = None) -> TlsMaterial:
+    """Check the server's certificate chain and key (they belong together, the certificate is
+    valid now) and the client CA bundle; :class:`SecurityConfigError` says what is wrong."""
+    chain = load_certificates(cert, "the server certificate")
+    private = load_tls_key(key)
+    _check_key_mode(key)
+    _check_pair(chain, private, cert.source, key.source)
+    check_validity(chain[0], cert.source, now)
+    ca_pem = None
+    if client_ca is not None:
+        if client_ca.blocks(*_KEY_LABELS):
+            raise SecurityConfigError(
+                f"{client_ca.source}: holds a private key; the client CA file holds certificates only"
+            )
+        for ca in load_certificates(client_ca, "the client CA certificate"):
+            if (now or datetime.now(UTC)) > ca.not_valid_after_utc:
+                log.warning(
+                    "%s: the client CA %s has expired: no client certificate will verify",
+                    client_ca.source,
+                    describe_certificate(ca),
+                )
+        ca_pem = b"".join(client_ca.blocks(b"CERTIFICATE"))
+    return TlsMaterial(
+        b"".join(cert.blocks(b"CERTIFICATE")),
+        key.blocks(*_KEY_LABELS)[0],
+        ca_pem,
+        describe_certificate(chain[0]),
+    )
+
+
+def _check_pair(chain: Sequence[Any], private: Any, cert_source: str, key_source: str) -> None:
+    mine = _spki(private.public_key())
+    if _spki(chain[0].public_key()) == mine:
+        return
+    if any(_spki(c.public_key()) == mine for c in chain[1:]):
+        raise SecurityConfigError(
+            f"{cert_source}: the certificate of the key {key_source} must come first in the chain"
+        )
+    raise SecurityConfigError(
+        f"{key_source}: the private key does not belong to the certificate in {cert_source} "
+        f"({chain[0].subject.rfc4514_string()}); give the key the certificate was issued for"
+    )
+
+
+def _check_key_mode(key: Pem) -> None:
+    try:
+        mode = key.path.stat().st_mode if key.path is not None else 0
+    except OSError:
+        return
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("%s: the private key is readable by other users; `chmod 600` it", key.source)
+
+
+def server_credentials(cert: bytes, key: bytes, client_ca: bytes | None = None) -> grpc.ServerCredentials:
+    """TLS credentials for the serving port; with ``client_ca`` every client must present a
+    certificate that CA signed (mutual TLS), or the handshake fails."""
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+# ----------------------------------------------------------------------------------- the record
 
 
 @dataclass(frozen=True)
@@ -19,12 +284,16 @@ class ServerSecurity:
     ``credentials`` None is plaintext; ``authenticator`` None lets every caller in unidentified.
     Either is insecure and must be asked for explicitly (``ecgx serve --insecure``).
     ``open_rpcs``: full method names, or service prefixes ending in "/", served without
-    credentials (health and reflection for probes).
+    credentials (health and reflection for probes). ``mutual_tls``: clients must present a
+    certificate. ``watch_interval_s``: how often :meth:`start` checks the access file.
     """
 
     credentials: grpc.ServerCredentials | None
     authenticator: Authenticator | None
     open_rpcs: tuple[str, ...] = ()
+    mutual_tls: bool = False
+    server_certificate: str = ""  # describe_certificate of the server's, for the start-up log
+    watch_interval_s: float = 2.0
 
     @property
     def insecure(self) -> bool:
@@ -36,13 +305,115 @@ class ServerSecurity:
         return cls(credentials=None, authenticator=None)
 
     def describe(self) -> str:
-        """One line for the start-up log."""
-        transport = "PLAINTEXT (no TLS)" if self.credentials is None else "TLS"
-        access = "NO AUTHENTICATION" if self.authenticator is None else "authenticated callers only"
-        return f"{transport}, {access}"
+        """One line for the start-up log; what is insecure is said in capitals."""
+        if self.credentials is None:
+            transport = "PLAINTEXT (no TLS: anyone on the network can read and alter requests)"
+        else:
+            transport = ("mutual TLS" if self.mutual_tls else "TLS") + (
+                f" ({self.server_certificate})" if self.server_certificate else ""
+            )
+        if self.authenticator is None:
+            access = "NO AUTHENTICATION (every caller may call everything)"
+        else:
+            detail = getattr(self.authenticator, "describe", lambda: "")()
+            access = "authenticated callers only" + (f" ({detail})" if detail else "")
+            if self.credentials is None:
+                access += "; TOKENS TRAVEL IN PLAINTEXT"
+        opened = "; health and reflection open without credentials" if self.open_rpcs else ""
+        return f"{'INSECURE: ' if self.insecure else ''}{transport}, {access}{opened}"
 
     def start(self) -> None:
-        """Start following credential files (token reloads); nothing to do without them."""
+        """Start following the access file (reloads without restart); nothing to do without one."""
+        watch = getattr(self.authenticator, "start_watching", None)
+        if watch is not None:
+            watch(self.watch_interval_s)
 
     def stop(self) -> None:
-        """Stop following credential files."""
+        """Stop following the access file."""
+        stop = getattr(self.authenticator, "stop_watching", None)
+        if stop is not None:
+            stop()
+
+
+# ---------------------------------------------------------------------------------- from flags
+
+
+def load_server_security(
+    *,
+    tls_cert: str | Path | None = None,
+    tls_key: str | Path | None = None,
+    tls_client_ca: str | Path | None = None,
+    tokens_file: str | Path | None = None,
+    open_health: bool = False,
+    insecure: bool = False,
+    env: Mapping[str, str] | None = None,
+    watch_interval_s: float = 2.0,
+) -> ServerSecurity:
+    """The port's security from ``ecgx serve``'s flags, PEM from files or the environment.
+
+    Secure means TLS (``tls_cert`` and ``tls_key``) and a way to identify callers (a client CA
+    for mutual TLS and/or an access file of tokens). Anything less raises
+    :class:`SecurityConfigError` naming what is missing, unless ``insecure``: then what was given
+    is used (plaintext with tokens, TLS without authentication, or neither) and a warning is
+    logged. Mutual TLS without an access file admits every certificate the client CA signed with
+    the scopes predict and explain.
+    """
+    cert = read_pem(tls_cert, CERT_ENV, "--tls-cert", env)
+    key = read_pem(tls_key, KEY_ENV, "--tls-key", env)
+    client_ca = read_pem(tls_client_ca, CLIENT_CA_ENV, "--tls-client-ca", env)
+    if (cert is None) != (key is None):
+        given, missing = ("--tls-cert", "--tls-key") if cert is not None else ("--tls-key", "--tls-cert")
+        raise SecurityConfigError(
+            f"{given} is given but {missing} is not: TLS needs both the certificate and its key"
+        )
+    if client_ca is not None and cert is None:
+        raise SecurityConfigError(
+            "--tls-client-ca (mutual TLS) needs the server's own certificate and key: "
+            "give --tls-cert and --tls-key"
+        )
+    tls = load_tls(cert, key, client_ca) if cert is not None and key is not None else None
+    access = None
+    if tokens_file is not None or client_ca is not None:
+        access = AccessList(tokens_file, client_certs=client_ca is not None)
+    if (tls is None or access is None) and not insecure:
+        raise SecurityConfigError(_missing(tls is not None, access is not None))
+    security = ServerSecurity(
+        credentials=server_credentials(tls.cert_chain, tls.key, tls.client_ca) if tls is not None else None,
+        authenticator=access,
+        open_rpcs=PROBE_RPCS if open_health and access is not None else (),
+        mutual_tls=client_ca is not None,
+        server_certificate=tls.subject if tls is not None else "",
+        watch_interval_s=watch_interval_s,
+    )
+    if security.insecure:
+        log.warning("INSECURE MODE (--insecure): %s", security.describe())
+    return security
+
+
+def _missing(has_tls: bool, has_identity: bool) -> str:
+    missing = []
+    if not has_tls:
+        missing.append(f"TLS (--tls-cert and --tls-key, or {CERT_ENV} and {KEY_ENV})")
+    if not has_identity:
+        missing.append("a way to identify callers (--tls-client-ca for mutual TLS, and/or --tokens FILE)")
+    return (
+        f"refusing to serve without {' and '.join(missing)}; on a trusted network only, --insecure serves "
+        "without them"
+    )
+
+
+__all__ = [
+    "CERT_ENV",
+    "CLIENT_CA_ENV",
+    "KEY_ENV",
+    "Pem",
+    "SecurityConfigError",
+    "ServerSecurity",
+    "TlsMaterial",
+    "load_certificates",
+    "load_server_security",
+    "load_tls",
+    "load_tls_key",
+    "read_pem",
+    "server_credentials",
+]

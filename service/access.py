@@ -1,0 +1,577 @@
+"""Who may call what: the access file of hashed bearer tokens and client-certificate names, the
+RPC -> scope table, and :class:`AccessList`, the :class:`service.calls.Authenticator` built on them.
+
+The access file (TOML, written by ``ecgx token``; docs/security.md)::
+
+    [[token]]
+    name = "ward-7-viewer"          # the caller's name in the audit log
+    sha256 = "9f86d0...(64 hex)"    # SHA-256 of the token; the token itself is never stored
+    scopes = ["predict", "explain"]
+
+    [[certificate]]
+    name = "pacs.hospital.example"  # a SAN (DNS, URI, e-mail) or the subject CN of a client certificate
+    scopes = ["predict"]
+
+Scopes: ``predict``, ``explain``, ``admin`` (everything). Every listed caller may also call the
+read-only metadata RPCs (the implied scope ``read``). Health and reflection are ``read`` too
+unless the server opens them for probes.
+
+No PyTorch here (the serving path).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import stat
+import tempfile
+import threading
+import tomllib
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from service.calls import Identity
+from service.errors import PermissionDenied, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+
+class SecurityConfigError(ValueError):
+    """Bad security configuration: TLS material, an access file, a missing piece (one line)."""
+
+
+# ------------------------------------------------------------------------------------------ scopes
+
+PREDICT, EXPLAIN, ADMIN = "predict", "explain", "admin"
+READ = "read"  # implied for every listed caller: the read-only metadata RPCs
+GRANTABLE = (PREDICT, EXPLAIN, ADMIN)
+# Callers with a verified client certificate when mTLS runs without an access file: the client CA
+# is ecgx's own, so what it signed may use the service, but nothing beyond (admin is never implied).
+CA_SCOPES = frozenset({PREDICT, EXPLAIN, READ})
+
+_ECGX = "/ecgx.v1.ExplanationService/"
+_OIP = "/inference.GRPCInferenceService/"
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+REFLECTION_PREFIXES = ("/grpc.reflection.v1alpha.ServerReflection/", "/grpc.reflection.v1.ServerReflection/")
+# What ``open_health`` serves without credentials (probes, grpcurl's describe).
+PROBE_RPCS = (HEALTH_PREFIX, *REFLECTION_PREFIXES)
+
+# The one table of what each RPC needs: full method names, or service prefixes ending in "/".
+# Anything not here needs admin: a new RPC is closed until someone decides who may call it.
+RPC_SCOPES: Mapping[str, str] = {
+    _ECGX + "Predict": PREDICT,
+    _ECGX + "Explain": EXPLAIN,
+    _ECGX + "ListModels": READ,
+    _ECGX + "GetModel": READ,
+    _ECGX + "GetGateReport": READ,
+    _OIP + "ModelInfer": PREDICT,  # with the parameter "method" it explains too; see required_scope
+    _OIP + "ServerLive": READ,
+    _OIP + "ServerReady": READ,
+    _OIP + "ModelReady": READ,
+    _OIP + "ServerMetadata": READ,
+    _OIP + "ModelMetadata": READ,
+    HEALTH_PREFIX: READ,
+    **dict.fromkeys(REFLECTION_PREFIXES, READ),
+}
+
+
+def required_scope(rpc: str) -> str:
+    """The scope ``rpc`` (a full method name) needs: from :data:`RPC_SCOPES`, else admin."""
+    if rpc in RPC_SCOPES:
+        return RPC_SCOPES[rpc]
+    for prefix, scope in RPC_SCOPES.items():
+        if prefix.endswith("/") and rpc.startswith(prefix):
+            return scope
+    return ADMIN
+
+
+def expand_scopes(granted: Iterable[str]) -> frozenset[str]:
+    """What a caller listed with ``granted`` may do: admin implies every scope, everyone reads."""
+    scopes = set(granted) | {READ}
+    if ADMIN in scopes:
+        scopes |= {PREDICT, EXPLAIN}
+    return frozenset(scopes)
+
+
+# ------------------------------------------------------------------------------------------ tokens
+
+TOKEN_PREFIX = "ecgx_"  # lets secret scanners and people recognise a leaked token
+
+
+def new_token() -> str:
+    """A fresh bearer token: 256 random bits, URL-safe, with a recognisable prefix."""
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def token_hash(token: str) -> str:
+    """Hex SHA-256 of a token, as the access file stores it.
+
+    No salt and no slow hash, on purpose: tokens are 256-bit random strings, not passwords a
+    person chose, so no dictionary or brute-force search can invert the hash; a salt or key
+    stretching would only slow every request down.
+    """
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------- access file
+
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")  # printable, no control characters: audit-log safe
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
+_KEYS = {"token": {"name", "sha256", "scopes", "created", "note"}, "certificate": {"name", "scopes", "note"}}
+_HEADER = (
+    "# ecgx access list (docs/security.md): bearer tokens, stored as SHA-256 hashes only, and\n"
+    "# client-certificate names. Scopes: predict, explain, admin. `ecgx token new|revoke` rewrite\n"
+    "# this file in this format; keep remarks in an entry's `note`, not in comments.\n"
+)
+
+
+@dataclass(frozen=True)
+class AccessEntry:
+    """One caller of the access file: a token (by its hash) or a certificate name."""
+
+    kind: str  # "token" | "certificate"
+    name: str
+    scopes: tuple[str, ...]  # as written in the file (see :func:`expand_scopes`)
+    sha256: str = ""  # tokens only, lower-case hex
+    created: str = ""
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class AccessFile:
+    """The parsed access file: its token and certificate entries."""
+
+    path: Path
+    tokens: tuple[AccessEntry, ...] = ()
+    certificates: tuple[AccessEntry, ...] = ()
+
+    @property
+    def entries(self) -> tuple[AccessEntry, ...]:
+        return self.tokens + self.certificates
+
+    def find(self, name: str) -> AccessEntry | None:
+        return next((e for e in self.entries if e.name == name), None)
+
+
+def read_access_file(path: Path | str) -> AccessFile:
+    """Parse and check the access file; :class:`SecurityConfigError` names the file, entry and key."""
+    path = Path(path)
+    data = _parse_toml(path)
+    unknown = sorted(set(data) - set(_KEYS))
+    if unknown:
+        raise SecurityConfigError(
+            f"access file {path}: unknown table {unknown[0]!r}; it holds [[token]] "
+            "and [[certificate]] entries"
+        )
+    entries = {kind: _entries(path, kind, data.get(kind, [])) for kind in _KEYS}
+    _check_unique(path, [*entries["token"], *entries["certificate"]])
+    return AccessFile(path, tuple(entries["token"]), tuple(entries["certificate"]))
+
+
+def _parse_toml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise SecurityConfigError(
+            f"access file {path} does not exist; create it with `ecgx token new --file {path} --name NAME "
+            "--scope predict`"
+        )
+    if path.is_dir():
+        raise SecurityConfigError(f"access file {path} is a folder, where a file is needed")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise SecurityConfigError(f"access file {path} cannot be read: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise SecurityConfigError(f"access file {path} is not UTF-8 text") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SecurityConfigError(f"access file {path} is not valid TOML: {e}") from None
+
+
+def _entries(path: Path, kind: str, items: Any) -> list[AccessEntry]:
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise SecurityConfigError(f"access file {path}: {kind} must be a list of [[{kind}]] tables")
+    return [_entry(path, kind, n, item) for n, item in enumerate(items, 1)]
+
+
+def _entry(path: Path, kind: str, n: int, item: Mapping[str, Any]) -> AccessEntry:
+    where = f"access file {path}, [[{kind}]] #{n}"
+    name = item.get("name")
+    if isinstance(name, str) and _NAME.fullmatch(name) and name.strip() == name:
+        where += f" ({name})"
+    else:
+        raise SecurityConfigError(f"{where}: 'name' must be 1-200 printable characters, got {name!r}")
+    unknown = sorted(set(item) - _KEYS[kind])
+    if unknown:
+        raise SecurityConfigError(
+            f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_KEYS[kind]))}"
+        )
+    scopes = _scopes(where, item.get("scopes"))
+    digest = item.get("sha256", "")
+    if kind == "token" and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
+        shown = "missing" if "sha256" not in item else "not 64 hex digits"
+        raise SecurityConfigError(
+            f"{where}: 'sha256' is {shown}; it is the SHA-256 of the token (`ecgx token new` writes it)"
+        )
+    extra = {k: item.get(k, "") for k in ("created", "note") if k in _KEYS[kind]}
+    for key, value in extra.items():
+        if not isinstance(value, str):
+            raise SecurityConfigError(f"{where}: {key!r} must be a string")
+    return AccessEntry(kind, name, scopes, digest.lower() if kind == "token" else "", **extra)
+
+
+def _scopes(where: str, scopes: Any) -> tuple[str, ...]:
+    if scopes is None:
+        raise SecurityConfigError(
+            f"{where}: 'scopes' is missing; give a list of {', '.join(GRANTABLE)} ([] for metadata only)"
+        )
+    if not isinstance(scopes, list) or not all(isinstance(s, str) for s in scopes):
+        raise SecurityConfigError(f"{where}: 'scopes' must be a list of strings, got {scopes!r}")
+    for s in scopes:
+        if s not in GRANTABLE:
+            raise SecurityConfigError(f"{where}: unknown scope {s!r}; scopes are {', '.join(GRANTABLE)}")
+    return tuple(dict.fromkeys(scopes))
+
+
+def _check_unique(path: Path, entries: Sequence[AccessEntry]) -> None:
+    # Names must be unique across the file: the audit log names callers, and must name one entry.
+    seen: dict[str, AccessEntry] = {}
+    hashes: dict[str, str] = {}
+    for e in entries:
+        if e.name in seen:
+            raise SecurityConfigError(
+                f"access file {path}: the name {e.name!r} is given twice; names must be unique"
+            )
+        seen[e.name] = e
+        if e.sha256 and e.sha256 in hashes:
+            raise SecurityConfigError(
+                f"access file {path}: tokens {hashes[e.sha256]!r} and {e.name!r} have the same hash; "
+                "one token must name one caller"
+            )
+        if e.sha256:
+            hashes[e.sha256] = e.name
+
+
+def check_file_mode(path: Path) -> None:
+    """Refuse an access file anyone on the machine may write (they could grant themselves admin);
+    warn when others may read it (hashes cannot be inverted, but names and scopes are nobody's business)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # reading it says what is wrong
+    if mode & stat.S_IWOTH:
+        raise SecurityConfigError(
+            f"access file {path} is writable by every user of this machine, who could grant themselves "
+            f"access; run `chmod o-w {path}` (0600 is best)"
+        )
+    if mode & stat.S_IROTH:
+        log.warning(
+            "access file %s is readable by every user of this machine; `chmod 600 %s` is best", path, path
+        )
+
+
+def write_access_file(access: AccessFile) -> None:
+    """Write ``access`` to its path atomically (a temporary file renamed over it), 0600 when new,
+    keeping an existing file's permissions. Comments are not kept: the format is fixed."""
+    path = access.path
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
+    blocks = [_HEADER] + [_toml_entry(e) for e in access.entries]
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(blocks))
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _toml_entry(e: AccessEntry) -> str:
+    # JSON strings with ASCII escapes are valid TOML basic strings.
+    lines = [f"[[{e.kind}]]", f"name = {json.dumps(e.name)}"]
+    if e.kind == "token":
+        lines.append(f"sha256 = {json.dumps(e.sha256)}")
+    lines.append(f"scopes = {json.dumps(list(e.scopes))}")
+    if e.created:
+        lines.append(f"created = {json.dumps(e.created)}")
+    if e.note:
+        lines.append(f"note = {json.dumps(e.note)}")
+    return "\n".join(lines) + "\n"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+# ------------------------------------------------------------------------------------ credentials
+
+
+def bearer_token(metadata: Iterable[Any]) -> str | None:
+    """The token of the ``authorization: Bearer <token>`` metadata; None when there is none.
+    A malformed or repeated header is :class:`Unauthenticated` (the token is never echoed)."""
+    values = [m.value for m in metadata if m.key == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise Unauthenticated("more than one authorization header; send one: authorization: Bearer <token>")
+    value = values[0] if isinstance(values[0], str) else ""
+    scheme, _, token = value.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+@dataclass(frozen=True)
+class CertificateNames:
+    """The names a client certificate proves: SANs (DNS, URI, e-mail) then the subject CN."""
+
+    names: tuple[str, ...]
+
+    @property
+    def display(self) -> str:
+        return self.names[0] if self.names else "(a certificate without names)"
+
+
+def peer_certificate(context: grpc.ServicerContext) -> CertificateNames | None:
+    """The verified client certificate's names (mutual TLS), None without one."""
+    auth = context.auth_context() or {}
+    pem = auth.get("x509_pem_cert")
+    return _certificate_names(pem[0]) if pem else None
+
+
+@lru_cache(maxsize=256)  # a client presents the same certificate on every call
+def _certificate_names(pem: bytes) -> CertificateNames:
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    cert = x509.load_pem_x509_certificate(pem)
+    names: list[str] = []
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for kind in (x509.DNSName, x509.UniformResourceIdentifier, x509.RFC822Name):
+            names += [str(v) for v in san.get_values_for_type(kind)]
+    except x509.ExtensionNotFound:
+        pass
+    names += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    return CertificateNames(tuple(dict.fromkeys(names)))
+
+
+# ------------------------------------------------------------------------------------ access list
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """One loaded state of the access list: replaced whole on reload, so readers never see half."""
+
+    access: AccessFile | None
+    token_digests: tuple[tuple[bytes, AccessEntry], ...]
+    certificates: Mapping[str, AccessEntry]
+    signature: tuple[int, ...] = ()  # (inode, size, mtime) of the file it was read from
+
+
+class AccessList:
+    """The :class:`service.calls.Authenticator` of ``ecgx serve``: bearer tokens and client
+    certificates checked against the access file, scopes from :data:`RPC_SCOPES`.
+
+    Args:
+        path: the access file; None for mutual TLS alone (every verified certificate gets
+            :data:`CA_SCOPES`).
+        client_certs: the port verifies client certificates (mutual TLS), so one names a caller.
+
+    With both a token and a certificate, the token names the caller: the certificate has already
+    admitted the connection, and a token is the finer, revocable grant. A bad token is never
+    overlooked in favour of the certificate. A verified certificate that the file does not list
+    is known but may do nothing (PERMISSION_DENIED), so the audit log still names it.
+    """
+
+    def __init__(self, path: Path | str | None, *, client_certs: bool = False):
+        self.path = Path(path) if path is not None else None
+        self.client_certs = client_certs
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._state = self._load()  # at start-up a bad file is an error, not a warning
+
+    # -- loading
+
+    def _load(self) -> _Snapshot:
+        if self.path is None:
+            return _Snapshot(None, (), {})
+        signature = _signature(self.path)
+        check_file_mode(self.path)
+        access = read_access_file(self.path)
+        if access.certificates and not self.client_certs:
+            log.warning(
+                "access file %s lists %d certificate(s), which have no effect: the port does not ask for "
+                "client certificates (give --tls-client-ca for mutual TLS)",
+                self.path,
+                len(access.certificates),
+            )
+        digests = tuple((bytes.fromhex(e.sha256), e) for e in access.tokens)
+        return _Snapshot(access, digests, {e.name: e for e in access.certificates}, signature)
+
+    def reload(self) -> bool:
+        """Read the access file again. True when the new list is in force; False when it could not
+        be read or is invalid: the old list stays (never everybody locked out or let in by a typo)
+        and the error is logged."""
+        if self.path is None:
+            return True
+        with self._lock:
+            try:
+                self._state = self._load()
+            except SecurityConfigError as e:
+                log.error("ACCESS FILE NOT RELOADED, the previous access list stays in force: %s", e)
+                return False
+        log.warning("access file %s reloaded: %s", self.path, self.describe())
+        return True
+
+    def changed(self) -> bool:
+        """Whether the file differs (inode, size or mtime) from the one last loaded."""
+        return self.path is not None and _signature(self.path) != self._state.signature
+
+    def start_watching(self, interval_s: float = 2.0) -> None:
+        """Reload whenever the file changes, checked every ``interval_s`` seconds (a daemon thread)."""
+        if self.path is None or self._thread is not None:
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(
+            target=self._watch, args=(interval_s,), name="ecgx-access-watch", daemon=True
+        )
+        self._thread.start()
+
+    def stop_watching(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def _watch(self, interval_s: float) -> None:
+        while not self._stop.wait(interval_s):
+            try:
+                if self.changed() and not self.reload():
+                    # A file that stays bad is logged once, not every interval: remember what was seen.
+                    with self._lock:
+                        self._state = replace(self._state, signature=_signature(self.path))
+            except Exception:  # the watcher must outlive any surprise, or revocations stop working
+                log.exception("access file %s: checking for changes failed", self.path)
+
+    def describe(self) -> str:
+        state = self._state
+        parts = []
+        if state.access is not None:
+            parts.append(
+                f"access file {self.path}: {len(state.access.tokens)} token(s), "
+                f"{len(state.access.certificates)} certificate(s)"
+            )
+        if self.client_certs and state.access is None:
+            parts.append("every client certificate the client CA signed may predict and explain")
+        return "; ".join(parts) or "no callers"
+
+    # -- the Authenticator protocol
+
+    def identify(self, context: grpc.ServicerContext) -> Identity:
+        """The caller of ``context``: by bearer token if one is sent, else by client certificate."""
+        state = self._state
+        token = bearer_token(context.invocation_metadata() or ())
+        if token is not None:
+            return self._token_identity(state, token)
+        cert = peer_certificate(context) if self.client_certs else None
+        if cert is not None:
+            return _certificate_identity(state, cert)
+        raise Unauthenticated(
+            "no credentials: send a bearer token (authorization: Bearer <token>)"
+            + (" or a client certificate" if self.client_certs else "")
+        )
+
+    def _token_identity(self, state: _Snapshot, token: str) -> Identity:
+        if state.access is None:
+            raise Unauthenticated("this server takes no bearer tokens (mutual TLS only); send no token")
+        digest = hashlib.sha256(token.encode("utf-8")).digest()
+        found = None
+        # Every entry is compared, in constant time each, with no early exit: the response time
+        # tells nothing about which hash (or how much of it) matched.
+        for expected, entry in state.token_digests:
+            if hmac.compare_digest(digest, expected) and found is None:
+                found = entry
+        if found is None:
+            raise Unauthenticated("the bearer token is not valid (unknown or revoked)")
+        return Identity(found.name, "token", expand_scopes(found.scopes))
+
+    def authorize(self, identity: Identity, rpc: str) -> None:
+        """PERMISSION_DENIED unless ``identity`` holds the scope :func:`required_scope` names."""
+        need = required_scope(rpc)
+        if need in identity.scopes:
+            return
+        method = rpc.rsplit("/", 1)[-1]
+        if not identity.scopes:
+            raise PermissionDenied(
+                f"client certificate {identity.name!r} is valid but not in the access list, so it may call "
+                f"nothing; ask the administrator to add a [[certificate]] entry for it"
+            )
+        granted = ", ".join(sorted(identity.scopes - {READ})) or "none"
+        raise PermissionDenied(
+            f"{identity.name!r} may not call {method}: it needs the scope {need!r} (granted: {granted})"
+        )
+
+
+def require_scope(identity: Identity | None, scope: str, what: str) -> None:
+    """For a handler whose request decides the scope (OIP ModelInfer with a ``method`` explains):
+    PERMISSION_DENIED unless ``identity`` holds ``scope``. None (no authentication) passes."""
+    if identity is not None and identity.via != "none" and scope not in identity.scopes:
+        raise PermissionDenied(f"{identity.name!r} may not {what}: it needs the scope {scope!r}")
+
+
+def _certificate_identity(state: _Snapshot, cert: CertificateNames) -> Identity:
+    if state.access is None:  # mutual TLS without an access file
+        return Identity(cert.display, "certificate", CA_SCOPES)
+    for name in cert.names:  # SANs first, then the CN: the first listed name wins
+        entry = state.certificates.get(name)
+        if entry is not None:
+            return Identity(entry.name, "certificate", expand_scopes(entry.scopes))
+    return Identity(cert.display, "certificate", frozenset())  # known, but granted nothing
+
+
+def _signature(path: Path) -> tuple[int, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+__all__ = [
+    "ADMIN",
+    "CA_SCOPES",
+    "EXPLAIN",
+    "GRANTABLE",
+    "PREDICT",
+    "PROBE_RPCS",
+    "READ",
+    "RPC_SCOPES",
+    "AccessEntry",
+    "AccessFile",
+    "AccessList",
+    "SecurityConfigError",
+    "bearer_token",
+    "expand_scopes",
+    "new_token",
+    "read_access_file",
+    "require_scope",
+    "required_scope",
+    "token_hash",
+    "write_access_file",
+]
