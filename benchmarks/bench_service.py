@@ -144,7 +144,7 @@ class ServerProcess:
             "--max-batch", "64",
             "--max-concurrent", str(args.max_concurrent),
             "--max-queued", str(args.max_queued),
-            "--grace", "2", "-q",
+            "--grace", "2", "-q", "--insecure", "--no-metrics",
         ] + (["--allow-ungated"] if info["ungated"] else [])  # fmt: skip
         self.log = open(work / "server.log", "w")  # noqa: SIM115 (closed in stop)
         self.proc = subprocess.Popen(

@@ -244,7 +244,10 @@ def _cmd_repo_add(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The serving path never imports PyTorch (tests/test_grpc_service.py runs it without).
+    from service.audit import AuditLog
+    from service.metrics import ServiceMetrics
     from service.repository import ModelRepository
+    from service.security import load_server_security
     from service.serve_config import resolve_serve_config
     from service.server import serve
     from validation.signing import load_public_key
@@ -262,7 +265,28 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "max_concurrent": args.max_concurrent,
             "max_queued": args.max_queued,
             "grace_s": args.grace,
+            "tls_cert": args.tls_cert,
+            "tls_key": args.tls_key,
+            "tls_client_ca": args.tls_client_ca,
+            "tokens": args.tokens,
+            "open_health": args.open_health,
+            "insecure": args.insecure,
+            "audit_log": args.audit_log,
+            "metrics": args.metrics,
+            "metrics_host": args.metrics_host,
+            "metrics_port": args.metrics_port,
+            "stability_share": args.stability_share,
+            "stability_queue": args.stability_queue,
         },
+    )
+    # Security first: a server that would start insecure by accident refuses before loading models.
+    security = load_server_security(
+        tls_cert=cfg.tls_cert,
+        tls_key=cfg.tls_key,
+        tls_client_ca=cfg.tls_client_ca,
+        tokens_file=cfg.tokens,
+        open_health=cfg.open_health,
+        insecure=cfg.insecure,
     )
     keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [load_public_key()]
     repository = ModelRepository(
@@ -270,8 +294,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     if cfg.allow_ungated:
         log.warning("RESEARCH MODE (--allow-ungated): methods the gate did not pass serve, marked ungated")
+    metrics = (
+        ServiceMetrics(repository, stability_share=cfg.stability_share, stability_queue=cfg.stability_queue)
+        if cfg.metrics
+        else None
+    )
     return serve(
         repository,
+        security=security,
+        audit=AuditLog(cfg.audit_log) if cfg.audit_log else None,
+        metrics=metrics,
+        metrics_host=cfg.metrics_host,
+        metrics_port=cfg.metrics_port,
         host=cfg.host,
         port=cfg.port,
         max_batch=cfg.max_batch,
@@ -558,9 +592,10 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         "serve",
         help="serve a model repository over gRPC (ecgx.v1.ExplanationService)",
         description="Serve the verified, gated versions under DIR (DIR/MODEL/VERSION, see `ecgx repo add`) "
-        "over gRPC, picking up new and removed versions without a restart. Plaintext for now: listen on a "
-        "trusted network only. SIGTERM or Ctrl-C: stop accepting, let in-flight requests finish within "
-        "--grace seconds, exit 0.",
+        "over gRPC, picking up new and removed versions without a restart. It refuses to start without TLS "
+        "and an identity source (--tls-client-ca and/or --tokens) unless --insecure is given "
+        "(docs/security.md). Prometheus metrics on --metrics-port (docs/monitoring.md). SIGTERM or "
+        "Ctrl-C: stop accepting, let in-flight requests finish within --grace seconds, exit 0.",
     )
     p.add_argument("--repo", type=Path, metavar="DIR", help="model repository folder (or repo = in --config)")
     p.add_argument(
@@ -601,6 +636,8 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument(
         "--grace", type=float, metavar="S", help="seconds in-flight requests get at SIGTERM (default 10)"
     )
+    _add_security_flags(p)
+    _add_monitoring_flags(p)
     _add_common(p)
     p.set_defaults(func=_cmd_serve)
 
@@ -621,6 +658,52 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
     _add_common(p)
     p.set_defaults(func=_cmd_experiments)
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--tls-cert", metavar="PEM", help="server certificate chain (default: ECGX_TLS_CERT)")
+    g.add_argument("--tls-key", metavar="PEM", help="server private key (default: ECGX_TLS_KEY)")
+    g.add_argument(
+        "--tls-client-ca",
+        metavar="PEM",
+        help="CA of client certificates: mutual TLS; the certificate names the caller "
+        "(default: ECGX_TLS_CLIENT_CA)",
+    )
+    g.add_argument(
+        "--tokens", type=Path, metavar="FILE", help="access file of hashed bearer tokens (ecgx token new)"
+    )
+    g.add_argument(
+        "--open-health",
+        action="store_true",
+        default=None,
+        help="serve gRPC health and reflection without credentials, for probes",
+    )
+    g.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow plaintext and/or no authentication: for a trusted network only (logged loudly)",
+    )
+    g.add_argument("--audit-log", metavar="FILE", help="append one JSON line per call to FILE ('-': stderr)")
+
+
+def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("monitoring (docs/monitoring.md)")
+    g.add_argument(
+        "--no-metrics", dest="metrics", action="store_false", default=None, help="no Prometheus endpoint"
+    )
+    g.add_argument("--metrics-host", metavar="ADDR", help="metrics endpoint's address (default 127.0.0.1)")
+    g.add_argument("--metrics-port", type=int, metavar="PORT", help="metrics port (default 9464; 0: free)")
+    g.add_argument(
+        "--stability-share",
+        type=float,
+        metavar="P",
+        help="share of Explain requests re-checked under input noise, off the request path (default 0.05)",
+    )
+    g.add_argument(
+        "--stability-queue", type=int, metavar="N", help="stability samples that may wait (default 64)"
+    )
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:

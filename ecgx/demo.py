@@ -259,6 +259,7 @@ def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir:
         write_explanation_pngs,
     )
     from service.repository import ModelRepository, PromotionRefused, promote
+    from service.security import ServerSecurity
     from service.server import build_server
     from validation.signing import load_public_key
 
@@ -278,7 +279,9 @@ def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir:
         print(f"model repository {repo}: no package passed its gate, so nothing is served over gRPC")
         return None
     repository = ModelRepository(repo, [public])
-    server, port, _, _ = build_server(repository, host="127.0.0.1", port=0)
+    server, port, _, _ = build_server(
+        repository, security=ServerSecurity.plaintext_unauthenticated(), host="127.0.0.1", port=0
+    )
     server.start()
     try:
         with Client(f"127.0.0.1:{port}", timeout=120) as client:

@@ -85,6 +85,53 @@ def current_call() -> CallRecord | None:
     return _CURRENT.get()
 
 
+def note_call(
+    served: Any = None,
+    *,
+    model: str | None = None,
+    methods: Sequence[str] | None = None,
+    targets: Sequence[str] | None = None,
+    batch_size: int | None = None,
+    engine_s: float | None = None,
+) -> None:
+    """Fill in the current call's record from the handler (no-op outside an intercepted call).
+
+    ``served`` (a repository ``ServedVersion``) sets model and version, ``model`` the model
+    alone: only names the repository has, never what the client typed, so log lines and metric
+    labels stay bounded.
+    """
+    record = _CURRENT.get()
+    if record is None:
+        return
+    if served is not None:
+        record.model, record.version = served.model, served.version
+    elif model is not None:
+        record.model = model
+    if methods is not None:
+        record.methods = tuple(methods)
+    if targets is not None:
+        record.targets = tuple(targets)
+    if batch_size is not None:
+        record.batch_size = int(batch_size)
+    if engine_s is not None:
+        record.engine_s = float(engine_s)
+
+
+class EngineClock:
+    """Adds up the time spent in ``with`` blocks (the engine's share of a call)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def __enter__(self) -> EngineClock:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._t0
+
+
 class Authenticator(Protocol):
     """Proves who calls (``identify``) and whether they may call an RPC (``authorize``)."""
 
@@ -242,6 +289,8 @@ __all__ = [
     "CallInterceptor",
     "CallObserver",
     "CallRecord",
+    "EngineClock",
     "Identity",
     "current_call",
+    "note_call",
 ]

@@ -54,6 +54,7 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
+from service.calls import note_call
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -200,12 +201,15 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     @_rpc
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         served = self.repository.get(request.model_name, request.model_version or None)
+        note_call(served)
         engine = served.engine
         method, target, params = self._parameters(request)
         x = self._input(request, engine)
+        note_call(batch_size=len(x))
         gate = None
         if method is not None:
             impl = get_method(method)  # NotFound for an unknown method, before the gate
+            note_call(methods=[method])  # a name the service knows, so logs and labels stay bounded
             gate = served.method_gate(method)
             if not gate.servable:
                 raise FailedPrecondition(refusal_of_method(served, gate))

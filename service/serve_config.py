@@ -15,6 +15,21 @@ command line wins over the file::
     max_queued = 32           # default: 4 x max_concurrent
     grace_s = 10.0
     watch_interval_s = 2.0    # how often the repository is rescanned
+    # Security (docs/security.md): TLS, and who may call. Without TLS and an identity source
+    # (client CA or token file) the server refuses to start unless insecure = true.
+    tls_cert = "/etc/ecgx/tls/server.crt"
+    tls_key = "/etc/ecgx/tls/server.key"
+    tls_client_ca = "/etc/ecgx/tls/clients-ca.crt"   # mutual TLS
+    tokens = "/etc/ecgx/access.toml"                # hashed bearer tokens (ecgx token new)
+    open_health = true        # health and reflection without credentials, for probes
+    insecure = false
+    audit_log = "/var/log/ecgx/audit.jsonl"         # JSON lines; "-" is stderr
+    # Monitoring (docs/monitoring.md)
+    metrics = true
+    metrics_host = "127.0.0.1"
+    metrics_port = 9464
+    stability_share = 0.05    # share of Explain requests re-checked under input noise
+    stability_queue = 64      # samples waiting for the worker; more are dropped (counted)
 
 Unknown keys, wrong types and out-of-range values are errors naming the file and key.
 """
@@ -27,6 +42,11 @@ import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
+
+# 9464: the port OpenTelemetry's Prometheus exporter uses; 9090 is Prometheus's own.
+DEFAULT_METRICS_PORT = 9464
+DEFAULT_STABILITY_SHARE = 0.05
+DEFAULT_STABILITY_QUEUE = 64
 
 
 class ServeConfigError(ValueError):
@@ -48,6 +68,18 @@ class ServeConfig:
     max_queued: int | None = None
     grace_s: float = 10.0
     watch_interval_s: float = 2.0
+    tls_cert: str | None = None  # a path, or None for ECGX_TLS_CERT (a path or the PEM itself)
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tokens: Path | None = None
+    open_health: bool = False
+    insecure: bool = False
+    audit_log: str | None = None
+    metrics: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = DEFAULT_METRICS_PORT
+    stability_share: float = DEFAULT_STABILITY_SHARE
+    stability_queue: int = DEFAULT_STABILITY_QUEUE
 
     def check(self, source: str) -> ServeConfig:
         """Raise :class:`ServeConfigError` on a missing repository or a value out of range."""
@@ -60,6 +92,9 @@ class ServeConfig:
             ("max_queued", self.max_queued if self.max_queued is not None else 0, 0, 65536),
             ("grace_s", self.grace_s, 0, 3600),
             ("watch_interval_s", self.watch_interval_s, 0.1, 3600),
+            ("metrics_port", self.metrics_port, 0, 65535),
+            ("stability_share", self.stability_share, 0, 1),
+            ("stability_queue", self.stability_queue, 1, 100_000),
         ]
         for key, value, low, high in ranges:
             if not (math.isfinite(value) and low <= value <= high):
@@ -79,6 +114,18 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_queued": (int,),
     "grace_s": (int, float),
     "watch_interval_s": (int, float),
+    "tls_cert": (str,),
+    "tls_key": (str,),
+    "tls_client_ca": (str,),
+    "tokens": (str,),
+    "open_health": (bool,),
+    "insecure": (bool,),
+    "audit_log": (str,),
+    "metrics": (bool,),
+    "metrics_host": (str,),
+    "metrics_port": (int,),
+    "stability_share": (int, float),
+    "stability_queue": (int,),
 }
 
 
@@ -112,8 +159,9 @@ def read_serve_config(path: Path | str) -> dict[str, Any]:
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ServeConfigError(f"config file {path}: serve.{key} must be a list of strings")
         values[key] = value
-    if "repo" in values:
-        values["repo"] = Path(values["repo"])
+    for key in ("repo", "tokens"):
+        if key in values:
+            values[key] = Path(values[key])
     if "trusted_keys" in values:
         values["trusted_keys"] = tuple(Path(k) for k in values["trusted_keys"])
     if "allowed_policies" in values:

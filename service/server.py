@@ -37,6 +37,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service import errors
+from service.calls import CallInterceptor, CallObserver, EngineClock, note_call
 from service.ecg_input import decode_ecgs
 from service.errors import (
     FailedPrecondition,
@@ -48,6 +49,7 @@ from service.health import Extras, register_extras
 from service.methods import METHOD_NAMES, get_method
 from service.repository import refusal_of_method
 from service.rpc import check_active, failure_status, status_of
+from service.security import ServerSecurity
 
 try:
     from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
@@ -144,6 +146,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         max_batch: int = DEFAULT_MAX_BATCH,
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         max_queued: int | None = None,
+        metrics: Any = None,
     ):
         max_queued = 4 * max_concurrent if max_queued is None else max_queued
         if max_batch < 1 or max_concurrent < 1 or max_queued < 0:
@@ -153,6 +156,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         self.max_concurrent = int(max_concurrent)
         self.max_queued = int(max_queued)
         self.max_message_bytes = MAX_MESSAGE_BYTES
+        self.metrics = metrics  # service.metrics.ServiceMetrics or None: predictions, stability samples
         self._slots = threading.BoundedSemaphore(self.max_concurrent)
         self._waiting = 0
         self._waiting_lock = threading.Lock()
@@ -205,6 +209,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         model = _name("model", request.model)
         versions = self.repository.versions(model)
+        note_call(model=model)
         default = self.repository.default_version(model)
         return pb.ModelInfo(
             name=model,
@@ -244,6 +249,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def GetGateReport(self, request: pb.GetGateReportRequest, context: grpc.ServicerContext) -> pb.GateReport:
         model = _name("model", request.model)
         versions = self.repository.versions(model)
+        note_call(model=model)
         if request.version:
             match = [v for v in versions if v.version == request.version]
             if not match:
@@ -254,6 +260,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             served = self.repository.default_version(model)
             if served is None:
                 raise FailedPrecondition(f"model {model!r} has no serving version; name one")
+        note_call(served)
         if served.report_bytes is None:
             raise NotFound(
                 f"{model} version {served.version} has no verified gate report: {served.refusal or 'none'}"
@@ -278,8 +285,13 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     @_handler(limited=True)
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
         served = self.repository.get(_name("model", request.model), request.version or None)
+        note_call(served, batch_size=len(request.ecgs))
         x = self._beats(served, request.ecgs)
-        logits = served.engine.logits(x)
+        with EngineClock() as clock:
+            logits = served.engine.logits(x)
+        note_call(served, engine_s=clock.seconds)
+        if self.metrics is not None:
+            self.metrics.predicted(served, sigmoid(logits))
         return pb.PredictResponse(
             model=served.model,
             version=served.version,
@@ -295,8 +307,10 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
         started = time.perf_counter()
         methods = self._methods(request)
+        note_call(None, methods=methods, batch_size=len(request.ecgs))
         params = self._parameters(request, methods)
         served = self.repository.get(_name("model", request.model), request.version or None)
+        note_call(served)
         gates = {}
         for m in methods:
             gate = served.method_gate(m)
@@ -311,8 +325,11 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         needs = not request.targets or any(
             t.WhichOneof("kind") in _NEEDS_PROBABILITIES for t in request.targets
         )
-        logits = engine.logits(x) if needs else None
+        clock = EngineClock()
+        with clock:
+            logits = engine.logits(x) if needs else None
         targets = self._targets(request.targets, x, engine, logits)
+        note_call(served, targets=sorted({engine.package.class_keys[c] for t in targets for c in t}))
         effective = {m: self._effective(m, params[m]) for m in methods}
         self._check_response_size(x, targets, methods)
         # Attribution slots: slot j holds the j-th target of every ECG that has one.
@@ -325,14 +342,21 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                 cls = np.array([targets[i][j] for i in rows], dtype=np.int64)
                 every = len(rows) == len(x)
                 t0 = time.perf_counter()
-                maps, got = engine.attribute_with_logits(m, x if every else x[rows], cls, **effective[m])
+                with clock:
+                    maps, got = engine.attribute_with_logits(m, x if every else x[rows], cls, **effective[m])
                 share = (time.perf_counter() - t0) / len(rows)
+                if self.metrics is not None:  # hands a sample to the stability worker; never waits
+                    self.metrics.explained(served, m, effective[m], x if every else x[rows], cls, maps)
                 if logits is None and every and got is not None:
                     logits = got
                 for k, i in enumerate(rows):
                     results[(i, m, j)] = (maps[k], share)
         if logits is None:
-            logits = engine.logits(x)
+            with clock:
+                logits = engine.logits(x)
+        note_call(served, engine_s=clock.seconds)
+        if self.metrics is not None:
+            self.metrics.predicted(served, sigmoid(logits))
         keys = engine.package.class_keys
         out = []
         for i, t in enumerate(targets):
@@ -510,22 +534,36 @@ class BuiltServer(NamedTuple):
     extras: Extras
 
 
+# Health and reflection, served without credentials when ServerSecurity says so (probes).
+PROBE_RPCS = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
+
+
 def build_server(
     repository: Any,
     *,
+    security: ServerSecurity,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_concurrent: int = DEFAULT_MAX_CONCURRENT,
     max_queued: int | None = None,
+    audit: CallObserver | None = None,
+    metrics: Any = None,
 ) -> BuiltServer:
-    """A ready (not yet started) server on an insecure port: ecgx.v1, the Open Inference Protocol
-    (sharing ecgx.v1's request slots), grpc.health.v1 and reflection, all on one port.
+    """A ready (not yet started) server: ecgx.v1, the Open Inference Protocol (sharing ecgx.v1's
+    request slots), grpc.health.v1 and reflection, all on one port.
 
-    Plaintext for now (TLS is issue #11). ``port`` 0 picks a free port.
+    ``security`` has no default: TLS and who may call (``ServerSecurity``), or plaintext without
+    authentication only when asked for by name (``ServerSecurity.plaintext_unauthenticated()``).
+    Every RPC passes :class:`service.calls.CallInterceptor`, which tells ``audit`` (an audit log)
+    and ``metrics`` (``service.metrics.ServiceMetrics``) about it. ``port`` 0 picks a free port.
     """
     servicer = ExplanationServicer(
-        repository, max_batch=max_batch, max_concurrent=max_concurrent, max_queued=max_queued
+        repository, max_batch=max_batch, max_concurrent=max_concurrent, max_queued=max_queued, metrics=metrics
     )
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -534,16 +572,24 @@ def build_server(
         # on a busy port would silently take half its traffic. Fail instead.
         ("grpc.so_reuseport", 0),
     ]
+    interceptor = CallInterceptor(
+        security.authenticator,
+        open_rpcs=security.open_rpcs,
+        observers=[o for o in (audit, metrics) if o is not None],
+    )
     # A thread for every running and queued request and a few more, so cheap calls and refusals
     # get through; gRPC refuses RPCs beyond that with RESOURCE_EXHAUSTED rather than queue them.
     workers = servicer.max_concurrent + servicer.max_queued + 4
     pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ecgx-grpc")
-    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=workers)
+    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=workers, interceptors=[interceptor])
     pb_grpc.add_ExplanationServiceServicer_to_server(servicer, server)
     extras = register_extras(server, repository, explanation_servicer=servicer, max_batch=max_batch)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        if security.credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, security.credentials)
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -554,6 +600,7 @@ def build_server(
 def serve(
     repository: Any,
     *,
+    security: ServerSecurity,
     host: str = "127.0.0.1",
     port: int = DEFAULT_PORT,
     max_batch: int = DEFAULT_MAX_BATCH,
@@ -561,31 +608,40 @@ def serve(
     max_queued: int | None = None,
     grace_s: float = DEFAULT_GRACE_S,
     watch_interval_s: float | None = 2.0,
+    audit: Any = None,
+    metrics: Any = None,
+    metrics_host: str = "127.0.0.1",
+    metrics_port: int | None = None,
     ready: Callable[[int], None] | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
-    ``grace_s`` seconds, and return 0."""
+    ``grace_s`` seconds, and return 0. With ``metrics`` and a ``metrics_port`` (0: a free one),
+    Prometheus scrapes ``http://metrics_host:port/metrics``."""
     server, bound, _, extras = build_server(
         repository,
+        security=security,
         host=host,
         port=port,
         max_batch=max_batch,
         max_concurrent=max_concurrent,
         max_queued=max_queued,
+        audit=audit,
+        metrics=metrics,
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    http = None
     try:
+        if metrics is not None and metrics_port is not None:
+            http = start_metrics_http(metrics, metrics_host, metrics_port)
+        security.start()
+        if metrics is not None:
+            metrics.start()
         server.start()
         if watch_interval_s and hasattr(repository, "start_watching"):
             repository.start_watching(watch_interval_s)
         extras.start(watch_interval_s or 2.0)
-        log.warning(
-            "serving ecgx.v1.ExplanationService on %s:%d in PLAINTEXT (no TLS, no authentication; "
-            "issue #11): expose it only on a trusted network",
-            host,
-            bound,
-        )
+        _log_start(host, bound, security, http)
         if ready is not None:
             ready(bound)
         while not stop.wait(0.5):
@@ -600,6 +656,37 @@ def serve(
             signal.signal(s, handler)
         if hasattr(repository, "stop"):
             repository.stop()
+        security.stop()
+        if metrics is not None:
+            metrics.stop()
+        if http is not None:
+            http.shutdown()
+        if audit is not None and hasattr(audit, "close"):
+            audit.close()
+
+
+def start_metrics_http(metrics: Any, host: str, port: int) -> Any:
+    """Serve ``metrics.registry`` at ``http://host:port/metrics`` in a daemon thread; returns the
+    HTTP server (``server_port`` is the bound port, ``shutdown()`` stops it)."""
+    from prometheus_client import start_http_server
+
+    try:
+        http, _ = start_http_server(port, addr=host, registry=metrics.registry)
+    except OSError as e:
+        raise OSError(
+            f"cannot serve metrics on {host}:{port}: {e.strerror or e} (--metrics-port; 0 picks a free one)"
+        ) from None
+    return http
+
+
+def _log_start(host: str, port: int, security: ServerSecurity, http: Any) -> None:
+    where = f"metrics on http://{http.server_address[0]}:{http.server_port}/metrics" if http else "no metrics"
+    line = f"serving ecgx.v1.ExplanationService on {host}:{port} with {security.describe()}; {where}"
+    if security.insecure:
+        # Loud on purpose: this is only right on a trusted network (a laptop, a test).
+        log.warning("%s. INSECURE MODE (--insecure): anyone who reaches this port can call it", line)
+    else:
+        log.info("%s", line)
 
 
 __all__ = [
@@ -609,5 +696,6 @@ __all__ = [
     "errors",
     "lead_shares",
     "serve",
+    "start_metrics_http",
     "status_of",
 ]

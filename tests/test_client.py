@@ -20,6 +20,7 @@ from cli_helpers import ECGX_WITHOUT_TORCH, assert_clean_failure, run_ecgx, snap
 from repo_helpers import make_package
 
 from service.repository import ModelRepository
+from service.security import ServerSecurity
 from service.server import build_server
 from training.data.dataset import load_dataset
 
@@ -33,7 +34,9 @@ def server(gated, tmp_path_factory: pytest.TempPathFactory):
     make_package(gated, root / "ecg" / "1", 0)
     make_package(gated, root / "ecg" / "2", 1, verdict="fail", serve=[])
     repository = ModelRepository(root, [gated["public"]], engine_options={"threads": 1})
-    server, port, _, _ = build_server(repository, host="127.0.0.1", port=0, max_batch=8)
+    server, port, _, _ = build_server(
+        repository, security=ServerSecurity.plaintext_unauthenticated(), host="127.0.0.1", port=0, max_batch=8
+    )
     server.start()
     yield {"address": f"127.0.0.1:{port}", "repository": repository}
     server.stop(None)

@@ -38,6 +38,7 @@ from service.errors import (
 from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
+from service.security import ServerSecurity
 from service.server import build_server, lead_shares, status_of
 from training.data.dataset import load_dataset
 from training.data.schema import LEADS
@@ -99,7 +100,11 @@ class Server:
         allow_ungated = kwargs.pop("allow_ungated", False)
         self.repository = ModelRepository(root, [load_public_key(public)], allow_ungated=allow_ungated)
         self.server, self.port, self.servicer, self.extras = build_server(
-            self.repository, host="127.0.0.1", port=0, **kwargs
+            self.repository,
+            security=ServerSecurity.plaintext_unauthenticated(),
+            host="127.0.0.1",
+            port=0,
+            **kwargs,
         )
         self.server.start()
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
@@ -499,6 +504,7 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
     script = tmp_path / "serve_no_torch.py"
     script.write_text(ECGX_WITHOUT_TORCH)
     args = ["--repo", str(repo["root"]), "--port", "0", "--trusted-key", str(repo["public"]), "--grace", "5"]
+    args += ["--insecure", "--metrics-port", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, str(script), "serve", *args],
@@ -517,7 +523,7 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
             if not line:
                 break
             lines.append(line)
-            m = re.search(r"ExplanationService on [^ ]+:(\d+) in PLAINTEXT", line)
+            m = re.search(r"ExplanationService on [^ ]+:(\d+) with PLAINTEXT", line)
             port = int(m[1]) if m else None
         assert port, "".join(lines)
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -583,7 +589,9 @@ def test_anything_untyped_is_internal_with_a_generic_message(repo, caplog) -> No
         def models(self):
             raise RuntimeError("secret detail of a bug")
 
-    server, port, _, _ = build_server(Broken(), host="127.0.0.1", port=0)
+    server, port, _, _ = build_server(
+        Broken(), security=ServerSecurity.plaintext_unauthenticated(), host="127.0.0.1", port=0
+    )
     server.start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
@@ -654,7 +662,12 @@ def test_the_forward_graph_runs_at_most_once_per_request(
 
 def test_a_busy_port_is_refused_not_shared(server, capsys) -> None:
     with pytest.raises(OSError, match="in use"):
-        build_server(server.repository, host="127.0.0.1", port=server.port)
+        build_server(
+            server.repository,
+            security=ServerSecurity.plaintext_unauthenticated(),
+            host="127.0.0.1",
+            port=server.port,
+        )
 
 
 def test_a_response_too_large_to_send_is_refused_before_any_work(server, beats, monkeypatch) -> None:

@@ -23,6 +23,7 @@ from repo_helpers import make_package
 from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
+from service.security import ServerSecurity
 from service.server import build_server
 from training.data.dataset import load_dataset
 from training.data.schema import LEADS
@@ -59,7 +60,14 @@ def ecg_msg(x: np.ndarray) -> pb.Ecg:
 def serve(root: Path, public, **kwargs):
     """``build_server`` on a free loopback port; yields (address, Python stub)."""
     repository = ModelRepository(root, [public], engine_options={"threads": 1}, **kwargs)
-    server, port, _, _ = build_server(repository, host="127.0.0.1", port=0, max_batch=8, max_concurrent=2)
+    server, port, _, _ = build_server(
+        repository,
+        security=ServerSecurity.plaintext_unauthenticated(),
+        host="127.0.0.1",
+        port=0,
+        max_batch=8,
+        max_concurrent=2,
+    )
     server.start()
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield f"127.0.0.1:{port}", pb_grpc.ExplanationServiceStub(channel)

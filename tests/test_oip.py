@@ -31,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from service.health import NOT_SERVING, SERVING
 from service.oip import SERVICE_NAME as OIP_SERVICE
 from service.repository import ModelRepository
+from service.security import ServerSecurity
 from service.server import build_server
 from training.data.dataset import load_dataset
 
@@ -59,6 +60,7 @@ class Served:
     def __init__(self, repository: ModelRepository, max_concurrent: int = 8, max_batch: int = 64):
         built = build_server(
             repository,
+            security=ServerSecurity.plaintext_unauthenticated(),
             host="127.0.0.1",
             port=0,
             max_batch=max_batch,
