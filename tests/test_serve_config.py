@@ -29,6 +29,20 @@ def test_file_values_fill_in_and_flags_win(tmp_path: Path) -> None:
     assert resolve_serve_config(None, {"repo": tmp_path}).repo == tmp_path
 
 
+def test_security_and_monitoring_settings_come_from_the_file(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[serve]\nrepo = "r"\ntls_cert = "/etc/ecgx/s.crt"\ntls_key = "/etc/ecgx/s.key"\n'
+        'tokens = "/etc/ecgx/access.toml"\nopen_health = true\naudit_log = "-"\n'
+        "metrics_port = 9100\nstability_share = 0.2\nstability_queue = 8\n",
+    )
+    cfg = resolve_serve_config(path, {"metrics_port": None, "insecure": None})
+    assert cfg.tls_cert == "/etc/ecgx/s.crt" and cfg.tls_key == "/etc/ecgx/s.key"
+    assert cfg.tokens == Path("/etc/ecgx/access.toml") and cfg.open_health and cfg.audit_log == "-"
+    assert cfg.metrics_port == 9100 and cfg.stability_share == 0.2 and cfg.stability_queue == 8
+    assert cfg.insecure is False and cfg.metrics is True  # secure and monitored unless said otherwise
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -41,6 +55,11 @@ def test_file_values_fill_in_and_flags_win(tmp_path: Path) -> None:
         ("[server]\nrepo = 'r'\n", "unknown table(s) ['server']"),
         ("[serve]\nport = 1\n", "give the model repository"),
         ("[serve\n", "is not valid TOML"),
+        ("[serve]\nrepo = 'r'\ninsecure = 'yes'\n", "serve.insecure must be bool"),
+        ("[serve]\nrepo = 'r'\nmetrics_port = 70000\n", "metrics_port must be in [0, 65535], got 70000"),
+        ("[serve]\nrepo = 'r'\nstability_share = 1.5\n", "stability_share must be in [0, 1], got 1.5"),
+        ("[serve]\nrepo = 'r'\nstability_queue = 0\n", "stability_queue must be in [1, 100000], got 0"),
+        ("[serve]\nrepo = 'r'\ntls_cert = 3\n", "serve.tls_cert must be str"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
