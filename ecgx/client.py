@@ -33,6 +33,7 @@ from training.data.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
 DEFAULT_TIMEOUT_S = 300.0
 TOP_LEADS = 4  # leads listed per attribution
 _MAX_MESSAGE_BYTES = 64 * 2**20  # as the server
+TOKEN_ENV = "ECGX_TOKEN"
 
 
 class ClientError(ValueError):
@@ -211,21 +212,95 @@ def tensor(t: Any) -> np.ndarray:
     return np.frombuffer(t.data, "<f4").reshape(tuple(t.shape))
 
 
+@dataclass(frozen=True)
+class ChannelSecurity:
+    """How the client reaches the server: TLS (``tls``, or a ``ca`` PEM file for the server's
+    CA), a client certificate for mutual TLS (``cert`` and ``key``), a bearer ``token``.
+    Plaintext is the default; a token over plaintext is refused unless ``insecure``."""
+
+    tls: bool = False
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    token: str | None = None
+    server_name: str | None = None  # the name the server certificate must carry, if not the host's
+    insecure: bool = False
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.ca is not None or self.cert is not None or self.key is not None
+
+    def checked_token(self) -> str | None:
+        """The token, stripped; errors never show it."""
+        token = (self.token or "").strip()
+        if not token:
+            return None
+        if not token.isascii() or not token.isprintable() or " " in token:
+            raise ValueError("the token (--token or ECGX_TOKEN) has characters no bearer token has")
+        if not self.uses_tls and not self.insecure:
+            raise ValueError(
+                "refusing to send a token over plaintext, where anyone on the network can read it: give the "
+                "server's CA with --tls-ca (or --tls), or --insecure on a trusted network"
+            )
+        return token
+
+
+def channel_credentials(security: ChannelSecurity) -> Any:
+    """``grpc.ChannelCredentials`` for TLS (with the token as call credentials), or None for plaintext."""
+    import grpc
+
+    from service.security import check_pair, load_certificates, load_tls_key, read_pem_file
+
+    if not security.uses_tls:
+        return None
+    if (security.cert is None) != (security.key is None):
+        raise ValueError("mutual TLS needs both --tls-cert and --tls-key")
+    ca = cert = key = None
+    if security.ca is not None:
+        pem = read_pem_file(security.ca, f"--tls-ca {security.ca}")
+        load_certificates(pem, "the server's CA certificate")
+        ca = b"".join(pem.blocks(b"CERTIFICATE"))
+    if security.cert is not None and security.key is not None:
+        cert_pem = read_pem_file(security.cert, f"--tls-cert {security.cert}")
+        key_pem = read_pem_file(security.key, f"--tls-key {security.key}")
+        chain = load_certificates(cert_pem, "the client certificate")
+        check_pair(chain, load_tls_key(key_pem), cert_pem, key_pem)
+        cert, key = b"".join(cert_pem.blocks(b"CERTIFICATE")), key_pem.key_blocks()[0]
+    credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+    token = security.checked_token()
+    if token is None:
+        return credentials
+    return grpc.composite_channel_credentials(credentials, grpc.access_token_call_credentials(token))
+
+
 class Client:
     """A channel to one server; every call turns a gRPC error into a :class:`ClientError`."""
 
-    def __init__(self, address: str, timeout: float = DEFAULT_TIMEOUT_S):
+    def __init__(
+        self, address: str, timeout: float = DEFAULT_TIMEOUT_S, security: ChannelSecurity | None = None
+    ):
         if not address or any(c.isspace() for c in address):
             raise ValueError(f"--server must be HOST:PORT, got {address!r}")
         import grpc  # here, not at import: every ecgx command builds the client's parser
 
+        security = security or ChannelSecurity()
         self.address = address
         self.timeout = timeout
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
         ]
-        self.channel = grpc.insecure_channel(address, options=options)
+        if security.server_name:
+            options.append(("grpc.ssl_target_name_override", security.server_name))
+        credentials = channel_credentials(security)
+        # Plaintext with a token (only with --insecure): gRPC sends call credentials over TLS only,
+        # so the header goes with every call instead.
+        token = security.checked_token() if credentials is None else None
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if credentials is None:
+            self.channel = grpc.insecure_channel(address, options=options)
+        else:
+            self.channel = grpc.secure_channel(address, credentials, options=options)
         _, pb_grpc = _pb()
         self.stub = pb_grpc.ExplanationServiceStub(self.channel)
 
@@ -242,7 +317,7 @@ class Client:
         import grpc
 
         try:
-            return getattr(self.stub, name)(request, timeout=timeout or self.timeout)
+            return getattr(self.stub, name)(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
             raise error_of(e, self.address) from None
 
@@ -298,7 +373,10 @@ def error_of(e: Any, address: str) -> ClientError:
     details = " ".join(str(e.details() if hasattr(e, "details") else e).split())
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.UNAVAILABLE:
-        return ClientError(f"UNAVAILABLE: cannot reach {address} ({details})")
+        hint = ""
+        if "ssl" in details.lower() or "handshake" in details.lower():
+            hint = "; the TLS handshake failed: check --tls-ca, and for mutual TLS --tls-cert and --tls-key"
+        return ClientError(f"UNAVAILABLE: cannot reach {address} ({details}){hint}")
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ClientError(f"DEADLINE_EXCEEDED: no answer from {address} in time (--timeout); {details}")
     return ClientError(f"{name}: {details}")
@@ -563,7 +641,7 @@ def run_client(args: Any) -> int:
         check_outputs(png, None, overwrite)
         for path in png_paths(png, len(ecgs.signals) if ecgs else 1)[1:]:
             check_output(path, PNG_FILE, overwrite=overwrite)
-    with Client(args.server, timeout=args.timeout) as client:
+    with Client(args.server, timeout=args.timeout, security=security_of(args)) as client:
         if action == "models":
             names = [args.model] if args.model else [m.name for m in client.list_models()]
             infos = [client.get_model(n) for n in names]
@@ -604,6 +682,38 @@ def run_client(args: Any) -> int:
     return 0
 
 
+def security_of(args: Any) -> ChannelSecurity:
+    """The channel's security from the command line; the token from --token, else ECGX_TOKEN."""
+    import os
+
+    return ChannelSecurity(
+        tls=getattr(args, "tls", False),
+        ca=getattr(args, "tls_ca", None),
+        cert=getattr(args, "tls_cert", None),
+        key=getattr(args, "tls_key", None),
+        token=getattr(args, "token", None) or os.environ.get(TOKEN_ENV),
+        server_name=getattr(args, "tls_server_name", None),
+        insecure=getattr(args, "insecure", False),
+    )
+
+
+def _add_security_flags(p: Any) -> None:
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--tls", action="store_true", help="TLS; the server's certificate checked by public CAs")
+    g.add_argument(
+        "--tls-ca", type=Path, metavar="PEM", help="TLS; the server's certificate checked by this CA"
+    )
+    g.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate, for mutual TLS")
+    g.add_argument("--tls-key", type=Path, metavar="PEM", help="the client certificate's private key")
+    g.add_argument("--tls-server-name", metavar="NAME", help="the name the server's certificate must carry")
+    g.add_argument(
+        "--token",
+        metavar="TOKEN",
+        help=f"bearer token (better: the environment variable {TOKEN_ENV}, which no process list shows)",
+    )
+    g.add_argument("--insecure", action="store_true", help="allow a token over plaintext (trusted networks)")
+
+
 def add_parser(sub: Any, add_common: Any) -> None:
     """The ``client`` subcommand and its three actions (called by :func:`ecgx.cli.build_parser`)."""
     import argparse
@@ -639,6 +749,7 @@ def add_parser(sub: Any, add_common: Any) -> None:
             p.add_argument("--units", default="mV", choices=["mV", "uV"], help="units of --ecg (default mV)")
         p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the result as JSON")
         p.add_argument("--overwrite", action="store_true", help="replace outputs ecgx client wrote")
+        _add_security_flags(p)
         add_common(p)
 
     p = client_sub.add_parser(

@@ -54,6 +54,9 @@ class Pem:
     def blocks(self, *labels: bytes) -> list[bytes]:
         return [m.group(0) for m in _PEM_BLOCK.finditer(self.data) if not labels or m.group(1) in labels]
 
+    def key_blocks(self) -> list[bytes]:
+        return self.blocks(*_KEY_LABELS)
+
     def labels(self) -> list[str]:
         return [m.group(1).decode() for m in _PEM_BLOCK.finditer(self.data)]
 
@@ -64,7 +67,7 @@ def read_pem(
     """PEM text from the file ``path`` (given as ``option``), else from the environment variable
     ``env_var`` (the path of a file, or PEM text starting with "-----BEGIN"); None when neither."""
     if path is not None and str(path) != "":
-        return _read_pem_file(Path(path), f"{option} {path}")
+        return read_pem_file(Path(path), f"{option} {path}")
     value = (os.environ if env is None else env).get(env_var, "").strip()
     if not value:
         return None
@@ -75,10 +78,11 @@ def read_pem(
             f"environment variable {env_var} holds neither PEM text (starting with -----BEGIN) "
             "nor a file path"
         )
-    return _read_pem_file(Path(value), f"{env_var}={value}")
+    return read_pem_file(Path(value), f"{env_var}={value}")
 
 
-def _read_pem_file(path: Path, source: str) -> Pem:
+def read_pem_file(path: Path, source: str) -> Pem:
+    """PEM text from ``path``; ``source`` names it in errors (e.g. "--tls-ca ca.pem")."""
     if not path.exists():
         raise SecurityConfigError(f"{source}: the file does not exist")
     if path.is_dir():
@@ -130,7 +134,7 @@ def load_tls_key(pem: Pem) -> Any:
     from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
 
-    blocks = pem.blocks(*_KEY_LABELS)
+    blocks = pem.key_blocks()
     if not blocks:
         raise SecurityConfigError(f"{pem.source}: {_what_it_holds(pem)}, where the PRIVATE KEY is needed")
     if len(blocks) > 1:
@@ -219,11 +223,11 @@ def load_tls(cert: Pem, key: Pem, client_ca: Pem | None = None, now: datetime | 
     chain = load_certificates(cert, "the server certificate")
     private = load_tls_key(key)
     _check_key_mode(key)
-    _check_pair(chain, private, cert.source, key.source)
+    check_pair(chain, private, cert, key)
     check_validity(chain[0], cert.source, now)
     ca_pem = None
     if client_ca is not None:
-        if client_ca.blocks(*_KEY_LABELS):
+        if client_ca.key_blocks():
             raise SecurityConfigError(
                 f"{client_ca.source}: holds a private key; the client CA file holds certificates only"
             )
@@ -237,13 +241,15 @@ def load_tls(cert: Pem, key: Pem, client_ca: Pem | None = None, now: datetime | 
         ca_pem = b"".join(client_ca.blocks(b"CERTIFICATE"))
     return TlsMaterial(
         b"".join(cert.blocks(b"CERTIFICATE")),
-        key.blocks(*_KEY_LABELS)[0],
+        key.key_blocks()[0],
         ca_pem,
         describe_certificate(chain[0]),
     )
 
 
-def _check_pair(chain: Sequence[Any], private: Any, cert_source: str, key_source: str) -> None:
+def check_pair(chain: Sequence[Any], private: Any, cert: Pem, key: Pem) -> None:
+    """The private key belongs to the first certificate of the chain."""
+    cert_source, key_source = cert.source, key.source
     mine = _spki(private.public_key())
     if _spki(chain[0].public_key()) == mine:
         return
@@ -354,9 +360,9 @@ def load_server_security(
     Secure means TLS (``tls_cert`` and ``tls_key``) and a way to identify callers (a client CA
     for mutual TLS and/or an access file of tokens). Anything less raises
     :class:`SecurityConfigError` naming what is missing, unless ``insecure``: then what was given
-    is used (plaintext with tokens, TLS without authentication, or neither) and a warning is
-    logged. Mutual TLS without an access file admits every certificate the client CA signed with
-    the scopes predict and explain.
+    is used (plaintext with tokens, TLS without authentication, or neither) and
+    :meth:`ServerSecurity.describe` says so in capitals. Mutual TLS without an access file
+    admits every certificate the client CA signed with the scopes predict and explain.
     """
     cert = read_pem(tls_cert, CERT_ENV, "--tls-cert", env)
     key = read_pem(tls_key, KEY_ENV, "--tls-key", env)
@@ -385,9 +391,7 @@ def load_server_security(
         server_certificate=tls.subject if tls is not None else "",
         watch_interval_s=watch_interval_s,
     )
-    if security.insecure:
-        log.warning("INSECURE MODE (--insecure): %s", security.describe())
-    return security
+    return security  # ecgx serve logs describe() at start, loudly when insecure
 
 
 def _missing(has_tls: bool, has_identity: bool) -> str:
@@ -410,10 +414,12 @@ __all__ = [
     "SecurityConfigError",
     "ServerSecurity",
     "TlsMaterial",
+    "check_pair",
     "load_certificates",
     "load_server_security",
     "load_tls",
     "load_tls_key",
     "read_pem",
+    "read_pem_file",
     "server_credentials",
 ]

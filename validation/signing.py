@@ -134,6 +134,12 @@ def load_public_key(path: Path | str | None = None, env: Mapping[str, str] | Non
             f"{source} holds a private key; verification needs the public key ({PUBLIC_KEY_FILE}). "
             "Give that instead, and keep the private key only where reports are signed"
         )
+    if b"-----BEGIN CERTIFICATE-----" in pem:
+        # A TLS certificate is a different thing: gate reports are checked against the bare key.
+        raise SigningError(
+            f"{source} holds an X.509 certificate, not a public key; give the {PUBLIC_KEY_FILE} written by "
+            "`ecgx gate keygen`"
+        )
     try:
         key = serialization.load_pem_public_key(pem)
     except ValueError:
@@ -172,10 +178,23 @@ def _pem_from(
             )
         pem, source = text.encode(), f"environment variable {var}"
     if b"-----BEGIN" not in pem:
-        # The usual mistake: the variable holds a path to the key instead of the key itself.
-        hint = f" (it must hold the key itself, not a path to it: to use a file, pass {option})"
-        raise SigningError(f"{source} holds no PEM text{hint if path is None else ''}; {_KEYGEN_HINT}")
+        raise SigningError(f"{source} {_not_pem(pem, path is None, option)}; {_KEYGEN_HINT}")
     return pem, source
+
+
+def _not_pem(data: bytes, from_env: bool, option: str) -> str:
+    """Why ``data`` is no PEM key, with the likely mistake named."""
+    if from_env:  # the usual mistake: the variable holds a path to the key instead of the key itself
+        return (
+            f"holds no PEM text (it must hold the key itself, not a path to it: to use a file, pass {option})"
+        )
+    if not data.strip():
+        return "holds no PEM text (it is empty)"
+    if data.startswith(b"ssh-"):
+        return "holds no PEM text (it is an OpenSSH key; gate keys are PEM, from `ecgx gate keygen`)"
+    if data[:1] == b"\x30":  # an ASN.1 SEQUENCE
+        return "holds no PEM text (it is binary DER; convert it with `openssl pkey -inform der`)"
+    return "holds no PEM text"
 
 
 def _kind(key: object) -> str:

@@ -1,0 +1,164 @@
+"""``ecgx token``: the access file of ``ecgx serve --tokens`` (docs/security.md).
+
+``new`` makes a bearer token, stores only its SHA-256 and prints the token once; ``add-cert``
+lists a client certificate's name; ``revoke`` removes an entry (a running server drops it at its
+next check, within seconds); ``list`` shows names, kinds and scopes, and of tokens only the
+first 8 hex digits of the hash. Every change replaces the file atomically; a new file is 0600.
+
+No PyTorch on this path.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from service.access import (
+    GRANTABLE,
+    AccessEntry,
+    AccessFile,
+    SecurityConfigError,
+    new_token,
+    now_iso,
+    read_access_file,
+    token_hash,
+    write_access_file,
+)
+
+
+def _open(path: Path, create: bool) -> AccessFile:
+    if path.exists() or not create:
+        return read_access_file(path)
+    if not path.parent.is_dir():
+        raise SecurityConfigError(f"access file {path}: the folder {path.parent} does not exist")
+    return AccessFile(path)
+
+
+def _add(access: AccessFile, entry: AccessEntry) -> AccessFile:
+    if access.find(entry.name) is not None:
+        raise SecurityConfigError(
+            f"access file {access.path}: {entry.name!r} is already listed; names are unique "
+            f"(revoke it first with `ecgx token revoke --file {access.path} --name {entry.name}`)"
+        )
+    if entry.kind == "token":
+        return replace(access, tokens=(*access.tokens, entry))
+    return replace(access, certificates=(*access.certificates, entry))
+
+
+def add_token(path: Path, name: str, scopes: list[str], note: str = "") -> str:
+    """Add a new token for ``name`` to the access file (created if missing); returns the token,
+    which is stored nowhere: only its hash is."""
+    token = new_token()
+    entry = AccessEntry("token", name, tuple(dict.fromkeys(scopes)), token_hash(token), now_iso(), note)
+    write_access_file(_add(_open(path, create=True), entry))
+    return token
+
+
+def add_certificate(path: Path, name: str, scopes: list[str], note: str = "") -> None:
+    """List a client certificate (a SAN DNS name, URI, e-mail, or the subject CN) with ``scopes``."""
+    entry = AccessEntry("certificate", name, tuple(dict.fromkeys(scopes)), note=note)
+    write_access_file(_add(_open(path, create=True), entry))
+
+
+def revoke(path: Path, name: str) -> AccessEntry:
+    """Remove the entry ``name`` (token or certificate); returns it."""
+    access = _open(path, create=False)
+    entry = access.find(name)
+    if entry is None:
+        names = ", ".join(repr(e.name) for e in access.entries) or "none"
+        raise SecurityConfigError(f"access file {path}: no entry named {name!r} (listed: {names})")
+    write_access_file(
+        replace(
+            access,
+            tokens=tuple(e for e in access.tokens if e.name != name),
+            certificates=tuple(e for e in access.certificates if e.name != name),
+        )
+    )
+    return entry
+
+
+def format_entries(access: AccessFile) -> str:
+    """One line per entry: name, kind, scopes, created, and a token's hash prefix (never the hash)."""
+    if not access.entries:
+        return f"{access.path}: no entries"
+    lines = []
+    for e in access.entries:
+        scopes = ", ".join(e.scopes) or "metadata only"
+        extra = f"  sha256 {e.sha256[:8]}...  created {e.created or '?'}" if e.kind == "token" else ""
+        note = f"  ({e.note})" if e.note else ""
+        lines.append(f"{e.kind:11s} {e.name}  scopes: {scopes}{extra}{note}")
+    return "\n".join(lines)
+
+
+def run_token(args: Any) -> int:
+    """``ecgx token new|add-cert|revoke|list`` (arguments from :mod:`ecgx.cli`)."""
+    action = args.token_command
+    if action == "new":
+        token = add_token(args.file, args.name, args.scope, args.note or "")
+        print(token)  # the only time anyone sees it
+        print(
+            f"added token {args.name!r} (scopes: {', '.join(args.scope)}) to {args.file}; it is shown only "
+            "this once: give it to its user now",
+            file=sys.stderr,
+        )
+    elif action == "add-cert":
+        add_certificate(args.file, args.name, args.scope, args.note or "")
+        print(f"added certificate {args.name!r} (scopes: {', '.join(args.scope)}) to {args.file}")
+    elif action == "revoke":
+        entry = revoke(args.file, args.name)
+        print(f"revoked {entry.kind} {entry.name!r} in {args.file}; a running server drops it within seconds")
+    else:
+        print(format_entries(read_access_file(args.file)))
+    return 0
+
+
+def add_parser(sub: Any, add_common: Any) -> None:
+    """The ``token`` subcommand and its actions (called by :func:`ecgx.cli.build_parser`)."""
+    token = sub.add_parser(
+        "token",
+        help="bearer tokens and client-certificate names that may call `ecgx serve --tokens FILE`",
+        description="Manage the access file of `ecgx serve --tokens FILE` (docs/security.md). Tokens are "
+        "stored as SHA-256 hashes only; a running server reloads the file within seconds.",
+    )
+    token_sub = token.add_subparsers(dest="token_command", required=True, metavar="TOKEN_COMMAND")
+
+    def common(p: Any, scopes: bool) -> None:
+        p.add_argument("--file", type=Path, required=True, metavar="ACCESS.toml", help="the access file")
+        if scopes:
+            p.add_argument("--name", required=True, help="the caller's name, as the audit log shows it")
+            p.add_argument(
+                "--scope",
+                action="append",
+                required=True,
+                choices=GRANTABLE,
+                help="what it may call, repeatable: predict, explain, admin (everything)",
+            )
+            p.add_argument("--note", help="a remark kept with the entry (who, ticket, expiry plan)")
+        add_common(p)
+
+    common(
+        token_sub.add_parser(
+            "new",
+            help="make a token; prints it once",
+            description="Make a token, store its hash, print it once.",
+        ),
+        scopes=True,
+    )
+    common(
+        token_sub.add_parser(
+            "add-cert",
+            help="list a client certificate's name (mutual TLS)",
+            description="List a client certificate by a SAN (DNS name, URI, e-mail) or its subject CN.",
+        ),
+        scopes=True,
+    )
+    p = token_sub.add_parser("revoke", help="remove a token or certificate", description="Remove an entry.")
+    p.add_argument("--name", required=True, help="the entry to remove")
+    common(p, scopes=False)
+    common(
+        token_sub.add_parser("list", help="names and scopes", description="List the entries."), scopes=False
+    )
+    for p in token_sub.choices.values():
+        p.set_defaults(func=run_token)
