@@ -21,7 +21,7 @@ import sys
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from service.calls import CallRecord
 
@@ -65,25 +65,21 @@ class AuditLog:
         self.target = str(target)
         self._lock = threading.Lock()
         self._failing = False
-        self._stream: TextIO = sys.stderr if self.target == STDERR else self._open(Path(self.target))
-        self._owned = self.target != STDERR
-
-    @staticmethod
-    def _open(path: Path) -> TextIO:
-        # Created owner-only: who called what, when, is itself sensitive.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return os.fdopen(fd, "a", buffering=1, encoding="utf-8")
+        # Created owner-only: who called what, when, is itself sensitive. Unbuffered writes on an
+        # O_APPEND descriptor: each line lands whole at the end, and a failed one leaves nothing
+        # behind in a buffer to fail again.
+        self._stderr = self.target == STDERR
+        self._fd = None if self._stderr else os.open(target, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
     def call_started(self, record: CallRecord) -> None:
         """Nothing: a call is written once, when it ends."""
 
     def call_finished(self, record: CallRecord) -> None:
-        """Write the call's line and flush it; a failure is logged, never raised."""
+        """Write the call's line at once; a failure is logged, never raised."""
         line = audit_line(record) + "\n"
         with self._lock:
             try:
-                self._stream.write(line)
-                self._stream.flush()
+                self._write(line)
             except (OSError, ValueError) as e:  # ValueError: written after close()
                 if not self._failing:  # once per run of failures, not once per call
                     log.error(
@@ -95,11 +91,23 @@ class AuditLog:
                 log.error("AUDIT LOG %s: writing again", self.target)
                 self._failing = False
 
+    def _write(self, line: str) -> None:
+        if self._stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+            return
+        if self._fd is None:
+            raise ValueError("the audit log is closed")
+        data = line.encode("utf-8")
+        while data:
+            data = data[os.write(self._fd, data) :]
+
     def close(self) -> None:
-        """Flush and close the file (standard error stays open)."""
+        """Close the file (standard error stays open); later calls are logged as unaudited."""
         with self._lock:
-            if self._owned and not self._stream.closed:
-                self._stream.close()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 __all__ = ["AuditLog", "audit_line"]

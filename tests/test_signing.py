@@ -192,6 +192,39 @@ def test_the_wrong_half_or_kind_of_key_is_refused(keys, tmp_path: Path) -> None:
         load_public_key(ec_public)
 
 
+def test_a_gate_public_key_in_another_form_is_named(keys, tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from tls_helpers import Authority
+
+    _, public = keys
+    key = load_public_key(public)
+    forms = {
+        "a certificate": (Authority(tmp_path / "ca").pem, "holds an X.509 certificate, not a public key"),
+        "OpenSSH": (
+            key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH),
+            "holds no PEM text (it is an OpenSSH key",
+        ),
+        "DER": (
+            key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo),
+            "holds no PEM text (it is binary DER",
+        ),
+        "empty": (b"", "holds no PEM text (it is empty)"),
+        "RSA": (
+            rsa.generate_private_key(public_exponent=65537, key_size=1024)
+            .public_key()
+            .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo),
+            "holds a public key of type RSA, not Ed25519",
+        ),
+    }
+    for name, (data, expected) in forms.items():
+        path = tmp_path / f"{name}.pem"
+        path.write_bytes(data)
+        with pytest.raises(SigningError) as e:
+            load_public_key(path)
+        assert f"public key file {path} {expected}" in str(e.value), name
+        assert "\n" not in str(e.value)
+
+
 def load_pem(path: Path) -> Any:
     return serialization.load_pem_private_key(path.read_bytes(), password=None)
 
