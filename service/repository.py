@@ -33,6 +33,11 @@ A version that fails any of these does not serve: it is listed with ``refusal`` 
 logged). Expiry and revocation are re-evaluated at every reload, so an expired or revoked version
 stops serving at the next reload (``start_watching`` rescans every ``interval_s``).
 
+Listeners (``add_listener``; the metrics) are told, after each reload, which versions started
+serving, were refused (and why) or were removed, and whether the reload itself succeeded
+(:class:`RepositoryEvent`); :func:`refusal_category` sorts refusal texts into a few fixed
+categories for metric labels.
+
 A version folder that changes (a copy in progress, a file replaced) is verified again at the next
 reload: a half-copied version is refused only until its files are complete, never marked bad for
 good. A version whose folder did not change is not verified nor rebuilt again: its engine is
@@ -52,7 +57,7 @@ import os
 import shutil
 import stat
 import threading
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -190,6 +195,86 @@ def _now() -> datetime:
 def version_sort_key(version: str) -> tuple[int, int, str]:
     """Integers numerically, first; other names by name, after them."""
     return (0, int(version), version) if version.isdigit() else (1, 0, version)
+
+
+# ------------------------------------------------------------------------------------------ events
+
+EVENT_LOADED = "loaded"  # a version serves with an engine it did not serve with before
+EVENT_REFUSED = "refused"  # a version is new and does not serve, or its refusal changed
+EVENT_REMOVED = "removed"  # a version folder is gone
+EVENT_RELOADED = "reloaded"  # a reload swapped in a new snapshot
+EVENT_RELOAD_FAILED = "reload_failed"  # a reload could not read the repository; versions stay
+
+
+@dataclass(frozen=True)
+class RepositoryEvent:
+    """One change a reload made, as listeners see it (``reason``: the refusal or the error)."""
+
+    kind: str
+    model: str = ""
+    version: str = ""
+    reason: str = ""
+
+    @property
+    def category(self) -> str:
+        """The refusal's category (:func:`refusal_category`); "" for other events."""
+        return refusal_category(self.reason) if self.kind == EVENT_REFUSED else ""
+
+
+RepositoryListener = Callable[[RepositoryEvent], None]
+
+# Refusal texts by category, matched on how the text starts or, for the per-file integrity
+# texts (which start with a file name), on a phrase inside it. One table beside the
+# texts it sorts, so a new refusal text and its category are written together.
+REFUSAL_CATEGORIES: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("report_missing", (f"{GATE_REPORT_FILE} is missing",), ()),
+    ("report_invalid", (f"{GATE_REPORT_FILE} ", "the gate report's expires"), ()),
+    ("signature", ("the gate report is signed by a key", "the gate report does not verify"), ()),
+    (
+        "integrity",
+        ("the package ", "the gate report records no package files", "the version folder cannot be listed"),
+        ("after gating", "but not in its gate report", "which the package does not list"),
+    ),
+    ("policy", ("the gate report's policy",), ()),
+    ("expired", ("the gate report expired",), ()),
+    ("gate_failed", ("the gate failed",), ()),
+    ("research_report", ("the gate report is a research report",), ()),
+    ("revoked", ("revoked",), ()),
+    ("engine_error", ("the engine cannot be built", "the engine was not built"), ()),
+)
+REFUSAL_OTHER = "other"
+
+
+def refusal_category(refusal: str | None) -> str:
+    """A refusal text's category: one of :data:`REFUSAL_CATEGORIES`' names, or "other"."""
+    text = refusal or ""
+    for category, prefixes, _ in REFUSAL_CATEGORIES:
+        if text.startswith(prefixes):
+            return category
+    # Only then phrases: a gate's headline, say, may contain anything after its fixed prefix.
+    for category, _, phrases in REFUSAL_CATEGORIES:
+        if any(p in text for p in phrases):
+            return category
+    return REFUSAL_OTHER
+
+
+def snapshot_changes(
+    old: Mapping[str, Sequence[ServedVersion]], new: Mapping[str, Sequence[ServedVersion]]
+) -> list[RepositoryEvent]:
+    """The loaded, refused and removed events that take ``old`` to ``new``."""
+    events = []
+    for model, versions in new.items():
+        before = {v.version: v for v in old.get(model, ())}
+        for v in versions:
+            was = before.get(v.version)
+            if v.servable and (was is None or was.engine is not v.engine):
+                events.append(RepositoryEvent(EVENT_LOADED, model, v.version))
+            elif not v.servable and (was is None or was.servable or was.refusal != v.refusal):
+                events.append(RepositoryEvent(EVENT_REFUSED, model, v.version, v.refusal or ""))
+    for model, versions in old.items():
+        now = {v.version for v in new.get(model, ())}
+        events += [RepositoryEvent(EVENT_REMOVED, model, v.version) for v in versions if v.version not in now]
+    return events
 
 
 # ------------------------------------------------------------------------------------ verification
@@ -461,6 +546,7 @@ class ModelRepository:
         self._reload_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._listeners: tuple[RepositoryListener, ...] = ()
         self.reload()
 
     # ---------------------------------------------------------------- reading
@@ -520,13 +606,44 @@ class ModelRepository:
             except Exception as e:  # a failed reload must never take serving versions down
                 self.last_error = f"reload of {self.root} failed, the serving versions stay: {e}"
                 log.error("%s", self.last_error, exc_info=not isinstance(e, (OSError, RepositoryError)))
+                self._tell([RepositoryEvent(EVENT_RELOAD_FAILED, reason=self.last_error)])
                 return
             for model, versions in self._snapshot.items():
                 gone = {v.version for v in versions} - {v.version for v in snapshot.get(model, ())}
                 for name in sorted(gone, key=version_sort_key):
                     log.info("model %s version %s was removed", model, name)
+            events = snapshot_changes(self._snapshot, snapshot)
             self._snapshot, self._cache, self.last_error = snapshot, cache, None
             self.generation += 1
+            self._tell([*events, RepositoryEvent(EVENT_RELOADED)])
+
+    # ---------------------------------------------------------------- listeners
+
+    def add_listener(self, listener: RepositoryListener, *, replay: bool = True) -> None:
+        """Call ``listener`` with every :class:`RepositoryEvent` of later reloads, in the reloading
+        thread, after the new snapshot is in place. With ``replay``, it is first told about the
+        versions there are now (loaded or refused), as if they had just been loaded.
+
+        A listener must be quick and must not call :meth:`reload` (the reload lock is held);
+        its exceptions are logged and ignored."""
+        with self._reload_lock:
+            self._listeners = (*self._listeners, listener)
+            if replay:
+                self._tell(snapshot_changes({}, self._snapshot), (listener,))
+
+    def remove_listener(self, listener: RepositoryListener) -> None:
+        with self._reload_lock:
+            self._listeners = tuple(x for x in self._listeners if x is not listener)
+
+    def _tell(
+        self, events: Sequence[RepositoryEvent], listeners: Sequence[RepositoryListener] | None = None
+    ) -> None:
+        for listener in self._listeners if listeners is None else listeners:
+            for event in events:
+                try:
+                    listener(event)
+                except Exception:  # a listener (the metrics) must never fail a reload
+                    log.exception("repository listener %r failed on %s", listener, event)
 
     def _scan(self) -> tuple[dict[str, tuple[ServedVersion, ...]], dict[tuple[str, str], _Loaded]]:
         if not self.root.is_dir():
