@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from cli_helpers import ECGX_WITHOUT_TORCH
+from cli_helpers import ECGX_WITHOUT_TORCH, assert_clean_failure, run_ecgx
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from repo_helpers import make_package
@@ -191,6 +191,20 @@ def test_plaintext_or_an_untrusted_server_certificate_fails_the_handshake(world)
 def test_a_token_over_plaintext_needs_insecure(world) -> None:
     with pytest.raises(ValueError, match="refusing to send a token over plaintext"):
         Client(world["tls"].address, security=ChannelSecurity(token=world["tokens"]["reader"]))
+
+
+def test_ecgx_client_flags_tls_ca_and_the_token_from_the_environment(world) -> None:
+    served, pki, token = world["tls"], world["pki"], world["tokens"]["reader"]
+    base = ["client", "models", "--server", served.address]
+    result = run_ecgx(*base, "--tls-ca", str(pki.ca.path), env={"ECGX_TOKEN": token})
+    assert result.returncode == 0 and "model ecg: default version 1" in result.stdout, result.stderr
+    result = run_ecgx(*base, "--token", token)
+    assert_clean_failure(result, "refusing to send a token over plaintext", "--insecure")
+    assert token not in result.stderr
+    result = run_ecgx(
+        *base, "--tls-ca", str(pki.ca.path), "--tls-cert", str(pki.client.cert), env={"ECGX_TOKEN": token}
+    )
+    assert_clean_failure(result, "mutual TLS needs both --tls-cert and --tls-key")
 
 
 # ------------------------------------------------------------------------------------------ tokens
@@ -431,10 +445,15 @@ SECRET_VALUE = 1.2345678
 
 
 def secret_forms() -> list[str]:
-    """How the recognisable sample value could show up in text: decimals, hex, escapes, base64."""
+    """How the recognisable sample value could show up in text: decimals, hex, Python's and
+    protobuf text format's byte escapes, base64."""
     raw = struct.pack("<f", SECRET_VALUE)
     forms = [SECRET_ID, "PATIENT-4711", "1.23456", repr(float(np.float32(SECRET_VALUE)))[:12], raw.hex()]
-    forms += [repr(raw)[2:-1], "".join(f"\\{b:03o}" for b in raw), base64.b64encode(raw * 3).decode()]
+    forms += [
+        repr(raw)[2:-1],
+        "".join(chr(b) if 32 <= b < 127 else f"\\{b:03o}" for b in raw),
+        base64.b64encode(raw * 3).decode(),
+    ]
     return forms
 
 
@@ -483,8 +502,8 @@ EXPECTED_CODES = [
 ]  # fmt: skip
 
 
-def assert_no_secret(text: str, where: str) -> None:
-    for form in secret_forms():
+def assert_no_secret(text: str, where: str, tokens: dict[str, str]) -> None:
+    for form in [*secret_forms(), *tokens.values()]:
         assert form not in text, f"{form!r} appears in {where}"
 
 
@@ -496,10 +515,10 @@ def test_no_waveform_or_ecg_id_reaches_the_audit_log_or_any_log(world, caplog) -
     assert codes == EXPECTED_CODES
     audit = served.audit.read_text()
     assert audit.count('"rpc":"/ecgx.v1.ExplanationService/') >= 8 and "ModelInfer" in audit
-    assert_no_secret(audit, "the audit log")
+    assert_no_secret(audit, "the audit log", world["tokens"])
     logged = "\n".join(f"{r.name} {r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert "FAILED_PRECONDITION" in logged  # the server's own log lines were captured
-    assert_no_secret(logged, "the log")
+    assert_no_secret(logged, "the log", world["tokens"])
 
 
 def test_ecgx_serve_logs_no_waveform_or_ecg_id_even_at_debug(world, gated) -> None:
@@ -543,4 +562,4 @@ def test_ecgx_serve_logs_no_waveform_or_ecg_id_even_at_debug(world, gated) -> No
     stderr = "".join(lines) + err
     assert proc.returncode == 0, stderr[-3000:]
     assert stderr.count('"request_id":') == len(EXPECTED_CODES) and "DEBUG" in stderr
-    assert_no_secret(stderr, "ecgx serve's standard error")
+    assert_no_secret(stderr, "ecgx serve's standard error", world["tokens"])
