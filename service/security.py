@@ -326,7 +326,8 @@ class ServerSecurity:
             if self.credentials is None:
                 access += "; TOKENS TRAVEL IN PLAINTEXT"
         opened = "; health and reflection open without credentials" if self.open_rpcs else ""
-        return f"{'INSECURE: ' if self.insecure else ''}{transport}, {access}{opened}"
+        # No "INSECURE" prefix here: ecgx serve's start-up line adds it (and tests match "with PLAINTEXT").
+        return f"{transport}, {access}{opened}"
 
     def start(self) -> None:
         """Start following the access file (reloads without restart); nothing to do without one."""

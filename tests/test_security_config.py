@@ -70,7 +70,7 @@ def test_tls_with_tokens_is_secure_and_says_so(pki: Pki, access: Path) -> None:
     s = secure(pki, access)
     assert not s.insecure and s.credentials is not None and not s.mutual_tls
     assert s.describe().startswith("TLS (CN=localhost") and "1 token(s)" in s.describe()
-    assert "INSECURE" not in s.describe() and s.open_rpcs == ()
+    assert "PLAINTEXT" not in s.describe() and s.open_rpcs == ()
 
 
 def test_mutual_tls_alone_is_secure(pki: Pki) -> None:
@@ -99,10 +99,10 @@ def test_less_than_secure_is_refused_naming_what_is_missing(pki: Pki, access: Pa
 def test_insecure_builds_what_it_can_and_says_so_loudly(pki: Pki, access: Path) -> None:
     s = load_server_security(tokens_file=access, insecure=True, env={})
     assert s.insecure and s.credentials is None and s.authenticator is not None
-    assert s.describe().startswith("INSECURE: PLAINTEXT") and "TOKENS TRAVEL IN PLAINTEXT" in s.describe()
+    assert s.describe().startswith("PLAINTEXT (no TLS") and "TOKENS TRAVEL IN PLAINTEXT" in s.describe()
     s = load_server_security(insecure=True, env={})
     assert s.authenticator is None and "NO AUTHENTICATION" in s.describe()
-    assert ServerSecurity.plaintext_unauthenticated().describe().startswith("INSECURE: PLAINTEXT")
+    assert ServerSecurity.plaintext_unauthenticated().describe().startswith("PLAINTEXT (no TLS")
 
 
 def test_tls_material_from_the_environment_as_path_or_pem(pki: Pki, access: Path) -> None:
