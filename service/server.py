@@ -534,14 +534,6 @@ class BuiltServer(NamedTuple):
     extras: Extras
 
 
-# Health and reflection, served without credentials when ServerSecurity says so (probes).
-PROBE_RPCS = (
-    "/grpc.health.v1.Health/",
-    "/grpc.reflection.v1alpha.ServerReflection/",
-    "/grpc.reflection.v1.ServerReflection/",
-)
-
-
 def build_server(
     repository: Any,
     *,
