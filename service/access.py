@@ -167,7 +167,10 @@ class AccessFile:
 def read_access_file(path: Path | str) -> AccessFile:
     """Parse and check the access file; :class:`SecurityConfigError` names the file, entry and key."""
     path = Path(path)
-    data = _parse_toml(path)
+    return _checked(path, _parse_toml(path))
+
+
+def _checked(path: Path, data: Mapping[str, Any]) -> AccessFile:
     unknown = sorted(set(data) - set(_KEYS))
     if unknown:
         raise SecurityConfigError(
@@ -286,11 +289,14 @@ def write_access_file(access: AccessFile) -> None:
     keeping an existing file's permissions. Comments are not kept: the format is fixed."""
     path = access.path
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
-    blocks = [_HEADER] + [_toml_entry(e) for e in access.entries]
+    text = "\n".join([_HEADER] + [_toml_entry(e) for e in access.entries])
+    # Read back before writing: what the server would refuse is never written.
+    if _checked(path, tomllib.loads(text)) != access:
+        raise SecurityConfigError(f"access file {path}: an entry does not survive writing; not written")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("\n".join(blocks))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
