@@ -479,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ecgx.client import add_parser as add_client_parser  # no PyTorch: the client path stays light
 
     add_client_parser(sub, _add_common)
+    from ecgx.token_cli import add_parser as add_token_parser  # no PyTorch
+
+    add_token_parser(sub, _add_common)
     return parser
 
 

@@ -61,6 +61,7 @@ class CallRecord:
     latency_s: float = 0.0
     engine_s: float = 0.0  # time spent in ONNX Runtime sessions
     clock: float = field(default_factory=time.perf_counter, repr=False)  # for latency_s
+    identity: Identity | None = field(default=None, repr=False)  # for handlers' own scope checks
 
     @property
     def service(self) -> str:
@@ -73,7 +74,7 @@ class CallRecord:
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        del out["clock"]
+        del out["clock"], out["identity"]
         return out
 
 
@@ -252,7 +253,7 @@ class CallInterceptor(grpc.ServerInterceptor):
             return
         try:
             identity = self.authenticator.identify(context)
-            record.caller, record.auth = identity.name, identity.via
+            record.caller, record.auth, record.identity = identity.name, identity.via, identity
             self.authenticator.authorize(identity, record.rpc)
         except ServiceError as e:
             code, message = failure_status(e, record.method_name)

@@ -54,7 +54,8 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from service.calls import note_call
+from service.access import EXPLAIN, require_scope
+from service.calls import current_call, note_call
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -210,6 +211,9 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         if method is not None:
             impl = get_method(method)  # NotFound for an unknown method, before the gate
             note_call(methods=[method])  # a name the service knows, so logs and labels stay bounded
+            # ModelInfer needs only "predict"; asking it for an attribution is explaining.
+            call = current_call()
+            require_scope(call.identity if call else None, EXPLAIN, "explain through ModelInfer")
             gate = served.method_gate(method)
             if not gate.servable:
                 raise FailedPrecondition(refusal_of_method(served, gate))

@@ -276,11 +276,6 @@ def test_scopes_decide_what_each_token_may_call(world) -> None:
         assert details == "'predictor' may not call Explain: it needs the scope 'explain' (granted: predict)"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="service/oip.py does not yet require the explain scope when ModelInfer asks for a 'method' "
-    "(needs the caller's Identity on the call record: service.access.require_scope)",
-)
 def test_oip_model_infer_with_a_method_needs_the_explain_scope(world) -> None:
     raw = np.full((1, 12, 600), 0.1, dtype="<f4").tobytes()
     tensor = oip_pb.ModelInferRequest.InferInputTensor(name="ecg", datatype="FP32", shape=[1, 12, 600])
