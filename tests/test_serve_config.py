@@ -73,3 +73,10 @@ def test_ecgx_serve_with_a_bad_config_exits_2_before_listening(tmp_path: Path) -
     before = snapshot(tmp_path)
     result = run_ecgx("serve", "--config", str(path), "--port", "0")
     assert_clean_failure(result, "max_batch must be in [1, 4096], got -1", before=before, roots=[tmp_path])
+
+
+def test_ecgx_serve_without_tls_or_insecure_refuses_to_start(tmp_path: Path) -> None:
+    before = snapshot(tmp_path)
+    result = run_ecgx("serve", "--repo", str(tmp_path), "--port", "0", "--metrics-port", "0")
+    assert_clean_failure(result, "--insecure", before=before, roots=[tmp_path])
+    assert "TLS" in result.stderr and "serving" not in result.stderr
