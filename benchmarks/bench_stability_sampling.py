@@ -134,18 +134,17 @@ def serve(args: argparse.Namespace) -> None:
     from service.repository import ModelRepository
     from service.security import ServerSecurity
     from service.server import build_server
+    from service.stability import DEFAULT_CPU_BUDGET, WorkerSettings
     from validation.signing import load_public_key
 
     work = Path(args.dir)
     repository = ModelRepository(work / "repo", [load_public_key(work / "keys" / "gate_public_key.pem")])
-    metrics = ServiceMetrics(
-        repository,
-        stability_share=args.share,
-        seed=0,
-        sampler_threads=args.sampler_threads or None,
-        sampler_nice=args.nice,
-        **({} if args.cpu_budget is None else {"sampler_cpu_budget": args.cpu_budget}),
+    worker = WorkerSettings(
+        threads=args.sampler_threads or None,
+        nice=args.nice,
+        cpu_budget=DEFAULT_CPU_BUDGET if args.cpu_budget is None else args.cpu_budget,
     )
+    metrics = ServiceMetrics(repository, stability_share=args.share, seed=0, worker=worker)
     built = build_server(
         repository, host=HOST, port=0, security=ServerSecurity.plaintext_unauthenticated(), metrics=metrics
     )

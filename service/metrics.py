@@ -45,13 +45,12 @@ from service.repository import (
     refusal_category,
 )
 from service.stability import (
-    DEFAULT_CPU_BUDGET,
     DEFAULT_QUEUE,
     DEFAULT_SHARE,
     DROP_REASONS,
-    LOWEST_PRIORITY,
     StabilityResult,
     StabilitySampler,
+    WorkerSettings,
     gate_noise_floor,
 )
 
@@ -264,8 +263,7 @@ class ServiceMetrics:
         stability_share: the share of Explain calls whose attribution stability is measured.
         stability_queue: stability samples that may wait; more are dropped and counted.
         seed: seeds the sampling (None: a fresh seed).
-        sampler_threads, sampler_nice, sampler_cpu_budget: the worker's ONNX Runtime threads, nice
-            value and CPU budget (:class:`service.stability.StabilitySampler`).
+        worker: the stability worker's threads, priority and CPU budget (None: the defaults).
 
     Use: pass it to ``build_server(..., metrics=...)`` (it observes every RPC), call
     :meth:`start` when serving begins and :meth:`stop` at the end, and expose
@@ -279,9 +277,7 @@ class ServiceMetrics:
         stability_share: float = DEFAULT_SHARE,
         stability_queue: int = DEFAULT_QUEUE,
         seed: int | None = None,
-        sampler_threads: int | None = 1,
-        sampler_nice: int = LOWEST_PRIORITY,
-        sampler_cpu_budget: float = DEFAULT_CPU_BUDGET,
+        worker: WorkerSettings | None = None,
     ):
         self.repository = repository
         self.registry = CollectorRegistry(auto_describe=True)
@@ -295,9 +291,7 @@ class ServiceMetrics:
             share=stability_share,
             queue_size=stability_queue,
             seed=seed,
-            threads=sampler_threads,
-            nice=sampler_nice,
-            cpu_budget=sampler_cpu_budget,
+            worker=worker or WorkerSettings(),
         )
         self.share_gauge.set(self.sampler.share)
         self.registry.register(

@@ -196,6 +196,33 @@ def lower_thread_priority(nice: int) -> bool:
         return False
 
 
+@dataclass(frozen=True)
+class WorkerSettings:
+    """Where and how hard the stability worker computes (defaults: measured, see the module).
+
+    Attributes:
+        threads: ONNX Runtime intra-op threads of the worker's own sessions; None runs the
+            worker on the serving engine's sessions (shared thread pools).
+        nice: the worker thread's nice value (0 keeps the process's priority).
+        cpu_budget: the most of one core the worker uses on average: after each sample it
+            pauses so that its CPU time stays within this share of the time (1: no pause).
+    """
+
+    threads: int | None = 1
+    nice: int = LOWEST_PRIORITY
+    cpu_budget: float = DEFAULT_CPU_BUDGET
+
+    def __post_init__(self) -> None:
+        t = self.threads
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"stability worker threads must be a positive integer or None, got {t!r}")
+        if isinstance(self.nice, bool) or not isinstance(self.nice, int):
+            raise ValueError(f"stability worker nice value must be an integer, got {self.nice!r}")
+        b = self.cpu_budget
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
+            raise ValueError(f"stability CPU budget must be a number in (0, 1], got {b!r}")
+
+
 class StabilitySampler:
     """Samples Explain calls and measures their stability in one background thread.
 
@@ -205,11 +232,7 @@ class StabilitySampler:
         share: the share of Explain calls sampled, 0 (never) to 1 (every call).
         queue_size: samples waiting at most; beyond it a sample is dropped (``queue_full``).
         seed: seeds the sampling decisions and the noise (None: a fresh seed).
-        threads: ONNX Runtime intra-op threads of the worker's own sessions; None runs the
-            worker on the serving engine's sessions (shared thread pools).
-        nice: the worker thread's nice value (0 keeps the process's priority).
-        cpu_budget: the most of one core the worker uses on average: after each sample it
-            pauses so that its CPU time stays within this share of the time (1: no pause).
+        worker: the worker's threads, priority and CPU budget (None: the defaults).
     """
 
     def __init__(
@@ -220,24 +243,13 @@ class StabilitySampler:
         share: float = DEFAULT_SHARE,
         queue_size: int = DEFAULT_QUEUE,
         seed: int | None = None,
-        threads: int | None = 1,
-        nice: int = LOWEST_PRIORITY,
-        cpu_budget: float = DEFAULT_CPU_BUDGET,
+        worker: WorkerSettings | None = None,
     ):
         self.share = check_share(share)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
             raise ValueError(f"stability queue size must be a positive integer, got {queue_size!r}")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-            raise ValueError(f"stability worker threads must be a positive integer or None, got {threads!r}")
         self.repository, self.sink = repository, sink
-        if (
-            isinstance(cpu_budget, bool)
-            or not isinstance(cpu_budget, (int, float))
-            or not 0 < cpu_budget <= 1
-        ):
-            raise ValueError(f"stability CPU budget must be a number in (0, 1], got {cpu_budget!r}")
-        self.queue_size, self.threads, self.nice = queue_size, threads, int(nice)
-        self.cpu_budget = float(cpu_budget)
+        self.queue_size, self.worker = queue_size, worker or WorkerSettings()
         self._wake = threading.Event()  # set by stop(): ends a pause at once
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**63)
         self._decide = random.Random(self.seed)
@@ -341,7 +353,7 @@ class StabilitySampler:
                 self._idle.notify_all()
 
     def _run(self) -> None:
-        lower_thread_priority(self.nice)
+        lower_thread_priority(self.worker.nice)
         while True:
             job = self._queue.get()
             if job is None:
@@ -355,7 +367,7 @@ class StabilitySampler:
             self.sink.worked(used)
             # Samples offered during the pause wait in the queue or are dropped (queue_full), so
             # the worker's cost does not grow with the traffic.
-            self._wake.wait(pause_after(used, self.cpu_budget))
+            self._wake.wait(pause_after(used, self.worker.cpu_budget))
 
     def _process(self, job: StabilityJob) -> None:
         if not self._still_serving(job.served):
@@ -387,7 +399,7 @@ class StabilitySampler:
     def _engine(self, served: ServedVersion) -> AttributionEngine:
         """The engine the worker computes with: the serving one, or its own single-threaded
         sessions over the same verified package, built once per served engine."""
-        if self.threads is None or served.package is None or served.engine is None:
+        if self.worker.threads is None or served.package is None or served.engine is None:
             return served.engine  # type: ignore[return-value]
         key = id(served.engine)
         entry = self._engines.get(key)
@@ -397,7 +409,7 @@ class StabilitySampler:
                 served.package,
                 providers=served.engine.providers,
                 max_batch=served.engine.max_batch,
-                threads=self.threads,
+                threads=self.worker.threads,
                 max_request_ecgs=None,  # the request passed the serving caps already
                 max_request_rows=None,
             )
@@ -428,6 +440,7 @@ __all__ = [
     "StabilityResult",
     "StabilitySampler",
     "StabilitySink",
+    "WorkerSettings",
     "agreement_partner",
     "check_share",
     "gate_noise_floor",

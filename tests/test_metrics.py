@@ -35,13 +35,14 @@ from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
 from service.security import ServerSecurity
 from service.server import build_server
-from service.stability import agreement_partner, gate_noise_floor, pause_after
+from service.stability import WorkerSettings, agreement_partner, gate_noise_floor, pause_after
 from training.data.dataset import load_dataset
 from training.data.schema import LEADS
 
 MODEL = "ecg"
 SERVICE = "/ecgx.v1.ExplanationService/"
 PROMTOOL = shutil.which("promtool")
+FAST_WORKER = WorkerSettings(cpu_budget=1.0)  # no pauses between samples: the tests wait for them
 
 # Known traffic: Predict calls with PREDICT_ECGS ECGs each; Explain calls (methods, ECGs).
 PREDICTS, PREDICT_ECGS = 3, 2
@@ -73,7 +74,7 @@ class Running:
 
     def __init__(self, repository: ModelRepository, **metrics_options: Any):
         self.repository = repository
-        self.metrics = ServiceMetrics(repository, seed=0, sampler_cpu_budget=1.0, **metrics_options)
+        self.metrics = ServiceMetrics(repository, seed=0, worker=FAST_WORKER, **metrics_options)
         self.built = build_server(
             repository,
             host="127.0.0.1",
@@ -320,9 +321,7 @@ def test_a_full_queue_drops_and_counts(gated, repo_root, beats) -> None:
     """Queue of one, a slow sample (occlusion, 277 passes per ECG) in progress: a burst of
     offers finds the queue full; every offer is measured or dropped, none waits."""
     repository = open_repository(gated, repo_root)
-    metrics = ServiceMetrics(
-        repository, stability_share=1.0, stability_queue=1, seed=0, sampler_cpu_budget=1.0
-    )
+    metrics = ServiceMetrics(repository, stability_share=1.0, stability_queue=1, seed=0, worker=FAST_WORKER)
     metrics.start()
     try:
         served = repository.get(MODEL, "1")
@@ -350,9 +349,7 @@ def test_a_version_removed_before_its_sample_is_dropped(gated, tmp_path, beats) 
     make_package(gated, root / MODEL / "1", 0, **serving_report(gated))
     make_package(gated, root / MODEL / "3", 0, **serving_report(gated))
     repository = open_repository(gated, root)
-    metrics = ServiceMetrics(
-        repository, stability_share=1.0, stability_queue=4, seed=0, sampler_cpu_budget=1.0
-    )
+    metrics = ServiceMetrics(repository, stability_share=1.0, stability_queue=4, seed=0, worker=FAST_WORKER)
     metrics.start()
     try:
         slow, gone = repository.get(MODEL, "1"), repository.get(MODEL, "3")
@@ -481,7 +478,7 @@ def test_the_worker_pauses_to_stay_within_its_cpu_budget(gated, repo_root) -> No
     assert pause_after(0.5, 1.0) == 0 and pause_after(-1.0, 0.5) == 0
     for budget in (0, 1.5, True):
         with pytest.raises(ValueError, match="CPU budget"):
-            ServiceMetrics(open_repository(gated, repo_root), sampler_cpu_budget=budget)
+            WorkerSettings(cpu_budget=budget)
 
 
 def test_metrics_and_stability_never_import_pytorch() -> None:
