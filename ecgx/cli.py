@@ -705,7 +705,7 @@ def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
         help="share of Explain requests re-checked under input noise, off the request path (default 0.05)",
     )
     g.add_argument(
-        "--stability-queue", type=int, metavar="N", help="stability samples that may wait (default 64)"
+        "--stability-queue", type=int, metavar="N", help="stability samples that may wait (default 8)"
     )
 
 

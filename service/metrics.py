@@ -51,13 +51,15 @@ from service.stability import (
     StabilityResult,
     StabilitySampler,
     WorkerSettings,
+    agreement_partner,
+    gate_agreement,
     gate_noise_floor,
 )
 
 log = logging.getLogger(__name__)
 
 PREFIX = "ecgx_"
-DEFAULT_METRICS_PORT = 9464  # as service/serve_config.py
+DEFAULT_METRICS_PORT = 9464  # OpenTelemetry's Prometheus exporter port; 9090 is Prometheus's own
 # 1 ms (a ListModels) to 60 s (a large LIME or occlusion request on CPU).
 DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -213,6 +215,12 @@ class RepositoryCollector(Collector):
                 "plus high-frequency noise, per sample, at release",
                 mvm,
             ),
+            "agreement_baseline": (
+                "attribution_agreement_gate_baseline",
+                "The gate's inter-method correlation: mean Pearson |a| of a method's map with its "
+                "agreement partner's, per ECG, at release",
+                [*mvm, "partner"],
+            ),
         }
         return {k: GaugeMetricFamily(PREFIX + n, doc, labels=lab) for k, (n, doc, lab) in specs.items()}
 
@@ -237,6 +245,10 @@ class RepositoryCollector(Collector):
             baseline = gate_noise_floor(v.report, method)
             if baseline is not None:
                 families["baseline"].add_metric(labels, baseline)
+            partner = agreement_partner(v, method) if gate.servable and not gate.ungated else None
+            agreement = gate_agreement(v.report, method, partner) if partner is not None else None
+            if agreement is not None:
+                families["agreement_baseline"].add_metric([*labels, partner], agreement)
 
 
 def _check(families: Mapping[str, GaugeMetricFamily], labels: list[str], c: CheckResult) -> None:
@@ -360,7 +372,7 @@ class ServiceMetrics:
         )
         self.agreement = VersionHistograms(
             PREFIX + "attribution_agreement",
-            "Spearman |a| of a served map with the map of the cheapest other gated method, per ECG",
+            "Pearson |a| of a served map with the map of the cheapest other gated method, per ECG",
             [*mvm, "partner"],
             SIMILARITY_BUCKETS,
         )

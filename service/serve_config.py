@@ -29,7 +29,7 @@ command line wins over the file::
     metrics_host = "127.0.0.1"
     metrics_port = 9464
     stability_share = 0.05    # share of Explain requests re-checked under input noise
-    stability_queue = 64      # samples waiting for the worker; more are dropped (counted)
+    stability_queue = 8       # samples waiting for the worker; more are dropped (counted)
 
 Unknown keys, wrong types and out-of-range values are errors naming the file and key.
 """
@@ -43,10 +43,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-# 9464: the port OpenTelemetry's Prometheus exporter uses; 9090 is Prometheus's own.
-DEFAULT_METRICS_PORT = 9464
-DEFAULT_STABILITY_SHARE = 0.05
-DEFAULT_STABILITY_QUEUE = 64
+from service.metrics import DEFAULT_METRICS_PORT
+from service.stability import DEFAULT_QUEUE as DEFAULT_STABILITY_QUEUE
+from service.stability import DEFAULT_SHARE as DEFAULT_STABILITY_SHARE
 
 
 class ServeConfigError(ValueError):

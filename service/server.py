@@ -625,7 +625,9 @@ def serve(
     http = None
     try:
         if metrics is not None and metrics_port is not None:
-            http = start_metrics_http(metrics, metrics_host, metrics_port)
+            from service.metrics import start_metrics_endpoint
+
+            http = start_metrics_endpoint(metrics.registry, metrics_host, metrics_port)
         security.start()
         if metrics is not None:
             metrics.start()
@@ -652,27 +654,13 @@ def serve(
         if metrics is not None:
             metrics.stop()
         if http is not None:
-            http.shutdown()
+            http.close()
         if audit is not None and hasattr(audit, "close"):
             audit.close()
 
 
-def start_metrics_http(metrics: Any, host: str, port: int) -> Any:
-    """Serve ``metrics.registry`` at ``http://host:port/metrics`` in a daemon thread; returns the
-    HTTP server (``server_port`` is the bound port, ``shutdown()`` stops it)."""
-    from prometheus_client import start_http_server
-
-    try:
-        http, _ = start_http_server(port, addr=host, registry=metrics.registry)
-    except OSError as e:
-        raise OSError(
-            f"cannot serve metrics on {host}:{port}: {e.strerror or e} (--metrics-port; 0 picks a free one)"
-        ) from None
-    return http
-
-
 def _log_start(host: str, port: int, security: ServerSecurity, http: Any) -> None:
-    where = f"metrics on http://{http.server_address[0]}:{http.server_port}/metrics" if http else "no metrics"
+    where = f"metrics on {http.url}" if http else "no metrics"
     line = f"serving ecgx.v1.ExplanationService on {host}:{port} with {security.describe()}; {where}"
     if security.insecure:
         # Loud on purpose: this is only right on a trusted network (a laptop, a test).
@@ -688,6 +676,5 @@ __all__ = [
     "errors",
     "lead_shares",
     "serve",
-    "start_metrics_http",
     "status_of",
 ]

@@ -28,6 +28,7 @@ No PyTorch here (the serving path).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -45,7 +46,7 @@ from service.engine import AttributionEngine
 from service.methods import METHOD_NAMES, get_method
 from service.repository import ModelRepository, ServedVersion
 from validation.ecg_noise import high_frequency_noise
-from validation.similarity import spearman_rows
+from validation.similarity import pearson_rows, spearman_rows
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,19 @@ def gate_noise_floor(report: Mapping[str, Any] | None, method: str) -> float | N
     return float(value) if ok else None
 
 
+def gate_agreement(report: Mapping[str, Any] | None, method: str, partner: str) -> float | None:
+    """The gate-time baseline of the agreement: the gate's inter-method correlation of ``method``
+    with ``partner`` (mean per-ECG Pearson of absolute maps), or None when the report has none."""
+    try:
+        names = report["inter_method"]["methods"]  # type: ignore[index]
+        value = report["inter_method"]["matrix"][names.index(method)][names.index(partner)]  # type: ignore[index]
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError):
+        return None
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+@functools.cache  # a pure function of the name; the metrics ask at every scrape
 def passes_per_ecg(method: str) -> int:
     """Model passes per ECG of ``method`` at its default settings (its cost)."""
     impl = get_method(method)
@@ -166,7 +180,8 @@ def measure(job: StabilityJob, engine: AttributionEngine, seed: int) -> Stabilit
     agreement = None
     if partner is not None:
         other = engine.attribute(partner, job.x, job.classes, **partner_parameters(partner, job.parameters))
-        agreement = spearman_rows(job.maps, other, absolute=True)
+        # The gate's inter-method measure, so the gate's value is this histogram's baseline.
+        agreement = pearson_rows(np.abs(job.maps), np.abs(other))
     return StabilityResult(
         job.served.model,
         job.served.version,

@@ -35,7 +35,13 @@ from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from service.repository import ModelRepository
 from service.security import ServerSecurity
 from service.server import build_server
-from service.stability import WorkerSettings, agreement_partner, gate_noise_floor, pause_after
+from service.stability import (
+    WorkerSettings,
+    agreement_partner,
+    gate_agreement,
+    gate_noise_floor,
+    pause_after,
+)
 from training.data.dataset import load_dataset
 from training.data.schema import LEADS
 
@@ -284,6 +290,13 @@ def test_stability_and_agreement_fill_at_share_one(traffic) -> None:
         )
     assert value(s, "ecgx_stability_samples_dropped_total") == 0
     assert value(s, "ecgx_stability_worker_cpu_seconds_total") > 0
+    # The agreement's baseline is the gate's inter-method correlation of the same pair.
+    names = served.report["inter_method"]["methods"]
+    for method, partner in (("gradcam", "saliency"), ("saliency", "gradcam")):
+        want = served.report["inter_method"]["matrix"][names.index(method)][names.index(partner)]
+        labels = {"model": MODEL, "version": "1", "method": method, "partner": partner}
+        assert gate_agreement(served.report, method, partner) == pytest.approx(want)
+        assert value(s, "ecgx_attribution_agreement_gate_baseline", **labels) == pytest.approx(want)
     assert value(s, "ecgx_stability_queue_length") == 0 and value(s, "ecgx_stability_sample_share") == 1
 
 
