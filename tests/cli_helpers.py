@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,6 +68,23 @@ def assert_clean_failure(
         assert fragment in err_lines[0], f"{fragment!r} not in the error line\n{context}"
     if before is not None:
         assert snapshot(*roots) == before, f"the file system changed\n{context}"
+
+
+def serve_port(proc: subprocess.Popen, transport: str, timeout_s: float = 120) -> tuple[int, list[str]]:
+    """Read a running ``ecgx serve``'s standard error up to its start-up line, which names the
+    port and the ``transport`` ("TLS" or "PLAINTEXT"); returns the port and the lines read."""
+    pattern = re.compile(rf"ExplanationService on [^ ]+:(\d+) with {transport}")
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = pattern.search(line)
+        if m:
+            return int(m[1]), lines
+    raise AssertionError("ecgx serve did not report its port:\n" + "".join(lines))
 
 
 # ``python SCRIPT ARGS`` runs ``ecgx ARGS`` with PyTorch made unimportable (an import hook: setting

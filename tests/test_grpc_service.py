@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc
-from cli_helpers import ECGX_WITHOUT_TORCH
+from cli_helpers import ECGX_WITHOUT_TORCH, serve_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecgx.cli import main
@@ -515,17 +515,7 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
         cwd=Path(__file__).resolve().parents[1],
     )
     try:
-        port = None
-        lines = []
-        deadline = time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"ExplanationService on [^ ]+:(\d+) with PLAINTEXT", line)
-            port = int(m[1]) if m else None
-        assert port, "".join(lines)
+        port, lines = serve_port(proc, "PLAINTEXT")
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.ExplanationServiceStub(channel)
             assert [m.name for m in stub.ListModels(pb.ListModelsRequest()).models] == ["ecg"]

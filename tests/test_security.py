@@ -32,7 +32,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from cli_helpers import ECGX_WITHOUT_TORCH, assert_clean_failure, run_ecgx
+from cli_helpers import ECGX_WITHOUT_TORCH, assert_clean_failure, run_ecgx, serve_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from repo_helpers import make_package
@@ -554,15 +554,7 @@ def test_ecgx_serve_logs_no_waveform_or_ecg_id_even_at_debug(world, gated) -> No
     )
     lines: list[str] = []
     try:
-        port = None
-        while port is None:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(line)
-            m = re.search(r"ExplanationService on [^ ]+:(\d+) with TLS", line)
-            port = int(m[1]) if m else None
-        assert port, "".join(lines)
+        port, lines = serve_port(proc, "TLS")
         credentials = grpc.ssl_channel_credentials(root_certificates=pki.ca.pem)
         assert send_secrets(f"127.0.0.1:{port}", credentials, world["tokens"]) == EXPECTED_CODES
         proc.send_signal(signal.SIGTERM)
