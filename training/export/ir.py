@@ -1,48 +1,87 @@
 """A small, explicit intermediate representation of a supported CNN.
 
-``trace_model`` turns a PyTorch module into a list of :class:`Op` in
-topological order, over named tensors, with BatchNorm folded into the
-preceding convolution and eval-mode no-ops (Dropout, Identity) removed. The
-ONNX graph builder emits forward and backward graphs from this list, so the
-export never depends on how PyTorch itself would export a model.
+Every way a model reaches the export (a PyTorch module, a ``torch.export``
+program, a forward-only ONNX file) is turned into the same :class:`ModelIR`:
+a list of :class:`Op` in topological order over named tensors, with per-sample
+shapes, float64 parameters, BatchNorm folded where that is exact and eval-mode
+no-ops (Dropout, Identity) removed. The ONNX graph builder emits forward and
+backward graphs from this list, so the export never depends on how PyTorch
+itself would export a model.
+
+This module holds the IR and the PyTorch-module front end (``trace_model``);
+``onnx_import`` and ``program_import`` are the other two front ends.
+
+Per-sample shapes are ``(C, L)`` for signals and ``(F,)`` for flat features;
+the batch axis is never part of an op's shape. Op kinds and their ``params``:
+
+========== ===================================================================
+conv       weight (C_out, C_in / groups, k), bias | None, stride, padding
+           (zeros, same on both sides), dilation, groups
+linear     weight (F_out, F_in), bias | None
+affine     weight (C,), bias (C,): ``y[c] = weight[c] * x[c] + bias[c]`` (a
+           BatchNorm that could not be folded into a neighbour)
+maxpool    kernel, stride, padding (-inf), ceil_mode
+avgpool    kernel, stride, padding (zeros), ceil_mode, count_include_pad
+gap, gmp   global average / max over time: (C, L) -> (C, 1)
+add        two inputs of equal shape
+concat     two or more inputs, joined along channels (axis 0 of the shape)
+relu       -
+flatten    (C, L) -> (C * L,)
+========== ===================================================================
 """
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
-import torch.fx as fx
-from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from training.data.schema import BEAT_SAMPLES, N_LEADS
-from training.models import Add
-
-# Op kinds. "Linear" layers (in the LRP sense: z = W a + b) are the ones rules attach to.
-CONV, LINEAR, MAXPOOL, AVGPOOL, GAP, ADD, RELU, FLATTEN = (
-    "conv",
-    "linear",
-    "maxpool",
-    "avgpool",
-    "gap",
-    "add",
-    "relu",
-    "flatten",
-)
-RULE_LAYERS = frozenset({CONV, LINEAR, MAXPOOL, AVGPOOL, GAP, ADD})
+CONV, LINEAR, AFFINE = "conv", "linear", "affine"
+MAXPOOL, AVGPOOL, GAP, GMP = "maxpool", "avgpool", "gap", "gmp"
+ADD, CONCAT, RELU, FLATTEN = "add", "concat", "relu", "flatten"
+OP_KINDS = (CONV, LINEAR, AFFINE, MAXPOOL, AVGPOOL, GAP, GMP, ADD, CONCAT, RELU, FLATTEN)
+# "Linear" layers in the LRP sense (z = sum of weighted inputs + bias): the ones rules attach to.
+RULE_LAYERS = frozenset({CONV, LINEAR, AFFINE, MAXPOOL, AVGPOOL, GAP, GMP, ADD})
+PARAMETERISED = frozenset({CONV, LINEAR, AFFINE})
 INPUT = "x"
 SUPPORTED_LAYERS = (
-    "Conv1d, BatchNorm1d (after a Conv1d), ReLU, MaxPool1d, AvgPool1d, AdaptiveAvgPool1d(1), Linear, "
-    "Dropout, Identity, residual addition, flatten"
+    "Conv1d (any stride, padding, dilation, groups), Linear, BatchNorm1d (eval mode, with running "
+    "statistics), ReLU (module or function), MaxPool1d and AvgPool1d (any kernel, stride, padding, "
+    "ceil_mode, count_include_pad), AdaptiveAvgPool1d(1), AdaptiveMaxPool1d(1), residual addition, "
+    "torch.cat along channels, Flatten / torch.flatten / view(B, -1), Dropout, Identity"
 )
+# What to use instead of a layer the rules are not defined for.
+REPLACEMENTS = {
+    "GELU": "ReLU",
+    "ELU": "ReLU",
+    "SELU": "ReLU",
+    "SiLU": "ReLU",
+    "LeakyReLU": "ReLU",
+    "PReLU": "ReLU",
+    "Tanh": "ReLU",
+    "Sigmoid": "ReLU (and keep the sigmoid outside the model: the package returns logits)",
+    "Softmax": "nothing: return logits (the service applies the activation)",
+    "LSTM": "convolutions (recurrent layers have no backward graph here)",
+    "GRU": "convolutions (recurrent layers have no backward graph here)",
+    "LayerNorm": "BatchNorm1d (foldable at inference)",
+    "GroupNorm": "BatchNorm1d (foldable at inference)",
+    "InstanceNorm1d": "BatchNorm1d (foldable at inference)",
+    "MultiheadAttention": "convolutions (attention has no backward graph here)",
+    "AdaptiveAvgPool1d": "AdaptiveAvgPool1d(1) (global pooling) or AvgPool1d",
+    "AdaptiveMaxPool1d": "AdaptiveMaxPool1d(1) (global pooling) or MaxPool1d",
+}
 
 
 class ExportError(ValueError):
     """The model cannot be exported: an unsupported layer, or graphs that disagree with PyTorch."""
+
+
+def unsupported(name: str, what: str, reason: str = "") -> ExportError:
+    """The refusal for a layer: its name, why, and what to use instead."""
+    instead = REPLACEMENTS.get(what)
+    hint = f"; replace it with {instead}" if instead else f"; supported: {SUPPORTED_LAYERS}"
+    return ExportError(f"layer {name} ({what}) is not supported{': ' + reason if reason else ''}{hint}")
 
 
 @dataclass
@@ -50,18 +89,25 @@ class Op:
     """One layer application: ``output = kind(inputs; params)``."""
 
     kind: str
-    name: str  # module path in the PyTorch model, for messages and node names
+    name: str  # the layer's name in the source model, for messages and parameter names
     inputs: tuple[str, ...]
     output: str
     out_shape: tuple[int, ...]  # per-sample shape, batch dimension excluded
-    in_shape: tuple[int, ...]
+    in_shapes: tuple[tuple[int, ...], ...]  # one per input
     params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return self.in_shapes[0]
 
 
 @dataclass
 class ModelIR:
+    """A supported network: ops in topological order from ``INPUT`` (shape ``input_shape``) to ``output``."""
+
     ops: list[Op]
     output: str
+    input_shape: tuple[int, int]  # (leads, samples)
 
     def op_producing(self, tensor: str) -> Op | None:
         return next((op for op in self.ops if op.output == tensor), None)
@@ -69,150 +115,175 @@ class ModelIR:
     def consumers(self, tensor: str) -> list[Op]:
         return [op for op in self.ops if tensor in op.inputs]
 
+    @property
+    def n_outputs(self) -> int:
+        return self.ops[-1].out_shape[0]
+
     def conv_outputs(self) -> list[str]:
-        """Tensors after each ReLU that follows a convolution (GradCAM candidate layers)."""
+        """Tensors after each ReLU that follows a convolution, addition or concatenation
+        (GradCAM candidate layers: (C, L) feature maps)."""
         found = []
         for op in self.ops:
-            if op.kind == RELU:
+            if op.kind == RELU and len(op.out_shape) == 2:
                 producer = self.op_producing(op.inputs[0])
-                if producer is not None and producer.kind in (CONV, ADD):
+                if producer is not None and producer.kind in (CONV, ADD, CONCAT, AFFINE):
                     found.append(op.output)
         return found
 
 
-class _Tracer(fx.Tracer):
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, Add) or super().is_leaf_module(m, qualname)
+# --------------------------------------------------------------------------- shapes
 
 
-def trace_model(model: nn.Module) -> ModelIR:
-    """Trace ``model`` (eval mode) into a :class:`ModelIR`, or raise :class:`ExportError`."""
-    model = model.eval()
-    try:
-        graph = _Tracer().trace(model)
-    except Exception as e:  # fx raises many types for untraceable code
-        raise ExportError(f"the model cannot be traced for export: {e}") from None
-    gm = fx.GraphModule(model, graph)
-    with torch.no_grad():
-        ShapeProp(gm).propagate(torch.zeros(1, N_LEADS, BEAT_SAMPLES))
-    modules = dict(model.named_modules())
-    ops: list[Op] = []
-    alias: dict[str, str] = {}
-    output = None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            alias[node.name] = INPUT
-        elif node.op == "output":
-            output = alias[node.args[0].name]
-        else:
-            _convert_node(node, modules, ops, alias)
-    assert output is not None
-    return ModelIR(_fold_batchnorm(ops), output)
+def pool_output_length(length: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
+    """PyTorch's (and ONNX's) pooled length, including ceil_mode's rule that the last
+    window must start inside the input or its left padding."""
+    span = length + 2 * padding - kernel
+    n = (-(-span // stride) if ceil_mode else span // stride) + 1
+    if ceil_mode and (n - 1) * stride >= length + padding:
+        n -= 1
+    return n
 
 
-def _shape(node: fx.Node) -> tuple[int, ...]:
-    return tuple(node.meta["tensor_meta"].shape[1:])
+def conv_output_length(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
-def _convert_node(node: fx.Node, modules: dict[str, nn.Module], ops: list[Op], alias: dict[str, str]) -> None:
-    args = [a for a in node.args if isinstance(a, fx.Node)]
-    ins = tuple(alias[a.name] for a in args)
-    in_shape = _shape(args[0]) if args else ()
-    if node.op == "call_module":
-        module = modules[node.target]
-        if isinstance(module, (nn.Dropout, nn.Identity)):
-            alias[node.name] = ins[0]
-            return
-        kind, params = _module_op(node.target, module, in_shape)
-    elif node.op in ("call_function", "call_method") and node.target in (operator.add, torch.add, "add"):
-        kind, params = ADD, {}
-    elif node.op in ("call_function", "call_method") and node.target in (torch.flatten, "flatten", "view"):
-        kind, params = FLATTEN, {}
-    else:
-        raise ExportError(f"unsupported operation {node.target!r} ({node.op}); supported: {SUPPORTED_LAYERS}")
-    if kind == ADD and len(ins) != 2:
-        raise ExportError(f"addition {node.name} must add exactly two tensors")
-    alias[node.name] = node.name
-    ops.append(Op(kind, str(node.target), ins, node.name, _shape(node), in_shape, params))
-
-
-def _np(t: torch.Tensor | None) -> np.ndarray | None:
-    return None if t is None else t.detach().cpu().double().numpy()
-
-
-def _single(v: Any, what: str, name: str) -> int:
-    v = v if isinstance(v, (tuple, list)) else (v,)
-    if len(v) != 1:
-        raise ExportError(f"layer {name}: {what} {v} must be one-dimensional")
-    return int(v[0])
-
-
-def _module_op(name: str, m: nn.Module, in_shape: tuple[int, ...]) -> tuple[str, dict[str, Any]]:
-    if isinstance(m, Add):
-        return ADD, {}
-    if isinstance(m, nn.ReLU):
-        return RELU, {}
-    if isinstance(m, nn.Conv1d):
-        if m.groups != 1 or m.padding_mode != "zeros" or isinstance(m.padding, str):
-            raise ExportError(f"layer {name}: Conv1d must have groups=1, zero padding and integer padding")
-        return CONV, {
-            "weight": _np(m.weight),
-            "bias": _np(m.bias),
-            "stride": _single(m.stride, "stride", name),
-            "padding": _single(m.padding, "padding", name),
-            "dilation": _single(m.dilation, "dilation", name),
-        }
-    if isinstance(m, nn.BatchNorm1d):
-        return "batchnorm", {"module": m}
-    if isinstance(m, nn.Linear):
-        return LINEAR, {"weight": _np(m.weight), "bias": _np(m.bias)}
-    if isinstance(m, (nn.MaxPool1d, nn.AvgPool1d)):
-        return _pool_op(name, m)
-    if isinstance(m, nn.AdaptiveAvgPool1d):
-        if _single(m.output_size, "output_size", name) != 1:
-            raise ExportError(f"layer {name}: AdaptiveAvgPool1d must have output_size 1")
-        return GAP, {}
-    raise ExportError(f"layer {name} ({type(m).__name__}) is not supported; supported: {SUPPORTED_LAYERS}")
-
-
-def _pool_op(name: str, m: nn.Module) -> tuple[str, dict[str, Any]]:
-    k = _single(m.kernel_size, "kernel_size", name)
-    s = _single(m.stride, "stride", name) if m.stride is not None else k
-    pad = _single(m.padding, "padding", name)
-    ok = s == k and pad == 0 and not m.ceil_mode
-    if isinstance(m, nn.MaxPool1d):
-        ok = ok and _single(m.dilation, "dilation", name) == 1
-    if not ok:
-        kind = type(m).__name__
+def check_op(op: Op) -> None:
+    """Validate one op's parameters and shapes (every front end calls this), or raise ExportError."""
+    p, name = op.params, op.name
+    if op.kind not in OP_KINDS:
+        raise ExportError(f"layer {name}: unknown op kind {op.kind!r}")
+    if op.kind == ADD and (len(op.inputs) != 2 or op.in_shapes[0] != op.in_shapes[1]):
+        raise ExportError(f"layer {name}: an addition must add two tensors of one shape, got {op.in_shapes}")
+    if op.kind == CONCAT and (len(op.inputs) < 2 or len({s[1:] for s in op.in_shapes}) != 1):
+        raise ExportError(f"layer {name}: torch.cat must join two or more tensors along channels (dim 1)")
+    if op.kind in (CONV, MAXPOOL, AVGPOOL, GAP, GMP) and len(op.in_shape) != 2:
         raise ExportError(
-            f"layer {name} ({kind}): only non-overlapping pooling (stride == kernel_size, no padding)"
+            f"layer {name}: expects (batch, channels, time) input, got per-sample {op.in_shape}"
         )
-    return (MAXPOOL if isinstance(m, nn.MaxPool1d) else AVGPOOL), {"kernel": k}
+    if op.kind in (MAXPOOL, AVGPOOL) and 2 * p["padding"] > p["kernel"]:
+        raise ExportError(f"layer {name}: padding {p['padding']} exceeds half the kernel {p['kernel']}")
+    if op.kind == CONV and p["groups"] < 1:
+        raise ExportError(f"layer {name}: groups must be >= 1")
+    for key in ("weight", "bias"):
+        if key in p and p[key] is not None and not np.all(np.isfinite(p[key])):
+            raise ExportError(f"layer {name}: its {key} has NaN or infinite values")
 
 
-def _fold_batchnorm(ops: list[Op]) -> list[Op]:
-    """Fold each eval-mode BatchNorm1d into the convolution that feeds it (and only it)."""
-    out: list[Op] = []
-    rename: dict[str, str] = {}
+# --------------------------------------------------------------------------- BatchNorm folding
+
+
+def batchnorm_affine(
+    name: str, mean: np.ndarray | None, var: np.ndarray | None, gamma, beta, eps: float
+) -> dict[str, np.ndarray]:
+    """The eval-mode BatchNorm as per-channel ``weight * x + bias``, or ExportError without statistics."""
+    if mean is None or var is None:
+        raise ExportError(
+            f"layer {name} (BatchNorm1d) has no running statistics (track_running_stats=False): it "
+            "normalises each batch by itself, so it is not a fixed function of one ECG; train it with "
+            "running statistics"
+        )
+    scale = (np.ones_like(mean) if gamma is None else gamma) / np.sqrt(var + eps)
+    shift = (np.zeros_like(mean) if beta is None else beta) - mean * scale
+    return {"weight": scale, "bias": shift}
+
+
+def fold_affine(ops: list[Op]) -> list[Op]:
+    """Fold each ``affine`` op into a neighbouring conv or linear layer where that is exact.
+
+    Into the layer before it, when the affine op is that layer's only consumer (BatchNorm
+    after a convolution or dense layer); otherwise into a dense layer (or an unpadded
+    convolution) after it that is its only consumer (BatchNorm before the classifier).
+    What cannot be folded stays an ``affine`` op. The folded layer records the BatchNorm's
+    name under ``params["folded"]``.
+    """
+    ops = list(ops)
+    changed = True
+    while changed:
+        changed = False
+        for op in ops:
+            if op.kind != AFFINE:
+                continue
+            if _fold_into_producer(ops, op) or _fold_into_consumer(ops, op):
+                changed = True
+                break
+    return ops
+
+
+def _fold_into_producer(ops: list[Op], bn: Op) -> bool:
+    producer = next((o for o in ops if o.output == bn.inputs[0]), None)
+    users = [o for o in ops if bn.inputs[0] in o.inputs]
+    if producer is None or producer.kind not in (CONV, LINEAR) or users != [bn]:
+        return False
+    scale, shift = bn.params["weight"], bn.params["bias"]
+    w = producer.params["weight"]
+    bias = producer.params["bias"] if producer.params["bias"] is not None else np.zeros(w.shape[0])
+    producer.params["weight"] = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
+    producer.params["bias"] = bias * scale + shift
+    _note_fold(producer, bn)
+    _bypass(ops, bn, producer.output)
+    return True
+
+
+def _fold_into_consumer(ops: list[Op], bn: Op) -> bool:
+    users = [o for o in ops if bn.output in o.inputs]
+    if len(users) != 1 or users[0].inputs != (bn.output,):
+        return False
+    user = users[0]
+    scale, shift = bn.params["weight"], bn.params["bias"]
+    w = user.params.get("weight")
+    if user.kind == LINEAR and len(bn.out_shape) == 1:
+        bias = user.params["bias"] if user.params["bias"] is not None else np.zeros(w.shape[0])
+        user.params["bias"] = bias + w @ shift
+        user.params["weight"] = w * scale[None, :]
+    elif user.kind == CONV and user.params["padding"] == 0 and user.params["groups"] == 1:
+        bias = user.params["bias"] if user.params["bias"] is not None else np.zeros(w.shape[0])
+        user.params["bias"] = bias + np.einsum("oik,i->o", w, shift)
+        user.params["weight"] = w * scale[None, :, None]
+    else:
+        return False
+    _note_fold(user, bn)
+    user.inputs = bn.inputs
+    ops.remove(bn)
+    return True
+
+
+def _note_fold(layer: Op, bn: Op) -> None:
+    before = layer.params.get("folded")
+    layer.params["folded"] = bn.name if not before else f"{before}, {bn.name}"
+
+
+def _bypass(ops: list[Op], removed: Op, replacement: str) -> None:
+    ops.remove(removed)
+    for o in ops:
+        o.inputs = tuple(replacement if t == removed.output else t for t in o.inputs)
+
+
+def finish_ir(ops: list[Op], output: str, input_shape: tuple[int, int]) -> ModelIR:
+    """Validate the front end's ops, fold BatchNorm and check the result (shared by every front end)."""
     for op in ops:
-        op.inputs = tuple(rename.get(t, t) for t in op.inputs)
-        if op.kind != "batchnorm":
-            out.append(op)
-            continue
-        conv = next((o for o in out if o.output == op.inputs[0]), None)
-        users = [o for o in ops if op.inputs[0] in o.inputs and o is not op]
-        if conv is None or conv.kind != CONV or users:
-            raise ExportError(
-                f"layer {op.name} (BatchNorm1d) must directly follow a Conv1d whose output it alone uses"
-            )
-        bn: nn.BatchNorm1d = op.params["module"]
-        mean, var = _np(bn.running_mean), _np(bn.running_var)
-        gamma = _np(bn.weight) if bn.affine else np.ones_like(mean)
-        beta = _np(bn.bias) if bn.affine else np.zeros_like(mean)
-        scale = gamma / np.sqrt(var + bn.eps)
-        bias = conv.params["bias"] if conv.params["bias"] is not None else np.zeros_like(mean)
-        conv.params["weight"] = conv.params["weight"] * scale[:, None, None]
-        conv.params["bias"] = (bias - mean) * scale + beta
-        conv.params["folded"] = op.name
-        rename[op.output] = conv.output
-    return out
+        check_op(op)
+    ops = fold_affine(ops)
+    if not ops or output != ops[-1].output:
+        raise ExportError("the model's output must be the result of its last layer")
+    out = ops[-1].out_shape
+    if len(out) != 1:
+        raise ExportError(
+            f"the model must return (batch, classes) logits; it returns per-sample shape {out} "
+            "(add a flatten and a Linear classifier)"
+        )
+    return ModelIR(ops, output, tuple(input_shape))
+
+
+# --------------------------------------------------------------------------- PyTorch front end
+
+
+def trace_model(model: Any, input_shape: tuple[int, int] | None = None) -> ModelIR:
+    """Trace a PyTorch ``model`` (eval mode) into a :class:`ModelIR`, or raise :class:`ExportError`.
+
+    ``input_shape`` is (leads, samples) of one ECG; the default is the project's
+    12-lead, 600-sample median beat.
+    """
+    from training.export import torch_frontend
+
+    return torch_frontend.trace(model, input_shape)

@@ -1,0 +1,348 @@
+"""The PyTorch front end of the export: an ``nn.Module`` traced by torch.fx into a ModelIR.
+
+Modules and their functional forms are both accepted (``nn.ReLU`` or ``F.relu``,
+``nn.Flatten`` or ``torch.flatten`` or ``x.view(x.size(0), -1)``, ``nn.MaxPool1d``
+or ``F.max_pool1d`` ...). Each call becomes its own op, so a module applied twice
+(a reused ReLU) is two ops, each with its own rule.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from training.data.schema import BEAT_SAMPLES, N_LEADS
+from training.export.ir import (
+    ADD,
+    AFFINE,
+    AVGPOOL,
+    CONCAT,
+    CONV,
+    FLATTEN,
+    GAP,
+    GMP,
+    INPUT,
+    LINEAR,
+    MAXPOOL,
+    RELU,
+    ExportError,
+    ModelIR,
+    Op,
+    batchnorm_affine,
+    finish_ir,
+    unsupported,
+)
+from training.models import Add
+
+_ADD = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
+_RELU = (F.relu, torch.relu, torch.relu_, "relu", "relu_")
+_CAT = (torch.cat, torch.concat, torch.concatenate)
+_FLATTEN = (torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze)
+_DROPOUT = (F.dropout, F.dropout1d, F.alpha_dropout, "contiguous", torch.clone, "clone")
+_POOL_FUNCTIONS = {
+    F.max_pool1d: MAXPOOL,
+    F.avg_pool1d: AVGPOOL,
+    F.adaptive_avg_pool1d: GAP,
+    F.adaptive_max_pool1d: GMP,
+}
+_MEAN = (torch.mean, "mean")
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, Add) or super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, input_shape: tuple[int, int] | None = None) -> ModelIR:
+    """Trace ``model`` (eval mode) for the given (leads, samples) input into a ModelIR."""
+    if not isinstance(model, nn.Module):
+        raise ExportError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
+    shape = tuple(input_shape or (N_LEADS, BEAT_SAMPLES))
+    model = model.eval()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as e:  # fx raises many types for untraceable code
+        raise ExportError(
+            f"the model cannot be traced for export ({type(e).__name__}: {e}); data-dependent Python "
+            "control flow in forward() is not supported"
+        ) from None
+    gm = fx.GraphModule(model, graph)
+    try:
+        with torch.no_grad():
+            ShapeProp(gm).propagate(torch.zeros(1, *shape))
+    except Exception as e:
+        raise ExportError(
+            f"the model does not run on one ECG of shape {shape} (leads, samples): {type(e).__name__}: "
+            f"{e}; give the input length it was built for"
+        ) from None
+    return _Converter(gm, dict(model.named_modules())).convert(shape)
+
+
+class _Converter:
+    def __init__(self, gm: fx.GraphModule, modules: dict[str, nn.Module]):
+        self.gm, self.modules = gm, modules
+        self.ops: list[Op] = []
+        self.alias: dict[str, str] = {}
+        self.names: dict[str, int] = {}
+
+    def convert(self, shape: tuple[int, int]) -> ModelIR:
+        output = None
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder":
+                self.alias[node.name] = INPUT
+            elif node.op == "output":
+                output = self._output(node)
+            elif node.op == "get_attr":
+                raise ExportError(
+                    f"{node.target}: the model reads a parameter or buffer directly in forward() "
+                    "(a functional layer such as F.conv1d(x, self.weight)); use the layer's module instead"
+                )
+            elif not _is_tensor(node):
+                continue  # x.size(0) and other shape arithmetic
+            else:
+                self._node(node)
+        assert output is not None
+        return finish_ir(self.ops, output, shape)
+
+    def _output(self, node: fx.Node) -> str:
+        out = node.args[0]
+        if not isinstance(out, fx.Node) or not _is_tensor(out):
+            raise ExportError(
+                f"the model must return one tensor of logits (batch, classes); it returns {type(out).__name__}"
+            )
+        return self.alias[out.name]
+
+    def _name(self, base: str) -> str:
+        self.names[base] = self.names.get(base, 0) + 1
+        return base if self.names[base] == 1 else f"{base}@{self.names[base]}"
+
+    def _emit(self, kind: str, node: fx.Node, name: str, inputs: list[fx.Node], params=None) -> None:
+        op = Op(
+            kind,
+            self._name(name),
+            tuple(self.alias[a.name] for a in inputs),
+            node.name,
+            _shape(node),
+            tuple(_shape(a) for a in inputs),
+            params or {},
+        )
+        self.ops.append(op)
+        self.alias[node.name] = node.name
+
+    def _node(self, node: fx.Node) -> None:
+        tensors = [a for a in node.args if isinstance(a, fx.Node) and _is_tensor(a)]
+        if node.op == "call_module":
+            self._module(node, self.modules[node.target], tensors)
+        else:
+            self._function(node, tensors)
+
+    # ------------------------------------------------------------------ modules
+
+    def _module(self, node: fx.Node, m: nn.Module, ins: list[fx.Node]) -> None:
+        name = str(node.target)
+        if isinstance(m, (nn.Dropout, nn.Dropout1d, nn.AlphaDropout, nn.Identity)):
+            self.alias[node.name] = self.alias[ins[0].name]
+        elif isinstance(m, Add):
+            self._emit(ADD, node, name, ins)
+        elif isinstance(m, nn.ReLU):
+            self._emit(RELU, node, name, ins)
+        elif isinstance(m, nn.Conv1d):
+            self._emit(CONV, node, name, ins, _conv_params(name, m, _shape(ins[0])))
+        elif isinstance(m, nn.Linear):
+            self._emit(LINEAR, node, name, ins, {"weight": _np(m.weight), "bias": _np(m.bias)})
+        elif isinstance(m, nn.BatchNorm1d):
+            self._emit(AFFINE, node, name, ins, _bn_params(name, m))
+        elif isinstance(m, nn.MaxPool1d):
+            if _single(m.dilation, "dilation", name) != 1 or m.return_indices:
+                raise unsupported(name, "MaxPool1d", "dilation > 1 or return_indices")
+            self._emit(
+                MAXPOOL, node, name, ins, _pool_params(name, m.kernel_size, m.stride, m.padding, m.ceil_mode)
+            )
+        elif isinstance(m, nn.AvgPool1d):
+            params = _pool_params(name, m.kernel_size, m.stride, m.padding, m.ceil_mode)
+            self._emit(AVGPOOL, node, name, ins, {**params, "count_include_pad": bool(m.count_include_pad)})
+        elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveMaxPool1d)):
+            kind = GAP if isinstance(m, nn.AdaptiveAvgPool1d) else GMP
+            if _single(m.output_size, "output_size", name) != 1 or getattr(m, "return_indices", False):
+                raise unsupported(
+                    name, type(m).__name__, f"output_size {m.output_size} (only 1: global pooling)"
+                )
+            self._emit(kind, node, name, ins)
+        elif isinstance(m, nn.Flatten):
+            self._flatten(node, name, ins)
+        else:
+            raise unsupported(name, type(m).__name__)
+
+    # ------------------------------------------------------------------ functions and methods
+
+    def _function(self, node: fx.Node, ins: list[fx.Node]) -> None:
+        target = node.target
+        name = node.name
+        if target in _DROPOUT:
+            self.alias[node.name] = self.alias[ins[0].name]
+        elif target in _RELU:
+            self._emit(RELU, node, name, ins[:1])
+        elif target in _ADD:
+            if len(ins) != 2 or len(node.args) != 2:
+                raise unsupported(name, "addition", "only the sum of two tensors (no constants, no alpha)")
+            self._emit(ADD, node, name, ins)
+        elif target in _CAT:
+            self._cat(node, name)
+        elif target in _FLATTEN:
+            self._flatten(node, name, ins[:1])
+        elif target in _POOL_FUNCTIONS:
+            self._pool_function(node, name, _POOL_FUNCTIONS[target], ins[:1])
+        elif target in _MEAN:
+            self._mean(node, name, ins[:1])
+        else:
+            what = getattr(target, "__name__", str(target))
+            raise unsupported(name, what)
+
+    def _cat(self, node: fx.Node, name: str) -> None:
+        args = node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+        kwargs = (
+            args.kwargs if args is not None else {"tensors": node.args[0], "dim": node.kwargs.get("dim", 0)}
+        )
+        parts = list(kwargs["tensors"])
+        dim = kwargs.get("dim", 0)
+        rank = len(_shape(node)) + 1
+        if not all(isinstance(p, fx.Node) for p in parts) or dim % rank != 1:
+            raise unsupported(
+                name, "torch.cat", f"only concatenation of tensors along channels (dim=1), got dim={dim}"
+            )
+        self._emit(CONCAT, node, name, parts)
+
+    def _flatten(self, node: fx.Node, name: str, ins: list[fx.Node]) -> None:
+        in_shape, out_shape = _shape(ins[0]), _shape(node)
+        if out_shape == in_shape:  # a view that changes nothing (x.view(x.size(0), C, L))
+            self.alias[node.name] = self.alias[ins[0].name]
+            return
+        if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
+            raise unsupported(
+                name, f"reshape {in_shape} -> {out_shape}", "only flattening each ECG's features to one axis"
+            )
+        self._emit(FLATTEN, node, name, ins)
+
+    def _pool_function(self, node: fx.Node, name: str, kind: str, ins: list[fx.Node]) -> None:
+        args = node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+        if args is None:
+            raise unsupported(name, str(node.target), "its arguments could not be read")
+        kw = dict(args.kwargs)
+        if kind in (GAP, GMP):
+            size = kw.get("output_size")
+            if _single(size, "output_size", name) != 1 or kw.get("return_indices"):
+                raise unsupported(name, "adaptive pooling", f"output_size {size} (only 1: global pooling)")
+            self._emit(kind, node, name, ins)
+            return
+        params = _pool_params(
+            name, kw["kernel_size"], kw.get("stride"), kw.get("padding", 0), kw.get("ceil_mode", False)
+        )
+        if kind == MAXPOOL:
+            if _single(kw.get("dilation", 1), "dilation", name) != 1 or kw.get("return_indices"):
+                raise unsupported(name, "max_pool1d", "dilation > 1 or return_indices")
+        else:
+            params["count_include_pad"] = bool(kw.get("count_include_pad", True))
+        self._emit(kind, node, name, ins, params)
+
+    def _mean(self, node: fx.Node, name: str, ins: list[fx.Node]) -> None:
+        in_shape, out_shape = _shape(ins[0]), _shape(node)
+        if len(in_shape) != 2 or out_shape not in ((in_shape[0], 1), (in_shape[0],)):
+            raise unsupported(name, "mean", "only the mean over time (dim=-1) of (batch, channels, time)")
+        if out_shape == (in_shape[0], 1):
+            self._emit(GAP, node, name, ins)
+            return
+        # mean without keepdim: global average pooling, then flatten (C, 1) -> (C,)
+        gap = Op(
+            GAP,
+            self._name(name),
+            (self.alias[ins[0].name],),
+            f"{node.name}.gap",
+            (in_shape[0], 1),
+            (in_shape,),
+        )
+        self.ops.append(gap)
+        self.ops.append(
+            Op(
+                FLATTEN,
+                self._name(f"{name}.flatten"),
+                (gap.output,),
+                node.name,
+                out_shape,
+                ((in_shape[0], 1),),
+            )
+        )
+        self.alias[node.name] = node.name
+
+
+def _is_tensor(node: fx.Node) -> bool:
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and hasattr(meta, "shape")
+
+
+def _shape(node: fx.Node) -> tuple[int, ...]:
+    return tuple(node.meta["tensor_meta"].shape[1:])
+
+
+def _np(t: torch.Tensor | None) -> np.ndarray | None:
+    return None if t is None else t.detach().cpu().double().numpy().copy()
+
+
+def _single(v: Any, what: str, name: str) -> int:
+    v = v if isinstance(v, (tuple, list)) else (v,)
+    if len(v) != 1:
+        raise ExportError(f"layer {name}: {what} {tuple(v)} must be one-dimensional")
+    return int(v[0])
+
+
+def _conv_params(name: str, m: nn.Conv1d, in_shape: tuple[int, ...]) -> dict[str, Any]:
+    if m.padding_mode != "zeros":
+        raise unsupported(name, "Conv1d", f"padding_mode {m.padding_mode!r} (only 'zeros')")
+    k, d = m.kernel_size[0], _single(m.dilation, "dilation", name)
+    padding = m.padding
+    if isinstance(padding, str):
+        total = 0 if padding == "valid" else d * (k - 1)
+        if total % 2:
+            raise unsupported(name, "Conv1d", "padding='same' with an even effective kernel pads unevenly")
+        padding = total // 2
+    return {
+        "weight": _np(m.weight),
+        "bias": _np(m.bias),
+        "stride": _single(m.stride, "stride", name),
+        "padding": _single(padding, "padding", name),
+        "dilation": d,
+        "groups": int(m.groups),
+    }
+
+
+def _bn_params(name: str, m: nn.BatchNorm1d) -> dict[str, Any]:
+    return batchnorm_affine(
+        name,
+        _np(m.running_mean) if m.track_running_stats else None,
+        _np(m.running_var) if m.track_running_stats else None,
+        _np(m.weight) if m.affine else None,
+        _np(m.bias) if m.affine else None,
+        float(m.eps),
+    )
+
+
+def _pool_params(name: str, kernel, stride, padding, ceil_mode) -> dict[str, Any]:
+    k = _single(kernel, "kernel_size", name)
+    s = (
+        k
+        if stride is None or (isinstance(stride, (tuple, list)) and not stride)
+        else _single(stride, "stride", name)
+    )
+    return {
+        "kernel": k,
+        "stride": s,
+        "padding": _single(padding, "padding", name),
+        "ceil_mode": bool(ceil_mode),
+    }
