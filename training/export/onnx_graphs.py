@@ -17,6 +17,7 @@ than its 1-D path on this network family. Graph inputs and outputs keep their
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -26,17 +27,22 @@ from onnx import TensorProto, helper, numpy_helper
 
 from training.export.ir import (
     ADD,
+    AFFINE,
     AVGPOOL,
+    CONCAT,
     CONV,
     FLATTEN,
     GAP,
+    GMP,
     INPUT,
     LINEAR,
     MAXPOOL,
+    PARAMETERISED,
     RELU,
-    RULE_LAYERS,
+    ExportError,
     ModelIR,
     Op,
+    pool_output_length,
 )
 
 OPSET = 17
@@ -69,7 +75,9 @@ class GraphBuilder:
 
     def const(self, value: np.ndarray | float | int | list, dtype=np.float32) -> str:
         arr = np.asarray(value, dtype=dtype)
-        key = f"const/{arr.dtype}/{arr.shape}/{arr.tobytes().hex()[:64]}/{hash(arr.tobytes())}"
+        # A content hash, not Python's salted hash(): the same model must export to the same bytes.
+        digest = hashlib.sha256(arr.tobytes()).hexdigest()[:16]
+        key = f"const/{arr.dtype}/{'x'.join(map(str, arr.shape))}/{digest}"
         if key not in self.constants:
             self.constants[key] = arr
         return key
@@ -99,68 +107,163 @@ def param_names(op: Op) -> tuple[str, str | None]:
     return f"{op.name}.weight", (f"{op.name}.bias" if op.params.get("bias") is not None else None)
 
 
+def weight(b: GraphBuilder, op: Op) -> str:
+    """The op's shared weight initialiser (conv (C_out, C_in/g, k), linear (F_out, F_in), affine (C,))."""
+    return b.param(param_names(op)[0], op.params["weight"])
+
+
+def bias(b: GraphBuilder, op: Op) -> str | None:
+    name = param_names(op)[1]
+    return None if name is None else b.param(name, op.params["bias"])
+
+
 # --------------------------------------------------------------------------- forward
+
+I64 = np.int64
+NEG_LARGE = float(np.finfo(np.float32).min)  # max-pool padding: never a window's maximum
 
 
 def emit_forward(b: GraphBuilder, ir: ModelIR, x: str) -> dict[str, str]:
-    """Forward pass from the (B, C, L) input ``x``; returns IR tensor name -> ONNX tensor name (4-D)."""
-    t = {INPUT: b.op("Unsqueeze", [x, b.const([2], np.int64)], "x4")}
+    """Forward pass from the (B, C, L) input ``x``; returns IR tensor name -> ONNX tensor name
+    ((B, C, 1, L) for signals, (B, F) for flat features)."""
+    t = {INPUT: b.op("Unsqueeze", [x, b.const([2], I64)], "x4")}
     for op in ir.ops:
-        ins = [t[i] for i in op.inputs]
-        t[op.output] = _forward_op(b, op, ins)
+        t[op.output] = forward_op(b, op, [t[i] for i in op.inputs])
     return t
 
 
 def to_3d(b: GraphBuilder, t4: str) -> str:
     """(B, C, 1, L) -> (B, C, L) for graph outputs."""
-    return b.op("Squeeze", [t4, b.const([2], np.int64)])
+    return b.op("Squeeze", [t4, b.const([2], I64)])
 
 
-def conv_weight_4d(b: GraphBuilder, op: Op) -> str:
-    """The shared (C_out, C_in, k) weight viewed as (C_out, C_in, 1, k)."""
-    w, _ = param_names(op)
-    return b.op("Unsqueeze", [b.param(w, op.params["weight"]), b.const([2], np.int64)], f"{w}.4d")
+def as_4d(b: GraphBuilder, w3: str, hint: str) -> str:
+    """A (C_out, C_in, k) weight viewed as (C_out, C_in, 1, k)."""
+    return b.op("Unsqueeze", [w3, b.const([2], I64)], f"{hint}.4d")
 
 
-def _forward_op(b: GraphBuilder, op: Op, ins: list[str]) -> str:
+def _channel_view(b: GraphBuilder, v: str, op: Op, hint: str) -> str:
+    """A per-channel (C,) vector shaped to broadcast over the op's (B, C, 1, L) or (B, C) tensors."""
+    shape = [1, -1, 1, 1] if len(op.in_shape) == 2 else [1, -1]
+    return b.op("Reshape", [v, b.const(shape, I64)], hint)
+
+
+def forward_op(
+    b: GraphBuilder, op: Op, ins: list[str], weight_t: str | None = None, bias_t: str | None = ""
+) -> str:
+    """One op's forward pass. ``weight_t``/``bias_t`` replace a parameterised op's own weight and
+    bias tensors (LRP rules evaluate layers with modified weights; ``bias_t=None`` drops the bias)."""
     p = op.params
+    if op.kind in PARAMETERISED:
+        weight_t = weight_t or weight(b, op)
+        bias_t = bias(b, op) if bias_t == "" else bias_t
     if op.kind == CONV:
-        _, bias = param_names(op)
-        args = [ins[0], conv_weight_4d(b, op)] + ([b.param(bias, p["bias"])] if bias else [])
-        k, pad = p["weight"].shape[2], p["padding"]
+        k = p["weight"].shape[2]
+        args = [ins[0], as_4d(b, weight_t, weight_t)] + ([bias_t] if bias_t else [])
         return b.op(
             "Conv",
             args,
             op.name,
             kernel_shape=[1, k],
             strides=[1, p["stride"]],
-            pads=[0, pad, 0, pad],
+            pads=[0, p["padding"], 0, p["padding"]],
             dilations=[1, p["dilation"]],
+            group=p["groups"],
         )
     if op.kind == LINEAR:
-        w, bias = param_names(op)
-        args = [ins[0], b.param(w, p["weight"])] + ([b.param(bias, p["bias"])] if bias else [])
-        return b.op("Gemm", args, op.name, transB=1)
+        return b.op("Gemm", [ins[0], weight_t] + ([bias_t] if bias_t else []), op.name, transB=1)
+    if op.kind == AFFINE:
+        scaled = b.op("Mul", [ins[0], _channel_view(b, weight_t, op, f"{weight_t}.view")], op.name)
+        return b.op("Add", [scaled, _channel_view(b, bias_t, op, f"{bias_t}.view")]) if bias_t else scaled
     if op.kind == RELU:
         return b.op("Relu", ins, op.name)
     if op.kind == MAXPOOL:
-        return b.op("MaxPool", ins, op.name, kernel_shape=[1, p["kernel"]], strides=[1, p["kernel"]])
+        padded, _ = _pad_for_pool(b, ins[0], op, NEG_LARGE)
+        k, s = p["kernel"], p["stride"]
+        return b.op("MaxPool", [padded], op.name, kernel_shape=[1, k], strides=[1, s])
     if op.kind == AVGPOOL:
-        return b.op("AveragePool", ins, op.name, kernel_shape=[1, p["kernel"]], strides=[1, p["kernel"]])
+        return _avg_pool(b, ins[0], op)
     if op.kind == GAP:
         return b.op("GlobalAveragePool", ins, op.name)
+    if op.kind == GMP:
+        return b.op("GlobalMaxPool", ins, op.name)
     if op.kind == FLATTEN:
         return b.op("Flatten", ins, op.name, axis=1)
     if op.kind == ADD:
         return b.op("Add", ins, op.name)
+    if op.kind == CONCAT:
+        return b.op("Concat", ins, op.name, axis=1)
     raise AssertionError(op.kind)
+
+
+def _pool_extent(op: Op) -> tuple[int, int, int]:
+    """(left pad, right pad, output length) of a pooling op: ceil_mode becomes extra right padding,
+    so every backend computes PyTorch's windows with plain (unpadded, floor-mode) pooling."""
+    p, length = op.params, op.in_shape[1]
+    n = pool_output_length(length, p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
+    right = max(p["padding"], (n - 1) * p["stride"] + p["kernel"] - length - p["padding"])
+    return p["padding"], right, n
+
+
+def _pad_for_pool(b: GraphBuilder, a: str, op: Op, value: float) -> tuple[str, int]:
+    left, right, _ = _pool_extent(op)
+    if left == 0 and right == 0:
+        return a, 0
+    pads = b.const([0, 0, 0, left, 0, 0, 0, right], I64)
+    return b.op("Pad", [a, pads, b.const(value)], "pool_pad"), left
+
+
+def avg_pool_divisors(op: Op) -> np.ndarray:
+    """PyTorch's divisor per output position of AvgPool1d (count_include_pad counts the padding,
+    never the part of a ceil_mode window beyond it)."""
+    p, length = op.params, op.in_shape[1]
+    k, s, pad = p["kernel"], p["stride"], p["padding"]
+    _, _, n = _pool_extent(op)
+    start = np.arange(n) * s - pad
+    end = np.minimum(start + k, length + pad)
+    if p["count_include_pad"]:
+        return (end - start).astype(np.float64)
+    return (np.minimum(end, length) - np.maximum(start, 0)).astype(np.float64)
+
+
+def _avg_pool(b: GraphBuilder, a: str, op: Op) -> str:
+    """Average pooling as a depthwise convolution with a ones kernel times 1 / PyTorch's divisor:
+    the same windows and divisors as PyTorch for any padding and ceil_mode."""
+    summed = _window_sum(b, a, op)
+    inv = b.const((1.0 / avg_pool_divisors(op)).reshape(1, 1, 1, -1))
+    return b.op("Mul", [summed, inv], op.name)
+
+
+def _ones_kernel(b: GraphBuilder, op: Op) -> str:
+    return b.const(np.ones((op.in_shape[0], 1, 1, op.params["kernel"])))
+
+
+def _window_sum(b: GraphBuilder, a: str, op: Op) -> str:
+    left, right, _ = _pool_extent(op)
+    k, s = op.params["kernel"], op.params["stride"]
+    return b.op(
+        "Conv",
+        [a, _ones_kernel(b, op)],
+        "window_sum",
+        kernel_shape=[1, k],
+        strides=[1, s],
+        pads=[0, left, 0, right],
+        group=op.in_shape[0],
+    )
 
 
 # --------------------------------------------------------------------------- rules
 
 
 class Rule:
-    """Plain gradient. Subclasses override the steps where a method differs."""
+    """Plain gradient. Subclasses override the steps where a method differs.
+
+    ``relu`` acts at each ReLU, ``maxpool`` at each max or global max pool, and
+    ``layer`` at each other op with weights or a sum (conv, linear, affine, pooling,
+    addition): it returns the contribution for each of the op's inputs, so a rule that
+    needs an input's activation applies it on that edge alone (a tensor that feeds an
+    addition and a ReLU path gets it once per consumer).
+    """
 
     name = "gradient"
     doubled = False  # True: input and reference travel as one batch of 2B (DeepLIFT)
@@ -171,11 +274,10 @@ class Rule:
     def maxpool(self, b: GraphBuilder, g: str, a: str, y: str, op: Op) -> str:
         return route_max(b, g, a, op)
 
-    def at_layer_output(self, b: GraphBuilder, g: str, z: str) -> str:
-        return g
-
-    def at_layer_input(self, b: GraphBuilder, g: str, a: str) -> str:
-        return g
+    def layer(self, b: GraphBuilder, op: Op, g: str, ins: list[str], out: str) -> list[str]:
+        if op.kind in (MAXPOOL, GMP):
+            return [self.maxpool(b, g, ins[0], out, op)]
+        return transpose_op(b, op, g)
 
 
 class GuidedRule(Rule):
@@ -196,11 +298,23 @@ class DeconvRule(Rule):
         return b.op("Relu", [g], "deconv")
 
 
+def stabilise(b: GraphBuilder, z: str, eps: str) -> str:
+    """``z + eps * sign(z)`` with sign(0) = +1 (Captum's and Zennit's stabiliser), as
+    1 - 2 * [z < 0] (cheaper than Where on CPU)."""
+    negative = b.op("Cast", [b.op("Less", [z, b.const(0.0)])], to=FLOAT)
+    sign = b.op("Sub", [b.const(1.0), b.op("Mul", [negative, b.const(2.0)])], "sign")
+    return b.op("Add", [z, b.op("Mul", [sign, eps])], "stabilised")
+
+
 class EpsilonRule(Rule):
     """LRP-epsilon, as Captum's EpsilonRule: ``R_in = a * W^T (R_out / (z + eps*sign(z)))``.
 
-    ReLUs pass relevance unchanged; every linear layer (conv, dense, pooling,
-    addition) divides by its stabilised output and multiplies by its input.
+    ReLUs pass relevance unchanged; every other layer with weights or a sum (conv, dense,
+    affine, pooling, addition) divides by its stabilised output and multiplies each input's
+    share by that input (on each edge: an addition splits relevance in proportion to each
+    branch's contribution). Concatenation and flattening only move relevance. The rule
+    conserves relevance where layers have no bias and ``eps`` is 0; a bias (including a
+    folded BatchNorm's shift) absorbs its share, and ``eps`` absorbs some more.
     ``eps`` is a graph input, so one graph serves every epsilon.
     """
 
@@ -212,14 +326,11 @@ class EpsilonRule(Rule):
     def relu(self, b, g, z, out):
         return g
 
-    def at_layer_output(self, b, g, z):
-        # Captum's sign with sign(0) = +1, as 1 - 2 * [z < 0] (cheaper than Where on CPU).
-        negative = b.op("Cast", [b.op("Less", [z, b.const(0.0)])], to=FLOAT)
-        sign = b.op("Sub", [b.const(1.0), b.op("Mul", [negative, b.const(2.0)])], "sign")
-        return b.op("Div", [g, b.op("Add", [z, b.op("Mul", [sign, self.eps])])], "lrp_s")
-
-    def at_layer_input(self, b, g, a):
-        return b.op("Mul", [g, a], "lrp_r")
+    def layer(self, b, op, g, ins, out):
+        s = b.op("Div", [g, stabilise(b, out, self.eps)], "lrp_s")
+        shares = route_max(b, s, ins[0], op) if op.kind in (MAXPOOL, GMP) else transpose_op(b, op, s)
+        shares = shares if isinstance(shares, list) else [shares]
+        return [b.op("Mul", [c, a], "lrp_r") for c, a in zip(shares, ins, strict=True)]
 
 
 class RescaleRule(Rule):
@@ -298,14 +409,46 @@ def _rescale(b: GraphBuilder, numerator: str, d_in: str, fallback: str) -> str:
 
 
 def route_max(b: GraphBuilder, g: str, a: str, op: Op) -> str:
-    """Max-pool gradient: g goes to the first maximum of each window, zeros elsewhere
-    (PyTorch's choice on ties)."""
-    k = op.params["kernel"]
-    if k == 2:
+    """Max-pool gradient: g goes to the first maximum of each window (PyTorch's choice on
+    ties); overlapping windows that share a maximum add their gradients there."""
+    if op.kind == GMP:
+        return _route_global_max(b, g, a, op.in_shape[1])
+    p = op.params
+    k, s = p["kernel"], p["stride"]
+    left, right, _ = _pool_extent(op)
+    if k == 2 and s == 2 and left == 0 and right <= 0:
         return _route_max_pairs(b, g, a, op)
-    # ONNX Runtime's MaxPool reports the first maximum's index; MaxUnpool scatters g there.
-    _, idx = b.op("MaxPool", [a], "argmax", n_out=2, kernel_shape=[1, k], strides=[1, k])
-    return b.op("MaxUnpool", [g, idx, b.op("Shape", [a])], "route", kernel_shape=[1, k], strides=[1, k])
+    padded, _ = _pad_for_pool(b, a, op, NEG_LARGE)
+    # ONNX Runtime's MaxPool reports the first maximum's flat index into its (padded) input.
+    _, idx = b.op("MaxPool", [padded], "argmax", n_out=2, kernel_shape=[1, k], strides=[1, s])
+    if s >= k and left == 0:  # windows do not overlap: each index is hit at most once
+        routed = b.op(
+            "MaxUnpool", [g, idx, b.op("Shape", [padded])], "route", kernel_shape=[1, k], strides=[1, s]
+        )
+    else:
+        zeros = b.op("Mul", [b.op("Reshape", [padded, b.const([-1], I64)]), b.const(0.0)])
+        flat = b.op(
+            "ScatterElements",
+            [zeros, b.op("Reshape", [idx, b.const([-1], I64)]), b.op("Reshape", [g, b.const([-1], I64)])],
+            "route",
+            axis=0,
+            reduction="add",
+        )
+        routed = b.op("Reshape", [flat, b.op("Shape", [padded])])
+    if left == 0 and right <= 0:
+        return routed
+    length = op.in_shape[1]
+    return b.op(
+        "Slice", [routed, b.const([left], I64), b.const([left + length], I64), b.const([3], I64)], "unpad"
+    )
+
+
+def _route_global_max(b: GraphBuilder, g: str, a: str, length: int) -> str:
+    """Global max pool: g to the first maximum over time of each channel."""
+    idx = b.op("ArgMax", [a], "argmax", axis=3, keepdims=1, select_last_index=0)
+    positions = b.const(np.arange(length).reshape(1, 1, 1, -1), I64)
+    first = b.op("Cast", [b.op("Equal", [positions, idx])], "first", to=FLOAT)
+    return b.op("Mul", [g, first], "route_gmp")
 
 
 def _route_max_pairs(b: GraphBuilder, g: str, a: str, op: Op) -> str:
@@ -314,127 +457,159 @@ def _route_max_pairs(b: GraphBuilder, g: str, a: str, op: Op) -> str:
     c, length = op.in_shape
     n_out = op.out_shape[1]
     if 2 * n_out != length:
-        a = b.op("Slice", [a, b.const([0], np.int64), b.const([2 * n_out], np.int64), b.const([3], np.int64)])
-    pairs = b.op("Reshape", [a, b.const([-1, c, 1, n_out, 2], np.int64)])
+        a = b.op("Slice", [a, b.const([0], I64), b.const([2 * n_out], I64), b.const([3], I64)])
+    pairs = b.op("Reshape", [a, b.const([-1, c, 1, n_out, 2], I64)])
     left, right = b.op("Split", [pairs], "pair", n_out=2, axis=4)
     first = b.op("Cast", [b.op("GreaterOrEqual", [left, right])], "first", to=FLOAT)
-    g5 = b.op("Unsqueeze", [g, b.const([4], np.int64)])
+    g5 = b.op("Unsqueeze", [g, b.const([4], I64)])
     to_left = b.op("Mul", [g5, first])
     routed = b.op("Concat", [to_left, b.op("Sub", [g5, to_left])], "route", axis=4)
-    return _pad_tail(
-        b, b.op("Reshape", [routed, b.const([-1, c, 1, 2 * n_out], np.int64)]), length, 2 * n_out
-    )
-
-
-def _pad_tail(b: GraphBuilder, t: str, length: int, covered: int) -> str:
+    routed = b.op("Reshape", [routed, b.const([-1, c, 1, 2 * n_out], I64)])
+    if 2 * n_out == length:
+        return routed
     # Samples that fell off the end of the last window get no gradient, as in PyTorch.
-    if covered == length:
-        return t
-    return b.op("Pad", [t, b.const([0, 0, 0, 0, 0, 0, 0, length - covered], np.int64)])
+    return b.op("Pad", [routed, b.const([0, 0, 0, 0, 0, 0, 0, length - 2 * n_out], I64)])
 
 
-def spread_avg(b: GraphBuilder, g: str, op: Op) -> str:
-    """Average-pool gradient: g / k to every sample of its window."""
-    k = op.params["kernel"]
-    c, length = op.in_shape
-    n_out = op.out_shape[1]
-    g5 = b.op("Unsqueeze", [g, b.const([4], np.int64)])
-    spread = b.op("Mul", [g5, b.const(np.full((1, 1, 1, 1, k), 1.0 / k))])
-    return _pad_tail(
-        b, b.op("Reshape", [spread, b.const([-1, c, 1, n_out * k], np.int64)]), length, n_out * k
-    )
+def _conv_input_gradient(
+    b: GraphBuilder,
+    g: str,
+    w3: str,
+    kernel: int,
+    stride: int,
+    pads: tuple[int, int],
+    dilation: int,
+    groups: int,
+    lengths: tuple[int, int],
+    shape: tuple[int, int, int],
+) -> str:
+    """Gradient of a 1-D convolution (weight ``w3`` of ``shape`` (C_out, C_in/groups, k)) with
+    respect to its input of length ``lengths[0]`` (output length ``lengths[1]``).
 
-
-def _conv_input_gradient(b: GraphBuilder, g: str, op: Op) -> str:
-    """Gradient of a Conv1d with respect to its input.
-
-    With stride 1 this is itself a convolution, with the weight's channel axes swapped
-    and its taps reversed; ONNX Runtime folds that weight view into a constant at load
-    and runs its fast Conv kernel. Strided convolutions use ConvTranspose.
+    With stride 1 this is itself a convolution, with each group's channel axes swapped and
+    the taps reversed; ONNX Runtime folds that weight view into a constant at load and runs
+    its fast Conv kernel. Strided convolutions use ConvTranspose.
     """
-    p = op.params
-    w, _ = param_names(op)
-    k, s, pad, d = p["weight"].shape[2], p["stride"], p["padding"], p["dilation"]
-    l_in, l_out = op.in_shape[1], op.out_shape[1]
-    pad_t = d * (k - 1) - pad
-    if s == 1 and pad_t >= 0:
-        swapped = b.op("Transpose", [w], f"{w}.T", perm=[1, 0, 2])
+    k, s, d = kernel, stride, dilation
+    (pad_l, pad_r), (l_in, l_out) = pads, lengths
+    c_out, c_in_g, _ = shape
+    if s == 1 and d * (k - 1) - pad_l >= 0 and d * (k - 1) - pad_r >= 0:
+        if groups == 1:
+            swapped = b.op("Transpose", [w3], f"{w3}.T", perm=[1, 0, 2])
+        else:
+            grouped = b.op("Reshape", [w3, b.const([groups, c_out // groups, c_in_g, k], I64)])
+            swapped = b.op(
+                "Reshape",
+                [
+                    b.op("Transpose", [grouped], perm=[0, 2, 1, 3]),
+                    b.const([groups * c_in_g, c_out // groups, k], I64),
+                ],
+                f"{w3}.T",
+            )
         flipped = b.op(
             "Slice",
-            [
-                swapped,
-                b.const([-1], np.int64),
-                b.const([-(k + 1)], np.int64),
-                b.const([2], np.int64),
-                b.const([-1], np.int64),
-            ],
-            f"{w}.flip",
+            [swapped, b.const([-1], I64), b.const([-(k + 1)], I64), b.const([2], I64), b.const([-1], I64)],
+            f"{w3}.flip",
         )
-        weight = b.op("Unsqueeze", [flipped, b.const([2], np.int64)], f"{w}.flip.4d")
         return b.op(
             "Conv",
-            [g, weight],
-            f"{op.name}.T",
+            [g, as_4d(b, flipped, f"{w3}.flip")],
+            "conv.T",
             kernel_shape=[1, k],
-            pads=[0, pad_t, 0, pad_t],
+            pads=[0, d * (k - 1) - pad_r, 0, d * (k - 1) - pad_l],
             dilations=[1, d],
+            group=groups,
         )
-    extra = l_in - (s * (l_out - 1) + d * (k - 1) + 1 - 2 * pad)
+    extra = l_in - (s * (l_out - 1) + d * (k - 1) + 1 - pad_l - pad_r)
     return b.op(
         "ConvTranspose",
-        [g, conv_weight_4d(b, op)],
-        f"{op.name}.T",
+        [g, as_4d(b, w3, w3)],
+        "conv.T",
         kernel_shape=[1, k],
         strides=[1, s],
-        pads=[0, pad, 0, pad],
+        pads=[0, pad_l, 0, pad_r],
         dilations=[1, d],
         output_padding=[0, extra],
+        group=groups,
     )
 
 
-def _backward_op(b: GraphBuilder, rule: Rule, op: Op, g: str, t: dict[str, str]) -> list[str]:
-    """Gradient contributions for each input of ``op`` given the gradient ``g`` at its output."""
-    if op.kind in RULE_LAYERS:
-        g = rule.at_layer_output(b, g, t[op.output])
+def transpose_op(b: GraphBuilder, op: Op, g: str, weight_t: str | None = None) -> list[str]:
+    """The plain gradient of ``op`` with respect to each of its inputs, given ``g`` at its output
+    (max pooling excepted: its routing needs the input, see ``route_max``). ``weight_t`` replaces
+    a parameterised op's weight (LRP rules propagate through modified weights)."""
+    p = op.params
     if op.kind == CONV:
-        return [_conv_input_gradient(b, g, op)]
+        w3 = weight_t or weight(b, op)
+        k = p["weight"].shape[2]
+        return [
+            _conv_input_gradient(
+                b,
+                g,
+                w3,
+                k,
+                p["stride"],
+                (p["padding"], p["padding"]),
+                p["dilation"],
+                p["groups"],
+                (op.in_shape[1], op.out_shape[1]),
+                p["weight"].shape,
+            )
+        ]
     if op.kind == LINEAR:
-        return [b.op("MatMul", [g, param_names(op)[0]], f"{op.name}.T")]
-    if op.kind == RELU:
-        return [rule.relu(b, g, t[op.inputs[0]], t[op.output])]
-    if op.kind == MAXPOOL:
-        return [rule.maxpool(b, g, t[op.inputs[0]], t[op.output], op)]
+        return [b.op("MatMul", [g, weight_t or weight(b, op)], f"{op.name}.T")]
+    if op.kind == AFFINE:
+        return [
+            b.op("Mul", [g, _channel_view(b, weight_t or weight(b, op), op, "affine.view")], f"{op.name}.T")
+        ]
     if op.kind == AVGPOOL:
-        return [spread_avg(b, g, op)]
+        left, right, n = _pool_extent(op)
+        scaled = b.op("Mul", [g, b.const((1.0 / avg_pool_divisors(op)).reshape(1, 1, 1, -1))])
+        c, k = op.in_shape[0], p["kernel"]
+        ones = b.const(np.ones((c, 1, k)))
+        return [
+            _conv_input_gradient(
+                b, scaled, ones, k, p["stride"], (left, right), 1, c, (op.in_shape[1], n), (c, 1, k)
+            )
+        ]
     if op.kind == GAP:
         length = op.in_shape[1]
         return [b.op("Mul", [g, b.const(np.full((1, 1, 1, length), 1.0 / length))], "gap.T")]
     if op.kind == FLATTEN:
         c, length = op.in_shape
-        return [b.op("Reshape", [g, b.const([-1, c, 1, length], np.int64)])]
+        return [b.op("Reshape", [g, b.const([-1, c, 1, length], I64)], "flatten.T")]
     if op.kind == ADD:
         return [g, g]
+    if op.kind == CONCAT:
+        sizes = [shape[0] for shape in op.in_shapes]
+        return b.op("Split", [g, b.const(sizes, I64)], "concat.T", n_out=len(sizes), axis=1)
     raise AssertionError(op.kind)
+
+
+def _backward_op(b: GraphBuilder, rule: Rule, op: Op, g: str, t: dict[str, str]) -> list[str]:
+    """Contributions for each input of ``op`` given ``g`` at its output, under ``rule``."""
+    ins, out = [t[i] for i in op.inputs], t[op.output]
+    if op.kind == RELU:
+        return [rule.relu(b, g, ins[0], out)]
+    if op.kind in (FLATTEN, CONCAT):  # they only move values: every rule passes them through
+        return transpose_op(b, op, g)
+    return rule.layer(b, op, g, ins, out)
 
 
 def emit_backward(b: GraphBuilder, ir: ModelIR, rule: Rule, t: dict[str, str], seed: str, wrt: str) -> str:
     """Propagate ``seed`` (gradient at the logits) back to IR tensor ``wrt`` under ``rule``."""
     needed = _descendants(ir, wrt)
-    feeds_rule_layer = {i for op in ir.ops if op.kind in RULE_LAYERS for i in op.inputs}
     pending: dict[str, list[str]] = {ir.output: [seed]}
     for op in reversed(ir.ops):
         if op.output == wrt or op.output not in needed or op.output not in pending:
             continue
         g = _total(b, pending.pop(op.output))
-        if op.output in feeds_rule_layer:
-            g = rule.at_layer_input(b, g, t[op.output])
         for name, contribution in zip(op.inputs, _backward_op(b, rule, op, g, t), strict=True):
             if name in needed:
                 pending.setdefault(name, []).append(contribution)
-    g = _total(b, pending[wrt])
-    if wrt in feeds_rule_layer:
-        g = rule.at_layer_input(b, g, t[wrt])
-    return g
+    if wrt not in pending:
+        raise ExportError(f"the model's output does not depend on {wrt!r}")
+    return _total(b, pending[wrt])
 
 
 def _total(b: GraphBuilder, parts: list[str]) -> str:
@@ -455,17 +630,28 @@ BATCH = "batch"
 X_SHAPE = [BATCH, None, None]  # filled with the model's input shape by build_graphs
 
 
-def build_graphs(ir: ModelIR, input_shape: tuple[int, int], gradcam_layer: str) -> dict[str, onnx.ModelProto]:
-    """Every graph of a package, by graph name (see ``GRAPH_SIGNATURES``)."""
-    x_shape = [BATCH, *input_shape]
-    n_classes = ir.ops[-1].out_shape[0]
-    graphs = {"forward": _forward_graph(ir, x_shape, n_classes)}
-    for rule in (Rule(), GuidedRule(), DeconvRule()):
-        graphs[rule.name] = _backward_graph(ir, x_shape, n_classes, rule)
-    graphs["deeplift"] = _deeplift_graph(ir, x_shape, n_classes)
-    graphs["lrp"] = _lrp_graph(ir, x_shape, n_classes)
-    graphs["gradcam"] = _gradcam_graph(ir, x_shape, n_classes, gradcam_layer)
-    return graphs
+def build_graph(ir: ModelIR, name: str, gradcam_layer: str) -> onnx.ModelProto:
+    """One graph of a package (see ``GRAPH_SIGNATURES``), or ExportError when the model's
+    layers cannot be expressed in it."""
+    x_shape = [BATCH, *ir.input_shape]
+    n = ir.n_outputs
+    builders = {
+        "forward": lambda: _forward_graph(ir, x_shape, n),
+        "gradient": lambda: _backward_graph(ir, x_shape, n, Rule()),
+        "guided_backprop": lambda: _backward_graph(ir, x_shape, n, GuidedRule()),
+        "deconvolution": lambda: _backward_graph(ir, x_shape, n, DeconvRule()),
+        "deeplift": lambda: _deeplift_graph(ir, x_shape, n),
+        "lrp": lambda: _lrp_graph(ir, x_shape, n),
+        "gradcam": lambda: _gradcam_graph(ir, x_shape, n, gradcam_layer),
+    }
+    if name not in builders:
+        raise ValueError(f"no graph named {name!r}; graphs: {sorted(builders)}")
+    return builders[name]()
+
+
+def build_graphs(ir: ModelIR, gradcam_layer: str) -> dict[str, onnx.ModelProto]:
+    """Every graph of a package, by graph name."""
+    return {name: build_graph(ir, name, gradcam_layer) for name in GRAPH_SIGNATURES}
 
 
 # Inputs and outputs of each graph, by name, as the engine calls them.
