@@ -1,0 +1,721 @@
+"""The ONNX front end of the export: a forward-only ONNX model from another framework into a ModelIR.
+
+A hospital's network may arrive as an ONNX file (``torch.onnx.export``, tf2onnx, a
+vendor's tool). This module reads its graph, without PyTorch, into the same IR the
+PyTorch front ends produce, so the package's backward graphs are built from the ONNX
+graph itself. Parameters are the graph's initializers and ``Constant`` nodes (and what
+constant-only nodes compute from them, e.g. a transposed weight); integer shape
+arithmetic (``Shape -> Gather -> Concat -> Reshape``) is skipped, because every
+tensor's shape comes from ONNX shape inference with the input's length fixed.
+
+Supported operators (opsets 11-21): Conv (1-D, any group, symmetric padding),
+BatchNormalization (inference), Relu, MaxPool / AveragePool (symmetric padding,
+ceil_mode, count_include_pad), GlobalAveragePool, GlobalMaxPool, ReduceMean /
+ReduceMax over time, Concat along channels, Add of two tensors, Flatten / Reshape /
+Squeeze / Unsqueeze that only flatten each ECG's features, Gemm, MatMul (+ Add of a
+constant bias), Dropout, Identity. Anything else is refused with the node's name and
+what to use instead.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper, shape_inference
+
+from training.export.ir import (
+    ADD,
+    AFFINE,
+    AVGPOOL,
+    CONCAT,
+    CONV,
+    FLATTEN,
+    GAP,
+    GMP,
+    INPUT,
+    LINEAR,
+    MAXPOOL,
+    RELU,
+    ExportError,
+    ModelIR,
+    Op,
+    batchnorm_affine,
+    conv_output_length,
+    finish_ir,
+    pool_output_length,
+    unsupported,
+)
+
+# ONNX operator -> the name under which ir.REPLACEMENTS says what to use instead.
+_REPLACEMENT_KEYS = {
+    "Gelu": "GELU",
+    "Elu": "ELU",
+    "Selu": "SELU",
+    "LeakyRelu": "LeakyReLU",
+    "PRelu": "PReLU",
+    "Tanh": "Tanh",
+    "Sigmoid": "Sigmoid",
+    "HardSigmoid": "Sigmoid",
+    "Softmax": "Softmax",
+    "LogSoftmax": "Softmax",
+    "LSTM": "LSTM",
+    "GRU": "GRU",
+    "RNN": "LSTM",
+    "LayerNormalization": "LayerNorm",
+    "GroupNormalization": "GroupNorm",
+    "InstanceNormalization": "InstanceNorm1d",
+    "Attention": "MultiheadAttention",
+}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+_RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
+_PASS_THROUGH = ("Identity", "Dropout")
+MIN_OPSET, MAX_OPSET = 11, 21
+
+
+def load_onnx_model(path: Path | str) -> onnx.ModelProto:
+    """Read an ONNX file, or raise ExportError saying why it is not one."""
+    path = Path(path)
+    try:
+        return onnx.load(str(path))
+    except FileNotFoundError:
+        raise ExportError(f"{path}: no such ONNX file") from None
+    except Exception as e:  # protobuf's DecodeError and onnx's own errors
+        raise ExportError(f"{path} is not a readable ONNX model ({type(e).__name__}: {e})") from None
+
+
+def onnx_metadata(path: Path | str) -> dict[str, str]:
+    """The model's ``metadata_props`` (e.g. ``sampling_rate_hz``) as a dict."""
+    return {p.key: p.value for p in load_onnx_model(path).metadata_props}
+
+
+def onnx_forward(path: Path | str) -> Callable[[np.ndarray], np.ndarray]:
+    """Run the original ONNX file on ONNX Runtime (CPU): float32 ``(B, leads, samples)`` -> logits.
+
+    A file exported with a fixed batch of one is run one ECG at a time.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise ExportError(f"{path}: ONNX Runtime cannot load the model ({type(e).__name__}: {e})") from None
+    inp = session.get_inputs()[0]
+    fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+
+    def run(x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if fixed_batch is None or fixed_batch == len(x):
+            return np.asarray(session.run(None, {inp.name: x})[0])
+        if fixed_batch != 1:
+            raise ExportError(f"{path}: the model's batch size is fixed at {fixed_batch}")
+        return np.concatenate([session.run(None, {inp.name: x[i : i + 1]})[0] for i in range(len(x))])
+
+    return run
+
+
+def import_onnx(path: Path | str, input_length: int | None = None) -> ModelIR:
+    """Read the forward-only ONNX model at ``path`` into a :class:`ModelIR`, or raise ExportError.
+
+    The model must have one float32 input ``(batch, leads, samples)`` and one output
+    ``(batch, classes)``. ``input_length`` fixes the number of samples when the graph
+    leaves it dynamic (and must agree with the graph when it does not).
+    """
+    path = Path(path)
+    model = load_onnx_model(path)
+    return _Importer(model, path).convert(input_length)
+
+
+def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
+    t = value.type.tensor_type
+    if not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+
+
+def _attrs(node: onnx.NodeProto) -> dict[str, Any]:
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+class _Importer:
+    def __init__(self, model: onnx.ModelProto, path: Path):
+        self.model, self.path = model, path
+        self.graph = model.graph
+        self.consts: dict[str, np.ndarray] = {}
+        self.alias: dict[str, str] = {}  # ONNX value name -> IR tensor name
+        self.shapes: dict[str, list] = {}
+        self.types: dict[str, int] = {}
+        self.ops: list[Op] = []
+        self.names: dict[str, int] = {}
+        # MatMul-made linear layers still waiting for a bias (ONNX value name -> op)
+        self.open_linear: dict[str, Op] = {}
+        self.uses: dict[str, int] = {}
+        self.shape_values: set[str] = set()  # integer shape arithmetic, skipped
+
+    # ------------------------------------------------------------------ set-up
+
+    def convert(self, input_length: int | None) -> ModelIR:
+        self._check_opset()
+        inp, leads, length = self._input(input_length)
+        self._infer_shapes(inp, leads, length)
+        for init in self.graph.initializer:
+            self.consts[init.name] = numpy_helper.to_array(init)
+        for node in self.graph.node:
+            for name in node.input:
+                self.uses[name] = self.uses.get(name, 0) + 1
+        for name in (o.name for o in self.graph.output):
+            self.uses[name] = self.uses.get(name, 0) + 1
+        self.alias[inp.name] = INPUT
+        for index, node in enumerate(self.graph.node):
+            self._node(node, index)
+        out = self.graph.output[0].name
+        if out not in self.alias:
+            raise ExportError(f"{self.path}: the model's output {out!r} does not depend on its input")
+        return finish_ir(self.ops, self.alias[out], (leads, length))
+
+    def _check_opset(self) -> None:
+        versions = {o.domain or "ai.onnx": o.version for o in self.model.opset_import}
+        version = versions.get("ai.onnx")
+        if version is None or not MIN_OPSET <= version <= MAX_OPSET:
+            raise ExportError(
+                f"{self.path}: ONNX opset {version} is not supported (opsets {MIN_OPSET}-{MAX_OPSET}); "
+                "export the model again with opset_version between those"
+            )
+
+    def _input(self, input_length: int | None) -> tuple[onnx.ValueInfoProto, int, int]:
+        initialised = {i.name for i in self.graph.initializer}
+        inputs = [i for i in self.graph.input if i.name not in initialised]
+        if len(inputs) != 1 or len(self.graph.output) != 1:
+            raise ExportError(
+                f"{self.path}: the model has {len(inputs)} inputs and {len(self.graph.output)} outputs; "
+                "it must take one ECG tensor (batch, leads, samples) and return one tensor of logits "
+                "(batch, classes)"
+            )
+        inp = inputs[0]
+        elem = inp.type.tensor_type.elem_type
+        if elem != onnx.TensorProto.FLOAT:
+            raise ExportError(
+                f"{self.path}: input {inp.name!r} is {onnx.TensorProto.DataType.Name(elem)}; it must be "
+                "float32 (batch, leads, samples)"
+            )
+        dims = _dims(inp)
+        if dims is None or len(dims) != 3:
+            raise ExportError(
+                f"{self.path}: input {inp.name!r} has shape {dims}; it must be 3-D (batch, leads, samples)"
+            )
+        leads, length = dims[1], dims[2]
+        if not isinstance(leads, int) or leads <= 0:
+            raise ExportError(f"{self.path}: input {inp.name!r} has no fixed number of leads ({leads!r})")
+        if isinstance(length, int) and length > 0:
+            if input_length is not None and input_length != length:
+                raise ExportError(
+                    f"{self.path}: the model's input has {length} samples, not --input-length {input_length}"
+                )
+        elif input_length is None:
+            raise ExportError(
+                f"{self.path}: the input length of {inp.name!r} is dynamic ({length!r}); pass --input-length "
+                "with the number of samples the model was trained on"
+            )
+        else:
+            if input_length <= 0:
+                raise ExportError(f"--input-length must be a positive number of samples, got {input_length}")
+            length = input_length
+        return inp, leads, int(length)
+
+    def _infer_shapes(self, inp: onnx.ValueInfoProto, leads: int, length: int) -> None:
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        for value in model.graph.input:
+            if value.name == inp.name:
+                dims = value.type.tensor_type.shape.dim
+                if not dims[0].HasField("dim_value"):
+                    # A dynamic batch is fixed at 2 (not 1) for inference: shape arithmetic such as
+                    # view(x.size(0), -1) then resolves, and a reshape that mixes ECGs of one batch
+                    # (a constant [1, -1]) shows as a changed batch axis.
+                    dims[0].dim_value = 2
+                dims[1].dim_value, dims[2].dim_value = leads, length
+        # Drop stale shapes recorded by the exporter (made for another length); infer them anew.
+        del model.graph.value_info[:]
+        try:
+            inferred = shape_inference.infer_shapes(model, strict_mode=True, data_prop=True)
+        except Exception as e:
+            raise ExportError(
+                f"{self.path}: ONNX shape inference fails for an input of {leads} leads x {length} samples "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check --input-length"
+            ) from None
+        g = inferred.graph
+        for value in [*g.input, *g.value_info, *g.output]:
+            self.types[value.name] = value.type.tensor_type.elem_type
+            dims = _dims(value)
+            if dims is not None:
+                self.shapes[value.name] = dims
+        self._runtime_shapes(model, inp.name, leads, length)
+
+    def _runtime_shapes(self, model: onnx.ModelProto, input_name: str, leads: int, length: int) -> None:
+        """Shapes inference left open (shape arithmetic in older opsets that ONNX's data propagation
+        does not follow), measured by running the graph once on zeros with ONNX Runtime."""
+        float_values = [
+            o
+            for node in model.graph.node
+            for o in node.output
+            if o and self.types.get(o, onnx.TensorProto.FLOAT) in _FLOAT_TYPES
+        ]
+        open_values = [
+            v
+            for v in float_values
+            if not ((dims := self.shapes.get(v)) and len(dims) >= 2 and all(isinstance(d, int) for d in dims))
+        ]
+        if not open_values:
+            return
+        import onnxruntime as ort
+
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        known = {o.name for o in probe.graph.output}
+        for v in open_values:
+            if v not in known:
+                elem = self.types.get(v) or onnx.TensorProto.FLOAT
+                probe.graph.output.append(onnx.helper.make_tensor_value_info(v, elem, None))
+        batch = model.graph.input[0].type.tensor_type.shape.dim[0].dim_value or 2
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = ort.InferenceSession(
+                probe.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            names = [o.name for o in session.get_outputs()]
+            values = session.run(names, {input_name: np.zeros((batch, leads, length), np.float32)})
+        except Exception as e:
+            raise ExportError(
+                f"{self.path}: the model does not run on {leads} leads x {length} samples "
+                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); check --input-length"
+            ) from None
+        for name, value in zip(names, values, strict=True):
+            if name in open_values:
+                self.shapes[name] = list(np.shape(value))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _name(self, node: onnx.NodeProto, index: int) -> str:
+        base = node.name or f"{node.op_type}_{index}"
+        self.names[base] = self.names.get(base, 0) + 1
+        return base if self.names[base] == 1 else f"{base}@{self.names[base]}"
+
+    def _tensor(self, value: str) -> str:
+        return f"{value}.0" if value == INPUT else value
+
+    def _per_sample(self, value: str, name: str, op_type: str) -> tuple[int, ...]:
+        dims = self.shapes.get(value)
+        if dims is None or len(dims) < 2 or not all(isinstance(d, int) for d in dims[1:]):
+            raise ExportError(
+                f"layer {name} ({op_type}): the shape of {value!r} could not be inferred ({dims}); every "
+                "tensor must have a fixed shape for one input length"
+            )
+        return tuple(int(d) for d in dims[1:])
+
+    def _data(self, node: onnx.NodeProto, name: str) -> list[str]:
+        """The node's inputs that carry the ECG (not constants), as ONNX value names."""
+        return [i for i in node.input if i and i not in self.consts and i not in self.shape_values]
+
+    def _const(self, node: onnx.NodeProto, position: int, name: str, what: str) -> np.ndarray | None:
+        if position >= len(node.input) or not node.input[position]:
+            return None
+        value = node.input[position]
+        if value not in self.consts:
+            raise ExportError(
+                f"layer {name} ({node.op_type}): its {what} {value!r} is computed from the input; it must "
+                "be a constant (an initializer)"
+            )
+        return self.consts[value]
+
+    def _emit(
+        self, kind: str, name: str, node: onnx.NodeProto, inputs: list[str], params: dict | None = None
+    ) -> Op:
+        out = node.output[0]
+        op = Op(
+            kind,
+            name,
+            tuple(self.alias[i] for i in inputs),
+            self._tensor(out),
+            self._per_sample(out, name, node.op_type),
+            tuple(self._per_sample(i, name, node.op_type) for i in inputs),
+            params or {},
+        )
+        self.ops.append(op)
+        self.alias[out] = op.output
+        return op
+
+    # ------------------------------------------------------------------ nodes
+
+    def _node(self, node: onnx.NodeProto, index: int) -> None:
+        name = self._name(node, index)
+        op_type = node.op_type
+        if node.domain not in ("", "ai.onnx"):
+            raise unsupported(name, f"{node.domain}.{op_type}", "operators outside the standard ONNX domain")
+        if op_type == "Constant":
+            self._constant(node, name)
+            return
+        data = self._data(node, name)
+        if not data:
+            if any(i in self.shape_values for i in node.input):
+                self.shape_values.update(node.output)  # more shape arithmetic
+            else:
+                self._fold(node, name)
+            return
+        if all(self.types.get(o, 0) not in _FLOAT_TYPES and self.types.get(o, 0) != 0 for o in node.output):
+            # integer shape arithmetic (Shape, Gather, ...): shapes come from inference instead
+            self.shape_values.update(node.output)
+            return
+        missing = [d for d in data if d not in self.alias]
+        if missing:
+            raise ExportError(
+                f"layer {name} ({op_type}): input {missing[0]!r} comes from an unsupported path"
+            )
+        handler = getattr(self, f"_op_{op_type}", None)
+        if handler is None:
+            raise unsupported(name, _REPLACEMENT_KEYS.get(op_type, op_type), f"ONNX operator {op_type}")
+        self._check_extra_outputs(node, name)
+        handler(node, name, data)
+
+    def _check_extra_outputs(self, node: onnx.NodeProto, name: str) -> None:
+        for extra in node.output[1:]:
+            if extra and self.uses.get(extra, 0):
+                raise unsupported(
+                    name, node.op_type, f"its extra output {extra!r} (indices, mask or statistics) is used"
+                )
+
+    def _constant(self, node: onnx.NodeProto, name: str) -> None:
+        attrs = node.attribute
+        if len(attrs) != 1:
+            raise ExportError(f"layer {name} (Constant): expected exactly one value attribute")
+        a = attrs[0]
+        if a.name == "value":
+            value = numpy_helper.to_array(a.t)
+        elif a.name in ("value_float", "value_int"):
+            value = np.asarray(onnx.helper.get_attribute_value(a))
+        elif a.name in ("value_floats", "value_ints"):
+            value = np.asarray(list(onnx.helper.get_attribute_value(a)))
+        else:
+            raise ExportError(f"layer {name} (Constant): {a.name} constants are not supported")
+        self.consts[node.output[0]] = value
+
+    def _fold(self, node: onnx.NodeProto, name: str) -> None:
+        """A node of constants only (a transposed weight, a cast): computed once, here."""
+        from onnx.reference import ReferenceEvaluator
+
+        inputs = [i for i in node.input if i]
+        try:
+            graph = onnx.helper.make_graph(
+                [node],
+                "fold",
+                [onnx.helper.make_tensor_value_info(i, onnx.TensorProto.UNDEFINED, None) for i in inputs],
+                [
+                    onnx.helper.make_tensor_value_info(o, onnx.TensorProto.UNDEFINED, None)
+                    for o in node.output
+                ],
+            )
+            m = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
+            results = ReferenceEvaluator(m).run(None, {i: self.consts[i] for i in inputs})
+        except Exception as e:
+            raise ExportError(
+                f"layer {name} ({node.op_type}): its constant inputs could not be evaluated "
+                f"({type(e).__name__}: {e})"
+            ) from None
+        for out, value in zip(node.output, results, strict=False):
+            if out:
+                self.consts[out] = np.asarray(value)
+
+    # ------------------------------------------------------------------ operators
+
+    def _op_Identity(self, node, name, data) -> None:
+        self.alias[node.output[0]] = self.alias[data[0]]
+
+    def _op_Dropout(self, node, name, data) -> None:
+        if len(node.input) >= 3 and node.input[2]:
+            mode = self.consts.get(node.input[2])
+            if mode is None or bool(np.asarray(mode)):
+                raise unsupported(name, "Dropout", "training_mode is on (export the model in eval mode)")
+        self.alias[node.output[0]] = self.alias[data[0]]
+
+    def _op_Cast(self, node, name, data) -> None:
+        to = _attrs(node).get("to")
+        if to != onnx.TensorProto.FLOAT:
+            raise unsupported(name, "Cast", "only casts to float32 of the signal")
+        self.alias[node.output[0]] = self.alias[data[0]]
+
+    def _op_Relu(self, node, name, data) -> None:
+        self._emit(RELU, name, node, data[:1])
+
+    def _op_Conv(self, node, name, data) -> None:
+        a = _attrs(node)
+        if node.input[0] != data[0] or len(data) != 1:
+            raise ExportError(f"layer {name} (Conv): its weight and bias must be constants")
+        w = self._const(node, 1, name, "weight")
+        b = self._const(node, 2, name, "bias")
+        in_shape = self._per_sample(data[0], name, "Conv")
+        if w.ndim != 3 or len(in_shape) != 2:
+            raise unsupported(
+                name, "Conv", f"only 1-D convolutions of (batch, channels, time), weight {w.shape}"
+            )
+        k = int(a.get("kernel_shape", [w.shape[2]])[0])
+        stride = self._one(a.get("strides", [1]), name, "strides")
+        dilation = self._one(a.get("dilations", [1]), name, "dilations")
+        padding = self._padding(a, name, "Conv", in_shape[1], k, stride, dilation)
+        groups = int(a.get("group", 1))
+        out_shape = self._per_sample(node.output[0], name, "Conv")
+        if out_shape[1] != conv_output_length(in_shape[1], k, stride, padding, dilation):
+            raise ExportError(
+                f"layer {name} (Conv): output length {out_shape[1]} does not match its attributes"
+            )
+        params = {
+            "weight": w.astype(np.float64),
+            "bias": None if b is None else b.astype(np.float64).reshape(-1),
+            "stride": stride,
+            "padding": padding,
+            "dilation": dilation,
+            "groups": groups,
+        }
+        self._emit(CONV, name, node, data, params)
+
+    def _op_BatchNormalization(self, node, name, data) -> None:
+        a = _attrs(node)
+        if node.input[0] != data[0] or len(data) != 1:
+            raise ExportError(
+                f"layer {name} (BatchNormalization): its scale, bias, mean and variance must be constants"
+            )
+        if a.get("training_mode", 0):
+            batchnorm_affine(name, None, None, None, None, 0.0)  # raises: it normalises by batch statistics
+        gamma, beta, mean, var = (
+            np.asarray(self._const(node, i, name, what), np.float64).reshape(-1)
+            for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))
+        )
+        params = batchnorm_affine(name, mean, var, gamma, beta, float(a.get("epsilon", 1e-5)))
+        self._emit(AFFINE, name, node, data, params)
+
+    def _op_MaxPool(self, node, name, data) -> None:
+        self._pool(node, name, data, MAXPOOL)
+
+    def _op_AveragePool(self, node, name, data) -> None:
+        self._pool(node, name, data, AVGPOOL)
+
+    def _pool(self, node, name, data, kind) -> None:
+        a = _attrs(node)
+        in_shape = self._per_sample(data[0], name, node.op_type)
+        out_shape = self._per_sample(node.output[0], name, node.op_type)
+        if len(in_shape) != 2:
+            raise unsupported(name, node.op_type, "only 1-D pooling of (batch, channels, time)")
+        k = self._one(a["kernel_shape"], name, "kernel_shape")
+        stride = self._one(a.get("strides", [1]), name, "strides")
+        if any(d != 1 for d in a.get("dilations", [1])):
+            raise unsupported(name, node.op_type, "dilations > 1")
+        if a.get("storage_order", 0):
+            raise unsupported(name, node.op_type, "storage_order 1")
+        padding = self._padding(a, name, node.op_type, in_shape[1], k, stride, 1)
+        ceil = bool(a.get("ceil_mode", 0))
+        if out_shape[1] != pool_output_length(in_shape[1], k, stride, padding, ceil):
+            raise unsupported(
+                name,
+                node.op_type,
+                f"its output length {out_shape[1]} differs from PyTorch's rule for kernel {k}, stride "
+                f"{stride}, padding {padding}, ceil_mode {ceil}",
+            )
+        if padding == 0 and k == in_shape[1] and out_shape[1] == 1:
+            # a global pooling written as a window over the whole signal (AdaptiveMaxPool1d(1) exported)
+            self._emit(GMP if kind == MAXPOOL else GAP, name, node, data)
+            return
+        params: dict[str, Any] = {"kernel": k, "stride": stride, "padding": padding, "ceil_mode": ceil}
+        if kind == AVGPOOL:
+            params["count_include_pad"] = bool(a.get("count_include_pad", 0))
+        self._emit(kind, name, node, data, params)
+
+    def _op_GlobalAveragePool(self, node, name, data) -> None:
+        self._global(node, name, data, GAP)
+
+    def _op_GlobalMaxPool(self, node, name, data) -> None:
+        self._global(node, name, data, GMP)
+
+    def _global(self, node, name, data, kind) -> None:
+        if len(self._per_sample(data[0], name, node.op_type)) != 2:
+            raise unsupported(name, node.op_type, "only global pooling over time of (batch, channels, time)")
+        self._emit(kind, name, node, data)
+
+    def _op_ReduceMean(self, node, name, data) -> None:
+        self._reduce(node, name, data, GAP)
+
+    def _op_ReduceMax(self, node, name, data) -> None:
+        self._reduce(node, name, data, GMP)
+
+    def _reduce(self, node, name, data, kind) -> None:
+        a = _attrs(node)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self._const(node, 1, name, "axes")
+        rank = len(self.shapes.get(data[0]) or ())
+        axes = [int(x) % rank for x in np.asarray(axes).reshape(-1)] if axes is not None and rank else None
+        if rank != 3 or axes != [2]:
+            raise unsupported(
+                name,
+                node.op_type,
+                f"only the reduction over time (axis -1) of (batch, channels, time), axes {axes}",
+            )
+        if a.get("keepdims", 1):
+            self._emit(kind, name, node, data)
+            return
+        in_shape = self._per_sample(data[0], name, node.op_type)
+        gap = Op(
+            kind,
+            name,
+            (self.alias[data[0]],),
+            f"{self._tensor(node.output[0])}.pool",
+            (in_shape[0], 1),
+            (in_shape,),
+        )
+        self.ops.append(gap)
+        flat = Op(
+            FLATTEN,
+            f"{name}.flatten",
+            (gap.output,),
+            self._tensor(node.output[0]),
+            (in_shape[0],),
+            ((in_shape[0], 1),),
+        )
+        self.ops.append(flat)
+        self.alias[node.output[0]] = flat.output
+
+    def _op_Concat(self, node, name, data) -> None:
+        rank = len(self.shapes.get(node.output[0]) or ())
+        axis = int(_attrs(node).get("axis", 0))
+        if len(data) != len([i for i in node.input if i]):
+            raise unsupported(name, "Concat", "concatenation with a constant tensor")
+        if not rank or axis % rank != 1:
+            raise unsupported(name, "Concat", f"only concatenation along channels (axis 1), got axis {axis}")
+        self._emit(CONCAT, name, node, data)
+
+    def _op_Add(self, node, name, data) -> None:
+        if len(data) == 2:
+            shapes = [self._per_sample(d, name, "Add") for d in data]
+            if shapes[0] != shapes[1]:
+                raise unsupported(name, "Add", f"only the sum of two tensors of one shape, got {shapes}")
+            self._emit(ADD, name, node, data)
+            return
+        # x @ W + b: the bias of a MatMul-made linear layer
+        linear = self.open_linear.pop(data[0], None)
+        bias_input = next(i for i in node.input if i != data[0])
+        if linear is None or self.uses.get(data[0], 0) != 1:
+            raise unsupported(name, "Add", "adding a constant is only supported as the bias after MatMul")
+        bias = np.asarray(self.consts[bias_input], np.float64)
+        f_out = linear.out_shape[0]
+        if bias.size != f_out or bias.reshape(-1).shape[0] != f_out or bias.ndim > 2:
+            raise unsupported(
+                name, "Add", f"the bias after MatMul must have {f_out} values, got {bias.shape}"
+            )
+        linear.params["bias"] = bias.reshape(-1)
+        self.alias[node.output[0]] = linear.output
+
+    def _op_Gemm(self, node, name, data) -> None:
+        a = _attrs(node)
+        if node.input[0] != data[0] or len(data) != 1:
+            raise unsupported(name, "Gemm", "only input @ constant weight (the first input is the signal)")
+        if a.get("alpha", 1.0) != 1.0 or a.get("beta", 1.0) != 1.0 or a.get("transA", 0):
+            raise unsupported(name, "Gemm", "only alpha = beta = 1 and transA = 0")
+        w = np.asarray(self._const(node, 1, name, "weight"), np.float64)
+        weight = w if a.get("transB", 0) else w.T
+        c = self._const(node, 2, name, "bias")
+        bias = None
+        if c is not None:
+            c = np.asarray(c, np.float64)
+            if c.size == 1:
+                c = np.full(weight.shape[0], float(c.reshape(-1)[0]))
+            if c.reshape(-1).shape[0] != weight.shape[0] or c.ndim > 2:
+                raise unsupported(name, "Gemm", f"bias of shape {c.shape} for {weight.shape[0]} outputs")
+            bias = c.reshape(-1)
+        self._linear(node, name, data, weight, bias)
+
+    def _op_MatMul(self, node, name, data) -> None:
+        if node.input[0] != data[0] or len(data) != 1:
+            raise unsupported(name, "MatMul", "only input @ constant weight (the first input is the signal)")
+        w = np.asarray(self._const(node, 1, name, "weight"), np.float64)
+        if w.ndim != 2:
+            raise unsupported(name, "MatMul", f"the weight must be 2-D, got {w.shape}")
+        op = self._linear(node, name, data, w.T.copy(), None)
+        self.open_linear[node.output[0]] = op
+
+    def _linear(self, node, name, data, weight: np.ndarray, bias: np.ndarray | None) -> Op:
+        in_shape = self._per_sample(data[0], name, node.op_type)
+        if len(in_shape) != 1 or in_shape[0] != weight.shape[1]:
+            raise unsupported(
+                name,
+                node.op_type,
+                f"a dense layer needs flat (batch, {weight.shape[1]}) features, got per-sample {in_shape}; "
+                "flatten first",
+            )
+        return self._emit(LINEAR, name, node, data, {"weight": weight, "bias": bias})
+
+    def _op_Flatten(self, node, name, data) -> None:
+        rank = len(self.shapes.get(data[0]) or ())
+        axis = int(_attrs(node).get("axis", 1))
+        if not rank or axis % rank != 1:
+            raise unsupported(name, "Flatten", f"only flattening from axis 1, got axis {axis}")
+        self._reshape(node, name, data)
+
+    def _op_Reshape(self, node, name, data) -> None:
+        self._reshape(node, name, data)
+
+    def _op_Squeeze(self, node, name, data) -> None:
+        self._reshape(node, name, data)
+
+    def _op_Unsqueeze(self, node, name, data) -> None:
+        self._reshape(node, name, data)
+
+    def _reshape(self, node, name, data) -> None:
+        in_dims, out_dims = self.shapes.get(data[0]), self.shapes.get(node.output[0])
+        in_shape = self._per_sample(data[0], name, node.op_type)
+        out_shape = self._per_sample(node.output[0], name, node.op_type)
+        if out_dims[0] != in_dims[0]:
+            raise unsupported(name, node.op_type, f"it changes the batch axis ({in_dims} -> {out_dims})")
+        if out_shape == in_shape:
+            self.alias[node.output[0]] = self.alias[data[0]]
+            return
+        if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
+            raise unsupported(
+                name,
+                f"reshape {in_shape} -> {out_shape}",
+                "only flattening each ECG's features to one axis ((C, 1) -> (C,) or (C, L) -> (C*L,))",
+            )
+        self._emit(FLATTEN, name, node, data)
+
+    # ------------------------------------------------------------------ attribute helpers
+
+    def _one(self, values, name: str, what: str) -> int:
+        values = list(values)
+        if len(values) != 1:
+            raise ExportError(f"layer {name}: {what} {values} must be one-dimensional (a 1-D layer)")
+        return int(values[0])
+
+    def _padding(
+        self, a: dict, name: str, op_type: str, length: int, k: int, stride: int, dilation: int
+    ) -> int:
+        auto = a.get("auto_pad", b"NOTSET")
+        auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+        if auto == "VALID":
+            return 0
+        if auto in ("SAME_UPPER", "SAME_LOWER"):
+            total = max((-(-length // stride) - 1) * stride + (k - 1) * dilation + 1 - length, 0)
+            if total % 2:
+                raise unsupported(
+                    name, op_type, f"auto_pad {auto} pads unevenly ({total} samples) at this length"
+                )
+            return total // 2
+        if auto != "NOTSET":
+            raise unsupported(name, op_type, f"auto_pad {auto}")
+        pads = list(a.get("pads", [0, 0]))
+        if len(pads) != 2 or pads[0] != pads[1]:
+            raise unsupported(name, op_type, f"only the same padding at both ends, got pads {pads}")
+        return int(pads[0])
