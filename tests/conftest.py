@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,12 @@ import pytest
 from training.data.synth import synthesize_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+# Zennit and onnx2torch (the LRP and ONNX-import references) import torchvision, which does not
+# install beside the local torch build: a minimal stand-in (tests/stubs/README.md) takes its place.
+STUBS = Path(__file__).resolve().parent / "stubs"
+if importlib.util.find_spec("torchvision") is None and str(STUBS) not in sys.path:
+    sys.path.insert(0, str(STUBS))
 
 
 @pytest.fixture(scope="session")
