@@ -1,12 +1,15 @@
-"""ECG payloads of the gRPC API (``ecgx.v1.Ecg``) to the (B, 12, 600) mV median beats a model takes.
+"""ECG payloads of the gRPC API (``ecgx.v1.Ecg``) to the (B, leads, T) mV input a model takes.
 
 An ECG arrives as lead names (any order, matched case-insensitively as in the WFDB importer),
-a sampling rate, explicit units and packed little-endian float32 samples (leads x T). Two
-kinds are accepted:
+a sampling rate, explicit units and packed little-endian float32 samples (leads x T). What a
+model takes is its :class:`ModelInput` (from its package manifest):
 
-- a median beat: T = 600 at 500 Hz, passed to the model as it is;
-- a rhythm strip: at least ``MIN_STRIP_S`` seconds at a rate the importer accepts, from
-  which the beat is computed with the importer's own code (:func:`training.data.median_beat.median_beat`).
+- a median-beat model (the project's: 600 samples at 500 Hz) takes a median beat as it is,
+  or a rhythm strip of at least ``MIN_STRIP_S`` seconds at a rate the importer accepts, from
+  which the beat is computed with the importer's own code (:func:`training.data.median_beat.median_beat`);
+- a window model (a network brought from elsewhere, e.g. 10 s at 100 Hz as in PTB-XL's
+  benchmark) takes exactly its number of samples at its rate, or a longer strip, or one at
+  another rate: that is resampled to the model's rate and its first ``samples`` are used.
 
 Anything else is refused with an :class:`~service.errors.InvalidArgument` whose message
 names the ECG (``ecgs[i]``) and what is wrong. Messages never quote sample values beyond
@@ -19,6 +22,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -38,13 +43,38 @@ MIN_STRIP_S = 8.0
 MAX_STRIP_S = 120.0
 
 
-def decode_ecgs(
-    ecgs: Sequence[Any], leads: Sequence[str], beat_samples: int = 600, max_batch: int | None = None
-) -> tuple[np.ndarray, list[bool]]:
-    """(B, leads, beat_samples) float32 mV beats from ``Ecg`` messages, and whether each came from a strip.
+@dataclass(frozen=True)
+class ModelInput:
+    """What one ECG must become for a model: ``samples`` per lead at ``rate_hz``, and whether
+    that is a median beat (computed from a rhythm strip when one is sent) or a window of signal."""
 
-    ``leads`` is the model's lead order (its package manifest). Raises InvalidArgument for
-    an empty batch or any malformed ECG, ResourceExhausted for more than ``max_batch`` ECGs.
+    samples: int = 600
+    rate_hz: float = BEAT_RATE_HZ
+    median_beat: bool = True
+
+    @classmethod
+    def of_manifest(cls, manifest: dict[str, Any]) -> ModelInput:
+        """From a package manifest's ``input`` (packages without ``kind`` hold median beats)."""
+        spec = manifest["input"]
+        return cls(
+            samples=int(spec["shape"][-1]),
+            rate_hz=float(spec.get("sampling_rate_hz") or BEAT_RATE_HZ),
+            median_beat=spec.get("kind", "median_beat") == "median_beat",
+        )
+
+
+def decode_ecgs(
+    ecgs: Sequence[Any],
+    leads: Sequence[str],
+    beat_samples: int | ModelInput = 600,
+    max_batch: int | None = None,
+) -> tuple[np.ndarray, list[bool]]:
+    """(B, leads, samples) float32 mV model inputs from ``Ecg`` messages, and whether each came
+    from a strip (resampled or cut, or reduced to its median beat).
+
+    ``leads`` is the model's lead order (its package manifest); ``beat_samples`` the model's
+    input (a number: a median beat of that many samples at 500 Hz). Raises InvalidArgument
+    for an empty batch or any malformed ECG, ResourceExhausted for more than ``max_batch`` ECGs.
     """
     if len(ecgs) == 0:
         raise InvalidArgument("the request holds no ECG (ecgs is empty)")
@@ -53,18 +83,20 @@ def decode_ecgs(
             f"the request holds {len(ecgs)} ECGs; this server takes at most {max_batch} per request "
             "(--max-batch): send them in several requests"
         )
-    beats = np.empty((len(ecgs), len(leads), beat_samples), np.float32)
+    spec = beat_samples if isinstance(beat_samples, ModelInput) else ModelInput(int(beat_samples))
+    beats = np.empty((len(ecgs), len(leads), spec.samples), np.float32)
     from_strip = []
     for i, ecg in enumerate(ecgs):
-        beats[i], strip = decode_ecg(ecg, leads, beat_samples, where=f"ecgs[{i}]")
+        beats[i], strip = decode_ecg(ecg, leads, spec, where=f"ecgs[{i}]")
         from_strip.append(strip)
     return beats, from_strip
 
 
 def decode_ecg(
-    ecg: Any, leads: Sequence[str], beat_samples: int = 600, where: str = "ecg"
+    ecg: Any, leads: Sequence[str], beat_samples: int | ModelInput = 600, where: str = "ecg"
 ) -> tuple[np.ndarray, bool]:
-    """One ``Ecg`` message as a (leads, beat_samples) float32 mV beat, and whether it was a rhythm strip."""
+    """One ``Ecg`` message as the model's (leads, samples) float32 mV input, and whether it was a strip."""
+    spec = beat_samples if isinstance(beat_samples, ModelInput) else ModelInput(int(beat_samples))
     order = lead_order(list(ecg.leads), leads, where)
     scale = units_to_mv(ecg.units, where)
     fs = float(ecg.sampling_rate_hz)
@@ -80,7 +112,7 @@ def decode_ecg(
             f"{where}: samples holds {len(ecg.samples)} bytes; {n} leads x {t} samples_per_lead x 4 bytes "
             f"(float32) = {expected} expected"
         )
-    is_beat = t == beat_samples and fs == BEAT_RATE_HZ
+    is_beat = t == spec.samples and fs == spec.rate_hz
     if not is_beat:
         seconds = t / fs
         if seconds > MAX_STRIP_S:
@@ -96,6 +128,8 @@ def decode_ecg(
     _check_amplitude(x, leads, scale, where)
     if is_beat:
         return np.ascontiguousarray(x, dtype=np.float32), False
+    if not spec.median_beat:
+        return strip_to_window(x, fs, spec, leads, scale, where), True
     return strip_to_beat(x, fs, leads, scale, where), True
 
 
@@ -171,6 +205,33 @@ def strip_to_beat(
         ) from None
     _check_amplitude(beat, leads, scale, where, what="its median beat")
     return np.ascontiguousarray(beat, dtype=np.float32)
+
+
+def strip_to_window(
+    x: np.ndarray, fs: float, spec: ModelInput, leads: Sequence[str], scale: float, where: str = "ecg"
+) -> np.ndarray:
+    """The first ``spec.samples`` samples of a (leads, T) mV strip at ``fs`` Hz, resampled to the
+    model's rate (polyphase, anti-aliased) when ``fs`` differs."""
+    from scipy.signal import resample_poly
+
+    try:
+        check_sampling_rate(fs)
+    except MedianBeatError as e:
+        raise InvalidArgument(f"{where}: {e}") from None
+    need_s = spec.samples / spec.rate_hz
+    if x.shape[-1] / fs < need_s:
+        raise InvalidArgument(
+            f"{where}: the ECG is {x.shape[-1] / fs:.2f} s long ({x.shape[-1]} samples at {fs:g} Hz); "
+            f"the model takes {spec.samples} samples at {spec.rate_hz:g} Hz ({need_s:g} s)"
+        )
+    if fs != spec.rate_hz:
+        ratio = Fraction(spec.rate_hz / fs).limit_denominator(1000)
+        x = resample_poly(x.astype(np.float64), ratio.numerator, ratio.denominator, axis=-1)
+        if x.shape[-1] < spec.samples:  # rounding of a strip exactly as long as the window
+            x = np.pad(x, ((0, 0), (0, spec.samples - x.shape[-1])), mode="edge")
+    window = np.ascontiguousarray(x[:, : spec.samples], dtype=np.float32)
+    _check_amplitude(window, leads, scale, where, what="the resampled ECG")
+    return window
 
 
 def _check_amplitude(x: np.ndarray, leads: Sequence[str], scale: float, where: str, what: str = "") -> None:

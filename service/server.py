@@ -38,7 +38,7 @@ import onnxruntime as ort
 
 from service import errors
 from service.calls import CallInterceptor, CallObserver, EngineClock, note_call
-from service.ecg_input import decode_ecgs
+from service.ecg_input import ModelInput, decode_ecgs
 from service.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -276,10 +276,10 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
     # ------------------------------------------------------------------ predict, explain
 
     def _beats(self, served: Any, ecgs: Sequence[Any]) -> np.ndarray:
-        """The request's ECGs as checked (B, 12, 600) float32 mV beats for ``served``'s model."""
+        """The request's ECGs as checked (B, leads, samples) float32 mV inputs for ``served``'s model."""
         engine = served.engine
-        _, samples = engine.package.input_shape
-        beats, _ = decode_ecgs(ecgs, engine.package.leads, samples, max_batch=self.max_batch)
+        spec = ModelInput.of_manifest(engine.package.manifest)
+        beats, _ = decode_ecgs(ecgs, engine.package.leads, spec, max_batch=self.max_batch)
         return engine.check_inputs(beats)
 
     @_handler(limited=True)
