@@ -324,10 +324,11 @@ class AttributionEngine:
     def _attribute(
         self, method: str, inputs: Any, target: Any, params: dict[str, Any], capture: bool = False
     ) -> np.ndarray:
-        from service.methods import get_method
+        from service.methods import check_available, get_method
 
         impl = get_method(method)
         impl.check_params(params)
+        check_available(self.package, method, params)  # a graph the export left out: say why, at once
         x = self.check_inputs(inputs)
         if capture:
             self._capture.x = x

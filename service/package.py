@@ -35,7 +35,11 @@ WEIGHTS_FILE = "weights.bin"
 # The training split's fingerprint (training/export/package.py writes them; validation/leakage.py reads).
 TRAINING_BEATS_FILE = "training_beats.sha256"
 TRAINING_IDS_FILE = "training_ids.json"
-REQUIRED_GRAPHS = ("forward",)
+# Every method needs one of these (perturbation methods the forward pass, gradient methods and the
+# gate the gradient): the export refuses a package without them. Any other graph may be missing
+# when the export could not build or check it for the model; the manifest's ``unavailable`` then
+# says why (graph -> {"reason": ..., "methods": [the methods that need it]}).
+REQUIRED_GRAPHS = ("forward", "gradient")
 # Package files are plain names in the package folder: no separators, no "." or "..".
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -84,10 +88,22 @@ class ModelPackage:
         _, leads, samples = self.manifest["input"]["shape"]
         return int(leads), int(samples)
 
+    @property
+    def unavailable(self) -> dict[str, dict[str, Any]]:
+        """Graph -> {"reason", "methods"} for each graph the export left out (empty when none)."""
+        return dict(self.manifest.get("unavailable") or {})
+
+    def graph_unavailable_reason(self, graph: str) -> str:
+        """Why the package has no ``graph``, as the end of a sentence ("is unavailable: ...")."""
+        entry = self.unavailable.get(graph)
+        if entry is not None:
+            return f"is unavailable for this model: {entry['reason']}"
+        return f"is not in the package (it has {sorted(self.manifest['graphs'])})"
+
     def _graph_entry(self, graph: str) -> dict[str, Any]:
         graphs = self.manifest["graphs"]
         if graph not in graphs:
-            raise PackageError(f"package {self.path} has no {graph!r} graph; it has {sorted(graphs)}")
+            raise PackageError(f"package {self.path}: graph {graph!r} {self.graph_unavailable_reason(graph)}")
         return graphs[graph]
 
     def graph_file(self, graph: str) -> Path:
@@ -330,6 +346,15 @@ def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
         c.int_(shape[i], f"input.shape[{i}]", minimum=1)
     if shape[1] != len(leads):
         c.fail("input.shape[1]", f"is {shape[1]} leads, but leads lists {len(leads)}")
+    rate = c.get(inp, "sampling_rate_hz", "input.")
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate <= 0:
+        c.fail("input.sampling_rate_hz", f"must be a positive number of Hz, got {_show(rate)}")
+    # The R peak's sample is known only for inputs aligned on it (the project's median beat).
+    r_peak = inp.get("r_peak_sample")
+    if r_peak is not None and (not _is_int(r_peak) or not 0 <= r_peak < shape[2]):
+        c.fail(
+            "input.r_peak_sample", f"must be null or a sample index in 0..{shape[2] - 1}, got {_show(r_peak)}"
+        )
 
     files = c.dict_(c.get(manifest, "files"), "files", non_empty=True)
     for name, entry in files.items():
@@ -363,6 +388,21 @@ def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
             names = c.list_(c.get(entry, part, f"{key}."), f"{key}.{part}", non_empty=True)
             for i, n in enumerate(names):
                 c.str_(n, f"{key}.{part}[{i}]")
+
+    if manifest.get("unavailable") is not None:
+        unavailable = c.dict_(manifest["unavailable"], "unavailable")
+        for graph, entry in unavailable.items():
+            key = f"unavailable[{graph!r}]"
+            if graph in graphs:
+                c.fail(
+                    key, "names a graph the package has under graphs; a graph is either there or unavailable"
+                )
+            if graph in REQUIRED_GRAPHS:
+                c.fail(key, f"names the {graph!r} graph, which every package must have")
+            entry = c.dict_(entry, key)
+            c.str_(c.get(entry, "reason", f"{key}."), f"{key}.reason")
+            for i, m in enumerate(c.list_(c.get(entry, "methods", f"{key}."), f"{key}.methods")):
+                c.str_(m, f"{key}.methods[{i}]")
 
     params = c.dict_(c.get(manifest, "parameters"), "parameters")
     for name, entry in params.items():

@@ -798,9 +798,12 @@ def refusal_of_method(served: ServedVersion, gate: MethodGate) -> str:
             for c in failed
         ]
         return f"{where}: failed {'; '.join(parts)}"
+    report = served.report or {}
+    unavailable = (report.get("unavailable") or {}).get(gate.method)
+    if unavailable:  # the export could not build or check a graph it needs
+        return f"{where}: the gate did not check it: {unavailable}"
     if gate.verdict == "not checked":
         return f"{where}: the gate did not check it"
-    report = served.report or {}
     return f"{where}: verdict {gate.verdict!r}" + (
         f" (gate: {report.get('headline')})" if report.get("headline") else ""
     )

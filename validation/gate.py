@@ -29,7 +29,7 @@ import onnxruntime as ort
 import ecgx
 from ecgx.progress import progress_bar
 from service.engine import AttributionEngine, select_providers
-from service.methods import METHOD_NAMES, get_method
+from service.methods import METHOD_NAMES, get_method, unavailable_methods
 from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
 from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from validation import checks
@@ -160,6 +160,9 @@ def run_gate(
             (self-consistency needs at least one).
         policy: a :class:`Policy`, a TOML file, or None for the defaults.
         methods: method names to check (default: all); the random control always runs.
+            A method the package cannot run (a graph the export left out, see the manifest's
+            ``unavailable``) is not checked: the report lists it under ``unavailable`` with the
+            reason, and never serves it.
         attributors: user-supplied methods by name, ``attribute(engine, x, target)``
             (:mod:`validation.user_methods`); each result is checked, and the report marks
             them ``user_supplied`` and never serves them.
@@ -178,8 +181,9 @@ def run_gate(
     started = time.perf_counter()
     pol = validated(policy) if isinstance(policy, Policy) else load_policy(policy)
     below_floor = check_floor(pol, research)
-    attrib = _attributors(methods, attributors, pol.seed)
     pkg = load_package(package)
+    unavailable = unavailable_methods(pkg)
+    attrib = _attributors(methods, attributors, pol.seed, unavailable)
     fam = [load_package(p) for p in family]
     _check_family(pkg, fam)
     ds = load_dataset(data)
@@ -203,7 +207,7 @@ def run_gate(
     matrix = ctx.inter_method(maps, entries)
     ctx.localisation(maps, entries)
     timings["total"] = time.perf_counter() - started
-    report = _report(ctx, fam, entries, matrix, timings, warnings)
+    report = _report(ctx, fam, entries, matrix, timings, warnings, unavailable)
     report["leakage"] = leakage_record(pkg)
     mark_user_methods(report, {m: attrib[m] for m in attributors or {}})
     report["research"] = research
@@ -214,7 +218,10 @@ def run_gate(
 
 
 def _attributors(
-    methods: Sequence[str] | None, extra: Mapping[str, Attributor] | None, seed: int
+    methods: Sequence[str] | None,
+    extra: Mapping[str, Attributor] | None,
+    seed: int,
+    unavailable: Mapping[str, str] | None = None,
 ) -> dict[str, Attributor]:
     names = list(METHOD_NAMES if methods is None else methods)
     for name in names:
@@ -222,6 +229,8 @@ def _attributors(
             raise ValueError(f"unknown attribution method {name!r}; known: {', '.join(METHOD_NAMES)}")
     if CONTROL_METHOD not in names:
         names.append(CONTROL_METHOD)
+    # Methods the package cannot run are not checked (the report says why); user methods always run.
+    names = [n for n in names if n not in (unavailable or {})]
     out = {n: method_attributor(n, seed) for n in names if n in METHOD_NAMES}
     out.update({n: checked_attributor(n, fn, method_spec(fn)) for n, fn in (extra or {}).items()})
     return out
@@ -513,8 +522,15 @@ class _Context:
 
 
 def _report(
-    ctx: _Context, fam: list[ModelPackage], entries: dict, matrix: dict, timings: dict, warnings: list[str]
+    ctx: _Context,
+    fam: list[ModelPackage],
+    entries: dict,
+    matrix: dict,
+    timings: dict,
+    warnings: list[str],
+    unavailable: Mapping[str, str] | None = None,
 ) -> dict:
+    unavailable = dict(unavailable or {})
     methods, references = {}, {}
     for m, method_checks in entries.items():
         verdict, reasons = checks.method_verdict(method_checks)
@@ -523,7 +539,10 @@ def _report(
     required = ctx.policy.required_methods()
     missing = [m for m in required if m not in methods]
     failing = [m for m in required if m in methods and methods[m]["verdict"] != checks.PASS]
-    gate_reasons = [f"required method {m} was not checked" for m in missing]
+    gate_reasons = [
+        f"required {unavailable[m]}" if m in unavailable else f"required method {m} was not checked"
+        for m in missing
+    ]
     gate_reasons += [f"required method {m} failed" for m in failing]
     gate_reasons += [
         f"the model-independent reference row {m} passed every blocking check, so under this policy "
@@ -533,7 +552,9 @@ def _report(
     ]
     passed = [m for m, r in methods.items() if r["verdict"] == checks.PASS and m != CONTROL_METHOD]
     failed = [m for m, r in methods.items() if r["verdict"] != checks.PASS and m != CONTROL_METHOD]
-    not_checked = [m for m in METHOD_NAMES if m not in methods and m != CONTROL_METHOD]
+    not_checked = [
+        m for m in METHOD_NAMES if m not in methods and m != CONTROL_METHOD and m not in unavailable
+    ]
     if len(passed) < ctx.policy.min_passing:
         needed = ctx.policy.min_passing
         gate_reasons.append(f"{len(passed)} method(s) passed; the policy needs at least {needed}")
@@ -551,13 +572,16 @@ def _report(
         "schema_version": SCHEMA_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "verdict": verdict,
-        "headline": headline(verdict, gate_reasons, outcome, ctx.policy, required, warnings),
+        "headline": headline(verdict, gate_reasons, outcome, ctx.policy, required, warnings, unavailable),
         "reasons": gate_reasons,
         "warnings": warnings,
         "required_methods": required,
         # What the service may serve: the passing methods, and nothing when the gate failed.
         "serve": passed if verdict == checks.PASS else [],
         **outcome,
+        # Methods this package cannot run (graphs the export left out), with the reason: not
+        # checked, never served.
+        "unavailable": unavailable,
         "package": package_record(ctx.pkg),
         "family": [package_record(p) for p in fam],
         "data": {
@@ -597,12 +621,15 @@ def headline(
     policy: Policy,
     required: Sequence[str],
     warnings: Sequence[str] = (),
+    unavailable: Mapping[str, str] | None = None,
 ) -> str:
     """The verdict in one sentence: under which policy, what that policy demands, what may be
     served and what will be refused, e.g. ``PASS under policy default (sha256 ...), which
-    requires ...: the package may be served with 7 of 16 methods (...); 9 fail ...``."""
+    requires ...: the package may be served with 7 of 16 methods (...); 9 fail ...``.
+    ``unavailable``: methods the package cannot run (method -> why), counted apart."""
     passed, failed, unchecked = outcome["passed"], outcome["failed"], outcome["not_checked"]
-    total = len(passed) + len(failed) + len(unchecked)
+    missing = [m for m in (unavailable or {}) if m != CONTROL_METHOD]
+    total = len(passed) + len(failed) + len(unchecked) + len(missing)
     demands = (
         f"which requires {', '.join(required) if required else 'no particular method'} to pass and at "
         f"least {policy.min_passing} method(s) to pass"
@@ -610,6 +637,8 @@ def headline(
     refused = [f"{len(failed)} fail their blocking checks{_names(failed)}"] if failed else []
     if unchecked:
         refused.append(f"{len(unchecked)} were not checked{_names(unchecked)}")
+    if missing:
+        refused.append(f"{len(missing)} are unavailable in this package{_names(missing)}")
     if verdict == checks.PASS:
         text = (
             f"PASS under policy {policy.label}, {demands}: the package may be served with "
@@ -699,6 +728,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         for n, c in r["checks"].items():
             if c["blocking"]:
                 lines.append(f"  {label} {n}: {c.get('summary') or checks.describe(c)}")
+    lines += [
+        f"Unavailable, not checked and never served: {why}" for why in report.get("unavailable", {}).values()
+    ]
     lines += [f"WARNING: {w}" for w in report.get("warnings", [])]
     lines.append(f"Gate verdict: {report.get('headline') or report['verdict'].upper()}")
     return lines
