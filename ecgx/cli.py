@@ -85,13 +85,52 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from training.export import export_checkpoint
+    if args.model is None:
+        for flag, value in (
+            ("--weights", args.weights),
+            ("--input-length", args.input_length),
+            ("--sampling-rate", args.sampling_rate),
+            ("--classes", args.classes),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"{flag} is for --model; a checkpoint carries its own weights, shape and classes"
+                )
+        from training.export import export_checkpoint
 
-    out = export_checkpoint(
-        args.checkpoint, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite
-    )
+        out = export_checkpoint(
+            args.checkpoint, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite
+        )
+    else:
+        from training.export import export_package
+        from training.export.sources import load_source
+
+        if not _export_takes_source(export_package):
+            raise ValueError(
+                "ecgx export --model needs export_package with ModelSource support, which this build lacks; "
+                "export a project checkpoint instead"
+            )
+        classes = args.classes
+        if classes is not None and Path(classes).is_file():
+            classes = Path(classes)
+        source = load_source(
+            args.model,
+            weights=args.weights,
+            input_length=args.input_length,
+            sampling_rate_hz=args.sampling_rate,
+            classes=classes,
+        )
+        out = export_package(source, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite)
     log.info("wrote model package %s", out)
     return 0
+
+
+def _export_takes_source(export_package: Callable) -> bool:
+    """Whether ``export_package`` accepts a ModelSource (its first parameter's annotation says so)."""
+    import inspect
+
+    first = next(iter(inspect.signature(export_package).parameters.values()))
+    return "ModelSource" in str(first.annotation)
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -408,13 +447,51 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a trained checkpoint as an ONNX model package",
+        help="export a trained checkpoint, or your own model, as an ONNX model package",
         description="Write PKGDIR with the forward graph, the backward graphs every attribution method needs "
         "(gradient, guided backprop, deconvnet, DeepLIFT, LRP, GradCAM), one shared weights file and "
-        "manifest.json. The graphs are checked against Captum on the PyTorch model first; a mismatch "
-        "writes nothing.",
+        "manifest.json. The graphs are checked against reference implementations first; a mismatch "
+        "writes nothing. The model is a project checkpoint (CHECKPOINT) or, with --model, your own network: "
+        "a Python factory pkg.module:function plus --weights (a state dict), a torch.export program (.pt2) "
+        "or a forward-only ONNX model (.onnx). --input-length is needed when the model does not fix it "
+        "(a factory defaults to 600 samples), --sampling-rate unless the input is the project's 600-sample "
+        "beat at 500 Hz or the file records it, --classes unless the model has the project's 9 outputs.",
     )
-    p.add_argument("checkpoint", type=Path, help="RUNDIR/seed-<s>/checkpoint.pt")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("checkpoint", type=Path, nargs="?", help="RUNDIR/seed-<s>/checkpoint.pt (ecgx train)")
+    which.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="your own model: pkg.module:function (called with no arguments, returns the torch.nn.Module; "
+        "needs --weights), a torch.export program file .pt2 (torch.export.save), or an ONNX file .onnx",
+    )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        metavar="FILE",
+        help="with a factory: its state dict (torch.save(model.state_dict(), FILE)), read as data only and "
+        "loaded strictly (every key and shape must match)",
+    )
+    p.add_argument(
+        "--input-length",
+        type=int,
+        metavar="N",
+        help="samples per lead of one ECG: required for a .pt2 or .onnx model whose length is dynamic; a "
+        "factory defaults to 600",
+    )
+    p.add_argument(
+        "--sampling-rate",
+        type=float,
+        metavar="HZ",
+        help="the rate the model was trained at: required unless the input is 600 samples (500 Hz) or the "
+        ".onnx/.pt2 file records sampling_rate_hz",
+    )
+    p.add_argument(
+        "--classes",
+        metavar="NAMES_OR_FILE",
+        help="class names, comma-separated or a file with one per line, one per model output: required "
+        "unless the model has the project's 9 outputs",
+    )
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--gradcam-layer", help="IR tensor GradCAM reads (default: last convolutional block)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing package ecgx wrote")
