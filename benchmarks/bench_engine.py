@@ -95,6 +95,8 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
 
     from service.methods.perturbation import segment_mask
     from training.checkpoint import load_checkpoint
+    from training.export.ir import trace_model
+    from training.export.ir_torch import ir_module
     from training.export.reference import attach_epsilon_rules, lrp_model
 
     warnings.filterwarnings("ignore")
@@ -110,7 +112,7 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
             timed(lambda: ig.attribute(x, target=t, n_steps=50, internal_batch_size=b), 2)
         ),
     )
-    lrp_ref = lrp_model(model, 1e-6)
+    lrp_ref = lrp_model(ir_module(trace_model(model)), 1e-6)
     mask = torch.tensor(segment_mask(50))[None]
 
     def forward(inputs):

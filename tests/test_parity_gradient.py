@@ -33,6 +33,8 @@ from training.data.median_beat import median_beat
 from training.data.synth import generate
 from training.data.wfdb_import import read_record
 from training.export import export_package
+from training.export.ir import trace_model
+from training.export.ir_torch import ir_module
 from training.export.package import REL_TOL
 from training.export.reference import ill_conditioned_samples, lrp_model
 from training.models import ModelConfig, build_model
@@ -251,7 +253,9 @@ def test_lrp_epsilon(setup, inputs, epsilon):
     at this epsilon (``ill_conditioned_samples``, issue #8); at 0.1 none is excused."""
     model, engine, target = setup
     ref = _captum(
-        CaptumLRP(lrp_model(model, epsilon)).attribute, torch.tensor(inputs), target=torch.tensor(target)
+        CaptumLRP(lrp_model(ir_module(trace_model(model)), epsilon)).attribute,
+        torch.tensor(inputs),
+        target=torch.tensor(target),
     )
     got = engine.attribute("lrp", inputs, target, epsilon=epsilon)
     flagged = ill_conditioned_samples(model, inputs, epsilon, REL_TOL)

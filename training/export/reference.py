@@ -13,52 +13,71 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
+from captum.attr._utils.lrp_rules import EpsilonRule
 from torch import nn
 
-from training.export.ir import trace_model
-from training.models import Add
+from training.export.ir import (
+    ADD,
+    AFFINE,
+    AVGPOOL,
+    CONCAT,
+    CONV,
+    FLATTEN,
+    GAP,
+    GMP,
+    LINEAR,
+    MAXPOOL,
+    RELU,
+    RULE_LAYERS,
+    ExportError,
+    ModelIR,
+    Op,
+)
+from training.export.ir_torch import IRModule, as_ir_module
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with each BatchNorm1d folded into the Conv1d before it.
+class PassRule(EpsilonRule):
+    """Relevance passes unchanged (Concat, Flatten: they only move values, so no epsilon division)."""
 
-    The folded model computes the same function. LRP is run on it because the
-    package applies LRP's rules to folded convolutions (as Zennit's canonizers do).
-    The pairs are the ones the export folds (found by tracing), and each folded
-    BatchNorm becomes a Dropout(0), which Captum's LRP passes relevance through.
-    """
-    model = copy.deepcopy(model).eval()
-    for op in trace_model(model).ops:
-        bn_path = op.params.get("folded")
-        if bn_path:
-            _fold_into(model.get_submodule(op.name), model.get_submodule(bn_path))
-            parent, _, name = bn_path.rpartition(".")
-            setattr(model.get_submodule(parent), name, nn.Dropout(0.0))
-    return model
+    def _create_backward_hook_input(self, inputs):
+        def _backward_hook_input(grad):
+            if self._has_single_input:
+                self.relevance_input[grad.device] = grad.data
+            else:
+                self.relevance_input[grad.device].append(grad.data)
+            return grad
 
+        return _backward_hook_input
 
-def _fold_into(conv: nn.Conv1d, bn: nn.BatchNorm1d) -> None:
-    with torch.no_grad():
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        conv.weight.mul_(scale[:, None, None])
-        conv.bias = nn.Parameter((bias - bn.running_mean) * scale + bn.bias)
+    def _create_backward_hook_output(self, outputs):
+        def _backward_hook_output(grad):
+            self.relevance_output[grad.device] = grad.data
+            return grad
+
+        return _backward_hook_output
 
 
-def lrp_model(model: nn.Module, epsilon: float) -> nn.Module:
-    """The folded model prepared for Captum's LRP with the epsilon rule on every linear layer."""
-    return attach_epsilon_rules(fold_batchnorm(model), epsilon)
+def attach_epsilon_rules(module: IRModule, epsilon: float) -> IRModule:
+    """(Re)attach Captum's EpsilonRule to every rule layer of ``module`` (conv, linear, affine,
+    pools, addition) and a pass-through rule to concatenations and flattens; ReLUs pass relevance
+    as Captum's LRP does. Captum's LRP removes the rules after each call, so call this before each."""
+    if not isinstance(module, IRModule):
+        raise TypeError(
+            "LRP rules attach to an IRModule (training.export.ir_torch.ir_module(trace_model(model))), "
+            f"got {type(module).__name__}"
+        )
+    for op, layer in module.steps():
+        if op.kind in RULE_LAYERS:
+            layer.rule = EpsilonRule(epsilon)  # one rule object per layer: rules keep per-layer state
+        elif op.kind in (CONCAT, FLATTEN):
+            layer.rule = PassRule()
+    return module
 
 
-def attach_epsilon_rules(model: nn.Module, epsilon: float) -> nn.Module:
-    """(Re)attach EpsilonRule to every linear layer; Captum's LRP removes the rules after each call."""
-    from captum.attr._utils.lrp_rules import EpsilonRule
-
-    rule_types = (nn.Conv1d, nn.Linear, nn.MaxPool1d, nn.AvgPool1d, nn.AdaptiveAvgPool1d, Add)
-    for m in model.modules():
-        if isinstance(m, rule_types):
-            m.rule = EpsilonRule(epsilon)
-    return model
+def lrp_model(module: IRModule, epsilon: float) -> IRModule:
+    """``module`` (an IRModule, BatchNorm folded as the IR folds it) with the epsilon rules attached,
+    ready for ``captum.attr.LRP``."""
+    return attach_epsilon_rules(module, epsilon)
 
 
 def _targets(target: np.ndarray | int, n: int) -> torch.Tensor:
@@ -74,7 +93,11 @@ def captum_attribution(
     epsilon: float = 1e-9,
 ) -> np.ndarray:
     """Captum's attribution for the graph-backed methods: gradient, guided_backprop,
-    deconvolution, deeplift (against ``baseline``) and lrp (epsilon rule)."""
+    deconvolution, deeplift (against ``baseline``) and lrp (epsilon rule).
+
+    ``model`` is normally an IRModule; LRP needs one (its rules attach to the IR's layers),
+    so another module is traced into one for LRP.
+    """
     with warnings.catch_warnings():
         # Captum announces its hooks and autograd flags on every call; export logs would drown in them.
         warnings.simplefilter("ignore", UserWarning)
@@ -96,7 +119,8 @@ def _captum(model, method, x, target, baseline, epsilon) -> np.ndarray:
         base = torch.zeros_like(xt) if baseline is None else torch.tensor(baseline, dtype=torch.float32)
         out = DeepLift(copy.deepcopy(model)).attribute(xt, baselines=base, target=tgt)
     elif method == "lrp":
-        out = LRP(lrp_model(model, epsilon)).attribute(xt, target=tgt)
+        module = as_ir_module(model, tuple(x.shape[1:]))
+        out = LRP(lrp_model(module, epsilon)).attribute(xt, target=tgt)
     else:
         raise ValueError(f"no Captum reference for {method!r}")
     return out.detach().numpy()
@@ -105,7 +129,10 @@ def _captum(model, method, x, target, baseline, epsilon) -> np.ndarray:
 def layer_activations_and_gradients(
     model: nn.Module, layer: nn.Module, x: np.ndarray, target: np.ndarray | int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Activations of ``layer`` and the target logit's gradient with respect to them (GradCAM's inputs)."""
+    """Activations of ``layer`` and the target logit's gradient with respect to them (GradCAM's inputs).
+
+    For an IRModule, ``layer`` is ``model.op_modules[tensor]`` for the IR tensor GradCAM reads.
+    """
     from captum._utils.gradient import compute_layer_gradients_and_eval
 
     xt = torch.tensor(x, dtype=torch.float32)
@@ -115,41 +142,160 @@ def layer_activations_and_gradients(
     return acts[0].detach().numpy(), grads[0].detach().numpy()
 
 
-def near_tie_samples(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> np.ndarray:
-    """Samples whose forward pass comes within float rounding of a max-pool tie.
+# --------------------------------------------------------------------------- max-pool ties
 
-    Two float32 implementations (ONNX Runtime, PyTorch) differ by about 1e-7 to 1e-6
-    of a layer's largest magnitude, enough to swap the winner of a max-pool window
-    whose two largest values are that close. The gradient then takes another path
-    through the whole receptive field below, so such a sample cannot be compared
-    element by element. (A ReLU input that close to 0 flips one unit, which moves
-    few elements: that is what the 0.1 % outlier allowance is for.)
-    Returns one bool per sample (True: near a tie).
-    """
+NEAR_TIE_REASON = (
+    "a max-pool window whose two largest values lie within rel_gap of the layer's largest input "
+    "magnitude: float32 rounding in ONNX Runtime and PyTorch may pick different winners, sending the "
+    "gradient down another path (windows tied between exact zeros after a ReLU are not counted: "
+    "both implementations compute those zeros exactly and route alike)"
+)
+
+
+def _zero_exact_tensors(ir: ModelIR) -> set[str]:
+    """Tensors that are non-negative and whose zeros are exact in every float32 implementation:
+    a ReLU's output, and what pooling, adding, joining or flattening only such tensors makes
+    (a sum of non-negative terms is zero only when each term is)."""
+    exact: set[str] = set()
+    keep = (MAXPOOL, GMP, AVGPOOL, GAP, ADD, CONCAT, FLATTEN)
+    for op in ir.ops:
+        if op.kind == RELU or (op.kind in keep and all(t in exact for t in op.inputs)):
+            exact.add(op.output)
+    return exact
+
+
+def _window_ties(
+    windows: torch.Tensor, a: torch.Tensor, rel_gap: float, zero_exact: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sample: (has a near tie that can change the path, has a near tie only between exact zeros)."""
+    if windows.shape[-1] < 2:
+        none = torch.zeros(len(a), dtype=torch.bool)
+        return none, none
+    top2 = windows.topk(2, dim=-1).values
+    gap = (top2[..., 0] - top2[..., 1]).flatten(1)
+    scale = a.abs().flatten(1).max(dim=1).values.clamp_min(1e-30)
+    near = gap < rel_gap * scale[:, None]
+    if not zero_exact:
+        return near.any(dim=1), torch.zeros(len(a), dtype=torch.bool)
+    # The top value is never negative here: a tie at the top is either between exact zeros
+    # (the same in every implementation, and after a ReLU it carries no gradient) or above zero.
+    active = (top2[..., 0] > 0).flatten(1)
+    return (near & active).any(dim=1), (near & ~active).any(dim=1)
+
+
+def _tie_scan(
+    model: nn.Module, x: np.ndarray, rel_gap: float
+) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
+    """(flags per sample, flags per sample for each max-pool layer, samples with zero ties only)."""
+    from training.export.autograd_reference import pool_windows
+
+    try:
+        module = as_ir_module(model, tuple(x.shape[1:]))
+    except ExportError:
+        return _tie_scan_hooks(model, x, rel_gap)
+    zero_exact = _zero_exact_tensors(module.ir)
+    per_layer: dict[str, np.ndarray] = {}
+    ignored = np.zeros(len(x), dtype=bool)
+
+    def scan(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> None:
+        nonlocal ignored
+        a = inputs[0]
+        if op.kind == MAXPOOL:
+            p = op.params
+            windows = pool_windows(a, p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
+        elif op.kind == GMP:
+            windows = a.unsqueeze(-2)
+        else:
+            return None
+        tie, zero_tie = _window_ties(windows, a, rel_gap, op.inputs[0] in zero_exact)
+        per_layer[op.name] = tie.numpy()
+        ignored |= zero_tie.numpy()
+        return None
+
+    with torch.no_grad():
+        module.eval().evaluate(torch.tensor(x, dtype=torch.float32), scan)
     flags = np.zeros(len(x), dtype=bool)
+    for tie in per_layer.values():
+        flags |= tie
+    return flags, per_layer, ignored & ~flags
 
-    def pool_hook(module, inputs, output):
-        a = inputs[0].detach()
-        k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
-        if k < 2:
-            return
-        n = a.shape[-1] // k
-        top2 = a[..., : n * k].reshape(*a.shape[:-1], n, k).topk(2, dim=-1).values
-        gap = (top2[..., 0] - top2[..., 1]).flatten(1)
-        scale = a.abs().flatten(1).max(dim=1).values.clamp_min(1e-30)
-        # Exact (0, 0) windows after a ReLU tie in both implementations alike and carry no gradient.
-        active = (top2[..., 0] > 0).flatten(1)
-        flags[:] |= ((gap < rel_gap * scale[:, None]) & active).any(dim=1).numpy()
 
-    handles = [m.register_forward_hook(pool_hook) for m in model.modules() if isinstance(m, nn.MaxPool1d)]
+def _tie_scan_hooks(model: nn.Module, x: np.ndarray, rel_gap: float):
+    """For a module the IR cannot describe (a bare pooling stack in a test): hook its max pools;
+    a tie is counted when its top value is positive."""
+    from training.export.autograd_reference import pool_windows
+
+    per_layer: dict[str, np.ndarray] = {}
+    ignored = np.zeros(len(x), dtype=bool)
+
+    def hook(name):
+        def run(module, inputs, output):
+            nonlocal ignored
+            a = inputs[0].detach()
+            if isinstance(module, nn.MaxPool1d):
+                k, s, p = (
+                    v if isinstance(v, int) else v[0]
+                    for v in (module.kernel_size, module.stride, module.padding)
+                )
+                windows = pool_windows(a, k, s, p, module.ceil_mode)
+            else:
+                windows = a.unsqueeze(-2)
+            tie, zero_tie = _window_ties(windows, a, rel_gap, True)
+            per_layer[name] = tie.numpy()
+            ignored |= zero_tie.numpy()
+
+        return run
+
+    pools = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.MaxPool1d, nn.AdaptiveMaxPool1d))]
+    handles = [m.register_forward_hook(hook(n)) for n, m in pools]
     try:
         with torch.no_grad():
             model.eval()(torch.tensor(x, dtype=torch.float32))
     finally:
         for h in handles:
             h.remove()
-    return flags
+    flags = np.zeros(len(x), dtype=bool)
+    for tie in per_layer.values():
+        flags |= tie
+    return flags, per_layer, ignored & ~flags
 
+
+def near_tie_samples(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> np.ndarray:
+    """Samples whose forward pass comes within float rounding of a max-pool tie that matters.
+
+    Two float32 implementations (ONNX Runtime, PyTorch) differ by about 1e-7 to 1e-6
+    of a layer's largest magnitude, enough to swap the winner of a max-pool window
+    whose two largest values are that close. The gradient then takes another path
+    through the whole receptive field below, so such a sample cannot be compared
+    element by element. Every max pool is scanned (overlapping, padded, ceil_mode and
+    global ones) over its windows with -inf padding. Only ties that can change the
+    path count: two exact zeros after a ReLU are zero in both implementations and tie
+    alike. (A ReLU input that close to 0 flips one unit, which moves few elements: that
+    is what the 0.1 % outlier allowance is for.) ``model`` is an IRModule, or a module
+    traced into one. Returns one bool per sample (True: near a tie).
+    """
+    return _tie_scan(model, x, rel_gap)[0]
+
+
+def near_tie_report(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> dict:
+    """For the manifest: how many samples ``near_tie_samples`` excuses, where, and why.
+
+    ``flagged``: samples near a tie; ``per_layer``: for each max-pool layer (by its name in
+    the model), the samples with a near tie there; ``zero_ties_not_counted``: samples whose only
+    near ties were between exact zeros after a ReLU (not excused: they cannot change the path).
+    """
+    flags, per_layer, ignored = _tie_scan(model, x, rel_gap)
+    return {
+        "samples": len(x),
+        "flagged": int(flags.sum()),
+        "rel_gap": float(rel_gap),
+        "per_layer": {name: int(tie.sum()) for name, tie in per_layer.items()},
+        "zero_ties_not_counted": int(ignored.sum()),
+        "reason": NEAR_TIE_REASON,
+    }
+
+
+# --------------------------------------------------------------------------- LRP conditioning
 
 FLOAT32_UNIT_ROUNDOFF = 2.0**-24
 
@@ -163,38 +309,52 @@ def ill_conditioned_samples(model: nn.Module, x: np.ndarray, epsilon: float, tol
     error of ``z`` itself (about one float32 rounding of the sum's scale,
     ``u * sum|w*a|``) moves the multiplier by more than ``tol``. Two correct float32
     implementations (ONNX Runtime, PyTorch) then legitimately disagree on that unit's
-    receptive field. The forward pass here runs in float64 on the BatchNorm-folded
-    model (the function LRP is applied to) and flags a sample when any convolution,
-    dense layer or addition has a unit with ``eps * delta / (|z| + eps)**2 > tol``,
-    ``delta = u * sum|w*a|``, and ``z > -delta`` (a unit that float32 may see active).
-    Pooling layers are exempt: they add or pick non-negative values, without cancellation.
-    Returns one bool per sample (True: ill-conditioned).
+    receptive field. The forward pass here runs in float64 on the IRModule (BatchNorm
+    folded: the function LRP is applied to) and flags a sample when any convolution
+    (grouped included), dense layer, channel affine, addition or average pooling has a
+    unit with ``eps * delta / (|z| + eps)**2 > tol``, ``delta = u * sum|w*a|``, and
+    ``z > -delta`` (a unit that float32 may see active). Max pooling picks a value without
+    arithmetic, and concatenation and flattening pass relevance exactly: nothing to flag.
+    ``model`` is an IRModule, or a module traced into one. Returns one bool per sample
+    (True: ill-conditioned).
     """
-    folded = fold_batchnorm(model).double()
+    module = copy.deepcopy(as_ir_module(model, tuple(x.shape[1:]))).double().eval()
     worst = torch.zeros(len(x), dtype=torch.float64)
 
-    def hook(module, inputs, z):
-        if isinstance(module, Add):
-            scale = inputs[0].abs() + inputs[1].abs()
-        else:
-            a, w = inputs[0].abs(), module.weight.abs()
-            bias = None if module.bias is None else module.bias.abs()
-            if isinstance(module, nn.Conv1d):
-                scale = F.conv1d(a, w, bias, module.stride, module.padding, module.dilation, module.groups)
-            else:
-                scale = F.linear(a, w, bias)
+    def check(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        scale = _magnitude(op, layer, inputs)
+        if scale is None:
+            return None
+        z = layer(*inputs)
         delta = FLOAT32_UNIT_ROUNDOFF * scale
         # With epsilon = 0 the multiplier is z / z: only a unit rounding can switch on or off is sensitive.
         error = epsilon * delta / (z.abs() + epsilon) ** 2 if epsilon > 0 else (z.abs() < delta).to(z.dtype)
         error = torch.where(z > -delta, error, torch.zeros_like(error))
         worst[:] = torch.maximum(worst, error.flatten(1).max(dim=1).values)
+        return z
 
-    layers = [m for m in folded.modules() if isinstance(m, (nn.Conv1d, nn.Linear, Add))]
-    handles = [m.register_forward_hook(hook) for m in layers]
-    try:
-        with torch.no_grad():
-            folded(torch.tensor(x, dtype=torch.float64))
-    finally:
-        for h in handles:
-            h.remove()
+    with torch.no_grad():
+        module.evaluate(torch.tensor(x, dtype=torch.float64), check)
     return (worst > tol).numpy()
+
+
+def _magnitude(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    """``sum |w * a|`` (+ |bias|) for each output unit of a layer whose output LRP divides by."""
+    if op.kind == ADD:
+        return inputs[0].abs() + inputs[1].abs()
+    a = inputs[0].abs()
+    if op.kind == CONV:
+        bias = None if layer.bias is None else layer.bias.abs()
+        return F.conv1d(
+            a, layer.weight.abs(), bias, layer.stride, layer.padding, layer.dilation, layer.groups
+        )
+    if op.kind == LINEAR:
+        return F.linear(a, layer.weight.abs(), None if layer.bias is None else layer.bias.abs())
+    if op.kind == AFFINE:
+        shape = (1, -1) + (1,) * (a.dim() - 2)
+        return a * layer.weight.abs().view(shape) + layer.bias.abs().view(shape)
+    if op.kind == AVGPOOL:
+        return layer(a)
+    if op.kind == GAP:
+        return a.mean(dim=-1, keepdim=True)
+    return None

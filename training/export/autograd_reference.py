@@ -1,0 +1,125 @@
+"""A plain-autograd reference for the gradient-family methods, with the rule on each ReLU *op*.
+
+Gradient, guided backpropagation and deconvolution differ only in what the backward
+pass does at a ReLU; every other op is differentiated as it is. Here each rule is a
+custom ``torch.autograd.Function`` applied in place of the ReLU op of an
+:class:`~training.export.ir_torch.IRModule` (and max pooling is one too, routing the
+gradient explicitly to the first maximum of each window, as PyTorch and the exported
+graphs do), so the rule acts on exactly one edge of the graph: the gradient flowing
+from that ReLU's output back to its input.
+
+Why a second reference next to Captum: Captum's ``GuidedBackprop`` and ``Deconvolution``
+hook the ReLU module's *input tensor*. Where that tensor also feeds another op (a
+pre-activation residual block: ``y = x + skip`` feeds both ``relu(y)`` and the next
+addition), the hook sees the gradient summed over both consumers: guided backprop then
+clamps the sum rather than the ReLU path alone, and deconvolution replaces the sum with
+the ReLU path's clamped gradient, dropping the addition's path. The rule as published
+(and as the package's backward graphs apply it) acts per edge, which is what this module
+computes. On networks where no ReLU input is shared the two references agree
+(``tests/test_autograd_reference.py`` shows both cases).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from training.export.ir import GMP, MAXPOOL, RELU, Op, pool_output_length
+from training.export.ir_torch import IRModule
+
+METHODS = ("gradient", "guided_backprop", "deconvolution")
+
+
+class ReluRule(torch.autograd.Function):
+    """``relu`` forward; backward by ``method``'s rule for this edge.
+
+    gradient: pass where the output is > 0; guided_backprop: that, then keep the positive
+    part; deconvolution: keep the positive part of the incoming gradient, without the mask.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, method: str) -> torch.Tensor:  # type: ignore[override]
+        y = x.clamp_min(0)
+        ctx.method = method
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        (y,) = ctx.saved_tensors
+        if ctx.method == "deconvolution":
+            return grad.clamp_min(0), None
+        masked = grad * (y > 0).to(grad.dtype)
+        return (masked.clamp_min(0) if ctx.method == "guided_backprop" else masked), None
+
+
+def pool_windows(x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool) -> torch.Tensor:
+    """Every max-pool window of (B, C, L) ``x`` as (B, C, n, kernel): window ``j`` covers padded
+    positions ``j * stride ...``, with -inf in the padding and past the right end (ceil_mode's
+    last window), so that the padding never wins."""
+    length = x.shape[-1]
+    n = pool_output_length(length, kernel, stride, padding, ceil_mode)
+    right = max(0, (n - 1) * stride + kernel - length - padding)
+    padded = F.pad(x, (padding, right), value=float("-inf"))
+    return padded.unfold(-1, kernel, stride)[..., :n, :]
+
+
+class MaxPoolFirst(torch.autograd.Function):
+    """Max pooling whose gradient goes to the first maximum of each window (PyTorch's choice)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, x: torch.Tensor, kernel: int, stride: int, padding: int, ceil_mode: bool
+    ) -> torch.Tensor:
+        windows = pool_windows(x, kernel, stride, padding, ceil_mode)
+        first = windows.argmax(dim=-1)  # argmax returns the first of equal maxima
+        n = first.shape[-1]
+        # Position of each winner in the padded signal (left padding, then x, then the right end).
+        ctx.positions = first + torch.arange(n, device=x.device) * stride
+        ctx.left, ctx.length = padding, x.shape[-1]
+        ctx.padded_length = max((n - 1) * stride + kernel, padding + x.shape[-1])
+        return windows.gather(-1, first.unsqueeze(-1)).squeeze(-1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        out = grad.new_zeros(*grad.shape[:-1], ctx.padded_length)
+        out.scatter_add_(-1, ctx.positions, grad)
+        return out[..., ctx.left : ctx.left + ctx.length], None, None, None, None
+
+
+def _substitute(method: str):
+    def run(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        if op.kind == RELU:
+            return ReluRule.apply(inputs[0], method)
+        if op.kind == MAXPOOL:
+            p = op.params
+            return MaxPoolFirst.apply(inputs[0], p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
+        if op.kind == GMP:
+            return MaxPoolFirst.apply(inputs[0], inputs[0].shape[-1], 1, 0, False)
+        return None
+
+    return run
+
+
+def autograd_attribution(
+    module: IRModule, method: str, x: np.ndarray, target: np.ndarray | int
+) -> np.ndarray:
+    """The attribution of ``method`` ("gradient", "guided_backprop" or "deconvolution") for the
+    ``target`` logit (one class index, or one per sample) on float32 ``x`` (B, leads, samples),
+    with each ReLU's rule applied on that ReLU's own edge."""
+    if method not in METHODS:
+        raise ValueError(f"no autograd reference for {method!r}; one of {METHODS}")
+    if not isinstance(module, IRModule):
+        raise TypeError(
+            f"autograd_attribution runs on an IRModule (training.export.ir_torch.ir_module), "
+            f"got {type(module).__name__}"
+        )
+    xt = torch.tensor(np.asarray(x), dtype=torch.float32, requires_grad=True)
+    tgt = torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (len(xt),)).copy())
+    with torch.enable_grad():
+        logits = module.eval().evaluate(xt, _substitute(method))
+        # Each sample's logit depends on that sample alone (eval mode), so one backward pass
+        # of the summed target logits gives every sample's own gradient.
+        (grad,) = torch.autograd.grad(logits[torch.arange(len(xt)), tgt].sum(), xt)
+    return grad.detach().numpy()
