@@ -132,6 +132,15 @@ def import_onnx(path: Path | str, input_length: int | None = None) -> ModelIR:
     return _Importer(model, path).convert(input_length)
 
 
+def batchnorm_error(name: str) -> ExportError:
+    """The refusal of a BatchNorm that normalises by each batch's own statistics."""
+    try:
+        batchnorm_affine(name, None, None, None, None, 0.0)
+    except ExportError as e:
+        return e
+    raise AssertionError("batchnorm_affine accepted missing statistics")  # pragma: no cover
+
+
 def _dims(value: onnx.ValueInfoProto) -> list[int | str | None] | None:
     t = value.type.tensor_type
     if not t.HasField("shape"):
@@ -380,9 +389,26 @@ class _Importer:
             )
         handler = getattr(self, f"_op_{op_type}", None)
         if handler is None:
-            raise unsupported(name, _REPLACEMENT_KEYS.get(op_type, op_type), f"ONNX operator {op_type}")
+            raise self._refusal(node, name)
         self._check_extra_outputs(node, name)
         handler(node, name, data)
+
+    def _refusal(self, node: onnx.NodeProto, name: str) -> ExportError:
+        """The refusal of an unsupported node, named after the layer it belongs to where the
+        exporter's scoped names (``/block/act/Erf``) show one: a PyTorch layer exported as several
+        ONNX nodes (GELU before opset 20, LSTM with its transposes, BatchNorm with batch statistics)
+        is refused as that layer, not as its first arithmetic node."""
+        scope = node.name.rsplit("/", 1)[0] if node.name.count("/") >= 2 else ""
+        in_scope = [n.op_type for n in self.graph.node if scope and n.name.startswith(scope + "/")]
+        if "BatchNormalization" in in_scope and "ReduceMean" in in_scope:
+            return batchnorm_error(scope)
+        key = next((_REPLACEMENT_KEYS[t] for t in in_scope if t in _REPLACEMENT_KEYS), None)
+        if key is None and "Erf" in in_scope:
+            key = "GELU"
+        reason = f"ONNX operator {node.op_type}"
+        if len(set(in_scope)) > 1:
+            reason += f" in {scope} ({', '.join(sorted(set(in_scope)))})"
+        return unsupported(name, key or _REPLACEMENT_KEYS.get(node.op_type, node.op_type), reason)
 
     def _check_extra_outputs(self, node: onnx.NodeProto, name: str) -> None:
         for extra in node.output[1:]:
@@ -491,7 +517,7 @@ class _Importer:
                 f"layer {name} (BatchNormalization): its scale, bias, mean and variance must be constants"
             )
         if a.get("training_mode", 0):
-            batchnorm_affine(name, None, None, None, None, 0.0)  # raises: it normalises by batch statistics
+            raise batchnorm_error(name)
         gamma, beta, mean, var = (
             np.asarray(self._const(node, i, name, what), np.float64).reshape(-1)
             for i, what in ((1, "scale"), (2, "bias"), (3, "mean"), (4, "variance"))

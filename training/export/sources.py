@@ -190,7 +190,8 @@ def build_from_factory(spec: str) -> nn.Module:
         raise ExportError(f"--model {spec!r} is not a factory spec; write it pkg.module:function")
     module_name, _, attr = spec.partition(":")
     cwd = os.getcwd()
-    if cwd not in sys.path:
+    added = cwd not in sys.path
+    if added:  # as for python -m: the user's module beside them is importable, for this import only
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
@@ -199,6 +200,9 @@ def build_from_factory(spec: str) -> nn.Module:
             f"--model {spec}: module {module_name} cannot be imported ({type(e).__name__}: {e}); it must be "
             "importable from the current folder or PYTHONPATH"
         ) from None
+    finally:
+        if added and cwd in sys.path:
+            sys.path.remove(cwd)
     factory: Any = module
     for part in attr.split("."):
         if not hasattr(factory, part):
