@@ -1,8 +1,14 @@
-"""Reference attributions computed by Captum on the PyTorch model.
+"""Reference attributions computed in PyTorch, and where float32 cannot pin them down.
 
-The export checks its ONNX graphs against these before it writes a package,
-and the tests compare every engine method with them. Only the export and
-tests import this module (it needs PyTorch and Captum; the engine needs neither).
+The export checks its ONNX graphs against these before it writes a package, and the
+tests compare every engine method with them. They run on the model rebuilt from its IR
+(``training.export.ir_torch.ir_module``: one module per op, BatchNorm folded as the IR
+folds it), whatever form the model arrived in: Captum (``captum_attribution``, with
+LRP's epsilon rule attached to every rule layer by ``lrp_model``), GradCAM's layer
+activations and gradients, and the two excuses a sample may have (``near_tie_samples``,
+``ill_conditioned_samples``). The per-edge autograd reference for the gradient family is
+in ``autograd_reference``. Only the export and tests import this module (it needs
+PyTorch and Captum; the engine needs neither).
 """
 
 from __future__ import annotations
