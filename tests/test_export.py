@@ -36,11 +36,17 @@ class WithLayer(nn.Module):
     [
         (nn.Tanh(), r"layer odd \(Tanh\) is not supported"),
         (nn.LeakyReLU(), r"layer odd \(LeakyReLU\) is not supported"),
-        (nn.MaxPool1d(3, stride=2), r"layer odd \(MaxPool1d\): only non-overlapping pooling"),
+        (nn.GELU(), r"layer odd \(GELU\) is not supported; replace it with ReLU"),
+        (
+            nn.BatchNorm1d(4, track_running_stats=False),
+            r"layer odd \(BatchNorm1d\) has no running statistics",
+        ),
+        (nn.MaxPool1d(3, stride=2, padding=1), None),  # the ResNet stem's pooling: supported
         (nn.BatchNorm1d(4), None),  # folds into the conv before it: supported
     ],
 )
 def test_unsupported_layers_are_refused_by_name(layer, message, tmp_path: Path) -> None:
+    torch.manual_seed(0)
     model = WithLayer(layer).eval()
     if message is None:
         assert (export_package(model, tmp_path / "pkg", sample_inputs=X) / "manifest.json").is_file()
@@ -50,13 +56,19 @@ def test_unsupported_layers_are_refused_by_name(layer, message, tmp_path: Path) 
     assert not (tmp_path / "pkg").exists()
 
 
-def test_batchnorm_without_a_conv_before_it_is_refused(tmp_path: Path) -> None:
+def test_batchnorm_without_a_conv_before_it_exports_as_a_channel_affine(tmp_path: Path) -> None:
     class BnFirst(WithLayer):
         def forward(self, x):
             return self.fc(self.gap(self.relu(self.conv(self.odd(x)))).flatten(1))
 
-    with pytest.raises(ExportError, match=r"BatchNorm1d.*must directly follow a Conv1d"):
-        export_package(BnFirst(nn.BatchNorm1d(12)).eval(), tmp_path / "pkg", sample_inputs=X)
+    model = BnFirst(nn.BatchNorm1d(12)).eval()
+    with torch.no_grad():  # statistics that are not the identity, so a wrong fold would show
+        model.odd.running_mean.uniform_(-0.5, 0.5)
+        model.odd.running_var.uniform_(0.5, 2.0)
+    pkg = export_package(model, tmp_path / "pkg", sample_inputs=X)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["unavailable"] == {}
+    assert manifest["verification"]["checks"]["gradient.original"]["ok"]
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +82,17 @@ def test_manifest_lists_files_layers_and_checks(package) -> None:
     _, pkg = package
     manifest = json.loads((pkg / "manifest.json").read_text())
     assert set(manifest["files"]) == {"weights.bin", *(f"{g}.onnx" for g in onnx_graphs.GRAPH_SIGNATURES)}
+    assert manifest["unavailable"] == {}
     assert [c["key"] for c in manifest["classes"]][:2] == ["SR", "STach"]
     assert manifest["input"]["shape"] == [None, 12, 600] and manifest["opset"] == onnx_graphs.OPSET
     assert any(layer["kind"] == "add" for layer in manifest["layers"])
     assert all(layer["folded_batchnorm"] for layer in manifest["layers"] if layer["kind"] == "conv")
-    assert all(c["outlier_fraction"] <= 1e-3 for c in manifest["verification"]["checks"].values())
+    checks = manifest["verification"]["checks"]
+    assert all(c["ok"] for c in checks.values() if not c.get("informative"))
+    assert all(c["outlier_fraction"] <= 1e-3 for c in checks.values() if c.get("ok"))
+    # The gradient is checked against the model as given too, and Captum beside the autograd rules.
+    assert {"gradient.original", "guided_backprop.captum", "deconvolution.captum"} <= set(checks)
+    assert manifest["input"]["sampling_rate_hz"] == 500 and manifest["input"]["r_peak_sample"] == 250
 
 
 def test_every_graph_reads_the_one_weights_file(package) -> None:
@@ -125,13 +143,25 @@ def test_batch_dimension_is_dynamic(package) -> None:
         np.testing.assert_allclose(grad, np.repeat(grad[:1], b, axis=0), rtol=1e-5, atol=1e-7)
 
 
-def test_a_graph_that_disagrees_with_captum_is_never_written(tmp_path: Path, monkeypatch) -> None:
-    # Break guided backprop's rule: the export's self-check must catch it.
+def test_a_graph_that_disagrees_with_its_reference_is_left_out(tmp_path: Path, monkeypatch) -> None:
+    # Break guided backprop's rule: the export's self-check must catch it and leave the graph out,
+    # while every other graph is published.
+    from service.engine import AttributionEngine
+    from service.errors import FailedPrecondition
+
     monkeypatch.setattr(onnx_graphs.GuidedRule, "relu", onnx_graphs.Rule.relu)
     model = build_model(ModelConfig(widths=(8, 16))).eval()
-    with pytest.raises(ExportError, match="guided_backprop"):
-        export_package(model, tmp_path / "pkg", sample_inputs=X)
-    assert list(tmp_path.iterdir()) == []
+    pkg = export_package(model, tmp_path / "pkg", sample_inputs=X)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    entry = manifest["unavailable"]["guided_backprop"]
+    assert entry["reason"].startswith("disagrees with its reference: guided_backprop: sample 0:")
+    assert entry["methods"] == ["guided_backprop", "guided_gradcam"]
+    assert not (pkg / "guided_backprop.onnx").exists() and "guided_backprop.onnx" not in manifest["files"]
+    assert set(manifest["graphs"]) == set(onnx_graphs.GRAPH_SIGNATURES) - {"guided_backprop"}
+    engine = AttributionEngine(pkg, providers=["CPUExecutionProvider"])
+    with pytest.raises(FailedPrecondition, match=r"method 'guided_gradcam' is unavailable.*disagrees with"):
+        engine.attribute("guided_gradcam", X, target=0)
+    assert engine.attribute("deconvolution", X, target=0).shape == X.shape
 
 
 def test_existing_package_is_not_replaced_unless_asked(package, tmp_path: Path) -> None:

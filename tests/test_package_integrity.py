@@ -258,6 +258,40 @@ def _param(m: dict[str, Any]) -> dict[str, Any]:
         (lambda m: m["files"].pop("weights.bin"), r"weights\.bin is used by the package but not listed"),
         (lambda m: m["layers"][0].update(parameters=["nope"]), r"layers\[0\]\.parameters\[0\] names no"),
         (lambda m: m["graphs"]["forward"].update(file=7), r"graphs\['forward'\]\.file must be a non-empty"),
+        (lambda m: m["graphs"].pop("gradient"), r"field graphs has no 'gradient' graph"),
+        (lambda m: m["input"].pop("sampling_rate_hz"), r"field input\.sampling_rate_hz is missing"),
+        (
+            lambda m: m["input"].update(sampling_rate_hz=0),
+            r"input\.sampling_rate_hz must be a positive number",
+        ),
+        (lambda m: m["input"].update(sampling_rate_hz="500"), r"sampling_rate_hz must be a positive number"),
+        (
+            lambda m: m["input"].update(r_peak_sample=600),
+            r"r_peak_sample must be null or a sample index in 0\.\.599",
+        ),
+        (lambda m: m.update(unavailable=["lrp"]), r"field unavailable must be a JSON object, got list"),
+        (
+            lambda m: m.update(unavailable={"lrp": {"reason": "r", "methods": ["lrp"]}}),
+            r"field unavailable\['lrp'\] names a graph the package has under graphs",
+        ),
+        (
+            lambda m: (m["graphs"].pop("lrp"), m.update(unavailable={"lrp": {"methods": ["lrp"]}})),
+            r"field unavailable\['lrp'\]\.reason is missing",
+        ),
+        (
+            lambda m: (
+                m["graphs"].pop("lrp"),
+                m.update(unavailable={"lrp": {"reason": "r", "methods": "lrp"}}),
+            ),
+            r"field unavailable\['lrp'\]\.methods must be a list",
+        ),
+        (
+            lambda m: (
+                m["graphs"].pop("gradient"),
+                m.update(unavailable={"gradient": {"reason": "r", "methods": []}}),
+            ),
+            r"field graphs has no 'gradient' graph",
+        ),
     ],
 )
 def test_malformed_manifests_name_the_file_and_field(pkg: Path, edit, message: str) -> None:
@@ -265,6 +299,26 @@ def test_malformed_manifests_name_the_file_and_field(pkg: Path, edit, message: s
     with pytest.raises(PackageError, match=message) as e:
         load_package(pkg)
     assert str(pkg) in str(e.value)
+
+
+def test_a_package_without_an_optional_graph_loads_and_refuses_its_methods(pkg: Path) -> None:
+    """The reader accepts a graph listed as unavailable (the export could not build or check it),
+    and the engine refuses every method that needs it with the export's reason."""
+    from service.errors import FailedPrecondition
+
+    def drop_lrp(m: dict[str, Any]) -> None:
+        m["graphs"].pop("lrp")
+        m["files"].pop("lrp.onnx")
+        m["unavailable"] = {"lrp": {"reason": "cannot be built: layer x is odd", "methods": ["lrp"]}}
+
+    edit_manifest(pkg, drop_lrp)
+    (pkg / "lrp.onnx").unlink()
+    package = load_package(pkg)
+    assert package.unavailable == {"lrp": {"reason": "cannot be built: layer x is odd", "methods": ["lrp"]}}
+    engine = AttributionEngine(package, providers=CPU)
+    with pytest.raises(FailedPrecondition, match=r"'lrp' is unavailable.*cannot be built: layer x is odd"):
+        engine.attribute("lrp", X, target=0)
+    assert engine.attribute("saliency", X, target=0).shape == X.shape
 
 
 def test_a_malformed_manifest_is_a_one_line_cli_error(
