@@ -1,28 +1,150 @@
-"""Layer-wise relevance propagation with the epsilon rule."""
+"""Layer-wise relevance propagation: the epsilon rule, and Zennit's standard composites."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
-from service.methods.base import AttributionMethod, check_non_negative
+from service.errors import FailedPrecondition, InvalidArgument
+from service.methods.base import AttributionMethod, _show, check_choice, check_non_negative, numeric_array
 
 # Zennit's default stabiliser; the export checks the package's LRP graph at this value too.
 DEFAULT_EPSILON = 1e-6
 # Float32 in the graph: a larger epsilon absorbs all relevance (a zero map) or overflows.
 MAX_EPSILON = 1e6
+# The ``composite`` parameter -> the package graph computing it. "epsilon" is the original
+# ``lrp`` graph (Captum's EpsilonRule everywhere); the others are Zennit's composites
+# (training/export/lrp_rules.py builds them).
+COMPOSITE_GRAPHS: dict[str, str] = {
+    "epsilon": "lrp",
+    "epsilon_plus": "lrp_epsilon_plus",
+    "epsilon_alpha2_beta1": "lrp_epsilon_alpha2_beta1",
+}
+# The ``input_rule`` parameter -> the composite graphs' int64 ``input_rule`` input.
+INPUT_RULES: dict[str, int] = {"default": 0, "flat": 1, "zbox": 2}
+# ZBox bounds are millivolts, like the inputs (the engine refuses ECGs beyond 50 mV).
+MAX_ABS_BOUND_MV = 1e3
 
 
 class Lrp(AttributionMethod):
-    """LRP-epsilon (Bach et al.) on the BatchNorm-folded network, as Captum's LRP with
-    EpsilonRule on every convolution, dense, pooling and addition layer: relevance
-    starts at the target logit and is conserved up to what epsilon absorbs."""
+    """LRP (Bach et al.) on the BatchNorm-folded network; relevance starts at the target logit.
+
+    ``composite`` picks the rules:
+
+    * ``"epsilon"`` (default): the epsilon rule on every convolution, dense, pooling and
+      addition layer, as Captum's LRP with EpsilonRule. With a small epsilon this is input x
+      gradient (LRP-0 on a ReLU network).
+    * ``"epsilon_plus"``: Zennit's EpsilonPlus: ZPlus on convolutions, epsilon on dense layers,
+      Zennit's Norm rule on additions and average pooling, relevance passed through ReLUs and
+      unfolded BatchNorms, routed through max pooling.
+    * ``"epsilon_alpha2_beta1"``: Zennit's EpsilonAlpha2Beta1: AlphaBeta(2, 1) on convolutions,
+      otherwise as epsilon_plus.
+
+    ``input_rule`` (composites only) is the rule of the layer(s) reading the ECG:
+    ``"default"`` (the composite's own), ``"flat"``, or ``"zbox"`` (z-beta with bounds ``low``
+    and ``high`` in mV: numbers or one per ECG; default each ECG's own minimum and maximum).
+    ``epsilon`` is the dense layers' (composites) or every layer's (``"epsilon"``) stabiliser;
+    the composites' other rules use Zennit's fixed 1e-6.
+
+    Relevance is *not* conserved in general: it is conserved layer by layer except for what
+    biases absorb (including folded BatchNorm shifts: a layer's bias takes its share
+    ``R_j * b_j / z_j``), what epsilon and the stabiliser absorb, and, in the composites, at
+    units where a rule's part is empty (a ZPlus unit without positive contribution drops its
+    relevance; AlphaBeta passes 2x or -1x it where one part is empty). At additions relevance
+    is split in proportion to each branch's contribution. So attributions sum to about the
+    target logit on bias-free networks only (tests/test_lrp_rules.py checks each statement).
+    """
 
     name, kind = "lrp", "modified backward"
 
-    def check(self, x, *, epsilon: float = DEFAULT_EPSILON) -> int:
-        check_non_negative("epsilon", epsilon, MAX_EPSILON)
+    def check(
+        self,
+        x,
+        *,
+        epsilon: float = DEFAULT_EPSILON,
+        composite: str = "epsilon",
+        input_rule: str = "default",
+        low: Any = None,
+        high: Any = None,
+    ) -> int:
+        _settings(x, epsilon, composite, input_rule, low, high)
         return 1
 
-    def attribute(self, engine, x, target, *, epsilon: float = DEFAULT_EPSILON) -> np.ndarray:
-        eps = np.array(check_non_negative("epsilon", epsilon, MAX_EPSILON), np.float32)
-        return engine.backward("lrp", x, target, output="attribution", epsilon=eps)
+    def required_graphs(self, params: Mapping[str, Any]) -> tuple[str, ...]:
+        """The one graph the chosen ``composite`` runs."""
+        composite = check_choice("composite", params.get("composite", "epsilon"), tuple(COMPOSITE_GRAPHS))
+        return (COMPOSITE_GRAPHS[composite],)
+
+    def attribute(
+        self,
+        engine,
+        x,
+        target,
+        *,
+        epsilon: float = DEFAULT_EPSILON,
+        composite: str = "epsilon",
+        input_rule: str = "default",
+        low: Any = None,
+        high: Any = None,
+    ) -> np.ndarray:
+        eps, graph, rule, lo, hi = _settings(x, epsilon, composite, input_rule, low, high)
+        if graph not in engine.package.manifest["graphs"]:
+            raise FailedPrecondition(
+                f"composite {composite!r} needs the {graph!r} graph, which the model package "
+                f"{engine.package.path} does not have (it was exported before LRP composites existed, or the "
+                "export could not build it for this model); re-export the model to use it"
+            )
+        if composite == "epsilon":
+            return engine.backward(graph, x, target, output="attribution", epsilon=eps)
+        return engine.backward(
+            graph, x, target, output="attribution", epsilon=eps, input_rule=rule, low=lo, high=hi
+        )
+
+
+def _settings(
+    x: np.ndarray, epsilon: Any, composite: Any, input_rule: Any, low: Any, high: Any
+) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, np.ndarray]:
+    """Validated graph inputs: (epsilon, graph, input_rule, low (B,), high (B,))."""
+    eps = np.array(check_non_negative("epsilon", epsilon, MAX_EPSILON), np.float32)
+    graph = COMPOSITE_GRAPHS[check_choice("composite", composite, tuple(COMPOSITE_GRAPHS))]
+    rule = check_choice("input_rule", input_rule, tuple(INPUT_RULES))
+    if composite == "epsilon" and rule != "default":
+        raise InvalidArgument(
+            f"input_rule={rule!r} needs a composite ('epsilon_plus' or 'epsilon_alpha2_beta1'); "
+            "composite 'epsilon' applies the epsilon rule to every layer"
+        )
+    if rule != "zbox" and (low is not None or high is not None):
+        given = [name for name, v in (("low", low), ("high", high)) if v is not None]
+        raise InvalidArgument(
+            f"{' and '.join(given)} are the zbox input rule's bounds: set input_rule='zbox'"
+        )
+    flat = x.reshape(len(x), -1)
+    lo = _bound("low", low, flat.min(axis=1), len(x))
+    hi = _bound("high", high, flat.max(axis=1), len(x))
+    if low is not None or high is not None:
+        bad = np.flatnonzero(lo >= hi)
+        if bad.size:
+            raise InvalidArgument(
+                f"low must be below high (zbox bounds, mV); ECG(s) {bad.tolist()} have low "
+                f"{lo[bad].tolist()} >= high {hi[bad].tolist()}"
+            )
+    return eps, graph, np.array(INPUT_RULES[rule], np.int64), lo, hi
+
+
+def _bound(name: str, value: Any, default: np.ndarray, n: int) -> np.ndarray:
+    """A zbox bound as (B,) float32: None (``default``: each ECG's own extreme), a number for
+    every ECG, or one number per ECG."""
+    if value is None:
+        return default.astype(np.float32)
+    arr = numeric_array(name, value)
+    if arr.ndim == 0:
+        arr = np.full(n, arr, np.float32)
+    elif arr.shape != (n,):
+        raise InvalidArgument(
+            f"{name} must be a number (mV) or one number per ECG ({n}), got shape {arr.shape}: {_show(value)}"
+        )
+    if np.abs(arr).max() > MAX_ABS_BOUND_MV:
+        raise InvalidArgument(f"{name} must be within +-{MAX_ABS_BOUND_MV:g} mV, got {_show(value)}")
+    return np.ascontiguousarray(arr, np.float32)

@@ -1,0 +1,199 @@
+"""A PyTorch reference for the LRP composite graphs (``training.export.lrp_rules``).
+
+Written independently of the ONNX graph builder and without Zennit (which imports
+torchvision, so it cannot be a runtime dependency): the IR-rebuilt module
+(``training.export.ir_torch.ir_module``) is run with each op replaced by a custom autograd
+function whose backward pass applies the op's LRP rule, and the attribution is the
+gradient at the input for output relevance ``one_hot(target) * logits``. Each rule's
+backward is the vector-Jacobian product of the layer evaluated with its modified inputs
+and weights (PyTorch autograd computes the transposed convolutions), so nothing here
+shares code with the graphs' hand-written transposes.
+
+By default the reference computes in float64, so it is the better-rounded of the two.
+Only the export and tests import this module.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
+from training.export.ir_torch import IRModule
+from training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
+
+# Graph name -> composite name (``lrp_epsilon_plus`` -> ``epsilon_plus``).
+GRAPH_COMPOSITES = {graph: composite for composite, graph in COMPOSITE_GRAPH_NAMES.items()}
+CONV_RULES = {"epsilon_plus": "zplus", "epsilon_alpha2_beta1": "alpha2beta1"}
+
+Backward = Callable[[list[torch.Tensor], torch.Tensor, torch.Tensor], list[torch.Tensor]]
+
+
+def _stab(z: torch.Tensor, eps: float) -> torch.Tensor:
+    """z + eps * sign(z), sign(0) = +1."""
+    return z + eps * torch.where(z < 0, -1.0, 1.0).to(z)
+
+
+class _RuleFunction(torch.autograd.Function):
+    """Forward: the op itself. Backward: the op's LRP rule on the incoming relevance."""
+
+    @staticmethod
+    def forward(ctx, forward: Callable, backward: Backward, *inputs: torch.Tensor) -> torch.Tensor:
+        out = forward(*inputs)
+        ctx.backward_rule = backward
+        ctx.save_for_backward(*inputs, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor):
+        *inputs, out = ctx.saved_tensors
+        with torch.enable_grad():
+            shares = ctx.backward_rule(inputs, out, relevance)
+        return (None, None, *shares)
+
+
+def _vjp(f: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], s: Callable) -> list[torch.Tensor]:
+    """Gradients of ``f(*inputs)`` at each input for output gradient ``s(z)`` (z = f(*inputs))."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    z = f(*leaves)
+    return list(torch.autograd.grad(z, leaves, s(z.detach())))
+
+
+def _layer_function(module: nn.Module) -> Callable:
+    """``(input, weight, bias) -> output`` of a conv or dense module with other parameters."""
+    if isinstance(module, nn.Conv1d):
+        m = module
+        return lambda a, w, b: F.conv1d(a, w, b, m.stride, m.padding, m.dilation, m.groups)
+    if isinstance(module, nn.Linear):
+        return lambda a, w, b: F.linear(a, w, b)
+    raise ExportError(f"no LRP layer rule for {type(module).__name__}")
+
+
+class _Rules:
+    """The backward rules of one composite with its settings."""
+
+    def __init__(self, composite: str, epsilon: float, input_rule: str, low, high) -> None:
+        self.conv_rule = CONV_RULES[composite]
+        self.epsilon, self.input_rule, self.low, self.high = epsilon, input_rule, low, high
+
+    def backward_for(self, op: Op, module: nn.Module, first: bool) -> Backward | None:
+        if op.kind in (RELU, AFFINE):  # Pass: relevance unchanged
+            return lambda inputs, out, r: [r]
+        if op.kind in (ADD, AVGPOOL, GAP):
+            return lambda inputs, out, r: self.norm(module, inputs, r)
+        if op.kind in (CONV, LINEAR):
+            fn, w, b = _layer_function(module), module.weight.detach(), module.bias
+            b = None if b is None else b.detach()
+            rule = self.input_rule if first else "default"
+            if rule == "flat":
+                return lambda inputs, out, r: [self.flat(fn, w, inputs[0], r)]
+            if rule == "zbox":
+                return lambda inputs, out, r: [self.zbox(fn, w, inputs[0], r)]
+            if op.kind == LINEAR:
+                return lambda inputs, out, r: [self.epsilon_rule(fn, w, b, inputs[0], r)]
+            return lambda inputs, out, r: [self.conv(fn, w, b, inputs[0], r)]
+        return None  # max pooling, flatten, concatenation: the module's own gradient
+
+    def norm(self, module: nn.Module, inputs: list[torch.Tensor], r: torch.Tensor) -> list[torch.Tensor]:
+        grads = _vjp(lambda *a: module(*a), inputs, lambda z: r / _stab(z, STABILIZER))
+        return [a * g for a, g in zip(inputs, grads, strict=True)]
+
+    def epsilon_rule(self, fn, w, b, a, r) -> torch.Tensor:
+        (g,) = _vjp(lambda x: fn(x, w, b), [a], lambda z: r / _stab(z, self.epsilon))
+        return a * g
+
+    def conv(self, fn, w, b, a, r) -> torch.Tensor:
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        bp = None if b is None else b.clamp(min=0)
+        bn = None if b is None else b.clamp(max=0)
+        ap, an = a.clamp(min=0), a.clamp(max=0)
+
+        def part(w1, w2, b1) -> torch.Tensor:
+            # z = w1 a+ + w2 a- + b1; relevance a+ * w1^T s + a- * w2^T s with s = r / stab(z)
+            g1, g2 = _vjp(
+                lambda x, y: fn(x, w1, b1) + fn(y, w2, None), [ap, an], lambda z: r / _stab(z, STABILIZER)
+            )
+            return ap * g1 + an * g2
+
+        if self.conv_rule == "zplus":
+            return part(wp, wn, bp)
+        return 2.0 * part(wp, wn, bp) - part(wn, wp, bn)
+
+    def flat(self, fn, w, a, r) -> torch.Tensor:
+        ones_w = torch.ones_like(w)
+        (g,) = _vjp(lambda x: fn(x, ones_w, None), [torch.ones_like(a)], lambda z: r / _stab(z, STABILIZER))
+        return g
+
+    def zbox(self, fn, w, a, r) -> torch.Tensor:
+        view = (-1,) + (1,) * (a.dim() - 1)
+        low = self.low.to(a).view(view).expand_as(a)
+        high = self.high.to(a).view(view).expand_as(a)
+        wp, wn = w.clamp(min=0), w.clamp(max=0)
+        ga, gl, gh = _vjp(
+            lambda x, lo, hi: fn(x, w, None) - fn(lo, wp, None) - fn(hi, wn, None),
+            [a, low, high],
+            lambda z: r / _stab(z, STABILIZER),
+        )
+        # autograd's gl, gh already carry the minus signs of z's low and high terms
+        return a * ga + low * gl + high * gh
+
+
+def _bounds(value, x: torch.Tensor, default: torch.Tensor) -> torch.Tensor:
+    if value is None:
+        return default
+    arr = torch.as_tensor(np.asarray(value, np.float64), dtype=x.dtype)
+    return arr.expand(len(x)) if arr.dim() == 0 else arr.reshape(len(x))
+
+
+def lrp_reference(
+    module: IRModule,
+    composite: str,
+    x: np.ndarray,
+    target: np.ndarray | int,
+    *,
+    epsilon: float,
+    input_rule: str = "default",
+    low: float | np.ndarray | None = None,
+    high: float | np.ndarray | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> np.ndarray:
+    """Relevance at the input (B, C, L) of Zennit's ``composite`` ("epsilon_plus" or
+    "epsilon_alpha2_beta1") on the IR module, as the ``lrp_*`` composite graphs compute it.
+
+    ``input_rule`` ("default", "flat", "zbox") applies to the layers reading the ECG; ZBox's
+    ``low``/``high`` are numbers or one per ECG (default: each ECG's own minimum/maximum).
+    Output relevance is ``one_hot(target) * logits`` (the service's lrp convention).
+    """
+    if composite not in CONV_RULES:
+        raise ValueError(f"composite must be one of {sorted(CONV_RULES)}, got {composite!r}")
+    if input_rule not in INPUT_RULES:
+        raise ValueError(f"input_rule must be one of {sorted(INPUT_RULES)}, got {input_rule!r}")
+    model = module if next(module.parameters()).dtype == dtype else copy.deepcopy(module).to(dtype)
+    xt = torch.as_tensor(np.asarray(x), dtype=dtype)
+    flat = xt.reshape(len(xt), -1)
+    rules = _Rules(
+        composite,
+        float(epsilon),
+        input_rule,
+        _bounds(low, xt, flat.min(dim=1).values),
+        _bounds(high, xt, flat.max(dim=1).values),
+    )
+    first = input_layers(model.ir)
+
+    def substitute(op: Op, mod: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        backward = rules.backward_for(op, mod, op.name in first)
+        if backward is None:
+            return None
+        return _RuleFunction.apply(lambda *a: mod(*a).detach(), backward, *inputs)
+
+    xt = xt.clone().requires_grad_()
+    logits = model.evaluate(xt, substitute)
+    target_t = torch.as_tensor(np.broadcast_to(np.asarray(target), (len(xt),)).copy(), dtype=torch.long)
+    seed = F.one_hot(target_t, logits.shape[1]).to(dtype) * logits.detach()
+    (attribution,) = torch.autograd.grad(logits, xt, seed)
+    return attribution.detach().numpy()
