@@ -92,9 +92,16 @@ def required_graphs(name: str, params: Mapping[str, Any] | None = None) -> tuple
     return METHOD_GRAPHS[name]
 
 
+# Graphs a method runs only with some settings (not with its defaults), by name prefix: the LRP
+# composite graphs (``lrp_epsilon_plus``, ...) serve lrp's composite setting.
+SETTING_GRAPH_PREFIXES: dict[str, str] = {"lrp_": "lrp"}
+
+
 def methods_needing(graph: str) -> list[str]:
-    """Every method that runs ``graph`` (with its default settings), in ``METHOD_NAMES`` order."""
-    return [m for m in METHOD_NAMES if graph in METHOD_GRAPHS[m]]
+    """Every method that runs ``graph`` (with its defaults, or with a setting that selects it), in
+    ``METHOD_NAMES`` order."""
+    by_setting = {m for prefix, m in SETTING_GRAPH_PREFIXES.items() if graph.startswith(prefix)}
+    return [m for m in METHOD_NAMES if graph in METHOD_GRAPHS[m] or m in by_setting]
 
 
 def unavailable_reason(

@@ -630,6 +630,38 @@ def _check_lrp(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
     return checks
 
 
+def _check_lrp_composite(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
+    """An LRP composite graph (``lrp_epsilon_plus``, ...) against the independent PyTorch rule
+    reference (``lrp_reference``), with each input rule, at the well-conditioned epsilon."""
+    from training.export.lrp_reference import GRAPH_COMPOSITES, lrp_reference
+    from training.export.lrp_rules import INPUT_RULES
+    from training.export.reference import ill_conditioned_samples
+
+    composite = GRAPH_COMPOSITES[graph]
+    eps = LRP_CHECK_EPSILONS["lrp"]
+    flat = refs.x.reshape(len(refs.x), -1)
+    low, high = flat.min(axis=1).astype(np.float32), flat.max(axis=1).astype(np.float32)
+    sess = _session(refs.folder, graph)
+    ill = np.asarray(ill_conditioned_samples(refs.module, refs.x, eps, REL_TOL), bool)
+    checks = {}
+    for rule, code in INPUT_RULES.items():
+        feeds = {
+            "x": refs.x,
+            "seed": refs.seed,
+            "epsilon": np.array(eps, np.float32),
+            "input_rule": np.array(code, np.int64),
+            "low": low,
+            "high": high,
+        }
+        got = sess.run(None, feeds)[1]
+        ref = lrp_reference(
+            refs.module, composite, refs.x, refs.target, epsilon=eps, input_rule=rule, low=low, high=high
+        )
+        excused = {**refs.ties, "ill_conditioned": ill}
+        checks[f"{graph}.{rule}"] = {"epsilon": eps, **per_sample_parity(got, ref, excused)}
+    return checks
+
+
 def _check_gradcam(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
     from training.export.reference import layer_activations_and_gradients
 
@@ -651,6 +683,8 @@ GRAPH_CHECKS: dict[str, Callable[[_References, str], dict[str, dict[str, Any]]]]
     "deeplift": _check_deeplift,
     "lrp": _check_lrp,
     "gradcam": _check_gradcam,
+    "lrp_epsilon_plus": _check_lrp_composite,
+    "lrp_epsilon_alpha2_beta1": _check_lrp_composite,
 }
 
 
@@ -752,6 +786,7 @@ def _manifest(
                 "deeplift": "captum",
                 "lrp": "captum",
                 "gradcam": "autograd (layer activations and gradients)",
+                "lrp_<composite>": "PyTorch rule reference (lrp_reference), each input rule",
             },
             "rel_tol": REL_TOL,
             "max_outlier_fraction": MAX_OUTLIER_FRACTION,
