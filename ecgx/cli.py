@@ -115,22 +115,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
             sampling_rate_hz=args.sampling_rate,
             classes=classes,
         )
-        if not _export_takes_source(export_package):  # until export_package takes a ModelSource
-            raise ValueError(
-                "ecgx export --model needs export_package with ModelSource support, which this build lacks; "
-                "export a project checkpoint instead"
-            )
         out = export_package(source, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite)
     log.info("wrote model package %s", out)
     return 0
-
-
-def _export_takes_source(export_package: Callable) -> bool:
-    """Whether ``export_package`` accepts a ModelSource (its first parameter's annotation says so)."""
-    import inspect
-
-    first = next(iter(inspect.signature(export_package).parameters.values()))
-    return "ModelSource" in str(first.annotation)
 
 
 def _parse_param(text: str) -> tuple[str, object]:
