@@ -143,7 +143,9 @@ class IntegratedGradients(AttributionMethod):
 class SmoothGrad(AttributionMethod):
     """Mean saliency over noisy copies x + N(0, stdev^2) (Smilkov et al.), as Captum's
     NoiseTunnel(Saliency) with nt_type="smoothgrad". ``noise`` (n_samples, B, 12, 600)
-    replaces the random draw for exact reproduction."""
+    replaces the random draw for exact reproduction. The noise is drawn chunk by chunk from
+    ``default_rng(seed)`` in row order (row ``r``: sample ``r // B`` of ECG ``r % B``), the
+    same numbers as one whole draw, which never exists."""
 
     name, kind, stochastic = "smoothgrad", "gradient", True
 
@@ -235,6 +237,12 @@ class GradientShap(AttributionMethod):
 
     ``baseline_index`` (n_samples, B), ``alphas`` (n_samples, B) and ``noise``
     (n_samples, B, 12, 600) replace the random draws for exact reproduction.
+
+    Memory stays bounded: the draws are made chunk by chunk (at most the engine's
+    ``max_batch`` rows at a time), never as (n_samples, B, ...) arrays, and give the same
+    numbers as drawing them whole: from ``default_rng(seed)``, first the default baselines,
+    then three streams spawned from it (baseline index, alpha, noise), each drawn in row
+    order, row ``r`` being sample ``r // B`` of ECG ``r % B``.
     """
 
     name, kind, stochastic = "gradient_shap", "gradient", True

@@ -1,6 +1,14 @@
 """ONNX export of trained models, with explicit backward graphs for attribution methods."""
 
 from training.export.ir import ExportError
-from training.export.package import export_checkpoint, export_package
+from training.export.package import default_sample_inputs, export_checkpoint, export_package
+from training.export.source import ModelSource, from_module
 
-__all__ = ["ExportError", "export_checkpoint", "export_package"]
+__all__ = [
+    "ExportError",
+    "ModelSource",
+    "default_sample_inputs",
+    "export_checkpoint",
+    "export_package",
+    "from_module",
+]
