@@ -661,6 +661,111 @@ def test_onnx_input_and_operator_refusals(tmp_path: Path) -> None:
         import_onnx(tmp_path / "junk.onnx")
 
 
+def _handmade_onnx(path: Path, opset: int, conv_attrs=None, gemm_attrs=None) -> Path:
+    """A graph as another framework would write it (no PyTorch): SAME padding, BatchNormalization,
+    ReduceMean / ReduceMax over time with and without keepdims, Squeeze, MatMul + Add bias, Gemm
+    with an untransposed weight, Identity and Dropout, and a dynamic batch."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(7)
+
+    def init(name, *shape, positive=False):
+        value = rng.uniform(0.5, 1.5, shape) if positive else rng.normal(0, 0.3, shape)
+        return numpy_helper.from_array(value.astype(np.float32), name)
+
+    axes_last = numpy_helper.from_array(np.array([-1], np.int64), "axes_last")
+    axes_time = numpy_helper.from_array(np.array([2], np.int64), "axes_time")
+    inits = [
+        init("w1", 8, 12, 3), init("scale", 8, positive=True), init("shift", 8), init("mean", 8),
+        init("var", 8, positive=True), init("wm", 80, 16), init("bm", 16), init("wg", 16, 4), init("bg", 4),
+    ]  # fmt: skip
+    reduce_axes = opset >= 18  # ReduceMean / ReduceMax take axes as an input from opset 18
+    squeeze_axes = opset >= 13
+    if reduce_axes or squeeze_axes:
+        inits += [axes_last, axes_time]
+
+    def reduce(op, src, out, axes, keep):
+        if reduce_axes:
+            return helper.make_node(op, [src, axes], [out], name=f"head/{out}", keepdims=keep)
+        values = [-1] if axes == "axes_last" else [2]
+        return helper.make_node(op, [src], [out], name=f"head/{out}", keepdims=keep, axes=values)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="block/conv",
+                         **(conv_attrs or {"auto_pad": "SAME_UPPER"})),
+        helper.make_node("BatchNormalization", ["c1", "scale", "shift", "mean", "var"], ["bn"],
+                         name="block/bn"),
+        helper.make_node("Relu", ["bn"], ["r1"], name="block/relu"),
+        helper.make_node("MaxPool", ["r1"], ["p1"], name="block/pool", kernel_shape=[3], strides=[2],
+                         pads=[1, 1]),
+        helper.make_node("AveragePool", ["p1"], ["p2"], name="block/avg", kernel_shape=[2], strides=[2],
+                         count_include_pad=1),
+        reduce("ReduceMean", "p1", "g1", "axes_last", 1),
+        reduce("ReduceMax", "p1", "g2", "axes_time", 0),
+        helper.make_node("Squeeze", ["g1", "axes_time"] if squeeze_axes else ["g1"], ["s1"],
+                         name="head/squeeze", **({} if squeeze_axes else {"axes": [2]})),
+        helper.make_node("Concat", ["s1", "g2"], ["cat"], name="head/concat", axis=-1),
+        helper.make_node("Flatten", ["p2"], ["f"], name="head/flatten", axis=1),
+        helper.make_node("MatMul", ["f", "wm"], ["mm"], name="head/matmul"),
+        helper.make_node("Add", ["mm", "bm"], ["lin"], name="head/bias"),
+        helper.make_node("Add", ["cat", "lin"], ["sum"], name="head/sum"),
+        helper.make_node("Identity", ["sum"], ["same"], name="head/identity"),
+        helper.make_node("Dropout", ["same"], ["dropped"], name="head/dropout"),
+        helper.make_node("Relu", ["dropped"], ["r2"], name="head/relu"),
+        helper.make_node("Gemm", ["r2", "wg", "bg"], ["logits"], name="head/classifier",
+                         **(gemm_attrs or {})),
+    ]  # fmt: skip
+    graph = helper.make_graph(
+        nodes,
+        "handmade",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 12, 40])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 4])],
+        initializer=inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+@pytest.mark.parametrize("opset", [11, 13, 18, 21])
+def test_onnx_from_another_framework(opset: int, tmp_path: Path) -> None:
+    path = _handmade_onnx(tmp_path / "handmade.onnx", opset)
+    ir = import_onnx(path)
+    assert [op.kind for op in ir.ops] == [
+        I.CONV, I.RELU, I.MAXPOOL, I.AVGPOOL, I.GAP, I.GMP, I.FLATTEN, I.FLATTEN, I.CONCAT, I.FLATTEN,
+        I.LINEAR, I.ADD, I.RELU, I.LINEAR,
+    ]  # fmt: skip
+    assert ir.ops[0].params["padding"] == 1 and ir.ops[0].params["folded"] == "block/bn"
+    assert ir.ops[10].params["bias"] is not None  # the Add after MatMul became its bias
+    x = np.random.default_rng(8).normal(size=(3, 12, 40)).astype(np.float32)
+    _assert_close(run_ir(ir, x), np.asarray(onnx_forward(path)(x), np.float64), f"handmade opset {opset}")
+
+
+@pytest.mark.parametrize(
+    ("conv_attrs", "gemm_attrs", "fragments"),
+    [
+        ({"pads": [0, 2]}, None, ["layer block/conv (Conv)", "same padding at both ends"]),
+        ({"auto_pad": "SAME_LOWER"}, None, None),
+        ({"pads": [2, 2], "dilations": [2]}, None, None),
+        (None, {"alpha": 0.5}, ["layer head/classifier (Gemm)", "alpha = beta = 1"]),
+    ],
+)
+def test_onnx_attribute_refusals(conv_attrs, gemm_attrs, fragments, tmp_path: Path) -> None:
+    path = _handmade_onnx(tmp_path / "m.onnx", 17, conv_attrs, gemm_attrs)
+    if fragments is None:  # supported: it must import and run
+        x = np.random.default_rng(9).normal(size=(2, 12, 40)).astype(np.float32)
+        ir = import_onnx(path)
+        _assert_close(run_ir(ir, x), np.asarray(onnx_forward(path)(x), np.float64), str(conv_attrs))
+        return
+    with pytest.raises(ExportError) as e:
+        import_onnx(path)
+    for fragment in fragments:
+        assert fragment in str(e.value), str(e.value)
+
+
 def test_model_spec_errors(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="no such ONNX file"):
         load_source(tmp_path / "missing.onnx")
