@@ -154,6 +154,18 @@ class ServedVersion:
         """Serving although its gate failed (research mode)."""
         return self.servable and not self.gate_passed
 
+    def unavailable_reason(self, method: str) -> str | None:
+        """Why the package cannot run ``method`` (a graph the export left out), or None."""
+        if self.package is not None:
+            from service.methods import unavailable_reason
+
+            try:
+                return unavailable_reason(self.package, method)
+            except ValueError:  # an unknown method name: not this question
+                return None
+        why = ((self.report or {}).get("unavailable") or {}).get(method)
+        return str(why) if why else None
+
     def method_gate(self, method: str) -> MethodGate:
         """What the gate said about ``method`` on this version, and whether it may be served:
         when the report lists it under ``serve`` (or, in research mode, any method, marked
@@ -175,6 +187,8 @@ class ServedVersion:
                 for name, c in (entry.get("checks") or {}).items()
                 if isinstance(c, Mapping)
             )
+        if self.unavailable_reason(method) is not None:  # not even research mode serves it
+            return MethodGate(method, False, verdict, checks)
         gated = self.servable and self.gate_passed and method in (self.report or {}).get("serve", [])
         if gated:
             return MethodGate(method, True, verdict, checks)
@@ -799,7 +813,7 @@ def refusal_of_method(served: ServedVersion, gate: MethodGate) -> str:
         ]
         return f"{where}: failed {'; '.join(parts)}"
     report = served.report or {}
-    unavailable = (report.get("unavailable") or {}).get(gate.method)
+    unavailable = served.unavailable_reason(gate.method)
     if unavailable:  # the export could not build or check a graph it needs
         return f"{where}: the gate did not check it: {unavailable}"
     if gate.verdict == "not checked":

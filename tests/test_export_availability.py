@@ -136,14 +136,23 @@ def test_the_gate_does_not_check_an_unavailable_method_and_never_serves_it(
     )
 
 
-def test_the_service_refusal_names_why_an_unavailable_method_is_not_served(no_gradcam: Path) -> None:
-    from service.repository import MethodGate, ServedVersion, refusal_of_method
+def test_the_service_never_serves_an_unavailable_method_not_even_ungated(no_gradcam: Path) -> None:
+    """Research mode serves every method ungated, except one the package cannot run; the refusal
+    names the export's reason (both protocols use ``refusal_of_method``)."""
+    from service.repository import ServedVersion, refusal_of_method
 
-    why = "method 'gradcam' is unavailable for the model package: graph 'gradcam' is unavailable ..."
-    report = {"verdict": "pass", "serve": ["saliency"], "methods": {}, "unavailable": {"gradcam": why}}
-    served = ServedVersion("ecg", "1", no_gradcam, None, None, None, report, None, None, None)
-    gate = MethodGate("gradcam", False, "not checked", ())
-    assert refusal_of_method(served, gate).endswith(f"the gate did not check it: {why}")
+    pkg = load_package(no_gradcam)
+    engine = AttributionEngine(pkg, providers=CPU)
+    report = {"verdict": "fail", "serve": [], "methods": {}}
+    served = ServedVersion(
+        "ecg", "1", no_gradcam, engine, None, None, report, None, None, None, allow_ungated=True, package=pkg
+    )
+    assert served.servable and served.method_gate("saliency").servable
+    gate = served.method_gate("guided_gradcam")
+    assert not gate.servable
+    refusal = refusal_of_method(served, gate)
+    assert "the gate did not check it: method 'guided_gradcam' is unavailable" in refusal
+    assert "cannot be built: the model has no convolution" in refusal
 
 
 def test_a_graph_that_fails_its_check_is_left_out_and_the_rest_exports(tmp_path: Path) -> None:
