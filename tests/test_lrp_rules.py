@@ -19,7 +19,7 @@ from tests.parity_helpers import randomise_batchnorm
 from tests.zennit_helpers import zennit_lrp
 from training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR, trace_model
 from training.export.ir_torch import ir_module
-from training.export.lrp_reference import lrp_reference
+from training.export.lrp_reference import float32_sensitive_samples, lrp_reference
 from training.export.lrp_rules import (
     COMPOSITE_GRAPH_NAMES,
     INPUT_RULES,
@@ -29,7 +29,7 @@ from training.export.lrp_rules import (
     CompositeRule,
     input_layers,
 )
-from training.export.onnx_graphs import GraphBuilder, emit_backward, emit_forward
+from training.export.onnx_graphs import GRAPH_SIGNATURES, GraphBuilder, emit_backward, emit_forward
 from training.export.package import per_sample_parity
 
 LEADS, CLASSES, BATCH = 3, 4, 3
@@ -142,7 +142,32 @@ class GroupedNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_max_pool1d(x, 1), 1))
 
 
-NETS = {"plain": PlainCNN, "residual": ResNet, "inception": Inception, "grouped": GroupedNet}
+class PreActNet(nn.Module):
+    """Pre-activation residual blocks: the block input feeds both the addition and a
+    BatchNorm-ReLU path (the pattern where relevance must be multiplied per consumer edge;
+    the BatchNorm on the block input stays an affine op)."""
+
+    def __init__(self, bias: bool = True) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(LEADS, 8, 5, padding=2, bias=bias)
+        self.bn = nn.ModuleList(nn.BatchNorm1d(8) for _ in range(2))
+        self.conv = nn.ModuleList(nn.Conv1d(8, 8, 3, padding=1, bias=bias) for _ in range(2))
+        self.fc = nn.Linear(8, CLASSES, bias=bias)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for bn, conv in zip(self.bn, self.conv, strict=True):
+            x = x + conv(F.relu(bn(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool1d(F.relu(x), 1), 1))
+
+
+NETS = {
+    "plain": PlainCNN,
+    "residual": ResNet,
+    "inception": Inception,
+    "grouped": GroupedNet,
+    "preact": PreActNet,
+}
 
 
 @functools.cache
@@ -161,11 +186,11 @@ def built(
     return ir, ir_module(ir), sessions
 
 
-def ecgs(length: int, seed: int = 0) -> np.ndarray:
+def ecgs(length: int, seed: int = 0, n: int = BATCH) -> np.ndarray:
     rng = np.random.default_rng(seed)
     t = np.linspace(0, 1, length)
-    wave = np.sin(2 * np.pi * rng.uniform(1, 4, (BATCH, LEADS, 1)) * t)
-    return (wave + rng.normal(0, 0.3, (BATCH, LEADS, length))).astype(np.float32)
+    wave = np.sin(2 * np.pi * rng.uniform(1, 4, (n, LEADS, 1)) * t)
+    return (wave + rng.normal(0, 0.3, (n, LEADS, length))).astype(np.float32)
 
 
 def run_graph(
@@ -184,9 +209,16 @@ def run_graph(
     return logits, attribution
 
 
-def assert_agree(got: np.ndarray, ref: np.ndarray, what: str) -> None:
-    check = per_sample_parity(got, ref)
-    assert check["ok"], f"{what}: {check}"
+def assert_agree(got: np.ndarray, ref: np.ndarray, what: str, sensitive: np.ndarray | None = None) -> None:
+    """The export's criterion (``per_sample_parity``) on every sample float32 pins down; samples
+    flagged by ``float32_sensitive_samples`` are excused, and at least two others must remain."""
+    if sensitive is None:
+        check = per_sample_parity(got, ref)
+        assert check["ok"], f"{what}: {check}"
+        return
+    check = per_sample_parity(got, ref, {"float32_sensitive": sensitive})
+    assert not check["failing"], f"{what}: {check}"
+    assert (~sensitive).sum() >= 2, f"{what}: too few samples float32 pins down: {check}"
 
 
 # --------------------------------------------------------------------------- parity
@@ -212,19 +244,28 @@ def test_input_layers_are_the_layers_reading_the_ecg():
 @pytest.mark.parametrize("net", sorted(NETS))
 @pytest.mark.parametrize("composite", sorted(CONV_RULES))
 def test_graph_matches_zennit_and_reference(net, length, composite):
-    """Each input rule: graph (ONNX Runtime) vs Zennit, reference vs Zennit, graph vs reference."""
+    """Each input rule: graph (ONNX Runtime) vs Zennit, reference vs Zennit, graph vs reference.
+
+    Samples float32 does not pin down are excused (``float32_sensitive_samples``): about half of
+    them on the pre-activation network, where Norm divides by additions that nearly cancel while
+    the relevance of the BatchNorm-ReLU path they feed does not vanish with them; Zennit and the
+    float32 reference are then bit-identical, and the graph differs by rounding amplified there.
+    """
     _, module, sessions = built(net, length)
-    x = ecgs(length)
-    target = np.arange(BATCH) % CLASSES
+    x = ecgs(length, n=6)
+    target = np.arange(len(x)) % CLASSES
     for input_rule in INPUT_RULES:
         _, got = run_graph(sessions[COMPOSITE_GRAPH_NAMES[composite]], x, target, 1e-2, input_rule)
         zen = zennit_lrp(module, composite, x, target, epsilon=1e-2, input_rule=input_rule)
         ref = lrp_reference(module, composite, x, target, epsilon=1e-2, input_rule=input_rule)
         what = f"{net} L={length} {composite} input_rule={input_rule}"
         assert np.abs(zen).max() > 0
-        assert_agree(got, zen, f"graph vs Zennit, {what}")
-        assert_agree(ref, zen, f"reference vs Zennit, {what}")
-        assert_agree(got, ref, f"graph vs reference, {what}")
+        sensitive = float32_sensitive_samples(
+            module, composite, x, target, epsilon=1e-2, input_rule=input_rule
+        )
+        assert_agree(got, zen, f"graph vs Zennit, {what}", sensitive)
+        assert_agree(ref, zen, f"reference vs Zennit, {what}", sensitive)
+        assert_agree(got, ref, f"graph vs reference, {what}", sensitive)
 
 
 def test_zbox_bounds_are_inputs():
@@ -451,3 +492,109 @@ def test_unfolded_batchnorm_passes_relevance():
             ir, conv_rule, ecgs(64), np.zeros(BATCH, np.int64), 1e-2, [], [op.inputs[0], op.output]
         )
         np.testing.assert_array_equal(r_in, r_out)
+
+
+# --------------------------------------------------------------------------- the service's lrp settings
+
+CLASS_LIST = [{"key": k, "code": str(i), "name": f"class {k}"} for i, k in enumerate("ABCD")]
+# The lead adds the composite graphs to onnx_graphs.GRAPH_SIGNATURES / build_graph; until then no
+# package can hold them and the end-to-end test below has nothing to run on.
+WIRED = set(LRP_COMPOSITE_SIGNATURES) <= set(GRAPH_SIGNATURES)
+
+
+def _export(tmp_path, graphs: list[str]):
+    from training.export.package import export_package
+    from training.export.source import from_module
+
+    torch.manual_seed(5)
+    model = ResNet().eval()
+    randomise_batchnorm(model)
+    src = from_module(model, (LEADS, 64), sampling_rate_hz=100, classes=CLASS_LIST)
+    x = np.concatenate([ecgs(64, seed=s) for s in range(3)])[:8]
+    return export_package(src, tmp_path, sample_inputs=x, graphs=graphs), src
+
+
+@pytest.fixture(scope="module")
+def epsilon_only(tmp_path_factory):
+    """A package with the epsilon ``lrp`` graph and no composite graphs (as every package
+    exported before the composites existed)."""
+    from service.engine import AttributionEngine
+
+    pkg, _ = _export(tmp_path_factory.mktemp("lrp") / "epsilon-only", ["lrp"])
+    return AttributionEngine(pkg, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (
+            {"composite": "zplus"},
+            r"composite must be one of \['epsilon', 'epsilon_plus', 'epsilon_alpha2_beta1'\]",
+        ),
+        ({"input_rule": "box"}, r"input_rule must be one of \['default', 'flat', 'zbox'\], got 'box'"),
+        ({"input_rule": "flat"}, r"input_rule='flat' needs a composite"),
+        ({"low": -1.0}, r"low are the zbox input rule's bounds: set input_rule='zbox'"),
+        ({"epsilon": -1.0}, r"epsilon must be a finite number >= 0"),
+    ],
+)
+def test_lrp_settings_are_refused_early_with_the_reason(epsilon_only, params, message):
+    from service.errors import InvalidArgument
+
+    with pytest.raises(InvalidArgument, match=message):
+        epsilon_only.attribute("lrp", ecgs(64)[:1], target=0, **params)
+
+
+def test_zbox_bounds_are_checked():
+    from service.errors import InvalidArgument
+    from service.methods.lrp import Lrp
+
+    x, lrp = ecgs(64), Lrp()
+    ok = {"composite": "epsilon_plus", "input_rule": "zbox"}
+    assert lrp.check(x, **ok) == 1
+    assert lrp.check(x, **ok, low=-3, high=[3.0, 4.0, 5.0]) == 1
+    with pytest.raises(InvalidArgument, match=r"low must be below high .* ECG\(s\) \[1\]"):
+        lrp.check(x, **ok, low=[-1.0, 2.0, -1.0], high=1.0)
+    with pytest.raises(
+        InvalidArgument, match=r"high must be a number \(mV\) or one number per ECG \(3\), got shape \(2,\)"
+    ):
+        lrp.check(x, **ok, high=[1.0, 2.0])
+    with pytest.raises(InvalidArgument, match=r"low holds NaN"):
+        lrp.check(x, **ok, low=float("nan"))
+    with pytest.raises(InvalidArgument, match=r"low must hold real numbers"):
+        lrp.check(x, **ok, low="-5")
+
+
+def test_a_package_without_the_composite_graph_refuses_it_naming_the_graph(epsilon_only):
+    from service.errors import FailedPrecondition
+
+    x = ecgs(64)[:1]
+    for composite, graph in COMPOSITE_GRAPH_NAMES.items():
+        with pytest.raises(FailedPrecondition, match=graph):
+            epsilon_only.attribute("lrp", x, target=0, composite=composite)
+    assert np.abs(epsilon_only.attribute("lrp", x, target=0)).max() > 0  # the epsilon rule still serves
+
+
+@pytest.mark.skipif(not WIRED, reason="the composite graphs are not yet in onnx_graphs.GRAPH_SIGNATURES")
+def test_the_service_serves_each_composite_and_input_rule(tmp_path):
+    """End to end: export (the composite graphs pass the export's own check), serve, compare with
+    the reference; relevance starts at the target logit as for the epsilon rule."""
+    from service.engine import AttributionEngine
+
+    pkg, src = _export(tmp_path / "pkg", ["lrp", *COMPOSITE_GRAPH_NAMES.values()])
+    engine = AttributionEngine(pkg, providers=["CPUExecutionProvider"])
+    module = ir_module(src.ir)
+    x, target = ecgs(64, seed=7), np.array([0, 2, 3])
+    for composite in CONV_RULES:
+        for input_rule in INPUT_RULES:
+            bounds = {"low": -4.0, "high": [4.0, 5.0, 6.0]} if input_rule == "zbox" else {}
+            got = engine.attribute(
+                "lrp",
+                x,
+                target=target.tolist(),
+                composite=composite,
+                input_rule=input_rule,
+                epsilon=1e-2,
+                **bounds,
+            )
+            ref = lrp_reference(module, composite, x, target, epsilon=1e-2, input_rule=input_rule, **bounds)
+            assert_agree(got, ref, f"service {composite} {input_rule}")

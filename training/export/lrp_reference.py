@@ -197,3 +197,36 @@ def lrp_reference(
     seed = F.one_hot(target_t, logits.shape[1]).to(dtype) * logits.detach()
     (attribution,) = torch.autograd.grad(logits, xt, seed)
     return attribution.detach().numpy()
+
+
+def float32_sensitive_samples(
+    module: IRModule,
+    composite: str,
+    x: np.ndarray,
+    target: np.ndarray | int,
+    *,
+    epsilon: float,
+    input_rule: str = "default",
+    low: float | np.ndarray | None = None,
+    high: float | np.ndarray | None = None,
+    tol: float = 1e-5,
+) -> np.ndarray:
+    """Samples whose composite map float32 arithmetic does not pin down: the reference run in
+    float32 and in float64 differ by more than ``tol`` of the sample's largest magnitude.
+
+    The rules divide by sums (Norm at additions and average pools, Epsilon at dense layers,
+    ZPlus/AlphaBeta parts). Where a sum nearly cancels and the relevance reaching it does not
+    vanish with it, the division amplifies the float32 rounding of the sum: two correct
+    float32 implementations (ONNX Runtime, Zennit, this reference in float32) then differ.
+    The typical case is a pre-activation residual block: the addition's output feeds an
+    unfolded BatchNorm whose shift keeps the ReLU path's relevance alive where the sum is 0.
+    The float32 run's own deviation measures that sensitivity; ``tol`` (default a tenth of
+    the export's 1e-4) leaves room for another implementation's different rounding.
+    Returns one bool per sample (True: sensitive).
+    """
+    kwargs = {"epsilon": epsilon, "input_rule": input_rule, "low": low, "high": high}
+    exact = lrp_reference(module, composite, x, target, dtype=torch.float64, **kwargs)
+    single = lrp_reference(module, composite, x, target, dtype=torch.float32, **kwargs)
+    scale = np.abs(exact).reshape(len(x), -1).max(axis=1)
+    error = np.abs(single - exact).reshape(len(x), -1).max(axis=1)
+    return error > tol * np.where(scale > 0, scale, 1.0)

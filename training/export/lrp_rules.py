@@ -47,6 +47,21 @@ Relevance at the output follows the service's ``lrp`` convention (Captum's): it 
 the target's logit (``seed * logits``), so attributions sum to about the logit. In Zennit's
 terms the relevance passed to the attributor is ``one_hot(target) * logits``.
 
+Where this follows Zennit on a pattern Zennit does not cover by itself: additions are
+Zennit's ``Sum`` (its ResNet canonizer's rewrite; ``Add`` modules take two inputs, which
+Zennit's hooks cannot); an unfolded BatchNorm is Zennit's ``BatchNorm`` (Pass); and the input
+rule goes to *every* layer reading the ECG, where Zennit's ``SpecialFirstLayerMapComposite``
+gives it to the first such module only (on an inception stem that would leave the other
+branches on the composite's rule, an artifact of module order). tests/test_lrp_rules.py
+checks the graphs against Zennit set up that way.
+
+Conditioning: Norm divides by a sum. On a pre-activation residual block the addition's
+output also feeds an unfolded BatchNorm and a ReLU, whose relevance does not vanish where the
+sum nearly cancels, so the branches get large opposite shares that amplify the float32
+rounding of the sum: Zennit, the PyTorch reference and these graphs then differ by rounding
+on such samples (``lrp_reference.float32_sensitive_samples`` flags them; about half of the
+samples of the test's pre-activation network).
+
 Conservation: relevance is conserved layer by layer except for what biases, the
 stabiliser and epsilon absorb, and except where a rule's denominator part is empty: a
 ZPlus unit with no positive contribution drops its relevance; an AlphaBeta unit with no
