@@ -461,6 +461,21 @@ def test_decomposed_program(user, tmp_path: Path) -> None:
     _assert_close(_logits(module, x), _logits(model, x), "decomposed program's module")
 
 
+def test_program_with_a_fixed_batch(user, tmp_path: Path) -> None:
+    """A program exported for a batch of three runs any batch (in padded chunks), autograd included."""
+    model = _build(user, "grouped")
+    torch.export.save(torch.export.export(model, (torch.zeros(3, 12, 150),)), tmp_path / "b3.pt2")
+    source = load_source(tmp_path / "b3.pt2", sampling_rate_hz=SAMPLING)
+    x = np.random.default_rng(6).normal(size=(7, 12, 150)).astype(np.float32)
+    _assert_close(np.asarray(source.forward(x), np.float64), _logits(model, x), "forward of 7")
+    _assert_close(run_ir(source.ir, x), _logits(model, x), "IR")
+    xt = torch.as_tensor(x[:2]).requires_grad_(True)
+    ref = torch.as_tensor(x[:2]).requires_grad_(True)
+    source.original(xt)[:, 1].sum().backward()
+    model(ref)[:, 1].sum().backward()
+    np.testing.assert_allclose(xt.grad.numpy(), ref.grad.numpy(), rtol=1e-4, atol=1e-6)
+
+
 # --------------------------------------------------------------------------- (b) onnx2torch reference
 
 

@@ -72,8 +72,6 @@ _REPLACEMENT_KEYS = {
     "Attention": "MultiheadAttention",
 }
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
-_RESHAPES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze")
-_PASS_THROUGH = ("Identity", "Dropout")
 MIN_OPSET, MAX_OPSET = 11, 21
 
 

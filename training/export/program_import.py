@@ -75,13 +75,6 @@ _REPLACEMENT_KEYS = {
     "_native_multi_head_attention": "MultiheadAttention",
     "scaled_dot_product_attention": "MultiheadAttention",
 }
-_PASS_THROUGH = {"dropout", "clone", "alias", "contiguous", "detach", "lift_fresh_copy", "_to_copy"}
-_RESHAPES = {"flatten", "view", "reshape", "_unsafe_view", "squeeze", "unsqueeze"}
-_BN_WITH_BATCH_STATS = {
-    "_native_batch_norm_legit",
-    "native_batch_norm",
-    "_native_batch_norm_legit_functional",
-}
 
 
 def load_program(path: Path | str, extra_files: tuple[str, ...] = ()) -> tuple[Any, dict[str, str]]:
@@ -112,29 +105,39 @@ class ProgramModule(nn.Module):
 
     ``ep.module()`` refuses ``train()`` / ``eval()`` (a program has no training mode), which
     every caller of a model makes; this wrapper accepts both as no-ops. A program exported
-    for a fixed batch of one is run one ECG at a time (autograd flows through).
+    for a fixed batch size (its guards refuse any other) is run in chunks of that size, the
+    last one padded with zeros and trimmed (each ECG's logits depend on that ECG alone for
+    the supported layers in eval mode); autograd flows through.
     """
 
-    def __init__(self, module: nn.Module, per_sample: bool):
+    def __init__(self, module: nn.Module, fixed_batch: int | None):
         super().__init__()
         self.program = module
-        self.per_sample = per_sample
+        self.fixed_batch = fixed_batch
         self.training = False
 
     def train(self, mode: bool = True) -> ProgramModule:
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.per_sample and x.shape[0] != 1:
-            return torch.cat([self.program(x[i : i + 1]) for i in range(x.shape[0])])
-        return self.program(x)
+        b = self.fixed_batch
+        if b is None or x.shape[0] == b:
+            return self.program(x)
+        outs = []
+        for start in range(0, x.shape[0], b):
+            chunk = x[start : start + b]
+            n = chunk.shape[0]
+            if n < b:
+                chunk = torch.cat([chunk, chunk.new_zeros((b - n, *chunk.shape[1:]))])
+            outs.append(self.program(chunk)[:n])
+        return torch.cat(outs)
 
 
 def import_program(path: Path | str, input_length: int | None = None) -> tuple[ModelIR, ProgramModule]:
     """Read a ``torch.export`` program file into a :class:`ModelIR` and the runnable module.
 
-    The module is ``ep.module()`` (wrapped to run one ECG at a time when the program was
-    exported for a fixed batch of one); ``input_length`` fixes the number of samples when
+    The module is ``ep.module()`` (wrapped to run any batch size when the program was
+    exported for a fixed one); ``input_length`` fixes the number of samples when
     the program's example input leaves it dynamic.
     """
     path = Path(path)
@@ -168,7 +171,7 @@ def import_program(path: Path | str, input_length: int | None = None) -> tuple[M
                 f"{first}); check --input-length"
             ) from None
     ir = _Converter(gm, path).convert((leads, length))
-    return ir, ProgramModule(gm, per_sample=batch == 1 and not _dynamic_batch(placeholders[0]))
+    return ir, ProgramModule(gm, fixed_batch=None if _dynamic_batch(placeholders[0]) else batch)
 
 
 def _dynamic_batch(node: fx.Node) -> bool:
@@ -524,7 +527,7 @@ class _Converter:
         k, stride, padding = a["kernel_size"], a.get("stride") or a["kernel_size"], a.get("padding", [0])
         dilation = a.get("dilation", [1])
         if two_d:
-            if data[0].name not in self._lifted_nodes():
+            if data[0].name not in self.lifted:
                 raise unsupported(name, str(node.target), "only 1-D pooling")
             k, stride, padding, dilation = (
                 _second(v, name, t) for v, t in ((k, 1), (stride, 1), (padding, 0), (dilation, 1))
@@ -562,9 +565,6 @@ class _Converter:
         self.alias[node.name] = node.name
         self.lifted.add(node.name)
         return op
-
-    def _lifted_nodes(self) -> set[str]:
-        return self.lifted
 
     def _lifted_shape(self, node: fx.Node) -> tuple[int, int]:
         s = _shape(node)
