@@ -780,7 +780,8 @@ def _manifest(
         "verification": {
             "reference": {
                 "forward": "the model as given",
-                "gradient": "autograd on the IR module and on the original PyTorch module",
+                "gradient": "autograd on the IR module"
+                + (" and on the original PyTorch module" if isinstance(src.original, nn.Module) else ""),
                 "guided_backprop": "plain-autograd rule (Captum recorded, informative)",
                 "deconvolution": "plain-autograd rule (Captum recorded, informative)",
                 "deeplift": "captum",
