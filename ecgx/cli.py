@@ -85,6 +85,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from training.export.sources import is_factory_spec
+
+    model = args.model
+    if (
+        model is not None
+        and not is_factory_spec(model)
+        and Path(model).suffix.lower() not in (".pt2", ".onnx")
+        and Path(model).is_file()
+    ):
+        # --model CHECKPOINT: the same export as the positional form (training metadata included)
+        args.checkpoint, args.model = Path(model), None
     if args.model is None:
         for flag, value in (
             ("--weights", args.weights),
@@ -94,7 +105,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         ):
             if value is not None:
                 raise ValueError(
-                    f"{flag} is for --model; a checkpoint carries its own weights, shape and classes"
+                    f"{flag} does not apply to a project checkpoint: it carries its own weights, input "
+                    "length, sampling rate and classes"
                 )
         from training.export import export_checkpoint
 

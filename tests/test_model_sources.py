@@ -896,3 +896,25 @@ def test_cli_export_factory_and_onnx(user, user_dir: Path, tmp_path: Path) -> No
     assert manifest["source"]["sha256"] == sha256_file(files["onnx"])
     assert [c["key"] for c in manifest["classes"]] == ["NORM", "MI", "STTC", "CD", "HYP"]
     assert manifest["input"]["shape"][1:] == [12, 64] and manifest["input"]["sampling_rate_hz"] == 100.0
+
+
+def test_cli_export_checkpoint_given_as_model(tmp_path: Path) -> None:
+    """--model CHECKPOINT exports as the positional form does (its provenance in the manifest)."""
+    import json
+
+    from training.checkpoint import save_checkpoint
+    from training.models import ModelConfig, build_model
+
+    torch.manual_seed(2)
+    path = save_checkpoint(
+        tmp_path / "checkpoint.pt", build_model(ModelConfig(widths=(8,), stem_stride=4)).eval()
+    )
+    result = run_ecgx("export", "--model", str(path), "--out", str(tmp_path / "pkg"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "pkg" / "manifest.json").read_text())
+    assert manifest["source"]["checkpoint"] == str(path.resolve())
+    before = snapshot(tmp_path)
+    result = run_ecgx("export", "--model", str(path), "--weights", str(path), "--out", str(tmp_path / "pkg2"))
+    assert_clean_failure(
+        result, "--weights does not apply to a project checkpoint", before=before, roots=[tmp_path]
+    )
