@@ -226,6 +226,8 @@ def assert_agree(got: np.ndarray, ref: np.ndarray, what: str, sensitive: np.ndar
 
 def test_signatures_and_inputs_rule_names():
     assert set(LRP_COMPOSITE_GRAPHS) == set(LRP_COMPOSITE_SIGNATURES) == set(COMPOSITE_GRAPH_NAMES.values())
+    for graph, signature in LRP_COMPOSITE_SIGNATURES.items():  # once the lead lists them there
+        assert GRAPH_SIGNATURES.get(graph, signature) == signature
     _, _, sessions = built("plain", LENGTHS[0])
     for graph, session in sessions.items():
         inputs, outputs = LRP_COMPOSITE_SIGNATURES[graph]
@@ -266,6 +268,35 @@ def test_graph_matches_zennit_and_reference(net, length, composite):
         assert_agree(got, zen, f"graph vs Zennit, {what}", sensitive)
         assert_agree(ref, zen, f"reference vs Zennit, {what}", sensitive)
         assert_agree(got, ref, f"graph vs reference, {what}", sensitive)
+
+
+@pytest.mark.parametrize("first", ["batchnorm", "dense"])
+def test_input_layer_behind_a_batchnorm_or_a_dense_input_layer(first):
+    """The input rule where an unfolded BatchNorm comes before the first conv (its bounds are
+    then the BatchNorm's output, as in Zennit), and on a dense layer reading the flattened ECG."""
+    torch.manual_seed(7)
+    if first == "batchnorm":
+        layers = [
+            nn.BatchNorm1d(LEADS),
+            nn.Conv1d(LEADS, 6, 5, padding=2),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool1d(1),
+        ]
+        layers += [nn.Flatten(), nn.Linear(6, CLASSES)]
+    else:
+        layers = [nn.Flatten(), nn.Linear(LEADS * 32, 16), nn.ReLU(), nn.Linear(16, CLASSES)]
+    model = nn.Sequential(*layers).eval()
+    randomise_batchnorm(model)
+    ir = trace_model(model, (LEADS, 32))
+    assert (ir.ops[0].kind == AFFINE) == (first == "batchnorm")
+    module, x, target = ir_module(ir), ecgs(32, n=4), np.arange(4) % CLASSES
+    for graph, build in LRP_COMPOSITE_GRAPHS.items():
+        session = ort.InferenceSession(build(ir, ["batch", LEADS, 32], CLASSES).SerializeToString())
+        composite = next(c for c, g in COMPOSITE_GRAPH_NAMES.items() if g == graph)
+        for input_rule in INPUT_RULES:
+            _, got = run_graph(session, x, target, 1e-2, input_rule)
+            zen = zennit_lrp(module, composite, x, target, epsilon=1e-2, input_rule=input_rule)
+            assert_agree(got, zen, f"{first} {composite} {input_rule}")
 
 
 def test_zbox_bounds_are_inputs():

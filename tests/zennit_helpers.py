@@ -88,7 +88,7 @@ def zennit_composite(
     Zennit's own classes where they exist (EpsilonPlus, EpsilonAlpha2Beta1 and their Flat
     variants, when one layer reads the ECG); otherwise its rules with the first-layer rule
     mapped to each layer that reads the ECG. ``low``/``high``: ZBox bounds broadcastable to the
-    input, e.g. (B, 1, 1) tensors.
+    input, e.g. (B,) tensors.
     """
     canonizers = [add_canonizer()]
     extra = [(ChannelAffine, Pass())]
@@ -128,7 +128,8 @@ def zennit_lrp(
     flat = xt.reshape(len(xt), -1)
     lo = flat.min(1).values if low is None else torch.as_tensor(low, dtype=torch.float32)
     hi = flat.max(1).values if high is None else torch.as_tensor(high, dtype=torch.float32)
-    comp = zennit_composite(module, composite, epsilon, input_rule, lo.view(-1, 1, 1), hi.view(-1, 1, 1))
+    # (B,) bounds: Zennit appends singleton axes to fit the layer input, (B, C, L) or (B, F)
+    comp = zennit_composite(module, composite, epsilon, input_rule, lo, hi)
     with torch.no_grad():
         logits = module(xt)
     seed = torch.nn.functional.one_hot(torch.as_tensor(target), logits.shape[1]).float() * logits
