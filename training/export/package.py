@@ -495,7 +495,15 @@ def verify_package_graphs(
     ``failed`` (graph -> reason) for the graphs that disagree or whose check could not
     run. Raises :class:`ExportError` when ``forward`` or ``gradient`` fails.
     """
-    refs = _References(folder, src, ir, layer, x)
+    try:
+        refs = _References(folder, src, ir, layer, x)
+    except ExportError:
+        raise
+    except Exception as e:  # without the IR module no graph can be checked, the gradient included
+        raise ExportError(
+            f"the model cannot be rebuilt in PyTorch to check its graphs (package not written): "
+            f"{type(e).__name__}: {e}"
+        ) from None
     checks: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     for graph in graphs:
@@ -504,8 +512,12 @@ def verify_package_graphs(
             if check is None:
                 raise _NoCheck(f"the export has no reference check for the {graph} graph")
             results = check(refs, graph)
-        except ExportError:
-            raise
+        except ExportError as e:
+            if graph in ESSENTIAL_GRAPHS:
+                raise
+            # A reference that refuses the model's pattern: the graph cannot be checked, so not published.
+            failed[graph] = f"its reference cannot run on this model: {e}"
+            continue
         except Exception as e:  # ONNX Runtime, Captum and autograd raise many types
             reason = (
                 str(e) if isinstance(e, _NoCheck) else f"its check could not run: {type(e).__name__}: {e}"
