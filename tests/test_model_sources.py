@@ -496,19 +496,10 @@ def test_onnx_file_converted_back_by_onnx2torch(user, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- (c) refusals
 
 
-_FRONTEND_TUPLE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="torch_frontend skips a module call whose output is a tuple (nn.LSTM), so the refusal names the "
-    "getitem after it instead of the LSTM (reported to the lead)",
-)
-
-
 @pytest.mark.parametrize(
     ("factory", "form", "layer", "fragments"),
     [
-        pytest.param(factory, form, layer, fragments, marks=_FRONTEND_TUPLE_BUG)
-        if (factory, form) == ("recurrent", "factory")
-        else (factory, form, layer, fragments)
+        (factory, form, layer, fragments)
         for factory, layer, fragments in [
             ("gelu", "act", ["GELU", "ReLU"]),
             ("recurrent", "lstm", ["LSTM", "convolutions"]),

@@ -105,6 +105,9 @@ class _Converter:
                     f"{node.target}: the model reads a parameter or buffer directly in forward() "
                     "(a functional layer such as F.conv1d(x, self.weight)); use the layer's module instead"
                 )
+            elif node.op == "call_module" and not _is_tensor(node):
+                module = self.modules[node.target]
+                raise unsupported(str(node.target), type(module).__name__, "it does not return one tensor")
             elif not _is_tensor(node):
                 continue  # x.size(0) and other shape arithmetic
             else:
@@ -116,7 +119,8 @@ class _Converter:
         out = node.args[0]
         if not isinstance(out, fx.Node) or not _is_tensor(out):
             raise ExportError(
-                f"the model must return one tensor of logits (batch, classes); it returns {type(out).__name__}"
+                "the model must return one tensor of logits (batch, classes); "
+                f"it returns {type(out).__name__}"
             )
         return self.alias[out.name]
 
