@@ -175,6 +175,39 @@ def test_a_graph_that_fails_its_check_is_left_out_and_the_rest_exports(tmp_path:
     assert engine.attribute("guided_gradcam", X, target=1).shape == X.shape
 
 
+class PreActivationBlock(nn.Module):
+    """A pre-activation residual block: the block input feeds a ReLU and the addition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv0 = nn.Conv1d(12, 8, 5, padding=2)
+        self.relu1 = nn.ReLU()
+        self.conv1 = nn.Conv1d(8, 8, 5, padding=2)
+        self.relu2 = nn.ReLU()
+        self.gap = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Linear(8, 9)
+
+    def forward(self, x):
+        h = self.conv0(x)
+        return self.fc(self.gap(self.relu2(h + self.conv1(self.relu1(h)))).flatten(1))
+
+
+def test_differing_from_captum_alone_is_recorded_not_fatal(tmp_path: Path) -> None:
+    """Captum's guided backprop and deconvnet hook the ReLU's input tensor, which here also feeds
+    the addition: they differ from the plain-autograd rule, and the graphs are still published."""
+    torch.manual_seed(0)
+    pkg = export_package(PreActivationBlock().eval(), tmp_path / "pkg", sample_inputs=X)
+    manifest = manifest_of(pkg)
+    checks = manifest["verification"]["checks"]
+    for graph in ("guided_backprop", "deconvolution"):
+        assert graph in manifest["graphs"] and graph not in manifest["unavailable"]
+        assert checks[graph]["ok"] and checks[graph]["agreeing"] == len(X)
+        captum = checks[f"{graph}.captum"]
+        assert captum["informative"] and captum["agrees"] is False and captum["failing"]
+    engine = AttributionEngine(pkg, providers=CPU)
+    assert engine.attribute("guided_backprop", X, target=2).shape == X.shape
+
+
 @pytest.mark.parametrize(
     ("swap", "message"),
     [
