@@ -749,6 +749,8 @@ def _manifest(
                 "parameters": [p for p in names if p],
                 "folded_batchnorm": op.params.get("folded"),
                 **_jsonable({k: op.params[k] for k in _LAYER_SETTINGS if k in op.params}),
+                # A convolution's kernel size is its weight's last dimension.
+                **({"kernel": int(op.params["weight"].shape[-1])} if op.kind == "conv" else {}),
             }
         )
     # Every file the package uses is listed with its SHA-256 under a plain name, and the graphs
