@@ -19,7 +19,7 @@ from tests.parity_helpers import randomise_batchnorm
 from tests.zennit_helpers import zennit_lrp
 from training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR, trace_model
 from training.export.ir_torch import ir_module
-from training.export.lrp_reference import float32_sensitive_samples, lrp_reference
+from training.export.lrp_reference import composite_parity, float32_sensitive_samples, lrp_reference
 from training.export.lrp_rules import (
     COMPOSITE_GRAPH_NAMES,
     INPUT_RULES,
@@ -297,6 +297,27 @@ def test_input_layer_behind_a_batchnorm_or_a_dense_input_layer(first):
             _, got = run_graph(session, x, target, 1e-2, input_rule)
             zen = zennit_lrp(module, composite, x, target, epsilon=1e-2, input_rule=input_rule)
             assert_agree(got, zen, f"{first} {composite} {input_rule}")
+
+
+@pytest.mark.parametrize("length", LENGTHS)
+def test_export_criterion_tolerates_float32_conditioning_not_construction_errors(length):
+    """``composite_parity`` (the export's check): on the pre-activation network, where samples
+    are float32-sensitive, every sample agrees within its own float32 deviation; a graph with
+    the wrong rule (flat instead of the composite's at the input layer, or the other
+    composite) fails on every sample."""
+    _, module, sessions = built("preact", length)
+    x = ecgs(length, seed=8, n=6)
+    target = np.arange(len(x)) % CLASSES
+    for composite, graph in COMPOSITE_GRAPH_NAMES.items():
+        _, got = run_graph(sessions[graph], x, target, 1e-2)
+        check = composite_parity(got, module, composite, x, target, epsilon=1e-2)
+        assert check["ok"] and check["agreeing"] == len(x), check
+        _, flat = run_graph(sessions[graph], x, target, 1e-2, "flat")
+        wrong = composite_parity(flat, module, composite, x, target, epsilon=1e-2)
+        assert not wrong["ok"] and wrong["agreeing"] == 0, wrong
+        other = next(g for g in sessions if g != graph)
+        _, swapped = run_graph(sessions[other], x, target, 1e-2)
+        assert composite_parity(swapped, module, composite, x, target, epsilon=1e-2)["agreeing"] == 0
 
 
 def test_zbox_bounds_are_inputs():

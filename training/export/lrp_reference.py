@@ -199,6 +199,38 @@ def lrp_reference(
     return attribution.detach().numpy()
 
 
+def float32_deviation(
+    module: IRModule,
+    composite: str,
+    x: np.ndarray,
+    target: np.ndarray | int,
+    *,
+    epsilon: float,
+    input_rule: str = "default",
+    low: float | np.ndarray | None = None,
+    high: float | np.ndarray | None = None,
+    exact: np.ndarray | None = None,
+) -> np.ndarray:
+    """Per sample, how far float32 arithmetic may move the composite map: the largest
+    deviation from the float64 map (``exact``, computed when not given) of (a) the reference
+    run in float32 and (b) the float64 map of the input moved by one float32 rounding (a
+    fixed pseudo-random relative 2^-24 per value; the same effect rounding has on every
+    intermediate sum). Two estimates, because one float32 run may round luckily: ONNX
+    Runtime's error on the Ribeiro network was measured at up to 10x the float32 run's alone.
+    """
+    kwargs = {"epsilon": epsilon, "input_rule": input_rule, "low": low, "high": high}
+    if exact is None:
+        exact = lrp_reference(module, composite, x, target, dtype=torch.float64, **kwargs)
+    n = len(x)
+    single = lrp_reference(module, composite, x, target, dtype=torch.float32, **kwargs)
+    # Deterministic, so the export's verdict is reproducible.
+    nudge = np.random.default_rng(0).choice([-1.0, 1.0], size=x.shape) * 2.0**-24
+    moved = lrp_reference(module, composite, np.asarray(x, np.float64) * (1 + nudge), target, **kwargs)
+    dev_single = np.abs(single - exact).reshape(n, -1).max(axis=1)
+    dev_moved = np.abs(moved - exact).reshape(n, -1).max(axis=1)
+    return np.maximum(dev_single, dev_moved)
+
+
 def float32_sensitive_samples(
     module: IRModule,
     composite: str,
@@ -220,13 +252,85 @@ def float32_sensitive_samples(
     float32 implementations (ONNX Runtime, Zennit, this reference in float32) then differ.
     The typical case is a pre-activation residual block: the addition's output feeds an
     unfolded BatchNorm whose shift keeps the ReLU path's relevance alive where the sum is 0.
-    The float32 run's own deviation measures that sensitivity; ``tol`` (default a tenth of
-    the export's 1e-4) leaves room for another implementation's different rounding.
+    ``float32_deviation`` measures that sensitivity; ``tol`` (default a tenth of the
+    export's 1e-4) leaves room for another implementation's different rounding.
     Returns one bool per sample (True: sensitive).
     """
     kwargs = {"epsilon": epsilon, "input_rule": input_rule, "low": low, "high": high}
     exact = lrp_reference(module, composite, x, target, dtype=torch.float64, **kwargs)
-    single = lrp_reference(module, composite, x, target, dtype=torch.float32, **kwargs)
     scale = np.abs(exact).reshape(len(x), -1).max(axis=1)
-    error = np.abs(single - exact).reshape(len(x), -1).max(axis=1)
+    error = float32_deviation(module, composite, x, target, exact=exact, **kwargs)
     return error > tol * np.where(scale > 0, scale, 1.0)
+
+
+# A composite map agrees with the float64 reference when its error is within REL_TOL, or within
+# this many times what the reference itself deviates by in float32 (the sample's own rounding
+# sensitivity), provided float32 pins the sample down to MAX_FLOAT32_DEVIATION at all
+# (a construction error is of the order of the map, 1e-1 to 1).
+FLOAT32_FACTOR = 10.0
+MAX_FLOAT32_DEVIATION = 1e-2
+
+
+def composite_parity(
+    got: np.ndarray,
+    module: IRModule,
+    composite: str,
+    x: np.ndarray,
+    target: np.ndarray | int,
+    *,
+    epsilon: float,
+    input_rule: str = "default",
+    low: float | np.ndarray | None = None,
+    high: float | np.ndarray | None = None,
+    excused: dict[str, np.ndarray] | None = None,
+) -> dict:
+    """Per-sample parity of a composite graph's maps ``got`` with the float64 reference,
+    tolerant of the rules' own float32 conditioning (the export check for the composite graphs).
+
+    Norm at an addition that nearly cancels amplifies float32 rounding. On networks whose sums
+    feed an unfolded BatchNorm-ReLU path (pre-activation blocks: the Ribeiro network) that
+    happens on nearly every sample, so any float32 implementation, Zennit and this reference
+    in float32 included, differs from the exact map by 1e-4 to 1e-3 of its largest value. A
+    sample agrees when its map is within ``REL_TOL`` of the float64 reference on all but
+    ``MAX_OUTLIER_FRACTION`` of the elements (the export's criterion), or within
+    ``FLOAT32_FACTOR`` times the sample's ``float32_deviation``, when that deviation is below
+    ``MAX_FLOAT32_DEVIATION``: a construction error is of the order of the map itself.
+    ``excused`` (reason -> one bool per sample, e.g. near max-pool ties) may excuse a sample
+    that does not agree. ``ok`` needs every other sample to agree and at least half to agree.
+    Same keys as ``package.per_sample_parity``, plus ``float32_deviation`` (per sample) and
+    ``agreeing_within_float32`` (samples agreeing only within their float32 sensitivity).
+    """
+    from training.export.package import MAX_OUTLIER_FRACTION, REL_TOL
+
+    kwargs = {"epsilon": epsilon, "input_rule": input_rule, "low": low, "high": high}
+    exact = lrp_reference(module, composite, x, target, dtype=torch.float64, **kwargs)
+    n = len(x)
+    scale = np.abs(exact).reshape(n, -1).max(axis=1)
+    scale = np.where(scale > 0, scale, 1.0)
+    deviation = float32_deviation(module, composite, x, target, exact=exact, **kwargs) / scale
+    rel = np.abs(np.asarray(got, np.float64) - exact).reshape(n, -1) / scale[:, None]
+    strict = (rel > REL_TOL).mean(axis=1) <= MAX_OUTLIER_FRACTION
+    tol = np.maximum(REL_TOL, FLOAT32_FACTOR * deviation)[:, None]
+    loose = ((rel > tol).mean(axis=1) <= MAX_OUTLIER_FRACTION) & (deviation <= MAX_FLOAT32_DEVIATION)
+    agree = strict | loose
+    reasons = {k: np.asarray(v, bool) for k, v in (excused or {}).items()}
+    any_excuse = np.zeros(n, bool)
+    for flags in reasons.values():
+        any_excuse |= flags
+    unexplained = ~agree & ~any_excuse
+    figures = [
+        {"max_rel_error": float(rel[i].max()), "outlier_fraction": float((rel[i] > REL_TOL).mean())}
+        for i in range(n)
+    ]
+    agreeing = [figures[i] for i in np.flatnonzero(agree)]
+    return {
+        "samples": n,
+        "agreeing": int(agree.sum()),
+        "agreeing_within_float32": np.flatnonzero(agree & ~strict).tolist(),
+        "float32_deviation": [float(d) for d in deviation],
+        "max_rel_error": max((f["max_rel_error"] for f in agreeing), default=None),
+        "outlier_fraction": max((f["outlier_fraction"] for f in agreeing), default=None),
+        "excused": {k: np.flatnonzero(~agree & v).tolist() for k, v in reasons.items()},
+        "failing": [{"sample": int(i), **figures[i]} for i in np.flatnonzero(unexplained)],
+        "ok": bool(agree.sum() >= n / 2 and not unexplained.any()),
+    }
