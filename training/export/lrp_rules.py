@@ -25,8 +25,9 @@ other conv or linear op: one in a plain CNN, one per branch in an inception stem
 composite's own rule, 1 Flat, 2 ZBox (z^B) with per-ECG bounds ``low`` and ``high`` (mV, the
 values of the layer's own input: the ECG itself unless pooling or an unfolded BatchNorm
 comes first, in which case the bounds apply to that op's output, as in Zennit). All three
-are computed at the input layers and blended by 0/1 weights (cheaper and simpler than an
-ONNX ``If``; the input layers are a small part of the graph, and every branch is finite).
+are computed at the input layers and blended by 0/1 weights (simpler than an ONNX ``If``
+with subgraphs; the input layers are a small part of the graph, and every branch is finite,
+so the blend is exact).
 
 Rule details as Zennit defines them (``zennit.rules``), with ``s = R_out / stab(z)`` and
 ``stab(z) = z + c * sign(z)``, sign(0) = +1:
