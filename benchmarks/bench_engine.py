@@ -7,7 +7,15 @@ other. The sides alternate over several rounds (engine, Captum, Captum, engine,
 ...) so slow phases of a shared machine fall on both; the table gives median
 times over all rounds and the Captum / engine ratio (> 1: the engine is faster).
 
-    python benchmarks/bench_engine.py [--threads 1] [--repeats 5] [--rounds 4] [--residual] [--providers ...]
+    python benchmarks/bench_engine.py [--threads 1] [--repeats 5] [--rounds 4]
+        [--architecture plain|residual|xresnet1d] [--providers ...]
+
+``xresnet1d`` is the PTB-XL benchmark's residual network (training/reference_models.py:
+overlapping max-pool stem, bottleneck blocks with projection and pooled shortcuts, concat-
+pooling head with BatchNorm and Dropout) at width 32 with two blocks in each of three stages.
+Captum runs the gradient methods on the model as given and the rule-based ones (DeepLift,
+guided backprop, LRP) on the IR-rebuilt module the export checks them against, where every
+ReLU and addition is a module its hooks attach to.
 """
 
 from __future__ import annotations
@@ -94,14 +102,17 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
     )
 
     from service.methods.perturbation import segment_mask
-    from training.checkpoint import load_checkpoint
     from training.export.ir import trace_model
     from training.export.ir_torch import ir_module
     from training.export.reference import attach_epsilon_rules, lrp_model
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
-    model, _ = load_checkpoint(work / "model.pt")
+    saved = torch.load(work / "model.pt", weights_only=True)
+    model = build(saved["architecture"])
+    model.load_state_dict(saved["state_dict"])
+    model.eval()
+    rules = ir_module(trace_model(model))
     x = torch.tensor(np.load(work / "x.npy"))
     t = torch.zeros(len(x), dtype=torch.int64)
     x1, t1, x4, t4 = x[:1], t[:1], x[:4], t[:4]
@@ -112,7 +123,7 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
             timed(lambda: ig.attribute(x, target=t, n_steps=50, internal_batch_size=b), 2)
         ),
     )
-    lrp_ref = lrp_model(ir_module(trace_model(model)), 1e-6)
+    lrp_ref = lrp_model(rules, 1e-6)
     mask = torch.tensor(segment_mask(50))[None]
 
     def forward(inputs):
@@ -128,9 +139,9 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
             x, target=t, n_steps=50, internal_batch_size=best
         ),
         f"(Captum IG at its best internal_batch_size: {best})": lambda: None,
-        "deeplift, 1 ECG": lambda: DeepLift(model).attribute(x1, target=t1),
-        "deeplift, 64 ECGs": lambda: DeepLift(model).attribute(x, target=t),
-        "guided backprop, 64 ECGs": lambda: GuidedBackprop(model).attribute(x, target=t),
+        "deeplift, 1 ECG": lambda: DeepLift(rules).attribute(x1, target=t1),
+        "deeplift, 64 ECGs": lambda: DeepLift(rules).attribute(x, target=t),
+        "guided backprop, 64 ECGs": lambda: GuidedBackprop(rules).attribute(x, target=t),
         "lrp, 64 ECGs": lambda: LRP(attach_epsilon_rules(lrp_ref, 1e-6)).attribute(x, target=t),
         "occlusion 1x50 stride 25, 4 ECGs": lambda: Occlusion(model).attribute(
             x4, target=t4, sliding_window_shapes=(1, 50), strides=(1, 25), perturbations_per_eval=16
@@ -152,19 +163,31 @@ def run_side(args: argparse.Namespace) -> None:
     print(json.dumps(results))
 
 
-def prepare(work: Path, residual: bool) -> None:
-    import torch
+ARCHITECTURES = ("plain", "residual", "xresnet1d")
 
-    from training.checkpoint import save_checkpoint
-    from training.data.synth import generate
-    from training.export import export_package
+
+def build(architecture: str):
+    """The benchmarked network, freshly initialised (weights come from the saved state dict)."""
+    from training import reference_models
     from training.models import ModelConfig, build_model
 
+    if architecture == "xresnet1d":
+        return reference_models.xresnet1d(width=32, layers=(2, 2, 2))
+    return build_model(ModelConfig(residual=architecture == "residual"))
+
+
+def prepare(work: Path, architecture: str) -> None:
+    import torch
+
+    from training import reference_models
+    from training.data.synth import generate
+    from training.export import export_package
+
     torch.manual_seed(0)
-    model = build_model(ModelConfig(residual=residual)).eval()
+    model = reference_models.randomise_batchnorm(build(architecture).eval(), seed=0)
     x = generate(N_ECGS, np.random.default_rng(0)).signals
     np.save(work / "x.npy", x)
-    save_checkpoint(work / "model.pt", model)
+    torch.save({"architecture": architecture, "state_dict": model.state_dict()}, work / "model.pt")
     export_package(model, work / "pkg", sample_inputs=x[:8], overwrite=True)
 
 
@@ -173,19 +196,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5, help="timed calls per case per round")
     p.add_argument("--rounds", type=int, default=4, help="alternating rounds per side")
-    p.add_argument(
-        "--residual", action="store_true", help="the residual default CNN instead of the plain one"
-    )
+    p.add_argument("--architecture", choices=ARCHITECTURES, default="plain", help="the network benchmarked")
+    p.add_argument("--residual", action="store_true", help="the same as --architecture residual")
     p.add_argument("--providers", nargs="+", default=None)
     p.add_argument("--side", choices=("engine", "captum"), help=argparse.SUPPRESS)
     p.add_argument("--workdir", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.residual:
+        args.architecture = "residual"
     if args.side:
         run_side(args)
         return
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        prepare(work, args.residual)
+        prepare(work, args.architecture)
         times: dict[str, dict[str, list[float]]] = {"engine": {}, "captum": {}}
         for r in range(args.rounds):
             for side in ("engine", "captum") if r % 2 == 0 else ("captum", "engine"):
@@ -215,7 +239,7 @@ def report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
     print(
         f"# {time.strftime('%Y-%m-%d')} {platform.machine()}, threads={args.threads}, "
         f"providers={args.providers or 'default'}, onnxruntime {ort.__version__}, "
-        f"{'residual' if args.residual else 'plain'} default CNN, {args.rounds} rounds x {args.repeats} runs"
+        f"{args.architecture} network, {args.rounds} rounds x {args.repeats} runs"
     )
     for b in ("1 ECG", "64 ECGs"):
         print(

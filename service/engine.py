@@ -34,7 +34,9 @@ MAX_ABS_MV = 50.0
 # Backward graphs whose ``logits`` output is the logits of their ``x`` input: when a method runs
 # one of them on the request's own inputs, ``attribute_with_logits`` returns those logits, so a
 # server need not run the forward graph as well.
-LOGITS_AT_X_GRAPHS = frozenset({"gradient", "guided_backprop", "deconvolution", "lrp"})
+LOGITS_AT_X_GRAPHS = frozenset(
+    {"gradient", "guided_backprop", "deconvolution", "lrp", "lrp_epsilon_plus", "lrp_epsilon_alpha2_beta1"}
+)
 
 
 def select_providers(requested: Sequence[str] | None = None) -> list[str]:

@@ -33,6 +33,7 @@ from training.export.reference import (
 from training.models import Add, ModelConfig, build_model
 
 METHODS = ("gradient", "guided_backprop", "deconvolution")
+RELU_RULES = ("gradient", "guided_backprop", "deconvolution")
 SHAPE = (12, 301)  # odd length: ceil_mode's last window and the tails of strided layers
 
 
@@ -179,12 +180,12 @@ def test_autograd_reference_equals_captum_where_no_relu_input_is_shared(net: str
         model, x = _ecgnet(net == "ecgnet_residual"), _x(4, (12, 600))
     module = ir_module(trace_model(model, x.shape[1:]))
     target = np.array([0, 3, 5, 8])
-    for method in METHODS:
+    for method in RELU_RULES:
         ref = captum_attribution(module, method, x, target)
         got = autograd_attribution(module, method, x, target)
         assert _rel(got, ref) < 1e-5, method
     # The three rules really differ on these inputs (the test compares three different things).
-    maps = [autograd_attribution(module, m, x, target) for m in METHODS]
+    maps = [autograd_attribution(module, m, x, target) for m in RELU_RULES]
     assert _rel(maps[0], maps[1]) > 1e-2 and _rel(maps[1], maps[2]) > 1e-2
 
 
@@ -269,7 +270,7 @@ def test_captum_differs_from_the_per_edge_rule_where_a_relu_input_feeds_an_addit
     unshared = ir_module(trace_model(identity_bn, (12, 200)))
     with torch.no_grad():
         torch.testing.assert_close(shared(torch.tensor(x)), unshared(torch.tensor(x)), atol=1e-6, rtol=0)
-    for method in METHODS:
+    for method in RELU_RULES:
         per_edge = autograd_attribution(shared, method, x, target)
         assert _rel(per_edge, captum_attribution(unshared, method, x, target)) < 1e-5, method
         assert _rel(per_edge, autograd_attribution(unshared, method, x, target)) < 1e-5, method
@@ -281,15 +282,51 @@ def test_captum_differs_from_the_per_edge_rule_where_a_relu_input_feeds_an_addit
     # Ribeiro's block with its BatchNorm: the ReLU's input is bn2's output, read by the ReLU alone.
     ribeiro = ir_module(trace_model(_preact(bn2=True), (12, 200)))
     assert sum(op.kind == AFFINE for op in ribeiro.ir.ops) == 2
-    for method in METHODS:
+    for method in RELU_RULES:
         ref = captum_attribution(ribeiro, method, x, target)
         assert _rel(autograd_attribution(ribeiro, method, x, target), ref) < 1e-5, method
 
 
+@pytest.mark.parametrize("net", ["ecgnet", "ecgnet_residual"])
+def test_deeplift_and_lrp_rules_equal_captum_where_its_hooks_apply_alike(net: str) -> None:
+    model, x = _ecgnet(net == "ecgnet_residual"), _x(4, (12, 600))
+    module = ir_module(trace_model(model, x.shape[1:]))
+    target, base = np.array([0, 3, 5, 8]), _x(4, (12, 600), seed=1) * 0.1
+    ref = captum_attribution(module, "deeplift", x, target, baseline=base)
+    assert _rel(autograd_attribution(module, "deeplift", x, target, baseline=base), ref) < 1e-5
+    for eps in (1e-2, 0.5):
+        ref = captum_attribution(module, "lrp", x, target, epsilon=eps)
+        assert _rel(autograd_attribution(module, "lrp", x, target, epsilon=eps), ref) < 1e-5
+
+
+def test_lrp_and_deeplift_per_edge_where_a_relu_input_feeds_an_addition_too() -> None:
+    """As for guided backprop: on the shared tensor Captum's ReLU hooks mix the addition's path
+    in. DeepLIFT's per-edge rule equals Captum on the same function with the tensor unshared (an
+    identity BatchNorm between the addition and the ReLU). For LRP that BatchNorm is itself a
+    layer the epsilon rule divides at, so there both references are run on the unshared module."""
+    x, target = _x(4, (12, 200)), np.array([1, 2, 6, 7])
+    base = _x(4, (12, 200), seed=3) * 0.1
+    shared = ir_module(trace_model(_preact(bn2=False), (12, 200)))
+    identity_bn = _preact(bn2=True)
+    identity_bn.load_state_dict(_preact(bn2=False).state_dict(), strict=False)
+    for block in (identity_bn.block1, identity_bn.block2):
+        block.bn2.reset_parameters()
+        block.bn2.eps = 0.0
+    unshared = ir_module(trace_model(identity_bn, (12, 200)))
+    for method, kw in (("deeplift", {"baseline": base}), ("lrp", {"epsilon": 1e-2})):
+        per_edge = autograd_attribution(shared, method, x, target, **kw)
+        assert _rel(per_edge, captum_attribution(shared, method, x, target, **kw)) > 1e-2, method
+        right = captum_attribution(unshared, method, x, target, **kw)
+        same_function = (
+            per_edge if method == "deeplift" else autograd_attribution(unshared, method, x, target, **kw)
+        )
+        assert _rel(same_function, right) < 1e-4, method
+
+
 def test_autograd_reference_refuses_what_it_does_not_compute() -> None:
     module = ir_module(trace_model(_every_op(), SHAPE))
-    with pytest.raises(ValueError, match="no autograd reference for 'lrp'"):
-        autograd_attribution(module, "lrp", _x(1), 0)
+    with pytest.raises(ValueError, match="no autograd reference for 'gradcam'"):
+        autograd_attribution(module, "gradcam", _x(1), 0)
     with pytest.raises(TypeError, match="IRModule"):
         autograd_attribution(_every_op(), "gradient", _x(1), 0)  # type: ignore[arg-type]
 

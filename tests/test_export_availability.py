@@ -240,7 +240,14 @@ def test_a_subset_of_graphs_exports_the_rest_as_unavailable(tmp_path: Path) -> N
     pkg = export_package(small_cnn(), tmp_path / "pkg", sample_inputs=X, graphs=["lrp"])
     manifest = manifest_of(pkg)
     assert set(manifest["graphs"]) == {"forward", "gradient", "lrp"}
-    assert set(manifest["unavailable"]) == {"guided_backprop", "deconvolution", "deeplift", "gradcam"}
+    assert set(manifest["unavailable"]) == {
+        "guided_backprop",
+        "deconvolution",
+        "deeplift",
+        "gradcam",
+        "lrp_epsilon_plus",
+        "lrp_epsilon_alpha2_beta1",
+    }
     assert all("left out of this export" in e["reason"] for e in manifest["unavailable"].values())
     with pytest.raises(ExportError, match=r"unknown graph\(s\) \['lrp2'\]"):
         export_package(small_cnn(), tmp_path / "other", graphs=["lrp2"])

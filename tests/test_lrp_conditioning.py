@@ -9,6 +9,7 @@ export.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch import nn
 
 from training.config import TrainConfig
 from training.data.synth import generate, synthesize_dataset
-from training.export import ExportError, export_checkpoint, export_package
+from training.export import export_checkpoint, export_package
 from training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
 from training.export.reference import ill_conditioned_samples
 from training.models import ModelConfig
@@ -72,20 +73,30 @@ def test_failure_message_shows_the_failing_samples_own_figures() -> None:
     assert check["max_rel_error"] < 1e-12  # the agreeing samples' figures stay apart
 
 
-def test_a_graph_that_is_wrong_everywhere_still_fails_at_the_well_conditioned_epsilon(
+def test_a_graph_that_is_wrong_everywhere_is_left_out_at_the_well_conditioned_epsilon(
     monkeypatch, tmp_path: Path
 ) -> None:
+    import json
+
+    from service.engine import AttributionEngine
+    from service.errors import FailedPrecondition
     from training.export import onnx_graphs
 
     # Relevance that skips the division by the layer output is wrong on every sample.
-    monkeypatch.setattr(onnx_graphs.EpsilonRule, "at_layer_output", lambda self, b, g, z: g)
+    def no_division(self, b, op, g, ins, out):
+        shares = onnx_graphs.transpose_op(b, op, g)
+        return [b.op("Mul", [c, a]) for c, a in zip(shares, ins, strict=True)]
+
+    monkeypatch.setattr(onnx_graphs.EpsilonRule, "layer", no_division)
     torch.manual_seed(0)
-    with pytest.raises(ExportError, match=r"lrp: sample 0: .*% of elements off") as err:
-        export_package(
-            OneConv().eval(), tmp_path / "pkg", sample_inputs=generate(4, np.random.default_rng(1)).signals
-        )
-    assert "package not written" in str(err.value)
-    assert list(tmp_path.iterdir()) == []
+    pkg = export_package(
+        OneConv().eval(), tmp_path / "pkg", sample_inputs=generate(4, np.random.default_rng(1)).signals
+    )
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert re.search(r"lrp: sample 0: .*% of elements off", manifest["unavailable"]["lrp"]["reason"])
+    assert not (pkg / "lrp.onnx").exists() and (pkg / "gradient.onnx").is_file()
+    with pytest.raises(FailedPrecondition, match="method 'lrp' is unavailable"):
+        AttributionEngine(pkg).attribute("lrp", generate(1, np.random.default_rng(2)).signals, 0)
 
 
 @pytest.mark.parametrize("threads", [0, 1, 2, 4])

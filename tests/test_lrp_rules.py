@@ -13,10 +13,10 @@ import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
+from parity_helpers import randomise_batchnorm
 from torch import nn
+from zennit_helpers import zennit_lrp
 
-from tests.parity_helpers import randomise_batchnorm
-from tests.zennit_helpers import zennit_lrp
 from training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR, trace_model
 from training.export.ir_torch import ir_module
 from training.export.lrp_reference import composite_parity, float32_sensitive_samples, lrp_reference
@@ -549,9 +549,6 @@ def test_unfolded_batchnorm_passes_relevance():
 # --------------------------------------------------------------------------- the service's lrp settings
 
 CLASS_LIST = [{"key": k, "code": str(i), "name": f"class {k}"} for i, k in enumerate("ABCD")]
-# The lead adds the composite graphs to onnx_graphs.GRAPH_SIGNATURES / build_graph; until then no
-# package can hold them and the end-to-end test below has nothing to run on.
-WIRED = set(LRP_COMPOSITE_SIGNATURES) <= set(GRAPH_SIGNATURES)
 
 
 def _export(tmp_path, graphs: list[str]):
@@ -626,7 +623,6 @@ def test_a_package_without_the_composite_graph_refuses_it_naming_the_graph(epsil
     assert np.abs(epsilon_only.attribute("lrp", x, target=0)).max() > 0  # the epsilon rule still serves
 
 
-@pytest.mark.skipif(not WIRED, reason="the composite graphs are not yet in onnx_graphs.GRAPH_SIGNATURES")
 def test_the_service_serves_each_composite_and_input_rule(tmp_path):
     """End to end: export (the composite graphs pass the export's own check), serve, compare with
     the reference; relevance starts at the target logit as for the epsilon rule."""

@@ -25,10 +25,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.export.ir import GMP, MAXPOOL, RELU, Op, pool_output_length
+from training.export.ir import CONCAT, FLATTEN, GMP, MAXPOOL, RELU, RULE_LAYERS, Op, pool_output_length
 from training.export.ir_torch import IRModule
 
-METHODS = ("gradient", "guided_backprop", "deconvolution")
+METHODS = ("gradient", "guided_backprop", "deconvolution", "deeplift", "lrp")
+DEEPLIFT_EPS = 1e-10  # below this |delta in| a ReLU takes the plain gradient (Captum's DeepLift)
 
 
 class ReluRule(torch.autograd.Function):
@@ -88,6 +89,87 @@ class MaxPoolFirst(torch.autograd.Function):
         return out[..., ctx.left : ctx.left + ctx.length], None, None, None, None
 
 
+class RescaleRelu(torch.autograd.Function):
+    """DeepLIFT's rescale rule at one ReLU, on a batch holding the inputs (first half) and their
+    references (second half): the gradient times delta-out / delta-in, or the plain gradient
+    where |delta-in| < 1e-10."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        y = x.clamp_min(0)
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x, y = ctx.saved_tensors
+        half = len(x) // 2
+        d_in = (x[:half] - x[half:]).repeat(2, *([1] * (x.dim() - 1)))
+        d_out = (y[:half] - y[half:]).repeat(2, *([1] * (x.dim() - 1)))
+        small = d_in.abs() < DEEPLIFT_EPS
+        ratio = d_out / torch.where(small, torch.ones_like(d_in), d_in)
+        return torch.where(small, grad * (y > 0).to(grad.dtype), grad * ratio)
+
+
+class EpsilonLayer(torch.autograd.Function):
+    """LRP-epsilon at one layer (conv, dense, affine, pooling, addition): the incoming relevance
+    divided by the stabilised output ``z + eps * sign(z)`` (sign(0) = +1), taken back through the
+    layer's own gradient, and multiplied by each input on its own edge."""
+
+    @staticmethod
+    def forward(ctx, fn, epsilon: float, *inputs: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.fn, ctx.epsilon = fn, epsilon
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor):  # type: ignore[override]
+        inputs = [a.detach().requires_grad_(True) for a in ctx.saved_tensors]
+        with torch.enable_grad():
+            z = ctx.fn(*inputs)
+            sign = 1.0 - 2.0 * (z < 0).to(z.dtype)
+            shares = torch.autograd.grad(z, inputs, relevance / (z + ctx.epsilon * sign))
+        return (None, None, *(a.detach() * c for a, c in zip(inputs, shares, strict=True)))
+
+
+def _pool(op: Op):
+    p = op.params
+    if op.kind == GMP:
+        return lambda a: MaxPoolFirst.apply(a, a.shape[-1], 1, 0, False)
+    return lambda a: MaxPoolFirst.apply(a, p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
+
+
+def _deeplift_substitute(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+    if op.kind == RELU:
+        return RescaleRelu.apply(inputs[0])
+    if op.kind in (MAXPOOL, GMP):  # the plain gradient through each half's own first maximum
+        return _pool(op)(inputs[0])
+    return None
+
+
+def _lrp_substitute(epsilon: float):
+    def run(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        if op.kind == RELU:  # relevance passes a ReLU unchanged
+            return _PassRelu.apply(inputs[0])
+        if op.kind in (CONCAT, FLATTEN) or op.kind not in RULE_LAYERS:
+            return None  # they only move relevance: their gradient is the rule
+        fn = _pool(op) if op.kind in (MAXPOOL, GMP) else module
+        return EpsilonLayer.apply(fn, epsilon, *inputs)
+
+    return run
+
+
+class _PassRelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
 def _substitute(method: str):
     def run(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         if op.kind == RELU:
@@ -103,11 +185,23 @@ def _substitute(method: str):
 
 
 def autograd_attribution(
-    module: IRModule, method: str, x: np.ndarray, target: np.ndarray | int
+    module: IRModule,
+    method: str,
+    x: np.ndarray,
+    target: np.ndarray | int,
+    *,
+    baseline: np.ndarray | None = None,
+    epsilon: float = 1e-9,
 ) -> np.ndarray:
-    """The attribution of ``method`` ("gradient", "guided_backprop" or "deconvolution") for the
-    ``target`` logit (one class index, or one per sample) on float32 ``x`` (B, leads, samples),
-    with each ReLU's rule applied on that ReLU's own edge."""
+    """The attribution of ``method`` for the ``target`` logit (one class index, or one per
+    sample) on float32 ``x`` (B, leads, samples), with each rule applied on its op's own edge.
+
+    ``gradient``, ``guided_backprop``, ``deconvolution``: the rule at each ReLU (max pooling to
+    the first maximum). ``deeplift``: the rescale rule at each ReLU against ``baseline`` (default
+    zeros), max pooling by the plain gradient of each half (the package's ``maxpool_rule
+    "gradient"``). ``lrp``: the epsilon rule at every layer with weights or a sum, relevance
+    starting at the target logit (as Captum's LRP), passing ReLUs unchanged.
+    """
     if method not in METHODS:
         raise ValueError(f"no autograd reference for {method!r}; one of {METHODS}")
     if not isinstance(module, IRModule):
@@ -115,11 +209,26 @@ def autograd_attribution(
             f"autograd_attribution runs on an IRModule (training.export.ir_torch.ir_module), "
             f"got {type(module).__name__}"
         )
-    xt = torch.tensor(np.asarray(x), dtype=torch.float32, requires_grad=True)
-    tgt = torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (len(xt),)).copy())
+    x = np.asarray(x, np.float32)
+    tgt = torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (len(x),)).copy())
+    rows = torch.arange(len(x))
+    module = module.eval()
+    if method == "deeplift":
+        ref = np.zeros_like(x) if baseline is None else np.asarray(baseline, np.float32)
+        both = torch.tensor(np.concatenate([x, ref]), requires_grad=True)
+        with torch.enable_grad():
+            logits = module.evaluate(both, _deeplift_substitute)
+            (grad,) = torch.autograd.grad(logits[rows, tgt].sum(), both)
+        return (grad[: len(x)] * torch.tensor(x - ref)).detach().numpy()
+    xt = torch.tensor(x, requires_grad=True)
+    substitute = _lrp_substitute(epsilon) if method == "lrp" else _substitute(method)
     with torch.enable_grad():
-        logits = module.eval().evaluate(xt, _substitute(method))
+        logits = module.evaluate(xt, substitute)
         # Each sample's logit depends on that sample alone (eval mode), so one backward pass
         # of the summed target logits gives every sample's own gradient.
-        (grad,) = torch.autograd.grad(logits[torch.arange(len(xt)), tgt].sum(), xt)
+        start = logits[rows, tgt]
+        if method == "lrp":  # the relevance at the output is the target's score itself
+            (grad,) = torch.autograd.grad(start, xt, start.detach())
+        else:
+            (grad,) = torch.autograd.grad(start.sum(), xt)
     return grad.detach().numpy()

@@ -644,8 +644,12 @@ def build_graph(ir: ModelIR, name: str, gradcam_layer: str) -> onnx.ModelProto:
         "lrp": lambda: _lrp_graph(ir, x_shape, n),
         "gradcam": lambda: _gradcam_graph(ir, x_shape, n, gradcam_layer),
     }
+    if name in ("lrp_epsilon_plus", "lrp_epsilon_alpha2_beta1"):
+        from training.export.lrp_rules import LRP_COMPOSITE_GRAPHS  # it builds on this module
+
+        return LRP_COMPOSITE_GRAPHS[name](ir, x_shape, n)
     if name not in builders:
-        raise ValueError(f"no graph named {name!r}; graphs: {sorted(builders)}")
+        raise ValueError(f"no graph named {name!r}; graphs: {sorted(GRAPH_SIGNATURES)}")
     return builders[name]()
 
 
@@ -663,6 +667,12 @@ GRAPH_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "deeplift": (("x", "baseline", "seed", "maxpool_rescale"), ("logits", "attribution")),
     "lrp": (("x", "seed", "epsilon"), ("logits", "attribution")),
     "gradcam": (("x", "seed"), ("logits", "activations", "gradients")),
+    # Zennit's composites (training/export/lrp_rules.py); input_rule 0 own, 1 flat, 2 zbox in [low, high].
+    "lrp_epsilon_plus": (("x", "seed", "epsilon", "input_rule", "low", "high"), ("logits", "attribution")),
+    "lrp_epsilon_alpha2_beta1": (
+        ("x", "seed", "epsilon", "input_rule", "low", "high"),
+        ("logits", "attribution"),
+    ),
 }
 
 
