@@ -47,7 +47,7 @@ from training.data.median_beat import median_beat
 from training.data.wfdb_import import read_record
 from training.export import export_package
 from training.export.autograd_reference import autograd_attribution
-from training.export.ir import GMP, MAXPOOL, RELU
+from training.export.ir import GMP, MAXPOOL, RELU, trace_model
 from training.export.ir_torch import ir_module
 from training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
 from training.export.reference import ill_conditioned_samples, lrp_model, near_tie_samples
@@ -229,3 +229,93 @@ def test_lrp_composites_match_zennit_on_the_rebuilt_module(setup, composite):
     for name, maps in (("package", got), ("Zennit", zennit)):
         check = composite_parity(maps, module, composite, x, target, epsilon=1e-2, excused=ties)
         assert check["ok"], describe_parity_failure(f"{name} vs the exact map", check)
+
+
+# --------------------------------------------------------------------------- other input forms
+
+
+@pytest.fixture(scope="module")
+def onnx_imported(shared_data, tmp_path_factory):
+    """xresnet1d as another framework would hand it over: a forward-only ONNX file (10 s at 100 Hz),
+    exported through the ONNX front end. The reference model is that file converted back to
+    PyTorch by onnx2torch, as the issue asks."""
+    import onnx2torch
+
+    from training.export.sources import load_source
+
+    torch.manual_seed(0)
+    model = zoo.randomise_batchnorm(zoo.xresnet1d(), seed=1).eval()
+    folder = tmp_path_factory.mktemp("onnx-import")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.zeros(1, 12, 1000),),
+            folder / "xresnet1d.onnx",
+            dynamo=False,
+            opset_version=17,
+            input_names=["ecg"],
+            output_names=["logits"],
+            dynamic_axes={"ecg": {0: "batch"}},
+        )
+    source = load_source(folder / "xresnet1d.onnx", sampling_rate_hz=100.0)
+    assert source.original is None  # nothing of PyTorch comes with an ONNX file
+    x = real_inputs(shared_data, 1000)
+    pkg = export_package(source, folder / "pkg", sample_inputs=x)
+    engine = AttributionEngine(pkg, providers=["CPUExecutionProvider"], max_batch=8)
+    converted = onnx2torch.convert(str(folder / "xresnet1d.onnx")).eval()
+    return converted, ir_module(source.ir), engine, x, np.array([0, 5, 8, 2])
+
+
+def test_onnx_import_every_method_matches_its_reference(onnx_imported):
+    converted, module, engine, x, target = onnx_imported
+    assert "unavailable" not in engine.package.manifest or not engine.package.manifest["unavailable"]
+    ties = near_tie_samples(module, x)
+    xt, tt = torch.tensor(x), torch.tensor(target)
+    # The ONNX file's own function, back in PyTorch: its logits and its autograd gradient.
+    with torch.no_grad():
+        assert_parity(engine.logits(x), converted(xt).numpy())
+    saliency = _captum(Saliency(converted).attribute, xt, target=tt)
+    assert_parity_except(engine.attribute("saliency", x, target), saliency, ties)
+    base = np.random.default_rng(4).normal(0, 0.05, x.shape).astype(np.float32)
+    for method, kw in (
+        ("guided_backprop", {}),
+        ("deconvolution", {}),
+        ("deeplift", {"baseline": base}),
+        ("lrp", {"epsilon": 1e-2}),
+    ):
+        extra = {"maxpool_rule": "gradient"} if method == "deeplift" else {}
+        got = engine.attribute(method, x, target, **kw, **extra)
+        assert_parity_except(got, autograd_attribution(module, method, x, target, **kw), ties)
+
+
+def test_the_trained_demo_model_matches_every_reference(trained_family):
+    """The project's own trained model (the demo's family, seed 0), exported from its checkpoint."""
+    from training.checkpoint import load_checkpoint
+    from training.data.dataset import load_dataset
+    from training.train import CHECKPOINT_FILE, seed_dir
+
+    model, _ = load_checkpoint(seed_dir(trained_family["runs"], 0) / CHECKPOINT_FILE)
+    engine = AttributionEngine(trained_family["seed-0"], providers=["CPUExecutionProvider"], max_batch=8)
+    module = ir_module(trace_model(model))
+    x = np.asarray(load_dataset(trained_family["data"]).signals[:6], np.float32)
+    target = np.array([0, 1, 2, 3, 4, 5])
+    ties = near_tie_samples(module, x)
+    xt, tt = torch.tensor(x), torch.tensor(target)
+    assert_parity_except(
+        engine.attribute("saliency", x, target), _captum(Saliency(model).attribute, xt, target=tt), ties
+    )
+    base = np.zeros_like(x)
+    for method, kw, captum in (
+        ("guided_backprop", {}, GuidedBackprop(model)),
+        ("deconvolution", {}, Deconvolution(model)),
+        ("deeplift", {"baseline": base}, DeepLift(model)),
+    ):
+        extra = {"maxpool_rule": "gradient"} if method == "deeplift" else {}
+        got = engine.attribute(method, x, target, **kw, **extra)
+        assert_parity_except(got, autograd_attribution(module, method, x, target, **kw), ties)
+        ref = _captum(captum.attribute, xt, target=tt, **({"baselines": torch.tensor(base)} if kw else {}))
+        assert_parity_except(got, ref, ties)
+    got = engine.attribute("lrp", x, target, epsilon=1e-2)
+    ref = _captum(CaptumLRP(lrp_model(module, 1e-2)).attribute, xt, target=tt)
+    assert_parity_except(got, ref, ties | ill_conditioned_samples(module, x, 1e-2, REL_TOL))
