@@ -20,6 +20,7 @@ No PyTorch here (tested with torch made unimportable).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -316,6 +317,10 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             gate = served.method_gate(m)
             if not gate.servable:
                 raise FailedPrecondition(refusal_of_method(served, gate))
+            if not gate.ungated and not _gated_rule(m, params[m]):
+                if not served.allow_ungated:
+                    raise FailedPrecondition(_ungated_rule_refusal(m, params[m], served))
+                gate = dataclasses.replace(gate, ungated=True)
             gates[m] = gate
         engine = served.engine
         x = self._beats(served, request.ecgs)
@@ -507,6 +512,27 @@ def _class(engine: Any, value: str, where: str) -> int:
         return engine.class_index(value)
     except NotFound as e:
         raise NotFound(f"{where}: {e}") from None
+
+
+# Settings that choose another rule rather than tune one: the gate's verdict on a method covers
+# the rule it checked (the method's default), so another is served only in research mode.
+GATED_RULES: dict[str, dict[str, str]] = {"lrp": {"composite": "epsilon"}}
+
+
+def _gated_rule(method: str, params: dict) -> bool:
+    """Whether ``params`` keep the rule the gate checked for ``method``."""
+    return all(params.get(k, v) == v for k, v in GATED_RULES.get(method, {}).items())
+
+
+def _ungated_rule_refusal(method: str, params: dict, served: Any) -> str:
+    asked = {k: params[k] for k, v in GATED_RULES[method].items() if params.get(k, v) != v}
+    shown = ", ".join(f"{k}={v!r}" for k, v in asked.items())
+    checked = ", ".join(f"{k}={GATED_RULES[method][k]!r}" for k in asked)
+    return (
+        f"{method} with {shown} was not checked by the validation gate of {served.model} version "
+        f"{served.version} (the gate checks {method} with {checked}); ask for that, or use a "
+        "research-mode server (--allow-ungated)"
+    )
 
 
 def _name(what: str, value: str) -> str:

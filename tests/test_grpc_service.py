@@ -666,3 +666,42 @@ def test_a_response_too_large_to_send_is_refused_before_any_work(server, beats, 
         lambda: explain(server, beats, ecgs=[ecg_msg(b) for b in beats], targets=[pb.Target(top_k=2)])
     )
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "would hold 8 attributions" in msg
+
+
+def test_an_lrp_composite_the_gate_did_not_check_is_served_only_in_research_mode(gated, beats, tmp_path):
+    """The gate checks lrp with its default rule (epsilon); a report that serves lrp covers that
+    rule, so another composite is refused, naming both, unless the server is in research mode."""
+    from repo_helpers import make_package
+
+    report = gated["report"]
+    methods = {**report["methods"], "lrp": {"verdict": "pass", "checks": {}}}
+    make_package(gated, tmp_path / "repo" / "ecg" / "1", serve=["lrp"], methods=methods)
+    for allow_ungated in (False, True):
+        repository = ModelRepository(tmp_path / "repo", [gated["public"]], allow_ungated=allow_ungated)
+        server, port, _, _ = build_server(
+            repository, security=ServerSecurity.plaintext_unauthenticated(), host="127.0.0.1", port=0
+        )
+        server.start()
+        try:
+            stub = pb_grpc.ExplanationServiceStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+            ecgs = [ecg_msg(beats[0])]
+            default = stub.Explain(pb.ExplainRequest(model="ecg", ecgs=ecgs, methods=["lrp"]))
+            assert not default.attributions[0].gate.ungated
+            composite = pb.ExplainRequest(
+                model="ecg",
+                ecgs=ecgs,
+                methods=["lrp"],
+                parameters_json={"lrp": '{"composite": "epsilon_plus"}'},
+            )
+            if allow_ungated:
+                assert stub.Explain(composite).attributions[0].gate.ungated
+            else:
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Explain(composite)
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                assert (
+                    "composite='epsilon_plus' was not checked by the validation gate" in err.value.details()
+                )
+        finally:
+            server.stop(None)
+            repository.stop()
