@@ -129,7 +129,18 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
         out = export_package(source, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite)
     log.info("wrote model package %s", out)
+    _report_unavailable(out)
     return 0
+
+
+def _report_unavailable(package: Path) -> None:
+    """Print each graph the export left out, and why: methods a user would otherwise only find
+    refused at serving time."""
+    import json
+
+    unavailable = json.loads((Path(package) / "manifest.json").read_text()).get("unavailable") or {}
+    for graph, entry in unavailable.items():
+        print(f"UNAVAILABLE {graph} (methods: {', '.join(entry['methods']) or 'none'}): {entry['reason']}")
 
 
 def _parse_param(text: str) -> tuple[str, object]:
@@ -449,8 +460,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="export a trained checkpoint, or your own model, as an ONNX model package",
         description="Write PKGDIR with the forward graph, the backward graphs every attribution method needs "
         "(gradient, guided backprop, deconvnet, DeepLIFT, LRP, GradCAM), one shared weights file and "
-        "manifest.json. The graphs are checked against reference implementations first; a mismatch "
-        "writes nothing. The model is a project checkpoint (CHECKPOINT) or, with --model, your own network: "
+        "manifest.json. Each graph is checked against a reference implementation first: one that "
+        "disagrees is left out and its methods are marked unavailable (listed at the end); if the forward "
+        "or gradient graph disagrees, nothing is written. The model is a project checkpoint (CHECKPOINT) "
+        "or, with --model, your own network: "
         "a Python factory pkg.module:function plus --weights (a state dict), a torch.export program (.pt2) "
         "or a forward-only ONNX model (.onnx). --input-length is needed when the model does not fix it "
         "(a factory defaults to 600 samples), --sampling-rate unless the input is the project's 600-sample "

@@ -187,6 +187,12 @@ def run_gate(
     fam = [load_package(p) for p in family]
     _check_family(pkg, fam)
     ds = load_dataset(data)
+    if tuple(ds.signals.shape[1:]) != tuple(pkg.input_shape):
+        raise ValueError(
+            f"dataset {ds.path} holds ECGs of shape {tuple(ds.signals.shape[1:])} (leads, samples), but the "
+            f"package takes {tuple(pkg.input_shape)}: validate on data of the model's own input (a model "
+            "brought from elsewhere needs validation data at its length and sampling rate)"
+        )
     gd = select_ecgs(ds, pol.n_ecgs, pol.seed, pkg.class_keys)
     warnings = check_leakage(pkg, ds, gd.indices)  # refuses training data, before any computation
     warnings += check_coverage(ds, gd, pol, pkg.class_keys)

@@ -833,8 +833,10 @@ def _manifest(
             "dtype": "float32",
             "units": "mV",
             "sampling_rate_hz": float(src.sampling_rate_hz),
-            # Only the project's median beat is aligned on its R peak.
+            # Only the project's median beat is aligned on its R peak; any other input is a window
+            # of signal, which the service cuts from a strip at the model's rate (service/ecg_input.py).
             "r_peak_sample": R_PEAK_SAMPLE if beat else None,
+            "kind": "median_beat" if beat else "window",
         },
         "output": {"name": "logits", "shape": [None, len(classes)], "activation": "sigmoid"},
         "graphs": {
