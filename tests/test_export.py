@@ -194,3 +194,31 @@ def test_near_tie_detection_finds_a_planted_max_pool_tie() -> None:
     x = np.random.default_rng(1).uniform(0.5, 1.0, (3, 12, 600)).astype(np.float32)
     x[2, 5, 10] = x[2, 5, 11] = 0.99  # an exact tie between two positive values
     assert near_tie_samples(model, x).tolist() == [False, False, True]
+
+
+class ReusedRelu(nn.Module):
+    """One nn.ReLU module applied after two convolutions (Captum's hooks refuse such a model)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(12, 8, 5, padding=2)
+        self.conv2 = nn.Conv1d(8, 8, 5, padding=2)
+        self.relu = nn.ReLU()
+        self.fc = nn.Linear(8, 9)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.conv2(self.relu(self.conv1(x))))
+        return self.fc(h.mean(dim=-1))
+
+
+def test_a_reused_relu_is_one_op_per_call_and_every_method_exports(tmp_path: Path) -> None:
+    from training.data.synth import generate
+    from training.export.ir import trace_model
+
+    torch.manual_seed(0)
+    model = ReusedRelu().eval()
+    ops = trace_model(model).ops
+    assert [op.name for op in ops if op.kind == "relu"] == ["relu", "relu@2"]
+    pkg = export_package(model, tmp_path / "pkg", sample_inputs=generate(4, np.random.default_rng(0)).signals)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert not manifest.get("unavailable"), manifest.get("unavailable")
