@@ -1,0 +1,436 @@
+"""The release gate (deploy/release/gate_and_publish.sh) run for real, its Kubernetes Job and the
+example CI pipelines.
+
+The script runs under bash as a pipeline would, with this environment's ``ecgx`` on PATH: a real
+gate (ONNX Runtime, Ed25519 signatures) on the trained seed-0 package, a real ``ecgx gate verify``
+and ``ecgx repo add``. The passing case uses the smallest policy the floor allows (as
+tests/test_gate_cli.py does; a --research report could never be published), about 20 s a gate.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from cli_helpers import snapshot
+
+from validation.policy import load_policy
+from validation.signing import generate_keypair, load_public_key, verify_gate
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "deploy" / "release" / "gate_and_publish.sh"
+JOB = ROOT / "deploy" / "k8s" / "release-gate-job.yaml"
+GITHUB = ROOT / "deploy" / "release" / "github-actions.example.yml"
+GITLAB = ROOT / "deploy" / "release" / "gitlab-ci.example.yml"
+
+# As small as the policy floor allows, lime required (it passes on the trained family; gradcam's
+# all-zero maps fail randomisation there): tests/test_gate_cli.py FAST.
+PASSING = """
+[gate]
+ecgs = 64
+required_methods = ["lime"]
+[checks.randomisation]
+ecgs = 16
+"""
+# No map can be that dissimilar from itself: every method fails randomisation, so the gate fails.
+FAILING = PASSING.replace("ecgs = 16", "ecgs = 16\nmax_similarity = -1.0")
+
+
+def run_script(
+    *args: str, env: dict[str, str] | None = None, clean_env: bool = False
+) -> subprocess.CompletedProcess:
+    """``bash gate_and_publish.sh ARGS`` with this interpreter's ``ecgx`` first on PATH.
+
+    ``clean_env`` leaves out every ECGX_* variable of the caller's environment (a key in
+    ECGX_GATE_SIGNING_KEY would otherwise change what is being tested)."""
+    base = {k: v for k, v in os.environ.items() if not (clean_env and k.startswith("ECGX_"))}
+    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**base, **(env or {})},
+    )
+
+
+def last_line(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def context(result: subprocess.CompletedProcess) -> str:
+    return f"exit {result.returncode}\nstdout:\n{result.stdout[-2000:]}\nstderr:\n{result.stderr[-4000:]}"
+
+
+@pytest.fixture(scope="module")
+def release(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Keys, the two policies and folders for the script; no candidate (see ``candidate``)."""
+    tmp = tmp_path_factory.mktemp("release")
+    private, public = generate_keypair(tmp / "keys")
+    (tmp / "pass.toml").write_text(PASSING)
+    (tmp / "fail.toml").write_text(FAILING)
+    return {
+        "tmp": tmp,
+        "private": private,
+        "public": public,
+        "pass": tmp / "pass.toml",
+        "fail": tmp / "fail.toml",
+        "pass_sha": load_policy(tmp / "pass.toml").sha256,
+    }
+
+
+@pytest.fixture(scope="module")
+def candidate(trained_family: dict[str, Path], release: dict[str, Any]) -> dict[str, Path]:
+    """The trained seed-0 package as a candidate, read-only (the script must gate a copy), and
+    the validation data."""
+    pkg = shutil.copytree(trained_family["seed-0"], release["tmp"] / "candidates" / "ecg-candidate")
+    (pkg / "gate.json").unlink(missing_ok=True)
+    for path in [pkg, *pkg.iterdir()]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    return {"pkg": pkg, "data": trained_family["data"]}
+
+
+def gate_args(release: dict[str, Any], candidate: dict[str, Path], policy: str, tmp: Path) -> list[str]:
+    return [
+        "--package",
+        str(candidate["pkg"]),
+        "--data",
+        str(candidate["data"]),
+        "--policy",
+        str(release[policy]),
+        "--signing-key",
+        str(release["private"]),
+        "--public-key",
+        str(release["public"]),
+        "--repo",
+        str(tmp / "repo"),
+        "--model",
+        "ecg",
+        "--artefacts",
+        str(tmp / "artefacts"),
+        "--methods",
+        "lime",
+        "--workers",
+        "1",
+    ]
+
+
+@pytest.fixture(scope="module")
+def published(release: dict[str, Any], candidate: dict[str, Path]) -> dict[str, Any]:
+    """One passing run into an empty repository (its default version: 1)."""
+    tmp = release["tmp"] / "published"
+    before = snapshot(candidate["pkg"])
+    result = run_script(*gate_args(release, candidate, "pass", tmp), clean_env=True)
+    return {"result": result, "tmp": tmp, "before": before}
+
+
+# ------------------------------------------------------------------------------ the script, for real
+
+
+@pytest.mark.slow
+def test_a_passing_gate_publishes_the_version_and_keeps_its_report(release, candidate, published) -> None:
+    result, tmp = published["result"], published["tmp"]
+    assert result.returncode == 0, context(result)
+    version = tmp / "repo" / "ecg" / "1"
+    assert last_line(result) == f"gate_and_publish.sh: PUBLISHED: {candidate['pkg']} as {version}"
+    # The published version verifies as a server checks it: signed by the trusted key, every file
+    # unchanged, the gate passed, the policy the run was given allowed, not a research report.
+    check = verify_gate(version, load_public_key(release["public"]), allowed_policies=[release["pass_sha"]])
+    assert check.ok and check.servable, check.problems
+    # The artefact is that same signed report, with the logs of each step.
+    artefacts = tmp / "artefacts"
+    assert (artefacts / "gate.json").read_bytes() == (version / "gate.json").read_bytes()
+    report = json.loads((artefacts / "gate.json").read_text())
+    assert (
+        report["verdict"] == "pass" and report["servable"] and report["signature"]["algorithm"] == "Ed25519"
+    )
+    assert report["policy"]["sha256"] == release["pass_sha"]
+    assert "Gate verdict: PASS" in (artefacts / "validate.log").read_text()
+    assert "signature valid" in (artefacts / "verify.log").read_text()
+    assert (artefacts / "outcome.txt").read_text().startswith("PUBLISHED: ")
+    # The candidate was gated in a copy: not one byte of it changed, no gate.json was added.
+    assert snapshot(candidate["pkg"]) == published["before"]
+    assert sorted(p.name for p in (tmp / "repo" / "ecg").iterdir()) == ["1"]  # no staging left behind
+
+
+@pytest.mark.slow
+def test_an_existing_version_is_refused_before_gating_and_replaced_only_when_asked(
+    release, candidate, published
+) -> None:
+    assert published["result"].returncode == 0, context(published["result"])
+    tmp = published["tmp"]
+    repo = tmp / "repo"
+    args = [*gate_args(release, candidate, "pass", tmp), "--version", "1"]
+    before = snapshot(repo)
+    refused = run_script(*args, clean_env=True)
+    assert refused.returncode == 2, context(refused)
+    assert "version" in last_line(refused) and "already exists" in last_line(refused)
+    assert "--replace" in last_line(refused) and "Gate verdict" not in refused.stderr  # no gating
+    assert snapshot(repo) == before
+
+    old = (repo / "ecg" / "1" / "gate.json").read_bytes()
+    replaced = run_script(*args, "--replace", clean_env=True)
+    assert replaced.returncode == 0, context(replaced)
+    retired = [p for p in (repo / "ecg").iterdir() if p.name.startswith(".retired-1-")]
+    assert len(retired) == 1 and (retired[0] / "gate.json").read_bytes() == old  # kept, never served
+    new = json.loads((repo / "ecg" / "1" / "gate.json").read_text())
+    assert new["verdict"] == "pass" and (repo / "ecg" / "1" / "gate.json").read_bytes() != old
+
+
+def job_environment(tmp: Path) -> tuple[dict[str, str], list[str]]:
+    """The release Job's container environment and arguments, with the container's paths mapped
+    under ``tmp`` and Kubernetes' $(VAR) references expanded as the kubelet does."""
+    container = yaml.safe_load(JOB.read_text())["spec"]["template"]["spec"]["containers"][0]
+    env: dict[str, str] = {}
+    for item in container["env"]:
+        value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), item["value"])
+        for prefix in ("/inputs", "/models", "/artefacts", "/etc/ecgx", "/tmp"):
+            if value == prefix or value.startswith(prefix + "/"):
+                value = str(tmp / "root") + value
+                break
+        env[item["name"]] = value
+    return env, list(container["args"])
+
+
+@pytest.mark.slow
+def test_a_failing_gate_fails_the_job_keeps_the_report_and_leaves_the_repository_untouched(
+    release, candidate
+) -> None:
+    # Configured as the Kubernetes Job configures it (its environment), the gate policy added.
+    tmp = release["tmp"] / "failing"
+    env, args = job_environment(tmp)
+    root = tmp / "root"
+    shutil.copytree(candidate["pkg"].parent, root / "inputs" / "candidates")
+    shutil.copytree(candidate["data"], root / "inputs" / "validation")
+    (root / "etc" / "ecgx" / "signing").mkdir(parents=True)
+    shutil.copy(release["private"], env["ECGX_GATE_SIGNING_KEY_FILE"])
+    (root / "etc" / "ecgx" / "keys").mkdir()
+    shutil.copy(release["public"], env["ECGX_GATE_PUBLIC_KEY_FILE"])
+    (root / "tmp").mkdir()
+    # A repository that already serves another model: the failed gate must not touch it.
+    other = root / "models" / "other" / "1"
+    other.mkdir(parents=True)
+    (other / "keep.txt").write_text("served")
+    before = snapshot(root / "models", root / "inputs")
+
+    env.update(ECGX_GATE_POLICY=str(release["fail"]), ECGX_GATE_METHODS="lime")
+    result = run_script(*args, env=env, clean_env=True)
+
+    assert result.returncode == 1, context(result)
+    line = last_line(result)
+    assert line.startswith("gate_and_publish.sh: GATE FAILED: "), context(result)
+    assert "required method lime failed" in line and "repository untouched" in line
+    assert snapshot(root / "models", root / "inputs") == before, "the repository or the candidate changed"
+    artefacts = Path(env["ECGX_ARTEFACT_DIR"])
+    assert artefacts == root / "artefacts" / "ecg-candidate"
+    report = json.loads((artefacts / "gate.json").read_text())
+    assert report["verdict"] == "fail" and not report["servable"]
+    assert report["signature"]["algorithm"] == "Ed25519"  # the failing report is signed too
+    assert (artefacts / "outcome.txt").read_text().startswith("GATE FAILED: ")
+    assert not (artefacts / "publish.log").exists()  # ecgx repo add never ran
+    assert not list((root / "tmp").glob("ecgx-gate.*"))  # the gated copy is gone
+
+
+# ------------------------------------------------------------------------------ bad usage, no gating
+
+
+@pytest.fixture
+def fake_candidate(tmp_path: Path) -> Path:
+    """Enough of a package for the checks made before gating (they look for manifest.json)."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "manifest.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\n")
+    return pkg
+
+
+def usage_args(tmp: Path, **change: str) -> list[str]:
+    values = {
+        "--package": str(tmp / "pkg"),
+        "--data": str(tmp / "data"),
+        "--repo": str(tmp / "repo"),
+        "--model": "ecg",
+        "--artefacts": str(tmp / "artefacts"),
+        "--signing-key": str(tmp / "key.pem"),
+        "--public-key": str(tmp / "key.pem"),
+    }
+    values.update(change)
+    return [x for k, v in values.items() if v is not None for x in (k, v)]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"--repo": None}, "missing --repo"),
+        ({"--model": None, "--signing-key": None}, "missing --model --signing-key"),
+        ({"--package": "/nonexistent/pkg"}, "candidate package /nonexistent/pkg is not a folder"),
+        ({"--data": "/nonexistent/data"}, "validation dataset /nonexistent/data is not a folder"),
+        ({"--model": "../escape"}, "model name '../escape' is not a plain name"),
+        ({"--version": "1/2"}, "version name '1/2' is not a plain name"),
+        ({"--policy": "/nonexistent.toml"}, "policy /nonexistent.toml is not a file"),
+        ({"--workers": "zero"}, "--workers must be a positive integer"),
+        ({"--model": ""}, "--model needs a value"),
+        ({"--bogus": "x"}, "unknown argument '--bogus'"),
+    ],
+    ids=[
+        "no repo",
+        "two missing",
+        "no package",
+        "no data",
+        "bad model",
+        "bad version",
+        "no policy",
+        "bad workers",
+        "empty value",
+        "unknown",
+    ],
+)
+def test_bad_usage_exits_2_with_one_clear_line_and_touches_nothing(
+    fake_candidate: Path, tmp_path: Path, change: dict[str, str | None], message: str
+) -> None:
+    before = snapshot(tmp_path)
+    result = run_script(*usage_args(tmp_path, **change), clean_env=True)
+    assert result.returncode == 2, context(result)
+    assert last_line(result).startswith("gate_and_publish.sh: error: "), context(result)
+    assert message in last_line(result) and "--help" in last_line(result)
+    assert "Traceback" not in result.stderr
+    assert snapshot(tmp_path) == before
+
+
+def test_an_existing_version_is_refused_before_any_work(fake_candidate: Path, tmp_path: Path) -> None:
+    (tmp_path / "repo" / "ecg" / "3").mkdir(parents=True)
+    before = snapshot(tmp_path)
+    result = run_script(*usage_args(tmp_path, **{"--version": "3"}), clean_env=True)
+    assert result.returncode == 2, context(result)
+    assert f"version {tmp_path}/repo/ecg/3 already exists (pass --replace" in last_line(result)
+    assert snapshot(tmp_path) == before
+
+
+def test_help_lists_every_setting_and_its_variable() -> None:
+    result = run_script("--help", clean_env=True)
+    assert result.returncode == 0 and result.stdout.startswith("usage: gate_and_publish.sh")
+    for option in (
+        "--package",
+        "--data",
+        "--repo",
+        "--model",
+        "--artefacts",
+        "--signing-key",
+        "--public-key",
+        "--version",
+        "--policy",
+        "--allowed-policy",
+        "--replace",
+    ):
+        assert option in result.stdout
+
+
+def script_variables() -> set[str]:
+    """The ECGX_* variables the script reads (its own and those ecgx itself reads)."""
+    return set(re.findall(r"\$\{(ECGX_\w+)", SCRIPT.read_text()))
+
+
+# ------------------------------------------------------------------------------ the Kubernetes Job
+
+
+def test_the_job_manifest_validates_against_kubernetes_1_30() -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate (PyPI) is not installed: pip install -e '.[dev]'"
+    )
+    data = yaml.safe_load(JOB.read_text())
+    kubernetes_validate.validate(data, "1.30", strict=True)
+    # And the check itself catches a misspelt field (strict mode) in this document.
+    data["spec"]["backofLimit"] = data["spec"].pop("backoffLimit")
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(data, "1.30", strict=True)
+
+
+def test_the_job_runs_the_script_once_with_the_repository_writable_only_here() -> None:
+    job = yaml.safe_load(JOB.read_text())
+    assert (job["apiVersion"], job["kind"]) == ("batch/v1", "Job")
+    assert job["spec"]["backoffLimit"] == 0
+    pod = job["spec"]["template"]["spec"]
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    assert container["image"] == "ecgx:cpu"
+    assert container["command"][-1].endswith("gate_and_publish.sh")
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    env = {e["name"]: e["value"] for e in container["env"]}
+    # Every setting the Job gives is one the script reads.
+    assert set(env) - {"RELEASE_CANDIDATE", "TMPDIR", "HOME", "MPLCONFIGDIR"} <= script_variables()
+    # The signing key comes from a Secret; the repository is mounted read-write (in this Job only:
+    # deployment.yaml mounts the same claim read-only); candidate and data are read-only.
+    signing = mounts[str(Path(env["ECGX_GATE_SIGNING_KEY_FILE"]).parent)]
+    assert "secret" in volumes[signing["name"]] and signing["readOnly"] is True
+    repo = mounts[env["ECGX_MODEL_REPOSITORY"]]
+    assert not repo.get("readOnly") and not volumes[repo["name"]]["persistentVolumeClaim"].get("readOnly")
+    inputs = mounts["/inputs"]
+    assert env["ECGX_CANDIDATE"].startswith("/inputs/") and env["ECGX_VALIDATION_DATA"].startswith("/inputs/")
+    assert inputs["readOnly"] is True and volumes[inputs["name"]]["persistentVolumeClaim"]["readOnly"] is True
+    assert env["ECGX_ARTEFACT_DIR"].split("/")[1] in {m.strip("/").split("/")[0] for m in mounts}
+
+
+# ------------------------------------------------------------------------------ the example pipelines
+
+
+def schema_check(path: Path, schema: str) -> None:
+    """The pipeline against the schema check-jsonschema vendors (SchemaStore's), when installed."""
+    try:
+        import check_jsonschema  # noqa: F401
+    except ImportError:
+        pytest.skip("check-jsonschema (PyPI) is not installed: pip install -e '.[dev]'")
+    result = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", f"vendor.{schema}", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_github_actions_example_is_a_valid_workflow_that_keeps_the_report_on_failure() -> None:
+    workflow = yaml.safe_load(GITHUB.read_text())
+    # PyYAML reads the key `on` as True (YAML 1.1); GitHub reads it as "on".
+    assert "workflow_dispatch" in workflow[True]
+    (job,) = workflow["jobs"].values()
+    steps = job["steps"]
+    runs = [i for i, s in enumerate(steps) if "gate_and_publish.sh" in s.get("run", "")]
+    uploads = [i for i, s in enumerate(steps) if s.get("uses", "").startswith("actions/upload-artifact@")]
+    assert len(runs) == 1 and len(uploads) == 1 and uploads[0] > runs[0]
+    upload = steps[uploads[0]]
+    assert "always()" in upload["if"] and upload["with"]["path"].rstrip("/") == "gate-artefacts"
+    assert job["env"]["ECGX_ARTEFACT_DIR"].endswith("/gate-artefacts")
+    assert "continue-on-error" not in job and "continue-on-error" not in steps[runs[0]]  # a fail fails
+    assert any(s.get("run", "").startswith("python -m pip install .") for s in steps)
+    variables = set(job["env"]) | set(steps[runs[0]].get("env", {}))
+    assert {v for v in variables if v.startswith("ECGX_")} <= script_variables() | {
+        "ECGX_GATE_SIGNING_KEY",
+        "ECGX_GATE_PUBLIC_KEY",
+        "ECGX_ALLOWED_POLICIES",
+    }
+    schema_check(GITHUB, "github-workflows")
+
+
+def test_the_gitlab_example_is_a_valid_pipeline_that_keeps_the_report_on_failure() -> None:
+    pipeline = yaml.safe_load(GITLAB.read_text())
+    job = pipeline["release-gate"]
+    assert job["stage"] in pipeline["stages"]
+    assert job["artifacts"]["when"] == "always" and job["artifacts"]["paths"] == ["gate-artefacts/"]
+    assert job["variables"]["ECGX_ARTEFACT_DIR"].endswith("/gate-artefacts")
+    assert "allow_failure" not in job  # a failed gate fails the pipeline
+    assert any("gate_and_publish.sh" in line for line in job["script"])
+    assert any(line.startswith("python -m pip install .") for line in job["script"])
+    assert set(job["variables"]) <= script_variables()
+    schema_check(GITLAB, "gitlab-ci")
