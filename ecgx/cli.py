@@ -19,6 +19,8 @@ log = logging.getLogger("ecgx")
 # a bug and keeps its traceback. KeyError is not one of them: a bare key name says nothing.
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
 EXIT_USAGE = 2
+# Modules only an extra installs -> that extra (pyproject.toml): the serving install leaves them out.
+OPTIONAL_MODULES = {"torch": "train", "captum": "train", "wfdb": "data"}
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
@@ -842,6 +844,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return func(args)
     except USER_ERRORS as e:
         _error(str(e))
+        return EXIT_USAGE
+    except ModuleNotFoundError as e:
+        extra = OPTIONAL_MODULES.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        _error(
+            f"`ecgx {args.command}` needs {e.name}, which this install lacks: "
+            f"pip install 'ecgx[{extra}]' (see the README's set-up)"
+        )
         return EXIT_USAGE
     except OSError as e:
         log.debug("file system error", exc_info=True)

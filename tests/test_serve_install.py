@@ -210,3 +210,12 @@ def test_serve_and_client_without_pytorch(serving_venv: dict[str, Path], gated: 
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err[-3000:]
+
+
+def test_a_training_command_on_the_serving_install_names_the_extra(serving_venv: dict[str, Path]) -> None:
+    venv, tmp = serving_venv["venv"], serving_venv["tmp"]
+    (tmp / "m.onnx").write_bytes(b"")  # never read: the export needs torch before it opens the file
+    r = _run(venv, serving_venv["ecgx"], "export", "--model", tmp / "m.onnx", "--out", tmp / "pkg", cwd=tmp)
+    assert r.returncode == 2, _tail(r)
+    assert "needs torch, which this install lacks: pip install 'ecgx[train]'" in r.stderr, _tail(r)
+    assert "Traceback" not in r.stderr, _tail(r)
