@@ -169,16 +169,23 @@ def test_an_existing_version_is_refused_before_gating_and_replaced_only_when_ask
     assert published["result"].returncode == 0, context(published["result"])
     tmp = published["tmp"]
     repo = tmp / "repo"
+    # The keys as the PEM text in ECGX_GATE_SIGNING_KEY / ECGX_GATE_PUBLIC_KEY (a CI secret), not files.
     args = [*gate_args(release, candidate, "pass", tmp), "--version", "1"]
+    for option in ("--signing-key", "--public-key"):
+        del args[args.index(option) : args.index(option) + 2]
+    keys = {
+        "ECGX_GATE_SIGNING_KEY": release["private"].read_text(),
+        "ECGX_GATE_PUBLIC_KEY": release["public"].read_text(),
+    }
     before = snapshot(repo)
-    refused = run_script(*args, clean_env=True)
+    refused = run_script(*args, env=keys, clean_env=True)
     assert refused.returncode == 2, context(refused)
     assert "version" in last_line(refused) and "already exists" in last_line(refused)
     assert "--replace" in last_line(refused) and "Gate verdict" not in refused.stderr  # no gating
     assert snapshot(repo) == before
 
     old = (repo / "ecg" / "1" / "gate.json").read_bytes()
-    replaced = run_script(*args, "--replace", clean_env=True)
+    replaced = run_script(*args, "--replace", env=keys, clean_env=True)
     assert replaced.returncode == 0, context(replaced)
     retired = [p for p in (repo / "ecg").iterdir() if p.name.startswith(".retired-1-")]
     assert len(retired) == 1 and (retired[0] / "gate.json").read_bytes() == old  # kept, never served
@@ -313,6 +320,17 @@ def test_an_existing_version_is_refused_before_any_work(fake_candidate: Path, tm
     result = run_script(*usage_args(tmp_path, **{"--version": "3"}), clean_env=True)
     assert result.returncode == 2, context(result)
     assert f"version {tmp_path}/repo/ecg/3 already exists (pass --replace" in last_line(result)
+    assert snapshot(tmp_path) == before
+
+
+def test_artefacts_inside_the_repository_are_refused(fake_candidate: Path, tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    before = snapshot(tmp_path)
+    result = run_script(
+        *usage_args(tmp_path, **{"--artefacts": str(tmp_path / "repo" / "art")}), clean_env=True
+    )
+    assert result.returncode == 2, context(result)
+    assert "artefact folder" in last_line(result) and "is inside the model repository" in last_line(result)
     assert snapshot(tmp_path) == before
 
 

@@ -164,9 +164,15 @@ if [[ -n "$VERSION" && -e "$REPO/$MODEL/$VERSION" && $REPLACE -eq 0 ]]; then
 fi
 [[ $REPLACE -eq 0 || -n "$VERSION" ]] || bad_usage "--replace needs --version (the version to replace)"
 
+if [[ -d "$REPO" ]]; then
+    # Anything else in the repository folder would be read by the servers as a model.
+    case "$(realpath -m "$ARTEFACTS_ARG")/" in
+    "$(cd "$REPO" && pwd -P)"/*) bad_usage "artefact folder $ARTEFACTS_ARG is inside the model repository $REPO" ;;
+    esac
+fi
 mkdir -p "$ARTEFACTS_ARG" 2>/dev/null || bad_usage "artefact folder $ARTEFACTS_ARG cannot be created"
 [[ -w "$ARTEFACTS_ARG" ]] || bad_usage "artefact folder $ARTEFACTS_ARG is not writable"
-ARTEFACTS=$(cd "$ARTEFACTS_ARG" && pwd)
+ARTEFACTS=$(cd "$ARTEFACTS_ARG" && pwd -P)
 # Artefacts of an earlier run in the same folder must not pass for this run's.
 rm -f "$ARTEFACTS/gate.json" "$ARTEFACTS/validate.log" "$ARTEFACTS/verify.log" \
     "$ARTEFACTS/publish.log" "$ARTEFACTS/outcome.txt"
