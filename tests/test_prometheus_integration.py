@@ -150,7 +150,7 @@ def stack(gated: dict, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dic
     make_package(gated, tmp / "repo" / MODEL / "1", 0)
     make_package(gated, tmp / "repo" / MODEL / "2", 1, verdict="fail")  # refused: the gate failed
     args = ["serve", "--repo", str(tmp / "repo"), "--trusted-key", str(gated["public_pem"]), "--port", "0"]
-    args += ["--insecure", "--metrics-port", "0", "--stability-share", "1", "--grace", "2"]
+    args += ["--insecure", "--metrics-port", "0", "--stability-share", "1", "--grace", "2", "--quiet"]
     server = subprocess.Popen(
         [sys.executable, "-m", "ecgx.cli", *args],
         stdout=subprocess.DEVNULL,
