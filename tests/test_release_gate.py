@@ -247,6 +247,42 @@ def test_a_failing_gate_fails_the_job_keeps_the_report_and_leaves_the_repository
     assert not list((root / "tmp").glob("ecgx-gate.*"))  # the gated copy is gone
 
 
+# ``ecgx ARGS`` in an installation that lacks the onnx package (the package reader needs it): a
+# real ecgx that crashes with a traceback and exit status 1, as an image built without onnx did.
+ECGX_WITHOUT_ONNX = """
+import importlib.abc, sys
+
+class _NoOnnx(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "onnx" or name.startswith("onnx."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+sys.meta_path.insert(0, _NoOnnx())
+from ecgx.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_ecgx_crashing_is_an_error_not_a_gate_failure(release, candidate, tmp_path: Path) -> None:
+    wrapper = tmp_path / "ecgx-without-onnx"
+    (tmp_path / "ecgx_without_onnx.py").write_text(ECGX_WITHOUT_ONNX)
+    wrapper.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{tmp_path / "ecgx_without_onnx.py"}" "$@"\n')
+    wrapper.chmod(0o755)
+    result = run_script(
+        *gate_args(release, candidate, "pass", tmp_path), "--ecgx", str(wrapper), clean_env=True
+    )
+    assert result.returncode == 2, context(result)
+    line = last_line(result)
+    assert line.startswith("gate_and_publish.sh: ERROR: ecgx validate exited 1 without a verdict"), context(
+        result
+    )
+    assert "No module named 'onnx'" in line and "repository untouched" in line
+    assert not (tmp_path / "repo").exists() and not (tmp_path / "artefacts" / "gate.json").exists()
+    assert (tmp_path / "artefacts" / "outcome.txt").read_text().startswith("ERROR: ")
+
+
 # ------------------------------------------------------------------------------ bad usage, no gating
 
 

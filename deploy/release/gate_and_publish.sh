@@ -4,8 +4,8 @@
 # passed put the package into the model repository with `ecgx repo add`.
 #
 # Exit status: 0 published; 1 the gate failed, or its report does not verify, or the repository
-# refused the version; 2 bad usage or input (nothing was gated). The last line on stderr is a
-# one-line reason whenever the status is not 0. The repository is touched only on success.
+# refused the version; 2 bad usage or input, or ecgx could not gate (no verdict). The last line on
+# stderr is a one-line reason whenever the status is not 0. The repository is touched only on success.
 set -euo pipefail
 
 PROG=gate_and_publish.sh
@@ -49,7 +49,8 @@ options:
   --ecgx CMD             the ecgx command (default: ecgx)              ECGX_BIN
   -h, --help             show this help
 
-exit status: 0 published; 1 gate failed / report does not verify / refused; 2 bad usage or input.
+exit status: 0 published; 1 gate failed / report does not verify / refused;
+             2 bad usage or input, or ecgx stopped without a verdict (ERROR).
 artefacts: gate.json (the signed report, if the gate ran), validate.log, verify.log, publish.log,
            outcome.txt (one line: PUBLISHED, GATE FAILED, NOT VERIFIED, REFUSED or ERROR).
 EOF
@@ -233,20 +234,19 @@ print(" ".join(str(value).split()))
 EOF
 }
 
-case $gate_status in
-0) ;;
-1)
+# A verdict is an exit status that agrees with a report this run wrote (the copy had none before):
+# ecgx crashing (exit 1 with a traceback, say) is no gate failure, and nothing may pass for a pass.
+verdict=
+[[ ! -f "$ARTEFACTS/gate.json" ]] || verdict=$(report_field verdict)
+if [[ $gate_status -eq 1 && $verdict == fail ]]; then
     # The headline's first sentence says under which policy it failed and why; the rest lists methods.
     headline=$(report_field headline)
     headline=${headline%%. *}
     die 1 "GATE FAILED" "$PACKAGE did not pass the gate: ${headline:-see $ARTEFACTS/validate.log}; report in $ARTEFACTS/gate.json; repository untouched"
-    ;;
-*)
-    reason=$(grep -m1 '^ecgx: error:' "$ARTEFACTS/validate.log" || true)
-    die 2 "ERROR" "ecgx validate exited $gate_status (${reason:-see $ARTEFACTS/validate.log}); nothing gated, repository untouched"
-    ;;
-esac
-[[ -f "$ARTEFACTS/gate.json" ]] || die 2 "ERROR" "ecgx validate passed but wrote no report at $CANDIDATE/gate.json"
+elif [[ $gate_status -ne 0 || $verdict != pass ]]; then
+    reason=$(grep -m1 '^ecgx: error:' "$ARTEFACTS/validate.log" || grep -v '^[[:space:]]*$' "$ARTEFACTS/validate.log" | tail -n 1 || true)
+    die 2 "ERROR" "ecgx validate exited $gate_status without a verdict (${reason:-no output}; $ARTEFACTS/validate.log); repository untouched"
+fi
 
 # ------------------------------------------------------------------ verify as a server would
 policy_args=()
