@@ -41,6 +41,7 @@ NOT_APPLIED = {
 }
 ALERTS = {
     "EcgxMetricsDown",
+    "EcgxMetricsAbsent",
     "EcgxHighErrorRate",
     "EcgxPredictLatencyHigh",
     "EcgxExplainLatencyHigh",

@@ -89,13 +89,13 @@ class Prometheus:
 
     def __init__(self, tmp: Path, metrics_port: int):
         self.port = free_port()
-        config = {
-            "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-            "rule_files": [str(DEPLOY / "prometheus" / "alerts.yml")],
-            "scrape_configs": [
-                {"job_name": "ecgx", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
-            ],
-        }
+        # deploy/prometheus/prometheus.yml as shipped, but scraping every second on loopback.
+        config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+        config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        config["rule_files"] = [str(DEPLOY / "prometheus" / name) for name in config["rule_files"]]
+        (job,) = config["scrape_configs"]
+        assert job["static_configs"] == [{"targets": ["ecgx:9464"]}], job
+        job["static_configs"] = [{"targets": [f"127.0.0.1:{metrics_port}"]}]
         (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
         self.log = (tmp / "prometheus.log").open("w")
         self.proc = subprocess.Popen(
@@ -246,8 +246,13 @@ def test_every_dashboard_query_runs_on_the_real_series(stack) -> None:
     for panel in board["panels"]:
         for target in panel["targets"]:
             expr = re.sub(r"\$__(rate_)?interval", "1m", target["expr"])
-            if not prometheus.query(expr):  # a PromQL error fails inside query()
+            result = prometheus.query(expr)  # a PromQL error fails inside query()
+            if not result:
                 empty.append((panel["title"], expr))
+            # Every label a legend names is one the query's series carry (Prometheus drops a label
+            # whose value is empty, such as a Predict's method, so not every series need have it).
+            for label in re.findall(r"\{\{\s*(\w+)\s*\}\}", target.get("legendFormat", "")):
+                assert any(label in dict(series) for series in result), (panel["title"], expr, label)
     assert not empty, f"dashboard queries without data: {empty}"
 
 
@@ -259,7 +264,7 @@ def test_the_alert_rules_load_and_only_the_refused_version_is_pending(stack) -> 
         return rules if rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules) else None
 
     rules = wait_for("the alert rules to be evaluated", evaluated)
-    assert len(rules) == 11 and all(r["type"] == "alerting" for r in rules)
+    assert len(rules) == 12 and all(r["type"] == "alerting" for r in rules)
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
     # Version 2 failed its gate: EcgxModelVersionRefused waits 15 minutes before it fires.
