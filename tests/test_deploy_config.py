@@ -38,6 +38,7 @@ K8S_VERSIONS = ("1.30.0", "latest")
 NOT_APPLIED = {
     "secrets.example.yaml": "the shape of the Secrets and ConfigMap, created by the operator",
     "release-gate-job.yaml": "run once per release, not with the server",
+    "release-pvcs.yaml": "the release Job's input and artefact volumes, used by the Job alone",
 }
 ALERTS = {
     "EcgxMetricsDown",
