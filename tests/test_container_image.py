@@ -9,7 +9,9 @@ PyTorch, a read-only /models, and a clean exit on SIGTERM. The GPU image cannot 
 (no CUDA base offline): both Dockerfiles are linted with hadolint.
 
 Needs root, podman, runc and debootstrap (``apt-get install -y podman runc debootstrap``); skips
-otherwise, saying which is missing.
+otherwise, saying which is missing. Slow on a machine with no images yet (measured on 2 shared
+cores: base 30-120 s, image 80-120 s, each check under 10 s, plus the trained_family fixture);
+with the base and podman's layer cache in place, about a minute.
 """
 
 from __future__ import annotations
@@ -147,6 +149,7 @@ def _check_image(image: str, served: dict, *extra: str, env: dict[str, str] | No
 
 
 @needs_podman
+@pytest.mark.slow
 def test_cpu_image_serves_explain_over_tls_with_a_token(image: str, served: dict) -> None:
     """The image's secure default: TLS and a bearer token, health over TLS without a token."""
     tls = ["--tls", str(served["tls"]), "--tokens", str(served["tokens"])]
@@ -154,12 +157,14 @@ def test_cpu_image_serves_explain_over_tls_with_a_token(image: str, served: dict
 
 
 @needs_podman
+@pytest.mark.slow
 def test_cpu_image_local_try_with_insecure(image: str, served: dict) -> None:
     """The documented local try: plaintext, no tokens, `--insecure` after the image name."""
     _check_image(image, served, "--insecure")
 
 
 @needs_podman
+@pytest.mark.slow
 def test_cpu_image_refuses_to_serve_without_tls_unless_insecure(image: str, served: dict) -> None:
     """The default command is secure: with a repository and a key but no TLS material or tokens,
     the container exits at once with ecgx's one-line error naming what is missing."""
