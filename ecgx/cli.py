@@ -328,6 +328,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "metrics_port": args.metrics_port,
             "stability_share": args.stability_share,
             "stability_queue": args.stability_queue,
+            "providers": tuple(args.providers) if args.providers else None,
         },
     )
     # Security first: a server that would start insecure by accident refuses before loading models.
@@ -339,9 +340,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         open_health=cfg.open_health,
         insecure=cfg.insecure,
     )
+    from service.engine import select_providers
+
+    # Checked before any key or model loads: a provider this onnxruntime lacks is a clear error.
+    engine_options = {"providers": select_providers(list(cfg.providers))} if cfg.providers else {}
     keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [load_public_key()]
     repository = ModelRepository(
-        cfg.repo, keys, allowed_policies=cfg.allowed_policies, allow_ungated=cfg.allow_ungated
+        cfg.repo,
+        keys,
+        allowed_policies=cfg.allowed_policies,
+        allow_ungated=cfg.allow_ungated,
+        engine_options=engine_options,
     )
     if cfg.allow_ungated:
         log.warning("RESEARCH MODE (--allow-ungated): methods the gate did not pass serve, marked ungated")
@@ -797,6 +806,13 @@ def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--stability-queue", type=int, metavar="N", help="stability samples that may wait (default 8)"
+    )
+    p.add_argument(
+        "--providers",
+        nargs="+",
+        metavar="PROVIDER",
+        help="ONNX Runtime execution providers in priority order, e.g. CUDAExecutionProvider "
+        "CPUExecutionProvider (default: TensorRT, CUDA, CPU, as the installed onnxruntime offers them)",
     )
 
 

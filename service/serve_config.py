@@ -79,6 +79,8 @@ class ServeConfig:
     metrics_port: int = DEFAULT_METRICS_PORT
     stability_share: float = DEFAULT_STABILITY_SHARE
     stability_queue: int = DEFAULT_STABILITY_QUEUE
+    # ONNX Runtime execution providers in priority order (None: TensorRT, CUDA, CPU as installed).
+    providers: tuple[str, ...] | None = None
 
     def check(self, source: str) -> ServeConfig:
         """Raise :class:`ServeConfigError` on a missing repository or a value out of range."""
@@ -125,6 +127,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "metrics_port": (int,),
     "stability_share": (int, float),
     "stability_queue": (int,),
+    "providers": (list,),
 }
 
 
@@ -163,8 +166,9 @@ def read_serve_config(path: Path | str) -> dict[str, Any]:
             values[key] = Path(values[key])
     if "trusted_keys" in values:
         values["trusted_keys"] = tuple(Path(k) for k in values["trusted_keys"])
-    if "allowed_policies" in values:
-        values["allowed_policies"] = tuple(values["allowed_policies"])
+    for key in ("allowed_policies", "providers"):
+        if key in values:
+            values[key] = tuple(values[key])
     return values
 
 

@@ -80,3 +80,30 @@ def test_ecgx_serve_without_tls_or_insecure_refuses_to_start(tmp_path: Path) -> 
     result = run_ecgx("serve", "--repo", str(tmp_path), "--port", "0", "--metrics-port", "0")
     assert_clean_failure(result, "--insecure", before=before, roots=[tmp_path])
     assert "TLS" in result.stderr and "serving" not in result.stderr
+
+
+def test_providers_come_from_the_file_or_the_flag_and_an_absent_one_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "serve.toml"
+    path.write_text('[serve]\nrepo = "models"\nproviders = ["CPUExecutionProvider"]\n')
+    assert resolve_serve_config(path, {}).providers == ("CPUExecutionProvider",)
+    flags = {"providers": ("CUDAExecutionProvider", "CPUExecutionProvider")}
+    assert resolve_serve_config(path, flags).providers == flags["providers"]
+    before = snapshot(tmp_path)
+    result = run_ecgx(
+        "serve",
+        "--repo",
+        str(tmp_path),
+        "--insecure",
+        "--port",
+        "0",
+        "--metrics-port",
+        "0",
+        "--providers",
+        "NoSuchExecutionProvider",
+    )
+    assert_clean_failure(
+        result,
+        "execution provider(s) ['NoSuchExecutionProvider'] are not available",
+        before=before,
+        roots=[tmp_path],
+    )
