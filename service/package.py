@@ -98,7 +98,10 @@ class ModelPackage:
         entry = self.unavailable.get(graph)
         if entry is not None:
             return f"is unavailable for this model: {entry['reason']}"
-        return f"is not in the package (it has {sorted(self.manifest['graphs'])})"
+        return (
+            f"is not in the package (it has {sorted(self.manifest['graphs'])}); a package exported "
+            "before this graph existed lacks it: re-export the model"
+        )
 
     def _graph_entry(self, graph: str) -> dict[str, Any]:
         graphs = self.manifest["graphs"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import FailedPrecondition, InvalidArgument
+from service.errors import InvalidArgument
 from service.methods.base import AttributionMethod, _show, check_choice, check_non_negative, numeric_array
 
 # Zennit's default stabiliser; the export checks the package's LRP graph at this value too.
@@ -90,12 +90,6 @@ class Lrp(AttributionMethod):
         high: Any = None,
     ) -> np.ndarray:
         eps, graph, rule, lo, hi = _settings(x, epsilon, composite, input_rule, low, high)
-        if graph not in engine.package.manifest["graphs"]:
-            raise FailedPrecondition(
-                f"composite {composite!r} needs the {graph!r} graph, which the model package "
-                f"{engine.package.path} does not have (it was exported before LRP composites existed, or the "
-                "export could not build it for this model); re-export the model to use it"
-            )
         if composite == "epsilon":
             return engine.backward(graph, x, target, output="attribution", epsilon=eps)
         return engine.backward(

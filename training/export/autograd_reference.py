@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from training.export.ir import CONCAT, FLATTEN, GMP, MAXPOOL, RELU, RULE_LAYERS, Op, pool_output_length
-from training.export.ir_torch import IRModule
+from training.export.ir_torch import IRModule, target_indices
 
 METHODS = ("gradient", "guided_backprop", "deconvolution", "deeplift", "lrp")
 DEEPLIFT_EPS = 1e-10  # below this |delta in| a ReLU takes the plain gradient (Captum's DeepLift)
@@ -210,7 +210,7 @@ def autograd_attribution(
             f"got {type(module).__name__}"
         )
     x = np.asarray(x, np.float32)
-    tgt = torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (len(x),)).copy())
+    tgt = target_indices(target, len(x))
     rows = torch.arange(len(x))
     module = module.eval()
     if method == "deeplift":

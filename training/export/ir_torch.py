@@ -129,6 +129,11 @@ class IRModule(nn.Module):
         return self.evaluate(x)
 
 
+def target_indices(target: np.ndarray | int, n: int) -> torch.Tensor:
+    """One class index per sample (int64), from one index for all or one per sample."""
+    return torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (n,)).copy())
+
+
 def ir_module(ir: ModelIR) -> IRModule:
     """The canonical PyTorch module computing ``ir``'s function (eval mode, float32 parameters)."""
     return IRModule(ir).eval()

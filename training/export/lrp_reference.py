@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
-from training.export.ir_torch import IRModule
+from training.export.ir_torch import IRModule, target_indices
 from training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
 
 # Graph name -> composite name (``lrp_epsilon_plus`` -> ``epsilon_plus``).
@@ -193,7 +193,7 @@ def lrp_reference(
 
     xt = xt.clone().requires_grad_()
     logits = model.evaluate(xt, substitute)
-    target_t = torch.as_tensor(np.broadcast_to(np.asarray(target), (len(xt),)).copy(), dtype=torch.long)
+    target_t = target_indices(target, len(xt))
     seed = F.one_hot(target_t, logits.shape[1]).to(dtype) * logits.detach()
     (attribution,) = torch.autograd.grad(logits, xt, seed)
     return attribution.detach().numpy()

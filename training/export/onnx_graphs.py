@@ -328,8 +328,7 @@ class EpsilonRule(Rule):
 
     def layer(self, b, op, g, ins, out):
         s = b.op("Div", [g, stabilise(b, out, self.eps)], "lrp_s")
-        shares = route_max(b, s, ins[0], op) if op.kind in (MAXPOOL, GMP) else transpose_op(b, op, s)
-        shares = shares if isinstance(shares, list) else [shares]
+        shares = [route_max(b, s, ins[0], op)] if op.kind in (MAXPOOL, GMP) else transpose_op(b, op, s)
         return [b.op("Mul", [c, a], "lrp_r") for c, a in zip(shares, ins, strict=True)]
 
 

@@ -339,8 +339,9 @@ def _leads(src: ModelSource) -> list[str]:
 
 
 def _jsonable(value: Any) -> Any:
-    """``value`` as JSON would read it back (anything else as its text)."""
-    return json.loads(json.dumps(value, default=str))
+    """``value`` as JSON would read it back: NumPy arrays and scalars as lists and numbers,
+    anything else JSON lacks as its text."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def _write_training_data(folder: Path, training_data: tuple[str, dict[str, Any]] | None) -> list[str]:
@@ -475,7 +476,7 @@ class _References:
 
     def __init__(self, folder: Path, src: ModelSource, ir: ModelIR, layer: str | None, x: np.ndarray):
         from training.export.ir_torch import ir_module
-        from training.export.reference import near_tie_report, near_tie_samples
+        from training.export.reference import near_ties
 
         self.folder, self.src, self.ir, self.layer, self.x = folder, src, ir, layer, x
         n_out = ir.n_outputs
@@ -483,8 +484,9 @@ class _References:
         self.seed = np.eye(n_out, dtype=np.float32)[self.target]
         self.baseline = np.random.default_rng(0).normal(0, 0.05, x.shape).astype(np.float32)
         self.module = ir_module(ir).eval()
-        self.ties = {"near_max_pool_tie": np.asarray(near_tie_samples(self.module, x), bool)}
-        self.tie_report = _jsonable(near_tie_report(self.module, x))
+        flags, report = near_ties(self.module, x)
+        self.ties = {"near_max_pool_tie": np.asarray(flags, bool)}
+        self.tie_report = _jsonable(report)
 
 
 def verify_package_graphs(
@@ -725,10 +727,6 @@ def _check_lrp_composite(refs: _References, graph: str) -> dict[str, dict[str, A
         )
         checks[f"{graph}.{rule}"] = {"epsilon": eps, **_jsonable(check)}
     return checks
-
-
-def _jsonable(check: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in check.items()}
 
 
 def _check_gradcam(refs: _References, graph: str) -> dict[str, dict[str, Any]]:

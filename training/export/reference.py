@@ -39,7 +39,7 @@ from training.export.ir import (
     ModelIR,
     Op,
 )
-from training.export.ir_torch import IRModule, as_ir_module
+from training.export.ir_torch import IRModule, as_ir_module, target_indices
 
 
 class PassRule(EpsilonRule):
@@ -86,10 +86,6 @@ def lrp_model(module: IRModule, epsilon: float) -> IRModule:
     return attach_epsilon_rules(module, epsilon)
 
 
-def _targets(target: np.ndarray | int, n: int) -> torch.Tensor:
-    return torch.as_tensor(np.broadcast_to(np.asarray(target, dtype=np.int64), (n,)).copy())
-
-
 def captum_attribution(
     model: nn.Module,
     method: str,
@@ -114,7 +110,7 @@ def _captum(model, method, x, target, baseline, epsilon) -> np.ndarray:
     from captum.attr import LRP, Deconvolution, DeepLift, GuidedBackprop, Saliency
 
     xt = torch.tensor(x, dtype=torch.float32)
-    tgt = _targets(target, len(x))
+    tgt = target_indices(target, len(x))
     if method == "gradient":
         out = Saliency(model).attribute(xt, target=tgt, abs=False)
     elif method == "guided_backprop":
@@ -143,7 +139,7 @@ def layer_activations_and_gradients(
 
     xt = torch.tensor(x, dtype=torch.float32)
     grads, acts = compute_layer_gradients_and_eval(
-        model.eval(), layer, xt, target_ind=_targets(target, len(x))
+        model.eval(), layer, xt, target_ind=target_indices(target, len(x))
     )
     return acts[0].detach().numpy(), grads[0].detach().numpy()
 
@@ -290,8 +286,13 @@ def near_tie_report(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> d
     the model), the samples with a near tie there; ``zero_ties_not_counted``: samples whose only
     near ties were between exact zeros after a ReLU (not excused: they cannot change the path).
     """
+    return near_ties(model, x, rel_gap)[1]
+
+
+def near_ties(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> tuple[np.ndarray, dict]:
+    """``near_tie_samples`` and ``near_tie_report`` from one scan of the forward pass."""
     flags, per_layer, ignored = _tie_scan(model, x, rel_gap)
-    return {
+    report = {
         "samples": len(x),
         "flagged": int(flags.sum()),
         "rel_gap": float(rel_gap),
@@ -299,6 +300,7 @@ def near_tie_report(model: nn.Module, x: np.ndarray, rel_gap: float = 1e-6) -> d
         "zero_ties_not_counted": int(ignored.sum()),
         "reason": NEAR_TIE_REASON,
     }
+    return flags, report
 
 
 # --------------------------------------------------------------------------- LRP conditioning
