@@ -10,10 +10,19 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 HERE = Path(__file__).resolve().parent
+# The layer folders keep their place in the tree and install inside the one ecgx namespace.
+NESTED = {"ecgx.service": "service", "ecgx.training": "training", "ecgx.validation": "validation"}
+
+
+def _packages() -> list[str]:
+    packages = ["ecgx", *(f"ecgx.{p}" for p in find_packages(str(HERE / "ecgx")))]
+    for name, folder in NESTED.items():
+        packages += [name, *(f"{name}.{p}" for p in find_packages(str(HERE / folder)))]
+    return packages
 
 
 def _codegen():
@@ -29,10 +38,11 @@ class BuildPyWithStubs(build_py):
         codegen.generate()
         # Package discovery ran before the stubs existed: add their packages.
         found = sorted(
-            ".".join(p.parent.relative_to(HERE).parts) for p in codegen.OUT_DIR.rglob("__init__.py")
+            ".".join(("ecgx", *p.parent.relative_to(HERE).parts))
+            for p in codegen.OUT_DIR.rglob("__init__.py")
         )
         self.packages = list(self.packages or []) + [p for p in found if p not in (self.packages or [])]
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithStubs})
+setup(packages=_packages(), package_dir=NESTED, cmdclass={"build_py": BuildPyWithStubs})

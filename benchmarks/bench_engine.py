@@ -58,7 +58,7 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
 
 
 def engine_cases(work: Path, threads: int, providers: list[str] | None) -> dict[str, Callable[[], object]]:
-    from service.engine import AttributionEngine
+    from ecgx.service.engine import AttributionEngine
 
     engine = AttributionEngine(work / "pkg", providers=providers, threads=threads, max_batch=64)
     engine.warm_up()
@@ -101,10 +101,10 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
         Saliency,
     )
 
-    from service.methods.perturbation import segment_mask
-    from training.export.ir import trace_model
-    from training.export.ir_torch import ir_module
-    from training.export.reference import attach_epsilon_rules, lrp_model
+    from ecgx.service.methods.perturbation import segment_mask
+    from ecgx.training.export.ir import trace_model
+    from ecgx.training.export.ir_torch import ir_module
+    from ecgx.training.export.reference import attach_epsilon_rules, lrp_model
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
@@ -168,8 +168,8 @@ ARCHITECTURES = ("plain", "residual", "xresnet1d")
 
 def build(architecture: str):
     """The benchmarked network, freshly initialised (weights come from the saved state dict)."""
-    from training import reference_models
-    from training.models import ModelConfig, build_model
+    from ecgx.training import reference_models
+    from ecgx.training.models import ModelConfig, build_model
 
     if architecture == "xresnet1d":
         return reference_models.xresnet1d(width=32, layers=(2, 2, 2))
@@ -179,9 +179,9 @@ def build(architecture: str):
 def prepare(work: Path, architecture: str) -> None:
     import torch
 
-    from training import reference_models
-    from training.data.synth import generate
-    from training.export import export_package
+    from ecgx.training import reference_models
+    from ecgx.training.data.synth import generate
+    from ecgx.training.export import export_package
 
     torch.manual_seed(0)
     model = reference_models.randomise_batchnorm(build(architecture).eval(), seed=0)

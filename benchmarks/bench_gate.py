@@ -18,9 +18,9 @@ import time
 from datetime import date
 from pathlib import Path
 
-from training.data.synth import synthesize_dataset
-from validation.experiments import find_packages, write_experiments
-from validation.gate import run_gate
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.validation.experiments import find_packages, write_experiments
+from ecgx.validation.gate import run_gate
 
 
 def main() -> None:

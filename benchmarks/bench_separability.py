@@ -28,8 +28,8 @@ import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from training.data.schema import CLASS_KEYS  # noqa: E402
-from training.data.synth import GENERATOR_VERSION, generate  # noqa: E402
+from ecgx.training.data.schema import CLASS_KEYS  # noqa: E402
+from ecgx.training.data.synth import GENERATOR_VERSION, generate  # noqa: E402
 
 
 def linear_aurocs(x: np.ndarray, y: np.ndarray, train_share: float = 0.75, c: float = 0.01) -> list[float]:

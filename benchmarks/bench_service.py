@@ -22,7 +22,7 @@ has no thread option; its engines use ONNX Runtime's default intra-op threads, a
 engine timing here. Each request has a 120 s deadline. The issue's target: single-ECG saliency
 within 2 ms of the engine; no error at 64 clients.
 
-The model is the default CNN (training.models.ModelConfig defaults), untrained, torch seed 0:
+The model is the default CNN (ecgx.training.models.ModelConfig defaults), untrained, torch seed 0:
 latency does not depend on the weights. Its gate report is built cheaply (32 synthetic ECGs,
 a small policy) and signed with a fresh key; when the gate does not pass saliency and
 integrated gradients (an untrained model usually fails the randomisation check), the server
@@ -82,12 +82,12 @@ def prepare(work: Path) -> dict:
     process: it imports PyTorch, which neither the server nor the engine timing may share)."""
     import torch
 
-    from service.package import load_package
-    from training.data.synth import generate, synthesize_dataset
-    from training.export import export_package
-    from training.models import ModelConfig, build_model
-    from validation.gate import package_record, run_gate
-    from validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.service.package import load_package
+    from ecgx.training.data.synth import generate, synthesize_dataset
+    from ecgx.training.export import export_package
+    from ecgx.training.models import ModelConfig, build_model
+    from ecgx.validation.gate import package_record, run_gate
+    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
 
     if work.exists():
         shutil.rmtree(work)
@@ -156,8 +156,8 @@ class ServerProcess:
     def _wait_ready(self) -> None:
         import grpc
 
-        from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-        from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+        from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+        from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 
         deadline = time.monotonic() + SERVER_START_S
         while time.monotonic() < deadline:
@@ -189,8 +189,8 @@ class ServerProcess:
 
 
 def request_for(scenario: str, x: np.ndarray):
-    from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-    from training.data.schema import LEADS
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+    from ecgx.training.data.schema import LEADS
 
     method, batch, _ = SCENARIOS[scenario]
     ecgs = [
@@ -215,7 +215,7 @@ def run_clients(args: argparse.Namespace) -> None:
     measured window, errors by status code, and this process's CPU seconds in the window."""
     import grpc
 
-    from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 
     x = np.load(Path(args.dir) / "x.npy")
     request = request_for(args.scenario, x)
@@ -334,8 +334,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def engine_times(work: Path, scenarios: list[str], calls: int, budget_s: float) -> dict[str, list[float]]:
     """The engine's own time for each scenario's call: same package, thread settings as
     ``ecgx serve`` (ONNX Runtime's default), one attribute_with_logits with target 0."""
-    from service.engine import AttributionEngine
-    from service.package import load_package
+    from ecgx.service.engine import AttributionEngine
+    from ecgx.service.package import load_package
 
     assert "torch" not in sys.modules, "the engine timing must not share the process with PyTorch"
     engine = AttributionEngine(load_package(work / "repo" / MODEL / VERSION))

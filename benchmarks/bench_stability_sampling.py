@@ -10,7 +10,7 @@ stability worker is drained (not timed) so its backlog never lands on the next c
 
 Configurations:
   off          share 0
-  default      share service.stability.DEFAULT_SHARE and the worker's defaults: nice 19, its
+  default      share ecgx.service.stability.DEFAULT_SHARE and the worker's defaults: nice 19, its
                own single-threaded ONNX Runtime sessions, CPU budget DEFAULT_CPU_BUDGET cores
   all          share 1.0, the worker's defaults
   all-nobudget share 1.0, nice 19, own sessions, no CPU budget
@@ -25,7 +25,7 @@ Scenarios (explicit target, so the server runs one attribution per request):
   saliency1    saliency on 1 ECG (the cheapest gated method; partner: gradcam)
   ig4          integrated gradients, default 50 steps, on 4 ECGs (a typical one; partner: saliency)
 
-The model is the default CNN (training.models.ModelConfig), untrained, torch seed 0: the work
+The model is the default CNN (ecgx.training.models.ModelConfig), untrained, torch seed 0: the work
 per request does not depend on the weights. Its gate report (saliency and gradcam, a small
 policy in research mode) is edited to serve saliency, gradcam and integrated gradients with
 saliency and gradcam passed, and signed with a fresh key: the verdicts decide what is served and
@@ -69,7 +69,7 @@ REQUEST_TIMEOUT_S = 120.0
 
 
 def configurations() -> dict[str, list[str]]:
-    from service.stability import DEFAULT_SHARE
+    from ecgx.service.stability import DEFAULT_SHARE
 
     return {
         "off": ["--share", "0"],
@@ -87,12 +87,12 @@ def prepare(work: Path) -> None:
     """Package, keys, signed report and repository under ``work`` (its own process: PyTorch)."""
     import torch
 
-    from service.package import load_package
-    from training.data.synth import generate, synthesize_dataset
-    from training.export import export_package
-    from training.models import ModelConfig, build_model
-    from validation.gate import package_record, run_gate
-    from validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.service.package import load_package
+    from ecgx.training.data.synth import generate, synthesize_dataset
+    from ecgx.training.export import export_package
+    from ecgx.training.models import ModelConfig, build_model
+    from ecgx.validation.gate import package_record, run_gate
+    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
 
     if work.exists():
         shutil.rmtree(work)
@@ -130,12 +130,12 @@ def prepare(work: Path) -> None:
 def serve(args: argparse.Namespace) -> None:
     """A server with metrics; stdin commands: ``idle`` (drain the sampler, print its counters),
     ``quit``. Prints ``READY <port>`` when it listens."""
-    from service.metrics import ServiceMetrics
-    from service.repository import ModelRepository
-    from service.security import ServerSecurity
-    from service.server import build_server
-    from service.stability import DEFAULT_CPU_BUDGET, WorkerSettings
-    from validation.signing import load_public_key
+    from ecgx.service.metrics import ServiceMetrics
+    from ecgx.service.repository import ModelRepository
+    from ecgx.service.security import ServerSecurity
+    from ecgx.service.server import build_server
+    from ecgx.service.stability import DEFAULT_CPU_BUDGET, WorkerSettings
+    from ecgx.validation.signing import load_public_key
 
     work = Path(args.dir)
     repository = ModelRepository(work / "repo", [load_public_key(work / "keys" / "gate_public_key.pem")])
@@ -208,8 +208,8 @@ class Server:
 
 
 def request_for(scenario: str, x: np.ndarray):
-    from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-    from training.data.schema import LEADS
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+    from ecgx.training.data.schema import LEADS
 
     method, batch = SCENARIOS[scenario]
     ecgs = [
@@ -239,7 +239,7 @@ def measure(port: int, request, clients: int, warmup: float, seconds: float, pid
     cores used in the window by processes other than ``pids``."""
     import grpc
 
-    from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 
     t_start = time.perf_counter() + warmup
     t_end = t_start + seconds

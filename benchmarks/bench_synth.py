@@ -19,7 +19,7 @@ import time  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from training.data.synth import GENERATOR_VERSION, generate  # noqa: E402
+from ecgx.training.data.synth import GENERATOR_VERSION, generate  # noqa: E402
 
 
 def _positive(text: str) -> int:

@@ -16,10 +16,10 @@ import threading
 import time
 from pathlib import Path
 
-from training.config import TrainConfig
-from training.data.synth import synthesize_dataset
-from training.models import ModelConfig
-from training.train import train_run
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import train_run
 
 
 def rss_anon_mb() -> float:

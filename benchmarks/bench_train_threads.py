@@ -20,9 +20,9 @@ from pathlib import Path
 
 TRAIN_ONE = """
 import json, sys, time, torch
-from training.config import TrainConfig
-from training.models import ModelConfig
-from training.train import train_run
+from ecgx.training.config import TrainConfig
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import train_run
 data, out, threads, epochs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 torch.set_num_threads(threads)
 cfg = TrainConfig(max_epochs=epochs, patience=epochs, threads=threads)
@@ -58,7 +58,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--dir", type=Path, default=Path("/tmp/ecgx_bench_threads"))
     args = p.parse_args()
-    from training.data.synth import synthesize_dataset
+    from ecgx.training.data.synth import synthesize_dataset
 
     data = args.dir / "data"
     if not (data / "meta.json").is_file():

@@ -45,14 +45,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.config import TrainConfig  # noqa: E402
-from training.data.synth import synthesize_dataset  # noqa: E402
-from training.export import export_checkpoint  # noqa: E402
-from training.models import ModelConfig  # noqa: E402
-from training.train import CHECKPOINT_FILE, seed_dir, train_run  # noqa: E402
-from validation.gate import run_gate  # noqa: E402
-from validation.policy import default_policy  # noqa: E402
-from validation.references import is_reference  # noqa: E402
+from ecgx.training.config import TrainConfig  # noqa: E402
+from ecgx.training.data.synth import synthesize_dataset  # noqa: E402
+from ecgx.training.export import export_checkpoint  # noqa: E402
+from ecgx.training.models import ModelConfig  # noqa: E402
+from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run  # noqa: E402
+from ecgx.validation.gate import run_gate  # noqa: E402
+from ecgx.validation.policy import default_policy  # noqa: E402
+from ecgx.validation.references import is_reference  # noqa: E402
 
 DATA_SEED, VALIDATION_SEED, MODEL_SEEDS = 2000, 3000, (100, 101, 102)
 LITERATURE = {

@@ -10,12 +10,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from ecgx.demo import DEMO_BEATS, DEMO_DATA_SEED, DEMO_GATE_ECGS, VALIDATION_SEED
-from training.config import TrainConfig
-from training.data.synth import synthesize_dataset
-from training.export import export_checkpoint
-from training.models import ModelConfig
-from training.train import CHECKPOINT_FILE, seed_dir, train_run
-from validation.gate import run_gate, summary_lines
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.training.export import export_checkpoint
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
+from ecgx.validation.gate import run_gate, summary_lines
 
 out = Path("/tmp/demo_gate")
 out.mkdir(exist_ok=True)

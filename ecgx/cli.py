@@ -30,7 +30,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from training.data.synth import synthesize_dataset
+    from ecgx.training.data.synth import synthesize_dataset
 
     out = synthesize_dataset(
         args.out, args.n, args.seed, overwrite=args.overwrite, show_progress=not args.quiet
@@ -40,7 +40,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_import_wfdb(args: argparse.Namespace) -> int:
-    from training.data.wfdb_import import import_wfdb
+    from ecgx.training.data.wfdb_import import import_wfdb
 
     report = import_wfdb(
         args.paths, args.out, overwrite=args.overwrite, show_progress=not args.quiet, min_beats=args.min_beats
@@ -54,8 +54,8 @@ def _cmd_import_wfdb(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
-    from training.data.dataset import load_dataset
-    from training.data.schema import CLASSES
+    from ecgx.training.data.dataset import load_dataset
+    from ecgx.training.data.schema import CLASSES
 
     ds = load_dataset(args.dir)
     print(f"{ds.path}: {len(ds)} beats, source {ds.meta.get('source')}, ground truth {ds.has_ground_truth}")
@@ -66,8 +66,8 @@ def _cmd_data_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from training.config import load_config
-    from training.train import train_run
+    from ecgx.training.config import load_config
+    from ecgx.training.train import train_run
 
     model_cfg, train_cfg = load_config(args.config)
     summary = train_run(
@@ -80,14 +80,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     if summary["seeds"]:
-        from training.summary import format_training_summary
+        from ecgx.training.summary import format_training_summary
 
         print(format_training_summary(Path(args.out), args.seeds))
     return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from training.export.sources import is_factory_spec
+    from ecgx.training.export.sources import is_factory_spec
 
     model = args.model
     if (
@@ -110,14 +110,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
                     f"{flag} does not apply to a project checkpoint: it carries its own weights, input "
                     "length, sampling rate and classes"
                 )
-        from training.export import export_checkpoint
+        from ecgx.training.export import export_checkpoint
 
         out = export_checkpoint(
             args.checkpoint, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite
         )
     else:
-        from training.export import export_package
-        from training.export.sources import load_source
+        from ecgx.training.export import export_package
+        from ecgx.training.export.sources import load_source
 
         classes = args.classes
         if classes is not None and Path(classes).is_file():
@@ -162,8 +162,8 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ecgx.outputs import ATTRIBUTIONS, StagedOutput, check_output
-    from service.engine import AttributionEngine
-    from training.data.dataset import load_dataset
+    from ecgx.service.engine import AttributionEngine
+    from ecgx.training.data.dataset import load_dataset
 
     if args.out.suffix != ".npy":
         raise ValueError(f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')})")
@@ -203,8 +203,8 @@ EXIT_GATE_FAILED = 1
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from ecgx.outputs import GATE_REPORT, check_output
-    from validation.gate import run_gate, save_report, summary_lines
-    from validation.signing import load_private_key, sign_report
+    from ecgx.validation.gate import run_gate, save_report, summary_lines
+    from ecgx.validation.signing import load_private_key, sign_report
 
     # The key, the report path and user methods are checked before the (minutes-long) gate runs.
     key = None if args.unsigned else load_private_key(args.signing_key)
@@ -234,8 +234,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 
 
 def _user_methods(options: Sequence[str]) -> dict[str, Callable]:
-    """``--method NAME=module:function`` options, loaded and checked (:mod:`validation.user_methods`)."""
-    from validation.user_methods import load_method, parse_method_option
+    """``--method NAME=module:function`` options, loaded and checked (:mod:`ecgx.validation.user_methods`)."""
+    from ecgx.validation.user_methods import load_method, parse_method_option
 
     methods: dict[str, Callable] = {}
     for text in options:
@@ -247,7 +247,7 @@ def _user_methods(options: Sequence[str]) -> dict[str, Callable]:
 
 
 def _cmd_gate_verify(args: argparse.Namespace) -> int:
-    from validation.signing import allowed_policy_hashes, load_public_key, verify_gate
+    from ecgx.validation.signing import allowed_policy_hashes, load_public_key, verify_gate
 
     allowed = allowed_policy_hashes(args.allowed_policy or (), args.allowed_policies or ())
     result = verify_gate(
@@ -269,7 +269,7 @@ def _cmd_gate_verify(args: argparse.Namespace) -> int:
 
 
 def _cmd_gate_keygen(args: argparse.Namespace) -> int:
-    from validation.signing import generate_keypair
+    from ecgx.validation.signing import generate_keypair
 
     private, public = generate_keypair(args.out, overwrite=args.overwrite)
     print(f"signing key (keep secret): {private}")
@@ -278,8 +278,8 @@ def _cmd_gate_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_repo_add(args: argparse.Namespace) -> int:
-    from service.repository import PromotionRefused, promote
-    from validation.signing import load_public_key
+    from ecgx.service.repository import PromotionRefused, promote
+    from ecgx.validation.signing import load_public_key
 
     keys = [load_public_key(k) for k in args.public_key] if args.public_key else [load_public_key()]
     try:
@@ -295,13 +295,13 @@ def _cmd_repo_add(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The serving path never imports PyTorch (tests/test_grpc_service.py runs it without).
-    from service.audit import AuditLog
-    from service.metrics import ServiceMetrics
-    from service.repository import ModelRepository
-    from service.security import load_server_security
-    from service.serve_config import resolve_serve_config
-    from service.server import serve
-    from validation.signing import load_public_key
+    from ecgx.service.audit import AuditLog
+    from ecgx.service.metrics import ServiceMetrics
+    from ecgx.service.repository import ModelRepository
+    from ecgx.service.security import load_server_security
+    from ecgx.service.serve_config import resolve_serve_config
+    from ecgx.service.server import serve
+    from ecgx.validation.signing import load_public_key
 
     cfg = resolve_serve_config(
         args.config,
@@ -340,7 +340,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         open_health=cfg.open_health,
         insecure=cfg.insecure,
     )
-    from service.engine import select_providers
+    from ecgx.service.engine import select_providers
 
     # Checked before any key or model loads: a provider this onnxruntime lacks is a clear error.
     engine_options = {"providers": select_providers(list(cfg.providers))} if cfg.providers else {}
@@ -377,7 +377,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiments(args: argparse.Namespace) -> int:
-    from validation.experiments import run_experiments
+    from ecgx.validation.experiments import run_experiments
 
     html = run_experiments(
         args.data,
@@ -521,7 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(func=_cmd_export)
 
-    from service.methods import METHOD_NAMES
+    from ecgx.service.methods import METHOD_NAMES
 
     p = sub.add_parser(
         "attribute",

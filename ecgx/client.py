@@ -8,7 +8,7 @@ explained (``--png``). ``--json`` writes the whole result as JSON.
 
 ECGs come from a ``.npy`` file (a (12, 600) or (B, 12, 600) float32 median beat at 500 Hz in
 millivolts, or with ``--fs`` a rhythm strip (12, T) / (B, 12, T) in the standard lead order) or
-from a WFDB record (read with the importer's :func:`training.data.wfdb_import.read_record`
+from a WFDB record (read with the importer's :func:`ecgx.training.data.wfdb_import.read_record`
 and sent as a rhythm strip: the server computes the median beat and returns it).
 
 A gRPC error becomes a :class:`ClientError` (a ValueError, so the command line prints one
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ecgx.outputs import OutputKind, StagedOutput, check_output
-from training.data.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
+from ecgx.training.data.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
 
 DEFAULT_TIMEOUT_S = 300.0
 TOP_LEADS = 4  # leads listed per attribution
@@ -41,7 +41,7 @@ class ClientError(ValueError):
 
 
 def _pb():  # imported late: the generated stubs exist only after installation
-    from service.proto_gen.ecgx.v1 import ecgx_pb2, ecgx_pb2_grpc
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2, ecgx_pb2_grpc
 
     return ecgx_pb2, ecgx_pb2_grpc
 
@@ -140,7 +140,7 @@ def load_npy(path: Path, fs: float | None = None) -> EcgInput:
 
 def load_record(path: Path) -> EcgInput:
     """A WFDB record as a rhythm strip in mV (the server computes its median beat)."""
-    from training.data.wfdb_import import read_record
+    from ecgx.training.data.wfdb_import import read_record
 
     signal, fs, _ = read_record(path)
     return EcgInput([np.asarray(signal, dtype=np.float32)], float(fs), str(path))
@@ -249,7 +249,7 @@ def channel_credentials(security: ChannelSecurity) -> Any:
     """``grpc.ChannelCredentials`` for TLS (with the token as call credentials), or None for plaintext."""
     import grpc
 
-    from service.security import check_pair, load_certificates, load_tls_key, read_pem_file
+    from ecgx.service.security import check_pair, load_certificates, load_tls_key, read_pem_file
 
     if not security.uses_tls:
         return None

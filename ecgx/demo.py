@@ -34,15 +34,15 @@ from ecgx.outputs import (
     write_text_atomic,
 )
 from ecgx.plots import plot_attributions
-from service.engine import AttributionEngine
-from training.config import TrainConfig
-from training.data.dataset import load_dataset
-from training.data.schema import CLASSES
-from training.data.synth import synthesize_dataset
-from training.export import export_checkpoint
-from training.models import ModelConfig
-from training.summary import format_training_summary
-from training.train import CHECKPOINT_FILE, check_seeds, make_split, seed_dir, train_run
+from ecgx.service.engine import AttributionEngine
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.dataset import load_dataset
+from ecgx.training.data.schema import CLASSES
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.training.export import export_checkpoint
+from ecgx.training.models import ModelConfig
+from ecgx.training.summary import format_training_summary
+from ecgx.training.train import CHECKPOINT_FILE, check_seeds, make_split, seed_dir, train_run
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +179,9 @@ def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool)
 def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
     """Gate every package with its siblings as the family, sign the reports with a demo key,
     and write the experiments report from the first package's gate run."""
-    from validation.experiments import write_experiments
-    from validation.gate import run_gate, save_report, summary_lines
-    from validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.validation.experiments import write_experiments
+    from ecgx.validation.gate import run_gate, save_report, summary_lines
+    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
 
     validation = out / "validation"
     if not (validation / "meta.json").is_file():
@@ -258,10 +258,10 @@ def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir:
         version_info,
         write_explanation_pngs,
     )
-    from service.repository import ModelRepository, PromotionRefused, promote
-    from service.security import ServerSecurity
-    from service.server import build_server
-    from validation.signing import load_public_key
+    from ecgx.service.repository import ModelRepository, PromotionRefused, promote
+    from ecgx.service.security import ServerSecurity
+    from ecgx.service.server import build_server
+    from ecgx.validation.signing import load_public_key
 
     started = time.perf_counter()
     repo = out / "repo"

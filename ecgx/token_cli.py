@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service.access import (
+from ecgx.service.access import (
     GRANTABLE,
     AccessEntry,
     AccessFile,

@@ -1,5 +1,5 @@
 """Who may call what: the access file of hashed bearer tokens and client-certificate names, the
-RPC -> scope table, and :class:`AccessList`, the :class:`service.calls.Authenticator` built on them.
+RPC -> scope table, and :class:`AccessList`, the :class:`ecgx.service.calls.Authenticator` built on them.
 
 The access file (TOML, written by ``ecgx token``; docs/security.md)::
 
@@ -41,8 +41,8 @@ from typing import Any
 
 import grpc
 
-from service.calls import Identity
-from service.errors import PermissionDenied, Unauthenticated
+from ecgx.service.calls import Identity
+from ecgx.service.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -390,7 +390,7 @@ class _Snapshot:
 
 
 class AccessList:
-    """The :class:`service.calls.Authenticator` of ``ecgx serve``: bearer tokens and client
+    """The :class:`ecgx.service.calls.Authenticator` of ``ecgx serve``: bearer tokens and client
     certificates checked against the access file, scopes from :data:`RPC_SCOPES`.
 
     Args:

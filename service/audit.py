@@ -5,7 +5,7 @@ to the client as ``x-request-id``), ``caller``, ``auth`` (token, certificate or 
 ``rpc``, ``model``, ``version``, ``methods``, ``targets``, ``batch_size``, ``code`` (the gRPC
 status name), ``latency_ms`` and ``engine_ms``.
 
-Only the fields of :class:`service.calls.CallRecord` are written, and the record has no field for
+Only the fields of :class:`ecgx.service.calls.CallRecord` are written, and the record has no field for
 anything from an ECG (samples, the client's ECG id), so no waveform or patient identifier can
 reach this file. A failed write (full disk) is logged and never fails the RPC.
 
@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from service.calls import CallRecord
+from ecgx.service.calls import CallRecord
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def audit_line(record: CallRecord) -> str:
 
 
 class AuditLog:
-    """A :class:`service.calls.CallObserver` appending :func:`audit_line` for every finished call.
+    """A :class:`ecgx.service.calls.CallObserver` appending :func:`audit_line` for every finished call.
 
     Args:
         target: a file path (created 0600, appended to), or "-" for standard error.

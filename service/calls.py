@@ -25,8 +25,8 @@ from typing import Any, Protocol
 
 import grpc
 
-from service.errors import ServiceError
-from service.rpc import failure_status
+from ecgx.service.errors import ServiceError
+from ecgx.service.rpc import failure_status
 
 log = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ class Authenticator(Protocol):
 
     def identify(self, context: grpc.ServicerContext) -> Identity:
         """The caller, from the client certificate or a bearer token; raises
-        :class:`service.errors.Unauthenticated` when there is none or it is not valid."""
+        :class:`ecgx.service.errors.Unauthenticated` when there is none or it is not valid."""
 
     def authorize(self, identity: Identity, rpc: str) -> None:
-        """Raise :class:`service.errors.PermissionDenied` when ``identity`` may not call ``rpc``."""
+        """Raise :class:`ecgx.service.errors.PermissionDenied` when ``identity`` may not call ``rpc``."""
 
 
 class CallObserver(Protocol):

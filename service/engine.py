@@ -4,9 +4,9 @@ One engine per package, created once and shared by all threads of a server:
 sessions are created once (under a lock) and ``InferenceSession.run`` is
 thread-safe, and the engine keeps no per-request state. Every call splits
 its rows into batches of at most ``max_batch``, so memory stays bounded
-whatever the request size; the caps in :mod:`service.limits` bound its time.
+whatever the request size; the caps in :mod:`ecgx.service.limits` bound its time.
 
-Sessions are built from the graph bytes that :func:`~service.package.load_package`
+Sessions are built from the graph bytes that :func:`~ecgx.service.package.load_package`
 hashed, and every parameter is handed to ONNX Runtime from the one verified copy of
 ``weights.bin`` in memory: nothing is read from the package folder after loading.
 """
@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service import limits
-from service.errors import InvalidArgument, NotFound, ResourceExhausted
-from service.package import ModelPackage, PackageError, load_package
+from ecgx.service import limits
+from ecgx.service.errors import InvalidArgument, NotFound, ResourceExhausted
+from ecgx.service.package import ModelPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
 
@@ -316,8 +316,8 @@ class AttributionEngine:
         """Attribution map (B, 12, 600) float32 of ``method`` for ``inputs`` and ``target``.
 
         ``params`` are the method's own settings (see ``ecgx attribute --help`` or
-        :mod:`service.methods`); unknown names are an error, as are bad values and
-        requests over a cost cap (:mod:`service.limits`), all before any model pass.
+        :mod:`ecgx.service.methods`); unknown names are an error, as are bad values and
+        requests over a cost cap (:mod:`ecgx.service.limits`), all before any model pass.
         ``method`` and ``inputs`` are positional-only, so integrated gradients' own
         ``method`` setting can be passed as a keyword.
         """
@@ -326,7 +326,7 @@ class AttributionEngine:
     def _attribute(
         self, method: str, inputs: Any, target: Any, params: dict[str, Any], capture: bool = False
     ) -> np.ndarray:
-        from service.methods import check_available, get_method
+        from ecgx.service.methods import check_available, get_method
 
         impl = get_method(method)
         impl.check_params(params)
@@ -358,7 +358,7 @@ def _check_count(name: str, value: Any, limit: int | None, limit_name: str) -> i
         raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
     if limit is not None and value > limit:
         raise InvalidArgument(
-            f"{name}={value} is over the limit of {limit} (service.limits.{limit_name}): every row of a "
+            f"{name}={value} is over the limit of {limit} (ecgx.service.limits.{limit_name}): every row of a "
             "run holds its layer activations in ONNX Runtime at once, so this bounds the engine's memory"
         )
     return int(value)

@@ -7,7 +7,7 @@ these (all are ValueErrors, so existing callers that catch ValueError keep worki
 from __future__ import annotations
 
 # Each class names its grpc.StatusCode in ``code`` (a string, so this module needs no grpc);
-# service.server maps them one to one. Anything else that escapes a handler is INTERNAL.
+# ecgx.service.server maps them one to one. Anything else that escapes a handler is INTERNAL.
 
 
 class ServiceError(ValueError):

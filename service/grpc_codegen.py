@@ -4,14 +4,14 @@
 build or ``pip install -e .``), so the stubs always match proto/ and nobody edits or
 commits them. After editing a .proto in a checkout, regenerate without reinstalling:
 
-    python -m service.grpc_codegen
+    python -m ecgx.service.grpc_codegen
 
 Standard library and ``grpc_tools`` only: setup.py loads this file by path inside pip's
 isolated build environment, where neither numpy nor this package is importable.
 
 protoc writes imports rooted at the proto folder (``from ecgx.v1 import ecgx_pb2``), which
 would collide with the ``ecgx`` command-line package; they are rewritten to
-``service.proto_gen.ecgx.v1``. The descriptors keep their proto paths
+``ecgx.service.proto_gen.ecgx.v1``. The descriptors keep their proto paths
 (``ecgx/v1/ecgx.proto``), so server reflection and other languages see the files as written.
 """
 
@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "service" / "proto_gen"
-PACKAGE = "service.proto_gen"
+PACKAGE = "ecgx.service.proto_gen"
 
 
 def proto_files(proto_dir: Path = PROTO_DIR) -> list[Path]:

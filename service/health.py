@@ -141,7 +141,7 @@ ECGX_SERVICE_NAME = "ecgx.v1.ExplanationService"
 class Extras:
     """What :func:`register_extras` put on a server."""
 
-    oip: Any  # service.oip.OipServicer
+    oip: Any  # ecgx.service.oip.OipServicer
     health: HealthPublisher
     services: tuple[str, ...]  # the names reflection lists
 
@@ -167,10 +167,10 @@ def register_extras(
 
     ``explanation_servicer``: the ``ecgx.v1`` servicer already registered on the server, if any:
     reflection and health then list ``ecgx.v1.ExplanationService`` too, and ModelInfer takes its
-    request slots (``service.oip.shared_slots``), so its concurrency limits bound both protocols.
+    request slots (``ecgx.service.oip.shared_slots``), so its concurrency limits bound both protocols.
     """
-    from service.oip import SERVICE_NAME as OIP_SERVICE_NAME
-    from service.oip import OipServicer, shared_slots
+    from ecgx.service.oip import SERVICE_NAME as OIP_SERVICE_NAME
+    from ecgx.service.oip import OipServicer, shared_slots
 
     services = [OIP_SERVICE_NAME]
     admit = None

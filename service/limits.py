@@ -4,7 +4,7 @@ Memory does not grow with these settings (rows are built and sent to ONNX Runtim
 chunks of ``max_batch``); time does, linearly. The caps refuse requests that would run
 for hours or that ask for far more samples than any attribution needs, with a
 ValueError naming the parameter, its value and the cap. The per-ECG caps are fixed;
-the per-request caps are :class:`~service.engine.AttributionEngine` arguments
+the per-request caps are :class:`~ecgx.service.engine.AttributionEngine` arguments
 (``max_request_ecgs``, ``max_request_rows``) whose defaults are below.
 """
 

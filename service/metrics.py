@@ -2,14 +2,14 @@
 
 :class:`ServiceMetrics` owns one :class:`~prometheus_client.CollectorRegistry` per server (never
 prometheus_client's global default): it observes every RPC (a
-:class:`service.calls.CallObserver`), the repository's loads, reloads and refusals (a repository
-listener), the predicted probabilities and, through :class:`service.stability.StabilitySampler`,
+:class:`ecgx.service.calls.CallObserver`), the repository's loads, reloads and refusals (a repository
+listener), the predicted probabilities and, through :class:`ecgx.service.stability.StabilitySampler`,
 the online stability of the attributions served. What the gate said about each version (verdicts,
 check scores and thresholds, the stability baseline) and which versions serve are read from the
 repository's snapshot at scrape time, so a removed version leaves no stale series behind.
 
 Every label value is bounded: model and version names the repository has, method names of
-``service.methods.METHOD_NAMES``, gRPC status code names, class keys of a served package, fixed
+``ecgx.service.methods.METHOD_NAMES``, gRPC status code names, class keys of a served package, fixed
 reason categories. Nothing per request or per caller is a label.
 
 No PyTorch here (the serving path).
@@ -30,10 +30,10 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from service.calls import CallRecord
-from service.errors import NotFound
-from service.methods import METHOD_NAMES, get_method
-from service.repository import (
+from ecgx.service.calls import CallRecord
+from ecgx.service.errors import NotFound
+from ecgx.service.methods import METHOD_NAMES, get_method
+from ecgx.service.repository import (
     EVENT_LOADED,
     EVENT_REFUSED,
     EVENT_RELOAD_FAILED,
@@ -44,7 +44,7 @@ from service.repository import (
     ServedVersion,
     refusal_category,
 )
-from service.stability import (
+from ecgx.service.stability import (
     DEFAULT_QUEUE,
     DEFAULT_SHARE,
     DROP_REASONS,

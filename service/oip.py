@@ -54,17 +54,17 @@ import onnxruntime as ort
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from service.access import EXPLAIN, require_scope
-from service.calls import current_call, note_call
-from service.errors import (
+from ecgx.service.access import EXPLAIN, require_scope
+from ecgx.service.calls import current_call, note_call
+from ecgx.service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from service.methods import get_method
-from service.repository import refusal_of_method
-from service.rpc import check_active, failure_status
+from ecgx.service.methods import get_method
+from ecgx.service.repository import refusal_of_method
+from ecgx.service.rpc import check_active, failure_status
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _param_value(p: Any) -> Any:
 
 
 class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
-    """``inference.GRPCInferenceService`` over a :class:`service.repository.ModelRepository`.
+    """``inference.GRPCInferenceService`` over a :class:`ecgx.service.repository.ModelRepository`.
 
     Args:
         repository: the model repository (``models()``, ``versions()``, ``get()``).
@@ -415,7 +415,7 @@ def shared_slots(
     explanation_servicer: Any,
 ) -> Callable[[grpc.ServicerContext], contextlib.AbstractContextManager]:
     """An ``admit`` for :class:`OipServicer` that takes the request slots of the ``ecgx.v1``
-    servicer (``service.server.ExplanationServicer``: ``_enter(context)`` waits in its bounded
+    servicer (``ecgx.service.server.ExplanationServicer``: ``_enter(context)`` waits in its bounded
     queue or raises ResourceExhausted; ``_slots`` is released after), so ``--max-concurrent``
     and ``--max-queued`` bound both protocols together."""
 

@@ -15,7 +15,7 @@ version of a model is the newest one whose gate passed and that serves.
 
 At load, every version is verified before it can serve:
 
-- ``service.package.load_package``: manifest structure, the SHA-256 of every file, the weights
+- ``ecgx.service.package.load_package``: manifest structure, the SHA-256 of every file, the weights
   and graphs; the engine is built from exactly the bytes that were verified.
 - ``gate.json``: its Ed25519 signature by one of the trusted public keys (any one may sign), its
   schema, and that its ``package.files`` names exactly the files of the loaded manifest with
@@ -66,10 +66,10 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from service.engine import AttributionEngine
-from service.errors import FailedPrecondition, NotFound
-from service.package import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
-from validation.signing import (
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.errors import FailedPrecondition, NotFound
+from ecgx.service.package import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
+from ecgx.validation.signing import (
     GATE_REPORT_FILE,
     REPORT_SCHEMA,
     SUPPORTED_SCHEMA_VERSIONS,
@@ -157,7 +157,7 @@ class ServedVersion:
     def unavailable_reason(self, method: str) -> str | None:
         """Why the package cannot run ``method`` (a graph the export left out), or None."""
         if self.package is not None:
-            from service.methods import unavailable_reason
+            from ecgx.service.methods import unavailable_reason
 
             try:
                 return unavailable_reason(self.package, method)

@@ -7,7 +7,7 @@ import logging
 
 import grpc
 
-from service.errors import Cancelled, DeadlineExceeded, ServiceError
+from ecgx.service.errors import Cancelled, DeadlineExceeded, ServiceError
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 :func:`load_server_security` turns ``ecgx serve``'s flags (or the environment) into a
 :class:`ServerSecurity`: TLS from PEM files, mutual TLS with a client CA, and the access list of
-hashed tokens and certificate names (:mod:`service.access`). A secure port needs TLS *and* a way
+hashed tokens and certificate names (:mod:`ecgx.service.access`). A secure port needs TLS *and* a way
 to identify callers; anything less is refused unless asked for explicitly (``--insecure``).
 
 PEM material comes from a file, or from the environment variables ``ECGX_TLS_CERT``,
@@ -29,8 +29,8 @@ from typing import Any
 
 import grpc
 
-from service.access import PROBE_RPCS, AccessList, SecurityConfigError
-from service.calls import Authenticator
+from ecgx.service.access import PROBE_RPCS, AccessList, SecurityConfigError
+from ecgx.service.calls import Authenticator
 
 log = logging.getLogger(__name__)
 

@@ -43,9 +43,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from service.metrics import DEFAULT_METRICS_PORT
-from service.stability import DEFAULT_QUEUE as DEFAULT_STABILITY_QUEUE
-from service.stability import DEFAULT_SHARE as DEFAULT_STABILITY_SHARE
+from ecgx.service.metrics import DEFAULT_METRICS_PORT
+from ecgx.service.stability import DEFAULT_QUEUE as DEFAULT_STABILITY_QUEUE
+from ecgx.service.stability import DEFAULT_SHARE as DEFAULT_STABILITY_SHARE
 
 
 class ServeConfigError(ValueError):

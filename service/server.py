@@ -1,7 +1,7 @@
 """The gRPC explanation service (``ecgx.v1.ExplanationService``) over a model repository.
 
 ListModels, GetModel, Predict, Explain and GetGateReport (proto/ecgx/v1/ecgx.proto). Every
-error a handler raises is typed (:mod:`service.errors`) and maps one to one onto a gRPC status
+error a handler raises is typed (:mod:`ecgx.service.errors`) and maps one to one onto a gRPC status
 code; anything else is a bug, answered INTERNAL with a generic message and logged (without the
 request: no waveform, no ECG id, ever reaches the log).
 
@@ -37,28 +37,28 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from service import errors
-from service.calls import CallInterceptor, CallObserver, EngineClock, note_call
-from service.ecg_input import ModelInput, decode_ecgs
-from service.errors import (
+from ecgx.service import errors
+from ecgx.service.calls import CallInterceptor, CallObserver, EngineClock, note_call
+from ecgx.service.ecg_input import ModelInput, decode_ecgs
+from ecgx.service.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
 )
-from service.health import Extras, register_extras
-from service.methods import METHOD_NAMES, get_method
-from service.repository import refusal_of_method
-from service.rpc import check_active, failure_status, status_of
-from service.security import ServerSecurity
+from ecgx.service.health import Extras, register_extras
+from ecgx.service.methods import METHOD_NAMES, get_method
+from ecgx.service.repository import refusal_of_method
+from ecgx.service.rpc import check_active, failure_status, status_of
+from ecgx.service.security import ServerSecurity
 
 try:
-    from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-    from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 except ImportError as e:  # pragma: no cover - a checkout that was never installed
     raise ImportError(
         f"the gRPC stubs are missing ({e}): they are generated when the package is installed "
-        "(pip install -e .) or by `python -m service.grpc_codegen`"
+        "(pip install -e .) or by `python -m ecgx.service.grpc_codegen`"
     ) from None
 
 log = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ _NEEDS_PROBABILITIES = ("predicted", "top_k", "all_predicted")
 
 
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
-    """``ecgx.v1.ExplanationService`` over a :class:`service.repository.ModelRepository`."""
+    """``ecgx.v1.ExplanationService`` over a :class:`ecgx.service.repository.ModelRepository`."""
 
     def __init__(
         self,
@@ -157,7 +157,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         self.max_concurrent = int(max_concurrent)
         self.max_queued = int(max_queued)
         self.max_message_bytes = MAX_MESSAGE_BYTES
-        self.metrics = metrics  # service.metrics.ServiceMetrics or None: predictions, stability samples
+        self.metrics = metrics  # ecgx.service.metrics.ServiceMetrics or None: predictions, stability samples
         self._slots = threading.BoundedSemaphore(self.max_concurrent)
         self._waiting = 0
         self._waiting_lock = threading.Lock()
@@ -577,8 +577,8 @@ def build_server(
 
     ``security`` has no default: TLS and who may call (``ServerSecurity``), or plaintext without
     authentication only when asked for by name (``ServerSecurity.plaintext_unauthenticated()``).
-    Every RPC passes :class:`service.calls.CallInterceptor`, which tells ``audit`` (an audit log)
-    and ``metrics`` (``service.metrics.ServiceMetrics``) about it. ``port`` 0 picks a free port.
+    Every RPC passes :class:`ecgx.service.calls.CallInterceptor`, which tells ``audit`` (an audit log)
+    and ``metrics`` (``ecgx.service.metrics.ServiceMetrics``) about it. ``port`` 0 picks a free port.
     """
     servicer = ExplanationServicer(
         repository, max_batch=max_batch, max_concurrent=max_concurrent, max_queued=max_queued, metrics=metrics
@@ -651,7 +651,7 @@ def serve(
     http = None
     try:
         if metrics is not None and metrics_port is not None:
-            from service.metrics import start_metrics_endpoint
+            from ecgx.service.metrics import start_metrics_endpoint
 
             http = start_metrics_endpoint(metrics.registry, metrics_host, metrics_port)
         security.start()

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from training.data.synth import synthesize_dataset
+from ecgx.training.data.synth import synthesize_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -39,8 +39,8 @@ def tiny_package(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An exported package of a small untrained residual CNN (export itself is tested elsewhere)."""
     import torch
 
-    from training.export import export_package
-    from training.models import ModelConfig, build_model
+    from ecgx.training.export import export_package
+    from ecgx.training.models import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(widths=(8, 16), stem_stride=4, residual=True))
@@ -57,10 +57,10 @@ def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     predicting 11 % of the validation targets; 3,000 and 12 predict about 40 %, which the
     perturbation check (predicted targets only) needs.
     """
-    from training.config import TrainConfig
-    from training.export import export_checkpoint
-    from training.models import ModelConfig
-    from training.train import CHECKPOINT_FILE, seed_dir, train_run
+    from ecgx.training.config import TrainConfig
+    from ecgx.training.export import export_checkpoint
+    from ecgx.training.models import ModelConfig
+    from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
 
     root = tmp_path_factory.mktemp("family")
     data = synthesize_dataset(root / "train", 3000, seed=3, show_progress=False)
@@ -97,8 +97,8 @@ margin = 0.3
 def gated(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Keys (trusted and untrusted), the policy, and the unsigned gate report of seed-0 (the
     repository and service tests sign copies of it: tests/test_repository.py make_package)."""
-    from validation.gate import run_gate
-    from validation.signing import generate_keypair, load_private_key, load_public_key
+    from ecgx.validation.gate import run_gate
+    from ecgx.validation.signing import generate_keypair, load_private_key, load_public_key
 
     tmp = tmp_path_factory.mktemp("gated")
     generate_keypair(tmp / "keys")

@@ -7,9 +7,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from service.package import load_package
-from validation.gate import package_record
-from validation.signing import sign_report
+from ecgx.service.package import load_package
+from ecgx.validation.gate import package_record
+from ecgx.validation.signing import sign_report
 
 
 def make_package(gated: dict, dest: Path, seed: int = 0, key: Any = None, **changes: Any) -> Path:

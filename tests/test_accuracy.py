@@ -22,10 +22,10 @@ from pathlib import Path
 
 import pytest
 
-from training.config import TrainConfig
-from training.data.synth import synthesize_dataset
-from training.models import ModelConfig
-from training.train import METRICS_FILE, seed_dir, train_run
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import METRICS_FILE, seed_dir, train_run
 
 FLOORS = {
     "SR": 0.90,

@@ -19,10 +19,10 @@ from captum.attr import LRP, InputXGradient
 from parity_helpers import randomise_batchnorm
 from torch import nn
 
-from training.export.autograd_reference import autograd_attribution
-from training.export.ir import AFFINE, CONV, OP_KINDS, trace_model
-from training.export.ir_torch import ChannelAffine, Concat, IRModule, ir_module
-from training.export.reference import (
+from ecgx.training.export.autograd_reference import autograd_attribution
+from ecgx.training.export.ir import AFFINE, CONV, OP_KINDS, trace_model
+from ecgx.training.export.ir_torch import ChannelAffine, Concat, IRModule, ir_module
+from ecgx.training.export.reference import (
     captum_attribution,
     ill_conditioned_samples,
     layer_activations_and_gradients,
@@ -30,7 +30,7 @@ from training.export.reference import (
     near_tie_report,
     near_tie_samples,
 )
-from training.models import Add, ModelConfig, build_model
+from ecgx.training.models import Add, ModelConfig, build_model
 
 METHODS = ("gradient", "guided_backprop", "deconvolution")
 RELU_RULES = ("gradient", "guided_backprop", "deconvolution")

@@ -17,12 +17,12 @@ import pytest
 import torch
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
-from training.config import TrainConfig
-from training.data.dataset import default_meta, load_dataset, write_dataset
-from training.data.synth import synthesize_dataset
-from training.models import ModelConfig
-from training.train import CHECKPOINT_FILE, seed_dir, train_run
-from validation.signing import generate_keypair
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.dataset import default_meta, load_dataset, write_dataset
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
+from ecgx.validation.signing import generate_keypair
 
 TINY_TOML = "[model]\nwidths = [8, 16]\nkernel_size = 5\nstem_stride = 4\n[train]\nmax_epochs = 1\n"
 TINY = ModelConfig(widths=(8, 16), kernel_size=5, stem_stride=4)

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.dataset import (
+from ecgx.training.data.dataset import (
     DatasetError,
     DatasetWriter,
     dataset_fingerprint,

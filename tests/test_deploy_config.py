@@ -2,7 +2,7 @@
 unit-tested with promtool, the Kubernetes manifests validated against the Kubernetes schemas
 (kubernetes-validate) and against each other, the compose file's references, and the Grafana
 dashboard's and the alerts' queries checked against the metric families a live
-:class:`service.metrics.ServiceMetrics` registry exports.
+:class:`ecgx.service.metrics.ServiceMetrics` registry exports.
 
 promtool comes from Debian's prometheus package (.ci/run installs it); where it is missing those
 tests skip and say so. The Prometheus server itself runs in tests/test_prometheus_integration.py.
@@ -20,8 +20,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.metrics import ServiceMetrics
-from service.repository import ModelRepository
+from ecgx.service.metrics import ServiceMetrics
+from ecgx.service.repository import ModelRepository
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -92,7 +92,7 @@ def applied() -> dict[tuple[str, str], dict]:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Every sample name the service can export, from a live ServiceMetrics registry's families
     (a histogram family ``x`` exports ``x_bucket``, ``x_sum``, ``x_count``, ``x_created``)."""
-    from validation.signing import generate_keypair, load_public_key
+    from ecgx.validation.signing import generate_keypair, load_public_key
 
     tmp = tmp_path_factory.mktemp("exported")
     _, public = generate_keypair(tmp / "keys")

@@ -8,8 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from training.checkpoint import load_checkpoint
-from training.train import CHECKPOINT_FILE, METRICS_FILE, seed_dir
+from ecgx.training.checkpoint import load_checkpoint
+from ecgx.training.train import CHECKPOINT_FILE, METRICS_FILE, seed_dir
 
 
 def test_torchrun_two_processes_on_cpu(small_synth: Path, tmp_path: Path) -> None:

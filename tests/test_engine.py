@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import AttributionEngine, select_providers
-from service.methods import METHOD_NAMES
-from service.package import PackageError, load_package
-from training.data.synth import generate
+from ecgx.service.engine import AttributionEngine, select_providers
+from ecgx.service.methods import METHOD_NAMES
+from ecgx.service.package import PackageError, load_package
+from ecgx.training.data.synth import generate
 
 X = generate(3, np.random.default_rng(1)).signals
 
@@ -131,8 +131,8 @@ def test_engine_process_never_imports_torch(tiny_package: Path) -> None:
     script = f"""
 import sys
 import numpy as np
-from service.engine import AttributionEngine
-from service.methods import METHOD_NAMES
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.methods import METHOD_NAMES
 engine = AttributionEngine({str(tiny_package)!r})
 x = np.zeros((1, 12, 600), np.float32)
 for m in METHOD_NAMES:

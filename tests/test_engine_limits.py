@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from ecgx.cli import main
-from service import limits
-from service.engine import AttributionEngine
-from service.methods import METHOD_NAMES
-from training.data.synth import generate
+from ecgx.service import limits
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.methods import METHOD_NAMES
+from ecgx.training.data.synth import generate
 
 X = generate(3, np.random.default_rng(2)).signals
 
@@ -115,7 +115,7 @@ def test_the_caps_are_the_documented_constants() -> None:
 
 def test_the_largest_allowed_settings_pass_the_checks(engine: AttributionEngine, no_model_pass) -> None:
     """The caps are inclusive: the limit itself is allowed (checked without running it)."""
-    from service.methods import get_method
+    from ecgx.service.methods import get_method
 
     cases = {
         "integrated_gradients": {"n_steps": 1000},
@@ -265,7 +265,7 @@ def test_every_method_checks_every_parameter_it_takes() -> None:
     """``check`` takes exactly the settings ``attribute`` takes, with the same defaults."""
     import inspect
 
-    from service.methods import get_method
+    from ecgx.service.methods import get_method
 
     def keywords(fn) -> dict:
         sig = inspect.signature(fn).parameters.values()

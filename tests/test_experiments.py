@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ecgx.cli import main
-from validation.experiments import find_packages
+from ecgx.validation.experiments import find_packages
 
 POLICY = """
 [gate]

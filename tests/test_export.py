@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import nn
 
-from training.export import ExportError, export_package, onnx_graphs
-from training.models import ModelConfig, build_model
+from ecgx.training.export import ExportError, export_package, onnx_graphs
+from ecgx.training.models import ModelConfig, build_model
 
 X = np.random.default_rng(0).normal(0, 0.3, (3, 12, 600)).astype(np.float32)
 
@@ -146,8 +146,8 @@ def test_batch_dimension_is_dynamic(package) -> None:
 def test_a_graph_that_disagrees_with_its_reference_is_left_out(tmp_path: Path, monkeypatch) -> None:
     # Break guided backprop's rule: the export's self-check must catch it and leave the graph out,
     # while every other graph is published.
-    from service.engine import AttributionEngine
-    from service.errors import FailedPrecondition
+    from ecgx.service.engine import AttributionEngine
+    from ecgx.service.errors import FailedPrecondition
 
     monkeypatch.setattr(onnx_graphs.GuidedRule, "relu", onnx_graphs.Rule.relu)
     model = build_model(ModelConfig(widths=(8, 16))).eval()
@@ -173,7 +173,7 @@ def test_existing_package_is_not_replaced_unless_asked(package, tmp_path: Path) 
 
 
 def test_only_excused_samples_may_disagree() -> None:
-    from training.export.package import per_sample_parity
+    from ecgx.training.export.package import per_sample_parity
 
     ref = np.random.default_rng(0).normal(size=(4, 12, 600))
     got = ref.copy()
@@ -188,7 +188,7 @@ def test_only_excused_samples_may_disagree() -> None:
 
 
 def test_near_tie_detection_finds_a_planted_max_pool_tie() -> None:
-    from training.export.reference import near_tie_samples
+    from ecgx.training.export.reference import near_tie_samples
 
     model = nn.Sequential(nn.MaxPool1d(2)).eval()
     x = np.random.default_rng(1).uniform(0.5, 1.0, (3, 12, 600)).astype(np.float32)
@@ -212,8 +212,8 @@ class ReusedRelu(nn.Module):
 
 
 def test_a_reused_relu_is_one_op_per_call_and_every_method_exports(tmp_path: Path) -> None:
-    from training.data.synth import generate
-    from training.export.ir import trace_model
+    from ecgx.training.data.synth import generate
+    from ecgx.training.export.ir import trace_model
 
     torch.manual_seed(0)
     model = ReusedRelu().eval()

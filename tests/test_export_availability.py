@@ -23,15 +23,15 @@ import pytest
 import torch
 from torch import nn
 
-from service.engine import AttributionEngine
-from service.errors import FailedPrecondition
-from service.package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
-from training.data.synth import generate
-from training.export import ExportError, export_package
-from training.export.onnx_graphs import GRAPH_SIGNATURES, build_graph
-from training.export.package import default_sample_inputs
-from training.export.source import from_module
-from training.models import ModelConfig, build_model
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.errors import FailedPrecondition
+from ecgx.service.package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
+from ecgx.training.data.synth import generate
+from ecgx.training.export import ExportError, export_package
+from ecgx.training.export.onnx_graphs import GRAPH_SIGNATURES, build_graph
+from ecgx.training.export.package import default_sample_inputs
+from ecgx.training.export.source import from_module
+from ecgx.training.models import ModelConfig, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 X = generate(4, np.random.default_rng(7)).signals
@@ -102,8 +102,8 @@ def test_the_engine_refuses_an_unavailable_method_naming_the_reason(no_gradcam: 
 def test_the_gate_does_not_check_an_unavailable_method_and_never_serves_it(
     no_gradcam: Path, tmp_path: Path
 ) -> None:
-    from training.data.synth import synthesize_dataset
-    from validation.gate import run_gate, summary_lines
+    from ecgx.training.data.synth import synthesize_dataset
+    from ecgx.validation.gate import run_gate, summary_lines
 
     data = synthesize_dataset(tmp_path / "val", 24, seed=11, show_progress=False)
     policy = tmp_path / "policy.toml"
@@ -139,7 +139,7 @@ def test_the_gate_does_not_check_an_unavailable_method_and_never_serves_it(
 def test_the_service_never_serves_an_unavailable_method_not_even_ungated(no_gradcam: Path) -> None:
     """Research mode serves every method ungated, except one the package cannot run; the refusal
     names the export's reason (both protocols use ``refusal_of_method``)."""
-    from service.repository import ServedVersion, refusal_of_method
+    from ecgx.service.repository import ServedVersion, refusal_of_method
 
     pkg = load_package(no_gradcam)
     engine = AttributionEngine(pkg, providers=CPU)
@@ -322,8 +322,8 @@ _EXPORT_SCRIPT = textwrap.dedent(
     """
     import sys
     import torch
-    from training.export import export_package
-    from training.models import ModelConfig, build_model
+    from ecgx.training.export import export_package
+    from ecgx.training.models import ModelConfig, build_model
 
     torch.manual_seed(0)
     model = build_model(ModelConfig(widths=(8, 16), stem_stride=4, residual=True))

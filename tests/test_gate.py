@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import AttributionEngine
-from service.package import MANIFEST_FILE, load_package, sha256_file
-from training.data.dataset import load_dataset
-from validation.gate import run_gate, select_ecgs
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.package import MANIFEST_FILE, load_package, sha256_file
+from ecgx.training.data.dataset import load_dataset
+from ecgx.validation.gate import run_gate, select_ecgs
 
 SMALL_POLICY = """
 [gate]
@@ -212,7 +212,7 @@ def test_localisation_against_ground_truth_masks_both_ways(gate) -> None:
 
 
 def test_localisation_does_not_run_without_masks(trained_family, shared_data: Path, tmp_path: Path) -> None:
-    from training.data.wfdb_import import import_wfdb
+    from ecgx.training.data.wfdb_import import import_wfdb
 
     real = import_wfdb([shared_data / "ptbxl-sample"], tmp_path / "real", show_progress=False).out
     policy = tmp_path / "p.toml"

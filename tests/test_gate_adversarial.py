@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.engine import AttributionEngine
-from service.package import load_package
-from validation.gate import run_gate
-from validation.references import PREFIX
-from validation.similarity import segment_sums
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.package import load_package
+from ecgx.validation.gate import run_gate
+from ecgx.validation.references import PREFIX
+from ecgx.validation.similarity import segment_sums
 
 # The default policy's thresholds and settings; only the amount of work is smaller (the
 # validation set has 64 ECGs).

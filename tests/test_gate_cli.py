@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ecgx.cli import main
-from validation.policy import load_policy
-from validation.signing import SIGNING_KEY_ENV
+from ecgx.validation.policy import load_policy
+from ecgx.validation.signing import SIGNING_KEY_ENV
 
 # As small as the policy floor allows (a smaller policy needs --research, and its report never serves).
 FAST = """

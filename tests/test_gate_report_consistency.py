@@ -23,12 +23,12 @@ import numpy as np
 import pytest
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
-from validation import checks
-from validation.bootstrap import Interval, bootstrap_mean
-from validation.gate import run_gate, summary_lines
-from validation.html_report import render_html
-from validation.perturbation import PerturbationCurves
-from validation.policy import Policy, PolicyError, default_policy, load_policy
+from ecgx.validation import checks
+from ecgx.validation.bootstrap import Interval, bootstrap_mean
+from ecgx.validation.gate import run_gate, summary_lines
+from ecgx.validation.html_report import render_html
+from ecgx.validation.perturbation import PerturbationCurves
+from ecgx.validation.policy import Policy, PolicyError, default_policy, load_policy
 
 SMALL = """
 [gate]
@@ -370,7 +370,7 @@ def test_data_smaller_than_the_policy_asks_is_refused(trained_family, tmp_path: 
 def test_real_data_missing_classes_is_refused_by_default(trained_family, shared_data, tmp_path) -> None:
     """The issue's case: the PTB-XL sample's 10 ECGs under the default policy's 256, five classes
     with no ECG at all. Through the CLI: exit 2, one line, nothing written."""
-    from training.data.wfdb_import import import_wfdb
+    from ecgx.training.data.wfdb_import import import_wfdb
 
     real = import_wfdb([shared_data / "ptbxl-sample"], tmp_path / "real", show_progress=False).out
     pkg = shutil.copytree(trained_family["seed-0"], tmp_path / "pkg")
@@ -391,7 +391,7 @@ def test_real_data_missing_classes_is_refused_by_default(trained_family, shared_
 def test_allowed_incomplete_data_is_gated_and_shown_prominently(
     trained_family, shared_data, tmp_path
 ) -> None:
-    from training.data.wfdb_import import import_wfdb
+    from ecgx.training.data.wfdb_import import import_wfdb
 
     real = import_wfdb([shared_data / "ptbxl-sample"], tmp_path / "real", show_progress=False).out
     policy = tmp_path / "p.toml"

@@ -27,7 +27,7 @@ from cli_helpers import ECGX_WITHOUT_TORCH, serve_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecgx.cli import main
-from service.errors import (
+from ecgx.service.errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -35,14 +35,14 @@ from service.errors import (
     NotFound,
     ResourceExhausted,
 )
-from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
-from service.repository import ModelRepository
-from service.security import ServerSecurity
-from service.server import build_server, lead_shares, status_of
-from training.data.dataset import load_dataset
-from training.data.schema import LEADS
-from validation.signing import load_public_key
+from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+from ecgx.service.repository import ModelRepository
+from ecgx.service.security import ServerSecurity
+from ecgx.service.server import build_server, lead_shares, status_of
+from ecgx.training.data.dataset import load_dataset
+from ecgx.training.data.schema import LEADS
+from ecgx.validation.signing import load_public_key
 
 # As small as the policy floor allows: the repository serves no research report.
 FAST = """
@@ -180,7 +180,7 @@ def test_list_and_get_model(server) -> None:
 
 
 def test_get_gate_report_is_the_signed_file(server, repo) -> None:
-    from validation.signing import verify_signature
+    from ecgx.validation.signing import verify_signature
 
     r = server.stub.GetGateReport(pb.GetGateReportRequest(model="ecg"))
     raw = (repo["root"] / "ecg" / "1" / "gate.json").read_bytes()
@@ -267,8 +267,8 @@ def test_explain_targets(server, beats) -> None:
 
 
 def test_rhythm_strip_becomes_the_importers_median_beat(server, shared_data) -> None:
-    from training.data.median_beat import median_beat
-    from training.data.wfdb_import import read_record
+    from ecgx.training.data.median_beat import median_beat
+    from ecgx.training.data.wfdb_import import read_record
 
     signal_, fs, _ = read_record(shared_data / "ptbxl-sample" / "HR06000")
     r = server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(signal_, fs=fs)]))
@@ -602,8 +602,8 @@ def test_long_client_input_is_clipped_in_the_status(server, beats) -> None:
 
 
 def test_generated_stubs_match_the_proto(tmp_path) -> None:
-    """The installed stubs are what service.grpc_codegen makes from proto/ now (reinstall if not)."""
-    from service import grpc_codegen
+    """The installed stubs are what ecgx.service.grpc_codegen makes from proto/ now (reinstall if not)."""
+    from ecgx.service import grpc_codegen
 
     written = grpc_codegen.generate(out_dir=tmp_path / "proto_gen")
     assert {p.name for p in written} >= {"ecgx_pb2.py", "ecgx_pb2_grpc.py", "ecgx_pb2.pyi"}
@@ -613,7 +613,7 @@ def test_generated_stubs_match_the_proto(tmp_path) -> None:
             f"{installed} is stale: pip install -e . regenerates it"
         )
     assert (
-        "from service.proto_gen.ecgx.v1 import ecgx_pb2"
+        "from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2"
         in (tmp_path / "proto_gen/ecgx/v1/ecgx_pb2_grpc.py").read_text()
     )
     assert pb.DESCRIPTOR.name == "ecgx/v1/ecgx.proto"

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_clean_failure, run_ecgx
 
-from service.package import TRAINING_BEATS_FILE, load_package
-from training.data.dataset import beat_sha256, load_dataset
-from training.data.synth import synthesize_dataset
-from validation.gate import run_gate
-from validation.leakage import LeakageError, check_leakage, training_overlap
+from ecgx.service.package import TRAINING_BEATS_FILE, load_package
+from ecgx.training.data.dataset import beat_sha256, load_dataset
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.validation.gate import run_gate
+from ecgx.validation.leakage import LeakageError, check_leakage, training_overlap
 
 # Below the floor on purpose (research mode): only the refusal and the warning matter here.
 SMALL = """
@@ -69,10 +69,10 @@ def test_one_training_beat_among_validation_beats_is_named(trained_family: dict[
 @pytest.fixture(scope="module")
 def patient_package(small_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A model trained (briefly) on data that names patients (5 beats each), exported."""
-    from training.config import TrainConfig
-    from training.export import export_checkpoint
-    from training.models import ModelConfig
-    from training.train import CHECKPOINT_FILE, seed_dir, train_run
+    from ecgx.training.config import TrainConfig
+    from ecgx.training.export import export_checkpoint
+    from ecgx.training.models import ModelConfig
+    from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
 
     tmp = tmp_path_factory.mktemp("patients")
     data = shutil.copytree(small_synth, tmp / "train")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from validation.localisation import SCORES, localisation_scores
+from ecgx.validation.localisation import SCORES, localisation_scores
 
 
 def _mask(shape: tuple[int, ...] = (12, 600)) -> np.ndarray:

@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import TrainConfig
-from training.data.synth import generate, synthesize_dataset
-from training.export import export_checkpoint, export_package
-from training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
-from training.export.reference import ill_conditioned_samples
-from training.models import ModelConfig
-from training.train import CHECKPOINT_FILE, seed_dir, train_run
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.synth import generate, synthesize_dataset
+from ecgx.training.export import export_checkpoint, export_package
+from ecgx.training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
+from ecgx.training.export.reference import ill_conditioned_samples
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
 
 
 class OneConv(nn.Module):
@@ -78,9 +78,9 @@ def test_a_graph_that_is_wrong_everywhere_is_left_out_at_the_well_conditioned_ep
 ) -> None:
     import json
 
-    from service.engine import AttributionEngine
-    from service.errors import FailedPrecondition
-    from training.export import onnx_graphs
+    from ecgx.service.engine import AttributionEngine
+    from ecgx.service.errors import FailedPrecondition
+    from ecgx.training.export import onnx_graphs
 
     # Relevance that skips the division by the layer output is wrong on every sample.
     def no_division(self, b, op, g, ins, out):
@@ -118,9 +118,9 @@ def test_on_trained_models_every_lrp_disagreement_is_a_flagged_sample(trained_fa
     differ only on samples the conditioning estimate flags, and those are a minority."""
     import onnxruntime as ort
 
-    from training.checkpoint import load_checkpoint
-    from training.export.package import parity, parity_ok
-    from training.export.reference import captum_attribution, near_tie_samples
+    from ecgx.training.checkpoint import load_checkpoint
+    from ecgx.training.export.package import parity, parity_ok
+    from ecgx.training.export.reference import captum_attribution, near_tie_samples
 
     x = generate(256, np.random.default_rng(7)).signals
     target = np.arange(len(x)) % 9

@@ -17,10 +17,10 @@ from parity_helpers import randomise_batchnorm
 from torch import nn
 from zennit_helpers import zennit_lrp
 
-from training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR, trace_model
-from training.export.ir_torch import ir_module
-from training.export.lrp_reference import composite_parity, float32_sensitive_samples, lrp_reference
-from training.export.lrp_rules import (
+from ecgx.training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR, trace_model
+from ecgx.training.export.ir_torch import ir_module
+from ecgx.training.export.lrp_reference import composite_parity, float32_sensitive_samples, lrp_reference
+from ecgx.training.export.lrp_rules import (
     COMPOSITE_GRAPH_NAMES,
     INPUT_RULES,
     LRP_COMPOSITE_GRAPHS,
@@ -29,8 +29,8 @@ from training.export.lrp_rules import (
     CompositeRule,
     input_layers,
 )
-from training.export.onnx_graphs import GRAPH_SIGNATURES, GraphBuilder, emit_backward, emit_forward
-from training.export.package import per_sample_parity
+from ecgx.training.export.onnx_graphs import GRAPH_SIGNATURES, GraphBuilder, emit_backward, emit_forward
+from ecgx.training.export.package import per_sample_parity
 
 LEADS, CLASSES, BATCH = 3, 4, 3
 LENGTHS = (64, 90)
@@ -552,8 +552,8 @@ CLASS_LIST = [{"key": k, "code": str(i), "name": f"class {k}"} for i, k in enume
 
 
 def _export(tmp_path, graphs: list[str]):
-    from training.export.package import export_package
-    from training.export.source import from_module
+    from ecgx.training.export.package import export_package
+    from ecgx.training.export.source import from_module
 
     torch.manual_seed(5)
     model = ResNet().eval()
@@ -567,7 +567,7 @@ def _export(tmp_path, graphs: list[str]):
 def epsilon_only(tmp_path_factory):
     """A package with the epsilon ``lrp`` graph and no composite graphs (as every package
     exported before the composites existed)."""
-    from service.engine import AttributionEngine
+    from ecgx.service.engine import AttributionEngine
 
     pkg, _ = _export(tmp_path_factory.mktemp("lrp") / "epsilon-only", ["lrp"])
     return AttributionEngine(pkg, providers=["CPUExecutionProvider"])
@@ -587,15 +587,15 @@ def epsilon_only(tmp_path_factory):
     ],
 )
 def test_lrp_settings_are_refused_early_with_the_reason(epsilon_only, params, message):
-    from service.errors import InvalidArgument
+    from ecgx.service.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=message):
         epsilon_only.attribute("lrp", ecgs(64)[:1], target=0, **params)
 
 
 def test_zbox_bounds_are_checked():
-    from service.errors import InvalidArgument
-    from service.methods.lrp import Lrp
+    from ecgx.service.errors import InvalidArgument
+    from ecgx.service.methods.lrp import Lrp
 
     x, lrp = ecgs(64), Lrp()
     ok = {"composite": "epsilon_plus", "input_rule": "zbox"}
@@ -614,7 +614,7 @@ def test_zbox_bounds_are_checked():
 
 
 def test_a_package_without_the_composite_graph_refuses_it_naming_the_graph(epsilon_only):
-    from service.errors import FailedPrecondition
+    from ecgx.service.errors import FailedPrecondition
 
     x = ecgs(64)[:1]
     for composite, graph in COMPOSITE_GRAPH_NAMES.items():
@@ -626,7 +626,7 @@ def test_a_package_without_the_composite_graph_refuses_it_naming_the_graph(epsil
 def test_the_service_serves_each_composite_and_input_rule(tmp_path):
     """End to end: export (the composite graphs pass the export's own check), serve, compare with
     the reference; relevance starts at the target logit as for the epsilon rule."""
-    from service.engine import AttributionEngine
+    from ecgx.service.engine import AttributionEngine
 
     pkg, src = _export(tmp_path / "pkg", ["lrp", *COMPOSITE_GRAPH_NAMES.values()])
     engine = AttributionEngine(pkg, providers=["CPUExecutionProvider"])

@@ -10,10 +10,10 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
-from service.methods.perturbation import segment_mask
-from validation.bootstrap import bootstrap_difference
-from validation.ecg_noise import high_frequency_noise, high_frequency_sd
-from validation.perturbation import (
+from ecgx.service.methods.perturbation import segment_mask
+from ecgx.validation.bootstrap import bootstrap_difference
+from ecgx.validation.ecg_noise import high_frequency_noise, high_frequency_sd
+from ecgx.validation.perturbation import (
     STANDARD_LEADS,
     lead_basis,
     linear_fill,
@@ -22,8 +22,8 @@ from validation.perturbation import (
     replace,
     segment_relevance,
 )
-from validation.policy import PolicyError, default_policy, load_policy
-from validation.similarity import (
+from ecgx.validation.policy import PolicyError, default_policy, load_policy
+from ecgx.validation.similarity import (
     auroc_rows,
     mass_inside,
     mean_pairwise_pearson,

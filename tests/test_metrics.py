@@ -28,22 +28,22 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from repo_helpers import make_package
 
-from service.calls import CallRecord
-from service.metrics import ServiceMetrics, start_metrics_endpoint
-from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
-from service.repository import ModelRepository
-from service.security import ServerSecurity
-from service.server import build_server
-from service.stability import (
+from ecgx.service.calls import CallRecord
+from ecgx.service.metrics import ServiceMetrics, start_metrics_endpoint
+from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+from ecgx.service.repository import ModelRepository
+from ecgx.service.security import ServerSecurity
+from ecgx.service.server import build_server
+from ecgx.service.stability import (
     WorkerSettings,
     agreement_partner,
     gate_agreement,
     gate_noise_floor,
     pause_after,
 )
-from training.data.dataset import load_dataset
-from training.data.schema import LEADS
+from ecgx.training.data.dataset import load_dataset
+from ecgx.training.data.schema import LEADS
 
 MODEL = "ecg"
 SERVICE = "/ecgx.v1.ExplanationService/"
@@ -502,7 +502,7 @@ def test_metrics_and_stability_never_import_pytorch() -> None:
         "        if name == 'torch' or name.startswith('torch.'):\n"
         "            raise ImportError(name)\n"
         "sys.meta_path.insert(0, NoTorch())\n"
-        "import service.metrics, service.stability\n"
+        "import ecgx.service.metrics, ecgx.service.stability\n"
         "print(any(m == 'torch' or m.startswith('torch.') for m in sys.modules))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

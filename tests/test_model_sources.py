@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 from parity_helpers import randomise_batchnorm
 
-from training.export import ir as I
-from training.export.ir import ExportError, ModelIR
-from training.export.onnx_import import import_onnx, onnx_forward
-from training.export.program_import import import_program
-from training.export.sources import load_source
+from ecgx.training.export import ir as I
+from ecgx.training.export.ir import ExportError, ModelIR
+from ecgx.training.export.onnx_import import import_onnx, onnx_forward
+from ecgx.training.export.program_import import import_program
+from ecgx.training.export.sources import load_source
 
 # The user's own module: written to a folder of its own (as a hospital's code would live
 # outside this project), imported from there by the factory form.
@@ -393,8 +393,8 @@ def test_every_form_gives_the_models_ir(
 
 
 def test_checkpoint_form(tmp_path: Path) -> None:
-    from training.checkpoint import save_checkpoint
-    from training.models import ModelConfig, build_model
+    from ecgx.training.checkpoint import save_checkpoint
+    from ecgx.training.models import ModelConfig, build_model
 
     torch.manual_seed(1)
     model = build_model(ModelConfig(widths=(8, 16), stem_stride=4, residual=True))
@@ -790,7 +790,7 @@ def test_model_spec_errors(tmp_path: Path) -> None:
 
 
 def _export_takes_source() -> bool:
-    from training.export import export_package
+    from ecgx.training.export import export_package
 
     first = next(iter(inspect.signature(export_package).parameters.values()))
     return "ModelSource" in str(first.annotation)
@@ -832,14 +832,14 @@ def test_cli_export_refusals(user, user_dir: Path, tmp_path: Path) -> None:
 
 @pytest.mark.skipif(
     not _export_takes_source(),
-    reason="training.export.export_package does not accept a ModelSource yet (the lead is adapting it)",
+    reason="ecgx.training.export.export_package does not accept a ModelSource yet (the lead is adapting it)",
 )
 def test_cli_export_factory_and_onnx(user, user_dir: Path, tmp_path: Path) -> None:
     """ecgx export --model: a factory plus weights (the project's 600 samples at 500 Hz), and an
     ONNX file at another length and rate with its class names in a file."""
     import json
 
-    from service.package import sha256_file
+    from ecgx.service.package import sha256_file
 
     model = _build(user, "grouped")
     weights = tmp_path / "w.pt"
@@ -893,8 +893,8 @@ def test_cli_export_checkpoint_given_as_model(tmp_path: Path) -> None:
     """--model CHECKPOINT exports as the positional form does (its provenance in the manifest)."""
     import json
 
-    from training.checkpoint import save_checkpoint
-    from training.models import ModelConfig, build_model
+    from ecgx.training.checkpoint import save_checkpoint
+    from ecgx.training.models import ModelConfig, build_model
 
     torch.manual_seed(2)
     path = save_checkpoint(

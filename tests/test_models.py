@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from training.models import Add, ECGNet, ModelConfig, build_model
+from ecgx.training.models import Add, ECGNet, ModelConfig, build_model
 
 ALLOWED = (
     nn.Conv1d,
@@ -39,7 +39,7 @@ def test_logits_shape_and_dynamic_batch(cfg: ModelConfig) -> None:
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_only_supported_layers_and_unshared_relus(cfg: ModelConfig) -> None:
     model = build_model(cfg)
-    from training.models import ConvBlock, ResidualBlock
+    from ecgx.training.models import ConvBlock, ResidualBlock
 
     for m in model.modules():
         assert isinstance(m, (*ALLOWED, ConvBlock, ResidualBlock)), type(m)
@@ -48,7 +48,7 @@ def test_only_supported_layers_and_unshared_relus(cfg: ModelConfig) -> None:
 
 
 def test_residual_config_has_skip_connections() -> None:
-    from training.models import ResidualBlock
+    from ecgx.training.models import ResidualBlock
 
     model = build_model(ModelConfig(residual=True))
     assert any(isinstance(m, ResidualBlock) for m in model.modules())

@@ -28,12 +28,12 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from service.health import NOT_SERVING, SERVING
-from service.oip import SERVICE_NAME as OIP_SERVICE
-from service.repository import ModelRepository
-from service.security import ServerSecurity
-from service.server import build_server
-from training.data.dataset import load_dataset
+from ecgx.service.health import NOT_SERVING, SERVING
+from ecgx.service.oip import SERVICE_NAME as OIP_SERVICE
+from ecgx.service.repository import ModelRepository
+from ecgx.service.security import ServerSecurity
+from ecgx.service.server import build_server
+from ecgx.training.data.dataset import load_dataset
 
 MODEL = "ecg"
 BROKEN = "broken"
@@ -238,7 +238,7 @@ def test_a_method_the_gate_did_not_pass_is_failed_precondition(served, repo, bea
 
 
 def test_the_refusal_is_the_same_on_both_protocols(served, repo, beats) -> None:
-    from service.proto_gen.ecgx.v1 import ecgx_pb2, ecgx_pb2_grpc
+    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2, ecgx_pb2_grpc
 
     package = repo.get(MODEL, "1").engine.package
     ecg = ecgx_pb2.Ecg(
@@ -476,6 +476,8 @@ def test_reflection_lists_the_services(served) -> None:
 
 
 def test_the_oip_and_health_modules_do_not_import_pytorch() -> None:
-    code = "import sys; sys.modules['torch'] = None; import service.oip, service.health; print('ok')"
+    code = (
+        "import sys; sys.modules['torch'] = None; import ecgx.service.oip, ecgx.service.health; print('ok')"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr

@@ -26,11 +26,11 @@ from ecgx.outputs import (
     classify_output,
     write_text_atomic,
 )
-from training.config import TrainConfig
-from training.data.dataset import default_meta, load_dataset, write_dataset
-from training.models import ModelConfig
-from training.train import CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, make_split, seed_dir, train_run
-from validation.experiments import _relocate
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.dataset import default_meta, load_dataset, write_dataset
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, make_split, seed_dir, train_run
+from ecgx.validation.experiments import _relocate
 
 TINY = ModelConfig(widths=(8, 16), kernel_size=5, stem_stride=4)
 FAST = TrainConfig(max_epochs=1, batch_size=64)

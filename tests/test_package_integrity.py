@@ -18,10 +18,16 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ecgx.cli import main
-from service.engine import AttributionEngine
-from service.package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package, sha256_file
-from training.data.synth import generate
-from validation.signing import generate_keypair, load_private_key, load_public_key, sign_report, verify_gate
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package, sha256_file
+from ecgx.training.data.synth import generate
+from ecgx.validation.signing import (
+    generate_keypair,
+    load_private_key,
+    load_public_key,
+    sign_report,
+    verify_gate,
+)
 
 X = generate(2, np.random.default_rng(5)).signals
 CPU = ["CPUExecutionProvider"]
@@ -304,7 +310,7 @@ def test_malformed_manifests_name_the_file_and_field(pkg: Path, edit, message: s
 def test_a_package_without_an_optional_graph_loads_and_refuses_its_methods(pkg: Path) -> None:
     """The reader accepts a graph listed as unavailable (the export could not build or check it),
     and the engine refuses every method that needs it with the export's reason."""
-    from service.errors import FailedPrecondition
+    from ecgx.service.errors import FailedPrecondition
 
     def drop_lrp(m: dict[str, Any]) -> None:
         m["graphs"].pop("lrp")

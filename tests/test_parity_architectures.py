@@ -41,17 +41,17 @@ from captum.attr import (
 from parity_helpers import assert_parity
 from scipy.signal import decimate
 
-from service.engine import AttributionEngine
-from training import reference_models as zoo
-from training.data.median_beat import median_beat
-from training.data.wfdb_import import read_record
-from training.export import export_package
-from training.export.autograd_reference import autograd_attribution
-from training.export.ir import GMP, MAXPOOL, RELU, trace_model
-from training.export.ir_torch import ir_module
-from training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
-from training.export.reference import ill_conditioned_samples, lrp_model, near_tie_samples
-from training.export.source import from_module
+from ecgx.service.engine import AttributionEngine
+from ecgx.training import reference_models as zoo
+from ecgx.training.data.median_beat import median_beat
+from ecgx.training.data.wfdb_import import read_record
+from ecgx.training.export import export_package
+from ecgx.training.export.autograd_reference import autograd_attribution
+from ecgx.training.export.ir import GMP, MAXPOOL, RELU, trace_model
+from ecgx.training.export.ir_torch import ir_module
+from ecgx.training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
+from ecgx.training.export.reference import ill_conditioned_samples, lrp_model, near_tie_samples
+from ecgx.training.export.source import from_module
 
 # name -> (factory(length), lengths, sampling rate per length)
 ARCHITECTURES = {
@@ -217,7 +217,7 @@ def test_lrp_composites_match_zennit_on_the_rebuilt_module(setup, composite):
     amplifies rounding in any float32 implementation, Zennit's included."""
     from zennit_helpers import zennit_lrp
 
-    from training.export.lrp_reference import composite_parity
+    from ecgx.training.export.lrp_reference import composite_parity
 
     _, _, module, engine, x, target = setup
     if f"lrp_{composite}" not in engine.package.manifest["graphs"]:
@@ -241,7 +241,7 @@ def onnx_imported(shared_data, tmp_path_factory):
     PyTorch by onnx2torch, as the issue asks."""
     import onnx2torch
 
-    from training.export.sources import load_source
+    from ecgx.training.export.sources import load_source
 
     torch.manual_seed(0)
     model = zoo.randomise_batchnorm(zoo.xresnet1d(), seed=1).eval()
@@ -291,9 +291,9 @@ def test_onnx_import_every_method_matches_its_reference(onnx_imported):
 
 def test_the_trained_demo_model_matches_every_reference(trained_family):
     """The project's own trained model (the demo's family, seed 0), exported from its checkpoint."""
-    from training.checkpoint import load_checkpoint
-    from training.data.dataset import load_dataset
-    from training.train import CHECKPOINT_FILE, seed_dir
+    from ecgx.training.checkpoint import load_checkpoint
+    from ecgx.training.data.dataset import load_dataset
+    from ecgx.training.train import CHECKPOINT_FILE, seed_dir
 
     model, _ = load_checkpoint(seed_dir(trained_family["runs"], 0) / CHECKPOINT_FILE)
     engine = AttributionEngine(trained_family["seed-0"], providers=["CPUExecutionProvider"], max_batch=8)

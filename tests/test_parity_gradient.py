@@ -28,16 +28,16 @@ from captum.attr import (
 from captum.attr._core.gradient_shap import InputBaselineXGradient
 from parity_helpers import assert_parity, randomise_batchnorm
 
-from service.engine import AttributionEngine
-from training.data.median_beat import median_beat
-from training.data.synth import generate
-from training.data.wfdb_import import read_record
-from training.export import export_package
-from training.export.ir import trace_model
-from training.export.ir_torch import ir_module
-from training.export.package import REL_TOL
-from training.export.reference import ill_conditioned_samples, lrp_model
-from training.models import ModelConfig, build_model
+from ecgx.service.engine import AttributionEngine
+from ecgx.training.data.median_beat import median_beat
+from ecgx.training.data.synth import generate
+from ecgx.training.data.wfdb_import import read_record
+from ecgx.training.export import export_package
+from ecgx.training.export.ir import trace_model
+from ecgx.training.export.ir_torch import ir_module
+from ecgx.training.export.package import REL_TOL
+from ecgx.training.export.reference import ill_conditioned_samples, lrp_model
+from ecgx.training.models import ModelConfig, build_model
 
 
 class OddLengthNet(torch.nn.Module):

@@ -19,14 +19,14 @@ from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
 from parity_helpers import assert_parity, randomise_batchnorm
 from torch.utils.data import DataLoader, TensorDataset
 
-from service.engine import AttributionEngine
-from service.methods.base import rng_for
-from service.methods.perturbation import kernel_shap_coalitions, segment_mask, window_starts
-from training.data.median_beat import median_beat
-from training.data.synth import generate
-from training.data.wfdb_import import read_record
-from training.export import export_package
-from training.models import ModelConfig, build_model
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.methods.base import rng_for
+from ecgx.service.methods.perturbation import kernel_shap_coalitions, segment_mask, window_starts
+from ecgx.training.data.median_beat import median_beat
+from ecgx.training.data.synth import generate
+from ecgx.training.data.wfdb_import import read_record
+from ecgx.training.export import export_package
+from ecgx.training.models import ModelConfig, build_model
 
 ARCHITECTURES = {
     "plain": ModelConfig(widths=(8, 16), stem_stride=4),

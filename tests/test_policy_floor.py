@@ -10,9 +10,9 @@ import pytest
 from cli_helpers import assert_clean_failure, run_ecgx
 from repo_helpers import make_package
 
-from service.repository import ModelRepository, PromotionRefused, promote
-from validation.gate import run_gate
-from validation.policy import (
+from ecgx.service.repository import ModelRepository, PromotionRefused, promote
+from ecgx.validation.gate import run_gate
+from ecgx.validation.policy import (
     POLICY_FLOOR,
     PolicyError,
     check_floor,
@@ -20,7 +20,7 @@ from validation.policy import (
     floor_violations,
     load_policy,
 )
-from validation.signing import ALLOWED_POLICIES_ENV, allowed_policy_hashes
+from ecgx.validation.signing import ALLOWED_POLICIES_ENV, allowed_policy_hashes
 
 # (key, a value below the floor) for every key of the floor.
 BELOW = {

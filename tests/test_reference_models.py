@@ -17,9 +17,9 @@ import pytest
 import torch
 from torch import nn
 
-from training import reference_models as R
-from training.export import ir as IR
-from training.export.ir import trace_model
+from ecgx.training import reference_models as R
+from ecgx.training.export import ir as IR
+from ecgx.training.export.ir import trace_model
 
 STUBS = Path(__file__).resolve().parent / "stubs"
 # Zennit and onnx2torch import torchvision, which is not installed (tests/stubs/README.md):

@@ -22,8 +22,8 @@ import pytest
 import yaml
 from cli_helpers import snapshot
 
-from validation.policy import load_policy
-from validation.signing import generate_keypair, load_public_key, verify_gate
+from ecgx.validation.policy import load_policy
+from ecgx.validation.signing import generate_keypair, load_public_key, verify_gate
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "deploy" / "release" / "gate_and_publish.sh"

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from training.data.schema import CLASSES
-from training.data.synth import synthesize_dataset
-from validation import figures
-from validation.gate import GateRun, run_gate
-from validation.html_report import FIGURE_DIR, REPORT_FILE, study_comparison_rows, write_html_report
+from ecgx.training.data.schema import CLASSES
+from ecgx.training.data.synth import synthesize_dataset
+from ecgx.validation import figures
+from ecgx.validation.gate import GateRun, run_gate
+from ecgx.validation.html_report import FIGURE_DIR, REPORT_FILE, study_comparison_rows, write_html_report
 
 METHODS = ["saliency", "gradcam", "occlusion"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -23,9 +23,9 @@ import pytest
 from cli_helpers import run_ecgx, snapshot
 from repo_helpers import make_package
 
-from service.errors import FailedPrecondition, NotFound
-from service.package import load_package
-from service.repository import ModelRepository, ServedVersion, version_sort_key
+from ecgx.service.errors import FailedPrecondition, NotFound
+from ecgx.service.package import load_package
+from ecgx.service.repository import ModelRepository, ServedVersion, version_sort_key
 
 MODEL = "ecg"
 
@@ -92,7 +92,7 @@ def test_loads_verified_versions_and_serves_the_newest_by_default(gated, repo_ro
 
 
 def test_the_repository_does_not_import_pytorch() -> None:
-    code = "import sys; sys.modules['torch'] = None; import service.repository; print('ok')"
+    code = "import sys; sys.modules['torch'] = None; import ecgx.service.repository; print('ok')"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
@@ -130,7 +130,7 @@ def test_a_tampered_version_is_refused_and_the_others_keep_serving(
         name = replace_graph(folder)
     else:
         name = add_file(folder)
-    with caplog.at_level("INFO", logger="service.repository"):
+    with caplog.at_level("INFO", logger="ecgx.service.repository"):
         repo = repository(gated, repo_root)
     assert served(repo) == {"1": True, "2": False}
     v2 = repo.versions(MODEL)[1]
@@ -199,7 +199,7 @@ def test_only_reports_under_an_allowed_policy_serve(gated, repo_root: Path) -> N
 
 
 def test_an_expired_version_stops_serving_at_the_next_reload(gated, repo_root: Path, monkeypatch) -> None:
-    import service.repository as repository_module
+    import ecgx.service.repository as repository_module
 
     now = datetime.now(UTC)
     soon = now + timedelta(hours=1)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from repo_helpers import make_package
 
-from service.repository import (
+from ecgx.service.repository import (
     EVENT_LOADED,
     EVENT_REFUSED,
     EVENT_RELOAD_FAILED,

@@ -41,14 +41,14 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from ecgx.client import ChannelSecurity, Client, ClientError
+from ecgx.service.audit import AuditLog
+from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
+from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
+from ecgx.service.repository import ModelRepository
+from ecgx.service.security import ServerSecurity, load_server_security
+from ecgx.service.server import build_server
 from ecgx.token_cli import add_certificate, add_token, revoke
-from service.audit import AuditLog
-from service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-from service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
-from service.repository import ModelRepository
-from service.security import ServerSecurity, load_server_security
-from service.server import build_server
-from training.data.schema import LEADS
+from ecgx.training.data.schema import LEADS
 
 PASSED, FAILED = "gradcam", "saliency"
 SCOPES = {"predictor": ["predict"], "explainer": ["explain"], "admin": ["admin"], "reader": []}

@@ -18,7 +18,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from tls_helpers import Pki, make_pki
 
-from service.access import (
+from ecgx.service.access import (
     ADMIN,
     EXPLAIN,
     PREDICT,
@@ -29,9 +29,9 @@ from service.access import (
     required_scope,
     token_hash,
 )
-from service.audit import AuditLog, audit_line
-from service.calls import CallRecord
-from service.security import (
+from ecgx.service.audit import AuditLog, audit_line
+from ecgx.service.calls import CallRecord
+from ecgx.service.security import (
     CERT_ENV,
     CLIENT_CA_ENV,
     KEY_ENV,
@@ -318,7 +318,7 @@ def test_a_full_disk_is_logged_once_and_never_raises(caplog) -> None:
 def test_a_certificate_that_expires_soon_is_warned_about(pki: Pki, caplog) -> None:
     from cryptography import x509
 
-    from service.security import check_validity
+    from ecgx.service.security import check_validity
 
     cert = x509.load_pem_x509_certificate(pki.server.cert_pem)
     with caplog.at_level(logging.WARNING):

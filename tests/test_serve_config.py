@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
-from service.serve_config import ServeConfigError, resolve_serve_config
+from ecgx.service.serve_config import ServeConfigError, resolve_serve_config
 
 
 def _config(tmp_path: Path, text: str) -> Path:

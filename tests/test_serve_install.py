@@ -29,8 +29,8 @@ from cli_helpers import serve_port
 from conftest import GATE_POLICY
 from repo_helpers import make_package
 
-from service.engine import AttributionEngine
-from training.data.dataset import load_dataset
+from ecgx.service.engine import AttributionEngine
+from ecgx.training.data.dataset import load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never copied into the build: environments, build outputs, generated stubs (setup.py makes
@@ -101,9 +101,9 @@ def test_the_base_install_has_no_pytorch(serving_venv: dict[str, Path]) -> None:
     # The modules come from the installed package, never from the checkout, and the stubs and
     # the default policy were built into it.
     code = (
-        "import service, validation, training, ecgx, validation.policy as p; "
-        "from service.proto_gen.ecgx.v1 import ecgx_pb2; "
-        "print(service.__file__, validation.__file__, training.__file__, ecgx.__file__, "
+        "import ecgx, ecgx.service, ecgx.validation, ecgx.training, ecgx.validation.policy as p; "
+        "from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2; "
+        "print(ecgx.service.__file__, ecgx.validation.__file__, ecgx.training.__file__, ecgx.__file__, "
         "ecgx_pb2.__file__, p.default_policy().sha256)"
     )
     r = _run(venv, serving_venv["python"], "-c", code, cwd=tmp)
@@ -112,6 +112,10 @@ def test_the_base_install_has_no_pytorch(serving_venv: dict[str, Path]) -> None:
     site = str(venv / "lib")
     assert all(f.startswith(site) for f in files), files
     assert len(policy_sha) == 64
+    # One import namespace: nothing but ecgx is installed at top level.
+    for name in ("service", "training", "validation"):
+        r = _run(venv, serving_venv["python"], "-c", f"import {name}", cwd=tmp)
+        assert r.returncode != 0 and "ModuleNotFoundError" in r.stderr, _tail(r)
 
 
 def test_validate_gates_a_package_without_pytorch(

@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from service.package import MANIFEST_FILE, sha256_file
-from validation.signing import (
+from ecgx.service.package import MANIFEST_FILE, sha256_file
+from ecgx.validation.signing import (
     GATE_REPORT_FILE,
     PUBLIC_KEY_ENV,
     SIGNING_KEY_ENV,

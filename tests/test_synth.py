@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data.dataset import load_dataset
-from training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, N_CLASSES, N_LEADS, R_PEAK_SAMPLE
-from training.data.synth import GENERATOR_VERSION, SynthBatch, generate, synthesize_dataset
+from ecgx.training.data.dataset import load_dataset
+from ecgx.training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, N_CLASSES, N_LEADS, R_PEAK_SAMPLE
+from ecgx.training.data.synth import GENERATOR_VERSION, SynthBatch, generate, synthesize_dataset
 
 C = {k: i for i, k in enumerate(CLASS_KEYS)}
 LD = {k: i for i, k in enumerate(LEADS)}
@@ -145,7 +145,7 @@ def test_rbbb_mask_is_the_terminal_qrs_in_v1_and_v6(batch: SynthBatch) -> None:
 
 def test_af_median_beat_keeps_little_f_wave_energy() -> None:
     # f-waves are not phase-locked: the median over the record's beats averages them out.
-    from training.data import synth
+    from ecgx.training.data import synth
 
     rng = np.random.default_rng(5)
     labels = synth._draw_labels(1500, rng)

@@ -15,8 +15,8 @@ import pytest
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
 from ecgx.cli import _add_common, build_parser
+from ecgx.service.access import SecurityConfigError, read_access_file, token_hash
 from ecgx.token_cli import add_parser, add_token, revoke
-from service.access import SecurityConfigError, read_access_file, token_hash
 
 
 def token_cli(*argv: str, capsys: pytest.CaptureFixture) -> tuple[str, str]:

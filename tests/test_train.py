@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.checkpoint import load_checkpoint
-from training.config import TrainConfig, load_config
-from training.data.dataset import load_dataset
-from training.models import ModelConfig
-from training.train import CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, make_split, seed_dir, train_run
+from ecgx.training.checkpoint import load_checkpoint
+from ecgx.training.config import TrainConfig, load_config
+from ecgx.training.data.dataset import load_dataset
+from ecgx.training.models import ModelConfig
+from ecgx.training.train import CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, make_split, seed_dir, train_run
 
 TINY = ModelConfig(widths=(8, 16), kernel_size=5, stem_stride=4)
 FAST = TrainConfig(max_epochs=2, batch_size=32)
@@ -149,8 +149,8 @@ def test_split_by_patient_keeps_each_patient_on_one_side() -> None:
 
 
 def test_a_run_records_its_training_split_beside_each_checkpoint(small_synth: Path, tmp_path: Path) -> None:
-    from training.data.dataset import beat_sha256
-    from training.train import TRAINING_BEATS_FILE, TRAINING_IDS_FILE, split_dataset
+    from ecgx.training.data.dataset import beat_sha256
+    from ecgx.training.train import TRAINING_BEATS_FILE, TRAINING_IDS_FILE, split_dataset
 
     train_run(small_synth, [0], tmp_path / "run", TINY, FAST, show_progress=False)
     ds = load_dataset(small_synth)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from cli_helpers import assert_clean_failure, run_ecgx
 
-from validation.user_methods import MethodError, checked_attributor, load_method, parse_method_option
+from ecgx.validation.user_methods import MethodError, checked_attributor, load_method, parse_method_option
 
 METHODS = """
 import numpy as np

@@ -21,9 +21,9 @@ import wfdb
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 from scipy import signal as sps
 
-from training.data.dataset import load_dataset
-from training.data.schema import LEADS
-from training.data.wfdb_import import read_record
+from ecgx.training.data.dataset import load_dataset
+from ecgx.training.data.schema import LEADS
+from ecgx.training.data.wfdb_import import read_record
 
 BAD = "HRBAD"  # the corrupt record's name in every case
 SOURCE = "HR06000"  # the shared PTB-XL record it is made from (500 Hz, 10 s, gain 1000/mV, .mat)

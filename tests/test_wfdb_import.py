@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import wfdb
 
-from training.data.dataset import Dataset, DatasetError, load_dataset
-from training.data.median_beat import MedianBeatError, detect_r_peaks, median_beat
-from training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, R_PEAK_SAMPLE
-from training.data.wfdb_import import ImportReport, WfdbImportError, import_wfdb, read_record
+from ecgx.training.data.dataset import Dataset, DatasetError, load_dataset
+from ecgx.training.data.median_beat import MedianBeatError, detect_r_peaks, median_beat
+from ecgx.training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, R_PEAK_SAMPLE
+from ecgx.training.data.wfdb_import import ImportReport, WfdbImportError, import_wfdb, read_record
 
 PTBXL = [f"HR0600{i}" for i in range(10)]
 
@@ -138,7 +138,7 @@ def test_unusable_records_are_skipped_with_reasons(
     _write(bad, "no_v3", np.delete(ref, LEADS.index("V3"), axis=0), fs, leads=no_v3)
     _write(bad, "short", ref[:, : int(fs)], fs)  # 1 s
     (bad / "garbage.hea").write_text("this is not\na WFDB header\n")
-    with caplog.at_level(logging.WARNING, logger="training.data.wfdb_import"):
+    with caplog.at_level(logging.WARNING, logger="ecgx.training.data.wfdb_import"):
         report = import_wfdb(
             [shared / "ptbxl-sample", bad, tmp_path / "nowhere"], tmp_path / "out", show_progress=False
         )
@@ -231,7 +231,7 @@ def test_import_keeps_record_and_patient_ids(imported: tuple[ImportReport, Datas
 def test_patient_ids_come_from_header_comments_and_patient_folders(shared: Path, tmp_path: Path) -> None:
     import shutil
 
-    from training.data.wfdb_import import patient_id
+    from ecgx.training.data.wfdb_import import patient_id
 
     for i, name in enumerate(("HR06000", "HR06001")):
         for suffix in (".hea", ".mat"):

@@ -1,6 +1,6 @@
 """Zennit as the reference for the LRP composites (tests only: Zennit imports torchvision).
 
-Zennit's composites run on the IR-rebuilt module (``training.export.ir_torch.ir_module``)
+Zennit's composites run on the IR-rebuilt module (``ecgx.training.export.ir_torch.ir_module``)
 with two additions that Zennit's own ResNet support makes too:
 
 * a canonizer turning each ``Add`` module into a stack and a ``zennit.layer.Sum`` (what
@@ -47,9 +47,9 @@ from zennit.layer import Sum  # noqa: E402
 from zennit.rules import AlphaBeta, Epsilon, Flat, Pass, ZBox, ZPlus  # noqa: E402
 from zennit.types import Convolution  # noqa: E402
 
-from training.export.ir_torch import ChannelAffine, IRModule  # noqa: E402
-from training.export.lrp_rules import STABILIZER, input_layers  # noqa: E402
-from training.models import Add  # noqa: E402
+from ecgx.training.export.ir_torch import ChannelAffine, IRModule  # noqa: E402
+from ecgx.training.export.lrp_rules import STABILIZER, input_layers  # noqa: E402
+from ecgx.training.models import Add  # noqa: E402
 
 
 def _stacked_add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

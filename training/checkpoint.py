@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from training.config import model_config_from_dict
-from training.data.schema import CLASSES, LEADS
-from training.models import ECGNet
+from ecgx.training.config import model_config_from_dict
+from ecgx.training.data.schema import CLASSES, LEADS
+from ecgx.training.models import ECGNet
 
 CHECKPOINT_FORMAT = "ecgx-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -2,7 +2,7 @@
 
 A config file has up to two tables, each optional::
 
-    [model]            # training.models.ModelConfig fields
+    [model]            # ecgx.training.models.ModelConfig fields
     widths = [32, 64, 64, 96]
     residual = true
 
@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from training.models import ModelConfig
+from ecgx.training.models import ModelConfig
 
 
 @dataclass(frozen=True)

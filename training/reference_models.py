@@ -18,7 +18,7 @@ papers and the structure of their public code (no code copied), of:
 Layer order, kernel sizes, padding and the shortcut and head structure follow the
 originals; widths and depths are small by default so export tests run fast, and every
 factory is callable with no arguments (``ecgx export --model
-training.reference_models:xresnet1d``) and returns a model in eval mode. Weights are
+ecgx.training.reference_models:xresnet1d``) and returns a model in eval mode. Weights are
 PyTorch's default initialisation; :func:`randomise_batchnorm` gives every BatchNorm
 non-trivial statistics so that tests really exercise BatchNorm folding.
 

@@ -6,8 +6,8 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from training.data.schema import CLASSES
-from training.train import METRICS_FILE, seed_dir
+from ecgx.training.data.schema import CLASSES
+from ecgx.training.train import METRICS_FILE, seed_dir
 
 
 def read_seed_metrics(run_dir: Path, seeds: Sequence[int]) -> dict[int, dict]:

@@ -29,13 +29,13 @@ from torch.nn.parallel import DistributedDataParallel
 import ecgx
 from ecgx.outputs import RUN, OutputError, StagedOutput, classify_output, temporary_sibling, write_text_atomic
 from ecgx.progress import progress
-from training.checkpoint import save_checkpoint
-from training.config import TrainConfig
-from training.data.dataset import Dataset, beat_sha256, dataset_fingerprint, load_dataset
-from training.data.schema import CLASSES
-from training.distributed import DistContext, broadcast_float, init_distributed, shutdown_distributed
-from training.metrics import per_class_auroc
-from training.models import ECGNet, ModelConfig, build_model
+from ecgx.training.checkpoint import save_checkpoint
+from ecgx.training.config import TrainConfig
+from ecgx.training.data.dataset import Dataset, beat_sha256, dataset_fingerprint, load_dataset
+from ecgx.training.data.schema import CLASSES
+from ecgx.training.distributed import DistContext, broadcast_float, init_distributed, shutdown_distributed
+from ecgx.training.metrics import per_class_auroc
+from ecgx.training.models import ECGNet, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
 

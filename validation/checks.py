@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from validation.bootstrap import Interval, bootstrap_mean
-from validation.perturbation import PerturbationCurves
-from validation.randomisation import RandomisationCurves
+from ecgx.validation.bootstrap import Interval, bootstrap_mean
+from ecgx.validation.perturbation import PerturbationCurves
+from ecgx.validation.randomisation import RandomisationCurves
 
 PASS, FAIL, NOT_RUN = "pass", "fail", "not_run"
 
@@ -376,7 +376,7 @@ def localisation_entry(
 ) -> dict[str, Any]:
     """Passes when the mean AUROC of |attribution| against the ground-truth mask reaches ``minimum``.
 
-    ``scores`` are :func:`validation.localisation.localisation_scores` per ECG (AUROC, relevance
+    ``scores`` are :func:`ecgx.validation.localisation.localisation_scores` per ECG (AUROC, relevance
     mass, pointing game, top-k precision); ``baseline`` the same for the input |x|, whose means
     are shown beside them, since good localisation can come from the input alone."""
     n = int(np.isfinite(scores["auroc"]).sum())

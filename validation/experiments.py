@@ -3,7 +3,7 @@
 The experiments are the gate's checks run over every method with a family of at
 least three seeds: inter-method similarity, self-consistency across seeds,
 cascading randomisation and perturbation curves, and localisation where the data
-has masks. They reuse :func:`validation.gate.run_gate`, so the numbers in the
+has masks. They reuse :func:`ecgx.validation.gate.run_gate`, so the numbers in the
 report are exactly what the gate measures.
 """
 
@@ -17,16 +17,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ecgx.outputs import EXPERIMENTS, StagedOutput
-from service.package import MANIFEST_FILE
-from validation.gate import GateRun, run_gate
-from validation.policy import Policy
+from ecgx.service.package import MANIFEST_FILE
+from ecgx.validation.gate import GateRun, run_gate
+from ecgx.validation.policy import Policy
 
 log = logging.getLogger(__name__)
 
 MIN_SEEDS = 3
 REPORT_JSON = "experiments.json"
-REPORT_FILE = "report.html"  # validation.html_report.REPORT_FILE, without importing matplotlib
-# training.train.CHECKPOINT_FILE; importing that module would load PyTorch for every run.
+REPORT_FILE = "report.html"  # ecgx.validation.html_report.REPORT_FILE, without importing matplotlib
+# ecgx.training.train.CHECKPOINT_FILE; importing that module would load PyTorch for every run.
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -69,7 +69,7 @@ def _exported(checkpoint: Path, package: Path, reuse: Path | None = None) -> Pat
         log.info("reusing %s, an export of %s", reuse, checkpoint)
         package.parent.mkdir(parents=True, exist_ok=True)
         return Path(shutil.copytree(reuse, package))
-    from training.export import export_checkpoint  # PyTorch is needed only here
+    from ecgx.training.export import export_checkpoint  # PyTorch is needed only here
 
     log.info("exporting %s to %s", checkpoint, package)
     return export_checkpoint(checkpoint, package)
@@ -77,7 +77,7 @@ def _exported(checkpoint: Path, package: Path, reuse: Path | None = None) -> Pat
 
 def _is_export_of(package: Path, checkpoint: Path) -> bool:
     """True when ``package`` was exported from exactly this checkpoint file (its SHA-256)."""
-    from service.package import sha256_file
+    from ecgx.service.package import sha256_file
 
     try:
         manifest = json.loads((package / MANIFEST_FILE).read_text())
@@ -140,7 +140,7 @@ def write_experiments(run: GateRun, out: Path, *, overwrite: bool = False) -> Pa
 
 
 def _write_report(run: GateRun, out: Path) -> None:
-    from validation.html_report import study_comparison_rows, write_html_report
+    from ecgx.validation.html_report import study_comparison_rows, write_html_report
 
     (out / REPORT_JSON).write_text(json.dumps(run.report, indent=1, allow_nan=False))
     n_models = 1 + len(run.report["family"])

@@ -1,6 +1,6 @@
 """Figures of a gate run: one PNG per function, drawn from the gate report (and its arrays).
 
-Every function reads only what the report (or :class:`~validation.gate.GateRun`) holds,
+Every function reads only what the report (or :class:`~ecgx.validation.gate.GateRun`) holds,
 so a figure shows exactly what the gate decided on. Colours follow the Okabe-Ito
 palette (distinguishable with the common colour-vision deficiencies); with more
 methods than colours, markers tell the methods apart. The random control is always
@@ -24,11 +24,11 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from ecgx.plots import plot_attributions
-from training.data.schema import CLASSES
-from validation.policy import CHECKS, CONTROL_METHOD
+from ecgx.training.data.schema import CLASSES
+from ecgx.validation.policy import CHECKS, CONTROL_METHOD
 
 if TYPE_CHECKING:
-    from validation.gate import GateRun
+    from ecgx.validation.gate import GateRun
 
 DPI = 100
 # Okabe & Ito (2008), without black (kept for text) and yellow (too pale on white for lines).

@@ -28,20 +28,20 @@ import onnxruntime as ort
 
 import ecgx
 from ecgx.progress import progress_bar
-from service.engine import AttributionEngine, select_providers
-from service.methods import METHOD_NAMES, get_method, unavailable_methods
-from service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
-from training.data.dataset import Dataset, dataset_fingerprint, load_dataset
-from validation import checks
-from validation.bootstrap import bootstrap_difference
-from validation.leakage import check_leakage, leakage_record
-from validation.localisation import localisation_scores
-from validation.perturbation import lead_basis, perturbation_curves
-from validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, validated
-from validation.randomisation import Attributor, RandomisationSetup, n_steps, randomisation_curves
-from validation.references import is_reference, reference_attributors
-from validation.similarity import mean_pairwise_pearson, pearson_rows
-from validation.user_methods import checked_attributor, mark_user_methods, method_spec
+from ecgx.service.engine import AttributionEngine, select_providers
+from ecgx.service.methods import METHOD_NAMES, get_method, unavailable_methods
+from ecgx.service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
+from ecgx.training.data.dataset import Dataset, dataset_fingerprint, load_dataset
+from ecgx.validation import checks
+from ecgx.validation.bootstrap import bootstrap_difference
+from ecgx.validation.leakage import check_leakage, leakage_record
+from ecgx.validation.localisation import localisation_scores
+from ecgx.validation.perturbation import lead_basis, perturbation_curves
+from ecgx.validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, validated
+from ecgx.validation.randomisation import Attributor, RandomisationSetup, n_steps, randomisation_curves
+from ecgx.validation.references import is_reference, reference_attributors
+from ecgx.validation.similarity import mean_pairwise_pearson, pearson_rows
+from ecgx.validation.user_methods import checked_attributor, mark_user_methods, method_spec
 
 log = logging.getLogger(__name__)
 
@@ -164,16 +164,16 @@ def run_gate(
             ``unavailable``) is not checked: the report lists it under ``unavailable`` with the
             reason, and never serves it.
         attributors: user-supplied methods by name, ``attribute(engine, x, target)``
-            (:mod:`validation.user_methods`); each result is checked, and the report marks
+            (:mod:`ecgx.validation.user_methods`); each result is checked, and the report marks
             them ``user_supplied`` and never serves them.
         workers: methods computed side by side (default: CPU count), one ONNX Runtime
             thread each.
-        research: gate under a policy below the floor (:data:`validation.policy.POLICY_FLOOR`),
+        research: gate under a policy below the floor (:data:`ecgx.validation.policy.POLICY_FLOOR`),
             which is refused otherwise; the report is marked research and not servable.
 
     Refuses (ValueError, before any computation) a policy below the floor without
     ``research``, and validation ECGs that overlap the package's training data
-    (:mod:`validation.leakage`).
+    (:mod:`ecgx.validation.leakage`).
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
         raise ValueError(f"workers must be a positive integer, got {workers!r}")

@@ -16,12 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from validation import figures
-from validation.checks import describe
-from validation.policy import CHECKS, CONTROL_METHOD
+from ecgx.validation import figures
+from ecgx.validation.checks import describe
+from ecgx.validation.policy import CHECKS, CONTROL_METHOD
 
 if TYPE_CHECKING:
-    from validation.gate import GateRun
+    from ecgx.validation.gate import GateRun
 
 REPORT_FILE = "report.html"
 FIGURE_DIR = "figures"
@@ -128,7 +128,7 @@ _OVERLAY_CAPTION = (
 
 def write_figures(run: GateRun, fig_dir: Path, overlay_methods: Sequence[str] | None = None) -> list[Figure]:
     """Every figure of the report as PNG in ``fig_dir``, with titles and captions; the class
-    overlays show ``overlay_methods`` (default: :func:`validation.figures.overlay_methods`)."""
+    overlays show ``overlay_methods`` (default: :func:`ecgx.validation.figures.overlay_methods`)."""
     fig_dir.mkdir(parents=True, exist_ok=True)
     out = [
         Figure(fn(run.report, fig_dir / name), title, caption) for name, title, fn, caption in _REPORT_FIGURES

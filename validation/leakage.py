@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from service.package import ModelPackage, PackageError, read_package_file
-from training.data.dataset import Dataset, beat_sha256
+from ecgx.service.package import ModelPackage, PackageError, read_package_file
+from ecgx.training.data.dataset import Dataset, beat_sha256
 
 _LISTED = 5  # ids named in one message
 

@@ -1,7 +1,7 @@
 """Ground-truth localisation of attribution maps: how much of a map falls on the feature.
 
 Every synthetic beat carries a mask of where each class's feature lies
-(:mod:`training.data.synth`); for the class a map explains, pass that class's bits,
+(:mod:`ecgx.training.data.synth`); for the class a map explains, pass that class's bits,
 ``(masks >> c) & 1``. Per ECG, :func:`localisation_scores` gives
 
 - ``mass``: the share of ``|a|`` inside the mask (Arras et al.'s relevance mass);
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from validation.similarity import auroc_rows, mass_inside
+from ecgx.validation.similarity import auroc_rows, mass_inside
 
 SCORES = ("mass", "pointing_game", "top_k_precision", "auroc")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from service.methods import METHOD_NAMES
+from ecgx.service.methods import METHOD_NAMES
 
 CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_method", "localisation")
 STRATEGIES = ("zero", "lead_mean", "linear", "noisy_linear")

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from service.engine import AttributionEngine
-from service.package import ModelPackage
-from validation.ecg_noise import high_frequency_noise
-from validation.similarity import SIMILARITY_MEASURES, segment_sums, spearman_rows
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.package import ModelPackage
+from ecgx.validation.ecg_noise import high_frequency_noise
+from ecgx.validation.similarity import SIMILARITY_MEASURES, segment_sums, spearman_rows
 
 # attribute(engine, x, target) -> (B, 12, 600); lets tests plug in constructed methods.
 Attributor = Callable[[AttributionEngine, np.ndarray, np.ndarray], np.ndarray]

@@ -15,7 +15,7 @@ explanation without being one:
 They go through the same path as any method (``attribute(engine, x, target)``).
 Under the default policy each fails at least one blocking check; the gate fails
 outright if one passes, since then its checks cannot tell an explanation from a
-map that ignores the model (:func:`validation.gate.run_gate`).
+map that ignores the model (:func:`ecgx.validation.gate.run_gate`).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from service.engine import AttributionEngine
-from service.package import ModelPackage
-from validation.randomisation import Attributor, parameterised_layers, randomised_weights
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.package import ModelPackage
+from ecgx.validation.randomisation import Attributor, parameterised_layers, randomised_weights
 
 PREFIX = "ref:"
 # The weight draw of the redrawn "other model"; the randomisation check's draws count up from 0.

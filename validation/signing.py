@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from service.package import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
+from ecgx.service.package import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
 
 SIGNING_KEY_ENV = "ECGX_GATE_SIGNING_KEY"
 ALLOWED_POLICIES_ENV = (
@@ -437,7 +437,7 @@ def allowed_policy_hashes(
             )
         out.add(value.lower())
     if not out:
-        from validation.policy import default_policy
+        from ecgx.validation.policy import default_policy
 
         out.add(default_policy().sha256)
     return frozenset(out)

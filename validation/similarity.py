@@ -87,7 +87,7 @@ def ssim_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def segment_sums(maps: np.ndarray, window: int) -> np.ndarray:
     """(B, segments) summed (signed) attribution per lead x ``window`` segment, in the order of
-    :func:`service.methods.perturbation.segment_mask` (lead-major; the last window of a lead
+    :func:`ecgx.service.methods.perturbation.segment_mask` (lead-major; the last window of a lead
     may be shorter): the unit the perturbation check removes."""
     maps = np.asarray(maps, np.float64)
     starts = np.arange(0, maps.shape[2], window)

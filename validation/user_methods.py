@@ -30,9 +30,9 @@ from typing import Any
 
 import numpy as np
 
-from service.methods import METHOD_NAMES
-from validation.policy import CONTROL_METHOD
-from validation.randomisation import Attributor
+from ecgx.service.methods import METHOD_NAMES
+from ecgx.validation.policy import CONTROL_METHOD
+from ecgx.validation.randomisation import Attributor
 
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _SHAPE = "fn(engine, x, target) -> np.ndarray"

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from service.errors import FailedPrecondition, NotFound
-from service.methods.base import AttributionMethod
-from service.methods.control import RandomAttribution
-from service.methods.deeplift import DeepLift, DeepLiftShap
-from service.methods.gradient import (
+from ecgx.service.errors import FailedPrecondition, NotFound
+from ecgx.service.methods.base import AttributionMethod
+from ecgx.service.methods.control import RandomAttribution
+from ecgx.service.methods.deeplift import DeepLift, DeepLiftShap
+from ecgx.service.methods.gradient import (
     Deconvolution,
     GradientShap,
     GuidedBackprop,
@@ -18,12 +18,12 @@ from service.methods.gradient import (
     Saliency,
     SmoothGrad,
 )
-from service.methods.layer import GradCam, GuidedGradCam
-from service.methods.lrp import Lrp
-from service.methods.perturbation import FeatureAblation, KernelShap, Lime, Occlusion
+from ecgx.service.methods.layer import GradCam, GuidedGradCam
+from ecgx.service.methods.lrp import Lrp
+from ecgx.service.methods.perturbation import FeatureAblation, KernelShap, Lime, Occlusion
 
 if TYPE_CHECKING:
-    from service.package import ModelPackage
+    from ecgx.service.package import ModelPackage
 
 _CLASSES: tuple[type[AttributionMethod], ...] = (
     Saliency,
@@ -49,7 +49,7 @@ _BY_NAME = {c.name: c() for c in _CLASSES}
 
 
 def get_method(name: str) -> AttributionMethod:
-    """The method called ``name``; a :class:`~service.errors.NotFound` lists the known names otherwise."""
+    """The method called ``name``; a :class:`~ecgx.service.errors.NotFound` lists the names otherwise."""
     try:
         return _BY_NAME[name]
     except (KeyError, TypeError):
@@ -123,7 +123,7 @@ def unavailable_methods(package: ModelPackage) -> dict[str, str]:
 
 
 def check_available(package: ModelPackage, name: str, params: Mapping[str, Any] | None = None) -> None:
-    """Refuse (:class:`~service.errors.FailedPrecondition`, naming the reason) a method the package
+    """Refuse (:class:`~ecgx.service.errors.FailedPrecondition`, naming the reason) a method the package
     cannot run; the engine calls this before any model pass."""
     why = unavailable_reason(package, name, params)
     if why is not None:

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from service.errors import InvalidArgument, ResourceExhausted
+from ecgx.service.errors import InvalidArgument, ResourceExhausted
 
 if TYPE_CHECKING:
-    from service.engine import AttributionEngine
+    from ecgx.service.engine import AttributionEngine
 
 
 class AttributionMethod:
@@ -35,8 +35,8 @@ class AttributionMethod:
         defaults filled in) and return the model passes (forward or backward rows) per ECG.
 
         Runs before any model pass, so a bad value or a request over a cost cap
-        (:mod:`service.limits`) fails at once, naming the parameter: InvalidArgument for a
-        bad value, ResourceExhausted over a cost cap (:mod:`service.errors`).
+        (:mod:`ecgx.service.limits`) fails at once, naming the parameter: InvalidArgument for a
+        bad value, ResourceExhausted over a cost cap (:mod:`ecgx.service.errors`).
         """
         raise NotImplementedError
 
@@ -71,7 +71,7 @@ def check_positive_int(name: str, value: Any) -> int:
 
 def check_count(name: str, value: Any, limit: int, why: str, minimum: int = 1) -> int:
     """A whole number of passes, samples or steps, ``minimum``..``limit`` (a cost cap, see
-    :mod:`service.limits`); ``why`` says what the cap bounds."""
+    :mod:`ecgx.service.limits`); ``why`` says what the cap bounds."""
     n = check_positive_int(name, value)
     if n > limit:  # over a cost cap: RESOURCE_EXHAUSTED over gRPC
         raise ResourceExhausted(f"{name} must be between {minimum} and {limit}, got {n}: {why}")

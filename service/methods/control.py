@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.methods.base import AttributionMethod, rng_for
+from ecgx.service.methods.base import AttributionMethod, rng_for
 
 
 class RandomAttribution(AttributionMethod):

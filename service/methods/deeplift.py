@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from service.engine import ecg_of_rows
-from service.methods.base import AttributionMethod, check_choice, check_per_ecg, per_ecg_array, rng_for
-from service.methods.gradient import n_baselines, shap_baselines
+from ecgx.service.engine import ecg_of_rows
+from ecgx.service.methods.base import AttributionMethod, check_choice, check_per_ecg, per_ecg_array, rng_for
+from ecgx.service.methods.gradient import n_baselines, shap_baselines
 
 MAXPOOL_RULES = ("rescale", "gradient")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.methods.base import AttributionMethod, check_bool, check_choice
+from ecgx.service.methods.base import AttributionMethod, check_bool, check_choice
 
 INTERPOLATIONS = ("linear", "nearest")
 

@@ -7,8 +7,14 @@ from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidArgument
-from service.methods.base import AttributionMethod, _show, check_choice, check_non_negative, numeric_array
+from ecgx.service.errors import InvalidArgument
+from ecgx.service.methods.base import (
+    AttributionMethod,
+    _show,
+    check_choice,
+    check_non_negative,
+    numeric_array,
+)
 
 # Zennit's default stabiliser; the export checks the package's LRP graph at this value too.
 DEFAULT_EPSILON = 1e-6

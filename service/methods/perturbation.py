@@ -8,7 +8,7 @@ Memory stays bounded whatever the request: perturbed inputs are built from row
 indices chunk by chunk (at most ``engine.max_batch`` rows each), and the
 coalitions of the sampling methods are held for a bounded group of ECGs at a time.
 The number of perturbations per ECG and the surrogate's size are capped
-(:mod:`service.limits`).
+(:mod:`ecgx.service.limits`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from service.errors import InvalidArgument, ResourceExhausted
-from service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
-from service.methods.base import (
+from ecgx.service.errors import InvalidArgument, ResourceExhausted
+from ecgx.service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
+from ecgx.service.methods.base import (
     AttributionMethod,
     check_count,
     check_non_negative,

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from ecgx.outputs import DATASET, OutputError, StagedOutput
-from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_CLASSES, N_LEADS, SAMPLING_RATE_HZ
+from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_CLASSES, N_LEADS, SAMPLING_RATE_HZ
 
 FORMAT_VERSION = 1
 SIGNALS_FILE = "signals.npy"
@@ -253,7 +253,7 @@ def beat_sha256(signals: np.ndarray) -> list[str]:
     """SHA-256 of each beat's float32 little-endian bytes: identical signals, identical hashes.
 
     The package manifest keeps these for the training split, and the gate's leakage guard
-    compares them with the validation ECGs (:mod:`validation.leakage`)."""
+    compares them with the validation ECGs (:mod:`ecgx.validation.leakage`)."""
     out = []
     for sl in iter_chunks(len(signals)):
         block = np.ascontiguousarray(signals[sl], dtype="<f4")

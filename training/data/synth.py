@@ -108,8 +108,15 @@ from pathlib import Path
 import numpy as np
 
 from ecgx.progress import progress_bar
-from training.data.dataset import DatasetWriter, default_meta
-from training.data.schema import BEAT_SAMPLES, CLASS_KEYS, N_CLASSES, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
+from ecgx.training.data.dataset import DatasetWriter, default_meta
+from ecgx.training.data.schema import (
+    BEAT_SAMPLES,
+    CLASS_KEYS,
+    N_CLASSES,
+    N_LEADS,
+    R_PEAK_SAMPLE,
+    SAMPLING_RATE_HZ,
+)
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 Each record is read with ``wfdb.rdrecord``, its 12 standard leads are picked by
 name (case-insensitively, extra channels such as Frank leads ignored), converted to
-millivolts, reduced to one median beat (:mod:`training.data.median_beat`) and
+millivolts, reduced to one median beat (:mod:`ecgx.training.data.median_beat`) and
 labelled from its ``# Dx:`` SNOMED CT codes. A record that cannot be used is
 skipped with its reason (listed in the report and ``meta.json``); the import fails,
 writing nothing, only when no record is usable.
@@ -11,8 +11,8 @@ Headers are parsed strictly (:func:`read_header`) before ``wfdb`` reads the samp
 ``wfdb`` silently reads an unparsable, negative or missing sampling frequency as
 250 Hz and a missing or zero gain as 200, so any such field is refused with the
 header file, line and field named. Every record must also pass the median-beat
-pipeline's input checks (:func:`training.data.median_beat.check_sampling_rate`,
-:func:`~training.data.median_beat.check_leads`): at least 250 Hz, no flat or
+pipeline's input checks (:func:`ecgx.training.data.median_beat.check_sampling_rate`,
+:func:`~ecgx.training.data.median_beat.check_leads`): at least 250 Hz, no flat or
 disconnected lead.
 """
 
@@ -29,9 +29,9 @@ import numpy as np
 import wfdb
 
 from ecgx.progress import progress
-from training.data.dataset import MAX_ABS_MV, DatasetError, default_meta, write_dataset
-from training.data.median_beat import MedianBeatError, check_sampling_rate, median_beat
-from training.data.schema import LEADS, N_CLASSES, snomed_to_class
+from ecgx.training.data.dataset import MAX_ABS_MV, DatasetError, default_meta, write_dataset
+from ecgx.training.data.median_beat import MedianBeatError, check_sampling_rate, median_beat
+from ecgx.training.data.schema import LEADS, N_CLASSES, snomed_to_class
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """ONNX export of trained models, with explicit backward graphs for attribution methods."""
 
-from training.export.ir import ExportError
-from training.export.package import default_sample_inputs, export_checkpoint, export_package
-from training.export.source import ModelSource, from_module
+from ecgx.training.export.ir import ExportError
+from ecgx.training.export.package import default_sample_inputs, export_checkpoint, export_package
+from ecgx.training.export.source import ModelSource, from_module
 
 __all__ = [
     "ExportError",

@@ -3,7 +3,7 @@
 Gradient, guided backpropagation and deconvolution differ only in what the backward
 pass does at a ReLU; every other op is differentiated as it is. Here each rule is a
 custom ``torch.autograd.Function`` applied in place of the ReLU op of an
-:class:`~training.export.ir_torch.IRModule` (and max pooling is one too, routing the
+:class:`~ecgx.training.export.ir_torch.IRModule` (and max pooling is one too, routing the
 gradient explicitly to the first maximum of each window, as PyTorch and the exported
 graphs do), so the rule acts on exactly one edge of the graph: the gradient flowing
 from that ReLU's output back to its input.
@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from training.export.ir import CONCAT, FLATTEN, GMP, MAXPOOL, RELU, RULE_LAYERS, Op, pool_output_length
-from training.export.ir_torch import IRModule, target_indices
+from ecgx.training.export.ir import CONCAT, FLATTEN, GMP, MAXPOOL, RELU, RULE_LAYERS, Op, pool_output_length
+from ecgx.training.export.ir_torch import IRModule, target_indices
 
 METHODS = ("gradient", "guided_backprop", "deconvolution", "deeplift", "lrp")
 DEEPLIFT_EPS = 1e-10  # below this |delta in| a ReLU takes the plain gradient (Captum's DeepLift)
@@ -206,7 +206,7 @@ def autograd_attribution(
         raise ValueError(f"no autograd reference for {method!r}; one of {METHODS}")
     if not isinstance(module, IRModule):
         raise TypeError(
-            f"autograd_attribution runs on an IRModule (training.export.ir_torch.ir_module), "
+            f"autograd_attribution runs on an IRModule (ecgx.training.export.ir_torch.ir_module), "
             f"got {type(module).__name__}"
         )
     x = np.asarray(x, np.float32)

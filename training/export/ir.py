@@ -284,6 +284,6 @@ def trace_model(model: Any, input_shape: tuple[int, int] | None = None) -> Model
     ``input_shape`` is (leads, samples) of one ECG; the default is the project's
     12-lead, 600-sample median beat.
     """
-    from training.export import torch_frontend
+    from ecgx.training.export import torch_frontend
 
     return torch_frontend.trace(model, input_shape)

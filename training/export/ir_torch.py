@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.export.ir import (
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -37,7 +37,7 @@ from training.export.ir import (
     Op,
     trace_model,
 )
-from training.models import Add
+from ecgx.training.models import Add
 
 # What an op's module may be replaced with while running: (op, its module, its inputs) -> output,
 # or None to run the module itself.

@@ -1,8 +1,8 @@
-"""A PyTorch reference for the LRP composite graphs (``training.export.lrp_rules``).
+"""A PyTorch reference for the LRP composite graphs (``ecgx.training.export.lrp_rules``).
 
 Written independently of the ONNX graph builder and without Zennit (which imports
 torchvision, so it cannot be a runtime dependency): the IR-rebuilt module
-(``training.export.ir_torch.ir_module``) is run with each op replaced by a custom autograd
+(``ecgx.training.export.ir_torch.ir_module``) is run with each op replaced by a custom autograd
 function whose backward pass applies the op's LRP rule, and the attribution is the
 gradient at the input for output relevance ``one_hot(target) * logits``. Each rule's
 backward is the vector-Jacobian product of the layer evaluated with its modified inputs
@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
-from training.export.ir_torch import IRModule, target_indices
-from training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
+from ecgx.training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
+from ecgx.training.export.ir_torch import IRModule, target_indices
+from ecgx.training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
 
 # Graph name -> composite name (``lrp_epsilon_plus`` -> ``epsilon_plus``).
 GRAPH_COMPOSITES = {graph: composite for composite, graph in COMPOSITE_GRAPH_NAMES.items()}
@@ -300,7 +300,7 @@ def composite_parity(
     Same keys as ``package.per_sample_parity``, plus ``float32_deviation`` (per sample) and
     ``agreeing_within_float32`` (samples agreeing only within their float32 sensitivity).
     """
-    from training.export.package import MAX_OUTLIER_FRACTION, REL_TOL
+    from ecgx.training.export.package import MAX_OUTLIER_FRACTION, REL_TOL
 
     kwargs = {"epsilon": epsilon, "input_rule": input_rule, "low": low, "high": high}
     exact = lrp_reference(module, composite, x, target, dtype=torch.float64, **kwargs)

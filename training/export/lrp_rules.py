@@ -78,8 +78,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from service.methods.lrp import COMPOSITE_GRAPHS, INPUT_RULES
-from training.export.ir import (
+from ecgx.service.methods.lrp import COMPOSITE_GRAPHS, INPUT_RULES
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -92,7 +92,7 @@ from training.export.ir import (
     ModelIR,
     Op,
 )
-from training.export.onnx_graphs import (
+from ecgx.training.export.onnx_graphs import (
     BATCH,
     FLOAT,
     GraphBuilder,

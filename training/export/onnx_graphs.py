@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from training.export.ir import (
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -644,7 +644,7 @@ def build_graph(ir: ModelIR, name: str, gradcam_layer: str) -> onnx.ModelProto:
         "gradcam": lambda: _gradcam_graph(ir, x_shape, n, gradcam_layer),
     }
     if name in ("lrp_epsilon_plus", "lrp_epsilon_alpha2_beta1"):
-        from training.export.lrp_rules import LRP_COMPOSITE_GRAPHS  # it builds on this module
+        from ecgx.training.export.lrp_rules import LRP_COMPOSITE_GRAPHS  # it builds on this module
 
         return LRP_COMPOSITE_GRAPHS[name](ir, x_shape, n)
     if name not in builders:

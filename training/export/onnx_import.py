@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
-from training.export.ir import (
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,

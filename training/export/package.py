@@ -62,9 +62,9 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 import ecgx
-from service.methods import methods_needing
-from service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
-from service.package import (
+from ecgx.service.methods import methods_needing
+from ecgx.service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
+from ecgx.service.package import (
     MANIFEST_FILE,
     PACKAGE_FORMAT,
     REQUIRED_GRAPHS,
@@ -76,10 +76,10 @@ from service.package import (
     is_plain_name,
     sha256_file,
 )
-from training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
-from training.export.ir import PARAMETERISED, ExportError, ModelIR
-from training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graph, param_names
-from training.export.source import ModelSource, from_module
+from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
+from ecgx.training.export.ir import PARAMETERISED, ExportError, ModelIR
+from ecgx.training.export.onnx_graphs import GRAPH_SIGNATURES, OPSET, build_graph, param_names
+from ecgx.training.export.source import ModelSource, from_module
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +200,7 @@ def export_package(
 ) -> Path:
     """Export ``model`` as a package folder ``out`` and return its path.
 
-    ``model`` is a :class:`~training.export.source.ModelSource` (any input form), or a
+    ``model`` is a :class:`~ecgx.training.export.source.ModelSource` (any input form), or a
     PyTorch module (``from_module(model)``: the project's (12, 600) beat). The input
     shape (leads, samples), sampling rate and classes come from the source.
 
@@ -209,7 +209,7 @@ def export_package(
     ``sample_inputs`` (B, leads, samples) are used for the parity check (default:
     :func:`default_sample_inputs`). ``training_info`` and ``source`` (provenance, merged
     over the source's own description) are recorded in the manifest. ``training_data``
-    is the training split's fingerprint (:func:`training.train.training_fingerprint`:
+    is the training split's fingerprint (:func:`ecgx.training.train.training_fingerprint`:
     the text of ``training_beats.sha256`` and the ids of ``training_ids.json``); without
     it the package records none.
 
@@ -428,7 +428,7 @@ def default_sample_inputs(
     strip; ECG ``i`` starts with beat ``i``), and leads are taken in the generator's order
     (repeated when the model has more than 12). Always the same for the same shape and rate.
     """
-    from training.data.synth import generate
+    from ecgx.training.data.synth import generate
 
     leads, samples = input_shape
     beats = generate(n, np.random.default_rng(SAMPLE_SEED)).signals  # (n, 12, 600) at 500 Hz
@@ -460,7 +460,7 @@ def _sample_inputs(sample_inputs: np.ndarray | None, src: ModelSource) -> tuple[
         return x, "given"
     x = default_sample_inputs((leads, samples), src.sampling_rate_hz)
     if (leads, samples) == (N_LEADS, BEAT_SAMPLES) and src.sampling_rate_hz == SAMPLING_RATE_HZ:
-        return x, f"{len(x)} synthetic beats (training.data.synth.generate, seed {SAMPLE_SEED})"
+        return x, f"{len(x)} synthetic beats (ecgx.training.data.synth.generate, seed {SAMPLE_SEED})"
     return x, (
         f"{len(x)} synthetic rhythm strips: the generator's beats (seed {SAMPLE_SEED}) resampled to "
         f"{src.sampling_rate_hz:g} Hz and joined to {samples} samples"
@@ -475,8 +475,8 @@ class _References:
     """What every graph's check shares: the sample inputs, targets, the IR module and its near ties."""
 
     def __init__(self, folder: Path, src: ModelSource, ir: ModelIR, layer: str | None, x: np.ndarray):
-        from training.export.ir_torch import ir_module
-        from training.export.reference import near_ties
+        from ecgx.training.export.ir_torch import ir_module
+        from ecgx.training.export.reference import near_ties
 
         self.folder, self.src, self.ir, self.layer, self.x = folder, src, ir, layer, x
         n_out = ir.n_outputs
@@ -584,7 +584,7 @@ def _module_gradient(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.nd
 
 
 def _check_gradient(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from training.export.autograd_reference import autograd_attribution
+    from ecgx.training.export.autograd_reference import autograd_attribution
 
     got = _run_backward(refs, "gradient")
     ref = autograd_attribution(refs.module, "gradient", refs.x, refs.target)
@@ -616,8 +616,8 @@ def _captum_beside(got: np.ndarray, captum: Callable[[], np.ndarray], excused) -
 
 
 def _check_modified_backward(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from training.export.autograd_reference import autograd_attribution
-    from training.export.reference import captum_attribution
+    from ecgx.training.export.autograd_reference import autograd_attribution
+    from ecgx.training.export.reference import captum_attribution
 
     got = _run_backward(refs, graph)
     ref = autograd_attribution(refs.module, graph, refs.x, refs.target)
@@ -630,8 +630,8 @@ def _check_modified_backward(refs: _References, graph: str) -> dict[str, dict[st
 
 
 def _check_deeplift(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from training.export.autograd_reference import autograd_attribution
-    from training.export.reference import captum_attribution, near_tie_samples
+    from ecgx.training.export.autograd_reference import autograd_attribution
+    from ecgx.training.export.reference import captum_attribution, near_tie_samples
 
     sess = _session(refs.folder, "deeplift")
     x, baseline, seed, target = refs.x, refs.baseline, refs.seed, refs.target
@@ -669,8 +669,8 @@ def _check_deeplift(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
 
 
 def _check_lrp(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from training.export.autograd_reference import autograd_attribution
-    from training.export.reference import captum_attribution, ill_conditioned_samples
+    from ecgx.training.export.autograd_reference import autograd_attribution
+    from ecgx.training.export.reference import captum_attribution, ill_conditioned_samples
 
     sess = _session(refs.folder, "lrp")
     checks = {}
@@ -694,8 +694,8 @@ def _check_lrp_composite(refs: _References, graph: str) -> dict[str, dict[str, A
     A sample may differ by a few times its own float32 sensitivity (``composite_parity``): Zennit's
     Norm rule at an addition that nearly cancels (pre-activation blocks) amplifies rounding in
     any float32 implementation, while a construction error is of the order of the map itself."""
-    from training.export.lrp_reference import GRAPH_COMPOSITES, composite_parity
-    from training.export.lrp_rules import INPUT_RULES
+    from ecgx.training.export.lrp_reference import GRAPH_COMPOSITES, composite_parity
+    from ecgx.training.export.lrp_rules import INPUT_RULES
 
     composite = GRAPH_COMPOSITES[graph]
     eps = LRP_CHECK_EPSILONS["lrp"]
@@ -730,7 +730,7 @@ def _check_lrp_composite(refs: _References, graph: str) -> dict[str, dict[str, A
 
 
 def _check_gradcam(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from training.export.reference import layer_activations_and_gradients
+    from ecgx.training.export.reference import layer_activations_and_gradients
 
     _, acts, grads = _session(refs.folder, "gradcam").run(None, {"x": refs.x, "seed": refs.seed})
     module = refs.module.op_modules[refs.layer]
@@ -877,7 +877,7 @@ def _manifest(
 
 def export_checkpoint(checkpoint: Path | str, out: Path | str, **kwargs: Any) -> Path:
     """Export a training checkpoint (``ecgx export``), carrying its metrics into the manifest."""
-    from training.checkpoint import load_checkpoint
+    from ecgx.training.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
     model, payload = load_checkpoint(checkpoint)
@@ -900,8 +900,8 @@ def checkpoint_training_data(checkpoint: Path, payload: dict[str, Any]) -> tuple
     or, for a run trained before they existed, recomputed from the training dataset when it is
     still where the run says and unchanged (same fingerprint). None (logged) when neither is there:
     the package then records no training data and the gate can only warn."""
-    from training.train import TRAINING_BEATS_FILE as BEATS
-    from training.train import TRAINING_IDS_FILE as IDS
+    from ecgx.training.train import TRAINING_BEATS_FILE as BEATS
+    from ecgx.training.train import TRAINING_IDS_FILE as IDS
 
     folder = checkpoint.parent
     if (folder / BEATS).is_file() and (folder / IDS).is_file():
@@ -926,9 +926,9 @@ def checkpoint_training_data(checkpoint: Path, payload: dict[str, Any]) -> tuple
 def _recompute_training_data(
     data: dict[str, Any], train_config: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
-    from training.config import TrainConfig
-    from training.data.dataset import dataset_fingerprint, load_dataset
-    from training.train import split_dataset, training_fingerprint
+    from ecgx.training.config import TrainConfig
+    from ecgx.training.data.dataset import dataset_fingerprint, load_dataset
+    from ecgx.training.train import split_dataset, training_fingerprint
 
     ds = load_dataset(data["path"], check_values=False)
     if dataset_fingerprint(ds) != data.get("fingerprint"):

@@ -27,7 +27,7 @@ import torch.fx as fx
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from training.export.ir import (
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,

@@ -2,7 +2,7 @@
 
 The export checks its ONNX graphs against these before it writes a package, and the
 tests compare every engine method with them. They run on the model rebuilt from its IR
-(``training.export.ir_torch.ir_module``: one module per op, BatchNorm folded as the IR
+(``ecgx.training.export.ir_torch.ir_module``: one module per op, BatchNorm folded as the IR
 folds it), whatever form the model arrived in: Captum (``captum_attribution``, with
 LRP's epsilon rule attached to every rule layer by ``lrp_model``), GradCAM's layer
 activations and gradients, and the two excuses a sample may have (``near_tie_samples``,
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule
 from torch import nn
 
-from training.export.ir import (
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -39,7 +39,7 @@ from training.export.ir import (
     ModelIR,
     Op,
 )
-from training.export.ir_torch import IRModule, as_ir_module, target_indices
+from ecgx.training.export.ir_torch import IRModule, as_ir_module, target_indices
 
 
 class PassRule(EpsilonRule):
@@ -69,7 +69,7 @@ def attach_epsilon_rules(module: IRModule, epsilon: float) -> IRModule:
     as Captum's LRP does. Captum's LRP removes the rules after each call, so call this before each."""
     if not isinstance(module, IRModule):
         raise TypeError(
-            "LRP rules attach to an IRModule (training.export.ir_torch.ir_module(trace_model(model))), "
+            "LRP rules attach to an IRModule (ecgx.training.export.ir_torch.ir_module(trace_model(model))), "
             f"got {type(module).__name__}"
         )
     for op, layer in module.steps():
@@ -189,7 +189,7 @@ def _tie_scan(
     model: nn.Module, x: np.ndarray, rel_gap: float
 ) -> tuple[np.ndarray, dict[str, np.ndarray], np.ndarray]:
     """(flags per sample, flags per sample for each max-pool layer, samples with zero ties only)."""
-    from training.export.autograd_reference import pool_windows
+    from ecgx.training.export.autograd_reference import pool_windows
 
     try:
         module = as_ir_module(model, tuple(x.shape[1:]))
@@ -225,7 +225,7 @@ def _tie_scan(
 def _tie_scan_hooks(model: nn.Module, x: np.ndarray, rel_gap: float):
     """For a module the IR cannot describe (a bare pooling stack in a test): hook its max pools;
     a tie is counted when its top value is positive."""
-    from training.export.autograd_reference import pool_windows
+    from ecgx.training.export.autograd_reference import pool_windows
 
     per_layer: dict[str, np.ndarray] = {}
     ignored = np.zeros(len(x), dtype=bool)

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from training.data.schema import SAMPLING_RATE_HZ
-from training.export.ir import ExportError, ModelIR, trace_model
+from ecgx.training.data.schema import SAMPLING_RATE_HZ
+from ecgx.training.export.ir import ExportError, ModelIR, trace_model
 
 
 @dataclass

@@ -33,9 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from training.data.schema import BEAT_SAMPLES, CLASSES, N_LEADS, SAMPLING_RATE_HZ
-from training.export.ir import ExportError, ModelIR, trace_model
-from training.export.source import ModelSource, module_forward
+from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, N_LEADS, SAMPLING_RATE_HZ
+from ecgx.training.export.ir import ExportError, ModelIR, trace_model
+from ecgx.training.export.source import ModelSource, module_forward
 
 SAMPLING_RATE_KEY = "sampling_rate_hz"
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -100,8 +100,8 @@ def load_source(
 
 
 def _from_checkpoint(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from service.package import sha256_file
-    from training.checkpoint import load_checkpoint
+    from ecgx.service.package import sha256_file
+    from ecgx.training.checkpoint import load_checkpoint
 
     if input_length not in (None, BEAT_SAMPLES) or sampling_rate_hz not in (None, SAMPLING_RATE_HZ):
         raise ExportError(
@@ -121,7 +121,7 @@ def _from_checkpoint(path: Path, input_length, sampling_rate_hz, classes) -> Mod
 
 
 def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from service.package import sha256_file
+    from ecgx.service.package import sha256_file
 
     model = build_from_factory(spec)
     state = read_state_dict(weights)
@@ -145,8 +145,8 @@ def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, clas
 
 
 def _from_program(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from service.package import sha256_file
-    from training.export.program_import import import_program, program_metadata
+    from ecgx.service.package import sha256_file
+    from ecgx.training.export.program_import import import_program, program_metadata
 
     ir, module = import_program(path, input_length)
     meta = program_metadata(path).get(SAMPLING_RATE_KEY)
@@ -165,8 +165,8 @@ def _from_program(path: Path, input_length, sampling_rate_hz, classes) -> ModelS
 
 
 def _from_onnx(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from service.package import sha256_file
-    from training.export.onnx_import import import_onnx, onnx_forward, onnx_metadata
+    from ecgx.service.package import sha256_file
+    from ecgx.training.export.onnx_import import import_onnx, onnx_forward, onnx_metadata
 
     ir = import_onnx(path, input_length)
     meta = onnx_metadata(path).get(SAMPLING_RATE_KEY)

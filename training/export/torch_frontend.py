@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from training.data.schema import BEAT_SAMPLES, N_LEADS
-from training.export.ir import (
+from ecgx.training.data.schema import BEAT_SAMPLES, N_LEADS
+from ecgx.training.export.ir import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -40,7 +40,7 @@ from training.export.ir import (
     finish_ir,
     unsupported,
 )
-from training.models import Add
+from ecgx.training.models import Add
 
 _ADD = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
 _RELU = (F.relu, torch.relu, torch.relu_, "relu", "relu_")
