@@ -13,6 +13,7 @@ hashed, and every parameter is handed to ONNX Runtime from the one verified copy
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -108,6 +109,7 @@ class AttributionEngine:
         self._sessions: dict[str, ort.InferenceSession] = {}
         self._lock = threading.Lock()
         self._capture = threading.local()  # attribute_with_logits: per calling thread
+        self._cancel: Any = None  # set only on a request's view (with_cancel)
 
     # ------------------------------------------------------------------ sessions
 
@@ -293,8 +295,21 @@ class AttributionEngine:
         return out
 
     def _chunks(self, n: int) -> Iterator[slice]:
+        # Every batched pass (forward, backward, accumulate, the methods' own loops) goes through
+        # here: a request's cancel token is looked at before each chunk of model rows.
         for start in range(0, n, self.max_batch):
+            if self._cancel is not None:
+                self._cancel.check()
             yield slice(start, min(start + self.max_batch, n))
+
+    def with_cancel(self, cancel: Any) -> AttributionEngine:
+        """This engine for one request: the same sessions and weights (a shallow copy), with
+        ``cancel`` (``ecgx.service.requests.CancelToken``: ``check()`` raises Cancelled or
+        DeadlineExceeded) checked before every chunk of model rows, so cancelled or timed-out
+        work stops within one chunk."""
+        view = copy.copy(self)
+        view._cancel = cancel
+        return view
 
     # ------------------------------------------------------------------ attribution
 

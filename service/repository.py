@@ -68,6 +68,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.errors import FailedPrecondition, NotFound
+from ecgx.service.methods import get_method
 from ecgx.service.package import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
 from ecgx.validation.signing import (
     GATE_REPORT_FILE,
@@ -117,6 +118,43 @@ class MethodGate:
     verdict: str  # "pass" | "fail" | "not checked"
     checks: tuple[CheckResult, ...]
     ungated: bool = False  # served only because of research mode (allow_ungated)
+    # The settings the gate checked the method with (never None once built by method_gate).
+    settings: MethodSettings | None = field(default=None, compare=False)
+
+
+# Directions a policy may declare safe for a setting (validation's [serving.may_differ]).
+MAY_DIFFER = ("any", "at_least", "at_most")
+
+
+@dataclass(frozen=True)
+class MethodSettings:
+    """The settings a gate verdict covers: ``checked`` (every public parameter as the gate ran the
+    method, "seed" of stochastic methods left out) and ``may_differ`` (parameter -> "any",
+    "at_least" or "at_most": how a served value may differ from the checked one). The serving
+    core's ``settings_violation`` enforces them."""
+
+    checked: dict[str, Any]
+    may_differ: dict[str, str]
+
+
+def method_settings(method: str, entry: Any) -> MethodSettings:
+    """The settings of a report's method entry; a report signed before settings were recorded
+    (or without a usable entry) covers the method's defaults, with only "seed" free."""
+    try:
+        impl = get_method(method)
+    except NotFound:  # a user method: it is never served, so nothing to cover
+        return MethodSettings({}, {})
+    defaults = {k: v for k, v in impl.parameters().items() if k != "seed"}
+    recorded = entry.get("settings") if isinstance(entry, Mapping) else None
+    if not isinstance(recorded, Mapping) or not isinstance(recorded.get("checked"), Mapping):
+        return MethodSettings(defaults, {"seed": "any"} if impl.stochastic else {})
+    may_differ = recorded.get("may_differ")
+    # A direction this server does not know is not trusted: such a setting must equal the checked one.
+    pairs = may_differ.items() if isinstance(may_differ, Mapping) else ()
+    free = {str(k): v for k, v in pairs if v in MAY_DIFFER}
+    if impl.stochastic:
+        free["seed"] = "any"
+    return MethodSettings(dict(recorded["checked"]), free)
 
 
 @dataclass(frozen=True)
@@ -187,14 +225,15 @@ class ServedVersion:
                 for name, c in (entry.get("checks") or {}).items()
                 if isinstance(c, Mapping)
             )
+        settings = method_settings(method, entry)
         if self.unavailable_reason(method) is not None:  # not even research mode serves it
-            return MethodGate(method, False, verdict, checks)
+            return MethodGate(method, False, verdict, checks, settings=settings)
         gated = self.servable and self.gate_passed and method in (self.report or {}).get("serve", [])
         if gated:
-            return MethodGate(method, True, verdict, checks)
+            return MethodGate(method, True, verdict, checks, settings=settings)
         if self.servable and self.allow_ungated:
-            return MethodGate(method, True, verdict, checks, ungated=True)
-        return MethodGate(method, False, verdict, checks)
+            return MethodGate(method, True, verdict, checks, ungated=True, settings=settings)
+        return MethodGate(method, False, verdict, checks, settings=settings)
 
 
 def _number(value: Any) -> float | None:

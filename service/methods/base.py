@@ -114,7 +114,13 @@ def rng_for(seed: int | None) -> np.random.Generator:
 def numeric_array(name: str, value: Any, dtype: type = np.float32) -> np.ndarray:
     """``value`` as a real-valued array of ``dtype`` (no copy when it already is one), or a
     ValueError naming ``name``; NaN and infinities are refused."""
-    arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
+    try:
+        arr = np.asarray(value) if not isinstance(value, np.ndarray) else value
+    except (ValueError, TypeError, OverflowError):  # ragged lists, numbers too big for any dtype
+        raise InvalidArgument(
+            f"{name} must be a number or a rectangular array of numbers (every row of the same length), "
+            f"got {_show(value)}"
+        ) from None
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
         raise InvalidArgument(f"{name} must hold real numbers, got {_show(value)}")
     if np.issubdtype(arr.dtype, np.complexfloating):

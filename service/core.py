@@ -1,0 +1,565 @@
+"""The serving core: Predict and Explain as use cases, once, for every transport.
+
+ecgx.v1 (service/server.py), the Open Inference Protocol over gRPC (service/oip.py) and over
+REST translate their messages into :mod:`ecgx.service.requests` records, call
+:class:`ServingCore`, and translate the results (or the typed errors of
+:mod:`ecgx.service.errors`) back. Everything a request's outcome depends on happens here:
+
+- which version serves (the repository), which methods the gate passed, and whether the
+  settings asked for are covered by the gate's verdict (:func:`settings_violation`, the one rule);
+- the settings' JSON (:func:`parse_settings_json`, one parser with depth and number limits);
+- the request's cost in model rows, known before any work, against the per-request budget;
+- admission: per-caller rate and concurrency quotas, request slots and the bounded queue
+  (:mod:`ecgx.service.admission`);
+- target resolution, at most one forward pass per request (logits reused from a backward pass);
+- cancellation: the request's :class:`~ecgx.service.requests.CancelToken` reaches the engine's
+  chunk loops, so a cancelled or timed-out request stops within one chunk.
+
+No PyTorch here, and nothing of gRPC or HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import secrets
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ecgx.service.access import EXPLAIN, require_scope
+from ecgx.service.admission import Admission
+from ecgx.service.calls import EngineClock, note_call
+from ecgx.service.ecg_input import ModelInput, decode_ecgs
+from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ecgx.service.methods import METHOD_NAMES, get_method
+from ecgx.service.repository import MethodGate, MethodSettings, ServedVersion, refusal_of_method
+from ecgx.service.requests import (
+    ALL_PREDICTED,
+    CLASS,
+    CLASS_KEY,
+    INDEX,
+    NEEDS_PREDICTION,
+    PREDICTED,
+    SNOMED_CODE,
+    TOP_K,
+    AttributionResult,
+    ExplainRequest,
+    ExplainResult,
+    GateInfo,
+    MethodCall,
+    PredictRequest,
+    PredictResult,
+    Quotas,
+    Target,
+    VersionFacts,
+)
+
+PROBABILITY_THRESHOLD = 0.5  # "all predicted": every class at or above it
+# A response must fit one message of every transport (gRPC's limit, set to this in server.py).
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Settings JSON: the deepest a value may nest (a per-ECG baseline list is 3 deep: ECG, lead,
+# sample) and the largest integer it may hold (beyond it no setting means anything, and floats
+# lose precision or overflow).
+MAX_SETTINGS_DEPTH = 4
+MAX_SETTINGS_INT = 2**53
+MAX_SETTINGS_CHARS = 32 * 1024 * 1024
+
+
+# ---------------------------------------------------------------------------- settings
+
+
+def parse_settings_json(text: str, where: str) -> dict[str, Any]:
+    """A method's settings from JSON object text; InvalidArgument naming ``where`` for anything
+    else (bad JSON, not an object, NaN/Infinity, nested deeper than MAX_SETTINGS_DEPTH, integers
+    beyond MAX_SETTINGS_INT). Every transport parses settings here."""
+    if not isinstance(text, str):
+        raise InvalidArgument(f"{where} must be JSON object text, got a {type(text).__name__}")
+    if len(text) > MAX_SETTINGS_CHARS:
+        raise InvalidArgument(f"{where} is {len(text):,} characters; at most {MAX_SETTINGS_CHARS:,}")
+    text = text.strip() or "{}"
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        raise InvalidArgument(f"{where} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidArgument(f"{where} nests too deep; at most {MAX_SETTINGS_DEPTH} levels") from None
+    except ValueError as e:  # integers of more than 4300 digits (Python's conversion limit), constants
+        raise InvalidArgument(f"{where} is not acceptable JSON: {str(e)[:200]}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(
+            f'{where} must be a JSON object such as {{"n_steps": 64}}, got a {type(value).__name__}'
+        )
+    _check_json_value(value, where)
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a setting may take")
+
+
+def _check_json_value(value: Any, where: str) -> None:
+    """Depth and integer size of a parsed JSON value, iteratively (no recursion to exhaust)."""
+    stack = [(value, 0)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth >= MAX_SETTINGS_DEPTH:
+                raise InvalidArgument(f"{where} nests too deep; at most {MAX_SETTINGS_DEPTH} levels")
+            stack.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
+        elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SETTINGS_INT:
+            raise InvalidArgument(f"{where} holds an integer of {len(str(abs(v)))} digits; at most 2**53")
+
+
+def settings_violation(method: str, requested: Mapping[str, Any], settings: MethodSettings) -> str | None:
+    """Why ``requested`` settings of ``method`` are not covered by the gate's verdict, or None.
+
+    The rule (issue 19), the only place it is written: a setting p asked for with value v is
+    covered iff v equals what the gate checked, or the policy lets p differ: "any", "at_least"
+    (v >= checked) or "at_most" (v <= checked). A setting the gate did not record (and the policy
+    does not free) is not covered.
+    """
+    problems = []
+    for name, value in requested.items():
+        direction = settings.may_differ.get(name)
+        if direction == "any":
+            continue
+        known = name in settings.checked
+        checked = settings.checked.get(name)
+        if known and _same(value, checked):
+            continue
+        if known and direction in ("at_least", "at_most") and _within(value, checked, direction):
+            continue
+        allowed = f" ({direction.replace('_', ' ')} that)" if direction else ""
+        problems.append(
+            f"{name}={_show(value)} (the gate checked {name}={_show(checked)}{allowed})"
+            if known
+            else f"{name}={_show(value)} (the gate did not record {name})"
+        )
+    if not problems:
+        return None
+    return f"{method} with {'; '.join(problems)} is not covered by the validation gate's verdict"
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):  # JSON true is not the number 1
+        return isinstance(a, bool) and isinstance(b, bool) and a == b
+    try:
+        return bool(a == b)
+    except (ValueError, TypeError):  # arrays compared element-wise
+        return False
+
+
+def _within(value: Any, checked: Any, direction: str) -> bool:
+    """``value`` at least / at most ``checked``, both finite numbers (never true otherwise)."""
+    numbers = all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (value, checked)
+    )
+    return numbers and (value >= checked if direction == "at_least" else value <= checked)
+
+
+def _show(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------------------- results helpers
+
+
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
+
+
+def lead_shares(attribution: np.ndarray) -> np.ndarray:
+    """Share of total |attribution| per lead (sums to 1; zeros for an all-zero map)."""
+    per_lead = np.abs(attribution.astype(np.float64)).sum(axis=-1)
+    total = per_lead.sum()
+    return per_lead / total if total > 0 else np.zeros_like(per_lead)
+
+
+def gate_info(gate: MethodGate) -> GateInfo:
+    return GateInfo(gate.method, gate.servable, gate.verdict, gate.ungated, tuple(gate.checks))
+
+
+def _facts(served: ServedVersion) -> VersionFacts:
+    engine = served.engine
+    return VersionFacts(
+        model=served.model,
+        version=served.version,
+        package_sha256=served.package_sha256 or "",
+        gate_report_sha256=served.report_sha256 or "",
+        policy_sha256=served.policy_sha256 or "",
+        class_keys=tuple(engine.package.class_keys),
+        onnxruntime_version=ort.__version__,
+        providers=tuple(engine.providers),
+    )
+
+
+# ---------------------------------------------------------------------------- targets
+
+
+def class_of(package: Any, kind: str, value: Any, where: str) -> int:
+    """The class index a target of ``kind`` (class_key, snomed_code, index or class) names."""
+    classes = package.manifest["classes"]
+    n = len(classes)
+    if kind == CLASS and isinstance(value, str):
+        text = value.strip()
+        if text.isascii() and text.isdigit() and int(text) < n:  # SNOMED codes are 6+ digits
+            kind, value = INDEX, int(text)
+        else:
+            value = text
+            kind = SNOMED_CODE if text.isascii() and text.isdigit() else CLASS_KEY
+    elif kind == CLASS:
+        kind = INDEX
+    if kind == INDEX:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise InvalidArgument(f"{where}: a class index must be a whole number, got {value!r}")
+        if not 0 <= int(value) < n:
+            raise NotFound(f"{where}: class index {value} is out of range 0..{n - 1}")
+        return int(value)
+    if not isinstance(value, str) or not value:
+        raise InvalidArgument(f"{where}: {kind} is empty")
+    if kind == SNOMED_CODE and not (value.isascii() and value.isdigit()):
+        raise InvalidArgument(
+            f"{where}: snomed_code must be a SNOMED CT code made of the ASCII digits 0-9, got {value[:40]!r}"
+        )
+    field = "key" if kind == CLASS_KEY else "code"
+    for i, c in enumerate(classes):
+        if str(c.get(field, "")) == value:
+            return i
+    known = ", ".join(package.class_keys)
+    raise NotFound(f"{where}: unknown class {value[:40]!r} ({field}); known: {known}")
+
+
+def _per_ecg_targets(targets: Sequence[Target], n: int, package: Any) -> list[tuple[Target, str]]:
+    """One target (and where it came from, for messages) per ECG, checked as far as it can be
+    before the prediction (a named class must exist; top_k must be in range)."""
+    n_classes = package.n_classes
+    if len(targets) not in (0, 1, n):
+        raise InvalidArgument(
+            f"got {len(targets)} targets for {n} ECGs; give none, one for all, or one per ECG"
+        )
+    out = []
+    for i in range(n):
+        t = targets[0] if len(targets) == 1 else targets[i] if targets else Target(PREDICTED)
+        where = f"targets[{i if len(targets) > 1 else 0}]"
+        if t.kind == TOP_K and (
+            isinstance(t.value, bool)
+            or not isinstance(t.value, (int, np.integer))
+            or not 1 <= t.value <= n_classes
+        ):
+            raise InvalidArgument(f"{where}: top_k must be between 1 and {n_classes}, got {t.value!r}")
+        if t.kind not in NEEDS_PREDICTION:
+            class_of(package, t.kind, t.value, where)
+        out.append((t, where))
+    return out
+
+
+def _most_targets(t: Target, n_classes: int) -> int:
+    """The most classes a target can name (its share of the cost, known before any work)."""
+    return int(t.value) if t.kind == TOP_K else n_classes if t.kind == ALL_PREDICTED else 1
+
+
+def _resolve(t: Target, probs: np.ndarray | None, package: Any, where: str) -> list[int]:
+    if t.kind == PREDICTED:
+        return [int(np.argmax(probs))]
+    if t.kind == TOP_K:
+        return [int(c) for c in np.argsort(-probs, kind="stable")[: int(t.value)]]
+    if t.kind == ALL_PREDICTED:
+        positive = np.flatnonzero(probs >= PROBABILITY_THRESHOLD)
+        return [int(c) for c in positive] or [int(np.argmax(probs))]
+    return [class_of(package, t.kind, t.value, where)]
+
+
+# ---------------------------------------------------------------------------- the core
+
+
+class ServingCore:
+    """Predict and Explain over a model repository, for every transport.
+
+    Args:
+        repository: ``ecgx.service.repository.ModelRepository`` (``get``, ``versions``, ...).
+        quotas: batch size, slots, queue, per-request budget, per-caller quotas.
+        metrics: ``ecgx.service.metrics.ServiceMetrics`` or None: prediction counts and the
+            stability samples of served attributions.
+    """
+
+    def __init__(self, repository: Any, *, quotas: Quotas | None = None, metrics: Any = None):
+        self.repository = repository
+        self.quotas = quotas or Quotas()
+        if self.quotas.max_request_cost is not None and self.quotas.max_request_cost < 1:
+            raise InvalidArgument(f"max_request_cost must be at least 1, got {self.quotas.max_request_cost}")
+        self.admission = Admission(self.quotas)
+        self.max_batch = int(self.quotas.max_batch)
+        self.max_response_bytes = MAX_RESPONSE_BYTES
+        self.metrics = metrics
+
+    # ------------------------------------------------------------------ lookups
+
+    def served(self, model: str, version: str | None = None) -> ServedVersion:
+        """The serving version (None or "": the default); NotFound / FailedPrecondition otherwise."""
+        if not model:
+            raise InvalidArgument("model is empty; ListModels lists the models")
+        return self.repository.get(model, version or None)
+
+    def cancel_all(self, reason: str = "the server is shutting down") -> int:
+        """Cancel every running and queued request (shutdown); how many there were."""
+        return self.admission.cancel_all(reason)
+
+    # ------------------------------------------------------------------ predict
+
+    def predict(self, request: PredictRequest) -> PredictResult:
+        """Probabilities and logits of the request's ECGs (one forward pass)."""
+        started = time.perf_counter()
+        served = self.served(request.model, request.version)
+        note_call(served, batch_size=len(request.ecgs))
+        self._check_batch(served, request.ecgs)
+        cost = len(request.ecgs)
+        self._check_budget(cost, "Predict")
+        with self.admission.admit(request.caller, request.cancel):
+            x, ids = self._inputs(served, request.ecgs)
+            engine = served.engine.with_cancel(request.cancel)
+            with EngineClock() as clock:
+                logits = engine.logits(x)
+        note_call(served, engine_s=clock.seconds)
+        probs = sigmoid(logits)
+        if self.metrics is not None:
+            self.metrics.predicted(served, probs)
+        return PredictResult(
+            facts=_facts(served),
+            probabilities=probs,
+            logits=np.asarray(logits, dtype=np.float32),
+            beats=x,
+            ecg_ids=ids,
+            research_mode=bool(served.ungated),
+            compute_seconds=time.perf_counter() - started,
+            cost=cost,
+        )
+
+    # ------------------------------------------------------------------ explain
+
+    def explain(self, request: ExplainRequest) -> ExplainResult:
+        """Attributions of every method for every target of every ECG, under the gate."""
+        started = time.perf_counter()
+        names = self._check_methods(request.methods)
+        note_call(None, methods=names, batch_size=len(request.ecgs))
+        require_scope(request.caller, EXPLAIN, "explain")
+        served = self.served(request.model, request.version)
+        note_call(served)
+        gates = {m.name: self._gate(served, m) for m in request.methods}
+        self._check_batch(served, request.ecgs)
+        package = served.engine.package
+        plan = _per_ecg_targets(request.targets, len(request.ecgs), package)
+        effective = {m.name: self._effective(m, gates[m.name]) for m in request.methods}
+        cost = self._cost(served, plan, effective)
+        self._check_budget(cost, "Explain")
+        self._check_response_size(served, plan, len(names))
+        with self.admission.admit(request.caller, request.cancel):
+            x, ids = self._inputs(served, request.ecgs)
+            engine = served.engine.with_cancel(request.cancel)
+            clock = EngineClock()
+            logits, targets, results = self._attribute(served, engine, x, plan, effective, clock)
+        note_call(served, engine_s=clock.seconds)
+        probs = sigmoid(logits)
+        if self.metrics is not None:
+            self.metrics.predicted(served, probs)
+        keys = package.class_keys
+        attributions = tuple(
+            AttributionResult(
+                ecg_index=i,
+                method=m,
+                target_index=c,
+                target_key=keys[c],
+                attribution=results[(i, m, j)][0],
+                lead_relevance_share=lead_shares(results[(i, m, j)][0]),
+                effective_parameters=effective[m],
+                gate=gate_info(gates[m]),
+                compute_seconds=results[(i, m, j)][1],
+            )
+            for i, t in enumerate(targets)
+            for m in names
+            for j, c in enumerate(t)
+        )
+        return ExplainResult(
+            facts=_facts(served),
+            probabilities=probs,
+            logits=np.asarray(logits, dtype=np.float32),
+            beats=x,
+            ecg_ids=ids,
+            research_mode=bool(served.ungated) or any(g.ungated for g in gates.values()),
+            compute_seconds=time.perf_counter() - started,
+            cost=cost,
+            targets=tuple(tuple(t) for t in targets),
+            attributions=attributions,
+        )
+
+    def _attribute(
+        self,
+        served: ServedVersion,
+        engine: Any,
+        x: np.ndarray,
+        plan: list[tuple[Target, str]],
+        effective: dict[str, dict[str, Any]],
+        clock: EngineClock,
+    ) -> tuple[np.ndarray, list[list[int]], dict[tuple[int, str, int], tuple[np.ndarray, float]]]:
+        """Run every method on every target slot. The forward graph runs at most once: first, when
+        targets depend on the prediction; else the logits come from an attribution's backward pass
+        over all ECGs when one gives them, and from the forward graph at the end otherwise."""
+        package = engine.package
+        logits = None
+        if any(t.kind in NEEDS_PREDICTION for t, _ in plan):
+            with clock:
+                logits = engine.logits(x)
+        probs = None if logits is None else sigmoid(logits)
+        targets = [
+            _resolve(t, None if probs is None else probs[i], package, w) for i, (t, w) in enumerate(plan)
+        ]
+        note_call(served, targets=sorted({package.class_keys[c] for t in targets for c in t}))
+        slots = max(len(t) for t in targets)  # slot j holds the j-th target of every ECG that has one
+        results: dict[tuple[int, str, int], tuple[np.ndarray, float]] = {}
+        for m, params in effective.items():
+            for j in range(slots):
+                rows = [i for i, t in enumerate(targets) if len(t) > j]
+                cls = np.array([targets[i][j] for i in rows], dtype=np.int64)
+                every = len(rows) == len(x)
+                xs = x if every else x[rows]
+                t0 = time.perf_counter()
+                with clock:
+                    maps, got = engine.attribute_with_logits(m, xs, cls, **params)
+                share = (time.perf_counter() - t0) / len(rows)
+                if self.metrics is not None:  # hands a sample to the stability worker; never waits
+                    self.metrics.explained(served, m, params, xs, cls, maps)
+                if logits is None and every and got is not None:
+                    logits = got
+                for k, i in enumerate(rows):
+                    results[(i, m, j)] = (maps[k], share)
+        if logits is None:
+            with clock:
+                logits = engine.logits(x)
+        return logits, targets, results
+
+    # ------------------------------------------------------------------ checks before any work
+
+    @staticmethod
+    def _check_methods(methods: Sequence[MethodCall]) -> list[str]:
+        names = [m.name for m in methods]
+        if not names:
+            raise InvalidArgument(f"give at least one method; known: {', '.join(METHOD_NAMES)}")
+        twice = sorted({m for m in names if names.count(m) > 1})
+        if twice:
+            raise InvalidArgument(f"method(s) {twice} named more than once")
+        for m in methods:
+            get_method(m.name).check_params(dict(m.settings))  # NotFound / InvalidArgument
+        return names
+
+    @staticmethod
+    def _gate(served: ServedVersion, call: MethodCall) -> MethodGate:
+        """The method's gate, refusing a method the gate did not pass or settings its verdict does
+        not cover (served marked ungated in research mode)."""
+        gate = served.method_gate(call.name)
+        if not gate.servable:
+            raise FailedPrecondition(refusal_of_method(served, gate))
+        if gate.ungated:
+            return gate
+        why = settings_violation(call.name, call.settings, gate.settings or MethodSettings({}, {}))
+        if why is None:
+            return gate
+        if not served.allow_ungated:
+            raise FailedPrecondition(
+                f"{why} for {served.model} version {served.version}; ask for the checked settings, or use "
+                "a research-mode server (--allow-ungated)"
+            )
+        return MethodGate(gate.method, True, gate.verdict, gate.checks, ungated=True, settings=gate.settings)
+
+    @staticmethod
+    def _effective(call: MethodCall, gate: MethodGate) -> dict[str, Any]:
+        """Every setting as it will run: a setting not asked for is the one the gate checked (else
+        the method's default), and a stochastic method without a seed gets one drawn here and
+        reported, so the answer can be reproduced."""
+        impl = get_method(call.name)
+        defaults = impl.parameters()
+        checked = {k: v for k, v in (gate.settings.checked if gate.settings else {}).items() if k in defaults}
+        effective = {**defaults, **checked, **call.settings}
+        if impl.stochastic and effective.get("seed") is None:
+            effective["seed"] = secrets.randbelow(2**31)
+        return effective
+
+    def _check_batch(self, served: ServedVersion, ecgs: np.ndarray | Sequence[Any]) -> None:
+        """The batch's size, and an array's shape (payloads are decoded later, inside a slot)."""
+        if isinstance(ecgs, np.ndarray):
+            leads, samples = served.engine.package.input_shape
+            if ecgs.ndim != 3 or ecgs.shape[1:] != (leads, samples):
+                raise InvalidArgument(
+                    f"the ECGs must have shape [batch, {leads}, {samples}] (median beats at 500 Hz, "
+                    f"lead-major), got {list(ecgs.shape)}"
+                )
+        n = len(ecgs)
+        if n == 0:
+            raise InvalidArgument("the request holds no ECG (batch size 0)")
+        if n > self.max_batch:
+            raise ResourceExhausted(
+                f"the request holds {n} ECGs; this server takes at most {self.max_batch} per request "
+                "(--max-batch): send them in several requests"
+            )
+
+    def _cost(
+        self, served: ServedVersion, plan: list[tuple[Target, str]], effective: dict[str, dict[str, Any]]
+    ) -> int:
+        """Model rows the request needs at most: the forward pass, plus for every ECG, target and
+        method the method's rows per ECG (its ``check``, which also refuses bad settings)."""
+        package = served.engine.package
+        shape = (len(plan), *package.input_shape)
+        x = np.broadcast_to(np.zeros((), np.float32), shape)  # checks read the shape only; no memory
+        per_ecg = sum(get_method(m).check(x, **params) for m, params in effective.items())
+        targets = sum(_most_targets(t, package.n_classes) for t, _ in plan)
+        return len(plan) + targets * per_ecg
+
+    def _check_budget(self, cost: int, what: str) -> None:
+        budget = self.quotas.max_request_cost
+        if budget is not None and cost > budget:
+            raise ResourceExhausted(
+                f"this {what} request costs {cost:,} model rows (ECGs x targets x methods x each method's "
+                f"rows per ECG), over the per-request budget of {budget:,} (max_request_cost, "
+                "--max-request-cost): send fewer ECGs, targets or methods, or lower sample/step counts"
+            )
+
+    def _check_response_size(
+        self, served: ServedVersion, plan: list[tuple[Target, str]], methods: int
+    ) -> None:
+        """Refuse, before any work, a response that could not be sent."""
+        n_classes = served.engine.package.n_classes
+        n = sum(_most_targets(t, n_classes) for t, _ in plan) * methods
+        beat = 4 * math.prod(served.engine.package.input_shape)
+        size = (n + len(plan)) * (beat + 1024)  # maps, beats, per-entry fields
+        if size > self.max_response_bytes:
+            raise ResourceExhausted(
+                f"the response would hold {n} attributions ({size / 2**20:.0f} MiB), over the "
+                f"{self.max_response_bytes / 2**20:.0f} MiB message limit: ask for fewer ECGs, methods or "
+                "targets per request"
+            )
+
+    def _inputs(
+        self, served: ServedVersion, ecgs: np.ndarray | Sequence[Any]
+    ) -> tuple[np.ndarray, tuple[str, ...]]:
+        """The checked (B, leads, samples) float32 mV inputs, and the payloads' ids."""
+        engine = served.engine
+        if isinstance(ecgs, np.ndarray):  # its shape was checked by _check_batch
+            return engine.check_inputs(ecgs), ("",) * len(ecgs)
+        spec = ModelInput.of_manifest(engine.package.manifest)
+        beats, _ = decode_ecgs(ecgs, engine.package.leads, spec, max_batch=self.max_batch)
+        return engine.check_inputs(beats), tuple(str(getattr(e, "id", "") or "") for e in ecgs)
+
+
+__all__ = [
+    "MAX_RESPONSE_BYTES",
+    "ServingCore",
+    "class_of",
+    "gate_info",
+    "lead_shares",
+    "parse_settings_json",
+    "settings_violation",
+    "sigmoid",
+]

@@ -1,0 +1,252 @@
+"""The Open Inference Protocol (KServe v2) as the serving core sees it, for every OIP transport.
+
+gRPC (service/oip.py) and REST both reduce a request to plain values (the request parameters
+as a name -> value dict, the ``ecg`` input's datatype, shape and bytes or numbers, the
+requested output names), and this module turns them into core records and the core's results
+back into outputs and response parameters. Nothing here knows gRPC or HTTP.
+
+The protocol, as served:
+
+- input ``ecg``: FP32 ``[B, 12, 600]`` median beats at 500 Hz in millivolts, the package's lead
+  order, as little-endian float32 bytes or a list of numbers.
+- outputs ``probabilities`` and ``logits`` (FP32 ``[B, classes]``); with the request parameter
+  ``method`` also ``attribution`` (FP32 ``[B, 12, 600]``). ModelMetadata lists only the outputs
+  every request can ask for: ``attribution`` exists only for a request that names a method.
+- request parameters: ``method``, ``target`` (class key, SNOMED code, class index, or
+  ``"predicted"``, the default), ``parameters`` (the method's settings as JSON object text);
+  ``priority`` and ``timeout`` (set by some clients) are ignored; anything else is INVALID_ARGUMENT.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ecgx.service.core import parse_settings_json
+from ecgx.service.errors import InvalidArgument, NotFound
+from ecgx.service.requests import (
+    CLASS,
+    PREDICTED,
+    Caller,
+    CancelToken,
+    ExplainRequest,
+    ExplainResult,
+    MethodCall,
+    PredictRequest,
+    PredictResult,
+    Target,
+)
+
+SERVER_NAME = "ecgx"
+PLATFORM = "onnxruntime_onnx"  # Triton's name for ONNX Runtime models
+INPUT_NAME = "ecg"
+OUTPUT_PROBABILITIES = "probabilities"
+OUTPUT_LOGITS = "logits"
+OUTPUT_ATTRIBUTION = "attribution"
+PARAM_METHOD = "method"
+PARAM_TARGET = "target"
+PARAM_PARAMETERS = "parameters"
+IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
+MAX_DIMS = 8  # a tensor shape longer than this is not an ECG batch of any kind
+
+
+@dataclass(frozen=True)
+class OipCall:
+    """What the request parameters ask for: a method (None: probabilities only), its target and settings."""
+
+    method: str | None = None
+    target: Any = PREDICTED
+    settings: Mapping[str, Any] | None = None
+
+
+def parse_parameters(parameters: Mapping[str, Any]) -> OipCall:
+    """The request parameters (name -> str/int/bool/float value; None for an unset one)."""
+    values = {}
+    for name, value in parameters.items():
+        if name in IGNORED_PARAMETERS:
+            continue
+        if name not in (PARAM_METHOD, PARAM_TARGET, PARAM_PARAMETERS):
+            raise InvalidArgument(
+                f"unknown request parameter {name[:80]!r}; this server takes {PARAM_METHOD!r}, "
+                f"{PARAM_TARGET!r} and {PARAM_PARAMETERS!r}"
+            )
+        values[name] = value
+    method = values.get(PARAM_METHOD)
+    if method is None:
+        for name in (PARAM_TARGET, PARAM_PARAMETERS):
+            if name in values:
+                raise InvalidArgument(
+                    f"request parameter {name!r} needs {PARAM_METHOD!r} (an attribution method) too"
+                )
+        return OipCall()
+    if not isinstance(method, str) or not method:
+        raise InvalidArgument(f"request parameter {PARAM_METHOD!r} must be a method name (a string)")
+    target = values.get(PARAM_TARGET, PREDICTED)
+    if isinstance(target, str):
+        target = target.strip()
+    if isinstance(target, (bool, float)) or target is None or target == "":
+        raise InvalidArgument(
+            f"request parameter {PARAM_TARGET!r} must be a class key, SNOMED code, index or "
+            f"{PREDICTED!r}, got {str(target)[:80]!r}"
+        )
+    settings = values.get(PARAM_PARAMETERS)
+    parsed = (
+        {} if settings is None else parse_settings_json(settings, f"request parameter {PARAM_PARAMETERS!r}")
+    )
+    return OipCall(method, target, parsed)
+
+
+def input_array(
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    *,
+    raw: bytes | None = None,
+    values: Sequence[Any] | None = None,
+) -> np.ndarray:
+    """The ``ecg`` input as a float32 array of its declared shape, from little-endian bytes or a
+    flat list of numbers (exactly one of them); the core checks the shape against the model."""
+    if name != INPUT_NAME:
+        raise InvalidArgument(
+            f"ModelInfer takes exactly one input named {INPUT_NAME!r} (FP32 [batch, 12, 600], millivolts), "
+            f"got {name[:80]!r}"
+        )
+    if datatype != "FP32":
+        raise InvalidArgument(f"input {INPUT_NAME!r} must have datatype FP32, got {datatype[:20]!r}")
+    dims = [int(d) for d in shape]
+    if not 1 <= len(dims) <= MAX_DIMS or any(d < 0 for d in dims):
+        raise InvalidArgument(
+            f"input {INPUT_NAME!r} must have shape [batch, 12, 600] (median beats, lead-major), "
+            f"got {dims[:MAX_DIMS]}"
+        )
+    count = math.prod(dims)
+    if raw is not None and values is not None:
+        raise InvalidArgument(f"input {INPUT_NAME!r} is given both as raw bytes and as contents; give one")
+    if raw is not None:
+        if len(raw) != 4 * count:
+            raise InvalidArgument(
+                f"input {INPUT_NAME!r}: raw_input_contents holds {len(raw)} bytes; shape {dims} in FP32 "
+                f"needs {4 * count} (little-endian float32)"
+            )
+        return np.frombuffer(raw, dtype="<f4").reshape(dims)
+    if values is not None:
+        if len(values) != count:
+            raise InvalidArgument(
+                f"input {INPUT_NAME!r}: contents.fp32_contents holds {len(values)} values; "
+                f"shape {dims} needs {count}"
+            )
+        try:
+            return np.asarray(values, dtype=np.float32).reshape(dims)
+        except (ValueError, TypeError):
+            raise InvalidArgument(f"input {INPUT_NAME!r}: the contents must be numbers") from None
+    raise InvalidArgument(
+        f"input {INPUT_NAME!r} has no data: give raw_input_contents or contents.fp32_contents"
+    )
+
+
+def wanted_outputs(names: Sequence[str], call: OipCall) -> list[str]:
+    """The outputs to send (all of them when ``names`` is empty), or an error naming the bad one."""
+    available = [OUTPUT_PROBABILITIES, OUTPUT_LOGITS] + ([OUTPUT_ATTRIBUTION] if call.method else [])
+    if not names:
+        return available
+    wanted: list[str] = []
+    for name in names:
+        if name == OUTPUT_ATTRIBUTION and not call.method:
+            raise InvalidArgument(
+                f"output {OUTPUT_ATTRIBUTION!r} needs the request parameter {PARAM_METHOD!r} "
+                "(an attribution method, e.g. saliency)"
+            )
+        if name not in available:
+            raise NotFound(f"unknown output {name[:80]!r}; this model has {', '.join(available)}")
+        if name in wanted:
+            raise InvalidArgument(f"output {name!r} is requested twice")
+        wanted.append(name)
+    return wanted
+
+
+def core_request(
+    model: str, version: str, x: np.ndarray, call: OipCall, caller: Caller, cancel: CancelToken
+) -> PredictRequest | ExplainRequest:
+    """The core's record of a ModelInfer: Predict without a method, Explain with one."""
+    common = dict(model=model, version=version or None, ecgs=x, caller=caller, cancel=cancel)
+    if call.method is None:
+        return PredictRequest(**common)
+    target = Target(PREDICTED) if call.target == PREDICTED else Target(CLASS, call.target)
+    return ExplainRequest(
+        **common, methods=(MethodCall(call.method, dict(call.settings or {})),), targets=(target,)
+    )
+
+
+def outputs_of(result: PredictResult, wanted: Sequence[str]) -> list[tuple[str, np.ndarray]]:
+    """(name, little-endian float32 array) for each wanted output, in the order asked."""
+    arrays = {OUTPUT_PROBABILITIES: result.probabilities, OUTPUT_LOGITS: result.logits}
+    if isinstance(result, ExplainResult):
+        arrays[OUTPUT_ATTRIBUTION] = np.stack([a.attribution for a in result.attributions])
+    return [(name, np.ascontiguousarray(arrays[name], dtype="<f4")) for name in wanted]
+
+
+def response_parameters(result: PredictResult) -> dict[str, Any]:
+    """The response parameters (str, bool or float values), the same on every OIP transport."""
+    f = result.facts
+    out: dict[str, Any] = {
+        "model_version": f.version,
+        "package_sha256": f.package_sha256,
+        "classes": json.dumps(list(f.class_keys)),
+    }
+    if isinstance(result, ExplainResult):
+        a = result.attributions[0]
+        out.update(
+            {
+                PARAM_METHOD: a.method,
+                "targets": json.dumps([t[0] for t in result.targets]),
+                "gate_verdict": a.gate.verdict,
+                "gate_report_sha256": f.gate_report_sha256,
+                "policy_sha256": f.policy_sha256,
+                "ungated": bool(a.gate.ungated),
+                "effective_parameters": json.dumps(a.effective_parameters, sort_keys=True),
+                "compute_seconds": float(sum(x.compute_seconds for x in result.attributions)),
+                "onnxruntime_version": f.onnxruntime_version,
+                "providers": json.dumps(list(f.providers)),
+            }
+        )
+    return out
+
+
+def model_metadata(served: Any, versions: Sequence[str]) -> dict[str, Any]:
+    """ModelMetadata of a served version: inputs and the outputs every request can ask for."""
+    package = served.engine.package
+    leads, samples = package.input_shape
+    classes = package.n_classes
+    return {
+        "name": served.model,
+        "versions": list(versions),
+        "platform": PLATFORM,
+        "inputs": [{"name": INPUT_NAME, "datatype": "FP32", "shape": [-1, leads, samples]}],
+        "outputs": [
+            {"name": OUTPUT_PROBABILITIES, "datatype": "FP32", "shape": [-1, classes]},
+            {"name": OUTPUT_LOGITS, "datatype": "FP32", "shape": [-1, classes]},
+        ],
+    }
+
+
+__all__ = [
+    "INPUT_NAME",
+    "OUTPUT_ATTRIBUTION",
+    "OUTPUT_LOGITS",
+    "OUTPUT_PROBABILITIES",
+    "PLATFORM",
+    "SERVER_NAME",
+    "OipCall",
+    "core_request",
+    "input_array",
+    "model_metadata",
+    "outputs_of",
+    "parse_parameters",
+    "response_parameters",
+    "wanted_outputs",
+]
