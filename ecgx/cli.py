@@ -320,12 +320,16 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "tls_key": args.tls_key,
             "tls_client_ca": args.tls_client_ca,
             "tokens": args.tokens,
+            "tls_crl": args.tls_crl,
             "open_health": args.open_health,
             "insecure": args.insecure,
             "audit_log": args.audit_log,
+            "audit_required": args.audit_required,
             "metrics": args.metrics,
             "metrics_host": args.metrics_host,
             "metrics_port": args.metrics_port,
+            "metrics_tls_cert": args.metrics_tls_cert,
+            "metrics_tls_key": args.metrics_tls_key,
             "stability_share": args.stability_share,
             "stability_queue": args.stability_queue,
             "providers": tuple(args.providers) if args.providers else None,
@@ -337,6 +341,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_key=cfg.tls_key,
         tls_client_ca=cfg.tls_client_ca,
         tokens_file=cfg.tokens,
+        tls_crl=cfg.tls_crl,
         open_health=cfg.open_health,
         insecure=cfg.insecure,
     )
@@ -354,6 +359,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     )
     if cfg.allow_ungated:
         log.warning("RESEARCH MODE (--allow-ungated): methods the gate did not pass serve, marked ungated")
+    _report_stale(cfg.repo)
     metrics = (
         ServiceMetrics(repository, stability_share=cfg.stability_share, stability_queue=cfg.stability_queue)
         if cfg.metrics
@@ -362,10 +368,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return serve(
         repository,
         security=security,
-        audit=AuditLog(cfg.audit_log) if cfg.audit_log else None,
+        audit=AuditLog(cfg.audit_log, required=cfg.audit_required) if cfg.audit_log else None,
         metrics=metrics,
         metrics_host=cfg.metrics_host,
         metrics_port=cfg.metrics_port,
+        metrics_tls=cfg.metrics_tls(),
         host=cfg.host,
         port=cfg.port,
         max_batch=cfg.max_batch,
@@ -374,6 +381,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         grace_s=cfg.grace_s,
         watch_interval_s=cfg.watch_interval_s,
     )
+
+
+def _report_stale(repo: Path) -> None:
+    """Log what an interrupted `ecgx repo add` left in the repository (never served; takes disk)."""
+    from ecgx.service.stale import DEFAULT_MIN_AGE_S, describe, stale_temporaries
+
+    for stale in stale_temporaries(repo, DEFAULT_MIN_AGE_S):
+        log.warning(
+            "stale temporary folder %s left by an interrupted `ecgx repo add`; remove with "
+            "`ecgx repo stale --repo %s --remove`",
+            describe(stale),
+            repo,
+        )
 
 
 def _cmd_experiments(args: argparse.Namespace) -> int:
@@ -582,6 +602,9 @@ def build_parser() -> argparse.ArgumentParser:
     from ecgx.token_cli import add_parser as add_token_parser  # no PyTorch
 
     add_token_parser(sub, _add_common)
+    from ecgx.audit_cli import add_parser as add_audit_parser  # no PyTorch
+
+    add_audit_parser(sub, _add_common)
     return parser
 
 
@@ -690,6 +713,9 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     )
     _add_common(p)
     p.set_defaults(func=_cmd_repo_add)
+    from ecgx.repo_cli import add_stale_parser  # no PyTorch
+
+    add_stale_parser(repo_sub, _add_common)
 
     p = sub.add_parser(
         "serve",
@@ -788,7 +814,23 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
         default=None,
         help="allow plaintext and/or no authentication: for a trusted network only (logged loudly)",
     )
-    g.add_argument("--audit-log", metavar="FILE", help="append one JSON line per call to FILE ('-': stderr)")
+    g.add_argument(
+        "--tls-crl",
+        type=Path,
+        metavar="FILE",
+        help="revocation list of client certificates (PEM or DER, signed by the client CA), reloaded",
+    )
+    g.add_argument(
+        "--audit-log",
+        metavar="FILE",
+        help="append one hash-chained JSON line per call to FILE ('-': stderr); reopened on SIGHUP",
+    )
+    g.add_argument(
+        "--audit-required",
+        action="store_true",
+        default=None,
+        help="fail closed: refuse calls (UNAVAILABLE) while the audit log cannot be written",
+    )
 
 
 def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
@@ -798,6 +840,12 @@ def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--metrics-host", metavar="ADDR", help="metrics endpoint's address (default 127.0.0.1)")
     g.add_argument("--metrics-port", type=int, metavar="PORT", help="metrics port (default 9464; 0: free)")
+    g.add_argument(
+        "--metrics-tls-cert",
+        metavar="PEM",
+        help="serve metrics over HTTPS with this certificate ('serving': the --tls-cert file)",
+    )
+    g.add_argument("--metrics-tls-key", metavar="PEM", help="its private key ('serving': the --tls-key file)")
     g.add_argument(
         "--stability-share",
         type=float,

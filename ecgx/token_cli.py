@@ -1,6 +1,7 @@
 """``ecgx token``: the access file of ``ecgx serve --tokens`` (docs/security.md).
 
-``new`` makes a bearer token, stores only its SHA-256 and prints the token once; ``add-cert``
+``new`` makes a bearer token, stores only its SHA-256 (and its expiry, with ``--expires 90d`` or
+an ISO date or date and time) and prints the token once; ``add-cert``
 lists a client certificate's name; ``revoke`` removes an entry (a running server drops it at its
 next check, within seconds); ``list`` shows names, kinds and scopes, and of tokens only the
 first 8 hex digits of the hash. Every change replaces the file atomically; a new file is 0600.
@@ -20,6 +21,8 @@ from ecgx.service.access import (
     AccessEntry,
     AccessFile,
     SecurityConfigError,
+    expiry_from,
+    format_time,
     new_token,
     now_iso,
     read_access_file,
@@ -47,11 +50,15 @@ def _add(access: AccessFile, entry: AccessEntry) -> AccessFile:
     return replace(access, certificates=(*access.certificates, entry))
 
 
-def add_token(path: Path, name: str, scopes: list[str], note: str = "") -> str:
+def add_token(path: Path, name: str, scopes: list[str], note: str = "", expires: str = "") -> str:
     """Add a new token for ``name`` to the access file (created if missing); returns the token,
-    which is stored nowhere: only its hash is."""
+    which is stored nowhere: only its hash is. ``expires``: a duration ("90d", "12h") or an ISO
+    date or date and time after which the server refuses it ("" never)."""
+    until = format_time(expiry_from(expires)) if expires else ""
     token = new_token()
-    entry = AccessEntry("token", name, tuple(dict.fromkeys(scopes)), token_hash(token), now_iso(), note)
+    entry = AccessEntry(
+        "token", name, tuple(dict.fromkeys(scopes)), token_hash(token), now_iso(), note, expires=until
+    )
     write_access_file(_add(_open(path, create=True), entry))
     return token
 
@@ -87,6 +94,8 @@ def format_entries(access: AccessFile) -> str:
     for e in access.entries:
         scopes = ", ".join(e.scopes) or "metadata only"
         extra = f"  sha256 {e.sha256[:8]}...  created {e.created or '?'}" if e.kind == "token" else ""
+        if e.expires:
+            extra += f"  expires {e.expires}"
         note = f"  ({e.note})" if e.note else ""
         lines.append(f"{e.kind:11s} {e.name}  scopes: {scopes}{extra}{note}")
     return "\n".join(lines)
@@ -96,11 +105,13 @@ def run_token(args: Any) -> int:
     """``ecgx token new|add-cert|revoke|list`` (arguments from :mod:`ecgx.cli`)."""
     action = args.token_command
     if action == "new":
-        token = add_token(args.file, args.name, args.scope, args.note or "")
+        token = add_token(args.file, args.name, args.scope, args.note or "", args.expires or "")
         print(token)  # the only time anyone sees it
+        until = read_access_file(args.file).find(args.name)
+        expiry = f", expires {until.expires}" if until is not None and until.expires else ""
         print(
-            f"added token {args.name!r} (scopes: {', '.join(args.scope)}) to {args.file}; it is shown only "
-            "this once: give it to its user now",
+            f"added token {args.name!r} (scopes: {', '.join(args.scope)}{expiry}) to {args.file}; "
+            "it is shown only this once: give it to its user now",
             file=sys.stderr,
         )
     elif action == "add-cert":
@@ -138,14 +149,18 @@ def add_parser(sub: Any, add_common: Any) -> None:
             p.add_argument("--note", help="a remark kept with the entry (who, ticket, expiry plan)")
         add_common(p)
 
-    common(
-        token_sub.add_parser(
-            "new",
-            help="make a token; prints it once",
-            description="Make a token, store its hash, print it once.",
-        ),
-        scopes=True,
+    p = token_sub.add_parser(
+        "new",
+        help="make a token; prints it once",
+        description="Make a token, store its hash (and expiry), print it once.",
     )
+    p.add_argument(
+        "--expires",
+        metavar="WHEN",
+        help="when the token stops working: a duration (90d, 12h, 30m, 2w) or an ISO-8601 date or date "
+        "and time, UTC unless a zone is given (2027-03-01, 2027-03-01T12:00:00+01:00); default never",
+    )
+    common(p, scopes=True)
     common(
         token_sub.add_parser(
             "add-cert",

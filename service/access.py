@@ -7,6 +7,7 @@ The access file (TOML, written by ``ecgx token``; docs/security.md)::
     name = "ward-7-viewer"          # the caller's name in the audit log
     sha256 = "9f86d0...(64 hex)"    # SHA-256 of the token; the token itself is never stored
     scopes = ["predict", "explain"]
+    expires = "2027-03-01T00:00:00Z"  # optional: from then on the token is UNAUTHENTICATED
 
     [[certificate]]
     name = "pacs.hospital.example"  # a SAN (DNS, URI, e-mail) or the subject CN of a client certificate
@@ -15,6 +16,10 @@ The access file (TOML, written by ``ecgx token``; docs/security.md)::
 Scopes: ``predict``, ``explain``, ``admin`` (everything). Every listed caller may also call the
 read-only metadata RPCs (the implied scope ``read``). Health and reflection are ``read`` too
 unless the server opens them for probes.
+
+Mutual TLS can follow a certificate revocation list (``--tls-crl``): its signature must verify
+against the client CA, it is reloaded like the access file, and a client certificate whose serial
+it lists is UNAUTHENTICATED (gRPC's TLS has no CRL option, so the check is here, per call).
 
 No PyTorch here (the serving path).
 """
@@ -34,12 +39,10 @@ import threading
 import tomllib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-
-import grpc
 
 from ecgx.service.calls import Identity
 from ecgx.service.errors import PermissionDenied, Unauthenticated
@@ -128,7 +131,10 @@ def token_hash(token: str) -> str:
 
 _NAME = re.compile(r"[^\x00-\x1f\x7f]{1,200}")  # printable, no control characters: audit-log safe
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")
-_KEYS = {"token": {"name", "sha256", "scopes", "created", "note"}, "certificate": {"name", "scopes", "note"}}
+_KEYS = {
+    "token": {"name", "sha256", "scopes", "created", "note", "expires"},
+    "certificate": {"name", "scopes", "note"},
+}
 _HEADER = (
     "# ecgx access list (docs/security.md): bearer tokens, stored as SHA-256 hashes only, and\n"
     "# client-certificate names. Scopes: predict, explain, admin. `ecgx token new|revoke` rewrite\n"
@@ -146,6 +152,11 @@ class AccessEntry:
     sha256: str = ""  # tokens only, lower-case hex
     created: str = ""
     note: str = ""
+    expires: str = ""  # tokens only: ISO-8601 UTC ("2027-03-01T00:00:00Z"); "" never expires
+
+    def expiry(self) -> datetime | None:
+        """When the token stops working (None: never)."""
+        return parse_time(self.expires) if self.expires else None
 
 
 @dataclass(frozen=True)
@@ -227,10 +238,15 @@ def _entry(path: Path, kind: str, n: int, item: Mapping[str, Any]) -> AccessEntr
         raise SecurityConfigError(
             f"{where}: 'sha256' is {shown}; it is the SHA-256 of the token (`ecgx token new` writes it)"
         )
-    extra = {k: item.get(k, "") for k in ("created", "note") if k in _KEYS[kind]}
+    extra = {k: item.get(k, "") for k in ("created", "note", "expires") if k in _KEYS[kind]}
     for key, value in extra.items():
         if not isinstance(value, str):
             raise SecurityConfigError(f"{where}: {key!r} must be a string")
+    if extra.get("expires"):
+        try:
+            extra["expires"] = format_time(parse_time(extra["expires"]))
+        except ValueError as e:
+            raise SecurityConfigError(f"{where}: 'expires' {e}") from None
     return AccessEntry(kind, name, scopes, digest.lower() if kind == "token" else "", **extra)
 
 
@@ -314,22 +330,66 @@ def _toml_entry(e: AccessEntry) -> str:
     lines.append(f"scopes = {json.dumps(list(e.scopes))}")
     if e.created:
         lines.append(f"created = {json.dumps(e.created)}")
+    if e.expires:
+        lines.append(f"expires = {json.dumps(e.expires)}")
     if e.note:
         lines.append(f"note = {json.dumps(e.note)}")
     return "\n".join(lines) + "\n"
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return format_time(datetime.now(UTC))
+
+
+def format_time(when: datetime) -> str:
+    """ISO-8601 UTC to the second, "2027-03-01T00:00:00Z" (the access file's form)."""
+    return when.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO-8601 date ("2027-03-01": its first second, UTC) or date and time (UTC unless it
+    names a zone); ValueError says what was expected."""
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"must be an ISO-8601 date or date and time (2027-03-01, 2027-03-01T12:00:00Z), got {text!r}"
+        ) from None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+_DURATION = re.compile(r"(\d{1,6})([smhdw])")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def expiry_from(text: str, now: datetime | None = None) -> datetime:
+    """When a token given ``--expires text`` expires: a duration from ``now`` ("90d", "12h",
+    "30m", "2w", "45s") or an ISO date or date and time. In the past is a ValueError."""
+    now = now or datetime.now(UTC)
+    m = _DURATION.fullmatch(text.strip().lower())
+    if m:
+        when = now + timedelta(seconds=int(m[1]) * _UNIT_S[m[2]])
+    else:
+        try:
+            when = parse_time(text)
+        except ValueError:
+            raise ValueError(
+                f"--expires must be a duration (90d, 12h, 30m, 2w) or an ISO-8601 date or date and time "
+                f"(2027-03-01, 2027-03-01T12:00:00Z), got {text!r}"
+            ) from None
+    if when <= now:
+        raise ValueError(f"--expires {text!r} is in the past ({format_time(when)}); give a later time")
+    return when
 
 
 # ------------------------------------------------------------------------------------ credentials
 
 
-def bearer_token(metadata: Iterable[Any]) -> str | None:
-    """The token of the ``authorization: Bearer <token>`` metadata; None when there is none.
-    A malformed or repeated header is :class:`Unauthenticated` (the token is never echoed)."""
-    values = [m.value for m in metadata if m.key == "authorization"]
+def bearer_token(headers: Iterable[tuple[str, Any]]) -> str | None:
+    """The token of the ``authorization: Bearer <token>`` header among ``(name, value)`` pairs
+    (gRPC metadata or HTTP headers); None when there is none. A malformed or repeated header is
+    :class:`Unauthenticated` (the token is never echoed)."""
+    values = [value for key, value in headers if isinstance(key, str) and key.lower() == "authorization"]
     if not values:
         return None
     if len(values) > 1:
@@ -343,24 +403,21 @@ def bearer_token(metadata: Iterable[Any]) -> str | None:
 
 @dataclass(frozen=True)
 class CertificateNames:
-    """The names a client certificate proves: SANs (DNS, URI, e-mail) then the subject CN."""
+    """The names a client certificate proves: SANs (DNS, URI, e-mail) then the subject CN; and
+    its issuer and serial number, which a revocation list names."""
 
     names: tuple[str, ...]
+    issuer: bytes = b""  # DER of the issuer's name
+    serial: int = 0
 
     @property
     def display(self) -> str:
         return self.names[0] if self.names else "(a certificate without names)"
 
 
-def peer_certificate(context: grpc.ServicerContext) -> CertificateNames | None:
-    """The verified client certificate's names (mutual TLS), None without one."""
-    auth = context.auth_context() or {}
-    pem = auth.get("x509_pem_cert")
-    return _certificate_names(pem[0]) if pem else None
-
-
 @lru_cache(maxsize=256)  # a client presents the same certificate on every call
-def _certificate_names(pem: bytes) -> CertificateNames:
+def certificate_names(pem: bytes) -> CertificateNames:
+    """The names, issuer and serial of a verified client certificate (PEM)."""
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
@@ -373,7 +430,59 @@ def _certificate_names(pem: bytes) -> CertificateNames:
     except x509.ExtensionNotFound:
         pass
     names += [str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-    return CertificateNames(tuple(dict.fromkeys(names)))
+    return CertificateNames(tuple(dict.fromkeys(names)), cert.issuer.public_bytes(), cert.serial_number)
+
+
+# ------------------------------------------------------------------------------ revocation list
+
+
+@dataclass(frozen=True)
+class RevocationList:
+    """The serial numbers a CRL revokes, under its issuer; checked per call."""
+
+    issuer: bytes  # DER of the CA's name
+    serials: frozenset[int]
+    next_update: datetime | None = None
+
+    def revokes(self, cert: CertificateNames) -> bool:
+        return cert.issuer == self.issuer and cert.serial in self.serials
+
+
+def read_crl(path: Path, client_ca_pem: bytes, now: datetime | None = None) -> RevocationList:
+    """Parse the CRL at ``path`` (PEM or DER) and verify its signature with the client CA that
+    issued it; :class:`SecurityConfigError` names the file and what is wrong."""
+    from cryptography import x509
+
+    source = f"--tls-crl {path}"
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SecurityConfigError(f"{source}: cannot be read ({(e.strerror or str(e)).lower()})") from None
+    try:
+        crl = x509.load_pem_x509_crl(data) if b"-----BEGIN" in data else x509.load_der_x509_crl(data)
+    except ValueError:
+        raise SecurityConfigError(
+            f"{source}: is not a certificate revocation list (PEM 'X509 CRL' or DER)"
+        ) from None
+    cas = x509.load_pem_x509_certificates(client_ca_pem) if client_ca_pem else []
+    issuers = [ca for ca in cas if ca.subject == crl.issuer]
+    if not issuers:
+        raise SecurityConfigError(
+            f"{source}: issued by {crl.issuer.rfc4514_string()}, which is not a client CA (--tls-client-ca)"
+        )
+    if not any(_signed_by(crl, ca) for ca in issuers):
+        raise SecurityConfigError(f"{source}: its signature does not verify against the client CA; refused")
+    next_update = crl.next_update_utc
+    if next_update is not None and next_update < (now or datetime.now(UTC)):
+        log.warning("%s: its next update was due %s; publish a fresh CRL", source, format_time(next_update))
+    return RevocationList(crl.issuer.public_bytes(), frozenset(r.serial_number for r in crl), next_update)
+
+
+def _signed_by(crl: Any, ca: Any) -> bool:
+    try:
+        return bool(crl.is_signature_valid(ca.public_key()))
+    except (TypeError, ValueError):  # a key type that cannot sign CRLs
+        return False
 
 
 # ------------------------------------------------------------------------------------ access list
@@ -384,9 +493,10 @@ class _Snapshot:
     """One loaded state of the access list: replaced whole on reload, so readers never see half."""
 
     access: AccessFile | None
-    token_digests: tuple[tuple[bytes, AccessEntry], ...]
+    token_digests: tuple[tuple[bytes, AccessEntry, datetime | None], ...]
     certificates: Mapping[str, AccessEntry]
-    signature: tuple[int, ...] = ()  # (inode, size, mtime) of the file it was read from
+    signature: tuple[tuple[int, ...], ...] = ()  # (device, inode, size, mtime, ctime) of each file read
+    crl: RevocationList | None = None
 
 
 class AccessList:
@@ -397,6 +507,8 @@ class AccessList:
         path: the access file; None for mutual TLS alone (every verified certificate gets
             :data:`CA_SCOPES`).
         client_certs: the port verifies client certificates (mutual TLS), so one names a caller.
+        crl: a certificate revocation list for client certificates (reloaded like the file).
+        client_ca_pem: the client CA bundle, against which the CRL's signature is verified.
 
     With both a token and a certificate, the token names the caller: the certificate has already
     admitted the connection, and a token is the finer, revocable grant. A bad token is never
@@ -404,9 +516,22 @@ class AccessList:
     is known but may do nothing (PERMISSION_DENIED), so the audit log still names it.
     """
 
-    def __init__(self, path: Path | str | None, *, client_certs: bool = False):
+    def __init__(
+        self,
+        path: Path | str | None,
+        *,
+        client_certs: bool = False,
+        crl: Path | str | None = None,
+        client_ca_pem: bytes = b"",
+    ):
         self.path = Path(path) if path is not None else None
         self.client_certs = client_certs
+        self.crl_path = Path(crl) if crl is not None else None
+        self.client_ca_pem = client_ca_pem
+        if self.crl_path is not None and not client_certs:
+            raise SecurityConfigError(
+                "--tls-crl revokes client certificates: it needs mutual TLS (--tls-client-ca)"
+            )
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -414,10 +539,14 @@ class AccessList:
 
     # -- loading
 
+    def _files(self) -> tuple[Path, ...]:
+        return tuple(p for p in (self.path, self.crl_path) if p is not None)
+
     def _load(self) -> _Snapshot:
+        signature = tuple(_signature(p) for p in self._files())
+        crl = read_crl(self.crl_path, self.client_ca_pem) if self.crl_path is not None else None
         if self.path is None:
-            return _Snapshot(None, (), {})
-        signature = _signature(self.path)
+            return _Snapshot(None, (), {}, signature, crl)
         check_file_mode(self.path)
         access = read_access_file(self.path)
         if access.certificates and not self.client_certs:
@@ -427,31 +556,35 @@ class AccessList:
                 self.path,
                 len(access.certificates),
             )
-        digests = tuple((bytes.fromhex(e.sha256), e) for e in access.tokens)
-        return _Snapshot(access, digests, {e.name: e for e in access.certificates}, signature)
+        digests = tuple((bytes.fromhex(e.sha256), e, e.expiry()) for e in access.tokens)
+        return _Snapshot(access, digests, {e.name: e for e in access.certificates}, signature, crl)
 
     def reload(self) -> bool:
         """Read the access file again. True when the new list is in force; False when it could not
         be read or is invalid: the old list stays (never everybody locked out or let in by a typo)
         and the error is logged."""
-        if self.path is None:
+        if not self._files():
             return True
         with self._lock:
             try:
                 self._state = self._load()
             except SecurityConfigError as e:
-                log.error("ACCESS FILE NOT RELOADED, the previous access list stays in force: %s", e)
+                log.error("ACCESS LIST NOT RELOADED, the previous one stays in force: %s", e)
                 return False
-        log.warning("access file %s reloaded: %s", self.path, self.describe())
+        log.warning("access list reloaded: %s", self.describe())
         return True
 
     def changed(self) -> bool:
-        """Whether the file differs (inode, size or mtime) from the one last loaded."""
-        return self.path is not None and _signature(self.path) != self._state.signature
+        """Whether the access file or the CRL differs (inode, size, mtime or ctime) from the one
+        last loaded."""
+        return bool(self._files()) and self._signatures() != self._state.signature
+
+    def _signatures(self) -> tuple[tuple[int, ...], ...]:
+        return tuple(_signature(p) for p in self._files())
 
     def start_watching(self, interval_s: float = 2.0) -> None:
-        """Reload whenever the file changes, checked every ``interval_s`` seconds (a daemon thread)."""
-        if self.path is None or self._thread is not None:
+        """Reload whenever a file changes, checked every ``interval_s`` seconds (a daemon thread)."""
+        if not self._files() or self._thread is not None:
             return
         self._stop.clear()
         self._thread = threading.Thread(
@@ -471,9 +604,9 @@ class AccessList:
                 if self.changed() and not self.reload():
                     # A file that stays bad is logged once, not every interval: remember what was seen.
                     with self._lock:
-                        self._state = replace(self._state, signature=_signature(self.path))
+                        self._state = replace(self._state, signature=self._signatures())
             except Exception:  # the watcher must outlive any surprise, or revocations stop working
-                log.exception("access file %s: checking for changes failed", self.path)
+                log.exception("access list: checking %s for changes failed", self._files())
 
     def describe(self) -> str:
         state = self._state
@@ -485,17 +618,22 @@ class AccessList:
             )
         if self.client_certs and state.access is None:
             parts.append("every client certificate the client CA signed may predict and explain")
+        if state.crl is not None:
+            parts.append(f"CRL {self.crl_path}: {len(state.crl.serials)} revoked certificate(s)")
         return "; ".join(parts) or "no callers"
 
     # -- the Authenticator protocol
 
-    def identify(self, context: grpc.ServicerContext) -> Identity:
-        """The caller of ``context``: by bearer token if one is sent, else by client certificate."""
+    def identify(self, headers: Iterable[tuple[str, Any]], peer_cert_pem: bytes | None = None) -> Identity:
+        """The caller: by bearer token if one is sent, else by the verified client certificate
+        (PEM). A revoked certificate is refused even with a good token: it admitted the connection."""
         state = self._state
-        token = bearer_token(context.invocation_metadata() or ())
+        cert = certificate_names(peer_cert_pem) if self.client_certs and peer_cert_pem else None
+        if cert is not None and state.crl is not None and state.crl.revokes(cert):
+            raise Unauthenticated("the client certificate has been revoked")
+        token = bearer_token(headers)
         if token is not None:
             return self._token_identity(state, token)
-        cert = peer_certificate(context) if self.client_certs else None
         if cert is not None:
             return _certificate_identity(state, cert)
         raise Unauthenticated(
@@ -510,11 +648,15 @@ class AccessList:
         found = None
         # Every entry is compared, in constant time each, with no early exit: the response time
         # tells nothing about which hash (or how much of it) matched.
-        for expected, entry in state.token_digests:
+        expires = None
+        for expected, entry, expiry in state.token_digests:
             if hmac.compare_digest(digest, expected) and found is None:
-                found = entry
+                found, expires = entry, expiry
         if found is None:
             raise Unauthenticated("the bearer token is not valid (unknown or revoked)")
+        if expires is not None and datetime.now(UTC) >= expires:
+            # Says that it expired (the holder needs a new one), not whose it was or when.
+            raise Unauthenticated("the bearer token has expired; ask for a new one")
         return Identity(found.name, "token", expand_scopes(found.scopes))
 
     def authorize(self, identity: Identity, rpc: str) -> None:
@@ -556,7 +698,8 @@ def _signature(path: Path) -> tuple[int, ...]:
         st = path.stat()
     except OSError:
         return ()
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    # ctime too: an edit that keeps size and mtime (touch -r, a fast same-size rewrite) changes it.
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 __all__ = [
@@ -571,11 +714,18 @@ __all__ = [
     "AccessEntry",
     "AccessFile",
     "AccessList",
+    "CertificateNames",
+    "RevocationList",
     "SecurityConfigError",
     "bearer_token",
+    "certificate_names",
     "expand_scopes",
+    "expiry_from",
+    "format_time",
     "new_token",
+    "parse_time",
     "read_access_file",
+    "read_crl",
     "require_scope",
     "required_scope",
     "token_hash",

@@ -18,9 +18,11 @@ No PyTorch here (the serving path).
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -70,6 +72,7 @@ SAMPLE_DURATION_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 
 UNKNOWN = "unknown"  # a model, version or method name the repository does not have
 MULTIPLE = "multiple"  # the method label of a request's latency when it asked for several
 _CODES = frozenset(c.name for c in grpc.StatusCode)
+_REASON = re.compile(r"[^a-z0-9_]")  # refusal categories are fixed words; anything else is folded
 _METHODS = frozenset(METHOD_NAMES)
 
 
@@ -328,6 +331,12 @@ class ServiceMetrics:
             registry=r,
         )
         self.in_flight = Gauge(PREFIX + "requests_in_flight", "RPCs being served now", ["rpc"], registry=r)
+        self.refused = Counter(
+            PREFIX + "refusals_total",
+            "RPCs refused, by the check or limit that refused them (also counted in requests_total by code)",
+            ["rpc", "reason"],
+            registry=r,
+        )
         self.batch = Histogram(
             PREFIX + "request_batch_ecgs",
             "ECGs per Predict or Explain request",
@@ -458,6 +467,8 @@ class ServiceMetrics:
         code = self.labels.code(record.code)
         for method in methods or [""]:
             self.requests.labels(rpc, model, version, method, code).inc()
+        if record.refusal:
+            self.refused.labels(rpc, _REASON.sub("_", record.refusal)[:40]).inc()
         which = methods[0] if len(methods) == 1 else MULTIPLE if methods else ""
         self.duration.labels(rpc, model, which).observe(record.latency_s)
         if record.batch_size > 0:
@@ -531,11 +542,12 @@ class MetricsEndpoint:
     port: int  # the bound port (a free one when 0 was asked for)
     server: Any  # wsgiref server
     thread: threading.Thread
+    tls: bool = False
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         self.server.shutdown()
@@ -544,19 +556,38 @@ class MetricsEndpoint:
 
 
 def start_metrics_endpoint(
-    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = DEFAULT_METRICS_PORT
+    registry: CollectorRegistry,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_METRICS_PORT,
+    tls: tuple[str, str] | None = None,
 ) -> MetricsEndpoint:
-    """Serve ``registry`` over HTTP on ``host``:``port`` in a daemon thread (0: a free port).
+    """Serve ``registry`` over HTTP on ``host``:``port`` in a daemon thread (0: a free port);
+    over HTTPS with ``tls`` = (certificate file, key file).
 
     The metrics carry no request data, but they do show which models serve and how they fare:
-    bind to an address only the monitoring network reaches."""
+    bind to an address only the monitoring network reaches, or serve them over TLS."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
         raise ValueError(f"metrics port must be 0..65535, got {port!r}")
+    if tls is not None:
+        _check_tls_files(*tls)
+    certfile, keyfile = tls if tls is not None else (None, None)
     try:
-        server, thread = start_http_server(port, addr=host, registry=registry)
+        server, thread = start_http_server(
+            port, addr=host, registry=registry, certfile=certfile, keyfile=keyfile
+        )
     except OSError as e:
         raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}") from None
-    return MetricsEndpoint(host, int(server.server_port), server, thread)
+    return MetricsEndpoint(host, int(server.server_port), server, thread, tls is not None)
+
+
+def _check_tls_files(cert: str, key: str) -> None:
+    """The metrics certificate and key, checked like the serving port's (one line per mistake)."""
+    from ecgx.service.security import load_tls, read_pem_file
+
+    load_tls(
+        read_pem_file(Path(cert), f"--metrics-tls-cert {cert}"),
+        read_pem_file(Path(key), f"--metrics-tls-key {key}"),
+    )
 
 
 __all__ = [

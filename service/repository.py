@@ -537,7 +537,8 @@ def _fingerprint(folder: Path) -> tuple:
             if e.name == REVOKED_FILE:
                 continue
             s = e.stat(follow_symlinks=False)
-            entries.append((e.name, s.st_mode, s.st_size, s.st_mtime_ns, s.st_ino))
+            # ctime too: an edit that keeps size and mtime (touch -r, a same-second rewrite) changes it.
+            entries.append((e.name, s.st_mode, s.st_size, s.st_mtime_ns, s.st_ctime_ns, s.st_ino))
     return (st.st_ino, tuple(sorted(entries)))
 
 

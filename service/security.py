@@ -351,6 +351,7 @@ def load_server_security(
     tls_key: str | Path | None = None,
     tls_client_ca: str | Path | None = None,
     tokens_file: str | Path | None = None,
+    tls_crl: str | Path | None = None,
     open_health: bool = False,
     insecure: bool = False,
     env: Mapping[str, str] | None = None,
@@ -364,6 +365,8 @@ def load_server_security(
     is used (plaintext with tokens, TLS without authentication, or neither) and
     :meth:`ServerSecurity.describe` says so in capitals. Mutual TLS without an access file
     admits every certificate the client CA signed with the scopes predict and explain.
+    ``tls_crl``: a revocation list of client certificates (mutual TLS only), signed by the client
+    CA, followed like the access file.
     """
     cert = read_pem(tls_cert, CERT_ENV, "--tls-cert", env)
     key = read_pem(tls_key, KEY_ENV, "--tls-key", env)
@@ -379,9 +382,18 @@ def load_server_security(
             "give --tls-cert and --tls-key"
         )
     tls = load_tls(cert, key, client_ca) if cert is not None and key is not None else None
+    if tls_crl is not None and client_ca is None:
+        raise SecurityConfigError(
+            "--tls-crl revokes client certificates: it needs mutual TLS (--tls-client-ca)"
+        )
     access = None
     if tokens_file is not None or client_ca is not None:
-        access = AccessList(tokens_file, client_certs=client_ca is not None)
+        access = AccessList(
+            tokens_file,
+            client_certs=client_ca is not None,
+            crl=tls_crl,
+            client_ca_pem=tls.client_ca if tls is not None and tls.client_ca else b"",
+        )
     if (tls is None or access is None) and not insecure:
         raise SecurityConfigError(_missing(tls is not None, access is not None))
     security = ServerSecurity(

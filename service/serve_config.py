@@ -21,13 +21,17 @@ command line wins over the file::
     tls_key = "/etc/ecgx/tls/server.key"
     tls_client_ca = "/etc/ecgx/tls/clients-ca.crt"   # mutual TLS
     tokens = "/etc/ecgx/access.toml"                # hashed bearer tokens (ecgx token new)
+    tls_crl = "/etc/ecgx/tls/clients.crl"           # revoked client certificates (mutual TLS)
     open_health = true        # health and reflection without credentials, for probes
     insecure = false
-    audit_log = "/var/log/ecgx/audit.jsonl"         # JSON lines; "-" is stderr
+    audit_log = "/var/log/ecgx/audit.jsonl"         # hash-chained JSON lines; "-" is stderr
+    audit_required = false    # true: refuse calls (UNAVAILABLE) while the audit log cannot be written
     # Monitoring (docs/monitoring.md)
     metrics = true
     metrics_host = "127.0.0.1"
     metrics_port = 9464
+    metrics_tls_cert = "serving"  # HTTPS for /metrics: a PEM file, or "serving" (tls_cert's file)
+    metrics_tls_key = "serving"
     stability_share = 0.05    # share of Explain requests re-checked under input noise
     stability_queue = 8       # samples waiting for the worker; more are dropped (counted)
 
@@ -71,12 +75,16 @@ class ServeConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tokens: Path | None = None
+    tls_crl: Path | None = None
     open_health: bool = False
     insecure: bool = False
     audit_log: str | None = None
+    audit_required: bool = False
     metrics: bool = True
     metrics_host: str = "127.0.0.1"
     metrics_port: int = DEFAULT_METRICS_PORT
+    metrics_tls_cert: str | None = None  # a PEM file, or "serving" for tls_cert's file
+    metrics_tls_key: str | None = None
     stability_share: float = DEFAULT_STABILITY_SHARE
     stability_queue: int = DEFAULT_STABILITY_QUEUE
     # ONNX Runtime execution providers in priority order (None: TensorRT, CUDA, CPU as installed).
@@ -100,7 +108,27 @@ class ServeConfig:
         for key, value, low, high in ranges:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ServeConfigError(f"{source}: {key} must be in [{low}, {high}], got {value}")
+        if self.audit_required and not self.audit_log:
+            raise ServeConfigError(f"{source}: audit_required needs an audit log (--audit-log FILE)")
+        self.metrics_tls()
         return self
+
+    def metrics_tls(self) -> tuple[str, str] | None:
+        """The metrics endpoint's (certificate, key) files, None for plain HTTP; "serving" names
+        the serving port's files."""
+        cert, key = self.metrics_tls_cert, self.metrics_tls_key
+        if cert is None and key is None:
+            return None
+        if cert is None or key is None:
+            raise ServeConfigError("metrics over TLS needs both --metrics-tls-cert and --metrics-tls-key")
+        cert = self.tls_cert if cert == "serving" else cert
+        key = self.tls_key if key == "serving" else key
+        if cert is None or key is None:
+            raise ServeConfigError(
+                "--metrics-tls-cert/--metrics-tls-key 'serving' needs the serving port's certificate and key "
+                "as files (--tls-cert and --tls-key)"
+            )
+        return str(cert), str(key)
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -119,12 +147,16 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "tls_key": (str,),
     "tls_client_ca": (str,),
     "tokens": (str,),
+    "tls_crl": (str,),
     "open_health": (bool,),
     "insecure": (bool,),
     "audit_log": (str,),
+    "audit_required": (bool,),
     "metrics": (bool,),
     "metrics_host": (str,),
     "metrics_port": (int,),
+    "metrics_tls_cert": (str,),
+    "metrics_tls_key": (str,),
     "stability_share": (int, float),
     "stability_queue": (int,),
     "providers": (list,),
@@ -161,7 +193,7 @@ def read_serve_config(path: Path | str) -> dict[str, Any]:
         if isinstance(value, list) and not all(isinstance(v, str) for v in value):
             raise ServeConfigError(f"config file {path}: serve.{key} must be a list of strings")
         values[key] = value
-    for key in ("repo", "tokens"):
+    for key in ("repo", "tokens", "tls_crl"):
         if key in values:
             values[key] = Path(values[key])
     if "trusted_keys" in values:
