@@ -102,9 +102,9 @@ def captum_cases(work: Path, threads: int, repeats: int) -> dict[str, Callable[[
     )
 
     from ecgx.service.methods.perturbation import segment_mask
-    from ecgx.training.export.ir import trace_model
     from ecgx.training.export.ir_torch import ir_module
     from ecgx.training.export.reference import attach_epsilon_rules, lrp_model
+    from ecgx.training.export.torch_frontend import trace_model
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)

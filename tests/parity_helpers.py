@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ecgx.training.export.package import parity, parity_ok
+from ecgx.training.export.parity import parity, parity_ok
 
 
 def assert_parity(got: np.ndarray, ref: np.ndarray) -> None:

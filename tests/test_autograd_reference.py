@@ -20,7 +20,7 @@ from parity_helpers import randomise_batchnorm
 from torch import nn
 
 from ecgx.training.export.autograd_reference import autograd_attribution
-from ecgx.training.export.ir import AFFINE, CONV, OP_KINDS, trace_model
+from ecgx.training.export.ir import AFFINE, CONV, OP_KINDS
 from ecgx.training.export.ir_torch import ChannelAffine, Concat, IRModule, ir_module
 from ecgx.training.export.reference import (
     captum_attribution,
@@ -30,6 +30,7 @@ from ecgx.training.export.reference import (
     near_tie_report,
     near_tie_samples,
 )
+from ecgx.training.export.torch_frontend import trace_model
 from ecgx.training.models import Add, ModelConfig, build_model
 
 METHODS = ("gradient", "guided_backprop", "deconvolution")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ecgx.training.export import ExportError, export_package, onnx_graphs
+from ecgx.training.export import ExportError, export_package, graphs, onnx_graphs
 from ecgx.training.models import ModelConfig, build_model
 
 X = np.random.default_rng(0).normal(0, 0.3, (3, 12, 600)).astype(np.float32)
@@ -81,7 +81,7 @@ def package(tmp_path_factory) -> tuple[nn.Module, Path]:
 def test_manifest_lists_files_layers_and_checks(package) -> None:
     _, pkg = package
     manifest = json.loads((pkg / "manifest.json").read_text())
-    assert set(manifest["files"]) == {"weights.bin", *(f"{g}.onnx" for g in onnx_graphs.GRAPH_SIGNATURES)}
+    assert set(manifest["files"]) == {"weights.bin", *(f"{g}.onnx" for g in graphs.GRAPH_SIGNATURES)}
     assert manifest["unavailable"] == {}
     assert [c["key"] for c in manifest["classes"]][:2] == ["SR", "STach"]
     assert manifest["input"]["shape"] == [None, 12, 600] and manifest["opset"] == onnx_graphs.OPSET
@@ -98,7 +98,7 @@ def test_manifest_lists_files_layers_and_checks(package) -> None:
 def test_every_graph_reads_the_one_weights_file(package) -> None:
     _, pkg = package
     manifest = json.loads((pkg / "manifest.json").read_text())
-    for graph in onnx_graphs.GRAPH_SIGNATURES:
+    for graph in graphs.GRAPH_SIGNATURES:
         model = onnx.load(str(pkg / f"{graph}.onnx"), load_external_data=False)
         params = [i for i in model.graph.initializer if not i.name.startswith("const/")]
         assert params, graph
@@ -157,7 +157,7 @@ def test_a_graph_that_disagrees_with_its_reference_is_left_out(tmp_path: Path, m
     assert entry["reason"].startswith("disagrees with its reference: guided_backprop: sample 0:")
     assert entry["methods"] == ["guided_backprop", "guided_gradcam"]
     assert not (pkg / "guided_backprop.onnx").exists() and "guided_backprop.onnx" not in manifest["files"]
-    assert set(manifest["graphs"]) == set(onnx_graphs.GRAPH_SIGNATURES) - {"guided_backprop"}
+    assert set(manifest["graphs"]) == set(graphs.GRAPH_SIGNATURES) - {"guided_backprop"}
     engine = AttributionEngine(pkg, providers=["CPUExecutionProvider"])
     with pytest.raises(FailedPrecondition, match=r"method 'guided_gradcam' is unavailable.*disagrees with"):
         engine.attribute("guided_gradcam", X, target=0)
@@ -173,7 +173,7 @@ def test_existing_package_is_not_replaced_unless_asked(package, tmp_path: Path) 
 
 
 def test_only_excused_samples_may_disagree() -> None:
-    from ecgx.training.export.package import per_sample_parity
+    from ecgx.training.export.parity import per_sample_parity
 
     ref = np.random.default_rng(0).normal(size=(4, 12, 600))
     got = ref.copy()
@@ -213,7 +213,7 @@ class ReusedRelu(nn.Module):
 
 def test_a_reused_relu_is_one_op_per_call_and_every_method_exports(tmp_path: Path) -> None:
     from ecgx.training.data.synth import generate
-    from ecgx.training.export.ir import trace_model
+    from ecgx.training.export.torch_frontend import trace_model
 
     torch.manual_seed(0)
     model = ReusedRelu().eval()

@@ -20,7 +20,7 @@ from torch import nn
 from ecgx.training.config import TrainConfig
 from ecgx.training.data.synth import generate, synthesize_dataset
 from ecgx.training.export import export_checkpoint, export_package
-from ecgx.training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
+from ecgx.training.export.parity import REL_TOL, describe_parity_failure, per_sample_parity
 from ecgx.training.export.reference import ill_conditioned_samples
 from ecgx.training.models import ModelConfig
 from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
@@ -119,7 +119,7 @@ def test_on_trained_models_every_lrp_disagreement_is_a_flagged_sample(trained_fa
     import onnxruntime as ort
 
     from ecgx.training.checkpoint import load_checkpoint
-    from ecgx.training.export.package import parity, parity_ok
+    from ecgx.training.export.parity import parity, parity_ok
     from ecgx.training.export.reference import captum_attribution, near_tie_samples
 
     x = generate(256, np.random.default_rng(7)).signals

@@ -17,7 +17,8 @@ from parity_helpers import randomise_batchnorm
 from torch import nn
 from zennit_helpers import zennit_lrp
 
-from ecgx.training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR, trace_model
+from ecgx.training.export.graphs import GRAPH_SIGNATURES
+from ecgx.training.export.ir import ADD, AFFINE, CONCAT, CONV, INPUT, LINEAR, ModelIR
 from ecgx.training.export.ir_torch import ir_module
 from ecgx.training.export.lrp_reference import composite_parity, float32_sensitive_samples, lrp_reference
 from ecgx.training.export.lrp_rules import (
@@ -29,8 +30,9 @@ from ecgx.training.export.lrp_rules import (
     CompositeRule,
     input_layers,
 )
-from ecgx.training.export.onnx_graphs import GRAPH_SIGNATURES, GraphBuilder, emit_backward, emit_forward
-from ecgx.training.export.package import per_sample_parity
+from ecgx.training.export.onnx_graphs import GraphBuilder, emit_backward, emit_forward
+from ecgx.training.export.parity import per_sample_parity
+from ecgx.training.export.torch_frontend import trace_model
 
 LEADS, CLASSES, BATCH = 3, 4, 3
 LENGTHS = (64, 90)

@@ -47,11 +47,12 @@ from ecgx.training.data.median_beat import median_beat
 from ecgx.training.data.wfdb_import import read_record
 from ecgx.training.export import export_package
 from ecgx.training.export.autograd_reference import autograd_attribution
-from ecgx.training.export.ir import GMP, MAXPOOL, RELU, trace_model
+from ecgx.training.export.ir import GMP, MAXPOOL, RELU
 from ecgx.training.export.ir_torch import ir_module
-from ecgx.training.export.package import REL_TOL, describe_parity_failure, per_sample_parity
+from ecgx.training.export.parity import REL_TOL, describe_parity_failure, per_sample_parity
 from ecgx.training.export.reference import ill_conditioned_samples, lrp_model, near_tie_samples
 from ecgx.training.export.source import from_module
+from ecgx.training.export.torch_frontend import trace_model
 
 # name -> (factory(length), lengths, sampling rate per length)
 ARCHITECTURES = {

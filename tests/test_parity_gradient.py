@@ -33,10 +33,10 @@ from ecgx.training.data.median_beat import median_beat
 from ecgx.training.data.synth import generate
 from ecgx.training.data.wfdb_import import read_record
 from ecgx.training.export import export_package
-from ecgx.training.export.ir import trace_model
 from ecgx.training.export.ir_torch import ir_module
-from ecgx.training.export.package import REL_TOL
+from ecgx.training.export.parity import REL_TOL
 from ecgx.training.export.reference import ill_conditioned_samples, lrp_model
+from ecgx.training.export.torch_frontend import trace_model
 from ecgx.training.models import ModelConfig, build_model
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ecgx.training import reference_models as R
 from ecgx.training.export import ir as IR
-from ecgx.training.export.ir import trace_model
+from ecgx.training.export.torch_frontend import trace_model
 
 STUBS = Path(__file__).resolve().parent / "stubs"
 # Zennit and onnx2torch import torchvision, which is not installed (tests/stubs/README.md):

@@ -8,8 +8,8 @@ no-ops (Dropout, Identity) removed. The ONNX graph builder emits forward and
 backward graphs from this list, so the export never depends on how PyTorch
 itself would export a model.
 
-This module holds the IR and the PyTorch-module front end (``trace_model``);
-``onnx_import`` and ``program_import`` are the other two front ends.
+This module holds the IR; its front ends are ``torch_frontend`` (a PyTorch module,
+``trace_model``), ``program_import`` and ``onnx_import``.
 
 Per-sample shapes are ``(C, L)`` for signals and ``(F,)`` for flat features;
 the batch axis is never part of an op's shape. Op kinds and their ``params``:
@@ -273,17 +273,3 @@ def finish_ir(ops: list[Op], output: str, input_shape: tuple[int, int]) -> Model
             "(add a flatten and a Linear classifier)"
         )
     return ModelIR(ops, output, tuple(input_shape))
-
-
-# --------------------------------------------------------------------------- PyTorch front end
-
-
-def trace_model(model: Any, input_shape: tuple[int, int] | None = None) -> ModelIR:
-    """Trace a PyTorch ``model`` (eval mode) into a :class:`ModelIR`, or raise :class:`ExportError`.
-
-    ``input_shape`` is (leads, samples) of one ECG; the default is the project's
-    12-lead, 600-sample median beat.
-    """
-    from ecgx.training.export import torch_frontend
-
-    return torch_frontend.trace(model, input_shape)

@@ -35,8 +35,8 @@ from ecgx.training.export.ir import (
     ExportError,
     ModelIR,
     Op,
-    trace_model,
 )
+from ecgx.training.export.torch_frontend import trace_model
 from ecgx.training.models import Add
 
 # What an op's module may be replaced with while running: (op, its module, its inputs) -> output,

@@ -26,6 +26,7 @@ from torch import nn
 from ecgx.training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
 from ecgx.training.export.ir_torch import IRModule, target_indices
 from ecgx.training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
+from ecgx.training.export.parity import MAX_OUTLIER_FRACTION, REL_TOL
 
 # Graph name -> composite name (``lrp_epsilon_plus`` -> ``epsilon_plus``).
 GRAPH_COMPOSITES = {graph: composite for composite, graph in COMPOSITE_GRAPH_NAMES.items()}
@@ -300,8 +301,6 @@ def composite_parity(
     Same keys as ``package.per_sample_parity``, plus ``float32_deviation`` (per sample) and
     ``agreeing_within_float32`` (samples agreeing only within their float32 sensitivity).
     """
-    from ecgx.training.export.package import MAX_OUTLIER_FRACTION, REL_TOL
-
     kwargs = {"epsilon": epsilon, "input_rule": input_rule, "low": low, "high": high}
     exact = lrp_reference(module, composite, x, target, dtype=torch.float64, **kwargs)
     n = len(x)

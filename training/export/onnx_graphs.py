@@ -626,53 +626,6 @@ def _descendants(ir: ModelIR, root: str) -> set[str]:
 # --------------------------------------------------------------------------- whole graphs
 
 BATCH = "batch"
-X_SHAPE = [BATCH, None, None]  # filled with the model's input shape by build_graphs
-
-
-def build_graph(ir: ModelIR, name: str, gradcam_layer: str) -> onnx.ModelProto:
-    """One graph of a package (see ``GRAPH_SIGNATURES``), or ExportError when the model's
-    layers cannot be expressed in it."""
-    x_shape = [BATCH, *ir.input_shape]
-    n = ir.n_outputs
-    builders = {
-        "forward": lambda: _forward_graph(ir, x_shape, n),
-        "gradient": lambda: _backward_graph(ir, x_shape, n, Rule()),
-        "guided_backprop": lambda: _backward_graph(ir, x_shape, n, GuidedRule()),
-        "deconvolution": lambda: _backward_graph(ir, x_shape, n, DeconvRule()),
-        "deeplift": lambda: _deeplift_graph(ir, x_shape, n),
-        "lrp": lambda: _lrp_graph(ir, x_shape, n),
-        "gradcam": lambda: _gradcam_graph(ir, x_shape, n, gradcam_layer),
-    }
-    if name in ("lrp_epsilon_plus", "lrp_epsilon_alpha2_beta1"):
-        from ecgx.training.export.lrp_rules import LRP_COMPOSITE_GRAPHS  # it builds on this module
-
-        return LRP_COMPOSITE_GRAPHS[name](ir, x_shape, n)
-    if name not in builders:
-        raise ValueError(f"no graph named {name!r}; graphs: {sorted(GRAPH_SIGNATURES)}")
-    return builders[name]()
-
-
-def build_graphs(ir: ModelIR, gradcam_layer: str) -> dict[str, onnx.ModelProto]:
-    """Every graph of a package, by graph name."""
-    return {name: build_graph(ir, name, gradcam_layer) for name in GRAPH_SIGNATURES}
-
-
-# Inputs and outputs of each graph, by name, as the engine calls them.
-GRAPH_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "forward": (("x",), ("logits",)),
-    "gradient": (("x", "seed"), ("logits", "gradient")),
-    "guided_backprop": (("x", "seed"), ("logits", "gradient")),
-    "deconvolution": (("x", "seed"), ("logits", "gradient")),
-    "deeplift": (("x", "baseline", "seed", "maxpool_rescale"), ("logits", "attribution")),
-    "lrp": (("x", "seed", "epsilon"), ("logits", "attribution")),
-    "gradcam": (("x", "seed"), ("logits", "activations", "gradients")),
-    # Zennit's composites (training/export/lrp_rules.py); input_rule 0 own, 1 flat, 2 zbox in [low, high].
-    "lrp_epsilon_plus": (("x", "seed", "epsilon", "input_rule", "low", "high"), ("logits", "attribution")),
-    "lrp_epsilon_alpha2_beta1": (
-        ("x", "seed", "epsilon", "input_rule", "low", "high"),
-        ("logits", "attribution"),
-    ),
-}
 
 
 def _start(name: str, x_shape: list, n_classes: int, with_seed: bool = True) -> tuple[GraphBuilder, str, str]:
@@ -682,14 +635,14 @@ def _start(name: str, x_shape: list, n_classes: int, with_seed: bool = True) -> 
     return b, x, seed
 
 
-def _forward_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
+def forward_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
     b, x, _ = _start("forward", x_shape, n_classes, with_seed=False)
     t = emit_forward(b, ir, x)
     b.add_output(t[ir.output], "logits", [BATCH, n_classes])
     return b.model()
 
 
-def _backward_graph(ir: ModelIR, x_shape: list, n_classes: int, rule: Rule) -> onnx.ModelProto:
+def backward_graph(ir: ModelIR, x_shape: list, n_classes: int, rule: Rule) -> onnx.ModelProto:
     b, x, seed = _start(rule.name, x_shape, n_classes)
     t = emit_forward(b, ir, x)
     grad = to_3d(b, emit_backward(b, ir, rule, t, seed, INPUT))
@@ -698,7 +651,7 @@ def _backward_graph(ir: ModelIR, x_shape: list, n_classes: int, rule: Rule) -> o
     return b.model()
 
 
-def _deeplift_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
+def deeplift_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
     b, x, seed = _start("deeplift", x_shape, n_classes)
     ref = b.add_input("baseline", x_shape)
     rescale_max = b.add_input("maxpool_rescale", [], TensorProto.BOOL)
@@ -713,7 +666,7 @@ def _deeplift_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelPro
     return b.model()
 
 
-def _lrp_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
+def lrp_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
     b, x, seed = _start("lrp", x_shape, n_classes)
     eps = b.add_input("epsilon", [])
     t = emit_forward(b, ir, x)
@@ -726,7 +679,7 @@ def _lrp_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
     return b.model()
 
 
-def _gradcam_graph(ir: ModelIR, x_shape: list, n_classes: int, layer: str) -> onnx.ModelProto:
+def gradcam_graph(ir: ModelIR, x_shape: list, n_classes: int, layer: str) -> onnx.ModelProto:
     b, x, seed = _start("gradcam", x_shape, n_classes)
     t = emit_forward(b, ir, x)
     grad = emit_backward(b, ir, Rule(), t, seed, layer)

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 from ecgx.training.data.schema import SAMPLING_RATE_HZ
-from ecgx.training.export.ir import ExportError, ModelIR, trace_model
+from ecgx.training.export.ir import ExportError, ModelIR
+from ecgx.training.export.torch_frontend import trace_model
 
 
 @dataclass

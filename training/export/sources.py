@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, N_LEADS, SAMPLING_RATE_HZ
-from ecgx.training.export.ir import ExportError, ModelIR, trace_model
+from ecgx.training.export.ir import ExportError, ModelIR
 from ecgx.training.export.source import ModelSource, module_forward
+from ecgx.training.export.torch_frontend import trace_model
 
 SAMPLING_RATE_KEY = "sampling_rate_hz"
 _FACTORY = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")

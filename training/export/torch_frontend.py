@@ -61,8 +61,12 @@ class _Tracer(fx.Tracer):
         return isinstance(m, Add) or super().is_leaf_module(m, qualname)
 
 
-def trace(model: nn.Module, input_shape: tuple[int, int] | None = None) -> ModelIR:
-    """Trace ``model`` (eval mode) for the given (leads, samples) input into a ModelIR."""
+def trace_model(model: nn.Module, input_shape: tuple[int, int] | None = None) -> ModelIR:
+    """Trace a PyTorch ``model`` (eval mode) into a :class:`ModelIR`, or raise :class:`ExportError`.
+
+    ``input_shape`` is (leads, samples) of one ECG; the default is the project's
+    12-lead, 600-sample median beat.
+    """
     if not isinstance(model, nn.Module):
         raise ExportError(f"the model must be a torch.nn.Module, got {type(model).__name__}")
     shape = tuple(input_shape or (N_LEADS, BEAT_SAMPLES))

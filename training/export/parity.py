@@ -1,0 +1,77 @@
+"""How a graph's output is compared with its reference: the export's parity criterion, shared with
+the tests and the LRP reference."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# Parity criterion shared with the tests: relative error (to the reference's largest
+# magnitude) above REL_TOL is tolerated on at most MAX_OUTLIER_FRACTION of elements
+# (ReLU and max-pool near-ties flip masks for a few elements).
+REL_TOL = 1e-4
+MAX_OUTLIER_FRACTION = 1e-3
+
+
+def parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    """Largest relative error (to the reference's largest magnitude) and fraction of
+    elements above ``REL_TOL``."""
+    scale = float(np.abs(ref).max()) or 1.0
+    rel = np.abs(np.asarray(got, np.float64) - ref) / scale
+    return {"max_rel_error": float(rel.max()), "outlier_fraction": float((rel > REL_TOL).mean())}
+
+
+def parity_ok(p: dict[str, float]) -> bool:
+    """True when at most ``MAX_OUTLIER_FRACTION`` of the elements are off by more than ``REL_TOL``."""
+    return p["outlier_fraction"] <= MAX_OUTLIER_FRACTION
+
+
+def per_sample_parity(
+    got: np.ndarray, ref: np.ndarray, excused: Mapping[str, np.ndarray] | None = None
+) -> dict[str, Any]:
+    """Parity of each sample's map; a sample may disagree only for a reason in ``excused``.
+
+    ``excused`` maps a reason (``"near_max_pool_tie"``, ``"ill_conditioned"``) to one bool
+    per sample: samples whose map float32 arithmetic does not pin down, so two correct
+    implementations may differ there. ``ok`` needs every disagreeing sample to be excused
+    and at least half of the samples to agree: a construction error shows on every
+    sample, rounding on a few. ``failing`` holds the figures of each unexcused sample.
+    """
+    results = [parity(g, r) for g, r in zip(got, ref, strict=True)]
+    agree = np.array([parity_ok(r) for r in results])
+    reasons = {k: np.asarray(v, bool) for k, v in (excused or {}).items()}
+    any_excuse = np.zeros(len(results), bool)
+    for flags in reasons.values():
+        any_excuse |= flags
+    unexplained = ~agree & ~any_excuse
+    agreeing = [r for r, a in zip(results, agree, strict=True) if a]
+    return {
+        "samples": len(results),
+        "agreeing": int(agree.sum()),
+        "max_rel_error": max((r["max_rel_error"] for r in agreeing), default=None),
+        "outlier_fraction": max((r["outlier_fraction"] for r in agreeing), default=None),
+        "excused": {k: np.flatnonzero(~agree & v).tolist() for k, v in reasons.items()},
+        "failing": [{"sample": int(i), **results[i]} for i in np.flatnonzero(unexplained)],
+        "ok": bool(agree.sum() >= len(results) / 2 and not unexplained.any()),
+    }
+
+
+def describe_parity_failure(name: str, check: dict[str, Any]) -> str:
+    """One line per failed check, with the failing samples' own figures."""
+    if "error" in check:
+        return f"{name}: {check['error']}"
+    if "failing" not in check:  # a whole-batch comparison (forward logits, summation)
+        return (
+            f"{name}: {check['outlier_fraction']:.2%} of values off by more than {REL_TOL:g} "
+            f"of the largest magnitude (max {check['max_rel_error']:.2e})"
+        )
+    parts = [
+        f"sample {f['sample']}: {f['outlier_fraction']:.2%} of elements off by more than {REL_TOL:g} of the "
+        f"largest magnitude (max {f['max_rel_error']:.2e}; limit {MAX_OUTLIER_FRACTION:.1%} of elements)"
+        for f in check["failing"]
+    ]
+    if check["agreeing"] < check["samples"] / 2:
+        parts.append(f"only {check['agreeing']} of {check['samples']} samples agree")
+    return f"{name}: " + "; ".join(parts)
