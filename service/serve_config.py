@@ -7,6 +7,7 @@ command line wins over the file::
     repo = "/srv/ecgx/models"
     host = "0.0.0.0"
     port = 50051
+    http_port = 8000          # the OIP over REST (KServe v2) on host too; off unless given (docs/http.md)
     trusted_keys = ["/etc/ecgx/gate_public_key.pem"]
     allowed_policies = ["<sha256 of an accepted gate policy>"]
     allow_ungated = false     # research mode
@@ -63,6 +64,7 @@ class ServeConfig:
     repo: Path | None = None
     host: str = "127.0.0.1"
     port: int = 50051
+    http_port: int | None = None  # None: no REST port; 0: a free one
     trusted_keys: tuple[Path, ...] = ()
     allowed_policies: tuple[str, ...] | None = None
     allow_ungated: bool = False
@@ -96,6 +98,7 @@ class ServeConfig:
             raise ServeConfigError(f"{source}: give the model repository (--repo DIR or repo = in [serve])")
         ranges = [
             ("port", self.port, 0, 65535),
+            ("http_port", self.http_port if self.http_port is not None else 0, 0, 65535),
             ("max_batch", self.max_batch, 1, 4096),
             ("max_concurrent", self.max_concurrent, 1, 1024),
             ("max_queued", self.max_queued if self.max_queued is not None else 0, 0, 65536),
@@ -108,6 +111,8 @@ class ServeConfig:
         for key, value, low, high in ranges:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ServeConfigError(f"{source}: {key} must be in [{low}, {high}], got {value}")
+        if self.http_port and self.http_port == self.port:
+            raise ServeConfigError(f"{source}: http_port and port are both {self.port}; give each its own")
         if self.audit_required and not self.audit_log:
             raise ServeConfigError(f"{source}: audit_required needs an audit log (--audit-log FILE)")
         self.metrics_tls()
@@ -135,6 +140,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "repo": (str,),
     "host": (str,),
     "port": (int,),
+    "http_port": (int,),
     "trusted_keys": (list,),
     "allowed_policies": (list,),
     "allow_ungated": (bool,),
