@@ -78,8 +78,10 @@ def trained_family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 # The serving tests need a report in which gradcam passes and saliency fails (what a method's
 # verdict does to serving is what they test, not the gate). Under the default criteria gradcam
 # fails randomisation on this small family (some of its maps are all zero, and undefined
-# similarity fails), so here only perturbation blocks, with a margin well above what the
-# reference rows reach (|x| about 0.09, gradcam about 0.75, saliency below 0).
+# similarity fails), and on these small models no method beats |x| in perturbation; so here
+# only the changed-model check blocks (faithfulness on copies with the output layer or the top
+# block randomised, against the control): gradcam's lower end is about 0.10, saliency's -0.14,
+# every reference row's below -0.13.
 GATE_POLICY = """
 [gate]
 ecgs = 32
@@ -89,7 +91,9 @@ ecgs = 8
 blocking = false
 [checks.perturbation]
 bootstrap = 100
-margin = 0.3
+blocking = false
+[checks.changed_model]
+bootstrap = 100
 """
 
 

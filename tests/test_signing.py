@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from ecgx.service.package import MANIFEST_FILE, sha256_file
+from ecgx.core.package_reader import MANIFEST_FILE, sha256_file
 from ecgx.validation.signing import (
     GATE_REPORT_FILE,
     PUBLIC_KEY_ENV,
@@ -438,7 +438,7 @@ def test_another_key_does_not_verify(package: Path, keys, tmp_path: Path) -> Non
     ("field", "value", "problem"),
     [
         ("schema", "something-else", "not a gate report: its schema is 'something-else'"),
-        ("schema_version", 2, "schema version 2 is not supported"),
+        ("schema_version", 3, "schema version 3 is not supported"),
     ],
 )
 def test_unknown_schemas_do_not_verify_even_when_signed(

@@ -112,6 +112,8 @@ def describe(entry: dict[str, Any]) -> str:
     else:
         short = {CI_LOW: "lower end", CI_HIGH: "upper end"}.get(decided["statistic"], decided["statistic"])
         where = entry["details"].get("strategy")
+        if where and entry["details"].get("row"):
+            where += f" against {entry['details']['row']}"
         context = (
             f"{short} of the {_level(interval.get('confidence'))}CI"
             + (f" under {where}" if where else "")
@@ -148,13 +150,13 @@ class Criterion:
 
 def judge(criterion: Criterion, *, bootstrap: int, confidence: float, seed: int) -> dict[str, Any]:
     """``criterion``'s entry (the fields of a check's entry), decided on its bootstrap interval."""
-    values = np.asarray(criterion.per_ecg, np.float64)
-    undefined = int((~np.isfinite(values)).sum())
+    values = np.asarray(criterion.per_ecg, np.float64)  # (ECGs,) or (draws, ECGs)
+    undefined = int((~np.isfinite(values.reshape(-1, values.shape[-1]))).any(axis=0).sum())
     upper = criterion.comparison.startswith("<")
     statistic = CI_HIGH if upper else CI_LOW
     end = "upper" if upper else "lower"
     label = f"{end} end of the {_level(confidence)}bootstrap confidence interval of {criterion.label}"
-    if undefined or len(values) == 0:
+    if undefined or values.size == 0:
         why = criterion.undefined_reason or "a map without a ranking cannot show what it depends on"
         entry = _entry(
             float("nan"),
@@ -166,7 +168,7 @@ def judge(criterion: Criterion, *, bootstrap: int, confidence: float, seed: int)
             label=label,
             mean=float("nan"),
             criterion=criterion.name,
-            undefined=f"undefined on {undefined} of {len(values)} ECGs: {why}",
+            undefined=f"undefined on {undefined} of {values.shape[-1]} ECGs: {why}",
         )
         return entry
     interval = bootstrap_mean(values, n_boot=bootstrap, confidence=confidence, seed=seed)
@@ -231,7 +233,7 @@ RANDOMISATION_CRITERIA = (
         "independent",
         "max_independent_similarity",
         "<=",
-        "the mean Spearman |a| with one layer randomised, averaged over the layers",
+        "the mean Spearman |a| with one layer randomised alone, judged per layer (the worst decides)",
     ),
     (
         "noise_floor_gap",
@@ -243,37 +245,42 @@ RANDOMISATION_CRITERIA = (
 
 
 def randomisation_entry(curves: RandomisationCurves, cfg: dict[str, Any], seed: int) -> dict[str, Any]:
-    """Every criterion of :data:`RANDOMISATION_CRITERIA` must hold, judged per ECG at the more
-    similar of the sample and segment resolutions, averaged over the weight draws; ``cfg`` is
-    the policy's ``checks.randomisation`` table."""
+    """Every criterion of :data:`RANDOMISATION_CRITERIA` must hold, judged per ECG and weight
+    draw at the more similar of the sample and segment resolutions (the bootstrap resamples
+    ECGs and draws together); ``independent`` is judged for each layer and the worst layer
+    decides. ``cfg`` is the policy's ``checks.randomisation`` table."""
     per_ecg = {
         "final": curves.worst("cascading", -1),
         "top_layer": curves.worst("cascading", 0),
         "curve_area": curves.worst("cascading", slice(None)),
-        "independent": curves.worst("independent", slice(None)),
         "noise_floor_gap": curves.gap_to_noise_floor(),
     }
     reason = _constant_reason(curves.constant_maps)
-    n = len(per_ecg["final"])
-    draws = curves.per_ecg_cascading.shape[0]
-    judged = [
-        judge(
-            Criterion(
-                name,
-                f"{what}, over {n} ECGs and {draws} weight draw(s)",
-                per_ecg[name],
-                cfg[key],
-                comparison,
-                reason,
-            ),
-            bootstrap=cfg["bootstrap"],
-            confidence=cfg["confidence"],
-            seed=seed,
-        )
-        for name, key, comparison, what in RANDOMISATION_CRITERIA
-    ]
+    draws, n = per_ecg["final"].shape
+    over = f"over {n} ECGs and {draws} weight draw(s)"
+
+    def judged(name: str, key: str, comparison: str, what: str, values: np.ndarray) -> dict[str, Any]:
+        criterion = Criterion(name, f"{what}, {over}", values, cfg[key], comparison, reason)
+        return judge(criterion, bootstrap=cfg["bootstrap"], confidence=cfg["confidence"], seed=seed)
+
+    entries = []
+    for name, key, comparison, what in RANDOMISATION_CRITERIA:
+        if name != "independent":
+            entries.append(judged(name, key, comparison, what, per_ecg[name]))
+            continue
+        per_layer = [
+            judged(
+                name, key, comparison, f"the mean Spearman |a| with layer {layer} randomised alone", values
+            )
+            for layer, values in zip(
+                curves.layers,
+                (curves.worst("independent", k) for k in range(len(curves.layers))),
+                strict=True,
+            )
+        ]
+        entries.append(_worst_layer(per_layer, curves.layers))
     return criteria_entry(
-        judged,
+        entries,
         cfg["blocking"],
         layers=curves.layers,
         draws=draws,
@@ -285,6 +292,16 @@ def randomisation_entry(curves: RandomisationCurves, cfg: dict[str, Any], seed: 
         },
         constant_maps=curves.constant_maps,
     )
+
+
+def _worst_layer(per_layer: list[dict[str, Any]], layers: list[str]) -> dict[str, Any]:
+    """The layer whose criterion decides: the first undefined, else the highest upper end;
+    every layer's decisive number is kept in the details."""
+    undefined = [e for e in per_layer if e["score"] is None]
+    worst = undefined[0] if undefined else max(per_layer, key=lambda e: e["score"])
+    worst = {**worst, "details": {**worst["details"], "layer": layers[per_layer.index(worst)]}}
+    worst["details"]["per_layer"] = {layer: e["score"] for layer, e in zip(layers, per_layer, strict=True)}
+    return worst
 
 
 def _constant_reason(constant: dict[str, int]) -> str:
@@ -301,25 +318,43 @@ def _constant_reason(constant: dict[str, int]) -> str:
     return f"{what}; a map with no ranking cannot show that it depends on the weights"
 
 
+def _lowest(versus: dict[str, dict[str, Interval]]) -> tuple[str, str]:
+    """(strategy, row) of the lowest lower end."""
+    return min(((s, r) for s, rows in versus.items() for r in rows), key=lambda sr: versus[sr[0]][sr[1]].low)
+
+
+def _intervals(versus: dict[str, dict[str, Interval]]) -> dict[str, dict[str, dict[str, float | None]]]:
+    return {
+        s: {
+            r: {"mean": json_number(c.mean), "low": json_number(c.low), "high": json_number(c.high)}
+            for r, c in rows.items()
+        }
+        for s, rows in versus.items()
+    }
+
+
 def perturbation_entry(
     curves: PerturbationCurves,
-    versus_control: dict[str, Interval],
+    versus: dict[str, dict[str, Interval]],
     margin: float,
     blocking: bool,
     confidence: float | None = None,
+    control: str = "random",
     **extra: Any,
 ) -> dict[str, Any]:
-    """Passes when, under every replacement strategy, the lower end of the confidence interval
-    of (method - random control) faithfulness is above ``margin``. The score is the lowest of
-    those lower ends; ``details.strategy`` names its strategy. Faithfulness is area(LeRF) -
+    """Passes when, under every replacement strategy and against every model-independent row,
+    the lower end of the confidence interval of the paired faithfulness gap (method - row) is
+    above ``margin``: the method must beat the strongest map that ignores the model, not only
+    the random control. ``versus[strategy][row]`` is that interval; the score is the lowest
+    lower end, ``details.strategy`` and ``details.row`` say where. Faithfulness is area(LeRF) -
     area(MoRF) of the target's logit; ``extra`` goes into the details."""
-    worst = min(versus_control, key=lambda s: versus_control[s].low)
-    decisive = versus_control[worst]
+    strategy, row = _lowest(versus)
+    decisive = versus[strategy][row]
     n = len(next(iter(curves.score.values()))) if curves.score else 0
     label = (
         f"lower end of the {_level(confidence)}bootstrap confidence interval of the mean faithfulness "
-        f"gap (logit area) to the random control over {n} ECGs whose target the model predicts, "
-        "under the replacement strategy where it is lowest"
+        f"gap (logit area) to the strongest model-independent map over {n} ECGs whose target the model "
+        "predicts, under the replacement strategy and against the map where it is lowest"
     )
     return _entry(
         decisive.low,
@@ -332,16 +367,61 @@ def perturbation_entry(
         mean=decisive.mean,
         interval=decisive,
         confidence=confidence,
-        strategy=worst,
+        strategy=strategy,
+        row=row,
         fractions=curves.fractions,
         morf=_nums(curves.morf),
         lerf=_nums(curves.lerf),
         faithfulness={s: json_number(float(np.mean(v))) for s, v in curves.score.items()},
+        versus=_intervals(versus),
         versus_control={
-            s: {"mean": json_number(c.mean), "low": json_number(c.low), "high": json_number(c.high)}
-            for s, c in versus_control.items()
+            s: _intervals({s: {control: rows[control]}})[s][control]
+            for s, rows in versus.items()
+            if control in rows
         },
         **extra,
+    )
+
+
+def changed_model_entry(
+    versus: dict[str, dict[str, Interval]],
+    margin: float,
+    blocking: bool,
+    *,
+    confidence: float,
+    ecgs: int,
+    draws: int,
+    faithfulness: dict[str, dict[str, float]],
+) -> dict[str, Any]:
+    """Passes when, on every changed model (``versus`` key: the output layer, the top block
+    randomised) and under every strategy, the lower end of the interval of the paired
+    faithfulness gap to the random control, each map and logit from that model, is above
+    ``margin``. ``versus[model][strategy]``; ``faithfulness[model][strategy]`` the mean."""
+    model, strategy = _lowest(versus)
+    decisive = versus[model][strategy]
+    label = (
+        f"lower end of the {_level(confidence)}bootstrap confidence interval (ECGs and weight draws "
+        f"resampled together) of the mean faithfulness gap to the random control on a model with its "
+        f"{model.replace('_', ' ')} randomised, the method's own maps and that model's logits, over {ecgs} "
+        f"ECGs and {draws} draw(s), under the strategy where it is lowest"
+    )
+    return _entry(
+        decisive.low,
+        margin,
+        bool(decisive.low > margin),
+        ">",
+        blocking,
+        statistic=CI_LOW,
+        label=label,
+        mean=decisive.mean,
+        interval=decisive,
+        confidence=confidence,
+        strategy=f"{strategy} on the {model.replace('_', ' ')}-randomised model",
+        model=model,
+        versus_control=_intervals(versus),
+        faithfulness={m: {s: json_number(v) for s, v in f.items()} for m, f in faithfulness.items()},
+        ecgs=ecgs,
+        draws=draws,
     )
 
 

@@ -16,8 +16,8 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from ecgx.outputs import EXPERIMENTS, StagedOutput
-from ecgx.service.package import MANIFEST_FILE
+from ecgx.core.outputs import EXPERIMENTS, StagedOutput
+from ecgx.core.package_reader import MANIFEST_FILE
 from ecgx.validation.gate import GateRun, run_gate
 from ecgx.validation.policy import Policy
 
@@ -77,7 +77,7 @@ def _exported(checkpoint: Path, package: Path, reuse: Path | None = None) -> Pat
 
 def _is_export_of(package: Path, checkpoint: Path) -> bool:
     """True when ``package`` was exported from exactly this checkpoint file (its SHA-256)."""
-    from ecgx.service.package import sha256_file
+    from ecgx.core.package_reader import sha256_file
 
     try:
         manifest = json.loads((package / MANIFEST_FILE).read_text())
@@ -99,7 +99,7 @@ def run_experiments(
 ) -> Path:
     """Gate the first seed with the others as its family and write the report folder ``out``.
 
-    ``out`` follows the output rule (:mod:`ecgx.outputs`): it is built in a temporary sibling,
+    ``out`` follows the output rule (:mod:`ecgx.core.outputs`): it is built in a temporary sibling,
     exported packages included (``out/packages``), and renamed into place when complete; with
     ``overwrite`` an earlier report's exports of the same checkpoints are reused.
     """
@@ -132,7 +132,7 @@ def _relocate(report: dict, tmp: Path, out: Path) -> None:
 
 def write_experiments(run: GateRun, out: Path, *, overwrite: bool = False) -> Path:
     """The HTML report with its PNG figures, and the measurements as JSON, as the folder ``out``
-    (the output rule of :mod:`ecgx.outputs`); returns the path of ``report.html``."""
+    (the output rule of :mod:`ecgx.core.outputs`); returns the path of ``report.html``."""
     out = Path(out)
     with StagedOutput(out, EXPERIMENTS, overwrite=overwrite) as tmp:
         _write_report(run, tmp)

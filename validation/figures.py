@@ -23,8 +23,8 @@ from matplotlib.colors import ListedColormap
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
-from ecgx.plots import plot_attributions
-from ecgx.training.data.schema import CLASSES
+from ecgx.core.plots import plot_attributions
+from ecgx.core.schema import CLASSES
 from ecgx.validation.policy import CHECKS, CONTROL_METHOD
 
 if TYPE_CHECKING:

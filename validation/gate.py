@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import platform
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,26 +29,51 @@ import numpy as np
 import onnxruntime as ort
 
 import ecgx
-from ecgx.progress import progress_bar
+from ecgx.core.dataset import Dataset, dataset_fingerprint, load_dataset
+from ecgx.core.package_reader import MANIFEST_FILE, ModelPackage, load_package, sha256_file
+from ecgx.core.progress import progress_bar
 from ecgx.service.engine import AttributionEngine, select_providers
 from ecgx.service.methods import METHOD_NAMES, get_method, unavailable_methods
-from ecgx.service.package import MANIFEST_FILE, WEIGHTS_FILE, ModelPackage, load_package, sha256_file
-from ecgx.training.data.dataset import Dataset, dataset_fingerprint, load_dataset
 from ecgx.validation import checks
-from ecgx.validation.bootstrap import bootstrap_difference
+from ecgx.validation.bootstrap import Interval, bootstrap_difference
+from ecgx.validation.changed_model import CHANGED_MODELS, changed_models
 from ecgx.validation.leakage import check_leakage, leakage_record
 from ecgx.validation.localisation import localisation_scores
-from ecgx.validation.perturbation import lead_basis, perturbation_curves
-from ecgx.validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, validated
-from ecgx.validation.randomisation import Attributor, RandomisationSetup, n_steps, randomisation_curves
-from ecgx.validation.references import is_reference, reference_attributors
+from ecgx.validation.perturbation import PerturbationCurves, lead_basis, perturbation_curves
+from ecgx.validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, may_differ, validated
+from ecgx.validation.randomisation import (
+    Attributor,
+    RandomisationSetup,
+    n_steps,
+    randomisation_curves,
+    randomisation_models,
+)
+from ecgx.validation.references import (
+    PERTURBATION_FLOOR,
+    class_templates,
+    is_reference,
+    reference_attributors,
+)
 from ecgx.validation.similarity import mean_pairwise_pearson, pearson_rows
-from ecgx.validation.user_methods import checked_attributor, mark_user_methods, method_spec
+from ecgx.validation.user_methods import (
+    UserCall,
+    checked_attributor,
+    method_spec,
+    run_user_methods,
+    user_report,
+)
 
 log = logging.getLogger(__name__)
 
 SCHEMA = "ecgx-gate-report"
-SCHEMA_VERSION = 1
+# 2: user methods under "user_methods" (not "methods"), the changed_model check, per-method
+# "settings", perturbation judged against the strongest model-independent row.
+SCHEMA_VERSION = 2
+# A second, independent draw of the random control: what the control's own scores are measured
+# against, so they are measurements and not zero by construction.
+CONTROL_REDRAW = f"{CONTROL_METHOD} (independent draw)"
+# The stream of the control's seeds, apart from every other draw of the gate.
+_CONTROL_STREAM = 0xC0
 
 
 @dataclass
@@ -120,24 +147,34 @@ def select_ecgs(ds: Dataset, n: int, seed: int, class_keys: Sequence[str]) -> Ga
 def method_attributor(name: str, seed: int) -> Attributor:
     """The served method ``name`` with default settings; stochastic methods get ``seed``, the
     same for every model, so differences come from the model and not from the draws.
-
-    The random control is the exception: it draws per trained model (its seed mixes in the
-    package's weights hash), so it is the floor of self-consistency too. A randomised copy
-    of a package keeps the package's draws, so the control still fails randomisation.
-    """
+    The random control is the exception (:func:`control_attributor`)."""
     if name == CONTROL_METHOD:
-
-        def control(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
-            weights = engine.package.manifest["files"][WEIGHTS_FILE]["sha256"]
-            return engine.attribute(name, x, target, seed=seed + int(weights[:8], 16))
-
-        return control
+        return control_attributor(seed)
     params = {"seed": seed} if get_method(name).stochastic else {}
 
     def attribute(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
         return engine.attribute(name, x, target, **params)
 
     return attribute
+
+
+def control_attributor(seed: int) -> Attributor:
+    """The random control, drawn afresh on every call: each model (randomised and changed
+    copies, family members) and each input gets its own draw, seeded from the policy's seed and
+    the call's number (the gate calls it in a fixed order), never from the package. Its scores
+    are then measurements: its randomisation similarity compares independent draws, its
+    self-consistency draws of other models, and its faithfulness is compared with another draw
+    (:data:`CONTROL_REDRAW`), so the report shows the floor as measured."""
+    calls = itertools.count()
+    lock = threading.Lock()
+
+    def control(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+        with lock:
+            n = next(calls)
+        draw = int(np.random.SeedSequence([seed, _CONTROL_STREAM, n]).generate_state(1)[0])
+        return engine.attribute(CONTROL_METHOD, x, target, seed=draw)
+
+    return control
 
 
 def run_gate(
@@ -164,8 +201,9 @@ def run_gate(
             ``unavailable``) is not checked: the report lists it under ``unavailable`` with the
             reason, and never serves it.
         attributors: user-supplied methods by name, ``attribute(engine, x, target)``
-            (:mod:`ecgx.validation.user_methods`); each result is checked, and the report marks
-            them ``user_supplied`` and never serves them.
+            (:mod:`ecgx.validation.user_methods`); each result is checked, and they are gated
+            for information only: listed under ``user_methods``, never served, never counted
+            towards the verdict, the headline or another method's scores.
         workers: methods computed side by side (default: CPU count), one ONNX Runtime
             thread each.
         research: gate under a policy below the floor (:data:`ecgx.validation.policy.POLICY_FLOOR`),
@@ -184,6 +222,7 @@ def run_gate(
     pkg = load_package(package)
     unavailable = unavailable_methods(pkg)
     attrib = _attributors(methods, attributors, pol.seed, unavailable)
+    user = {m: attrib.pop(m) for m in attributors or {}}
     fam = [load_package(p) for p in family]
     _check_family(pkg, fam)
     ds = load_dataset(data)
@@ -198,29 +237,54 @@ def run_gate(
     warnings += check_coverage(ds, gd, pol, pkg.class_keys)
     warnings += [f"research mode: the policy is below the floor: {v}" for v in below_floor]
     workers = workers or os.cpu_count() or 1
-    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress, fam[0] if fam else None)
+    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress, fam, user)
     timings["load"] = time.perf_counter() - started
 
-    maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.trained))
+    if user:  # before any built-in work, in an order the methods cannot predict
+        ctx.timed(
+            timings, "user_methods", lambda: ctx.user_maps.update(run_user_methods(user, ctx.user_calls()))
+        )
+    maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.trained, key=("trained",)))
     family_maps = [
-        ctx.timed(timings, f"family_{i}", lambda p=p: ctx.attribute_all(ctx.engine(package=p)))
+        ctx.timed(
+            timings,
+            f"family_{i}",
+            lambda i=i, p=p: ctx.attribute_all(ctx.engine(package=p), key=("family", i)),
+        )
         for i, p in enumerate(fam)
     ]
-    entries: dict[str, dict[str, Any]] = {m: {} for m in ctx.methods}
+    entries: dict[str, dict[str, Any]] = {m: {} for m in ctx.all_methods}
     ctx.timed(timings, "randomisation", lambda: ctx.randomisation(maps, entries))
     ctx.timed(timings, "perturbation", lambda: ctx.perturbation(maps, entries))
+    ctx.timed(timings, "changed_model", lambda: ctx.changed_model(entries))
     ctx.self_consistency(maps, family_maps, entries)
     matrix = ctx.inter_method(maps, entries)
     ctx.localisation(maps, entries)
     timings["total"] = time.perf_counter() - started
-    report = _report(ctx, fam, entries, matrix, timings, warnings, unavailable)
+    report = _report(
+        ctx, fam, {m: e for m, e in entries.items() if m not in user}, matrix, timings, warnings, unavailable
+    )
     report["leakage"] = leakage_record(pkg)
-    mark_user_methods(report, {m: attrib[m] for m in attributors or {}})
+    user_report(report, user, {m: _row(entries[m]) for m in user})
     report["research"] = research
     report["servable"] = report["verdict"] == checks.PASS and not research
     if research:
         report["headline"] = f"RESEARCH report, not servable (ecgx validate --research): {report['headline']}"
     return GateRun(report, gd, maps, family_maps)
+
+
+def _row(method_checks: dict[str, Any]) -> dict[str, Any]:
+    verdict, reasons = checks.method_verdict(method_checks)
+    return {"verdict": verdict, "reasons": reasons, "checks": method_checks}
+
+
+def method_settings(name: str, policy: Policy) -> dict[str, Any]:
+    """What a built-in method's verdict covers: every public setting as the gate ran it (the
+    method's defaults; the seed of a stochastic method aside) and how each may differ when
+    served (``serving.may_differ``; a stochastic method's seed always "any")."""
+    method = get_method(name)
+    checked = {k: v for k, v in method.parameters().items() if not (method.stochastic and k == "seed")}
+    return {"checked": json.loads(json.dumps(checked)), "may_differ": may_differ(policy, name)}
 
 
 def _attributors(
@@ -337,18 +401,26 @@ class _Context:
     pkg: ModelPackage
     policy: Policy
     data: GateData
-    methods: dict[str, Attributor]
+    methods: dict[str, Attributor]  # built-in methods, then the reference rows
     providers: Sequence[str] | None
     workers: int
     show_progress: bool
-    sibling: ModelPackage | None = None  # the "other model" of the reference rows
+    family: list[ModelPackage] = field(default_factory=list)
+    user: dict[str, Attributor] = field(default_factory=dict)  # for information only
+    user_maps: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict)  # by model key
 
     def __post_init__(self) -> None:
         # Every run scores the model-independent reference rows beside the methods.
+        templates = class_templates(self.data.x, self.data.target, len(self.pkg.class_keys))
+        sibling = self.family[0] if self.family else None
         self.methods = {
             **self.methods,
-            **reference_attributors(self.pkg, self.policy.seed, self.engine, self.sibling),
+            **reference_attributors(self.pkg, self.policy.seed, self.engine, sibling, templates),
         }
+
+    @property
+    def all_methods(self) -> list[str]:
+        return [*self.methods, *self.user]
 
     @functools.cached_property
     def trained(self) -> AttributionEngine:
@@ -389,36 +461,75 @@ class _Context:
             with ThreadPoolExecutor(self.workers) as pool:
                 return dict(zip(names, pool.map(one, names), strict=True))
 
-    def attribute_all(self, engine: AttributionEngine, x=None, target=None) -> dict[str, np.ndarray]:
+    def attribute_all(
+        self, engine: AttributionEngine, x=None, target=None, *, key: tuple, desc: str | None = ""
+    ) -> dict[str, np.ndarray]:
+        """Every built-in method and reference row on ``engine``, and the user methods' maps of
+        the model ``key`` names (computed before, in their own order: :meth:`user_calls`)."""
         x = self.data.x if x is None else x
         target = self.data.target if target is None else target
-        desc = f"attributions {engine.package.path.name}"
-        return self.parallel(lambda m: self.methods[m](engine, x, target), list(self.methods), desc)
+        desc = f"attributions {engine.package.path.name}" if desc == "" else desc
+        maps = self.parallel(lambda m: self.methods[m](engine, x, target), list(self.methods), desc)
+        return {**maps, **self.user_maps.get(key, {})} if self.user else maps
 
-    def randomisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
+    def randomisation_setup(self) -> RandomisationSetup:
         cfg = self.policy.check("randomisation")
         k = min(cfg["ecgs"], len(self.data.x))
-        x, t = self.data.x[:k], self.data.target[:k]
-        setup = RandomisationSetup(
+        return RandomisationSetup(
             self.pkg,
             lambda overrides: self.engine(overrides=overrides),
-            x,
-            t,
+            self.data.x[:k],
+            self.data.target[:k],
             window=cfg["window"],
             draws=cfg["draws"],
             noise_scale=cfg["noise_scale"],
             seed=self.policy.seed,
+            basis=lead_basis(self.pkg.leads),
         )
+
+    def changed_ecgs(self) -> tuple[np.ndarray, np.ndarray]:
+        n = min(self.policy.check("changed_model")["ecgs"], len(self.data.x))
+        return self.data.x[:n], self.data.target[:n]
+
+    def user_calls(self) -> list[UserCall]:
+        """Every model and input the user methods are run on: the trained model (the gate's ECGs
+        and the noise floor's noisy ones), each randomised and changed copy, each family member."""
+        x, t = self.data.x, self.data.target
+        setup = self.randomisation_setup()
+        seed = self.policy.seed
+        calls: list[UserCall] = [
+            (("trained",), lambda: self.trained, x, t),
+            (("noisy",), lambda: self.trained, setup.noisy_x(), setup.target),
+        ]
+        calls += [
+            (key, lambda o=o: self.engine(overrides=o), setup.x, setup.target)
+            for key, o in randomisation_models(self.pkg, seed, setup.draws)
+        ]
+        calls += [
+            (("family", i), lambda p=p: self.engine(package=p), x, t) for i, p in enumerate(self.family)
+        ]
+        cx, ct = self.changed_ecgs()
+        draws = self.policy.check("changed_model")["draws"]
+        calls += [
+            (("changed", *key), lambda o=o: self.engine(overrides=o), cx, ct)
+            for key, o in changed_models(self.pkg, seed, draws)
+        ]
+        return calls
+
+    def randomisation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
+        cfg = self.policy.check("randomisation")
+        setup = self.randomisation_setup()
+        k, t = len(setup.x), setup.target
         steps = n_steps(self.pkg, cfg["draws"])
         with progress_bar(total=steps, desc="randomisation", unit="model", enabled=self.show_progress) as bar:
 
-            def step_maps(engine: AttributionEngine, inputs: np.ndarray) -> dict[str, np.ndarray]:
-                return self.parallel(lambda m: self.methods[m](engine, inputs, t), list(self.methods), None)
+            def step_maps(engine: AttributionEngine, inputs: np.ndarray, key: tuple) -> dict[str, np.ndarray]:
+                return self.attribute_all(engine, inputs, t, key=key, desc=None)
 
             curves = randomisation_curves(
                 setup,
                 step_maps,
-                {m: maps[m][:k] for m in self.methods},
+                {m: maps[m][:k] for m in self.all_methods},
                 self.trained,
                 on_step=lambda: bar.update(1),
             )
@@ -430,10 +541,29 @@ class _Context:
         logits = self.trained.logits(self.data.x)
         return logits[np.arange(len(self.data.x)), self.data.target] > 0
 
+    def curves(
+        self, engine: AttributionEngine, x: np.ndarray, t: np.ndarray, maps: Mapping[str, np.ndarray]
+    ) -> dict[str, PerturbationCurves]:
+        """Perturbation curves of every map in ``maps`` on ``engine`` (the policy's settings)."""
+        cfg = self.policy.check("perturbation")
+        settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_scale")}
+        basis = lead_basis(self.pkg.leads)
+
+        def curves_of(m: str) -> PerturbationCurves:
+            return perturbation_curves(engine, x, t, maps[m], seed=self.policy.seed, basis=basis, **settings)
+
+        return self.parallel(curves_of, list(maps), None)
+
+    def with_redraw(self, engine: AttributionEngine, x: np.ndarray, t: np.ndarray, maps: dict) -> dict:
+        """``maps`` and a second, independent draw of the random control on ``engine``."""
+        return {**maps, CONTROL_REDRAW: self.methods[CONTROL_METHOD](engine, x, t)}
+
     def perturbation(self, maps: dict[str, np.ndarray], entries: dict) -> None:
         """Faithfulness on the ECGs whose target the model predicts: removing the evidence for a
         class the model does not see there says little about what it uses. The others are
-        left out and counted in the details."""
+        left out and counted in the details. Every row is judged against the strongest
+        model-independent row (:data:`ecgx.validation.references.PERTURBATION_FLOOR` and the
+        random control; the control against another draw of itself), paired on the same ECGs."""
         cfg = self.policy.check("perturbation")
         engine = self.trained
         keep = self.predicted()
@@ -444,37 +574,76 @@ class _Context:
                 f"the model predicts the target of only {int(keep.sum())} of {len(keep)} gate ECGs; "
                 "faithfulness needs at least 2"
             )
-            for m in self.methods:
+            for m in self.all_methods:
                 entries[m]["perturbation"] = checks.not_run(reason, cfg["blocking"])
             return
-        settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_scale")}
         x, t = self.data.x[keep], self.data.target[keep]
-
-        def curves_of(m: str):
-            return perturbation_curves(
-                engine, x, t, maps[m][keep], seed=self.policy.seed, basis=basis, **settings
-            )
-
-        curves = self.parallel(curves_of, list(self.methods), "perturbation")
-        control = curves[CONTROL_METHOD]
-        for m, c in curves.items():
+        kept = self.with_redraw(engine, x, t, {m: maps[m][keep] for m in self.all_methods})
+        curves = self.curves(engine, x, t, kept)
+        floor = [r for r in (*PERTURBATION_FLOOR, CONTROL_METHOD) if r in curves]
+        for m in self.all_methods:
+            rows = [CONTROL_REDRAW if r == m == CONTROL_METHOD else r for r in floor if r != m]
             versus = {
-                s: bootstrap_difference(
-                    c.score[s],
-                    control.score[s],
-                    n_boot=cfg["bootstrap"],
-                    confidence=cfg["confidence"],
-                    seed=self.policy.seed,
-                )
+                s: {r: self.paired(curves[m].score[s], curves[r].score[s], cfg) for r in rows}
                 for s in cfg["strategies"]
             }
             entries[m]["perturbation"] = checks.perturbation_entry(
-                c, versus, cfg["margin"], cfg["blocking"], confidence=cfg["confidence"], **counts
+                curves[m], versus, cfg["margin"], cfg["blocking"], confidence=cfg["confidence"], **counts
+            )
+
+    def paired(self, score: np.ndarray, other: np.ndarray, cfg: Mapping[str, Any]) -> Interval:
+        return bootstrap_difference(
+            score, other, n_boot=cfg["bootstrap"], confidence=cfg["confidence"], seed=self.policy.seed
+        )
+
+    def changed_model(self, entries: dict) -> None:
+        """Faithfulness on copies with the output layer, then the top block, randomised
+        (:mod:`ecgx.validation.changed_model`): each row's own maps and the copy's own logits,
+        paired with the random control's (the control with another draw of itself)."""
+        cfg = self.policy.check("changed_model")
+        strategies = self.policy.check("perturbation")["strategies"]
+        x, t = self.changed_ecgs()
+        # model -> row -> strategy -> per-draw per-ECG faithfulness
+        scores: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
+        models = list(changed_models(self.pkg, self.policy.seed, cfg["draws"]))
+        with progress_bar(
+            total=len(models), desc="changed models", unit="model", enabled=self.show_progress
+        ) as bar:
+            for key, overrides in models:
+                engine = self.engine(overrides=overrides)
+                maps = self.attribute_all(engine, x, t, key=("changed", *key), desc=None)
+                curves = self.curves(engine, x, t, self.with_redraw(engine, x, t, maps))
+                table = scores.setdefault(key[0], {})
+                for m, c in curves.items():
+                    for s in strategies:
+                        table.setdefault(m, {}).setdefault(s, []).append(c.score[s])
+                bar.update(1)
+        for m in self.all_methods:
+            control = CONTROL_REDRAW if m == CONTROL_METHOD else CONTROL_METHOD
+            versus = {
+                model: {
+                    s: self.paired(np.stack(scores[model][m][s]), np.stack(scores[model][control][s]), cfg)
+                    for s in strategies
+                }
+                for model in CHANGED_MODELS
+            }
+            faithfulness = {
+                model: {s: float(np.mean(scores[model][m][s])) for s in strategies}
+                for model in CHANGED_MODELS
+            }
+            entries[m]["changed_model"] = checks.changed_model_entry(
+                versus,
+                cfg["margin"],
+                cfg["blocking"],
+                confidence=cfg["confidence"],
+                ecgs=len(x),
+                draws=cfg["draws"],
+                faithfulness=faithfulness,
             )
 
     def self_consistency(self, maps, family_maps: list[dict[str, np.ndarray]], entries: dict) -> None:
         cfg = self.policy.check("self_consistency")
-        for m in self.methods:
+        for m in self.all_methods:
             if not family_maps:
                 reason = "no seed family given (--family PKG2 PKG3 ...)"
                 entries[m]["self_consistency"] = checks.not_run(reason, cfg["blocking"])
@@ -485,7 +654,8 @@ class _Context:
             )
 
     def inter_method(self, maps: dict[str, np.ndarray], entries: dict) -> dict[str, Any]:
-        """Mean per-ECG Pearson correlation of absolute attributions, method x method."""
+        """Mean per-ECG Pearson correlation of absolute attributions, method x method, between the
+        built-in methods; a user method is compared with them, never they with it."""
         cfg = self.policy.check("inter_method")
         # Agreeing with |x| is no agreement with another explanation: reference rows stay out.
         names = [m for m in self.methods if not is_reference(m)]
@@ -496,10 +666,13 @@ class _Context:
         matrix = np.eye(len(names))
         for i in range(len(names)):
             for j in range(i + 1, len(names)):
-                r = pearson_rows(np.abs(maps[names[i]]), np.abs(maps[names[j]]))
-                matrix[i, j] = matrix[j, i] = np.nanmean(r) if np.isfinite(r).any() else np.nan
-        for i, m in enumerate(names):
-            row = {n: float(matrix[i, j]) for j, n in enumerate(names) if j != i and n != CONTROL_METHOD}
+                matrix[i, j] = matrix[j, i] = _mean_correlation(maps[names[i]], maps[names[j]])
+        rows = {
+            m: {n: float(matrix[i, j]) for j, n in enumerate(names) if j != i} for i, m in enumerate(names)
+        }
+        rows |= {u: {n: _mean_correlation(maps[u], maps[n]) for n in names} for u in self.user}
+        for m, row in rows.items():
+            row = {n: v for n, v in row.items() if n != CONTROL_METHOD}
             entries[m]["inter_method"] = (
                 checks.inter_method_entry(row, cfg["min_correlation"], cfg["blocking"])
                 if row
@@ -512,7 +685,7 @@ class _Context:
         masks = self.data.masks
         if masks is None or not masks.any():
             reason = "the validation data has no ground-truth masks (only synthetic data has them)"
-            for m in self.methods:
+            for m in self.all_methods:
                 entries[m]["localisation"] = checks.not_run(reason, cfg["blocking"])
             return
         has = masks.reshape(len(masks), -1).any(axis=1)
@@ -520,11 +693,16 @@ class _Context:
         # |x| scored the same way: a method at this level only highlights large voltages.
         baseline = localisation_scores(self.data.x[has], masks)
         area = masks.mean(axis=(1, 2))
-        for m in self.methods:
+        for m in self.all_methods:
             scores = localisation_scores(maps[m][has], masks)
             entries[m]["localisation"] = checks.localisation_entry(
                 scores, baseline, area, cfg["min_auroc"], cfg["blocking"]
             )
+
+
+def _mean_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    r = pearson_rows(np.abs(a), np.abs(b))
+    return float(np.nanmean(r)) if np.isfinite(r).any() else float("nan")
 
 
 def _report(
@@ -539,8 +717,10 @@ def _report(
     unavailable = dict(unavailable or {})
     methods, references = {}, {}
     for m, method_checks in entries.items():
-        verdict, reasons = checks.method_verdict(method_checks)
-        row = {"verdict": verdict, "reasons": reasons, "checks": method_checks}
+        row = _row(method_checks)
+        if not is_reference(m):
+            # What the verdict covers: the settings it was checked with (issue 19).
+            row["settings"] = method_settings(m, ctx.policy)
         (references if is_reference(m) else methods)[m] = row
     required = ctx.policy.required_methods()
     missing = [m for m in required if m not in methods]
@@ -597,6 +777,7 @@ def _report(
             "ecgs": len(ctx.data.x),
             "ecgs_asked": ctx.policy.n_ecgs,
             "randomisation_ecgs": min(ctx.policy.check("randomisation")["ecgs"], len(ctx.data.x)),
+            "changed_model_ecgs": min(ctx.policy.check("changed_model")["ecgs"], len(ctx.data.x)),
             "targets": {k: int((ctx.data.target == i).sum()) for i, k in enumerate(ctx.pkg.class_keys)},
             "ground_truth": ctx.data.masks is not None,
         },
@@ -676,10 +857,10 @@ def package_record(pkg: ModelPackage) -> dict[str, Any]:
 def save_report(report: dict[str, Any], path: str | Path, *, overwrite: bool = False) -> Path:
     """Write ``report`` as JSON atomically: a reader sees the old report or the new one, never half.
 
-    The output rule (:mod:`ecgx.outputs`): an existing file is replaced only with ``overwrite``
+    The output rule (:mod:`ecgx.core.outputs`): an existing file is replaced only with ``overwrite``
     and only if it is a gate report; anything else at ``path`` is never replaced.
     """
-    from ecgx.outputs import GATE_REPORT, StagedOutput
+    from ecgx.core.outputs import GATE_REPORT, StagedOutput
 
     text = json.dumps(report, indent=1, allow_nan=False)
     with StagedOutput(path, GATE_REPORT, overwrite=overwrite) as tmp:
@@ -688,7 +869,14 @@ def save_report(report: dict[str, Any], path: str | Path, *, overwrite: bool = F
     return Path(path)
 
 
-_SUMMARY_CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_method", "localisation")
+_SUMMARY_CHECKS = (
+    "randomisation",
+    "perturbation",
+    "changed_model",
+    "self_consistency",
+    "inter_method",
+    "localisation",
+)
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -700,7 +888,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in _SUMMARY_CHECKS)]
     legend: dict[str, str] = {}
     references = report.get("references", {})
-    for m, r in {**report["methods"], **references}.items():
+    user = {m: r for m, r in report.get("user_methods", {}).items() if isinstance(r, dict) and "checks" in r}
+    for m, r in {**report["methods"], **references, **user}.items():
         cells = []
         for n in _SUMMARY_CHECKS:
             c = r["checks"].get(n)
@@ -714,6 +903,8 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         label = f"{m} (control)" if m == CONTROL_METHOD else m
         if m in references and m == next(iter(references)):
             lines.append("Reference rows (maps that ignore the model; each must fail):")
+        if m in user and m == next(iter(user)):
+            lines.append("User-supplied methods (for information only; never served, never counted):")
         lines.append(f"{label:22s} {r['verdict']:7s} " + " ".join(cells))
     lines.append("Each cell is the number the check's verdict is decided on:")
     lines += [f"  {n}: {text}" for n, text in legend.items()]

@@ -2,7 +2,7 @@
 
 A verdict on training data says how a method explains beats the model has memorised, not
 the beats it will see in use. A package exported from a training run records its training
-split (``training/export/package.py``): the SHA-256 of every training beat's float32 bytes
+split (``training/export/package_writer.py``): the SHA-256 of every training beat's float32 bytes
 (``training_beats.sha256``) and the split's record and patient ids (``training_ids.json``),
 both listed with their hashes in the manifest. Before any computation the gate compares the
 selected validation ECGs with them: an identical signal, a shared record or a shared patient
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.service.package import ModelPackage, PackageError, read_package_file
-from ecgx.training.data.dataset import Dataset, beat_sha256
+from ecgx.core.dataset import Dataset, beat_sha256
+from ecgx.core.package_reader import ModelPackage, PackageError, read_package_file
 
 _LISTED = 5  # ids named in one message
 

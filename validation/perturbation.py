@@ -193,14 +193,15 @@ def perturbation_curves(
             # One generator per (strategy, order): the draws do not depend on which methods run.
             rng = np.random.default_rng([seed, int(most_first), strategies.index(strategy)])
             order = removal_order(relevance, rng, most_first)
-            logits = [start]
+            perturbed = []
             for k in counts[1:]:
                 removed_seg = np.zeros((len(x), n_seg), bool)
                 np.put_along_axis(removed_seg, order[:, :k], True, axis=1)
                 removed = removed_seg.reshape(len(x), n_ind, -1)[:, :, window_of]
-                perturbed = remove_segments(x, removed, basis, strategy, rng, noise_sd)
-                logits.append(target_logit(engine, perturbed, target))
-            z = np.stack(logits, axis=1)
+                perturbed.append(remove_segments(x, removed, basis, strategy, rng, noise_sd))
+            # Every step in one batch: one model call per curve instead of one per step.
+            after = target_logit(engine, np.concatenate(perturbed), np.tile(target, len(perturbed)))
+            z = np.concatenate([start[:, None], after.reshape(len(perturbed), len(x)).T], axis=1)
             getattr(curves, order_name)[strategy] = z.mean(axis=0).tolist()
             areas[order_name] = np.trapezoid(z, fractions, axis=1)
         curves.score[strategy] = areas["lerf"] - areas["morf"]

@@ -19,7 +19,14 @@ from typing import Any
 
 from ecgx.service.methods import METHOD_NAMES
 
-CHECKS = ("randomisation", "perturbation", "self_consistency", "inter_method", "localisation")
+CHECKS = (
+    "randomisation",
+    "perturbation",
+    "changed_model",
+    "self_consistency",
+    "inter_method",
+    "localisation",
+)
 STRATEGIES = ("zero", "lead_mean", "linear", "noisy_linear")
 CONTROL_METHOD = "random"
 DEFAULT_POLICY_FILE = Path(__file__).with_name("default_policy.toml")
@@ -54,6 +61,13 @@ _SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
         "window": (int, 1, 600),
         "steps": (int, 2, None),
         "noise_scale": (float, 0, 100),
+        "margin": (float, -100, 100),
+        "confidence": (float, 0.5, 0.9999),
+        "bootstrap": (int, 100, MAX_BOOTSTRAP),
+    },
+    "checks.changed_model": {
+        "ecgs": (int, 2, None),
+        "draws": (int, 1, 100),
         "margin": (float, -100, 100),
         "confidence": (float, 0.5, 0.9999),
         "bootstrap": (int, 100, MAX_BOOTSTRAP),
@@ -164,7 +178,9 @@ def _merge(base: dict[str, Any], user: Mapping[str, Any], where: str) -> dict[st
         if isinstance(base[key], dict):
             if not isinstance(value, Mapping):
                 raise PolicyError(f"policy key {name!r} must be a table")
-            out[key] = _merge(base[key], value, f"{name}.")
+            # A method's entry replaces the default one; any built-in method may be named.
+            open_table = name == "serving.may_differ"
+            out[key] = {**base[key], **value} if open_table else _merge(base[key], value, f"{name}.")
         else:
             out[key] = value
     return out
@@ -184,6 +200,7 @@ def _validate(content: dict[str, Any]) -> dict[str, Any]:
             raise PolicyError(f"checks.{check}.blocking must be true or false")
     _check_required(content["gate"]["required_methods"])
     _check_strategies(content["checks"]["perturbation"]["strategies"])
+    _check_may_differ(content["serving"]["may_differ"])
     return content
 
 
@@ -211,6 +228,44 @@ def _check_required(req: Any) -> None:
         raise PolicyError("gate.required_methods cannot require the random control: it is built to fail")
 
 
+MAY_DIFFER = ("any", "at_least", "at_most")
+
+
+def _check_may_differ(table: Any) -> None:
+    """``serving.may_differ``: method -> {parameter: "any" | "at_least" | "at_most"}, naming only
+    built-in methods and their public parameters."""
+    from ecgx.service.methods import get_method
+
+    if not isinstance(table, Mapping):
+        raise PolicyError("serving.may_differ must be a table of method = { parameter = ... }")
+    for method, params in table.items():
+        where = f"serving.may_differ.{method}"
+        if method not in METHOD_NAMES:
+            raise PolicyError(f"{where}: unknown method {method!r}; known: {', '.join(METHOD_NAMES)}")
+        if not isinstance(params, Mapping):
+            raise PolicyError(f'{where} must be a table, e.g. {{ n_samples = "at_least" }}')
+        known = get_method(method).parameters()
+        for name, how in params.items():
+            if name not in known:
+                raise PolicyError(
+                    f"{where}.{name}: {method} has no parameter {name!r}; its parameters: "
+                    f"{', '.join(sorted(known)) or 'none'}"
+                )
+            if how not in MAY_DIFFER:
+                raise PolicyError(f"{where}.{name} must be one of {', '.join(MAY_DIFFER)}, got {how!r}")
+
+
+def may_differ(policy: Policy, method: str) -> dict[str, str]:
+    """How each setting of ``method`` may differ from what the gate checked when served: the
+    policy's ``serving.may_differ`` entry, and ``seed`` "any" for a stochastic method."""
+    from ecgx.service.methods import get_method
+
+    out = dict(policy.content["serving"]["may_differ"].get(method, {}))
+    if method in METHOD_NAMES and get_method(method).stochastic:
+        out["seed"] = "any"
+    return out
+
+
 def _check_strategies(strategies: Any) -> None:
     if not isinstance(strategies, list) or not strategies:
         raise PolicyError(f"checks.perturbation.strategies must be a non-empty list from {list(STRATEGIES)}")
@@ -225,17 +280,42 @@ def _check_strategies(strategies: Any) -> None:
 DEFAULT = "default"
 
 # key -> (comparison, bound, why): the minimum a policy must meet for its report to be servable.
-# Below it the gate refuses (PolicyError) unless run in research mode, whose report is marked
-# "research" and never served. Add a key with one line; a bound of DEFAULT means the value in
-# default_policy.toml.
-POLICY_FLOOR: dict[str, tuple[str, bool | float | str, str]] = {
+# Every setting that changes what a check can detect is here, each at the default policy's own
+# value (DEFAULT), so any single loosening makes the report research-only; the keys that are
+# not here are in NOT_IN_FLOOR with the reason. Below the floor the gate refuses (PolicyError)
+# unless run in research mode, whose report is marked "research" and never served.
+# Comparisons: "==", ">=", "<=", "superset" (a list holding every bound entry) and "within"
+# (serving.may_differ allowing no more than the bound allows).
+_WIDER_INTERVAL = "a narrower interval makes the verdict a coin toss"
+_RESAMPLES = "fewer resamples leave the interval's ends unstable"
+_FEWER_ECGS = "fewer ECGs give intervals too wide to tell methods apart"
+POLICY_FLOOR: dict[str, tuple[str, Any, str]] = {
+    "gate.ecgs": (">=", DEFAULT, _FEWER_ECGS),
+    "gate.seed": ("==", DEFAULT, "gating again under other seeds until one passes is shopping for luck"),
+    "gate.min_passing": (">=", DEFAULT, "a gate that no method passes must not pass"),
+    "gate.allow_incomplete_data": ("==", DEFAULT, "a verdict on less data than the policy asks for"),
     "checks.randomisation.blocking": (
         "==",
-        True,
+        DEFAULT,
         "a method whose maps ignore the model's weights must not pass",
     ),
-    "checks.perturbation.blocking": ("==", True, "a method no better than random removal must not pass"),
-    "checks.randomisation.max_similarity": ("<=", 0.5, "above it the map is mostly explained by the input"),
+    "checks.randomisation.ecgs": (">=", DEFAULT, _FEWER_ECGS),
+    "checks.randomisation.draws": (">=", DEFAULT, "fewer weight draws let a lucky draw decide"),
+    "checks.randomisation.window": (
+        "==",
+        DEFAULT,
+        "the segment unit must be the one perturbation removes; other windows let weight-keyed masks pass",
+    ),
+    "checks.randomisation.noise_scale": (
+        ">=",
+        DEFAULT,
+        "less noise raises the noise floor every method must fall below",
+    ),
+    "checks.randomisation.max_similarity": (
+        "<=",
+        DEFAULT,
+        "above it the map is mostly explained by the input",
+    ),
     "checks.randomisation.max_top_layer_similarity": (
         "<=",
         DEFAULT,
@@ -252,19 +332,82 @@ POLICY_FLOOR: dict[str, tuple[str, bool | float | str, str]] = {
         DEFAULT,
         "a smaller gap lets maps that are noise to begin with pass (the unseeded random reference)",
     ),
-    "checks.randomisation.draws": (">=", 2, "one weight draw can be lucky"),
-    "checks.perturbation.margin": (">=", DEFAULT, "a smaller margin lets noise-level methods pass"),
-    "checks.randomisation.confidence": (">=", 0.9, "a narrower interval makes the verdict a coin toss"),
-    "checks.perturbation.confidence": (">=", 0.9, "a narrower interval makes the verdict a coin toss"),
-    "checks.randomisation.bootstrap": (">=", 1000, "fewer resamples leave the interval's ends unstable"),
-    "checks.perturbation.bootstrap": (">=", 1000, "fewer resamples leave the interval's ends unstable"),
-    "gate.ecgs": (">=", 64, "fewer ECGs give intervals too wide to tell methods apart"),
-    "checks.randomisation.ecgs": (">=", 16, "fewer ECGs give intervals too wide to tell methods apart"),
+    "checks.randomisation.confidence": (">=", DEFAULT, _WIDER_INTERVAL),
+    "checks.randomisation.bootstrap": (">=", DEFAULT, _RESAMPLES),
+    "checks.perturbation.blocking": (
+        "==",
+        DEFAULT,
+        "a method no better than a map that ignores the model must not pass",
+    ),
+    "checks.perturbation.window": (
+        "==",
+        DEFAULT,
+        "the calibrated segment unit; other windows change what is removed",
+    ),
+    "checks.perturbation.steps": (">=", DEFAULT, "a coarser curve hides where removal matters"),
+    "checks.perturbation.strategies": (
+        "superset",
+        DEFAULT,
+        "each replacement has its own bias; leaving one out lets maps that exploit another's pass",
+    ),
+    "checks.perturbation.noise_scale": (
+        "==",
+        DEFAULT,
+        "ROAD's noise level decides what the imputation leaks",
+    ),
+    "checks.perturbation.margin": (">=", DEFAULT, "a smaller margin lets edge detectors and templates pass"),
+    "checks.perturbation.confidence": (">=", DEFAULT, _WIDER_INTERVAL),
+    "checks.perturbation.bootstrap": (">=", DEFAULT, _RESAMPLES),
+    "checks.changed_model.blocking": (
+        "==",
+        DEFAULT,
+        "a map that cannot follow a change of model must not pass",
+    ),
+    "checks.changed_model.ecgs": (">=", DEFAULT, _FEWER_ECGS),
+    "checks.changed_model.draws": (">=", DEFAULT, "fewer weight draws let a lucky draw decide"),
+    "checks.changed_model.margin": (">=", DEFAULT, "a smaller margin lets maps that ignore the model pass"),
+    "checks.changed_model.confidence": (">=", DEFAULT, _WIDER_INTERVAL),
+    "checks.changed_model.bootstrap": (">=", DEFAULT, _RESAMPLES),
+    "serving.may_differ": (
+        "within",
+        DEFAULT,
+        "a verdict covers the settings it checked; only the directions known to be safe may differ",
+    ),
 }
+# Policy keys outside the floor, and why loosening them cannot make a map pass.
+NOT_IN_FLOOR: dict[str, str] = {
+    "gate.required_methods": "requiring a method only adds a condition",
+    **{
+        f"checks.{c}.{k}": "informative by default; made blocking it only adds a condition"
+        for c, k in (
+            ("self_consistency", "blocking"),
+            ("self_consistency", "min_correlation"),
+            ("inter_method", "blocking"),
+            ("inter_method", "min_correlation"),
+            ("localisation", "blocking"),
+            ("localisation", "min_auroc"),
+        )
+    },
+}
+_MAY_DIFFER_RANK = {"at_least": 1, "at_most": 1, "any": 2}
+
+
+def _within(table: Mapping[str, Any], bound: Mapping[str, Any]) -> bool:
+    """Whether every setting ``table`` lets differ, ``bound`` lets differ the same way or "any"."""
+    for method, params in table.items():
+        for name, how in params.items():
+            allowed = bound.get(method, {}).get(name)
+            if allowed != how and allowed != "any":
+                return False
+    return True
+
+
 _COMPARE = {
     "==": lambda v, b: v == b,
     ">=": lambda v, b: v >= b,
     "<=": lambda v, b: v <= b,
+    "superset": lambda v, b: set(b) <= set(v),
+    "within": _within,
 }
 
 
@@ -274,17 +417,21 @@ def _value(content: Mapping[str, Any], key: str) -> Any:
     return content
 
 
+def _shown(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else repr(value)
+
+
 def floor_violations(policy: Policy) -> list[str]:
     """Each key of ``policy`` looser than :data:`POLICY_FLOOR`, in words (empty: at or above it)."""
     problems = []
+    defaults = default_policy().content
     for key, (op, bound, why) in POLICY_FLOOR.items():
         if bound == DEFAULT:
-            bound = _value(default_policy().content, key)
+            bound = _value(defaults, key)
         value = _value(policy.content, key)
         if not _COMPARE[op](value, bound):
-            shown = str(value).lower() if isinstance(value, bool) else repr(value)
-            floor = str(bound).lower() if isinstance(bound, bool) else f"{op} {bound!r}"
-            problems.append(f"{key} = {shown} (floor: {floor}; {why})")
+            floor = _shown(bound) if op == "==" else f"{op} {bound!r}"
+            problems.append(f"{key} = {_shown(value)} (floor: {floor}; {why})")
     return problems
 
 

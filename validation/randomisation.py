@@ -8,11 +8,13 @@ initialisers in memory), and compared with its attributions on the trained model
 A method that explains the model must change; one that only shows the input
 will not.
 
-Each comparison is made at two resolutions: per sample, and per lead x window
-segment (the unit the perturbation check removes). A map can look changed per
-sample yet keep every segment's total, which is what perturbation sees; the
-check takes the more similar of the two. Several independent weight draws are
-averaged per ECG, so one lucky draw does not decide. The method's own noise
+Each comparison is made at two resolutions: Spearman of |a| per sample, and
+Spearman of the segment relevance perturbation ranks (signed sums over a window
+of the 8 independent leads, :func:`ecgx.validation.perturbation.segment_relevance`).
+A map can look changed per sample yet keep every segment's relevance, which is
+what perturbation sees; the check takes the more similar of the two. Every
+value is kept per weight draw and ECG, so the verdict's interval resamples both
+and one lucky draw does not decide. The method's own noise
 floor, its similarity to itself on the same ECG with a little of the ECG's own
 high-frequency noise added (and other random draws for stochastic methods), is
 what a drop must be measured against: a map that is noise to begin with
@@ -21,19 +23,23 @@ what a drop must be measured against: a map that is noise to begin with
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from ecgx.core.package_reader import ModelPackage
 from ecgx.service.engine import AttributionEngine
-from ecgx.service.package import ModelPackage
 from ecgx.validation.ecg_noise import high_frequency_noise
-from ecgx.validation.similarity import SIMILARITY_MEASURES, segment_sums, spearman_rows
+from ecgx.validation.perturbation import LeadBasis, segment_relevance
+from ecgx.validation.similarity import SIMILARITY_MEASURES, spearman_rows
 
 # attribute(engine, x, target) -> (B, 12, 600); lets tests plug in constructed methods.
 Attributor = Callable[[AttributionEngine, np.ndarray, np.ndarray], np.ndarray]
 EngineFactory = Callable[[Mapping[str, np.ndarray]], AttributionEngine]
+# Which model a set of maps was computed on: ("noisy",) for the trained model on noisy inputs,
+# (mode, draw, step) for a randomised one (see randomisation_models).
+ModelKey = tuple
 
 RESOLUTIONS = ("sample", "segment")
 
@@ -59,19 +65,19 @@ class RandomisationCurves:
     constant_maps: dict[str, int] = field(default_factory=dict)
 
     def worst(self, mode: str, step: int | slice) -> np.ndarray:
-        """Per ECG, the higher of the two resolutions' similarity, averaged over draws,
-        at cascading or independent ``step`` (a slice averages the steps too)."""
+        """(draws, ECGs): the higher of the two resolutions' similarity at cascading or
+        independent ``step`` (a slice averages the steps first: the curve's area)."""
         table = self.per_ecg_cascading if mode == "cascading" else self.per_ecg_independent
         chosen = table[:, step]
         if chosen.ndim == 4:  # (draws, steps, resolutions, ecgs)
             chosen = chosen.mean(axis=1)
-        return chosen.mean(axis=0).max(axis=0)
+        return chosen.max(axis=1)
 
     def gap_to_noise_floor(self) -> np.ndarray:
-        """Per ECG, how far the fully randomised similarity falls below the method's own noise
-        floor, at the resolution where it falls least."""
-        final = self.per_ecg_cascading[:, -1].mean(axis=0)  # (resolutions, ecgs)
-        return (self.noise_floor - final).min(axis=0)
+        """(draws, ECGs): how far the fully randomised similarity falls below the method's own
+        noise floor, at the resolution where it falls least."""
+        final = self.per_ecg_cascading[:, -1]  # (draws, resolutions, ecgs)
+        return (self.noise_floor[None] - final).min(axis=1)
 
 
 def parameterised_layers(package: ModelPackage) -> list[dict]:
@@ -110,11 +116,33 @@ class RandomisationSetup:
     draws: int
     noise_scale: float
     seed: int
+    basis: LeadBasis
+
+    def noisy_x(self) -> np.ndarray:
+        """The ECGs with noise at their own high-frequency level: the input of the noise floor."""
+        rng = np.random.default_rng([self.seed, 11])
+        return (self.x + high_frequency_noise(self.x, rng, self.noise_scale)).astype(np.float32)
+
+
+def randomisation_models(
+    package: ModelPackage, seed: int, draws: int
+) -> Iterator[tuple[ModelKey, dict[str, np.ndarray]]]:
+    """Every randomised model of the check as (key, overrides): per draw, the cascading steps
+    (output layer first) and then each layer alone; key = (mode, draw, step)."""
+    layers = parameterised_layers(package)
+    names = [layer["name"] for layer in layers]
+    params = package.read_parameters()
+    for draw in range(draws):
+        weights = randomised_weights(params, layers, seed, draw)
+        for mode in ("cascading", "independent"):
+            for k in range(len(layers)):
+                chosen = names[: k + 1] if mode == "cascading" else [names[k]]
+                yield (mode, draw, k), {p: v for n in chosen for p, v in weights[n].items()}
 
 
 def randomisation_curves(
     setup: RandomisationSetup,
-    attribute_all: Callable[[AttributionEngine, np.ndarray], Mapping[str, np.ndarray]],
+    attribute_all: Callable[[AttributionEngine, np.ndarray, ModelKey], Mapping[str, np.ndarray]],
     reference: Mapping[str, np.ndarray],
     trained: AttributionEngine,
     on_step: Callable[[], None] | None = None,
@@ -122,29 +150,23 @@ def randomisation_curves(
     """Cascading and independent randomisation curves of every method, over several draws.
 
     ``reference[m]`` are method ``m``'s attributions on the trained model for ``setup.x``;
-    ``attribute_all(engine, x)`` computes every method on ``engine`` for those ECGs' targets.
-    ``trained`` is the engine of the trained package, for the noise floor.
+    ``attribute_all(engine, x, key)`` computes every method on ``engine`` (the model ``key``
+    names) for those ECGs' targets. ``trained`` is the engine of the trained package, for the
+    noise floor.
     """
-    layers = parameterised_layers(setup.package)
-    names = [layer["name"] for layer in layers]
-    params = setup.package.read_parameters()
-    rng = np.random.default_rng([setup.seed, 11])
-    noisy = setup.x + high_frequency_noise(setup.x, rng, setup.noise_scale)
-    floor_maps = attribute_all(trained, noisy)
+    names = [layer["name"] for layer in parameterised_layers(setup.package)]
+    floor_maps = attribute_all(trained, setup.noisy_x(), ("noisy",))
     curves = {
-        m: _Accumulator(names, setup.draws, reference[m], floor_maps[m], setup.window) for m in reference
+        m: _Accumulator(names, setup.draws, reference[m], floor_maps[m], setup.window, setup.basis)
+        for m in reference
     }
-    for draw in range(setup.draws):
-        weights = randomised_weights(params, layers, setup.seed, draw)
-        for mode in ("cascading", "independent"):
-            for k in range(len(layers)):
-                chosen = names[: k + 1] if mode == "cascading" else [names[k]]
-                overrides = {p: v for n in chosen for p, v in weights[n].items()}
-                randomised = attribute_all(setup.make_engine(overrides), setup.x)
-                for m, acc in curves.items():
-                    acc.add(mode, draw, k, randomised[m])
-                if on_step is not None:
-                    on_step()
+    for key, overrides in randomisation_models(setup.package, setup.seed, setup.draws):
+        mode, draw, k = key
+        randomised = attribute_all(setup.make_engine(overrides), setup.x, key)
+        for m, acc in curves.items():
+            acc.add(mode, draw, k, randomised[m])
+        if on_step is not None:
+            on_step()
     return {m: acc.result() for m, acc in curves.items()}
 
 
@@ -153,10 +175,15 @@ def n_steps(package: ModelPackage, draws: int = 1) -> int:
     return 2 * len(parameterised_layers(package)) * draws
 
 
-def resolution_similarity(trained: np.ndarray, other: np.ndarray, window: int) -> np.ndarray:
-    """(resolutions, B) Spearman |a| per sample and per lead x ``window`` segment; NaN undefined."""
+def resolution_similarity(
+    trained: np.ndarray, other: np.ndarray, window: int, basis: LeadBasis
+) -> np.ndarray:
+    """(resolutions, B): Spearman |a| per sample, and Spearman of the signed segment relevance
+    perturbation ranks (``window`` samples of ``basis``'s independent leads); NaN undefined."""
     per_sample = spearman_rows(trained, other, absolute=True)
-    per_segment = spearman_rows(segment_sums(trained, window), segment_sums(other, window), absolute=True)
+    per_segment = spearman_rows(
+        segment_relevance(trained, window, basis), segment_relevance(other, window, basis), absolute=False
+    )
     return np.stack([per_sample, per_segment])
 
 
@@ -169,15 +196,24 @@ def is_constant(maps: np.ndarray) -> np.ndarray:
 class _Accumulator:
     """Collects one method's comparisons step by step."""
 
-    def __init__(self, layers: list[str], draws: int, trained: np.ndarray, floor: np.ndarray, window: int):
+    def __init__(
+        self,
+        layers: list[str],
+        draws: int,
+        trained: np.ndarray,
+        floor: np.ndarray,
+        window: int,
+        basis: LeadBasis,
+    ):
         n, b = len(layers), len(trained)
         self.layers, self.trained, self.window, self.draws = layers, trained, window, draws
+        self.basis = basis
         self.tables = {
             "cascading": np.full((draws, n, len(RESOLUTIONS), b), np.nan),
             "independent": np.full((draws, n, len(RESOLUTIONS), b), np.nan),
         }
         self.curves = {"cascading": _empty(n), "independent": _empty(n)}
-        self.noise_floor = resolution_similarity(trained, floor, window)
+        self.noise_floor = resolution_similarity(trained, floor, window, basis)
         self.constant = {
             "trained": int(is_constant(trained).sum()),
             "noisy_input": int(is_constant(floor).sum()),
@@ -185,7 +221,7 @@ class _Accumulator:
         }
 
     def add(self, mode: str, draw: int, step: int, randomised: np.ndarray) -> None:
-        table = resolution_similarity(self.trained, randomised, self.window)
+        table = resolution_similarity(self.trained, randomised, self.window, self.basis)
         self.tables[mode][draw, step] = table
         self.constant["randomised"] += int(is_constant(randomised).sum())
         for measure, fn in SIMILARITY_MEASURES.items():

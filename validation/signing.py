@@ -26,7 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ecgx.service.package import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
+from ecgx.core.package_reader import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
 
 SIGNING_KEY_ENV = "ECGX_GATE_SIGNING_KEY"
 ALLOWED_POLICIES_ENV = (
@@ -38,7 +38,7 @@ PUBLIC_KEY_FILE = "gate_public_key.pem"
 GATE_REPORT_FILE = "gate.json"
 ALGORITHM = "Ed25519"
 REPORT_SCHEMA = "ecgx-gate-report"
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)  # 2: see ecgx.validation.gate.SCHEMA_VERSION
 
 _KEYGEN_HINT = "create a key pair with `ecgx gate keygen --out DIR`"
 _REGATE_HINT = "gate the package again (`ecgx validate`) to get a new signed report"
@@ -55,12 +55,12 @@ def generate_keypair(out_dir: Path | str, overwrite: bool = False) -> tuple[Path
     """Write a new key pair as the folder ``out_dir``: ``gate_signing_key.pem``, readable by its
     owner only, and ``gate_public_key.pem``. Returns (private key path, public key path).
 
-    The folder follows the output rule (:mod:`ecgx.outputs`): built beside ``out_dir`` and renamed
+    The folder follows the output rule (:mod:`ecgx.core.outputs`): built beside ``out_dir`` and renamed
     into place whole. An existing key folder (even half a pair) raises :class:`FileExistsError`
     unless ``overwrite``, since reports signed with the old key would no longer verify with the
     new public key; a folder holding anything but gate keys is never replaced.
     """
-    from ecgx.outputs import KEYS, OutputError, OutputExistsError, StagedOutput
+    from ecgx.core.outputs import KEYS, OutputError, OutputExistsError, StagedOutput
 
     out_dir = Path(out_dir)
     private_path, public_path = out_dir / PRIVATE_KEY_FILE, out_dir / PUBLIC_KEY_FILE

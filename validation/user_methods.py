@@ -6,15 +6,19 @@ A user-supplied method has the engine's call shape::
 
 ``x`` is a (B, 12, 600) float32 batch of median beats in millivolts, ``target`` the (B,)
 class index each ECG is explained for; the result is one (B, 12, 600) attribution map per
-ECG. ``engine`` computes forward passes and every built-in method on the gated package
-(``engine.attribute("saliency", x, target)``, ``engine.predict(x)``), and for the
-randomisation check it is the engine of the randomised package, so a method that uses it
-is judged on the model it explains.
+ECG. During the gate ``engine`` is a narrow :class:`GateEngine` of the model under test:
+forward passes (``logits``, ``probabilities``) and the built-in methods
+(``engine.attribute("saliency", x, target)``), nothing that names or loads the package. The
+model under test is the trained one or a changed copy (randomisation, changed-model
+faithfulness), and the gate calls the method on them in an order drawn from the operating
+system's entropy, so a method cannot tell the shipped model by when it is called. This is no
+sandbox (the method runs in the gate's process); it makes the model in front of the method
+the only one it is given.
 
 ``ecgx validate --method NAME=module:function`` (or ``NAME=path/to/file.py:function``) and
-``run_gate(attributors={NAME: fn})`` gate such methods with every check; the service serves
-only its built-in methods, so a user method's verdict is for information (the report marks it
-``user_supplied`` and never lists it under ``serve``).
+``run_gate(attributors={NAME: fn})`` gate such methods with every check, for information
+only: the report lists them under ``user_methods``, apart from the built-in methods, and they
+never count towards ``min_passing``, the headline, ``serve`` or another method's scores.
 """
 
 from __future__ import annotations
@@ -22,9 +26,10 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
+import random
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -176,19 +181,53 @@ def method_spec(fn: Attributor) -> str:
     return str(getattr(fn, "spec", None) or _where(fn))
 
 
-def mark_user_methods(report: dict[str, Any], user: dict[str, Attributor]) -> None:
-    """Mark the user-supplied methods of a gate ``report`` (in place): ``user_supplied`` on each,
-    ``user_methods`` (name -> where it came from), never under ``serve``, and a sentence in the
-    headline saying that their verdicts are for information."""
-    if not user:
-        report["user_methods"] = {}
-        return
-    for name in user:
-        report["methods"][name]["user_supplied"] = True
-    report["user_methods"] = {name: method_spec(fn) for name, fn in user.items()}
-    report["serve"] = [m for m in report["serve"] if m not in user]
-    verdicts = ", ".join(f"{m} ({report['methods'][m]['verdict']})" for m in user)
-    report["headline"] += (
-        f" User-supplied method(s) {verdicts}: gated for information only; the service serves only its "
-        "built-in methods, so they are not in serve."
-    )
+class GateEngine:
+    """What a user method is given during the gate: the model under test's forward pass and
+    built-in methods, and nothing that names or loads its package."""
+
+    __slots__ = ("attribute", "logits", "probabilities")
+
+    def __init__(self, engine: Any) -> None:
+        # Bound to closures, not to an attribute holding the engine, so the object's own
+        # surface is exactly these three calls.
+        def attribute(method: str, x: np.ndarray, target: Any = None, **params: Any) -> np.ndarray:
+            return engine.attribute(method, x, target, **params)
+
+        self.attribute = attribute
+        self.logits = lambda x: engine.logits(x)
+        self.probabilities = lambda x: engine.probabilities(x)
+
+
+# A call the gate makes to the user methods: (key naming the model and inputs, a factory of the
+# engine of that model, the ECGs, their targets).
+UserCall = tuple[Hashable, Callable[[], Any], np.ndarray, np.ndarray]
+
+
+def run_user_methods(
+    methods: dict[str, Attributor], calls: Iterable[UserCall]
+) -> dict[Hashable, dict[str, np.ndarray]]:
+    """Every user method on every call, in an order drawn from the operating system's entropy
+    (trained and changed models interleaved), each through a :class:`GateEngine`; the maps by
+    call key. Each call's engine is built when its turn comes and dropped after."""
+    todo = list(calls)
+    random.SystemRandom().shuffle(todo)
+    out: dict[Hashable, dict[str, np.ndarray]] = {}
+    for key, make_engine, x, target in todo:
+        engine = GateEngine(make_engine())
+        out[key] = {name: fn(engine, x, target) for name, fn in methods.items()}
+    return out
+
+
+def user_report(report: dict[str, Any], user: dict[str, Attributor], rows: dict[str, dict[str, Any]]) -> None:
+    """Put the user-supplied methods' rows in a gate ``report`` (in place), apart from the
+    built-in methods: ``user_methods`` (name -> where it came from, its verdict, reasons and
+    checks), and a sentence in the headline saying that they are for information only."""
+    report["user_methods"] = {
+        name: {"spec": method_spec(fn), "user_supplied": True, **rows[name]} for name, fn in user.items()
+    }
+    if user:
+        verdicts = ", ".join(f"{m} ({rows[m]['verdict']})" for m in user)
+        report["headline"] += (
+            f" User-supplied method(s) {verdicts}: gated for information only; they never count "
+            "towards this verdict, and the service serves only its built-in methods."
+        )
