@@ -28,7 +28,7 @@ import numpy as np  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
 
-from ecgx.training.data.schema import CLASS_KEYS  # noqa: E402
+from ecgx.core.schema import CLASS_KEYS  # noqa: E402
 from ecgx.training.data.synth import GENERATOR_VERSION, generate  # noqa: E402
 
 

@@ -82,7 +82,7 @@ def prepare(work: Path) -> dict:
     process: it imports PyTorch, which neither the server nor the engine timing may share)."""
     import torch
 
-    from ecgx.service.package import load_package
+    from ecgx.core.package_reader import load_package
     from ecgx.training.data.synth import generate, synthesize_dataset
     from ecgx.training.export import export_package
     from ecgx.training.models import ModelConfig, build_model
@@ -189,8 +189,8 @@ class ServerProcess:
 
 
 def request_for(scenario: str, x: np.ndarray):
+    from ecgx.core.schema import LEADS
     from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-    from ecgx.training.data.schema import LEADS
 
     method, batch, _ = SCENARIOS[scenario]
     ecgs = [
@@ -334,8 +334,8 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def engine_times(work: Path, scenarios: list[str], calls: int, budget_s: float) -> dict[str, list[float]]:
     """The engine's own time for each scenario's call: same package, thread settings as
     ``ecgx serve`` (ONNX Runtime's default), one attribute_with_logits with target 0."""
+    from ecgx.core.package_reader import load_package
     from ecgx.service.engine import AttributionEngine
-    from ecgx.service.package import load_package
 
     assert "torch" not in sys.modules, "the engine timing must not share the process with PyTorch"
     engine = AttributionEngine(load_package(work / "repo" / MODEL / VERSION))

@@ -87,7 +87,7 @@ def prepare(work: Path) -> None:
     """Package, keys, signed report and repository under ``work`` (its own process: PyTorch)."""
     import torch
 
-    from ecgx.service.package import load_package
+    from ecgx.core.package_reader import load_package
     from ecgx.training.data.synth import generate, synthesize_dataset
     from ecgx.training.export import export_package
     from ecgx.training.models import ModelConfig, build_model
@@ -208,8 +208,8 @@ class Server:
 
 
 def request_for(scenario: str, x: np.ndarray):
+    from ecgx.core.schema import LEADS
     from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
-    from ecgx.training.data.schema import LEADS
 
     method, batch = SCENARIOS[scenario]
     ecgs = [

@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it. One table: __all__, __getattr__ and __dir__ read it.
 _PUBLIC: dict[str, str] = {
     # data
-    "Dataset": "ecgx.training.data.dataset",
-    "load_dataset": "ecgx.training.data.dataset",
+    "Dataset": "ecgx.core.dataset",
+    "load_dataset": "ecgx.core.dataset",
     "synthesize_dataset": "ecgx.training.data.synth",
     # export (needs the `train` extra: PyTorch)
     "ExportError": "ecgx.training.export",
@@ -33,8 +33,8 @@ _PUBLIC: dict[str, str] = {
     "export_package": "ecgx.training.export",
     "from_module": "ecgx.training.export",
     # packages and attributions (serving install)
-    "ModelPackage": "ecgx.service.package",
-    "load_package": "ecgx.service.package",
+    "ModelPackage": "ecgx.core.package_reader",
+    "load_package": "ecgx.core.package_reader",
     "AttributionEngine": "ecgx.service.engine",
     "METHOD_NAMES": "ecgx.service.methods",
     # the gate

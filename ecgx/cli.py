@@ -54,8 +54,8 @@ def _cmd_import_wfdb(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_info(args: argparse.Namespace) -> int:
-    from ecgx.training.data.dataset import load_dataset
-    from ecgx.training.data.schema import CLASSES
+    from ecgx.core.dataset import load_dataset
+    from ecgx.core.schema import CLASSES
 
     ds = load_dataset(args.dir)
     print(f"{ds.path}: {len(ds)} beats, source {ds.meta.get('source')}, ground truth {ds.has_ground_truth}")
@@ -161,9 +161,9 @@ def _parse_param(text: str) -> tuple[str, object]:
 def _cmd_attribute(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ecgx.outputs import ATTRIBUTIONS, StagedOutput, check_output
+    from ecgx.core.dataset import load_dataset
+    from ecgx.core.outputs import ATTRIBUTIONS, StagedOutput, check_output
     from ecgx.service.engine import AttributionEngine
-    from ecgx.training.data.dataset import load_dataset
 
     if args.out.suffix != ".npy":
         raise ValueError(f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')})")
@@ -202,7 +202,7 @@ EXIT_GATE_FAILED = 1
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
-    from ecgx.outputs import GATE_REPORT, check_output
+    from ecgx.core.outputs import GATE_REPORT, check_output
     from ecgx.validation.gate import run_gate, save_report, summary_lines
     from ecgx.validation.signing import load_private_key, sign_report
 

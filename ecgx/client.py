@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.outputs import OutputKind, StagedOutput, check_output
-from ecgx.training.data.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
+from ecgx.core.outputs import OutputKind, StagedOutput, check_output
+from ecgx.core.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
 
 DEFAULT_TIMEOUT_S = 300.0
 TOP_LEADS = 4  # leads listed per attribution
@@ -596,8 +596,8 @@ def write_explanation_pngs(
     response: Any, out: Path, leads: Sequence[str] = LEADS, overwrite: bool = False
 ) -> list[Path]:
     """The attributions of each ECG over the beat the server explained: one column per
-    (method, target), one row per lead (:func:`ecgx.plots.plot_attributions`)."""
-    from ecgx.plots import plot_attributions
+    (method, target), one row per lead (:func:`ecgx.core.plots.plot_attributions`)."""
+    from ecgx.core.plots import plot_attributions
 
     beats = tensor(response.beats)
     probs = tensor(response.probabilities)

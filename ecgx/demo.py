@@ -11,7 +11,7 @@ client's code (``OUT/figures/grpc_explanation.png``).
 OUT is the demo's working folder, marked by ``ecgx-demo.json``: the demo continues a
 folder it wrote (each step up to the export skips itself when its output exists, so
 an interrupted demo resumes there; ``overwrite`` redoes every step), and refuses any
-other non-empty folder. Every step writes its output by the rule of :mod:`ecgx.outputs`.
+other non-empty folder. Every step writes its output by the rule of :mod:`ecgx.core.outputs`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ecgx.outputs import (
+from ecgx.core.dataset import load_dataset
+from ecgx.core.outputs import (
     DEMO,
     FIGURES,
     OutputError,
@@ -33,11 +34,10 @@ from ecgx.outputs import (
     classify_output,
     write_text_atomic,
 )
-from ecgx.plots import plot_attributions
+from ecgx.core.plots import plot_attributions
+from ecgx.core.schema import CLASSES
 from ecgx.service.engine import AttributionEngine
 from ecgx.training.config import TrainConfig
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import CLASSES
 from ecgx.training.data.synth import synthesize_dataset
 from ecgx.training.export import export_checkpoint
 from ecgx.training.models import ModelConfig

@@ -7,7 +7,7 @@ model takes is its :class:`ModelInput` (from its package manifest):
 - a median-beat model (the project's: 600 samples at 500 Hz) takes a median beat as it is,
   or a rhythm strip of at least ``MIN_STRIP_S`` seconds at a rate the importer accepts, from
   which the beat is computed with the importer's own code
-  (:func:`~ecgx.training.data.median_beat.median_beat`);
+  (:func:`~ecgx.core.median_beat.median_beat`);
 - a window model (a network brought from elsewhere, e.g. 10 s at 100 Hz as in PTB-XL's
   benchmark) takes exactly its number of samples at its rate, or a longer strip, or one at
   another rate: that is resampled to the model's rate and its first ``samples`` are used.
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.median_beat import MedianBeatError, check_leads, check_sampling_rate, median_beat
 from ecgx.service.errors import InvalidArgument, ResourceExhausted
-from ecgx.training.data.median_beat import MedianBeatError, check_leads, check_sampling_rate, median_beat
 
 # Units (values of the ecgx.v1.Units enum).
 UNITS_UNSPECIFIED, MILLIVOLT, MICROVOLT = 0, 1, 2

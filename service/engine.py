@@ -6,7 +6,7 @@ thread-safe, and the engine keeps no per-request state. Every call splits
 its rows into batches of at most ``max_batch``, so memory stays bounded
 whatever the request size; the caps in :mod:`ecgx.service.limits` bound its time.
 
-Sessions are built from the graph bytes that :func:`~ecgx.service.package.load_package`
+Sessions are built from the graph bytes that :func:`~ecgx.core.package_reader.load_package`
 hashed, and every parameter is handed to ONNX Runtime from the one verified copy of
 ``weights.bin`` in memory: nothing is read from the package folder after loading.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ecgx.core.package_reader import ModelPackage, PackageError, load_package
 from ecgx.service import limits
 from ecgx.service.errors import InvalidArgument, NotFound, ResourceExhausted
-from ecgx.service.package import ModelPackage, PackageError, load_package
 
 log = logging.getLogger(__name__)
 

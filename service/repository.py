@@ -15,7 +15,7 @@ version of a model is the newest one whose gate passed and that serves.
 
 At load, every version is verified before it can serve:
 
-- ``ecgx.service.package.load_package``: manifest structure, the SHA-256 of every file, the weights
+- ``ecgx.core.package_reader.load_package``: manifest structure, the SHA-256 of every file, the weights
   and graphs; the engine is built from exactly the bytes that were verified.
 - ``gate.json``: its Ed25519 signature by one of the trusted public keys (any one may sign), its
   schema, and that its ``package.files`` names exactly the files of the loaded manifest with
@@ -66,10 +66,10 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ecgx.core.package_reader import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.errors import FailedPrecondition, NotFound
 from ecgx.service.methods import get_method
-from ecgx.service.package import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
 from ecgx.validation.signing import (
     GATE_REPORT_FILE,
     REPORT_SCHEMA,
@@ -894,7 +894,7 @@ def promote(
     place; an existing version is never replaced. Raises :class:`PromotionRefused` when the gate
     does not let the package serve, ValueError (or OSError) for bad input.
     """
-    from ecgx.outputs import PACKAGE, OutputExistsError, StagedOutput
+    from ecgx.core.outputs import PACKAGE, OutputExistsError, StagedOutput
 
     package_dir, repo = Path(package_dir), Path(repo)
     allowed_policies = check_policy_hashes(allowed_policies)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-TMP_SUFFIXES = (".ecgx-tmp", ".ecgx-old")  # ecgx.outputs' staging and replaced-output folders
+TMP_SUFFIXES = (".ecgx-tmp", ".ecgx-old")  # ecgx.core.outputs' staging and replaced-output folders
 DEFAULT_MIN_AGE_S = 3600.0  # a promotion copies a package in seconds; an hour-old temporary is dead
 
 

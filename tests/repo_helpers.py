@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from ecgx.service.package import load_package
+from ecgx.core.package_reader import load_package
 from ecgx.validation.gate import package_record
 from ecgx.validation.signing import sign_report
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
+from ecgx.core.dataset import default_meta, load_dataset, write_dataset
 from ecgx.training.config import TrainConfig
-from ecgx.training.data.dataset import default_meta, load_dataset, write_dataset
 from ecgx.training.data.synth import synthesize_dataset
 from ecgx.training.models import ModelConfig
 from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run

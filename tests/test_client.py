@@ -19,10 +19,10 @@ import pytest
 from cli_helpers import ECGX_WITHOUT_TORCH, assert_clean_failure, run_ecgx, snapshot
 from repo_helpers import make_package
 
+from ecgx.core.dataset import load_dataset
 from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server
-from ecgx.training.data.dataset import load_dataset
 
 PASSED, FAILED = "gradcam", "saliency"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -141,7 +141,7 @@ def test_explain_a_batch_writes_one_picture_per_ecg(server, beats, tmp_path) -> 
 
 
 def test_explain_a_wfdb_record_draws_over_the_servers_median_beat(server, shared_data, tmp_path) -> None:
-    from ecgx.training.data.median_beat import median_beat
+    from ecgx.core.median_beat import median_beat
     from ecgx.training.data.wfdb_import import read_record
 
     record = shared_data / "ptbxl-sample" / "HR06000"

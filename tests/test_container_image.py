@@ -102,7 +102,7 @@ def served(gated: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A signed repository (model ecg, version 1: gradcam passed the gate), the gate's public
     key, a server certificate for localhost/127.0.0.1 from a test CA, an access file with one
     token, and one median beat to explain."""
-    from ecgx.training.data.dataset import load_dataset
+    from ecgx.core.dataset import load_dataset
 
     tmp = tmp_path_factory.mktemp("image")
     make_package(gated, tmp / "repo" / "ecg" / "1")

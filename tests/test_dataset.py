@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecgx.training.data.dataset import (
+from ecgx.core.dataset import (
     DatasetError,
     DatasetWriter,
     dataset_fingerprint,

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecgx.core.package_reader import PackageError, load_package
 from ecgx.service.engine import AttributionEngine, select_providers
 from ecgx.service.methods import METHOD_NAMES
-from ecgx.service.package import PackageError, load_package
 from ecgx.training.data.synth import generate
 
 X = generate(3, np.random.default_rng(1)).signals

@@ -23,13 +23,13 @@ import pytest
 import torch
 from torch import nn
 
+from ecgx.core.package_reader import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.errors import FailedPrecondition
-from ecgx.service.package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
 from ecgx.training.data.synth import generate
 from ecgx.training.export import ExportError, export_package
 from ecgx.training.export.graphs import GRAPH_SIGNATURES, build_graph
-from ecgx.training.export.package import default_sample_inputs
+from ecgx.training.export.package_writer import default_sample_inputs
 from ecgx.training.export.source import from_module
 from ecgx.training.models import ModelConfig, build_model
 

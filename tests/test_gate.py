@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecgx.core.dataset import load_dataset
+from ecgx.core.package_reader import MANIFEST_FILE, load_package, sha256_file
 from ecgx.service.engine import AttributionEngine
-from ecgx.service.package import MANIFEST_FILE, load_package, sha256_file
-from ecgx.training.data.dataset import load_dataset
 from ecgx.validation.gate import run_gate, select_ecgs
 
 SMALL_POLICY = """

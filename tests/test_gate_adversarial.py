@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ecgx.core.package_reader import load_package
 from ecgx.service.engine import AttributionEngine
-from ecgx.service.package import load_package
 from ecgx.validation.gate import run_gate
 from ecgx.validation.references import PREFIX
 from ecgx.validation.similarity import segment_sums

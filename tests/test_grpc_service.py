@@ -27,6 +27,8 @@ from cli_helpers import ECGX_WITHOUT_TORCH, serve_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecgx.cli import main
+from ecgx.core.dataset import load_dataset
+from ecgx.core.schema import LEADS
 from ecgx.service.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -40,8 +42,6 @@ from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server, lead_shares, status_of
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import LEADS
 from ecgx.validation.signing import load_public_key
 
 # As small as the policy floor allows: the repository serves no research report.
@@ -267,7 +267,7 @@ def test_explain_targets(server, beats) -> None:
 
 
 def test_rhythm_strip_becomes_the_importers_median_beat(server, shared_data) -> None:
-    from ecgx.training.data.median_beat import median_beat
+    from ecgx.core.median_beat import median_beat
     from ecgx.training.data.wfdb_import import read_record
 
     signal_, fs, _ = read_record(shared_data / "ptbxl-sample" / "HR06000")

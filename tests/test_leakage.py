@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from cli_helpers import assert_clean_failure, run_ecgx
 
-from ecgx.service.package import TRAINING_BEATS_FILE, load_package
-from ecgx.training.data.dataset import beat_sha256, load_dataset
+from ecgx.core.dataset import beat_sha256, load_dataset
+from ecgx.core.package_reader import TRAINING_BEATS_FILE, load_package
 from ecgx.training.data.synth import synthesize_dataset
 from ecgx.validation.gate import run_gate
 from ecgx.validation.leakage import LeakageError, check_leakage, training_overlap

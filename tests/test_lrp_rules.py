@@ -554,7 +554,7 @@ CLASS_LIST = [{"key": k, "code": str(i), "name": f"class {k}"} for i, k in enume
 
 
 def _export(tmp_path, graphs: list[str]):
-    from ecgx.training.export.package import export_package
+    from ecgx.training.export.package_writer import export_package
     from ecgx.training.export.source import from_module
 
     torch.manual_seed(5)

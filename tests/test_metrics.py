@@ -28,6 +28,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from repo_helpers import make_package
 
+from ecgx.core.dataset import load_dataset
+from ecgx.core.schema import LEADS
 from ecgx.service.calls import CallRecord
 from ecgx.service.metrics import ServiceMetrics, start_metrics_endpoint
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
@@ -42,8 +44,6 @@ from ecgx.service.stability import (
     gate_noise_floor,
     pause_after,
 )
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import LEADS
 
 MODEL = "ecg"
 SERVICE = "/ecgx.v1.ExplanationService/"

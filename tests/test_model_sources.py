@@ -839,7 +839,7 @@ def test_cli_export_factory_and_onnx(user, user_dir: Path, tmp_path: Path) -> No
     ONNX file at another length and rate with its class names in a file."""
     import json
 
-    from ecgx.service.package import sha256_file
+    from ecgx.core.package_reader import sha256_file
 
     model = _build(user, "grouped")
     weights = tmp_path / "w.pt"

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from repo_helpers import make_package
 
+from ecgx.core.dataset import load_dataset
+from ecgx.core.schema import LEADS
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import LEADS
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIENT = ROOT / "clients" / "node" / "explain.js"

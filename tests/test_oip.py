@@ -28,12 +28,12 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
+from ecgx.core.dataset import load_dataset
 from ecgx.service.health import NOT_SERVING, SERVING
 from ecgx.service.oip import SERVICE_NAME as OIP_SERVICE
 from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server
-from ecgx.training.data.dataset import load_dataset
 
 MODEL = "ecg"
 BROKEN = "broken"

@@ -1,4 +1,4 @@
-"""The output rule (ecgx/outputs.py) and what it means for training runs, the CLI and interruptions."""
+"""The output rule (ecgx/core/outputs.py) and what it means for training runs, the CLI and interruptions."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from cli_helpers import snapshot
 
 import ecgx.cli
 from ecgx.cli import describe_os_error, main
-from ecgx.outputs import (
+from ecgx.core.dataset import default_meta, load_dataset, write_dataset
+from ecgx.core.outputs import (
     DATASET,
     GATE_REPORT,
     OutputError,
@@ -27,7 +28,6 @@ from ecgx.outputs import (
     write_text_atomic,
 )
 from ecgx.training.config import TrainConfig
-from ecgx.training.data.dataset import default_meta, load_dataset, write_dataset
 from ecgx.training.models import ModelConfig
 from ecgx.training.train import CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, make_split, seed_dir, train_run
 from ecgx.validation.experiments import _relocate

@@ -18,8 +18,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from ecgx.cli import main
+from ecgx.core.package_reader import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package, sha256_file
 from ecgx.service.engine import AttributionEngine
-from ecgx.service.package import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package, sha256_file
 from ecgx.training.data.synth import generate
 from ecgx.validation.signing import (
     generate_keypair,

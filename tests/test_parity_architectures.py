@@ -41,9 +41,9 @@ from captum.attr import (
 from parity_helpers import assert_parity
 from scipy.signal import decimate
 
+from ecgx.core.median_beat import median_beat
 from ecgx.service.engine import AttributionEngine
 from ecgx.training import reference_models as zoo
-from ecgx.training.data.median_beat import median_beat
 from ecgx.training.data.wfdb_import import read_record
 from ecgx.training.export import export_package
 from ecgx.training.export.autograd_reference import autograd_attribution
@@ -292,8 +292,8 @@ def test_onnx_import_every_method_matches_its_reference(onnx_imported):
 
 def test_the_trained_demo_model_matches_every_reference(trained_family):
     """The project's own trained model (the demo's family, seed 0), exported from its checkpoint."""
+    from ecgx.core.dataset import load_dataset
     from ecgx.training.checkpoint import load_checkpoint
-    from ecgx.training.data.dataset import load_dataset
     from ecgx.training.train import CHECKPOINT_FILE, seed_dir
 
     model, _ = load_checkpoint(seed_dir(trained_family["runs"], 0) / CHECKPOINT_FILE)

@@ -28,8 +28,8 @@ from captum.attr import (
 from captum.attr._core.gradient_shap import InputBaselineXGradient
 from parity_helpers import assert_parity, randomise_batchnorm
 
+from ecgx.core.median_beat import median_beat
 from ecgx.service.engine import AttributionEngine
-from ecgx.training.data.median_beat import median_beat
 from ecgx.training.data.synth import generate
 from ecgx.training.data.wfdb_import import read_record
 from ecgx.training.export import export_package

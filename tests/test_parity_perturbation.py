@@ -19,10 +19,10 @@ from captum.attr import FeatureAblation, KernelShap, Lime, Occlusion
 from parity_helpers import assert_parity, randomise_batchnorm
 from torch.utils.data import DataLoader, TensorDataset
 
+from ecgx.core.median_beat import median_beat
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.methods.base import rng_for
 from ecgx.service.methods.perturbation import kernel_shap_coalitions, segment_mask, window_starts
-from ecgx.training.data.median_beat import median_beat
 from ecgx.training.data.synth import generate
 from ecgx.training.data.wfdb_import import read_record
 from ecgx.training.export import export_package

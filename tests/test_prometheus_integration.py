@@ -30,10 +30,10 @@ import yaml
 from cli_helpers import serve_port
 from repo_helpers import make_package
 
+from ecgx.core.dataset import load_dataset
+from ecgx.core.schema import LEADS
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import LEADS
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"

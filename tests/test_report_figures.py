@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ecgx.training.data.schema import CLASSES
+from ecgx.core.schema import CLASSES
 from ecgx.training.data.synth import synthesize_dataset
 from ecgx.validation import figures
 from ecgx.validation.gate import GateRun, run_gate

@@ -41,6 +41,7 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from ecgx.client import ChannelSecurity, Client, ClientError
+from ecgx.core.schema import LEADS
 from ecgx.service.audit import AuditLog
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
@@ -48,7 +49,6 @@ from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity, load_server_security
 from ecgx.service.server import build_server
 from ecgx.token_cli import add_certificate, add_token, revoke
-from ecgx.training.data.schema import LEADS
 
 PASSED, FAILED = "gradcam", "saliency"
 SCOPES = {"predictor": ["predict"], "explainer": ["explain"], "admin": ["admin"], "reader": []}

@@ -29,8 +29,8 @@ from cli_helpers import serve_port
 from conftest import GATE_POLICY
 from repo_helpers import make_package
 
+from ecgx.core.dataset import load_dataset
 from ecgx.service.engine import AttributionEngine
-from ecgx.training.data.dataset import load_dataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Never copied into the build: environments, build outputs, generated stubs (setup.py makes

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, N_CLASSES, N_LEADS, R_PEAK_SAMPLE
+from ecgx.core.dataset import load_dataset
+from ecgx.core.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, N_CLASSES, N_LEADS, R_PEAK_SAMPLE
 from ecgx.training.data.synth import GENERATOR_VERSION, SynthBatch, generate, synthesize_dataset
 
 C = {k: i for i, k in enumerate(CLASS_KEYS)}

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from ecgx.core.dataset import load_dataset
 from ecgx.training.checkpoint import load_checkpoint
 from ecgx.training.config import TrainConfig, load_config
-from ecgx.training.data.dataset import load_dataset
 from ecgx.training.models import ModelConfig
 from ecgx.training.train import CHECKPOINT_FILE, METRICS_FILE, RUN_FILE, make_split, seed_dir, train_run
 
@@ -149,7 +149,7 @@ def test_split_by_patient_keeps_each_patient_on_one_side() -> None:
 
 
 def test_a_run_records_its_training_split_beside_each_checkpoint(small_synth: Path, tmp_path: Path) -> None:
-    from ecgx.training.data.dataset import beat_sha256
+    from ecgx.core.dataset import beat_sha256
     from ecgx.training.train import TRAINING_BEATS_FILE, TRAINING_IDS_FILE, split_dataset
 
     train_run(small_synth, [0], tmp_path / "run", TINY, FAST, show_progress=False)

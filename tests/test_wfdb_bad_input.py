@@ -21,8 +21,8 @@ import wfdb
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 from scipy import signal as sps
 
-from ecgx.training.data.dataset import load_dataset
-from ecgx.training.data.schema import LEADS
+from ecgx.core.dataset import load_dataset
+from ecgx.core.schema import LEADS
 from ecgx.training.data.wfdb_import import read_record
 
 BAD = "HRBAD"  # the corrupt record's name in every case

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import wfdb
 
-from ecgx.training.data.dataset import Dataset, DatasetError, load_dataset
-from ecgx.training.data.median_beat import MedianBeatError, detect_r_peaks, median_beat
-from ecgx.training.data.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, R_PEAK_SAMPLE
+from ecgx.core.dataset import Dataset, DatasetError, load_dataset
+from ecgx.core.median_beat import MedianBeatError, detect_r_peaks, median_beat
+from ecgx.core.schema import BEAT_SAMPLES, CLASS_KEYS, LEADS, R_PEAK_SAMPLE
 from ecgx.training.data.wfdb_import import ImportReport, WfdbImportError, import_wfdb, read_record
 
 PTBXL = [f"HR0600{i}" for i in range(10)]

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from ecgx.core.schema import CLASSES, LEADS
 from ecgx.training.config import model_config_from_dict
-from ecgx.training.data.schema import CLASSES, LEADS
 from ecgx.training.models import ECGNet
 
 CHECKPOINT_FORMAT = "ecgx-checkpoint"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecgx.training.data.schema import BEAT_SAMPLES, N_CLASSES, N_LEADS
+from ecgx.core.schema import BEAT_SAMPLES, N_CLASSES, N_LEADS
 
 POOL_KINDS = ("max", "avg")
 

@@ -6,7 +6,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ecgx.training.data.schema import CLASSES
+from ecgx.core.schema import CLASSES
 from ecgx.training.train import METRICS_FILE, seed_dir
 
 

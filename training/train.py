@@ -27,12 +27,19 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import ecgx
-from ecgx.outputs import RUN, OutputError, StagedOutput, classify_output, temporary_sibling, write_text_atomic
-from ecgx.progress import progress
+from ecgx.core.dataset import Dataset, beat_sha256, dataset_fingerprint, load_dataset
+from ecgx.core.outputs import (
+    RUN,
+    OutputError,
+    StagedOutput,
+    classify_output,
+    temporary_sibling,
+    write_text_atomic,
+)
+from ecgx.core.progress import progress
+from ecgx.core.schema import CLASSES
 from ecgx.training.checkpoint import save_checkpoint
 from ecgx.training.config import TrainConfig
-from ecgx.training.data.dataset import Dataset, beat_sha256, dataset_fingerprint, load_dataset
-from ecgx.training.data.schema import CLASSES
 from ecgx.training.distributed import DistContext, broadcast_float, init_distributed, shutdown_distributed
 from ecgx.training.metrics import per_class_auroc
 from ecgx.training.models import ECGNet, ModelConfig, build_model
@@ -307,7 +314,7 @@ def train_run(
 ) -> dict[str, Any]:
     """Train one model per seed into ``out/seed-<s>/`` and write ``out/run.json``.
 
-    ``out`` follows the output rule of :mod:`ecgx.outputs`: a new run folder appears whole
+    ``out`` follows the output rule of :mod:`ecgx.core.outputs`: a new run folder appears whole
     when every seed is trained; ``overwrite`` replaces a run folder ecgx wrote. Without it,
     seeds not yet in an existing run folder are added, only for the same dataset
     (fingerprint) and config, and run.json then lists every seed. Every class needs
@@ -446,7 +453,7 @@ def check_class_coverage(ds: Dataset, split: Split) -> dict[str, list[str]]:
 
 
 class _RunWriter:
-    """Where rank 0 writes a run (see :mod:`ecgx.outputs`).
+    """Where rank 0 writes a run (see :mod:`ecgx.core.outputs`).
 
     A new run folder (or one replaced with ``overwrite``) is built whole in a temporary
     sibling and renamed into place when every seed is trained. Seeds added to an existing

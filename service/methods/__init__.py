@@ -23,7 +23,7 @@ from ecgx.service.methods.lrp import Lrp
 from ecgx.service.methods.perturbation import FeatureAblation, KernelShap, Lime, Occlusion
 
 if TYPE_CHECKING:
-    from ecgx.service.package import ModelPackage
+    from ecgx.core.package_reader import ModelPackage
 
 _CLASSES: tuple[type[AttributionMethod], ...] = (
     Saliency,

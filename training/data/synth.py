@@ -107,9 +107,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ecgx.progress import progress_bar
-from ecgx.training.data.dataset import DatasetWriter, default_meta
-from ecgx.training.data.schema import (
+from ecgx.core.dataset import DatasetWriter, default_meta
+from ecgx.core.progress import progress_bar
+from ecgx.core.schema import (
     BEAT_SAMPLES,
     CLASS_KEYS,
     N_CLASSES,

@@ -2,7 +2,7 @@
 
 Each record is read with ``wfdb.rdrecord``, its 12 standard leads are picked by
 name (case-insensitively, extra channels such as Frank leads ignored), converted to
-millivolts, reduced to one median beat (:mod:`ecgx.training.data.median_beat`) and
+millivolts, reduced to one median beat (:mod:`ecgx.core.median_beat`) and
 labelled from its ``# Dx:`` SNOMED CT codes. A record that cannot be used is
 skipped with its reason (listed in the report and ``meta.json``); the import fails,
 writing nothing, only when no record is usable.
@@ -11,8 +11,8 @@ Headers are parsed strictly (:func:`read_header`) before ``wfdb`` reads the samp
 ``wfdb`` silently reads an unparsable, negative or missing sampling frequency as
 250 Hz and a missing or zero gain as 200, so any such field is refused with the
 header file, line and field named. Every record must also pass the median-beat
-pipeline's input checks (:func:`ecgx.training.data.median_beat.check_sampling_rate`,
-:func:`~ecgx.training.data.median_beat.check_leads`): at least 250 Hz, no flat or
+pipeline's input checks (:func:`ecgx.core.median_beat.check_sampling_rate`,
+:func:`~ecgx.core.median_beat.check_leads`): at least 250 Hz, no flat or
 disconnected lead.
 """
 
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import wfdb
 
-from ecgx.progress import progress
-from ecgx.training.data.dataset import MAX_ABS_MV, DatasetError, default_meta, write_dataset
-from ecgx.training.data.median_beat import MedianBeatError, check_sampling_rate, median_beat
-from ecgx.training.data.schema import LEADS, N_CLASSES, snomed_to_class
+from ecgx.core.dataset import MAX_ABS_MV, DatasetError, default_meta, write_dataset
+from ecgx.core.median_beat import MedianBeatError, check_sampling_rate, median_beat
+from ecgx.core.progress import progress
+from ecgx.core.schema import LEADS, N_CLASSES, snomed_to_class
 
 log = logging.getLogger(__name__)
 
@@ -524,8 +524,8 @@ def import_wfdb(
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
-    """The output rule of :mod:`ecgx.outputs`, checked before minutes of work (the writer checks again)."""
-    from ecgx.outputs import DATASET, OutputError, check_output
+    """The output rule of :mod:`ecgx.core.outputs`, checked before minutes of work (the writer again)."""
+    from ecgx.core.outputs import DATASET, OutputError, check_output
 
     try:
         check_output(out, DATASET, overwrite=overwrite)

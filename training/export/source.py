@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecgx.training.data.schema import SAMPLING_RATE_HZ
+from ecgx.core.schema import SAMPLING_RATE_HZ
 from ecgx.training.export.ir import ExportError, ModelIR
 from ecgx.training.export.torch_frontend import trace_model
 

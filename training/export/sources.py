@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, N_LEADS, SAMPLING_RATE_HZ
+from ecgx.core.schema import BEAT_SAMPLES, CLASSES, N_LEADS, SAMPLING_RATE_HZ
 from ecgx.training.export.ir import ExportError, ModelIR
 from ecgx.training.export.source import ModelSource, module_forward
 from ecgx.training.export.torch_frontend import trace_model
@@ -101,7 +101,7 @@ def load_source(
 
 
 def _from_checkpoint(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from ecgx.service.package import sha256_file
+    from ecgx.core.package_reader import sha256_file
     from ecgx.training.checkpoint import load_checkpoint
 
     if input_length not in (None, BEAT_SAMPLES) or sampling_rate_hz not in (None, SAMPLING_RATE_HZ):
@@ -122,7 +122,7 @@ def _from_checkpoint(path: Path, input_length, sampling_rate_hz, classes) -> Mod
 
 
 def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from ecgx.service.package import sha256_file
+    from ecgx.core.package_reader import sha256_file
 
     model = build_from_factory(spec)
     state = read_state_dict(weights)
@@ -146,7 +146,7 @@ def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, clas
 
 
 def _from_program(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from ecgx.service.package import sha256_file
+    from ecgx.core.package_reader import sha256_file
     from ecgx.training.export.program_import import import_program, program_metadata
 
     ir, module = import_program(path, input_length)
@@ -166,7 +166,7 @@ def _from_program(path: Path, input_length, sampling_rate_hz, classes) -> ModelS
 
 
 def _from_onnx(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
-    from ecgx.service.package import sha256_file
+    from ecgx.core.package_reader import sha256_file
     from ecgx.training.export.onnx_import import import_onnx, onnx_forward, onnx_metadata
 
     ir = import_onnx(path, input_length)

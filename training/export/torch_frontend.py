@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from ecgx.training.data.schema import BEAT_SAMPLES, N_LEADS
+from ecgx.core.schema import BEAT_SAMPLES, N_LEADS
 from ecgx.training.export.ir import (
     ADD,
     AFFINE,

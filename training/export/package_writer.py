@@ -62,9 +62,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 import ecgx
-from ecgx.service.methods import methods_needing
-from ecgx.service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
-from ecgx.service.package import (
+from ecgx.core.package_reader import (
     MANIFEST_FILE,
     PACKAGE_FORMAT,
     REQUIRED_GRAPHS,
@@ -76,7 +74,9 @@ from ecgx.service.package import (
     is_plain_name,
     sha256_file,
 )
-from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
+from ecgx.core.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
+from ecgx.service.methods import methods_needing
+from ecgx.service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
 from ecgx.training.export.graphs import GRAPH_SIGNATURES, build_graph
 from ecgx.training.export.ir import PARAMETERISED, ExportError, ModelIR
 from ecgx.training.export.onnx_graphs import OPSET, param_names
@@ -92,7 +92,7 @@ from ecgx.training.export.source import ModelSource, from_module
 
 log = logging.getLogger(__name__)
 
-PACKAGE_VERSION = 1  # the reader (service/package.py) lists the versions it accepts
+PACKAGE_VERSION = 1  # the reader (ecgx/core/package_reader.py) lists the versions it accepts
 _ALIGN = 64
 # LRP is checked at two epsilons. At the engine's default (1e-6, as Zennit's) the rule is
 # ill-conditioned: a unit whose output lies within a few epsilon of zero amplifies the float32
@@ -164,7 +164,7 @@ def export_package(
     manifest's ``unavailable`` with the reason and the methods that need it; raises
     :class:`ExportError` (nothing written) when ``forward`` or ``gradient`` fails.
     """
-    from ecgx.outputs import PACKAGE, StagedOutput, check_output
+    from ecgx.core.outputs import PACKAGE, StagedOutput, check_output
 
     out = Path(out)
     check_output(out, PACKAGE, overwrite=overwrite)  # before the work, not after
@@ -181,7 +181,7 @@ def export_package(
     }
     built = _build_graphs(ir, names, layer, no_layer, graph_builder or build_graph, unavailable)
     x, inputs_note = _sample_inputs(sample_inputs, src)
-    # The output rule (ecgx.outputs): built beside ``out``, renamed into place once the graphs
+    # The output rule (ecgx.core.outputs): built beside ``out``, renamed into place once the graphs
     # passed their check; an old package is removed only then, and only a package is replaced.
     with StagedOutput(out, PACKAGE, overwrite=overwrite) as tmp:
         params = _write_weights(tmp, ir, built)
@@ -868,8 +868,8 @@ def checkpoint_training_data(checkpoint: Path, payload: dict[str, Any]) -> tuple
 def _recompute_training_data(
     data: dict[str, Any], train_config: dict[str, Any]
 ) -> tuple[str, dict[str, Any]]:
+    from ecgx.core.dataset import dataset_fingerprint, load_dataset
     from ecgx.training.config import TrainConfig
-    from ecgx.training.data.dataset import dataset_fingerprint, load_dataset
     from ecgx.training.train import split_dataset, training_fingerprint
 
     ds = load_dataset(data["path"], check_values=False)

@@ -1,4 +1,4 @@
-"""Reading a model package (see training/export/package.py for how one is written).
+"""Reading a model package (see training/export/package_writer.py for how one is written).
 
 NumPy, JSON, hashlib and the ``onnx`` protobuf reader only: the serving path runs from the
 package files alone.
@@ -32,7 +32,7 @@ PACKAGE_FORMAT = "ecgx-model-package"
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_FILE = "manifest.json"
 WEIGHTS_FILE = "weights.bin"
-# The training split's fingerprint (training/export/package.py writes them; validation/leakage.py reads).
+# The training split's fingerprint (training/export/package_writer.py writes it; validation/leakage.py reads).
 TRAINING_BEATS_FILE = "training_beats.sha256"
 TRAINING_IDS_FILE = "training_ids.json"
 # Every method needs one of these (perturbation methods the forward pass, gradient methods and the

@@ -32,7 +32,7 @@ from fractions import Fraction
 import numpy as np
 from scipy import ndimage, signal
 
-from ecgx.training.data.schema import BEAT_SAMPLES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
+from ecgx.core.schema import BEAT_SAMPLES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 
 REFRACTORY_S = 0.25  # two QRS complexes are never closer than this
 T_WAVE_WINDOW_S = 0.36  # a weak peak this soon after a beat is a T wave (Pan-Tompkins)

@@ -11,7 +11,7 @@ matplotlib.use("Agg")  # files only; servers and CI have no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from ecgx.training.data.schema import LEADS, SAMPLING_RATE_HZ
+from ecgx.core.schema import LEADS, SAMPLING_RATE_HZ
 
 
 def plot_attributions(

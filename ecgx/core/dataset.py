@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.outputs import DATASET, OutputError, StagedOutput
-from ecgx.training.data.schema import BEAT_SAMPLES, CLASSES, LEADS, N_CLASSES, N_LEADS, SAMPLING_RATE_HZ
+from ecgx.core.outputs import DATASET, OutputError, StagedOutput
+from ecgx.core.schema import BEAT_SAMPLES, CLASSES, LEADS, N_CLASSES, N_LEADS, SAMPLING_RATE_HZ
 
 FORMAT_VERSION = 1
 SIGNALS_FILE = "signals.npy"
@@ -101,7 +101,7 @@ class DatasetWriter:
     """Write a dataset folder chunk by chunk, so size is bounded by disk, not memory.
 
     Files go to a temporary folder beside ``out`` and are renamed into place only
-    when :meth:`close` succeeds and the folder reads back valid (:mod:`ecgx.outputs`):
+    when :meth:`close` succeeds and the folder reads back valid (:mod:`ecgx.core.outputs`):
     an interrupted write never leaves a half dataset, and an existing folder is only
     replaced when asked and only if it is a dataset folder.
     """
