@@ -87,7 +87,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from ecgx.training.export.sources import is_factory_spec
+    from ecgx.training.export.input_forms import is_factory_spec
 
     model = args.model
     if (
@@ -117,7 +117,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         )
     else:
         from ecgx.training.export import export_package
-        from ecgx.training.export.sources import load_source
+        from ecgx.training.export.input_forms import load_source
 
         classes = args.classes
         if classes is not None and Path(classes).is_file():

@@ -26,10 +26,10 @@ from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 from parity_helpers import randomise_batchnorm
 
 from ecgx.training.export import ir as I
+from ecgx.training.export.input_forms import load_source
 from ecgx.training.export.ir import ExportError, ModelIR
 from ecgx.training.export.onnx_import import import_onnx, onnx_forward
 from ecgx.training.export.program_import import import_program
-from ecgx.training.export.sources import load_source
 
 # The user's own module: written to a folder of its own (as a hospital's code would live
 # outside this project), imported from there by the factory form.

@@ -242,7 +242,7 @@ def onnx_imported(shared_data, tmp_path_factory):
     PyTorch by onnx2torch, as the issue asks."""
     import onnx2torch
 
-    from ecgx.training.export.sources import load_source
+    from ecgx.training.export.input_forms import load_source
 
     torch.manual_seed(0)
     model = zoo.randomise_batchnorm(zoo.xresnet1d(), seed=1).eval()

@@ -38,10 +38,10 @@ from ecgx.core.outputs import (
 )
 from ecgx.core.progress import progress
 from ecgx.core.schema import CLASSES
+from ecgx.training.auroc import per_class_auroc
 from ecgx.training.checkpoint import save_checkpoint
 from ecgx.training.config import TrainConfig
 from ecgx.training.distributed import DistContext, broadcast_float, init_distributed, shutdown_distributed
-from ecgx.training.metrics import per_class_auroc
 from ecgx.training.models import ECGNet, ModelConfig, build_model
 
 log = logging.getLogger(__name__)

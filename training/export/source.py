@@ -4,7 +4,7 @@ A :class:`ModelSource` pairs the model's IR (what the ONNX graphs are built from
 with a way to run the model *as given* (what the IR's forward pass is checked
 against) and the facts a package records: sampling rate, classes and where the
 model came from. ``from_module`` makes one from a PyTorch module; the other
-front ends (``sources.load_source``) make one from a factory plus weights, a
+front ends (``input_forms.load_source``) make one from a factory plus weights, a
 ``torch.export`` program or a forward-only ONNX file.
 """
 
