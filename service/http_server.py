@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import select
 import socket
 import socketserver
 import ssl
@@ -110,6 +111,7 @@ class HttpRequest:
     peer: str  # "ipv4:127.0.0.1:51234", as gRPC names peers
     client_certificate: bytes | None  # PEM of the verified client certificate (mutual TLS)
     content_length: int
+    connected: Callable[[], bool] = field(repr=False, default=lambda: True)  # False: the client left
     _read: Callable[[], bytearray] = field(repr=False, default=lambda: bytearray())
     _body: bytearray | None = field(repr=False, default=None)
 
@@ -210,6 +212,19 @@ class _Connections:
             return len(self._idle_since)
 
 
+def _connected(sock: socket.socket) -> bool:
+    """Whether the client still holds the connection open: a non-blocking peek at the raw
+    descriptor (under TLS too: encrypted bytes are only looked at, never consumed)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+        if not readable:
+            return True  # nothing sent, still open
+        # Readable: data (a pipelined request) or the end of the stream; the peek cannot block.
+        return socket.socket.recv(sock, 1, socket.MSG_PEEK) != b""
+    except (OSError, ValueError):
+        return False  # reset, shut down, or closed (fileno -1)
+
+
 def _shut(sock: socket.socket) -> None:
     """Wake the thread blocked reading ``sock``: shut the descriptor down, not the TLS object
     (``SSLSocket.shutdown`` would drop the SSL state under that thread)."""
@@ -254,6 +269,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.raw_requestline:
             return  # the client closed, or was evicted
         if len(self.raw_requestline) > 65536:
+            self.requestline, self.request_version, self.command = "", "", ""
             self._refuse(414, "the request line is longer than 64 KiB")
             return
         sock.settimeout(limits.header_timeout_s)
@@ -286,6 +302,7 @@ class _Handler(BaseHTTPRequestHandler):
             peer=_peer(self.client_address),
             client_certificate=self.client_certificate,
             content_length=length,
+            connected=lambda: _connected(self.request),
             _read=lambda: self._read_body(length),
         )
         try:
@@ -380,6 +397,9 @@ class _Handler(BaseHTTPRequestHandler):
         if code == 431 or (code == 400 and "header" in text.lower()):
             text = f"{text} (at most 100 headers of 64 KiB each)"
         self._refuse(code, text)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        return  # no access log (below)
 
     def log_message(self, format: str, *args: Any) -> None:
         # No access log here: paths carry client-typed names; the audit log records calls.
