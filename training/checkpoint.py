@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.schema import CLASSES, LEADS
 from ecgx.training.config import model_config_from_dict
 from ecgx.training.models import ECGNet
@@ -35,7 +36,7 @@ def save_checkpoint(path: Path, model: ECGNet, **info: Any) -> Path:
     return path
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InvalidArgument):
     """A file is not a usable ecgx checkpoint; the message names the file and the field at fault."""
 
 

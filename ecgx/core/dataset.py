@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import DATASET, OutputError, StagedOutput
 from ecgx.core.schema import BEAT_SAMPLES, CLASSES, LEADS, N_CLASSES, N_LEADS, SAMPLING_RATE_HZ
 
@@ -43,7 +44,7 @@ MAX_ABS_MV = 50.0
 _CHECK_CHUNK = 4096  # beats per chunk when scanning memory-mapped arrays
 
 
-class DatasetError(ValueError):
+class DatasetError(InvalidArgument):
     """A dataset folder is missing, malformed or holds values that are not an ECG dataset."""
 
 

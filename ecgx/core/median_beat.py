@@ -32,6 +32,7 @@ from fractions import Fraction
 import numpy as np
 from scipy import ndimage, signal
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.schema import BEAT_SAMPLES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 
 REFRACTORY_S = 0.25  # two QRS complexes are never closer than this
@@ -64,7 +65,7 @@ _ISO_SEARCH = (-100, -10)  # where the PR segment is looked for, samples around 
 _ISO_WIDTH = 10  # 20 ms
 
 
-class MedianBeatError(ValueError):
+class MedianBeatError(InvalidArgument):
     """No trustworthy median beat can be made from a signal (the message says why)."""
 
 

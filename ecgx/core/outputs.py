@@ -27,13 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from ecgx.core.errors import InvalidArgument
+
 TMP_SUFFIX = ".ecgx-tmp"
 OLD_SUFFIX = ".ecgx-old"
 _MAX_MARKER_BYTES = 256 * 2**20  # a marker file larger than this is not one ecgx wrote
 _LISTED = 4  # entries named when describing a folder that is in the way
 
 
-class OutputError(ValueError):
+class OutputError(InvalidArgument):
     """An output path cannot be used; the message names it and says why."""
 
 

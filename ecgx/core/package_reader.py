@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
+
 PACKAGE_FORMAT = "ecgx-model-package"
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_FILE = "manifest.json"
@@ -46,7 +48,7 @@ _SHA256 = re.compile(r"[0-9a-f]{64}")
 _FLOAT32 = 1  # onnx.TensorProto.FLOAT
 
 
-class PackageError(ValueError):
+class PackageError(InvalidArgument):
     """A package folder is missing, malformed, of an unsupported version, or was modified."""
 
 

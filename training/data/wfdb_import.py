@@ -29,6 +29,7 @@ import numpy as np
 import wfdb
 
 from ecgx.core.dataset import MAX_ABS_MV, DatasetError, default_meta, write_dataset
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.median_beat import MedianBeatError, check_sampling_rate, median_beat
 from ecgx.core.progress import progress
 from ecgx.core.schema import LEADS, N_CLASSES, snomed_to_class
@@ -69,7 +70,7 @@ _PATIENT_FOLDER = re.compile(r"^patient\d+$", re.IGNORECASE)
 _MAX_LISTED = 10  # names listed in one aggregated warning
 
 
-class WfdbImportError(ValueError):
+class WfdbImportError(InvalidArgument):
     """A WFDB record (or a whole import) cannot be used; the message says why."""
 
 

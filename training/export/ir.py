@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
+
 CONV, LINEAR, AFFINE = "conv", "linear", "affine"
 MAXPOOL, AVGPOOL, GAP, GMP = "maxpool", "avgpool", "gap", "gmp"
 ADD, CONCAT, RELU, FLATTEN = "add", "concat", "relu", "flatten"
@@ -73,7 +75,7 @@ REPLACEMENTS = {
 }
 
 
-class ExportError(ValueError):
+class ExportError(InvalidArgument):
     """The model cannot be exported: an unsupported layer, or graphs that disagree with PyTorch."""
 
 
