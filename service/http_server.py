@@ -24,7 +24,8 @@ line and header parsing) with what a hostile network needs added here, in one pl
   requests in flight finish within the grace period, then closes the rest.
 
 Parse errors are answered with a JSON body ``{"error": "..."}`` and logged at most once a
-minute per kind, with no request content. No PyTorch here (the serving path).
+minute per kind (:class:`ecgx.service.calls.ThrottledLog`), with no request content.
+No PyTorch here (the serving path).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from ecgx.service.calls import ThrottledLog
 from ecgx.service.errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
@@ -130,21 +132,13 @@ class HttpRequest:
 Application = Callable[[HttpRequest], HttpResponse]
 
 
-class _Throttle:
-    """At most one log line per kind per ``interval_s`` (a flood must not flood the log)."""
+class _Logs:
+    """Throttled log lines of one server, one per kind: a flood must not flood the log."""
 
-    def __init__(self, interval_s: float = 60.0):
-        self.interval_s = interval_s
-        self._last: dict[str, float] = {}
-        self._lock = threading.Lock()
-
-    def warn(self, kind: str, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last.get(kind, -self.interval_s) < self.interval_s:
-                return
-            self._last[kind] = now
-        log.warning(message + " (logged at most once a minute)", *args)
+    def __init__(self) -> None:
+        self.refused = ThrottledLog(log)  # unparseable requests
+        self.full = ThrottledLog(log)  # the connection cap with every connection busy
+        self.dropped = ThrottledLog(log)  # TLS handshakes and connections that failed
 
 
 def _peer(address: Any) -> str:
@@ -388,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.close_connection = True
         # The log gets the kind of error only: http.server's messages quote the client's bytes.
         kind = message.split(" (", 1)[0]
-        self.server.throttle.warn(f"http-{status}", "HTTP request refused: %s %s", status, kind)
+        self.server.logs.refused.warning("HTTP request refused: %s %s", status, kind)
         self._write(error_response(status, message[:300]))
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
@@ -422,7 +416,7 @@ class _Server(socketserver.TCPServer):
         self.limits = limits
         self.ssl_context = ssl_context
         self.connections = _Connections(limits.max_connections)
-        self.throttle = _Throttle()
+        self.logs = _Logs()
         # One thread per open connection, a few spare while evicted ones wind down.
         self.pool = futures.ThreadPoolExecutor(limits.max_connections + 4, thread_name_prefix="ecgx-http")
         super().__init__(address, _Handler)
@@ -437,7 +431,7 @@ class _Server(socketserver.TCPServer):
     def verify_request(self, request: Any, client_address: Any) -> bool:
         if self.connections.admit(request):
             return True
-        self.throttle.warn("http-full", "HTTP port full: %d busy connections", len(self.connections))
+        self.logs.full.warning("HTTP port full: %d busy connections; refusing", len(self.connections))
         if not isinstance(request, ssl.SSLSocket):
             try:
                 request.settimeout(0.05)
@@ -461,7 +455,7 @@ class _Server(socketserver.TCPServer):
         try:
             self.finish_request(request, client_address)
         except (ssl.SSLError, TimeoutError, ConnectionError) as e:
-            self.throttle.warn(f"conn-{type(e).__name__}", "HTTP connection dropped: %s", type(e).__name__)
+            self.logs.dropped.warning("HTTP connection dropped: %s", type(e).__name__)
         except OSError:
             pass  # evicted or shut down under the thread
         except Exception:
