@@ -12,12 +12,11 @@ A config file has up to two tables, each optional::
 
 from __future__ import annotations
 
-import math
-import tomllib
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.config_file import ConfigError, build, check_tables, checked_fields, read_toml
 from ecgx.training.models import ModelConfig
 
 
@@ -73,12 +72,12 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
         """Build from a config-file table: unknown keys, wrong types and bad values name the key."""
-        return _build(cls, checked_fields(cls, values, "train"), "train")
+        return build(cls, checked_fields(cls, values, "train"), "train")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,92 +86,16 @@ class TrainConfig:
 def model_config_from_dict(values: Any, table: str = "model") -> ModelConfig:
     """A :class:`ModelConfig` from a config-file table or a checkpoint's ``model_config``,
     refusing unknown keys, wrong types and bad values by name (``table.key``)."""
-    return _build(ModelConfig, checked_fields(ModelConfig, values, table), table)
-
-
-def _build(cls: type, values: dict[str, Any], table: str) -> Any:
-    try:
-        return cls(**values)
-    except ValueError as e:  # a range check of the dataclass: its message names the key
-        names_a_key = str(e).split(" ", 1)[0] in {f.name for f in fields(cls)}
-        raise ValueError(f"{table}.{e}" if names_a_key else f"{table}: {e}") from None
-
-
-def checked_fields(cls: type, values: Any, table: str) -> dict[str, Any]:
-    """``values`` checked against the dataclass ``cls``'s field types; messages name ``table.key``.
-
-    Integers are accepted for float fields; booleans are never numbers; floats must be finite.
-    Range checks stay in the dataclass (their messages name the key too).
-    """
-    if not isinstance(values, dict):
-        raise ValueError(f"{table} must be a table of settings, got {_kind(values)}")
-    types = {f.name: f.type for f in fields(cls)}
-    unknown = sorted(set(values) - set(types))
-    if unknown:
-        what = "setting" if len(unknown) == 1 else "settings"
-        raise ValueError(f"unknown {table} {what} {', '.join(unknown)}; known: {', '.join(sorted(types))}")
-    return {key: _checked_value(f"{table}.{key}", types[key], value) for key, value in values.items()}
-
-
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _checked_value(name: str, annotation: Any, value: Any) -> Any:
-    kind = str(annotation).replace(" ", "")
-    if kind == "bool":
-        ok = isinstance(value, bool)
-        expected = "true or false"
-    elif kind == "int":
-        ok, expected = _is_int(value), "an integer"
-    elif kind == "int|None":
-        ok, expected = _is_int(value), "an integer (leave it out for none)"
-    elif kind == "float":
-        ok, expected = _is_int(value) or isinstance(value, float), "a number"
-        if ok and not math.isfinite(value):
-            raise ValueError(f"{name} must be a finite number, got {value}")
-        value = float(value) if ok else value
-    elif kind == "str":
-        ok, expected = isinstance(value, str), "a string"
-    elif kind == "tuple[int,...]":
-        ok = isinstance(value, (list, tuple)) and all(_is_int(v) for v in value)
-        expected = "a list of integers"
-        value = tuple(value) if ok else value
-    else:  # a field type this checker does not know: a programming error, not bad input
-        raise TypeError(f"no type check for {name}: {annotation}")
-    if not ok:
-        raise ValueError(f"{name} must be {expected}, got {value!r} ({_kind(value)})")
-    return value
-
-
-def _kind(value: Any) -> str:
-    names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "table"}
-    return names.get(type(value), type(value).__name__)
+    return build(ModelConfig, checked_fields(ModelConfig, values, table), table)
 
 
 def load_config(path: Path | str | None) -> tuple[ModelConfig, TrainConfig]:
     """Read a TOML config file; ``None`` gives the defaults. Every error names the file and key."""
     if path is None:
         return ModelConfig(), TrainConfig()
-    path = Path(path)
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise ValueError(f"config file {path} is not a regular file (a device, pipe or socket)")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ValueError(f"config file {path} does not exist") from None
-    except IsADirectoryError:
-        raise ValueError(f"config file {path} is a folder, not a TOML file") from None
-    except OSError as e:
-        raise ValueError(f"config file {path} cannot be read: {(e.strerror or str(e)).lower()}") from None
-    except UnicodeDecodeError:
-        raise ValueError(f"config file {path} is not valid TOML: it is not UTF-8 text") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-    unknown = sorted(set(raw) - {"model", "train"})
-    if unknown:
-        raise ValueError(f"config file {path}: unknown table(s) {unknown}; expected [model] and/or [train]")
+    raw = read_toml(path)
+    check_tables(raw, ("model", "train"), f"config file {path}")
     try:
         return model_config_from_dict(raw.get("model", {})), TrainConfig.from_dict(raw.get("train", {}))
     except ValueError as e:
-        raise ValueError(f"config file {path}: {e}") from None
+        raise ConfigError(f"config file {path}: {e}") from None
