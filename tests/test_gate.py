@@ -7,6 +7,7 @@ should: the input itself (no weights), and noise seeded by the package (no ECG).
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -18,12 +19,18 @@ from ecgx.core.package_reader import MANIFEST_FILE, load_package, sha256_file
 from ecgx.service.engine import AttributionEngine
 from ecgx.validation.gate import run_gate, select_ecgs
 
+# On these small models no method beats |x| in perturbation by the default margin (issue 26:
+# the margin is now over the strongest model-independent map); -1 lets faithful methods pass.
 SMALL_POLICY = """
 [gate]
 ecgs = 48
 [checks.randomisation]
 ecgs = 16
 [checks.perturbation]
+bootstrap = 200
+margin = -1.0
+[checks.changed_model]
+ecgs = 32
 bootstrap = 200
 """
 
@@ -33,9 +40,11 @@ def input_magnitude(engine: AttributionEngine, x: np.ndarray, target: np.ndarray
     return np.abs(x)
 
 
-def package_noise(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """Noise that depends on the package but not on the ECG: inconsistent across seeds."""
-    seed = int(sha256_file(engine.package.path / MANIFEST_FILE)[:8], 16)
+def package_noise(engine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Noise that depends on the model but not on the ECG: inconsistent across seeds. (The gate's
+    engine names no package; the model's outputs on a fixed probe still tell models apart.)"""
+    probe = np.ones((1, 12, 600), np.float32)
+    seed = int(hashlib.sha256(np.round(engine.logits(probe), 4).tobytes()).hexdigest()[:8], 16)
     return np.random.default_rng(seed).standard_normal(x.shape).astype(np.float32)
 
 
@@ -64,8 +73,14 @@ def gate(trained_family: dict[str, Path], policy_file: Path):
     )
 
 
+def row(gate, method: str) -> dict:
+    """A built-in method's row, or a user method's (reported apart, for information only)."""
+    report = gate.report
+    return report["methods"].get(method) or report["user_methods"][method]
+
+
 def check(gate, method: str, name: str) -> dict:
-    return gate.report["methods"][method]["checks"][name]
+    return row(gate, method)["checks"][name]
 
 
 # ---------------------------------------------------------------- randomisation
@@ -87,11 +102,20 @@ def test_methods_that_use_the_weights_pass_randomisation(gate) -> None:
 
 
 def test_a_method_that_ignores_the_weights_fails_randomisation(gate) -> None:
-    for method in ("input_magnitude", "random"):
-        c = check(gate, method, "randomisation")
-        assert c["verdict"] == "fail"
-        assert c["details"]["criteria"]["final"]["score"] == pytest.approx(1.0)
-        assert gate.report["methods"][method]["verdict"] == "fail"
+    c = check(gate, "input_magnitude", "randomisation")
+    assert c["verdict"] == "fail"
+    assert c["details"]["criteria"]["final"]["score"] == pytest.approx(1.0)
+    assert row(gate, "input_magnitude")["verdict"] == "fail"
+
+
+def test_the_random_control_is_measured_not_constructed(gate) -> None:
+    """Drawn afresh for every model and input: its similarity to itself under randomisation is
+    that of two independent draws (about 0, not 1 by construction), and it fails because that is
+    no lower than its own noise floor."""
+    c = check(gate, "random", "randomisation")["details"]["criteria"]
+    assert abs(c["final"]["mean"]) < 0.05 and c["final"]["verdict"] == "pass"
+    assert c["noise_floor_gap"]["verdict"] == "fail" and abs(c["noise_floor_gap"]["mean"]) < 0.05
+    assert row(gate, "random")["verdict"] == "fail"
 
 
 def test_gradcam_maps_that_are_all_zero_fail_instead_of_counting_as_changed(gate) -> None:
@@ -135,7 +159,12 @@ def test_a_faithful_method_beats_the_random_control(gate) -> None:
     assert c["verdict"] == "pass", c["score"]
     versus = c["details"]["versus_control"]
     assert set(versus) == {"zero", "lead_mean", "linear", "noisy_linear"}
-    assert all(v["low"] > c["threshold"] and v["low"] <= v["mean"] <= v["high"] for v in versus.values())
+    assert all(v["low"] > 0 and v["low"] <= v["mean"] <= v["high"] for v in versus.values())
+    # It is judged against the strongest model-independent row, not the control alone.
+    rows = c["details"]["versus"]
+    assert all(set(r) == {"ref:input", "ref:edges", "ref:class_template", "random"} for r in rows.values())
+    assert c["score"] == min(v["low"] for r in rows.values() for v in r.values())
+    assert c["details"]["row"] != "random"  # on this model |x| or a template is the stronger floor
     # Only ECGs whose target the model predicts are perturbed; the others are counted.
     assert c["details"]["ecgs"] + c["details"]["not_predicted"] == gate.report["data"]["ecgs"]
     assert "8 independent leads" in c["details"]["leads"]
@@ -148,10 +177,13 @@ def test_the_random_control_and_noise_fail_perturbation(gate) -> None:
     for method in ("random", "package_noise"):
         c = check(gate, method, "perturbation")
         assert c["verdict"] == "fail", (method, c["score"])
-    assert check(gate, "random", "perturbation")["score"] == 0.0  # the control against itself
-    # The input's magnitude can beat random removal (large voltages matter to the model):
-    # perturbation alone cannot tell it from an explanation; randomisation blocks it.
-    assert gate.report["methods"]["input_magnitude"]["verdict"] == "fail"
+    # The control is compared with another draw of itself: a measurement near 0, not 0 by construction.
+    redraw = check(gate, "random", "perturbation")["details"]["versus"]["zero"]["random (independent draw)"]
+    assert redraw["low"] < 0 < redraw["high"] and redraw["mean"] != 0.0
+    # The input's magnitude can beat random removal (large voltages matter to the model), so
+    # perturbation now judges every method against it; it cannot follow a change of model.
+    assert row(gate, "input_magnitude")["verdict"] == "fail"
+    assert check(gate, "input_magnitude", "changed_model")["verdict"] == "fail"
     assert check(gate, "input_magnitude", "randomisation")["verdict"] == "fail"
 
 
@@ -239,7 +271,7 @@ def test_localisation_does_not_run_without_masks(trained_family, shared_data: Pa
 def test_report_records_what_was_gated(gate, trained_family) -> None:
     report = gate.report
     json.dumps(report, allow_nan=False)  # strict JSON, no NaN
-    assert report["schema"] == "ecgx-gate-report" and report["schema_version"] == 1
+    assert report["schema"] == "ecgx-gate-report" and report["schema_version"] == 2
     pkg = trained_family["seed-0"]
     files = report["package"]["files"]
     assert MANIFEST_FILE in files and "weights.bin" in files and "forward.onnx" in files

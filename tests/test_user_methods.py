@@ -106,10 +106,14 @@ def test_a_user_method_is_gated_end_to_end_and_never_served(
     )
     assert result.returncode in (0, 1), result.stderr
     report = json.loads(out.read_text())
-    entry = report["methods"]["ixg"]
-    assert entry["user_supplied"] is True and set(entry["checks"]) >= {"randomisation", "perturbation"}
-    assert report["user_methods"] == {"ixg": f"{module_file}:input_x_gradient"}
-    assert "ixg" not in report["serve"] and "User-supplied method(s) ixg" in report["headline"]
+    # Apart from the built-in methods: in user_methods, never in methods, passed, failed or serve.
+    assert "ixg" not in report["methods"]
+    entry = report["user_methods"]["ixg"]
+    assert entry["user_supplied"] is True and entry["spec"] == f"{module_file}:input_x_gradient"
+    assert set(entry["checks"]) >= {"randomisation", "perturbation", "changed_model"}
+    assert "ixg" not in report["serve"] + report["passed"] + report["failed"]
+    assert "User-supplied method(s) ixg" in report["headline"]
+    assert "ixg" not in report["inter_method"]["methods"]
     assert "ixg" in result.stdout  # a row of the printed table
 
 

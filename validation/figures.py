@@ -51,6 +51,7 @@ STRATEGY_LABELS = {
 CHECK_LABELS = {
     "randomisation": "randomisation",
     "perturbation": "perturbation",
+    "changed_model": "changed model",
     "self_consistency": "self-consistency",
     "inter_method": "inter-method",
     "localisation": "localisation",
