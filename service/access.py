@@ -569,7 +569,7 @@ class AccessList:
             try:
                 self._state = self._load()
             except SecurityConfigError as e:
-                log.error("ACCESS LIST NOT RELOADED, the previous one stays in force: %s", e)
+                log.error("ACCESS FILE NOT RELOADED, the previous access list stays in force: %s", e)
                 return False
         log.warning("access list reloaded: %s", self.describe())
         return True

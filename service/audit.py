@@ -38,6 +38,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import sys
 import threading
 from collections.abc import Iterable, Iterator, Sequence
@@ -88,8 +89,11 @@ def audit_line(record: CallRecord, prev: str = GENESIS) -> str:
 
 
 def last_line(path: Path) -> bytes | None:
-    """The last complete line of ``path`` (None for a missing or empty file)."""
+    """The last complete line of ``path`` (None for a missing or empty file, or not a regular
+    file: /dev/full would read zeros forever)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         with open(path, "rb") as f:
             f.seek(0, os.SEEK_END)
             size = f.tell()

@@ -211,7 +211,13 @@ def write(path: Path, text: str) -> Path:
         ('[[token]]\nname = "a"\nscopes = []\n', "'sha256' is missing"),
         (f'[[token]]\nname = "a"\nsha256 = "{HASH}"\n', "'scopes' is missing"),
         (f'[[token]]\nname = "a"\nsha256 = "{HASH}"\nscopes = ["write"]\n', "unknown scope 'write'"),
-        (f'[[token]]\nname = "a"\nsha256 = "{HASH}"\nscopes = []\nexpires = 1\n', "unknown key 'expires'"),
+        (f'[[token]]\nname = "a"\nsha256 = "{HASH}"\nscopes = []\nexpiry = 1\n', "unknown key 'expiry'"),
+        (f'[[token]]\nname = "a"\nsha256 = "{HASH}"\nscopes = []\nexpires = 1\n', "'expires' must be a str"),
+        (
+            f'[[token]]\nname = "a"\nsha256 = "{HASH}"\nscopes = []\nexpires = "soon"\n',
+            "'expires' must be an ISO-8601 date",
+        ),
+        ('[[certificate]]\nname = "x"\nscopes = []\nexpires = "2030-01-01"\n', "unknown key 'expires'"),
         ('[[token]]\nname = ""\nscopes = []\n', "[[token]] #1: 'name' must be 1-200 printable"),
         (
             '[[certificate]]\nname = "x"\nscopes = []\n[[certificate]]\nname = "x"\nscopes = []\n',
@@ -292,7 +298,7 @@ def test_audit_lines_are_json_with_the_issue_fields(tmp_path: Path) -> None:
     assert doc["time"] == "1970-01-01T00:00:00.500Z" and doc["latency_ms"] == 12.3 and doc["caller"] == "a\nb"
     assert list(doc) == [
         "time", "request_id", "caller", "auth", "peer", "rpc", "model", "version", "methods", "targets",
-        "batch_size", "code", "latency_ms", "engine_ms",
+        "batch_size", "code", "refusal", "latency_ms", "engine_ms", "prev",
     ]  # fmt: skip
     log = AuditLog(tmp_path / "audit.jsonl")
     log.call_finished(r)
