@@ -64,6 +64,7 @@ REFUSAL_MESSAGE = "bad_message"
 REFUSAL_STREAMS = "stream_cap"
 REFUSAL_AUDIT = "audit_unavailable"
 REFUSAL_CLIENT_GONE = "client_gone"  # cancelled or past its deadline before the answer
+REFUSAL_LIMIT = "resource_limit"  # RESOURCE_EXHAUSTED from a limit that did not name itself
 
 
 @dataclass(frozen=True)
@@ -346,6 +347,10 @@ class CallLedger:
         log) could not record it."""
         record.latency_s = time.perf_counter() - record.clock
         record.code = code
+        if code == "RESOURCE_EXHAUSTED" and not record.refusal:
+            record.refusal = REFUSAL_LIMIT  # every refusal is counted, named or not
+        if code in ("CANCELLED", "DEADLINE_EXCEEDED") and not record.refusal:
+            record.refusal = REFUSAL_CLIENT_GONE
         withheld = False
         for observer in self.observers:
             try:
@@ -522,8 +527,6 @@ class CallInterceptor(grpc.ServerInterceptor):
         """Close the record with the call's real outcome; withhold the answer (UNAVAILABLE) when a
         required audit log could not record it."""
         code = _outcome(context, failed)
-        if code in ("CANCELLED", "DEADLINE_EXCEEDED") and not record.refusal:
-            record.refusal = REFUSAL_CLIENT_GONE
         final = self.ledger.close(record, code)
         if final != code and failed is None:
             context.abort(grpc.StatusCode.UNAVAILABLE, AUDIT_UNAVAILABLE_MESSAGE)
