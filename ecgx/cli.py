@@ -315,6 +315,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "max_batch": args.max_batch,
             "max_concurrent": args.max_concurrent,
             "max_queued": args.max_queued,
+            "max_request_cost": args.max_request_cost,
+            "caller_concurrent": args.caller_concurrent,
+            "caller_rate": args.caller_rate,
             "grace_s": args.grace,
             "tls_cert": args.tls_cert,
             "tls_key": args.tls_key,
@@ -378,6 +381,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         max_batch=cfg.max_batch,
         max_concurrent=cfg.max_concurrent,
         max_queued=cfg.max_queued,
+        quotas=cfg.quotas(),
         grace_s=cfg.grace_s,
         watch_interval_s=cfg.watch_interval_s,
     )
@@ -763,7 +767,29 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         "RESOURCE_EXHAUSTED at once (default 4 x --max-concurrent)",
     )
     p.add_argument(
-        "--grace", type=float, metavar="S", help="seconds in-flight requests get at SIGTERM (default 10)"
+        "--max-request-cost",
+        type=int,
+        metavar="ROWS",
+        help="most model rows (ECGs x targets x methods x rows per ECG) one request may cost; more is "
+        "RESOURCE_EXHAUSTED before any work (default 200000; 0: no budget)",
+    )
+    p.add_argument(
+        "--caller-concurrent",
+        type=int,
+        metavar="N",
+        help="most requests one identified caller may have running or queued (default: half of "
+        "--max-concurrent)",
+    )
+    p.add_argument(
+        "--caller-rate",
+        metavar="RATE",
+        help="Predict/Explain requests per identified caller, e.g. 600/minute (default), or off",
+    )
+    p.add_argument(
+        "--grace",
+        type=float,
+        metavar="S",
+        help="seconds in-flight requests get at SIGTERM; then they are cancelled (default 10)",
     )
     _add_security_flags(p)
     _add_monitoring_flags(p)

@@ -274,6 +274,33 @@ def _resolve(t: Target, probs: np.ndarray | None, package: Any, where: str) -> l
     return [class_of(package, t.kind, t.value, where)]
 
 
+# ---------------------------------------------------------------------------- gate enforcement
+
+
+def _servable_gate(served: ServedVersion, method: str) -> MethodGate:
+    """The method's gate; FailedPrecondition naming the failed checks when it may not serve."""
+    gate = served.method_gate(method)
+    if not gate.servable:
+        raise FailedPrecondition(refusal_of_method(served, gate))
+    return gate
+
+
+def _covered_gate(served: ServedVersion, call: MethodCall, gate: MethodGate) -> MethodGate:
+    """``gate``, or FailedPrecondition when the settings asked for are not covered by its verdict
+    (in research mode: served, marked ungated)."""
+    if gate.ungated:
+        return gate
+    why = settings_violation(call.name, call.settings, gate.settings or MethodSettings({}, {}))
+    if why is None:
+        return gate
+    if not served.allow_ungated:
+        raise FailedPrecondition(
+            f"{why} for {served.model} version {served.version}; ask for the checked settings, or use "
+            "a research-mode server (--allow-ungated)"
+        )
+    return MethodGate(gate.method, True, gate.verdict, gate.checks, ungated=True, settings=gate.settings)
+
+
 # ---------------------------------------------------------------------------- the core
 
 
@@ -349,12 +376,13 @@ class ServingCore:
         require_scope(request.caller, EXPLAIN, "explain")
         served = self.served(request.model, request.version)
         note_call(served)
-        gates = {m.name: self._gate(served, m) for m in request.methods}
+        gates = {m.name: _servable_gate(served, m.name) for m in request.methods}
         self._check_batch(served, request.ecgs)
         package = served.engine.package
         plan = _per_ecg_targets(request.targets, len(request.ecgs), package)
         effective = {m.name: self._effective(m, gates[m.name]) for m in request.methods}
-        cost = self._cost(served, plan, effective)
+        cost = self._cost(served, plan, effective)  # bad values: InvalidArgument, before the gate's coverage
+        gates = {m.name: _covered_gate(served, m, gates[m.name]) for m in request.methods}
         self._check_budget(cost, "Explain")
         self._check_response_size(served, plan, len(names))
         with self.admission.admit(request.caller, request.cancel):
@@ -454,25 +482,6 @@ class ServingCore:
         for m in methods:
             get_method(m.name).check_params(dict(m.settings))  # NotFound / InvalidArgument
         return names
-
-    @staticmethod
-    def _gate(served: ServedVersion, call: MethodCall) -> MethodGate:
-        """The method's gate, refusing a method the gate did not pass or settings its verdict does
-        not cover (served marked ungated in research mode)."""
-        gate = served.method_gate(call.name)
-        if not gate.servable:
-            raise FailedPrecondition(refusal_of_method(served, gate))
-        if gate.ungated:
-            return gate
-        why = settings_violation(call.name, call.settings, gate.settings or MethodSettings({}, {}))
-        if why is None:
-            return gate
-        if not served.allow_ungated:
-            raise FailedPrecondition(
-                f"{why} for {served.model} version {served.version}; ask for the checked settings, or use "
-                "a research-mode server (--allow-ungated)"
-            )
-        return MethodGate(gate.method, True, gate.verdict, gate.checks, ungated=True, settings=gate.settings)
 
     @staticmethod
     def _effective(call: MethodCall, gate: MethodGate) -> dict[str, Any]:

@@ -298,9 +298,14 @@ class AttributionEngine:
         # Every batched pass (forward, backward, accumulate, the methods' own loops) goes through
         # here: a request's cancel token is looked at before each chunk of model rows.
         for start in range(0, n, self.max_batch):
-            if self._cancel is not None:
-                self._cancel.check()
+            self.check_cancelled()
             yield slice(start, min(start + self.max_batch, n))
+
+    def check_cancelled(self) -> None:
+        """Raise the request's Cancelled / DeadlineExceeded now (methods call this in loops of
+        their own that run no model rows); nothing without a cancel token."""
+        if self._cancel is not None:
+            self._cancel.check()
 
     def with_cancel(self, cancel: Any) -> AttributionEngine:
         """This engine for one request: the same sessions and weights (a shallow copy), with

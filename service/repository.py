@@ -830,10 +830,12 @@ class ModelRepository:
         self._thread = threading.Thread(target=loop, name="ecgx-repository-watch", daemon=True)
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 1.0) -> None:
+        """Stop watching. A rescan in progress only reads, and the thread is a daemon: shutdown
+        waits for it at most ``timeout_s`` (it must stay within its grace period)."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=timeout_s)
             self._thread = None
 
 

@@ -76,6 +76,9 @@ class Caller:
         return self.via != "none"
 
 
+DEADLINE_SLACK_S = 0.25
+
+
 class CancelToken:
     """Tells the engine's chunk loops to stop: the client went away (``is_active`` turns false)
     or its deadline passed, or the server cancels the work (shutdown).
@@ -125,6 +128,10 @@ class CancelToken:
         if left is not None and left <= 0:
             raise DeadlineExceeded("the client's deadline passed; the work was stopped")
         if self._is_active is not None and not self._is_active():
+            # A client whose deadline passes resets the stream at its own clock, a little before the
+            # server's copy of the deadline: gone within DEADLINE_SLACK_S of it is a deadline.
+            if left is not None and left <= DEADLINE_SLACK_S:
+                raise DeadlineExceeded("the client's deadline passed; the work was stopped")
             raise Cancelled("the client cancelled the request; the work was stopped")
 
 

@@ -1,5 +1,6 @@
 """What both gRPC servicers (ecgx.v1 in service/server.py, the OIP in service/oip.py) share:
-typed errors to status codes, status details of bounded size, and client-gone checks."""
+typed errors to status codes, status details of bounded size, the call's cancel token and
+caller for the serving core."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import logging
 import grpc
 
 from ecgx.service.errors import Cancelled, DeadlineExceeded, ServiceError
+from ecgx.service.requests import Caller, CancelToken
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +32,26 @@ def failure_status(error: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     INTERNAL with a generic message (the traceback goes to the log, never the request's samples)."""
     if isinstance(error, ServiceError):
         code, message = status_of(error), clip_details(str(error))
-        log.info("%s: %s %s", where, code.name, message)
+        # DEBUG: the message may echo what the client typed (names, a sample value); the audit
+        # log and the metrics already count every refusal by code.
+        log.debug("%s: %s %s", where, code.name, message)
         return code, message
     log.error("%s: internal error", where, exc_info=error)
     return grpc.StatusCode.INTERNAL, f"internal error in {where}; see the server log"
+
+
+def cancel_token(context: grpc.ServicerContext) -> CancelToken:
+    """The core's cancel token of a gRPC call: the client's deadline and its going away (the
+    engine looks at it before every chunk of model rows)."""
+    return CancelToken(is_active=context.is_active, time_remaining=context.time_remaining)
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller:
+    """Who calls, as the interceptor identified them (nobody outside an intercepted call)."""
+    from ecgx.service.calls import current_call  # calls imports this module
+
+    record = current_call()
+    return Caller.of(record.identity if record is not None else None, context.peer() or "")
 
 
 def check_active(context: grpc.ServicerContext) -> None:

@@ -14,6 +14,9 @@ command line wins over the file::
     max_batch = 64
     max_concurrent = 8
     max_queued = 32           # default: 4 x max_concurrent
+    max_request_cost = 200000 # model rows one request may cost (docs/serving.md); 0: no budget
+    caller_concurrent = 4     # requests one identified caller may run or queue; default: max_concurrent / 2
+    caller_rate = "600/minute"  # Predict/Explain requests per identified caller ("off": no limit)
     grace_s = 10.0
     watch_interval_s = 2.0    # how often the repository is rescanned
     # Security (docs/security.md): TLS, and who may call. Without TLS and an identity source
@@ -48,7 +51,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ecgx.service.admission import check_rate
 from ecgx.service.metrics import DEFAULT_METRICS_PORT
+from ecgx.service.requests import Quotas
 from ecgx.service.stability import DEFAULT_QUEUE as DEFAULT_STABILITY_QUEUE
 from ecgx.service.stability import DEFAULT_SHARE as DEFAULT_STABILITY_SHARE
 
@@ -71,6 +76,9 @@ class ServeConfig:
     max_batch: int = 64
     max_concurrent: int = 8
     max_queued: int | None = None
+    max_request_cost: int = 200_000
+    caller_concurrent: int | None = None
+    caller_rate: str = "600/minute"
     grace_s: float = 10.0
     watch_interval_s: float = 2.0
     tls_cert: str | None = None  # a path, or None for ECGX_TLS_CERT (a path or the PEM itself)
@@ -102,6 +110,8 @@ class ServeConfig:
             ("max_batch", self.max_batch, 1, 4096),
             ("max_concurrent", self.max_concurrent, 1, 1024),
             ("max_queued", self.max_queued if self.max_queued is not None else 0, 0, 65536),
+            ("max_request_cost", self.max_request_cost, 0, 10**12),
+            ("caller_concurrent", 1 if self.caller_concurrent is None else self.caller_concurrent, 1, 65536),
             ("grace_s", self.grace_s, 0, 3600),
             ("watch_interval_s", self.watch_interval_s, 0.1, 3600),
             ("metrics_port", self.metrics_port, 0, 65535),
@@ -113,10 +123,26 @@ class ServeConfig:
                 raise ServeConfigError(f"{source}: {key} must be in [{low}, {high}], got {value}")
         if self.http_port and self.http_port == self.port:
             raise ServeConfigError(f"{source}: http_port and port are both {self.port}; give each its own")
+        if self.caller_rate != "off":
+            try:
+                check_rate(self.caller_rate)
+            except ValueError as e:
+                raise ServeConfigError(f"{source}: {e}") from None
         if self.audit_required and not self.audit_log:
             raise ServeConfigError(f"{source}: audit_required needs an audit log (--audit-log FILE)")
         self.metrics_tls()
         return self
+
+    def quotas(self) -> Quotas:
+        """The serving core's admission limits (budget, per-caller quotas) from these settings."""
+        return Quotas(
+            max_batch=self.max_batch,
+            max_concurrent=self.max_concurrent,
+            max_queued=self.max_queued,
+            max_request_cost=self.max_request_cost or None,
+            caller_concurrent=self.caller_concurrent,
+            caller_rate=None if self.caller_rate == "off" else self.caller_rate,
+        )
 
     def metrics_tls(self) -> tuple[str, str] | None:
         """The metrics endpoint's (certificate, key) files, None for plain HTTP; "serving" names
@@ -147,6 +173,9 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "max_batch": (int,),
     "max_concurrent": (int,),
     "max_queued": (int,),
+    "max_request_cost": (int,),
+    "caller_concurrent": (int,),
+    "caller_rate": (str,),
     "grace_s": (int, float),
     "watch_interval_s": (int, float),
     "tls_cert": (str,),

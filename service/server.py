@@ -1,19 +1,17 @@
 """The gRPC explanation service (``ecgx.v1.ExplanationService``) over a model repository.
 
-ListModels, GetModel, Predict, Explain and GetGateReport (proto/ecgx/v1/ecgx.proto). Every
-error a handler raises is typed (:mod:`ecgx.service.errors`) and maps one to one onto a gRPC status
-code; anything else is a bug, answered INTERNAL with a generic message and logged (without the
-request: no waveform, no ECG id, ever reaches the log).
+ListModels, GetModel, Predict, Explain and GetGateReport (proto/ecgx/v1/ecgx.proto). Predict and
+Explain are thin translations onto the serving core (:mod:`ecgx.service.core`), which the Open
+Inference Protocol shares on the same port: gate enforcement (servable methods, the settings a
+verdict covers), the per-request cost budget, per-caller quotas, request slots and the bounded
+queue, target resolution and cancellation happen there, once. Every error a handler raises is
+typed (:mod:`ecgx.service.errors`) and maps one to one onto a gRPC status code; anything else is
+a bug, answered INTERNAL with a generic message and logged (without the request: no waveform, no
+ECG id, ever reaches the log).
 
-Per request the forward graph runs once (probabilities and the "predicted" targets); every
-attribution call then gets explicit class indices, so the engine does not run it again.
-Client deadlines and cancellations are checked between engine calls (one per method and
-target slot): the work stops there with CANCELLED or DEADLINE_EXCEEDED.
-
-Limits: at most ``max_batch`` ECGs per request; ``max_concurrent`` Predict/Explain requests
-run at a time and up to ``max_queued`` more wait for a slot (at most ``QUEUE_WAIT_S`` or the
-client's deadline); past that, RESOURCE_EXHAUSTED at once. The engine's cost caps per method
-are RESOURCE_EXHAUSTED too, and a message may hold at most ``MAX_MESSAGE_BYTES``.
+The client's deadline and cancellation reach the engine's chunk loops through the core's cancel
+token: the work stops within one chunk with CANCELLED or DEADLINE_EXCEEDED. At shutdown, what
+still runs after the grace period is cancelled the same way.
 
 No PyTorch here (tested with torch made unimportable).
 """
@@ -25,31 +23,35 @@ import functools
 import json
 import logging
 import math
-import secrets
 import signal
 import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent import futures
 from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
-import onnxruntime as ort
 
 from ecgx.service import errors
-from ecgx.service.calls import CallInterceptor, CallObserver, EngineClock, note_call
-from ecgx.service.ecg_input import ModelInput, decode_ecgs
-from ecgx.service.errors import (
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-)
+from ecgx.service.calls import CallInterceptor, CallObserver, note_call, worker_threads
+from ecgx.service.core import MAX_RESPONSE_BYTES, ServingCore, lead_shares, parse_settings_json
+from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.health import Extras, register_extras
-from ecgx.service.methods import METHOD_NAMES, get_method
-from ecgx.service.repository import refusal_of_method
-from ecgx.service.rpc import check_active, failure_status, status_of
+from ecgx.service.methods import METHOD_NAMES
+from ecgx.service.requests import (
+    ALL_PREDICTED,
+    CLASS_KEY,
+    INDEX,
+    PREDICTED,
+    SNOMED_CODE,
+    TOP_K,
+    ExplainRequest,
+    MethodCall,
+    PredictRequest,
+    Quotas,
+    Target,
+)
+from ecgx.service.rpc import caller_of, cancel_token, failure_status, status_of
 from ecgx.service.security import ServerSecurity
 
 try:
@@ -67,37 +69,24 @@ DEFAULT_PORT = 50051
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_CONCURRENT = 8
 DEFAULT_GRACE_S = 10.0
-QUEUE_WAIT_S = 30.0  # the longest a request waits for a slot (or less: the client's deadline)
+SHUTDOWN_AFTER_GRACE_S = 1.0  # the most a cancelled request may take to stop, past the grace period
 # 64 ECGs of 120 s rhythm strips at 500 Hz in float32 are ~18 MB; beats and attributions of a
 # full response (64 ECGs x a few methods x targets) are ~29 kB each.
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-MAX_TOP_K = 32  # bounded anyway by the number of classes
-PROBABILITY_THRESHOLD = 0.5  # "all predicted": every class at or above it
+MAX_MESSAGE_BYTES = MAX_RESPONSE_BYTES  # the core sizes responses to fit this
 
 
-def _handler(limited: bool = False) -> Callable:
-    """Wrap an RPC handler: typed errors -> their status code, anything else -> INTERNAL (logged);
-    ``limited`` handlers hold one of the ``max_concurrent`` request slots while they run."""
+def _handler(fn: Callable) -> Callable:
+    """Wrap an RPC handler: typed errors -> their status code, anything else -> INTERNAL (logged)."""
 
-    def wrap(fn: Callable) -> Callable:
-        @functools.wraps(fn)
-        def run(self: ExplanationServicer, request: Any, context: grpc.ServicerContext) -> Any:
-            code, message = None, None
-            acquired = False
-            try:
-                if limited:
-                    acquired = self._enter(context)
-                return fn(self, request, context)
-            except Exception as e:
-                code, message = failure_status(e, fn.__name__)
-            finally:
-                if acquired:
-                    self._slots.release()
-            context.abort(code, message)  # raises; outside the try so it is not caught above
+    @functools.wraps(fn)
+    def run(self: ExplanationServicer, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return fn(self, request, context)
+        except Exception as e:
+            code, message = failure_status(e, fn.__name__)
+        context.abort(code, message)  # raises; outside the try so it is not caught above
 
-        return run
-
-    return wrap
+    return run
 
 
 def _tensor(array: np.ndarray) -> pb.Tensor:
@@ -129,16 +118,12 @@ def method_gate_message(gate: Any) -> pb.MethodGate:
     )
 
 
-def sigmoid(logits: np.ndarray) -> np.ndarray:
-    return (1.0 / (1.0 + np.exp(-logits.astype(np.float64)))).astype(np.float32)
-
-
-# Target kinds that need the model's probabilities before any attribution runs.
-_NEEDS_PROBABILITIES = ("predicted", "top_k", "all_predicted")
-
-
 class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
-    """``ecgx.v1.ExplanationService`` over a :class:`ecgx.service.repository.ModelRepository`."""
+    """``ecgx.v1.ExplanationService``: translates messages to the serving core's records and back.
+
+    ``core`` (a :class:`~ecgx.service.core.ServingCore`) is made from ``repository`` and the
+    limits when not given; the OIP servicer on the same server shares it (slots, quotas).
+    """
 
     def __init__(
         self,
@@ -148,49 +133,22 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
         max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         max_queued: int | None = None,
         metrics: Any = None,
+        quotas: Quotas | None = None,
+        core: ServingCore | None = None,
     ):
-        max_queued = 4 * max_concurrent if max_queued is None else max_queued
-        if max_batch < 1 or max_concurrent < 1 or max_queued < 0:
-            raise InvalidArgument("max_batch and max_concurrent must be at least 1, max_queued at least 0")
+        limits = dataclasses.replace(
+            quotas or Quotas(), max_batch=max_batch, max_concurrent=max_concurrent, max_queued=max_queued
+        )
+        self.core = core or ServingCore(repository, quotas=limits, metrics=metrics)
         self.repository = repository
-        self.max_batch = int(max_batch)
-        self.max_concurrent = int(max_concurrent)
-        self.max_queued = int(max_queued)
-        self.max_message_bytes = MAX_MESSAGE_BYTES
-        self.metrics = metrics  # ecgx.service.metrics.ServiceMetrics or None: predictions, stability samples
-        self._slots = threading.BoundedSemaphore(self.max_concurrent)
-        self._waiting = 0
-        self._waiting_lock = threading.Lock()
-
-    def _enter(self, context: grpc.ServicerContext) -> bool:
-        """Take a request slot, waiting in a bounded queue; ResourceExhausted when the queue is
-        full or no slot frees in time, Cancelled/DeadlineExceeded when the client goes first."""
-        if self._slots.acquire(blocking=False):
-            return True
-        with self._waiting_lock:
-            if self._waiting >= self.max_queued:
-                raise ResourceExhausted(
-                    f"the server is busy: {self.max_concurrent} requests are running and {self._waiting} "
-                    "waiting (--max-concurrent); retry with backoff"
-                )
-            self._waiting += 1
-        try:
-            give_up = time.monotonic() + QUEUE_WAIT_S
-            while time.monotonic() < give_up:
-                if self._slots.acquire(timeout=0.25):
-                    return True
-                check_active(context)
-            raise ResourceExhausted(
-                f"the server is busy: no request slot freed within {QUEUE_WAIT_S:g} s (--max-concurrent); "
-                "retry with backoff"
-            )
-        finally:
-            with self._waiting_lock:
-                self._waiting -= 1
+        self.max_batch = self.core.max_batch
+        self.max_concurrent = self.core.admission.max_concurrent
+        self.max_queued = self.core.admission.max_queued
+        self.metrics = metrics
 
     # ------------------------------------------------------------------ models
 
-    @_handler()
+    @_handler
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
@@ -206,7 +164,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             )
         return pb.ListModelsResponse(models=out)
 
-    @_handler()
+    @_handler
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> pb.ModelInfo:
         model = _name("model", request.model)
         versions = self.repository.versions(model)
@@ -246,7 +204,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             info.methods.extend(method_gate_message(served.method_gate(m)) for m in METHOD_NAMES)
         return info
 
-    @_handler()
+    @_handler
     def GetGateReport(self, request: pb.GetGateReportRequest, context: grpc.ServicerContext) -> pb.GateReport:
         model = _name("model", request.model)
         versions = self.repository.versions(model)
@@ -276,276 +234,105 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
 
     # ------------------------------------------------------------------ predict, explain
 
-    def _beats(self, served: Any, ecgs: Sequence[Any]) -> np.ndarray:
-        """The request's ECGs as checked (B, leads, samples) float32 mV inputs for ``served``'s model."""
-        engine = served.engine
-        spec = ModelInput.of_manifest(engine.package.manifest)
-        beats, _ = decode_ecgs(ecgs, engine.package.leads, spec, max_batch=self.max_batch)
-        return engine.check_inputs(beats)
-
-    @_handler(limited=True)
+    @_handler
     def Predict(self, request: pb.PredictRequest, context: grpc.ServicerContext) -> pb.PredictResponse:
-        served = self.repository.get(_name("model", request.model), request.version or None)
-        note_call(served, batch_size=len(request.ecgs))
-        x = self._beats(served, request.ecgs)
-        with EngineClock() as clock:
-            logits = served.engine.logits(x)
-        note_call(served, engine_s=clock.seconds)
-        if self.metrics is not None:
-            self.metrics.predicted(served, sigmoid(logits))
+        r = self.core.predict(
+            PredictRequest(
+                model=request.model,
+                version=request.version or None,
+                ecgs=request.ecgs,
+                caller=caller_of(context),
+                cancel=cancel_token(context),
+            )
+        )
         return pb.PredictResponse(
-            model=served.model,
-            version=served.version,
-            package_sha256=served.package_sha256 or "",
-            class_keys=served.engine.package.class_keys,
-            probabilities=_tensor(sigmoid(logits)),
-            logits=_tensor(logits),
-            beats=_tensor(x),
-            research_mode=bool(getattr(served, "ungated", False)),
+            model=r.facts.model,
+            version=r.facts.version,
+            package_sha256=r.facts.package_sha256,
+            class_keys=r.facts.class_keys,
+            probabilities=_tensor(r.probabilities),
+            logits=_tensor(r.logits),
+            beats=_tensor(r.beats),
+            research_mode=r.research_mode,
+            ecg_ids=r.ecg_ids,
         )
 
-    @_handler(limited=True)
+    @_handler
     def Explain(self, request: pb.ExplainRequest, context: grpc.ServicerContext) -> pb.ExplainResponse:
-        started = time.perf_counter()
-        methods = self._methods(request)
-        note_call(None, methods=methods, batch_size=len(request.ecgs))
-        params = self._parameters(request, methods)
-        served = self.repository.get(_name("model", request.model), request.version or None)
-        note_call(served)
-        gates = {}
-        for m in methods:
-            gate = served.method_gate(m)
-            if not gate.servable:
-                raise FailedPrecondition(refusal_of_method(served, gate))
-            if not gate.ungated and not _gated_rule(m, params[m]):
-                if not served.allow_ungated:
-                    raise FailedPrecondition(_ungated_rule_refusal(m, params[m], served))
-                gate = dataclasses.replace(gate, ungated=True)
-            gates[m] = gate
-        engine = served.engine
-        x = self._beats(served, request.ecgs)
-        # The forward graph runs at most once: first, when targets depend on the prediction; else
-        # the logits come from an attribution's backward pass over all ECGs when one gives them,
-        # and from the forward graph at the end otherwise.
-        needs = not request.targets or any(
-            t.WhichOneof("kind") in _NEEDS_PROBABILITIES for t in request.targets
+        r = self.core.explain(
+            ExplainRequest(
+                model=request.model,
+                version=request.version or None,
+                ecgs=request.ecgs,
+                caller=caller_of(context),
+                cancel=cancel_token(context),
+                methods=_method_calls(request),
+                targets=[_target(t, f"targets[{i}]") for i, t in enumerate(request.targets)],
+            )
         )
-        clock = EngineClock()
-        with clock:
-            logits = engine.logits(x) if needs else None
-        targets = self._targets(request.targets, x, engine, logits)
-        note_call(served, targets=sorted({engine.package.class_keys[c] for t in targets for c in t}))
-        effective = {m: self._effective(m, params[m]) for m in methods}
-        self._check_response_size(x, targets, methods)
-        # Attribution slots: slot j holds the j-th target of every ECG that has one.
-        slots = max(len(t) for t in targets)
-        results: dict[tuple[int, str, int], tuple[np.ndarray, float]] = {}
-        for m in methods:
-            for j in range(slots):
-                check_active(context)
-                rows = [i for i, t in enumerate(targets) if len(t) > j]
-                cls = np.array([targets[i][j] for i in rows], dtype=np.int64)
-                every = len(rows) == len(x)
-                t0 = time.perf_counter()
-                with clock:
-                    maps, got = engine.attribute_with_logits(m, x if every else x[rows], cls, **effective[m])
-                share = (time.perf_counter() - t0) / len(rows)
-                if self.metrics is not None:  # hands a sample to the stability worker; never waits
-                    self.metrics.explained(served, m, effective[m], x if every else x[rows], cls, maps)
-                if logits is None and every and got is not None:
-                    logits = got
-                for k, i in enumerate(rows):
-                    results[(i, m, j)] = (maps[k], share)
-        if logits is None:
-            with clock:
-                logits = engine.logits(x)
-        note_call(served, engine_s=clock.seconds)
-        if self.metrics is not None:
-            self.metrics.predicted(served, sigmoid(logits))
-        keys = engine.package.class_keys
-        out = []
-        for i, t in enumerate(targets):
-            for m in methods:
-                for j, c in enumerate(t):
-                    a, seconds = results[(i, m, j)]
-                    out.append(
-                        pb.Attribution(
-                            ecg_index=i,
-                            method=m,
-                            target_class=keys[c],
-                            attribution=_tensor(a),
-                            lead_relevance_share=lead_shares(a).tolist(),
-                            effective_parameters_json=json.dumps(effective[m], sort_keys=True),
-                            gate=method_gate_message(gates[m]),
-                            compute_seconds=seconds,
-                        )
-                    )
+        f = r.facts
         return pb.ExplainResponse(
-            model=served.model,
-            version=served.version,
-            package_sha256=served.package_sha256 or "",
-            gate_report_sha256=served.report_sha256 or "",
-            policy_sha256=served.policy_sha256 or "",
-            onnxruntime_version=ort.__version__,
-            providers=engine.session("forward").get_providers(),
-            class_keys=keys,
-            probabilities=_tensor(sigmoid(logits)),
-            beats=_tensor(x),
-            attributions=out,
-            compute_seconds=time.perf_counter() - started,
-            research_mode=bool(getattr(served, "ungated", False)) or any(g.ungated for g in gates.values()),
+            model=f.model,
+            version=f.version,
+            package_sha256=f.package_sha256,
+            gate_report_sha256=f.gate_report_sha256,
+            policy_sha256=f.policy_sha256,
+            onnxruntime_version=f.onnxruntime_version,
+            providers=f.providers,
+            class_keys=f.class_keys,
+            probabilities=_tensor(r.probabilities),
+            beats=_tensor(r.beats),
+            attributions=[
+                pb.Attribution(
+                    ecg_index=a.ecg_index,
+                    method=a.method,
+                    target_class=a.target_key,
+                    attribution=_tensor(a.attribution),
+                    lead_relevance_share=a.lead_relevance_share.tolist(),
+                    effective_parameters_json=json.dumps(a.effective_parameters, sort_keys=True),
+                    gate=method_gate_message(a.gate),
+                    compute_seconds=a.compute_seconds,
+                )
+                for a in r.attributions
+            ],
+            compute_seconds=r.compute_seconds,
+            research_mode=r.research_mode,
+            ecg_ids=r.ecg_ids,
         )
 
-    def _check_response_size(self, x: np.ndarray, targets: list[list[int]], methods: list[str]) -> None:
-        """Refuse, before any attribution runs, a response that could not be sent."""
-        n = sum(len(t) for t in targets) * len(methods)
-        size = (n + len(x)) * x[0].nbytes + 1024 * (n + len(x))  # maps, beats, per-entry fields
-        if size > self.max_message_bytes:
-            raise ResourceExhausted(
-                f"the response would hold {n} attributions ({size / 2**20:.0f} MiB), over the "
-                f"{self.max_message_bytes / 2**20:.0f} MiB message limit: ask for fewer ECGs, methods or "
-                "targets per request"
-            )
 
-    def _methods(self, request: pb.ExplainRequest) -> list[str]:
-        methods = list(request.methods)
-        if not methods:
-            raise InvalidArgument(f"give at least one method; known: {', '.join(METHOD_NAMES)}")
-        twice = sorted({m for m in methods if methods.count(m) > 1})
-        if twice:
-            raise InvalidArgument(f"method(s) {twice} named more than once")
-        for m in methods:
-            get_method(m)  # NotFound for an unknown name
-        return methods
-
-    def _parameters(self, request: pb.ExplainRequest, methods: list[str]) -> dict[str, dict[str, Any]]:
-        extra = sorted(set(request.parameters_json) - set(methods))
-        if extra:
-            raise InvalidArgument(
-                f"parameters_json names method(s) {extra} that the request does not ask for"
-            )
-        out = {}
-        for m in methods:
-            text = request.parameters_json.get(m, "") or "{}"
-            try:
-                value = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise InvalidArgument(f"parameters_json[{m!r}] is not valid JSON: {e}") from None
-            if not isinstance(value, dict):
-                raise InvalidArgument(
-                    f'parameters_json[{m!r}] must be a JSON object such as {{"n_steps": 64}}, '
-                    f"got a {type(value).__name__}"
-                )
-            get_method(m).check_params(value)  # InvalidArgument for an unknown parameter
-            out[m] = value
-        return out
-
-    @staticmethod
-    def _effective(method: str, params: dict[str, Any]) -> dict[str, Any]:
-        """Every setting of ``method`` as it will run: defaults filled in and, for a stochastic
-        method without a seed, a seed drawn here and reported, so the answer can be reproduced."""
-        impl = get_method(method)
-        effective = {**impl.parameters(), **params}
-        if impl.stochastic and effective.get("seed") is None:
-            effective["seed"] = secrets.randbelow(2**31)
-        return effective
-
-    def _targets(
-        self, targets: Sequence[pb.Target], x: np.ndarray, engine: Any, logits: np.ndarray | None
-    ) -> list[list[int]]:
-        """Class indices to explain for each ECG (one or more: top_k, all_predicted)."""
-        n = len(x)
-        if len(targets) not in (0, 1, n):
-            raise InvalidArgument(
-                f"got {len(targets)} targets for {n} ECGs; give none, one for all, or one per ECG"
-            )
-        probs = None if logits is None else sigmoid(logits)
-        n_classes = engine.package.n_classes
-        out = []
-        for i in range(n):
-            t = targets[0] if len(targets) == 1 else targets[i] if targets else pb.Target(predicted=True)
-            where = f"targets[{i if len(targets) > 1 else 0}]"
-            out.append(self._target(t, None if probs is None else probs[i], n_classes, engine, where))
-        return out
-
-    @staticmethod
-    def _target(t: pb.Target, probs: np.ndarray | None, n_classes: int, engine: Any, where: str) -> list[int]:
-        """Class indices for one target; ``probs`` (this ECG's) is given when the kind needs it."""
-        kind = t.WhichOneof("kind")
-        if kind is None:
-            raise InvalidArgument(
-                f"{where} sets no kind (class_key, snomed_code, index, predicted, top_k, ...)"
-            )
-        if kind in ("class_key", "snomed_code"):
-            value = getattr(t, kind)
-            if not value:
-                raise InvalidArgument(f"{where}: {kind} is empty")
-            if kind == "class_key" and value.isdigit():
-                raise NotFound(
-                    f"{where}: unknown class key {value!r}; known: {', '.join(engine.package.class_keys)}"
-                )
-            if kind == "snomed_code" and not value.isdigit():
-                raise NotFound(f"{where}: {value!r} is not a SNOMED CT code (digits)")
-            return [_class(engine, value, where)]
-        if kind == "index":
-            if t.index >= n_classes:
-                raise NotFound(f"{where}: class index {t.index} is out of range 0..{n_classes - 1}")
-            return [int(t.index)]
-        if kind == "predicted":
-            if not t.predicted:
-                raise InvalidArgument(f"{where}: predicted must be true when set")
-            return [int(np.argmax(probs))]
-        if kind == "top_k":
-            if not 1 <= t.top_k <= n_classes:
-                raise InvalidArgument(f"{where}: top_k must be between 1 and {n_classes}, got {t.top_k}")
-            return [int(c) for c in np.argsort(-probs, kind="stable")[: t.top_k]]
-        if kind == "all_predicted":
-            if not t.all_predicted:
-                raise InvalidArgument(f"{where}: all_predicted must be true when set")
-            positive = np.flatnonzero(probs >= PROBABILITY_THRESHOLD)
-            return [int(c) for c in positive] or [int(np.argmax(probs))]
-        raise InvalidArgument(f"{where}: unsupported target kind {kind!r}")  # pragma: no cover
+def _method_calls(request: pb.ExplainRequest) -> list[MethodCall]:
+    """The methods and their settings (``parameters_json``: method -> JSON object text)."""
+    methods = list(request.methods)
+    extra = sorted(set(request.parameters_json) - set(methods))
+    if extra:
+        shown = [m[:80] for m in extra[:10]]
+        raise InvalidArgument(f"parameters_json names method(s) {shown} that the request does not ask for")
+    return [
+        MethodCall(m, parse_settings_json(request.parameters_json.get(m, ""), f"parameters_json[{m[:80]!r}]"))
+        for m in methods
+    ]
 
 
-def _class(engine: Any, value: str, where: str) -> int:
-    try:
-        return engine.class_index(value)
-    except NotFound as e:
-        raise NotFound(f"{where}: {e}") from None
+# ecgx.v1 Target's oneof fields -> the core's target kinds (the same names).
+_TARGET_KINDS = {"class_key": CLASS_KEY, "snomed_code": SNOMED_CODE, "index": INDEX, "top_k": TOP_K}
 
 
-# Settings that choose another rule rather than tune one: the gate's verdict on a method covers
-# the rule it checked (the method's default), so another is served only in research mode.
-GATED_RULES: dict[str, dict[str, str]] = {"lrp": {"composite": "epsilon"}}
-
-
-def _gated_rule(method: str, params: dict) -> bool:
-    """Whether ``params`` keep the rule the gate checked for ``method``."""
-    return all(params.get(k, v) == v for k, v in GATED_RULES.get(method, {}).items())
-
-
-def _ungated_rule_refusal(method: str, params: dict, served: Any) -> str:
-    asked = {k: params[k] for k, v in GATED_RULES[method].items() if params.get(k, v) != v}
-    shown = ", ".join(f"{k}={v!r}" for k, v in asked.items())
-    checked = ", ".join(f"{k}={GATED_RULES[method][k]!r}" for k in asked)
-    return (
-        f"{method} with {shown} was not checked by the validation gate of {served.model} version "
-        f"{served.version} (the gate checks {method} with {checked}); ask for that, or use a "
-        "research-mode server (--allow-ungated)"
-    )
+def _target(t: pb.Target, where: str) -> Target:
+    kind = t.WhichOneof("kind")
+    if kind is None:
+        raise InvalidArgument(f"{where} sets no kind (class_key, snomed_code, index, predicted, top_k, ...)")
+    if kind in _TARGET_KINDS:
+        return Target(_TARGET_KINDS[kind], getattr(t, kind))
+    if not getattr(t, kind):  # predicted, all_predicted: flags
+        raise InvalidArgument(f"{where}: {kind} must be true when set")
+    return Target(PREDICTED if kind == "predicted" else ALL_PREDICTED)
 
 
 def _name(what: str, value: str) -> str:
     if not value:
         raise InvalidArgument(f"{what} is empty; ListModels lists the models")
     return value
-
-
-def lead_shares(attribution: np.ndarray) -> np.ndarray:
-    """Share of total |attribution| per lead (sums to 1; zeros for an all-zero map)."""
-    per_lead = np.abs(attribution.astype(np.float64)).sum(axis=-1)
-    total = per_lead.sum()
-    return per_lead / total if total > 0 else np.zeros_like(per_lead)
 
 
 # ---------------------------------------------------------------------- server
@@ -571,6 +358,7 @@ def build_server(
     max_queued: int | None = None,
     audit: CallObserver | None = None,
     metrics: Any = None,
+    quotas: Quotas | None = None,
 ) -> BuiltServer:
     """A ready (not yet started) server: ecgx.v1, the Open Inference Protocol (sharing ecgx.v1's
     request slots), grpc.health.v1 and reflection, all on one port.
@@ -580,8 +368,14 @@ def build_server(
     Every RPC passes :class:`ecgx.service.calls.CallInterceptor`, which tells ``audit`` (an audit log)
     and ``metrics`` (``ecgx.service.metrics.ServiceMetrics``) about it. ``port`` 0 picks a free port.
     """
+    # ``quotas``: the per-request budget and per-caller quotas (the max_* arguments override its own).
     servicer = ExplanationServicer(
-        repository, max_batch=max_batch, max_concurrent=max_concurrent, max_queued=max_queued, metrics=metrics
+        repository,
+        max_batch=max_batch,
+        max_concurrent=max_concurrent,
+        max_queued=max_queued,
+        metrics=metrics,
+        quotas=quotas,
     )
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
@@ -595,11 +389,12 @@ def build_server(
         open_rpcs=security.open_rpcs,
         observers=[o for o in (audit, metrics) if o is not None],
     )
-    # A thread for every running and queued request and a few more, so cheap calls and refusals
-    # get through; gRPC refuses RPCs beyond that with RESOURCE_EXHAUSTED rather than queue them.
-    workers = servicer.max_concurrent + servicer.max_queued + 4
+    # A thread for every running and queued request, every admitted stream and spare ones, so
+    # health Check and refusals always get through. No maximum_concurrent_rpcs: gRPC's refusals
+    # are never audited or counted; the interceptor's and the request slots' are.
+    workers = worker_threads(servicer.max_concurrent + servicer.max_queued, interceptor.streams.limits)
     pool = futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="ecgx-grpc")
-    server = grpc.server(pool, options=options, maximum_concurrent_rpcs=workers, interceptors=[interceptor])
+    server = grpc.server(pool, options=options, interceptors=[interceptor])
     pb_grpc.add_ExplanationServiceServicer_to_server(servicer, server)
     extras = register_extras(server, repository, explanation_servicer=servicer, max_batch=max_batch)
     address = f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
@@ -630,12 +425,15 @@ def serve(
     metrics: Any = None,
     metrics_host: str = "127.0.0.1",
     metrics_port: int | None = None,
+    metrics_tls: tuple[str, str] | None = None,
     ready: Callable[[int], None] | None = None,
+    quotas: Quotas | None = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
     ``grace_s`` seconds, and return 0. With ``metrics`` and a ``metrics_port`` (0: a free one),
-    Prometheus scrapes ``http://metrics_host:port/metrics``."""
-    server, bound, _, extras = build_server(
+    Prometheus scrapes ``http://metrics_host:port/metrics`` (https with ``metrics_tls``, the
+    certificate and key files). SIGHUP reopens the audit log (logrotate)."""
+    server, bound, servicer, extras = build_server(
         repository,
         security=security,
         host=host,
@@ -645,15 +443,18 @@ def serve(
         max_queued=max_queued,
         audit=audit,
         metrics=metrics,
+        quotas=quotas,
     )
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    if hasattr(audit, "request_reopen"):
+        previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: audit.request_reopen())
     http = None
     try:
         if metrics is not None and metrics_port is not None:
             from ecgx.service.metrics import start_metrics_endpoint
 
-            http = start_metrics_endpoint(metrics.registry, metrics_host, metrics_port)
+            http = start_metrics_endpoint(metrics.registry, metrics_host, metrics_port, metrics_tls)
         security.start()
         if metrics is not None:
             metrics.start()
@@ -668,7 +469,15 @@ def serve(
             pass
         log.info("stopping: no new requests; in-flight requests have %.0f s to finish", grace_s)
         extras.shutdown()  # health turns NOT_SERVING first, so probes stop routing here
-        server.stop(grace_s).wait(grace_s + 5)
+        # Past the grace period what still runs is cancelled: it stops within one engine chunk.
+        stopped = server.stop(grace_s)
+        stopped.wait(grace_s)
+        # gRPC cancels its calls at the end of the grace period; the tokens are cancelled too, so
+        # work that no client watches any more (and queued requests) stops at its next chunk.
+        cancelled = servicer.core.cancel_all("the server is shutting down")
+        if cancelled:
+            log.info("grace period over: cancelled %d running request(s)", cancelled)
+        stopped.wait(SHUTDOWN_AFTER_GRACE_S)
         log.info("stopped")
         return 0
     finally:

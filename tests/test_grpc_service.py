@@ -215,7 +215,7 @@ def test_explain_carries_everything_to_reproduce_and_audit(server, beats) -> Non
         ecgs=[ecg_msg(b) for b in beats[:2]],
         methods=[SERVED],
         targets=[pb.Target(class_key="AF")],
-        parameters_json={SERVED: json.dumps({"n_samples": 50})},
+        parameters_json={SERVED: json.dumps({"seed": 5})},  # the seed is free; the rest as the gate checked
     )
     r = server.stub.Explain(req)
     assert len(r.attributions) == 2 and not r.research_mode
@@ -226,7 +226,8 @@ def test_explain_carries_everything_to_reproduce_and_audit(server, beats) -> Non
     assert a.gate.servable and not a.gate.ungated and a.gate.verdict == "pass"
     assert {c.check for c in a.gate.checks} >= {"randomisation"} and a.compute_seconds > 0
     params = json.loads(a.effective_parameters_json)
-    assert params["n_samples"] == 50 and isinstance(params["seed"], int)  # a seed drawn and reported
+    checked = server.repository.get("ecg").method_gate(SERVED).settings.checked
+    assert params["n_samples"] == checked["n_samples"] and params["seed"] == 5
     got = np.stack([tensor(x.attribution) for x in r.attributions])
     assert got.shape == (2, 12, 600)
     again = engine.attribute(SERVED, beats[:2], target="AF", **params)
@@ -243,7 +244,7 @@ def test_explain_targets(server, beats) -> None:
         r = server.stub.Explain(
             pb.ExplainRequest(
                 model="ecg", ecgs=msgs, methods=[SERVED], targets=list(targets),
-                parameters_json={SERVED: '{"n_samples": 20, "seed": 1}'},
+                parameters_json={SERVED: '{"seed": 1}'},
             )
         )  # fmt: skip
         out: list[list[str]] = [[] for _ in msgs]
@@ -409,7 +410,7 @@ def test_research_mode_serves_ungated_methods_and_says_so(research, beats) -> No
     assert not research.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])])).research_mode
     v1, v2 = research.stub.GetModel(pb.GetModelRequest(model="ecg")).versions
     assert v2.serving and v2.ungated and v1.serving and not v1.ungated
-    gated = explain(research, beats, parameters_json={SERVED: '{"n_samples": 20}'})
+    gated = explain(research, beats)  # the settings the gate checked
     assert not gated.research_mode and not gated.attributions[0].gate.ungated
 
 
@@ -418,7 +419,7 @@ def test_research_mode_serves_ungated_methods_and_says_so(research, beats) -> No
 
 def test_concurrency_limit_is_resource_exhausted(server, beats) -> None:
     for _ in range(server.servicer.max_concurrent):
-        assert server.servicer._slots.acquire(blocking=False)
+        assert server.servicer.core.admission._slots.acquire(blocking=False)
     try:
         code, msg = code_of(
             lambda: server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])]))
@@ -427,7 +428,7 @@ def test_concurrency_limit_is_resource_exhausted(server, beats) -> None:
         assert server.stub.ListModels(pb.ListModelsRequest()).models  # cheap calls are not limited
     finally:
         for _ in range(server.servicer.max_concurrent):
-            server.servicer._slots.release()
+            server.servicer.core.admission._slots.release()
     assert server.stub.Predict(pb.PredictRequest(model="ecg", ecgs=[ecg_msg(beats[0])])).probabilities.data
 
 
@@ -447,9 +448,10 @@ def test_a_deadline_stops_the_work_between_engine_calls(research, beats) -> None
     assert code == grpc.StatusCode.DEADLINE_EXCEEDED
     # The server frees its slot soon after (it stops at the next engine call).
     deadline = time.monotonic() + 30
-    while research.servicer._slots._value < research.servicer.max_concurrent and time.monotonic() < deadline:
+    admission = research.servicer.core.admission
+    while admission.free_slots() < admission.max_concurrent and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert research.servicer._slots._value == research.servicer.max_concurrent
+    assert research.servicer.core.admission.free_slots() == research.servicer.max_concurrent
     assert time.perf_counter() - t0 < 30
 
 
@@ -522,7 +524,7 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
             r = stub.Explain(
                 pb.ExplainRequest(
                     model="ecg", ecgs=[ecg_msg(beats[0])], methods=[SERVED],
-                    parameters_json={SERVED: '{"n_samples": 20}'},
+                    parameters_json={SERVED: '{"seed": 1}'},
                 ),
                 timeout=60,
             )  # fmt: skip
@@ -537,13 +539,12 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
             triton.close()
             # SIGTERM while a request is in flight: it still completes, then the server exits 0.
             slow = pb.ExplainRequest(
-                model="ecg", ecgs=[ecg_msg(b) for b in beats], methods=[SERVED],
-                parameters_json={SERVED: '{"n_samples": 2000}'},
+                model="ecg", ecgs=[ecg_msg(b) for b in np.concatenate([beats] * 4)], methods=[SERVED],
             )  # fmt: skip
             future = stub.Explain.future(slow, timeout=60)
             time.sleep(0.3)
             proc.send_signal(signal.SIGTERM)
-            assert len(future.result().attributions) == 4
+            assert len(future.result().attributions) == 16
             code, _ = code_of(lambda: stub.ListModels(pb.ListModelsRequest(), timeout=5))
             assert code == grpc.StatusCode.UNAVAILABLE  # no new requests once stopping
         out, err = proc.communicate(timeout=60)
@@ -569,9 +570,10 @@ def test_a_client_cancellation_stops_the_work(research, beats) -> None:
     time.sleep(0.2)
     assert future.cancel()
     deadline = time.monotonic() + 30
-    while research.servicer._slots._value < research.servicer.max_concurrent and time.monotonic() < deadline:
+    admission = research.servicer.core.admission
+    while admission.free_slots() < admission.max_concurrent and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert research.servicer._slots._value == research.servicer.max_concurrent
+    assert research.servicer.core.admission.free_slots() == research.servicer.max_concurrent
 
 
 def test_anything_untyped_is_internal_with_a_generic_message(repo, caplog) -> None:
@@ -661,7 +663,7 @@ def test_a_busy_port_is_refused_not_shared(server, capsys) -> None:
 
 
 def test_a_response_too_large_to_send_is_refused_before_any_work(server, beats, monkeypatch) -> None:
-    monkeypatch.setattr(server.servicer, "max_message_bytes", 200_000)  # ~6 maps
+    monkeypatch.setattr(server.servicer.core, "max_response_bytes", 200_000)  # ~6 maps
     code, msg = code_of(
         lambda: explain(server, beats, ecgs=[ecg_msg(b) for b in beats], targets=[pb.Target(top_k=2)])
     )
@@ -699,9 +701,9 @@ def test_an_lrp_composite_the_gate_did_not_check_is_served_only_in_research_mode
                 with pytest.raises(grpc.RpcError) as err:
                     stub.Explain(composite)
                 assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-                assert (
-                    "composite='epsilon_plus' was not checked by the validation gate" in err.value.details()
-                )
+                details = err.value.details()
+                assert "composite='epsilon_plus' (the gate checked composite='epsilon')" in details
+                assert "is not covered by the validation gate's verdict" in details
         finally:
             server.stop(None)
             repository.stop()

@@ -132,10 +132,10 @@ def test_model_metadata(served, repo) -> None:
     assert meta.name == MODEL and list(meta.versions) == ["1", "2"] and meta.platform == "onnxruntime_onnx"
     n = repo.get(MODEL).engine.package.n_classes
     assert [(t.name, t.datatype, list(t.shape)) for t in meta.inputs] == [("ecg", "FP32", [-1, 12, 600])]
+    # Only what every request can ask for: "attribution" needs the request parameter "method".
     assert [(t.name, list(t.shape)) for t in meta.outputs] == [
         ("probabilities", [-1, n]),
         ("logits", [-1, n]),
-        ("attribution", [-1, 12, 600]),
     ]
     assert served.client.get_model_metadata(MODEL, "1").name == MODEL
     with pytest.raises(InferenceServerException) as e:
@@ -259,15 +259,15 @@ def test_the_refusal_is_the_same_on_both_protocols(served, repo, beats) -> None:
 def test_oip_shares_the_request_slots_of_ecgx(repo, beats) -> None:
     s = Served(repo, max_concurrent=1)
     try:
-        assert s.ecgx._slots.acquire(blocking=False)  # the one slot is busy; no queue
+        assert s.ecgx.core.admission._slots.acquire(blocking=False)  # the one slot is busy; no queue
         try:
             e = infer_error(s, beats[:1])
             assert code_of(e) == "StatusCode.RESOURCE_EXHAUSTED" and "busy" in e.message()
         finally:
-            s.ecgx._slots.release()
+            s.ecgx.core.admission._slots.release()
         assert s.client.infer(MODEL, [infer_input(beats[:1])]).as_numpy("logits").shape[0] == 1
-        assert s.ecgx._slots.acquire(blocking=False)  # released again after the request
-        s.ecgx._slots.release()
+        assert s.ecgx.core.admission._slots.acquire(blocking=False)  # released again after the request
+        s.ecgx.core.admission._slots.release()
     finally:
         s.close()
 

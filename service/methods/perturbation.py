@@ -278,6 +278,7 @@ def _surrogate_attribution(
 
         y = _perturbed_logits(engine, target[g], n, build)
         for i in range(len(z)):
+            engine.check_cancelled()  # a fit is ~0.1 s at the caps: stop between them too
             coef[g0 + i] = weighted_linear_fit(z[i], y[i], weigh(z[i], g0 + i))
     return coef[:, seg].astype(np.float32)
 
