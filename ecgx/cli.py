@@ -297,6 +297,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # The serving path never imports PyTorch (tests/test_grpc_service.py runs it without).
     from ecgx.service.audit import AuditLog
     from ecgx.service.metrics import ServiceMetrics
+    from ecgx.service.oip_http import rest_ssl_context
     from ecgx.service.repository import ModelRepository
     from ecgx.service.security import load_server_security
     from ecgx.service.serve_config import resolve_serve_config
@@ -309,6 +310,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "repo": args.repo,
             "host": args.host,
             "port": args.port,
+            "http_port": args.http_port,
             "trusted_keys": tuple(args.trusted_key or ()),
             "allowed_policies": tuple(args.allowed_policy) if args.allowed_policy else None,
             "allow_ungated": args.allow_ungated,
@@ -368,6 +370,9 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if cfg.metrics
         else None
     )
+    # The REST port gets the gRPC port's TLS (checked above by load_server_security).
+    tls_files = (cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+    http_tls = None if cfg.http_port is None else rest_ssl_context(*tls_files)
     return serve(
         repository,
         security=security,
@@ -384,6 +389,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         quotas=cfg.quotas(),
         grace_s=cfg.grace_s,
         watch_interval_s=cfg.watch_interval_s,
+        http_port=cfg.http_port,
+        http_tls=http_tls,
     )
 
 
@@ -736,6 +743,13 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     )
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default 50051; 0 picks a free one)")
+    p.add_argument(
+        "--http-port",
+        type=int,
+        metavar="PORT",
+        help="also serve the Open Inference Protocol over HTTP/REST (KServe v2) on this port, same host, "
+        "TLS and tokens (0 picks a free one; default: off; docs/http.md)",
+    )
     p.add_argument(
         "--trusted-key",
         type=Path,

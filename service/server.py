@@ -428,11 +428,15 @@ def serve(
     metrics_tls: tuple[str, str] | None = None,
     ready: Callable[[int], None] | None = None,
     quotas: Quotas | None = None,
+    http_port: int | None = None,
+    http_tls: Any = None,
 ) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
     ``grace_s`` seconds, and return 0. With ``metrics`` and a ``metrics_port`` (0: a free one),
     Prometheus scrapes ``http://metrics_host:port/metrics`` (https with ``metrics_tls``, the
-    certificate and key files). SIGHUP reopens the audit log (logrotate)."""
+    certificate and key files). SIGHUP reopens the audit log (logrotate). With ``http_port`` (0: a
+    free one) the Open Inference Protocol over REST serves the same core on ``host`` too
+    (docs/http.md), over TLS with ``http_tls`` (an ``ssl.SSLContext``; required with a TLS port)."""
     server, bound, servicer, extras = build_server(
         repository,
         security=security,
@@ -449,7 +453,7 @@ def serve(
     previous = {s: signal.signal(s, lambda *_: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
     if hasattr(audit, "request_reopen"):
         previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, lambda *_: audit.request_reopen())
-    http = None
+    http = rest = None
     try:
         if metrics is not None and metrics_port is not None:
             from ecgx.service.metrics import start_metrics_endpoint
@@ -459,6 +463,14 @@ def serve(
         if metrics is not None:
             metrics.start()
         server.start()
+        if http_port is not None:
+            from ecgx.service.oip_http import start_rest
+
+            observers = [audit, metrics]
+            rest = start_rest(
+                servicer.core, security, observers=observers, host=host, port=http_port, ssl_context=http_tls
+            )
+            log.info("serving the Open Inference Protocol over REST on %s", rest.url)
         if watch_interval_s and hasattr(repository, "start_watching"):
             repository.start_watching(watch_interval_s)
         extras.start(watch_interval_s or 2.0)
@@ -470,6 +482,11 @@ def serve(
         log.info("stopping: no new requests; in-flight requests have %.0f s to finish", grace_s)
         extras.shutdown()  # health turns NOT_SERVING first, so probes stop routing here
         # Past the grace period what still runs is cancelled: it stops within one engine chunk.
+        # The REST port stops alongside: readiness false, idle connections closed, requests in flight
+        # get the grace period (then the core cancels them, below).
+        rest_stopping = threading.Thread(target=rest.stop, args=(grace_s,), daemon=True) if rest else None
+        if rest_stopping is not None:
+            rest_stopping.start()
         stopped = server.stop(grace_s)
         stopped.wait(grace_s)
         # gRPC cancels its calls at the end of the grace period; the tokens are cancelled too, so
@@ -478,6 +495,8 @@ def serve(
         if cancelled:
             log.info("grace period over: cancelled %d running request(s)", cancelled)
         stopped.wait(SHUTDOWN_AFTER_GRACE_S)
+        if rest_stopping is not None:
+            rest_stopping.join(SHUTDOWN_AFTER_GRACE_S)
         log.info("stopped")
         return 0
     finally:
@@ -490,6 +509,8 @@ def serve(
             metrics.stop()
         if http is not None:
             http.close()
+        if rest is not None:
+            rest.stop(0)  # at once when stopped already; else (start-up failed) closes the port
         if audit is not None and hasattr(audit, "close"):
             audit.close()
 
