@@ -42,7 +42,7 @@ from urllib.parse import unquote
 import numpy as np
 
 from ecgx.service import oip_codec as codec
-from ecgx.service.calls import AUDIT_UNAVAILABLE_MESSAGE, REFUSAL_CLIENT_GONE, CallLedger, CallRecord
+from ecgx.service.calls import AUDIT_UNAVAILABLE_MESSAGE, CallLedger, CallRecord
 from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from ecgx.service.http_server import (
     BodyTooLarge,
@@ -182,8 +182,6 @@ class OipHttpApp:
                 response, code = getattr(self, route.handler)(request, match.groupdict(), record), "OK"
             except ServiceError as e:
                 response, code = self._refusal(e, record), e.code
-            if code in ("CANCELLED", "DEADLINE_EXCEEDED") and not record.refusal:
-                record.refusal = REFUSAL_CLIENT_GONE
             final = self.ledger.close(record, code)
         if final != code:  # a required audit line could not be written: the answer is withheld
             response = _error(503, AUDIT_UNAVAILABLE_MESSAGE, final)
