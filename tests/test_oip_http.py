@@ -51,16 +51,23 @@ def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> ModelRepository:
 class Both:
     """``build_server`` (ecgx.v1 + OIP gRPC) and the REST transport over its core, audited."""
 
-    def __init__(self, repository: ModelRepository, audit_path: Any, **limits: Any):
+    def __init__(self, repository: ModelRepository, audit_path: Any, metrics: Any = None, **limits: Any):
         self.audit = AuditLog(audit_path)
         self.audit_path = audit_path
         security = ServerSecurity.plaintext_unauthenticated()
         built = build_server(
-            repository, security=security, host="127.0.0.1", port=0, max_batch=8, audit=self.audit, **limits
+            repository,
+            security=security,
+            host="127.0.0.1",
+            port=0,
+            max_batch=8,
+            audit=self.audit,
+            metrics=metrics,
+            **limits,
         )
         self.server, self.core = built.server, built.servicer.core
         self.server.start()
-        self.rest = start_rest(self.core, security, observers=[self.audit])
+        self.rest = start_rest(self.core, security, observers=[self.audit, metrics])
         self.grpc_url = f"127.0.0.1:{built.port}"
         self.http_url = f"127.0.0.1:{self.rest.port}"
         self.channel = grpc.insecure_channel(self.grpc_url)
@@ -422,6 +429,24 @@ def test_audit_lines_for_rest_calls_name_the_rpc_and_the_outcome(both, beats) ->
         ("ModelInfer", "INVALID_ARGUMENT"),
     ]
     assert lines[0]["methods"] == [PASSED] and lines[0]["model"] == MODEL and lines[0]["batch_size"] == 1
+
+
+def test_rest_calls_and_refusals_are_counted_in_the_metrics(repo, beats, tmp_path) -> None:
+    from ecgx.service.metrics import ServiceMetrics
+
+    metrics = ServiceMetrics(repo, stability_share=0.0)
+    b = Both(repo, tmp_path / "a.jsonl", metrics=metrics)
+    try:
+        b.http.infer(MODEL, [http_input(beats[:1])], parameters={"method": PASSED})
+        post(b, body_of([9, 12, 600], [0.0] * 9 * 7200))  # over --max-batch 8
+        rpc = "/inference.GRPCInferenceService/ModelInfer"
+        value = metrics.registry.get_sample_value
+        ok = {"rpc": rpc, "model": MODEL, "version": "2", "method": PASSED, "code": "OK"}
+        assert value("ecgx_requests_total", ok) == 1
+        assert value("ecgx_refusals_total", {"rpc": rpc, "reason": "resource_limit"}) == 1
+    finally:
+        b.close()
+        metrics.stop()
 
 
 def test_a_client_that_hangs_up_frees_its_slot_and_is_audited_cancelled(gated, beats, tmp_path) -> None:
