@@ -65,6 +65,9 @@ REFUSAL_STREAMS = "stream_cap"
 REFUSAL_AUDIT = "audit_unavailable"
 REFUSAL_CLIENT_GONE = "client_gone"  # cancelled or past its deadline before the answer
 REFUSAL_LIMIT = "resource_limit"  # RESOURCE_EXHAUSTED from a limit that did not name itself
+# The message never arrived: the client cancelled while sending, or it was over gRPC's size limit
+# (the C core then answers RESOURCE_EXHAUSTED itself; Python sees only a cancelled call).
+REFUSAL_UNREAD = "request_not_received"
 
 
 @dataclass(frozen=True)
@@ -493,6 +496,9 @@ class CallInterceptor(grpc.ServerInterceptor):
             return _Decoded(record, raw_requests, decode, context)
         try:
             raw = next(raw_requests)
+        except grpc.RpcError:
+            record.refusal = REFUSAL_UNREAD
+            raise
         except StopIteration:
             record.refusal = REFUSAL_MESSAGE
             _abort(context, InvalidArgument("the call carries no request message"), record.method_name)

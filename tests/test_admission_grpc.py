@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -226,3 +227,18 @@ def test_24_unauthenticated_57_mb_requests_raise_server_memory_by_at_most_100_mb
             c.close()
     finally:
         stop_subprocess(proc)
+
+
+def test_a_message_over_the_size_limit_from_an_admitted_caller_is_refused_and_audited(server) -> None:
+    too_large = b"\x0a" + b"\x00" * (65 * 1024 * 1024)  # over MAX_MESSAGE_BYTES (64 MiB)
+    call = raw_unary(server.channel(), PREDICT)
+    code, details, _ = code_of(call, too_large, bearer(server.tokens["caller-4"]))
+    assert code == EXHAUSTED and "larger than max" in details, (code, details)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        lines = [d for d in server.audit_lines() if d["caller"] == "caller-4" and d["rpc"] == PREDICT]
+        if lines:
+            break
+        time.sleep(0.02)
+    # gRPC's core refuses it before Python sees a byte: the line says the request never arrived.
+    assert [d["refusal"] for d in lines] == ["request_not_received"], lines
