@@ -500,6 +500,11 @@ class CallInterceptor(grpc.ServerInterceptor):
             record.refusal = REFUSAL_UNREAD
             raise
         except StopIteration:
+            # No message: a client that sent none (answered here), or one over the size limit,
+            # which gRPC's core refuses and cancels a moment later.
+            if _ends_soon(context):
+                record.refusal = REFUSAL_UNREAD
+                raise grpc.RpcError("the request message never arrived") from None
             record.refusal = REFUSAL_MESSAGE
             _abort(context, InvalidArgument("the call carries no request message"), record.method_name)
         return _decode_or_abort(record, decode, raw, context)
@@ -559,6 +564,16 @@ def _decode_or_abort(record: CallRecord, decode: Callable, raw: bytes, context: 
     except InvalidArgument as e:
         record.refusal = REFUSAL_MESSAGE
         _abort(context, e, record.method_name)
+
+
+def _ends_soon(context: grpc.ServicerContext, wait_s: float = 0.1) -> bool:
+    """Whether the call stops being active within ``wait_s`` (gRPC's core cancelled it)."""
+    deadline = time.monotonic() + wait_s
+    while context.is_active():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def _abort(context: grpc.ServicerContext, error: ServiceError, where: str) -> None:

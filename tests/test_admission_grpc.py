@@ -242,3 +242,10 @@ def test_a_message_over_the_size_limit_from_an_admitted_caller_is_refused_and_au
         time.sleep(0.02)
     # gRPC's core refuses it before Python sees a byte: the line says the request never arrived.
     assert [d["refusal"] for d in lines] == ["request_not_received"], lines
+
+
+def test_a_call_with_no_request_message_is_invalid_argument(server) -> None:
+    call = server.channel().stream_unary(PREDICT, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        call(iter([]), metadata=bearer(server.tokens["caller-5"]), timeout=10)
+    assert e.value.code() == INVALID and "no request message" in e.value.details()
