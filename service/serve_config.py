@@ -130,7 +130,7 @@ class ServeConfig:
                 raise ServeConfigError(f"{source}: {e}") from None
         if self.audit_required and not self.audit_log:
             raise ServeConfigError(f"{source}: audit_required needs an audit log (--audit-log FILE)")
-        self.metrics_tls()
+        self.metrics_tls(source)
         return self
 
     def quotas(self) -> Quotas:
@@ -144,20 +144,22 @@ class ServeConfig:
             caller_rate=None if self.caller_rate == "off" else self.caller_rate,
         )
 
-    def metrics_tls(self) -> tuple[str, str] | None:
+    def metrics_tls(self, source: str = "ecgx serve") -> tuple[str, str] | None:
         """The metrics endpoint's (certificate, key) files, None for plain HTTP; "serving" names
         the serving port's files."""
         cert, key = self.metrics_tls_cert, self.metrics_tls_key
         if cert is None and key is None:
             return None
         if cert is None or key is None:
-            raise ServeConfigError("metrics over TLS needs both --metrics-tls-cert and --metrics-tls-key")
+            raise ServeConfigError(
+                f"{source}: metrics over TLS needs both --metrics-tls-cert and --metrics-tls-key"
+            )
         cert = self.tls_cert if cert == "serving" else cert
         key = self.tls_key if key == "serving" else key
         if cert is None or key is None:
             raise ServeConfigError(
-                "--metrics-tls-cert/--metrics-tls-key 'serving' needs the serving port's certificate and key "
-                "as files (--tls-cert and --tls-key)"
+                f"{source}: --metrics-tls-cert/--metrics-tls-key 'serving' needs the serving port's "
+                "certificate and key as files (--tls-cert and --tls-key)"
             )
         return str(cert), str(key)
 

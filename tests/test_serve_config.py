@@ -43,6 +43,20 @@ def test_security_and_monitoring_settings_come_from_the_file(tmp_path: Path) -> 
     assert cfg.insecure is False and cfg.metrics is True  # secure and monitored unless said otherwise
 
 
+def test_audit_crl_and_metrics_tls_settings_come_from_the_file(tmp_path: Path) -> None:
+    path = _config(
+        tmp_path,
+        '[serve]\nrepo = "r"\ntls_cert = "s.crt"\ntls_key = "s.key"\ntls_crl = "/etc/ecgx/clients.crl"\n'
+        'audit_log = "a.jsonl"\naudit_required = true\n'
+        'metrics_tls_cert = "serving"\nmetrics_tls_key = "m.key"\n',
+    )
+    cfg = resolve_serve_config(path, {"audit_required": None, "metrics_tls_cert": None})
+    assert cfg.tls_crl == Path("/etc/ecgx/clients.crl") and cfg.audit_required
+    assert cfg.metrics_tls() == ("s.crt", "m.key")
+    assert resolve_serve_config(path, {"metrics_tls_cert": "c.pem"}).metrics_tls() == ("c.pem", "m.key")
+    assert resolve_serve_config(None, {"repo": tmp_path}).metrics_tls() is None
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -60,6 +74,10 @@ def test_security_and_monitoring_settings_come_from_the_file(tmp_path: Path) -> 
         ("[serve]\nrepo = 'r'\nstability_share = 1.5\n", "stability_share must be in [0, 1], got 1.5"),
         ("[serve]\nrepo = 'r'\nstability_queue = 0\n", "stability_queue must be in [1, 100000], got 0"),
         ("[serve]\nrepo = 'r'\ntls_cert = 3\n", "serve.tls_cert must be str"),
+        ("[serve]\nrepo = 'r'\naudit_required = true\n", "audit_required needs an audit log"),
+        ("[serve]\nrepo = 'r'\naudit_required = 'yes'\n", "serve.audit_required must be bool"),
+        ("[serve]\nrepo = 'r'\nmetrics_tls_cert = 'm.crt'\n", "needs both --metrics-tls-cert and"),
+        ("[serve]\nrepo = 'r'\nmetrics_tls_cert = 'serving'\nmetrics_tls_key = 'serving'\n", "as files"),
     ],
 )
 def test_bad_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
