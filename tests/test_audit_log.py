@@ -236,3 +236,9 @@ def test_calls_still_running_at_shutdown_get_their_line(tmp_path: Path) -> None:
     assert [d["rpc"] for d in lines] == [HEALTH_WATCH], lines
     assert lines[0]["code"] != "OK"  # it did not end normally: the server went away under it
     assert verify_chain([audit]).ok
+
+
+def test_verify_of_a_missing_file_is_a_clean_usage_error(tmp_path: Path) -> None:
+    from cli_helpers import assert_clean_failure
+
+    assert_clean_failure(run_ecgx("audit", "verify", str(tmp_path / "nope.jsonl")), "does not exist")
