@@ -75,6 +75,7 @@ BINARY_OUTPUT_PARAMETER = "binary_data_output"
 # A JSON number of an FP32 tensor needs at most ~16 characters ("-1.2345678e-05, "); room for twice that.
 JSON_CHARS_PER_VALUE = 32
 JSON_OVERHEAD = 64 * 1024
+VALUES_PER_ECG = 12 * 600  # the OIP input of every package: median beats, 12 leads x 600 samples
 MAX_JSON_DEPTH = 16  # nested "data" arrays deeper than any tensor's shape are refused
 
 # The status of each typed error: google.rpc's HTTP mapping (google/rpc/code.proto), as
@@ -162,7 +163,7 @@ class OipHttpApp:
         self.ledger = ledger
         self.version = version
         self.shutting_down = False
-        self.max_json_bytes = core.max_batch * 12 * 600 * JSON_CHARS_PER_VALUE + JSON_OVERHEAD
+        self.max_json_bytes = core.max_batch * VALUES_PER_ECG * JSON_CHARS_PER_VALUE + JSON_OVERHEAD
 
     def shutdown(self) -> None:
         """Readiness answers "not ready" from now on (call at SIGTERM)."""
@@ -189,7 +190,9 @@ class OipHttpApp:
 
     def _refusal(self, error: ServiceError, record: CallRecord) -> HttpResponse:
         status = http_status(error)
-        log.info("REST %s: %s %s", record.method_name, error.code, str(error)[:300])
+        # DEBUG, as on gRPC (rpc.failure_status): the message may echo what the client typed; the
+        # audit log and the metrics count every refusal by code.
+        log.debug("REST %s: %s %s", record.method_name, error.code, str(error)[:300])
         extra = (("WWW-Authenticate", 'Bearer realm="ecgx"'),) if status == 401 else ()
         return _error(status, str(error)[:2000], error.code, extra)
 
