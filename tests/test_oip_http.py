@@ -10,6 +10,7 @@ can be compared bit for bit.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from typing import Any
@@ -399,6 +400,17 @@ def test_a_body_over_the_limit_is_refused_before_it_is_sent(both) -> None:
         both.rest.port, b"POST /v2/models/ecg/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n"
     )
     assert b"413" in answer and b"RESOURCE_EXHAUSTED" in answer and time.monotonic() - t0 < 3
+
+
+def test_nothing_the_client_typed_reaches_the_log_at_info(both, beats, caplog) -> None:
+    caplog.set_level(logging.INFO)
+    secret = "SECRET-7f3a"
+    post(both, body_of([1, 12, 600], beats[0].ravel().tolist()), path=f"/v2/models/{secret}/infer")
+    post(both, body_of([1, 12, 600], [0.0] * 7200, parameters={"method": secret}))
+    post(both, body_of([1, 12, 600], [0.0] * 7200, parameters={secret: 1}))
+    raw_exchange(both.rest.port, f"GET /{secret} HTTP/9.9\r\n\r\n".encode())
+    raw_exchange(both.rest.port, f"{secret} {secret}\r\n\r\n".encode())
+    assert secret not in caplog.text and f"{beats[0, 0, 0]:.4f}" not in caplog.text
 
 
 # ------------------------------------------------------------------------------------ connections
