@@ -113,7 +113,8 @@ def test_the_random_control_is_measured_not_constructed(gate) -> None:
     that of two independent draws (about 0, not 1 by construction), and it fails because that is
     no lower than its own noise floor."""
     c = check(gate, "random", "randomisation")["details"]["criteria"]
-    assert abs(c["final"]["mean"]) < 0.05 and c["final"]["verdict"] == "pass"
+    # The more similar of two resolutions of two independent draws: a little above 0, far from 1.
+    assert abs(c["final"]["mean"]) < 0.15 and c["final"]["verdict"] == "pass"
     assert c["noise_floor_gap"]["verdict"] == "fail" and abs(c["noise_floor_gap"]["mean"]) < 0.05
     assert row(gate, "random")["verdict"] == "fail"
 

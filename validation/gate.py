@@ -582,7 +582,8 @@ class _Context:
         curves = self.curves(engine, x, t, kept)
         floor = [r for r in (*PERTURBATION_FLOOR, CONTROL_METHOD) if r in curves]
         for m in self.all_methods:
-            rows = [CONTROL_REDRAW if r == m == CONTROL_METHOD else r for r in floor if r != m]
+            # A row is not compared with itself; the control is, with its independent draw.
+            rows = [CONTROL_REDRAW if r == m else r for r in floor if r != m or m == CONTROL_METHOD]
             versus = {
                 s: {r: self.paired(curves[m].score[s], curves[r].score[s], cfg) for r in rows}
                 for s in cfg["strategies"]
