@@ -190,6 +190,47 @@ def test_a_silent_tls_client_does_not_hold_up_others(world) -> None:
             s.close()
 
 
+def test_expect_100_continue_is_answered_only_after_the_credentials(world) -> None:
+    """An unauthenticated client that waits for "100 Continue" gets its 401 instead (its body is
+    never invited); an authenticated one is invited, sends, and is served."""
+    context = ssl.create_default_context(cafile=str(world["pki"].ca.path))
+    x = world["beats"][:1]
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "ecg",
+                    "datatype": "FP32",
+                    "shape": [1, 12, 600],
+                    "parameters": {"binary_data_size": 28800},
+                }
+            ]
+        }
+    ).encode()
+    body = head + x.astype("<f4").tobytes()
+    lengths = f"Inference-Header-Content-Length: {len(head)}\r\nContent-Length: {len(body)}\r\n".encode()
+    port = world["tls"].rest.port
+    for token, first in ((None, b"HTTP/1.1 401"), (world["tokens"]["predictor"], b"HTTP/1.1 100 Continue")):
+        auth = b"" if token is None else f"Authorization: Bearer {token}\r\n".encode()
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="localhost") as s,
+        ):
+            s.sendall(
+                b"POST /v2/models/ecg/infer HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                + auth
+                + lengths
+                + b"\r\n"
+            )
+            assert s.recv(64).startswith(first)
+            if token is not None:
+                s.sendall(body)
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += s.recv(4096)
+                assert answer.startswith(b"HTTP/1.1 200")
+
+
 def _rss() -> int:
     with open(f"/proc/{os.getpid()}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
