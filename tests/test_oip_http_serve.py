@@ -89,3 +89,16 @@ def test_a_tls_grpc_port_never_gets_a_plaintext_rest_port(tmp_path) -> None:
     )
     with pytest.raises(SecurityConfigError, match="the HTTP port must too"):
         start_rest(None, security, ssl_context=None)
+
+
+def test_http_port_in_the_config_file_and_the_flag_wins(tmp_path) -> None:
+    from ecgx.service.serve_config import ServeConfigError, resolve_serve_config
+
+    config = tmp_path / "serve.toml"
+    config.write_text('[serve]\nrepo = "/srv/models"\nhttp_port = 8000\n')
+    assert resolve_serve_config(config, {}).http_port == 8000
+    assert resolve_serve_config(config, {"http_port": 0}).http_port == 0
+    assert resolve_serve_config(None, {"repo": "/srv/models"}).http_port is None  # off unless asked for
+    config.write_text('[serve]\nrepo = "/srv/models"\nhttp_port = "8000"\n')
+    with pytest.raises(ServeConfigError, match="http_port must be int"):
+        resolve_serve_config(config, {})
