@@ -10,7 +10,8 @@ line and header parsing) with what a hostile network needs added here, in one pl
   is being served are safe. With every connection busy a new one is refused at once (503 on
   plaintext, closed on TLS).
 - **Timeouts** on every read: the TLS handshake, the wait for the next request on a kept-alive
-  connection, each header line, each body read.
+  connection, each header line, each body read; and a deadline for the whole body (its size at
+  ``min_body_rate``), so a client trickling its body cannot hold a thread.
 - **TLS** with the handshake in the connection's own thread (never in the accept loop, where
   one silent client would stall every other: cheroot's open issue #748), and the client
   certificate (mutual TLS) handed to the application as PEM.
@@ -72,10 +73,11 @@ class HttpLimits:
     idle_timeout_s: float = 15.0  # a kept-alive connection's wait for its next request
     header_timeout_s: float = 10.0  # each read of a request's line and headers
     body_timeout_s: float = 30.0  # each read of the body (a stalled upload)
+    min_body_rate: int = 256 * 1024  # bytes/s: the whole body's deadline is body_timeout_s + size / rate
     drain_bytes: int = 1024 * 1024  # read and dropped after refusing a body, so the answer arrives
 
     def __post_init__(self) -> None:
-        if self.max_connections < 1 or self.max_body_bytes < 0:
+        if self.max_connections < 1 or self.max_body_bytes < 0 or self.min_body_rate < 1:
             raise ValueError(f"HttpLimits: out of range: {self}")
 
 
@@ -332,12 +334,16 @@ class _Handler(BaseHTTPRequestHandler):
         if self.headers.get("Expect", "").lower() == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             self.wfile.flush()
-        self.request.settimeout(self.server.limits.body_timeout_s)
+        limits = self.server.limits
+        # A deadline for the whole body besides the per-read timeout: a client trickling its body
+        # cannot hold a connection (and its thread) longer than its size at min_body_rate allows.
+        deadline = time.monotonic() + limits.body_timeout_s + length / limits.min_body_rate
         body = bytearray(length)
         view, got = memoryview(body), 0
         try:
-            while got < length:
-                n = self.rfile.readinto(view[got : got + _READ_CHUNK])
+            while got < length and (left := deadline - time.monotonic()) > 0:
+                self.request.settimeout(min(limits.body_timeout_s, left))
+                n = self.rfile.readinto1(view[got : got + _READ_CHUNK])  # one read: the deadline holds
                 if not n:
                     break
                 got += n
@@ -345,7 +351,10 @@ class _Handler(BaseHTTPRequestHandler):
             pass
         if got < length:
             self.close_connection = True
-            raise BodyIncomplete(f"the body ended after {got} of its {length} bytes (Content-Length)")
+            raise BodyIncomplete(
+                f"the body ended or stalled after {got} of its {length} bytes (Content-Length; at least "
+                f"{limits.min_body_rate // 1024} KiB/s)"
+            )
         return body
 
     def _write(self, response: HttpResponse) -> None:
