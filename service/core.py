@@ -274,6 +274,13 @@ def _resolve(t: Target, probs: np.ndarray | None, package: Any, where: str) -> l
     return [class_of(package, t.kind, t.value, where)]
 
 
+def _count(ecgs: np.ndarray | Sequence[Any]) -> int:
+    """ECGs in a request (an array's first axis; a 0-d array holds none)."""
+    if isinstance(ecgs, np.ndarray):
+        return int(ecgs.shape[0]) if ecgs.ndim else 0
+    return len(ecgs)
+
+
 # ---------------------------------------------------------------------------- gate enforcement
 
 
@@ -342,9 +349,9 @@ class ServingCore:
         """Probabilities and logits of the request's ECGs (one forward pass)."""
         started = time.perf_counter()
         served = self.served(request.model, request.version)
-        note_call(served, batch_size=len(request.ecgs))
+        note_call(served, batch_size=_count(request.ecgs))
         self._check_batch(served, request.ecgs)
-        cost = len(request.ecgs)
+        cost = _count(request.ecgs)
         self._check_budget(cost, "Predict")
         with self.admission.admit(request.caller, request.cancel):
             x, ids = self._inputs(served, request.ecgs)
@@ -372,14 +379,14 @@ class ServingCore:
         """Attributions of every method for every target of every ECG, under the gate."""
         started = time.perf_counter()
         names = self._check_methods(request.methods)
-        note_call(None, methods=names, batch_size=len(request.ecgs))
+        note_call(None, methods=names, batch_size=_count(request.ecgs))
         require_scope(request.caller, EXPLAIN, "explain")
         served = self.served(request.model, request.version)
         note_call(served)
         gates = {m.name: _servable_gate(served, m.name) for m in request.methods}
         self._check_batch(served, request.ecgs)
         package = served.engine.package
-        plan = _per_ecg_targets(request.targets, len(request.ecgs), package)
+        plan = _per_ecg_targets(request.targets, _count(request.ecgs), package)
         effective = {m.name: self._effective(m, gates[m.name]) for m in request.methods}
         cost = self._cost(served, plan, effective)  # bad values: InvalidArgument, before the gate's coverage
         gates = {m.name: _covered_gate(served, m, gates[m.name]) for m in request.methods}
@@ -505,7 +512,7 @@ class ServingCore:
                     f"the ECGs must have shape [batch, {leads}, {samples}] (median beats at 500 Hz, "
                     f"lead-major), got {list(ecgs.shape)}"
                 )
-        n = len(ecgs)
+        n = _count(ecgs)
         if n == 0:
             raise InvalidArgument("the request holds no ECG (batch size 0)")
         if n > self.max_batch:

@@ -135,9 +135,6 @@ class CancelToken:
             raise Cancelled("the client cancelled the request; the work was stopped")
 
 
-NEVER_CANCELLED = CancelToken()  # no deadline, no client to lose: offline callers and tests
-
-
 @dataclass(frozen=True)
 class PredictRequest:
     """Probabilities for ECGs.
@@ -152,7 +149,8 @@ class PredictRequest:
     ecgs: np.ndarray | Sequence[Any]
     version: str | None = None  # None or "": the model's default version
     caller: Caller = field(default_factory=Caller)
-    cancel: CancelToken = NEVER_CANCELLED
+    # One token per request (never shared: shutdown cancels every running request's token).
+    cancel: CancelToken = field(default_factory=CancelToken)
 
 
 @dataclass(frozen=True)

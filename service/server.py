@@ -25,6 +25,7 @@ import logging
 import math
 import signal
 import threading
+import time
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, NamedTuple
@@ -479,6 +480,7 @@ def serve(
             ready(bound)
         while not stop.wait(0.5):
             pass
+        signalled = time.monotonic()
         log.info("stopping: no new requests; in-flight requests have %.0f s to finish", grace_s)
         extras.shutdown()  # health turns NOT_SERVING first, so probes stop routing here
         # Past the grace period what still runs is cancelled: it stops within one engine chunk.
@@ -497,7 +499,7 @@ def serve(
         stopped.wait(SHUTDOWN_AFTER_GRACE_S)
         if rest_stopping is not None:
             rest_stopping.join(SHUTDOWN_AFTER_GRACE_S)
-        log.info("stopped")
+        log.info("stopped %.1f s after the signal", time.monotonic() - signalled)
         return 0
     finally:
         for s, handler in previous.items():

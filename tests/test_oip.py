@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from cli_helpers import ECGX_WITHOUT_TORCH
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from repo_helpers import make_package
@@ -188,16 +189,17 @@ def test_model_infer_with_attribution_matches_the_engine(served, repo, beats) ->
     assert json.loads(r.parameters["targets"].string_param) == predicted.tolist()
     assert r.parameters["gate_verdict"].string_param == "pass" and not r.parameters["ungated"].bool_param
     assert r.parameters["gate_report_sha256"].string_param == v1.report_sha256
-    # A class key, its SNOMED code and its index name the same target; method settings as JSON.
+    # A class key, its SNOMED code and its index name the same target; method settings as JSON
+    # (the value the gate checked: another is FAILED_PRECONDITION, tests/test_core_gate.py).
     cls = v1.engine.package.manifest["classes"][1]
-    expected = v1.engine.attribute("gradcam", beats, target=1, relu=False)
+    expected = v1.engine.attribute("gradcam", beats, target=1, interpolation="linear")
     for target in (cls["key"], cls["code"], 1, "1"):
         got = served.client.infer(
             MODEL,
             [infer_input(beats)],
             model_version="1",
             outputs=[tc.InferRequestedOutput("attribution")],
-            parameters={"method": "gradcam", "target": target, "parameters": '{"relu": false}'},
+            parameters={"method": "gradcam", "target": target, "parameters": '{"interpolation": "linear"}'},
         )
         np.testing.assert_array_equal(got.as_numpy("attribution"), expected)
         assert got.as_numpy("probabilities") is None  # only the requested output
@@ -476,8 +478,9 @@ def test_reflection_lists_the_services(served) -> None:
 
 
 def test_the_oip_and_health_modules_do_not_import_pytorch() -> None:
-    code = (
-        "import sys; sys.modules['torch'] = None; import ecgx.service.oip, ecgx.service.health; print('ok')"
+    # An import hook, not sys.modules["torch"] = None (scipy.stats probes that entry and breaks).
+    code = ECGX_WITHOUT_TORCH.split("from ecgx.cli import main")[0] + (
+        "import ecgx.service.oip, ecgx.service.health; print('ok')"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
