@@ -200,7 +200,21 @@ def _up(v: float, step: float) -> float:
     return math.ceil(v / step - 1e-9) * step
 
 
-def thresholds(table: dict) -> dict[str, float]:
+def null_gaps(reports: list[dict]) -> list[float]:
+    """Per seed and strategy, |mean faithfulness gap| of the unseeded random row to the random
+    control: two random maps (``details.versus``; the row's decisive number is against the
+    strongest model-independent row instead)."""
+    return [
+        abs(v["random"]["mean"])
+        for report in reports
+        for v in report["references"]["ref:unseeded_random"]["checks"]["perturbation"]["details"][
+            "versus"
+        ].values()
+        if v.get("random", {}).get("mean") is not None
+    ]
+
+
+def thresholds(table: dict, reports: list[dict]) -> dict[str, float]:
     """The thresholds the module's rules give on these scores."""
     out = dict(LITERATURE)
     gaps = [
@@ -211,8 +225,7 @@ def thresholds(table: dict) -> dict[str, float]:
         if m is not None
     ]
     out["min_noise_floor_gap"] = round(max(0.1, _up(max(gaps) + 0.1, 0.05)), 2)
-    null = [abs(m) for m in table["perturbation"]["ref:unseeded_random"]["mean"] if m is not None]
-    out["margin"] = round(max(0.05, _up(max(null) + 0.05, 0.05)), 2)
+    out["margin"] = round(max(0.05, _up(max(null_gaps(reports)) + 0.05, 0.05)), 2)
     above = [
         s
         for row, c in table["changed_model"].items()
@@ -235,7 +248,45 @@ KEYS = {
 }
 
 
-def markdown(table: dict, rule: dict[str, float], seeds: tuple[int, ...], timings: dict) -> str:
+def _beyond(entry: dict) -> float:
+    """How far a failing entry's decisive number is past its threshold (inf when undefined)."""
+    if entry.get("score") is None:
+        return float("inf")
+    gap = entry["score"] - entry["threshold"]
+    return gap if entry["comparison"].startswith("<") else -gap
+
+
+def refusals(reports: list[dict]) -> list[str]:
+    """Per model-independent map: on each seed, the blocking criterion that refuses it most
+    clearly and how far past its threshold; the smallest over the seeds is its closest call."""
+    lines = [
+        "| model-independent map | refused most clearly by (per seed) | closest call (past the threshold) |",
+        "| --- | --- | --- |",
+    ]
+    rows = sorted({n for r in reports for n in {**r["references"], **r.get("user_methods", {})}})
+    for name in filter(model_independent, rows):
+        per_seed = []
+        for report in reports:
+            row = {**report["references"], **report.get("user_methods", {})}.get(name)
+            if row is None:
+                continue
+            failing = [
+                (_beyond(e), f"{check}.{crit}" if crit != check else check)
+                for check, c in row["checks"].items()
+                if c["blocking"]
+                for crit, e in (c["details"].get("criteria") or {check: c}).items()
+                if e["verdict"] == "fail"
+            ]
+            per_seed.append(max(failing) if failing else (float("-inf"), "PASSED"))
+        shown = ", ".join(f"{w} ({'undefined' if d == float('inf') else f'{d:.2f}'})" for d, w in per_seed)
+        closest = min(d for d, _ in per_seed)
+        lines.append(f"| {name} | {shown} | {'undefined' if closest == float('inf') else f'{closest:.2f}'} |")
+    return lines
+
+
+def markdown(
+    table: dict, rule: dict[str, float], seeds: tuple[int, ...], timings: dict, reports: list[dict]
+) -> str:
     policy = default_policy()
     current = {
         **policy.check("randomisation"),
@@ -268,7 +319,8 @@ def markdown(table: dict, rule: dict[str, float], seeds: tuple[int, ...], timing
             f"{min(methods):.2f} / {float(np.median(methods)):.2f} / {max(methods):.2f}" if methods else "n/a"
         )
         lines.append(f"| {crit} | `{key}` | {rule[key]:g} | {current[key]:g} | {spread} | {refs} |")
-    lines += ["", "Margins (pooled over the seeds):", "", *margins(table)]
+    lines += ["", "Margins per criterion (pooled over the seeds):", "", *margins(table)]
+    lines += ["", "Every model-independent map and what refuses it:", "", *refusals(reports)]
     lines += [
         "",
         "Per method, reference row and cheat, per seed (the decisive number of each criterion):",
@@ -342,9 +394,9 @@ def main() -> None:
     reports = gate_all(args.out, packages, counts)
     timings = f"data+training+export {prepared - started:.0f} s, gates {time.perf_counter() - prepared:.0f} s"
     table = scores(reports)
-    rule = thresholds(table)
+    rule = thresholds(table, reports)
     (args.out / "calibration.json").write_text(json.dumps({"rule": rule, "scores": table}, indent=1))
-    (args.out / "calibration.md").write_text(markdown(table, rule, seeds, timings))
+    (args.out / "calibration.md").write_text(markdown(table, rule, seeds, timings, reports))
     plot(table, rule, args.out / "calibration.png")
     print((args.out / "calibration.md").read_text())
 
