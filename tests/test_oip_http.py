@@ -203,6 +203,26 @@ def test_probabilities_are_those_of_both_grpc_protocols_bit_for_bit(both, beats)
     assert params["model_version"] == "1" and json.loads(params["classes"])
 
 
+def test_the_asyncio_client_works_unchanged_too(both, beats) -> None:
+    import asyncio
+
+    import tritonclient.http.aio as aio
+
+    async def run() -> tuple[bool, np.ndarray]:
+        client = aio.InferenceServerClient(both.http_url)
+        try:
+            x = aio.InferInput("ecg", list(beats.shape), "FP32")
+            x.set_data_from_numpy(beats)
+            result = await client.infer(MODEL, [x], parameters={"method": PASSED})
+            return await client.is_server_ready(), result.as_numpy("attribution")
+        finally:
+            await client.close()
+
+    ready, maps = asyncio.run(run())
+    sync = both.http.infer(MODEL, [http_input(beats)], parameters={"method": PASSED})
+    assert ready and np.array_equal(maps, sync.as_numpy("attribution"))
+
+
 def test_json_tensors_both_ways_give_the_same_numbers_as_binary(both, beats) -> None:
     binary = both.http.infer(MODEL, [http_input(beats)])
     outputs = [tch.InferRequestedOutput(n, binary_data=False) for n in ("probabilities", "logits")]
