@@ -25,7 +25,7 @@ from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server
 
 MODEL = "ecg"
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
