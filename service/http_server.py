@@ -308,8 +308,8 @@ class _Handler(BaseHTTPRequestHandler):
             response = error_response(500, "internal error; see the server log")
         if not request.body_read:
             self.close_connection = True  # the unread body is never buffered
-        if self.headers.get("Connection", "").lower() == "close":
-            self.close_connection = True
+        if self.headers.get("Connection", "").lower() == "close" or self.command == "HEAD":
+            self.close_connection = True  # (a HEAD client reads no body: the connection ends with it)
         self._write(response)
         if not request.body_read:
             self._drain()
