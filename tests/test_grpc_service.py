@@ -1,9 +1,9 @@
 """The gRPC explanation service over real channels on loopback (issue #9).
 
-A repository is built in a temporary folder from the trained seed family: model ``ecg``,
-version 1 gated under a small passing policy (lime and gradcam checked), version 2 gated under
-a policy every method fails. Servers run in-process on port 0; the last test runs ``ecgx serve``
-in a subprocess with PyTorch made unimportable.
+A repository is built in a temporary folder from the session's gated package (conftest's
+``gated``): model ``ecg``, version 1 whose signed report passes lime and gradcam (saliency
+unchecked), version 2 whose gate failed (the ``repo`` fixture says how). Servers run in-process
+on port 0; the last test runs ``ecgx serve`` in a subprocess with PyTorch made unimportable.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -26,7 +25,6 @@ import tritonclient.grpc
 from cli_helpers import ECGX_WITHOUT_TORCH, serve_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ecgx.cli import main
 from ecgx.core.dataset import load_dataset
 from ecgx.core.schema import LEADS
 from ecgx.service.errors import (
@@ -44,55 +42,39 @@ from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server, lead_shares, status_of
 from ecgx.validation.signing import load_public_key
 
-# As small as the policy floor allows: the repository serves no research report.
-FAST = """
-[gate]
-ecgs = 64
-required_methods = ["lime"]
-allow_incomplete_data = true
-[checks.randomisation]
-ecgs = 16
-"""
 SERVED, UNCHECKED = "lime", "saliency"
 
 
-def _validate(pkg: Path, data: Path, policy: Path, key: Path) -> int:
-    return main(
-        [
-            "validate",
-            str(pkg),
-            "--data",
-            str(data),
-            "--policy",
-            str(policy),
-            "--methods",
-            "lime",
-            "gradcam",
-            "--workers",
-            "1",
-            "-q",
-            "--signing-key",
-            str(key),
-        ]
-    )
+def _failed_randomisation(score: float) -> dict:
+    return {
+        "score": score,
+        "threshold": 0.5,
+        "verdict": "fail",
+        "blocking": True,
+        "summary": "the maps barely change when the weights are randomised",
+    }
 
 
 @pytest.fixture(scope="module")
-def repo(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    tmp = tmp_path_factory.mktemp("grpc")
-    assert main(["gate", "keygen", "--out", str(tmp / "keys"), "-q"]) == 0
-    key, public = tmp / "keys" / "gate_signing_key.pem", tmp / "keys" / "gate_public_key.pem"
-    passing, failing = tmp / "pass.toml", tmp / "fail.toml"
-    passing.write_text(FAST)
-    failing.write_text(FAST.replace("ecgs = 16", "ecgs = 16\nmax_similarity = -1.0"))
-    root = tmp / "repo"
-    for version, policy, status in (("1", passing, 0), ("2", failing, 1)):
-        pkg = shutil.copytree(trained_family["seed-0"], tmp / f"pkg-{version}")
-        assert _validate(pkg, trained_family["data"], policy, key) == status
-        shutil.copytree(pkg, root / "ecg" / version)
-    report = json.loads((root / "ecg" / "1" / "gate.json").read_text())
-    assert SERVED in report["serve"] and UNCHECKED not in report["methods"]
-    return {"root": root, "public": public, "data": trained_family["data"]}
+def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Model ``ecg`` from the session's gated package, with signed reports: version 1 passed and
+    serves lime and gradcam (with gradcam's real checks and scores; lime's settings are its
+    defaults, seed free), saliency unchecked and the random control failed; version 2's gate
+    failed. The gate itself is tested in tests/test_gate*.py; this module tests the service."""
+    from repo_helpers import make_package
+
+    from ecgx.service.methods import get_method
+
+    gradcam = gated["report"]["methods"]["gradcam"]
+    lime_settings = {k: v for k, v in get_method(SERVED).parameters().items() if k != "seed"}
+    lime = {**gradcam, "settings": {"checked": lime_settings, "may_differ": {"seed": "any"}}}
+    random = {"verdict": "fail", "checks": {"randomisation": _failed_randomisation(1.0)}}
+    root = tmp_path_factory.mktemp("grpc") / "repo"
+    methods = {"gradcam": gradcam, SERVED: lime, "random": random}
+    make_package(gated, root / "ecg" / "1", 0, methods=methods, serve=[SERVED, "gradcam"], verdict="pass")
+    failed = {SERVED: {"verdict": "fail", "checks": {"randomisation": _failed_randomisation(0.97)}}}
+    make_package(gated, root / "ecg" / "2", 0, methods=failed, serve=[], verdict="fail")
+    return {"root": root, "public": gated["public_pem"], "data": gated["family"]["data"]}
 
 
 class Server:
