@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from ecgx.service.errors import Cancelled, DeadlineExceeded, ServiceError
+from ecgx.service.errors import ServiceError
 from ecgx.service.requests import Caller, CancelToken
 
 log = logging.getLogger(__name__)
@@ -52,13 +52,3 @@ def caller_of(context: grpc.ServicerContext) -> Caller:
 
     record = current_call()
     return Caller.of(record.identity if record is not None else None, context.peer() or "")
-
-
-def check_active(context: grpc.ServicerContext) -> None:
-    """Stop between engine calls when the client went away or its deadline passed."""
-    if context.is_active():
-        return
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
-        raise DeadlineExceeded("the client's deadline passed; the work was stopped between engine calls")
-    raise Cancelled("the client cancelled the request; the work was stopped between engine calls")
