@@ -273,3 +273,26 @@ def test_quotas_come_from_the_serve_config_and_flags(tmp_path) -> None:
         resolve_serve_config(config, {"caller_rate": "lots"})
     with pytest.raises(ServeConfigError, match="caller_concurrent must be in"):
         resolve_serve_config(config, {"caller_concurrent": 0})
+
+
+def test_a_queued_request_leaves_the_queue_when_cancelled_and_shutdown_reaches_running_ones() -> None:
+    from ecgx.service.admission import Admission
+    from ecgx.service.errors import Cancelled, ResourceExhausted
+
+    admission = Admission(Quotas(max_concurrent=1, max_queued=1))
+    running = CancelToken()
+    with admission.admit(Caller(), running):
+        waiting = CancelToken()
+        threading.Timer(0.2, waiting.cancel, args=("the client left",)).start()
+        t0 = time.monotonic()
+        with pytest.raises(Cancelled, match="the client left"), admission.admit(Caller(), waiting):
+            pass
+        assert time.monotonic() - t0 < 0.6  # a queued request looks at its token every 0.1 s
+        full = Admission(Quotas(max_concurrent=1, max_queued=0))
+        busy = pytest.raises(ResourceExhausted, match="--max-queued")
+        with full.admit(Caller(), CancelToken()), busy, full.admit(Caller(), CancelToken()):
+            pass
+        assert admission.cancel_all("the server is shutting down") == 1 and running.cancelled
+        with pytest.raises(Cancelled, match="shutting down"):
+            running.check()
+    assert admission.free_slots() == 1 and admission.running() == 0
