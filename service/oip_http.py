@@ -75,6 +75,7 @@ BINARY_OUTPUT_PARAMETER = "binary_data_output"
 # A JSON number of an FP32 tensor needs at most ~16 characters ("-1.2345678e-05, "); room for twice that.
 JSON_CHARS_PER_VALUE = 32
 JSON_OVERHEAD = 64 * 1024
+MAX_TENSOR_VALUES = 2**31  # far above any batch an input can hold (64 MiB bodies)
 VALUES_PER_ECG = 12 * 600  # the OIP input of every package: median beats, 12 leads x 600 samples
 MAX_JSON_DEPTH = 16  # nested "data" arrays deeper than any tensor's shape are refused
 
@@ -417,6 +418,12 @@ def _inputs(value: Any, binary: memoryview) -> tuple[tuple[Tensor, ...], int]:
         ):
             raise InvalidArgument(
                 f"{where}: 'shape' must be a list of at most {codec.MAX_DIMS} non-negative integers"
+            )
+        # A zero dimension beside huge ones declares no values, yet NumPy cannot even describe the
+        # array (oip_codec.input_array would fail to reshape it): refused here, by its size.
+        if math.prod(d for d in shape if d) > MAX_TENSOR_VALUES:
+            raise InvalidArgument(
+                f"{where}: 'shape' {shape} declares more values than any input this server takes"
             )
         params = _parameters(item.get("parameters", {}), f"{where}.parameters")
         size = params.get("binary_data_size")

@@ -329,6 +329,7 @@ def body_of(shape: list[int], data: Any, datatype: str = "FP32", **extra: Any) -
         ("[" * 100_000 + "]" * 100_000, 400, "INVALID_ARGUMENT", "nests too deep"),
         ('{"inputs": ' + "9" * 5000 + "}", 400, "INVALID_ARGUMENT", "not valid JSON"),
         ("", 400, "INVALID_ARGUMENT", "no body"),
+        (body_of([0, 1320808, 1321122, 1321439], []), 400, "INVALID_ARGUMENT", "declares more values"),
     ],
 )
 def test_bad_bodies_get_a_4xx_naming_the_problem(both, body, status, code, phrase) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 import requests
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from repo_helpers import make_package
 
@@ -129,6 +129,7 @@ def test_any_bytes_and_binary_header_never_get_a_500(url, session, body, header)
 
 @FUZZ
 @given(size=st.integers(min_value=0, max_value=40_000), shape=shapes)
+@example(size=0, shape=[0, 1320808, 1321122, 1321439])  # found by this test: no values, yet no array
 def test_binary_tensors_of_any_declared_size_never_get_a_500(url, session, size, shape) -> None:
     head = json.dumps(
         {
