@@ -5,7 +5,9 @@ chunks of ``max_batch``); time does, linearly. The caps refuse requests that wou
 for hours or that ask for far more samples than any attribution needs, with a
 ValueError naming the parameter, its value and the cap. The per-ECG caps are fixed;
 the per-request caps are :class:`~ecgx.service.engine.AttributionEngine` arguments
-(``max_request_ecgs``, ``max_request_rows``) whose defaults are below.
+(``max_request_ecgs``, ``max_request_rows``) whose defaults are below. A served request's whole
+cost (every ECG, target and method together) is budgeted by the serving core before any work
+(``max_request_cost``, :mod:`ecgx.service.core`, docs/serving.md).
 """
 
 from __future__ import annotations
