@@ -25,6 +25,7 @@ import math
 import secrets
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -311,6 +312,41 @@ def _covered_gate(served: ServedVersion, call: MethodCall, gate: MethodGate) -> 
 # ---------------------------------------------------------------------------- the core
 
 
+@dataclass(frozen=True)
+class _Plan:
+    """An Explain request checked and costed, before any work."""
+
+    served: ServedVersion
+    names: list[str]
+    gates: dict[str, MethodGate]
+    targets: list[tuple[Target, str]]  # one per ECG, and where it came from (for messages)
+    effective: dict[str, dict[str, Any]]  # settings per method, as they will run
+    cost: int
+
+
+def _attribution_results(
+    plan: _Plan, targets: list[list[int]], results: dict[tuple[int, str, int], tuple[np.ndarray, float]]
+) -> tuple[AttributionResult, ...]:
+    """One record per ECG, method and target, in that order."""
+    keys = plan.served.engine.package.class_keys
+    return tuple(
+        AttributionResult(
+            ecg_index=i,
+            method=m,
+            target_index=c,
+            target_key=keys[c],
+            attribution=results[(i, m, j)][0],
+            lead_relevance_share=lead_shares(results[(i, m, j)][0]),
+            effective_parameters=plan.effective[m],
+            gate=gate_info(plan.gates[m]),
+            compute_seconds=results[(i, m, j)][1],
+        )
+        for i, t in enumerate(targets)
+        for m in plan.names
+        for j, c in enumerate(t)
+    )
+
+
 class ServingCore:
     """Predict and Explain over a model repository, for every transport.
 
@@ -378,6 +414,33 @@ class ServingCore:
     def explain(self, request: ExplainRequest) -> ExplainResult:
         """Attributions of every method for every target of every ECG, under the gate."""
         started = time.perf_counter()
+        plan = self._plan(request)
+        served = plan.served
+        with self.admission.admit(request.caller, request.cancel):
+            x, ids = self._inputs(served, request.ecgs)
+            engine = served.engine.with_cancel(request.cancel)
+            clock = EngineClock()
+            logits, targets, results = self._attribute(served, engine, x, plan.targets, plan.effective, clock)
+        note_call(served, engine_s=clock.seconds)
+        probs = sigmoid(logits)
+        if self.metrics is not None:
+            self.metrics.predicted(served, probs)
+        return ExplainResult(
+            facts=_facts(served),
+            probabilities=probs,
+            logits=np.asarray(logits, dtype=np.float32),
+            beats=x,
+            ecg_ids=ids,
+            research_mode=bool(served.ungated) or any(g.ungated for g in plan.gates.values()),
+            compute_seconds=time.perf_counter() - started,
+            cost=plan.cost,
+            targets=tuple(tuple(t) for t in targets),
+            attributions=_attribution_results(plan, targets, results),
+        )
+
+    def _plan(self, request: ExplainRequest) -> _Plan:
+        """Every check an Explain gets before any work: methods and settings, the version and its
+        gate, the batch, targets, values, the gate's coverage, the budget and the response size."""
         names = self._check_methods(request.methods)
         note_call(None, methods=names, batch_size=_count(request.ecgs))
         require_scope(request.caller, EXPLAIN, "explain")
@@ -385,51 +448,13 @@ class ServingCore:
         note_call(served)
         gates = {m.name: _servable_gate(served, m.name) for m in request.methods}
         self._check_batch(served, request.ecgs)
-        package = served.engine.package
-        plan = _per_ecg_targets(request.targets, _count(request.ecgs), package)
+        targets = _per_ecg_targets(request.targets, _count(request.ecgs), served.engine.package)
         effective = {m.name: self._effective(m, gates[m.name]) for m in request.methods}
-        cost = self._cost(served, plan, effective)  # bad values: InvalidArgument, before the gate's coverage
+        cost = self._cost(served, targets, effective)  # bad values: InvalidArgument, before coverage
         gates = {m.name: _covered_gate(served, m, gates[m.name]) for m in request.methods}
         self._check_budget(cost, "Explain")
-        self._check_response_size(served, plan, len(names))
-        with self.admission.admit(request.caller, request.cancel):
-            x, ids = self._inputs(served, request.ecgs)
-            engine = served.engine.with_cancel(request.cancel)
-            clock = EngineClock()
-            logits, targets, results = self._attribute(served, engine, x, plan, effective, clock)
-        note_call(served, engine_s=clock.seconds)
-        probs = sigmoid(logits)
-        if self.metrics is not None:
-            self.metrics.predicted(served, probs)
-        keys = package.class_keys
-        attributions = tuple(
-            AttributionResult(
-                ecg_index=i,
-                method=m,
-                target_index=c,
-                target_key=keys[c],
-                attribution=results[(i, m, j)][0],
-                lead_relevance_share=lead_shares(results[(i, m, j)][0]),
-                effective_parameters=effective[m],
-                gate=gate_info(gates[m]),
-                compute_seconds=results[(i, m, j)][1],
-            )
-            for i, t in enumerate(targets)
-            for m in names
-            for j, c in enumerate(t)
-        )
-        return ExplainResult(
-            facts=_facts(served),
-            probabilities=probs,
-            logits=np.asarray(logits, dtype=np.float32),
-            beats=x,
-            ecg_ids=ids,
-            research_mode=bool(served.ungated) or any(g.ungated for g in gates.values()),
-            compute_seconds=time.perf_counter() - started,
-            cost=cost,
-            targets=tuple(tuple(t) for t in targets),
-            attributions=attributions,
-        )
+        self._check_response_size(served, targets, len(names))
+        return _Plan(served, names, gates, targets, effective, cost)
 
     def _attribute(
         self,
