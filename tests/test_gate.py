@@ -115,7 +115,7 @@ def test_the_random_control_is_measured_not_constructed(gate) -> None:
     c = check(gate, "random", "randomisation")["details"]["criteria"]
     # The more similar of two resolutions of two independent draws: a little above 0, far from 1.
     assert abs(c["final"]["mean"]) < 0.15 and c["final"]["verdict"] == "pass"
-    assert c["noise_floor_gap"]["verdict"] == "fail" and abs(c["noise_floor_gap"]["mean"]) < 0.05
+    assert c["noise_floor_gap"]["verdict"] == "fail" and abs(c["noise_floor_gap"]["mean"]) < 0.1
     assert row(gate, "random")["verdict"] == "fail"
 
 

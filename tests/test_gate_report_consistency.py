@@ -298,6 +298,7 @@ def test_a_policy_the_model_independent_maps_pass_fails_the_gate(trained_family,
     policy.write_text(
         "[gate]\necgs = 16\n[checks.randomisation]\necgs = 4\nblocking = false\n"
         "[checks.perturbation]\nblocking = false\nbootstrap = 100\nsteps = 4\n"
+        "[checks.changed_model]\nblocking = false\nbootstrap = 100\necgs = 8\n"
     )
     run = run_gate(
         trained_family["seed-0"],
