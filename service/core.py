@@ -113,6 +113,8 @@ def _check_json_value(value: Any, where: str) -> None:
             stack.extend((item, depth + 1) for item in (v.values() if isinstance(v, dict) else v))
         elif isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_SETTINGS_INT:
             raise InvalidArgument(f"{where} holds an integer of {len(str(abs(v)))} digits; at most 2**53")
+        elif isinstance(v, float) and not math.isfinite(v):  # 1e999 parses as infinity
+            raise InvalidArgument(f"{where} holds a number too large for a float")
 
 
 def settings_violation(method: str, requested: Mapping[str, Any], settings: MethodSettings) -> str | None:

@@ -57,6 +57,7 @@ HOSTILE = {
     "ragged baseline": '{"baseline": [[0.0, 1.0], [2.0]]}',
     "NaN": '{"n_steps": NaN}',
     "2**64": '{"n_steps": 18446744073709551616}',
+    "1e999": '{"stdev": 1e999}',
     "deep object": '{"baseline": {"a": {"b": {"c": {"d": 1}}}}}',
 }
 
@@ -277,3 +278,33 @@ def test_fuzzed_oip_requests_never_internal(server, beats, data) -> None:
     except grpc.RpcError as e:
         assert e.code() not in NEVER, (e.code(), e.details())
         assert e.details(), e.code()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    text=st.one_of(
+        st.text(max_size=200),
+        SETTINGS_TEXT,
+        st.text(alphabet='[]{}":,0123456789eE.-+ natrufls', max_size=300),
+    )
+)
+def test_the_one_settings_parser_refuses_with_invalid_argument_only(text: str) -> None:
+    from ecgx.service.core import MAX_SETTINGS_DEPTH, parse_settings_json
+    from ecgx.service.errors import InvalidArgument
+
+    try:
+        value = parse_settings_json(text, "parameters")
+    except InvalidArgument as e:
+        assert "parameters" in str(e)
+        return
+    assert isinstance(value, dict)
+    json.dumps(value, allow_nan=False)  # what it accepts can be echoed back in effective_parameters
+    assert _depth(value) <= MAX_SETTINGS_DEPTH
+
+
+def _depth(value: object) -> int:
+    if isinstance(value, dict):
+        return 1 + max(map(_depth, value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max(map(_depth, value), default=0)
+    return 0
