@@ -53,6 +53,7 @@ PARAM_TARGET = "target"
 PARAM_PARAMETERS = "parameters"
 IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
 MAX_DIMS = 8  # a tensor shape longer than this is not an ECG batch of any kind
+MAX_TENSOR_VALUES = 2**31  # far more than any message can carry (64 MiB)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,14 @@ def input_array(
             f"got {dims[:MAX_DIMS]}"
         )
     count = math.prod(dims)
+    # A zero dimension makes the count 0 whatever the others declare; NumPy still refuses a shape
+    # whose other dimensions are too large for memory, so they are bounded too.
+    declared = math.prod(d for d in dims if d)
+    if declared > MAX_TENSOR_VALUES:
+        raise InvalidArgument(
+            f"input {INPUT_NAME!r} declares shape {dims}: more than {MAX_TENSOR_VALUES:,} values in its "
+            "nonzero dimensions; an ECG batch is [batch, 12, 600]"
+        )
     if raw is not None and values is not None:
         raise InvalidArgument(f"input {INPUT_NAME!r} is given both as raw bytes and as contents; give one")
     if raw is not None:

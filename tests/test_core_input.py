@@ -308,3 +308,13 @@ def _depth(value: object) -> int:
     if isinstance(value, list):
         return 1 + max(map(_depth, value), default=0)
     return 0
+
+
+@pytest.mark.parametrize("shape", [[0, 2**40, 2**40], [0, 12, 600], [2**40, 12, 600], [1, 0, 2**62]])
+def test_a_shape_with_a_zero_beside_huge_dimensions_is_invalid_argument(server, shape) -> None:
+    """Found by D's REST fuzzing: the count is 0, but NumPy refuses the shape (it was INTERNAL)."""
+    request = oip_pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="ecg", datatype="FP32", shape=shape)
+    request.raw_input_contents.append(b"")
+    code, msg = failure(lambda: server.oip.ModelInfer(request, timeout=30))
+    assert code == INVALID, msg
