@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.audit import GENESIS, verify_chain
 
 
@@ -17,7 +18,7 @@ def run_audit(args: Any) -> int:
     """``ecgx audit verify`` (arguments from :mod:`ecgx.cli`)."""
     for path in args.files:
         if not path.is_file():
-            raise ValueError(f"audit file {path} does not exist or is not a file")
+            raise InvalidArgument(f"audit file {path} does not exist or is not a file")
     report = verify_chain(args.files)
     start = "from the start (genesis)" if report.start == GENESIS else f"continuing {report.start}"
     if report.ok:

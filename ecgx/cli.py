@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ecgx
+from ecgx.core.errors import InvalidArgument
 
 log = logging.getLogger("ecgx")
 
@@ -106,7 +107,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             ("--classes", args.classes),
         ):
             if value is not None:
-                raise ValueError(
+                raise InvalidArgument(
                     f"{flag} does not apply to a project checkpoint: it carries its own weights, input "
                     "length, sampling rate and classes"
                 )
@@ -151,7 +152,7 @@ def _parse_param(text: str) -> tuple[str, object]:
 
     name, sep, value = text.partition("=")
     if not sep or not name:
-        raise ValueError(f"--param must look like name=value, got {text!r}")
+        raise InvalidArgument(f"--param must look like name=value, got {text!r}")
     try:
         return name, json.loads(value)
     except json.JSONDecodeError:
@@ -166,7 +167,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     from ecgx.service.engine import AttributionEngine
 
     if args.out.suffix != ".npy":
-        raise ValueError(f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')})")
+        raise InvalidArgument(f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')})")
     check_output(args.out, ATTRIBUTIONS, overwrite=args.overwrite)  # before the work, not after
     params = dict(_parse_param(p) for p in args.param)
     if args.seed is not None:
@@ -175,7 +176,7 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     ds = load_dataset(args.data)
     stop = len(ds) if args.count is None else args.start + args.count
     if not 0 <= args.start < len(ds) or stop > len(ds) or stop <= args.start:
-        raise ValueError(
+        raise InvalidArgument(
             f"--start/--count select beats {args.start}..{stop - 1}, but {args.data} holds {len(ds)}"
         )
     x = np.asarray(ds.signals[args.start : stop])
@@ -241,7 +242,7 @@ def _user_methods(options: Sequence[str]) -> dict[str, Callable]:
     for text in options:
         name, spec = parse_method_option(text)
         if name in methods:
-            raise ValueError(f"--method {text!r}: the name {name!r} is given twice")
+            raise InvalidArgument(f"--method {text!r}: the name {name!r} is given twice")
         methods[name] = load_method(spec, name)
     return methods
 

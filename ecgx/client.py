@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import OutputKind, StagedOutput, check_output
 from ecgx.core.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
 
@@ -36,7 +37,7 @@ _MAX_MESSAGE_BYTES = 64 * 2**20  # as the server
 TOKEN_ENV = "ECGX_TOKEN"
 
 
-class ClientError(ValueError):
+class ClientError(InvalidArgument):
     """A call failed: the message is ``STATUS: what the server said`` (one line)."""
 
 
@@ -78,11 +79,11 @@ def check_outputs(png: Path | None, json_out: Path | None, overwrite: bool) -> N
     """Before any call: the output paths have the right suffix and may be written."""
     if png is not None:
         if png.suffix.lower() != ".png":
-            raise ValueError(f"--png {png} must name a .png file")
+            raise InvalidArgument(f"--png {png} must name a .png file")
         check_output(png, PNG_FILE, overwrite=overwrite)
     if json_out is not None:
         if json_out.suffix.lower() != ".json":
-            raise ValueError(f"--json {json_out} must name a .json file")
+            raise InvalidArgument(f"--json {json_out} must name a .json file")
         check_output(json_out, JSON_RESULT, overwrite=overwrite)
 
 
@@ -112,24 +113,24 @@ def load_npy(path: Path, fs: float | None = None) -> EcgInput:
     except (OSError, EOFError) as e:
         if isinstance(e, OSError) and e.errno is not None:
             raise
-        raise ValueError(f"{path}: not a NumPy .npy array ({e})") from None
+        raise InvalidArgument(f"{path}: not a NumPy .npy array ({e})") from None
     except ValueError as e:
-        raise ValueError(f"{path}: not a NumPy .npy array of numbers ({e})") from None
+        raise InvalidArgument(f"{path}: not a NumPy .npy array of numbers ({e})") from None
     if not isinstance(x, np.ndarray):
-        raise ValueError(f"{path}: holds several arrays (.npz); give one .npy array")
+        raise InvalidArgument(f"{path}: holds several arrays (.npz); give one .npy array")
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
-        raise ValueError(f"{path}: holds {x.dtype} values; numbers (float32 millivolts) are needed")
+        raise InvalidArgument(f"{path}: holds {x.dtype} values; numbers (float32 millivolts) are needed")
     if x.ndim == 2:
         x = x[None]
     if x.ndim != 3 or x.shape[1] != len(LEADS) or x.shape[0] == 0 or x.shape[2] == 0:
-        raise ValueError(
+        raise InvalidArgument(
             f"{path}: shape {tuple(x.shape)}; expected (12, {BEAT_SAMPLES}) or (B, 12, {BEAT_SAMPLES}) "
             f"median beats at {SAMPLING_RATE_HZ} Hz in the lead order {', '.join(LEADS)} "
             "(or, with --fs, rhythm strips (12, T) or (B, 12, T))"
         )
     if fs is None:
         if x.shape[2] != BEAT_SAMPLES:
-            raise ValueError(
+            raise InvalidArgument(
                 f"{path}: {x.shape[2]} samples per lead is not a {BEAT_SAMPLES}-sample median beat; "
                 "for a rhythm strip give its sampling rate with --fs"
             )
@@ -150,7 +151,7 @@ def ecg_messages(ecgs: EcgInput, units: str = "mV") -> list[Any]:
     pb, _ = _pb()
     unit = {"mv": pb.MILLIVOLT, "uv": pb.MICROVOLT, "µv": pb.MICROVOLT}.get(units.lower())
     if unit is None:
-        raise ValueError(f"--units must be mV or uV, got {units!r}")
+        raise InvalidArgument(f"--units must be mV or uV, got {units!r}")
     out = []
     for x in ecgs.signals:
         x = np.ascontiguousarray(x, dtype="<f4")
@@ -196,10 +197,10 @@ def parse_params(items: Sequence[str], methods: Sequence[str]) -> dict[str, str]
         method, colon, name = left.rpartition(":")
         if not colon:
             if len(methods) != 1:
-                raise ValueError(f"--param {item!r} must name its method: METHOD:NAME=VALUE")
+                raise InvalidArgument(f"--param {item!r} must name its method: METHOD:NAME=VALUE")
             method = methods[0]
         if not sep or not name or not method:
-            raise ValueError(f"--param must look like METHOD:NAME=VALUE, got {item!r}")
+            raise InvalidArgument(f"--param must look like METHOD:NAME=VALUE, got {item!r}")
         try:
             parsed: Any = json.loads(value)
         except json.JSONDecodeError:
@@ -236,9 +237,9 @@ class ChannelSecurity:
         if not token:
             return None
         if not token.isascii() or not token.isprintable() or " " in token:
-            raise ValueError("the token (--token or ECGX_TOKEN) has characters no bearer token has")
+            raise InvalidArgument("the token (--token or ECGX_TOKEN) has characters no bearer token has")
         if not self.uses_tls and not self.insecure:
-            raise ValueError(
+            raise InvalidArgument(
                 "refusing to send a token over plaintext, where anyone on the network can read it: give the "
                 "server's CA with --tls-ca (or --tls), or --insecure on a trusted network"
             )
@@ -254,7 +255,7 @@ def channel_credentials(security: ChannelSecurity) -> Any:
     if not security.uses_tls:
         return None
     if (security.cert is None) != (security.key is None):
-        raise ValueError("mutual TLS needs both --tls-cert and --tls-key")
+        raise InvalidArgument("mutual TLS needs both --tls-cert and --tls-key")
     ca = cert = key = None
     if security.ca is not None:
         pem = read_pem_file(security.ca, f"--tls-ca {security.ca}")
@@ -280,7 +281,7 @@ class Client:
         self, address: str, timeout: float = DEFAULT_TIMEOUT_S, security: ChannelSecurity | None = None
     ):
         if not address or any(c.isspace() for c in address):
-            raise ValueError(f"--server must be HOST:PORT, got {address!r}")
+            raise InvalidArgument(f"--server must be HOST:PORT, got {address!r}")
         import grpc  # here, not at import: every ecgx command builds the client's parser
 
         security = security or ChannelSecurity()
@@ -633,9 +634,9 @@ def run_client(args: Any) -> int:
     ecgs = None
     if action in ("predict", "explain"):
         if args.record is not None and args.fs is not None:
-            raise ValueError("--fs is for --ecg rhythm strips; a WFDB record names its own rate")
+            raise InvalidArgument("--fs is for --ecg rhythm strips; a WFDB record names its own rate")
         if args.record is not None and args.units != "mV":
-            raise ValueError("--units is for --ecg; a WFDB record is read in millivolts")
+            raise InvalidArgument("--units is for --ecg; a WFDB record is read in millivolts")
         ecgs = load_record(args.record) if args.record is not None else load_npy(args.ecg, args.fs)
     if png is not None:  # before the call, every picture it will write
         check_outputs(png, None, overwrite)
@@ -658,7 +659,7 @@ def run_client(args: Any) -> int:
             if not args.method:
                 info = client.get_model(model)
                 ok = servable_methods(info, args.version or "")
-                raise ValueError(
+                raise InvalidArgument(
                     "explain needs --method; the gate passed "
                     + (", ".join(ok) if ok else "no method")
                     + f" on model {model!r}"

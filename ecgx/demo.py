@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgx.core.dataset import load_dataset
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import (
     DEMO,
     FIGURES,
@@ -92,7 +93,7 @@ def run_demo(
     data_dir, run_dir, pkg_dir, fig_dir = out / "data", out / "runs", out / "packages", out / "figures"
     # Everything that can be checked is checked before anything is written.
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"--n must be a whole number >= 1, got {n!r}")
+        raise InvalidArgument(f"--n must be a whole number >= 1, got {n!r}")
     seeds = check_seeds(seeds)
     state = classify_output(out, DEMO)  # a non-empty folder without the marker is refused, whatever the flags
     if state == "ours":

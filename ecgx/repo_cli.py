@@ -10,15 +10,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.stale import DEFAULT_MIN_AGE_S, describe, remove_stale, stale_temporaries
 
 
 def run_stale(args: Any) -> int:
     """``ecgx repo stale`` (arguments from :mod:`ecgx.cli`)."""
     if not args.repo.is_dir():
-        raise ValueError(f"repository {args.repo} is not a folder")
+        raise InvalidArgument(f"repository {args.repo} is not a folder")
     if args.min_age < 0:
-        raise ValueError(f"--min-age must be >= 0 seconds, got {args.min_age}")
+        raise InvalidArgument(f"--min-age must be >= 0 seconds, got {args.min_age}")
     if args.remove:
         removed = remove_stale(args.repo, args.min_age)
         for stale in removed:

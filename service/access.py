@@ -44,13 +44,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from ecgx.service.calls import Identity
-from ecgx.service.errors import PermissionDenied, Unauthenticated
 
 log = logging.getLogger(__name__)
 
 
-class SecurityConfigError(ValueError):
+class SecurityConfigError(InvalidArgument):
     """Bad security configuration: TLS material, an access file, a missing piece (one line)."""
 
 
@@ -352,7 +352,7 @@ def parse_time(text: str) -> datetime:
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
-        raise ValueError(
+        raise InvalidArgument(
             f"must be an ISO-8601 date or date and time (2027-03-01, 2027-03-01T12:00:00Z), got {text!r}"
         ) from None
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
@@ -373,12 +373,12 @@ def expiry_from(text: str, now: datetime | None = None) -> datetime:
         try:
             when = parse_time(text)
         except ValueError:
-            raise ValueError(
+            raise InvalidArgument(
                 f"--expires must be a duration (90d, 12h, 30m, 2w) or an ISO-8601 date or date and time "
                 f"(2027-03-01, 2027-03-01T12:00:00Z), got {text!r}"
             ) from None
     if when <= now:
-        raise ValueError(f"--expires {text!r} is in the past ({format_time(when)}); give a later time")
+        raise InvalidArgument(f"--expires {text!r} is in the past ({format_time(when)}); give a later time")
     return when
 
 

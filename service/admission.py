@@ -23,7 +23,7 @@ from limits import parse as parse_rate
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from ecgx.service.errors import InvalidArgument, ResourceExhausted
+from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.requests import Caller, CancelToken, Quotas
 
 POLL_S = 0.1  # how often a queued request looks at its cancel token

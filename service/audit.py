@@ -47,7 +47,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from ecgx.service.calls import CallRecord, Unavailable
+from ecgx.core.errors import Unavailable
+from ecgx.service.calls import CallRecord
 
 log = logging.getLogger(__name__)
 

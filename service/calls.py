@@ -6,7 +6,7 @@ Two layers, so that every transport shares them:
 
 - :class:`CallLedger` is transport-neutral. A transport (gRPC here, the OIP REST adapter) calls
   ``record = ledger.open(rpc, peer)``, then ``ledger.admit(record, headers, peer_cert_pem)``
-  (raises a :class:`ecgx.service.errors.ServiceError`: UNAUTHENTICATED, PERMISSION_DENIED,
+  (raises a :class:`ecgx.core.errors.EcgxError`: UNAUTHENTICATED, PERMISSION_DENIED,
   UNAVAILABLE when a required audit log cannot be written), runs the handler inside
   ``with ledger.serving(record):`` (so :func:`current_call` / :func:`note_call` work), and ends
   with ``code = ledger.close(record, outcome_code)``. ``close`` returns the code the client must
@@ -42,19 +42,13 @@ from typing import Any, Protocol
 
 import grpc
 
-from ecgx.service.errors import InvalidArgument, ResourceExhausted, ServiceError
+from ecgx.core.errors import EcgxError, InvalidArgument, ResourceExhausted, Unavailable
 from ecgx.service.rpc import failure_status
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
 BAD_MESSAGE_LOG_INTERVAL_S = 60.0
-
-
-class Unavailable(ServiceError):
-    """The server cannot take calls now: a required audit log cannot be written (UNAVAILABLE)."""
-
-    code = "UNAVAILABLE"  # grpc.StatusCode name
 
 
 # Fixed refusal categories (metric label values and the audit line's ``refusal``): bounded.
@@ -189,10 +183,10 @@ class Authenticator(Protocol):
 
     def identify(self, headers: Headers, peer_cert_pem: bytes | None) -> Identity:
         """The caller, from the client certificate or a bearer token; raises
-        :class:`ecgx.service.errors.Unauthenticated` when there is none or it is not valid."""
+        :class:`ecgx.core.errors.Unauthenticated` when there is none or it is not valid."""
 
     def authorize(self, identity: Identity, rpc: str) -> None:
-        """Raise :class:`ecgx.service.errors.PermissionDenied` when ``identity`` may not call ``rpc``."""
+        """Raise :class:`ecgx.core.errors.PermissionDenied` when ``identity`` may not call ``rpc``."""
 
 
 class CallObserver(Protocol):
@@ -215,7 +209,7 @@ class StreamLimits:
 
     def __post_init__(self) -> None:
         if not 1 <= self.per_caller <= self.total:
-            raise ValueError(f"stream limits need 1 <= per_caller <= total, got {self}")
+            raise InvalidArgument(f"stream limits need 1 <= per_caller <= total, got {self}")
 
 
 SPARE_THREADS = 8  # beyond request slots and streams: health Check, metadata, refusals
@@ -312,7 +306,7 @@ class CallLedger:
 
     def admit(self, record: CallRecord, headers: Headers, peer_cert_pem: bytes | None) -> None:
         """Tell the observers the call started, then identify and authorise the caller; raises a
-        ServiceError (UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED) to refuse it."""
+        EcgxError (UNAVAILABLE, UNAUTHENTICATED, PERMISSION_DENIED) to refuse it."""
         for observer in self.observers:
             try:
                 observer.call_started(record)
@@ -325,13 +319,13 @@ class CallLedger:
             return
         try:
             identity = self.authenticator.identify(headers, peer_cert_pem)
-        except ServiceError:
+        except EcgxError:
             record.refusal = REFUSAL_AUTH
             raise
         record.caller, record.auth, record.identity = identity.name, identity.via, identity
         try:
             self.authenticator.authorize(identity, record.rpc)
-        except ServiceError:
+        except EcgxError:
             record.refusal = REFUSAL_SCOPE
             raise
 
@@ -464,7 +458,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         """Admit the caller before anything is read, or abort (UNAUTHENTICATED, ...)."""
         try:
             self.ledger.admit(record, _metadata(context), _peer_pem(context))
-        except ServiceError as e:
+        except EcgxError as e:
             _abort(context, e, record.method_name)
 
     def _enter_stream(self, record: CallRecord, context: grpc.ServicerContext) -> str:
@@ -576,7 +570,7 @@ def _ends_soon(context: grpc.ServicerContext, wait_s: float = 0.1) -> bool:
     return True
 
 
-def _abort(context: grpc.ServicerContext, error: ServiceError, where: str) -> None:
+def _abort(context: grpc.ServicerContext, error: EcgxError, where: str) -> None:
     code, message = failure_status(error, where or "request")
     context.abort(code, message)
 
@@ -602,7 +596,7 @@ def _outcome(context: grpc.ServicerContext, failed: BaseException | None) -> str
     code = context.code() if hasattr(context, "code") else None
     if isinstance(code, grpc.StatusCode) and code != grpc.StatusCode.OK:
         return code.name
-    if isinstance(failed, ServiceError):
+    if isinstance(failed, EcgxError):
         return failed.code
     if isinstance(failed, grpc.RpcError) or (failed is None and not context.is_active()):
         # The client went away (or its deadline passed) before the answer: not an OK.

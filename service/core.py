@@ -3,7 +3,7 @@
 ecgx.v1 (service/server.py), the Open Inference Protocol over gRPC (service/oip.py) and over
 REST translate their messages into :mod:`ecgx.service.requests` records, call
 :class:`ServingCore`, and translate the results (or the typed errors of
-:mod:`ecgx.service.errors`) back. Everything a request's outcome depends on happens here:
+:mod:`ecgx.core.errors`) back. Everything a request's outcome depends on happens here:
 
 - which version serves (the repository), which methods the gate passed, and whether the
   settings asked for are covered by the gate's verdict (:func:`settings_violation`, the one rule);
@@ -31,11 +31,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ecgx.service.access import EXPLAIN, require_scope
 from ecgx.service.admission import Admission
 from ecgx.service.calls import EngineClock, note_call
 from ecgx.service.ecg_input import ModelInput, decode_ecgs
-from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ecgx.service.methods import METHOD_NAMES, get_method
 from ecgx.service.repository import MethodGate, MethodSettings, ServedVersion, refusal_of_method
 from ecgx.service.requests import (
@@ -99,7 +99,7 @@ def parse_settings_json(text: str, where: str) -> dict[str, Any]:
 
 
 def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a number a setting may take")
+    raise InvalidArgument(f"{name} is not a number a setting may take")
 
 
 def _check_json_value(value: Any, where: str) -> None:

@@ -12,7 +12,7 @@ model takes is its :class:`ModelInput` (from its package manifest):
   benchmark) takes exactly its number of samples at its rate, or a longer strip, or one at
   another rate: that is resampled to the model's rate and its first ``samples`` are used.
 
-Anything else is refused with an :class:`~ecgx.service.errors.InvalidArgument` whose message
+Anything else is refused with an :class:`~ecgx.core.errors.InvalidArgument` whose message
 names the ECG (``ecgs[i]``) and what is wrong. Messages never quote sample values beyond
 one peak amplitude, and nothing here logs.
 
@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.core.median_beat import MedianBeatError, check_leads, check_sampling_rate, median_beat
-from ecgx.service.errors import InvalidArgument, ResourceExhausted
 
 # Units (values of the ecgx.v1.Units enum).
 UNITS_UNSPECIFIED, MILLIVOLT, MICROVOLT = 0, 1, 2

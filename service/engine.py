@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ecgx.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from ecgx.core.package_reader import ModelPackage, PackageError, load_package
 from ecgx.service import limits
-from ecgx.service.errors import InvalidArgument, NotFound, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

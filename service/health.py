@@ -26,6 +26,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from ecgx.core.errors import InvalidArgument
+
 log = logging.getLogger(__name__)
 
 HEALTH_SERVICE_NAME = health.SERVICE_NAME  # "grpc.health.v1.Health"
@@ -84,7 +86,7 @@ class HealthPublisher:
     def start(self, interval_s: float = 2.0) -> None:
         """update() now and every ``interval_s`` seconds in a daemon thread (until shutdown/stop)."""
         if interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {interval_s}")
+            raise InvalidArgument(f"interval_s must be positive, got {interval_s}")
         self.update()
         if self._thread is not None and self._thread.is_alive():
             return

@@ -46,8 +46,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
 
+from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.calls import ThrottledLog
-from ecgx.service.errors import InvalidArgument, ResourceExhausted
 
 log = logging.getLogger(__name__)
 

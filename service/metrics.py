@@ -32,8 +32,8 @@ from prometheus_client.metrics_core import GaugeMetricFamily, HistogramMetricFam
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from ecgx.core.errors import InvalidArgument, NotFound
 from ecgx.service.calls import CallRecord
-from ecgx.service.errors import NotFound
 from ecgx.service.methods import METHOD_NAMES, get_method
 from ecgx.service.repository import (
     EVENT_LOADED,
@@ -121,7 +121,7 @@ class VersionHistograms:
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]):
         if tuple(labelnames[:2]) != ("model", "version"):
-            raise ValueError(f"{name}: the first labels must be model and version, got {labelnames}")
+            raise InvalidArgument(f"{name}: the first labels must be model and version, got {labelnames}")
         self.name, self.documentation, self.labelnames = name, documentation, tuple(labelnames)
         self.bounds = np.asarray(buckets, np.float64)
         self._le = [floatToGoString(b) for b in buckets] + ["+Inf"]
@@ -567,7 +567,7 @@ def start_metrics_endpoint(
     The metrics carry no request data, but they do show which models serve and how they fare:
     bind to an address only the monitoring network reaches, or serve them over TLS."""
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"metrics port must be 0..65535, got {port!r}")
+        raise InvalidArgument(f"metrics port must be 0..65535, got {port!r}")
     if tls is not None:
         _check_tls_files(*tls)
     certfile, keyfile = tls if tls is not None else (None, None)

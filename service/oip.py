@@ -50,9 +50,9 @@ import grpc
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
+from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service import oip_codec as codec
 from ecgx.service.core import ServingCore
-from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.requests import Quotas
 from ecgx.service.rpc import caller_of, cancel_token, failure_status
 
@@ -105,7 +105,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         self, repository: Any, *, max_batch: int = DEFAULT_MAX_BATCH, admit: ServingCore | None = None
     ):
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"max_batch must be a positive integer, got {max_batch!r}")
+            raise InvalidArgument(f"max_batch must be a positive integer, got {max_batch!r}")
         self.repository = repository
         self.core = admit or ServingCore(repository, quotas=Quotas(max_batch=max_batch))
         self.max_batch = self.core.max_batch

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument, NotFound
 from ecgx.service.core import parse_settings_json
-from ecgx.service.errors import InvalidArgument, NotFound
 from ecgx.service.requests import (
     CLASS,
     PREDICTED,

@@ -41,9 +41,9 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from ecgx.core.errors import EcgxError, FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service import oip_codec as codec
 from ecgx.service.calls import AUDIT_UNAVAILABLE_MESSAGE, CallLedger, CallRecord
-from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound, ServiceError
 from ecgx.service.http_server import (
     BodyTooLarge,
     HttpLimits,
@@ -100,7 +100,7 @@ HTTP_STATUS: Mapping[str, int] = {
 PAYLOAD_TOO_LARGE = 413  # a body over the size limit (RESOURCE_EXHAUSTED in the audit)
 
 
-def http_status(error: ServiceError) -> int:
+def http_status(error: EcgxError) -> int:
     """The HTTP status of a typed service error (500 only for codes no client input causes)."""
     if isinstance(error, BodyTooLarge):
         return PAYLOAD_TOO_LARGE
@@ -182,14 +182,14 @@ class OipHttpApp:
             try:
                 self.ledger.admit(record, headers, request.client_certificate)
                 response, code = getattr(self, route.handler)(request, match.groupdict(), record), "OK"
-            except ServiceError as e:
+            except EcgxError as e:
                 response, code = self._refusal(e, record), e.code
             final = self.ledger.close(record, code)
         if final != code:  # a required audit line could not be written: the answer is withheld
             response = _error(503, AUDIT_UNAVAILABLE_MESSAGE, final)
         return _with_headers(response, ((REQUEST_ID_HEADER, record.request_id),))
 
-    def _refusal(self, error: ServiceError, record: CallRecord) -> HttpResponse:
+    def _refusal(self, error: EcgxError, record: CallRecord) -> HttpResponse:
         status = http_status(error)
         # DEBUG, as on gRPC (rpc.failure_status): the message may echo what the client typed; the
         # audit log and the metrics count every refusal by code.

@@ -66,9 +66,9 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.core.package_reader import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
 from ecgx.service.engine import AttributionEngine
-from ecgx.service.errors import FailedPrecondition, NotFound
 from ecgx.service.methods import get_method
 from ecgx.validation.signing import (
     GATE_REPORT_FILE,
@@ -86,11 +86,11 @@ EXPIRES_FIELD = "expires"
 NOT_CHECKED = "not checked"
 
 
-class RepositoryError(ValueError):
+class RepositoryError(InvalidArgument):
     """The repository folder cannot be used (missing, not a folder, unreadable)."""
 
 
-class PromotionRefused(Exception):
+class PromotionRefused(FailedPrecondition):
     """``promote`` refused a package: its gate report does not verify, failed, or is not allowed.
 
     Not a ValueError: the command line tells it apart from bad input (exit 1, not 2)."""
@@ -465,7 +465,7 @@ def check_policy_hashes(hashes: Collection[str] | None) -> frozenset[str] | None
     out = set()
     for h in hashes:
         if not isinstance(h, str) or len(h) != 64 or any(c not in "0123456789abcdefABCDEF" for c in h):
-            raise ValueError(
+            raise InvalidArgument(
                 f"allowed policy {h!r} is not a SHA-256 (64 hex digits, as in a report's policy.sha256)"
             )
         out.add(h.lower())
@@ -815,7 +815,7 @@ class ModelRepository:
     def start_watching(self, interval_s: float = 2.0) -> None:
         """Rescan every ``interval_s`` seconds in a daemon thread (until :meth:`stop`)."""
         if interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {interval_s}")
+            raise InvalidArgument(f"interval_s must be positive, got {interval_s}")
         if self._thread is not None and self._thread.is_alive():
             return
         self._stop.clear()
@@ -902,18 +902,18 @@ def promote(
     allowed_policies = check_policy_hashes(allowed_policies)
     for what, name in (("model", model), ("version", version)):
         if name is not None and not is_plain_name(name):
-            raise ValueError(
+            raise InvalidArgument(
                 f"{what} name {name!r} is not a plain name (letters, digits, '.', '_', '-'; not starting "
                 "with '.' or '-')"
             )
     if not package_dir.is_dir():
-        raise ValueError(f"package {package_dir} is not a folder")
+        raise InvalidArgument(f"package {package_dir} is not a folder")
     if repo.exists() and not repo.is_dir():
-        raise ValueError(f"repository {repo} is not a folder")
+        raise InvalidArgument(f"repository {repo} is not a folder")
     if not (package_dir / MANIFEST_FILE).is_file():
-        raise ValueError(f"{package_dir} is not a model package: {MANIFEST_FILE} is missing")
+        raise InvalidArgument(f"{package_dir} is not a model package: {MANIFEST_FILE} is missing")
     if not (package_dir / GATE_REPORT_FILE).exists():
-        raise ValueError(
+        raise InvalidArgument(
             f"{package_dir} has no {GATE_REPORT_FILE}: gate it first (`ecgx validate PKG --data DIR`)"
         )
     verified = verify_version(package_dir, trusted_keys)
@@ -932,7 +932,7 @@ def promote(
     try:
         stage = StagedOutput(out, PACKAGE, overwrite=False)
     except OutputExistsError:
-        raise ValueError(
+        raise InvalidArgument(
             f"model {model!r} version {version!r} already exists in {repo}; never replaced"
         ) from None
     with stage as tmp:

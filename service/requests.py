@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.service.errors import Cancelled, DeadlineExceeded, InvalidArgument
+from ecgx.core.errors import Cancelled, DeadlineExceeded, InvalidArgument
 
 # Target kinds (``Target.kind``).
 CLASS_KEY = "class_key"  # value: a class key, "AF"

@@ -8,7 +8,7 @@ import logging
 
 import grpc
 
-from ecgx.service.errors import ServiceError
+from ecgx.core.errors import EcgxError
 from ecgx.service.requests import Caller, CancelToken
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 MAX_DETAILS_CHARS = 2000
 
 
-def status_of(error: ServiceError) -> grpc.StatusCode:
+def status_of(error: EcgxError) -> grpc.StatusCode:
     """The gRPC status code of a typed service error (each class names its code)."""
     return grpc.StatusCode[getattr(error, "code", "UNKNOWN")]
 
@@ -30,7 +30,7 @@ def clip_details(message: str) -> str:
 def failure_status(error: Exception, where: str) -> tuple[grpc.StatusCode, str]:
     """The status a handler aborts with: a typed error's own code and message, anything else
     INTERNAL with a generic message (the traceback goes to the log, never the request's samples)."""
-    if isinstance(error, ServiceError):
+    if isinstance(error, EcgxError):
         code, message = status_of(error), clip_details(str(error))
         # DEBUG: the message may echo what the client typed (names, a sample value); the audit
         # log and the metrics already count every refusal by code.

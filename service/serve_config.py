@@ -51,6 +51,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.admission import check_rate
 from ecgx.service.metrics import DEFAULT_METRICS_PORT
 from ecgx.service.requests import Quotas
@@ -58,7 +59,7 @@ from ecgx.service.stability import DEFAULT_QUEUE as DEFAULT_STABILITY_QUEUE
 from ecgx.service.stability import DEFAULT_SHARE as DEFAULT_STABILITY_SHARE
 
 
-class ServeConfigError(ValueError):
+class ServeConfigError(InvalidArgument):
     """A serve setting is missing, unknown or out of range; the message names it."""
 
 

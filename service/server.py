@@ -5,7 +5,7 @@ Explain are thin translations onto the serving core (:mod:`ecgx.service.core`), 
 Inference Protocol shares on the same port: gate enforcement (servable methods, the settings a
 verdict covers), the per-request cost budget, per-caller quotas, request slots and the bounded
 queue, target resolution and cancellation happen there, once. Every error a handler raises is
-typed (:mod:`ecgx.service.errors`) and maps one to one onto a gRPC status code; anything else is
+typed (:mod:`ecgx.core.errors`) and maps one to one onto a gRPC status code; anything else is
 a bug, answered INTERNAL with a generic message and logged (without the request: no waveform, no
 ECG id, ever reaches the log).
 
@@ -33,10 +33,9 @@ from typing import Any, NamedTuple
 import grpc
 import numpy as np
 
-from ecgx.service import errors
+from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.calls import CallInterceptor, CallObserver, note_call, worker_threads
 from ecgx.service.core import MAX_RESPONSE_BYTES, ServingCore, lead_shares, parse_settings_json
-from ecgx.service.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.health import Extras, register_extras
 from ecgx.service.methods import METHOD_NAMES
 from ecgx.service.requests import (
@@ -531,7 +530,6 @@ __all__ = [
     "BuiltServer",
     "ExplanationServicer",
     "build_server",
-    "errors",
     "lead_shares",
     "serve",
     "status_of",

@@ -42,6 +42,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.methods import METHOD_NAMES, get_method
 from ecgx.service.repository import ModelRepository, ServedVersion
@@ -230,12 +231,12 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         t = self.threads
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
-            raise ValueError(f"stability worker threads must be a positive integer or None, got {t!r}")
+            raise InvalidArgument(f"stability worker threads must be a positive integer or None, got {t!r}")
         if isinstance(self.nice, bool) or not isinstance(self.nice, int):
-            raise ValueError(f"stability worker nice value must be an integer, got {self.nice!r}")
+            raise InvalidArgument(f"stability worker nice value must be an integer, got {self.nice!r}")
         b = self.cpu_budget
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not 0 < b <= 1:
-            raise ValueError(f"stability CPU budget must be a number in (0, 1], got {b!r}")
+            raise InvalidArgument(f"stability CPU budget must be a number in (0, 1], got {b!r}")
 
 
 class StabilitySampler:
@@ -262,7 +263,7 @@ class StabilitySampler:
     ):
         self.share = check_share(share)
         if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 1:
-            raise ValueError(f"stability queue size must be a positive integer, got {queue_size!r}")
+            raise InvalidArgument(f"stability queue size must be a positive integer, got {queue_size!r}")
         self.repository, self.sink = repository, sink
         self.queue_size, self.worker = queue_size, worker or WorkerSettings()
         self._wake = threading.Event()  # set by stop(): ends a pause at once
@@ -443,7 +444,7 @@ class StabilitySampler:
 def check_share(share: float) -> float:
     """A sampling share in [0, 1]; ValueError otherwise."""
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
-        raise ValueError(f"stability share must be a number from 0 to 1, got {share!r}")
+        raise InvalidArgument(f"stability share must be a number from 0 to 1, got {share!r}")
     return float(share)
 
 

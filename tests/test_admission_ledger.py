@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from calls_helpers import make_tokens
 
+from ecgx.core.errors import PermissionDenied, Unauthenticated, Unavailable
 from ecgx.service.access import AccessList
 from ecgx.service.audit import AuditLog, verify_chain
-from ecgx.service.calls import CallLedger, Unavailable
-from ecgx.service.errors import PermissionDenied, Unauthenticated
+from ecgx.service.calls import CallLedger
 
 PREDICT = "/ecgx.v1.ExplanationService/Predict"
 

@@ -289,8 +289,8 @@ def test_fuzzed_oip_requests_never_internal(server, beats, data) -> None:
     )
 )
 def test_the_one_settings_parser_refuses_with_invalid_argument_only(text: str) -> None:
+    from ecgx.core.errors import InvalidArgument
     from ecgx.service.core import MAX_SETTINGS_DEPTH, parse_settings_json
-    from ecgx.service.errors import InvalidArgument
 
     try:
         value = parse_settings_json(text, "parameters")

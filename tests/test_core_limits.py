@@ -199,7 +199,7 @@ def test_a_deadline_stops_the_work_inside_the_engine_on_both_protocols(observed,
 
 def test_a_cancel_token_stops_an_engine_call_between_chunks(root, gated, beats) -> None:
     """The engine itself: a token cancelled from another thread ends ``attribute`` at the next chunk."""
-    from ecgx.service.errors import Cancelled
+    from ecgx.core.errors import Cancelled
     from ecgx.service.repository import ModelRepository
 
     engine = ModelRepository(root, [gated["public"]]).get(MODEL).engine
@@ -276,8 +276,8 @@ def test_quotas_come_from_the_serve_config_and_flags(tmp_path) -> None:
 
 
 def test_a_queued_request_leaves_the_queue_when_cancelled_and_shutdown_reaches_running_ones() -> None:
+    from ecgx.core.errors import Cancelled, ResourceExhausted
     from ecgx.service.admission import Admission
-    from ecgx.service.errors import Cancelled, ResourceExhausted
 
     admission = Admission(Quotas(max_concurrent=1, max_queued=1))
     running = CancelToken()

@@ -146,8 +146,8 @@ def test_batch_dimension_is_dynamic(package) -> None:
 def test_a_graph_that_disagrees_with_its_reference_is_left_out(tmp_path: Path, monkeypatch) -> None:
     # Break guided backprop's rule: the export's self-check must catch it and leave the graph out,
     # while every other graph is published.
+    from ecgx.core.errors import FailedPrecondition
     from ecgx.service.engine import AttributionEngine
-    from ecgx.service.errors import FailedPrecondition
 
     monkeypatch.setattr(onnx_graphs.GuidedRule, "relu", onnx_graphs.Rule.relu)
     model = build_model(ModelConfig(widths=(8, 16))).eval()

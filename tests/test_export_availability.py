@@ -23,9 +23,9 @@ import pytest
 import torch
 from torch import nn
 
+from ecgx.core.errors import FailedPrecondition
 from ecgx.core.package_reader import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package
 from ecgx.service.engine import AttributionEngine
-from ecgx.service.errors import FailedPrecondition
 from ecgx.training.data.synth import generate
 from ecgx.training.export import ExportError, export_package
 from ecgx.training.export.graphs import GRAPH_SIGNATURES, build_graph

@@ -26,8 +26,7 @@ from cli_helpers import ECGX_WITHOUT_TORCH, serve_port
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ecgx.core.dataset import load_dataset
-from ecgx.core.schema import LEADS
-from ecgx.service.errors import (
+from ecgx.core.errors import (
     Cancelled,
     DeadlineExceeded,
     FailedPrecondition,
@@ -35,6 +34,7 @@ from ecgx.service.errors import (
     NotFound,
     ResourceExhausted,
 )
+from ecgx.core.schema import LEADS
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from ecgx.service.repository import ModelRepository

@@ -78,8 +78,8 @@ def test_a_graph_that_is_wrong_everywhere_is_left_out_at_the_well_conditioned_ep
 ) -> None:
     import json
 
+    from ecgx.core.errors import FailedPrecondition
     from ecgx.service.engine import AttributionEngine
-    from ecgx.service.errors import FailedPrecondition
     from ecgx.training.export import onnx_graphs
 
     # Relevance that skips the division by the layer output is wrong on every sample.

@@ -589,14 +589,14 @@ def epsilon_only(tmp_path_factory):
     ],
 )
 def test_lrp_settings_are_refused_early_with_the_reason(epsilon_only, params, message):
-    from ecgx.service.errors import InvalidArgument
+    from ecgx.core.errors import InvalidArgument
 
     with pytest.raises(InvalidArgument, match=message):
         epsilon_only.attribute("lrp", ecgs(64)[:1], target=0, **params)
 
 
 def test_zbox_bounds_are_checked():
-    from ecgx.service.errors import InvalidArgument
+    from ecgx.core.errors import InvalidArgument
     from ecgx.service.methods.lrp import Lrp
 
     x, lrp = ecgs(64), Lrp()
@@ -616,7 +616,7 @@ def test_zbox_bounds_are_checked():
 
 
 def test_a_package_without_the_composite_graph_refuses_it_naming_the_graph(epsilon_only):
-    from ecgx.service.errors import FailedPrecondition
+    from ecgx.core.errors import FailedPrecondition
 
     x = ecgs(64)[:1]
     for composite, graph in COMPOSITE_GRAPH_NAMES.items():

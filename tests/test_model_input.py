@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.schema import LEADS
 from ecgx.service.ecg_input import ModelInput, decode_ecgs
-from ecgx.service.errors import InvalidArgument
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 
 WINDOW = ModelInput(samples=1000, rate_hz=100.0, median_beat=False)

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ecgx.service.errors import ServiceError
+from ecgx.core.errors import EcgxError
 from ecgx.service.http_server import HttpLimits, HttpRequest, HttpResponse, HttpServer, error_response
 
 
@@ -23,7 +23,7 @@ def serve(app: Callable[[HttpRequest], HttpResponse], **limits: float) -> HttpSe
 def reading_app(request: HttpRequest) -> HttpResponse:
     try:
         return HttpResponse.json(200, {"bytes": len(request.body())})
-    except ServiceError as e:
+    except EcgxError as e:
         return error_response(400, str(e))
 
 

@@ -310,7 +310,7 @@ def test_malformed_manifests_name_the_file_and_field(pkg: Path, edit, message: s
 def test_a_package_without_an_optional_graph_loads_and_refuses_its_methods(pkg: Path) -> None:
     """The reader accepts a graph listed as unavailable (the export could not build or check it),
     and the engine refuses every method that needs it with the export's reason."""
-    from ecgx.service.errors import FailedPrecondition
+    from ecgx.core.errors import FailedPrecondition
 
     def drop_lrp(m: dict[str, Any]) -> None:
         m["graphs"].pop("lrp")

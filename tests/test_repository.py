@@ -23,8 +23,8 @@ import pytest
 from cli_helpers import run_ecgx, snapshot
 from repo_helpers import make_package
 
+from ecgx.core.errors import FailedPrecondition, NotFound
 from ecgx.core.package_reader import load_package
-from ecgx.service.errors import FailedPrecondition, NotFound
 from ecgx.service.repository import ModelRepository, ServedVersion, version_sort_key
 
 MODEL = "ecg"

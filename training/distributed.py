@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from ecgx.core.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -34,7 +36,7 @@ class DistContext:
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("device 'cuda' was requested but no CUDA device is available")
+            raise InvalidArgument("device 'cuda' was requested but no CUDA device is available")
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.schema import BEAT_SAMPLES, N_CLASSES, N_LEADS
 
 POOL_KINDS = ("max", "avg")
@@ -64,7 +65,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"unknown model setting(s) {unknown}; known: {sorted(known)}")
+            raise InvalidArgument(f"unknown model setting(s) {unknown}; known: {sorted(known)}")
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -75,7 +76,7 @@ class ModelConfig:
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
-        raise ValueError(message)
+        raise InvalidArgument(message)
 
 
 class ConvBlock(nn.Sequential):

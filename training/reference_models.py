@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecgx.core.errors import InvalidArgument
+
 # The shortest input each length-agnostic architecture is tested and documented for. Shorter
 # inputs still run (every stride rounds up) but leave the deepest stages a handful of samples.
 MIN_SAMPLES = {"xresnet1d": 64, "inception1d": 16, "grouped_conv_net": 32}
@@ -88,7 +90,7 @@ def _conv_bn(c_in: int, c_out: int, kernel: int, stride: int = 1, relu: bool = T
 def _positive(**values: int) -> None:
     for name, v in values.items():
         if int(v) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v}")
+            raise InvalidArgument(f"{name} must be a positive integer, got {v}")
 
 
 # --------------------------------------------------------------------------- xresnet1d
@@ -191,9 +193,9 @@ def xresnet1d(
         n_leads=n_leads, n_classes=n_classes, width=width, expansion=expansion, hidden=concat_head_hidden
     )
     if not layers or any(int(n) < 1 for n in layers):
-        raise ValueError(f"layers must be one or more positive block counts, got {layers}")
+        raise InvalidArgument(f"layers must be one or more positive block counts, got {layers}")
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (symmetric 'same' padding), got {kernel_size}")
+        raise InvalidArgument(f"kernel_size must be odd (symmetric 'same' padding), got {kernel_size}")
     model = XResNet1d(
         n_leads, n_classes, width, tuple(layers), expansion, kernel_size, concat_head_hidden, dropout
     )
@@ -309,7 +311,7 @@ def inception1d(
         hidden=concat_head_hidden,
     )
     if kernel_size < 4:
-        raise ValueError(f"kernel_size must be at least 4 (its quarter is a kernel), got {kernel_size}")
+        raise InvalidArgument(f"kernel_size must be at least 4 (its quarter is a kernel), got {kernel_size}")
     kernels = tuple(k - 1 if k % 2 == 0 else k for k in (kernel_size, kernel_size // 2, kernel_size // 4))
     model = Inception1d(n_leads, n_classes, width, depth, kernels, bottleneck, concat_head_hidden, dropout)
     return model.eval()
@@ -430,18 +432,18 @@ def ribeiro_resnet(
     filters, downsample = tuple(int(f) for f in filters), tuple(int(d) for d in downsample)
     _positive(n_leads=n_leads, n_classes=n_classes, n_samples=n_samples, smallest_filters=min(filters))
     if len(filters) != len(downsample) + 1 or any(d < 1 for d in downsample):
-        raise ValueError(
+        raise InvalidArgument(
             f"filters must have one entry more than downsample (the stem's, then one per unit) and "
             f"downsample factors must be positive; got filters={filters}, downsample={downsample}"
         )
     if kernel_size < 1 or kernel_size % 2 == 0:
-        raise ValueError(f"kernel_size must be odd (symmetric padding), got {kernel_size}")
+        raise InvalidArgument(f"kernel_size must be odd (symmetric padding), got {kernel_size}")
     length = n_samples
     for i, ds in enumerate(downsample):
         pad = _ribeiro_padding(ds, kernel_size)
         conv_out = (length + 2 * pad - kernel_size) // ds + 1
         if length < kernel_size or conv_out != length // ds:
-            raise ValueError(
+            raise InvalidArgument(
                 f"n_samples={n_samples} does not fit downsample={downsample}: unit {i} gets {length} "
                 f"samples, its strided convolution gives {conv_out} and its pooled shortcut "
                 f"{length // ds}; choose a length whose unit inputs are not {ds - 1} modulo {ds} "
@@ -506,7 +508,7 @@ def grouped_conv_net(
     """
     _positive(n_leads=n_leads, n_classes=n_classes, width=width, groups=groups)
     if (2 * width) % groups:
-        raise ValueError(f"2 * width ({2 * width}) must be divisible by groups ({groups})")
+        raise InvalidArgument(f"2 * width ({2 * width}) must be divisible by groups ({groups})")
     return GroupedConvNet(n_leads, n_classes, width, groups).eval()
 
 

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 import ecgx
 from ecgx.core.dataset import Dataset, beat_sha256, dataset_fingerprint, load_dataset
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import (
     RUN,
     OutputError,
@@ -78,7 +79,7 @@ def make_split(n: int, cfg: TrainConfig, groups: Sequence[str] | None = None) ->
     n_val = max(1, round(n * cfg.val_fraction))
     n_test = max(1, round(n * cfg.test_fraction))
     if n - n_val - n_test < 1:
-        raise ValueError(f"a dataset of {n} beats is too small to split into train/validation/test")
+        raise InvalidArgument(f"a dataset of {n} beats is too small to split into train/validation/test")
     if groups is None:
         perm = np.random.default_rng(cfg.split_seed).permutation(n)
         test, val, train = np.split(perm, [n_test, n_test + n_val])
@@ -88,10 +89,10 @@ def make_split(n: int, cfg: TrainConfig, groups: Sequence[str] | None = None) ->
 
 def _split_by_group(n: int, cfg: TrainConfig, groups: Sequence[str], n_test: int, n_val: int) -> Split:
     if len(groups) != n:
-        raise ValueError(f"{len(groups)} patient ids for {n} beats; give one per beat")
+        raise InvalidArgument(f"{len(groups)} patient ids for {n} beats; give one per beat")
     names, inverse = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
     if len(names) < 3:
-        raise ValueError(
+        raise InvalidArgument(
             f"the {n} beats come from {len(names)} patient(s); a split by patient needs at least 3 "
             "(one each for train, validation and test)"
         )
@@ -248,7 +249,7 @@ def train_seed(
                 log.info("seed %d: early stop after epoch %d (best epoch %d)", seed, epoch, best_epoch)
                 break
     if best_epoch == 0:
-        raise ValueError(
+        raise InvalidArgument(
             f"training seed {seed} diverged: the validation loss was not finite in any of its {len(history)} "
             "epoch(s); lower learning_rate in --config [train]"
         )
@@ -329,7 +330,7 @@ def train_run(
     existing = _existing_run(out, seeds, overwrite)  # fail before minutes of work, not after
     ds = load_dataset(data_dir)
     if ds.labels.shape[0] == 0:
-        raise ValueError(f"dataset {data_dir} holds no beats")
+        raise InvalidArgument(f"dataset {data_dir} holds no beats")
     split = split_dataset(ds, cfg)
     unevaluable = check_class_coverage(ds, split)
     fingerprint = dataset_fingerprint(ds)
@@ -403,7 +404,7 @@ def _check_same_family(
             if old.get(key) != new.get(key):
                 differences.append(f"{table}.{key}: {old.get(key)!r} there, {new.get(key)!r} here")
     if differences:
-        raise ValueError(
+        raise InvalidArgument(
             f"cannot add seeds to run folder {out}: a seed family shares its dataset and config, but "
             f"{'; '.join(differences)}; choose another --out, or pass --overwrite to replace the run folder"
         )
@@ -429,7 +430,7 @@ def check_class_coverage(ds: Dataset, split: Split) -> dict[str, list[str]]:
         elif train[i] == n_train:
             problems.append(f"{c.key} is positive in every beat")
     if problems:
-        raise ValueError(
+        raise InvalidArgument(
             f"cannot train on {ds.path}: in the training split ({n_train} beats) {'; '.join(problems)}. "
             "Every class needs positive and negative training beats to be learned: add beats of these "
             "classes, or change the split (split_seed, val_fraction, test_fraction in --config [train])"
@@ -503,11 +504,11 @@ class _RunWriter:
 def check_seeds(seeds: Sequence[int]) -> list[int]:
     seeds = [int(s) for s in seeds]
     if not seeds:
-        raise ValueError("give at least one seed")
+        raise InvalidArgument("give at least one seed")
     if any(s < 0 for s in seeds):
-        raise ValueError(f"seeds must be >= 0, got {seeds}")
+        raise InvalidArgument(f"seeds must be >= 0, got {seeds}")
     if len(set(seeds)) != len(seeds):
-        raise ValueError(f"seeds must be distinct, got {seeds}")
+        raise InvalidArgument(f"seeds must be distinct, got {seeds}")
     return seeds
 
 

@@ -6,8 +6,9 @@ HTTP transport maps it on), ``exit_code`` is what the command line exits with. A
 not an ``EcgxError`` is a bug: the servers answer INTERNAL and log it, the command line shows its
 traceback.
 
-The bad-input categories are also ``ValueError`` (and :class:`NotFound` a ``LookupError``), so
-code that catches those keeps working.
+Every category is also a ``ValueError`` (and :class:`NotFound` a ``LookupError``), as the
+service's typed errors were, so code that catches those keeps working; the root is not, so a
+handler that catches ``EcgxError`` never swallows a bug's ``ValueError``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ class InvalidArgument(EcgxError, ValueError):
     exit_code = EXIT_USAGE
 
 
-class NotFound(EcgxError, LookupError):
+class NotFound(EcgxError, ValueError, LookupError):
     """An unknown model, version, method, class or file."""
 
     code = "NOT_FOUND"
@@ -55,35 +56,35 @@ class ResourceExhausted(EcgxError, ValueError):
     exit_code = EXIT_USAGE
 
 
-class Cancelled(EcgxError):
+class Cancelled(EcgxError, ValueError):
     """The caller cancelled."""
 
     code = "CANCELLED"
     exit_code = 130
 
 
-class DeadlineExceeded(EcgxError):
+class DeadlineExceeded(EcgxError, ValueError):
     """The caller's deadline passed before the work was done."""
 
     code = "DEADLINE_EXCEEDED"
     exit_code = EXIT_UNAVAILABLE
 
 
-class Unauthenticated(EcgxError):
+class Unauthenticated(EcgxError, ValueError):
     """No credentials, or credentials that are not valid."""
 
     code = "UNAUTHENTICATED"
     exit_code = EXIT_USAGE
 
 
-class PermissionDenied(EcgxError):
+class PermissionDenied(EcgxError, ValueError):
     """The caller is known but lacks the scope it needs."""
 
     code = "PERMISSION_DENIED"
     exit_code = EXIT_USAGE
 
 
-class Unavailable(EcgxError):
+class Unavailable(EcgxError, ValueError):
     """A resource the work needs is not available now (e.g. the audit log cannot be written)."""
 
     code = "UNAVAILABLE"

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.core.errors import InvalidArgument
+from ecgx.core.errors import InvalidArgument, NotFound
 
 PACKAGE_FORMAT = "ecgx-model-package"
 SUPPORTED_VERSIONS = (1,)
@@ -160,12 +160,12 @@ class ModelPackage:
             key_or_code = int(key_or_code)  # SNOMED codes are 6+ digits, so this is never a code
         if isinstance(key_or_code, (int,)) and not isinstance(key_or_code, bool):
             if not 0 <= key_or_code < self.n_classes:
-                raise ValueError(f"class index {key_or_code} is out of range 0..{self.n_classes - 1}")
+                raise NotFound(f"class index {key_or_code} is out of range 0..{self.n_classes - 1}")
             return int(key_or_code)
         for i, c in enumerate(self.manifest["classes"]):
             if key_or_code in (c["key"], c["code"]):
                 return i
-        raise ValueError(f"unknown class {key_or_code!r}; known: {', '.join(self.class_keys)}")
+        raise NotFound(f"unknown class {key_or_code!r}; known: {', '.join(self.class_keys)}")
 
 
 def sha256_file(path: Path) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ecgx.core.errors import NotFound
+
 LEADS: tuple[str, ...] = (
     "I",
     "II",
@@ -66,7 +68,7 @@ def class_index(key_or_code: str) -> int:
         if key_or_code in (c.key, c.code, *c.aliases):
             return i
     known = ", ".join(CLASS_KEYS)
-    raise ValueError(f"unknown class {key_or_code!r}; known classes: {known}")
+    raise NotFound(f"unknown class {key_or_code!r}; known classes: {known}")
 
 
 def snomed_to_class() -> dict[str, int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ecgx.service.errors import FailedPrecondition, NotFound
+from ecgx.core.errors import FailedPrecondition, NotFound
 from ecgx.service.methods.base import AttributionMethod
 from ecgx.service.methods.control import RandomAttribution
 from ecgx.service.methods.deeplift import DeepLift, DeepLiftShap
@@ -49,7 +49,7 @@ _BY_NAME = {c.name: c() for c in _CLASSES}
 
 
 def get_method(name: str) -> AttributionMethod:
-    """The method called ``name``; a :class:`~ecgx.service.errors.NotFound` lists the names otherwise."""
+    """The method called ``name``; a :class:`~ecgx.core.errors.NotFound` lists the names otherwise."""
     try:
         return _BY_NAME[name]
     except (KeyError, TypeError):
@@ -123,7 +123,7 @@ def unavailable_methods(package: ModelPackage) -> dict[str, str]:
 
 
 def check_available(package: ModelPackage, name: str, params: Mapping[str, Any] | None = None) -> None:
-    """Refuse (:class:`~ecgx.service.errors.FailedPrecondition`, naming the reason) a method the package
+    """Refuse (:class:`~ecgx.core.errors.FailedPrecondition`, naming the reason) a method the package
     cannot run; the engine calls this before any model pass."""
     why = unavailable_reason(package, name, params)
     if why is not None:

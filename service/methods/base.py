@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ecgx.service.errors import InvalidArgument, ResourceExhausted
+from ecgx.core.errors import InvalidArgument, ResourceExhausted
 
 if TYPE_CHECKING:
     from ecgx.service.engine import AttributionEngine
@@ -36,7 +36,7 @@ class AttributionMethod:
 
         Runs before any model pass, so a bad value or a request over a cost cap
         (:mod:`ecgx.service.limits`) fails at once, naming the parameter: InvalidArgument for a
-        bad value, ResourceExhausted over a cost cap (:mod:`ecgx.service.errors`).
+        bad value, ResourceExhausted over a cost cap (:mod:`ecgx.core.errors`).
         """
         raise NotImplementedError
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.engine import ecg_of_rows
-from ecgx.service.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.limits import MAX_BASELINES, MAX_N_SAMPLES, MAX_N_STEPS, MAX_STDEV_MV
 from ecgx.service.methods.base import (
     AttributionMethod,

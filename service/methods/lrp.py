@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.service.errors import InvalidArgument
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods.base import (
     AttributionMethod,
     _show,

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from ecgx.service.errors import InvalidArgument, ResourceExhausted
+from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
 from ecgx.service.methods.base import (
     AttributionMethod,

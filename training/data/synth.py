@@ -108,6 +108,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgx.core.dataset import DatasetWriter, default_meta
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.progress import progress_bar
 from ecgx.core.schema import (
     BEAT_SAMPLES,
@@ -812,15 +813,15 @@ def _close_gaps(bits: np.ndarray, max_gap: int) -> np.ndarray:
 
 def _check_count(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise InvalidArgument(f"{name} must be >= {minimum}, got {value}")
     return int(value)
 
 
 def _check_label_noise(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 0.5:
-        raise ValueError(f"label_noise must be a number in [0, 0.5], got {value!r}")
+        raise InvalidArgument(f"label_noise must be a number in [0, 0.5], got {value!r}")
     return float(value)
 
 
@@ -840,7 +841,7 @@ def generate(n: int, rng: np.random.Generator, *, label_noise: float = 0.0) -> S
     n = _check_count("n", n, 1)
     label_noise = _check_label_noise(label_noise)
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        raise InvalidArgument(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
     labels = _draw_labels(n, rng)
     patients = _draw_patients(n, labels, rng)
     noise = _draw_noise(n, rng)

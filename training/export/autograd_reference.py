@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.training.export.ir import CONCAT, FLATTEN, GMP, MAXPOOL, RELU, RULE_LAYERS, Op, pool_output_length
 from ecgx.training.export.ir_torch import IRModule, target_indices
 
@@ -203,7 +204,7 @@ def autograd_attribution(
     starting at the target logit (as Captum's LRP), passing ReLUs unchanged.
     """
     if method not in METHODS:
-        raise ValueError(f"no autograd reference for {method!r}; one of {METHODS}")
+        raise InvalidArgument(f"no autograd reference for {method!r}; one of {METHODS}")
     if not isinstance(module, IRModule):
         raise TypeError(
             f"autograd_attribution runs on an IRModule (ecgx.training.export.ir_torch.ir_module), "

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import onnx
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.training.export.ir import ModelIR
 from ecgx.training.export.lrp_rules import LRP_COMPOSITE_GRAPHS, LRP_COMPOSITE_SIGNATURES
 from ecgx.training.export.onnx_graphs import (
@@ -101,7 +102,7 @@ def build_graph(ir: ModelIR, name: str, gradcam_layer: str) -> onnx.ModelProto:
     """One graph of a package, or ExportError when the model's layers cannot be expressed in it."""
     spec = GRAPHS.get(name)
     if spec is None:
-        raise ValueError(f"no graph named {name!r}; graphs: {sorted(GRAPHS)}")
+        raise InvalidArgument(f"no graph named {name!r}; graphs: {sorted(GRAPHS)}")
     return spec.build(ir, [BATCH, *ir.input_shape], ir.n_outputs, gradcam_layer)
 
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
 from ecgx.training.export.ir_torch import IRModule, target_indices
 from ecgx.training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
@@ -171,9 +172,9 @@ def lrp_reference(
     Output relevance is ``one_hot(target) * logits`` (the service's lrp convention).
     """
     if composite not in CONV_RULES:
-        raise ValueError(f"composite must be one of {sorted(CONV_RULES)}, got {composite!r}")
+        raise InvalidArgument(f"composite must be one of {sorted(CONV_RULES)}, got {composite!r}")
     if input_rule not in INPUT_RULES:
-        raise ValueError(f"input_rule must be one of {sorted(INPUT_RULES)}, got {input_rule!r}")
+        raise InvalidArgument(f"input_rule must be one of {sorted(INPUT_RULES)}, got {input_rule!r}")
     model = module if next(module.parameters()).dtype == dtype else copy.deepcopy(module).to(dtype)
     xt = torch.as_tensor(np.asarray(x), dtype=dtype)
     flat = xt.reshape(len(xt), -1)

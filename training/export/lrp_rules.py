@@ -78,6 +78,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods.lrp import COMPOSITE_GRAPHS, INPUT_RULES
 from ecgx.training.export.ir import (
     ADD,
@@ -156,7 +157,7 @@ class CompositeRule(Rule):
         high: str,
     ) -> None:
         if conv_rule not in ("zplus", "alpha2beta1"):
-            raise ValueError(f"unknown conv rule {conv_rule!r}")
+            raise InvalidArgument(f"unknown conv rule {conv_rule!r}")
         self.name, self.conv_rule, self.first = name, conv_rule, first
         self.eps, self.input_rule, self.low, self.high = eps, input_rule, low, high
 

@@ -62,6 +62,7 @@ from onnx.external_data_helper import set_external_data
 from torch import nn
 
 import ecgx
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.package_reader import (
     MANIFEST_FILE,
     PACKAGE_FORMAT,
@@ -874,6 +875,6 @@ def _recompute_training_data(
 
     ds = load_dataset(data["path"], check_values=False)
     if dataset_fingerprint(ds) != data.get("fingerprint"):
-        raise ValueError("it changed since training (another fingerprint)")
+        raise InvalidArgument("it changed since training (another fingerprint)")
     cfg = TrainConfig(**{k: v for k, v in train_config.items() if k in TrainConfig.__dataclass_fields__})
     return training_fingerprint(ds, split_dataset(ds, cfg))

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule
 from torch import nn
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.training.export.ir import (
     ADD,
     AFFINE,
@@ -124,7 +125,7 @@ def _captum(model, method, x, target, baseline, epsilon) -> np.ndarray:
         module = as_ir_module(model, tuple(x.shape[1:]))
         out = LRP(lrp_model(module, epsilon)).attribute(xt, target=tgt)
     else:
-        raise ValueError(f"no Captum reference for {method!r}")
+        raise InvalidArgument(f"no Captum reference for {method!r}")
     return out.detach().numpy()
 
 
