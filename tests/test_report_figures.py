@@ -90,7 +90,7 @@ def test_html_shows_methods_verdict_and_study_table(gate_run: GateRun, written: 
     for method in gate_run.report["methods"]:
         assert method in page
     # The reference rows are shown beside the methods, as the floor they must beat.
-    assert len(gate_run.report["references"]) == 5
+    assert len(gate_run.report["references"]) == 6  # |x|, edges, class template, constant, noise, other model
     for reference in gate_run.report["references"]:
         assert f"{reference} (reference, must fail)" in page
     assert gate_run.report["verdict"].upper() in page
