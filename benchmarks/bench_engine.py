@@ -65,7 +65,7 @@ def engine_cases(work: Path, threads: int, providers: list[str] | None) -> dict[
     x = np.load(work / "x.npy")
     t = np.zeros(len(x), np.int64)
     x1, t1, x4, t4 = x[:1], t[:1], x[:4], t[:4]
-    s1, s64 = engine.seeds(t1), engine.seeds(t)
+    s1, s64 = engine.selectors(t1), engine.selectors(t)
     cases = {
         "forward pass, 1 ECG": lambda: engine.logits(x1),
         "forward pass, 64 ECGs": lambda: engine.logits(x),

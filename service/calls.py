@@ -43,6 +43,7 @@ from typing import Any, Protocol
 import grpc
 
 from ecgx.core.errors import EcgxError, InvalidArgument, ResourceExhausted, Unavailable
+from ecgx.service.requests import Caller
 from ecgx.service.rpc import failure_status
 
 log = logging.getLogger(__name__)
@@ -624,3 +625,9 @@ __all__ = [
     "note_call",
     "worker_threads",
 ]
+
+
+def caller_of(context: grpc.ServicerContext) -> Caller:
+    """Who calls, as the interceptor identified them (nobody outside an intercepted call)."""
+    record = current_call()
+    return Caller.of(record.identity if record is not None else None, context.peer() or "")

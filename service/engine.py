@@ -227,7 +227,7 @@ class AttributionEngine:
         except ValueError as e:
             raise NotFound(str(e)) from None
 
-    def seeds(self, target: np.ndarray) -> np.ndarray:
+    def selectors(self, target: np.ndarray) -> np.ndarray:
         """One-hot rows selecting each ECG's target logit (the backward graphs' ``seed`` input)."""
         return np.eye(self.package.n_classes, dtype=np.float32)[target]
 
@@ -245,7 +245,7 @@ class AttributionEngine:
         self, graph: str, x: np.ndarray, target: np.ndarray, output: str = "gradient", **extra: np.ndarray
     ) -> np.ndarray:
         """One backward graph over rows of ``x`` (and per-row ``extra`` inputs), batched."""
-        seeds = self.seeds(target)
+        seeds = self.selectors(target)
         # The graph computes the logits of x anyway: keep them when this is the request's own x.
         capture = graph in LOGITS_AT_X_GRAPHS and x is getattr(self._capture, "x", None)
         outputs = [output, "logits"] if capture else [output]
@@ -286,13 +286,22 @@ class AttributionEngine:
             rows = np.arange(sl.start, sl.stop)
             feeds, context = make_rows(rows)
             result = self.run(graph, feeds, [output])[0]
-            own = ecg_of_rows(rows, batch)
+            own = self.ecg_of_rows(rows, batch)
             contribution = combine(rows, result, context)
             if isinstance(own, slice) or len(rows) <= batch:
                 out[own] += contribution  # each ECG at most once in this chunk: plain indexing is safe
             else:
                 np.add.at(out, own, contribution)
         return out
+
+    @staticmethod
+    def ecg_of_rows(rows: np.ndarray, batch: int) -> slice | np.ndarray:
+        """The ECG of each virtual row (``rows % batch``); a slice when the rows cover
+        consecutive ECGs, so chunk inputs can be views instead of copies."""
+        first = int(rows[0]) % batch
+        if first + len(rows) <= batch and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
+            return slice(first, first + len(rows))
+        return rows % batch
 
     def _chunks(self, n: int) -> Iterator[slice]:
         # Every batched pass (forward, backward, accumulate, the methods' own loops) goes through
@@ -382,15 +391,6 @@ def _check_count(name: str, value: Any, limit: int | None, limit_name: str) -> i
             "run holds its layer activations in ONNX Runtime at once, so this bounds the engine's memory"
         )
     return int(value)
-
-
-def ecg_of_rows(rows: np.ndarray, batch: int) -> slice | np.ndarray:
-    """The ECG of each virtual row (``rows % batch``); a slice when the rows cover
-    consecutive ECGs, so chunk inputs can be views instead of copies."""
-    first = int(rows[0]) % batch
-    if first + len(rows) <= batch and int(rows[-1]) - int(rows[0]) == len(rows) - 1:
-        return slice(first, first + len(rows))
-    return rows % batch
 
 
 def _as_index(t: Any) -> str | int:

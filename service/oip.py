@@ -52,9 +52,10 @@ from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service import oip_codec as codec
+from ecgx.service.calls import caller_of
 from ecgx.service.core import ServingCore
 from ecgx.service.requests import Quotas
-from ecgx.service.rpc import caller_of, cancel_token, failure_status
+from ecgx.service.rpc import cancel_token, failure_status
 
 log = logging.getLogger(__name__)
 

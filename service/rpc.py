@@ -9,7 +9,7 @@ import logging
 import grpc
 
 from ecgx.core.errors import EcgxError
-from ecgx.service.requests import Caller, CancelToken
+from ecgx.service.requests import CancelToken
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,3 @@ def cancel_token(context: grpc.ServicerContext) -> CancelToken:
     """The core's cancel token of a gRPC call: the client's deadline and its going away (the
     engine looks at it before every chunk of model rows)."""
     return CancelToken(is_active=context.is_active, time_remaining=context.time_remaining)
-
-
-def caller_of(context: grpc.ServicerContext) -> Caller:
-    """Who calls, as the interceptor identified them (nobody outside an intercepted call)."""
-    from ecgx.service.calls import current_call  # calls imports this module
-
-    record = current_call()
-    return Caller.of(record.identity if record is not None else None, context.peer() or "")

@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
-from ecgx.service.calls import CallInterceptor, CallObserver, note_call, worker_threads
+from ecgx.service.calls import CallInterceptor, CallObserver, caller_of, note_call, worker_threads
 from ecgx.service.core import MAX_RESPONSE_BYTES, ServingCore, lead_shares, parse_settings_json
 from ecgx.service.health import Extras, register_extras
 from ecgx.service.methods import METHOD_NAMES
@@ -51,7 +51,7 @@ from ecgx.service.requests import (
     Quotas,
     Target,
 )
-from ecgx.service.rpc import caller_of, cancel_token, failure_status, status_of
+from ecgx.service.rpc import cancel_token, failure_status, status_of
 from ecgx.service.security import ServerSecurity
 
 try:

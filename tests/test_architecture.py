@@ -58,3 +58,13 @@ def test_an_upward_import_breaks_the_layers(tmp_path: Path) -> None:
     r = _lint(tree)
     assert r.returncode != 0
     assert "ecgx.core.schema -> ecgx.cli" in r.stdout, r.stdout[-3000:]
+
+
+def test_an_import_circle_is_reported(tmp_path: Path) -> None:
+    """The dataset format imports output staging; staging importing it back closes a circle."""
+    tree = _installed_layout(tmp_path)
+    outputs = tree / "ecgx" / "core" / "outputs.py"
+    outputs.write_text(outputs.read_text() + "\nfrom ecgx.core import dataset  # noqa\n")
+    r = _lint(tree)
+    assert r.returncode != 0
+    assert "No import circles" in r.stdout and "BROKEN" in r.stdout, r.stdout[-3000:]

@@ -6,7 +6,6 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.service.engine import ecg_of_rows
 from ecgx.service.methods.base import AttributionMethod, check_choice, check_per_ecg, per_ecg_array, rng_for
 from ecgx.service.methods.gradient import n_baselines, shap_baselines
 
@@ -72,10 +71,10 @@ class DeepLiftShap(AttributionMethod):
         base = shap_baselines(baselines, x, rng_for(seed))
         k, batch = len(base), len(x)
         flag = np.array(maxpool_rule == "rescale")
-        seeds = engine.seeds(target)
+        seeds = engine.selectors(target)
 
         def make_rows(rows: np.ndarray):
-            j, ecg = rows // batch, ecg_of_rows(rows, batch)
+            j, ecg = rows // batch, engine.ecg_of_rows(rows, batch)
             return {"x": x[ecg], "baseline": base[j], "seed": seeds[ecg], "maxpool_rescale": flag}, None
 
         total = engine.accumulate(

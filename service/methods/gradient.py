@@ -8,7 +8,6 @@ from typing import Any
 import numpy as np
 
 from ecgx.core.errors import InvalidArgument, ResourceExhausted
-from ecgx.service.engine import ecg_of_rows
 from ecgx.service.limits import MAX_BASELINES, MAX_N_SAMPLES, MAX_N_STEPS, MAX_STDEV_MV
 from ecgx.service.methods.base import (
     AttributionMethod,
@@ -124,11 +123,11 @@ class IntegratedGradients(AttributionMethod):
         base = per_ecg_array("baseline", baseline, x)
         alphas, weights = (c.astype(np.float32) for c in path_coefficients(n_steps, method))
         delta = x - base
-        seeds = engine.seeds(target)
+        seeds = engine.selectors(target)
         batch = len(x)
 
         def make_rows(rows: np.ndarray):
-            step, ecg = rows // batch, ecg_of_rows(rows, batch)  # a slice: views, no copies
+            step, ecg = rows // batch, engine.ecg_of_rows(rows, batch)  # a slice: views, no copies
             points = base[ecg] + alphas[step, None, None] * delta[ecg]
             return {"x": points, "seed": seeds[ecg]}, None
 
@@ -184,7 +183,7 @@ class SmoothGrad(AttributionMethod):
         rng = rng_for(seed)
         if noise is not None:
             noise = _given("noise", noise, (n, *x.shape))
-        batch, seeds = len(x), engine.seeds(target)
+        batch, seeds = len(x), engine.selectors(target)
 
         def make_rows(rows: np.ndarray):
             # The noise of one chunk at a time, drawn in row order: independent of max_batch.
@@ -305,7 +304,7 @@ class GradientShap(AttributionMethod):
         # Draws are made chunk by chunk, each from its own stream in row order, so that no
         # (n_samples, B, ...) array exists and the result does not depend on max_batch.
         idx_rng, alpha_rng, noise_rng = rng.spawn(3)
-        seeds = engine.seeds(target)
+        seeds = engine.selectors(target)
 
         def make_rows(rows: np.ndarray):
             sample, ecg = rows // batch, rows % batch

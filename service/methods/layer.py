@@ -26,7 +26,7 @@ def upsample(cam: np.ndarray, length: int, mode: str) -> np.ndarray:
 def gradcam_map(engine, x: np.ndarray, target: np.ndarray, relu: bool, interpolation: str) -> np.ndarray:
     """Time-resolved GradCAM (B, 600): channel weights = time-mean of the gradients."""
     check_choice("interpolation", interpolation, INTERPOLATIONS)
-    seeds = engine.seeds(target)
+    seeds = engine.selectors(target)
     cams = []
     for sl in engine._chunks(len(x)):
         _, acts, grads = engine.run(
