@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024 * 1024  # as the gRPC port's message limit
 _READ_CHUNK = 1024 * 1024
+DRAIN_S = 1.0  # the longest an unread body is read (and dropped) after the answer
 
 
 class BodyTooLarge(ResourceExhausted):
@@ -373,11 +374,12 @@ class _Handler(BaseHTTPRequestHandler):
     def _drain(self) -> None:
         """Read (and drop) a little of an unread body, so the client reads the answer rather than a
         reset; bounded in bytes and time, never buffered."""
+        deadline = time.monotonic() + DRAIN_S  # in all: a trickling client cannot hold the thread here
         try:
-            self.request.settimeout(1.0)
             socket.socket.shutdown(self.request, socket.SHUT_WR)
             left = self.server.limits.drain_bytes
-            while left > 0:
+            while left > 0 and (wait := deadline - time.monotonic()) > 0:
+                self.request.settimeout(wait)
                 chunk = self.request.recv(min(65536, left))
                 if not chunk:
                     break
