@@ -12,13 +12,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import ecgx
-from ecgx.core.errors import InvalidArgument
+from ecgx.core.errors import EcgxError, InvalidArgument
 
 log = logging.getLogger("ecgx")
 
-# Errors a user can cause and fix (file-system errors are told apart in main()); anything else is
-# a bug and keeps its traceback. KeyError is not one of them: a bare key name says nothing.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError,)
+# Errors a user can cause and fix: ecgx's own (file-system errors are told apart in main()).
+# Anything else, a ValueError of NumPy's included, is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (EcgxError,)
 EXIT_USAGE = 2
 # Modules only an extra installs -> that extra (pyproject.toml): the serving install leaves them out.
 OPTIONAL_MODULES = {"torch": "train", "captum": "train", "wfdb": "data"}

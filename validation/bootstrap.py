@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
+
 
 @dataclass(frozen=True)
 class Interval:
@@ -27,7 +29,7 @@ def bootstrap_mean(values: np.ndarray, *, n_boot: int, confidence: float, seed: 
     if v.ndim == 1:
         v = v[None]
     if v.ndim != 2 or v.size == 0 or not np.isfinite(v).all():
-        raise ValueError(
+        raise InvalidArgument(
             "bootstrap needs a non-empty 1-D (ECGs) or 2-D (draws x ECGs) array of finite values"
         )
     rng = np.random.default_rng([seed, 7])

@@ -16,6 +16,7 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import EXPERIMENTS, StagedOutput
 from ecgx.core.package_reader import MANIFEST_FILE
 from ecgx.validation.gate import GateRun, run_gate
@@ -54,7 +55,7 @@ def find_packages(runs: Path, export_dir: Path, reuse_dir: Path | None = None) -
             reuse = None if reuse_dir is None else reuse_dir / d.name
             packages.append(_exported(d / CHECKPOINT_FILE, export_dir / d.name, reuse))
     if len(packages) < MIN_SEEDS:
-        raise ValueError(
+        raise InvalidArgument(
             f"{runs} holds {len(packages)} trained seed(s) (seed-<s>/{CHECKPOINT_FILE} or packages); "
             f"the self-consistency experiment needs at least {MIN_SEEDS}: train more with "
             f"`ecgx train --seeds 0 1 2`"

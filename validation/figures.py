@@ -23,6 +23,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.plots import plot_attributions
 from ecgx.core.schema import CLASSES
 from ecgx.validation.policy import CHECKS, CONTROL_METHOD
@@ -346,7 +347,9 @@ def overlay_methods(run: GateRun, methods: Sequence[str] | None = None) -> list[
     if methods is not None:
         missing = [m for m in methods if m not in run.maps]
         if missing:
-            raise ValueError(f"no attributions for {', '.join(missing)}; the run has {', '.join(run.maps)}")
+            raise InvalidArgument(
+                f"no attributions for {', '.join(missing)}; the run has {', '.join(run.maps)}"
+            )
         return list(methods)
     chosen = [m for m in OVERLAY_METHODS if m in run.maps]
     return chosen or [m for m in run.maps if m != CONTROL_METHOD][:MAX_OVERLAY_METHODS]

@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 import ecgx
 from ecgx.core.dataset import Dataset, dataset_fingerprint, load_dataset
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.package_reader import MANIFEST_FILE, ModelPackage, load_package, sha256_file
 from ecgx.core.progress import progress_bar
 from ecgx.service.engine import AttributionEngine, select_providers
@@ -114,10 +115,14 @@ def select_ecgs(ds: Dataset, n: int, seed: int, class_keys: Sequence[str]) -> Ga
     positive ECGs (shuffled with ``seed``) not taken yet; that class is the ECG's target."""
     keys = [c["key"] for c in ds.meta.get("classes", [])]
     if keys and keys != list(class_keys):
-        raise ValueError(f"dataset {ds.path} has classes {keys}, but the package predicts {list(class_keys)}")
+        raise InvalidArgument(
+            f"dataset {ds.path} has classes {keys}, but the package predicts {list(class_keys)}"
+        )
     labels = np.asarray(ds.labels)
     if len(ds) == 0 or not labels.any():
-        raise ValueError(f"dataset {ds.path} has no labelled ECG; the gate needs labelled validation ECGs")
+        raise InvalidArgument(
+            f"dataset {ds.path} has no labelled ECG; the gate needs labelled validation ECGs"
+        )
     rng = np.random.default_rng([seed, 1])
     queues = [list(rng.permutation(np.flatnonzero(labels[:, c]))) for c in range(labels.shape[1])]
     taken: set[int] = set()
@@ -214,7 +219,7 @@ def run_gate(
     (:mod:`ecgx.validation.leakage`).
     """
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise ValueError(f"workers must be a positive integer, got {workers!r}")
+        raise InvalidArgument(f"workers must be a positive integer, got {workers!r}")
     timings: dict[str, float] = {}
     started = time.perf_counter()
     pol = validated(policy) if isinstance(policy, Policy) else load_policy(policy)
@@ -227,7 +232,7 @@ def run_gate(
     _check_family(pkg, fam)
     ds = load_dataset(data)
     if tuple(ds.signals.shape[1:]) != tuple(pkg.input_shape):
-        raise ValueError(
+        raise InvalidArgument(
             f"dataset {ds.path} holds ECGs of shape {tuple(ds.signals.shape[1:])} (leads, samples), but the "
             f"package takes {tuple(pkg.input_shape)}: validate on data of the model's own input (a model "
             "brought from elsewhere needs validation data at its length and sampling rate)"
@@ -296,7 +301,7 @@ def _attributors(
     names = list(METHOD_NAMES if methods is None else methods)
     for name in names:
         if name not in METHOD_NAMES and name not in (extra or {}):
-            raise ValueError(f"unknown attribution method {name!r}; known: {', '.join(METHOD_NAMES)}")
+            raise InvalidArgument(f"unknown attribution method {name!r}; known: {', '.join(METHOD_NAMES)}")
     if CONTROL_METHOD not in names:
         names.append(CONTROL_METHOD)
     # Methods the package cannot run are not checked (the report says why); user methods always run.
@@ -335,7 +340,7 @@ def check_coverage(ds: Dataset, gd: GateData, policy: Policy, class_keys: Sequen
             )
         if absent:
             fixes.append("give ECGs of every class")
-        raise ValueError(
+        raise InvalidArgument(
             f"validation data {ds.path} is too small for policy {policy.label}: {'; '.join(shortfalls)}. "
             f"To proceed, {' and '.join(fixes)}, or set gate.allow_incomplete_data = true in a --policy "
             "file to gate it anyway (the report then records what is missing)"
@@ -358,12 +363,18 @@ def _check_family(pkg: ModelPackage, fam: list[ModelPackage]) -> None:
     for other in fam:
         first = paths.get(other.path.resolve())
         if first is pkg:
-            raise ValueError(f"--family lists the gated package {pkg.path} itself; give its seed siblings")
+            raise InvalidArgument(
+                f"--family lists the gated package {pkg.path} itself; give its seed siblings"
+            )
         if first is not None:
             also = "" if str(first.path) == str(other.path) else f" (as {first.path} and as {other.path})"
-            raise ValueError(f"--family lists the package {first.path} twice{also}; give each sibling once")
+            raise InvalidArgument(
+                f"--family lists the package {first.path} twice{also}; give each sibling once"
+            )
         if other.class_keys != pkg.class_keys or other.input_shape != pkg.input_shape:
-            raise ValueError(f"family package {other.path} has other classes or input shape than {pkg.path}")
+            raise InvalidArgument(
+                f"family package {other.path} has other classes or input shape than {pkg.path}"
+            )
         weights = _weights_id(other)
         same = seen.get(weights)
         why = (
@@ -371,12 +382,12 @@ def _check_family(pkg: ModelPackage, fam: list[ModelPackage]) -> None:
             "give packages trained from other seeds"
         )
         if same is pkg:
-            raise ValueError(
+            raise InvalidArgument(
                 f"family member {other.path} has the same weights as the gated package {pkg.path} "
                 f"(a copy, not a seed sibling): {why}"
             )
         if same is not None:
-            raise ValueError(
+            raise InvalidArgument(
                 f"family members {same.path} and {other.path} have the same weights (one is a copy of "
                 f"the other): {why}"
             )

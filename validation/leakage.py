@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from ecgx.core.dataset import Dataset, beat_sha256
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.package_reader import ModelPackage, PackageError, read_package_file
 
 _LISTED = 5  # ids named in one message
 
 
-class LeakageError(ValueError):
+class LeakageError(InvalidArgument):
     """The validation data overlaps the gated package's training data."""
 
 

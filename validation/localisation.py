@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.validation.similarity import auroc_rows, mass_inside
 
 SCORES = ("mass", "pointing_game", "top_k_precision", "auroc")
@@ -36,7 +37,9 @@ SCORES = ("mass", "pointing_game", "top_k_precision", "auroc")
 def _flat(attribution: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     a, t = np.asarray(attribution, dtype=np.float64), np.asarray(masks)
     if a.shape != t.shape or a.ndim < 2:
-        raise ValueError(f"attribution and masks must have one shape (B, ...), got {a.shape} and {t.shape}")
+        raise InvalidArgument(
+            f"attribution and masks must have one shape (B, ...), got {a.shape} and {t.shape}"
+        )
     return np.abs(a.reshape(len(a), -1)), t.reshape(len(t), -1) != 0
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.engine import AttributionEngine
 from ecgx.validation.ecg_noise import high_frequency_sd
 from ecgx.validation.similarity import segment_sums
@@ -118,7 +119,7 @@ def replace(
         if strategy == "noisy_linear":
             fill = fill + rng.standard_normal(x.shape) * noise_sd
     else:
-        raise ValueError(f"unknown replacement strategy {strategy!r}")
+        raise InvalidArgument(f"unknown replacement strategy {strategy!r}")
     return np.where(removed, fill, x).astype(np.float32)
 
 

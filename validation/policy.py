@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods import METHOD_NAMES
 
 CHECKS = (
@@ -78,7 +79,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
 }
 
 
-class PolicyError(ValueError):
+class PolicyError(InvalidArgument):
     """A policy file that cannot be read or holds an unknown key or a bad value."""
 
 

@@ -26,6 +26,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.package_reader import MANIFEST_FILE, PackageError, hash_package_file, is_plain_name
 
 SIGNING_KEY_ENV = "ECGX_GATE_SIGNING_KEY"
@@ -44,7 +45,7 @@ _KEYGEN_HINT = "create a key pair with `ecgx gate keygen --out DIR`"
 _REGATE_HINT = "gate the package again (`ecgx validate`) to get a new signed report"
 
 
-class SigningError(ValueError):
+class SigningError(InvalidArgument):
     """A missing or bad key, a malformed or unsigned report, or a signature that does not verify."""
 
 

@@ -12,6 +12,8 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 from scipy.stats import rankdata
 
+from ecgx.core.errors import InvalidArgument
+
 # SSIM constants of Wang et al. (2004), as in scikit-image's defaults.
 SSIM_WINDOW = 7
 SSIM_K1, SSIM_K2 = 0.01, 0.03
@@ -26,7 +28,7 @@ def pearson_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Pearson correlation of each ECG's map in ``a`` with its map in ``b``; NaN where one is constant."""
     a, b = _rows(a), _rows(b)
     if a.shape != b.shape:
-        raise ValueError(f"maps to compare must have the same shape, got {a.shape} and {b.shape}")
+        raise InvalidArgument(f"maps to compare must have the same shape, got {a.shape} and {b.shape}")
     a = a - a.mean(axis=1, keepdims=True)
     b = b - b.mean(axis=1, keepdims=True)
     norm = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
@@ -64,7 +66,9 @@ def ssim_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """
     a, b = _unit_magnitude(a), _unit_magnitude(b)
     if a.shape != b.shape or a.ndim != 3:
-        raise ValueError(f"SSIM needs two (B, leads, samples) arrays of one shape, got {a.shape}, {b.shape}")
+        raise InvalidArgument(
+            f"SSIM needs two (B, leads, samples) arrays of one shape, got {a.shape}, {b.shape}"
+        )
     out = np.full(len(a), np.nan)
     ok = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=(1, 2))
     if not ok.any():
@@ -104,7 +108,7 @@ SIMILARITY_MEASURES = {
 def mean_pairwise_pearson(maps: list[np.ndarray]) -> np.ndarray:
     """Per ECG, the mean Pearson correlation over all pairs of maps (e.g. one per model seed)."""
     if len(maps) < 2:
-        raise ValueError(f"pairwise correlation needs at least 2 sets of maps, got {len(maps)}")
+        raise InvalidArgument(f"pairwise correlation needs at least 2 sets of maps, got {len(maps)}")
     n = len(maps)
     pairs = np.stack([pearson_rows(maps[i], maps[j]) for i in range(n) for j in range(i + 1, n)])
     defined = np.isfinite(pairs)

@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods import METHOD_NAMES
 from ecgx.validation.policy import CONTROL_METHOD
 from ecgx.validation.randomisation import Attributor
@@ -43,7 +44,7 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]*")
 _SHAPE = "fn(engine, x, target) -> np.ndarray"
 
 
-class MethodError(ValueError):
+class MethodError(InvalidArgument):
     """A user-supplied method cannot be loaded, has the wrong signature, or returned a bad map."""
 
 
