@@ -50,7 +50,7 @@ import grpc
 from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 
-from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ecgx.core.errors import InvalidArgument
 from ecgx.service import oip_codec as codec
 from ecgx.service.calls import caller_of
 from ecgx.service.core import ServingCore
@@ -61,15 +61,6 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = "inference.GRPCInferenceService"
 DEFAULT_MAX_BATCH = 64
-
-
-def _server_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("ecgx")
-    except Exception:  # not installed (a bare checkout)
-        return "0"
 
 
 def _rpc(fn: Callable) -> Callable:
@@ -127,29 +118,19 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
 
     @_rpc
     def ServerReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Ready when not shutting down and some model has a serving default version."""
-        ready = not self.shutting_down and any(
-            self.repository.default_version(m) is not None for m in self.repository.models()
-        )
-        return oip_pb.ServerReadyResponse(ready=ready)
+        return oip_pb.ServerReadyResponse(ready=codec.server_ready(self.core, self.shutting_down))
 
     @_rpc
     def ModelReady(self, request: Any, context: grpc.ServicerContext) -> Any:
-        """Whether the version ("" = default) serves; false (not an error) for an unknown one (as Triton)."""
-        if self.shutting_down:
-            return oip_pb.ModelReadyResponse(ready=False)
-        try:
-            self.repository.get(request.name, request.version or None)
-        except (NotFound, FailedPrecondition):
-            return oip_pb.ModelReadyResponse(ready=False)
-        return oip_pb.ModelReadyResponse(ready=True)
+        ready = codec.model_ready(self.core, request.name, request.version or None, self.shutting_down)
+        return oip_pb.ModelReadyResponse(ready=ready)
 
     # ------------------------------------------------------------------ metadata
 
     @_rpc
     def ServerMetadata(self, request: Any, context: grpc.ServicerContext) -> Any:
         return oip_pb.ServerMetadataResponse(
-            name=codec.SERVER_NAME, version=_server_version(), extensions=["parameters"]
+            name=codec.SERVER_NAME, version=codec.server_version(), extensions=["parameters"]
         )
 
     @_rpc

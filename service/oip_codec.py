@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.core.errors import InvalidArgument, NotFound
+from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.core import parse_settings_json
 from ecgx.service.requests import (
     CLASS,
@@ -259,3 +259,34 @@ __all__ = [
     "response_parameters",
     "wanted_outputs",
 ]
+
+
+# ---------------------------------------------------------------------------- health
+
+
+def server_version() -> str:
+    """The ecgx version ServerMetadata reports (the installed distribution's; "0" in a bare checkout)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ecgx")
+    except PackageNotFoundError:
+        return "0"
+
+
+def server_ready(core: Any, shutting_down: bool) -> bool:
+    """ServerReady on every transport: not shutting down, and some model has a serving default version."""
+    repository = core.repository
+    return not shutting_down and any(repository.default_version(m) is not None for m in repository.models())
+
+
+def model_ready(core: Any, model: str, version: str | None, shutting_down: bool) -> bool:
+    """ModelReady on every transport: whether the version (None: the default) serves; false, not an
+    error, for an unknown one (as Triton)."""
+    if shutting_down:
+        return False
+    try:
+        core.served(model, version)
+    except (NotFound, FailedPrecondition):
+        return False
+    return True

@@ -41,7 +41,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
-from ecgx.core.errors import EcgxError, FailedPrecondition, InvalidArgument, NotFound
+from ecgx.core.errors import EcgxError, InvalidArgument
 from ecgx.service import oip_codec as codec
 from ecgx.service.calls import AUDIT_UNAVAILABLE_MESSAGE, CallLedger, CallRecord
 from ecgx.service.http_server import (
@@ -203,12 +203,7 @@ class OipHttpApp:
         return HttpResponse(200)
 
     def _ready(self, request: HttpRequest, path: dict[str, str], record: CallRecord) -> HttpResponse:
-        """Ready when not shutting down and some model has a serving default version."""
-        repository = self.core.repository
-        ready = not self.shutting_down and any(
-            repository.default_version(m) is not None for m in repository.models()
-        )
-        return HttpResponse(200 if ready else 400)
+        return HttpResponse(200 if codec.server_ready(self.core, self.shutting_down) else 400)
 
     def _server_metadata(
         self, request: HttpRequest, path: dict[str, str], record: CallRecord
@@ -223,14 +218,8 @@ class OipHttpApp:
         )
 
     def _model_ready(self, request: HttpRequest, path: dict[str, str], record: CallRecord) -> HttpResponse:
-        """Whether the version serves; "not ready" (not an error) for an unknown one, as Triton."""
-        if self.shutting_down:
-            return HttpResponse(400)
-        try:
-            self.core.served(*_model_version(path))
-        except (NotFound, FailedPrecondition):
-            return HttpResponse(400)
-        return HttpResponse(200)
+        ready = codec.model_ready(self.core, *_model_version(path), self.shutting_down)
+        return HttpResponse(200 if ready else 400)
 
     def _model_metadata(self, request: HttpRequest, path: dict[str, str], record: CallRecord) -> HttpResponse:
         served = self.core.served(*_model_version(path))
@@ -612,15 +601,7 @@ def rest_ssl_context(
 
 def make_app(core: Any, ledger: CallLedger, *, version: str | None = None) -> OipHttpApp:
     """The REST application for ``core`` (the installed ecgx version by default)."""
-    if version is None:
-        from importlib.metadata import PackageNotFoundError
-        from importlib.metadata import version as installed
-
-        try:
-            version = installed("ecgx")
-        except PackageNotFoundError:  # a bare checkout
-            version = "0"
-    return OipHttpApp(core, ledger, version=version)
+    return OipHttpApp(core, ledger, version=codec.server_version() if version is None else version)
 
 
 __all__ = [
