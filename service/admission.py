@@ -24,6 +24,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
 from ecgx.core.errors import InvalidArgument, ResourceExhausted
+from ecgx.service.calls import note_call
 from ecgx.service.requests import Caller, CancelToken, Quotas
 
 POLL_S = 0.1  # how often a queued request looks at its cancel token
@@ -89,6 +90,7 @@ class Admission:
         self._check_rate(key)
         with self._lock:
             if key is not None and self._per_caller[key] >= self.caller_concurrent:
+                note_call(refusal="caller_concurrent")  # the audit line and the metrics name the quota
                 raise ResourceExhausted(
                     f"caller {key!r} already has {self._per_caller[key]} requests running or queued, "
                     f"its quota (caller_concurrent = {self.caller_concurrent}, --caller-concurrent); "
@@ -115,6 +117,7 @@ class Admission:
         if key is None or self.caller_rate is None:
             return
         if not self._limiter.hit(self.caller_rate, "ecgx-caller", key):
+            note_call(refusal="caller_rate")
             raise ResourceExhausted(
                 f"caller {key!r} is over its request rate quota ({self.caller_rate}, caller_rate / "
                 "--caller-rate); retry later"
@@ -125,6 +128,7 @@ class Admission:
             return
         with self._lock:
             if self._waiting >= self.max_queued:
+                note_call(refusal="queue_full")
                 raise ResourceExhausted(
                     f"the server is busy: {self.max_concurrent} requests are running and {self._waiting} "
                     "waiting (--max-concurrent, --max-queued); retry with backoff"
@@ -136,6 +140,7 @@ class Admission:
                 cancel.check()
                 if self._slots.acquire(timeout=POLL_S):
                     return
+            note_call(refusal="queue_timeout")
             raise ResourceExhausted(
                 f"the server is busy: no request slot freed within {self.queue_wait_s:g} s "
                 "(--max-concurrent); retry with backoff"

@@ -543,6 +543,7 @@ class ServingCore:
         if n == 0:
             raise InvalidArgument("the request holds no ECG (batch size 0)")
         if n > self.max_batch:
+            note_call(refusal="max_batch")
             raise ResourceExhausted(
                 f"the request holds {n} ECGs; this server takes at most {self.max_batch} per request "
                 "(--max-batch): send them in several requests"
@@ -563,6 +564,7 @@ class ServingCore:
     def _check_budget(self, cost: int, what: str) -> None:
         budget = self.quotas.max_request_cost
         if budget is not None and cost > budget:
+            note_call(refusal="cost_budget")
             raise ResourceExhausted(
                 f"this {what} request costs {cost:,} model rows (ECGs x targets x methods x each method's "
                 f"rows per ECG), over the per-request budget of {budget:,} (max_request_cost, "
@@ -578,6 +580,7 @@ class ServingCore:
         beat = 4 * math.prod(served.engine.package.input_shape)
         size = (n + len(plan)) * (beat + 1024)  # maps, beats, per-entry fields
         if size > self.max_response_bytes:
+            note_call(refusal="response_size")
             raise ResourceExhausted(
                 f"the response would hold {n} attributions ({size / 2**20:.0f} MiB), over the "
                 f"{self.max_response_bytes / 2**20:.0f} MiB message limit: ask for fewer ECGs, methods or "

@@ -58,12 +58,14 @@ class Records:
 
     def __init__(self) -> None:
         self.codes: list[str] = []
+        self.refusals: list[str | None] = []
 
     def call_started(self, record) -> None:
         pass
 
     def call_finished(self, record) -> None:
         self.codes.append(record.code)
+        self.refusals.append(record.refusal)
 
 
 def wait_free(core, timeout: float = 10.0) -> float:
@@ -103,6 +105,19 @@ def test_a_request_over_the_cost_budget_is_refused_at_once_naming_figure_and_lim
     finally:
         engine.run = run
         s.close()
+
+
+def test_the_audit_and_the_metrics_name_the_limit_that_refused(root, gated, beats) -> None:
+    records = Records()
+    s = CoreServer(root, gated["public"], audit=records, quotas=Quotas(max_request_cost=1000))
+    try:
+        ig = {"integrated_gradients": {"n_steps": 1000}}
+        failure(lambda: s.explain(beats[:8], ["integrated_gradients"], ig))
+        failure(lambda: s.infer(np.concatenate([beats] * 2)))  # over --max-batch
+    finally:
+        s.close()
+    assert records.codes[-2:] == ["RESOURCE_EXHAUSTED", "RESOURCE_EXHAUSTED"]
+    assert records.refusals[-2:] == ["cost_budget", "max_batch"]
 
 
 # ------------------------------------------------------------------------------ per-caller quotas
