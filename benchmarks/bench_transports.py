@@ -48,6 +48,9 @@ from typing import Any
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import GATE_POLICY
+
 HOST = "127.0.0.1"
 MODEL, VERSION, METHOD = "ecg", "1", "gradcam"
 TRANSPORTS = ("ecgx.v1 gRPC", "OIP gRPC", "OIP REST")
@@ -55,21 +58,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVER_START_S = 120.0
 REQUEST_TIMEOUT_S = 60.0
 FLOOD_REQUESTS, FLOOD_BYTES = 24, 57 * 2**20
-GATE_POLICY = """
-[gate]
-ecgs = 32
-allow_incomplete_data = true
-[checks.randomisation]
-ecgs = 8
-blocking = false
-[checks.perturbation]
-bootstrap = 100
-blocking = false
-[checks.changed_model]
-bootstrap = 100
-"""
-
-
 # ------------------------------------------------------------------------------ preparation
 
 

@@ -41,7 +41,15 @@ from ecgx.validation.changed_model import CHANGED_MODELS, changed_models
 from ecgx.validation.leakage import check_leakage, leakage_record
 from ecgx.validation.localisation import localisation_scores
 from ecgx.validation.perturbation import PerturbationCurves, lead_basis, perturbation_curves
-from ecgx.validation.policy import CONTROL_METHOD, Policy, check_floor, load_policy, may_differ, validated
+from ecgx.validation.policy import (
+    CHECKS,
+    CONTROL_METHOD,
+    Policy,
+    check_floor,
+    load_policy,
+    may_differ,
+    validated,
+)
 from ecgx.validation.randomisation import (
     Attributor,
     RandomisationSetup,
@@ -881,29 +889,19 @@ def save_report(report: dict[str, Any], path: str | Path, *, overwrite: bool = F
     return Path(path)
 
 
-_SUMMARY_CHECKS = (
-    "randomisation",
-    "perturbation",
-    "changed_model",
-    "self_consistency",
-    "inter_method",
-    "localisation",
-)
-
-
 def summary_lines(report: dict[str, Any]) -> list[str]:
     """What ``ecgx validate`` prints: one line per method with, per check, the number its verdict
     is decided on (what that number is, once per check below the table), then every method's
     blocking checks (decisive number, mean and interval, threshold, verdict), any warnings, and
     the verdict as a sentence: under which policy, what may be served and what will be refused."""
     short = {checks.PASS: "ok", checks.FAIL: "FAIL"}
-    lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in _SUMMARY_CHECKS)]
+    lines = [f"{'method':22s} {'verdict':7s} " + " ".join(f"{n[:16]:>17s}" for n in CHECKS)]
     legend: dict[str, str] = {}
     references = report.get("references", {})
     user = {m: r for m, r in report.get("user_methods", {}).items() if isinstance(r, dict) and "checks" in r}
     for m, r in {**report["methods"], **references, **user}.items():
         cells = []
-        for n in _SUMMARY_CHECKS:
+        for n in CHECKS:
             c = r["checks"].get(n)
             if c is None or c["verdict"] == checks.NOT_RUN:
                 cells.append(f"{'-':>17s}")
@@ -920,7 +918,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"{label:22s} {r['verdict']:7s} " + " ".join(cells))
     lines.append("Each cell is the number the check's verdict is decided on:")
     lines += [f"  {n}: {text}" for n, text in legend.items()]
-    for n in _SUMMARY_CHECKS:
+    for n in CHECKS:
         reason = next(
             (
                 c["reason"]
