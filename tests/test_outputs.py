@@ -17,6 +17,7 @@ from cli_helpers import snapshot
 import ecgx.cli
 from ecgx.cli import describe_os_error, main
 from ecgx.core.dataset import default_meta, load_dataset, write_dataset
+from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import (
     DATASET,
     GATE_REPORT,
@@ -178,9 +179,13 @@ def test_main_maps_os_errors_to_exit_2_and_keeps_bugs_as_tracebacks(monkeypatch,
         capsys.readouterr().err
         == "ecgx: error: x.pt: invalid argument: the operating system refused this path or operation\n"
     )
-    monkeypatch.setattr(ecgx.cli, "_cmd_data_info", fails_with(ValueError("line one\nline two")))
+    monkeypatch.setattr(ecgx.cli, "_cmd_data_info", fails_with(InvalidArgument("line one\nline two")))
     assert main(["data", "info", str(tmp_path)]) == 2
     assert capsys.readouterr().err == "ecgx: error: line one; line two\n"
+    # Only ecgx's own errors are user errors (issue #20): NumPy's or any other ValueError is a bug.
+    monkeypatch.setattr(ecgx.cli, "_cmd_data_info", fails_with(ValueError("operands could not be broadcast")))
+    with pytest.raises(ValueError, match="broadcast"):
+        main(["data", "info", str(tmp_path)])
     monkeypatch.setattr(ecgx.cli, "_cmd_data_info", fails_with(KeyError("model_config")))
     with pytest.raises(KeyError):  # a bug, not bad input: never shown as `ecgx: error: model_config`
         main(["data", "info", str(tmp_path)])
