@@ -476,7 +476,7 @@ def test_rest_calls_and_refusals_are_counted_in_the_metrics(repo, beats, tmp_pat
         value = metrics.registry.get_sample_value
         ok = {"rpc": rpc, "model": MODEL, "version": "2", "method": PASSED, "code": "OK"}
         assert value("ecgx_requests_total", ok) == 1
-        assert value("ecgx_refusals_total", {"rpc": rpc, "reason": "max_batch"}) == 1  # the core names its limit
+        assert value("ecgx_refusals_total", {"rpc": rpc, "reason": "max_batch"}) == 1
     finally:
         b.close()
         metrics.stop()
