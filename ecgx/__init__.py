@@ -10,7 +10,7 @@ Runtime, so a serving install (no PyTorch) can use every name whose layer it has
     maps = engine.attribute("integrated_gradients", beats, target="AF", n_steps=50)
     run = ecgx.run_gate(package, "data/validation", family=["packages/s1", "packages/s2"])
 
-``__all__`` is pinned by ``tests/test_public_api.py``; anything else is internal.
+``__all__`` is pinned by ``tests/core/test_public_api.py``; anything else is internal.
 """
 
 from __future__ import annotations

@@ -295,7 +295,7 @@ def _cmd_repo_add(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    # The serving path never imports PyTorch (tests/test_grpc_service.py runs it without).
+    # The serving path never imports PyTorch (tests/service/test_grpc_service.py runs it without).
     from ecgx.service.audit import AuditLog
     from ecgx.service.metrics import ServiceMetrics
     from ecgx.service.oip_http import rest_ssl_context

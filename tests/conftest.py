@@ -100,7 +100,7 @@ bootstrap = 100
 @pytest.fixture(scope="session")
 def gated(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Keys (trusted and untrusted), the policy, and the unsigned gate report of seed-0 (the
-    repository and service tests sign copies of it: tests/test_repository.py make_package)."""
+    repository and service tests sign copies of it: tests/service/test_repository.py make_package)."""
     from ecgx.validation.gate import run_gate
     from ecgx.validation.signing import generate_keypair, load_private_key, load_public_key
 

@@ -1,5 +1,5 @@
 """Constructed maps that do not explain the model, fed to the gate as user methods: the
-adversarial suite (tests/test_gate_adversarial.py) and the calibration
+adversarial suite (tests/validation/test_gate_adversarial.py) and the calibration
 (benchmarks/calibrate_gate.py) both use them.
 
 Each is ``fn(engine, x, target)`` as ``ecgx validate --method`` takes it; ``engine`` is the

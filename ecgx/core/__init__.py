@@ -3,5 +3,5 @@
 Data records and formats (``schema``, ``dataset``, ``median_beat``), the model package contract
 and its reader (``package_reader``), output staging (``outputs``), progress (``progress``) and
 figures (``plots``). Every other layer may import this one; it imports none of them
-(``tests/test_architecture.py``).
+(``tests/core/test_architecture.py``).
 """

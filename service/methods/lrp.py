@@ -60,7 +60,7 @@ class Lrp(AttributionMethod):
     units where a rule's part is empty (a ZPlus unit without positive contribution drops its
     relevance; AlphaBeta passes 2x or -1x it where one part is empty). At additions relevance
     is split in proportion to each branch's contribution. So attributions sum to about the
-    target logit on bias-free networks only (tests/test_lrp_rules.py checks each statement).
+    target logit on bias-free networks only (tests/training/test_lrp_rules.py checks each statement).
     """
 
     name, kind = "lrp", "modified backward"

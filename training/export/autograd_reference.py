@@ -16,7 +16,7 @@ clamps the sum rather than the ReLU path alone, and deconvolution replaces the s
 the ReLU path's clamped gradient, dropping the addition's path. The rule as published
 (and as the package's backward graphs apply it) acts per edge, which is what this module
 computes. On networks where no ReLU input is shared the two references agree
-(``tests/test_autograd_reference.py`` shows both cases).
+(``tests/training/test_autograd_reference.py`` shows both cases).
 """
 
 from __future__ import annotations

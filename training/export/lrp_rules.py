@@ -53,7 +53,7 @@ Zennit's ``Sum`` (its ResNet canonizer's rewrite; ``Add`` modules take two input
 Zennit's hooks cannot); an unfolded BatchNorm is Zennit's ``BatchNorm`` (Pass); and the input
 rule goes to *every* layer reading the ECG, where Zennit's ``SpecialFirstLayerMapComposite``
 gives it to the first such module only (on an inception stem that would leave the other
-branches on the composite's rule, an artifact of module order). tests/test_lrp_rules.py
+branches on the composite's rule, an artifact of module order). tests/training/test_lrp_rules.py
 checks the graphs against Zennit set up that way.
 
 Conditioning: Norm divides by a sum. On a pre-activation residual block the addition's

@@ -550,7 +550,7 @@ def test_ecgx_serve_logs_no_waveform_or_ecg_id_even_at_debug(world, gated) -> No
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     lines: list[str] = []
     try:

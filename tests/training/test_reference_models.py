@@ -21,7 +21,7 @@ from ecgx.training import reference_models as R
 from ecgx.training.export import ir as IR
 from ecgx.training.export.torch_frontend import trace_model
 
-STUBS = Path(__file__).resolve().parent / "stubs"
+STUBS = Path(__file__).resolve().parents[1] / "stubs"
 # Zennit and onnx2torch import torchvision, which is not installed (tests/stubs/README.md):
 # put the stand-in first on the path, once, and only when no real torchvision exists.
 if importlib.util.find_spec("torchvision") is None and str(STUBS) not in sys.path:

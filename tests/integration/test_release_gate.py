@@ -27,7 +27,7 @@ from cli_helpers import snapshot
 from ecgx.validation.policy import load_policy
 from ecgx.validation.signing import generate_keypair, load_public_key, verify_gate
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "release" / "gate_and_publish.sh"
 JOB = ROOT / "deploy" / "k8s" / "release-gate-job.yaml"
 GITHUB = ROOT / "deploy" / "release" / "github-actions.example.yml"

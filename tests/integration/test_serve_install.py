@@ -32,7 +32,7 @@ from repo_helpers import make_package
 from ecgx.core.dataset import load_dataset
 from ecgx.service.engine import AttributionEngine
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # Never copied into the build: environments, build outputs, generated stubs (setup.py makes
 # them afresh), run outputs and what the package does not ship.
 COPY_IGNORE = shutil.ignore_patterns(

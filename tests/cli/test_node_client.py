@@ -28,7 +28,7 @@ from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "node" / "explain.js"
 NODE = shutil.which("node")
 SERVED, REFUSED = "gradcam", "saliency"

@@ -229,7 +229,7 @@ def test_a_policy_loosened_in_one_setting_is_refused_before_any_work(
 ) -> None:
     """The issue's fourth finding: window = 1 alone let weight-keyed masks pass. Every setting
     that changes what a check can detect now has a floor (the property-based test draws them
-    all: tests/test_gate_floor_property.py)."""
+    all: tests/validation/test_gate_floor_property.py)."""
     policy = tmp_path / "loose.toml"
     policy.write_text(loosening + "\n")
     with pytest.raises(PolicyError, match=r"below the floor .* can never be served"):

@@ -29,7 +29,6 @@ from tritonclient.grpc import service_pb2 as oip_pb
 from tritonclient.grpc import service_pb2_grpc as oip_grpc
 from tritonclient.utils import InferenceServerException
 
-from ecgx.core.dataset import load_dataset
 from ecgx.service.health import NOT_SERVING, SERVING
 from ecgx.service.oip import SERVICE_NAME as OIP_SERVICE
 from ecgx.service.repository import ModelRepository
@@ -86,11 +85,6 @@ def served(repo):
     s = Served(repo, max_batch=8)
     yield s
     s.close()
-
-
-@pytest.fixture(scope="module")
-def beats(gated) -> np.ndarray:
-    return np.asarray(load_dataset(gated["family"]["data"]).signals[:4], dtype=np.float32)
 
 
 def infer_input(x: np.ndarray, name: str = "ecg", datatype: str = "FP32") -> tc.InferInput:
@@ -190,7 +184,7 @@ def test_model_infer_with_attribution_matches_the_engine(served, repo, beats) ->
     assert r.parameters["gate_verdict"].string_param == "pass" and not r.parameters["ungated"].bool_param
     assert r.parameters["gate_report_sha256"].string_param == v1.report_sha256
     # A class key, its SNOMED code and its index name the same target; method settings as JSON
-    # (the value the gate checked: another is FAILED_PRECONDITION, tests/test_core_gate.py).
+    # (the value the gate checked: another is FAILED_PRECONDITION, tests/service/test_core_gate.py).
     cls = v1.engine.package.manifest["classes"][1]
     expected = v1.engine.attribute("gradcam", beats, target=1, interpolation="linear")
     for target in (cls["key"], cls["code"], 1, "1"):

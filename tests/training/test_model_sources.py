@@ -480,7 +480,7 @@ def test_program_with_a_fixed_batch(user, tmp_path: Path) -> None:
 
 
 def test_onnx_file_converted_back_by_onnx2torch(user, tmp_path: Path) -> None:
-    if not (Path(__file__).parent / "stubs" / "torchvision").is_dir():
+    if not (Path(__file__).parents[1] / "stubs" / "torchvision").is_dir():
         pytest.skip("tests/stubs/torchvision (the stand-in onnx2torch imports) is not there yet")
     onnx2torch = pytest.importorskip("onnx2torch")
     model = _build(user, "inception")

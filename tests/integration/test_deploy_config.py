@@ -5,7 +5,7 @@ dashboard's and the alerts' queries checked against the metric families a live
 :class:`ecgx.service.metrics.ServiceMetrics` registry exports.
 
 promtool comes from Debian's prometheus package (.ci/run installs it); where it is missing those
-tests skip and say so. The Prometheus server itself runs in tests/test_prometheus_integration.py.
+tests skip and say so. The Prometheus server itself runs in tests/integration/test_prometheus_integration.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import yaml
 from ecgx.service.metrics import ServiceMetrics
 from ecgx.service.repository import ModelRepository
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS = DEPLOY / "prometheus"
 K8S = DEPLOY / "k8s"

@@ -258,7 +258,7 @@ def test_the_client_never_imports_torch(server, shared_data, tmp_path) -> None:
         capture_output=True,
         text=True,
         timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert "TORCH_LOADED False" in r.stdout

@@ -44,7 +44,7 @@ def test_ecgx_serve_http_port_serves_tls_and_tokens_and_stops_in_time(gated, tmp
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         _, lines = serve_port(proc, "TLS")

@@ -18,7 +18,7 @@ from ecgx.validation.signing import SIGNING_KEY_ENV
 # family no method beats |x| by the default perturbation margin, so no servable PASS can be made
 # here: validate runs in research mode, whose exit codes and signing are the same, and whose
 # report `gate verify` refuses (the verification of a servable report is tested with the
-# conftest `gated` report, tests/test_policy_floor.py). Occlusion passes with this margin.
+# conftest `gated` report, tests/validation/test_policy_floor.py). Occlusion passes with this margin.
 FAST = """
 [gate]
 ecgs = 64

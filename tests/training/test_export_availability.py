@@ -33,7 +33,7 @@ from ecgx.training.export.package_writer import default_sample_inputs
 from ecgx.training.export.source import from_module
 from ecgx.training.models import ModelConfig, build_model
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 X = generate(4, np.random.default_rng(7)).signals
 CPU = ["CPUExecutionProvider"]
 

@@ -488,7 +488,7 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
     script = tmp_path / "serve_no_torch.py"
     script.write_text(ECGX_WITHOUT_TORCH)
     # A grace period the in-flight request fits in on a loaded machine: what happens to work still
-    # running after it is tests/test_core_limits.py's (cancelled, exit within grace + 2 s).
+    # running after it is tests/service/test_core_limits.py's (cancelled, exit within grace + 2 s).
     args = ["--repo", str(repo["root"]), "--port", "0", "--trusted-key", str(repo["public"]), "--grace", "60"]
     args += ["--insecure", "--metrics-port", "0"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -498,7 +498,7 @@ def test_ecgx_serve_runs_without_torch_and_drains_on_sigterm(repo, beats, tmp_pa
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        cwd=Path(__file__).resolve().parents[1],
+        cwd=Path(__file__).resolve().parents[2],
     )
     try:
         port, lines = serve_port(proc, "PLAINTEXT")

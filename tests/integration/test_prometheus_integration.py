@@ -35,7 +35,7 @@ from ecgx.core.schema import LEADS
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 PROMETHEUS_BIN = shutil.which("prometheus")
 MODEL, METHOD = "ecg", "gradcam"  # the gated fixture's report serves gradcam

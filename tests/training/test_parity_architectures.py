@@ -10,7 +10,7 @@ and served by the engine on ONNX Runtime. References, by method:
   (training/export/autograd_reference.py), and Captum too: on these four networks every ReLU
   reads a tensor nothing else reads (Ribeiro's block adds, then BatchNorm, then ReLU), so
   Captum's ReLU-input hooks are right here. Where a ReLU's input also feeds an addition they
-  are not (tests/test_autograd_reference.py shows both sides);
+  are not (tests/training/test_autograd_reference.py shows both sides);
 - DeepLIFT and LRP-epsilon: the plain-autograd rule reference, and Captum on the IR-rebuilt
   module, where every ReLU, addition and pooling is a module its hooks and rules attach to
   (BatchNorm folded as exported); GradCAM: Captum on the rebuilt module.

@@ -28,7 +28,7 @@ import pytest
 from repo_helpers import make_package
 from tls_helpers import Authority
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 SCRIPTS = ROOT / "deploy" / "scripts"
 IMAGE = "ecgx:cpu-test"

@@ -24,7 +24,6 @@ import tritonclient.http as tch
 from repo_helpers import make_package
 from tritonclient.utils import InferenceServerException
 
-from ecgx.core.dataset import load_dataset
 from ecgx.core.schema import LEADS
 from ecgx.service.audit import AuditLog
 from ecgx.service.oip_http import start_rest
@@ -93,11 +92,6 @@ def both(repo, tmp_path_factory):
     b = Both(repo, tmp_path_factory.mktemp("audit") / "audit.jsonl")
     yield b
     b.close()
-
-
-@pytest.fixture(scope="module")
-def beats(gated) -> np.ndarray:
-    return np.asarray(load_dataset(gated["family"]["data"]).signals[:4], dtype=np.float32)
 
 
 def http_input(

@@ -108,7 +108,7 @@ def test_each_cost_cap_names_parameter_value_and_limit(
 def test_the_caps_are_the_documented_constants() -> None:
     assert limits.MAX_N_STEPS == 1000 and limits.MAX_N_SAMPLES == 2000 and limits.MAX_BASELINES == 1000
     assert limits.MAX_PERTURBATIONS == 2000 and limits.MAX_SURROGATE_ENTRIES == 2_000_000
-    readme = (Path(__file__).resolve().parents[1] / "docs" / "methods.md").read_text()
+    readme = (Path(__file__).resolve().parents[2] / "docs" / "methods.md").read_text()
     for figure in ("1000", "2000", "2,000,000", "4096", f"{limits.MAX_BATCH_ROWS}"):
         assert figure in readme, figure
 
