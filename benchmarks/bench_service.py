@@ -83,11 +83,12 @@ def prepare(work: Path) -> dict:
     import torch
 
     from ecgx.core.package_reader import load_package
+    from ecgx.core.signing import load_private_key
     from ecgx.training.data.synth import generate, synthesize_dataset
     from ecgx.training.export import export_package
     from ecgx.training.models import ModelConfig, build_model
     from ecgx.validation.gate import package_record, run_gate
-    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.validation.signing import generate_keypair, sign_report
 
     if work.exists():
         shutil.rmtree(work)

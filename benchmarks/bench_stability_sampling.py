@@ -88,11 +88,12 @@ def prepare(work: Path) -> None:
     import torch
 
     from ecgx.core.package_reader import load_package
+    from ecgx.core.signing import load_private_key
     from ecgx.training.data.synth import generate, synthesize_dataset
     from ecgx.training.export import export_package
     from ecgx.training.models import ModelConfig, build_model
     from ecgx.validation.gate import package_record, run_gate
-    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.validation.signing import generate_keypair, sign_report
 
     if work.exists():
         shutil.rmtree(work)
@@ -130,12 +131,12 @@ def prepare(work: Path) -> None:
 def serve(args: argparse.Namespace) -> None:
     """A server with metrics; stdin commands: ``idle`` (drain the sampler, print its counters),
     ``quit``. Prints ``READY <port>`` when it listens."""
+    from ecgx.core.signing import load_public_key
     from ecgx.service.metrics import ServiceMetrics
     from ecgx.service.repository import ModelRepository
     from ecgx.service.security import ServerSecurity
     from ecgx.service.server import build_server
     from ecgx.service.stability import DEFAULT_CPU_BUDGET, WorkerSettings
-    from ecgx.validation.signing import load_public_key
 
     work = Path(args.dir)
     repository = ModelRepository(work / "repo", [load_public_key(work / "keys" / "gate_public_key.pem")])

@@ -65,13 +65,14 @@ def prepare(work: Path) -> dict[str, Any]:
     """A trained package with a signed gate report that passes gradcam, in a repository (own
     process: it imports PyTorch, which the server must not share)."""
     from ecgx.core.package_reader import load_package
+    from ecgx.core.signing import load_private_key
     from ecgx.training.config import TrainConfig
     from ecgx.training.data.synth import synthesize_dataset
     from ecgx.training.export import export_checkpoint
     from ecgx.training.models import ModelConfig
     from ecgx.training.train import CHECKPOINT_FILE, seed_dir, train_run
     from ecgx.validation.gate import package_record, run_gate
-    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.validation.signing import generate_keypair, sign_report
 
     if work.exists():
         shutil.rmtree(work)

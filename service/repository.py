@@ -68,9 +68,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.core.package_reader import MANIFEST_FILE, ModelPackage, PackageError, is_plain_name, load_package
-from ecgx.service.engine import AttributionEngine
-from ecgx.service.methods import get_method
-from ecgx.validation.signing import (
+from ecgx.core.signing import (
     GATE_REPORT_FILE,
     REPORT_SCHEMA,
     SUPPORTED_SCHEMA_VERSIONS,
@@ -78,6 +76,8 @@ from ecgx.validation.signing import (
     key_id,
     verify_signature,
 )
+from ecgx.service.engine import AttributionEngine
+from ecgx.service.methods import get_method
 
 log = logging.getLogger(__name__)
 

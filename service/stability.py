@@ -6,8 +6,8 @@ This is the gate's randomisation **noise floor** measured on live traffic: the g
 per method, the mean Spearman correlation of absolute values (per sample) between the map of an
 ECG and the map of the same ECG plus Gaussian noise at ``noise_scale`` times that ECG's own
 high-frequency level (``validation/randomisation.py``). Here the same noise
-(:func:`ecgx.validation.ecg_noise.high_frequency_noise`, the scale from the version's signed policy)
-and the same similarity (:func:`ecgx.validation.similarity.spearman_rows`) are applied to the served
+(:func:`ecgx.core.ecg_noise.high_frequency_noise`, the scale from the version's signed policy)
+and the same similarity (:func:`ecgx.core.similarity.spearman_rows`) are applied to the served
 map; a stochastic method is recomputed with the served call's own seed, so the input noise is
 the only difference, as in the gate. A version whose live stability falls below what it showed
 at release is explaining inputs unlike those it was validated on.
@@ -42,12 +42,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ecgx.core.ecg_noise import high_frequency_noise
 from ecgx.core.errors import InvalidArgument
+from ecgx.core.similarity import pearson_rows, spearman_rows
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.methods import METHOD_NAMES, get_method
 from ecgx.service.repository import ModelRepository, ServedVersion
-from ecgx.validation.ecg_noise import high_frequency_noise
-from ecgx.validation.similarity import pearson_rows, spearman_rows
 
 log = logging.getLogger(__name__)
 

@@ -101,8 +101,9 @@ bootstrap = 100
 def gated(trained_family: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Keys (trusted and untrusted), the policy, and the unsigned gate report of seed-0 (the
     repository and service tests sign copies of it: tests/service/test_repository.py make_package)."""
+    from ecgx.core.signing import load_private_key, load_public_key
     from ecgx.validation.gate import run_gate
-    from ecgx.validation.signing import generate_keypair, load_private_key, load_public_key
+    from ecgx.validation.signing import generate_keypair
 
     tmp = tmp_path_factory.mktemp("gated")
     generate_keypair(tmp / "keys")

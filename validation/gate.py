@@ -33,6 +33,7 @@ from ecgx.core.dataset import Dataset, dataset_fingerprint, load_dataset
 from ecgx.core.errors import InvalidArgument
 from ecgx.core.package_reader import MANIFEST_FILE, ModelPackage, load_package, sha256_file
 from ecgx.core.progress import progress_bar
+from ecgx.core.similarity import mean_pairwise_pearson, pearson_rows
 from ecgx.service.engine import AttributionEngine, select_providers
 from ecgx.service.methods import METHOD_NAMES, get_method, unavailable_methods
 from ecgx.validation import checks
@@ -63,7 +64,6 @@ from ecgx.validation.references import (
     is_reference,
     reference_attributors,
 )
-from ecgx.validation.similarity import mean_pairwise_pearson, pearson_rows
 from ecgx.validation.user_methods import (
     UserCall,
     checked_attributor,

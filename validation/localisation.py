@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 
 from ecgx.core.errors import InvalidArgument
-from ecgx.validation.similarity import auroc_rows, mass_inside
+from ecgx.core.similarity import auroc_rows, mass_inside
 
 SCORES = ("mass", "pointing_game", "top_k_precision", "auroc")
 

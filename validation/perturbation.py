@@ -22,7 +22,7 @@ bias (zeros and means create edges the model may react to; interpolation can
 leak the removed shape). ``noisy_linear`` is ROAD's noisy linear imputation
 (Rong et al. 2022): in one dimension the neighbour-average system ROAD solves is
 exactly linear interpolation between the kept edges, plus Gaussian noise at the
-ECG's own high-frequency noise level (:mod:`ecgx.validation.ecg_noise`), so the
+ECG's own high-frequency noise level (:mod:`ecgx.core.ecg_noise`), so the
 imputed stretch does not reveal where segments were removed.
 """
 
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ecgx.core.ecg_noise import high_frequency_sd
 from ecgx.core.errors import InvalidArgument
+from ecgx.core.similarity import segment_sums
 from ecgx.service.engine import AttributionEngine
-from ecgx.validation.ecg_noise import high_frequency_sd
-from ecgx.validation.similarity import segment_sums
 
 STANDARD_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF", "V1", "V2", "V3", "V4", "V5", "V6")
 # Each derived limb lead as (coefficient of I, coefficient of II) (Einthoven and Goldberger).

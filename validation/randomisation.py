@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ecgx.core.ecg_noise import high_frequency_noise
 from ecgx.core.package_reader import ModelPackage
+from ecgx.core.similarity import SIMILARITY_MEASURES, spearman_rows
 from ecgx.service.engine import AttributionEngine
-from ecgx.validation.ecg_noise import high_frequency_noise
 from ecgx.validation.perturbation import LeadBasis, segment_relevance
-from ecgx.validation.similarity import SIMILARITY_MEASURES, spearman_rows
 
 # attribute(engine, x, target) -> (B, 12, 600); lets tests plug in constructed methods.
 Attributor = Callable[[AttributionEngine, np.ndarray, np.ndarray], np.ndarray]

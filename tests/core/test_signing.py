@@ -20,21 +20,20 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from ecgx.core.package_reader import MANIFEST_FILE, sha256_file
-from ecgx.validation.signing import (
+from ecgx.core.signing import (
     GATE_REPORT_FILE,
     PUBLIC_KEY_ENV,
     SIGNING_KEY_ENV,
     GateVerification,
     SigningError,
     canonical_bytes,
-    generate_keypair,
     key_id,
     load_private_key,
     load_public_key,
-    sign_report,
     verify_gate,
     verify_signature,
 )
+from ecgx.validation.signing import generate_keypair, sign_report
 
 PACKAGE_FILES = {
     "weights.bin": bytes(range(256)) * 8,

@@ -92,7 +92,8 @@ def applied() -> dict[tuple[str, str], dict]:
 def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     """Every sample name the service can export, from a live ServiceMetrics registry's families
     (a histogram family ``x`` exports ``x_bucket``, ``x_sum``, ``x_count``, ``x_created``)."""
-    from ecgx.validation.signing import generate_keypair, load_public_key
+    from ecgx.core.signing import load_public_key
+    from ecgx.validation.signing import generate_keypair
 
     tmp = tmp_path_factory.mktemp("exported")
     _, public = generate_keypair(tmp / "keys")

@@ -24,8 +24,9 @@ import pytest
 import yaml
 from cli_helpers import snapshot
 
+from ecgx.core.signing import load_public_key, verify_gate
 from ecgx.validation.policy import load_policy
-from ecgx.validation.signing import generate_keypair, load_public_key, verify_gate
+from ecgx.validation.signing import generate_keypair
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "release" / "gate_and_publish.sh"

@@ -35,12 +35,12 @@ from ecgx.core.errors import (
     ResourceExhausted,
 )
 from ecgx.core.schema import LEADS
+from ecgx.core.signing import load_public_key
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2 as pb
 from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
 from ecgx.service.repository import ModelRepository
 from ecgx.service.security import ServerSecurity
 from ecgx.service.server import build_server, lead_shares, status_of
-from ecgx.validation.signing import load_public_key
 
 SERVED, UNCHECKED = "lime", "saliency"
 
@@ -162,7 +162,7 @@ def test_list_and_get_model(server) -> None:
 
 
 def test_get_gate_report_is_the_signed_file(server, repo) -> None:
-    from ecgx.validation.signing import verify_signature
+    from ecgx.core.signing import verify_signature
 
     r = server.stub.GetGateReport(pb.GetGateReportRequest(model="ecg"))
     raw = (repo["root"] / "ecg" / "1" / "gate.json").read_bytes()

@@ -19,15 +19,10 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ecgx.cli import main
 from ecgx.core.package_reader import MANIFEST_FILE, WEIGHTS_FILE, PackageError, load_package, sha256_file
+from ecgx.core.signing import load_private_key, load_public_key, verify_gate
 from ecgx.service.engine import AttributionEngine
 from ecgx.training.data.synth import generate
-from ecgx.validation.signing import (
-    generate_keypair,
-    load_private_key,
-    load_public_key,
-    sign_report,
-    verify_gate,
-)
+from ecgx.validation.signing import generate_keypair, sign_report
 
 X = generate(2, np.random.default_rng(5)).signals
 CPU = ["CPUExecutionProvider"]

@@ -19,11 +19,11 @@ import pytest
 from gate_cheats import cheats
 
 from ecgx.core.package_reader import load_package
+from ecgx.core.similarity import segment_sums
 from ecgx.service.engine import AttributionEngine
 from ecgx.validation.gate import run_gate
 from ecgx.validation.policy import PolicyError
 from ecgx.validation.references import PREFIX
-from ecgx.validation.similarity import segment_sums
 
 pytestmark = pytest.mark.slow  # one gate run with every cheat: minutes on 2 cores
 

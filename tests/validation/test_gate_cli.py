@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from ecgx.cli import main
+from ecgx.core.signing import SIGNING_KEY_ENV
 from ecgx.validation.policy import load_policy
-from ecgx.validation.signing import SIGNING_KEY_ENV
 
 # The floor is the default policy's every detection setting (issue 26), and on the suite's small
 # family no method beats |x| by the default perturbation margin, so no servable PASS can be made

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ecgx.core.package_reader import load_package
+from ecgx.core.similarity import spearman_rows
 from ecgx.service.engine import AttributionEngine
 from ecgx.validation.bootstrap import bootstrap_mean
 from ecgx.validation.changed_model import block_of, changed_models, top_block
@@ -18,7 +19,6 @@ from ecgx.validation.gate import control_attributor
 from ecgx.validation.perturbation import STANDARD_LEADS, lead_basis, segment_relevance
 from ecgx.validation.randomisation import parameterised_layers, resolution_similarity
 from ecgx.validation.references import class_templates
-from ecgx.validation.similarity import spearman_rows
 
 
 def test_the_bootstrap_over_draws_and_ecgs_holds_the_draw_to_draw_variance() -> None:

@@ -10,9 +10,18 @@ from scipy.stats import spearmanr
 from skimage.metrics import structural_similarity
 from sklearn.metrics import roc_auc_score
 
+from ecgx.core.ecg_noise import high_frequency_noise, high_frequency_sd
+from ecgx.core.similarity import (
+    auroc_rows,
+    mass_inside,
+    mean_pairwise_pearson,
+    pearson_rows,
+    segment_sums,
+    spearman_rows,
+    ssim_rows,
+)
 from ecgx.service.methods.perturbation import segment_mask
 from ecgx.validation.bootstrap import bootstrap_difference
-from ecgx.validation.ecg_noise import high_frequency_noise, high_frequency_sd
 from ecgx.validation.perturbation import (
     STANDARD_LEADS,
     lead_basis,
@@ -23,15 +32,6 @@ from ecgx.validation.perturbation import (
     segment_relevance,
 )
 from ecgx.validation.policy import PolicyError, default_policy, load_policy
-from ecgx.validation.similarity import (
-    auroc_rows,
-    mass_inside,
-    mean_pairwise_pearson,
-    pearson_rows,
-    segment_sums,
-    spearman_rows,
-    ssim_rows,
-)
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import pytest
 from cli_helpers import assert_clean_failure, run_ecgx
 from repo_helpers import make_package
 
+from ecgx.core.signing import ALLOWED_POLICIES_ENV
 from ecgx.service.repository import ModelRepository, PromotionRefused, promote
 from ecgx.validation.gate import run_gate
 from ecgx.validation.policy import (
@@ -20,7 +21,7 @@ from ecgx.validation.policy import (
     floor_violations,
     load_policy,
 )
-from ecgx.validation.signing import ALLOWED_POLICIES_ENV, allowed_policy_hashes
+from ecgx.validation.signing import allowed_policy_hashes
 
 # (key, a value below the floor) for every key of the floor.
 BELOW = {
