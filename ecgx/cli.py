@@ -429,7 +429,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from ecgx.demo import run_demo
 
     run_demo(
-        Path(args.out), n=args.n, seeds=args.seeds, overwrite=args.overwrite, show_progress=not args.quiet
+        Path(args.out),
+        n=args.n,
+        seeds=args.seeds,
+        overwrite=args.overwrite,
+        show_progress=not args.quiet,
+        quick=args.quick,
     )
     return 0
 
@@ -590,12 +595,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="generate data, train a seed family, export packages, draw attributions",
+        help="generate data, train a seed family, export and gate packages, serve one explanation",
         description="The whole pipeline on the built-in defaults: synthesise a dataset, train three seeds, "
-        "print per-class test AUROC, export each model as an ONNX package and draw attributions of the "
-        "package for one test beat per class (PNG files in OUT/figures), gate the packages, and end by "
-        "serving the gated ones (OUT/repo) on loopback and fetching an explanation over gRPC "
-        "(OUT/figures/grpc_explanation.png).",
+        "print per-class test AUROC, export each model as an ONNX package, gate the packages under the "
+        "default policy (signed reports, an HTML report in OUT/report), draw attributions of one test "
+        "window per class marked with the gate's verdicts (OUT/figures), serve the gated versions "
+        "(OUT/repo) on loopback and fetch an explanation over gRPC (OUT/figures/grpc_explanation.png). "
+        "It ends with what it wrote where, the verdict per package and the commands to go on with. "
+        "What the demo trims for time (methods gated; with --quick also beats, epochs and packages "
+        "gated) it prints first and writes into the report; the gate policy itself is never trimmed.",
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     p.add_argument("--n", type=int, default=None, help="number of synthetic beats (default: the demo's own)")
@@ -604,6 +612,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="redo every step, replacing the outputs of an earlier demo in OUT",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="a first look in a few minutes: fewer beats and epochs, 5 methods, the first package gated "
+        "(it says what it trimmed)",
     )
     _add_common(p)
     p.set_defaults(func=_cmd_demo)

@@ -20,7 +20,9 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -35,9 +37,9 @@ from ecgx.core.outputs import (
     classify_output,
     write_text_atomic,
 )
-from ecgx.core.plots import plot_attributions
 from ecgx.core.schema import CLASSES
 from ecgx.service.engine import AttributionEngine
+from ecgx.service.methods import METHOD_NAMES
 from ecgx.training.config import TrainConfig
 from ecgx.training.data.synth import synthesize_dataset
 from ecgx.training.export import export_checkpoint
@@ -45,11 +47,24 @@ from ecgx.training.models import ModelConfig
 from ecgx.training.summary import format_training_summary
 from ecgx.training.train import CHECKPOINT_FILE, check_seeds, make_split, seed_dir, train_run
 
+if TYPE_CHECKING:
+    from ecgx.validation.gate import GateRun
+
 log = logging.getLogger(__name__)
+FIGURES_DIR = "figures"
 
 DEMO_BEATS = 8000
 DEMO_DATA_SEED = 0
-DEMO_METHODS = ("saliency", "integrated_gradients", "deeplift", "lrp", "gradcam", "occlusion")
+# Drawn in the figures, those the demo gated (each marked with its verdict).
+DEMO_METHODS = (
+    "gradient_shap",
+    "deeplift_shap",
+    "saliency",
+    "integrated_gradients",
+    "input_x_gradient",
+    "lrp",
+    "gradcam",
+)
 # Validation beats come from another generator seed than the training beats.
 VALIDATION_SEED = 1000
 # The demo gates under the default policy (256 ECGs): a smaller one would be below the gate's
@@ -61,7 +76,8 @@ DEMO_MODEL = "ecg"  # the model name in OUT/repo
 GRPC_FIGURE = "grpc_explanation.png"
 # The method explained over gRPC: the first of these the gate passed on the served version
 # (cheap ones first), else the first method the gate passed.
-GRPC_METHODS = ("gradcam", "integrated_gradients", "saliency", "deeplift", "lrp", "input_x_gradient")
+GRPC_METHODS = ("gradient_shap", "deeplift_shap", "gradcam", "integrated_gradients", "saliency", "deeplift")
+RECORDS = "records"  # OUT/records/beat-<index>.npy: the test window explained over gRPC, for `ecgx client`
 
 
 def _is_repository(folder: Path) -> bool:
@@ -80,6 +96,77 @@ def _is_repository(folder: Path) -> bool:
 REPOSITORY = OutputKind("model repository", True, _is_repository, "<model>/<version>/manifest.json")
 
 
+@dataclass(frozen=True)
+class DemoPlan:
+    """What one flavour of the demo does. The gate policy is always the default one (its ECG
+    counts, draws and thresholds are the floor for servable reports); what a plan trims is the
+    training data, the epochs, the methods gated and which packages are gated, and
+    :meth:`trims` says so in the demo's output and in its report."""
+
+    name: str
+    beats: int
+    max_epochs: int  # TrainConfig's own default for the full demo
+    gate_methods: tuple[str, ...]
+    gate_every_package: bool
+
+    def trims(self, n: int, seeds: Sequence[int]) -> list[str]:
+        """What this demo leaves out compared with gating for real use, one sentence each."""
+        left_out = [m for m in METHOD_NAMES if m not in self.gate_methods and m != "random"]
+        lines = []
+        if n < DEMO_BEATS or self.max_epochs < TrainConfig().max_epochs:
+            lines.append(
+                f"trains on {n} synthetic beats for at most {self.max_epochs} epochs "
+                f"(the full demo: {DEMO_BEATS} beats, {TrainConfig().max_epochs} epochs), "
+                "so its models are weaker"
+            )
+        if left_out:
+            lines.append(
+                f"gates {len(self.gate_methods)} of {len(METHOD_NAMES) - 1} methods; left out, for time: "
+                f"{', '.join(left_out)} (`ecgx validate PACKAGE ...` gates them all); "
+                "a method not gated is never served"
+            )
+        if not self.gate_every_package and len(seeds) > 1:
+            lines.append(
+                f"gates the first package only (seed {seeds[0]}, with the others as its seed family); "
+                "the others are exported but not gated, so they are not served"
+            )
+        lines.append(
+            "the gate policy is the default one, not trimmed: the same ECG counts, "
+            "randomisation draws and thresholds as for real use"
+        )
+        return lines
+
+
+# The four slowest methods (occlusion, feature ablation, KernelSHAP, LIME: about 70 % of an
+# attribution pass, benchmarks/RESULTS.md) and SmoothGrad are left out of the demo's gate; the
+# rest include the two that pass on the demo's configuration (GradientSHAP, DeepLIFT-SHAP) and
+# failures worth seeing (input-multiplied maps, raw gradients, GradCAM).
+FULL = DemoPlan(
+    "full",
+    DEMO_BEATS,
+    TrainConfig().max_epochs,
+    (
+        "saliency",
+        "input_x_gradient",
+        "integrated_gradients",
+        "gradient_shap",
+        "deeplift",
+        "deeplift_shap",
+        "guided_backprop",
+        "gradcam",
+        "lrp",
+    ),
+    gate_every_package=True,
+)
+QUICK = DemoPlan(
+    "quick",
+    3000,
+    8,
+    ("saliency", "input_x_gradient", "gradient_shap", "gradcam", "lrp"),
+    gate_every_package=False,
+)
+
+
 def run_demo(
     out: Path,
     *,
@@ -87,11 +174,14 @@ def run_demo(
     seeds: Sequence[int] = (0, 1, 2),
     overwrite: bool = False,
     show_progress: bool = True,
-) -> None:
-    """Run every step and print per-class test AUROC and where the pictures are."""
+    quick: bool = False,
+) -> DemoResult:
+    """Run every step, then print what was written where, the gate's verdict per package and the
+    commands to go on with (:func:`closing_summary`)."""
     started = time.perf_counter()
     out = Path(out)
-    n = DEMO_BEATS if n is None else n
+    plan = QUICK if quick else FULL
+    n = plan.beats if n is None else n
     data_dir, run_dir, pkg_dir, fig_dir = out / "data", out / "runs", out / "packages", out / "figures"
     # Everything that can be checked is checked before anything is written.
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -104,22 +194,29 @@ def run_demo(
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / MARKER_FILE, json.dumps({"ecgx_demo": 1, "created": time.time()}) + "\n")
+    trims = plan.trims(n, seeds)
+    print(f"ecgx demo ({plan.name}) in {out}; this demo:")
+    print("\n".join(f"  - {t}" for t in trims), flush=True)
     _synthesise(data_dir, n, overwrite, show_progress)
-    _train(data_dir, run_dir, seeds, overwrite, show_progress)
+    _train(data_dir, run_dir, seeds, plan, overwrite, show_progress)
     packages = _export(run_dir, pkg_dir, seeds, overwrite)
-    figures = _draw(data_dir, packages[0], fig_dir)
-    print(format_training_summary(run_dir, seeds))
-    print(f"packages: {', '.join(str(p) for p in packages)}")
-    print(f"attribution pictures ({len(figures)}, package {packages[0].name}): {fig_dir}")
+    print(format_training_summary(run_dir, seeds), flush=True)
+    result = DemoResult(out=out, packages=packages, trims=trims)
     if len(packages) > 1:
-        report = _gate(out, packages, show_progress)
-        print(f"experiments report: {report}")
-        _serve_and_explain(out, packages, data_dir, fig_dir)
+        gated = packages if plan.gate_every_package else packages[:1]
+        verdicts, first_run = _gate(out, gated, packages, plan, show_progress)
+        result.verdicts = verdicts
+        result.report = _write_report(out, first_run, trims)
+        result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report)
+        result.record, result.method = _serve_and_explain(out, gated, data_dir, fig_dir)
     else:
         log.warning(
             "one seed only: the gate needs a seed family, so gating, the report and serving are skipped"
         )
-    print(f"demo finished in {time.perf_counter() - started:.0f} s; outputs in {out}")
+        result.figures = _draw(data_dir, packages[0], fig_dir, None)
+    result.seconds = time.perf_counter() - started
+    print("\n".join(closing_summary(result)))
+    return result
 
 
 def _check_reusable_data(data_dir: Path, n: int, overwrite: bool) -> None:
@@ -148,7 +245,9 @@ def _synthesise(data_dir: Path, n: int, overwrite: bool, show_progress: bool) ->
         log.info("step 1/7: reusing dataset %s", data_dir)
 
 
-def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool, show_progress: bool) -> None:
+def _train(
+    data_dir: Path, run_dir: Path, seeds: Sequence[int], plan: DemoPlan, overwrite: bool, show_progress: bool
+) -> None:
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
     if todo:
         log.info("step 2/7: training seeds %s into %s", todo, run_dir)
@@ -160,7 +259,7 @@ def _train(data_dir: Path, run_dir: Path, seeds: Sequence[int], overwrite: bool,
                 [s],
                 run_dir,
                 ModelConfig(),
-                TrainConfig(),
+                TrainConfig(max_epochs=plan.max_epochs),
                 overwrite=overwrite and i == 0,
                 show_progress=show_progress,
             )
@@ -179,10 +278,12 @@ def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool)
     return packages
 
 
-def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
-    """Gate every package with its siblings as the family, sign the reports with a demo key,
-    and write the experiments report from the first package's gate run."""
-    from ecgx.validation.experiments import write_experiments
+def _gate(
+    out: Path, gated: list[Path], packages: list[Path], plan: DemoPlan, show_progress: bool
+) -> tuple[dict[Path, PackageVerdict], GateRun]:
+    """Gate each of ``gated`` with the other ``packages`` as its family (default policy, the
+    plan's methods) and sign the reports with a demo key. Returns the verdicts and the first
+    package's gate run, which the report and the figures show."""
     from ecgx.validation.gate import run_gate, save_report, summary_lines
     from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
 
@@ -198,32 +299,47 @@ def _gate(out: Path, packages: list[Path], show_progress: bool) -> Path:
             keys, overwrite=True
         )  # half a pair left by hand is replaced: the folder is the demo's
     key = load_private_key(keys / "gate_signing_key.pem")
-    report = out / "report"
-    for i, pkg in enumerate(packages):
-        log.info("step 5/7: gating %s (family: the other seeds)", pkg)
+    verdicts: dict[Path, PackageVerdict] = {}
+    first = None
+    for i, pkg in enumerate(gated, 1):
+        log.info("step 4/7: gating %s (%d of %d; family: the other seeds)", pkg, i, len(gated))
         family = [p for p in packages if p != pkg]
-        run = run_gate(pkg, validation, family=family, show_progress=show_progress)
+        run = run_gate(pkg, validation, family=family, methods=plan.gate_methods, show_progress=show_progress)
         save_report(sign_report(run.report, key), pkg / "gate.json", overwrite=True)  # re-gating replaces it
         print(f"\ngate of {pkg} ({pkg / 'gate.json'}):")
-        print("\n".join(summary_lines(run.report)))
-        if i == 0:  # the report shows the first package; its gate run has every measurement
-            log.info("step 6/7: writing the experiments report")
-            report = write_experiments(run, report, overwrite=True)
-    public = keys / "gate_public_key.pem"
-    verify = f"ecgx gate verify {packages[0]} --public-key {public}"  # the default policy is allowed
-    print(f"verify a package with: {verify}")
-    return report
+        print("\n".join(summary_lines(run.report)), flush=True)
+        verdicts[pkg] = PackageVerdict.of(run.report)
+        first = run if first is None else first
+    assert first is not None  # gated is never empty
+    return verdicts, first
 
 
-def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
-    """For each class, the test beat the model finds most typical of it, explained by
-    several methods from the ONNX package."""
-    log.info("step 4/7: drawing attributions of %s into %s", package, fig_dir)
+def _write_report(out: Path, run: GateRun, trims: Sequence[str]) -> Path:
+    """The experiments report of the first package's gate run, saying what the demo trimmed."""
+    from ecgx.validation.experiments import write_experiments
+    from ecgx.validation.html_report import REPORT_FILE, add_notice
+
+    log.info("step 5/7: writing the experiments report into %s", out / "report")
+    report = write_experiments(run, out / "report", overwrite=True)
+    html = report / REPORT_FILE if report.is_dir() else report
+    add_notice(html, "What this demo trimmed", trims)
+    return html
+
+
+def _draw(data_dir: Path, package: Path, fig_dir: Path, report: dict | None) -> list[Path]:
+    """For each class, the test window the model finds most typical of it, explained by the
+    gated methods from the ONNX package, each marked with the gate's verdict."""
+    from ecgx.validation.figures import plot_gated_attributions
+
+    log.info("step 6/7: drawing attributions of %s into %s", package, fig_dir)
     ds = load_dataset(data_dir, check_values=False)
     test = make_split(len(ds), TrainConfig()).test
     engine = AttributionEngine(package)
     x = np.asarray(ds.signals[test])
     probs = engine.probabilities(x)
+    gated = (report or {}).get("methods", {})
+    methods = [m for m in DEMO_METHODS if m in gated] or list(DEMO_METHODS)
+    verdicts = {m: gated[m]["verdict"] if m in gated else "not gated" for m in methods}
     figures = []
     stage = StagedOutput(fig_dir, FIGURES, overwrite=True)  # the demo redraws its own figures
     for c, cls in enumerate(CLASSES):
@@ -232,12 +348,17 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
             continue
         i = positives[np.argmax(probs[positives, c])]
         beat = x[i : i + 1]
-        maps = {m: engine.attribute(m, beat, c)[0] for m in DEMO_METHODS}
-        title = f"{cls.name} ({cls.key}, SNOMED {cls.code}): test beat {test[i]}, p = {probs[i, c]:.3f}"
+        maps = {m: engine.attribute(m, beat, c)[0] for m in methods}
+        title = (
+            f"record {test[i]} of {data_dir.name} (test split), {cls.name} ({cls.key}, SNOMED {cls.code}), "
+            f"p = {probs[i, c]:.3f}"
+        )
         mask = (np.asarray(ds.masks[test[i]]) >> c) & 1
         name = f"attributions_{cls.key}.png"
         try:
-            plot_attributions(beat[0], maps, stage.path / name, title=title, mask=mask.astype(bool))
+            plot_gated_attributions(
+                beat[0], maps, verdicts, stage.path / name, title=title, mask=mask.astype(bool)
+            )
         except BaseException:
             stage.abort()
             raise
@@ -246,7 +367,9 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path) -> list[Path]:
     return figures
 
 
-def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir: Path) -> Path | None:
+def _serve_and_explain(
+    out: Path, packages: list[Path], data_dir: Path, fig_dir: Path
+) -> tuple[Path | None, str | None]:
     """Promote the gated packages into ``OUT/repo`` (rebuilt every run: the reports may be new),
     serve it on a free loopback port in this process, call Explain over gRPC for one test beat
     with a method the gate passed, and draw the answer with the client's code."""
@@ -278,7 +401,7 @@ def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir:
                 log.warning("%s", e)
     if not promoted:
         print(f"model repository {repo}: no package passed its gate, so nothing is served over gRPC")
-        return None
+        return None, None
     repository = ModelRepository(repo, [public])
     server, port, _, _ = build_server(
         repository, security=ServerSecurity.plaintext_unauthenticated(), host="127.0.0.1", port=0
@@ -291,10 +414,13 @@ def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir:
             method = next((m for m in GRPC_METHODS if m in passed), passed[0] if passed else None)
             if method is None:
                 print(f"model repository {repo}: the gate passed no method, so no explanation is served")
-                return None
+                return None, None
             ds = load_dataset(data_dir, check_values=False)
             index = int(make_split(len(ds), TrainConfig()).test[0])
             beat = np.asarray(ds.signals[index], dtype=np.float32)
+            record = out / RECORDS / f"beat-{index}.npy"
+            record.parent.mkdir(exist_ok=True)
+            np.save(record, beat)  # the demo's own folder: `ecgx client explain --ecg` reads it
             r = client.explain(DEMO_MODEL, ecg_messages(EcgInput([beat], 500.0, "demo")), [method])
             v = version_info(info, r.version)
             leads = list(v.leads) if v is not None else None
@@ -313,4 +439,83 @@ def _serve_and_explain(out: Path, packages: list[Path], data_dir: Path, fig_dir:
         f"{r.version}, gate {a.gate.verdict} ({format_checks(a.gate)}), in "
         f"{time.perf_counter() - started:.1f} s: {figure}"
     )
-    return figure
+    return record, method
+
+
+@dataclass(frozen=True)
+class PackageVerdict:
+    """The gate's verdict on one package, as the closing summary shows it."""
+
+    verdict: str
+    passed: tuple[str, ...]
+    checked: int
+
+    @classmethod
+    def of(cls, report: dict) -> PackageVerdict:
+        return cls(report["verdict"], tuple(report.get("passed", ())), len(report.get("methods", {})))
+
+
+@dataclass
+class DemoResult:
+    """What a demo run wrote (paths under ``out``) and decided."""
+
+    out: Path
+    packages: list[Path]
+    trims: list[str] = field(default_factory=list)
+    verdicts: dict[Path, PackageVerdict] = field(default_factory=dict)
+    report: Path | None = None
+    figures: list[Path] = field(default_factory=list)
+    record: Path | None = None  # the test window explained over gRPC, as .npy
+    method: str | None = None  # the method it was explained with (one the gate passed)
+    seconds: float = 0.0
+
+
+def closing_summary(result: DemoResult) -> list[str]:
+    """What was written where (only what exists), one line per package with the gate's verdict,
+    and the commands to go on with. Every path is as the user passed ``out``."""
+    out = result.out
+    lines = [f"\ndemo finished in {result.seconds:.0f} s. Written in {out}:"]
+    written = [
+        ("experiments report (HTML)", result.report),
+        ("attribution figures", out / FIGURES_DIR if result.figures else None),
+        ("explanation over gRPC (PNG)", out / FIGURES_DIR / GRPC_FIGURE),
+        ("model repository (gated versions)", out / "repo"),
+        ("packages (ONNX, gate.json)", out / "packages"),
+        ("gate signing key (private; keep it)", out / "keys" / "gate_signing_key.pem"),
+        ("gate public key (for serve --trusted-key)", out / "keys" / "gate_public_key.pem"),
+        ("record explained over gRPC", result.record),
+        ("training runs", out / "runs"),
+        ("training and validation data (synthetic)", out / "data"),
+    ]
+    lines += [f"  {what:42s} {path}" for what, path in written if path is not None and path.exists()]
+    lines.append("gate verdicts (default policy):")
+    for pkg in result.packages:
+        v = result.verdicts.get(pkg)
+        if v is None:
+            lines.append(f"  {pkg.name}: not gated by this demo (not served)")
+        else:
+            passed = ", ".join(v.passed) if v.passed else "none"
+            lines.append(
+                f"  {pkg.name}: {v.verdict.upper()}, {len(v.passed)} of {v.checked} methods pass: {passed}"
+            )
+    lines += [f"  note: {t}" for t in result.trims[:-1]]
+    lines += next_commands(result)
+    return lines
+
+
+def next_commands(result: DemoResult) -> list[str]:
+    """The exact commands to serve the demo's repository, explain its record and open the report."""
+    out, lines = result.out, []
+    public = out / "keys" / "gate_public_key.pem"
+    repo = out / "repo"
+    if repo.is_dir() and public.is_file() and result.record is not None and result.method is not None:
+        lines += [
+            "next: serve the repository on this machine (plaintext, loopback only), in one terminal:",
+            f"  ecgx serve --repo {repo} --trusted-key {public} --insecure --port 50051",
+            f"then, in another, explain a real test record with {result.method} (the gate passed it):",
+            f"  ecgx client explain --server 127.0.0.1:50051 --ecg {result.record} --method {result.method} "
+            f"--png {out / 'explanation.png'}",
+        ]
+    if result.report is not None and result.report.exists():
+        lines += ["open the report:", f"  python -m webbrowser file://{result.report.resolve()}"]
+    return lines

@@ -51,6 +51,8 @@ figcaption { font-size: 0.92em; color: #444; max-width: 900px; }
 .headline.fail { border-left-color: #a63603; background: #fdf1e7; }
 .warning { padding: .6em .8em; border: 2px solid #a63603; background: #fff3e0; font-weight: bold; }
 code { background: #f4f4f4; padding: 0 .2em; }
+.banner { padding: .6em .8em; border: 2px solid #E69F00; background: #fff8e6; margin: .8em 0; }
+.banner ul { margin: .3em 0 0 0; }
 """
 
 
@@ -551,3 +553,20 @@ def study_comparison_rows(report: dict) -> list[dict]:
             "here": _localisation_here(report),
         },
     ]
+
+
+NOTICE_MARK = "<!-- ecgx notices -->"
+
+
+def add_notice(path: Path, heading: str, lines: Sequence[str]) -> Path:
+    """Put a highlighted notice (``heading`` and a list of ``lines``) at the top of the written
+    report ``path``, e.g. what a demo trimmed; the page stays self-contained."""
+    path = Path(path)
+    page = path.read_text(encoding="utf-8")
+    items = "".join(f"<li>{_e(line)}</li>" for line in lines)
+    notice = f'<div class="banner"><strong>{_e(heading)}</strong><ul>{items}</ul></div>\n'
+    if NOTICE_MARK not in page:
+        page = page.replace("<body>\n", f"<body>\n{NOTICE_MARK}\n", 1)
+    page = page.replace(NOTICE_MARK + "\n", NOTICE_MARK + "\n" + notice, 1)
+    path.write_text(page, encoding="utf-8")
+    return path
