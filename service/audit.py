@@ -3,7 +3,8 @@ and what they really got, hash-chained so that a reviewer can check nothing was 
 
 Fields: ``time`` (the call's start, ISO-8601 UTC with milliseconds), ``request_id`` (also sent
 to the client as ``x-request-id``), ``caller``, ``auth`` (token, certificate or none), ``peer``,
-``rpc``, ``model``, ``version``, ``methods``, ``targets``, ``batch_size``, ``code`` (the gRPC
+``rpc``, ``transport`` (``grpc``, or ``http`` for the REST port, whose calls carry the OIP gRPC
+method names), ``model``, ``version``, ``methods``, ``targets``, ``batch_size``, ``code`` (the gRPC
 status name the client got: CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAUTHENTICATED,
 ...), ``refusal`` (which limit or check refused it, "" when none), ``latency_ms``, ``engine_ms``
 and ``prev``.
@@ -74,6 +75,7 @@ def audit_line(record: CallRecord, prev: str = GENESIS) -> str:
         "auth": record.auth,
         "peer": record.peer,
         "rpc": record.rpc,
+        "transport": record.transport,
         "model": record.model,
         "version": record.version,
         "methods": list(record.methods),

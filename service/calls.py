@@ -5,7 +5,7 @@ when it ends its record goes to the observers (the audit log, the metrics).
 Two layers, so that every transport shares them:
 
 - :class:`CallLedger` is transport-neutral. A transport (gRPC here, the OIP REST adapter) calls
-  ``record = ledger.open(rpc, peer)``, then ``ledger.admit(record, headers, peer_cert_pem)``
+  ``record = ledger.open(rpc, peer, transport)``, then ``ledger.admit(record, headers, peer_cert_pem)``
   (raises a :class:`ecgx.core.errors.EcgxError`: UNAUTHENTICATED, PERMISSION_DENIED,
   UNAVAILABLE when a required audit log cannot be written), runs the handler inside
   ``with ledger.serving(record):`` (so :func:`current_call` / :func:`note_call` work), and ends
@@ -81,6 +81,9 @@ class CallRecord:
     request_id: str
     rpc: str  # the full method name, "/ecgx.v1.ExplanationService/Explain"
     peer: str  # the client's address as gRPC reports it, "ipv4:10.1.2.3:51234"
+    # "grpc" or "http": the REST transport records its calls under the OIP gRPC method names (one
+    # scope table, one set of metrics), so the audit line says which wire a call came over.
+    transport: str = "grpc"
     started: float = field(default_factory=time.time)  # UNIX time
     caller: str = ""  # Identity.name; "" when no one was identified
     auth: str = "none"  # Identity.via
@@ -301,9 +304,9 @@ class CallLedger:
     def is_open(self, rpc: str) -> bool:
         return any(rpc == o or (o.endswith("/") and rpc.startswith(o)) for o in self.open_rpcs)
 
-    def open(self, rpc: str, peer: str) -> CallRecord:
+    def open(self, rpc: str, peer: str, transport: str = "grpc") -> CallRecord:
         """A new call's record (observers are told in :meth:`admit`)."""
-        return CallRecord(request_id=uuid.uuid4().hex, rpc=rpc, peer=peer or "")
+        return CallRecord(request_id=uuid.uuid4().hex, rpc=rpc, peer=peer or "", transport=transport)
 
     def admit(self, record: CallRecord, headers: Headers, peer_cert_pem: bytes | None) -> None:
         """Tell the observers the call started, then identify and authorise the caller; raises a

@@ -176,7 +176,7 @@ class OipHttpApp:
         route, match = _route(request)
         if route is None:
             return match  # 404 / 405, before any record: no RPC was asked for
-        record = self.ledger.open(route.rpc, request.peer)
+        record = self.ledger.open(route.rpc, request.peer, "http")
         headers = [(k.lower(), v) for k, v in request.headers.items()]
         with self.ledger.serving(record):
             try:

@@ -458,6 +458,19 @@ def test_audit_lines_for_rest_calls_name_the_rpc_and_the_outcome(both, beats) ->
     assert lines[0]["methods"] == [PASSED] and lines[0]["model"] == MODEL and lines[0]["batch_size"] == 1
 
 
+def test_audit_lines_say_which_transport_a_call_came_over(both, beats) -> None:
+    """REST calls are recorded under the OIP gRPC method names; the transport field tells them
+    apart from the same call over gRPC."""
+    before = len(both.audit_lines())
+    both.http.infer(MODEL, [http_input(beats[:1])], parameters={"method": PASSED})
+    both.oip.infer(MODEL, [grpc_input(beats[:1])], parameters={"method": PASSED})
+    lines = both.audit_lines()[before:]
+    assert [(line["rpc"].rsplit("/", 1)[-1], line["transport"]) for line in lines] == [
+        ("ModelInfer", "http"),
+        ("ModelInfer", "grpc"),
+    ]
+
+
 def test_rest_calls_and_refusals_are_counted_in_the_metrics(repo, beats, tmp_path) -> None:
     from ecgx.service.metrics import ServiceMetrics
 
