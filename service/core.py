@@ -13,13 +13,19 @@ REST translate their messages into :mod:`ecgx.service.requests` records, call
   (:mod:`ecgx.service.admission`);
 - target resolution, at most one forward pass per request (logits reused from a backward pass);
 - cancellation: the request's :class:`~ecgx.service.requests.CancelToken` reaches the engine's
-  chunk loops, so a cancelled or timed-out request stops within one chunk.
+  chunk loops, so a cancelled or timed-out request stops within one chunk;
+- dynamic batching (:mod:`ecgx.service.batcher`): concurrent requests that would make the same
+  engine call (same version, methods, effective settings and target mode; deterministic methods
+  with scalar settings only) are merged into one call after each was checked, admitted and its
+  input decoded on its own, and each gets its own rows back, its own cost, audit line and metrics.
 
 No PyTorch here, and nothing of gRPC or HTTP.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import json
 import math
 import secrets
@@ -34,6 +40,7 @@ import onnxruntime as ort
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from ecgx.service.access import EXPLAIN, require_scope
 from ecgx.service.admission import Admission
+from ecgx.service.batcher import BatchingConfig, BatchStats, DynamicBatcher, Job
 from ecgx.service.calls import EngineClock, note_call
 from ecgx.service.ecg_input import ModelInput, decode_ecgs
 from ecgx.service.methods import METHOD_NAMES, get_method
@@ -277,6 +284,16 @@ def _resolve(t: Target, probs: np.ndarray | None, package: Any, where: str) -> l
     return [class_of(package, t.kind, t.value, where)]
 
 
+def _parts(jobs: Sequence[Job]) -> list[slice]:
+    """The rows of each job in their concatenation."""
+    bounds = list(itertools.accumulate((j.rows for j in jobs), initial=0))
+    return [slice(a, b) for a, b in itertools.pairwise(bounds)]
+
+
+def _scalar(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _count(ecgs: np.ndarray | Sequence[Any]) -> int:
     """ECGs in a request (an array's first axis; a 0-d array holds none)."""
     if isinstance(ecgs, np.ndarray):
@@ -314,6 +331,9 @@ def _covered_gate(served: ServedVersion, call: MethodCall, gate: MethodGate) -> 
 # ---------------------------------------------------------------------------- the core
 
 
+Results = dict[tuple[int, str, int], tuple[np.ndarray, float]]  # (ECG, method, slot) -> (map, seconds)
+
+
 @dataclass(frozen=True)
 class _Plan:
     """An Explain request checked and costed, before any work."""
@@ -326,8 +346,18 @@ class _Plan:
     cost: int
 
 
+@dataclass(frozen=True)
+class _Explained:
+    """One request's rows of an attribution run (its own, or its share of a merged one)."""
+
+    logits: np.ndarray
+    targets: list[list[int]]
+    results: Results
+    engine_s: float  # its share of the engine time (by ECG count, in a merged run)
+
+
 def _attribution_results(
-    plan: _Plan, targets: list[list[int]], results: dict[tuple[int, str, int], tuple[np.ndarray, float]]
+    plan: _Plan, targets: list[list[int]], results: Results
 ) -> tuple[AttributionResult, ...]:
     """One record per ECG, method and target, in that order."""
     keys = plan.served.engine.package.class_keys
@@ -359,7 +389,14 @@ class ServingCore:
             stability samples of served attributions.
     """
 
-    def __init__(self, repository: Any, *, quotas: Quotas | None = None, metrics: Any = None):
+    def __init__(
+        self,
+        repository: Any,
+        *,
+        quotas: Quotas | None = None,
+        metrics: Any = None,
+        batching: BatchingConfig | None = None,
+    ):
         self.repository = repository
         self.quotas = quotas or Quotas()
         if self.quotas.max_request_cost is not None and self.quotas.max_request_cost < 1:
@@ -368,6 +405,12 @@ class ServingCore:
         self.max_batch = int(self.quotas.max_batch)
         self.max_response_bytes = MAX_RESPONSE_BYTES
         self.metrics = metrics
+        # ``batching`` wins; else what the serve config put in its quotas (BatchingQuotas); else on.
+        config = batching or getattr(self.quotas, "batching", None) or BatchingConfig()
+        self.batcher = DynamicBatcher(config, observe=self._batched if metrics is not None else None)
+
+    def _batched(self, stats: BatchStats) -> None:
+        self.metrics.batched(stats)
 
     # ------------------------------------------------------------------ lookups
 
@@ -393,10 +436,8 @@ class ServingCore:
         self._check_budget(cost, "Predict")
         with self.admission.admit(request.caller, request.cancel):
             x, ids = self._inputs(served, request.ecgs)
-            engine = served.engine.with_cancel(request.cancel)
-            with EngineClock() as clock:
-                logits = engine.logits(x)
-        note_call(served, engine_s=clock.seconds)
+            logits, engine_s = self._predict_rows(served, x, request.cancel)
+        note_call(served, engine_s=engine_s)
         probs = sigmoid(logits)
         if self.metrics is not None:
             self.metrics.predicted(served, probs)
@@ -420,10 +461,10 @@ class ServingCore:
         served = plan.served
         with self.admission.admit(request.caller, request.cancel):
             x, ids = self._inputs(served, request.ecgs)
-            engine = served.engine.with_cancel(request.cancel)
-            clock = EngineClock()
-            logits, targets, results = self._attribute(served, engine, x, plan.targets, plan.effective, clock)
-        note_call(served, engine_s=clock.seconds)
+            done = self._explain_rows(plan, x, request.cancel)
+        logits, targets, results = done.logits, done.targets, done.results
+        keys = served.engine.package.class_keys
+        note_call(served, targets=sorted({keys[c] for t in targets for c in t}), engine_s=done.engine_s)
         probs = sigmoid(logits)
         if self.metrics is not None:
             self.metrics.predicted(served, probs)
@@ -466,10 +507,12 @@ class ServingCore:
         plan: list[tuple[Target, str]],
         effective: dict[str, dict[str, Any]],
         clock: EngineClock,
-    ) -> tuple[np.ndarray, list[list[int]], dict[tuple[int, str, int], tuple[np.ndarray, float]]]:
+        parts: Sequence[slice],
+    ) -> tuple[np.ndarray, list[list[int]], Results]:
         """Run every method on every target slot. The forward graph runs at most once: first, when
         targets depend on the prediction; else the logits come from an attribution's backward pass
-        over all ECGs when one gives them, and from the forward graph at the end otherwise."""
+        over all ECGs when one gives them, and from the forward graph at the end otherwise.
+        ``parts``: the rows of each request merged into ``x`` (one slice when it is one request)."""
         package = engine.package
         logits = None
         if any(t.kind in NEEDS_PREDICTION for t, _ in plan):
@@ -479,7 +522,6 @@ class ServingCore:
         targets = [
             _resolve(t, None if probs is None else probs[i], package, w) for i, (t, w) in enumerate(plan)
         ]
-        note_call(served, targets=sorted({package.class_keys[c] for t in targets for c in t}))
         slots = max(len(t) for t in targets)  # slot j holds the j-th target of every ECG that has one
         results: dict[tuple[int, str, int], tuple[np.ndarray, float]] = {}
         for m, params in effective.items():
@@ -492,8 +534,8 @@ class ServingCore:
                 with clock:
                     maps, got = engine.attribute_with_logits(m, xs, cls, **params)
                 share = (time.perf_counter() - t0) / len(rows)
-                if self.metrics is not None:  # hands a sample to the stability worker; never waits
-                    self.metrics.explained(served, m, params, xs, cls, maps)
+                if self.metrics is not None:  # hands samples to the stability worker; never waits
+                    self._offer(served, m, params, parts, rows, xs, cls, maps)
                 if logits is None and every and got is not None:
                     logits = got
                 for k, i in enumerate(rows):
@@ -502,6 +544,111 @@ class ServingCore:
             with clock:
                 logits = engine.logits(x)
         return logits, targets, results
+
+    def _offer(
+        self,
+        served: ServedVersion,
+        method: str,
+        params: dict[str, Any],
+        parts: Sequence[slice],
+        rows: list[int],
+        xs: np.ndarray,
+        cls: np.ndarray,
+        maps: np.ndarray,
+    ) -> None:
+        """One stability offer per request (a merged run offers each request's rows on their own,
+        so the sampled share of requests does not depend on batching)."""
+        if len(parts) == 1:
+            self.metrics.explained(served, method, params, xs, cls, maps)
+            return
+        for part in parts:
+            mine = [k for k, i in enumerate(rows) if part.start <= i < part.stop]
+            if mine:
+                self.metrics.explained(served, method, params, xs[mine], cls[mine], maps[mine])
+
+    # ------------------------------------------------------------------ dynamic batching
+
+    def _batch_key(self, plan: _Plan) -> tuple[Any, ...] | None:
+        """What a request's engine work must share with another's to be merged into one call; None
+        when it may not be merged: a stochastic method (its noise is drawn over the whole batch, so
+        merging would change the answer for the same seed), or a setting that is not a scalar (a
+        per-ECG baseline list describes this request's rows only)."""
+        for m, params in plan.effective.items():
+            if get_method(m).stochastic or not all(_scalar(v) for v in params.values()):
+                return None
+        settings = json.dumps([[m, plan.effective[m]] for m in plan.names], sort_keys=True)
+        # Targets that need the prediction run the forward graph first, over every merged row:
+        # kept apart from those whose logits come free with the backward pass.
+        predicted = any(t.kind in NEEDS_PREDICTION for t, _ in plan.targets)
+        return ("explain", id(plan.served), settings, predicted)
+
+    def _merge(self, served: ServedVersion, rows: int) -> bool:
+        """Whether a request of ``rows`` ECGs goes through the batcher (a request as large as a
+        batch gains nothing by waiting for others)."""
+        policy = self.batcher.config.for_model(served.model)
+        return policy.enabled and rows < policy.preferred_batch_size
+
+    def _predict_rows(self, served: ServedVersion, x: np.ndarray, cancel: Any) -> tuple[np.ndarray, float]:
+        """The logits of ``x`` and the engine time they cost, merged with concurrent Predicts."""
+        if not self._merge(served, len(x)):
+            return self._logits_batch(served, [Job(len(x), len(x), cancel, x)], cancel)[0]
+        return self.batcher.submit(
+            ("predict", id(served)),
+            Job(len(x), len(x), cancel, x),
+            lambda jobs, token: self._logits_batch(served, jobs, token),
+            model=served.model,
+            owner=served,
+        )
+
+    @staticmethod
+    def _logits_batch(served: ServedVersion, jobs: list[Job], cancel: Any) -> list[tuple[np.ndarray, float]]:
+        x = jobs[0].payload if len(jobs) == 1 else np.concatenate([j.payload for j in jobs])
+        engine = served.engine.with_cancel(cancel)
+        with EngineClock() as clock:
+            logits = engine.logits(x)
+        return [(logits[p], clock.seconds * (p.stop - p.start) / len(x)) for p in _parts(jobs)]
+
+    def _explain_rows(self, plan: _Plan, x: np.ndarray, cancel: Any) -> _Explained:
+        """Every attribution of one request, merged with concurrent requests of the same key."""
+        served = plan.served
+        key = self._batch_key(plan) if self._merge(served, len(x)) else None
+        job = Job(len(x), plan.cost, cancel, (plan, x))
+        if key is None:
+            return self._explain_batch(served, [job], cancel)[0]
+        label = plan.names[0] if len(plan.names) == 1 else "multiple"
+        limit = served.engine.max_request_rows  # the merged call must stay within the engine's cap
+        return self.batcher.submit(
+            key,
+            job,
+            lambda jobs, token: self._explain_batch(served, jobs, token),
+            model=served.model,
+            label=label,
+            owner=served,
+            max_cost=limit,
+        )
+
+    def _explain_batch(self, served: ServedVersion, jobs: list[Job], cancel: Any) -> list[_Explained]:
+        """One engine run over the rows of ``jobs`` (same key), split back per job."""
+        plans = [j.payload[0] for j in jobs]
+        x = jobs[0].payload[1] if len(jobs) == 1 else np.concatenate([j.payload[1] for j in jobs])
+        parts = _parts(jobs)
+        targets_in = [t for p in plans for t in p.targets]
+        engine = served.engine.with_cancel(cancel)
+        clock = EngineClock()
+        logits, targets, results = self._attribute(
+            served, engine, x, targets_in, plans[0].effective, clock, parts
+        )
+        if len(jobs) == 1:
+            return [_Explained(logits, targets, results, clock.seconds)]
+        own: list[Results] = [{} for _ in jobs]
+        starts = [p.start for p in parts]
+        for (i, m, j), value in results.items():
+            k = bisect.bisect_right(starts, i) - 1
+            own[k][(i - parts[k].start, m, j)] = value
+        return [
+            _Explained(logits[p], targets[p], own[k], clock.seconds * (p.stop - p.start) / len(x))
+            for k, p in enumerate(parts)
+        ]
 
     # ------------------------------------------------------------------ checks before any work
 

@@ -65,6 +65,9 @@ DEFAULT_METRICS_PORT = 9464  # OpenTelemetry's Prometheus exporter port; 9090 is
 # 1 ms (a ListModels) to 60 s (a large LIME or occlusion request on CPU).
 DURATION_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# A dynamic batch's wait: 0.1 ms (a lone request on an idle engine) to 1 s (the longest delay a
+# serve config may set, plus a batch ahead of it).
+QUEUE_DELAY_BUCKETS_S = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
 # Spearman |a| similarities: fine near 1, where stable methods sit; 0 and 0.25 catch collapses.
 SIMILARITY_BUCKETS = (0, 0.25, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1)
 PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1)
@@ -351,6 +354,21 @@ class ServiceMetrics:
             buckets=DURATION_BUCKETS_S,
             registry=r,
         )
+        self.batch_formed = Histogram(
+            PREFIX + "dynamic_batch_ecgs",
+            "ECGs per engine call the dynamic batcher formed from concurrent requests (method: the "
+            "one asked for, 'multiple', or '' for Predict)",
+            ["model", "method"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.queue_delay = Histogram(
+            PREFIX + "dynamic_batch_queue_delay_seconds",
+            "Time a request waited in the dynamic batcher before its batch started",
+            ["model", "method"],
+            buckets=QUEUE_DELAY_BUCKETS_S,
+            registry=r,
+        )
 
     def _repository(self) -> None:
         r = self.registry
@@ -497,6 +515,15 @@ class ServiceMetrics:
     ) -> None:
         """Offer one Explain computation to the stability sampler; returns at once."""
         self.sampler.offer(served, method, parameters, x, classes, maps)
+
+    def batched(self, stats: Any) -> None:
+        """One batch the dynamic batcher started (``ecgx.service.batcher.BatchStats``)."""
+        model = self.labels.model(stats.model)
+        method = self.labels.method(stats.label) if stats.label != MULTIPLE else MULTIPLE
+        self.batch_formed.labels(model, method).observe(stats.ecgs)
+        delays = self.queue_delay.labels(model, method)
+        for seconds in stats.queue_delays_s:
+            delays.observe(seconds)
 
     # ---------------------------------------------------------------- sampler (StabilitySink)
 

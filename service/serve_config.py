@@ -39,20 +39,31 @@ command line wins over the file::
     stability_share = 0.05    # share of Explain requests re-checked under input noise
     stability_queue = 8       # samples waiting for the worker; more are dropped (counted)
 
-Unknown keys, wrong types and out-of-range values are errors naming the file and key.
+    # Dynamic batching (docs/serving.md): concurrent requests merged into one engine call. On by
+    # default; every key is optional, and a model's own table overrides the defaults for it.
+    [batching]
+    enabled = true
+    preferred_batch_size = 32   # ECGs; a batch starts once it holds this many
+    max_queue_delay_ms = 2.0    # the longest a request waits for a busy engine before its batch starts
+    [batching.models.ecg]       # model "ecg" (keys not given here come from [batching])
+    preferred_batch_size = 16
+
+Unknown keys, wrong types and out-of-range values are errors naming the file and key. The file is
+read by the shared loader (:mod:`ecgx.core.config_file`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.config_file import ConfigError, build, check_tables, checked_fields, read_toml
 from ecgx.core.errors import InvalidArgument
 from ecgx.service.admission import check_rate
+from ecgx.service.batcher import BatchingConfig, BatchingQuotas, BatchPolicy
 from ecgx.service.metrics import DEFAULT_METRICS_PORT
 from ecgx.service.requests import Quotas
 from ecgx.service.stability import DEFAULT_QUEUE as DEFAULT_STABILITY_QUEUE
@@ -100,6 +111,7 @@ class ServeConfig:
     stability_queue: int = DEFAULT_STABILITY_QUEUE
     # ONNX Runtime execution providers in priority order (None: TensorRT, CUDA, CPU as installed).
     providers: tuple[str, ...] | None = None
+    batching: BatchingConfig = field(default_factory=BatchingConfig)  # the [batching] table
 
     def check(self, source: str) -> ServeConfig:
         """Raise :class:`ServeConfigError` on a missing repository or a value out of range."""
@@ -135,8 +147,10 @@ class ServeConfig:
         return self
 
     def quotas(self) -> Quotas:
-        """The serving core's admission limits (budget, per-caller quotas) from these settings."""
-        return Quotas(
+        """The serving core's admission limits (budget, per-caller quotas) from these settings, with
+        the dynamic batching settings (the core reads them from its quotas)."""
+        return BatchingQuotas(
+            batching=self.batching,
             max_batch=self.max_batch,
             max_concurrent=self.max_concurrent,
             max_queued=self.max_queued,
@@ -202,35 +216,21 @@ _TYPES: dict[str, tuple[type, ...]] = {
 
 
 def read_serve_config(path: Path | str) -> dict[str, Any]:
-    """The ``[serve]`` table of a TOML file, type-checked, as ServeConfig field values."""
+    """The ``[serve]`` and ``[batching]`` tables of a TOML file, type-checked, as ServeConfig field
+    values."""
     path = Path(path)
-    if not path.is_file():
-        raise ServeConfigError(f"config file {path} does not exist or is not a regular file")
+    where = f"config file {path}"
     try:
-        document = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise ServeConfigError(f"config file {path} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise ServeConfigError(f"config file {path} cannot be read: {e.strerror or e}") from None
-    unknown_tables = sorted(set(document) - {"serve"})
-    if unknown_tables:
-        raise ServeConfigError(
-            f"config file {path}: unknown table(s) {unknown_tables}; ecgx serve reads [serve]"
-        )
+        document = read_toml(path)
+        check_tables(document, ("serve", "batching"), where)
+        batching = _batching(document.get("batching", {}))
+    except ConfigError as e:  # one error type for every serve setting, each naming the file
+        message = str(e)
+        raise ServeConfigError(message if str(path) in message else f"{where}: {message}") from None
     table = document.get("serve", {})
     if not isinstance(table, dict):
-        raise ServeConfigError(f"config file {path}: serve must be a table ([serve])")
-    values: dict[str, Any] = {}
-    for key, value in table.items():
-        if key not in _TYPES:
-            raise ServeConfigError(f"config file {path}: unknown key serve.{key}; known: {sorted(_TYPES)}")
-        types = _TYPES[key]
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            expected = " or ".join(t.__name__ for t in types)
-            raise ServeConfigError(f"config file {path}: serve.{key} must be {expected}, got {value!r}")
-        if isinstance(value, list) and not all(isinstance(v, str) for v in value):
-            raise ServeConfigError(f"config file {path}: serve.{key} must be a list of strings")
-        values[key] = value
+        raise ServeConfigError(f"{where}: serve must be a table ([serve])")
+    values = {key: _serve_value(where, key, value) for key, value in table.items()}
     for key in ("repo", "tokens", "tls_crl"):
         if key in values:
             values[key] = Path(values[key])
@@ -239,7 +239,42 @@ def read_serve_config(path: Path | str) -> dict[str, Any]:
     for key in ("allowed_policies", "providers"):
         if key in values:
             values[key] = tuple(values[key])
+    if batching is not None:
+        values["batching"] = batching
     return values
+
+
+def _serve_value(where: str, key: str, value: Any) -> Any:
+    """One ``[serve]`` value, type-checked (these messages predate the shared loader's and are kept)."""
+    if key not in _TYPES:
+        raise ServeConfigError(f"{where}: unknown key serve.{key}; known: {sorted(_TYPES)}")
+    types = _TYPES[key]
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        expected = " or ".join(t.__name__ for t in types)
+        raise ServeConfigError(f"{where}: serve.{key} must be {expected}, got {value!r}")
+    if isinstance(value, list) and not all(isinstance(v, str) for v in value):
+        raise ServeConfigError(f"{where}: serve.{key} must be a list of strings")
+    return value
+
+
+def _batching(table: Any) -> BatchingConfig | None:
+    """The ``[batching]`` table: defaults, and ``[batching.models.<model>]`` overrides (a model's
+    table starts from the defaults of ``[batching]``); None when the file has none."""
+    if table == {}:
+        return None
+    if not isinstance(table, dict):
+        raise ConfigError("batching must be a table ([batching])")
+    table = dict(table)
+    models = table.pop("models", {})
+    if not isinstance(models, dict):
+        raise ConfigError("batching.models must hold one table per model ([batching.models.NAME])")
+    default = build(BatchPolicy, checked_fields(BatchPolicy, table, "batching"), "batching")
+    overrides = {}
+    for model, values in models.items():
+        name = f"batching.models.{model}"
+        given = checked_fields(BatchPolicy, values, name)
+        overrides[model] = build(BatchPolicy, {**dataclasses.asdict(default), **given}, name)
+    return BatchingConfig(default, overrides)
 
 
 def resolve_serve_config(config_file: Path | None, flags: dict[str, Any]) -> ServeConfig:

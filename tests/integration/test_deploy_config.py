@@ -100,7 +100,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> set[str]:
     (tmp / "repo").mkdir()
     metrics = ServiceMetrics(ModelRepository(tmp / "repo", [load_public_key(public)]), stability_share=0.0)
     families = list(metrics.registry.collect())
-    assert len(families) == 27 and all(f.name.startswith("ecgx_") for f in families)
+    assert len(families) == 29 and all(f.name.startswith("ecgx_") for f in families)
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_sum", "_count", "_created")}
     names = set()
     for fam in families:

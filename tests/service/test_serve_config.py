@@ -125,3 +125,52 @@ def test_providers_come_from_the_file_or_the_flag_and_an_absent_one_is_refused(t
         before=before,
         roots=[tmp_path],
     )
+
+
+def test_batching_defaults_on_and_the_file_sets_it_per_model(tmp_path: Path) -> None:
+    from ecgx.service.batcher import BatchingQuotas
+
+    default = resolve_serve_config(None, {"repo": tmp_path})
+    assert (
+        default.batching.for_model("ecg").enabled
+        and default.batching.for_model("ecg").preferred_batch_size == 32
+    )
+    path = _config(
+        tmp_path,
+        "[serve]\nrepo = 'r'\n[batching]\npreferred_batch_size = 16\nmax_queue_delay_ms = 1\n"
+        "[batching.models.ecg]\nenabled = false\n[batching.models.big]\npreferred_batch_size = 64\n",
+    )
+    cfg = resolve_serve_config(path, {})
+    assert cfg.batching.for_model("other").preferred_batch_size == 16
+    assert cfg.batching.for_model("other").max_queue_delay_ms == 1.0
+    assert not cfg.batching.for_model("ecg").enabled  # its own table, the rest from [batching]
+    assert cfg.batching.for_model("ecg").preferred_batch_size == 16
+    assert cfg.batching.for_model("big").preferred_batch_size == 64 and cfg.batching.for_model("big").enabled
+    quotas = cfg.quotas()  # the serving core reads the batching settings from its quotas
+    assert isinstance(quotas, BatchingQuotas) and quotas.batching == cfg.batching
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[batching]\npreferred_batch_size = 0\n",
+            "batching.preferred_batch_size must be in [1, 4096], got 0",
+        ),
+        (
+            "[batching]\nmax_queue_delay_ms = 5000\n",
+            "batching.max_queue_delay_ms must be in [0, 1000], got 5000",
+        ),
+        ("[batching]\nenabled = 1\n", "batching.enabled must be true or false"),
+        ("[batching]\nmax_batch = 4\n", "unknown batching setting max_batch; known: enabled"),
+        (
+            "[batching.models.ecg]\npreferred_batch_size = 'x'\n",
+            "batching.models.ecg.preferred_batch_size must",
+        ),
+        ("[batching]\nmodels = 3\n", "batching.models must hold one table per model"),
+    ],
+)
+def test_bad_batching_settings_name_the_key(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ServeConfigError) as err:
+        resolve_serve_config(_config(tmp_path, "[serve]\nrepo = 'r'\n" + text), {})
+    assert message in str(err.value) and "serve.toml" in str(err.value)
