@@ -36,14 +36,15 @@ import secrets
 import stat
 import tempfile
 import threading
-import tomllib
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ecgx.core.config_file import ConfigError, check_keys, parse_toml, read_toml, table_arrays
 from ecgx.core.errors import InvalidArgument, PermissionDenied, Unauthenticated
 from ecgx.service.calls import Identity
 
@@ -178,45 +179,28 @@ class AccessFile:
 def read_access_file(path: Path | str) -> AccessFile:
     """Parse and check the access file; :class:`SecurityConfigError` names the file, entry and key."""
     path = Path(path)
-    return _checked(path, _parse_toml(path))
+    hint = f"create it with `ecgx token new --file {path} --name NAME --scope predict`"
+    with _as_security_error():
+        return _checked(path, read_toml(path, "access file", if_missing=hint))
+
+
+@contextmanager
+def _as_security_error() -> Iterator[None]:
+    # The shared loader's errors, as the one error type of every security setting (each names the file).
+    try:
+        yield
+    except ConfigError as e:
+        raise SecurityConfigError(str(e)) from None
 
 
 def _checked(path: Path, data: Mapping[str, Any]) -> AccessFile:
-    unknown = sorted(set(data) - set(_KEYS))
-    if unknown:
-        raise SecurityConfigError(
-            f"access file {path}: unknown table {unknown[0]!r}; it holds [[token]] "
-            "and [[certificate]] entries"
-        )
-    entries = {kind: _entries(path, kind, data.get(kind, [])) for kind in _KEYS}
-    _check_unique(path, [*entries["token"], *entries["certificate"]])
-    return AccessFile(path, tuple(entries["token"]), tuple(entries["certificate"]))
-
-
-def _parse_toml(path: Path) -> dict[str, Any]:
-    if not path.exists():
-        raise SecurityConfigError(
-            f"access file {path} does not exist; create it with `ecgx token new --file {path} --name NAME "
-            "--scope predict`"
-        )
-    if path.is_dir():
-        raise SecurityConfigError(f"access file {path} is a folder, where a file is needed")
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except OSError as e:
-        raise SecurityConfigError(f"access file {path} cannot be read: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise SecurityConfigError(f"access file {path} is not UTF-8 text") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise SecurityConfigError(f"access file {path} is not valid TOML: {e}") from None
-
-
-def _entries(path: Path, kind: str, items: Any) -> list[AccessEntry]:
-    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
-        raise SecurityConfigError(f"access file {path}: {kind} must be a list of [[{kind}]] tables")
-    return [_entry(path, kind, n, item) for n, item in enumerate(items, 1)]
+    arrays = table_arrays(data, tuple(_KEYS), f"access file {path}")
+    tokens, certificates = (
+        tuple(_entry(path, kind, n, item) for n, item in enumerate(arrays[kind], 1))
+        for kind in ("token", "certificate")
+    )
+    _check_unique(path, [*tokens, *certificates])
+    return AccessFile(path, tokens, certificates)
 
 
 def _entry(path: Path, kind: str, n: int, item: Mapping[str, Any]) -> AccessEntry:
@@ -226,11 +210,7 @@ def _entry(path: Path, kind: str, n: int, item: Mapping[str, Any]) -> AccessEntr
         where += f" ({name})"
     else:
         raise SecurityConfigError(f"{where}: 'name' must be 1-200 printable characters, got {name!r}")
-    unknown = sorted(set(item) - _KEYS[kind])
-    if unknown:
-        raise SecurityConfigError(
-            f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_KEYS[kind]))}"
-        )
+    check_keys(item, _KEYS[kind], where)
     scopes = _scopes(where, item.get("scopes"))
     digest = item.get("sha256", "")
     if kind == "token" and not (isinstance(digest, str) and _HEX64.fullmatch(digest)):
@@ -307,7 +287,9 @@ def write_access_file(access: AccessFile) -> None:
     mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else 0o600
     text = "\n".join([_HEADER] + [_toml_entry(e) for e in access.entries])
     # Read back before writing: what the server would refuse is never written.
-    if _checked(path, tomllib.loads(text)) != access:
+    with _as_security_error():
+        written = _checked(path, parse_toml(text, f"access file {path}"))
+    if written != access:
         raise SecurityConfigError(f"access file {path}: an entry does not survive writing; not written")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:

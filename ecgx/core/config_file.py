@@ -1,15 +1,20 @@
 """The one loader of ecgx's TOML files (training config, gate policy, serve config, access file).
 
 :func:`read_toml` reads a file and says precisely why it cannot (missing, a folder, a device,
-unreadable, not UTF-8, not TOML: each names the file); :func:`checked_fields` checks a table
-against a dataclass's field types with strict keys (an unknown key lists the known ones) and
-:func:`build` runs the dataclass's own range checks, every message naming ``table.key``.
+unreadable, not UTF-8, not TOML: each names the file; :func:`parse_toml` is the same for text
+already in memory). Documents of settings tables: :func:`check_tables` refuses unknown tables,
+:func:`checked_fields` checks a table against a dataclass's field types with strict keys (an
+unknown key lists the known ones) and :func:`build` runs the dataclass's own range checks, every
+message naming ``table.key``. Documents of entries (arrays of tables, as the access file's
+``[[token]]`` and ``[[certificate]]`` callers, whose number and names are open):
+:func:`table_arrays` gives each array's tables and :func:`check_keys` refuses unknown keys in one.
 """
 
 from __future__ import annotations
 
 import math
 import tomllib
+from collections.abc import Collection, Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -21,23 +26,32 @@ class ConfigError(InvalidArgument):
     """A settings file or table that cannot be used; the message names the file and key."""
 
 
-def read_toml(path: Path | str, what: str = "config file") -> dict[str, Any]:
-    """The TOML document at ``path``; :class:`ConfigError` naming ``what`` and the file otherwise."""
+def read_toml(path: Path | str, what: str = "config file", if_missing: str = "") -> dict[str, Any]:
+    """The TOML document at ``path``; :class:`ConfigError` naming ``what`` and the file otherwise.
+    ``if_missing`` is added to the message for a file that does not exist (how to create one)."""
     path = Path(path)
     if path.exists() and not path.is_file() and not path.is_dir():
         raise ConfigError(f"{what} {path} is not a regular file (a device, pipe or socket)")
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{what} {path} does not exist") from None
+        hint = f"; {if_missing}" if if_missing else ""
+        raise ConfigError(f"{what} {path} does not exist{hint}") from None
     except IsADirectoryError:
         raise ConfigError(f"{what} {path} is a folder, not a TOML file") from None
     except OSError as e:
         raise ConfigError(f"{what} {path} cannot be read: {(e.strerror or str(e)).lower()}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{what} {path} is not valid TOML: it is not UTF-8 text") from None
+    return parse_toml(text, f"{what} {path}")
+
+
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """The TOML document in ``text``; :class:`ConfigError` naming ``source`` when it is not TOML."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+        raise ConfigError(f"{source} is not valid TOML: {e}") from None
 
 
 def check_tables(document: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
@@ -46,6 +60,30 @@ def check_tables(document: dict[str, Any], allowed: tuple[str, ...], where: str)
     if unknown:
         expected = " and/or ".join(f"[{t}]" for t in allowed)
         raise ConfigError(f"{where}: unknown table(s) {unknown}; expected {expected}")
+
+
+def table_arrays(document: Mapping[str, Any], names: tuple[str, ...], where: str) -> dict[str, list[Any]]:
+    """Each of ``names`` -> the tables of its array (``[[name]]``; [] when absent), for a document
+    made of such arrays alone; any other top-level name, or a name that is not an array of
+    tables, is refused."""
+    unknown = sorted(set(document) - set(names))
+    if unknown:
+        expected = " and/or ".join(f"[[{n}]]" for n in names)
+        raise ConfigError(f"{where}: unknown table {unknown[0]!r}; expected {expected} entries")
+    arrays = {}
+    for name in names:
+        items = document.get(name, [])
+        if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+            raise ConfigError(f"{where}: {name} must be a list of [[{name}]] tables")
+        arrays[name] = items
+    return arrays
+
+
+def check_keys(entry: Mapping[str, Any], allowed: Collection[str], where: str) -> None:
+    """Refuse an entry (one table of an array) with a key other than ``allowed``, naming the first."""
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
 
 
 def build(cls: type, values: dict[str, Any], table: str) -> Any:
