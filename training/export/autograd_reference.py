@@ -26,8 +26,10 @@ import torch
 import torch.nn.functional as F
 
 from ecgx.core.errors import InvalidArgument
-from ecgx.training.export.ir import CONCAT, FLATTEN, GMP, MAXPOOL, RELU, RULE_LAYERS, Op, pool_output_length
+from ecgx.training.export.ir import RELU, Op
 from ecgx.training.export.ir_torch import IRModule, target_indices
+from ecgx.training.export.ops import OP_SPECS
+from ecgx.training.export.ops.shapes import pool_output_length
 
 METHODS = ("gradient", "guided_backprop", "deconvolution", "deeplift", "lrp")
 DEEPLIFT_EPS = 1e-10  # below this |delta in| a ReLU takes the plain gradient (Captum's DeepLift)
@@ -134,28 +136,27 @@ class EpsilonLayer(torch.autograd.Function):
         return (None, None, *(a.detach() * c for a, c in zip(inputs, shares, strict=True)))
 
 
-def _pool(op: Op):
-    p = op.params
-    if op.kind == GMP:
-        return lambda a: MaxPoolFirst.apply(a, a.shape[-1], 1, 0, False)
-    return lambda a: MaxPoolFirst.apply(a, p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
+def _max_pool_first(op: Op, a: torch.Tensor) -> torch.Tensor | None:
+    """``op`` on ``a`` by ``MaxPoolFirst`` if it is a max pool (of any kind), else None."""
+    window = OP_SPECS[op.kind].max_window(op)
+    return None if window is None else MaxPoolFirst.apply(a, *window)
 
 
 def _deeplift_substitute(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
     if op.kind == RELU:
         return RescaleRelu.apply(inputs[0])
-    if op.kind in (MAXPOOL, GMP):  # the plain gradient through each half's own first maximum
-        return _pool(op)(inputs[0])
-    return None
+    return _max_pool_first(op, inputs[0])  # the plain gradient through each half's own first maximum
 
 
 def _lrp_substitute(epsilon: float):
     def run(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         if op.kind == RELU:  # relevance passes a ReLU unchanged
             return _PassRelu.apply(inputs[0])
-        if op.kind in (CONCAT, FLATTEN) or op.kind not in RULE_LAYERS:
-            return None  # they only move relevance: their gradient is the rule
-        fn = _pool(op) if op.kind in (MAXPOOL, GMP) else module
+        spec = OP_SPECS[op.kind]
+        if not spec.is_rule_layer:
+            return None  # concatenation, flattening only move relevance: their gradient is the rule
+        window = spec.max_window(op)
+        fn = module if window is None else (lambda a: MaxPoolFirst.apply(a, *window))
         return EpsilonLayer.apply(fn, epsilon, *inputs)
 
     return run
@@ -175,12 +176,7 @@ def _substitute(method: str):
     def run(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         if op.kind == RELU:
             return ReluRule.apply(inputs[0], method)
-        if op.kind == MAXPOOL:
-            p = op.params
-            return MaxPoolFirst.apply(inputs[0], p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
-        if op.kind == GMP:
-            return MaxPoolFirst.apply(inputs[0], inputs[0].shape[-1], 1, 0, False)
-        return None
+        return _max_pool_first(op, inputs[0])
 
     return run
 

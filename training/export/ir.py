@@ -12,7 +12,8 @@ This module holds the IR; its front ends are ``torch_frontend`` (a PyTorch modul
 ``trace_model``), ``program_import`` and ``onnx_import``.
 
 Per-sample shapes are ``(C, L)`` for signals and ``(F,)`` for flat features;
-the batch axis is never part of an op's shape. Op kinds and their ``params``:
+the batch axis is never part of an op's shape. Op kinds and their ``params`` (each kind is
+one ``OpKind`` spec in ``ops/op_<kind>.py``, listed once in ``ops.OP_SPECS``):
 
 ========== ===================================================================
 conv       weight (C_out, C_in / groups, k), bias | None, stride, padding
@@ -39,13 +40,54 @@ import numpy as np
 
 from ecgx.core.errors import InvalidArgument
 
-CONV, LINEAR, AFFINE = "conv", "linear", "affine"
-MAXPOOL, AVGPOOL, GAP, GMP = "maxpool", "avgpool", "gap", "gmp"
-ADD, CONCAT, RELU, FLATTEN = "add", "concat", "relu", "flatten"
-OP_KINDS = (CONV, LINEAR, AFFINE, MAXPOOL, AVGPOOL, GAP, GMP, ADD, CONCAT, RELU, FLATTEN)
-# "Linear" layers in the LRP sense (z = sum of weighted inputs + bias): the ones rules attach to.
-RULE_LAYERS = frozenset({CONV, LINEAR, AFFINE, MAXPOOL, AVGPOOL, GAP, GMP, ADD})
-PARAMETERISED = frozenset({CONV, LINEAR, AFFINE})
+# The op kinds are specs in ``ops/`` (one file per kind); these names are re-exported for the
+# front ends and the tests that name kinds.
+from ecgx.training.export.ops import (
+    ADD,
+    AFFINE,
+    AVGPOOL,
+    CONCAT,
+    CONV,
+    FLATTEN,
+    GAP,
+    GMP,
+    LINEAR,
+    MAXPOOL,
+    OP_KINDS,
+    OP_SPECS,
+    PARAMETERISED,
+    RELU,
+    RULE_LAYERS,
+)
+from ecgx.training.export.ops.shapes import conv_output_length, pool_output_length
+
+__all__ = [
+    "ADD",
+    "AFFINE",
+    "AVGPOOL",
+    "CONCAT",
+    "CONV",
+    "FLATTEN",
+    "GAP",
+    "GMP",
+    "INPUT",
+    "LINEAR",
+    "MAXPOOL",
+    "OP_KINDS",
+    "PARAMETERISED",
+    "RELU",
+    "RULE_LAYERS",
+    "ExportError",
+    "ModelIR",
+    "Op",
+    "batchnorm_affine",
+    "check_op",
+    "conv_output_length",
+    "finish_ir",
+    "pool_output_length",
+    "unsupported",
+]
+
 INPUT = "x"
 SUPPORTED_LAYERS = (
     "Conv1d (any stride, padding, dilation, groups), Linear, BatchNorm1d (eval mode, with running "
@@ -128,45 +170,23 @@ class ModelIR:
         for op in self.ops:
             if op.kind == RELU and len(op.out_shape) == 2:
                 producer = self.op_producing(op.inputs[0])
-                if producer is not None and producer.kind in (CONV, ADD, CONCAT, AFFINE):
+                if producer is not None and OP_SPECS[producer.kind].makes_feature_maps:
                     found.append(op.output)
         return found
 
 
-# --------------------------------------------------------------------------- shapes
-
-
-def pool_output_length(length: int, kernel: int, stride: int, padding: int, ceil_mode: bool) -> int:
-    """PyTorch's (and ONNX's) pooled length, including ceil_mode's rule that the last
-    window must start inside the input or its left padding."""
-    span = length + 2 * padding - kernel
-    n = (-(-span // stride) if ceil_mode else span // stride) + 1
-    if ceil_mode and (n - 1) * stride >= length + padding:
-        n -= 1
-    return n
-
-
-def conv_output_length(length: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    return (length + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+# --------------------------------------------------------------------------- validation
 
 
 def check_op(op: Op) -> None:
     """Validate one op's parameters and shapes (every front end calls this), or raise ExportError."""
     p, name = op.params, op.name
-    if op.kind not in OP_KINDS:
+    spec = OP_SPECS.get(op.kind)
+    if spec is None:
         raise ExportError(f"layer {name}: unknown op kind {op.kind!r}")
-    if op.kind == ADD and (len(op.inputs) != 2 or op.in_shapes[0] != op.in_shapes[1]):
-        raise ExportError(f"layer {name}: an addition must add two tensors of one shape, got {op.in_shapes}")
-    if op.kind == CONCAT and (len(op.inputs) < 2 or len({s[1:] for s in op.in_shapes}) != 1):
-        raise ExportError(f"layer {name}: torch.cat must join two or more tensors along channels (dim 1)")
-    if op.kind in (CONV, MAXPOOL, AVGPOOL, GAP, GMP) and len(op.in_shape) != 2:
-        raise ExportError(
-            f"layer {name}: expects (batch, channels, time) input, got per-sample {op.in_shape}"
-        )
-    if op.kind in (MAXPOOL, AVGPOOL) and 2 * p["padding"] > p["kernel"]:
-        raise ExportError(f"layer {name}: padding {p['padding']} exceeds half the kernel {p['kernel']}")
-    if op.kind == CONV and p["groups"] < 1:
-        raise ExportError(f"layer {name}: groups must be >= 1")
+    problem = spec.validate(op)
+    if problem is not None:
+        raise ExportError(f"layer {name}: {problem}")
     for key in ("weight", "bias"):
         if key in p and p[key] is not None and not np.all(np.isfinite(p[key])):
             raise ExportError(f"layer {name}: its {key} has NaN or infinite values")
@@ -215,13 +235,10 @@ def fold_affine(ops: list[Op]) -> list[Op]:
 def _fold_into_producer(ops: list[Op], bn: Op) -> bool:
     producer = next((o for o in ops if o.output == bn.inputs[0]), None)
     users = [o for o in ops if bn.inputs[0] in o.inputs]
-    if producer is None or producer.kind not in (CONV, LINEAR) or users != [bn]:
+    if producer is None or users != [bn]:
         return False
-    scale, shift = bn.params["weight"], bn.params["bias"]
-    w = producer.params["weight"]
-    bias = producer.params["bias"] if producer.params["bias"] is not None else np.zeros(w.shape[0])
-    producer.params["weight"] = w * scale.reshape(-1, *([1] * (w.ndim - 1)))
-    producer.params["bias"] = bias * scale + shift
+    if not OP_SPECS[producer.kind].fold_output_affine(producer, bn.params["weight"], bn.params["bias"]):
+        return False
     _note_fold(producer, bn)
     _bypass(ops, bn, producer.output)
     return True
@@ -232,17 +249,7 @@ def _fold_into_consumer(ops: list[Op], bn: Op) -> bool:
     if len(users) != 1 or users[0].inputs != (bn.output,):
         return False
     user = users[0]
-    scale, shift = bn.params["weight"], bn.params["bias"]
-    w = user.params.get("weight")
-    if user.kind == LINEAR and len(bn.out_shape) == 1:
-        bias = user.params["bias"] if user.params["bias"] is not None else np.zeros(w.shape[0])
-        user.params["bias"] = bias + w @ shift
-        user.params["weight"] = w * scale[None, :]
-    elif user.kind == CONV and user.params["padding"] == 0 and user.params["groups"] == 1:
-        bias = user.params["bias"] if user.params["bias"] is not None else np.zeros(w.shape[0])
-        user.params["bias"] = bias + np.einsum("oik,i->o", w, shift)
-        user.params["weight"] = w * scale[None, :, None]
-    else:
+    if not OP_SPECS[user.kind].fold_input_affine(user, bn.params["weight"], bn.params["bias"]):
         return False
     _note_fold(user, bn)
     user.inputs = bn.inputs

@@ -3,7 +3,7 @@
 Models reach the export as PyTorch modules, ``torch.export`` programs or ONNX files; the
 IR is what they have in common. :func:`ir_module` turns it back into an ``nn.Module``
 whose every op is its own submodule (a distinct ``nn.ReLU`` per ReLU op, an ``Add`` per
-addition, a ``Concat`` per concatenation ...), with BatchNorm already folded exactly as
+addition, a ``Concat`` per concatenation ...: each kind's ``OpKind.torch_module``), with BatchNorm already folded exactly as
 the IR folds it. That is the shape attribution libraries need: Captum's and Zennit's
 rules attach to modules, Captum's GradCAM hooks a module's output, and the plain-autograd
 reference (``autograd_reference``) swaps the rule in at each ReLU op. The module computes
@@ -19,49 +19,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from ecgx.training.export.ir import (
-    ADD,
-    AFFINE,
-    AVGPOOL,
-    CONCAT,
-    CONV,
-    FLATTEN,
-    GAP,
-    GMP,
-    INPUT,
-    LINEAR,
-    MAXPOOL,
-    RELU,
-    ExportError,
-    ModelIR,
-    Op,
-)
+from ecgx.training.export.ir import INPUT, ExportError, ModelIR, Op
+from ecgx.training.export.ops import OP_SPECS
+from ecgx.training.export.ops.op_affine import ChannelAffine
+from ecgx.training.export.ops.op_concat import Concat
 from ecgx.training.export.torch_frontend import trace_model
-from ecgx.training.models import Add
+
+# Re-exported: the references and tests name these modules from here.
+__all__ = ["ChannelAffine", "Concat", "IRModule", "Substitute", "as_ir_module", "ir_module", "target_indices"]
 
 # What an op's module may be replaced with while running: (op, its module, its inputs) -> output,
 # or None to run the module itself.
 Substitute = Callable[[Op, nn.Module, list[torch.Tensor]], torch.Tensor | None]
-
-
-class ChannelAffine(nn.Module):
-    """``y[:, c] = weight[c] * x[:, c] + bias[c]`` on (B, C) or (B, C, L): an unfoldable BatchNorm."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(weight.detach().clone())
-        self.bias = nn.Parameter(bias.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = (1, -1) + (1,) * (x.dim() - 2)
-        return x * self.weight.view(shape) + self.bias.view(shape)
-
-
-class Concat(nn.Module):
-    """``torch.cat`` along channels (dim 1) as a module, so rules and hooks can attach to it."""
-
-    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
-        return torch.cat(xs, dim=1)
 
 
 class IRModule(nn.Module):
@@ -80,7 +49,7 @@ class IRModule(nn.Module):
         self._steps: list[tuple[Op, str]] = []
         for op in ir.ops:
             attr = self._attribute_name(op.name)
-            module = _op_module(op)
+            module = OP_SPECS[op.kind].torch_module(op)
             self.add_module(attr, module)
             self.op_modules[op.output] = module
             self.attr_names[op.name] = attr
@@ -145,60 +114,3 @@ def as_ir_module(model: nn.Module, input_shape: tuple[int, int] | None = None) -
     if isinstance(model, IRModule):
         return model
     return ir_module(trace_model(model, input_shape))
-
-
-def _t(a: np.ndarray) -> torch.Tensor:
-    return torch.tensor(np.asarray(a), dtype=torch.float32)
-
-
-def _op_module(op: Op) -> nn.Module:
-    p = op.params
-    if op.kind == CONV:
-        w = p["weight"]
-        conv = nn.Conv1d(
-            op.in_shape[0],
-            w.shape[0],
-            w.shape[2],
-            stride=p["stride"],
-            padding=p["padding"],
-            dilation=p["dilation"],
-            groups=p["groups"],
-            bias=p["bias"] is not None,
-        )
-        return _load(conv, w, p["bias"])
-    if op.kind == LINEAR:
-        w = p["weight"]
-        return _load(nn.Linear(w.shape[1], w.shape[0], bias=p["bias"] is not None), w, p["bias"])
-    if op.kind == AFFINE:
-        return ChannelAffine(_t(p["weight"]), _t(p["bias"]))
-    if op.kind == MAXPOOL:
-        return nn.MaxPool1d(p["kernel"], p["stride"], p["padding"], ceil_mode=p["ceil_mode"])
-    if op.kind == AVGPOOL:
-        return nn.AvgPool1d(
-            p["kernel"],
-            p["stride"],
-            p["padding"],
-            ceil_mode=p["ceil_mode"],
-            count_include_pad=p["count_include_pad"],
-        )
-    if op.kind == GAP:
-        return nn.AdaptiveAvgPool1d(1)
-    if op.kind == GMP:
-        return nn.AdaptiveMaxPool1d(1)
-    if op.kind == ADD:
-        return Add()
-    if op.kind == CONCAT:
-        return Concat()
-    if op.kind == RELU:
-        return nn.ReLU()
-    if op.kind == FLATTEN:
-        return nn.Flatten()
-    raise ExportError(f"layer {op.name}: no PyTorch module for op kind {op.kind!r}")
-
-
-def _load(module: nn.Conv1d | nn.Linear, weight: np.ndarray, bias: np.ndarray | None) -> nn.Module:
-    with torch.no_grad():
-        module.weight.copy_(_t(weight))
-        if bias is not None:
-            module.bias.copy_(_t(bias))
-    return module

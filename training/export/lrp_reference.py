@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ecgx.core.errors import InvalidArgument
-from ecgx.training.export.ir import ADD, AFFINE, AVGPOOL, CONV, GAP, LINEAR, RELU, ExportError, Op
+from ecgx.training.export.ir import ExportError, Op
 from ecgx.training.export.ir_torch import IRModule, target_indices
 from ecgx.training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
+from ecgx.training.export.ops import OP_SPECS
+from ecgx.training.export.ops.base import CONV_RULE, DENSE_RULE, NORM, PASS
 from ecgx.training.export.parity import MAX_OUTLIER_FRACTION, REL_TOL
 
 # Graph name -> composite name (``lrp_epsilon_plus`` -> ``epsilon_plus``).
@@ -84,11 +86,12 @@ class _Rules:
         self.epsilon, self.input_rule, self.low, self.high = epsilon, input_rule, low, high
 
     def backward_for(self, op: Op, module: nn.Module, first: bool) -> Backward | None:
-        if op.kind in (RELU, AFFINE):  # Pass: relevance unchanged
+        role = OP_SPECS[op.kind].lrp_role  # the op's place in Zennit's layer map
+        if role == PASS:  # relevance unchanged
             return lambda inputs, out, r: [r]
-        if op.kind in (ADD, AVGPOOL, GAP):
+        if role == NORM:
             return lambda inputs, out, r: self.norm(module, inputs, r)
-        if op.kind in (CONV, LINEAR):
+        if role in (CONV_RULE, DENSE_RULE):
             fn, w, b = _layer_function(module), module.weight.detach(), module.bias
             b = None if b is None else b.detach()
             rule = self.input_rule if first else "default"
@@ -96,7 +99,7 @@ class _Rules:
                 return lambda inputs, out, r: [self.flat(fn, w, inputs[0], r)]
             if rule == "zbox":
                 return lambda inputs, out, r: [self.zbox(fn, w, inputs[0], r)]
-            if op.kind == LINEAR:
+            if role == DENSE_RULE:
                 return lambda inputs, out, r: [self.epsilon_rule(fn, w, b, inputs[0], r)]
             return lambda inputs, out, r: [self.conv(fn, w, b, inputs[0], r)]
         return None  # max pooling, flatten, concatenation: the module's own gradient

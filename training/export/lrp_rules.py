@@ -80,19 +80,7 @@ from onnx import TensorProto
 
 from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods.lrp import COMPOSITE_GRAPHS, INPUT_RULES
-from ecgx.training.export.ir import (
-    ADD,
-    AFFINE,
-    AVGPOOL,
-    CONV,
-    GAP,
-    GMP,
-    INPUT,
-    LINEAR,
-    MAXPOOL,
-    ModelIR,
-    Op,
-)
+from ecgx.training.export.ir import INPUT, ModelIR, Op
 from ecgx.training.export.onnx_graphs import (
     BATCH,
     FLOAT,
@@ -107,6 +95,8 @@ from ecgx.training.export.onnx_graphs import (
     transpose_op,
     weight,
 )
+from ecgx.training.export.ops import OP_SPECS
+from ecgx.training.export.ops.base import CONV_RULE, DENSE_RULE, NORM, PASS
 
 # Zennit's default stabiliser of every rule but Epsilon (``stabilizer=1e-6`` in its composites).
 STABILIZER = 1e-6
@@ -123,7 +113,7 @@ def input_layers(ir: ModelIR) -> set[str]:
     for op in ir.ops:
         if not any(i in reach for i in op.inputs):
             continue
-        if op.kind in (CONV, LINEAR):
+        if OP_SPECS[op.kind].lrp_role in (CONV_RULE, DENSE_RULE):
             found.add(op.name)
         else:
             reach.add(op.output)
@@ -165,13 +155,15 @@ class CompositeRule(Rule):
     def relu(self, b, g, z, out):
         return g
 
+    # Max pooling: unmapped in Zennit, Rule.maxpool (the gradient) routes relevance.
     def layer(self, b, op, g, ins, out):
-        if op.kind in (MAXPOOL, GMP):  # unmapped in Zennit: the gradient routes relevance
-            return [self.maxpool(b, g, ins[0], out, op)]
-        if op.kind == AFFINE:  # Zennit's BatchNorm rule is Pass
+        role = OP_SPECS[op.kind].lrp_role  # the op's place in Zennit's layer map
+        if role == PASS:  # an unfolded BatchNorm: Zennit's BatchNorm rule is Pass
             return [g]
-        if op.kind in (ADD, AVGPOOL, GAP):
+        if role == NORM:
             return self._norm(b, op, g, ins, out)
+        if role not in (CONV_RULE, DENSE_RULE):  # unmapped: the plain gradient
+            return transpose_op(b, op, g)
         own = self._own(b, op, g, ins[0], out)
         if op.name not in self.first:
             return [own]
@@ -191,7 +183,7 @@ class CompositeRule(Rule):
         return [b.op("Mul", [c, a], "norm_r") for c, a in zip(transpose_op(b, op, s), ins, strict=True)]
 
     def _own(self, b: GraphBuilder, op: Op, g: str, a: str, out: str) -> str:
-        if op.kind == LINEAR:  # Epsilon: z is the layer's output, bias included
+        if OP_SPECS[op.kind].lrp_role == DENSE_RULE:  # Epsilon: z is the layer's output, bias included
             s = self._stabilised_share(b, g, out, self.eps)
             return b.op("Mul", [transpose_op(b, op, s)[0], a], "eps_r")
         w = weight(b, op)
@@ -221,13 +213,13 @@ class CompositeRule(Rule):
         # z counts the inputs each output reads (padding excluded): a constant ONNX Runtime folds at load.
         ones_w = b.const(np.ones(op.params["weight"].shape))
         ones_in = b.const(
-            np.ones((1, op.in_shape[0], 1, op.in_shape[1]) if op.kind == CONV else (1, op.in_shape[0]))
+            np.ones((1, op.in_shape[0], 1, op.in_shape[1]) if len(op.in_shape) == 2 else (1, op.in_shape[0]))
         )
         z = forward_op(b, op, [ones_in], ones_w, None)
         return transpose_op(b, op, self._stabilised_share(b, g, z), ones_w)[0]
 
     def _zbox(self, b: GraphBuilder, op: Op, g: str, a: str) -> str:
-        view = [-1, 1, 1, 1] if op.kind == CONV else [-1, 1]
+        view = [-1, 1, 1, 1] if len(op.in_shape) == 2 else [-1, 1]  # (B, C, 1, L) or (B, F)
         zeros = b.op("Mul", [a, b.const(0.0)], "zeros")
         low = b.op("Add", [zeros, b.op("Reshape", [self.low, b.const(view, I64)])], "low")
         high = b.op("Add", [zeros, b.op("Reshape", [self.high, b.const(view, I64)])], "high")

@@ -29,18 +29,7 @@ import onnx
 from onnx import numpy_helper, shape_inference
 
 from ecgx.training.export.ir import (
-    ADD,
-    AFFINE,
-    AVGPOOL,
-    CONCAT,
-    CONV,
-    FLATTEN,
-    GAP,
-    GMP,
     INPUT,
-    LINEAR,
-    MAXPOOL,
-    RELU,
     ExportError,
     ModelIR,
     Op,
@@ -49,6 +38,19 @@ from ecgx.training.export.ir import (
     finish_ir,
     pool_output_length,
     unsupported,
+)
+from ecgx.training.export.ops import (
+    ADD,
+    AFFINE,
+    AVGPOOL,
+    CONCAT,
+    CONV,
+    FLATTEN,
+    GAP,
+    GMP,
+    LINEAR,
+    MAXPOOL,
+    RELU,
 )
 
 # ONNX operator -> the name under which ir.REPLACEMENTS says what to use instead.

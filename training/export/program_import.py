@@ -28,6 +28,15 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from ecgx.training.export.ir import (
+    INPUT,
+    ExportError,
+    ModelIR,
+    Op,
+    batchnorm_affine,
+    finish_ir,
+    unsupported,
+)
+from ecgx.training.export.ops import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -36,16 +45,9 @@ from ecgx.training.export.ir import (
     FLATTEN,
     GAP,
     GMP,
-    INPUT,
     LINEAR,
     MAXPOOL,
     RELU,
-    ExportError,
-    ModelIR,
-    Op,
-    batchnorm_affine,
-    finish_ir,
-    unsupported,
 )
 
 aten = torch.ops.aten

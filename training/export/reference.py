@@ -18,29 +18,13 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from captum.attr._utils.lrp_rules import EpsilonRule
 from torch import nn
 
 from ecgx.core.errors import InvalidArgument
-from ecgx.training.export.ir import (
-    ADD,
-    AFFINE,
-    AVGPOOL,
-    CONCAT,
-    CONV,
-    FLATTEN,
-    GAP,
-    GMP,
-    LINEAR,
-    MAXPOOL,
-    RELU,
-    RULE_LAYERS,
-    ExportError,
-    ModelIR,
-    Op,
-)
+from ecgx.training.export.ir import ExportError, ModelIR, Op
 from ecgx.training.export.ir_torch import IRModule, as_ir_module, target_indices
+from ecgx.training.export.ops import OP_SPECS
 
 
 class PassRule(EpsilonRule):
@@ -74,9 +58,10 @@ def attach_epsilon_rules(module: IRModule, epsilon: float) -> IRModule:
             f"got {type(module).__name__}"
         )
     for op, layer in module.steps():
-        if op.kind in RULE_LAYERS:
+        spec = OP_SPECS[op.kind]
+        if spec.is_rule_layer:
             layer.rule = EpsilonRule(epsilon)  # one rule object per layer: rules keep per-layer state
-        elif op.kind in (CONCAT, FLATTEN):
+        elif spec.moves_values:
             layer.rule = PassRule()
     return module
 
@@ -160,9 +145,8 @@ def _zero_exact_tensors(ir: ModelIR) -> set[str]:
     a ReLU's output, and what pooling, adding, joining or flattening only such tensors makes
     (a sum of non-negative terms is zero only when each term is)."""
     exact: set[str] = set()
-    keep = (MAXPOOL, GMP, AVGPOOL, GAP, ADD, CONCAT, FLATTEN)
     for op in ir.ops:
-        if op.kind == RELU or (op.kind in keep and all(t in exact for t in op.inputs)):
+        if OP_SPECS[op.kind].zero_exact(all(t in exact for t in op.inputs)):
             exact.add(op.output)
     return exact
 
@@ -203,13 +187,10 @@ def _tie_scan(
     def scan(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> None:
         nonlocal ignored
         a = inputs[0]
-        if op.kind == MAXPOOL:
-            p = op.params
-            windows = pool_windows(a, p["kernel"], p["stride"], p["padding"], p["ceil_mode"])
-        elif op.kind == GMP:
-            windows = a.unsqueeze(-2)
-        else:
+        window = OP_SPECS[op.kind].max_window(op)
+        if window is None:
             return None
+        windows = pool_windows(a, *window)
         tie, zero_tie = _window_ties(windows, a, rel_gap, op.inputs[0] in zero_exact)
         per_layer[op.name] = tie.numpy()
         ignored |= zero_tie.numpy()
@@ -349,21 +330,4 @@ def ill_conditioned_samples(model: nn.Module, x: np.ndarray, epsilon: float, tol
 
 def _magnitude(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
     """``sum |w * a|`` (+ |bias|) for each output unit of a layer whose output LRP divides by."""
-    if op.kind == ADD:
-        return inputs[0].abs() + inputs[1].abs()
-    a = inputs[0].abs()
-    if op.kind == CONV:
-        bias = None if layer.bias is None else layer.bias.abs()
-        return F.conv1d(
-            a, layer.weight.abs(), bias, layer.stride, layer.padding, layer.dilation, layer.groups
-        )
-    if op.kind == LINEAR:
-        return F.linear(a, layer.weight.abs(), None if layer.bias is None else layer.bias.abs())
-    if op.kind == AFFINE:
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        return a * layer.weight.abs().view(shape) + layer.bias.abs().view(shape)
-    if op.kind == AVGPOOL:
-        return layer(a)
-    if op.kind == GAP:
-        return a.mean(dim=-1, keepdim=True)
-    return None
+    return OP_SPECS[op.kind].magnitude(layer, inputs)

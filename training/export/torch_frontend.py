@@ -21,6 +21,15 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ecgx.core.schema import BEAT_SAMPLES, N_LEADS
 from ecgx.training.export.ir import (
+    INPUT,
+    ExportError,
+    ModelIR,
+    Op,
+    batchnorm_affine,
+    finish_ir,
+    unsupported,
+)
+from ecgx.training.export.ops import (
     ADD,
     AFFINE,
     AVGPOOL,
@@ -29,16 +38,9 @@ from ecgx.training.export.ir import (
     FLATTEN,
     GAP,
     GMP,
-    INPUT,
     LINEAR,
     MAXPOOL,
     RELU,
-    ExportError,
-    ModelIR,
-    Op,
-    batchnorm_affine,
-    finish_ir,
-    unsupported,
 )
 from ecgx.training.models import Add
 
