@@ -368,8 +368,10 @@ class AttributionEngine:
                 f"inputs hold {len(x)} ECGs; this engine takes at most {self.max_request_ecgs} per request "
                 "(max_request_ecgs), which bounds the memory of one request: send them in several requests"
             )
-        # Every parameter is checked before any model pass (a target of None already needs one).
-        passes = impl.check(x, **{**impl.parameters(), **params})
+        # Every setting is checked before any model pass (a target of None already needs one):
+        # defaults filled in, each value by its declared check; ``attribute`` gets the checked values.
+        settings = impl.settings(x, params)
+        passes = impl.cost(x, settings)
         rows = passes * len(x)
         if self.max_request_rows is not None and rows > self.max_request_rows:
             raise ResourceExhausted(
@@ -379,7 +381,7 @@ class AttributionEngine:
                 "or lower the method's sample, step or window count"
             )
         t = self.resolve_target(target, x)
-        return np.ascontiguousarray(impl.attribute(self, x, t, **params), dtype=np.float32)
+        return np.ascontiguousarray(impl.attribute(self, x, t, settings), dtype=np.float32)
 
 
 def _check_count(name: str, value: Any, limit: int | None, limit_name: str) -> int:

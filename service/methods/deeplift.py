@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 
-from ecgx.service.methods.base import AttributionMethod, check_choice, check_per_ecg, per_ecg_array, rng_for
-from ecgx.service.methods.gradient import n_baselines, shap_baselines
+from ecgx.service.methods.base import (
+    AttributionMethod,
+    Param,
+    Settings,
+    broadcast_per_ecg,
+    one_of,
+    per_ecg,
+    rng_for,
+    seed,
+)
+from ecgx.service.methods.gradient import baselines_param, n_baselines, shap_baselines
+from ecgx.service.methods.registry import register
 
 MAXPOOL_RULES = ("rescale", "gradient")
 
 
-def _deeplift(engine, x, target, base: np.ndarray, maxpool_rule: str) -> np.ndarray:
-    check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
-    flag = np.array(maxpool_rule == "rescale")
-    return engine.backward("deeplift", x, target, output="attribution", baseline=base, maxpool_rescale=flag)
-
-
+@register
 class DeepLift(AttributionMethod):
     """DeepLIFT rescale (Shrikumar et al.) against ``baseline`` (default: zeros).
 
@@ -27,20 +30,21 @@ class DeepLift(AttributionMethod):
     what Captum 0.9's DeepLift computes (see training/export/onnx_graphs.py).
     """
 
-    name, kind = "deeplift", "modified backward"
+    name, kind, graphs = "deeplift", "modified backward", ("deeplift",)
+    params = (
+        Param("baseline", None, per_ecg()),
+        Param("maxpool_rule", "rescale", one_of(MAXPOOL_RULES)),
+    )
 
-    def check(self, x, *, baseline: Any = None, maxpool_rule: str = "rescale") -> int:
-        check_per_ecg("baseline", baseline, x)
-        check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
-        return 1
-
-    def attribute(
-        self, engine, x, target, *, baseline: Any = None, maxpool_rule: str = "rescale"
-    ) -> np.ndarray:
-        base = per_ecg_array("baseline", baseline, x)
-        return _deeplift(engine, x, target, base, maxpool_rule)
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        base = broadcast_per_ecg(s.baseline, x)
+        flag = np.array(s.maxpool_rule == "rescale")
+        return engine.backward(
+            "deeplift", x, target, output="attribution", baseline=base, maxpool_rescale=flag
+        )
 
 
+@register
 class DeepLiftShap(AttributionMethod):
     """Mean DeepLIFT attribution over a baseline distribution (as Captum's DeepLiftShap).
 
@@ -48,29 +52,20 @@ class DeepLiftShap(AttributionMethod):
     time and summed per ECG as they come, so no (B, K, 12, 600) array exists.
     """
 
-    name, kind, stochastic = "deeplift_shap", "modified backward", True
+    name, kind, graphs, stochastic = "deeplift_shap", "modified backward", ("deeplift",), True
+    params = (
+        Param("baselines", None, baselines_param),
+        Param("maxpool_rule", "rescale", one_of(MAXPOOL_RULES)),
+        Param("seed", None, seed),
+    )
 
-    def check(
-        self, x, *, baselines: Any = None, maxpool_rule: str = "rescale", seed: int | None = None
-    ) -> int:
-        check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
-        rng_for(seed)
-        return n_baselines(baselines, x)
+    def cost(self, x, s: Settings) -> int:
+        return n_baselines(s.baselines)
 
-    def attribute(
-        self,
-        engine,
-        x,
-        target,
-        *,
-        baselines: Any = None,
-        maxpool_rule: str = "rescale",
-        seed: int | None = None,
-    ) -> np.ndarray:
-        check_choice("maxpool_rule", maxpool_rule, MAXPOOL_RULES)
-        base = shap_baselines(baselines, x, rng_for(seed))
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        base = shap_baselines(s.baselines, x, rng_for(s.seed))
         k, batch = len(base), len(x)
-        flag = np.array(maxpool_rule == "rescale")
+        flag = np.array(s.maxpool_rule == "rescale")
         seeds = engine.selectors(target)
 
         def make_rows(rows: np.ndarray):

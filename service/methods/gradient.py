@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -11,15 +12,20 @@ from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.limits import MAX_BASELINES, MAX_N_SAMPLES, MAX_N_STEPS, MAX_STDEV_MV
 from ecgx.service.methods.base import (
     AttributionMethod,
-    check_bool,
+    Param,
+    Request,
+    Settings,
+    broadcast_per_ecg,
     check_choice,
-    check_count,
     check_non_negative,
-    check_per_ecg,
+    count,
+    flag,
     numeric_array,
-    per_ecg_array,
+    per_ecg,
     rng_for,
+    seed,
 )
+from ecgx.service.methods.registry import register
 
 DEFAULT_SHAP_BASELINES = 8
 DEFAULT_BASELINE_NOISE_MV = 0.05
@@ -32,52 +38,67 @@ def check_stdev(value: Any) -> float:
     return check_non_negative("stdev", value, MAX_STDEV_MV, " mV (inputs are millivolts)")
 
 
-class _OnePass(AttributionMethod):
-    """A method with no settings that runs one backward pass per ECG."""
-
-    def check(self, x, **params: Any) -> int:
-        return 1
+def _stdev(name: str, value: Any, request: Request) -> float:
+    return check_stdev(value)
 
 
+def _given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """An explicit draw (noise, alphas) of exactly ``shape``: float32, finite."""
+    arr = numeric_array(name, value)
+    if arr.shape != shape:
+        raise InvalidArgument(f"{name} must have shape {shape}, got {arr.shape}")
+    return arr
+
+
+def _noise(name: str, value: Any, request: Request) -> np.ndarray | None:
+    """Explicit noise (n_samples, B, 12, 600) replacing the random draw, or None."""
+    n = request.checked["n_samples"]
+    return None if value is None else _given(name, value, (n, *request.x.shape))
+
+
+def _alphas(name: str, value: Any, request: Request) -> np.ndarray | None:
+    n = request.checked["n_samples"]
+    return None if value is None else _given(name, value, (n, len(request.x)))
+
+
+def _baseline_index(name: str, value: Any, request: Request) -> np.ndarray | None:
+    if value is None:
+        return None
+    shape = (request.checked["n_samples"], len(request.x))
+    return _given_index(value, shape, n_baselines(request.checked["baselines"]))
+
+
+def _given_index(value: Any, shape: tuple[int, ...], k: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.shape != shape:
+        raise InvalidArgument(f"baseline_index must have shape {shape}, got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise InvalidArgument(f"baseline_index must hold integers, got dtype {arr.dtype}")
+    if arr.size and (arr.min() < 0 or arr.max() >= k):
+        raise InvalidArgument(f"baseline_index must lie in 0..{k - 1}")
+    return arr
+
+
+@register
 class Saliency(AttributionMethod):
     """|d logit / d x| (Simonyan et al.); ``abs=False`` gives the signed gradient."""
 
-    name, kind = "saliency", "gradient"
+    name, kind, graphs = "saliency", "gradient", ("gradient",)
+    params = (Param("abs", True, flag),)
 
-    def check(self, x, *, abs: bool = True) -> int:
-        check_bool("abs", abs)
-        return 1
-
-    def attribute(self, engine, x, target, *, abs: bool = True) -> np.ndarray:
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
         grad = engine.backward("gradient", x, target)
-        return np.abs(grad) if abs else grad
+        return np.abs(grad) if s.abs else grad
 
 
-class InputXGradient(_OnePass):
+@register
+class InputXGradient(AttributionMethod):
     """x * d logit / d x."""
 
-    name, kind = "input_x_gradient", "gradient"
+    name, kind, graphs = "input_x_gradient", "gradient", ("gradient",)
 
-    def attribute(self, engine, x, target) -> np.ndarray:
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
         return x * engine.backward("gradient", x, target)
-
-
-class GuidedBackprop(_OnePass):
-    """Gradient where each ReLU passes only positive gradient, and only where it was active."""
-
-    name, kind = "guided_backprop", "modified backward"
-
-    def attribute(self, engine, x, target) -> np.ndarray:
-        return engine.backward("guided_backprop", x, target)
-
-
-class Deconvolution(_OnePass):
-    """Deconvnet (Zeiler & Fergus): each ReLU passes the positive part of the gradient."""
-
-    name, kind = "deconvolution", "modified backward"
-
-    def attribute(self, engine, x, target) -> np.ndarray:
-        return engine.backward("deconvolution", x, target)
 
 
 @functools.lru_cache(maxsize=16)
@@ -99,6 +120,14 @@ def path_coefficients(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray
     return alphas, weights
 
 
+def _path_method(name: str, value: Any, request: Request) -> str:
+    method = check_choice(name, value, PATH_METHODS)
+    if method == "riemann_trapezoid" and request.checked["n_steps"] < 2:
+        raise InvalidArgument("riemann_trapezoid needs n_steps >= 2")
+    return method
+
+
+@register
 class IntegratedGradients(AttributionMethod):
     """(x - baseline) * integral of the gradient along the straight path (Sundararajan et al.).
 
@@ -106,22 +135,21 @@ class IntegratedGradients(AttributionMethod):
     points are built and run in batches of the engine's ``max_batch``.
     """
 
-    name, kind = "integrated_gradients", "gradient"
+    name, kind, graphs = "integrated_gradients", "gradient", ("gradient",)
+    params = (
+        Param("baseline", None, per_ecg()),
+        Param("n_steps", 50, count(MAX_N_STEPS, _WHY_STEPS)),
+        Param("method", "gausslegendre", _path_method),
+    )
+    may_differ = MappingProxyType({"n_steps": "at_least"})  # more steps: a finer quadrature
 
-    def check(self, x, *, baseline: Any = None, n_steps: int = 50, method: str = "gausslegendre") -> int:
-        n = check_count("n_steps", n_steps, MAX_N_STEPS, _WHY_STEPS)
-        check_choice("method", method, PATH_METHODS)
-        if method == "riemann_trapezoid" and n < 2:
-            raise InvalidArgument("riemann_trapezoid needs n_steps >= 2")
-        check_per_ecg("baseline", baseline, x)
-        return n
+    def cost(self, x, s: Settings) -> int:
+        return s.n_steps
 
-    def attribute(
-        self, engine, x, target, *, baseline: Any = None, n_steps: int = 50, method: str = "gausslegendre"
-    ) -> np.ndarray:
-        n_steps = self.check(x, baseline=baseline, n_steps=n_steps, method=method)
-        base = per_ecg_array("baseline", baseline, x)
-        alphas, weights = (c.astype(np.float32) for c in path_coefficients(n_steps, method))
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        n_steps = s.n_steps
+        base = broadcast_per_ecg(s.baseline, x)
+        alphas, weights = (c.astype(np.float32) for c in path_coefficients(n_steps, s.method))
         delta = x - base
         seeds = engine.selectors(target)
         batch = len(x)
@@ -139,6 +167,7 @@ class IntegratedGradients(AttributionMethod):
         return delta * total
 
 
+@register
 class SmoothGrad(AttributionMethod):
     """Mean saliency over noisy copies x + N(0, stdev^2) (Smilkov et al.), as Captum's
     NoiseTunnel(Saliency) with nt_type="smoothgrad". ``noise`` (n_samples, B, 12, 600)
@@ -146,43 +175,22 @@ class SmoothGrad(AttributionMethod):
     ``default_rng(seed)`` in row order (row ``r``: sample ``r // B`` of ECG ``r % B``), the
     same numbers as one whole draw, which never exists."""
 
-    name, kind, stochastic = "smoothgrad", "gradient", True
+    name, kind, graphs, stochastic = "smoothgrad", "gradient", ("gradient",), True
+    params = (
+        Param("n_samples", 20, count(MAX_N_SAMPLES, _WHY_SAMPLES)),
+        Param("stdev", 0.1, _stdev),
+        Param("abs", True, flag),
+        Param("seed", None, seed),
+        Param("noise", None, _noise),
+    )
+    may_differ = MappingProxyType({"n_samples": "at_least"})  # more samples: a closer mean
 
-    def check(
-        self,
-        x,
-        *,
-        n_samples: int = 20,
-        stdev: float = 0.1,
-        abs: bool = True,
-        seed: int | None = None,
-        noise: Any = None,
-    ) -> int:
-        n = check_count("n_samples", n_samples, MAX_N_SAMPLES, _WHY_SAMPLES)
-        check_stdev(stdev)
-        check_bool("abs", abs)
-        rng_for(seed)
-        if noise is not None:
-            _given("noise", noise, (n, *x.shape))
-        return n
+    def cost(self, x, s: Settings) -> int:
+        return s.n_samples
 
-    def attribute(
-        self,
-        engine,
-        x,
-        target,
-        *,
-        n_samples: int = 20,
-        stdev: float = 0.1,
-        abs: bool = True,
-        seed: int | None = None,
-        noise: Any = None,
-    ) -> np.ndarray:
-        n = self.check(x, n_samples=n_samples, stdev=stdev, abs=abs, seed=seed, noise=noise)
-        stdev = float(stdev)
-        rng = rng_for(seed)
-        if noise is not None:
-            noise = _given("noise", noise, (n, *x.shape))
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        n, stdev, abs, noise = s.n_samples, s.stdev, s.abs, s.noise
+        rng = rng_for(s.seed)
         batch, seeds = len(x), engine.selectors(target)
 
         def make_rows(rows: np.ndarray):
@@ -215,20 +223,25 @@ def check_baselines(baselines: Any, x: np.ndarray) -> np.ndarray | None:
     return arr
 
 
-def n_baselines(baselines: Any, x: np.ndarray) -> int:
-    given = check_baselines(baselines, x)
+def baselines_param(name: str, value: Any, request: Request) -> np.ndarray | None:
+    return check_baselines(value, request.x)
+
+
+def n_baselines(given: np.ndarray | None) -> int:
+    """The size K of the baseline distribution, given checked ``baselines``."""
     return DEFAULT_SHAP_BASELINES if given is None else len(given)
 
 
-def shap_baselines(baselines: Any, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """The baseline distribution (K, 12, 600): given, or K flat lines with a little noise."""
-    given = check_baselines(baselines, x)
+def shap_baselines(given: np.ndarray | None, x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The baseline distribution (K, 12, 600): the checked ``baselines`` given, or K flat lines
+    with a little noise."""
     if given is None:
         shape = (DEFAULT_SHAP_BASELINES, *x.shape[1:])
         return rng.normal(0, DEFAULT_BASELINE_NOISE_MV, shape).astype(np.float32)
     return given
 
 
+@register
 class GradientShap(AttributionMethod):
     """Expected gradients (Lundberg & Lee), as Captum's GradientShap: for each of
     ``n_samples`` draws per ECG, a random baseline b, noise e and alpha ~ U(0, 1);
@@ -244,63 +257,27 @@ class GradientShap(AttributionMethod):
     order, row ``r`` being sample ``r // B`` of ECG ``r % B``.
     """
 
-    name, kind, stochastic = "gradient_shap", "gradient", True
+    name, kind, graphs, stochastic = "gradient_shap", "gradient", ("gradient",), True
+    params = (
+        Param("baselines", None, baselines_param),
+        Param("n_samples", 20, count(MAX_N_SAMPLES, _WHY_SAMPLES)),
+        Param("stdev", 0.0, _stdev),
+        Param("seed", None, seed),
+        Param("baseline_index", None, _baseline_index),
+        Param("alphas", None, _alphas),
+        Param("noise", None, _noise),
+    )
+    may_differ = MappingProxyType({"n_samples": "at_least"})  # more samples: a closer expectation
 
-    def check(
-        self,
-        x,
-        *,
-        baselines: Any = None,
-        n_samples: int = 20,
-        stdev: float = 0.0,
-        seed: int | None = None,
-        baseline_index: Any = None,
-        alphas: Any = None,
-        noise: Any = None,
-    ) -> int:
-        n = check_count("n_samples", n_samples, MAX_N_SAMPLES, _WHY_SAMPLES)
-        check_stdev(stdev)
-        rng_for(seed)
-        k = n_baselines(baselines, x)
-        if baseline_index is not None:
-            _given_index(baseline_index, (n, len(x)), k)
-        if alphas is not None:
-            _given("alphas", alphas, (n, len(x)))
-        if noise is not None:
-            _given("noise", noise, (n, *x.shape))
-        return n
+    def cost(self, x, s: Settings) -> int:
+        return s.n_samples
 
-    def attribute(
-        self,
-        engine,
-        x,
-        target,
-        *,
-        baselines: Any = None,
-        n_samples: int = 20,
-        stdev: float = 0.0,
-        seed: int | None = None,
-        baseline_index: Any = None,
-        alphas: Any = None,
-        noise: Any = None,
-    ) -> np.ndarray:
-        n = self.check(
-            x,
-            baselines=baselines,
-            n_samples=n_samples,
-            stdev=stdev,
-            seed=seed,
-            baseline_index=baseline_index,
-            alphas=alphas,
-            noise=noise,
-        )
-        stdev = float(stdev)
-        rng = rng_for(seed)
-        base = shap_baselines(baselines, x, rng)
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        n, stdev = s.n_samples, s.stdev
+        rng = rng_for(s.seed)
+        base = shap_baselines(s.baselines, x, rng)
         k, batch = len(base), len(x)
-        idx = None if baseline_index is None else _given_index(baseline_index, (n, batch), k)
-        alpha = None if alphas is None else _given("alphas", alphas, (n, batch))
-        eps = None if noise is None else _given("noise", noise, (n, *x.shape))
+        idx, alpha, eps = s.baseline_index, s.alphas, s.noise
         # Draws are made chunk by chunk, each from its own stream in row order, so that no
         # (n_samples, B, ...) array exists and the result does not depend on max_batch.
         idx_rng, alpha_rng, noise_rng = rng.spawn(3)
@@ -328,22 +305,3 @@ class GradientShap(AttributionMethod):
 
         total = engine.accumulate("gradient", n, x.shape, make_rows, combine)
         return total / n
-
-
-def _given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """An explicit draw (noise, alphas) of exactly ``shape``: float32, finite."""
-    arr = numeric_array(name, value)
-    if arr.shape != shape:
-        raise InvalidArgument(f"{name} must have shape {shape}, got {arr.shape}")
-    return arr
-
-
-def _given_index(value: Any, shape: tuple[int, ...], k: int) -> np.ndarray:
-    arr = np.asarray(value)
-    if arr.shape != shape:
-        raise InvalidArgument(f"baseline_index must have shape {shape}, got {arr.shape}")
-    if not np.issubdtype(arr.dtype, np.integer):
-        raise InvalidArgument(f"baseline_index must hold integers, got dtype {arr.dtype}")
-    if arr.size and (arr.min() < 0 or arr.max() >= k):
-        raise InvalidArgument(f"baseline_index must lie in 0..{k - 1}")
-    return arr

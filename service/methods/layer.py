@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ecgx.service.methods.base import AttributionMethod, check_bool, check_choice
+from ecgx.service.methods.base import AttributionMethod, Param, Settings, flag, one_of
+from ecgx.service.methods.registry import register
 
 INTERPOLATIONS = ("linear", "nearest")
 
@@ -25,7 +26,6 @@ def upsample(cam: np.ndarray, length: int, mode: str) -> np.ndarray:
 
 def gradcam_map(engine, x: np.ndarray, target: np.ndarray, relu: bool, interpolation: str) -> np.ndarray:
     """Time-resolved GradCAM (B, 600): channel weights = time-mean of the gradients."""
-    check_choice("interpolation", interpolation, INTERPOLATIONS)
     seeds = engine.selectors(target)
     cams = []
     for sl in engine._chunks(len(x)):
@@ -37,32 +37,30 @@ def gradcam_map(engine, x: np.ndarray, target: np.ndarray, relu: bool, interpola
     return upsample(np.concatenate(cams), x.shape[2], interpolation)
 
 
+@register
 class GradCam(AttributionMethod):
     """GradCAM (Selvaraju et al.) at the last convolutional block, as Captum's LayerGradCam
     followed by interpolation to 600 samples. Convolutions mix leads from the first
     layer on, so the map is over time only and repeated on every lead."""
 
-    name, kind = "gradcam", "layer"
+    name, kind, graphs = "gradcam", "layer", ("gradcam",)
+    params = (Param("relu", True, flag), Param("interpolation", "linear", one_of(INTERPOLATIONS)))
 
-    def check(self, x, *, relu: bool = True, interpolation: str = "linear") -> int:
-        check_bool("relu", relu)
-        check_choice("interpolation", interpolation, INTERPOLATIONS)
-        return 1
-
-    def attribute(self, engine, x, target, *, relu: bool = True, interpolation: str = "linear") -> np.ndarray:
-        cam = gradcam_map(engine, x, target, relu, interpolation)
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        cam = gradcam_map(engine, x, target, s.relu, s.interpolation)
         return np.repeat(cam[:, None, :], x.shape[1], axis=1)
 
 
+@register
 class GuidedGradCam(AttributionMethod):
     """Guided backprop x upsampled GradCAM, as Captum's GuidedGradCam."""
 
-    name, kind = "guided_gradcam", "layer"
+    name, kind, graphs = "guided_gradcam", "layer", ("gradcam", "guided_backprop")
+    params = (Param("interpolation", "linear", one_of(INTERPOLATIONS)),)
 
-    def check(self, x, *, interpolation: str = "linear") -> int:
-        check_choice("interpolation", interpolation, INTERPOLATIONS)
+    def cost(self, x, s: Settings) -> int:
         return 2  # a GradCAM pass and a guided backprop pass
 
-    def attribute(self, engine, x, target, *, interpolation: str = "linear") -> np.ndarray:
-        cam = gradcam_map(engine, x, target, True, interpolation)
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        cam = gradcam_map(engine, x, target, True, s.interpolation)
         return engine.backward("guided_backprop", x, target) * cam[:, None, :]

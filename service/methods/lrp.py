@@ -10,11 +10,16 @@ import numpy as np
 from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods.base import (
     AttributionMethod,
+    Param,
+    Request,
+    Settings,
     _show,
     check_choice,
     check_non_negative,
     numeric_array,
+    one_of,
 )
+from ecgx.service.methods.registry import register
 
 # Zennit's default stabiliser; the export checks the package's LRP graph at this value too.
 DEFAULT_EPSILON = 1e-6
@@ -34,6 +39,54 @@ INPUT_RULES: dict[str, int] = {"default": 0, "flat": 1, "zbox": 2}
 MAX_ABS_BOUND_MV = 1e3
 
 
+def _epsilon(name: str, value: Any, request: Request) -> np.ndarray:
+    """The stabiliser as the graphs' float32 scalar input."""
+    return np.array(check_non_negative(name, value, MAX_EPSILON), np.float32)
+
+
+def _input_rule(name: str, value: Any, request: Request) -> str:
+    rule = check_choice(name, value, tuple(INPUT_RULES))
+    if request.checked["composite"] == "epsilon" and rule != "default":
+        raise InvalidArgument(
+            f"input_rule={rule!r} needs a composite ('epsilon_plus' or 'epsilon_alpha2_beta1'); "
+            "composite 'epsilon' applies the epsilon rule to every layer"
+        )
+    return rule
+
+
+def _low(name: str, value: Any, request: Request) -> np.ndarray:
+    """The zbox lower bound as (B,) float32 (default: each ECG's own minimum)."""
+    _zbox_only(request)
+    flat = request.x.reshape(len(request.x), -1)
+    return _bound(name, value, flat.min(axis=1), len(request.x))
+
+
+def _high(name: str, value: Any, request: Request) -> np.ndarray:
+    """The zbox upper bound as (B,) float32 (default: each ECG's own maximum), above ``low``."""
+    _zbox_only(request)
+    flat = request.x.reshape(len(request.x), -1)
+    high = _bound(name, value, flat.max(axis=1), len(request.x))
+    if request.given["low"] is not None or value is not None:
+        low = request.checked["low"]
+        bad = np.flatnonzero(low >= high)
+        if bad.size:
+            raise InvalidArgument(
+                f"low must be below high (zbox bounds, mV); ECG(s) {bad.tolist()} have low "
+                f"{low[bad].tolist()} >= high {high[bad].tolist()}"
+            )
+    return high
+
+
+def _zbox_only(request: Request) -> None:
+    """Refuse zbox bounds without the zbox input rule (naming every bound given)."""
+    given = [n for n in ("low", "high") if request.given[n] is not None]
+    if given and request.checked["input_rule"] != "zbox":
+        raise InvalidArgument(
+            f"{' and '.join(given)} are the zbox input rule's bounds: set input_rule='zbox'"
+        )
+
+
+@register
 class Lrp(AttributionMethod):
     """LRP (Bach et al.) on the BatchNorm-folded network; relevance starts at the target logit.
 
@@ -63,74 +116,29 @@ class Lrp(AttributionMethod):
     target logit on bias-free networks only (tests/training/test_lrp_rules.py checks each statement).
     """
 
-    name, kind = "lrp", "modified backward"
-
-    def check(
-        self,
-        x,
-        *,
-        epsilon: float = DEFAULT_EPSILON,
-        composite: str = "epsilon",
-        input_rule: str = "default",
-        low: Any = None,
-        high: Any = None,
-    ) -> int:
-        _settings(x, epsilon, composite, input_rule, low, high)
-        return 1
+    name, kind, graphs = "lrp", "modified backward", (COMPOSITE_GRAPHS["epsilon"],)
+    setting_graphs = tuple(g for c, g in COMPOSITE_GRAPHS.items() if c != "epsilon")
+    params = (
+        Param("epsilon", DEFAULT_EPSILON, _epsilon),
+        Param("composite", "epsilon", one_of(tuple(COMPOSITE_GRAPHS))),
+        Param("input_rule", "default", _input_rule),
+        Param("low", None, _low),
+        Param("high", None, _high),
+    )
 
     def required_graphs(self, params: Mapping[str, Any]) -> tuple[str, ...]:
         """The one graph the chosen ``composite`` runs."""
         composite = check_choice("composite", params.get("composite", "epsilon"), tuple(COMPOSITE_GRAPHS))
         return (COMPOSITE_GRAPHS[composite],)
 
-    def attribute(
-        self,
-        engine,
-        x,
-        target,
-        *,
-        epsilon: float = DEFAULT_EPSILON,
-        composite: str = "epsilon",
-        input_rule: str = "default",
-        low: Any = None,
-        high: Any = None,
-    ) -> np.ndarray:
-        eps, graph, rule, lo, hi = _settings(x, epsilon, composite, input_rule, low, high)
-        if composite == "epsilon":
-            return engine.backward(graph, x, target, output="attribution", epsilon=eps)
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        graph = COMPOSITE_GRAPHS[s.composite]
+        if s.composite == "epsilon":
+            return engine.backward(graph, x, target, output="attribution", epsilon=s.epsilon)
+        rule = np.array(INPUT_RULES[s.input_rule], np.int64)
         return engine.backward(
-            graph, x, target, output="attribution", epsilon=eps, input_rule=rule, low=lo, high=hi
+            graph, x, target, output="attribution", epsilon=s.epsilon, input_rule=rule, low=s.low, high=s.high
         )
-
-
-def _settings(
-    x: np.ndarray, epsilon: Any, composite: Any, input_rule: Any, low: Any, high: Any
-) -> tuple[np.ndarray, str, np.ndarray, np.ndarray, np.ndarray]:
-    """Validated graph inputs: (epsilon, graph, input_rule, low (B,), high (B,))."""
-    eps = np.array(check_non_negative("epsilon", epsilon, MAX_EPSILON), np.float32)
-    graph = COMPOSITE_GRAPHS[check_choice("composite", composite, tuple(COMPOSITE_GRAPHS))]
-    rule = check_choice("input_rule", input_rule, tuple(INPUT_RULES))
-    if composite == "epsilon" and rule != "default":
-        raise InvalidArgument(
-            f"input_rule={rule!r} needs a composite ('epsilon_plus' or 'epsilon_alpha2_beta1'); "
-            "composite 'epsilon' applies the epsilon rule to every layer"
-        )
-    if rule != "zbox" and (low is not None or high is not None):
-        given = [name for name, v in (("low", low), ("high", high)) if v is not None]
-        raise InvalidArgument(
-            f"{' and '.join(given)} are the zbox input rule's bounds: set input_rule='zbox'"
-        )
-    flat = x.reshape(len(x), -1)
-    lo = _bound("low", low, flat.min(axis=1), len(x))
-    hi = _bound("high", high, flat.max(axis=1), len(x))
-    if low is not None or high is not None:
-        bad = np.flatnonzero(lo >= hi)
-        if bad.size:
-            raise InvalidArgument(
-                f"low must be below high (zbox bounds, mV); ECG(s) {bad.tolist()} have low "
-                f"{lo[bad].tolist()} >= high {hi[bad].tolist()}"
-            )
-    return eps, graph, np.array(INPUT_RULES[rule], np.int64), lo, hi
 
 
 def _bound(name: str, value: Any, default: np.ndarray, n: int) -> np.ndarray:

@@ -14,6 +14,7 @@ The number of perturbations per ECG and the surrogate's size are capped
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -23,13 +24,18 @@ from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
 from ecgx.service.methods.base import (
     AttributionMethod,
+    Param,
+    Request,
+    Settings,
+    broadcast_per_ecg,
     check_count,
     check_non_negative,
-    check_per_ecg,
     check_positive_int,
-    per_ecg_array,
+    per_ecg,
     rng_for,
+    seed,
 )
+from ecgx.service.methods.registry import register
 
 DEFAULT_WINDOW = 50  # samples: 0.1 s at 500 Hz
 KERNEL_SHAP_INF_WEIGHT = 1e6  # Captum's weight of the empty and the full coalition
@@ -64,9 +70,9 @@ def _check_window(name: str, value: Any, samples: int) -> int:
     return value
 
 
-def _check_n_samples(value: Any) -> int:
-    why = "each sample is one forward pass per ECG; the cap bounds a request's time"
-    return check_count("n_samples", value, MAX_N_SAMPLES, why, minimum=2)
+def _window(name: str, value: Any, request: Request) -> int:
+    """A window (or stride) of 1..600 samples."""
+    return _check_window(name, value, request.x.shape[2])
 
 
 def _check_perturbations(method: str, settings: str, leads: int, per_lead: int, what: str) -> int:
@@ -79,10 +85,6 @@ def _check_perturbations(method: str, settings: str, leads: int, per_lead: int, 
             + (" or stride" if method == "occlusion" else "")
         )
     return n + 1
-
-
-def _baseline(value: Any, x: np.ndarray) -> np.ndarray:
-    return per_ecg_array("baseline", value, x)
 
 
 # ---------------------------------------------------------------------- batched forward passes
@@ -121,6 +123,16 @@ def window_starts(samples: int, window: int, stride: int) -> np.ndarray:
     return np.arange(n_shifts) * stride
 
 
+def _stride(name: str, value: Any, request: Request) -> int:
+    stride = _window(name, value, request)
+    window, samples = request.checked["window"], request.x.shape[2]
+    # As Captum: a stride longer than the window would leave samples never occluded.
+    if stride > window and window < samples:
+        raise InvalidArgument(f"stride must be at most window ({window}), got {stride}")
+    return stride
+
+
+@register
 class Occlusion(AttributionMethod):
     """Sliding-window occlusion (Zeiler & Fergus), as Captum's ``Occlusion`` with
     ``sliding_window_shapes=(1, window)``, ``strides=(1, stride)``.
@@ -131,28 +143,24 @@ class Occlusion(AttributionMethod):
     (12, 600) ECG, or one per ECG.
     """
 
-    name, kind = "occlusion", "perturbation"
+    name, kind, graphs = "occlusion", "perturbation", ("forward",)
+    params = (
+        Param("window", DEFAULT_WINDOW, _window),
+        Param("stride", 25, _stride),
+        Param("baseline", 0.0, per_ecg()),
+    )
 
-    def check(self, x, *, window: int = DEFAULT_WINDOW, stride: int = 25, baseline: Any = 0.0) -> int:
+    def cost(self, x, s: Settings) -> int:
         _, leads, samples = x.shape
-        window = _check_window("window", window, samples)
-        stride = _check_window("stride", stride, samples)
-        # As Captum: a stride longer than the window would leave samples never occluded.
-        if stride > window and window < samples:
-            raise InvalidArgument(f"stride must be at most window ({window}), got {stride}")
-        check_per_ecg("baseline", baseline, x)
-        n_windows = len(window_starts(samples, window, stride))
+        n_windows = len(window_starts(samples, s.window, s.stride))
         return _check_perturbations(
-            "occlusion", f"window={window}, stride={stride}", leads, n_windows, "windows"
+            "occlusion", f"window={s.window}, stride={s.stride}", leads, n_windows, "windows"
         )
 
-    def attribute(
-        self, engine, x, target, *, window: int = DEFAULT_WINDOW, stride: int = 25, baseline: Any = 0.0
-    ) -> np.ndarray:
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
         _, leads, samples = x.shape
-        self.check(x, window=window, stride=stride, baseline=baseline)
-        window, stride = int(window), int(stride)
-        base = _baseline(baseline, x)
+        window, stride = s.window, s.stride
+        base = broadcast_per_ecg(s.baseline, x)
         starts = window_starts(samples, window, stride)
         ends = np.minimum(starts + window, samples)
         t = np.arange(samples)
@@ -175,27 +183,24 @@ class Occlusion(AttributionMethod):
         return (total / count).astype(np.float32)
 
 
+@register
 class FeatureAblation(AttributionMethod):
     """Segment ablation, as Captum's ``FeatureAblation`` with the :func:`segment_mask`
     feature mask: every element of a lead x window segment gets f(x) - f(x with the
     segment set to ``baseline``) (f: target logit)."""
 
-    name, kind = "feature_ablation", "perturbation"
+    name, kind, graphs = "feature_ablation", "perturbation", ("forward",)
+    params = (Param("window", DEFAULT_WINDOW, _window), Param("baseline", 0.0, per_ecg()))
 
-    def check(self, x, *, window: int = DEFAULT_WINDOW, baseline: Any = 0.0) -> int:
+    def cost(self, x, s: Settings) -> int:
         _, leads, samples = x.shape
-        window = _check_window("window", window, samples)
-        check_per_ecg("baseline", baseline, x)
-        per_lead = -(-samples // window)
-        return _check_perturbations("feature_ablation", f"window={window}", leads, per_lead, "segments")
+        per_lead = -(-samples // s.window)
+        return _check_perturbations("feature_ablation", f"window={s.window}", leads, per_lead, "segments")
 
-    def attribute(
-        self, engine, x, target, *, window: int = DEFAULT_WINDOW, baseline: Any = 0.0
-    ) -> np.ndarray:
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
         _, leads, samples = x.shape
-        self.check(x, window=window, baseline=baseline)
-        seg = segment_mask(int(window), leads, samples)
-        base = _baseline(baseline, x)
+        seg = segment_mask(s.window, leads, samples)
+        base = broadcast_per_ecg(s.baseline, x)
 
         def build(ecg: np.ndarray, item: np.ndarray) -> np.ndarray:
             return np.where(seg[None] == item[:, None, None], base[ecg], x[ecg])
@@ -301,6 +306,43 @@ def kernel_shap_coalitions(rng: np.random.Generator, n: int, m: int) -> np.ndarr
     return z
 
 
+def _features(window: int, x: np.ndarray) -> int:
+    """The number M of lead x window segments."""
+    _, leads, samples = x.shape
+    return leads * -(-samples // window)
+
+
+def _surrogate_samples(name: str, value: Any, request: Request) -> int:
+    """Kernel SHAP's and LIME's ``n_samples``: 2..MAX_N_SAMPLES, and a coalition matrix of at most
+    MAX_SURROGATE_ENTRIES per ECG."""
+    why = "each sample is one forward pass per ECG; the cap bounds a request's time"
+    n = check_count(name, value, MAX_N_SAMPLES, why, minimum=2)
+    window = request.checked["window"]
+    m = _features(window, request.x)
+    if n * m > MAX_SURROGATE_ENTRIES:
+        raise ResourceExhausted(
+            f"{request.method} with n_samples={n} and window={window} fits a {n} x {m} coalition matrix "
+            f"({n * m:,} entries) per ECG; the limit is {MAX_SURROGATE_ENTRIES:,} (it bounds the memory and "
+            "time of the least-squares fit): lower n_samples or use a larger window"
+        )
+    return n
+
+
+def _coalitions(name: str, value: Any, request: Request) -> np.ndarray | None:
+    n, m = request.checked["n_samples"], _features(request.checked["window"], request.x)
+    return _given_coalitions(value, (len(request.x), n, m))
+
+
+def _surrogate_setup(x: np.ndarray, s: Settings):
+    """What Kernel SHAP and LIME share, from checked settings: segment mask, feature count,
+    sample count, baseline, generator and any given coalitions."""
+    _, leads, samples = x.shape
+    seg = segment_mask(s.window, leads, samples)
+    m = int(seg.max()) + 1
+    return seg, m, s.n_samples, broadcast_per_ecg(s.baseline, x), rng_for(s.seed), s.coalitions
+
+
+@register
 class KernelShap(AttributionMethod):
     """Kernel SHAP (Lundberg & Lee), as Captum's ``KernelShap`` with the
     :func:`segment_mask` feature mask.
@@ -320,35 +362,21 @@ class KernelShap(AttributionMethod):
     each ECG gets its own draw from ``seed``, as Captum fits one model per example.
     """
 
-    name, kind, stochastic = "kernel_shap", "perturbation", True
+    name, kind, graphs, stochastic = "kernel_shap", "perturbation", ("forward",), True
+    params = (
+        Param("window", DEFAULT_WINDOW, _window),
+        Param("n_samples", 200, _surrogate_samples),
+        Param("baseline", 0.0, per_ecg()),
+        Param("seed", None, seed),
+        Param("coalitions", None, _coalitions),
+    )
+    may_differ = MappingProxyType({"n_samples": "at_least"})  # more coalitions: a closer fit
 
-    def check(
-        self,
-        x,
-        *,
-        window: int = DEFAULT_WINDOW,
-        n_samples: int = 200,
-        baseline: Any = 0.0,
-        seed: int | None = None,
-        coalitions: Any = None,
-    ) -> int:
-        return _surrogate_check(self.name, x, window, n_samples, baseline, seed, coalitions)
+    def cost(self, x, s: Settings) -> int:
+        return s.n_samples
 
-    def attribute(
-        self,
-        engine,
-        x,
-        target,
-        *,
-        window: int = DEFAULT_WINDOW,
-        n_samples: int = 200,
-        baseline: Any = 0.0,
-        seed: int | None = None,
-        coalitions: Any = None,
-    ) -> np.ndarray:
-        seg, m, n, base, rng, given = _surrogate_setup(
-            self.name, x, window, n_samples, baseline, seed, coalitions
-        )
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        seg, m, n, base, rng, given = _surrogate_setup(x, s)
 
         def weigh(z: np.ndarray, ecg: int) -> np.ndarray:
             size = z.sum(axis=1)
@@ -359,49 +387,14 @@ class KernelShap(AttributionMethod):
         )
 
 
-def _surrogate_check(
-    method: str, x: np.ndarray, window: Any, n_samples: Any, baseline: Any, seed: Any, coalitions: Any
-) -> int:
-    """Check the settings shared by Kernel SHAP and LIME; returns the forward passes per ECG."""
-    _, leads, samples = x.shape
-    window = _check_window("window", window, samples)
-    m = leads * -(-samples // window)
-    n = _check_n_samples(n_samples)
-    if n * m > MAX_SURROGATE_ENTRIES:
-        raise ResourceExhausted(
-            f"{method} with n_samples={n} and window={window} fits a {n} x {m} coalition matrix "
-            f"({n * m:,} entries) per ECG; the limit is {MAX_SURROGATE_ENTRIES:,} (it bounds the memory and "
-            "time of the least-squares fit): lower n_samples or use a larger window"
-        )
-    check_per_ecg("baseline", baseline, x)
-    rng_for(seed)
-    _given_coalitions(coalitions, (len(x), n, m))
-    return n
-
-
-def _surrogate_setup(
-    method: str, x: np.ndarray, window: Any, n_samples: Any, baseline: Any, seed: Any, coalitions: Any
-):
-    """Validated settings shared by Kernel SHAP and LIME: segment mask, feature count,
-    sample count, baseline, generator and any given coalitions."""
-    _surrogate_check(method, x, window, n_samples, baseline, seed, coalitions)
-    _, leads, samples = x.shape
-    seg = segment_mask(int(window), leads, samples)
-    m = int(seg.max()) + 1
-    n = int(n_samples)
-    base = _baseline(baseline, x)
-    rng = rng_for(seed)
-    return seg, m, n, base, rng, _given_coalitions(coalitions, (len(x), n, m))
-
-
 # Cosine distances lie in [0, 2]: beyond this width every weight is 1 (and kernel_width**2
 # overflows long before float64 does); below the minimum every perturbed weight underflows to 0.
 MAX_KERNEL_WIDTH = 1e6
 MIN_KERNEL_WIDTH = 1e-6
 
 
-def _check_kernel_width(value: Any) -> float:
-    width = check_non_negative("kernel_width", value, MAX_KERNEL_WIDTH)
+def _check_kernel_width(name: str, value: Any, request: Request) -> float:
+    width = check_non_negative(name, value, MAX_KERNEL_WIDTH)
     if width == 0:
         raise InvalidArgument("kernel_width must be > 0, got 0")
     if width < MIN_KERNEL_WIDTH:
@@ -433,6 +426,7 @@ def cosine_kernel_weights(
     return np.exp(-((1 - cos) ** 2) / (2 * kernel_width**2))
 
 
+@register
 class Lime(AttributionMethod):
     """LIME (Ribeiro et al.) over lead x window segments, as Captum's ``Lime`` with
     the :func:`segment_mask` feature mask except for the surrogate model.
@@ -453,39 +447,23 @@ class Lime(AttributionMethod):
     ``coalitions`` (n_samples, M) or (B, n_samples, M) replaces the random draw.
     """
 
-    name, kind, stochastic = "lime", "perturbation", True
+    name, kind, graphs, stochastic = "lime", "perturbation", ("forward",), True
+    params = (
+        Param("window", DEFAULT_WINDOW, _window),
+        Param("n_samples", 200, _surrogate_samples),
+        Param("baseline", 0.0, per_ecg()),
+        Param("kernel_width", 1.0, _check_kernel_width),
+        Param("seed", None, seed),
+        Param("coalitions", None, _coalitions),
+    )
+    may_differ = MappingProxyType({"n_samples": "at_least"})  # more coalitions: a closer fit
 
-    def check(
-        self,
-        x,
-        *,
-        window: int = DEFAULT_WINDOW,
-        n_samples: int = 200,
-        baseline: Any = 0.0,
-        kernel_width: float = 1.0,
-        seed: int | None = None,
-        coalitions: Any = None,
-    ) -> int:
-        _check_kernel_width(kernel_width)
-        return _surrogate_check(self.name, x, window, n_samples, baseline, seed, coalitions)
+    def cost(self, x, s: Settings) -> int:
+        return s.n_samples
 
-    def attribute(
-        self,
-        engine,
-        x,
-        target,
-        *,
-        window: int = DEFAULT_WINDOW,
-        n_samples: int = 200,
-        baseline: Any = 0.0,
-        kernel_width: float = 1.0,
-        seed: int | None = None,
-        coalitions: Any = None,
-    ) -> np.ndarray:
-        width = _check_kernel_width(kernel_width)
-        seg, m, n, base, rng, given = _surrogate_setup(
-            self.name, x, window, n_samples, baseline, seed, coalitions
-        )
+    def attribute(self, engine, x, target, s: Settings) -> np.ndarray:
+        width = s.kernel_width
+        seg, m, n, base, rng, given = _surrogate_setup(x, s)
 
         def weigh(z: np.ndarray, ecg: int) -> np.ndarray:
             return cosine_kernel_weights(z, x[ecg], base[ecg], seg, width)
