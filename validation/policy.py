@@ -1,7 +1,9 @@
 """The gate policy: which checks block a method, their thresholds and their settings.
 
-Defaults live in ``default_policy.toml`` beside this module; a user's TOML file
-overrides any subset of its keys. Unknown keys and values of the wrong type or
+Defaults live in ``default_policy.toml`` beside this module, except the default
+``serving.may_differ`` entries, which each method class declares (its ``may_differ``);
+a user's TOML file overrides any subset of its keys. Files are read by the shared
+loader (:mod:`ecgx.core.config_file`). Unknown keys and values of the wrong type or
 range are errors that name the key, so a typo never silently keeps a default.
 """
 
@@ -17,8 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ecgx.core.errors import InvalidArgument
-from ecgx.service.methods import METHOD_NAMES
+from ecgx.core.config_file import ConfigError, check_tables, read_toml
+from ecgx.service.methods import METHOD_NAMES, get_method
+from ecgx.service.methods.base import DIRECTIONS
 
 CHECKS = (
     "randomisation",
@@ -79,7 +82,7 @@ _SCHEMA: dict[str, dict[str, tuple[type, float | None, float | None]]] = {
 }
 
 
-class PolicyError(InvalidArgument):
+class PolicyError(ConfigError):
     """A policy file that cannot be read or holds an unknown key or a bad value."""
 
 
@@ -140,9 +143,19 @@ def validated(policy: Policy) -> Policy:
         raise PolicyError(f"policy {policy.source}: {e}") from None
 
 
+def declared_may_differ() -> dict[str, dict[str, str]]:
+    """The default ``serving.may_differ`` table: each built-in method's own ``may_differ``."""
+    declared = {m: dict(get_method(m).may_differ) for m in METHOD_NAMES}
+    return {m: how for m, how in declared.items() if how}
+
+
 def default_policy() -> Policy:
-    text = DEFAULT_POLICY_FILE.read_text()
-    return Policy(content=_validate(tomllib.loads(text)), source="default")
+    """The default policy: ``default_policy.toml``, with the methods' declared ``may_differ``
+    entries (an entry in the file replaces a method's, as in a user's file)."""
+    content = tomllib.loads(DEFAULT_POLICY_FILE.read_text())
+    serving = content.setdefault("serving", {})
+    serving["may_differ"] = {**declared_may_differ(), **serving.get("may_differ", {})}
+    return Policy(content=_validate(content), source="default")
 
 
 def load_policy(path: Path | str | None = None) -> Policy:
@@ -150,24 +163,23 @@ def load_policy(path: Path | str | None = None) -> Policy:
     base = default_policy()
     if path is None:
         return base
-    path = Path(path)
-    if not path.exists():
-        raise PolicyError(f"policy file {path} does not exist")
-    if not path.is_file():
-        raise PolicyError(
-            f"policy file {path} is not a regular file (a folder or a device?); give a TOML file"
-        )
-    try:
-        user = tomllib.loads(path.read_text())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-        raise PolicyError(f"policy file {path} is not valid TOML: {e}") from None
-    except OSError as e:
-        raise PolicyError(f"policy file {path} cannot be read: {e.strerror or e}") from None
+    user = _read(Path(path), tuple(base.content))
     merged = _merge(base.content, user, "")
     try:
         return Policy(content=_validate(merged), source=str(path))
     except PolicyError as e:
         raise PolicyError(f"policy file {path}: {e}") from None
+
+
+def _read(path: Path, tables: tuple[str, ...]) -> dict[str, Any]:
+    """A user's policy file (:func:`~ecgx.core.config_file.read_toml`) holding only ``tables`` at
+    its top; the shared loader's errors as :class:`PolicyError`, with their messages."""
+    try:
+        document = read_toml(path, "policy file")
+        check_tables(document, tables, f"policy file {path}")
+    except ConfigError as e:
+        raise PolicyError(str(e)) from None
+    return document
 
 
 def _merge(base: dict[str, Any], user: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -229,14 +241,12 @@ def _check_required(req: Any) -> None:
         raise PolicyError("gate.required_methods cannot require the random control: it is built to fail")
 
 
-MAY_DIFFER = ("any", "at_least", "at_most")
+MAY_DIFFER = DIRECTIONS
 
 
 def _check_may_differ(table: Any) -> None:
     """``serving.may_differ``: method -> {parameter: "any" | "at_least" | "at_most"}, naming only
     built-in methods and their public parameters."""
-    from ecgx.service.methods import get_method
-
     if not isinstance(table, Mapping):
         raise PolicyError("serving.may_differ must be a table of method = { parameter = ... }")
     for method, params in table.items():
@@ -259,8 +269,6 @@ def _check_may_differ(table: Any) -> None:
 def may_differ(policy: Policy, method: str) -> dict[str, str]:
     """How each setting of ``method`` may differ from what the gate checked when served: the
     policy's ``serving.may_differ`` entry, and ``seed`` "any" for a stochastic method."""
-    from ecgx.service.methods import get_method
-
     out = dict(policy.content["serving"]["may_differ"].get(method, {}))
     if method in METHOD_NAMES and get_method(method).stochastic:
         out["seed"] = "any"
