@@ -3,8 +3,8 @@
 A package folder holds
 
 - ``weights.bin``: every parameter (BatchNorm folded), float32, one copy;
-- one ONNX file per graph (``forward``, ``gradient``, ``guided_backprop``,
-  ``deconvolution``, ``deeplift``, ``lrp``, ``gradcam``), all reading their
+- one ONNX file per graph of the table ``graphs.GRAPHS`` (``forward``, ``gradient``,
+  the backward graphs of the attribution methods), all reading their
   parameters from ``weights.bin`` as external data under the same names, so
   forward and backward parts share one set of weights;
 - ``manifest.json``: format version, classes, leads, input shape and sampling
@@ -19,17 +19,9 @@ A package folder holds
 
 Every graph is built and checked on ONNX Runtime on its own, against references
 computed in PyTorch on the model rebuilt from the IR (``ir_torch.ir_module``) and,
-for the forward pass and the gradient, on the model as given:
-
-========================= ==========================================================
-forward                   logits of the model as given (``ModelSource.forward``)
-gradient                  autograd on the IR module and on the original module
-guided_backprop, deconv.  plain-autograd rules (``autograd_reference``); Captum's
-                          result recorded beside it, not binding (see the notes)
-deeplift                  Captum's DeepLift; the rescale max-pool rule by summation
-lrp                       Captum's LRP-epsilon at two epsilons
-gradcam                   the layer's activations and gradients by autograd
-========================= ==========================================================
+for the forward pass and the gradient, on the model as given: each graph's
+:class:`~ecgx.training.export.graphs.GraphSpec` names its check (``graph_checks.py``)
+and its reference, which the manifest records under ``verification.reference``.
 
 A graph that cannot be built for the model, or disagrees with its reference, is
 left out and listed under ``unavailable`` with the methods that need it; the rest
@@ -56,7 +48,6 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from onnx import TensorProto
 from onnx.external_data_helper import set_external_data
 from torch import nn
@@ -77,30 +68,17 @@ from ecgx.core.package_reader import (
 )
 from ecgx.core.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
 from ecgx.service.methods import methods_needing
-from ecgx.service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
-from ecgx.training.export.graphs import GRAPH_SIGNATURES, build_graph
+from ecgx.training.export.graph_checks import LRP_CHECK_EPSILONS, References
+from ecgx.training.export.graphs import GRAPHS, build_graph, references
 from ecgx.training.export.ir import PARAMETERISED, ExportError, ModelIR
 from ecgx.training.export.onnx_graphs import OPSET, param_names
-from ecgx.training.export.parity import (
-    MAX_OUTLIER_FRACTION,
-    REL_TOL,
-    describe_parity_failure,
-    parity,
-    parity_ok,
-    per_sample_parity,
-)
+from ecgx.training.export.parity import MAX_OUTLIER_FRACTION, REL_TOL, describe_parity_failure, jsonable
 from ecgx.training.export.source import ModelSource, from_module
 
 log = logging.getLogger(__name__)
 
 PACKAGE_VERSION = 1  # the reader (ecgx/core/package_reader.py) lists the versions it accepts
 _ALIGN = 64
-# LRP is checked at two epsilons. At the engine's default (1e-6, as Zennit's) the rule is
-# ill-conditioned: a unit whose output lies within a few epsilon of zero amplifies the float32
-# rounding of that output, so ONNX Runtime and PyTorch may both be right and still differ
-# (``ill_conditioned_samples`` finds such samples; they are excused). At 1e-2 the same graph
-# is well-conditioned on nearly every sample, which checks its construction element by element.
-LRP_CHECK_EPSILONS = {"lrp": 1e-2, "lrp.default_epsilon": DEFAULT_LRP_EPSILON}
 # Without these two graphs no package is written: every gradient method and the gate need the gradient.
 ESSENTIAL_GRAPHS = REQUIRED_GRAPHS
 DEFAULT_SAMPLES = 8
@@ -177,7 +155,7 @@ def export_package(
     names = _graph_names(graphs)
     unavailable: dict[str, str] = {
         g: "left out of this export (export_package(graphs=...) did not ask for it)"
-        for g in GRAPH_SIGNATURES
+        for g in GRAPHS
         if g not in names
     }
     built = _build_graphs(ir, names, layer, no_layer, graph_builder or build_graph, unavailable)
@@ -203,14 +181,12 @@ def export_package(
         checks["sample_inputs"] = inputs_note
         extra = _write_training_data(tmp, training_data)
         files = [f"{g}.onnx" for g in built]
-        provenance = _jsonable({**src.description, **(source or {})})
+        provenance = jsonable({**src.description, **(source or {})})
         manifest = _manifest(
             ir, src, classes, layer, params, [*files, *extra], checks, training_info, provenance, tmp
         )
         manifest["unavailable"] = {
-            g: {"reason": unavailable[g], "methods": methods_needing(g)}
-            for g in GRAPH_SIGNATURES
-            if g in unavailable
+            g: {"reason": unavailable[g], "methods": methods_needing(g)} for g in GRAPHS if g in unavailable
         }
         if training_data is not None:
             manifest["training_data"] = _training_data_entry(training_data)
@@ -223,12 +199,12 @@ def export_package(
 
 def _graph_names(graphs: Sequence[str] | None) -> list[str]:
     if graphs is None:
-        return list(GRAPH_SIGNATURES)
+        return list(GRAPHS)
     wanted = [graphs] if isinstance(graphs, str) else list(graphs)
-    unknown = [g for g in wanted if g not in GRAPH_SIGNATURES]
+    unknown = [g for g in wanted if g not in GRAPHS]
     if unknown:
-        raise ExportError(f"unknown graph(s) {unknown}; the graphs are {list(GRAPH_SIGNATURES)}")
-    return [g for g in GRAPH_SIGNATURES if g in ESSENTIAL_GRAPHS or g in wanted]
+        raise ExportError(f"unknown graph(s) {unknown}; the graphs are {list(GRAPHS)}")
+    return [g for g in GRAPHS if g in ESSENTIAL_GRAPHS or g in wanted]
 
 
 def _build_graphs(
@@ -242,7 +218,7 @@ def _build_graphs(
     """Each graph on its own; one that cannot be built is noted in ``unavailable``."""
     built: dict[str, onnx.ModelProto] = {}
     for name in names:
-        if name == "gradcam" and layer is None:
+        if GRAPHS[name].reads_layer and layer is None:
             unavailable[name] = f"cannot be built: {no_layer}"
             continue
         try:
@@ -279,12 +255,6 @@ def _leads(src: ModelSource) -> list[str]:
     if n == N_LEADS:
         return list(LEADS)
     return [f"lead{i + 1}" for i in range(n)]
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` as JSON would read it back: NumPy arrays and scalars as lists and numbers,
-    anything else JSON lacks as its text."""
-    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def _write_training_data(folder: Path, training_data: tuple[str, dict[str, Any]] | None) -> list[str]:
@@ -410,28 +380,6 @@ def _sample_inputs(sample_inputs: np.ndarray | None, src: ModelSource) -> tuple[
     )
 
 
-def _session(folder: Path, graph: str) -> ort.InferenceSession:
-    return ort.InferenceSession(str(folder / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
-
-
-class _References:
-    """What every graph's check shares: the sample inputs, targets, the IR module and its near ties."""
-
-    def __init__(self, folder: Path, src: ModelSource, ir: ModelIR, layer: str | None, x: np.ndarray):
-        from ecgx.training.export.ir_torch import ir_module
-        from ecgx.training.export.reference import near_ties
-
-        self.folder, self.src, self.ir, self.layer, self.x = folder, src, ir, layer, x
-        n_out = ir.n_outputs
-        self.target = np.arange(len(x)) % n_out
-        self.seed = np.eye(n_out, dtype=np.float32)[self.target]
-        self.baseline = np.random.default_rng(0).normal(0, 0.05, x.shape).astype(np.float32)
-        self.module = ir_module(ir).eval()
-        flags, report = near_ties(self.module, x)
-        self.ties = {"near_max_pool_tie": np.asarray(flags, bool)}
-        self.tie_report = _jsonable(report)
-
-
 def verify_package_graphs(
     folder: Path, src: ModelSource, ir: ModelIR, layer: str | None, x: np.ndarray, graphs: Sequence[str]
 ) -> dict[str, Any]:
@@ -443,7 +391,7 @@ def verify_package_graphs(
     run. Raises :class:`ExportError` when ``forward`` or ``gradient`` fails.
     """
     try:
-        refs = _References(folder, src, ir, layer, x)
+        refs = References(folder, src, ir, layer, x)
     except ExportError:
         raise
     except Exception as e:  # without the IR module no graph can be checked, the gradient included
@@ -454,11 +402,11 @@ def verify_package_graphs(
     checks: dict[str, dict[str, Any]] = {}
     failed: dict[str, str] = {}
     for graph in graphs:
-        check = GRAPH_CHECKS.get(graph)
+        spec = GRAPHS.get(graph)
         try:
-            if check is None:
+            if spec is None:
                 raise _NoCheck(f"the export has no reference check for the {graph} graph")
-            results = check(refs, graph)
+            results = spec.check(refs, graph)
         except ExportError as e:
             if graph in ESSENTIAL_GRAPHS:
                 raise
@@ -502,200 +450,11 @@ class _NoCheck(Exception):
     """A graph the export cannot check (so it does not publish it)."""
 
 
-def _check_forward(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    got = _session(refs.folder, "forward").run(None, {"x": refs.x})[0]
-    want = np.asarray(refs.src.forward(refs.x), np.float64)
-    if got.shape != want.shape:
-        raise ExportError(
-            f"the forward graph returns logits of shape {got.shape}, the model {want.shape} "
-            "(package not written)"
-        )
-    forward = parity(got, want)
-    return {"forward": {**forward, "ok": parity_ok(forward)}}
-
-
-def _run_backward(refs: _References, graph: str) -> np.ndarray:
-    return _session(refs.folder, graph).run(None, {"x": refs.x, "seed": refs.seed})[1]
-
-
-def _module_gradient(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """d (seed . logits) / dx of a PyTorch module by plain autograd (eval mode)."""
-    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
-    out = model.eval()(xt)
-    (out * torch.from_numpy(seed)).sum().backward()
-    return xt.grad.detach().numpy()
-
-
-def _check_gradient(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from ecgx.training.export.autograd_reference import autograd_attribution
-
-    got = _run_backward(refs, "gradient")
-    ref = autograd_attribution(refs.module, "gradient", refs.x, refs.target)
-    checks = {"gradient": per_sample_parity(got, ref, refs.ties)}
-    if isinstance(refs.src.original, nn.Module):
-        # The model as given, not only as rebuilt from the IR: a front-end error shows here.
-        original = _module_gradient(refs.src.original, refs.x, refs.seed)
-        checks["gradient.original"] = per_sample_parity(got, original, refs.ties)
-    return checks
-
-
 def _refused_uses(graph: str) -> str:
     """What a missing graph costs, for the warning: the methods, or the lrp setting it serves."""
-    if graph.startswith("lrp_"):
-        return f"lrp with composite={graph.removeprefix('lrp_')!r}"
+    if GRAPHS[graph].serves:
+        return GRAPHS[graph].serves
     return "methods " + (", ".join(methods_needing(graph)) or "none")
-
-
-def _captum_beside(got: np.ndarray, captum: Callable[[], np.ndarray], excused) -> dict[str, Any]:
-    """Captum's attribution compared with the package's, recorded beside the primary check
-    (informative: Captum's hooks act on a ReLU's or max pool's input tensor, not on the op's
-    own edge, so it may legitimately differ; see the manifest's verification notes)."""
-    try:
-        captum = per_sample_parity(got, captum(), excused)
-        captum["agrees"] = captum.pop("ok")
-    except Exception as e:  # informative only: Captum's own refusal is recorded
-        captum = {"agrees": False, "error": f"Captum could not run: {type(e).__name__}: {e}"}
-    return {"informative": True, **captum}
-
-
-def _check_modified_backward(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from ecgx.training.export.autograd_reference import autograd_attribution
-    from ecgx.training.export.reference import captum_attribution
-
-    got = _run_backward(refs, graph)
-    ref = autograd_attribution(refs.module, graph, refs.x, refs.target)
-    return {
-        graph: per_sample_parity(got, ref, refs.ties),
-        f"{graph}.captum": _captum_beside(
-            got, lambda: captum_attribution(refs.module, graph, refs.x, refs.target), refs.ties
-        ),
-    }
-
-
-def _check_deeplift(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from ecgx.training.export.autograd_reference import autograd_attribution
-    from ecgx.training.export.reference import captum_attribution, near_tie_samples
-
-    sess = _session(refs.folder, "deeplift")
-    x, baseline, seed, target = refs.x, refs.baseline, refs.seed, refs.target
-    feeds = {"x": x, "baseline": baseline, "seed": seed}
-    plain = sess.run(None, {**feeds, "maxpool_rescale": np.array(False)})[1]
-    reference = autograd_attribution(refs.module, "deeplift", x, target, baseline=baseline)
-    near_tie = refs.ties["near_max_pool_tie"] | np.asarray(near_tie_samples(refs.module, baseline), bool)
-    excused = {"near_max_pool_tie": near_tie}
-    checks = {
-        "deeplift": per_sample_parity(plain, reference, excused),
-        "deeplift.captum": _captum_beside(
-            plain, lambda: captum_attribution(refs.module, "deeplift", x, target, baseline=baseline), excused
-        ),
-    }
-    # The rescale max-pool rule: DeepLIFT's summation-to-delta, to float32's precision. The logit
-    # difference is itself rounded relative to the logits, and the sum relative to its terms.
-    logits, rescaled = sess.run(None, {**feeds, "maxpool_rescale": np.array(True)})
-    logits_base = sess.run(None, {**feeds, "x": baseline, "maxpool_rescale": np.array(True)})[0]
-    rows = np.arange(len(x))
-    delta = (logits - logits_base)[rows, target]
-    total = rescaled.astype(np.float64).sum(axis=(1, 2))
-    scale = max(
-        float(np.abs(delta).max()),
-        float(np.abs(logits[rows, target]).max()),
-        float(np.abs(logits_base[rows, target]).max()),
-        float(np.abs(rescaled).sum(axis=(1, 2)).max()) * 1e-2,
-    )
-    error = float(np.abs(total - delta).max()) / (scale or 1.0)
-    checks["deeplift.maxpool_rescale.summation"] = {
-        "max_rel_error": error,
-        "outlier_fraction": float(np.mean(np.abs(total - delta) / (scale or 1.0) > REL_TOL)),
-        "ok": error <= REL_TOL,
-    }
-    return checks
-
-
-def _check_lrp(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from ecgx.training.export.autograd_reference import autograd_attribution
-    from ecgx.training.export.reference import captum_attribution, ill_conditioned_samples
-
-    sess = _session(refs.folder, "lrp")
-    checks = {}
-    for name, eps in LRP_CHECK_EPSILONS.items():
-        got = sess.run(None, {"x": refs.x, "seed": refs.seed, "epsilon": np.array(eps, np.float32)})[1]
-        ref = autograd_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps)
-        ill = np.asarray(ill_conditioned_samples(refs.module, refs.x, eps, REL_TOL), bool)
-        excused = {**refs.ties, "ill_conditioned": ill}
-        checks[name] = {"epsilon": eps, **per_sample_parity(got, ref, excused)}
-        checks[f"{name}.captum"] = _captum_beside(
-            got,
-            lambda eps=eps: captum_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps),
-            excused,
-        )
-    return checks
-
-
-def _check_lrp_composite(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    """An LRP composite graph (``lrp_epsilon_plus``, ...) against the independent PyTorch rule
-    reference (``lrp_reference``, float64), with each input rule, at the well-conditioned epsilon.
-    A sample may differ by a few times its own float32 sensitivity (``composite_parity``): Zennit's
-    Norm rule at an addition that nearly cancels (pre-activation blocks) amplifies rounding in
-    any float32 implementation, while a construction error is of the order of the map itself."""
-    from ecgx.training.export.lrp_reference import GRAPH_COMPOSITES, composite_parity
-    from ecgx.training.export.lrp_rules import INPUT_RULES
-
-    composite = GRAPH_COMPOSITES[graph]
-    eps = LRP_CHECK_EPSILONS["lrp"]
-    flat = refs.x.reshape(len(refs.x), -1)
-    low, high = flat.min(axis=1).astype(np.float32), flat.max(axis=1).astype(np.float32)
-    sess = _session(refs.folder, graph)
-    checks = {}
-    for rule, code in INPUT_RULES.items():
-        feeds = {
-            "x": refs.x,
-            "seed": refs.seed,
-            "epsilon": np.array(eps, np.float32),
-            "input_rule": np.array(code, np.int64),
-            "low": low,
-            "high": high,
-        }
-        got = sess.run(None, feeds)[1]
-        check = composite_parity(
-            got,
-            refs.module,
-            composite,
-            refs.x,
-            refs.target,
-            epsilon=eps,
-            input_rule=rule,
-            low=low,
-            high=high,
-            excused=dict(refs.ties),
-        )
-        checks[f"{graph}.{rule}"] = {"epsilon": eps, **_jsonable(check)}
-    return checks
-
-
-def _check_gradcam(refs: _References, graph: str) -> dict[str, dict[str, Any]]:
-    from ecgx.training.export.reference import layer_activations_and_gradients
-
-    _, acts, grads = _session(refs.folder, "gradcam").run(None, {"x": refs.x, "seed": refs.seed})
-    module = refs.module.op_modules[refs.layer]
-    acts_ref, grads_ref = layer_activations_and_gradients(refs.module, module, refs.x, refs.target)
-    return {
-        "gradcam.activations": per_sample_parity(acts, acts_ref),
-        "gradcam.gradients": per_sample_parity(grads, grads_ref, refs.ties),
-    }
-
-
-# Graph -> its check (see the module docstring); a graph without one is never published.
-GRAPH_CHECKS: dict[str, Callable[[_References, str], dict[str, dict[str, Any]]]] = {
-    "forward": _check_forward,
-    "gradient": _check_gradient,
-    "guided_backprop": _check_modified_backward,
-    "deconvolution": _check_modified_backward,
-    "deeplift": _check_deeplift,
-    "lrp": _check_lrp,
-    "gradcam": _check_gradcam,
-    "lrp_epsilon_plus": _check_lrp_composite,
-    "lrp_epsilon_alpha2_beta1": _check_lrp_composite,
-}
 
 
 def _created() -> str:
@@ -746,7 +505,7 @@ def _manifest(
                 "out_shape": list(op.out_shape),
                 "parameters": [p for p in names if p],
                 "folded_batchnorm": op.params.get("folded"),
-                **_jsonable({k: op.params[k] for k in _LAYER_SETTINGS if k in op.params}),
+                **jsonable({k: op.params[k] for k in _LAYER_SETTINGS if k in op.params}),
                 # A convolution's kernel size is its weight's last dimension.
                 **({"kernel": int(op.params["weight"].shape[-1])} if op.kind == "conv" else {}),
             }
@@ -781,28 +540,18 @@ def _manifest(
         },
         "output": {"name": "logits", "shape": [None, len(classes)], "activation": "sigmoid"},
         "graphs": {
-            name: {"file": f"{name}.onnx", "inputs": list(sig[0]), "outputs": list(sig[1])}
-            for name, sig in GRAPH_SIGNATURES.items()
+            name: {"file": f"{name}.onnx", "inputs": list(spec.inputs), "outputs": list(spec.outputs)}
+            for name, spec in GRAPHS.items()
             if name in written
         },
-        "gradcam_layer": layer if "gradcam" in written else None,
+        "gradcam_layer": layer if any(GRAPHS[g].reads_layer for g in written) else None,
         "layers": layers,
         "parameters": params,
         "files": {
             f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in all_files
         },
         "verification": {
-            "reference": {
-                "forward": "the model as given",
-                "gradient": "autograd on the IR module"
-                + (" and on the original PyTorch module" if isinstance(src.original, nn.Module) else ""),
-                "guided_backprop": "plain-autograd rule (Captum recorded, informative)",
-                "deconvolution": "plain-autograd rule (Captum recorded, informative)",
-                "deeplift": "plain-autograd rescale rule (Captum recorded, informative)",
-                "lrp": "plain-autograd epsilon rule per edge (Captum recorded, informative)",
-                "gradcam": "autograd (layer activations and gradients)",
-                "lrp_<composite>": "PyTorch rule reference (lrp_reference), each input rule",
-            },
+            "reference": references(module_given=isinstance(src.original, nn.Module)),
             "rel_tol": REL_TOL,
             "max_outlier_fraction": MAX_OUTLIER_FRACTION,
             **checks,

@@ -1,8 +1,9 @@
 """How a graph's output is compared with its reference: the export's parity criterion, shared with
-the tests and the LRP reference."""
+the tests and the LRP reference, and check records as the manifest holds them (JSON)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -75,3 +76,9 @@ def describe_parity_failure(name: str, check: dict[str, Any]) -> str:
     if check["agreeing"] < check["samples"] / 2:
         parts.append(f"only {check['agreeing']} of {check['samples']} samples agree")
     return f"{name}: " + "; ".join(parts)
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` as JSON would read it back: NumPy arrays and scalars as lists and numbers,
+    anything else JSON lacks as its text."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))

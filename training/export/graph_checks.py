@@ -1,0 +1,241 @@
+"""Each package graph's check against its reference, run on ONNX Runtime on the exported file.
+
+A check takes the :class:`References` every check shares (the sample inputs, their targets, the
+model rebuilt in PyTorch from the IR, its near ties) and the graph's name, and returns check
+records (check name -> figures, ``ok`` for a binding check, ``agrees`` for an informative one),
+as the manifest's ``verification.checks`` holds them. Which graph runs which check, and what its
+reference is called in the manifest, is the graph's :class:`~ecgx.training.export.graphs.GraphSpec`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from ecgx.service.methods.lrp import DEFAULT_EPSILON as DEFAULT_LRP_EPSILON
+from ecgx.training.export.autograd_reference import autograd_attribution
+from ecgx.training.export.ir import ExportError, ModelIR
+from ecgx.training.export.ir_torch import ir_module
+from ecgx.training.export.lrp_reference import GRAPH_COMPOSITES, composite_parity
+from ecgx.training.export.lrp_rules import INPUT_RULES
+from ecgx.training.export.parity import REL_TOL, jsonable, parity, parity_ok, per_sample_parity
+from ecgx.training.export.source import ModelSource
+
+# LRP is checked at two epsilons. At the engine's default (1e-6, as Zennit's) the rule is
+# ill-conditioned: a unit whose output lies within a few epsilon of zero amplifies the float32
+# rounding of that output, so ONNX Runtime and PyTorch may both be right and still differ
+# (``ill_conditioned_samples`` finds such samples; they are excused). At 1e-2 the same graph
+# is well-conditioned on nearly every sample, which checks its construction element by element.
+LRP_CHECK_EPSILONS = {"lrp": 1e-2, "lrp.default_epsilon": DEFAULT_LRP_EPSILON}
+
+# ``reference`` (Captum and the near-tie finders) is imported inside the checks: Captum takes about
+# a second to load, which importing this table (graphs.py, the engine's tests) need not pay.
+
+
+def _session(folder: Path, graph: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(folder / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+
+
+class References:
+    """What every graph's check shares: the sample inputs, targets, the IR module and its near ties."""
+
+    def __init__(self, folder: Path, src: ModelSource, ir: ModelIR, layer: str | None, x: np.ndarray):
+        from ecgx.training.export.reference import near_ties
+
+        self.folder, self.src, self.ir, self.layer, self.x = folder, src, ir, layer, x
+        n_out = ir.n_outputs
+        self.target = np.arange(len(x)) % n_out
+        self.seed = np.eye(n_out, dtype=np.float32)[self.target]
+        self.baseline = np.random.default_rng(0).normal(0, 0.05, x.shape).astype(np.float32)
+        self.module = ir_module(ir).eval()
+        flags, report = near_ties(self.module, x)
+        self.ties = {"near_max_pool_tie": np.asarray(flags, bool)}
+        self.tie_report = jsonable(report)
+
+
+def check_forward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """The logits against the model as given (``ModelSource.forward``)."""
+    got = _session(refs.folder, "forward").run(None, {"x": refs.x})[0]
+    want = np.asarray(refs.src.forward(refs.x), np.float64)
+    if got.shape != want.shape:
+        raise ExportError(
+            f"the forward graph returns logits of shape {got.shape}, the model {want.shape} "
+            "(package not written)"
+        )
+    forward = parity(got, want)
+    return {"forward": {**forward, "ok": parity_ok(forward)}}
+
+
+def _run_backward(refs: References, graph: str) -> np.ndarray:
+    return _session(refs.folder, graph).run(None, {"x": refs.x, "seed": refs.seed})[1]
+
+
+def _module_gradient(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """d (seed . logits) / dx of a PyTorch module by plain autograd (eval mode)."""
+    xt = torch.tensor(x, dtype=torch.float32, requires_grad=True)
+    out = model.eval()(xt)
+    (out * torch.from_numpy(seed)).sum().backward()
+    return xt.grad.detach().numpy()
+
+
+def check_gradient(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """The input gradient against autograd on the IR module and, for a PyTorch model, on the
+    module as given."""
+    got = _run_backward(refs, "gradient")
+    ref = autograd_attribution(refs.module, "gradient", refs.x, refs.target)
+    checks = {"gradient": per_sample_parity(got, ref, refs.ties)}
+    if isinstance(refs.src.original, nn.Module):
+        # The model as given, not only as rebuilt from the IR: a front-end error shows here.
+        original = _module_gradient(refs.src.original, refs.x, refs.seed)
+        checks["gradient.original"] = per_sample_parity(got, original, refs.ties)
+    return checks
+
+
+def _captum_beside(got: np.ndarray, captum: Callable[[], np.ndarray], excused) -> dict[str, Any]:
+    """Captum's attribution compared with the package's, recorded beside the primary check
+    (informative: Captum's hooks act on a ReLU's or max pool's input tensor, not on the op's
+    own edge, so it may legitimately differ; see the manifest's verification notes)."""
+    try:
+        captum = per_sample_parity(got, captum(), excused)
+        captum["agrees"] = captum.pop("ok")
+    except Exception as e:  # informative only: Captum's own refusal is recorded
+        captum = {"agrees": False, "error": f"Captum could not run: {type(e).__name__}: {e}"}
+    return {"informative": True, **captum}
+
+
+def check_modified_backward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """A modified-gradient graph (guided backpropagation, deconvolution) against its plain-autograd
+    rule; Captum recorded beside it."""
+    from ecgx.training.export.reference import captum_attribution
+
+    got = _run_backward(refs, graph)
+    ref = autograd_attribution(refs.module, graph, refs.x, refs.target)
+    return {
+        graph: per_sample_parity(got, ref, refs.ties),
+        f"{graph}.captum": _captum_beside(
+            got, lambda: captum_attribution(refs.module, graph, refs.x, refs.target), refs.ties
+        ),
+    }
+
+
+def check_deeplift(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """DeepLIFT against its plain-autograd rescale rule (Captum beside it), and the rescale max-pool
+    rule by summation to delta."""
+    from ecgx.training.export.reference import captum_attribution, near_tie_samples
+
+    sess = _session(refs.folder, "deeplift")
+    x, baseline, seed, target = refs.x, refs.baseline, refs.seed, refs.target
+    feeds = {"x": x, "baseline": baseline, "seed": seed}
+    plain = sess.run(None, {**feeds, "maxpool_rescale": np.array(False)})[1]
+    reference = autograd_attribution(refs.module, "deeplift", x, target, baseline=baseline)
+    near_tie = refs.ties["near_max_pool_tie"] | np.asarray(near_tie_samples(refs.module, baseline), bool)
+    excused = {"near_max_pool_tie": near_tie}
+    checks = {
+        "deeplift": per_sample_parity(plain, reference, excused),
+        "deeplift.captum": _captum_beside(
+            plain, lambda: captum_attribution(refs.module, "deeplift", x, target, baseline=baseline), excused
+        ),
+    }
+    # The rescale max-pool rule: DeepLIFT's summation-to-delta, to float32's precision. The logit
+    # difference is itself rounded relative to the logits, and the sum relative to its terms.
+    logits, rescaled = sess.run(None, {**feeds, "maxpool_rescale": np.array(True)})
+    logits_base = sess.run(None, {**feeds, "x": baseline, "maxpool_rescale": np.array(True)})[0]
+    rows = np.arange(len(x))
+    delta = (logits - logits_base)[rows, target]
+    total = rescaled.astype(np.float64).sum(axis=(1, 2))
+    scale = max(
+        float(np.abs(delta).max()),
+        float(np.abs(logits[rows, target]).max()),
+        float(np.abs(logits_base[rows, target]).max()),
+        float(np.abs(rescaled).sum(axis=(1, 2)).max()) * 1e-2,
+    )
+    error = float(np.abs(total - delta).max()) / (scale or 1.0)
+    checks["deeplift.maxpool_rescale.summation"] = {
+        "max_rel_error": error,
+        "outlier_fraction": float(np.mean(np.abs(total - delta) / (scale or 1.0) > REL_TOL)),
+        "ok": error <= REL_TOL,
+    }
+    return checks
+
+
+def check_lrp(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """LRP-epsilon against its plain-autograd rule per edge at :data:`LRP_CHECK_EPSILONS` (Captum
+    beside it)."""
+    from ecgx.training.export.reference import captum_attribution, ill_conditioned_samples
+
+    sess = _session(refs.folder, "lrp")
+    checks = {}
+    for name, eps in LRP_CHECK_EPSILONS.items():
+        got = sess.run(None, {"x": refs.x, "seed": refs.seed, "epsilon": np.array(eps, np.float32)})[1]
+        ref = autograd_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps)
+        ill = np.asarray(ill_conditioned_samples(refs.module, refs.x, eps, REL_TOL), bool)
+        excused = {**refs.ties, "ill_conditioned": ill}
+        checks[name] = {"epsilon": eps, **per_sample_parity(got, ref, excused)}
+        checks[f"{name}.captum"] = _captum_beside(
+            got,
+            lambda eps=eps: captum_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps),
+            excused,
+        )
+    return checks
+
+
+def check_lrp_composite(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """An LRP composite graph (``lrp_epsilon_plus``, ...) against the independent PyTorch rule
+    reference (``lrp_reference``, float64), with each input rule, at the well-conditioned epsilon.
+    A sample may differ by a few times its own float32 sensitivity (``composite_parity``): Zennit's
+    Norm rule at an addition that nearly cancels (pre-activation blocks) amplifies rounding in
+    any float32 implementation, while a construction error is of the order of the map itself."""
+
+    composite = GRAPH_COMPOSITES[graph]
+    eps = LRP_CHECK_EPSILONS["lrp"]
+    flat = refs.x.reshape(len(refs.x), -1)
+    low, high = flat.min(axis=1).astype(np.float32), flat.max(axis=1).astype(np.float32)
+    sess = _session(refs.folder, graph)
+    checks = {}
+    for rule, code in INPUT_RULES.items():
+        feeds = {
+            "x": refs.x,
+            "seed": refs.seed,
+            "epsilon": np.array(eps, np.float32),
+            "input_rule": np.array(code, np.int64),
+            "low": low,
+            "high": high,
+        }
+        got = sess.run(None, feeds)[1]
+        check = composite_parity(
+            got,
+            refs.module,
+            composite,
+            refs.x,
+            refs.target,
+            epsilon=eps,
+            input_rule=rule,
+            low=low,
+            high=high,
+            excused=dict(refs.ties),
+        )
+        checks[f"{graph}.{rule}"] = {"epsilon": eps, **jsonable(check)}
+    return checks
+
+
+def check_gradcam(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """The GradCAM layer's activations and gradients against autograd."""
+    from ecgx.training.export.reference import layer_activations_and_gradients
+
+    _, acts, grads = _session(refs.folder, "gradcam").run(None, {"x": refs.x, "seed": refs.seed})
+    module = refs.module.op_modules[refs.layer]
+    acts_ref, grads_ref = layer_activations_and_gradients(refs.module, module, refs.x, refs.target)
+    return {
+        "gradcam.activations": per_sample_parity(acts, acts_ref),
+        "gradcam.gradients": per_sample_parity(grads, grads_ref, refs.ties),
+    }
+
+
+# (references, graph name) -> check records: what a GraphSpec's ``check`` is.
+Check = Callable[[References, str], dict[str, dict[str, Any]]]
