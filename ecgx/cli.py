@@ -90,6 +90,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from ecgx.training.export.input_forms import is_factory_spec
 
+    checkpoint = args.checkpoint
+    if checkpoint is not None and (Path(checkpoint) / "manifest.json").is_file():
+        raise InvalidArgument(
+            f"{checkpoint} is already a model package (it holds manifest.json): nothing to export. "
+            f"Gate it with `ecgx validate {checkpoint} --data DATA --family OTHER_PACKAGES`, or promote a "
+            f"gated one with `ecgx repo add {checkpoint} --repo REPO --model NAME --public-key KEY`; "
+            "`ecgx export` takes a checkpoint "
+            "(RUNDIR/seed-<s>/checkpoint.pt) or --model"
+        )
     model = args.model
     if (
         model is not None
@@ -207,7 +216,9 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from ecgx.validation.gate import run_gate, save_report, summary_lines
     from ecgx.validation.signing import load_private_key, sign_report
 
-    # The key, the report path and user methods are checked before the (minutes-long) gate runs.
+    # The package, the key, the report path and user methods are checked before the (minutes-long)
+    # gate runs; the package first: no key makes a folder that is not a package gateable.
+    _check_is_package(args.package, "validate")
     key = None if args.unsigned else load_private_key(args.signing_key)
     user_methods = _user_methods(args.method or [])
     out = args.out or args.package / "gate.json"
@@ -232,6 +243,34 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     print("\n".join(summary_lines(report)))
     log.info("wrote %s gate report %s", "unsigned" if key is None else "signed", out)
     return 0 if run.passed else EXIT_GATE_FAILED
+
+
+def _check_is_package(path: Path, command: str) -> None:
+    """``path`` is a model package folder (``manifest.json``), else a clear error saying what it is."""
+    from ecgx.core.errors import NotFound
+
+    if (path / "manifest.json").is_file():
+        return
+    if not path.exists():
+        raise NotFound(f"{path} does not exist; `ecgx {command}` takes a model package folder (ecgx export)")
+    if path.is_dir() and any((child / "manifest.json").is_file() for child in _subfolders(path)):
+        raise InvalidArgument(
+            f"{path} holds packages, not one: give one of them (e.g. {next(_packages_in(path))})"
+        )
+    raise InvalidArgument(
+        f"{path} is not a model package (no manifest.json): `ecgx export` writes one from a checkpoint"
+    )
+
+
+def _subfolders(path: Path) -> list[Path]:
+    try:
+        return [c for c in sorted(path.iterdir()) if c.is_dir() and not c.name.startswith(".")]
+    except OSError:
+        return []
+
+
+def _packages_in(path: Path):
+    return (c for c in _subfolders(path) if (c / "manifest.json").is_file())
 
 
 def _user_methods(options: Sequence[str]) -> dict[str, Callable]:
@@ -355,7 +394,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     # Checked before any key or model loads: a provider this onnxruntime lacks is a clear error.
     engine_options = {"providers": select_providers(list(cfg.providers))} if cfg.providers else {}
-    keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [load_public_key()]
+    keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [_default_trusted_key()]
+    _warn_not_a_repository(Path(cfg.repo))
     repository = ModelRepository(
         cfg.repo,
         keys,
@@ -393,6 +433,52 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         http_port=cfg.http_port,
         http_tls=http_tls,
     )
+
+
+def _default_trusted_key():
+    """The gate's public key from the environment, or an error naming serve's own flag."""
+    import os
+
+    from ecgx.core.signing import PUBLIC_KEY_ENV
+    from ecgx.validation.signing import load_public_key
+
+    if not os.environ.get(PUBLIC_KEY_ENV):
+        raise InvalidArgument(
+            "serve checks every gate report against a trusted public key: pass --trusted-key FILE "
+            f"(the gate_public_key.pem of `ecgx gate keygen`; the demo's is demo/keys/gate_public_key.pem) "
+            f"or set {PUBLIC_KEY_ENV}"
+        )
+    return load_public_key()
+
+
+def _warn_not_a_repository(repo: Path) -> None:
+    """A folder of packages (or one package) is not a repository: serve would start and serve
+    nothing, logging one "skipping" line per file; say what to do instead, once."""
+    if (repo / "manifest.json").is_file():
+        packages = [repo]
+    elif repo.is_dir():
+        packages = list(_packages_in(repo))
+    else:
+        return
+    if packages:
+        log.warning(
+            "%s holds model packages (%s), not a model repository (MODEL/VERSION/ folders): nothing "
+            "will be served. Make one with `ecgx repo add PACKAGE --repo REPO --model NAME --public-key "
+            "KEY` for each gated package, then `ecgx serve --repo REPO`",
+            repo,
+            ", ".join(p.name for p in packages[:3]) + (", ..." if len(packages) > 3 else ""),
+        )
+
+
+def _cmd_tls_dev_cert(args: argparse.Namespace) -> int:
+    from ecgx.service.security import write_dev_certificate
+
+    cert, key = write_dev_certificate(args.out, args.name, days=args.days, overwrite=args.overwrite)
+    print(f"certificate: {cert}\nprivate key (ECDSA P-256, mode 600): {key}")
+    print("for local testing only (self-signed). Serve and call with:")
+    print(f"  ecgx serve --repo REPO --trusted-key KEY --tls-cert {cert} --tls-key {key} --tokens TOKENS")
+    print(f"  ecgx client models --server {args.name[0]}:50051 --tls-ca {cert} --token ...")
+    return 0
 
 
 def _report_stale(repo: Path) -> None:
@@ -466,11 +552,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = data_sub.add_parser(
         "import-wfdb",
         help="turn WFDB records into median beats",
-        description="Read WFDB records (files, record paths without extension, or folders of records), "
+        description="Read WFDB records (files, record paths without extension, or folders of records, "
+        "searched with their subfolders), "
         "compute one median beat per record and map '# Dx:' SNOMED codes to the nine classes. "
         "Unusable records are skipped with the reason; the rest are imported.",
     )
-    p.add_argument("paths", nargs="+", help="records or folders holding records")
+    p.add_argument("paths", nargs="+", help="records, or folders holding records (subfolders included)")
     p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
     p.add_argument("--min-beats", type=int, default=3, help="fewest usable beats per record (default 3)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder ecgx wrote")
@@ -712,6 +799,28 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--overwrite", action="store_true", help="replace an existing key folder")
     _add_common(p)
     p.set_defaults(func=_cmd_gate_keygen)
+
+    tls = sub.add_parser("tls", help="TLS material for local testing")
+    tls_sub = tls.add_subparsers(dest="tls_command", required=True, metavar="TLS_COMMAND")
+    p = tls_sub.add_parser(
+        "dev-cert",
+        help="a self-signed certificate and ECDSA P-256 key that gRPC accepts, for local testing",
+        description="Write OUT/cert.pem (self-signed, for --name, valid --days) and OUT/key.pem (ECDSA "
+        "P-256, mode 600): a key type gRPC's TLS signs with (Ed25519 keys load but every handshake "
+        "fails). Serve with --tls-cert OUT/cert.pem --tls-key OUT/key.pem; clients trust it with "
+        "--tls-ca OUT/cert.pem. Not for production: no CA vouches for it (docs/security.md).",
+    )
+    p.add_argument("--out", type=Path, required=True, help="folder for cert.pem and key.pem")
+    p.add_argument(
+        "--name",
+        nargs="+",
+        default=["localhost", "127.0.0.1"],
+        help="DNS names and IP addresses the certificate is valid for (default: localhost 127.0.0.1)",
+    )
+    p.add_argument("--days", type=int, default=30, help="validity in days (default 30)")
+    p.add_argument("--overwrite", action="store_true", help="replace cert.pem and key.pem in OUT")
+    _add_common(p)
+    p.set_defaults(func=_cmd_tls_dev_cert)
 
     repo = sub.add_parser("repo", help="the model repository that `ecgx serve` reads")
     repo_sub = repo.add_subparsers(dest="repo_command", required=True, metavar="REPO_COMMAND")

@@ -286,6 +286,7 @@ class Client:
 
         security = security or ChannelSecurity()
         self.address = address
+        self.tls = security.uses_tls
         self.timeout = timeout
         options = [
             ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
@@ -320,7 +321,7 @@ class Client:
         try:
             return getattr(self.stub, name)(request, timeout=timeout or self.timeout, metadata=self.metadata)
         except grpc.RpcError as e:
-            raise error_of(e, self.address) from None
+            raise error_of(e, self.address, tls=self.tls) from None
 
     def list_models(self) -> list[Any]:
         pb, _ = _pb()
@@ -366,21 +367,50 @@ class Client:
         return self._call("Explain", request)
 
 
-def error_of(e: Any, address: str) -> ClientError:
-    """One line: ``STATUS: message`` of a ``grpc.RpcError``; an unreachable server says so."""
+_TOO_LARGE = re.compile(r"Sent message larger than max \((\d+) vs\. (\d+)\)")
+# What a plaintext client sees from a TLS port, and a TLS client from a plaintext one.
+_PLAINTEXT_TO_TLS = ("socket closed", "connection reset", "recvmsg", "end of file")
+_TLS_TO_PLAINTEXT = ("wrong_version_number", "wrong version number", "packet_length_too_long", "http_request")
+
+
+def error_of(e: Any, address: str, tls: bool | None = None) -> ClientError:
+    """One line: ``STATUS: message`` of a ``grpc.RpcError``, with what to do where the cause can be
+    told: an unreachable server, TLS on one side only (``tls``: whether this client used it), a
+    request over the message limit."""
     import grpc
 
     code = e.code() if hasattr(e, "code") else None
     details = " ".join(str(e.details() if hasattr(e, "details") else e).split())
     name = code.name if code is not None else "UNKNOWN"
     if code == grpc.StatusCode.UNAVAILABLE:
-        hint = ""
-        if "ssl" in details.lower() or "handshake" in details.lower():
-            hint = "; the TLS handshake failed: check --tls-ca, and for mutual TLS --tls-cert and --tls-key"
-        return ClientError(f"UNAVAILABLE: cannot reach {address} ({details}){hint}")
+        return ClientError(
+            f"UNAVAILABLE: cannot reach {address} ({details}){_unavailable_hint(details, tls)}"
+        )
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return ClientError(f"DEADLINE_EXCEEDED: no answer from {address} in time (--timeout); {details}")
+    too_large = _TOO_LARGE.search(details)
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED and too_large:
+        sent, limit = (int(g) for g in too_large.groups())
+        return ClientError(
+            f"RESOURCE_EXHAUSTED: the request is {sent / 2**20:.0f} MiB, over the {limit / 2**20:.0f} MiB "
+            "one gRPC message may hold; send the ECGs in smaller parts (split the .npy file: "
+            "`ecgs[i:i + 64]` per file; the server takes at most --max-batch ECGs per request, 64 by default)"
+        )
     return ClientError(f"{name}: {details}")
+
+
+def _unavailable_hint(details: str, tls: bool | None) -> str:
+    low = details.lower()
+    if tls is False and any(s in low for s in _PLAINTEXT_TO_TLS):
+        return (
+            "; the server expects TLS (it closed the plaintext connection): connect with --tls-ca CERT.pem "
+            "(the server's certificate or its CA; for a local `ecgx tls dev-cert`, its cert.pem) or --tls"
+        )
+    if tls and any(s in low for s in _TLS_TO_PLAINTEXT):
+        return "; the server does not speak TLS (started with --insecure and no --tls-cert?): leave out --tls"
+    if "ssl" in low or "handshake" in low:
+        return "; the TLS handshake failed: check --tls-ca, and for mutual TLS --tls-cert and --tls-key"
+    return ""
 
 
 def version_info(info: Any, version: str) -> Any | None:
@@ -412,7 +442,11 @@ def format_checks(gate: Any) -> str:
     return "; ".join(parts) or "no checks"
 
 
-def format_models(infos: Sequence[Any]) -> str:
+def format_models(infos: Sequence[Any], verbose: bool = False) -> str:
+    """One line per version (serving state, gate verdict, the methods it serves); ``verbose``: the
+    full table (package, input, classes, every method's checks and scores)."""
+    if not verbose:
+        return _format_models_compact(infos)
     lines = []
     for info in infos:
         lines.append(f"model {info.name}: default version {info.default_version or '(none serves)'}")
@@ -432,6 +466,24 @@ def format_models(infos: Sequence[Any]) -> str:
             for m in v.methods:
                 serve = "servable" if m.servable and not m.ungated else "UNGATED" if m.servable else "refused"
                 lines.append(f"    {m.method:22s} {m.verdict:12s} {serve:9s} {format_checks(m)}")
+    return "\n".join(lines)
+
+
+def _format_models_compact(infos: Sequence[Any]) -> str:
+    lines = []
+    for info in infos:
+        lines.append(f"model {info.name}: default version {info.default_version or '(none serves)'}")
+        for v in info.versions:
+            state = "serving" if v.serving else f"NOT serving: {v.refusal_reason}"
+            if v.ungated:
+                state += " (UNGATED, research mode)"
+            served = [m.method for m in v.methods if m.servable and not m.ungated]
+            gate = f"gate {v.gate_verdict}" if v.gate_verdict else "no gate report"
+            methods = f"serves {', '.join(served)}" if served else "serves no method"
+            lines.append(
+                f"  version {v.version}: {state}; {gate}; {methods} ({len(served)} of {len(v.methods)})"
+            )
+    lines.append("(--verbose: the package, input, classes and every method's gate scores)")
     return "\n".join(lines)
 
 
@@ -646,7 +698,8 @@ def run_client(args: Any) -> int:
         if action == "models":
             names = [args.model] if args.model else [m.name for m in client.list_models()]
             infos = [client.get_model(n) for n in names]
-            print(format_models(infos) if infos else f"the server at {args.server} has no models")
+            verbose = getattr(args, "verbose", False)
+            print(format_models(infos, verbose) if infos else f"the server at {args.server} has no models")
             result = models_dict(infos)
         elif action == "predict":
             model = client.resolve_model(args.model)
@@ -754,7 +807,10 @@ def add_parser(sub: Any, add_common: Any) -> None:
         add_common(p)
 
     p = client_sub.add_parser(
-        "models", help="models, versions, serving state and gate verdicts", description="GetModel."
+        "models",
+        help="models, versions, serving state and gate verdicts",
+        description="GetModel: one line per version (serving state, gate verdict, the methods it serves); "
+        "--verbose adds the package, input, classes and every method's gate scores (and debug logging).",
     )
     common(p, ecg=False)
     p = client_sub.add_parser("predict", help="class probabilities", description="Predict.")

@@ -37,6 +37,7 @@ from ecgx.core.outputs import (
     classify_output,
     write_text_atomic,
 )
+from ecgx.core.progress import progress_bar
 from ecgx.core.schema import CLASSES
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.methods import METHOD_NAMES
@@ -206,7 +207,7 @@ def run_demo(
         gated = packages if plan.gate_every_package else packages[:1]
         verdicts, first_run = _gate(out, gated, packages, plan, show_progress)
         result.verdicts = verdicts
-        result.report = _write_report(out, first_run, trims)
+        result.report = _write_report(out, first_run, trims, show_progress)
         result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report)
         result.record, result.method = _serve_and_explain(out, gated, data_dir, fig_dir)
     else:
@@ -301,26 +302,36 @@ def _gate(
     key = load_private_key(keys / "gate_signing_key.pem")
     verdicts: dict[Path, PackageVerdict] = {}
     first = None
-    for i, pkg in enumerate(gated, 1):
-        log.info("step 4/7: gating %s (%d of %d; family: the other seeds)", pkg, i, len(gated))
-        family = [p for p in packages if p != pkg]
-        run = run_gate(pkg, validation, family=family, methods=plan.gate_methods, show_progress=show_progress)
-        save_report(sign_report(run.report, key), pkg / "gate.json", overwrite=True)  # re-gating replaces it
-        print(f"\ngate of {pkg} ({pkg / 'gate.json'}):")
-        print("\n".join(summary_lines(run.report)), flush=True)
-        verdicts[pkg] = PackageVerdict.of(run.report)
-        first = run if first is None else first
+    # Some of the gate's steps have no progress of their own: without a terminal this one's
+    # lines say the gate is still working at least every 30 s.
+    with progress_bar(total=len(gated), desc="step 4/7 gate", unit="package", enabled=show_progress) as bar:
+        for i, pkg in enumerate(gated, 1):
+            log.info("step 4/7: gating %s (%d of %d; family: the other seeds)", pkg, i, len(gated))
+            family = [p for p in packages if p != pkg]
+            run = run_gate(
+                pkg, validation, family=family, methods=plan.gate_methods, show_progress=show_progress
+            )
+            save_report(
+                sign_report(run.report, key), pkg / "gate.json", overwrite=True
+            )  # re-gating replaces it
+            print(f"\ngate of {pkg} ({pkg / 'gate.json'}):")
+            print("\n".join(summary_lines(run.report)), flush=True)
+            verdicts[pkg] = PackageVerdict.of(run.report)
+            first = run if first is None else first
+            bar.update(1)
     assert first is not None  # gated is never empty
     return verdicts, first
 
 
-def _write_report(out: Path, run: GateRun, trims: Sequence[str]) -> Path:
+def _write_report(out: Path, run: GateRun, trims: Sequence[str], show_progress: bool) -> Path:
     """The experiments report of the first package's gate run, saying what the demo trimmed."""
     from ecgx.validation.experiments import write_experiments
     from ecgx.validation.html_report import REPORT_FILE, add_notice
 
     log.info("step 5/7: writing the experiments report into %s", out / "report")
-    report = write_experiments(run, out / "report", overwrite=True)
+    with progress_bar(total=1, desc="step 5/7 report", unit="report", enabled=show_progress) as bar:
+        report = write_experiments(run, out / "report", overwrite=True)
+        bar.update(1)
     html = report / REPORT_FILE if report.is_dir() else report
     add_notice(html, "What this demo trimmed", trims)
     return html

@@ -222,6 +222,7 @@ def load_tls(cert: Pem, key: Pem, client_ca: Pem | None = None, now: datetime | 
     valid now) and the client CA bundle; :class:`SecurityConfigError` says what is wrong."""
     chain = load_certificates(cert, "the server certificate")
     private = load_tls_key(key)
+    check_key_type(private, key.source)
     _check_key_mode(key)
     check_pair(chain, private, cert, key)
     check_validity(chain[0], cert.source, now)
@@ -245,6 +246,94 @@ def load_tls(cert: Pem, key: Pem, client_ca: Pem | None = None, now: datetime | 
         ca_pem,
         describe_certificate(chain[0]),
     )
+
+
+# Curves gRPC's TLS (BoringSSL) signs handshakes with; other key types load fine and then fail
+# every handshake (Ed25519: NO_COMMON_SIGNATURE_ALGORITHMS, in the server's log only).
+GRPC_EC_CURVES = ("secp256r1", "secp384r1")
+
+
+def check_key_type(private: Any, source: str) -> None:
+    """Refuse a TLS key gRPC cannot sign handshakes with, at start-up rather than per handshake:
+    gRPC accepts RSA (2048 bits or more) and ECDSA on P-256 or P-384."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+    fix = "make a certificate with an ECDSA P-256 key: `ecgx tls dev-cert` for a local one (docs/security.md)"
+    if isinstance(private, rsa.RSAPrivateKey):
+        if private.key_size < 2048:
+            raise SecurityConfigError(
+                f"{source}: an RSA key of {private.key_size} bits is too short for TLS; {fix}"
+            )
+        return
+    if isinstance(private, ec.EllipticCurvePrivateKey):
+        if private.curve.name not in GRPC_EC_CURVES:
+            raise SecurityConfigError(
+                f"{source}: an EC key on {private.curve.name}, which gRPC's TLS does not sign with "
+                f"(it takes {', '.join(GRPC_EC_CURVES)}); {fix}"
+            )
+        return
+    kind = type(private).__name__.removeprefix("_").replace("PrivateKey", "") or "unknown"
+    raise SecurityConfigError(
+        f"{source}: a {kind} key, which gRPC's TLS cannot use: every handshake would fail "
+        f"(NO_COMMON_SIGNATURE_ALGORITHMS) and clients would only see 'Socket closed'; gRPC takes RSA "
+        f"or ECDSA P-256/P-384 keys; {fix}"
+    )
+
+
+def write_dev_certificate(
+    out_dir: Path, names: Sequence[str] = ("localhost", "127.0.0.1"), days: int = 30, overwrite: bool = False
+) -> tuple[Path, Path]:
+    """A self-signed certificate for local testing (``OUT/cert.pem``) and its ECDSA P-256 key
+    (``OUT/key.pem``, mode 600), valid for ``names`` (DNS names or IP addresses) for ``days``.
+    Clients trust it with ``--tls-ca OUT/cert.pem``. Not for production: no CA vouches for it."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    if not names:
+        raise SecurityConfigError("a development certificate needs at least one name (--name localhost)")
+    if days < 1:
+        raise SecurityConfigError(f"--days must be at least 1, got {days}")
+    out_dir = Path(out_dir)
+    cert_path, key_path = out_dir / "cert.pem", out_dir / "key.pem"
+    existing = [str(p) for p in (cert_path, key_path) if p.exists()]
+    if existing and not overwrite:
+        raise SecurityConfigError(f"{', '.join(existing)} exists; pass --overwrite to replace it")
+    sans: list[x509.GeneralName] = []
+    for name in names:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(name)))
+        except ValueError:
+            sans.append(x509.DNSName(name))
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key_pem)
+    os.chmod(key_path, 0o600)  # an existing file keeps its mode through O_TRUNC
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path
 
 
 def check_pair(chain: Sequence[Any], private: Any, cert: Pem, key: Pem) -> None:
@@ -427,6 +516,7 @@ __all__ = [
     "SecurityConfigError",
     "ServerSecurity",
     "TlsMaterial",
+    "check_key_type",
     "check_pair",
     "load_certificates",
     "load_server_security",
@@ -435,4 +525,5 @@ __all__ = [
     "read_pem",
     "read_pem_file",
     "server_credentials",
+    "write_dev_certificate",
 ]

@@ -24,7 +24,6 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from ecgx.core.errors import InvalidArgument
-from ecgx.core.plots import plot_attributions
 from ecgx.core.schema import CLASSES
 from ecgx.validation.policy import CHECKS, CONTROL_METHOD
 
@@ -152,6 +151,38 @@ def _randomisation_table(report: dict, mode: str) -> tuple[list[str], dict[str, 
     return layers, curves
 
 
+# The randomisation criteria drawn on the cascading |rho| panel, with their line styles.
+_LIMIT_STYLES = (
+    (":", "policy limit, every layer randomised"),
+    ("--", "policy limit, output layer randomised"),
+)
+_LIMIT_CRITERIA = ("final", "top_layer")
+
+
+def _randomisation_limits(entry: dict) -> list[tuple[str, float]]:
+    """(text, threshold) of the final and top-layer similarity criteria, as the policy that
+    decided set them (``final ≤ 0.5``); a report without criteria gives its one threshold."""
+    criteria = entry.get("details", {}).get("criteria") or {}
+    out = []
+    for name in _LIMIT_CRITERIA:
+        c = criteria.get(name)
+        if c is not None:
+            out.append(
+                (
+                    f"{name} {_SYMBOLS.get(c['comparison'], c['comparison'])} {c['threshold']:g}",
+                    c["threshold"],
+                )
+            )
+    if not out:
+        out.append(
+            (
+                f"score {_SYMBOLS.get(entry['comparison'], entry['comparison'])} {entry['threshold']:g}",
+                entry["threshold"],
+            )
+        )
+    return out
+
+
 def plot_randomisation(report: dict, out: Path | str) -> Path:
     """Cascading randomisation: similarity to the trained model's attributions as layers are
     randomised cumulatively from the output towards the input, one subplot per measure."""
@@ -163,7 +194,7 @@ def plot_randomisation(report: dict, out: Path | str) -> Path:
     styles = method_styles(methods)
     labels = ["trained", *[f"+ {layer}" for layer in layers]]
     x = np.arange(len(labels))
-    threshold = next(iter(_checked(report, "randomisation").values()))["threshold"]
+    limits = _randomisation_limits(next(iter(_checked(report, "randomisation").values())))
     fig, axes = plt.subplots(1, len(MEASURES), figsize=(5.2 * len(MEASURES), 6.0), sharey=True)
     for ax, (measure, label) in zip(axes, MEASURES.items(), strict=True):
         for m in methods:
@@ -171,7 +202,8 @@ def plot_randomisation(report: dict, out: Path | str) -> Path:
             y = np.concatenate([[1.0], _nan(curves[m].get(measure, []))])
             ax.plot(x[: len(y)], y, label=m, zorder=3 if m == CONTROL_METHOD else 2, **styles[m])
         if measure == "spearman_abs":
-            ax.axhline(threshold, color="black", lw=1, ls=":", zorder=1)
+            for (ls, _), (_, value) in zip(_LIMIT_STYLES, limits, strict=False):
+                ax.axhline(value, color="black", lw=1, ls=ls, zorder=1)
         ax.axhline(0, color="#bbbbbb", lw=0.8, zorder=0)
         ax.set_xticks(x, labels, rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_title(label, fontsize=10)
@@ -179,11 +211,12 @@ def plot_randomisation(report: dict, out: Path | str) -> Path:
         ax.grid(axis="y", alpha=0.3)
     axes[0].set_ylabel("similarity to trained-model attributions (mean over ECGs)")
     axes[0].set_ylim(-0.3, 1.05)
-    threshold_line = Line2D(
-        [], [], color="black", lw=1, ls=":", label=f"pass threshold ({threshold:g}, |ρ| only)"
-    )
+    limit_lines = [
+        Line2D([], [], color="black", lw=1, ls=ls, label=f"{label}, |ρ| panel: {text}")
+        for (ls, label), (text, _) in zip(_LIMIT_STYLES, limits, strict=False)
+    ]
     fig.legend(
-        handles=[*_legend_handles(styles, methods), threshold_line],
+        handles=[*_legend_handles(styles, methods), *limit_lines],
         loc="center left",
         bbox_to_anchor=(1.0, 0.5),
         title="method",
@@ -299,6 +332,13 @@ def _check_header(report: dict, check: str) -> str:
         e = r["checks"].get(check)
         if e is not None and e["verdict"] != "not_run":
             blocking = "blocking" if e["blocking"] else "informative"
+            criteria = e.get("details", {}).get("criteria") or {}
+            if criteria:  # each criterion with its own threshold, from the policy that decided
+                lines = [
+                    f"{n} {_SYMBOLS.get(c['comparison'], c['comparison'])} {c['threshold']:g}"
+                    for n, c in criteria.items()
+                ]
+                return f"{CHECK_LABELS[check]}\n" + "\n".join(lines) + f"\n({blocking})"
             condition = f"score {_SYMBOLS.get(e['comparison'], e['comparison'])} {e['threshold']:g}"
             return f"{CHECK_LABELS[check]}\n{condition}\n({blocking})"
     return f"{CHECK_LABELS[check]}\n(not run)"
@@ -376,18 +416,21 @@ def plot_class_overlays(
         i = int(np.flatnonzero(target == c)[0])
         cls = CLASSES[c]
         mask = None if run.data.masks is None else np.asarray(run.data.masks[i])
-        shown = "; green band: ground-truth mask" if mask is not None and mask.any() else ""
-        title = _overlay_title(
-            [
-                f"{cls.key} ({cls.name}): dataset row {int(run.data.indices[i])}, explained for {cls.key}",
-                f"black: ECG (mV, 0-1.2 s); red: |attribution| scaled to each method's maximum{shown}",
-            ],
-            len(names),
+        title = (
+            f"record {int(run.data.indices[i])} of {Path(run.report['data']['path']).name}, "
+            f"explained for {cls.key} ({cls.name})"
         )
         attributions = {m: np.asarray(run.maps[m][i]) for m in names}
+        methods = run.report.get("methods", {})
+        verdicts = {m: methods[m]["verdict"] if m in methods else "not gated" for m in names}
         paths.append(
-            plot_attributions(
-                run.data.x[i], attributions, out_dir / f"overlay_{cls.key}.png", title=title, mask=mask
+            plot_gated_attributions(
+                run.data.x[i],
+                attributions,
+                verdicts,
+                out_dir / f"overlay_{cls.key}.png",
+                title=title,
+                mask=mask,
             )
         )
     return paths

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -172,8 +173,10 @@ def render_html(
     """The report page as one HTML string, figures embedded from their PNG files."""
     parts = [
         f"<h1>{_e(title)}</h1>",
+        _synthetic_banner(report),
         _summary(report),
         _methods_table(report),
+        _equivalence_note(report),
         _figures_section(figs),
     ]
     if study_comparison:
@@ -188,6 +191,62 @@ def render_html(
 
 
 # ---------------------------------------------------------------------------- sections
+
+
+def data_is_synthetic(report: dict) -> bool:
+    """Whether the gate ran on synthetic ECGs: the dataset's meta.json says so (``source``); a
+    dataset no longer on disk is judged by its ground-truth masks, which only the generator has."""
+    data = report.get("data", {})
+    try:
+        meta = json.loads((Path(data.get("path", "")) / "meta.json").read_text())
+        return meta.get("source") == "synthetic"
+    except (OSError, ValueError, AttributeError):
+        return bool(data.get("ground_truth"))
+
+
+def _synthetic_banner(report: dict) -> str:
+    if not data_is_synthetic(report):
+        return ""
+    return (
+        '<div class="banner"><strong>Synthetic data.</strong> These ECGs come from ecgx\'s generator '
+        "(docs/synthetic_data.md), not from patients: the verdicts say how the methods behave on this "
+        "model and these data, not how they would on clinical recordings. Gate a model on validation "
+        "ECGs like those it will serve before trusting its explanations.</div>"
+    )
+
+
+# Input x gradient and LRP-epsilon: the same map on ReLU networks when epsilon -> 0.
+_EQUIVALENT = ("input_x_gradient", "lrp")
+_NEAR_EQUAL_EPSILON = 1e-3
+
+
+def _equivalence_note(report: dict) -> str:
+    """Say where two gated methods are one method on this architecture, so their agreement is
+    not read as two methods confirming each other."""
+    a, b = _EQUIVALENT
+    methods = report.get("methods", {})
+    if a not in methods or b not in methods:
+        return ""
+    checked = (methods[b].get("settings") or {}).get("checked") or {}
+    eps = checked.get("epsilon")
+    if checked.get("composite") != "epsilon" or eps is None or eps > _NEAR_EQUAL_EPSILON:
+        return ""
+    names = report.get("inter_method", {}).get("methods", [])
+    matrix = report.get("inter_method", {}).get("matrix", [])
+    r = matrix[names.index(a)][names.index(b)] if a in names and b in names else None
+    measured = f" Measured here: correlation {r:.2f}." if r is not None else ""
+    return (
+        "<h2>Methods that are one method here</h2>\n<p><b>Input × gradient and LRP-ε.</b> On a network "
+        "built from ReLUs and affine layers (convolutions and linear layers with or without biases, "
+        "batch normalisation at inference, pooling, residual additions), the ε-rule applied to every "
+        "layer with ε → 0 gives each input relevance <i>x<sub>i</sub> · ∂f/∂x<sub>i</sub></i> exactly: "
+        "by induction each layer's relevance equals its activation times the gradient at it, and a bias "
+        "keeps none of the relevance it is never given (Ancona et al. 2018, Proposition 1; Montavon et "
+        f"al. 2019). This package's LRP applies the ε-rule everywhere with ε = {eps:g}, so the two maps "
+        "differ only where a pre-activation lies within ε of zero, and their checks measure the same "
+        "map twice; their agreement is not two methods confirming each other. (DeepLIFT with a zero "
+        f"baseline equals them too, but only on networks without biases.){measured}</p>"
+    )
 
 
 def _e(value: Any) -> str:
@@ -431,23 +490,52 @@ def _self_consistency_here(report: dict) -> str:
     )
 
 
+def _criterion(entry: dict, name: str) -> dict | None:
+    """One criterion of a randomisation entry (its threshold and comparison come from the policy
+    that decided), or None for an entry without criteria."""
+    return (entry.get("details", {}).get("criteria") or {}).get(name)
+
+
+def _decided(entry: dict) -> str:
+    """``final: 0.543 > 0.5``: the criterion that decided, its number and the condition it missed."""
+    name = entry.get("details", {}).get("criterion")
+    c = _criterion(entry, name) if name else None
+    c = c or entry
+    missed = {"<=": ">", ">=": "<", "<": ">=", ">": "<="}.get(c["comparison"], "not " + c["comparison"])
+    label = f"{name}: " if name else ""
+    score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
+    return f"{label}{score} {missed} {c['threshold']:g}"
+
+
 def _randomisation_here(report: dict) -> str:
     entries = _ran(report, "randomisation")
     if not entries:
         return _not_run_text(report, "randomisation")
     final = {m: e["details"]["cascading"]["spearman_abs"][-1] for m, e in entries.items()}
     final = {m: v for m, v in final.items() if v is not None}
-    threshold = next(iter(entries.values()))["threshold"]
+    first = next(iter(entries.values()))
+    limit = _criterion(first, "final") or first  # the final-similarity criterion of the policy
     zero = {m: v for m, v in final.items() if abs(v) < NEAR_ZERO}
-    high = {m: v for m, v in final.items() if v > threshold}
+    high = {m: v for m, v in final.items() if v > limit["threshold"]}
     between = len(final) - len(zero) - len(high)
-    failed = {m: e["score"] for m, e in entries.items() if e["verdict"] == "fail" and e["score"] is not None}
+    failed = {m: e for m, e in entries.items() if e["verdict"] == "fail" and e["score"] is not None}
+    shown = ", ".join(
+        f"{m} ({_decided(e)})" for m, e in sorted(failed.items(), key=lambda kv: kv[1]["score"])
+    )
     return (
         f"mean Spearman |a| with every layer randomised reaches |ρ| < {NEAR_ZERO:g} for {len(zero)} of "
-        f"{len(final)} methods: {_listing(zero, 3)}; stays above {threshold:g} for "
-        f"{len(high)}: {_listing(high, 3)}; {between} in between. The verdict uses the upper end of "
-        f"the interval: {len(failed)} fail the check (upper end above {threshold:g}): {_listing(failed, 3)}"
+        f"{len(final)} methods: {_listing(zero, 3)}; stays above the policy's final limit "
+        f"({_SYMBOLS.get(limit['comparison'], limit['comparison'])} {limit['threshold']:g}) for "
+        f"{len(high)}: {_listing(high, 3)}; {between} in between. Each criterion is decided on its "
+        f"interval's end ({_criteria_text(first)}): {len(failed)} fail the check: {shown or 'none'}"
     )
+
+
+def _criteria_text(entry: dict) -> str:
+    criteria = entry.get("details", {}).get("criteria") or {}
+    if not criteria:
+        return f"{_statistic_name(entry)} {_condition(entry)}"
+    return "; ".join(f"{n} {_statistic_name(c)} {_condition(c)}" for n, c in criteria.items())
 
 
 def _perturbation_here(report: dict) -> str:

@@ -70,7 +70,9 @@ def free_port() -> int:
 
 
 def test_models_shows_versions_serving_state_and_gate_verdicts(server, tmp_path) -> None:
-    out = ok(client(server, "models", "--json", str(tmp_path / "m.json")))
+    compact = ok(client(server, "models"))  # one line per version by default (issue #22)
+    assert f"version 1: serving; gate pass; serves {PASSED}" in compact and "threshold" not in compact
+    out = ok(client(server, "models", "--verbose", "--json", str(tmp_path / "m.json")))
     assert "model ecg: default version 1" in out
     assert "version 1: serving" in out and "version 2: NOT serving" in out and "gate failed" in out
     lines = {

@@ -98,3 +98,222 @@ def test_the_serve_command_the_summary_prints_parses(tmp_path):
     parser = build_parser()
     for command in commands:
         parser.parse_args(shlex.split(command)[1:])  # exits 2 on an unknown flag
+
+
+# ---------------------------------------------------------------------- CLI errors and serving edges
+
+
+def _main(*argv: str) -> int:
+    from ecgx.cli import main
+
+    return main(list(argv))
+
+
+def test_serve_on_a_packages_folder_warns_and_names_the_command_that_makes_a_repository(tmp_path, caplog):
+    from ecgx.cli import _warn_not_a_repository
+
+    for name in ("seed-0", "seed-1"):
+        (tmp_path / "packages" / name).mkdir(parents=True)
+        (tmp_path / "packages" / name / "manifest.json").write_text("{}")
+    with caplog.at_level("WARNING"):
+        _warn_not_a_repository(tmp_path / "packages")
+    (record,) = caplog.records
+    assert "holds model packages (seed-0, seed-1), not a model repository" in record.getMessage()
+    assert "ecgx repo add PACKAGE --repo REPO --model NAME" in record.getMessage()
+    caplog.clear()
+    (tmp_path / "repo" / "ecg" / "1").mkdir(parents=True)
+    _warn_not_a_repository(tmp_path / "repo")  # a repository: no warning
+    assert not caplog.records
+
+
+def test_serve_without_a_trusted_key_names_its_own_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ECGX_GATE_PUBLIC_KEY", raising=False)
+    (tmp_path / "repo").mkdir()
+    assert _main("serve", "--repo", str(tmp_path / "repo"), "--insecure", "--no-metrics", "-q") == 2
+    err = capsys.readouterr().err
+    assert "--trusted-key FILE" in err and "--public-key" not in err
+
+
+def _ed25519_certificate(folder):
+    """A self-signed certificate with an Ed25519 key: loads fine, fails every gRPC handshake."""
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.x509.oid import NameOID
+
+    key = Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - timedelta(days=1))
+        .not_valid_after(now + timedelta(days=30))
+        .sign(key, None)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    (folder / "key.pem").write_bytes(pem)
+    (folder / "key.pem").chmod(0o600)
+    return folder / "cert.pem", folder / "key.pem"
+
+
+def test_a_tls_key_grpc_cannot_use_is_refused_at_start_up(tmp_path):
+    import pytest
+
+    from ecgx.service.security import SecurityConfigError, load_server_security
+
+    cert, key = _ed25519_certificate(tmp_path / "ed")
+    with pytest.raises(
+        SecurityConfigError, match=r"Ed25519 key, which gRPC's TLS cannot use.*ecgx tls dev-cert"
+    ):
+        load_server_security(tls_cert=cert, tls_key=key, insecure=True, env={})
+
+
+def test_tls_dev_cert_writes_a_p256_pair_the_server_accepts(tmp_path, capsys):
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    from ecgx.service.security import load_server_security
+
+    out = tmp_path / "tls"
+    assert _main("tls", "dev-cert", "--out", str(out)) == 0
+    assert "--tls-ca" in capsys.readouterr().out
+    key = load_pem_private_key((out / "key.pem").read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1"
+    assert (out / "key.pem").stat().st_mode & 0o077 == 0
+    security = load_server_security(tls_cert=out / "cert.pem", tls_key=out / "key.pem", insecure=True, env={})
+    assert security.credentials is not None
+    assert _main("tls", "dev-cert", "--out", str(out)) == 2  # never replaced without --overwrite
+
+
+def _tls_server(folder):
+    """A gRPC port with the dev certificate and no services: enough for a handshake."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import grpc
+
+    from ecgx.service.security import write_dev_certificate
+
+    cert, key = write_dev_certificate(folder)
+    server = grpc.server(ThreadPoolExecutor(2))
+    credentials = grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, port, cert
+
+
+def test_a_plaintext_client_is_told_the_server_expects_tls(tmp_path):
+    import pytest
+
+    from ecgx.client import ChannelSecurity, Client, ClientError
+
+    server, port, cert = _tls_server(tmp_path / "tls")
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as client, pytest.raises(ClientError) as plain:
+            client.list_models()
+        assert "the server expects TLS" in str(plain.value) and "--tls-ca" in str(plain.value)
+        # The dev certificate's key is one gRPC signs with: with --tls-ca the handshake succeeds
+        # (this bare port then has no such method).
+        security = ChannelSecurity(ca=cert, server_name="localhost")
+        with (
+            Client(f"127.0.0.1:{port}", timeout=10, security=security) as client,
+            pytest.raises(ClientError) as tls,
+        ):
+            client.list_models()
+        assert "UNIMPLEMENTED" in str(tls.value)
+    finally:
+        server.stop(None)
+
+
+def test_an_oversized_request_says_the_limit_and_how_to_split():
+    import grpc
+
+    from ecgx.client import error_of
+
+    class Raw(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self):
+            return "Sent message larger than max (230984010 vs. 67108864)"
+
+    text = str(error_of(Raw(), "127.0.0.1:50051", tls=False))
+    assert "the request is 220 MiB, over the 64 MiB one gRPC message may hold" in text
+    assert "smaller parts" in text and "--max-batch" in text and "230984010" not in text
+
+
+def test_import_wfdb_looks_in_subfolders():
+    """PhysioNet's layout (WFDB/g1/HR00001.hea): a folder's records are found in its subfolders."""
+    import tempfile
+    from pathlib import Path
+
+    from ecgx.training.data.wfdb_import import find_records
+
+    with tempfile.TemporaryDirectory() as d:
+        root = Path(d)
+        for rel in ("g1/HR00001", "g1/HR00002", "g2/deeper/HR00003", "HR00000"):
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            (root / f"{rel}.hea").write_text("")
+        found = find_records([root])
+    assert [name for name, _, _ in found] == ["HR00000", "g1/HR00001", "g1/HR00002", "g2/deeper/HR00003"]
+
+
+def test_export_of_a_package_folder_says_it_is_already_one(tmp_path, capsys):
+    pkg = tmp_path / "packages" / "seed-0"
+    pkg.mkdir(parents=True)
+    (pkg / "manifest.json").write_text("{}")
+    assert _main("export", str(pkg), "--out", str(tmp_path / "again")) == 2
+    err = capsys.readouterr().err
+    assert "is already a model package" in err and "checkpoint.pt does not exist" not in err
+    assert not (tmp_path / "again").exists()
+
+
+def test_validate_says_not_a_package_before_asking_for_the_key(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("ECGX_GATE_SIGNING_KEY", raising=False)
+    (tmp_path / "packages" / "seed-0").mkdir(parents=True)
+    (tmp_path / "packages" / "seed-0" / "manifest.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    assert _main("validate", str(tmp_path / "packages"), "--data", str(tmp_path / "data")) == 2
+    err = capsys.readouterr().err
+    assert "holds packages, not one" in err and "seed-0" in err and "key" not in err.lower()
+    assert _main("validate", str(tmp_path / "data"), "--data", str(tmp_path / "data")) == 2
+    assert "is not a model package (no manifest.json)" in capsys.readouterr().err
+
+
+def test_client_models_is_compact_by_default():
+    from types import SimpleNamespace as NS
+
+    from ecgx.client import format_models
+
+    methods = [
+        NS(method=m, servable=m == "gradient_shap", ungated=False, verdict=v, checks=[])
+        for m, v in (("gradient_shap", "pass"), ("lrp", "fail"), ("saliency", "fail"))
+    ]
+    version = NS(
+        version="1",
+        serving=True,
+        refusal_reason="",
+        ungated=False,
+        gate_verdict="pass",
+        gate_headline="1 passes",
+        package_sha256="ab" * 32,
+        input_shape=[12, 600],
+        sampling_rate_hz=500.0,
+        classes=[],
+        methods=methods,
+    )
+    info = NS(name="ecg", default_version="1", versions=[version])
+    compact = format_models([info]).splitlines()
+    assert compact[1] == "  version 1: serving; gate pass; serves gradient_shap (1 of 3)"
+    assert len(compact) == 3 and "--verbose" in compact[-1]
+    full = format_models([info], verbose=True)
+    assert "package sha256" in full and "lrp" in full

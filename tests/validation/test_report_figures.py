@@ -189,3 +189,94 @@ def test_overlay_methods_choice(gate_run: GateRun) -> None:
     assert figures.overlay_methods(gate_run, ["gradcam"]) == ["gradcam"]
     with pytest.raises(ValueError, match="lrp"):
         figures.overlay_methods(gate_run, ["lrp"])
+
+
+# ---------------------------- issue #22: thresholds from the policy, self-explaining figures
+
+
+def _failing_final(report: dict, method: str, score: float, threshold: float) -> dict:
+    """``report`` with ``method`` failing randomisation on the final criterion, under a policy whose
+    final limit is ``threshold`` (as a report made under that policy records it)."""
+    out = copy.deepcopy(report)
+    for r in out["methods"].values():  # one policy: every method's final criterion has its limit
+        criteria = r["checks"]["randomisation"].get("details", {}).get("criteria") or {}
+        if "final" in criteria:
+            criteria["final"]["threshold"] = threshold
+    entry = out["methods"][method]["checks"]["randomisation"]
+    final = entry["details"]["criteria"]["final"]
+    final.update(score=score, threshold=threshold, verdict="fail")
+    entry.update(score=score, threshold=threshold, verdict="fail", comparison=final["comparison"])
+    entry["details"]["criterion"] = "final"
+    return out
+
+
+def test_randomisation_text_quotes_the_criterion_that_decided(gate_run: GateRun) -> None:
+    changed = _failing_final(gate_run.report, "occlusion", 0.543, 0.37)
+    here = study_comparison_rows(changed)[1]["here"]
+    assert "occlusion (final: 0.543 > 0.37)" in here
+    assert "final limit (≤ 0.37)" in here
+    criteria = changed["methods"]["occlusion"]["checks"]["randomisation"]["details"]["criteria"]
+    top = criteria["top_layer"]["threshold"]
+    assert f"top_layer upper end of CI ≤ {top:g}" in here  # every criterion, with its own limit
+    assert f"above {top:g}" not in here
+
+
+def test_score_figure_header_lists_each_criterion_from_the_policy(gate_run: GateRun) -> None:
+    changed = _failing_final(gate_run.report, "occlusion", 0.543, 0.37)
+    header = figures._check_header(changed, "randomisation")
+    criteria = changed["methods"]["occlusion"]["checks"]["randomisation"]["details"]["criteria"]
+    for name, c in criteria.items():
+        assert f"{name} {figures._SYMBOLS.get(c['comparison'], c['comparison'])} {c['threshold']:g}" in header
+    limits = figures._randomisation_limits(changed["methods"]["occlusion"]["checks"]["randomisation"])
+    assert limits[0] == ("final ≤ 0.37", 0.37)
+    assert limits[1][0].startswith("top_layer ≤ ")
+
+
+def test_report_says_the_data_are_synthetic(written: Path) -> None:
+    page = written.read_text(encoding="utf-8")
+    assert "<strong>Synthetic data.</strong>" in page
+
+
+def test_report_notes_input_x_gradient_and_lrp_are_one_method_here(gate_run: GateRun) -> None:
+    from ecgx.validation.html_report import _equivalence_note
+
+    report = copy.deepcopy(gate_run.report)
+    assert _equivalence_note(report) == ""  # neither method gated: no note
+    base = report["methods"]["saliency"]
+    report["methods"]["input_x_gradient"] = copy.deepcopy(base)
+    report["methods"]["lrp"] = {
+        **copy.deepcopy(base),
+        "settings": {"checked": {"epsilon": 1e-06, "composite": "epsilon"}, "may_differ": {}},
+    }
+    report["inter_method"] = {"methods": ["input_x_gradient", "lrp"], "matrix": [[1.0, 0.998], [0.998, 1.0]]}
+    note = _equivalence_note(report)
+    assert "ε = 1e-06" in note and "ε → 0" in note and "Measured here: correlation 1.00" in note
+    report["methods"]["lrp"]["settings"]["checked"]["epsilon"] = 0.25  # a real ε: no longer the same map
+    assert _equivalence_note(report) == ""
+
+
+def test_gated_attribution_figure_explains_itself(gate_run: GateRun) -> None:
+    import numpy as np
+
+    i = 0
+    x = gate_run.data.x[i]
+    maps = {m: np.asarray(gate_run.maps[m][i]) for m in ("saliency", "gradcam")}
+    mask = np.zeros(x.shape, dtype=bool)
+    mask[1, 100:140] = True
+    fig = figures.gated_attribution_figure(
+        x, maps, {"saliency": "pass", "gradcam": "fail"}, title="record 17 of data", mask=mask
+    )
+    try:
+        title = fig._suptitle.get_text()
+        assert "record 17 of data" in title and "1.2 s window the model sees (600 samples at 500 Hz)" in title
+        column_titles = [ax.get_title() for ax in fig.axes[:2]]
+        assert column_titles == ["saliency\nPASS: served", "gradcam\nFAIL: refused"]
+        legend_texts = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+        assert figures.GROUND_TRUTH_LABEL in legend_texts
+        assert any("1 mV" in t for t in legend_texts)  # the scale bar is explained
+        colour_bars = [ax for ax in fig.axes if "maximum" in ax.get_ylabel()]
+        assert len(colour_bars) == 1
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)

@@ -94,9 +94,11 @@ def record_base(path: str | Path) -> Path:
 def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None, str]]:
     """Expand files and folders into ``(name, record base, problem)`` triples.
 
-    A folder contributes every record whose ``.hea`` it holds, sorted; a record given
-    twice is imported once. Base ``None`` marks a path that gives no record (not found,
-    a folder without headers, an unreadable folder) and ``problem`` says why.
+    A folder contributes every record whose ``.hea`` it holds, in it or any subfolder (as
+    PhysioNet lays out its databases: ``WFDB/g1/HR00001.hea``), sorted and named by their path
+    within the folder; a record given twice is imported once. Base ``None`` marks a path that
+    gives no record (not found, a folder without headers, an unreadable folder) and ``problem``
+    says why.
     """
     found: list[tuple[str, Path | None, str]] = []
     seen: set[Path] = set()
@@ -104,12 +106,14 @@ def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None, st
         p = Path(given)
         if p.is_dir():
             try:
-                bases = sorted(h.with_suffix("") for h in p.glob("*.hea"))
+                bases = sorted(h.with_suffix("") for h in p.rglob("*.hea") if h.is_file())
             except OSError as e:
                 found.append((str(given), None, f"cannot list the folder: {e.strerror or e}"))
                 continue
             if not bases:
-                found.append((str(given), None, "the folder holds no WFDB header (.hea)"))
+                found.append(
+                    (str(given), None, "the folder holds no WFDB header (.hea), nor do its subfolders")
+                )
                 continue
         else:
             bases = [record_base(p)]
@@ -119,7 +123,8 @@ def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None, st
         for base in bases:
             if base.resolve() not in seen:
                 seen.add(base.resolve())
-                found.append((base.name, base, ""))
+                name = base.relative_to(p).as_posix() if p.is_dir() else base.name
+                found.append((name, base, ""))
     return found
 
 
