@@ -463,7 +463,8 @@ class PackageVerdict:
 
     @classmethod
     def of(cls, report: dict) -> PackageVerdict:
-        return cls(report["verdict"], tuple(report.get("passed", ())), len(report.get("methods", {})))
+        checked = [m for m in report.get("methods", {}) if m != "random"]  # the control never counts
+        return cls(report["verdict"], tuple(report.get("passed", ())), len(checked))
 
 
 @dataclass

@@ -508,24 +508,26 @@ def gated_attribution_figure(
     handles = [Line2D([], [], color="black", lw=0.7, label="ECG (mV); scale bar: 1 mV, 0.2 s")]
     if mask is not None and np.asarray(mask).any():
         handles.append(Patch(color="tab:green", label=GROUND_TRUTH_LABEL))
-    handles.append(Patch(color=CONTROL_COLOUR, alpha=0.6, label="grey column: the gate refused this method"))
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    bar = fig.colorbar(
-        ScalarMappable(Normalize(0, 1), cmap="Reds"), ax=axes.ravel().tolist(), fraction=0.02, pad=0.01
+    handles.append(
+        Patch(color=CONTROL_COLOUR, alpha=0.6, label="grey column: refused or not gated, never served")
     )
-    bar.set_label("|attribution| / the method's maximum on this ECG")
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     window = (
         f"the {signal.shape[1] / fs:.1f} s window the model sees ({signal.shape[1]} samples at {fs:g} Hz)"
     )
     fig.suptitle(_overlay_title([title, window], max(len(methods), 3)), fontsize=10)
     fig.subplots_adjust(left=0.06, right=0.9, top=0.92, bottom=0.07, hspace=0.08, wspace=0.05)
+    cax = fig.add_axes((0.915, 0.3, 0.012, 0.4))  # its own axes, right of the columns: never over a map
+    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="Reds"), cax=cax)
+    bar.set_label("|attribution| / the method's maximum on this ECG")
     return fig
 
 
 def _scale_bar(ax: plt.Axes, t: np.ndarray, bottom: float) -> None:
     """A 1 mV by 0.2 s L-shaped scale bar at the lower left of ``ax`` (the traces share mV)."""
     x0 = t[0] + 0.02 * (t[-1] - t[0])
-    ax.plot([x0, x0, x0 + 0.2], [bottom + 1.0, bottom, bottom], color="#0072B2", lw=1.5, clip_on=False)
+    ax.plot([x0, x0, x0 + 0.2], [bottom + 1.0, bottom, bottom], color="#0072B2", lw=2.5, clip_on=False)
+    ax.text(x0 + 0.02, bottom + 0.5, "1 mV", color="#0072B2", fontsize=7, va="center")
 
 
 def plot_gated_attributions(
