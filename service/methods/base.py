@@ -28,7 +28,7 @@ DIRECTIONS = ("any", "at_least", "at_most")
 
 
 @dataclass(frozen=True)
-class Request:
+class CheckContext:
     """What a setting's check may read besides its own value."""
 
     method: str
@@ -37,9 +37,9 @@ class Request:
     checked: dict[str, Any]  # the settings checked so far, in declaration order
 
 
-# (setting name, value asked for, request) -> the value ``attribute`` receives; raises
+# (setting name, value asked for, ctx) -> the value ``attribute`` receives; raises
 # InvalidArgument for a bad value, ResourceExhausted over a cost cap, naming the setting.
-Check = Callable[[str, Any, Request], Any]
+Check = Callable[[str, Any, CheckContext], Any]
 
 
 @dataclass(frozen=True)
@@ -109,10 +109,10 @@ class AttributionMethod:
         value checked by its declared check in declaration order (a check may read the settings
         declared before it). Runs before any model pass, so a bad value fails at once."""
         self.check_params(params)
-        request = Request(self.name, x, {**self.parameters(), **params}, {})
+        ctx = CheckContext(self.name, x, {**self.parameters(), **params}, {})
         for p in self.params:
-            request.checked[p.name] = p.check(p.name, request.given[p.name], request)
-        return Settings(**request.checked)
+            ctx.checked[p.name] = p.check(p.name, ctx.given[p.name], ctx)
+        return Settings(**ctx.checked)
 
     def check(self, x: np.ndarray, **params: Any) -> int:
         """Check ``params`` (any subset of the settings) for inputs ``x`` and return the model
@@ -123,12 +123,12 @@ class AttributionMethod:
 # ---------------------------------------------------------------------- checks of one setting
 
 
-def flag(name: str, value: Any, request: Request) -> bool:
+def flag(name: str, value: Any, ctx: CheckContext) -> bool:
     """A setting that is true or false."""
     return check_bool(name, value)
 
 
-def seed(name: str, value: Any, request: Request) -> int | None:
+def seed(name: str, value: Any, ctx: CheckContext) -> int | None:
     """A random seed: a non-negative integer, or None for fresh entropy."""
     rng_for(value)
     return value
@@ -136,23 +136,23 @@ def seed(name: str, value: Any, request: Request) -> int | None:
 
 def one_of(choices: tuple[str, ...]) -> Check:
     """A setting that is one of ``choices``."""
-    return lambda name, value, request: check_choice(name, value, choices)
+    return lambda name, value, ctx: check_choice(name, value, choices)
 
 
 def count(limit: int, why: str, minimum: int = 1) -> Check:
     """A whole number ``minimum``..``limit`` (a cost cap: ``why`` says what it bounds)."""
-    return lambda name, value, request: check_count(name, value, limit, why, minimum)
+    return lambda name, value, ctx: check_count(name, value, limit, why, minimum)
 
 
 def number(maximum: float | None = None, unit: str = "") -> Check:
     """A finite number >= 0 (at most ``maximum``)."""
-    return lambda name, value, request: check_non_negative(name, value, maximum, unit)
+    return lambda name, value, ctx: check_non_negative(name, value, maximum, unit)
 
 
 def per_ecg(default: float = 0.0) -> Check:
     """A baseline-like input (:func:`check_per_ecg`): None (``default``), a number, one ECG or
     one per ECG; checked, not yet broadcast (:func:`broadcast_per_ecg`)."""
-    return lambda name, value, request: check_per_ecg(name, value, request.x, default)
+    return lambda name, value, ctx: check_per_ecg(name, value, ctx.x, default)
 
 
 # ---------------------------------------------------------------------- value checks

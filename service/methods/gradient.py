@@ -1,4 +1,4 @@
-"""Methods built on the input gradient (plain or with modified ReLU rules)."""
+"""Methods built on the plain input gradient (guided backprop and deconvolution: modified.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.limits import MAX_BASELINES, MAX_N_SAMPLES, MAX_N_STEPS, MAX_STDEV_MV
 from ecgx.service.methods.base import (
     AttributionMethod,
+    CheckContext,
     Param,
-    Request,
     Settings,
     broadcast_per_ecg,
     check_choice,
@@ -38,7 +38,7 @@ def check_stdev(value: Any) -> float:
     return check_non_negative("stdev", value, MAX_STDEV_MV, " mV (inputs are millivolts)")
 
 
-def _stdev(name: str, value: Any, request: Request) -> float:
+def _stdev(name: str, value: Any, ctx: CheckContext) -> float:
     return check_stdev(value)
 
 
@@ -50,22 +50,22 @@ def _given(name: str, value: Any, shape: tuple[int, ...]) -> np.ndarray:
     return arr
 
 
-def _noise(name: str, value: Any, request: Request) -> np.ndarray | None:
+def _noise(name: str, value: Any, ctx: CheckContext) -> np.ndarray | None:
     """Explicit noise (n_samples, B, 12, 600) replacing the random draw, or None."""
-    n = request.checked["n_samples"]
-    return None if value is None else _given(name, value, (n, *request.x.shape))
+    n = ctx.checked["n_samples"]
+    return None if value is None else _given(name, value, (n, *ctx.x.shape))
 
 
-def _alphas(name: str, value: Any, request: Request) -> np.ndarray | None:
-    n = request.checked["n_samples"]
-    return None if value is None else _given(name, value, (n, len(request.x)))
+def _alphas(name: str, value: Any, ctx: CheckContext) -> np.ndarray | None:
+    n = ctx.checked["n_samples"]
+    return None if value is None else _given(name, value, (n, len(ctx.x)))
 
 
-def _baseline_index(name: str, value: Any, request: Request) -> np.ndarray | None:
+def _baseline_index(name: str, value: Any, ctx: CheckContext) -> np.ndarray | None:
     if value is None:
         return None
-    shape = (request.checked["n_samples"], len(request.x))
-    return _given_index(value, shape, n_baselines(request.checked["baselines"]))
+    shape = (ctx.checked["n_samples"], len(ctx.x))
+    return _given_index(value, shape, n_baselines(ctx.checked["baselines"]))
 
 
 def _given_index(value: Any, shape: tuple[int, ...], k: int) -> np.ndarray:
@@ -120,9 +120,9 @@ def path_coefficients(n_steps: int, method: str) -> tuple[np.ndarray, np.ndarray
     return alphas, weights
 
 
-def _path_method(name: str, value: Any, request: Request) -> str:
+def _path_method(name: str, value: Any, ctx: CheckContext) -> str:
     method = check_choice(name, value, PATH_METHODS)
-    if method == "riemann_trapezoid" and request.checked["n_steps"] < 2:
+    if method == "riemann_trapezoid" and ctx.checked["n_steps"] < 2:
         raise InvalidArgument("riemann_trapezoid needs n_steps >= 2")
     return method
 
@@ -223,8 +223,8 @@ def check_baselines(baselines: Any, x: np.ndarray) -> np.ndarray | None:
     return arr
 
 
-def baselines_param(name: str, value: Any, request: Request) -> np.ndarray | None:
-    return check_baselines(value, request.x)
+def baselines_param(name: str, value: Any, ctx: CheckContext) -> np.ndarray | None:
+    return check_baselines(value, ctx.x)
 
 
 def n_baselines(given: np.ndarray | None) -> int:

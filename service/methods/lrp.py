@@ -10,8 +10,8 @@ import numpy as np
 from ecgx.core.errors import InvalidArgument
 from ecgx.service.methods.base import (
     AttributionMethod,
+    CheckContext,
     Param,
-    Request,
     Settings,
     _show,
     check_choice,
@@ -39,14 +39,14 @@ INPUT_RULES: dict[str, int] = {"default": 0, "flat": 1, "zbox": 2}
 MAX_ABS_BOUND_MV = 1e3
 
 
-def _epsilon(name: str, value: Any, request: Request) -> np.ndarray:
+def _epsilon(name: str, value: Any, ctx: CheckContext) -> np.ndarray:
     """The stabiliser as the graphs' float32 scalar input."""
     return np.array(check_non_negative(name, value, MAX_EPSILON), np.float32)
 
 
-def _input_rule(name: str, value: Any, request: Request) -> str:
+def _input_rule(name: str, value: Any, ctx: CheckContext) -> str:
     rule = check_choice(name, value, tuple(INPUT_RULES))
-    if request.checked["composite"] == "epsilon" and rule != "default":
+    if ctx.checked["composite"] == "epsilon" and rule != "default":
         raise InvalidArgument(
             f"input_rule={rule!r} needs a composite ('epsilon_plus' or 'epsilon_alpha2_beta1'); "
             "composite 'epsilon' applies the epsilon rule to every layer"
@@ -54,20 +54,20 @@ def _input_rule(name: str, value: Any, request: Request) -> str:
     return rule
 
 
-def _low(name: str, value: Any, request: Request) -> np.ndarray:
+def _low(name: str, value: Any, ctx: CheckContext) -> np.ndarray:
     """The zbox lower bound as (B,) float32 (default: each ECG's own minimum)."""
-    _zbox_only(request)
-    flat = request.x.reshape(len(request.x), -1)
-    return _bound(name, value, flat.min(axis=1), len(request.x))
+    _zbox_only(ctx)
+    flat = ctx.x.reshape(len(ctx.x), -1)
+    return _bound(name, value, flat.min(axis=1), len(ctx.x))
 
 
-def _high(name: str, value: Any, request: Request) -> np.ndarray:
+def _high(name: str, value: Any, ctx: CheckContext) -> np.ndarray:
     """The zbox upper bound as (B,) float32 (default: each ECG's own maximum), above ``low``."""
-    _zbox_only(request)
-    flat = request.x.reshape(len(request.x), -1)
-    high = _bound(name, value, flat.max(axis=1), len(request.x))
-    if request.given["low"] is not None or value is not None:
-        low = request.checked["low"]
+    _zbox_only(ctx)
+    flat = ctx.x.reshape(len(ctx.x), -1)
+    high = _bound(name, value, flat.max(axis=1), len(ctx.x))
+    if ctx.given["low"] is not None or value is not None:
+        low = ctx.checked["low"]
         bad = np.flatnonzero(low >= high)
         if bad.size:
             raise InvalidArgument(
@@ -77,10 +77,10 @@ def _high(name: str, value: Any, request: Request) -> np.ndarray:
     return high
 
 
-def _zbox_only(request: Request) -> None:
+def _zbox_only(ctx: CheckContext) -> None:
     """Refuse zbox bounds without the zbox input rule (naming every bound given)."""
-    given = [n for n in ("low", "high") if request.given[n] is not None]
-    if given and request.checked["input_rule"] != "zbox":
+    given = [n for n in ("low", "high") if ctx.given[n] is not None]
+    if given and ctx.checked["input_rule"] != "zbox":
         raise InvalidArgument(
             f"{' and '.join(given)} are the zbox input rule's bounds: set input_rule='zbox'"
         )

@@ -24,8 +24,8 @@ from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.service.limits import MAX_N_SAMPLES, MAX_PERTURBATIONS, MAX_SURROGATE_ENTRIES
 from ecgx.service.methods.base import (
     AttributionMethod,
+    CheckContext,
     Param,
-    Request,
     Settings,
     broadcast_per_ecg,
     check_count,
@@ -70,9 +70,9 @@ def _check_window(name: str, value: Any, samples: int) -> int:
     return value
 
 
-def _window(name: str, value: Any, request: Request) -> int:
+def _window(name: str, value: Any, ctx: CheckContext) -> int:
     """A window (or stride) of 1..600 samples."""
-    return _check_window(name, value, request.x.shape[2])
+    return _check_window(name, value, ctx.x.shape[2])
 
 
 def _check_perturbations(method: str, settings: str, leads: int, per_lead: int, what: str) -> int:
@@ -123,9 +123,9 @@ def window_starts(samples: int, window: int, stride: int) -> np.ndarray:
     return np.arange(n_shifts) * stride
 
 
-def _stride(name: str, value: Any, request: Request) -> int:
-    stride = _window(name, value, request)
-    window, samples = request.checked["window"], request.x.shape[2]
+def _stride(name: str, value: Any, ctx: CheckContext) -> int:
+    stride = _window(name, value, ctx)
+    window, samples = ctx.checked["window"], ctx.x.shape[2]
     # As Captum: a stride longer than the window would leave samples never occluded.
     if stride > window and window < samples:
         raise InvalidArgument(f"stride must be at most window ({window}), got {stride}")
@@ -312,25 +312,25 @@ def _features(window: int, x: np.ndarray) -> int:
     return leads * -(-samples // window)
 
 
-def _surrogate_samples(name: str, value: Any, request: Request) -> int:
+def _surrogate_samples(name: str, value: Any, ctx: CheckContext) -> int:
     """Kernel SHAP's and LIME's ``n_samples``: 2..MAX_N_SAMPLES, and a coalition matrix of at most
     MAX_SURROGATE_ENTRIES per ECG."""
     why = "each sample is one forward pass per ECG; the cap bounds a request's time"
     n = check_count(name, value, MAX_N_SAMPLES, why, minimum=2)
-    window = request.checked["window"]
-    m = _features(window, request.x)
+    window = ctx.checked["window"]
+    m = _features(window, ctx.x)
     if n * m > MAX_SURROGATE_ENTRIES:
         raise ResourceExhausted(
-            f"{request.method} with n_samples={n} and window={window} fits a {n} x {m} coalition matrix "
+            f"{ctx.method} with n_samples={n} and window={window} fits a {n} x {m} coalition matrix "
             f"({n * m:,} entries) per ECG; the limit is {MAX_SURROGATE_ENTRIES:,} (it bounds the memory and "
             "time of the least-squares fit): lower n_samples or use a larger window"
         )
     return n
 
 
-def _coalitions(name: str, value: Any, request: Request) -> np.ndarray | None:
-    n, m = request.checked["n_samples"], _features(request.checked["window"], request.x)
-    return _given_coalitions(value, (len(request.x), n, m))
+def _coalitions(name: str, value: Any, ctx: CheckContext) -> np.ndarray | None:
+    n, m = ctx.checked["n_samples"], _features(ctx.checked["window"], ctx.x)
+    return _given_coalitions(value, (len(ctx.x), n, m))
 
 
 def _surrogate_setup(x: np.ndarray, s: Settings):
@@ -393,7 +393,7 @@ MAX_KERNEL_WIDTH = 1e6
 MIN_KERNEL_WIDTH = 1e-6
 
 
-def _check_kernel_width(name: str, value: Any, request: Request) -> float:
+def _check_kernel_width(name: str, value: Any, ctx: CheckContext) -> float:
     width = check_non_negative(name, value, MAX_KERNEL_WIDTH)
     if width == 0:
         raise InvalidArgument("kernel_width must be > 0, got 0")
