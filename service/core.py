@@ -284,6 +284,12 @@ def _resolve(t: Target, probs: np.ndarray | None, package: Any, where: str) -> l
     return [class_of(package, t.kind, t.value, where)]
 
 
+def _merge_cap(served: ServedVersion) -> int | None:
+    """The most model rows (request costs summed) one merged call may hold: the engine's per-call
+    cap (``max_request_rows``), which the merged call must pass like any other."""
+    return served.engine.max_request_rows
+
+
 def _parts(jobs: Sequence[Job]) -> list[slice]:
     """The rows of each job in their concatenation."""
     bounds = list(itertools.accumulate((j.rows for j in jobs), initial=0))
@@ -598,6 +604,7 @@ class ServingCore:
             lambda jobs, token: self._logits_batch(served, jobs, token),
             model=served.model,
             owner=served,
+            max_cost=_merge_cap(served),
         )
 
     @staticmethod
@@ -616,7 +623,6 @@ class ServingCore:
         if key is None:
             return self._explain_batch(served, [job], cancel)[0]
         label = plan.names[0] if len(plan.names) == 1 else "multiple"
-        limit = served.engine.max_request_rows  # the merged call must stay within the engine's cap
         return self.batcher.submit(
             key,
             job,
@@ -624,7 +630,7 @@ class ServingCore:
             model=served.model,
             label=label,
             owner=served,
-            max_cost=limit,
+            max_cost=_merge_cap(served),
         )
 
     def _explain_batch(self, served: ServedVersion, jobs: list[Job], cancel: Any) -> list[_Explained]:
