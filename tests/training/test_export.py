@@ -95,6 +95,36 @@ def test_manifest_lists_files_layers_and_checks(package) -> None:
     assert manifest["input"]["sampling_rate_hz"] == 500 and manifest["input"]["r_peak_sample"] == 250
 
 
+def test_the_manifest_describes_the_graphs_from_the_one_table(package) -> None:
+    _, pkg = package
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert manifest["graphs"] == {
+        name: {"file": f"{name}.onnx", "inputs": list(spec.inputs), "outputs": list(spec.outputs)}
+        for name, spec in graphs.GRAPHS.items()
+    }
+    assert manifest["verification"]["reference"] == graphs.references(module_given=True)
+    assert manifest["verification"]["reference"]["gradient"].endswith("and on the original PyTorch module")
+    assert graphs.references(module_given=False)["gradient"] == "autograd on the IR module"
+    # Every check the export recorded belongs to a graph of the table.
+    assert all(name.split(".")[0] in graphs.GRAPHS for name in manifest["verification"]["checks"])
+
+
+def test_the_export_runs_the_check_its_graph_spec_names(tmp_path: Path, monkeypatch) -> None:
+    import dataclasses
+
+    def refuses(refs, graph: str) -> dict:
+        return {graph: {"ok": False, "error": "the spec's own check refused it"}}
+
+    spec = dataclasses.replace(graphs.GRAPHS["deconvolution"], check=refuses)
+    monkeypatch.setitem(graphs.GRAPHS, "deconvolution", spec)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(widths=(8,), stem_stride=4)).eval()
+    pkg = export_package(model, tmp_path / "pkg", sample_inputs=X, graphs=["deconvolution"])
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    assert "deconvolution" not in manifest["graphs"] and not (pkg / "deconvolution.onnx").exists()
+    assert "the spec's own check refused it" in manifest["unavailable"]["deconvolution"]["reason"]
+
+
 def test_every_graph_reads_the_one_weights_file(package) -> None:
     _, pkg = package
     manifest = json.loads((pkg / "manifest.json").read_text())
