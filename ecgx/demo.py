@@ -78,7 +78,8 @@ GRPC_FIGURE = "grpc_explanation.png"
 # The method explained over gRPC: the first of these the gate passed on the served version
 # (cheap ones first), else the first method the gate passed.
 GRPC_METHODS = ("gradient_shap", "deeplift_shap", "gradcam", "integrated_gradients", "saliency", "deeplift")
-RECORDS = "records"  # OUT/records/beat-<index>.npy: the test window explained over gRPC, for `ecgx client`
+RECORDS = "records"  # OUT/records/test-beat.npy: the test window explained over gRPC, for `ecgx client`
+RECORD_FILE = "test-beat.npy"
 
 
 def _is_repository(folder: Path) -> bool:
@@ -429,7 +430,7 @@ def _serve_and_explain(
             ds = load_dataset(data_dir, check_values=False)
             index = int(make_split(len(ds), TrainConfig()).test[0])
             beat = np.asarray(ds.signals[index], dtype=np.float32)
-            record = out / RECORDS / f"beat-{index}.npy"
+            record = out / RECORDS / RECORD_FILE  # one name, so the README's commands work as printed
             record.parent.mkdir(exist_ok=True)
             np.save(record, beat)  # the demo's own folder: `ecgx client explain --ecg` reads it
             r = client.explain(DEMO_MODEL, ecg_messages(EcgInput([beat], 500.0, "demo")), [method])

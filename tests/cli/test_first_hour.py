@@ -264,7 +264,8 @@ def test_import_wfdb_looks_in_subfolders():
             (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / f"{rel}.hea").write_text("")
         found = find_records([root])
-    assert [name for name, _, _ in found] == ["HR00000", "g1/HR00001", "g1/HR00002", "g2/deeper/HR00003"]
+    assert [name for name, _, _ in found] == ["HR00000", "HR00001", "HR00002", "HR00003"]
+    assert [base.relative_to(root).as_posix() for _, base, _ in found][-1] == "g2/deeper/HR00003"
 
 
 def test_export_of_a_package_folder_says_it_is_already_one(tmp_path, capsys):

@@ -95,8 +95,9 @@ def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None, st
     """Expand files and folders into ``(name, record base, problem)`` triples.
 
     A folder contributes every record whose ``.hea`` it holds, in it or any subfolder (as
-    PhysioNet lays out its databases: ``WFDB/g1/HR00001.hea``), sorted and named by their path
-    within the folder; a record given twice is imported once. Base ``None`` marks a path that
+    PhysioNet lays out its databases: ``WFDB/g1/HR00001.hea``), sorted by path and named by the
+    record's own name, as PhysioNet names them (unique within a database); a record given twice
+    (directly and inside a folder) is imported once. Base ``None`` marks a path that
     gives no record (not found, a folder without headers, an unreadable folder) and ``problem``
     says why.
     """
@@ -123,8 +124,7 @@ def find_records(paths: Iterable[str | Path]) -> list[tuple[str, Path | None, st
         for base in bases:
             if base.resolve() not in seen:
                 seen.add(base.resolve())
-                name = base.relative_to(p).as_posix() if p.is_dir() else base.name
-                found.append((name, base, ""))
+                found.append((base.name, base, ""))
     return found
 
 
