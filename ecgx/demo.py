@@ -209,8 +209,9 @@ def run_demo(
         verdicts, first_run = _gate(out, gated, packages, plan, show_progress)
         result.verdicts = verdicts
         result.report = _write_report(out, first_run, trims, show_progress)
+        print(f"experiments report: {result.report}", flush=True)
         result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report)
-        result.record, result.method = _serve_and_explain(out, gated, data_dir, fig_dir)
+        _serve_and_explain(out, gated, data_dir, fig_dir, result)
     else:
         log.warning(
             "one seed only: the gate needs a seed family, so gating, the report and serving are skipped"
@@ -380,8 +381,8 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path, report: dict | None) -> 
 
 
 def _serve_and_explain(
-    out: Path, packages: list[Path], data_dir: Path, fig_dir: Path
-) -> tuple[Path | None, str | None]:
+    out: Path, packages: list[Path], data_dir: Path, fig_dir: Path, result: DemoResult | None = None
+) -> Path | None:
     """Promote the gated packages into ``OUT/repo`` (rebuilt every run: the reports may be new),
     serve it on a free loopback port in this process, call Explain over gRPC for one test beat
     with a method the gate passed, and draw the answer with the client's code."""
@@ -413,7 +414,7 @@ def _serve_and_explain(
                 log.warning("%s", e)
     if not promoted:
         print(f"model repository {repo}: no package passed its gate, so nothing is served over gRPC")
-        return None, None
+        return None
     repository = ModelRepository(repo, [public])
     server, port, _, _ = build_server(
         repository, security=ServerSecurity.plaintext_unauthenticated(), host="127.0.0.1", port=0
@@ -426,7 +427,7 @@ def _serve_and_explain(
             method = next((m for m in GRPC_METHODS if m in passed), passed[0] if passed else None)
             if method is None:
                 print(f"model repository {repo}: the gate passed no method, so no explanation is served")
-                return None, None
+                return None
             ds = load_dataset(data_dir, check_values=False)
             index = int(make_split(len(ds), TrainConfig()).test[0])
             beat = np.asarray(ds.signals[index], dtype=np.float32)
@@ -451,7 +452,9 @@ def _serve_and_explain(
         f"{r.version}, gate {a.gate.verdict} ({format_checks(a.gate)}), in "
         f"{time.perf_counter() - started:.1f} s: {figure}"
     )
-    return record, method
+    if result is not None:  # for the closing summary's next commands
+        result.record, result.method = record, method
+    return figure
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
@@ -319,12 +320,18 @@ def test_run_demo_ends_with_the_grpc_step(gated, tmp_path, monkeypatch, capsys) 
     monkeypatch.setattr(demo_module, "_export", lambda *a, **k: packages)
     monkeypatch.setattr(demo_module, "_draw", lambda *a, **k: [])
     monkeypatch.setattr(demo_module, "format_training_summary", lambda *a, **k: "")
-    monkeypatch.setattr(demo_module, "_gate", lambda *a, **k: demo / "report" / "report.html")
+    verdicts = {p: demo_module.PackageVerdict("pass", (PASSED,), 2) for p in packages}
+    run = types.SimpleNamespace(report={})  # the gate run: only _write_report and _draw (stubbed) read it
+    monkeypatch.setattr(demo_module, "_gate", lambda *a, **k: (verdicts, run))
+    monkeypatch.setattr(demo_module, "_write_report", lambda *a, **k: demo / "report" / "report.html")
     demo_module.run_demo(demo, seeds=(0, 1, 2), show_progress=False)
     out = capsys.readouterr().out
-    order = [out.index(line) for line in ("experiments report:", "explanation over gRPC: ", "demo finished")]
+    steps = ("experiments report:", "explanation over gRPC: ", "demo finished", "ecgx client explain")
+    order = [out.index(line) for line in steps]
     assert order == sorted(order)
     assert (demo / "figures" / demo_module.GRPC_FIGURE).is_file()
+    # The closing summary's next command explains the saved record with the method that was served.
+    assert f"--ecg {demo / 'records' / 'test-beat.npy'} --method {PASSED}" in out
 
 
 @pytest.mark.parametrize("action", ["models", "predict", "explain"])
