@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,7 +151,7 @@ def declared_may_differ() -> dict[str, dict[str, str]]:
 def default_policy() -> Policy:
     """The default policy: ``default_policy.toml``, with the methods' declared ``may_differ``
     entries (an entry in the file replaces a method's, as in a user's file)."""
-    content = tomllib.loads(DEFAULT_POLICY_FILE.read_text())
+    content = read_toml(DEFAULT_POLICY_FILE, "default gate policy")
     serving = content.setdefault("serving", {})
     serving["may_differ"] = {**declared_may_differ(), **serving.get("may_differ", {})}
     return Policy(content=_validate(content), source="default")
