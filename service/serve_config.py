@@ -38,6 +38,7 @@ command line wins over the file::
     metrics_tls_key = "serving"
     stability_share = 0.05    # share of Explain requests re-checked under input noise
     stability_queue = 8       # samples waiting for the worker; more are dropped (counted)
+    engine_threads = 1        # ONNX Runtime intra-op threads per session; 0: ONNX Runtime's choice
 
     # Dynamic batching (docs/serving.md): concurrent requests merged into one engine call. On by
     # default; every key is optional, and a model's own table overrides the defaults for it.
@@ -112,6 +113,11 @@ class ServeConfig:
     # ONNX Runtime execution providers in priority order (None: TensorRT, CUDA, CPU as installed).
     providers: tuple[str, ...] | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # the [batching] table
+    # ONNX Runtime intra-op threads per session (0: ONNX Runtime's choice, one per core). One: on
+    # the 2-vCPU reference machine two threads lose to one at every batch size but a single ECG
+    # (benchmarks/RESULTS.md, "Dynamic batching"); concurrent requests and the dynamic batcher
+    # use the cores instead.
+    engine_threads: int = 1
 
     def check(self, source: str) -> ServeConfig:
         """Raise :class:`ServeConfigError` on a missing repository or a value out of range."""
@@ -130,6 +136,7 @@ class ServeConfig:
             ("metrics_port", self.metrics_port, 0, 65535),
             ("stability_share", self.stability_share, 0, 1),
             ("stability_queue", self.stability_queue, 1, 100_000),
+            ("engine_threads", self.engine_threads, 0, 256),
         ]
         for key, value, low, high in ranges:
             if not (math.isfinite(value) and low <= value <= high):
@@ -158,6 +165,10 @@ class ServeConfig:
             caller_concurrent=self.caller_concurrent,
             caller_rate=None if self.caller_rate == "off" else self.caller_rate,
         )
+
+    def engine_threads_option(self) -> dict[str, int]:
+        """The ``threads`` engine option (``ModelRepository(engine_options=...)``), none for 0."""
+        return {"threads": self.engine_threads} if self.engine_threads else {}
 
     def metrics_tls(self, source: str = "ecgx serve") -> tuple[str, str] | None:
         """The metrics endpoint's (certificate, key) files, None for plain HTTP; "serving" names
@@ -212,6 +223,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "stability_share": (int, float),
     "stability_queue": (int,),
     "providers": (list,),
+    "engine_threads": (int,),
 }
 
 

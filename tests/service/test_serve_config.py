@@ -174,3 +174,14 @@ def test_bad_batching_settings_name_the_key(tmp_path: Path, text: str, message: 
     with pytest.raises(ServeConfigError) as err:
         resolve_serve_config(_config(tmp_path, "[serve]\nrepo = 'r'\n" + text), {})
     assert message in str(err.value) and "serve.toml" in str(err.value)
+
+
+def test_engine_threads_default_to_one_and_zero_leaves_them_to_onnx_runtime(tmp_path: Path) -> None:
+    assert resolve_serve_config(None, {"repo": tmp_path}).engine_threads_option() == {"threads": 1}
+    path = _config(tmp_path, "[serve]\nrepo = 'r'\nengine_threads = 0\n")
+    assert resolve_serve_config(path, {}).engine_threads_option() == {}
+    path.write_text("[serve]\nrepo = 'r'\nengine_threads = 2\n")
+    assert resolve_serve_config(path, {}).engine_threads_option() == {"threads": 2}
+    path.write_text("[serve]\nrepo = 'r'\nengine_threads = -1\n")
+    with pytest.raises(ServeConfigError, match=r"engine_threads must be in \[0, 256\], got -1"):
+        resolve_serve_config(path, {})
