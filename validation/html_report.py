@@ -503,8 +503,9 @@ def _decided(entry: dict) -> str:
     c = c or entry
     missed = {"<=": ">", ">=": "<", "<": ">=", ">": "<="}.get(c["comparison"], "not " + c["comparison"])
     label = f"{name}: " if name else ""
-    score = "n/a" if c["score"] is None else f"{c['score']:.3f}"
-    return f"{label}{score} {missed} {c['threshold']:g}"
+    if c.get("score") is None:  # e.g. constant maps: no ranking to compare
+        return f"{label}undefined"
+    return f"{label}{c['score']:.3f} {missed} {c['threshold']:g}"
 
 
 def _randomisation_here(report: dict) -> str:
@@ -518,10 +519,14 @@ def _randomisation_here(report: dict) -> str:
     zero = {m: v for m, v in final.items() if abs(v) < NEAR_ZERO}
     high = {m: v for m, v in final.items() if v > limit["threshold"]}
     between = len(final) - len(zero) - len(high)
-    failed = {m: e for m, e in entries.items() if e["verdict"] == "fail" and e["score"] is not None}
-    shown = ", ".join(
-        f"{m} ({_decided(e)})" for m, e in sorted(failed.items(), key=lambda kv: kv[1]["score"])
-    )
+    # Every method that failed, those without a number too (constant maps: nothing to rank).
+    failed = {
+        m: r["checks"]["randomisation"]
+        for m, r in report["methods"].items()
+        if m != CONTROL_METHOD and r["checks"].get("randomisation", {}).get("verdict") == "fail"
+    }
+    order = sorted(failed.items(), key=lambda kv: (kv[1]["score"] is None, kv[1]["score"] or 0.0))
+    shown = ", ".join(f"{m} ({_decided(e)})" for m, e in order)
     return (
         f"mean Spearman |a| with every layer randomised reaches |ρ| < {NEAR_ZERO:g} for {len(zero)} of "
         f"{len(final)} methods: {_listing(zero, 3)}; stays above the policy's final limit "
