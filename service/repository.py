@@ -78,6 +78,7 @@ from ecgx.core.signing import (
 )
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.methods import get_method
+from ecgx.service.methods.base import DIRECTIONS
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ class MethodGate:
 
 
 # Directions a policy may declare safe for a setting (validation's [serving.may_differ]).
-MAY_DIFFER = ("any", "at_least", "at_most")
+MAY_DIFFER = DIRECTIONS
 
 
 @dataclass(frozen=True)

@@ -297,8 +297,8 @@ def test_audit_lines_are_json_with_the_issue_fields(tmp_path: Path) -> None:
     doc = json.loads(line)
     assert doc["time"] == "1970-01-01T00:00:00.500Z" and doc["latency_ms"] == 12.3 and doc["caller"] == "a\nb"
     assert list(doc) == [
-        "time", "request_id", "caller", "auth", "peer", "rpc", "transport", "model", "version", "methods", "targets",
-        "batch_size", "code", "refusal", "latency_ms", "engine_ms", "prev",
+        "time", "request_id", "caller", "auth", "peer", "rpc", "transport", "model", "version", "methods",
+        "targets", "batch_size", "code", "refusal", "latency_ms", "engine_ms", "prev",
     ]  # fmt: skip
     log = AuditLog(tmp_path / "audit.jsonl")
     log.call_finished(r)

@@ -23,12 +23,15 @@ import numpy as np
 import pytest
 from cli_helpers import assert_clean_failure, run_ecgx, snapshot
 
+from ecgx.service.methods import METHOD_NAMES
 from ecgx.validation import checks
 from ecgx.validation.bootstrap import Interval, bootstrap_mean
 from ecgx.validation.gate import run_gate, summary_lines
 from ecgx.validation.html_report import render_html
 from ecgx.validation.perturbation import PerturbationCurves
 from ecgx.validation.policy import Policy, PolicyError, default_policy, load_policy
+
+N_GATED = len(METHOD_NAMES) - 1  # every method but the random control
 
 # On these small models no method beats |x| in perturbation by the default margin; a margin of
 # -1 lets some pass, so the views of a passing and a failing method can both be checked.
@@ -254,7 +257,7 @@ def test_the_headline_says_what_may_be_served_and_what_is_refused(gate) -> None:
     assert "which requires no particular method to pass and at least 1 method(s) to pass" in head
     served = report["passed"]
     assert report["serve"] == served and served
-    assert f"may be served with {len(served)} of 16 methods ({', '.join(served)})" in head
+    assert f"may be served with {len(served)} of {N_GATED} methods ({', '.join(served)})" in head
     if report["failed"]:
         assert f"{len(report['failed'])} fail their blocking checks ({', '.join(report['failed'])})" in head
     assert set(report["failed"]) | set(served) == set(report["methods"]) - {"random"}
@@ -484,7 +487,7 @@ def test_non_finite_policy_numbers_name_their_key(tmp_path: Path, text: str, key
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("[gate]\nmin_passing = 17\n", "gate.min_passing must be between 0 and 16"),
+        (f"[gate]\nmin_passing = {N_GATED + 1}\n", f"gate.min_passing must be between 0 and {N_GATED}"),
         ("[checks.perturbation]\nbootstrap = 10000000\n", "checks.perturbation.bootstrap must be between"),
         ("[gate]\nallow_incomplete_data = 1\n", "gate.allow_incomplete_data must be true or false"),
     ],

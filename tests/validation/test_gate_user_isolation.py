@@ -14,8 +14,11 @@ import numpy as np
 import pytest
 
 from ecgx.service.engine import AttributionEngine
+from ecgx.service.methods import METHOD_NAMES
 from ecgx.validation.gate import run_gate
 from ecgx.validation.user_methods import GateEngine, run_user_methods
+
+N_GATED = len(METHOD_NAMES) - 1  # every method but the random control
 
 # Only the changed-model check blocks: on this small family occlusion passes it and saliency
 # fails it (tests/conftest.py GATE_POLICY relies on the same split for gradcam and saliency).
@@ -73,7 +76,7 @@ def test_a_passing_user_method_does_not_make_a_failing_gate_pass(runs: dict) -> 
     assert report["verdict"] == "fail" and report["serve"] == [] and report["passed"] == []
     assert "0 method(s) passed; the policy needs at least 1" in report["reasons"]
     head = report["headline"].split(" User-supplied method(s) ")[0]
-    assert "my_occlusion" not in head and "my_input" not in head and "0 of 16 methods passed" in head
+    assert "my_occlusion" not in head and "my_input" not in head and f"0 of {N_GATED} methods passed" in head
 
 
 def test_built_in_verdicts_and_scores_are_identical_with_and_without_user_methods(runs: dict) -> None:
