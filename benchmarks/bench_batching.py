@@ -213,6 +213,57 @@ def measure_cell(args: argparse.Namespace, server: Server, scenario: str, client
     }
 
 
+ENGINE_CASES = (
+    ("forward", 64),
+    ("saliency", 1),
+    ("saliency", 8),
+    ("saliency", 32),
+    ("saliency", 64),
+    ("ig1", 1),
+)
+
+
+def engine_table(work: Path, rounds: int = 4) -> None:
+    """The engine alone (this process, never PyTorch), ONNX Runtime intra-op threads 1 and 2 per
+    session, alternating rounds: whether merging lowers the per-ECG cost, and whether two threads
+    lose to one. Medians in ms."""
+    import statistics
+
+    from ecgx.service.engine import AttributionEngine
+
+    assert "torch" not in sys.modules
+    package = work / "repo" / MODEL / VERSION
+    engines = {t: AttributionEngine(package, threads=t) for t in (1, 2)}
+    for engine in engines.values():
+        engine.warm_up()
+    x = np.load(work / "x.npy")
+    times: dict[tuple[str, int, int], list[float]] = {(c, b, t): [] for c, b in ENGINE_CASES for t in (1, 2)}
+    for r in range(rounds):
+        for t in (1, 2) if r % 2 == 0 else (2, 1):
+            for case, batch in ENGINE_CASES:
+                xb, target = np.ascontiguousarray(x[:batch]), np.zeros(batch, np.int64)
+                method = SCENARIOS.get(case, (case,))[0]
+                call = (
+                    (lambda e=engines[t], xb=xb: e.logits(xb))
+                    if case == "forward"
+                    else (lambda e=engines[t], xb=xb, m=method, tg=target: e.attribute_with_logits(m, xb, tg))
+                )
+                call()
+                for _ in range(3):
+                    t0 = time.perf_counter()
+                    call()
+                    times[(case, batch, t)].append(time.perf_counter() - t0)
+    print()
+    print("Engine alone (`AttributionEngine`, medians of alternating rounds):")
+    print()
+    print("| pass | ECGs | 1 thread ms | ms per ECG | 2 threads ms | 1 / 2 (> 1: two faster) |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for case, batch in ENGINE_CASES:
+        one, two = (statistics.median(times[(case, batch, t)]) * 1e3 for t in (1, 2))
+        name = "forward" if case == "forward" else SCENARIOS[case][0]
+        print(f"| {name} | {batch} | {one:.2f} | {one / batch:.2f} | {two:.2f} | {one / two:.2f} |")
+
+
 def report(args: argparse.Namespace, info: dict, rows: list[dict], started: float) -> None:
     import grpc
     import onnxruntime as ort
@@ -284,6 +335,7 @@ def main() -> None:
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="[batching] max_queue_delay_ms (on)")
     p.add_argument("--threads-per-proc", type=int, default=16)
     p.add_argument("--reuse", action="store_true", help="reuse --dir from an earlier run (no new export)")
+    p.add_argument("--engine-only", action="store_true", help="only the engine table (threads 1 vs 2)")
     p.add_argument("--side", choices=("prepare", "client"), help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     p.add_argument("--scenario", help=argparse.SUPPRESS)
@@ -308,6 +360,9 @@ def main() -> None:
         ).stdout  # fmt: skip
         info = json.loads(out.strip().splitlines()[-1])
         (work / "info.json").write_text(json.dumps(info))
+    if args.engine_only:
+        engine_table(work)
+        return
     on_config = (
         f"[batching]\nenabled = true\npreferred_batch_size = {args.preferred}\n"
         f"max_queue_delay_ms = {args.max_delay_ms}\n"
@@ -329,6 +384,7 @@ def main() -> None:
         for s in servers.values():
             s.stop()
     report(args, info, rows, started)
+    engine_table(work)
 
 
 if __name__ == "__main__":
