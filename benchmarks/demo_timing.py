@@ -6,7 +6,8 @@
 
 Runs the demo in a fresh temporary folder as a child process (stdout is not a terminal, as in CI
 or under nohup), and records its wall-clock time, the child's peak RSS, the load average while it
-ran (sampled every 10 s: on a shared machine the time is an upper bound), the per-seed test AUROC
+ran (sampled every 10 s: on a shared machine the time is an upper bound), its CPU time (user +
+system, which others' load does not inflate much), the per-seed test AUROC
 (min and mean over the classes, from RUNDIR/seed-<s>/metrics.json), the gate's verdict per
 package and the longest silence in its output. Prints a markdown snippet (date, machine, command)
 and writes it to --out.
@@ -96,8 +97,15 @@ def verdict_rows(out: Path) -> list[tuple[str, str]]:
 
 
 def snippet(
-    quick: bool, seconds: float, code: int, rss_kb: int, loads: list[float], silence: float, out: Path
-):
+    quick: bool,
+    seconds: float,
+    code: int,
+    rss_kb: int,
+    loads: list[float],
+    silence: float,
+    out: Path,
+    cpu: float,
+) -> str:
     name = "ecgx demo --quick" if quick else "ecgx demo"
     loads_sorted = sorted(loads)
     lines = [
@@ -113,6 +121,7 @@ def snippet(
         "| measure | value |",
         "| --- | --- |",
         f"| wall clock | {seconds / 60:.1f} min ({seconds:.0f} s){'' if code == 0 else f', EXIT {code}'} |",
+        f"| CPU time, user + system (others' load inflates it little) | {cpu / 60:.1f} min ({cpu:.0f} s) |",
         f"| peak RSS (the demo process) | {rss_kb / 2**20:.2f} GB |",
         f"| longest silence in the output | {silence:.0f} s |",
     ]
@@ -135,8 +144,9 @@ def main() -> int:
         log = Path(tmp) / "demo.log" if args.keep is None else args.keep.with_suffix(".log")
         with LoadSampler() as load:
             seconds, code, silence = run_demo(folder, args.quick, log)
-        rss_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # kilobytes on Linux
-        text = snippet(args.quick, seconds, code, rss_kb, load.samples, silence, folder)
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        rss_kb, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime  # ru_maxrss: kilobytes on Linux
+        text = snippet(args.quick, seconds, code, rss_kb, load.samples, silence, folder, cpu)
         if code != 0:
             text += "\nThe demo failed; its last lines:\n\n    " + "\n    ".join(
                 log.read_text().splitlines()[-15:]

@@ -37,7 +37,7 @@ from ecgx.core.outputs import (
     classify_output,
     write_text_atomic,
 )
-from ecgx.core.progress import progress_bar
+from ecgx.core.progress import progress, progress_bar
 from ecgx.core.schema import CLASSES
 from ecgx.service.engine import AttributionEngine
 from ecgx.service.methods import METHOD_NAMES
@@ -210,13 +210,13 @@ def run_demo(
         result.verdicts = verdicts
         result.report = _write_report(out, first_run, trims, show_progress)
         print(f"experiments report: {result.report}", flush=True)
-        result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report)
+        result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report, show_progress)
         _serve_and_explain(out, gated, data_dir, fig_dir, result)
     else:
         log.warning(
             "one seed only: the gate needs a seed family, so gating, the report and serving are skipped"
         )
-        result.figures = _draw(data_dir, packages[0], fig_dir, None)
+        result.figures = _draw(data_dir, packages[0], fig_dir, None, show_progress)
     result.seconds = time.perf_counter() - started
     print("\n".join(closing_summary(result)))
     return result
@@ -339,7 +339,9 @@ def _write_report(out: Path, run: GateRun, trims: Sequence[str], show_progress: 
     return html
 
 
-def _draw(data_dir: Path, package: Path, fig_dir: Path, report: dict | None) -> list[Path]:
+def _draw(
+    data_dir: Path, package: Path, fig_dir: Path, report: dict | None, show_progress: bool = True
+) -> list[Path]:
     """For each class, the test window the model finds most typical of it, explained by the
     gated methods from the ONNX package, each marked with the gate's verdict."""
     from ecgx.validation.figures import plot_gated_attributions
@@ -355,7 +357,9 @@ def _draw(data_dir: Path, package: Path, fig_dir: Path, report: dict | None) -> 
     verdicts = {m: gated[m]["verdict"] if m in gated else "not gated" for m in methods}
     figures = []
     stage = StagedOutput(fig_dir, FIGURES, overwrite=True)  # the demo redraws its own figures
-    for c, cls in enumerate(CLASSES):
+    for c, cls in progress(
+        list(enumerate(CLASSES)), desc="step 6/7 figures", unit="class", enabled=show_progress
+    ):
         positives = np.flatnonzero(ds.labels[test, c])
         if len(positives) == 0:
             continue
