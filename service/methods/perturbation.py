@@ -14,6 +14,7 @@ The number of perturbations per ECG and the surrogate's size are capped
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import pairwise
 from types import MappingProxyType
 from typing import Any
 
@@ -109,6 +110,56 @@ def _perturbed_logits(engine, target: np.ndarray, n_items: int, build: RowBuilde
     return out.reshape(len(target), n_items)
 
 
+# ---------------------------------------------------------------------- building perturbed rows
+# Building the perturbed copies with full-size boolean masks and ``np.where`` took about a quarter
+# of an occlusion (ONNX Runtime the rest; benchmarks/RESULTS.md, issue #21). These builders give
+# the same float32 values, element for element, from copies of the clean ECG with only the
+# replaced samples written.
+
+
+def _runs(ecg: np.ndarray) -> list[tuple[int, slice]]:
+    """Runs of equal consecutive ECG indices: (ecg, rows) pairs. Rows are ECG-major, so a chunk
+    holds few runs and each run's rows share one source ECG (broadcast copies, no gathers)."""
+    cuts = np.flatnonzero(np.diff(ecg)) + 1
+    bounds = [0, *cuts.tolist(), len(ecg)]
+    return [(int(ecg[a]), slice(a, b)) for a, b in pairwise(bounds)]
+
+
+def _copies(src: np.ndarray, ecg: np.ndarray) -> np.ndarray:
+    """``src[ecg]`` (rows, leads, samples), copied run by run."""
+    rows = np.empty((len(ecg), *src.shape[1:]), src.dtype)
+    for e, sl in _runs(ecg):
+        rows[sl] = src[e]
+    return rows
+
+
+def _replace_windows(
+    rows: np.ndarray, base: np.ndarray, ecg: np.ndarray, lead: np.ndarray, start: np.ndarray, end: np.ndarray
+) -> np.ndarray:
+    """Set, in each row r, lead ``lead[r]`` over samples ``start[r]:end[r]`` to the baseline of
+    ECG ``ecg[r]``, in place. A window cut at the end repeats its last sample's index (the same
+    value written twice) so that all windows index alike."""
+    width = int((end - start).max())
+    t = np.minimum(start[:, None] + np.arange(width), end[:, None] - 1)
+    lead = lead[:, None]
+    rows[np.arange(len(rows))[:, None], lead, t] = base[ecg[:, None], lead, t]
+    return rows
+
+
+def _coalition_rows(
+    z: np.ndarray, x: np.ndarray, base: np.ndarray, ecg: np.ndarray, window: int
+) -> np.ndarray:
+    """Inputs of coalitions ``z`` (rows, M) over :func:`segment_mask` segments of ``window``
+    samples: each segment kept from ``x[ecg]`` where z is 1, else from ``base[ecg]``."""
+    _, leads, samples = x.shape
+    keep = np.repeat(z.reshape(len(z), leads, -1), window, axis=2)[:, :, :samples]
+    rows = np.empty((len(z), leads, samples), x.dtype)
+    for e, sl in _runs(ecg):
+        np.copyto(rows[sl], base[e])
+        np.copyto(rows[sl], x[e], where=keep[sl])
+    return rows
+
+
 # ---------------------------------------------------------------------- occlusion and ablation
 
 
@@ -163,14 +214,10 @@ class Occlusion(AttributionMethod):
         base = broadcast_per_ecg(s.baseline, x)
         starts = window_starts(samples, window, stride)
         ends = np.minimum(starts + window, samples)
-        t = np.arange(samples)
-        lead_ids = np.arange(leads)[None, :, None]
 
         def build(ecg: np.ndarray, item: np.ndarray) -> np.ndarray:
             lead, k = item // len(starts), item % len(starts)
-            inside = (t >= starts[k][:, None]) & (t < ends[k][:, None])
-            occluded = (lead_ids == lead[:, None, None]) & inside[:, None, :]
-            return np.where(occluded, base[ecg], x[ecg])
+            return _replace_windows(_copies(x, ecg), base, ecg, lead, starts[k], ends[k])
 
         f0 = _target_logits(engine, x, target)
         diff = f0[:, None] - _perturbed_logits(engine, target, leads * len(starts), build)
@@ -201,9 +248,13 @@ class FeatureAblation(AttributionMethod):
         _, leads, samples = x.shape
         seg = segment_mask(s.window, leads, samples)
         base = broadcast_per_ecg(s.baseline, x)
+        per_lead = -(-samples // s.window)
 
         def build(ecg: np.ndarray, item: np.ndarray) -> np.ndarray:
-            return np.where(seg[None] == item[:, None, None], base[ecg], x[ecg])
+            # Segment ``item`` is lead item // per_lead, window item % per_lead (segment_mask).
+            start = item % per_lead * s.window
+            end = np.minimum(start + s.window, samples)
+            return _replace_windows(_copies(x, ecg), base, ecg, item // per_lead, start, end)
 
         f0 = _target_logits(engine, x, target)
         diff = f0[:, None] - _perturbed_logits(engine, target, int(seg.max()) + 1, build)
@@ -271,6 +322,7 @@ def _surrogate_attribution(
     Coalitions live only for one group of ECGs (about ``_GROUP_ENTRIES`` entries).
     """
     m = int(seg.max()) + 1
+    window = int((seg[0] == 0).sum())  # seg is segment_mask(window): segment 0 spans the first window
     coef = np.empty((len(x), m), np.float64)
     group = max(1, _GROUP_ENTRIES // (n * m))
     for g0 in range(0, len(x), group):
@@ -279,7 +331,7 @@ def _surrogate_attribution(
         xg, bg = x[g], base[g]
 
         def build(ecg: np.ndarray, item: np.ndarray, z=z, xg=xg, bg=bg) -> np.ndarray:
-            return np.where(z[ecg, item][:, seg], xg[ecg], bg[ecg])
+            return _coalition_rows(z[ecg, item], xg, bg, ecg, window)
 
         y = _perturbed_logits(engine, target[g], n, build)
         for i in range(len(z)):
