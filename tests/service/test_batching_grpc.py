@@ -1,7 +1,7 @@
 """Dynamic batching over real gRPC channels on loopback, on the real engine (issue #21).
 
 Two in-process servers over the same repository (the session's gated package, research mode so
-that saliency and integrated gradients serve): one batching (preferred batch 8; a request waits up
+that saliency and integrated gradients serve): one batching (preferred batch 16; a request waits up
 to 1 s for a busy engine, so requests queue behind a running batch), one with batching off, whose
 answers are the reference. On this CNN the engine's rows do not depend on the batch they run in
 (tests/service/test_engine.py), so merged answers must equal the unbatched ones bit for bit.
@@ -96,7 +96,7 @@ def repo(gated, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def on(repo, tmp_path_factory: pytest.TempPathFactory):
-    policy = BatchPolicy(preferred_batch_size=8, max_queue_delay_ms=1000)
+    policy = BatchPolicy(preferred_batch_size=16, max_queue_delay_ms=1000)
     s = Server(repo["root"], repo["public"], tmp_path_factory.mktemp("on"), BatchingConfig(policy))
     yield s
     s.close()
@@ -142,9 +142,9 @@ def _until(condition, timeout: float = 60.0) -> None:
 
 
 def _hold(server: Server, ecgs: np.ndarray):
-    """A 7-ECG request (under the preferred batch, so it runs through the batcher) that keeps the
-    integrated-gradients lane busy; returns its future once it runs."""
-    future = server.stub.Explain.future(_request(ecgs[8:15], IG, 0, HOLD), timeout=120)
+    """A 15-ECG request (under the preferred batch, so it runs through the batcher) that keeps the
+    integrated-gradients lane busy: 15,000 model rows; returns its future once it runs."""
+    future = server.stub.Explain.future(_request(ecgs[:15], IG, 0, HOLD), timeout=120)
     _until(lambda: any(running for _, running in server.lane_state()) or future.done())
     assert not future.done(), "the holding request ended before the test could queue behind it"
     return future
@@ -196,7 +196,7 @@ def test_a_request_cancelled_in_the_queue_leaves_and_the_others_get_their_answer
     assert np.array_equal(_maps(futures[1].result()), expected[1])
     assert np.array_equal(_maps(futures[3].result()), expected[3])
     assert futures[2].cancelled()
-    assert len(holder.result().attributions) == 7
+    assert len(holder.result().attributions) == 15
     _until(lambda: on.batcher.lanes() == 0, 10)
     _until(lambda: any(line["code"] == "CANCELLED" for line in on.audit_lines()), 10)
 
@@ -208,7 +208,7 @@ def test_a_deadline_passing_in_the_queue_fails_that_request_alone(on, off, ecgs)
     other = on.stub.Explain.future(_request(ecgs[4], IG, 2, QUICK), timeout=120)
     assert short.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert np.array_equal(_maps(other.result()), expected)
-    assert len(holder.result().attributions) == 7
+    assert len(holder.result().attributions) == 15
 
 
 def test_a_bad_request_among_good_ones_fails_alone_with_invalid_argument(on, off, ecgs) -> None:
@@ -222,7 +222,7 @@ def test_a_bad_request_among_good_ones_fails_alone_with_invalid_argument(on, off
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in error.details(), error.details()
     for k, future in good.items():
         assert np.array_equal(_maps(future.result()), expected[k]), k
-    assert len(holder.result().attributions) == 7
+    assert len(holder.result().attributions) == 15
 
 
 def test_every_merged_call_has_its_own_audit_line_cost_and_targets(on, ecgs) -> None:
