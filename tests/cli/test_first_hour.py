@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
+
+import pytest
 
 from ecgx.core.progress import ProgressLog, progress, progress_bar
 
@@ -318,3 +321,24 @@ def test_client_models_is_compact_by_default():
     assert len(compact) == 3 and "--verbose" in compact[-1]
     full = format_models([info], verbose=True)
     assert "package sha256" in full and "lrp" in full
+
+
+@pytest.mark.slow
+def test_the_quick_demo_ends_with_a_summary_of_files_that_exist(tmp_path, capsys):
+    """One real `ecgx demo --quick` (minutes on 2 cores): every path its summary lists exists,
+    the gated package's verdict is there, and the next commands name the saved record."""
+    import re
+
+    from ecgx.demo import run_demo
+
+    out = tmp_path / "demo"
+    result = run_demo(out, quick=True, show_progress=False)
+    text = capsys.readouterr().out
+    summary = text[text.index("demo finished in") :]
+    listed = [Path(m) for m in re.findall(r"^  [^/\n]+?\s{2,}(/\S+)$", summary, flags=re.M)]
+    assert len(listed) >= 8 and all(p.exists() for p in listed), listed
+    assert re.search(r"seed-0: (PASS|FAIL), \d+ of 5 methods pass", summary)
+    assert "seed-1: not gated by this demo" in summary and "gates 5 of 16 methods" in summary
+    if result.method is not None:  # the gate passed a method: it was served and is the one named
+        assert f"--ecg {out / 'records' / 'test-beat.npy'} --method {result.method}" in summary
+    assert "What this demo trimmed" in (out / "report" / "report.html").read_text(encoding="utf-8")
