@@ -41,6 +41,7 @@ NOT_APPLIED = {
     "release-pvcs.yaml": "the release Job's input and artefact volumes, used by the Job alone",
 }
 ALERTS = {
+    "EcgxAuditLogUnwritable",
     "EcgxMetricsDown",
     "EcgxMetricsAbsent",
     "EcgxHighErrorRate",
