@@ -3,11 +3,12 @@
 Models reach the export as PyTorch modules, ``torch.export`` programs or ONNX files; the
 IR is what they have in common. :func:`ir_module` turns it back into an ``nn.Module``
 whose every op is its own submodule (a distinct ``nn.ReLU`` per ReLU op, an ``Add`` per
-addition, a ``Concat`` per concatenation ...: each kind's ``OpKind.torch_module``), with BatchNorm already folded exactly as
-the IR folds it. That is the shape attribution libraries need: Captum's and Zennit's
-rules attach to modules, Captum's GradCAM hooks a module's output, and the plain-autograd
-reference (``autograd_reference``) swaps the rule in at each ReLU op. The module computes
-the IR's function in float32 from the IR's float64 parameters.
+addition, a ``Concat`` per concatenation ...: each kind's ``OpKind.torch_module``), with
+BatchNorm already folded exactly as the IR folds it. That is the shape attribution
+libraries need: Captum's and Zennit's rules attach to modules, Captum's GradCAM hooks a
+module's output, and the plain-autograd reference (``autograd_reference``) swaps the rule
+in at each ReLU op. The module computes the IR's function in float32 from the IR's
+float64 parameters.
 """
 
 from __future__ import annotations
