@@ -160,6 +160,55 @@ def _coalition_rows(
     return rows
 
 
+# ---------------------------------------------------------------------- incremental forward passes
+# A package exported with the incremental graphs (training/export/incremental_graphs.py) computes a
+# window perturbation's logits from the clean activations, recomputing only the positions the window
+# reaches in each early layer (2-4x less work per row; logits equal to the forward graph's to float32
+# rounding). They are optional: the methods still name only ``forward``, and a package without them
+# (exported before they existed, or a model they cannot serve) takes the plain path.
+INCREMENTAL_GRAPHS = ("incremental_activations", "incremental_forward")
+MAX_WINDOW_KEY = "ecgx.max_window"  # the incremental_forward graph's metadata: widest window served
+
+
+def incremental_window(engine) -> int:
+    """The widest window (samples) the package's incremental graphs serve; 0 when it has none."""
+    if not all(g in engine.package.manifest["graphs"] for g in INCREMENTAL_GRAPHS):
+        return 0
+    meta = engine.session("incremental_forward").get_modelmeta().custom_metadata_map
+    return int(meta.get(MAX_WINDOW_KEY, 0))
+
+
+def _window_logits(
+    engine, x: np.ndarray, target: np.ndarray, build: RowBuilder, item_start: np.ndarray, width: int
+) -> np.ndarray:
+    """Target logits (B, n_items) as :func:`_perturbed_logits`, for items that each change at most
+    ``width`` samples from ``item_start[item]`` on; through the incremental graphs when the package
+    has them and the window fits, else by the plain forward graph.
+
+    Clean activations are computed for a group of at most ``max_batch`` ECGs at a time; each run
+    takes rows (ECG-major, at most ``max_batch``) that share one window start.
+    """
+    n_items = len(item_start)
+    if width > incremental_window(engine):
+        return _perturbed_logits(engine, target, n_items, build)
+    out = np.empty((len(x), n_items), np.float64)
+    starts = np.unique(item_start)
+    for g0 in range(0, len(x), engine.max_batch):
+        ecgs = np.arange(g0, min(g0 + engine.max_batch, len(x)))
+        acts = engine.run("incremental_activations", {"x": x[ecgs]}, ["activations"])[0]
+        for start in starts:
+            items = np.flatnonzero(item_start == start)
+            ecg = np.repeat(ecgs, len(items))
+            item = np.tile(items, len(ecgs))
+            for c in range(0, len(ecg), engine.max_batch):
+                engine.check_cancelled()
+                e, i = ecg[c : c + engine.max_batch], item[c : c + engine.max_batch]
+                feeds = {"x": build(e, i), "activations": acts, "ecg": e - g0, "start": np.array([start])}
+                logits = engine.run("incremental_forward", feeds, ["logits"])[0]
+                out[e, i] = logits[np.arange(len(e)), target[e]]
+    return out
+
+
 # ---------------------------------------------------------------------- occlusion and ablation
 
 
@@ -220,7 +269,8 @@ class Occlusion(AttributionMethod):
             return _replace_windows(_copies(x, ecg), base, ecg, lead, starts[k], ends[k])
 
         f0 = _target_logits(engine, x, target)
-        diff = f0[:, None] - _perturbed_logits(engine, target, leads * len(starts), build)
+        item_start = np.tile(starts, leads)  # item = lead * len(starts) + k
+        diff = f0[:, None] - _window_logits(engine, x, target, build, item_start, window)
         diff = diff.reshape(len(x), leads, len(starts))
         total = np.zeros(x.shape, np.float64)
         count = np.zeros(samples, np.float64)
@@ -257,7 +307,8 @@ class FeatureAblation(AttributionMethod):
             return _replace_windows(_copies(x, ecg), base, ecg, item // per_lead, start, end)
 
         f0 = _target_logits(engine, x, target)
-        diff = f0[:, None] - _perturbed_logits(engine, target, int(seg.max()) + 1, build)
+        item_start = np.tile(np.arange(per_lead) * s.window, leads)
+        diff = f0[:, None] - _window_logits(engine, x, target, build, item_start, s.window)
         return diff[:, seg].astype(np.float32)
 
 

@@ -280,6 +280,15 @@ def test_forward_passes_stay_within_max_batch(setup, monkeypatch):
         return logits(rows)
 
     monkeypatch.setattr(engine, "logits", spy)
+    # Occlusion's perturbed rows take the incremental graph when the package has it (issue #21).
+    run = engine.run
+
+    def run_spy(graph, feeds, outputs):
+        if graph == "incremental_forward":
+            seen.append(len(feeds["x"]))
+        return run(graph, feeds, outputs)
+
+    monkeypatch.setattr(engine, "run", run_spy)
     engine.attribute("kernel_shap", X, TARGET, n_samples=30, seed=0)
     engine.attribute("occlusion", X, TARGET)
     assert max(seen) <= engine.max_batch

@@ -72,6 +72,32 @@ def check_forward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     return {"forward": {**forward, "ok": parity_ok(forward)}}
 
 
+def check_incremental(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+    """The incremental graphs together (either graph's check runs both): the logits of inputs with
+    one lead replaced by zeros over a window of ``max_window`` samples, at starts across the beat
+    (both ends included), against the forward graph on the same inputs."""
+    from ecgx.service.methods.perturbation import MAX_WINDOW_KEY
+
+    forward, acts_graph = _session(refs.folder, "forward"), _session(refs.folder, "incremental_activations")
+    incremental = _session(refs.folder, "incremental_forward")
+    width = int(incremental.get_modelmeta().custom_metadata_map[MAX_WINDOW_KEY])
+    x = refs.x
+    leads, samples = x.shape[1:]
+    acts = acts_graph.run(None, {"x": x})[0]
+    ecg = np.repeat(np.arange(len(x)), leads)
+    lead = np.tile(np.arange(leads), len(x))
+    got, want = [], []
+    ends = (samples - width - 1, samples - width, samples - 1)
+    for start in sorted({0, 1, width // 2, samples // 2 - 1, *ends}):
+        rows = x[ecg].copy()
+        rows[np.arange(len(rows)), lead, start : start + width] = 0.0
+        feeds = {"x": rows, "activations": acts, "ecg": ecg, "start": np.array([start], np.int64)}
+        got.append(incremental.run(None, feeds)[0])
+        want.append(forward.run(None, {"x": rows})[0])
+    result = parity(np.concatenate(got), np.concatenate(want, dtype=np.float64))
+    return {graph: {**result, "ok": parity_ok(result)}}
+
+
 def _run_backward(refs: References, graph: str) -> np.ndarray:
     return _session(refs.folder, graph).run(None, {"x": refs.x, "seed": refs.seed})[1]
 

@@ -5,8 +5,8 @@ The exporter builds the graphs of this table and runs each one's check; the mani
 signatures (``graphs``) and references (``verification.reference``) from it, and the engine calls
 the graphs by these names and signatures, as the manifest gives them. Adding a graph is one
 :class:`GraphSpec` here: its builder lives beside the others in ``onnx_graphs.py`` (or
-``lrp_rules.py``), its check in ``graph_checks.py``, and the methods that run it name it
-(docs/extending.md).
+``lrp_rules.py``, ``incremental_graphs.py``), its check in ``graph_checks.py``, and the methods that
+run it name it (docs/extending.md).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from ecgx.training.export.graph_checks import (
     check_forward,
     check_gradcam,
     check_gradient,
+    check_incremental,
     check_lrp,
     check_lrp_composite,
     check_modified_backward,
 )
+from ecgx.training.export.incremental_graphs import incremental_activations_graph, incremental_forward_graph
 from ecgx.training.export.ir import ModelIR
 from ecgx.training.export.lrp_rules import (
     COMPOSITE_GRAPH_NAMES,
@@ -51,6 +53,7 @@ Builder = Callable[[ModelIR, list, int, str], onnx.ModelProto]
 
 # What the modified-backward checks compare with (Captum is recorded beside, not binding).
 _BESIDE_CAPTUM = "(Captum recorded, informative)"
+_INCREMENTAL_REFERENCE = "the forward graph on the same window-perturbed inputs"
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,26 @@ GRAPHS: dict[str, GraphSpec] = {
             check_gradcam,
             "autograd (layer activations and gradients)",
             reads_layer=True,
+        ),
+        # Optional graphs for window perturbations (occlusion, feature ablation): the methods use them
+        # when present and the plain forward graph otherwise (incremental_graphs.py).
+        GraphSpec(
+            "incremental_activations",
+            ("x",),
+            ("activations",),
+            lambda ir, s, n, _: incremental_activations_graph(ir, s, n),
+            check_incremental,
+            _INCREMENTAL_REFERENCE,
+            reference_key="incremental",
+        ),
+        GraphSpec(
+            "incremental_forward",
+            ("x", "activations", "ecg", "start"),
+            ("logits",),
+            lambda ir, s, n, _: incremental_forward_graph(ir, s, n),
+            check_incremental,
+            _INCREMENTAL_REFERENCE,
+            reference_key="incremental",
         ),
     )
 }
