@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from captum.attr import LRP, InputXGradient
 from parity_helpers import randomise_batchnorm
 from torch import nn
@@ -50,7 +51,7 @@ class EveryOp(nn.Module):
     """Each op kind the IR has: strided stem, overlapping padded ceil_mode max pool, a BatchNorm
     that stays an affine op (after a pool, before padded convolutions), grouped and depthwise
     branches joined by torch.cat, a residual addition, an average pool without padding counts,
-    a concat-pooling head (average and max) and nn.Flatten."""
+    a concat-pooling head (average and max), nn.Flatten and explicit zero padding (F.pad)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -71,7 +72,7 @@ class EveryOp(nn.Module):
         self.fc = nn.Linear(16, 9)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pool(self.stem_relu(self.stem(x)))
+        h = self.pool(self.stem_relu(self.stem(F.pad(x, (2, 1)))))
         b = self.bn(h)
         branches = torch.cat([self.relu_a(self.grouped(b)), self.relu_b(self.depthwise(b))], dim=1)
         h = self.avg(self.relu(self.add(self.mix(branches), h)))

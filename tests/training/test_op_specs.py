@@ -43,10 +43,11 @@ def test_each_kind_is_one_spec_in_its_own_file_listed_once() -> None:
 def test_the_kind_sets_derive_from_the_specs() -> None:
     assert OP_KINDS == (
         "conv", "linear", "affine", "maxpool", "avgpool", "gap", "gmp", "add", "concat", "relu", "flatten",
+        "pad",
     )  # fmt: skip
     assert frozenset({"conv", "linear", "affine"}) == PARAMETERISED
     assert frozenset({"conv", "linear", "affine", "maxpool", "avgpool", "gap", "gmp", "add"}) == RULE_LAYERS
-    assert {k for k, s in OP_SPECS.items() if s.moves_values} == {"concat", "flatten"}
+    assert {k for k, s in OP_SPECS.items() if s.moves_values} == {"concat", "flatten", "pad"}
     max_pools = {k for k, s in OP_SPECS.items() if type(s).max_window is not OpKind.max_window}
     assert max_pools == {"maxpool", "gmp"}
 
@@ -92,7 +93,7 @@ class Variants(nn.Module):
     """Each kind, most in more than one variant: a strided stem (a ConvTranspose gradient), a
     padded ceil_mode max pool (scattered routing), a kernel-2 max pool (paired routing), an
     affine op, grouped and dilated convolutions, torch.cat, an addition, an average pool with
-    and without padding counts, both global pools, flatten and a dense head."""
+    and without padding counts, explicit zero padding, both global pools, flatten and a dense head."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -107,10 +108,11 @@ class Variants(nn.Module):
         self.avg_incl = nn.AvgPool1d(2, stride=1, padding=1, count_include_pad=True)
         self.gap, self.gmp = nn.AdaptiveAvgPool1d(1), nn.AdaptiveMaxPool1d(1)
         self.add, self.relu = Add(), nn.ReLU()
+        self.pad = nn.ConstantPad1d((1, 2), 0.0)
         self.fc = nn.Linear(12, 4)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.pool(self.relu(self.stem(x)))
+        h = self.pool(self.relu(self.stem(self.pad(x))))
         b = self.bn(h)
         branches = torch.cat([self.relu(self.grouped(b)), self.relu(self.dilated(b))], dim=1)
         h = self.avg_incl(self.avg(self.pairs(self.relu(self.add(self.mix(branches), h)))))

@@ -93,7 +93,8 @@ SUPPORTED_LAYERS = (
     "Conv1d (any stride, padding, dilation, groups), Linear, BatchNorm1d (eval mode, with running "
     "statistics), ReLU (module or function), MaxPool1d and AvgPool1d (any kernel, stride, padding, "
     "ceil_mode, count_include_pad), AdaptiveAvgPool1d(1), AdaptiveMaxPool1d(1), residual addition, "
-    "torch.cat along channels, Flatten / torch.flatten / view(B, -1), Dropout, Identity"
+    "torch.cat along channels, Flatten / torch.flatten / view(B, -1), zero padding over time "
+    "(ConstantPad1d / ZeroPad1d with value 0, F.pad), Dropout, Identity"
 )
 # What to use instead of a layer the rules are not defined for.
 REPLACEMENTS = {

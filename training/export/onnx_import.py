@@ -50,6 +50,7 @@ from ecgx.training.export.ops import (
     GMP,
     LINEAR,
     MAXPOOL,
+    PAD,
     RELU,
 )
 
@@ -475,6 +476,21 @@ class _Importer:
         if to != onnx.TensorProto.FLOAT:
             raise unsupported(name, "Cast", "only casts to float32 of the signal")
         self.alias[node.output[0]] = self.alias[data[0]]
+
+    def _op_Pad(self, node, name, data) -> None:
+        pads = [int(v) for v in np.asarray(self.consts[node.input[1]]).reshape(-1)]
+        value = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        mode = _attrs(node).get("mode", b"constant")
+        zero = value is None or not np.any(np.asarray(value))
+        if (
+            mode != b"constant"
+            or not zero
+            or len(pads) != 6
+            or any(pads[i] for i in (0, 1, 3, 4))
+            or min(pads) < 0
+        ):
+            raise unsupported(name, "Pad", f"only zero padding of the time axis, got pads {pads}")
+        self._emit(PAD, name, node, data[:1], {"left": pads[2], "right": pads[5]})
 
     def _op_Relu(self, node, name, data) -> None:
         self._emit(RELU, name, node, data[:1])

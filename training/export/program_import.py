@@ -47,6 +47,7 @@ from ecgx.training.export.ops import (
     GMP,
     LINEAR,
     MAXPOOL,
+    PAD,
     RELU,
 )
 
@@ -405,6 +406,15 @@ class _Converter:
         self.alias[node.name] = self.alias[source.name]
 
     # ------------------------------------------------------------------ operators
+
+    def _aten_pad(self, node, name, data, a) -> None:
+        pads, mode, value = list(a["pad"]), a.get("mode", "constant"), a.get("value")
+        if mode != "constant" or value not in (None, 0) or len(pads) != 2 or min(pads) < 0:
+            raise unsupported(name, "padding", f"only zero padding of the time axis, got {pads} {mode}")
+        self._emit(PAD, node, name, data[:1], {"left": int(pads[0]), "right": int(pads[1])})
+
+    def _aten_constant_pad_nd(self, node, name, data, a) -> None:
+        self._aten_pad(node, name, data, {"pad": a["pad"], "value": a.get("value")})
 
     def _aten_relu(self, node, name, data, a) -> None:
         self._emit(RELU, node, name, data[:1])

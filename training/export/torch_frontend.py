@@ -40,6 +40,7 @@ from ecgx.training.export.ops import (
     GMP,
     LINEAR,
     MAXPOOL,
+    PAD,
     RELU,
 )
 from ecgx.training.models import Add
@@ -188,6 +189,8 @@ class _Converter:
             self._emit(kind, node, name, ins)
         elif isinstance(m, nn.Flatten):
             self._flatten(node, name, ins)
+        elif isinstance(m, nn.ConstantPad1d):
+            self._pad(node, name, ins, m.padding, "constant", m.value)
         else:
             raise unsupported(name, type(m).__name__)
 
@@ -212,6 +215,9 @@ class _Converter:
             self._pool_function(node, name, _POOL_FUNCTIONS[target], ins[:1])
         elif target in _MEAN:
             self._mean(node, name, ins[:1])
+        elif target is F.pad:
+            kw = {"mode": "constant", "value": None, **node.kwargs}
+            self._pad(node, name, ins[:1], node.args[1], kw["mode"], kw["value"])
         else:
             what = getattr(target, "__name__", str(target))
             raise unsupported(name, what)
@@ -261,6 +267,13 @@ class _Converter:
         else:
             params["count_include_pad"] = bool(kw.get("count_include_pad", True))
         self._emit(kind, node, name, ins, params)
+
+    def _pad(self, node: fx.Node, name: str, ins: list[fx.Node], pads, mode: str, value) -> None:
+        if mode != "constant" or value not in (None, 0) or len(pads) != 2 or min(pads) < 0:
+            raise unsupported(
+                name, "padding", f"only zero padding of the time axis, got {tuple(pads)} {mode}"
+            )
+        self._emit(PAD, node, name, ins, {"left": int(pads[0]), "right": int(pads[1])})
 
     def _mean(self, node: fx.Node, name: str, ins: list[fx.Node]) -> None:
         in_shape, out_shape = _shape(ins[0]), _shape(node)

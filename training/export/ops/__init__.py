@@ -19,6 +19,7 @@ from ecgx.training.export.ops.op_gap import GlobalAvgPool
 from ecgx.training.export.ops.op_gmp import GlobalMaxPool
 from ecgx.training.export.ops.op_linear import Linear
 from ecgx.training.export.ops.op_maxpool import MaxPool
+from ecgx.training.export.ops.op_pad import Pad
 from ecgx.training.export.ops.op_relu import Relu
 
 # Every op kind, in the IR's documented order.
@@ -36,6 +37,7 @@ OP_SPECS: dict[str, OpKind] = {
         ConcatKind(),
         Relu(),
         Flatten(),
+        Pad(),
     )
 }
 
@@ -43,6 +45,7 @@ OP_SPECS: dict[str, OpKind] = {
 CONV, LINEAR, AFFINE = Conv.kind, Linear.kind, Affine.kind
 MAXPOOL, AVGPOOL, GAP, GMP = MaxPool.kind, AvgPool.kind, GlobalAvgPool.kind, GlobalMaxPool.kind
 ADD, CONCAT, RELU, FLATTEN = Add.kind, ConcatKind.kind, Relu.kind, Flatten.kind
+PAD = Pad.kind
 
 OP_KINDS: tuple[str, ...] = tuple(OP_SPECS)
 # "Linear" layers in the LRP sense (z = sum of weighted inputs + bias): the ones rules attach to.
@@ -62,6 +65,7 @@ __all__ = [
     "MAXPOOL",
     "OP_KINDS",
     "OP_SPECS",
+    "PAD",
     "PARAMETERISED",
     "RELU",
     "RULE_LAYERS",
