@@ -41,7 +41,12 @@ from ecgx.validation.bootstrap import Interval, bootstrap_difference
 from ecgx.validation.changed_model import CHANGED_MODELS, changed_models
 from ecgx.validation.leakage import check_leakage, leakage_record
 from ecgx.validation.localisation import localisation_scores
-from ecgx.validation.perturbation import PerturbationCurves, lead_basis, perturbation_curves
+from ecgx.validation.perturbation import (
+    PerturbationCurves,
+    lead_basis,
+    perturbation_curves_on,
+    target_logit,
+)
 from ecgx.validation.policy import (
     CHECKS,
     CONTROL_METHOD,
@@ -59,6 +64,7 @@ from ecgx.validation.randomisation import (
     randomisation_models,
 )
 from ecgx.validation.references import (
+    FRESH_DRAWS,
     PERTURBATION_FLOOR,
     class_templates,
     is_reference,
@@ -202,6 +208,7 @@ def run_gate(
     workers: int | None = None,
     show_progress: bool = True,
     research: bool = False,
+    reuse: bool = True,
 ) -> GateRun:
     """Gate ``package`` on the validation dataset ``data``.
 
@@ -221,6 +228,12 @@ def run_gate(
             thread each.
         research: gate under a policy below the floor (:data:`ecgx.validation.policy.POLICY_FLOOR`),
             which is refused otherwise; the report is marked research and not servable.
+        reuse: compute shared work once per run (:class:`_Context`): a randomised model equal
+            to an earlier one keeps its engine and maps, each trained map is ranked once, the
+            clean logits are computed once per model, the other model's maps once per set of
+            ECGs, and a map that is the same on several changed models is perturbed once for
+            all of them. False recomputes everything (the path before issue 21, for the
+            benchmark); the report's numbers are the same either way.
 
     Refuses (ValueError, before any computation) a policy below the floor without
     ``research``, and validation ECGs that overlap the package's training data
@@ -250,7 +263,7 @@ def run_gate(
     warnings += check_coverage(ds, gd, pol, pkg.class_keys)
     warnings += [f"research mode: the policy is below the floor: {v}" for v in below_floor]
     workers = workers or os.cpu_count() or 1
-    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress, fam, user)
+    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress, fam, user, reuse=reuse)
     timings["load"] = time.perf_counter() - started
 
     if user:  # before any built-in work, in an order the methods cannot predict
@@ -427,15 +440,16 @@ class _Context:
     family: list[ModelPackage] = field(default_factory=list)
     user: dict[str, Attributor] = field(default_factory=dict)  # for information only
     user_maps: dict[Any, dict[str, np.ndarray]] = field(default_factory=dict)  # by model key
+    # Work shared between checks is done once (run_gate's ``reuse``); all of it lives in this
+    # run's context and goes with it.
+    reuse: bool = True
 
     def __post_init__(self) -> None:
         # Every run scores the model-independent reference rows beside the methods.
         templates = class_templates(self.data.x, self.data.target, len(self.pkg.class_keys))
         sibling = self.family[0] if self.family else None
-        self.methods = {
-            **self.methods,
-            **reference_attributors(self.pkg, self.policy.seed, self.engine, sibling, templates),
-        }
+        refs = reference_attributors(self.pkg, self.policy.seed, self.engine, sibling, templates, self.reuse)
+        self.methods = {**self.methods, **refs}
 
     @property
     def all_methods(self) -> list[str]:
@@ -481,15 +495,34 @@ class _Context:
                 return dict(zip(names, pool.map(one, names), strict=True))
 
     def attribute_all(
-        self, engine: AttributionEngine, x=None, target=None, *, key: tuple, desc: str | None = ""
+        self,
+        engine: AttributionEngine,
+        x=None,
+        target=None,
+        *,
+        key: tuple,
+        desc: str | None = "",
+        same_model: Mapping[str, np.ndarray] | None = None,
     ) -> dict[str, np.ndarray]:
         """Every built-in method and reference row on ``engine``, and the user methods' maps of
-        the model ``key`` names (computed before, in their own order: :meth:`user_calls`)."""
+        the model ``key`` names (computed before, in their own order: :meth:`user_calls`).
+        ``same_model``: the maps of a model with the same weights on the same ECGs; each row
+        that gives the same map for the same model and ECGs is taken from there, and only the
+        rows drawn afresh on every call (:meth:`fresh`) are computed."""
         x = self.data.x if x is None else x
         target = self.data.target if target is None else target
         desc = f"attributions {engine.package.path.name}" if desc == "" else desc
-        maps = self.parallel(lambda m: self.methods[m](engine, x, target), list(self.methods), desc)
+        names = list(self.methods) if same_model is None else [m for m in self.methods if self.fresh(m)]
+        maps = self.parallel(lambda m: self.methods[m](engine, x, target), names, desc)
+        if same_model is not None:
+            maps = {m: maps[m] if m in maps else same_model[m] for m in self.methods}
         return {**maps, **self.user_maps.get(key, {})} if self.user else maps
+
+    @staticmethod
+    def fresh(method: str) -> bool:
+        """Whether ``method``'s map is drawn afresh on every call (the random control, each call
+        its own seed; the unseeded reference row), so no call may stand in for another."""
+        return method == CONTROL_METHOD or method in FRESH_DRAWS
 
     def randomisation_setup(self) -> RandomisationSetup:
         cfg = self.policy.check("randomisation")
@@ -542,8 +575,10 @@ class _Context:
         steps = n_steps(self.pkg, cfg["draws"])
         with progress_bar(total=steps, desc="randomisation", unit="model", enabled=self.show_progress) as bar:
 
-            def step_maps(engine: AttributionEngine, inputs: np.ndarray, key: tuple) -> dict[str, np.ndarray]:
-                return self.attribute_all(engine, inputs, t, key=key, desc=None)
+            def step_maps(
+                engine: AttributionEngine, inputs: np.ndarray, key: tuple, same_model=None
+            ) -> dict[str, np.ndarray]:
+                return self.attribute_all(engine, inputs, t, key=key, desc=None, same_model=same_model)
 
             curves = randomisation_curves(
                 setup,
@@ -551,6 +586,7 @@ class _Context:
                 {m: maps[m][:k] for m in self.all_methods},
                 self.trained,
                 on_step=lambda: bar.update(1),
+                reuse=self.reuse,
             )
         for m, c in curves.items():
             entries[m]["randomisation"] = checks.randomisation_entry(c, cfg, self.policy.seed)
@@ -564,14 +600,57 @@ class _Context:
         self, engine: AttributionEngine, x: np.ndarray, t: np.ndarray, maps: Mapping[str, np.ndarray]
     ) -> dict[str, PerturbationCurves]:
         """Perturbation curves of every map in ``maps`` on ``engine`` (the policy's settings)."""
+        return {m: per_model[0] for m, per_model in self.curves_across([engine], x, t, [maps]).items()}
+
+    def curves_across(
+        self,
+        engines: Sequence[AttributionEngine],
+        x: np.ndarray,
+        t: np.ndarray,
+        maps: Sequence[Mapping[str, np.ndarray]],
+    ) -> dict[str, list[PerturbationCurves]]:
+        """Perturbation curves of every row on every model: row -> one per engine, from
+        ``maps[i]`` (that model's maps) on ``engines[i]``. With reuse, each model's clean
+        logits are computed once for all rows, and a map that is the same on several models
+        (a row that ignores the model) is perturbed once and scored by each of them."""
         cfg = self.policy.check("perturbation")
         settings = {k: cfg[k] for k in ("strategies", "window", "steps", "noise_scale")}
         basis = lead_basis(self.pkg.leads)
+        starts = [target_logit(e, x, t) if self.reuse else None for e in engines]
+        tasks = [(m, group) for m in maps[0] for group in self.same_maps([mm[m] for mm in maps])]
 
-        def curves_of(m: str) -> PerturbationCurves:
-            return perturbation_curves(engine, x, t, maps[m], seed=self.policy.seed, basis=basis, **settings)
+        def curves_of(task: int) -> list[PerturbationCurves]:
+            m, group = tasks[task]
+            return perturbation_curves_on(
+                [engines[i] for i in group],
+                x,
+                t,
+                maps[group[0]][m],
+                seed=self.policy.seed,
+                basis=basis,
+                starts=[starts[i] for i in group],
+                **settings,
+            )
 
-        return self.parallel(curves_of, list(maps), None)
+        done = self.parallel(curves_of, list(range(len(tasks))), None)
+        out: dict[str, list[Any]] = {m: [None] * len(engines) for m in maps[0]}
+        for task, (m, group) in enumerate(tasks):
+            for i, curves in zip(group, done[task], strict=True):
+                out[m][i] = curves
+        return out
+
+    def same_maps(self, per_model: Sequence[np.ndarray]) -> list[list[int]]:
+        """The models as groups of equal maps (each its own group without reuse)."""
+        if not self.reuse:
+            return [[i] for i in range(len(per_model))]
+        groups: list[list[int]] = []
+        for i, a in enumerate(per_model):
+            group = next((g for g in groups if np.array_equal(per_model[g[0]], a)), None)
+            if group is None:
+                groups.append([i])
+            else:
+                group.append(i)
+        return groups
 
     def with_redraw(self, engine: AttributionEngine, x: np.ndarray, t: np.ndarray, maps: dict) -> dict:
         """``maps`` and a second, independent draw of the random control on ``engine``."""
@@ -626,18 +705,23 @@ class _Context:
         # model -> row -> strategy -> per-draw per-ECG faithfulness
         scores: dict[str, dict[str, dict[str, list[np.ndarray]]]] = {}
         models = list(changed_models(self.pkg, self.policy.seed, cfg["draws"]))
+        # Every copy's maps first (in the copies' order, so the control's draws keep theirs), then
+        # every copy's curves together: a map that ignores the model is perturbed once.
+        engines, maps = [], []
         with progress_bar(
             total=len(models), desc="changed models", unit="model", enabled=self.show_progress
         ) as bar:
             for key, overrides in models:
-                engine = self.engine(overrides=overrides)
-                maps = self.attribute_all(engine, x, t, key=("changed", *key), desc=None)
-                curves = self.curves(engine, x, t, self.with_redraw(engine, x, t, maps))
-                table = scores.setdefault(key[0], {})
-                for m, c in curves.items():
-                    for s in strategies:
-                        table.setdefault(m, {}).setdefault(s, []).append(c.score[s])
+                engines.append(self.engine(overrides=overrides))
+                own = self.attribute_all(engines[-1], x, t, key=("changed", *key), desc=None)
+                maps.append(self.with_redraw(engines[-1], x, t, own))
                 bar.update(1)
+        curves = self.curves_across(engines, x, t, maps)
+        for i, (key, _) in enumerate(models):
+            table = scores.setdefault(key[0], {})
+            for m, per_model in curves.items():
+                for s in strategies:
+                    table.setdefault(m, {}).setdefault(s, []).append(per_model[i].score[s])
         for m in self.all_methods:
             control = CONTROL_REDRAW if m == CONTROL_METHOD else CONTROL_METHOD
             versus = {

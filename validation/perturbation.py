@@ -175,21 +175,58 @@ def perturbation_curves(
     noise_scale: float,
     seed: int,
     basis: LeadBasis,
+    start: np.ndarray | None = None,
 ) -> PerturbationCurves:
     """MoRF and LeRF curves of one method's ``attribution`` for every replacement strategy,
-    removing segments of ``basis``'s independent leads."""
+    removing segments of ``basis``'s independent leads. ``start``: the clean target logits
+    (:func:`target_logit` of ``engine`` on ``x``) when the caller has them already."""
+    return perturbation_curves_on(
+        [engine],
+        x,
+        target,
+        attribution,
+        strategies=strategies,
+        window=window,
+        steps=steps,
+        noise_scale=noise_scale,
+        seed=seed,
+        basis=basis,
+        starts=None if start is None else [start],
+    )[0]
+
+
+def perturbation_curves_on(
+    engines: Sequence[AttributionEngine],
+    x: np.ndarray,
+    target: np.ndarray,
+    attribution: np.ndarray,
+    *,
+    strategies: list[str],
+    window: int,
+    steps: int,
+    noise_scale: float,
+    seed: int,
+    basis: LeadBasis,
+    starts: Sequence[np.ndarray | None] | None = None,
+) -> list[PerturbationCurves]:
+    """:func:`perturbation_curves` of one ``attribution`` on each of ``engines`` (one per model):
+    the perturbed copies depend only on the map and the ECGs, so they are built once and every
+    model scores them; each result equals that model's own :func:`perturbation_curves`.
+    ``starts[i]``: engine ``i``'s clean target logits on ``x`` when known (None: computed)."""
     relevance = segment_relevance(attribution, window, basis)
     n_ind, n_samples = len(basis.independent), x.shape[2]
     n_seg = relevance.shape[1]
-    starts = np.arange(0, n_samples, window)
-    window_of = np.searchsorted(starts, np.arange(n_samples), side="right") - 1
+    window_starts = np.arange(0, n_samples, window)
+    window_of = np.searchsorted(window_starts, np.arange(n_samples), side="right") - 1
     counts = np.round(np.linspace(0, n_seg, steps + 1)).astype(int)
     fractions = (counts / n_seg).tolist()
     noise_sd = high_frequency_sd(x[:, basis.independent]) * noise_scale
-    start = target_logit(engine, x, target)
-    curves = PerturbationCurves(fractions, {}, {}, {})
+    starts = list(starts) if starts is not None else [None] * len(engines)
+    start = [target_logit(e, x, target) if s is None else s for e, s in zip(engines, starts, strict=True)]
+    all_curves = [PerturbationCurves(fractions, {}, {}, {}) for _ in engines]
+    tiled = np.tile(target, len(counts) - 1)
     for strategy in strategies:
-        areas = {}
+        areas: list[dict[str, np.ndarray]] = [{} for _ in engines]
         for order_name, most_first in (("morf", True), ("lerf", False)):
             # One generator per (strategy, order): the draws do not depend on which methods run.
             rng = np.random.default_rng([seed, int(most_first), strategies.index(strategy)])
@@ -201,9 +238,12 @@ def perturbation_curves(
                 removed = removed_seg.reshape(len(x), n_ind, -1)[:, :, window_of]
                 perturbed.append(remove_segments(x, removed, basis, strategy, rng, noise_sd))
             # Every step in one batch: one model call per curve instead of one per step.
-            after = target_logit(engine, np.concatenate(perturbed), np.tile(target, len(perturbed)))
-            z = np.concatenate([start[:, None], after.reshape(len(perturbed), len(x)).T], axis=1)
-            getattr(curves, order_name)[strategy] = z.mean(axis=0).tolist()
-            areas[order_name] = np.trapezoid(z, fractions, axis=1)
-        curves.score[strategy] = areas["lerf"] - areas["morf"]
-    return curves
+            batch = np.concatenate(perturbed)
+            for i, engine in enumerate(engines):
+                after = target_logit(engine, batch, tiled)
+                z = np.concatenate([start[i][:, None], after.reshape(len(perturbed), len(x)).T], axis=1)
+                getattr(all_curves[i], order_name)[strategy] = z.mean(axis=0).tolist()
+                areas[i][order_name] = np.trapezoid(z, fractions, axis=1)
+        for curves, area in zip(all_curves, areas, strict=True):
+            curves.score[strategy] = area["lerf"] - area["morf"]
+    return all_curves

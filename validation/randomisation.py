@@ -23,20 +23,28 @@ what a drop must be measured against: a map that is noise to begin with
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import rankdata
 
 from ecgx.core.ecg_noise import high_frequency_noise
 from ecgx.core.package_reader import ModelPackage
-from ecgx.core.similarity import SIMILARITY_MEASURES, spearman_rows
+from ecgx.core.similarity import SIMILARITY_MEASURES, pearson_rows, spearman_rows
 from ecgx.service.engine import AttributionEngine
 from ecgx.validation.perturbation import LeadBasis, segment_relevance
 
 # attribute(engine, x, target) -> (B, 12, 600); lets tests plug in constructed methods.
 Attributor = Callable[[AttributionEngine, np.ndarray, np.ndarray], np.ndarray]
 EngineFactory = Callable[[Mapping[str, np.ndarray]], AttributionEngine]
+# attribute_all(engine, x, key, same_model): every method's maps on the model ``key`` names;
+# ``same_model`` holds maps already computed on a model with exactly these weights (None if
+# there is none), which the caller may hand back instead of recomputing them.
+StepAttributor = Callable[
+    [AttributionEngine, np.ndarray, "ModelKey", Mapping[str, np.ndarray] | None], Mapping[str, np.ndarray]
+]
 # Which model a set of maps was computed on: ("noisy",) for the trained model on noisy inputs,
 # (mode, draw, step) for a randomised one (see randomisation_models).
 ModelKey = tuple
@@ -142,32 +150,57 @@ def randomisation_models(
 
 def randomisation_curves(
     setup: RandomisationSetup,
-    attribute_all: Callable[[AttributionEngine, np.ndarray, ModelKey], Mapping[str, np.ndarray]],
+    attribute_all: StepAttributor,
     reference: Mapping[str, np.ndarray],
     trained: AttributionEngine,
     on_step: Callable[[], None] | None = None,
+    reuse: bool = False,
 ) -> dict[str, RandomisationCurves]:
     """Cascading and independent randomisation curves of every method, over several draws.
 
     ``reference[m]`` are method ``m``'s attributions on the trained model for ``setup.x``;
-    ``attribute_all(engine, x, key)`` computes every method on ``engine`` (the model ``key``
-    names) for those ECGs' targets. ``trained`` is the engine of the trained package, for the
-    noise floor.
+    ``attribute_all(engine, x, key, same_model)`` computes every method on ``engine`` (the
+    model ``key`` names) for those ECGs' targets. ``trained`` is the engine of the trained
+    package, for the noise floor. ``reuse``: a model whose weights equal an earlier one's (the
+    first cascading step and the first independent step randomise the same layer) keeps that
+    model's engine and is given its maps as ``same_model``, and each method compares its
+    trained-model map's ranks once, not once per step; the curves are the same either way.
     """
     names = [layer["name"] for layer in parameterised_layers(setup.package)]
-    floor_maps = attribute_all(trained, setup.noisy_x(), ("noisy",))
+    floor_maps = attribute_all(trained, setup.noisy_x(), ("noisy",), None)
     curves = {
-        m: _Accumulator(names, setup.draws, reference[m], floor_maps[m], setup.window, setup.basis)
+        m: _Accumulator(names, setup.draws, reference[m], floor_maps[m], setup.window, setup.basis, reuse)
         for m in reference
     }
+    seen: dict[str, tuple[AttributionEngine, Mapping[str, np.ndarray]]] = {}
     for key, overrides in randomisation_models(setup.package, setup.seed, setup.draws):
         mode, draw, k = key
-        randomised = attribute_all(setup.make_engine(overrides), setup.x, key)
+        weights = weights_id(overrides) if reuse else ""
+        if reuse and (mode, k) == ("cascading", 0):
+            seen.clear()  # one draw's models never equal another draw's: hold one draw's engines only
+        if weights in seen:
+            engine, same_model = seen[weights]
+            randomised = attribute_all(engine, setup.x, key, same_model)
+        else:
+            engine = setup.make_engine(overrides)
+            randomised = attribute_all(engine, setup.x, key, None)
+            if reuse:
+                seen[weights] = (engine, randomised)
         for m, acc in curves.items():
             acc.add(mode, draw, k, randomised[m])
         if on_step is not None:
             on_step()
     return {m: acc.result() for m, acc in curves.items()}
+
+
+def weights_id(overrides: Mapping[str, np.ndarray]) -> str:
+    """Hash of a set of replaced parameters (names, shapes and values): equal ids, equal models."""
+    h = hashlib.sha256()
+    for name in sorted(overrides):
+        value = np.ascontiguousarray(overrides[name])
+        h.update(f"{name}{value.shape}{value.dtype}".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def n_steps(package: ModelPackage, draws: int = 1) -> int:
@@ -204,6 +237,7 @@ class _Accumulator:
         floor: np.ndarray,
         window: int,
         basis: LeadBasis,
+        reuse: bool = False,
     ):
         n, b = len(layers), len(trained)
         self.layers, self.trained, self.window, self.draws = layers, trained, window, draws
@@ -219,14 +253,40 @@ class _Accumulator:
             "noisy_input": int(is_constant(floor).sum()),
             "randomised": 0,
         }
+        # With reuse: the trained map ranked once (not once per step), and the last map compared
+        # with its results, for the maps that come back unchanged (those that ignore the model).
+        self.ranked = _RankedTrained(trained, window, basis) if reuse else None
+        self.last: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
+
+    def compare(self, randomised: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(resolutions, B) similarity table and the per-ECG values of each plotted measure."""
+        if self.ranked is None:
+            table = resolution_similarity(self.trained, randomised, self.window, self.basis)
+            # The per-sample Spearman |a| is the table's first row; the others are for plots only.
+            measures = {
+                m: table[0] if m == "spearman_abs" else fn(self.trained, randomised)
+                for m, fn in SIMILARITY_MEASURES.items()
+            }
+            return table, measures
+        if self.last is not None and np.array_equal(self.last[0], randomised):
+            return self.last[1], self.last[2]
+        table = self.ranked.resolution_similarity(randomised)
+        measures = {
+            m: table[0]
+            if m == "spearman_abs"
+            else self.ranked.signed(randomised)
+            if m == "spearman"
+            else fn(self.trained, randomised)
+            for m, fn in SIMILARITY_MEASURES.items()
+        }
+        self.last = (randomised, table, measures)
+        return table, measures
 
     def add(self, mode: str, draw: int, step: int, randomised: np.ndarray) -> None:
-        table = resolution_similarity(self.trained, randomised, self.window, self.basis)
+        table, measures = self.compare(randomised)
         self.tables[mode][draw, step] = table
         self.constant["randomised"] += int(is_constant(randomised).sum())
-        for measure, fn in SIMILARITY_MEASURES.items():
-            # The per-sample Spearman |a| is the table's first row; the others are for plots only.
-            values = table[0] if measure == "spearman_abs" else fn(self.trained, randomised)
+        for measure, values in measures.items():
             mean = float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
             # A running mean over draws, so plots show the average curve.
             curve = self.curves[mode][measure]
@@ -242,6 +302,34 @@ class _Accumulator:
             self.noise_floor,
             self.constant,
         )
+
+
+class _RankedTrained:
+    """A trained-model map's ranks, computed once: the same numbers as :func:`spearman_rows` and
+    :func:`resolution_similarity` against it (the other map ranked the same way, the same
+    Pearson correlation of the ranks), without ranking the trained map again for every step."""
+
+    def __init__(self, trained: np.ndarray, window: int, basis: LeadBasis):
+        self.window, self.basis = window, basis
+        rows = _rows(trained)
+        self.absolute = rankdata(np.abs(rows), axis=1)
+        self.plain = rankdata(rows, axis=1)
+        self.segments = rankdata(_rows(segment_relevance(trained, window, basis)), axis=1)
+
+    def resolution_similarity(self, other: np.ndarray) -> np.ndarray:
+        per_sample = pearson_rows(self.absolute, rankdata(np.abs(_rows(other)), axis=1))
+        segments = _rows(segment_relevance(other, self.window, self.basis))
+        per_segment = pearson_rows(self.segments, rankdata(segments, axis=1))
+        return np.stack([per_sample, per_segment])
+
+    def signed(self, other: np.ndarray) -> np.ndarray:
+        return pearson_rows(self.plain, rankdata(_rows(other), axis=1))
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """(B, ...) as float64 rows, as :func:`spearman_rows` ranks them."""
+    a = np.asarray(a, dtype=np.float64)
+    return a.reshape(len(a), -1)
 
 
 def _empty(n: int) -> dict[str, list[float]]:

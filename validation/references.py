@@ -25,6 +25,8 @@ perturbation check judges every method against the strongest of
 
 from __future__ import annotations
 
+import hashlib
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -38,6 +40,10 @@ PREFIX = "ref:"
 # random control): the edge detectors and the class template are faithful by construction to
 # any model that reads large or steep deflections, so beating only the control proves little.
 PERTURBATION_FLOOR = (f"{PREFIX}input", f"{PREFIX}edges", f"{PREFIX}class_template")
+# Rows drawn afresh on every call: their maps differ from call to call by design, so a gate run
+# never hands one call's map to another (every other row gives the same map for the same model
+# and ECGs).
+FRESH_DRAWS = (f"{PREFIX}unseeded_random",)
 # The weight draw of the redrawn "other model"; the randomisation check's draws count up from 0.
 OTHER_MODEL_DRAW = 1_000_003
 
@@ -85,17 +91,35 @@ def class_template(templates: np.ndarray) -> Attributor:
     return attribute
 
 
-def other_model(make_engine: Callable[[], AttributionEngine]) -> Attributor:
+def other_model(make_engine: Callable[[], AttributionEngine], memo: bool = False) -> Attributor:
     """Saliency computed on the engine ``make_engine`` builds (once, on first use), whatever
-    engine the gate passes in."""
+    engine the gate passes in. ``memo``: the map of ECGs and targets seen before is given
+    again (a copy) instead of recomputed; the gate asks for the same ECGs on every model."""
     cache: list[AttributionEngine] = []
+    maps: dict[str, np.ndarray] = {}
+    lock = threading.Lock()
 
     def attribute(engine: AttributionEngine, x: np.ndarray, target: np.ndarray) -> np.ndarray:
-        if not cache:
-            cache.append(make_engine())
-        return cache[0].attribute("saliency", x, target)
+        key = _inputs_id(x, target) if memo else ""
+        with lock:
+            if not cache:
+                cache.append(make_engine())
+            if key in maps:
+                return maps[key].copy()
+        out = cache[0].attribute("saliency", x, target)
+        if memo:
+            with lock:
+                maps[key] = out.copy()
+        return out
 
     return attribute
+
+
+def _inputs_id(x: np.ndarray, target: np.ndarray) -> str:
+    h = hashlib.sha256(repr(np.shape(x)).encode())
+    h.update(np.ascontiguousarray(x, np.float32).tobytes())
+    h.update(np.asarray(target, np.int64).tobytes())
+    return h.hexdigest()
 
 
 def redrawn_weights(package: ModelPackage, seed: int) -> dict[str, np.ndarray]:
@@ -111,10 +135,12 @@ def reference_attributors(
     make_engine: Callable[..., AttributionEngine],
     sibling: ModelPackage | None = None,
     templates: np.ndarray | None = None,
+    memo: bool = False,
 ) -> dict[str, Attributor]:
     """The reference rows. ``make_engine(package=..., overrides=...)`` builds an engine;
     ``sibling`` (a seed-family member) is the other model when given; ``templates`` are
-    :func:`class_templates` of the gate's ECGs (None: no template row)."""
+    :func:`class_templates` of the gate's ECGs (None: no template row); ``memo``: the other
+    model's maps are computed once per set of ECGs (:func:`other_model`)."""
     if sibling is not None:
         build = lambda: make_engine(package=sibling)  # noqa: E731
     else:
@@ -125,6 +151,6 @@ def reference_attributors(
         f"{PREFIX}class_template": None if templates is None else class_template(templates),
         f"{PREFIX}constant": constant,
         f"{PREFIX}unseeded_random": unseeded_random,
-        f"{PREFIX}other_model": other_model(build),
+        f"{PREFIX}other_model": other_model(build, memo),
     }
     return {name: fn for name, fn in rows.items() if fn is not None}
