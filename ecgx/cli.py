@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import errno
 import logging
 import signal
@@ -213,8 +214,9 @@ EXIT_GATE_FAILED = 1
 
 def _cmd_validate(args: argparse.Namespace) -> int:
     from ecgx.core.outputs import GATE_REPORT, check_output
+    from ecgx.core.signing import load_private_key
     from ecgx.validation.gate import run_gate, save_report, summary_lines
-    from ecgx.validation.signing import load_private_key, sign_report
+    from ecgx.validation.signing import sign_report
 
     # The package, the key, the report path and user methods are checked before the (minutes-long)
     # gate runs; the package first: no key makes a folder that is not a package gateable.
@@ -287,7 +289,8 @@ def _user_methods(options: Sequence[str]) -> dict[str, Callable]:
 
 
 def _cmd_gate_verify(args: argparse.Namespace) -> int:
-    from ecgx.validation.signing import allowed_policy_hashes, load_public_key, verify_gate
+    from ecgx.core.signing import load_public_key, verify_gate
+    from ecgx.validation.signing import allowed_policy_hashes
 
     allowed = allowed_policy_hashes(args.allowed_policy or (), args.allowed_policies or ())
     result = verify_gate(
@@ -318,8 +321,8 @@ def _cmd_gate_keygen(args: argparse.Namespace) -> int:
 
 
 def _cmd_repo_add(args: argparse.Namespace) -> int:
+    from ecgx.core.signing import load_public_key
     from ecgx.service.repository import PromotionRefused, promote
-    from ecgx.validation.signing import load_public_key
 
     keys = [load_public_key(k) for k in args.public_key] if args.public_key else [load_public_key()]
     try:
@@ -335,6 +338,7 @@ def _cmd_repo_add(args: argparse.Namespace) -> int:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     # The serving path never imports PyTorch (tests/service/test_grpc_service.py runs it without).
+    from ecgx.core.signing import load_public_key
     from ecgx.service.audit import AuditLog
     from ecgx.service.metrics import ServiceMetrics
     from ecgx.service.oip_http import rest_ssl_context
@@ -342,7 +346,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from ecgx.service.security import load_server_security
     from ecgx.service.serve_config import resolve_serve_config
     from ecgx.service.server import serve
-    from ecgx.validation.signing import load_public_key
 
     cfg = resolve_serve_config(
         args.config,
@@ -378,8 +381,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "stability_share": args.stability_share,
             "stability_queue": args.stability_queue,
             "providers": tuple(args.providers) if args.providers else None,
+            "engine_threads": args.engine_threads,
         },
     )
+    if args.no_batching:
+        from ecgx.service.batcher import BatchingConfig
+
+        cfg = dataclasses.replace(cfg, batching=BatchingConfig.off())
     # Security first: a server that would start insecure by accident refuses before loading models.
     security = load_server_security(
         tls_cert=cfg.tls_cert,
@@ -394,6 +402,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     # Checked before any key or model loads: a provider this onnxruntime lacks is a clear error.
     engine_options = {"providers": select_providers(list(cfg.providers))} if cfg.providers else {}
+    engine_options.update(cfg.engine_threads_option())
     keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [_default_trusted_key()]
     _warn_not_a_repository(Path(cfg.repo))
     repository = ModelRepository(
@@ -439,8 +448,7 @@ def _default_trusted_key():
     """The gate's public key from the environment, or an error naming serve's own flag."""
     import os
 
-    from ecgx.core.signing import PUBLIC_KEY_ENV
-    from ecgx.validation.signing import load_public_key
+    from ecgx.core.signing import PUBLIC_KEY_ENV, load_public_key
 
     if not os.environ.get(PUBLIC_KEY_ENV):
         raise InvalidArgument(
@@ -1025,6 +1033,19 @@ def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
         metavar="PROVIDER",
         help="ONNX Runtime execution providers in priority order, e.g. CUDAExecutionProvider "
         "CPUExecutionProvider (default: TensorRT, CUDA, CPU, as the installed onnxruntime offers them)",
+    )
+    p.add_argument(
+        "--engine-threads",
+        type=int,
+        metavar="N",
+        help="ONNX Runtime intra-op threads per session (default 1: requests run side by side instead, "
+        "which measured faster than two threads each on small CPUs; 0 lets ONNX Runtime choose)",
+    )
+    p.add_argument(
+        "--no-batching",
+        action="store_true",
+        help="answer each request with its own engine call (dynamic batching is on by default; "
+        "docs/serving.md)",
     )
 
 

@@ -287,8 +287,9 @@ def _gate(
     """Gate each of ``gated`` with the other ``packages`` as its family (default policy, the
     plan's methods) and sign the reports with a demo key. Returns the verdicts and the first
     package's gate run, which the report and the figures show."""
+    from ecgx.core.signing import load_private_key
     from ecgx.validation.gate import run_gate, save_report, summary_lines
-    from ecgx.validation.signing import generate_keypair, load_private_key, sign_report
+    from ecgx.validation.signing import generate_keypair, sign_report
 
     validation = out / "validation"
     if not (validation / "meta.json").is_file() or len(load_dataset(validation)) != DEMO_VALIDATION_BEATS:
@@ -399,10 +400,10 @@ def _serve_and_explain(
         version_info,
         write_explanation_pngs,
     )
+    from ecgx.core.signing import load_public_key
     from ecgx.service.repository import ModelRepository, PromotionRefused, promote
     from ecgx.service.security import ServerSecurity
     from ecgx.service.server import build_server
-    from ecgx.validation.signing import load_public_key
 
     started = time.perf_counter()
     repo = out / "repo"

@@ -28,10 +28,6 @@ from ecgx.core.signing import (
     key_id,
     load_private_key,
 )
-
-# Re-exported only for ecgx/cli.py and ecgx/demo.py, until they import them from ecgx.core.signing.
-from ecgx.core.signing import load_public_key as load_public_key
-from ecgx.core.signing import verify_gate as verify_gate
 from ecgx.validation.policy import default_policy
 
 
