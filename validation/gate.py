@@ -629,6 +629,7 @@ class _Context:
                 seed=self.policy.seed,
                 basis=basis,
                 starts=[starts[i] for i in group],
+                reuse=self.reuse,
                 **settings,
             )
 

@@ -105,17 +105,27 @@ def removal_order(relevance: np.ndarray, rng: np.random.Generator, most_relevant
     return np.lexsort((tie_break, primary), axis=-1)
 
 
+# The strategies whose fill starts from the straight lines of :func:`linear_fill`.
+LINEAR_STRATEGIES = ("linear", "noisy_linear")
+
+
 def replace(
-    x: np.ndarray, removed: np.ndarray, strategy: str, rng: np.random.Generator, noise_sd: np.ndarray
+    x: np.ndarray,
+    removed: np.ndarray,
+    strategy: str,
+    rng: np.random.Generator,
+    noise_sd: np.ndarray,
+    linear: np.ndarray | None = None,
 ) -> np.ndarray:
     """``x`` with the ``removed`` elements (boolean, same shape) replaced by ``strategy``;
-    ``noise_sd`` (broadcast to ``x``) is the noise level of ``noisy_linear``."""
+    ``noise_sd`` (broadcast to ``x``) is the noise level of ``noisy_linear``; ``linear`` is
+    ``linear_fill(x, removed)`` when the caller has it already."""
     if strategy == "zero":
         fill = np.zeros_like(x)
     elif strategy == "lead_mean":
         fill = np.broadcast_to(x.mean(axis=2, keepdims=True), x.shape)
-    elif strategy in ("linear", "noisy_linear"):
-        fill = linear_fill(x, removed)
+    elif strategy in LINEAR_STRATEGIES:
+        fill = linear_fill(x, removed) if linear is None else linear
         if strategy == "noisy_linear":
             fill = fill + rng.standard_normal(x.shape) * noise_sd
     else:
@@ -130,13 +140,20 @@ def remove_segments(
     strategy: str,
     rng: np.random.Generator,
     noise_sd: np.ndarray,
+    linear: np.ndarray | None = None,
 ) -> np.ndarray:
     """``x`` (B, leads, samples) with the ``removed`` samples of the independent leads (B,
-    independent, samples) replaced, and every derived lead changed by what follows from them."""
+    independent, samples) replaced, and every derived lead changed by what follows from them.
+    ``linear``: :func:`independent_linear_fill` of ``x`` and ``removed`` when known."""
     kept = x[:, basis.independent].astype(np.float64)
-    filled = replace(kept, removed, strategy, rng, noise_sd).astype(np.float64)
+    filled = replace(kept, removed, strategy, rng, noise_sd, linear).astype(np.float64)
     change = np.einsum("lk,bks->bls", basis.matrix, filled - kept)
     return (x + change).astype(np.float32)
+
+
+def independent_linear_fill(x: np.ndarray, removed: np.ndarray, basis: LeadBasis) -> np.ndarray:
+    """:func:`linear_fill` of ``x``'s independent leads, as :func:`remove_segments` computes it."""
+    return linear_fill(x[:, basis.independent].astype(np.float64), removed)
 
 
 def linear_fill(x: np.ndarray, removed: np.ndarray) -> np.ndarray:
@@ -208,11 +225,15 @@ def perturbation_curves_on(
     seed: int,
     basis: LeadBasis,
     starts: Sequence[np.ndarray | None] | None = None,
+    reuse: bool = False,
 ) -> list[PerturbationCurves]:
     """:func:`perturbation_curves` of one ``attribution`` on each of ``engines`` (one per model):
     the perturbed copies depend only on the map and the ECGs, so they are built once and every
     model scores them; each result equals that model's own :func:`perturbation_curves`.
-    ``starts[i]``: engine ``i``'s clean target logits on ``x`` when known (None: computed)."""
+    ``starts[i]``: engine ``i``'s clean target logits on ``x`` when known (None: computed).
+    ``reuse``: where two strategies of :data:`LINEAR_STRATEGIES` remove segments in the same
+    order (a map without ties), the second takes the first's straight lines instead of drawing
+    them again; the curves are the same either way."""
     relevance = segment_relevance(attribution, window, basis)
     n_ind, n_samples = len(basis.independent), x.shape[2]
     n_seg = relevance.shape[1]
@@ -225,18 +246,29 @@ def perturbation_curves_on(
     start = [target_logit(e, x, target) if s is None else s for e, s in zip(engines, starts, strict=True)]
     all_curves = [PerturbationCurves(fractions, {}, {}, {}) for _ in engines]
     tiled = np.tile(target, len(counts) - 1)
+    # order name -> (removal order, the straight lines of each step) of a linear strategy
+    lines: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
     for strategy in strategies:
         areas: list[dict[str, np.ndarray]] = [{} for _ in engines]
         for order_name, most_first in (("morf", True), ("lerf", False)):
             # One generator per (strategy, order): the draws do not depend on which methods run.
             rng = np.random.default_rng([seed, int(most_first), strategies.index(strategy)])
             order = removal_order(relevance, rng, most_first)
-            perturbed = []
-            for k in counts[1:]:
+            known = lines.get(order_name) if reuse and strategy in LINEAR_STRATEGIES else None
+            if known is not None and not np.array_equal(known[0], order):
+                known = None
+            perturbed, drawn = [], []
+            for step, k in enumerate(counts[1:]):
                 removed_seg = np.zeros((len(x), n_seg), bool)
                 np.put_along_axis(removed_seg, order[:, :k], True, axis=1)
                 removed = removed_seg.reshape(len(x), n_ind, -1)[:, :, window_of]
-                perturbed.append(remove_segments(x, removed, basis, strategy, rng, noise_sd))
+                linear = None
+                if reuse and strategy in LINEAR_STRATEGIES:
+                    linear = independent_linear_fill(x, removed, basis) if known is None else known[1][step]
+                    drawn.append(linear)
+                perturbed.append(remove_segments(x, removed, basis, strategy, rng, noise_sd, linear))
+            if drawn and known is None:
+                lines[order_name] = (order, drawn)
             # Every step in one batch: one model call per curve instead of one per step.
             batch = np.concatenate(perturbed)
             for i, engine in enumerate(engines):
