@@ -203,7 +203,9 @@ def _window_logits(
             for c in range(0, len(ecg), engine.max_batch):
                 engine.check_cancelled()
                 e, i = ecg[c : c + engine.max_batch], item[c : c + engine.max_batch]
-                feeds = {"x": build(e, i), "activations": acts, "ecg": e - g0, "start": np.array([start])}
+                # Only the chunk's own ECGs' activations: the graph slices every clean tensor it is fed.
+                own, local = np.unique(e - g0, return_inverse=True)
+                feeds = {"x": build(e, i), "activations": acts[own], "ecg": local, "start": np.array([start])}
                 logits = engine.run("incremental_forward", feeds, ["logits"])[0]
                 out[e, i] = logits[np.arange(len(e)), target[e]]
     return out
