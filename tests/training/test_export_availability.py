@@ -247,6 +247,8 @@ def test_a_subset_of_graphs_exports_the_rest_as_unavailable(tmp_path: Path) -> N
         "gradcam",
         "lrp_epsilon_plus",
         "lrp_epsilon_alpha2_beta1",
+        "incremental_activations",
+        "incremental_forward",
     }
     assert all("left out of this export" in e["reason"] for e in manifest["unavailable"].values())
     with pytest.raises(ExportError, match=r"unknown graph\(s\) \['lrp2'\]"):
