@@ -231,9 +231,10 @@ def run_gate(
         reuse: compute shared work once per run (:class:`_Context`): a randomised model equal
             to an earlier one keeps its engine and maps, each trained map is ranked once, the
             clean logits are computed once per model, the other model's maps once per set of
-            ECGs, and a map that is the same on several changed models is perturbed once for
-            all of them. False recomputes everything (the path before issue 21, for the
-            benchmark); the report's numbers are the same either way.
+            ECGs, a map that is the same on several changed models is perturbed once for all of
+            them, and the linear and noisy-linear replacements share their straight lines where
+            they remove the same segments. False recomputes everything (the path before issue
+            21, for the benchmark); the report's numbers are the same either way.
 
     Refuses (ValueError, before any computation) a policy below the floor without
     ``research``, and validation ECGs that overlap the package's training data
