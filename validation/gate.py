@@ -598,10 +598,17 @@ class _Context:
         return logits[np.arange(len(self.data.x)), self.data.target] > 0
 
     def curves(
-        self, engine: AttributionEngine, x: np.ndarray, t: np.ndarray, maps: Mapping[str, np.ndarray]
+        self,
+        engine: AttributionEngine,
+        x: np.ndarray,
+        t: np.ndarray,
+        maps: Mapping[str, np.ndarray],
+        desc: str | None = None,
     ) -> dict[str, PerturbationCurves]:
-        """Perturbation curves of every map in ``maps`` on ``engine`` (the policy's settings)."""
-        return {m: per_model[0] for m, per_model in self.curves_across([engine], x, t, [maps]).items()}
+        """Perturbation curves of every map in ``maps`` on ``engine`` (the policy's settings); a
+        progress bar named ``desc`` unless it is None."""
+        across = self.curves_across([engine], x, t, [maps], desc)
+        return {m: per_model[0] for m, per_model in across.items()}
 
     def curves_across(
         self,
@@ -609,6 +616,7 @@ class _Context:
         x: np.ndarray,
         t: np.ndarray,
         maps: Sequence[Mapping[str, np.ndarray]],
+        desc: str | None = None,
     ) -> dict[str, list[PerturbationCurves]]:
         """Perturbation curves of every row on every model: row -> one per engine, from
         ``maps[i]`` (that model's maps) on ``engines[i]``. With reuse, each model's clean
@@ -634,7 +642,7 @@ class _Context:
                 **settings,
             )
 
-        done = self.parallel(curves_of, list(range(len(tasks))), None)
+        done = self.parallel(curves_of, list(range(len(tasks))), desc)
         out: dict[str, list[Any]] = {m: [None] * len(engines) for m in maps[0]}
         for task, (m, group) in enumerate(tasks):
             for i, curves in zip(group, done[task], strict=True):
@@ -679,7 +687,7 @@ class _Context:
             return
         x, t = self.data.x[keep], self.data.target[keep]
         kept = self.with_redraw(engine, x, t, {m: maps[m][keep] for m in self.all_methods})
-        curves = self.curves(engine, x, t, kept)
+        curves = self.curves(engine, x, t, kept, desc="perturbation")
         floor = [r for r in (*PERTURBATION_FLOOR, CONTROL_METHOD) if r in curves]
         for m in self.all_methods:
             # A row is not compared with itself; the control is, with its independent draw.
@@ -718,7 +726,7 @@ class _Context:
                 own = self.attribute_all(engines[-1], x, t, key=("changed", *key), desc=None)
                 maps.append(self.with_redraw(engines[-1], x, t, own))
                 bar.update(1)
-        curves = self.curves_across(engines, x, t, maps)
+        curves = self.curves_across(engines, x, t, maps, desc="changed-model curves")
         for i, (key, _) in enumerate(models):
             table = scores.setdefault(key[0], {})
             for m, per_model in curves.items():
