@@ -264,7 +264,7 @@ def test_the_alert_rules_load_and_only_the_refused_version_is_pending(stack) -> 
         return rules if rules and all(r.get("lastEvaluation", "").startswith("2") for r in rules) else None
 
     rules = wait_for("the alert rules to be evaluated", evaluated)
-    assert len(rules) == 12 and all(r["type"] == "alerting" for r in rules)
+    assert len(rules) == 13 and all(r["type"] == "alerting" for r in rules)
     bad = [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
     assert not bad, bad
     # Version 2 failed its gate: EcgxModelVersionRefused waits 15 minutes before it fires.
