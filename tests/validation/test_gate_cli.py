@@ -143,7 +143,7 @@ def test_no_key_is_bad_usage_before_any_work(setup, monkeypatch, capsys) -> None
         (lambda s: s["fail"].write_text("[gate]\necgs = -3\n"), "gate.ecgs must be >= 1"),
         (lambda s: s["fail"].write_text("[checks.perturbation]\nmargin = nan\n"), "margin must be a finite"),
         (lambda s: s.update(family=[s["pkg"], s["pkg"]]), "lists the gated package"),
-        (lambda s: (s["pkg"] / "manifest.json").unlink(), "manifest.json is missing"),
+        (lambda s: (s["pkg"] / "manifest.json").unlink(), "is not a model package (no manifest.json)"),
         (lambda s: s.update(data=s["pkg"]), "is not a dataset folder"),
     ],
     ids=["bad policy", "NaN in the policy", "family of itself", "not a package", "not a dataset"],
