@@ -12,7 +12,9 @@ The writers quantise like the devices do: integer counts times a resolution in m
 
 from __future__ import annotations
 
+import base64
 import io
+import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -181,3 +183,177 @@ def write_fhir(
         }
     )
     return observation.model_dump_json().encode()
+
+
+# ---------------------------------------------------------------- XML formats (ElementTree)
+
+
+def _xml(root: ET.Element) -> bytes:
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _sub(parent: ET.Element, tag: str, text: str | None = None, **attrib: str) -> ET.Element:
+    element = ET.SubElement(parent, tag, attrib)
+    if text is not None:
+        element.text = text
+    return element
+
+
+_HL7 = "urn:hl7-org:v3"
+_XSI = "http://www.w3.org/2001/XMLSchema-instance"
+
+
+def write_aecg(
+    mv: np.ndarray,
+    rate_hz: float,
+    *,
+    leads: Sequence[str] = STANDARD_LEADS,
+    uv_per_count: float = 5.0,
+    unit: str = "uV",
+    median_mv: np.ndarray | None = None,
+) -> bytes:
+    """An HL7 aECG document (HL7 v3 schema): rhythm series, optional median in a derivedSeries."""
+    ET.register_namespace("", _HL7)
+    ET.register_namespace("xsi", _XSI)
+    root = ET.Element(f"{{{_HL7}}}AnnotatedECG")
+    _sub(root, f"{{{_HL7}}}id", root="2.16.840.1.113883.3.1")
+    _sub(root, f"{{{_HL7}}}code", code="93000", codeSystem="2.16.840.1.113883.6.12")
+    series = _sub(_sub(root, f"{{{_HL7}}}component"), f"{{{_HL7}}}series")
+    _sub(series, f"{{{_HL7}}}code", code="RHYTHM", codeSystem="2.16.840.1.113883.5.4")
+    _aecg_set(_sub(series, f"{{{_HL7}}}component"), mv, rate_hz, leads, uv_per_count, unit)
+    if median_mv is not None:
+        derived = _sub(_sub(series, f"{{{_HL7}}}derivation"), f"{{{_HL7}}}derivedSeries")
+        _sub(derived, f"{{{_HL7}}}code", code="REPRESENTATIVE_BEAT", codeSystem="2.16.840.1.113883.5.4")
+        _aecg_set(_sub(derived, f"{{{_HL7}}}component"), median_mv, rate_hz, leads, uv_per_count, unit)
+    return _xml(root)
+
+
+def _aecg_set(parent, mv, rate_hz, leads, uv_per_count, unit) -> None:
+    ns = f"{{{_HL7}}}"
+    sequence_set = _sub(parent, ns + "sequenceSet")
+    time = _sub(_sub(sequence_set, ns + "component"), ns + "sequence")
+    _sub(time, ns + "code", code="TIME_ABSOLUTE", codeSystem="2.16.840.1.113883.5.4")
+    value = _sub(time, ns + "value", **{f"{{{_XSI}}}type": "GLIST_TS"})
+    _sub(value, ns + "head", value="20260101120000.000")
+    _sub(value, ns + "increment", value=f"{1.0 / rate_hz:.6g}", unit="s")
+    for lead, row in zip(leads, counts_of(mv, uv_per_count), strict=True):
+        sequence = _sub(_sub(sequence_set, ns + "component"), ns + "sequence")
+        _sub(sequence, ns + "code", code=f"MDC_ECG_LEAD_{lead}", codeSystem="2.16.840.1.113883.6.24")
+        value = _sub(sequence, ns + "value", **{f"{{{_XSI}}}type": "SLIST_PQ"})
+        _sub(value, ns + "origin", value="0", unit=unit)
+        _sub(value, ns + "scale", value=f"{uv_per_count:g}", unit=unit)
+        _sub(value, ns + "digits", " ".join(str(int(v)) for v in row))
+
+
+def write_muse(
+    mv: np.ndarray,
+    rate_hz: float,
+    *,
+    leads: Sequence[str] = INDEPENDENT_LEADS,
+    uv_per_count: float = 4.88,
+    unit: str = "MICROVOLTS",
+    median_mv: np.ndarray | None = None,
+) -> bytes:
+    """A GE MUSE XML export: ``mv`` rows follow ``leads`` (MUSE stores the 8 independent ones)."""
+    root = ET.Element("RestingECG")
+    _sub(root, "MuseInfo").append(_element("MuseVersion", "9.0.9.18167"))
+    demographics = _sub(root, "TestDemographics")
+    _sub(demographics, "AcquisitionDevice", "MAC55")
+    for kind, data in (("Median", median_mv), ("Rhythm", mv)):
+        if data is None:
+            continue
+        waveform = _sub(root, "Waveform")
+        _sub(waveform, "WaveformType", kind)
+        _sub(waveform, "WaveformStartTime", "0")
+        _sub(waveform, "NumberofLeads", str(len(leads)))
+        _sub(waveform, "SampleType", "CONTINUOUS_SAMPLES")
+        _sub(waveform, "SampleBase", f"{rate_hz:g}")
+        _sub(waveform, "SampleExponent", "0")
+        _sub(waveform, "HighPassFilter", "16")
+        _sub(waveform, "LowPassFilter", "150")
+        _sub(waveform, "ACFilter", "60")
+        for lead, row in zip(leads, counts_of(data, uv_per_count), strict=True):
+            raw = row.astype("<i2").tobytes()
+            lead_data = _sub(waveform, "LeadData")
+            _sub(lead_data, "LeadByteCountTotal", str(len(raw)))
+            _sub(lead_data, "LeadTimeOffset", "0")
+            _sub(lead_data, "LeadSampleCountTotal", str(len(row)))
+            _sub(lead_data, "LeadAmplitudeUnitsPerBit", f"{uv_per_count:g}")
+            _sub(lead_data, "LeadAmplitudeUnits", unit)
+            _sub(lead_data, "LeadHighLimit", "32767")
+            _sub(lead_data, "LeadLowLimit", "-32768")
+            _sub(lead_data, "LeadID", lead)
+            _sub(lead_data, "LeadOffsetFirstSample", "0")
+            _sub(lead_data, "FirstSampleBaseline", "0")
+            _sub(lead_data, "LeadSampleSize", "2")
+            _sub(lead_data, "LeadOff", "FALSE")
+            _sub(lead_data, "BaselineSway", "FALSE")
+            _sub(lead_data, "WaveFormData", base64.encodebytes(raw).decode())  # MUSE wraps lines
+    return _xml(root)
+
+
+def _element(tag: str, text: str) -> ET.Element:
+    element = ET.Element(tag)
+    element.text = text
+    return element
+
+
+def write_sierra(
+    mv: np.ndarray,
+    rate_hz: float,
+    *,
+    leads: Sequence[str] = STANDARD_LEADS,
+    uv_per_count: float = 5.0,
+    median_mv: np.ndarray | None = None,
+    compression: str = "Uncompressed",
+) -> bytes:
+    """A Philips Sierra ECG XML 1.04 document with uncompressed base64 parsedwaveforms."""
+    root = ET.Element("restingecgdata")
+    info = _sub(root, "documentinfo")
+    _sub(info, "documentname", "ecg.xml")
+    _sub(info, "documenttype", "PhilipsECG")
+    _sub(info, "documentversion", "1.04")
+    acquisition = _sub(root, "dataacquisition")
+    signal = _sub(acquisition, "signalcharacteristics")
+    _sub(signal, "samplingrate", f"{rate_hz:g}")
+    _sub(signal, "resolution", f"{uv_per_count:g}")
+    _sub(signal, "acquisitiontype", "STD-12")
+    _sub(signal, "bitspersample", "16")
+    _sub(signal, "signaloffset", "0")
+    _sub(signal, "numberchannelsvalid", str(len(leads)))
+    _sub(signal, "numberchannelsallocated", str(len(leads)))
+    bandwidth = _sub(_sub(root, "reportinfo"), "reportbandwidth")
+    _sub(bandwidth, "highpassfiltersetting", "0.05")
+    _sub(bandwidth, "lowpassfiltersetting", "150")
+    _sub(bandwidth, "notchfiltersetting", "50")
+    counts = counts_of(mv, uv_per_count).astype("<i2")
+    waveforms = _sub(
+        root,
+        "parsedwaveforms",
+        base64.b64encode(counts.tobytes()).decode(),  # lead after lead
+        durationperchannel=f"{counts.shape[1] * 1000.0 / rate_hz:g}",
+        samplespersecond=f"{rate_hz:g}",
+        dataencoding="Base64",
+        compression=compression,
+        numberofleads=str(len(leads)),
+        leadlabels=" ".join(leads),
+    )
+    del waveforms
+    if median_mv is not None:
+        beats = _sub(
+            root,
+            "repbeats",
+            dataencoding="Base64",
+            samplespersec=f"{rate_hz:g}",
+            resolution=f"{uv_per_count:g}",
+            repbeatmethod="median",
+        )
+        for lead, row in zip(leads, counts_of(median_mv, uv_per_count).astype("<i2"), strict=True):
+            beat = _sub(beats, "repbeat", leadname=lead)
+            _sub(
+                beat,
+                "waveform",
+                base64.b64encode(row.tobytes()).decode(),
+                duration=f"{len(row) * 1000.0 / rate_hz:g}",
+            )
+    return _xml(root)
