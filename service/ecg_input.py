@@ -12,6 +12,12 @@ model takes is its :class:`ModelInput` (from its package manifest):
   benchmark) takes exactly its number of samples at its rate, or a longer strip, or one at
   another rate: that is resampled to the model's rate and its first ``samples`` are used.
 
+An ECG may instead arrive as a hospital document (``document``: ``format`` and ``data`` bytes,
+the fields of ``ecgx.v1.EcgDocumentBytes``): it is read here, once for every transport, by
+:func:`ecgx.core.ecg_formats.read_ecg_document` within its :class:`DocumentLimits`, and the
+waveform the model expects (:func:`document_waveform`) then takes exactly the path samples take.
+What each input was made from is reported per ECG (:data:`WAVEFORMS`).
+
 Anything else is refused with an :class:`~ecgx.core.errors.InvalidArgument` whose message
 names the ECG (``ecgs[i]``) and what is wrong. Messages never quote sample values beyond
 one peak amplitude, and nothing here logs.
@@ -29,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.ecg_formats import FORMATS, DocumentLimits, EcgDocument, Waveform, read_ecg_document
 from ecgx.core.errors import InvalidArgument, ResourceExhausted
 from ecgx.core.median_beat import MedianBeatError, check_leads, check_sampling_rate, median_beat
 
@@ -42,6 +49,28 @@ BEAT_RATE_HZ = 500.0
 MIN_STRIP_S = 8.0
 # Longer strips add nothing to a median beat and cost time (resampling, detection).
 MAX_STRIP_S = 120.0
+# What a model input was made from (the responses' ecg_waveforms): a median beat or a window
+# used exactly as sent (or as the document held it), or a rhythm strip the server reduced to it.
+MEDIAN_BEAT, WINDOW, RHYTHM_STRIP = "median_beat", "window", "rhythm_strip"
+WAVEFORMS = (MEDIAN_BEAT, WINDOW, RHYTHM_STRIP)
+# The samples fields a document replaces: a payload sets one or the other, never both.
+_SAMPLE_FIELDS = ("leads", "sampling_rate_hz", "units", "samples_per_lead", "samples")
+
+
+@dataclass(frozen=True)
+class DocumentBytes:
+    """An ECG document as a transport received it (the fields of ``ecgx.v1.EcgDocumentBytes``)."""
+
+    format: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class DocumentEcg:
+    """An ECG payload holding a document instead of samples (what the OIP transports pass the core)."""
+
+    document: DocumentBytes
+    id: str = ""
 
 
 @dataclass(frozen=True)
@@ -69,6 +98,7 @@ def decode_ecgs(
     leads: Sequence[str],
     beat_samples: int | ModelInput = 600,
     max_batch: int | None = None,
+    limits: DocumentLimits | None = None,
 ) -> tuple[np.ndarray, list[bool]]:
     """(B, leads, samples) float32 mV model inputs from ``Ecg`` messages, and whether each came
     from a strip (resampled or cut, or reduced to its median beat).
@@ -77,6 +107,18 @@ def decode_ecgs(
     input (a number: a median beat of that many samples at 500 Hz). Raises InvalidArgument
     for an empty batch or any malformed ECG, ResourceExhausted for more than ``max_batch`` ECGs.
     """
+    beats, waveforms = decode_inputs(ecgs, leads, beat_samples, max_batch, limits)
+    return beats, [w == RHYTHM_STRIP for w in waveforms]
+
+
+def decode_inputs(
+    ecgs: Sequence[Any],
+    leads: Sequence[str],
+    beat_samples: int | ModelInput = 600,
+    max_batch: int | None = None,
+    limits: DocumentLimits | None = None,
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """As :func:`decode_ecgs`, with what each input was made from (one of :data:`WAVEFORMS`)."""
     if len(ecgs) == 0:
         raise InvalidArgument("the request holds no ECG (ecgs is empty)")
     if max_batch is not None and len(ecgs) > max_batch:
@@ -86,18 +128,34 @@ def decode_ecgs(
         )
     spec = beat_samples if isinstance(beat_samples, ModelInput) else ModelInput(int(beat_samples))
     beats = np.empty((len(ecgs), len(leads), spec.samples), np.float32)
-    from_strip = []
+    waveforms = []
     for i, ecg in enumerate(ecgs):
-        beats[i], strip = decode_ecg(ecg, leads, spec, where=f"ecgs[{i}]")
-        from_strip.append(strip)
-    return beats, from_strip
+        beats[i], waveform = decode_input(ecg, leads, spec, where=f"ecgs[{i}]", limits=limits)
+        waveforms.append(waveform)
+    return beats, tuple(waveforms)
 
 
 def decode_ecg(
     ecg: Any, leads: Sequence[str], beat_samples: int | ModelInput = 600, where: str = "ecg"
 ) -> tuple[np.ndarray, bool]:
     """One ``Ecg`` message as the model's (leads, samples) float32 mV input, and whether it was a strip."""
+    x, waveform = decode_input(ecg, leads, beat_samples, where)
+    return x, waveform == RHYTHM_STRIP
+
+
+def decode_input(
+    ecg: Any,
+    leads: Sequence[str],
+    beat_samples: int | ModelInput = 600,
+    where: str = "ecg",
+    limits: DocumentLimits | None = None,
+) -> tuple[np.ndarray, str]:
+    """One ``Ecg`` payload (samples or a document) as the model's (leads, samples) float32 mV
+    input, and what it was made from (one of :data:`WAVEFORMS`)."""
     spec = beat_samples if isinstance(beat_samples, ModelInput) else ModelInput(int(beat_samples))
+    document = document_of(ecg, where)
+    if document is not None:
+        return decode_document(document, leads, spec, f"{where}.document", limits)
     order = lead_order(list(ecg.leads), leads, where)
     scale = units_to_mv(ecg.units, where)
     fs = float(ecg.sampling_rate_hz)
@@ -122,16 +180,109 @@ def decode_ecg(
                 "(a median beat needs 8-10 s)"
             )
     x = np.frombuffer(ecg.samples, "<f4").reshape(n, t)[order]
+    return _model_input(x, fs, scale, spec, leads, where)
+
+
+def _model_input(
+    x: np.ndarray, fs: float, scale: float, spec: ModelInput, leads: Sequence[str], where: str
+) -> tuple[np.ndarray, str]:
+    """The checks and reduction every ECG gets, from its (model leads, T) samples in the stated
+    units at ``fs`` Hz: finite, amplitude, then used as it is or reduced from a strip."""
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         raise InvalidArgument(f"{where}: NaN or infinite samples in lead(s) {_names(leads, bad)}")
     x = x.astype(np.float32) * np.float32(scale)
     _check_amplitude(x, leads, scale, where)
-    if is_beat:
-        return np.ascontiguousarray(x, dtype=np.float32), False
+    if x.shape[-1] == spec.samples and fs == spec.rate_hz:
+        return np.ascontiguousarray(x, dtype=np.float32), MEDIAN_BEAT if spec.median_beat else WINDOW
     if not spec.median_beat:
-        return strip_to_window(x, fs, spec, leads, scale, where), True
-    return strip_to_beat(x, fs, leads, scale, where), True
+        return strip_to_window(x, fs, spec, leads, scale, where), RHYTHM_STRIP
+    return strip_to_beat(x, fs, leads, scale, where), RHYTHM_STRIP
+
+
+# ---------------------------------------------------------------------------- documents
+
+
+def document_of(ecg: Any, where: str = "ecg") -> Any | None:
+    """The payload's document (``format``, ``data``), or None when it holds samples.
+
+    A payload that sets both a document and any samples field is refused: which one the client
+    meant cannot be told."""
+    document = getattr(ecg, "document", None)
+    has_field = getattr(ecg, "HasField", None)
+    if document is None or (has_field is not None and not has_field("document")):
+        return None
+    given = [name for name in _SAMPLE_FIELDS if getattr(ecg, name, None)]
+    if given:
+        raise InvalidArgument(
+            f"{where}: holds a document and samples fields ({', '.join(given)}); send one or the other"
+        )
+    return document
+
+
+def decode_document(
+    document: Any,
+    leads: Sequence[str],
+    spec: ModelInput,
+    where: str = "ecg.document",
+    limits: DocumentLimits | None = None,
+) -> tuple[np.ndarray, str]:
+    """A document (``format``, ``data``) read within ``limits``, then the waveform the model
+    expects (:func:`document_waveform`) through the checks samples get."""
+    fmt, data = str(document.format), document.data
+    if not fmt:
+        raise InvalidArgument(f"{where}.format: the document's format must be given")
+    try:
+        record = read_ecg_document(bytes(data), fmt, limits=limits or DocumentLimits())
+    except InvalidArgument as e:
+        field = "format" if fmt not in FORMATS else "data"
+        raise InvalidArgument(f"{where}.{field}: {e}") from None
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, MemoryError, RecursionError) as e:
+        # A reader's slip on a crafted file is still the document's fault, never INTERNAL.
+        raise InvalidArgument(f"{where}.data: not a readable {fmt} ECG ({type(e).__name__})") from None
+    waveform, name = document_waveform(record, spec, where)
+    order = lead_order(list(record.leads), leads, where)
+    fs = float(waveform.sampling_rate_hz)
+    if not math.isfinite(fs) or fs <= 0:
+        raise InvalidArgument(f"{where}: its sampling rate must be a positive number of Hz, got {fs:g}")
+    mv = np.asarray(waveform.mv, dtype=np.float32)
+    if mv.ndim != 2 or mv.shape[0] != len(record.leads) or mv.shape[1] < 1:
+        raise InvalidArgument(f"{where}: its {name} holds no (leads, samples) waveform")
+    if mv.shape[1] / fs > MAX_STRIP_S and not (mv.shape[1] == spec.samples and fs == spec.rate_hz):
+        raise InvalidArgument(
+            f"{where}: the rhythm strip is {mv.shape[1] / fs:.1f} s long; "
+            f"at most {MAX_STRIP_S:g} s is accepted"
+        )
+    return _model_input(mv[order], fs, 1.0, spec, leads, where)
+
+
+def document_waveform(
+    record: EcgDocument, spec: ModelInput, where: str = "ecg.document"
+) -> tuple[Waveform, str]:
+    """The waveform of a document the model takes, and its name ("median beat" or "rhythm strip").
+
+    A median-beat model takes the document's median beat when it holds one at the model's rate
+    and length (the beat as the cart computed it), else its rhythm strip (reduced here with the
+    importer's code); a window model takes the rhythm strip."""
+    beat, rhythm = record.median_beat, record.rhythm
+    if spec.median_beat and beat is not None and _fits(beat, spec):
+        return beat, "median beat"
+    if rhythm is not None:
+        return rhythm, "rhythm strip"
+    if beat is not None and spec.median_beat:
+        raise InvalidArgument(
+            f"{where}: holds only a median beat of {beat.mv.shape[-1]} samples at "
+            f"{beat.sampling_rate_hz:g} Hz and no rhythm strip; the model takes a median beat of "
+            f"{spec.samples} samples at {spec.rate_hz:g} Hz"
+        )
+    raise InvalidArgument(
+        f"{where}: holds no rhythm strip; the model takes a window of {spec.samples} samples at "
+        f"{spec.rate_hz:g} Hz cut from one"
+    )
+
+
+def _fits(waveform: Waveform, spec: ModelInput) -> bool:
+    return waveform.mv.shape[-1] == spec.samples and float(waveform.sampling_rate_hz) == spec.rate_hz
 
 
 def lead_order(names: Sequence[str], leads: Sequence[str], where: str = "ecg") -> list[int]:
