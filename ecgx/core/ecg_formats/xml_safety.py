@@ -40,6 +40,8 @@ def parse_xml(data: bytes, limits: DocumentLimits, what: str) -> ET.Element:
                 raise EcgDocumentError(
                     f"{what}: more XML elements than the limit of {limits.max_xml_elements}"
                 )
+    except EcgDocumentError:
+        raise
     except defusedxml.DTDForbidden:
         raise EcgDocumentError(f"{what}: XML with a DTD is refused (entity expansion)") from None
     except defusedxml.EntitiesForbidden:
@@ -48,6 +50,8 @@ def parse_xml(data: bytes, limits: DocumentLimits, what: str) -> ET.Element:
         raise EcgDocumentError(f"{what}: XML external references are refused") from None
     except ET.ParseError as exc:
         raise EcgDocumentError(f"{what}: not well-formed XML ({exc})") from None
+    except (LookupError, ValueError) as exc:  # an unknown or unsupported declared encoding
+        raise EcgDocumentError(f"{what}: cannot decode the XML ({exc})") from None
     if root is None:
         raise EcgDocumentError(f"{what}: the document holds no XML element")
     for element in root.iter():
