@@ -307,7 +307,7 @@ def write_sierra(
     median_mv: np.ndarray | None = None,
     compression: str = "Uncompressed",
 ) -> bytes:
-    """A Philips Sierra ECG XML 1.04 document with uncompressed base64 parsedwaveforms."""
+    """A Philips Sierra ECG XML 1.04 document; parsedwaveforms uncompressed or XLI (``compression``)."""
     root = ET.Element("restingecgdata")
     info = _sub(root, "documentinfo")
     _sub(info, "documentname", "ecg.xml")
@@ -327,10 +327,11 @@ def write_sierra(
     _sub(bandwidth, "lowpassfiltersetting", "150")
     _sub(bandwidth, "notchfiltersetting", "50")
     counts = counts_of(mv, uv_per_count).astype("<i2")
+    payload = xli_encode(counts, leads) if compression == "XLI" else counts.tobytes()  # lead after lead
     waveforms = _sub(
         root,
         "parsedwaveforms",
-        base64.b64encode(counts.tobytes()).decode(),  # lead after lead
+        base64.b64encode(payload).decode(),
         durationperchannel=f"{counts.shape[1] * 1000.0 / rate_hz:g}",
         samplespersecond=f"{rate_hz:g}",
         dataencoding="Base64",
@@ -357,3 +358,61 @@ def write_sierra(
                 duration=f"{len(row) * 1000.0 / rate_hz:g}",
             )
     return _xml(root)
+
+
+# ---------------------------------------------------------------- Philips XLI compression
+
+
+def xli_encode(counts: np.ndarray, leads: Sequence[str]) -> bytes:
+    """XLI-compress (leads, n) int16 counts as a Philips cart does (limb leads as residuals).
+
+    The inverse of the decoder in sierra-ecg-tools (github.com/sixlettervariables/sierra-ecg-tools,
+    the ``sierraecg`` package): second differences offset by 64, high bytes then low bytes,
+    10-bit LZW, each lead behind an 8-byte header.
+    """
+    stored = {lead: counts[i].astype(np.int64) for i, lead in enumerate(leads)}
+    lead_i, lead_ii, lead_iii = stored["I"], stored["II"], stored["III"]
+    residual = dict(stored)
+    residual["III"] = lead_ii - lead_i - lead_iii
+    residual["aVR"] = -stored["aVR"] - np.floor_divide(lead_i + lead_ii, 2)
+    residual["aVL"] = np.floor_divide(lead_i - lead_iii, 2) - stored["aVL"]
+    residual["aVF"] = np.floor_divide(lead_ii + lead_iii, 2) - stored["aVF"]
+    out = bytearray()
+    for lead in leads:
+        first, deltas = _xli_deltas(residual[lead].tolist())
+        packed = np.asarray(deltas, dtype=np.int64).astype(np.int16).astype(">u2").view(np.uint8)
+        chunk = lzw_encode(bytes(packed[0::2]) + bytes(packed[1::2]))  # high bytes, then low bytes
+        out += len(chunk).to_bytes(4, "little") + b"\0\0" + int(first).to_bytes(2, "little", signed=True)
+        out += chunk
+    return bytes(out)
+
+
+def _xli_deltas(x: list[int]) -> tuple[int, list[int]]:
+    # decoder: x[i] = 2 x[i-1] - x[i-2] - r[i], r[2] = header value, r[i] = d[i-1] - 64 (i >= 3)
+    residuals = [2 * x[i - 1] - x[i - 2] - x[i] for i in range(2, len(x))]
+    deltas = [x[0], x[1]] + [r + 64 for r in residuals[1:]] + [64]
+    return residuals[0], deltas[: len(x)]
+
+
+def lzw_encode(data: bytes, bits: int = 10) -> bytes:
+    table = {bytes([b]): b for b in range(256)}
+    max_code, next_code = (1 << bits) - 2, 256
+    codes, word = [], b""
+    for byte in data:
+        candidate = word + bytes([byte])
+        if candidate in table:
+            word = candidate
+            continue
+        codes.append(table[word])
+        if next_code <= max_code:
+            table[candidate] = next_code
+            next_code += 1
+        word = bytes([byte])
+    if word:
+        codes.append(table[word])
+    value = 0
+    for code in codes:
+        value = (value << bits) | code
+    total = len(codes) * bits
+    padding = (-total) % 8
+    return (value << padding).to_bytes((total + padding) // 8, "big")

@@ -191,8 +191,16 @@ def test_an_unknown_format_name_lists_the_known_ones() -> None:
     assert FORMATS == ("dicom", "hl7-aecg", "ge-muse", "philips-sierra", "fhir")
 
 
-def test_xli_compressed_sierra_is_refused_by_name(record) -> None:
+def test_xli_compressed_sierra_reads_back(record) -> None:
     mv, rate = record
-    data = write_sierra(mv[:, :100], rate, compression="XLI")
-    with pytest.raises(EcgDocumentError, match="compression 'XLI' is not supported"):
+    plain = read_ecg_document(write_sierra(mv, rate), "philips-sierra")
+    xli = read_ecg_document(write_sierra(mv, rate, compression="XLI"), "philips-sierra")
+    assert plain.rhythm is not None and xli.rhythm is not None
+    np.testing.assert_array_equal(xli.rhythm.mv, plain.rhythm.mv)
+
+
+def test_an_unknown_sierra_compression_is_refused_by_name(record) -> None:
+    mv, rate = record
+    data = write_sierra(mv[:, :100], rate, compression="LZ4")
+    with pytest.raises(EcgDocumentError, match="compression 'LZ4' is not supported"):
         read_ecg_document(data, "philips-sierra")

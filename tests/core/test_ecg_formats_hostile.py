@@ -7,6 +7,7 @@ of a valid document of each format and checks that nothing but EcgDocumentError 
 
 from __future__ import annotations
 
+import base64
 import tracemalloc
 from collections.abc import Callable
 
@@ -14,8 +15,10 @@ import numpy as np
 import pytest
 from ecg_format_helpers import (
     INDEPENDENT_LEADS,
+    STANDARD_LEADS,
     dicom_bytes,
     dicom_dataset,
+    lzw_encode,
     write_aecg,
     write_dicom,
     write_fhir,
@@ -140,6 +143,7 @@ WRITERS: dict[str, Callable[[], bytes]] = {
     "hl7-aecg": lambda: write_aecg(_signal(), RATE),
     "ge-muse": lambda: write_muse(_signal(leads=8), RATE, leads=INDEPENDENT_LEADS),
     "philips-sierra": lambda: write_sierra(_signal(), RATE),
+    "philips-sierra-xli": lambda: write_sierra(_signal(), RATE, compression="XLI"),
 }
 
 
@@ -148,7 +152,35 @@ WRITERS: dict[str, Callable[[], bytes]] = {
 def test_a_truncated_document_is_refused(fmt: str, keep: float) -> None:
     data = WRITERS[fmt]()
     with pytest.raises(EcgDocumentError):
-        read_ecg_document(data[: int(len(data) * keep)], fmt)
+        read_ecg_document(data[: int(len(data) * keep)], _format(fmt))
+
+
+def _format(writer_name: str) -> str:
+    return writer_name.removesuffix("-xli")
+
+
+def test_an_xli_chunk_that_expands_beyond_its_samples_is_stopped() -> None:
+    bomb = lzw_encode(bytes(2_000_000))  # ~8 KB of codes that expand to 2 MB
+    chunk = len(bomb).to_bytes(4, "little") + bytes(4) + bomb
+    data = (
+        b"<restingecgdata><dataacquisition><signalcharacteristics><samplingrate>500</samplingrate>"
+        b"<resolution>5</resolution></signalcharacteristics></dataacquisition>"
+        b'<parsedwaveforms durationperchannel="10" dataencoding="Base64" compression="XLI" '
+        b'leadlabels="I II III aVR aVL aVF V1 V2 V3 V4 V5 V6">'
+        + base64.b64encode(chunk * 12)
+        + b"</parsedwaveforms></restingecgdata>"
+    )
+    peak = _peak_while_refused(
+        lambda: read_ecg_document(data, "philips-sierra"), "decompresses beyond the samples announced"
+    )
+    assert peak < MEMORY_BOUND
+
+
+def test_an_xli_document_missing_a_chunk_is_refused() -> None:
+    data = write_sierra(_signal(), RATE, compression="XLI", leads=STANDARD_LEADS)
+    fewer = data.replace(b"V5 V6", b"V5 V6 V7").replace(b'numberofleads="12"', b'numberofleads="13"')
+    with pytest.raises(EcgDocumentError, match="XLI data ends before lead 13 of 13"):
+        read_ecg_document(fewer, "philips-sierra")
 
 
 def test_a_muse_payload_longer_than_announced_is_refused_before_decoding() -> None:
@@ -215,10 +247,10 @@ def _mutate(data: bytes, steps: list[tuple[str, float, bytes]]) -> bytes:
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(steps=mutations)
 def test_fuzzed_bytes_give_a_document_or_an_ecg_document_error(fmt: str, steps) -> None:
-    _read_or_refuse(_mutate(_VALID[fmt], steps), fmt)
+    _read_or_refuse(_mutate(_VALID[fmt], steps), _format(fmt))
 
 
-@pytest.mark.parametrize("fmt", sorted(WRITERS))
+@pytest.mark.parametrize("fmt", sorted({_format(name) for name in WRITERS}))
 @settings(max_examples=40, deadline=None)
 @given(data=st.binary(max_size=2048))
 def test_random_bytes_give_an_ecg_document_error(fmt: str, data: bytes) -> None:

@@ -3,9 +3,9 @@
 ``dataacquisition/signalcharacteristics`` gives the sampling rate and the resolution (microvolts
 per count, ``signalresolution`` or ``resolution``); ``parsedwaveforms`` holds base64 little-endian
 int16 samples, lead after lead, labelled by ``leadlabels``, ``durationperchannel`` milliseconds
-each; ``repbeats`` the representative beats, one ``repbeat`` per lead. Only uncompressed waveforms
-are read: XLI-compressed ones (``compression="XLI"``) are refused by name (decompress them with the
-vendor's tools or the ``sierraecg`` package first).
+each; ``repbeats`` the representative beats, one ``repbeat`` per lead. Uncompressed
+and XLI-compressed waveforms are read (see :mod:`sierra_xli`; XLI stores the limb leads III,
+aVR, aVL, aVF as residuals from I and II, restored here).
 """
 
 from __future__ import annotations
@@ -21,11 +21,13 @@ from ecgx.core.ecg_formats.leads import (
 )
 from ecgx.core.ecg_formats.payload import decode_base64, int16_samples
 from ecgx.core.ecg_formats.record import DocumentLimits, EcgDocument, EcgDocumentError, Waveform
+from ecgx.core.ecg_formats.sierra_xli import restore_limb_leads, xli_decode
 from ecgx.core.ecg_formats.units import parse_number, parse_rate
 from ecgx.core.ecg_formats.xml_safety import attribute, child, parse_xml, text_of
 
 _WHAT = "Philips Sierra"
 _MV_PER_UV = 1e-3  # Sierra's resolutions are microvolts per count
+XLI_LIMB_LEADS = ("I", "II", "III", "aVR", "aVL", "aVF")
 
 
 def read(data: bytes, limits: DocumentLimits) -> EcgDocument:
@@ -63,9 +65,21 @@ def _parsed_waveforms(
     duration_ms = parse_number(attribute(element, "durationperchannel", field), f"{field} durationperchannel")
     samples = round(duration_ms * rate / 1000.0)
     check_counts(len(labels), samples, limits, field)
-    raw = decode_base64(element.text or "", 2 * samples * len(labels), field)
-    counts = int16_samples(raw, samples * len(labels), field).reshape(len(labels), samples)
-    signals = {lead: counts[i] * resolution * _MV_PER_UV for lead, i in map_leads(labels, field).items()}
+    mapped = map_leads(labels, field)
+    if _compression(element) == "xli":
+        raw = decode_base64(element.text or "", len(element.text or ""), field)
+        counts = xli_decode(raw, len(labels), samples, field)
+        by_lead = {lead: counts[i] for lead, i in mapped.items()}
+        if any(lead not in by_lead for lead in XLI_LIMB_LEADS):
+            raise EcgDocumentError(
+                f"{field}: XLI needs leads {', '.join(XLI_LIMB_LEADS)}; the source has {list(labels)}"
+            )
+        restore_limb_leads(by_lead)
+    else:
+        raw = decode_base64(element.text or "", 2 * samples * len(labels), field)
+        counts = int16_samples(raw, samples * len(labels), field).reshape(len(labels), samples)
+        by_lead = {lead: counts[i] for lead, i in mapped.items()}
+    signals = {lead: values * resolution * _MV_PER_UV for lead, values in by_lead.items()}
     mv, derived = assemble_leads(signals, labels, field)
     return make_waveform(mv, rate, field), labels, derivation_note(derived)
 
@@ -75,6 +89,8 @@ def _repbeats(
 ) -> tuple[Waveform, dict[str, str]]:
     field = f"{_WHAT}: repbeats"
     _check_encoding(element, field)
+    if _compression(element) != "uncompressed":
+        raise EcgDocumentError(f"{field}: compressed representative beats are not supported")
     rate = parse_rate(
         parse_number(element.get("samplespersec") or str(rate), field), f"{field} samplespersec"
     )
@@ -102,12 +118,16 @@ def _check_encoding(element: ET.Element, field: str) -> None:
     encoding = element.get("dataencoding", "Base64")
     if encoding != "Base64":
         raise EcgDocumentError(f"{field}: dataencoding {encoding!r} is not supported (only Base64)")
-    compression = element.get("compressmethod") or element.get("compression") or "Uncompressed"
-    if compression.lower() not in ("uncompressed", "none"):
+    if _compression(element) not in ("uncompressed", "xli"):
         raise EcgDocumentError(
-            f"{field}: compression {compression!r} is not supported (only uncompressed waveforms; "
-            "decompress XLI with the vendor's tools or the sierraecg package first)"
+            f"{field}: compression {element.get('compressmethod') or element.get('compression')!r} is "
+            "not supported (only uncompressed and XLI)"
         )
+
+
+def _compression(element: ET.Element) -> str:
+    compression = (element.get("compressmethod") or element.get("compression") or "Uncompressed").lower()
+    return "uncompressed" if compression in ("uncompressed", "none", "false") else compression
 
 
 def _filters(root: ET.Element) -> dict[str, str]:
