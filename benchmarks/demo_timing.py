@@ -9,8 +9,11 @@ or under nohup), and records its wall-clock time, the child's peak RSS, the load
 ran (sampled every 10 s: on a shared machine the time is an upper bound), its CPU time (user +
 system, which others' load does not inflate much), the per-seed test AUROC
 (min and mean over the classes, from RUNDIR/seed-<s>/metrics.json), the gate's verdict per
-package and the longest silence in its output. Prints a markdown snippet (date, machine, command)
-and writes it to --out.
+package, the longest silence in its output, the wall and CPU seconds of each step
+(OUT/timings.json, written by the demo) and the gate's time per check (its report's timings_s).
+Prints a markdown snippet (date, machine, command) and writes it to --out; ``--results`` appends
+it to benchmarks/RESULTS.md and ``--readme`` rewrites the README's demo figures (the text between
+its ``<!-- demo-timing -->`` markers), so the README quotes the measurement and nothing else.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _cpu_model() -> str:
@@ -96,6 +101,63 @@ def verdict_rows(out: Path) -> list[tuple[str, str]]:
     return rows
 
 
+def step_rows(out: Path) -> list[str]:
+    """Each demo step's wall and CPU seconds (OUT/timings.json), then the gate's time per check."""
+    rows = []
+    timings = out / "timings.json"
+    if timings.is_file():
+        for s in json.loads(timings.read_text())["steps"]:
+            rows.append(f"| step {s['step']}: wall / CPU | {s['wall_s']:.0f} s / {s['cpu_s']:.0f} s |")
+    for pkg in sorted((out / "packages").glob("seed-*")):
+        gate = pkg / "gate.json"
+        if gate.is_file():
+            t = json.loads(gate.read_text()).get("timings_s", {})
+            checks = ", ".join(f"{k} {v:.0f}" for k, v in t.items() if k != "total")
+            rows.append(f"| gate {pkg.name} wall s per check (total {t.get('total', 0):.0f} s) | {checks} |")
+    return rows
+
+
+README_START, README_END = "<!-- demo-timing -->", "<!-- /demo-timing -->"
+
+
+def readme_figures(
+    quick: bool, seconds: float, cpu: float, rss_kb: int, loads: list[float], out: Path
+) -> str:
+    """The README's sentence of demo figures, from this measurement."""
+    name = "`ecgx demo --quick`" if quick else "`ecgx demo`"
+    aurocs = auroc_rows(out)
+    auroc = (
+        f"test AUROC min {min(lo for _, lo, _ in aurocs):.2f} / mean "
+        f"{sum(m for _, _, m in aurocs) / len(aurocs):.2f} over seeds"
+        if aurocs
+        else "no AUROC recorded"
+    )
+    passed = sorted({m for _, v in verdict_rows(out) if ": " in v for m in v.split(": ", 1)[1].split(", ")})
+    passed = [m for m in passed if m != "no method"]
+    load = sorted(loads)[len(loads) // 2]
+    return (
+        f"Measured by `python benchmarks/demo_timing.py{' --quick' if quick else ''}` "
+        f"({datetime.now(UTC):%Y-%m-%d}, {os.cpu_count()} CPUs, load average median {load:.1f}"
+        f"{'; shared, so an upper bound' if load > (os.cpu_count() or 1) else ''}): {name} took "
+        f"{seconds / 60:.1f} min wall clock for {cpu / 60:.1f} min of CPU time, peak memory "
+        f"{rss_kb / 2**20:.1f} GB, {auroc}; its gate passed {', '.join(passed) or 'no method'}."
+    )
+
+
+def update_readme(readme: Path, quick: bool, sentence: str) -> None:
+    """Replace this variant's figures between the README's markers (one line per variant)."""
+    text = readme.read_text(encoding="utf-8")
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"{readme} has no {README_START} ... {README_END} block for the demo figures")
+    key = "`ecgx demo --quick`" if quick else "`ecgx demo`"
+    lines = [ln for ln in text[start + len(README_START) : end].strip().splitlines() if ln.strip()]
+    lines = [ln for ln in lines if f" {key} took " not in ln] + [sentence]
+    lines.sort(key=lambda ln: "--quick" not in ln)  # the quick one first
+    block = README_START + "\n" + "\n".join(lines) + "\n" + README_END
+    readme.write_text(text[:start] + block + text[end + len(README_END) :], encoding="utf-8")
+
+
 def snippet(
     quick: bool,
     seconds: float,
@@ -130,6 +192,7 @@ def snippet(
         for s, lo, mean in auroc_rows(out)
     ]
     lines += [f"| gate {p} | {v} |" for p, v in verdict_rows(out)]
+    lines += step_rows(out)
     return "\n".join(lines) + "\n"
 
 
@@ -138,6 +201,10 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="time `ecgx demo --quick`")
     parser.add_argument("--out", type=Path, help="also write the markdown snippet here")
     parser.add_argument("--keep", type=Path, help="run the demo in this (new) folder and keep it")
+    parser.add_argument("--results", action="store_true", help="append the snippet to benchmarks/RESULTS.md")
+    parser.add_argument(
+        "--readme", action="store_true", help="rewrite the README's demo figures from this run"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="ecgx-demo-timing-") as tmp:
         folder = args.keep or Path(tmp) / "demo"
@@ -147,13 +214,20 @@ def main() -> int:
         usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         rss_kb, cpu = usage.ru_maxrss, usage.ru_utime + usage.ru_stime  # ru_maxrss: kilobytes on Linux
         text = snippet(args.quick, seconds, code, rss_kb, load.samples, silence, folder, cpu)
+        sentence = readme_figures(args.quick, seconds, cpu, rss_kb, load.samples, folder)
         if code != 0:
             text += "\nThe demo failed; its last lines:\n\n    " + "\n    ".join(
                 log.read_text().splitlines()[-15:]
             )
     print(text)
+    print(sentence)
     if args.out is not None:
         args.out.write_text(text)
+    if code == 0 and args.results:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a", encoding="utf-8") as f:
+            f.write("\n" + text)
+    if code == 0 and args.readme:
+        update_readme(ROOT / "README.md", args.quick, sentence)
     return code
 
 

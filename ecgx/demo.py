@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -73,6 +75,7 @@ VALIDATION_SEED = 1000
 # than that so every class has enough positives.
 DEMO_VALIDATION_BEATS = 384
 MARKER_FILE = "ecgx-demo.json"
+TIMINGS_FILE = "timings.json"  # OUT/timings.json: wall and CPU seconds per step (benchmarks/demo_timing.py)
 DEMO_MODEL = "ecg"  # the model name in OUT/repo
 GRPC_FIGURE = "grpc_explanation.png"
 # The method explained over gRPC: the first of these the gate passed on the served version
@@ -169,6 +172,32 @@ QUICK = DemoPlan(
 )
 
 
+@dataclass(frozen=True)
+class StepTime:
+    """One step's wall-clock and CPU seconds (user + system of this process and its children:
+    CPU time above the wall clock means the step used both cores)."""
+
+    step: str
+    wall: float
+    cpu: float
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all threads) and its finished children."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@contextmanager
+def timed_step(steps: list[StepTime], name: str) -> Iterator[None]:
+    """Append ``name``'s wall and CPU seconds to ``steps`` when the block ends (also on error)."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    try:
+        yield
+    finally:
+        steps.append(StepTime(name, time.perf_counter() - wall, cpu_seconds() - cpu))
+
+
 def run_demo(
     out: Path,
     *,
@@ -199,25 +228,35 @@ def run_demo(
     trims = plan.trims(n, seeds)
     print(f"ecgx demo ({plan.name}) in {out}; this demo:")
     print("\n".join(f"  - {t}" for t in trims), flush=True)
-    _synthesise(data_dir, n, overwrite, show_progress)
-    _train(data_dir, run_dir, seeds, plan, overwrite, show_progress)
-    packages = _export(run_dir, pkg_dir, seeds, overwrite)
+    steps: list[StepTime] = []
+    with timed_step(steps, "data"):
+        _synthesise(data_dir, n, overwrite, show_progress)
+    with timed_step(steps, "training"):
+        _train(data_dir, run_dir, seeds, plan, overwrite, show_progress)
+    with timed_step(steps, "export"):
+        packages = _export(run_dir, pkg_dir, seeds, overwrite)
     print(format_training_summary(run_dir, seeds), flush=True)
-    result = DemoResult(out=out, packages=packages, trims=trims)
+    result = DemoResult(out=out, packages=packages, trims=trims, steps=steps)
     if len(packages) > 1:
         gated = packages if plan.gate_every_package else packages[:1]
-        verdicts, first_run = _gate(out, gated, packages, plan, show_progress)
+        with timed_step(steps, "gate"):
+            verdicts, first_run = _gate(out, gated, packages, plan, show_progress)
         result.verdicts = verdicts
-        result.report = _write_report(out, first_run, trims, show_progress)
+        with timed_step(steps, "report"):
+            result.report = _write_report(out, first_run, trims, show_progress)
         print(f"experiments report: {result.report}", flush=True)
-        result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report, show_progress)
-        _serve_and_explain(out, gated, data_dir, fig_dir, result)
+        with timed_step(steps, "figures"):
+            result.figures = _draw(data_dir, packages[0], fig_dir, first_run.report, show_progress)
+        with timed_step(steps, "serve and explain"):
+            _serve_and_explain(out, gated, data_dir, fig_dir, result)
     else:
         log.warning(
             "one seed only: the gate needs a seed family, so gating, the report and serving are skipped"
         )
-        result.figures = _draw(data_dir, packages[0], fig_dir, None, show_progress)
+        with timed_step(steps, "figures"):
+            result.figures = _draw(data_dir, packages[0], fig_dir, None, show_progress)
     result.seconds = time.perf_counter() - started
+    write_text_atomic(out / TIMINGS_FILE, json.dumps(timings_record(result), indent=1) + "\n")
     print("\n".join(closing_summary(result)))
     return result
 
@@ -489,13 +528,28 @@ class DemoResult:
     record: Path | None = None  # the test window explained over gRPC, as .npy
     method: str | None = None  # the method it was explained with (one the gate passed)
     seconds: float = 0.0
+    steps: list[StepTime] = field(default_factory=list)
+
+
+def timings_record(result: DemoResult) -> dict:
+    """OUT/timings.json: the whole run's and each step's wall and CPU seconds."""
+    return {
+        "wall_s": round(result.seconds, 2),
+        "steps": [
+            {"step": s.step, "wall_s": round(s.wall, 2), "cpu_s": round(s.cpu, 2)} for s in result.steps
+        ],
+    }
 
 
 def closing_summary(result: DemoResult) -> list[str]:
     """What was written where (only what exists), one line per package with the gate's verdict,
     and the commands to go on with. Every path is as the user passed ``out``."""
     out = result.out
-    lines = [f"\ndemo finished in {result.seconds:.0f} s. Written in {out}:"]
+    lines = [f"\ndemo finished in {result.seconds:.0f} s."]
+    if result.steps:
+        times = ", ".join(f"{s.step} {s.wall:.0f} / {s.cpu:.0f}" for s in result.steps)
+        lines.append(f"time per step (wall / CPU seconds; CPU above wall: both cores busy): {times}")
+    lines.append(f"Written in {out}:")
     written = [
         ("experiments report (HTML)", result.report),
         ("attribution figures", out / FIGURES_DIR if result.figures else None),
@@ -505,6 +559,7 @@ def closing_summary(result: DemoResult) -> list[str]:
         ("gate signing key (private; keep it)", out / "keys" / "gate_signing_key.pem"),
         ("gate public key (for serve --trusted-key)", out / "keys" / "gate_public_key.pem"),
         ("record explained over gRPC", result.record),
+        ("time per step (JSON)", out / TIMINGS_FILE),
         ("training runs", out / "runs"),
         ("training and validation data (synthetic)", out / "data"),
     ]
