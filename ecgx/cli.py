@@ -55,6 +55,26 @@ def _cmd_import_wfdb(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_import_documents(args: argparse.Namespace) -> int:
+    from ecgx.training.data.document_import import import_documents
+
+    report = import_documents(
+        args.paths, args.out, fmt=args.format, overwrite=args.overwrite, show_progress=not args.quiet
+    )
+    log.info(
+        "imported %d document(s) into %s; skipped %d", len(report.imported), report.out, len(report.skipped)
+    )
+    for name, reason in report.skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    return 0
+
+
+def _document_formats() -> tuple[str, ...]:
+    from ecgx.core.ecg_formats import FORMATS
+
+    return FORMATS
+
+
 def _cmd_data_info(args: argparse.Namespace) -> int:
     from ecgx.core.dataset import load_dataset
     from ecgx.core.schema import CLASSES
@@ -571,6 +591,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder ecgx wrote")
     _add_common(p)
     p.set_defaults(func=_cmd_import_wfdb)
+
+    p = data_sub.add_parser(
+        "import",
+        help="turn ECG documents (DICOM, HL7 aECG, GE MUSE, Philips Sierra, FHIR) into median beats",
+        description="Read ECG documents as hospitals store them and compute one median beat per file with "
+        "the server's own code (the document's median beat when it holds one at 500 Hz, else its rhythm "
+        "strip's). The format is given by --format, else each file's extension and content. The beats are "
+        "imported unlabelled; unreadable files are skipped with the reason.",
+    )
+    p.add_argument("paths", nargs="+", type=Path, help="document files")
+    p.add_argument("--format", choices=_document_formats(), help="the documents' format (default: per file)")
+    p.add_argument("--out", type=Path, required=True, help="dataset folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder ecgx wrote")
+    _add_common(p)
+    p.set_defaults(func=_cmd_import_documents)
 
     p = data_sub.add_parser(
         "info", help="validate a dataset folder and count its labels", description="Validate and summarise."

@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.core.errors import InvalidArgument
+from ecgx.core.ecg_formats import FORMATS as DOCUMENT_FORMATS
+from ecgx.core.errors import FailedPrecondition, InvalidArgument
 from ecgx.core.outputs import OutputKind, StagedOutput, check_output
 from ecgx.core.schema import BEAT_SAMPLES, LEADS, SAMPLING_RATE_HZ
 
@@ -70,6 +71,13 @@ def _is_client_json(path: Path) -> bool:
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PNG_FILE = OutputKind("PNG picture", False, lambda p: _starts_with(p, PNG_MAGIC), "a PNG file", "out.png")
+FHIR_FILE = OutputKind(
+    "FHIR resource file",
+    False,
+    lambda p: _starts_with(p, b'{"resourceType"'),
+    "a FHIR JSON resource ecgx client wrote",
+    "observation.json",
+)
 JSON_RESULT = OutputKind(
     "client result file", False, _is_client_json, "a JSON result of ecgx client", "result.json"
 )
@@ -147,8 +155,62 @@ def load_record(path: Path) -> EcgInput:
     return EcgInput([np.asarray(signal, dtype=np.float32)], float(fs), str(path))
 
 
-def ecg_messages(ecgs: EcgInput, units: str = "mV") -> list[Any]:
+@dataclass(frozen=True)
+class EcgDocumentFile:
+    """An ECG document read as bytes, sent as it is: the server decodes it (one place)."""
+
+    data: bytes
+    format: str
+    source: str
+
+    @property
+    def signals(self) -> list[bytes]:  # one ECG, as EcgInput counts them
+        return [self.data]
+
+
+def load_document(path: Path, fmt: str | None = None) -> EcgDocumentFile:
+    """An ECG document (DICOM, HL7 aECG, GE MUSE, Philips Sierra, FHIR): its bytes and its format,
+    from ``fmt`` or else the file's extension or content (nothing is decoded here)."""
+    from ecgx.core.ecg_formats import DEFAULT_LIMITS, FORMATS, format_of_file
+
+    path = Path(path)
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidArgument(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    size = path.stat().st_size
+    if size > DEFAULT_LIMITS.max_bytes:
+        raise InvalidArgument(
+            f"{path}: {size} bytes, over the {DEFAULT_LIMITS.max_bytes} bytes a document may have"
+        )
+    data = path.read_bytes()
+    return EcgDocumentFile(data, fmt or format_of_file(path, data), str(path))
+
+
+def load_ecg_file(path: Path, fs: float | None = None, fmt: str | None = None) -> EcgInput | EcgDocumentFile:
+    """``--ecg FILE``: a .npy array (median beats, or with ``fs`` rhythm strips), else a document."""
+    from ecgx.core.ecg_formats import EcgDocumentError, format_of_file
+
+    if fmt is None:
+        if Path(path).suffix.lower() == ".npy":
+            return load_npy(path, fs)
+        try:
+            fmt = format_of_file(path)
+        except EcgDocumentError:  # neither extension nor content names a format: maybe an array
+            try:
+                return load_npy(path, fs)
+            except InvalidArgument:
+                raise InvalidArgument(
+                    f"{path}: not a NumPy .npy array, nor an ECG document whose extension or content "
+                    f"shows its format (give --format: {', '.join(DOCUMENT_FORMATS)})"
+                ) from None
+    if fs is not None:
+        raise InvalidArgument("--fs is for .npy rhythm strips; an ECG document names its own rate")
+    return load_document(path, fmt)
+
+
+def ecg_messages(ecgs: EcgInput | EcgDocumentFile, units: str = "mV") -> list[Any]:
     pb, _ = _pb()
+    if isinstance(ecgs, EcgDocumentFile):
+        return [pb.Ecg(document=pb.EcgDocumentBytes(format=ecgs.format, data=ecgs.data))]
     unit = {"mv": pb.MILLIVOLT, "uv": pb.MICROVOLT, "µv": pb.MICROVOLT}.get(units.lower())
     if unit is None:
         raise InvalidArgument(f"--units must be mV or uV, got {units!r}")
@@ -354,6 +416,7 @@ class Client:
         targets: Sequence[Any] = (),
         parameters_json: Mapping[str, str] | None = None,
         version: str = "",
+        fhir: bool = False,
     ) -> Any:
         pb, _ = _pb()
         request = pb.ExplainRequest(
@@ -363,6 +426,7 @@ class Client:
             methods=list(methods),
             targets=list(targets),
             parameters_json=dict(parameters_json or {}),
+            fhir=fhir,
         )
         return self._call("Explain", request)
 
@@ -689,7 +753,16 @@ def run_client(args: Any) -> int:
             raise InvalidArgument("--fs is for --ecg rhythm strips; a WFDB record names its own rate")
         if args.record is not None and args.units != "mV":
             raise InvalidArgument("--units is for --ecg; a WFDB record is read in millivolts")
-        ecgs = load_record(args.record) if args.record is not None else load_npy(args.ecg, args.fs)
+        if args.record is not None and args.format is not None:
+            raise InvalidArgument("--format is for --ecg documents; a WFDB record is read as WFDB")
+        ecgs = (
+            load_record(args.record)
+            if args.record is not None
+            else load_ecg_file(args.ecg, args.fs, args.format)
+        )
+    fhir_out = getattr(args, "fhir_out", None)
+    if fhir_out is not None:
+        check_output(fhir_out, FHIR_FILE, overwrite=overwrite)
     if png is not None:  # before the call, every picture it will write
         check_outputs(png, None, overwrite)
         for path in png_paths(png, len(ecgs.signals) if ecgs else 1)[1:]:
@@ -720,8 +793,17 @@ def run_client(args: Any) -> int:
             targets = [parse_target(t) for t in args.target or []]
             params = parse_params(args.param, args.method)
             r = client.explain(
-                model, ecg_messages(ecgs, args.units), args.method, targets, params, args.version or ""
+                model,
+                ecg_messages(ecgs, args.units),
+                args.method,
+                targets,
+                params,
+                args.version or "",
+                fhir=fhir_out is not None,
             )
+            if fhir_out is not None:
+                write_fhir_observations(r, fhir_out, overwrite=overwrite)
+                print(f"fhir: {fhir_out}")
             info = client.get_model(model)
             v = version_info(info, r.version)
             leads = list(v.leads) if v is not None and len(v.leads) == len(LEADS) else LEADS
@@ -734,6 +816,23 @@ def run_client(args: Any) -> int:
         write_json(result, json_out, overwrite=overwrite)
         print(f"json: {json_out}")
     return 0
+
+
+def write_fhir_observations(response: Any, path: Path, overwrite: bool = False) -> None:
+    """The server's FHIR Observation of the attribution (a ``collection`` Bundle of them when the
+    response holds several), as JSON."""
+    observations = [json.loads(a.fhir_observation) for a in response.attributions if a.fhir_observation]
+    if len(observations) != len(response.attributions) or not observations:
+        raise FailedPrecondition(
+            "the server returned no FHIR Observation for --fhir-out (it predates ExplainRequest.fhir)"
+        )
+    if len(observations) == 1:
+        document: dict[str, Any] = observations[0]
+    else:
+        entries = [{"resource": o} for o in observations]
+        document = {"resourceType": "Bundle", "type": "collection", "entry": entries}
+    with StagedOutput(path, FHIR_FILE, overwrite=overwrite) as tmp:
+        tmp.write_text(json.dumps(document) + "\n")
 
 
 def security_of(args: Any) -> ChannelSecurity:
@@ -792,15 +891,22 @@ def add_parser(sub: Any, add_common: Any) -> None:
             src.add_argument(
                 "--ecg",
                 type=Path,
-                metavar="FILE.npy",
-                help="(12, 600) or (B, 12, 600) float32 median beats at 500 Hz, standard lead order "
-                "(with --fs: rhythm strips (12, T) or (B, 12, T))",
+                metavar="FILE",
+                help="FILE.npy: (12, 600) or (B, 12, 600) float32 median beats at 500 Hz, standard lead "
+                "order (with --fs: rhythm strips (12, T) or (B, 12, T)); any other file: an ECG document "
+                "(DICOM, HL7 aECG, GE MUSE, Philips Sierra XML, FHIR JSON; by extension and content, or "
+                "--format), sent as it is for the server to read",
             )
             src.add_argument(
                 "--record", type=Path, metavar="WFDB", help="a WFDB record, sent as a rhythm strip"
             )
             p.add_argument("--fs", type=float, help="sampling rate (Hz) of --ecg rhythm strips")
             p.add_argument("--units", default="mV", choices=["mV", "uV"], help="units of --ecg (default mV)")
+            p.add_argument(
+                "--format",
+                choices=DOCUMENT_FORMATS,
+                help="the --ecg document's format (default: by extension, then content)",
+            )
         p.add_argument("--json", type=Path, metavar="OUT.json", help="also write the result as JSON")
         p.add_argument("--overwrite", action="store_true", help="replace outputs ecgx client wrote")
         _add_security_flags(p)
@@ -834,5 +940,11 @@ def add_parser(sub: Any, add_common: Any) -> None:
         "--param", action="append", default=[], metavar="METHOD:NAME=VALUE", help="method setting, repeatable"
     )
     p.add_argument("--png", type=Path, metavar="OUT.png", help="draw the attributions over the 12 leads")
+    p.add_argument(
+        "--fhir-out",
+        type=Path,
+        metavar="OUT.json",
+        help="write the attribution as the server's FHIR R4 Observation (a Bundle when several)",
+    )
     for p in client_sub.choices.values():
         p.set_defaults(func=run_client)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from ecgx.service.requests import AttributionResult, VersionFacts
+from ecgx.service.ecg_input import ModelInput
+from ecgx.service.requests import AttributionResult, ExplainResult, VersionFacts
 
 # Our own code system and extension base (no registered FHIR profile exists for attributions).
 CODE_SYSTEM = "urn:ecgx:fhir:code"
@@ -123,6 +124,25 @@ def observation_json(
     return Observation.model_validate(resource).model_dump_json(exclude_none=True).encode("utf-8")
 
 
+def observations_of(result: ExplainResult, served: Any) -> list[bytes]:
+    """Every attribution of an Explain result as an Observation (JSON bytes), in order, over the
+    inputs the model saw; ``served`` is the version that computed them (its leads and rate)."""
+    package = served.engine.package
+    rate = ModelInput.of_manifest(package.manifest).rate_hz
+    waveforms = tuple(getattr(result, "ecg_waveforms", ()) or ())  # once the core reports them
+    return [
+        observation_json(
+            result.facts,
+            a,
+            result.beats[a.ecg_index],
+            package.leads,
+            rate,
+            waveform=waveforms[a.ecg_index] if a.ecg_index < len(waveforms) else "",
+        )
+        for a in result.attributions
+    ]
+
+
 def _component(
     code: dict[str, str], lead: str, values: np.ndarray, period_ms: float, unit: str | None
 ) -> dict:
@@ -166,5 +186,6 @@ __all__ = [
     "SIGNAL_CODE",
     "attribution_observation",
     "observation_json",
+    "observations_of",
     "sampled_values",
 ]

@@ -153,7 +153,7 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
     @_rpc
     def ModelInfer(self, request: Any, context: grpc.ServicerContext) -> Any:
         call = codec.parse_parameters({k: _param_value(p) for k, p in request.parameters.items()})
-        x = self._input(request)
+        x = self._input(request, call)
         wanted = codec.wanted_outputs([o.name for o in request.outputs], call)
         record = codec.core_request(
             request.model_name, request.model_version, x, call, caller_of(context), cancel_token(context)
@@ -165,13 +165,19 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         for name, a in codec.outputs_of(result, wanted):
             response.outputs.add(name=name, datatype="FP32", shape=list(a.shape))
             response.raw_output_contents.append(a.tobytes())
+        if codec.OUTPUT_FHIR in wanted:
+            served = self.core.served(result.facts.model, result.facts.version)
+            observations = codec.fhir_observations(result, served)
+            response.outputs.add(name=codec.OUTPUT_FHIR, datatype="BYTES", shape=[len(observations)])
+            response.raw_output_contents.append(codec.bytes_tensor(observations))
         for name, value in codec.response_parameters(result).items():
             _set_param(response.parameters[name], value)
         return response
 
     @staticmethod
-    def _input(request: Any) -> Any:
-        """The ``ecg`` tensor as an array of its declared shape (the core checks it for the model)."""
+    def _input(request: Any, call: codec.OipCall) -> Any:
+        """The ``ecg`` tensor as an array of its declared shape (the core checks it for the model),
+        or the ``ecg_document`` tensor's documents."""
         if len(request.inputs) != 1:
             names = [i.name[:80] for i in request.inputs[:10]]
             raise InvalidArgument(
@@ -185,15 +191,15 @@ class OipServicer(oip_grpc.GRPCInferenceServiceServicer):
         values = None
         if t.HasField("contents"):
             c = t.contents
-            others = [f.name for f, v in c.ListFields() if f.name != "fp32_contents" and len(v)]
+            field = "bytes_contents" if t.name == codec.INPUT_DOCUMENT else "fp32_contents"
+            others = [f.name for f, v in c.ListFields() if f.name != field and len(v)]
             if others:
                 raise InvalidArgument(
-                    f"input {codec.INPUT_NAME!r} is FP32: put its values in contents.fp32_contents, "
-                    f"not {others}"
+                    f"input {t.name[:80]!r}: put its values in contents.{field}, not {others}"
                 )
-            values = c.fp32_contents
+            values = getattr(c, field)
         raw_bytes = raw[0] if raw else None
-        return codec.input_array(t.name, t.datatype, list(t.shape), raw=raw_bytes, values=values)
+        return codec.input_ecgs(t.name, t.datatype, list(t.shape), call, raw=raw_bytes, values=values)
 
 
 def _set_param(p: Any, value: Any) -> None:

@@ -12,9 +12,19 @@ The protocol, as served:
 - outputs ``probabilities`` and ``logits`` (FP32 ``[B, classes]``); with the request parameter
   ``method`` also ``attribution`` (FP32 ``[B, 12, 600]``). ModelMetadata lists only the outputs
   every request can ask for: ``attribution`` exists only for a request that names a method.
+- or input ``ecg_document``: BYTES ``[B]``, one ECG document per element (KServe's BYTES
+  encoding: each element a 4-byte little-endian length and its bytes when raw; strings or bytes
+  when given as contents), with the request parameter ``format`` (one of
+  :data:`~ecgx.core.ecg_formats.FORMATS`). Each is decoded by the serving core as ecgx.v1's
+  ``Ecg.document`` is (service/ecg_input.py, one place), through the same checks.
+- with ``fhir`` true (and a method), also output ``fhir_observation``: BYTES ``[B]``, each
+  attribution as a FHIR R4 Observation in JSON (service/fhir_output.py).
 - request parameters: ``method``, ``target`` (class key, SNOMED code, class index, or
-  ``"predicted"``, the default), ``parameters`` (the method's settings as JSON object text);
-  ``priority`` and ``timeout`` (set by some clients) are ignored; anything else is INVALID_ARGUMENT.
+  ``"predicted"``, the default), ``parameters`` (the method's settings as JSON object text),
+  ``format`` (with ``ecg_document``), ``fhir``; ``priority`` and ``timeout`` (set by some
+  clients) are ignored; anything else is INVALID_ARGUMENT.
+- response parameter ``ecg_waveforms`` (when the core reports it): what each ECG's model input
+  was made from ("median_beat", "window" or "rhythm_strip"), as JSON text.
 """
 
 from __future__ import annotations
@@ -27,8 +37,10 @@ from typing import Any
 
 import numpy as np
 
+from ecgx.core.ecg_formats import FORMATS
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.core import parse_settings_json
+from ecgx.service.ecg_input import DocumentBytes, DocumentEcg
 from ecgx.service.requests import (
     CLASS,
     PREDICTED,
@@ -45,12 +57,17 @@ from ecgx.service.requests import (
 SERVER_NAME = "ecgx"
 PLATFORM = "onnxruntime_onnx"  # Triton's name for ONNX Runtime models
 INPUT_NAME = "ecg"
+INPUT_DOCUMENT = "ecg_document"
 OUTPUT_PROBABILITIES = "probabilities"
 OUTPUT_LOGITS = "logits"
 OUTPUT_ATTRIBUTION = "attribution"
+OUTPUT_FHIR = "fhir_observation"
 PARAM_METHOD = "method"
 PARAM_TARGET = "target"
 PARAM_PARAMETERS = "parameters"
+PARAM_FORMAT = "format"
+PARAM_FHIR = "fhir"
+KNOWN_PARAMETERS = (PARAM_METHOD, PARAM_TARGET, PARAM_PARAMETERS, PARAM_FORMAT, PARAM_FHIR)
 IGNORED_PARAMETERS = frozenset({"priority", "timeout"})
 MAX_DIMS = 8  # a tensor shape longer than this is not an ECG batch of any kind
 MAX_TENSOR_VALUES = 2**31  # far more than any message can carry (64 MiB)
@@ -63,6 +80,8 @@ class OipCall:
     method: str | None = None
     target: Any = PREDICTED
     settings: Mapping[str, Any] | None = None
+    format: str | None = None  # the ecg_document input's format
+    fhir: bool = False  # also the fhir_observation output
 
 
 def parse_parameters(parameters: Mapping[str, Any]) -> OipCall:
@@ -71,20 +90,28 @@ def parse_parameters(parameters: Mapping[str, Any]) -> OipCall:
     for name, value in parameters.items():
         if name in IGNORED_PARAMETERS:
             continue
-        if name not in (PARAM_METHOD, PARAM_TARGET, PARAM_PARAMETERS):
+        if name not in KNOWN_PARAMETERS:
             raise InvalidArgument(
-                f"unknown request parameter {name[:80]!r}; this server takes {PARAM_METHOD!r}, "
-                f"{PARAM_TARGET!r} and {PARAM_PARAMETERS!r}"
+                f"unknown request parameter {name[:80]!r}; this server takes "
+                f"{', '.join(map(repr, KNOWN_PARAMETERS))}"
             )
         values[name] = value
+    fmt = values.get(PARAM_FORMAT)
+    if fmt is not None and fmt not in FORMATS:
+        raise InvalidArgument(
+            f"request parameter {PARAM_FORMAT!r} must be one of {', '.join(FORMATS)}, got {str(fmt)[:80]!r}"
+        )
+    fhir = values.get(PARAM_FHIR, False)
+    if not isinstance(fhir, bool):
+        raise InvalidArgument(f"request parameter {PARAM_FHIR!r} must be a boolean, got {str(fhir)[:80]!r}")
     method = values.get(PARAM_METHOD)
     if method is None:
-        for name in (PARAM_TARGET, PARAM_PARAMETERS):
+        for name in (PARAM_TARGET, PARAM_PARAMETERS) + ((PARAM_FHIR,) if fhir else ()):
             if name in values:
                 raise InvalidArgument(
                     f"request parameter {name!r} needs {PARAM_METHOD!r} (an attribution method) too"
                 )
-        return OipCall()
+        return OipCall(format=fmt)
     if not isinstance(method, str) or not method:
         raise InvalidArgument(f"request parameter {PARAM_METHOD!r} must be a method name (a string)")
     target = values.get(PARAM_TARGET, PREDICTED)
@@ -99,7 +126,7 @@ def parse_parameters(parameters: Mapping[str, Any]) -> OipCall:
     parsed = (
         {} if settings is None else parse_settings_json(settings, f"request parameter {PARAM_PARAMETERS!r}")
     )
-    return OipCall(method, target, parsed)
+    return OipCall(method, target, parsed, fmt, fhir)
 
 
 def input_array(
@@ -158,9 +185,101 @@ def input_array(
     )
 
 
+def input_ecgs(
+    name: str,
+    datatype: str,
+    shape: Sequence[int],
+    call: OipCall,
+    *,
+    raw: bytes | None = None,
+    values: Sequence[Any] | None = None,
+) -> np.ndarray | list[DocumentEcg]:
+    """The one input of a ModelInfer as the core takes it: the ``ecg`` array, or the
+    ``ecg_document`` documents (payloads the core decodes)."""
+    if name == INPUT_DOCUMENT:
+        return input_documents(datatype, shape, call, raw=raw, values=values)
+    if call.format is not None:
+        raise InvalidArgument(
+            f"request parameter {PARAM_FORMAT!r} goes with input {INPUT_DOCUMENT!r}, not {name[:80]!r}"
+        )
+    return input_array(name, datatype, shape, raw=raw, values=values)
+
+
+def input_documents(
+    datatype: str,
+    shape: Sequence[int],
+    call: OipCall,
+    *,
+    raw: bytes | None = None,
+    values: Sequence[Any] | None = None,
+) -> list[DocumentEcg]:
+    """The ``ecg_document`` input: BYTES [B], raw (KServe: 4-byte little-endian length, then the
+    element's bytes, per element) or as contents (bytes, or text encoded as UTF-8)."""
+    where = f"input {INPUT_DOCUMENT!r}"
+    if datatype != "BYTES":
+        raise InvalidArgument(f"{where} must have datatype BYTES, got {datatype[:20]!r}")
+    dims = [int(d) for d in shape]
+    if len(dims) != 1 or dims[0] < 1:
+        raise InvalidArgument(
+            f"{where} must have shape [batch] (one document per element), got {dims[:MAX_DIMS]}"
+        )
+    if call.format is None:
+        raise InvalidArgument(
+            f"{where} needs the request parameter {PARAM_FORMAT!r}: one of {', '.join(FORMATS)}"
+        )
+    if raw is not None and values is not None:
+        raise InvalidArgument(f"{where} is given both as raw bytes and as contents; give one")
+    if raw is not None:
+        elements = _length_prefixed(raw, dims[0], where)
+    elif values is not None:
+        if len(values) != dims[0]:
+            raise InvalidArgument(
+                f"{where}: the contents hold {len(values)} elements; shape {dims} needs {dims[0]}"
+            )
+        elements = [_element_bytes(v, where) for v in values]
+    else:
+        raise InvalidArgument(f"{where} has no data: give raw_input_contents or contents.bytes_contents")
+    return [DocumentEcg(DocumentBytes(call.format, data)) for data in elements]
+
+
+def _length_prefixed(raw: bytes, count: int, where: str) -> list[bytes]:
+    out, offset = [], 0
+    view = memoryview(raw)
+    for i in range(count):
+        if offset + 4 > len(view):
+            raise InvalidArgument(f"{where}: raw contents end before element {i}'s 4-byte length")
+        size = int.from_bytes(view[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(view):
+            raise InvalidArgument(
+                f"{where}: element {i} announces {size} bytes; "
+                f"{len(view) - offset} are left in the raw contents"
+            )
+        out.append(bytes(view[offset : offset + size]))
+        offset += size
+    if offset != len(view):
+        raise InvalidArgument(f"{where}: {len(view) - offset} bytes after the {count} elements of its shape")
+    return out
+
+
+def _element_bytes(value: Any, where: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise InvalidArgument(f"{where}: each element must be bytes or text, got {type(value).__name__}")
+
+
+def bytes_tensor(elements: Sequence[bytes]) -> bytes:
+    """BYTES elements in KServe's raw encoding (the inverse of the ``ecg_document`` decoding)."""
+    return b"".join(len(e).to_bytes(4, "little") + e for e in elements)
+
+
 def wanted_outputs(names: Sequence[str], call: OipCall) -> list[str]:
     """The outputs to send (all of them when ``names`` is empty), or an error naming the bad one."""
     available = [OUTPUT_PROBABILITIES, OUTPUT_LOGITS] + ([OUTPUT_ATTRIBUTION] if call.method else [])
+    if call.fhir:
+        available.append(OUTPUT_FHIR)
     if not names:
         return available
     wanted: list[str] = []
@@ -169,6 +288,11 @@ def wanted_outputs(names: Sequence[str], call: OipCall) -> list[str]:
             raise InvalidArgument(
                 f"output {OUTPUT_ATTRIBUTION!r} needs the request parameter {PARAM_METHOD!r} "
                 "(an attribution method, e.g. saliency)"
+            )
+        if name == OUTPUT_FHIR and not call.fhir:
+            raise InvalidArgument(
+                f"output {OUTPUT_FHIR!r} needs the request parameters {PARAM_FHIR!r} (true) "
+                f"and {PARAM_METHOD!r}"
             )
         if name not in available:
             raise NotFound(f"unknown output {name[:80]!r}; this model has {', '.join(available)}")
@@ -179,7 +303,12 @@ def wanted_outputs(names: Sequence[str], call: OipCall) -> list[str]:
 
 
 def core_request(
-    model: str, version: str, x: np.ndarray, call: OipCall, caller: Caller, cancel: CancelToken
+    model: str,
+    version: str,
+    x: np.ndarray | Sequence[DocumentEcg],
+    call: OipCall,
+    caller: Caller,
+    cancel: CancelToken,
 ) -> PredictRequest | ExplainRequest:
     """The core's record of a ModelInfer: Predict without a method, Explain with one."""
     common = dict(model=model, version=version or None, ecgs=x, caller=caller, cancel=cancel)
@@ -192,11 +321,19 @@ def core_request(
 
 
 def outputs_of(result: PredictResult, wanted: Sequence[str]) -> list[tuple[str, np.ndarray]]:
-    """(name, little-endian float32 array) for each wanted output, in the order asked."""
+    """(name, little-endian float32 array) for each wanted FP32 output, in the order asked
+    (``fhir_observation``, BYTES, comes from :func:`fhir_observations`)."""
     arrays = {OUTPUT_PROBABILITIES: result.probabilities, OUTPUT_LOGITS: result.logits}
     if isinstance(result, ExplainResult):
         arrays[OUTPUT_ATTRIBUTION] = np.stack([a.attribution for a in result.attributions])
-    return [(name, np.ascontiguousarray(arrays[name], dtype="<f4")) for name in wanted]
+    return [(name, np.ascontiguousarray(arrays[name], dtype="<f4")) for name in wanted if name != OUTPUT_FHIR]
+
+
+def fhir_observations(result: ExplainResult, served: Any) -> list[bytes]:
+    """Each attribution as a FHIR R4 Observation (JSON bytes), by :mod:`ecgx.service.fhir_output`."""
+    from ecgx.service.fhir_output import observations_of
+
+    return observations_of(result, served)
 
 
 def response_parameters(result: PredictResult) -> dict[str, Any]:
@@ -207,6 +344,9 @@ def response_parameters(result: PredictResult) -> dict[str, Any]:
         "package_sha256": f.package_sha256,
         "classes": json.dumps(list(f.class_keys)),
     }
+    waveforms = getattr(result, "ecg_waveforms", ())  # set by the core once it reports them
+    if waveforms:
+        out["ecg_waveforms"] = json.dumps(list(waveforms))
     if isinstance(result, ExplainResult):
         a = result.attributions[0]
         out.update(
@@ -244,15 +384,21 @@ def model_metadata(served: Any, versions: Sequence[str]) -> dict[str, Any]:
 
 
 __all__ = [
+    "INPUT_DOCUMENT",
     "INPUT_NAME",
     "OUTPUT_ATTRIBUTION",
+    "OUTPUT_FHIR",
     "OUTPUT_LOGITS",
     "OUTPUT_PROBABILITIES",
     "PLATFORM",
     "SERVER_NAME",
     "OipCall",
+    "bytes_tensor",
     "core_request",
+    "fhir_observations",
     "input_array",
+    "input_documents",
+    "input_ecgs",
     "model_metadata",
     "outputs_of",
     "parse_parameters",

@@ -239,7 +239,7 @@ class OipHttpApp:
                 f"millivolts), got {names}"
             )
         t = body.inputs[0]
-        x = codec.input_array(t.name, t.datatype, t.shape, raw=t.raw, values=t.values)
+        x = codec.input_ecgs(t.name, t.datatype, t.shape, call, raw=t.raw, values=t.values)
         wanted = codec.wanted_outputs([name for name, _ in body.outputs], call)
         caller = Caller.of(record.identity, request.peer)
         cancel = CancelToken(is_active=request.connected)
@@ -253,6 +253,11 @@ class OipHttpApp:
             (name, array, binary.get(name) if binary.get(name) is not None else body.binary_outputs)
             for name, array in codec.outputs_of(result, wanted)
         ]
+        if codec.OUTPUT_FHIR in wanted:
+            served = self.core.served(result.facts.model, result.facts.version)
+            flag = binary.get(codec.OUTPUT_FHIR)
+            observations = codec.fhir_observations(result, served)
+            outputs.append((codec.OUTPUT_FHIR, observations, body.binary_outputs if flag is None else flag))
         head: dict[str, Any] = {"model_name": result.facts.model, "model_version": result.facts.version}
         if body.id:
             head["id"] = body.id
@@ -428,6 +433,8 @@ def _inputs(value: Any, binary: memoryview) -> tuple[tuple[Tensor, ...], int]:
                 )
             tensors.append(Tensor(name, datatype, tuple(shape), raw=bytes(binary[offset : offset + size])))
             offset += size
+        elif "data" in item and datatype == "BYTES":
+            tensors.append(Tensor(name, datatype, tuple(shape), values=_strings(item["data"], where)))
         elif "data" in item:
             tensors.append(
                 Tensor(name, datatype, tuple(shape), values=_flat(item["data"], math.prod(shape), where))
@@ -439,6 +446,16 @@ def _inputs(value: Any, binary: memoryview) -> tuple[tuple[Tensor, ...], int]:
             f"'inputs' holds {len(value)} tensors; ModelInfer takes one ({codec.INPUT_NAME!r})"
         )
     return tuple(tensors), offset
+
+
+def _strings(data: Any, where: str) -> list[Any]:
+    """A BYTES tensor's elements in JSON: a flat list of strings (text documents: XML, FHIR JSON)."""
+    if not isinstance(data, list) or not all(isinstance(v, str) for v in data):
+        raise InvalidArgument(
+            f"{where}: 'data' of a BYTES tensor must be a flat list of strings "
+            f"(binary documents such as DICOM go as binary data, {BINARY_HEADER})"
+        )
+    return data
 
 
 def _flat(data: Any, count: int, where: str) -> list[Any]:
@@ -490,12 +507,22 @@ def _outputs(value: Any) -> tuple[tuple[str, bool | None], ...]:
 
 
 def encode_infer_response(
-    head: dict[str, Any], outputs: Sequence[tuple[str, np.ndarray, bool]]
+    head: dict[str, Any], outputs: Sequence[tuple[str, np.ndarray | list[bytes], bool]]
 ) -> HttpResponse:
     """The ``/infer`` answer: JSON, with the binary outputs after it (Triton's binary extension)."""
     tensors, blobs = [], []
     for name, array, binary in outputs:
-        tensor: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if isinstance(array, list):  # BYTES: the FHIR Observations (JSON text)
+            tensor = {"name": name, "datatype": "BYTES", "shape": [len(array)]}
+            if binary:
+                blob = codec.bytes_tensor(array)
+                tensor["parameters"] = {"binary_data_size": len(blob)}
+                blobs.append(blob)
+            else:
+                tensor["data"] = [e.decode("utf-8") for e in array]
+            tensors.append(tensor)
+            continue
+        tensor = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
         if binary:
             blob = np.ascontiguousarray(array, dtype="<f4").tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
