@@ -15,6 +15,7 @@ unchanged in 4.3), so a malformed resource fails here, not in the EHR. No PyTorc
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,11 +118,9 @@ def observation_json(
     *,
     waveform: str = "",
 ) -> bytes:
-    """:func:`attribution_observation` as UTF-8 JSON text."""
-    from fhir.resources.R4B.observation import Observation
-
+    """:func:`attribution_observation` (validated) as UTF-8 JSON text."""
     resource = attribution_observation(facts, attribution, beat, leads, rate_hz, waveform=waveform)
-    return Observation.model_validate(resource).model_dump_json(exclude_none=True).encode("utf-8")
+    return json.dumps(resource, separators=(",", ":")).encode("utf-8")
 
 
 def observations_of(result: ExplainResult, served: Any) -> list[bytes]:
