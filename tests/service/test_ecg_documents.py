@@ -327,3 +327,43 @@ def test_any_prefix_of_a_real_document_is_read_or_refused(cut, fmt) -> None:
         decode_input(DocumentEcg(DocumentBytes(fmt, data[: cut % (len(data) + 1)])), STANDARD_LEADS, SPEC)
     except InvalidArgument as e:
         assert str(e).startswith("ecg.document")
+
+
+# ------------------------------------------------------------------------------ the core's hook
+
+# The core reports what each input was made from and ecgx.v1 returns FHIR once service/core.py,
+# requests.py and server.py carry the hook (engineer C's files); until then these skip.
+needs_hook = pytest.mark.skipif(
+    not hasattr(
+        __import__("ecgx.service.requests", fromlist=["PredictResult"]).PredictResult, "ecg_waveforms"
+    ),
+    reason="the serving core does not report ecg_waveforms yet (hook in service/core.py pending)",
+)
+
+
+@needs_hook
+def test_the_response_says_which_waveform_each_input_was_made_from(served, record) -> None:
+    mv, fs = record
+    strip = explain(served, raw_ecg(mv, fs))
+    median = array(strip.beats)[0]
+    ecgs = [
+        document_ecg("dicom", write_dicom(mv, fs, median_mv=median)),  # its median beat fits
+        document_ecg("fhir", write_fhir(mv, fs)),  # a rhythm strip only
+        raw_ecg(median, 500.0),  # a beat sent as samples
+    ]
+    r = served.ecgx.Predict(pb.PredictRequest(model=MODEL, ecgs=ecgs), timeout=60)
+    assert list(r.ecg_waveforms) == [MEDIAN_BEAT, RHYTHM_STRIP, MEDIAN_BEAT]
+    assert list(strip.ecg_waveforms) == [RHYTHM_STRIP]
+
+
+@needs_hook
+def test_ecgx_v1_explain_returns_a_fhir_observation_per_attribution(served, record) -> None:
+    mv, fs = record
+    request = pb.ExplainRequest(
+        model=MODEL, ecgs=[document_ecg("dicom", write_dicom(mv, fs))], methods=[PASSED], fhir=True
+    )
+    r = served.ecgx.Explain(request, timeout=120)
+    assert len(r.attributions) == 1
+    check_observation(r.attributions[0].fhir_observation, r)
+    plain = explain(served, document_ecg("dicom", write_dicom(mv, fs)))
+    assert plain.attributions[0].fhir_observation == b""  # only when asked
