@@ -317,6 +317,18 @@ def test_any_document_fields_are_read_or_refused_as_invalid_argument(fmt, data) 
         assert x.shape == (12, 600) and waveform in (MEDIAN_BEAT, RHYTHM_STRIP)
 
 
+@settings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(fmt=st.sampled_from([*FORMATS, "", "DICOM", "x" * 300]), data=st.binary(max_size=2048))
+def test_any_document_fields_over_grpc_are_invalid_argument_never_internal(served, fmt, data) -> None:
+    error = refusal(lambda: explain(served, document_ecg(fmt, data)))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+    assert "ecgs[0].document." in error.details()
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(cut=st.integers(min_value=0, max_value=10_000), fmt=st.sampled_from(FORMATS))
 def test_any_prefix_of_a_real_document_is_read_or_refused(cut, fmt) -> None:
@@ -367,3 +379,41 @@ def test_ecgx_v1_explain_returns_a_fhir_observation_per_attribution(served, reco
     check_observation(r.attributions[0].fhir_observation, r)
     plain = explain(served, document_ecg("dicom", write_dicom(mv, fs)))
     assert plain.attributions[0].fhir_observation == b""  # only when asked
+
+
+# ------------------------------------------------------------------------------ the OIP codec
+
+
+@pytest.mark.parametrize(
+    ("parameters", "name", "datatype", "shape", "raw", "phrase"),
+    [
+        ({}, "ecg_document", "BYTES", [1], b"\x01\0\0\0x", "needs the request parameter 'format'"),
+        ({"format": "dicom"}, "ecg_document", "FP32", [1], b"", "must have datatype BYTES"),
+        ({"format": "dicom"}, "ecg_document", "BYTES", [1, 1], b"", "must have shape [batch]"),
+        ({"format": "dicom"}, "ecg_document", "BYTES", [1], b"\x05\0\0", "before element 0's 4-byte length"),
+        ({"format": "dicom"}, "ecg_document", "BYTES", [1], b"\x09\0\0\0abc", "announces 9 bytes"),
+        ({"format": "dicom"}, "ecg_document", "BYTES", [1], b"\x01\0\0\0ab", "1 bytes after the 1 elements"),
+        ({"format": "dicom"}, "ecg", "FP32", [1, 12, 600], b"", "'format' goes with input 'ecg_document'"),
+        ({"format": "docx"}, "ecg_document", "BYTES", [1], b"", "'format' must be one of dicom"),
+        ({"fhir": True}, "ecg", "FP32", [1, 12, 600], b"", "'fhir' needs 'method'"),
+        ({"fhir": "yes", "method": "gradcam"}, "ecg", "FP32", [1], b"", "'fhir' must be a boolean"),
+    ],
+)
+def test_the_codec_refuses_bad_document_inputs_naming_them(parameters, name, datatype, shape, raw, phrase):
+    from ecgx.service import oip_codec as codec
+
+    with pytest.raises(InvalidArgument) as info:
+        call = codec.parse_parameters(parameters)
+        codec.input_ecgs(name, datatype, shape, call, raw=raw)
+    assert phrase in str(info.value)
+
+
+def test_the_codec_reads_kserve_bytes_both_ways() -> None:
+    from ecgx.service import oip_codec as codec
+
+    call = codec.parse_parameters({"format": "fhir"})
+    docs = [b"{}", b"", "text é".encode()]
+    raw = codec.input_ecgs("ecg_document", "BYTES", [3], call, raw=codec.bytes_tensor(docs))
+    listed = codec.input_ecgs("ecg_document", "BYTES", [3], call, values=[b"{}", "", "text é"])
+    assert [e.document.data for e in raw] == docs == [e.document.data for e in listed]
+    assert {e.document.format for e in raw} == {"fhir"}
