@@ -17,6 +17,9 @@ than its 1-D path on this network family. Graph inputs and outputs keep their
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 from onnx import TensorProto
@@ -151,25 +154,16 @@ class EpsilonRule(Rule):
 
 
 class RescaleRule(Rule):
-    """DeepLIFT rescale, as Captum's DeepLift at ReLUs.
+    """DeepLIFT rescale, as Captum's DeepLift at ReLUs, with the cross-max rescale rule at max
+    pooling (Captum's ``deep_lift.maxpool``), which keeps DeepLIFT's summation-to-delta exact.
 
-    Tensors hold the input (first half) and the reference (second half) in one
-    batch; a ReLU's multiplier is delta-out / delta-in, or the plain gradient
-    where |delta-in| < 1e-10.
-
-    Max pooling follows the graph input ``maxpool_rescale`` (a bool). True: the
-    cross-max rescale rule written in Captum's ``deep_lift.maxpool``, which keeps
-    DeepLIFT's summation-to-delta exact. False: the plain gradient through the
-    window maximum, which is what Captum 0.9's DeepLift computes in practice
-    (its max-pool hook does not take effect), so attributions then match Captum
-    but no longer sum to f(x) - f(baseline) exactly.
+    Tensors hold the input (first half) and the reference (second half) in one batch; a
+    ReLU's multiplier is delta-out / delta-in, or the plain gradient where |delta-in| < 1e-10.
+    The max-pool rule sums the routed deltas of both halves, so both halves travel backwards.
     """
 
     name = "deeplift"
     doubled = True
-
-    def __init__(self, maxpool_rescale: str):
-        self.maxpool_rescale = maxpool_rescale
 
     def relu(self, b, g, z, out):
         d_in, d_out = _halves_delta(b, z), _halves_delta(b, out)
@@ -184,11 +178,30 @@ class RescaleRule(Rule):
         r_in, r_ref = b.op("Split", [routed], "split", n_out=2, axis=0)
         summed = b.op("Add", [r_in, r_ref])
         plain = route_max(b, g, a, op)
-        rescaled = _rescale(b, b.op("Concat", [summed, summed], axis=0), _halves_delta(b, a), plain)
-        # Blend by the 0/1 flag; exact for 0 and 1 since both branches are finite.
-        use = b.op("Cast", [self.maxpool_rescale], to=FLOAT)
-        keep = b.op("Sub", [b.const(1.0), use])
-        return b.op("Add", [b.op("Mul", [rescaled, use]), b.op("Mul", [plain, keep])], "maxpool_rule")
+        return _rescale(b, b.op("Concat", [summed, summed], axis=0), _halves_delta(b, a), plain)
+
+
+class RescaleGradientMaxRule(Rule):
+    """DeepLIFT rescale at ReLUs, the plain gradient through each window's maximum at max pooling
+    (what Captum 0.9's DeepLift computes in practice: its max-pool hook does not take effect).
+
+    Nothing then mixes the halves on the way back, and only the input half's multipliers make the
+    attribution, so the gradient travels through the input half alone (B rows, not 2B): the
+    forward tensors still hold both halves (2B), which the deltas read. Per row it computes what
+    :class:`RescaleRule`'s ReLU step computes, in the same order, so the input half is the same.
+    """
+
+    name = "deeplift"
+
+    def relu(self, b, g, z, out):
+        z_in, z_ref = b.op("Split", [z], "split", n_out=2, axis=0)
+        out_in, out_ref = b.op("Split", [out], "split", n_out=2, axis=0)
+        d_in, d_out = b.op("Sub", [z_in, z_ref], "delta"), b.op("Sub", [out_in, out_ref], "delta")
+        return _rescale(b, b.op("Mul", [g, d_out]), d_in, relu_mask(b, g, out_in))
+
+    def maxpool(self, b, g, a, y, op):
+        a_in, _ = b.op("Split", [a], "split", n_out=2, axis=0)
+        return route_max(b, g, a_in, op)
 
 
 def relu_mask(b: GraphBuilder, g: str, out: str) -> str:
@@ -301,18 +314,53 @@ def backward_graph(ir: ModelIR, x_shape: list, n_classes: int, rule: Rule) -> on
 
 
 def deeplift_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
+    """DeepLIFT's multipliers times (x - baseline). The forward pass runs input and reference as
+    one batch of 2B; the graph input ``maxpool_rescale`` picks the backward pass with an ``If``:
+    the cross-max rescale rule (:class:`RescaleRule`, both halves) or the gradient through the
+    window maximum (:class:`RescaleGradientMaxRule`, the input half only: half the backward
+    work). Only the chosen branch runs."""
     b, x, seed = _start("deeplift", x_shape, n_classes)
     ref = b.add_input("baseline", x_shape)
     rescale_max = b.add_input("maxpool_rescale", [], TensorProto.BOOL)
     both = b.op("Concat", [x, ref], "input_and_reference", axis=0)
     t = emit_forward(b, ir, both)
-    seeds = b.op("Concat", [seed, seed], "seed2", axis=0)
-    mult = to_3d(b, emit_backward(b, ir, RescaleRule(rescale_max), t, seeds, INPUT))
-    mult_in, _ = b.op("Split", [mult], "split", n_out=2, axis=0)
+
+    def rescale(sb: GraphBuilder) -> str:
+        seeds = sb.op("Concat", [seed, seed], "seed2", axis=0)
+        mult = to_3d(sb, emit_backward(sb, ir, RescaleRule(), t, seeds, INPUT))
+        return sb.op("Split", [mult], "split", n_out=2, axis=0)[0]
+
+    def gradient_max(sb: GraphBuilder) -> str:
+        return to_3d(sb, emit_backward(sb, ir, RescaleGradientMaxRule(), t, seed, INPUT))
+
+    mult_in = b.op(
+        "If",
+        [rescale_max],
+        "maxpool_rule",
+        then_branch=_branch(b, "rescale", rescale),
+        else_branch=_branch(b, "gradient_max", gradient_max),
+    )
     logits, _ = b.op("Split", [t[ir.output]], "split", n_out=2, axis=0)
     b.add_output(logits, "logits", [BATCH, n_classes])
     b.add_output(b.op("Mul", [mult_in, b.op("Sub", [x, ref])], "deeplift_attr"), "attribution", x_shape)
     return b.model()
+
+
+def _branch(b: GraphBuilder, name: str, emit: Callable[[GraphBuilder], str]) -> onnx.GraphProto:
+    """A subgraph of ``b`` (an ``If`` branch) with one output, ``emit``'s result. It reads the outer
+    graph's tensors by name; its constants and parameters join the outer graph's initialisers, and
+    its tensor names are prefixed with ``name`` so they stay unique in the model."""
+    sb = _Prefixed(name, constants=b.constants, params=b.params, prefix=f"{name}:")
+    out = sb.op("Identity", [emit(sb)], "result")
+    return onnx.helper.make_graph(sb.nodes, name, [], [onnx.helper.make_tensor_value_info(out, FLOAT, None)])
+
+
+@dataclass
+class _Prefixed(GraphBuilder):
+    prefix: str = ""
+
+    def fresh(self, hint: str) -> str:
+        return self.prefix + super().fresh(hint)
 
 
 def lrp_graph(ir: ModelIR, x_shape: list, n_classes: int) -> onnx.ModelProto:
