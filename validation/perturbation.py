@@ -246,6 +246,7 @@ def perturbation_curves_on(
     start = [target_logit(e, x, target) if s is None else s for e, s in zip(engines, starts, strict=True)]
     all_curves = [PerturbationCurves(fractions, {}, {}, {}) for _ in engines]
     tiled = np.tile(target, len(counts) - 1)
+    build = _StepBuilder(x, basis, noise_sd, window) if reuse else None
     # order name -> (removal order, the straight lines of each step) of a linear strategy
     lines: dict[str, tuple[np.ndarray, list[np.ndarray]]] = {}
     for strategy in strategies:
@@ -257,25 +258,118 @@ def perturbation_curves_on(
             known = lines.get(order_name) if reuse and strategy in LINEAR_STRATEGIES else None
             if known is not None and not np.array_equal(known[0], order):
                 known = None
-            perturbed, drawn = [], []
-            for step, k in enumerate(counts[1:]):
-                removed_seg = np.zeros((len(x), n_seg), bool)
-                np.put_along_axis(removed_seg, order[:, :k], True, axis=1)
-                removed = removed_seg.reshape(len(x), n_ind, -1)[:, :, window_of]
-                linear = None
-                if reuse and strategy in LINEAR_STRATEGIES:
-                    linear = independent_linear_fill(x, removed, basis) if known is None else known[1][step]
-                    drawn.append(linear)
-                perturbed.append(remove_segments(x, removed, basis, strategy, rng, noise_sd, linear))
-            if drawn and known is None:
-                lines[order_name] = (order, drawn)
             # Every step in one batch: one model call per curve instead of one per step.
-            batch = np.concatenate(perturbed)
+            if build is None:
+                batch = np.concatenate(
+                    [
+                        remove_segments(x, removed, basis, strategy, rng, noise_sd)
+                        for removed in _removed_steps(order, counts, n_ind, window_of)
+                    ]
+                )
+            else:
+                batch, drawn = build.steps(order, counts, strategy, rng, None if known is None else known[1])
+                if drawn and known is None:
+                    lines[order_name] = (order, drawn)
             for i, engine in enumerate(engines):
                 after = target_logit(engine, batch, tiled)
-                z = np.concatenate([start[i][:, None], after.reshape(len(perturbed), len(x)).T], axis=1)
+                z = np.concatenate([start[i][:, None], after.reshape(len(counts) - 1, len(x)).T], axis=1)
                 getattr(all_curves[i], order_name)[strategy] = z.mean(axis=0).tolist()
                 areas[i][order_name] = np.trapezoid(z, fractions, axis=1)
         for curves, area in zip(all_curves, areas, strict=True):
             curves.score[strategy] = area["lerf"] - area["morf"]
     return all_curves
+
+
+def _removed_steps(order: np.ndarray, counts: np.ndarray, n_ind: int, window_of: np.ndarray):
+    """The removed samples (B, independent leads, samples) of each step: the first ``counts[j]``
+    segments of ``order``."""
+    for k in counts[1:]:
+        removed_seg = np.zeros(order.shape, bool)
+        np.put_along_axis(removed_seg, order[:, :k], True, axis=1)
+        yield removed_seg.reshape(len(order), n_ind, -1)[:, :, window_of]
+
+
+class _StepBuilder:
+    """The perturbed ECGs of every removal step, equal to :func:`remove_segments` of each step
+    with less work: the ECGs' float64 independent leads, lead means and window geometry are
+    computed once, and the straight lines find their nearest kept samples per window (segments
+    are removed whole) instead of scanning every sample twice."""
+
+    def __init__(self, x: np.ndarray, basis: LeadBasis, noise_sd: np.ndarray, window: int) -> None:
+        self.x, self.basis, self.noise_sd = x, basis, noise_sd
+        kept = x[:, basis.independent].astype(np.float64)
+        self.kept = np.ascontiguousarray(kept)  # the same numbers, faster to walk
+        n = x.shape[2]
+        self.starts = np.arange(0, n, window)
+        self.ends = np.append(self.starts[1:], n)
+        self.window_of = np.searchsorted(self.starts, np.arange(n), side="right") - 1
+        # Every window's sample positions, the last window padded to a whole one.
+        self.grid = self.starts[:, None] + np.arange(window)
+        # As linear_fill and replace compute them, on the same array: the same numbers.
+        self.lead_mean = kept.mean(axis=2, keepdims=True)
+
+    def steps(
+        self,
+        order: np.ndarray,
+        counts: np.ndarray,
+        strategy: str,
+        rng: np.random.Generator,
+        lines: list[np.ndarray] | None,
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Every step's perturbed ECGs in one batch (step after step) and, for a linear strategy,
+        each step's straight lines (``lines``: those of an earlier strategy removing the same
+        segments, taken instead of drawn)."""
+        if strategy not in (*LINEAR_STRATEGIES, "zero", "lead_mean"):
+            raise InvalidArgument(f"unknown replacement strategy {strategy!r}")
+        b, n_ind = order.shape[0], len(self.basis.independent)
+        batch = np.empty((b * (len(counts) - 1), *self.x.shape[1:]), np.float32)
+        # Buffers used again at every step: fresh arrays this large cost page faults each time.
+        filled, noise = np.empty(self.kept.shape), np.empty(self.kept.shape)
+        change, single = np.empty(self.x.shape, np.float64), np.empty(self.kept.shape, np.float32)
+        drawn = []
+        for step, k in enumerate(counts[1:]):
+            removed_seg = np.zeros(order.shape, bool)
+            np.put_along_axis(removed_seg, order[:, :k], True, axis=1)
+            removed_win = removed_seg.reshape(b, n_ind, -1)
+            fill: np.ndarray | float = 0.0 if strategy == "zero" else self.lead_mean
+            if strategy in LINEAR_STRATEGIES:
+                fill = self.linear(removed_win) if lines is None else lines[step]
+                drawn.append(fill)
+                if strategy == "noisy_linear":
+                    rng.standard_normal(out=noise)
+                    fill = np.add(fill, np.multiply(noise, self.noise_sd, out=noise), out=noise)
+            # remove_segments' arithmetic, each operation the same, into the buffers.
+            np.copyto(filled, self.kept)
+            np.copyto(filled, fill, where=removed_win[:, :, self.window_of])
+            np.copyto(single, filled, casting="same_kind")  # replace's float32
+            np.copyto(filled, single)
+            np.subtract(filled, self.kept, out=filled)
+            np.einsum("lk,bks->bls", self.basis.matrix, filled, out=change)
+            batch[step * b : (step + 1) * b] = np.add(self.x, change, out=change)
+        return batch, drawn
+
+    def linear(self, removed_win: np.ndarray) -> np.ndarray:
+        """:func:`linear_fill` of the independent leads where ``removed_win`` (B, leads, windows)
+        is removed, the same numbers there (elsewhere the fill is never used). Each removed
+        window's nearest kept samples, their values and the lead mean are found per window;
+        only the line itself is drawn per sample, on a grid of whole windows."""
+        n_win, n = removed_win.shape[-1], self.kept.shape[-1]
+        kept_win = ~removed_win
+        index = np.arange(n_win)
+        prev_win = np.maximum.accumulate(np.where(kept_win, index, -1), axis=-1)
+        next_win = np.minimum.accumulate(np.where(kept_win, index, n_win)[..., ::-1], axis=-1)[..., ::-1]
+        # The nearest kept sample before a removed window is the last of the kept window before it.
+        prev = np.where(prev_win >= 0, self.ends[np.clip(prev_win, 0, n_win - 1)] - 1, -1)
+        nxt = np.where(next_win < n_win, self.starts[np.clip(next_win, 0, n_win - 1)], n)
+        left = np.take_along_axis(self.kept, np.clip(prev, 0, n - 1), axis=-1)[..., None]
+        right = np.take_along_axis(self.kept, np.clip(nxt, 0, n - 1), axis=-1)[..., None]
+        span = np.maximum(nxt - prev, 1)[..., None]
+        w = (self.grid - prev[..., None]) / span
+        fill = left + w * (right - left)
+        # linear_fill's edge cases, in its order: before the first kept sample the next kept
+        # value, after the last the previous one, a lead removed whole its mean.
+        whole = ~kept_win.any(axis=-1, keepdims=True)
+        edge = np.where(nxt >= n, left[..., 0], right[..., 0])
+        edge = np.where(whole, self.lead_mean, edge)[..., None]
+        fill = np.where(((prev < 0) | (nxt >= n) | whole)[..., None], edge, fill)
+        return fill.reshape(*fill.shape[:-2], -1)[..., :n].astype(np.float32)

@@ -10,11 +10,24 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
+from ecgx.core.ecg_noise import high_frequency_sd
 from ecgx.core.similarity import spearman_rows
 from ecgx.service.engine import AttributionEngine
 from ecgx.validation.gate import run_gate
-from ecgx.validation.perturbation import lead_basis, perturbation_curves, perturbation_curves_on
+from ecgx.validation.perturbation import (
+    STANDARD_LEADS,
+    _removed_steps,
+    _StepBuilder,
+    lead_basis,
+    linear_fill,
+    perturbation_curves,
+    perturbation_curves_on,
+    removal_order,
+    remove_segments,
+    segment_relevance,
+)
 from ecgx.validation.randomisation import (
     _RankedTrained,
     randomisation_models,
@@ -161,3 +174,39 @@ def test_other_model_memo_computes_once_per_ecg_set(trained_family: dict[str, Pa
     np.testing.assert_array_equal(plain(None, x, t), first)
     memo(None, x, np.array([1, 1, 1]))  # other targets: computed
     assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    ("leads", "samples", "window"),
+    [(STANDARD_LEADS, 600, 50), (STANDARD_LEADS, 610, 50), (("A", "B", "C"), 230, 40)],
+)
+def test_step_builder_gives_remove_segments_bytes(leads: tuple[str, ...], samples: int, window: int):
+    """The gate's perturbed ECGs (reuse) are remove_segments' of every step, byte for byte, for
+    every strategy: ties, a lead removed whole, windows at both ends, a short last window."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((5, len(leads), samples)).astype(np.float32)
+    x[0, :, :7] = 0.0
+    basis = lead_basis(leads)
+    attribution = np.abs(rng.standard_normal(x.shape)).astype(np.float32)
+    attribution[1] = 0.0  # every segment tied
+    relevance = segment_relevance(attribution, window, basis)
+    n_seg = relevance.shape[1]
+    counts = np.round(np.linspace(0, n_seg, 6)).astype(int)
+    window_of = np.arange(samples) // window
+    noise_sd = high_frequency_sd(x[:, basis.independent])
+    build = _StepBuilder(x, basis, noise_sd, window)
+    for strategy in ["zero", "lead_mean", "linear", "noisy_linear"]:
+        for most_first in (True, False):
+            draws = [np.random.default_rng([0, int(most_first), 7]) for _ in range(2)]
+            orders = [removal_order(relevance, r, most_first) for r in draws]
+            steps = _removed_steps(orders[0], counts, len(basis.independent), window_of)
+            before = np.concatenate(
+                [remove_segments(x, removed, basis, strategy, draws[0], noise_sd) for removed in steps]
+            )
+            now, lines = build.steps(orders[1], counts, strategy, draws[1], None)
+            assert now.dtype == before.dtype and now.tobytes() == before.tobytes(), (strategy, most_first)
+            if strategy == "linear":  # the lines a later noisy_linear takes
+                steps = _removed_steps(orders[0], counts, len(basis.independent), window_of)
+                for removed, line in zip(steps, lines, strict=True):
+                    expected = linear_fill(x[:, basis.independent].astype(np.float64), removed)
+                    assert np.array_equal(line[removed], expected[removed])
