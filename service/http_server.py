@@ -303,7 +303,7 @@ class _Handler(BaseHTTPRequestHandler):
             _read=lambda: self._read_body(length),
         )
         try:
-            response = self.server.app(request)
+            response = self.server.dispatch(request)
         except Exception as e:  # the application maps every error; this is a bug
             log.error("HTTP %s: internal error", self.command, exc_info=e)
             response = error_response(500, "internal error; see the server log")
@@ -424,6 +424,9 @@ class _Server(socketserver.TCPServer):
     ):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.app = app
+        # (prefix, application) pairs served before ``app`` (HttpServer.mount); replaced whole,
+        # never changed in place, so a request in flight sees one consistent tuple.
+        self.mounts: tuple[tuple[str, Application], ...] = ()
         self.limits = limits
         self.ssl_context = ssl_context
         self.connections = _Connections(limits.max_connections)
@@ -431,6 +434,13 @@ class _Server(socketserver.TCPServer):
         # One thread per open connection, a few spare while evicted ones wind down.
         self.pool = futures.ThreadPoolExecutor(limits.max_connections + 4, thread_name_prefix="ecgx-http")
         super().__init__(address, _Handler)
+
+    def dispatch(self, request: HttpRequest) -> HttpResponse:
+        """The mounted application whose prefix holds the path, else the main one."""
+        for prefix, app in self.mounts:
+            if request.path == prefix or request.path.startswith(prefix + "/"):
+                return app(request)
+        return self.app(request)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         sock, address = self.socket.accept()
@@ -508,6 +518,15 @@ class HttpServer:
     @property
     def open_connections(self) -> int:
         return len(self._server.connections)
+
+    def mount(self, prefix: str, app: Application) -> None:
+        """Serve the paths ``prefix`` and ``prefix/...`` with ``app`` instead of the main
+        application (the web viewer beside the REST transport, service/viewer.py). ``app`` gets
+        the same connection limits, TLS, timeouts and lazy bodies; it checks credentials itself."""
+        if not prefix.startswith("/") or prefix.endswith("/") or "?" in prefix:
+            raise ValueError(f"a mount prefix is a path like /viewer, got {prefix!r}")
+        server = self._server
+        server.mounts = (*(m for m in server.mounts if m[0] != prefix), (prefix, app))
 
     def start(self) -> HttpServer:
         self._thread = threading.Thread(

@@ -8,6 +8,7 @@ command line wins over the file::
     host = "0.0.0.0"
     port = 50051
     http_port = 8000          # the OIP over REST (KServe v2) on host too; off unless given (docs/http.md)
+    viewer = false            # the web viewer on the HTTP port, /viewer/ (docs/viewer.md); needs http_port
     trusted_keys = ["/etc/ecgx/gate_public_key.pem"]
     allowed_policies = ["<sha256 of an accepted gate policy>"]
     allow_ungated = false     # research mode
@@ -83,6 +84,7 @@ class ServeConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     http_port: int | None = None  # None: no REST port; 0: a free one
+    viewer: bool = False  # the web viewer on the HTTP port (service/viewer.py)
     trusted_keys: tuple[Path, ...] = ()
     allowed_policies: tuple[str, ...] | None = None
     allow_ungated: bool = False
@@ -141,6 +143,8 @@ class ServeConfig:
         for key, value, low, high in ranges:
             if not (math.isfinite(value) and low <= value <= high):
                 raise ServeConfigError(f"{source}: {key} must be in [{low}, {high}], got {value}")
+        if self.viewer and self.http_port is None:
+            raise ServeConfigError(f"{source}: the viewer is served on the HTTP port: give http_port too")
         if self.http_port and self.http_port == self.port:
             raise ServeConfigError(f"{source}: http_port and port are both {self.port}; give each its own")
         if self.caller_rate != "off":
@@ -195,6 +199,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,),
     "port": (int,),
     "http_port": (int,),
+    "viewer": (bool,),
     "trusted_keys": (list,),
     "allowed_policies": (list,),
     "allow_ungated": (bool,),
