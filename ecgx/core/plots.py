@@ -157,8 +157,11 @@ def attribution_figure(
     window = (
         f"the {signal.shape[1] / fs:.1f} s window the model sees ({signal.shape[1]} samples at {fs:g} Hz)"
     )
-    fig.suptitle(wrapped_title([title, window], max(len(methods), 3)), fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.9, top=0.92, bottom=0.07, hspace=0.08, wspace=0.05)
+    suptitle = wrapped_title([title, window], max(len(methods), 3))
+    fig.suptitle(suptitle, fontsize=10)
+    # Room above the grid for the title's lines and the two-line column titles, so they never touch.
+    top = 0.965 - 0.016 * (suptitle.count("\n") + 1) - 0.03
+    fig.subplots_adjust(left=0.06, right=0.9, top=top, bottom=0.07, hspace=0.08, wspace=0.05)
     colour_bar(fig)
     return fig
 
