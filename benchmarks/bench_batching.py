@@ -6,9 +6,12 @@ untrained, torch seed 0, its cheap gate report, run in research mode: the server
 one with ``[batching] enabled = true`` (``--preferred`` ECGs, ``--max-delay-ms``) in its serve
 config, one with ``enabled = false``; both ``--max-concurrent 64 --max-queued 64`` so no client is
 refused or waits for a slot. Cells alternate on / off for every scenario and client count, so both
-see the same background load. Clients are separate processes (at most ``--threads-per-proc``
-threads each, one channel per thread) issuing requests back to back with an explicit target; after
-``--warmup`` seconds every request that completes in the next ``--seconds`` seconds is recorded.
+see the same background load. The clients share the server's cores, so they are as cheap as can
+be: one process (``--client-procs``) running every client as a grpc.aio coroutine over
+``--channels`` channels, sending one request serialised once and never decoding the answers; each
+issues requests back to back with an explicit target; after ``--warmup`` seconds every request
+that completes in the next ``--seconds`` seconds is recorded. CPU columns are cores in use (CPU
+seconds per second) by the server and by the clients over the window.
 
 The table gives requests/s, p50 and p99 latency per cell and the ratios on / off; the targets
 (issue #21): 64 clients, saliency >= 3x the requests/s of batching off with p99 no worse,
@@ -28,9 +31,9 @@ import platform
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -124,56 +127,75 @@ def request_for(scenario: str, x: np.ndarray):
 
 
 def run_clients(args: argparse.Namespace) -> None:
-    """One client process (as bench_service.run_clients): JSON with the latencies of the requests
-    that completed in the window and the errors by status code."""
+    """One client process: ``--n-threads`` concurrent callers as grpc.aio coroutines on one event
+    loop (no thread per client), over ``--channels`` channels, each sending the same request
+    serialised once and never decoding the answer (its bytes are taken as they come), so the load
+    generator takes as little of the machine's CPU as it can. Prints JSON with the latencies of
+    the requests that completed in the window, the errors by status code and the process's own
+    CPU seconds over the window."""
+    import asyncio
+
     import grpc
 
-    from ecgx.service.proto_gen.ecgx.v1 import ecgx_pb2_grpc as pb_grpc
-
-    request = request_for(args.scenario, np.load(Path(args.dir) / "x.npy"))
+    payload = request_for(args.scenario, np.load(Path(args.dir) / "x.npy")).SerializeToString()
+    rpc = "/ecgx.v1.ExplanationService/Explain"
     t_start, t_end = args.t_start, args.t_start + args.seconds
-    lat: list[list[float]] = [[] for _ in range(args.n_threads)]
-    errors: list[dict[str, int]] = [{} for _ in range(args.n_threads)]
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    cpu: dict[str, float] = {}
     rng = np.random.default_rng(args.port * 1000 + args.n_threads)
     delays = rng.uniform(0.0, max(0.0, (t_start - time.time()) / 2), args.n_threads)
 
-    def client(k: int) -> None:
-        opts = [("grpc.use_local_subchannel_pool", 1)]
-        with grpc.insecure_channel(f"{HOST}:{args.port}", options=opts) as ch:
-            explain = pb_grpc.ExplanationServiceStub(ch).Explain
-            time.sleep(delays[k])
-            for _ in range(svc.MAX_REQUESTS_PER_CLIENT):
-                if time.time() >= t_end:
-                    break
-                t0 = time.perf_counter()
-                try:
-                    explain(request, timeout=svc.REQUEST_TIMEOUT_S)
-                    code = None
-                except grpc.RpcError as e:
-                    code = e.code().name
-                dt, t1w = time.perf_counter() - t0, time.time()
-                if t_start <= t1w <= t_end:
-                    if code is None:
-                        lat[k].append(dt)
-                    else:
-                        errors[k][code] = errors[k].get(code, 0) + 1
+    def identity(b: bytes) -> bytes:
+        return b
 
-    threads = [threading.Thread(target=client, args=(k,), daemon=True) for k in range(args.n_threads)]
-    for t in threads:
-        t.start()
-    time.sleep(max(0.0, t_end - time.time()) + 0.2)
-    merged: dict[str, int] = {}
-    for e in errors:
-        for code, n in e.items():
-            merged[code] = merged.get(code, 0) + n
-    print(json.dumps({"latencies": [v for x_ in lat for v in x_], "errors": merged}), flush=True)
+    async def client(k: int, call: Any) -> None:
+        await asyncio.sleep(delays[k])
+        for _ in range(svc.MAX_REQUESTS_PER_CLIENT):
+            if time.time() >= t_end:
+                break
+            t0 = time.perf_counter()
+            try:
+                await call(payload, timeout=svc.REQUEST_TIMEOUT_S)
+                code = None
+            except grpc.RpcError as e:
+                code = e.code().name
+            dt, t1w = time.perf_counter() - t0, time.time()
+            if t_start <= t1w <= t_end:
+                if code is None:
+                    lat.append(dt)
+                else:
+                    errors[code] = errors.get(code, 0) + 1
+
+    async def window() -> None:
+        await asyncio.sleep(max(0.0, t_start - time.time()))
+        cpu["start"] = time.process_time()
+        await asyncio.sleep(max(0.0, t_end - time.time()))
+        cpu["end"] = time.process_time()
+
+    async def main() -> None:
+        opts = [("grpc.use_local_subchannel_pool", 1)]
+        target = f"{HOST}:{args.port}"
+        channels = [grpc.aio.insecure_channel(target, options=opts) for _ in range(args.channels)]
+        calls = [
+            ch.unary_unary(rpc, request_serializer=identity, response_deserializer=identity)
+            for ch in channels
+        ]
+        tasks = [client(k, calls[k % len(calls)]) for k in range(args.n_threads)]
+        await asyncio.gather(window(), *tasks)
+        for ch in channels:
+            await ch.close(grace=None)
+
+    asyncio.run(main())
+    cpu_s = cpu.get("end", 0.0) - cpu.get("start", 0.0)
+    print(json.dumps({"latencies": lat, "errors": errors, "cpu_s": cpu_s}), flush=True)
     os._exit(0)
 
 
 def measure_cell(args: argparse.Namespace, server: Server, scenario: str, clients: int) -> dict:
-    per = args.threads_per_proc
+    per = max(1, -(-clients // args.client_procs))
     sizes = [per] * (clients // per) + ([clients % per] if clients % per else [])
-    t_start = time.time() + args.warmup + 1.0 + 0.2 * len(sizes)
+    t_start = time.time() + args.warmup + 1.5 + 0.3 * len(sizes)
     procs = []
     try:
         for n in sizes:
@@ -181,6 +203,7 @@ def measure_cell(args: argparse.Namespace, server: Server, scenario: str, client
                 sys.executable, __file__, "--side", "client", "--dir", args.dir,
                 "--port", str(server.port), "--scenario", scenario, "--n-threads", str(n),
                 "--t-start", repr(t_start), "--seconds", str(args.seconds),
+                "--channels", str(min(n, args.channels)),
             ]  # fmt: skip
             procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT))
         time.sleep(max(0.0, t_start - time.time()))
@@ -195,11 +218,13 @@ def measure_cell(args: argparse.Namespace, server: Server, scenario: str, client
                 p.wait(10)
     lat: list[float] = []
     errors: dict[str, int] = {}
+    client_cpu = 0.0
     for p, out in zip(procs, outs, strict=True):
         if p.returncode != 0:
             raise RuntimeError(f"a client process exited with {p.returncode}")
         r = json.loads(out.strip().splitlines()[-1])
         lat += r["latencies"]
+        client_cpu += r["cpu_s"]
         for code, n in r["errors"].items():
             errors[code] = errors.get(code, 0) + n
     lat.sort()
@@ -210,6 +235,7 @@ def measure_cell(args: argparse.Namespace, server: Server, scenario: str, client
         "rps": len(lat) / args.seconds,
         "errors": sum(errors.values()),
         "server_cpu": (s1 - s0) / args.seconds,
+        "client_cpu": client_cpu / args.seconds,
     }
 
 
@@ -292,16 +318,17 @@ def report(args: argparse.Namespace, info: dict, rows: list[dict], started: floa
     print()
     print(
         "| scenario | clients | req/s off | req/s on | ratio | p50 ms off | p50 ms on | p50 on - off ms "
-        "| p99 ms off | p99 ms on | errors off / on | server CPU off / on |"
+        "| p99 ms off | p99 ms on | errors off / on | server CPU off / on | client CPU off / on |"
     )
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         off, on = r["off"], r["on"]
         print(
             f"| {SCENARIOS[r['scenario']][1]} | {r['clients']} | {off['rps']:.1f} | {on['rps']:.1f} | "
             f"{on['rps'] / off['rps']:.2f}x | {off['p50'] * ms:.2f} | {on['p50'] * ms:.2f} | "
             f"{(on['p50'] - off['p50']) * ms:+.2f} | {off['p99'] * ms:.2f} | {on['p99'] * ms:.2f} | "
-            f"{off['errors']} / {on['errors']} | {off['server_cpu']:.2f} / {on['server_cpu']:.2f} |"
+            f"{off['errors']} / {on['errors']} | {off['server_cpu']:.2f} / {on['server_cpu']:.2f} | "
+            f"{off['client_cpu']:.2f} / {on['client_cpu']:.2f} |"
         )
     print()
     for r in rows:
@@ -333,7 +360,8 @@ def main() -> None:
     p.add_argument("--scenarios", nargs="+", choices=list(SCENARIOS), default=list(SCENARIOS))
     p.add_argument("--preferred", type=int, default=32, help="[batching] preferred_batch_size (on)")
     p.add_argument("--max-delay-ms", type=float, default=2.0, help="[batching] max_queue_delay_ms (on)")
-    p.add_argument("--threads-per-proc", type=int, default=16)
+    p.add_argument("--client-procs", type=int, default=1, help="client processes (grpc.aio, one loop each)")
+    p.add_argument("--channels", type=int, default=8, help="gRPC channels per client process")
     p.add_argument("--reuse", action="store_true", help="reuse --dir from an earlier run (no new export)")
     p.add_argument("--engine-only", action="store_true", help="only the engine table (threads 1 vs 2)")
     p.add_argument("--side", choices=("prepare", "client"), help=argparse.SUPPRESS)

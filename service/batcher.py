@@ -96,6 +96,34 @@ class BatchingQuotas(Quotas):
 # ---------------------------------------------------------------------------- jobs and batches
 
 
+class Signal:
+    """A one-shot event on a bare lock: ``wait`` blocks in the lock's C code (no Condition, no
+    waiter lock built per wait), so waking a batch's members costs the leader one lock release
+    each, and each member one acquire. Unlike ``threading.Event`` it cannot be cleared."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lock.acquire()  # held until set(): waiters block on it
+        self._set = False
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        """Set it (once; callers serialise, as ``Job.finish`` does)."""
+        if not self._set:
+            self._set = True
+            self._lock.release()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._set:
+            return True
+        if self._lock.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._lock.release()  # open for every other waiter and later wait
+            return True
+        return self._set
+
+
 @dataclass(eq=False)
 class Job:
     """One request's share of a batch: its ECG count, cost (model rows), cancel token (anything
@@ -110,7 +138,7 @@ class Job:
     batch_rows: int = 0  # ECGs of the batch it ran in
     result: Any = None
     error: BaseException | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    done: Signal = field(default_factory=Signal)
     _finishing: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def finish(self, result: Any = None, error: BaseException | None = None) -> None:

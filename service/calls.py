@@ -387,6 +387,7 @@ class CallInterceptor(grpc.ServerInterceptor):
         self.ledger = CallLedger(authenticator, open_rpcs=open_rpcs, observers=observers)
         self.streams = _StreamCounter(streams or StreamLimits())
         self._bad_messages = ThrottledLog(log)
+        self._wrapped: dict[str, tuple[Any, Any]] = {}  # rpc -> (gRPC's handler, ours)
 
     @property
     def authenticator(self) -> Authenticator | None:
@@ -400,6 +401,16 @@ class CallInterceptor(grpc.ServerInterceptor):
         if handler is None:
             return None  # an unknown method: gRPC answers UNIMPLEMENTED
         rpc = handler_call_details.method
+        # gRPC runs this for every call on its one polling thread: the wrapped handler is built
+        # once per method (and per registered handler object) and reused, not rebuilt per call.
+        cached = self._wrapped.get(rpc)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(rpc, handler)
+        self._wrapped[rpc] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, rpc: str, handler: Any) -> Any:
         decode = self._decoder(rpc, handler.request_deserializer)
         streaming_in = handler.request_streaming
         if handler.unary_unary is not None or handler.stream_unary is not None:
@@ -633,4 +644,6 @@ __all__ = [
 def caller_of(context: grpc.ServicerContext) -> Caller:
     """Who calls, as the interceptor identified them (nobody outside an intercepted call)."""
     record = current_call()
-    return Caller.of(record.identity if record is not None else None, context.peer() or "")
+    if record is None:
+        return Caller.of(None, context.peer() or "")
+    return Caller.of(record.identity, record.peer)  # the peer the record already read from gRPC

@@ -66,6 +66,7 @@ from ecgx.service.requests import (
     VersionFacts,
 )
 
+FACTS_CACHE_SIZE = 64  # served versions whose response facts are kept built
 PROBABILITY_THRESHOLD = 0.5  # "all predicted": every class at or above it
 # A response must fit one message of every transport (gRPC's limit, set to this in server.py).
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -185,7 +186,8 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
 
 def lead_shares(attribution: np.ndarray) -> np.ndarray:
     """Share of total |attribution| per lead (sums to 1; zeros for an all-zero map)."""
-    per_lead = np.abs(attribution.astype(np.float64)).sum(axis=-1)
+    # float64 accumulation without a float64 copy of the whole map (the same sums, one pass less)
+    per_lead = np.abs(attribution).sum(axis=-1, dtype=np.float64)
     total = per_lead.sum()
     return per_lead / total if total > 0 else np.zeros_like(per_lead)
 
@@ -414,6 +416,19 @@ class ServingCore:
         # ``batching`` wins; else what the serve config put in its quotas (BatchingQuotas); else on.
         config = batching or getattr(self.quotas, "batching", None) or BatchingConfig()
         self.batcher = DynamicBatcher(config, observe=self._batched if metrics is not None else None)
+        self._facts: dict[int, tuple[ServedVersion, VersionFacts]] = {}
+
+    def _facts_of(self, served: ServedVersion) -> VersionFacts:
+        """The version's facts, built once per served version (they are per version, never per
+        request). Keyed by identity: a reloaded version is a new object and gets its own."""
+        hit = self._facts.get(id(served))
+        if hit is not None and hit[0] is served:
+            return hit[1]
+        if len(self._facts) >= FACTS_CACHE_SIZE:  # old versions' entries do not pile up
+            self._facts.clear()
+        facts = _facts(served)
+        self._facts[id(served)] = (served, facts)
+        return facts
 
     def _batched(self, stats: BatchStats) -> None:
         self.metrics.batched(stats)
@@ -448,7 +463,7 @@ class ServingCore:
         if self.metrics is not None:
             self.metrics.predicted(served, probs)
         return PredictResult(
-            facts=_facts(served),
+            facts=self._facts_of(served),
             probabilities=probs,
             logits=np.asarray(logits, dtype=np.float32),
             beats=x,
@@ -475,7 +490,7 @@ class ServingCore:
         if self.metrics is not None:
             self.metrics.predicted(served, probs)
         return ExplainResult(
-            facts=_facts(served),
+            facts=self._facts_of(served),
             probabilities=probs,
             logits=np.asarray(logits, dtype=np.float32),
             beats=x,

@@ -99,6 +99,20 @@ def _finite(value: float | None) -> float:
 
 
 def method_gate_message(gate: Any) -> pb.MethodGate:
+    """The gate's verdict as a message; built once per gate (a hashable ``GateInfo`` is the same for
+    every request the version serves with it) and copied into each response."""
+    try:
+        return _gate_message(gate)
+    except TypeError:  # an unhashable gate record: built each time
+        return _build_gate_message(gate)
+
+
+@functools.lru_cache(maxsize=1024)
+def _gate_message(gate: Any) -> pb.MethodGate:
+    return _build_gate_message(gate)
+
+
+def _build_gate_message(gate: Any) -> pb.MethodGate:
     return pb.MethodGate(
         method=gate.method,
         servable=gate.servable,
@@ -271,6 +285,10 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             )
         )
         f = r.facts
+        settings_json: dict[str, str] = {}  # once per method, not per attribution
+        for a in r.attributions:
+            if a.method not in settings_json:
+                settings_json[a.method] = json.dumps(a.effective_parameters, sort_keys=True)
         return pb.ExplainResponse(
             model=f.model,
             version=f.version,
@@ -289,7 +307,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                     target_class=a.target_key,
                     attribution=_tensor(a.attribution),
                     lead_relevance_share=a.lead_relevance_share.tolist(),
-                    effective_parameters_json=json.dumps(a.effective_parameters, sort_keys=True),
+                    effective_parameters_json=settings_json[a.method],
                     gate=method_gate_message(a.gate),
                     compute_seconds=a.compute_seconds,
                 )

@@ -11,7 +11,15 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from ecgx.core.errors import Cancelled, DeadlineExceeded
-from ecgx.service.batcher import AllCancelled, BatchingConfig, BatchPolicy, BatchStats, DynamicBatcher, Job
+from ecgx.service.batcher import (
+    AllCancelled,
+    BatchingConfig,
+    BatchPolicy,
+    BatchStats,
+    DynamicBatcher,
+    Job,
+    Signal,
+)
 from ecgx.service.requests import CancelToken
 
 SLOW = 1000.0  # ms: a delay no test waits for (a batch that waited it would fail the test's timeout)
@@ -224,3 +232,29 @@ def test_a_model_of_its_own_gets_its_own_policy() -> None:
     config = BatchingConfig(BatchPolicy(preferred_batch_size=8), {"ecg": own})
     assert config.for_model("ecg") is own and config.for_model("other").preferred_batch_size == 8
     assert not BatchingConfig.off().for_model("any").enabled
+
+
+# ---------------------------------------------------------------------------- the members' wake-up
+
+
+def test_signal_wakes_every_waiter_once_set_and_times_out_before():
+    signal = Signal()
+    assert not signal.is_set()
+    assert signal.wait(0.01) is False  # not set: the wait ends at its timeout
+    woken: list[bool] = []
+    waiters = [threading.Thread(target=lambda: woken.append(signal.wait(10.0))) for _ in range(3)]
+    for t in waiters:
+        t.start()
+    signal.set()
+    signal.set()  # setting twice is harmless
+    for t in waiters:
+        t.join(10.0)
+    assert woken == [True, True, True]
+    assert signal.is_set() and signal.wait(0) and signal.wait()  # stays set for later waits
+
+
+def test_job_finish_keeps_the_first_outcome():
+    job = Job(1, 1, None, None)
+    job.finish(result="leader's")
+    job.finish(error=RuntimeError("too late"))
+    assert job.done.is_set() and job.outcome() == "leader's"

@@ -694,3 +694,63 @@ def test_an_lrp_composite_the_gate_did_not_check_is_served_only_in_research_mode
         finally:
             server.stop(None)
             repository.stop()
+
+
+# ---------------------------------------------------------------------------- per-version work done once
+
+
+def test_interceptor_wraps_each_method_once_and_again_for_a_new_handler():
+    """The wrapped handler is built once per method on gRPC's polling thread, and rebuilt when gRPC
+    hands over another handler object for the method (a re-registered service)."""
+    from types import SimpleNamespace
+
+    from ecgx.service.calls import CallInterceptor
+
+    interceptor = CallInterceptor(None)
+    first = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    details = SimpleNamespace(method="/ecgx.v1.ExplanationService/Explain", invocation_metadata=())
+    wrapped = interceptor.intercept_service(lambda d: first, details)
+    assert wrapped.request_streaming and wrapped.request_deserializer is None  # read after admission
+    assert interceptor.intercept_service(lambda d: first, details) is wrapped
+    other = SimpleNamespace(method="/ecgx.v1.ExplanationService/Predict", invocation_metadata=())
+    assert interceptor.intercept_service(lambda d: first, other) is not wrapped
+    second = grpc.unary_unary_rpc_method_handler(lambda request, context: request)
+    assert interceptor.intercept_service(lambda d: second, details) is not wrapped
+    assert interceptor.intercept_service(lambda d: None, details) is None  # unknown: UNIMPLEMENTED
+
+
+def test_gate_message_is_built_once_per_gate_and_equals_a_fresh_one():
+    from ecgx.service.repository import CheckResult
+    from ecgx.service.requests import GateInfo
+    from ecgx.service.server import _build_gate_message, method_gate_message
+
+    check = CheckResult("model_randomisation", 0.2, 0.5, "pass", True, "ok")
+    gate = GateInfo("saliency", True, "pass", False, (check,))
+    message = method_gate_message(gate)
+    assert message == _build_gate_message(gate)
+    assert method_gate_message(GateInfo("saliency", True, "pass", False, (check,))) is message
+    failed = GateInfo("saliency", False, "fail", False, (check,))
+    assert method_gate_message(failed).verdict == "fail"
+    unhashable = GateInfo("saliency", True, "pass", False, [check])  # type: ignore[arg-type]
+    assert method_gate_message(unhashable) == message  # built each time, the same message
+
+
+def test_response_facts_are_built_once_per_served_version():
+    from types import SimpleNamespace
+
+    from ecgx.service.core import ServingCore
+
+    def version(sha: str) -> SimpleNamespace:
+        package = SimpleNamespace(class_keys=["a", "b"])
+        engine = SimpleNamespace(package=package, providers=["CPUExecutionProvider"])
+        return SimpleNamespace(
+            model="m", version="1", package_sha256=sha, report_sha256="r", policy_sha256="p", engine=engine
+        )
+
+    core = ServingCore(repository=None)
+    served = version("s1")
+    facts = core._facts_of(served)
+    assert (facts.model, facts.package_sha256, facts.class_keys) == ("m", "s1", ("a", "b"))
+    assert core._facts_of(served) is facts
+    reloaded = version("s2")  # the same name and version, reloaded: a new object, its own facts
+    assert core._facts_of(reloaded).package_sha256 == "s2"
