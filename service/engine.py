@@ -14,9 +14,11 @@ hashed, and every parameter is handed to ONNX Runtime from the one verified copy
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,9 @@ MAX_ABS_MV = 50.0
 # Backward graphs whose ``logits`` output is the logits of their ``x`` input: when a method runs
 # one of them on the request's own inputs, ``attribute_with_logits`` returns those logits, so a
 # server need not run the forward graph as well.
+# The fewest rows each part of a split pass gets (``threads`` >= 2): below it, handing a part to
+# another thread costs about what the part saves (a single-ECG forward pass takes 0.2 ms).
+MIN_SPLIT_ROWS = 4
 LOGITS_AT_X_GRAPHS = frozenset(
     {"gradient", "guided_backprop", "deconvolution", "lrp", "lrp_epsilon_plus", "lrp_epsilon_alpha2_beta1"}
 )
@@ -67,7 +72,14 @@ class AttributionEngine:
         providers: execution providers in priority order (default: TensorRT, CUDA, CPU as available).
         max_batch: the most rows sent to ONNX Runtime in one run (forward or backward pass),
             at most ``limits.MAX_BATCH_ROWS``.
-        threads: intra-op threads per session (default: ONNX Runtime's choice).
+        threads: CPU threads one pass may use. 1: ONNX Runtime runs single-threaded in the
+            calling thread. T >= 2: sessions still run one intra-op thread each, and a pass of
+            at least ``2 * MIN_SPLIT_ROWS`` rows is split into up to T parts run at once (the
+            caller runs one, an engine-owned pool the others); smaller passes stay on one
+            thread. On the 2-vCPU reference machine two intra-op threads often lost to one
+            (thread-pool barrier waits when another tenant holds a vCPU), while independent
+            single-thread runs do not wait on each other. None: ONNX Runtime's own intra-op
+            pool (one thread per core), no splitting.
         max_request_ecgs: the most ECGs one ``attribute`` call takes (None: no cap).
         max_request_rows: the most model passes (ECGs x passes per ECG) one ``attribute``
             call may need (None: no cap). Offline jobs that size their own work may lift both.
@@ -110,6 +122,12 @@ class AttributionEngine:
         self._lock = threading.Lock()
         self._capture = threading.local()  # attribute_with_logits: per calling thread
         self._cancel: Any = None  # set only on a request's view (with_cancel)
+        # Runs the other parts of a split pass (threads >= 2); created here, not lazily, so that
+        # request views (with_cancel) share it. Its threads start on first use.
+        self._pool = (
+            ThreadPoolExecutor(threads - 1, thread_name_prefix="ecgx-engine") if (threads or 1) > 1 else None
+        )
+        self._row_names: dict[str, tuple[frozenset[str], tuple[str, ...]] | None] = {}
 
     # ------------------------------------------------------------------ sessions
 
@@ -134,7 +152,8 @@ class AttributionEngine:
         file = self.package.graph_file(graph)
         opts = ort.SessionOptions()
         if self.threads is not None:
-            opts.intra_op_num_threads = self.threads
+            # threads >= 2 parallelise across rows (``run``), never inside one run.
+            opts.intra_op_num_threads = 1
             opts.inter_op_num_threads = 1
         names = list(self.package.graph_parameters.get(graph, ()))
         if names:
@@ -175,8 +194,46 @@ class AttributionEngine:
             self.session(graph)
 
     def run(self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]) -> list[np.ndarray]:
-        """One ONNX Runtime run, no batching."""
-        return self.session(graph).run(list(outputs), feeds)
+        """One pass of ``graph`` over all rows of ``feeds`` (no chunking: callers chunk by
+        ``max_batch``). With ``threads`` >= 2, a pass of enough rows runs as up to ``threads``
+        concurrent single-thread runs over consecutive rows, its outputs concatenated: each row's
+        result is the same as in one run."""
+        sess = self.session(graph)
+        parts = self._split(graph, feeds, outputs)
+        if parts is None:
+            return sess.run(list(outputs), feeds)
+        futures = [self._pool.submit(sess.run, list(outputs), part) for part in parts[1:]]
+        results = [sess.run(list(outputs), parts[0])]
+        for part, future in zip(parts[1:], futures, strict=True):
+            # A part no pool thread has started yet (the pool is busy with another request's
+            # parts) runs here, so a request never waits on another's work.
+            results.append(sess.run(list(outputs), part) if future.cancel() else future.result())
+        return [np.concatenate([r[i] for r in results]) for i in range(len(outputs))]
+
+    def _split(
+        self, graph: str, feeds: dict[str, np.ndarray], outputs: Sequence[str]
+    ) -> list[dict[str, np.ndarray]] | None:
+        """``feeds`` cut into consecutive row ranges, one per thread, or None: one thread, too few
+        rows, or a graph whose inputs or outputs are not all row-wise in one batch dimension."""
+        if self._pool is None:
+            return None
+        if graph not in self._row_names:
+            self._row_names[graph] = _row_wise(self.session(graph))
+        names = self._row_names[graph]
+        if names is None or not set(outputs) <= set(names[1]):
+            return None
+        rows = {len(v) for k, v in feeds.items() if k in names[0]}
+        if len(rows) != 1:
+            return None
+        n = rows.pop()
+        k = min(self.threads or 1, n // MIN_SPLIT_ROWS)
+        if k < 2:
+            return None
+        bounds = [n * i // k for i in range(k + 1)]
+        return [
+            {name: (v[a:b] if name in names[0] else v) for name, v in feeds.items()}
+            for a, b in itertools.pairwise(bounds)
+        ]
 
     # ------------------------------------------------------------------ input checks
 
@@ -393,6 +450,20 @@ def _check_count(name: str, value: Any, limit: int | None, limit_name: str) -> i
             "run holds its layer activations in ONNX Runtime at once, so this bounds the engine's memory"
         )
     return int(value)
+
+
+def _row_wise(sess: ort.InferenceSession) -> tuple[frozenset[str], tuple[str, ...]] | None:
+    """(inputs, outputs) of a session whose first axis is the one symbolic batch axis they all
+    share (so rows can be run apart and their outputs concatenated), or None if the graph has
+    inputs or outputs of another batch axis. Inputs without that axis (settings such as
+    ``maxpool_rescale`` or ``epsilon``) go whole to every part."""
+    first = [(a.name, a.shape[0] if a.shape else None) for a in [*sess.get_inputs(), *sess.get_outputs()]]
+    symbolic = {d for _, d in first if isinstance(d, str)}
+    outputs = [a.name for a in sess.get_outputs()]
+    if len(symbolic) != 1 or any(not isinstance(d, str) for n, d in first if n in outputs):
+        return None
+    inputs = frozenset(a.name for a in sess.get_inputs() if a.shape and isinstance(a.shape[0], str))
+    return inputs, tuple(outputs)
 
 
 def _as_index(t: Any) -> str | int:

@@ -141,3 +141,24 @@ assert "torch" not in sys.modules, "torch was imported"
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_two_threads_split_rows_and_give_the_one_thread_result(tiny_package: Path) -> None:
+    """threads=2 runs a pass of enough rows as concurrent single-thread runs over row ranges:
+    every output (maps and logits, graphs with setting inputs such as DeepLIFT's flag) equals
+    the one-thread engine's, also when many requests share the engine's pool at once."""
+    from ecgx.service.engine import MIN_SPLIT_ROWS
+
+    x = generate(2 * MIN_SPLIT_ROWS + 1, np.random.default_rng(2)).signals
+    one = AttributionEngine(tiny_package, threads=1, max_batch=64)
+    two = AttributionEngine(tiny_package, threads=2, max_batch=64)
+    feeds = {"x": x.astype(np.float32), "seed": two.selectors(np.zeros(len(x), np.int64))}
+    assert two._split("gradient", feeds, ["gradient"]) is not None  # this pass is split
+    assert two._split("gradient", {k: v[:MIN_SPLIT_ROWS] for k, v in feeds.items()}, ["gradient"]) is None
+    assert np.array_equal(one.logits(x), two.logits(x))
+    jobs = [("saliency", {}), ("deeplift", {"maxpool_rule": "gradient"}), ("deeplift", {}), ("lrp", {})] * 3
+    expected = [one.attribute(m, x, "SR", **kw) for m, kw in jobs]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        got = list(pool.map(lambda job: two.attribute(job[0], x, "SR", **job[1]), jobs))
+    for job, a, b in zip(jobs, expected, got, strict=True):
+        assert np.array_equal(a, b), job
