@@ -329,7 +329,7 @@ def test_the_quick_demo_ends_with_a_summary_of_files_that_exist(tmp_path, capsys
     the gated package's verdict is there, and the next commands name the saved record."""
     import re
 
-    from ecgx.demo import run_demo
+    from ecgx.demo import QUICK, run_demo
 
     out = tmp_path / "demo"
     result = run_demo(out, quick=True, show_progress=False)
@@ -337,8 +337,60 @@ def test_the_quick_demo_ends_with_a_summary_of_files_that_exist(tmp_path, capsys
     summary = text[text.index("demo finished in") :]
     listed = [Path(m) for m in re.findall(r"^  [^/\n]+?\s{2,}(/\S+)$", summary, flags=re.M)]
     assert len(listed) >= 8 and all(p.exists() for p in listed), listed
-    assert re.search(r"seed-0: (PASS|FAIL), \d+ of 5 methods pass", summary)
-    assert "seed-1: not gated by this demo" in summary and "gates 5 of 16 methods" in summary
+    gated = len(QUICK.gate_methods)
+    assert re.search(rf"seed-0: (PASS|FAIL), \d+ of {gated} methods pass", summary)
+    assert "seed-1: not gated by this demo" in summary and f"gates {gated} of 16 methods" in summary
     if result.method is not None:  # the gate passed a method: it was served and is the one named
         assert f"--ecg {out / 'records' / 'test-beat.npy'} --method {result.method}" in summary
     assert "What this demo trimmed" in (out / "report" / "report.html").read_text(encoding="utf-8")
+
+
+# ------------------------------------------------------------- benchmarks/demo_timing.py's figures
+
+
+def _demo_timing():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "demo_timing.py"
+    spec = importlib.util.spec_from_file_location("demo_timing", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_demo_timing_records_steps_and_rewrites_only_the_readme_figures(tmp_path):
+    import json
+
+    timing = _demo_timing()
+    out = _fake_demo_tree(tmp_path / "demo")
+    (out / "timings.json").write_text(
+        json.dumps({"wall_s": 100, "steps": [{"step": "gate", "wall_s": 60.4, "cpu_s": 110.2}]})
+    )
+    (out / "runs" / "seed-0").mkdir(parents=True)
+    (out / "runs" / "seed-0" / "metrics.json").write_text(
+        json.dumps({"min_test_auroc": 0.85, "mean_test_auroc": 0.96})
+    )
+    gate = {
+        "verdict": "pass",
+        "passed": ["gradient_shap"],
+        "timings_s": {"randomisation": 30.0, "total": 90.0},
+    }
+    (out / "packages" / "seed-0" / "gate.json").write_text(json.dumps(gate))
+    rows = timing.step_rows(out)
+    assert rows[0] == "| step gate: wall / CPU | 60 s / 110 s |"
+    assert rows[1] == "| gate seed-0 wall s per check (total 90 s) | randomisation 30 |"
+    sentence = timing.readme_figures(True, 150.0, 240.0, 2**20, [1.0, 1.5, 2.0], out)
+    assert (
+        "`ecgx demo --quick` took 2.5 min wall clock for 4.0 min of CPU time, peak memory 1.0 GB" in sentence
+    )
+    assert "test AUROC min 0.85 / mean 0.96" in sentence and "its gate passed gradient_shap." in sentence
+    readme = tmp_path / "README.md"
+    old_quick = "Measured by x: `ecgx demo --quick` took 20.2 min wall clock"
+    full = "Measured by y: `ecgx demo` took 9.0 min wall clock"
+    readme.write_text(f"intro\n<!-- demo-timing -->\n{old_quick}\n{full}\n<!-- /demo-timing -->\nrest\n")
+    timing.update_readme(readme, True, sentence)
+    text = readme.read_text()
+    assert old_quick not in text and full in text and sentence in text
+    assert text.startswith("intro\n<!-- demo-timing -->\n" + sentence) and text.endswith(
+        "<!-- /demo-timing -->\nrest\n"
+    )
