@@ -312,18 +312,48 @@ class _RankedTrained:
     def __init__(self, trained: np.ndarray, window: int, basis: LeadBasis):
         self.window, self.basis = window, basis
         rows = _rows(trained)
-        self.absolute = rankdata(np.abs(rows), axis=1)
-        self.plain = rankdata(rows, axis=1)
-        self.segments = rankdata(_rows(segment_relevance(trained, window, basis)), axis=1)
+        self.absolute = average_ranks(np.abs(rows))
+        self.plain = average_ranks(rows)
+        self.segments = average_ranks(_rows(segment_relevance(trained, window, basis)))
 
     def resolution_similarity(self, other: np.ndarray) -> np.ndarray:
-        per_sample = pearson_rows(self.absolute, rankdata(np.abs(_rows(other)), axis=1))
+        per_sample = pearson_rows(self.absolute, average_ranks(np.abs(_rows(other))))
         segments = _rows(segment_relevance(other, self.window, self.basis))
-        per_segment = pearson_rows(self.segments, rankdata(segments, axis=1))
+        per_segment = pearson_rows(self.segments, average_ranks(segments))
         return np.stack([per_sample, per_segment])
 
     def signed(self, other: np.ndarray) -> np.ndarray:
-        return pearson_rows(self.plain, rankdata(_rows(other), axis=1))
+        return pearson_rows(self.plain, average_ranks(_rows(other)))
+
+
+def average_ranks(rows: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(rows, axis=1)`` (ties share their average rank), the same numbers
+    about 3x faster: scipy sorts stably, which average ranks do not need (a tie group gets one
+    rank whatever order its members come in). A row holding NaN is left to scipy."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2 or rows.shape[1] == 0 or np.isnan(rows).any():
+        return rankdata(rows, axis=1)
+    b, n = rows.shape
+    order = np.argsort(rows, axis=1)
+    flat = (order + (np.arange(b) * n)[:, None]).ravel()  # each sorted element's place in rows
+    ordered = rows.ravel()[flat].reshape(b, n)
+    starts = np.ones(rows.shape, bool)  # where a group of equal values starts, in sorted order
+    np.not_equal(ordered[:, 1:], ordered[:, :-1], out=starts[:, 1:])
+    index = np.arange(n)
+    sorted_ranks = np.empty(rows.shape)
+    sorted_ranks[:] = index + 1.0
+    tied = ~starts.all(axis=1)
+    if tied.any():
+        starts = starts[tied]
+        ends = np.ones(starts.shape, bool)
+        ends[:, :-1] = starts[:, 1:]
+        first = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+        last = np.minimum.accumulate(np.where(ends, index, n)[:, ::-1], axis=1)[:, ::-1]
+        # scipy's 0.5 * (count[dense] + count[dense - 1] + 1): integers and halves, exact either way.
+        sorted_ranks[tied] = 0.5 * (first + last + 2)
+    ranks = np.empty(b * n)
+    ranks[flat] = sorted_ranks.ravel()
+    return ranks.reshape(b, n)
 
 
 def _rows(a: np.ndarray) -> np.ndarray:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy.stats import rankdata
 
 from ecgx.core.ecg_noise import high_frequency_sd
 from ecgx.core.similarity import spearman_rows
@@ -30,6 +31,7 @@ from ecgx.validation.perturbation import (
 )
 from ecgx.validation.randomisation import (
     _RankedTrained,
+    average_ranks,
     randomisation_models,
     resolution_similarity,
     weights_id,
@@ -210,3 +212,19 @@ def test_step_builder_gives_remove_segments_bytes(leads: tuple[str, ...], sample
                 for removed, line in zip(steps, lines, strict=True):
                     expected = linear_fill(x[:, basis.independent].astype(np.float64), removed)
                     assert np.array_equal(line[removed], expected[removed])
+
+
+def test_average_ranks_are_scipys():
+    rng = np.random.default_rng(4)
+    tied = np.abs(rng.standard_normal((6, 700)).astype(np.float32)).astype(np.float64)
+    tied[::2, ::5] = 0.0
+    cases = [
+        tied,
+        np.round(rng.standard_normal((5, 300)), 1),
+        np.zeros((3, 50)),
+        np.array([[0.0, -0.0, 1.0, -0.0]]),
+        np.array([[1.0, np.nan, 2.0], [1.0, 1.0, 2.0]]),
+        np.array([[np.inf, -np.inf, 1.0, np.inf]]),
+    ]
+    for rows in cases:
+        assert average_ranks(rows).tobytes() == rankdata(rows, axis=1).tobytes()
