@@ -66,7 +66,10 @@ from ecgx.service.requests import (
     VersionFacts,
 )
 
-FACTS_CACHE_SIZE = 64  # served versions whose response facts are kept built
+# Per-version work kept built (bounded: cleared when full, so reloaded versions never pile up).
+FACTS_CACHE_SIZE = 64  # served versions whose response facts are kept
+GATES_CACHE_SIZE = 1024  # (served version, method) gates
+CHECKS_CACHE_SIZE = 4096  # (method, settings, input shape) settings checks that passed
 PROBABILITY_THRESHOLD = 0.5  # "all predicted": every class at or above it
 # A response must fit one message of every transport (gRPC's limit, set to this in server.py).
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
@@ -312,9 +315,8 @@ def _count(ecgs: np.ndarray | Sequence[Any]) -> int:
 # ---------------------------------------------------------------------------- gate enforcement
 
 
-def _servable_gate(served: ServedVersion, method: str) -> MethodGate:
+def _servable_gate(served: ServedVersion, gate: MethodGate) -> MethodGate:
     """The method's gate; FailedPrecondition naming the failed checks when it may not serve."""
-    gate = served.method_gate(method)
     if not gate.servable:
         raise FailedPrecondition(refusal_of_method(served, gate))
     return gate
@@ -417,6 +419,8 @@ class ServingCore:
         config = batching or getattr(self.quotas, "batching", None) or BatchingConfig()
         self.batcher = DynamicBatcher(config, observe=self._batched if metrics is not None else None)
         self._facts: dict[int, tuple[ServedVersion, VersionFacts]] = {}
+        self._gates: dict[tuple[int, str], tuple[ServedVersion, MethodGate]] = {}
+        self._checked: dict[tuple[Any, ...], int] = {}  # passed settings checks -> rows per ECG
 
     def _facts_of(self, served: ServedVersion) -> VersionFacts:
         """The version's facts, built once per served version (they are per version, never per
@@ -429,6 +433,19 @@ class ServingCore:
         facts = _facts(served)
         self._facts[id(served)] = (served, facts)
         return facts
+
+    def _gate_of(self, served: ServedVersion, method: str) -> MethodGate:
+        """``served.method_gate(method)``, built once per served version and method: a served
+        version is an immutable snapshot (report, package, research mode), so its gates are too.
+        Every request still checks the gate it gets (servable, settings covered)."""
+        hit = self._gates.get((id(served), method))
+        if hit is not None and hit[0] is served:
+            return hit[1]
+        if len(self._gates) >= GATES_CACHE_SIZE:
+            self._gates.clear()
+        gate = served.method_gate(method)
+        self._gates[(id(served), method)] = (served, gate)
+        return gate
 
     def _batched(self, stats: BatchStats) -> None:
         self.metrics.batched(stats)
@@ -510,7 +527,7 @@ class ServingCore:
         require_scope(request.caller, EXPLAIN, "explain")
         served = self.served(request.model, request.version)
         note_call(served)
-        gates = {m.name: _servable_gate(served, m.name) for m in request.methods}
+        gates = {m.name: _servable_gate(served, self._gate_of(served, m.name)) for m in request.methods}
         self._check_batch(served, request.ecgs)
         targets = _per_ecg_targets(request.targets, _count(request.ecgs), served.engine.package)
         effective = {m.name: self._effective(m, gates[m.name]) for m in request.methods}
@@ -724,10 +741,29 @@ class ServingCore:
         method the method's rows per ECG (its ``check``, which also refuses bad settings)."""
         package = served.engine.package
         shape = (len(plan), *package.input_shape)
-        x = np.broadcast_to(np.zeros((), np.float32), shape)  # checks read the shape only; no memory
-        per_ecg = sum(get_method(m).check(x, **params) for m, params in effective.items())
+        per_ecg = sum(self._rows_per_ecg(m, params, shape) for m, params in effective.items())
         targets = sum(_most_targets(t, package.n_classes) for t, _ in plan)
         return len(plan) + targets * per_ecg
+
+    def _rows_per_ecg(self, method: str, params: dict[str, Any], shape: tuple[int, ...]) -> int:
+        """The method's ``check`` (bad settings refused, model rows per ECG) for inputs of
+        ``shape``. It reads only the settings and the shape, so a passed check is remembered per
+        (method, settings, shape): a repeat request gets the same answer without re-running it.
+        A failed check is never remembered (every request that fails it runs it and gets the error)."""
+        try:
+            key = (method, tuple(sorted((k, type(v), v) for k, v in params.items())), shape)
+            hit = self._checked.get(key)
+        except TypeError:  # a setting that is not hashable (a list): checked every time
+            key, hit = None, None
+        if hit is not None:
+            return hit
+        x = np.broadcast_to(np.zeros((), np.float32), shape)  # checks read the shape only; no memory
+        rows = get_method(method).check(x, **params)
+        if key is not None:
+            if len(self._checked) >= CHECKS_CACHE_SIZE:
+                self._checked.clear()
+            self._checked[key] = rows
+        return rows
 
     def _check_budget(self, cost: int, what: str) -> None:
         budget = self.quotas.max_request_cost

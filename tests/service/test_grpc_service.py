@@ -754,3 +754,47 @@ def test_response_facts_are_built_once_per_served_version():
     assert core._facts_of(served) is facts
     reloaded = version("s2")  # the same name and version, reloaded: a new object, its own facts
     assert core._facts_of(reloaded).package_sha256 == "s2"
+
+
+def test_gates_are_looked_up_once_per_served_version_and_still_refuse_every_request():
+    from types import SimpleNamespace
+
+    from ecgx.service.core import ServingCore, _servable_gate
+    from ecgx.service.repository import MethodGate
+
+    looked: list[str] = []
+
+    def version(servable: bool) -> SimpleNamespace:
+        def method_gate(method: str) -> MethodGate:
+            looked.append(method)
+            return MethodGate(method, servable, "fail", ())
+
+        return SimpleNamespace(
+            model="m", version="1", report=None, method_gate=method_gate, unavailable_reason=lambda m: None
+        )
+
+    core = ServingCore(repository=None)
+    refused = version(False)
+    gate = core._gate_of(refused, "saliency")
+    assert core._gate_of(refused, "saliency") is gate and looked == ["saliency"]
+    for _ in range(2):  # the cached gate refuses every request, not only the first
+        with pytest.raises(FailedPrecondition):
+            _servable_gate(refused, core._gate_of(refused, "saliency"))
+    assert core._gate_of(version(True), "saliency").servable  # a new version: its own gate
+    assert looked == ["saliency", "saliency"]
+
+
+def test_settings_checks_are_remembered_only_when_they_pass():
+    from ecgx.service.core import ServingCore
+
+    core = ServingCore(repository=None)
+    shape = (1, len(LEADS), 600)
+    rows = core._rows_per_ecg("integrated_gradients", {"n_steps": 16}, shape)
+    assert rows >= 16 and len(core._checked) == 1
+    assert core._rows_per_ecg("integrated_gradients", {"n_steps": 16}, shape) == rows
+    for _ in range(2):  # a bad value is refused every time, never remembered
+        with pytest.raises(InvalidArgument):
+            core._rows_per_ecg("integrated_gradients", {"n_steps": -1}, shape)
+    with pytest.raises(InvalidArgument):  # a bool is not a step count (keys keep the type)
+        core._rows_per_ecg("integrated_gradients", {"n_steps": True}, shape)
+    assert len(core._checked) == 1
