@@ -19,6 +19,10 @@ drawn from fresh operating-system entropy aside).
 The 256-ECG target run (about 10 minutes a pair on a quiet 2-vCPU machine):
 
     python benchmarks/bench_gate_speed.py --packages PKGS --out /tmp/bench_gate_speed --ecgs 256 --repeats 2
+
+``--micro`` (seconds, no packages) times only the two parts sped up in place, the plain path
+(as before issue 21) against the reuse path, in CPU seconds: one map's perturbed ECGs for every
+strategy, order and step, and ranking randomised maps; it checks both give the same numbers.
 """
 
 from __future__ import annotations
@@ -71,6 +75,65 @@ def child(args: argparse.Namespace) -> None:
     args.result.write_text(json.dumps(out, sort_keys=True))
 
 
+def micro(ecgs: int, repeats: int) -> None:
+    """CPU seconds of the two parts sped up in place, plain path vs reuse path, same numbers: one
+    map's perturbed ECGs for every strategy, order and step (with a cheap stand-in for the model,
+    so the numpy is what is timed), and ranking randomised maps (32 ECGs, 12 x 600)."""
+    import numpy as np
+    from scipy.stats import rankdata
+
+    from ecgx.validation.perturbation import STANDARD_LEADS, lead_basis, perturbation_curves_on
+    from ecgx.validation.randomisation import average_ranks
+
+    class StandIn:
+        def logits(self, batch: np.ndarray) -> np.ndarray:
+            return np.repeat(batch[:, :, ::37].sum(axis=(1, 2))[:, None], 5, axis=1)
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((ecgs, 12, 600)).astype(np.float32)
+    target = rng.integers(0, 5, ecgs)
+    attribution = np.abs(x) * rng.random(x.shape).astype(np.float32)
+    settings = dict(
+        strategies=["zero", "lead_mean", "linear", "noisy_linear"],
+        window=50,
+        steps=12,
+        noise_scale=1.0,
+        seed=0,
+        basis=lead_basis(STANDARD_LEADS),
+    )
+
+    def best(fn) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.process_time()
+            fn()
+            times.append(time.process_time() - t0)
+        return min(times)
+
+    def curves(reuse: bool):
+        return perturbation_curves_on([StandIn()], x, target, attribution, reuse=reuse, **settings)[0]
+
+    plain, reused = curves(False), curves(True)
+    same = plain.morf == reused.morf and plain.lerf == reused.lerf
+    same = same and all(np.array_equal(plain.score[k], reused.score[k]) for k in plain.score)
+    maps = np.abs(rng.standard_normal((32, 7200)).astype(np.float32)).astype(np.float64)
+    maps[::3, ::5] = 0.0  # ties
+    ranks_same = average_ranks(maps).tobytes() == rankdata(maps, axis=1).tobytes()
+    print("| part | plain (CPU s) | reuse (CPU s) | ratio | same numbers |")
+    print("| --- | ---: | ---: | ---: | --- |")
+    for name, old, new, eq in (
+        (f"perturbed ECGs, one map, {ecgs} ECGs", lambda: curves(False), lambda: curves(True), same),
+        (
+            "ranks of 32 maps (x 20)",
+            lambda: [rankdata(maps, axis=1) for _ in range(20)],
+            lambda: [average_ranks(maps) for _ in range(20)],
+            ranks_same,
+        ),
+    ):
+        a, b = best(old), best(new)
+        print(f"| {name} | {a:.3f} | {b:.3f} | {a / b:.2f}x | {eq} |")
+
+
 def install_base(commit: str, site: Path) -> None:
     """The gate of ``commit`` installed (not editable) into ``site``, once."""
     if (site / "ecgx" / "validation" / "gate.py").is_file():
@@ -119,6 +182,7 @@ def main() -> None:
     ap.add_argument("--ecgs", type=int, default=256, help="validation ECGs (default 256)")
     ap.add_argument("--workers", type=int, default=None, help="methods side by side (default: CPU count)")
     ap.add_argument("--repeats", type=int, default=1, help="pairs of runs, order alternating (default 1)")
+    ap.add_argument("--micro", action="store_true", help="time only the parts sped up in place (seconds)")
     ap.add_argument("--base", default=BASE_COMMIT, help=f"the commit to compare with (default {BASE_COMMIT})")
     ap.add_argument("--base-site", type=Path, default=None, help="its install (default OUT/base-site)")
     # The child process's own arguments.
@@ -131,6 +195,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.micro:
+        micro(args.ecgs, max(args.repeats, 3))
         return
     if args.packages is None:
         ap.error("--packages is required")
