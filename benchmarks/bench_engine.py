@@ -10,6 +10,11 @@ times over all rounds and the Captum / engine ratio (> 1: the engine is faster).
     python benchmarks/bench_engine.py [--threads 1] [--repeats 5] [--rounds 4]
         [--architecture plain|residual|xresnet1d] [--providers ...]
 
+With ``--threads 1`` the engine side also runs a few cases on an engine with ``threads=2``
+(single-thread sessions, a pass split across two concurrent runs), and a second table gives
+one thread / two threads for them (>= 1: two threads are not slower). The gradient pass /
+forward pass ratio is printed for every round as well as over all rounds.
+
 ``xresnet1d`` is the PTB-XL benchmark's residual network (training/reference_models.py:
 overlapping max-pool stem, bottleneck blocks with projection and pooled shortcuts, concat-
 pooling head with BatchNorm and Dropout) at width 32 with two blocks in each of three stages.
@@ -45,6 +50,18 @@ ENGINE_ONLY = (
     "random",
 )
 IG_BATCHES = (None, 64, 256, 640, 1600)
+# Cases also timed on a two-thread engine when the benchmark runs at one thread.
+THREAD_CASES = (
+    "forward pass, 1 ECG",
+    "forward pass, 64 ECGs",
+    "gradient pass, 64 ECGs",
+    "saliency, 1 ECG",
+    "saliency, 64 ECGs",
+    "deeplift, 64 ECGs",
+    "deeplift (rescale max-pool rule), 64 ECGs",
+    "integrated gradients, 50 steps, 64 ECGs",
+)
+TWO = " @ 2 threads"
 
 
 def timed(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -58,6 +75,15 @@ def timed(fn: Callable[[], object], repeats: int) -> list[float]:
 
 
 def engine_cases(work: Path, threads: int, providers: list[str] | None) -> dict[str, Callable[[], object]]:
+
+    cases = engine_cases_at(work, threads, providers)
+    if threads == 1:
+        two = engine_cases_at(work, 2, providers)
+        cases.update({f"{name}{TWO}": two[name] for name in THREAD_CASES})
+    return cases
+
+
+def engine_cases_at(work: Path, threads: int, providers: list[str] | None) -> dict[str, Callable[[], object]]:
     from ecgx.service.engine import AttributionEngine
 
     engine = AttributionEngine(work / "pkg", providers=providers, threads=threads, max_batch=64)
@@ -76,6 +102,7 @@ def engine_cases(work: Path, threads: int, providers: list[str] | None) -> dict[
         "integrated gradients, 50 steps, 64 ECGs": lambda: engine.attribute("integrated_gradients", x, t),
         "deeplift, 1 ECG": lambda: engine.attribute("deeplift", x1, t1, maxpool_rule="gradient"),
         "deeplift, 64 ECGs": lambda: engine.attribute("deeplift", x, t, maxpool_rule="gradient"),
+        "deeplift (rescale max-pool rule), 64 ECGs": lambda: engine.attribute("deeplift", x, t),
         "guided backprop, 64 ECGs": lambda: engine.attribute("guided_backprop", x, t),
         "lrp, 64 ECGs": lambda: engine.attribute("lrp", x, t),
         "occlusion 1x50 stride 25, 4 ECGs": lambda: engine.attribute("occlusion", x4, t4),
@@ -211,6 +238,7 @@ def main() -> None:
         work = Path(tmp)
         prepare(work, args.architecture)
         times: dict[str, dict[str, list[float]]] = {"engine": {}, "captum": {}}
+        ratios: list[float] = []  # gradient pass / forward pass, 64 ECGs, per round
         for r in range(args.rounds):
             for side in ("engine", "captum") if r % 2 == 0 else ("captum", "engine"):
                 cmd = [
@@ -226,12 +254,18 @@ def main() -> None:
                     str(args.repeats),
                 ] + (["--providers", *args.providers] if args.providers else [])
                 out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-                for name, ts in json.loads(out.strip().splitlines()[-1]).items():
+                got = json.loads(out.strip().splitlines()[-1])
+                for name, ts in got.items():
                     times[side].setdefault(name, []).extend(ts)
-    report(times, args)
+                if side == "engine":
+                    ratios.append(
+                        statistics.median(got["gradient pass, 64 ECGs"])
+                        / statistics.median(got["forward pass, 64 ECGs"])
+                    )
+    report(times, ratios, args)
 
 
-def report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) -> None:
+def report(times: dict[str, dict[str, list[float]]], ratios: list[float], args: argparse.Namespace) -> None:
     import onnxruntime as ort
 
     med = {side: {k: statistics.median(v) for k, v in t.items()} for side, t in times.items()}
@@ -246,13 +280,23 @@ def report(times: dict[str, dict[str, list[float]]], args: argparse.Namespace) -
             f"# gradient pass / forward pass of the package, {b}: "
             f"{e[f'gradient pass, {b}'] / e[f'forward pass, {b}']:.2f}x"
         )
+    print(f"# the same, 64 ECGs, per round: {', '.join(f'{r:.2f}x' for r in ratios)}")
     print(next(k for k in c if k.startswith("(Captum IG")))
     print("| case | engine ms | Captum ms | Captum / engine |")
     print("| --- | ---: | ---: | ---: |")
     for name, te in e.items():
+        if name.endswith(TWO):
+            continue
         tc = c.get(name)
         cap, ratio = (f"{tc * 1e3:.2f}", f"{tc / te:.2f}x") if tc is not None else ("—", "—")
         print(f"| {name} | {te * 1e3:.2f} | {cap} | {ratio} |")
+    if any(name.endswith(TWO) for name in e):
+        print()
+        print("| engine case | 1 thread ms | 2 threads ms | 1 thread / 2 threads |")
+        print("| --- | ---: | ---: | ---: |")
+        for name in THREAD_CASES:
+            one, two = e[name], e[f"{name}{TWO}"]
+            print(f"| {name} | {one * 1e3:.2f} | {two * 1e3:.2f} | {one / two:.2f}x |")
 
 
 if __name__ == "__main__":
