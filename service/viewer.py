@@ -83,7 +83,7 @@ def static_files(root: Path = ASSETS) -> dict[str, Path]:
         for p in sorted(root.rglob("*"))
         if p.is_file() and p.suffix in CONTENT_TYPES
     }
-    files[PREFIX] = files[f"{PREFIX}/"] = root / "index.html"
+    files[f"{PREFIX}/"] = root / "index.html"
     return files
 
 
@@ -108,6 +108,8 @@ class ViewerApp:
     # ------------------------------------------------------------------ files
 
     def _static(self, request: HttpRequest) -> HttpResponse:
+        if request.path == PREFIX:  # the pages' relative links need the slash
+            return HttpResponse(308, (), "text/plain", (("Location", f"{PREFIX}/"),))
         path = self.files.get(request.path)
         if path is None:
             return error_response(404, "no such page in the viewer; open /viewer/")

@@ -26,9 +26,11 @@ from tls_helpers import Pki, make_pki
 
 from ecgx.service.audit import AuditLog
 from ecgx.service.core import lead_shares
+from ecgx.service.http_server import HttpResponse, HttpServer
 from ecgx.service.oip_http import RestServer, rest_ssl_context, start_rest
 from ecgx.service.repository import ModelRepository, refusal_of_method
 from ecgx.service.security import load_server_security
+from ecgx.service.serve_config import ServeConfigError, resolve_serve_config
 from ecgx.service.server import build_server
 from ecgx.service.viewer import ASSETS, mount_viewer
 from ecgx.token_cli import add_token
@@ -175,10 +177,6 @@ def test_the_report_call_gives_the_signed_report(world) -> None:
     assert status == 200
     served = world.repository.versions(MODEL)[0]
     assert body["report"] == json.loads(served.report_bytes) and body["sha256"] == served.report_sha256
-    if os.environ.get("ECGX_VIEWER_SCREENSHOTS"):  # the report beside the screenshots, for the docs
-        Path(os.environ["ECGX_VIEWER_SCREENSHOTS"], "viewer-report.json").write_text(
-            json.dumps(body, indent=1)
-        )
     assert audit_line(world, headers["X-Request-Id"])["rpc"].endswith("/GetGateReport")
 
 
@@ -209,9 +207,43 @@ def test_pages_are_served_without_a_token_with_a_strict_policy_and_nothing_else_
     ):
         assert get(world, path)[0] == 404, path
     assert get(world, "/viewer/", method="POST")[0] == 405
+    assert get(world, "/viewer")[2] == get(world, "/viewer/")[2]  # (urllib follows the 308)
     assert get(world, "/viewer/api/models", world.tokens["reader"], method="POST")[0] == 405
     # The REST transport beside it is untouched.
     assert get(world, "/v2/health/live")[0] == 401
+
+
+def test_the_viewer_setting_needs_the_http_port(tmp_path) -> None:
+    with pytest.raises(ServeConfigError, match="viewer is served on the HTTP port"):
+        resolve_serve_config(None, {"repo": tmp_path, "viewer": True})
+    assert resolve_serve_config(None, {"repo": tmp_path, "viewer": True, "http_port": 0}).viewer
+    config = tmp_path / "serve.toml"
+    config.write_text('[serve]\nrepo = "r"\nhttp_port = 8000\nviewer = true\n')
+    assert resolve_serve_config(config, {}).viewer
+
+
+def test_a_mounted_application_serves_its_prefix_only() -> None:
+    def named(name: str) -> Any:
+        return lambda request: HttpResponse.json(200, {"app": name, "path": request.path})
+
+    server = HttpServer(named("main")).start()
+    try:
+        server.mount("/viewer", named("viewer"))
+        with pytest.raises(ValueError):
+            server.mount("viewer/", named("bad"))
+        answers = {}
+        for path in ("/viewer", "/viewer/x/y", "/viewers", "/v2/models", "/"):
+            with urllib.request.urlopen(server.url + path, timeout=10) as r:
+                answers[path] = json.loads(r.read())["app"]
+    finally:
+        server.stop(0.5)
+    assert answers == {
+        "/viewer": "viewer",
+        "/viewer/x/y": "viewer",
+        "/viewers": "main",
+        "/v2/models": "main",
+        "/": "main",
+    }
 
 
 # ---------------------------------------------------------------------------- in Chromium
@@ -237,10 +269,11 @@ def _page(browser: Any) -> Any:
     return context.new_page()
 
 
-def _shot(page: Any, name: str, **kw: Any) -> bytes:
+def _shot(page: Any, name: str) -> None:
+    """Keep a screenshot of the whole page in $ECGX_VIEWER_SCREENSHOTS (JPEG: the docs' copies)."""
     folder = os.environ.get("ECGX_VIEWER_SCREENSHOTS")
-    path = Path(folder) / name if folder else None
-    return page.screenshot(path=path, **kw)
+    if folder:
+        page.screenshot(path=Path(folder) / name, full_page=True, type="jpeg", quality=55)
 
 
 def _sign_in(page: Any, token: str) -> None:
@@ -305,6 +338,7 @@ def test_the_viewer_explains_a_sample_on_ecg_paper_with_the_gate_verdicts(world,
     expected = dict(zip(leads, lead_shares(attribution[0]).tolist(), strict=True))
     assert shares == pytest.approx(expected, abs=1e-5)
     assert "gate pass" in page.locator("#facts").text_content()
+    assert page.locator("#classes tr[data-class] td:nth-child(4)", has_text="yes").count() == 1
 
     # Pixels: the overlay colours the lead with the largest share where its map peaks, and not
     # where its map is near zero.
@@ -321,7 +355,7 @@ def test_the_viewer_explains_a_sample_on_ecg_paper_with_the_gate_verdicts(world,
         qx = int(cell["beatX"] + int(quiet[len(quiet) // 2]) * cell["pxPerSample"])
         r, g, b = image[y : y + 4, qx].mean(axis=0)[:3]
         assert r >= b, (r, g, b)
-    _shot(page, "viewer.png", full_page=True)
+    _shot(page, "viewer.jpg")
 
     # The gate report page for the release reviewer.
     page.click("#report-link")
@@ -331,7 +365,7 @@ def test_the_viewer_explains_a_sample_on_ecg_paper_with_the_gate_verdicts(world,
     assert page.locator(f"#matrix tr[data-method={REFUSED}] td.method-verdict").text_content() == "fail"
     assert page.locator("#figures svg.scores circle").count() >= 2
     assert "verified" in page.locator("#facts").text_content()
-    _shot(page, "viewer-report.png", full_page=True)
+    _shot(page, "viewer-report.jpg")
     page.context.close()
 
 
@@ -396,5 +430,4 @@ def test_a_dropped_dicom_file_is_decoded_by_the_server_and_explained(
     raw = lead_shares(_attribution_over_rest(world, "gradcam")[0])
     assert dicom_shares == pytest.approx(raw.tolist(), abs=0.02)
     assert "gate pass" in page.locator("#facts").text_content()
-    _shot(page, "viewer-dicom.png", full_page=True)
     page.context.close()

@@ -80,7 +80,7 @@ function showVersion(version) {
   const first = $("methods").querySelector("input:not([disabled])");
   if (first) first.checked = true;
   $("target").replaceChildren(
-    el("option", { value: "predicted" }, "predicted classes"),
+    el("option", { value: "predicted" }, "the predicted class"),
     ...v.classes.map((c) => el("option", { value: c.key }, `${c.key} ${c.name ? `(${c.name})` : ""}`)),
   );
   updateExplainButton();
@@ -292,7 +292,8 @@ function output(answer, name) {
 function showResult(answer, method) {
   const p = answer.parameters;
   const classes = JSON.parse(p.classes);
-  const targets = JSON.parse(p.targets || "[]").flat();
+  // "targets": the class index explained, per ECG (one ECG here).
+  const targets = JSON.parse(p.targets || "[]").flat().map((t) => (typeof t === "number" ? classes[t] : t));
   const probabilities = output(answer, "probabilities").data;
   const flat = output(answer, "attribution").data;
   const [, leads, samples] = output(answer, "attribution").shape;
