@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import resource
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,10 +249,8 @@ def run_demo(
     steps: list[StepTime] = []
     with timed_step(steps, "data"):
         _synthesise(data_dir, n, overwrite, show_progress)
-    with timed_step(steps, "training"):
-        _train(data_dir, run_dir, seeds, plan, overwrite, show_progress)
-    with timed_step(steps, "export"):
-        packages = _export(run_dir, pkg_dir, seeds, overwrite)
+    with timed_step(steps, "training and export"):
+        packages = _train_and_export(data_dir, run_dir, pkg_dir, seeds, plan, overwrite, show_progress)
     print(format_training_summary(run_dir, seeds), flush=True)
     result = DemoResult(out=out, packages=packages, trims=trims, steps=steps)
     if len(packages) > 1:
@@ -303,37 +303,49 @@ def _synthesise(data_dir: Path, n: int, overwrite: bool, show_progress: bool) ->
         log.info("step 1/7: reusing dataset %s", data_dir)
 
 
-def _train(
-    data_dir: Path, run_dir: Path, seeds: Sequence[int], plan: DemoPlan, overwrite: bool, show_progress: bool
-) -> None:
+def _train_and_export(
+    data_dir: Path,
+    run_dir: Path,
+    pkg_dir: Path,
+    seeds: Sequence[int],
+    plan: DemoPlan,
+    overwrite: bool,
+    show_progress: bool,
+) -> list[Path]:
+    """Train the seeds one after another and export each while the next one trains.
+
+    Training runs on one thread (the weights then do not depend on the machine), so the export
+    and its Captum check take the second core, in a child process rather than a thread: both
+    draw from torch's global random state, which the training must have to itself. Each seed is
+    added to the run folder when done, so an interrupted demo keeps the seeds it finished;
+    --overwrite replaces the run folder with the first one."""
     todo = [s for s in seeds if overwrite or not (seed_dir(run_dir, s) / CHECKPOINT_FILE).is_file()]
-    if todo:
-        log.info("step 2/7: training seeds %s into %s", todo, run_dir)
-        # One seed at a time, each added to the run folder when done, so an interrupted demo
-        # keeps the seeds it finished; --overwrite replaces the run folder with the first one.
-        for i, s in enumerate(todo):
-            train_run(
-                data_dir,
-                [s],
-                run_dir,
-                ModelConfig(),
-                TrainConfig(max_epochs=plan.max_epochs),
-                overwrite=overwrite and i == 0,
-                show_progress=show_progress,
-            )
-    else:
-        log.info("step 2/7: reusing trained seeds in %s", run_dir)
-
-
-def _export(run_dir: Path, pkg_dir: Path, seeds: Sequence[int], overwrite: bool) -> list[Path]:
-    packages = []
-    for s in seeds:
-        pkg = pkg_dir / f"seed-{s}"
-        if overwrite or not (pkg / "manifest.json").is_file():
-            log.info("step 3/7: exporting seed %d to %s (checked against Captum)", s, pkg)
-            export_checkpoint(seed_dir(run_dir, s) / CHECKPOINT_FILE, pkg, overwrite=overwrite)
-        packages.append(pkg)
-    return packages
+    exports = []
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for s in seeds:
+            if s in todo:
+                log.info("step 2/7: training seed %d into %s", s, run_dir)
+                train_run(
+                    data_dir,
+                    [s],
+                    run_dir,
+                    ModelConfig(),
+                    TrainConfig(max_epochs=plan.max_epochs),
+                    overwrite=overwrite and s == todo[0],
+                    show_progress=show_progress,
+                )
+            else:
+                log.info("step 2/7: reusing trained seed %d in %s", s, run_dir)
+            pkg = pkg_dir / f"seed-{s}"
+            if overwrite or not (pkg / "manifest.json").is_file():
+                log.info(
+                    "step 3/7: exporting seed %d to %s beside the training (checked against Captum)", s, pkg
+                )
+                checkpoint = seed_dir(run_dir, s) / CHECKPOINT_FILE
+                exports.append(pool.submit(export_checkpoint, checkpoint, pkg, overwrite=overwrite))
+        for future in exports:
+            future.result()  # an export's error is raised here, after the training it ran beside
+    return [pkg_dir / f"seed-{s}" for s in seeds]
 
 
 def _gate(
