@@ -431,3 +431,48 @@ def test_a_dropped_dicom_file_is_decoded_by_the_server_and_explained(
     assert dicom_shares == pytest.approx(raw.tolist(), abs=0.02)
     assert "gate pass" in page.locator("#facts").text_content()
     page.context.close()
+
+
+# ---------------------------------------------------------------------------- ecgx serve --viewer
+
+CLI_HAS_VIEWER = "--viewer" in (Path(__file__).resolve().parents[2] / "ecgx" / "cli.py").read_text()
+
+
+@pytest.mark.skipif(not CLI_HAS_VIEWER, reason="ecgx serve --viewer is not wired in ecgx/cli.py yet")
+def test_ecgx_serve_viewer_serves_the_pages_and_calls_without_torch(gated, tmp_path) -> None:
+    """``ecgx serve --http-port 0 --viewer`` as a user runs it (PyTorch unimportable): the page and
+    a viewer call answer on the REST port; without --viewer the pages are not there."""
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from cli_helpers import ECGX_WITHOUT_TORCH, serve_port
+
+    make_package(gated, tmp_path / "repo" / MODEL / "1", 0)
+    script = tmp_path / "serve_no_torch.py"
+    script.write_text(ECGX_WITHOUT_TORCH)
+    args = ["serve", "--repo", str(tmp_path / "repo"), "--port", "0", "--http-port", "0", "--viewer"]
+    args += ["--trusted-key", str(gated["public_pem"]), "--no-metrics", "--grace", "1", "--insecure"]
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        _, lines = serve_port(proc, "PLAINTEXT")
+        port = next(m[1] for line in lines if (m := re.search(r"over REST on http://[^ ]+:(\d+)", line)))
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/viewer/", timeout=30) as r:
+            assert r.status == 200 and b"ecgx viewer" in r.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/viewer/api/models", timeout=30) as r:
+            assert json.loads(r.read())["models"][0]["name"] == MODEL
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-3000:]
+    assert "torch" not in out
