@@ -181,6 +181,11 @@ def _substitute(method: str):
     return run
 
 
+def module_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The floating-point type ``module`` computes in (its first parameter's; float32 without any)."""
+    return next((p.dtype for p in module.parameters()), torch.float32)
+
+
 def autograd_attribution(
     module: IRModule,
     method: str,
@@ -198,6 +203,9 @@ def autograd_attribution(
     zeros), max pooling by the plain gradient of each half (the package's ``maxpool_rule
     "gradient"``). ``lrp``: the epsilon rule at every layer with weights or a sum, relevance
     starting at the target logit (as Captum's LRP), passing ReLUs unchanged.
+
+    The arithmetic is the module's own precision: a float64 copy (``reference.as_float64``) gives
+    the float64 run the export judges its graphs by; the inputs are float32 values either way.
     """
     if method not in METHODS:
         raise InvalidArgument(f"no autograd reference for {method!r}; one of {METHODS}")
@@ -210,14 +218,15 @@ def autograd_attribution(
     tgt = target_indices(target, len(x))
     rows = torch.arange(len(x))
     module = module.eval()
+    dtype = module_dtype(module)
     if method == "deeplift":
         ref = np.zeros_like(x) if baseline is None else np.asarray(baseline, np.float32)
-        both = torch.tensor(np.concatenate([x, ref]), requires_grad=True)
+        both = torch.tensor(np.concatenate([x, ref]), dtype=dtype, requires_grad=True)
         with torch.enable_grad():
             logits = module.evaluate(both, _deeplift_substitute)
             (grad,) = torch.autograd.grad(logits[rows, tgt].sum(), both)
-        return (grad[: len(x)] * torch.tensor(x - ref)).detach().numpy()
-    xt = torch.tensor(x, requires_grad=True)
+        return (grad[: len(x)] * (both[: len(x)] - both[len(x) :])).detach().numpy()
+    xt = torch.tensor(x, dtype=dtype, requires_grad=True)
     substitute = _lrp_substitute(epsilon) if method == "lrp" else _substitute(method)
     with torch.enable_grad():
         logits = module.evaluate(xt, substitute)

@@ -9,6 +9,7 @@ reference is called in the manifest, is the graph's :class:`~ecgx.training.expor
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,10 +44,11 @@ def _session(folder: Path, graph: str) -> ort.InferenceSession:
 
 
 class References:
-    """What every graph's check shares: the sample inputs, targets, the IR module and its near ties."""
+    """What every graph's check shares: the sample inputs, targets, the IR module (float32, and its
+    float64 copy the graphs are judged by) and the samples float32 cannot pin down (near ties)."""
 
     def __init__(self, folder: Path, src: ModelSource, ir: ModelIR, layer: str | None, x: np.ndarray):
-        from ecgx.training.export.reference import near_ties
+        from ecgx.training.export.reference import as_float64, near_ties, relu_near_ties
 
         self.folder, self.src, self.ir, self.layer, self.x = folder, src, ir, layer, x
         n_out = ir.n_outputs
@@ -54,9 +56,42 @@ class References:
         self.seed = np.eye(n_out, dtype=np.float32)[self.target]
         self.baseline = np.random.default_rng(0).normal(0, 0.05, x.shape).astype(np.float32)
         self.module = ir_module(ir).eval()
+        self.module64 = as_float64(self.module)
         flags, report = near_ties(self.module, x)
-        self.ties = {"near_max_pool_tie": np.asarray(flags, bool)}
+        relu_flags, relu_report = relu_near_ties(self.module, x, module64=self.module64)
+        self.ties = {"near_max_pool_tie": np.asarray(flags, bool), "near_relu_tie": relu_flags}
         self.tie_report = jsonable(report)
+        self.relu_tie_report = jsonable(relu_report)
+
+
+def judge(
+    got: np.ndarray, ref64: np.ndarray, excused: dict[str, np.ndarray], ref32: Callable[[], np.ndarray]
+) -> dict[str, Any]:
+    """The engine's map against the float64 run of the same computation (``per_sample_parity``),
+    with the measured error on every sample. When it fails, PyTorch's float32 run is measured
+    against float64 too, so the refusal can say which side was off (``describe_parity_failure``)."""
+    check = {"reference_precision": "float64", **per_sample_parity(got, ref64, excused)}
+    if check["ok"]:
+        return check
+    try:
+        want32 = ref32()
+    except Exception as e:  # informative only: the verdict stands on the float64 run
+        check["float32_reference_error"] = f"{type(e).__name__}: {e}"
+        return check
+    for failing in check["failing"]:
+        i = failing["sample"]
+        failing["float32_reference_vs_float64"] = parity(want32[i], ref64[i])
+    # Excused samples that disagree count against "at least half agree": their sides too.
+    excused_samples = sorted({i for samples in check["excused"].values() for i in samples})
+    check["excused_sides"] = [
+        {
+            "sample": i,
+            **parity(got[i], ref64[i]),
+            "float32_reference_vs_float64": parity(want32[i], ref64[i]),
+        }
+        for i in excused_samples
+    ]
+    return check
 
 
 def check_forward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
@@ -110,16 +145,43 @@ def _module_gradient(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.nd
     return xt.grad.detach().numpy()
 
 
+def _module_gradient64(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """``_module_gradient`` of a float64 copy of ``model``: the same computation in float64."""
+    model64 = copy.deepcopy(model).double().eval()
+    xt = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    out = model64(xt)
+    (out * torch.from_numpy(seed.astype(np.float64))).sum().backward()
+    return xt.grad.detach().numpy()
+
+
 def check_gradient(refs: References, graph: str) -> dict[str, dict[str, Any]]:
-    """The input gradient against autograd on the IR module and, for a PyTorch model, on the
-    module as given."""
+    """The input gradient against autograd on the IR module in float64 and, for a PyTorch model, on
+    the module as given (in float64 where it runs in float64; else in float32, its own spread under
+    the near ties excused)."""
     got = _run_backward(refs, "gradient")
-    ref = autograd_attribution(refs.module, "gradient", refs.x, refs.target)
-    checks = {"gradient": per_sample_parity(got, ref, refs.ties)}
+    ref = autograd_attribution(refs.module64, "gradient", refs.x, refs.target)
+    checks = {
+        "gradient": judge(
+            got, ref, refs.ties, lambda: autograd_attribution(refs.module, "gradient", refs.x, refs.target)
+        )
+    }
     if isinstance(refs.src.original, nn.Module):
         # The model as given, not only as rebuilt from the IR: a front-end error shows here.
-        original = _module_gradient(refs.src.original, refs.x, refs.seed)
-        checks["gradient.original"] = per_sample_parity(got, original, refs.ties)
+        original = refs.src.original
+
+        def float32() -> np.ndarray:
+            return _module_gradient(original, refs.x, refs.seed)
+
+        try:
+            want = _module_gradient64(original, refs.x, refs.seed)
+        except Exception as e:  # a model with float32 hard-wired (a custom op, a typed constant)
+            check = per_sample_parity(got, float32(), refs.ties)
+            checks["gradient.original"] = {
+                "reference_precision": f"float32 (the model does not run in float64: {type(e).__name__})",
+                **check,
+            }
+        else:
+            checks["gradient.original"] = judge(got, want, refs.ties, float32)
     return checks
 
 
@@ -141,9 +203,11 @@ def check_modified_backward(refs: References, graph: str) -> dict[str, dict[str,
     from ecgx.training.export.reference import captum_attribution
 
     got = _run_backward(refs, graph)
-    ref = autograd_attribution(refs.module, graph, refs.x, refs.target)
+    ref = autograd_attribution(refs.module64, graph, refs.x, refs.target)
     return {
-        graph: per_sample_parity(got, ref, refs.ties),
+        graph: judge(
+            got, ref, refs.ties, lambda: autograd_attribution(refs.module, graph, refs.x, refs.target)
+        ),
         f"{graph}.captum": _captum_beside(
             got, lambda: captum_attribution(refs.module, graph, refs.x, refs.target), refs.ties
         ),
@@ -159,11 +223,19 @@ def check_deeplift(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     x, baseline, seed, target = refs.x, refs.baseline, refs.seed, refs.target
     feeds = {"x": x, "baseline": baseline, "seed": seed}
     plain = sess.run(None, {**feeds, "maxpool_rescale": np.array(False)})[1]
-    reference = autograd_attribution(refs.module, "deeplift", x, target, baseline=baseline)
+    from ecgx.training.export.reference import relu_near_ties
+
+    reference = autograd_attribution(refs.module64, "deeplift", x, target, baseline=baseline)
     near_tie = refs.ties["near_max_pool_tie"] | np.asarray(near_tie_samples(refs.module, baseline), bool)
-    excused = {"near_max_pool_tie": near_tie}
+    relu_tie = refs.ties["near_relu_tie"] | relu_near_ties(refs.module, baseline, module64=refs.module64)[0]
+    excused = {"near_max_pool_tie": near_tie, "near_relu_tie": relu_tie}
     checks = {
-        "deeplift": per_sample_parity(plain, reference, excused),
+        "deeplift": judge(
+            plain,
+            reference,
+            excused,
+            lambda: autograd_attribution(refs.module, "deeplift", x, target, baseline=baseline),
+        ),
         "deeplift.captum": _captum_beside(
             plain, lambda: captum_attribution(refs.module, "deeplift", x, target, baseline=baseline), excused
         ),
@@ -199,10 +271,11 @@ def check_lrp(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     checks = {}
     for name, eps in LRP_CHECK_EPSILONS.items():
         got = sess.run(None, {"x": refs.x, "seed": refs.seed, "epsilon": np.array(eps, np.float32)})[1]
-        ref = autograd_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps)
+        ref = autograd_attribution(refs.module64, "lrp", refs.x, refs.target, epsilon=eps)
         ill = np.asarray(ill_conditioned_samples(refs.module, refs.x, eps, REL_TOL), bool)
         excused = {**refs.ties, "ill_conditioned": ill}
-        checks[name] = {"epsilon": eps, **per_sample_parity(got, ref, excused)}
+        ref32 = lambda eps=eps: autograd_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps)  # noqa: E731
+        checks[name] = {"epsilon": eps, **judge(got, ref, excused, ref32)}
         checks[f"{name}.captum"] = _captum_beside(
             got,
             lambda eps=eps: captum_attribution(refs.module, "lrp", refs.x, refs.target, epsilon=eps),
@@ -255,11 +328,14 @@ def check_gradcam(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     from ecgx.training.export.reference import layer_activations_and_gradients
 
     _, acts, grads = _session(refs.folder, "gradcam").run(None, {"x": refs.x, "seed": refs.seed})
-    module = refs.module.op_modules[refs.layer]
-    acts_ref, grads_ref = layer_activations_and_gradients(refs.module, module, refs.x, refs.target)
+
+    def reference(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
+        return layer_activations_and_gradients(module, module.op_modules[refs.layer], refs.x, refs.target)
+
+    acts_ref, grads_ref = reference(refs.module64)
     return {
-        "gradcam.activations": per_sample_parity(acts, acts_ref),
-        "gradcam.gradients": per_sample_parity(grads, grads_ref, refs.ties),
+        "gradcam.activations": judge(acts, acts_ref, {}, lambda: reference(refs.module)[0]),
+        "gradcam.gradients": judge(grads, grads_ref, refs.ties, lambda: reference(refs.module)[1]),
     }
 
 

@@ -93,9 +93,15 @@ VERIFICATION_NOTES = [
     "the other path too; and its DeepLift applies its max-pool rule only to a max pool that does not "
     "read a ReLU's output. Differing from Captum there is expected and does not make a graph "
     "unavailable.",
+    "Every graph is judged against a float64 run of the same computation (the rebuilt model, and the "
+    "model as given, copied to float64: reference_precision says which), not against PyTorch's float32, "
+    "which is itself off by float32 rounding (a ReLU input a few 1e-7 from zero flips sign). "
+    "measured_error records, per check, the largest error the engine showed against it on any sample; "
+    "a failing sample's record holds PyTorch's float32 run against float64 too (which side was off).",
     "A sample may disagree only for a recorded reason: near_max_pool_tie (the forward pass comes "
     "within float32 rounding of a tie that changes the gradient's path, so ONNX Runtime and PyTorch "
     "may legitimately route the gradient differently; ties between zeros after a ReLU do not count), "
+    "near_relu_tie (a ReLU input within the measured float32 spread of zero, near_relu_ties), "
     "ill_conditioned (LRP-epsilon with a unit within a few epsilon of zero, where float32 rounding "
     "decides the multiplier). Each check lists its excused samples; excused_samples counts them.",
     "At least half of the samples must agree in every check: a construction error shows on every "
@@ -118,6 +124,8 @@ def export_package(
     overwrite: bool = False,
     graphs: Sequence[str] | None = None,
     graph_builder: GraphBuilderFn | None = None,
+    check_data: Path | str | None = None,
+    check_samples: int = DEFAULT_SAMPLES,
 ) -> Path:
     """Export ``model`` as a package folder ``out`` and return its path.
 
@@ -128,7 +136,9 @@ def export_package(
     ``gradcam_layer`` names the IR tensor GradCAM reads (default: the last
     convolutional block's output; a model without one exports without GradCAM).
     ``sample_inputs`` (B, leads, samples) are used for the parity check (default:
-    :func:`default_sample_inputs`). ``training_info`` and ``source`` (provenance, merged
+    :func:`default_sample_inputs`); ``check_data`` is a folder of ECGs to check with instead
+    (:func:`check_data_inputs`: a dataset folder, or ``.npy`` arrays at the model's shape), of which
+    ``check_samples`` are used (evenly spaced). ``training_info`` and ``source`` (provenance, merged
     over the source's own description) are recorded in the manifest. ``training_data``
     is the training split's fingerprint (:func:`ecgx.training.train.training_fingerprint`:
     the text of ``training_beats.sha256`` and the ids of ``training_ids.json``); without
@@ -151,7 +161,15 @@ def export_package(
     src = model if isinstance(model, ModelSource) else from_module(model)
     ir = src.ir
     classes = _classes(src)
+    if check_data is not None:
+        if sample_inputs is not None:
+            raise ExportError("give sample_inputs or check_data, not both")
+        sample_inputs, data_note = check_data_inputs(check_data, src.input_shape, check_samples)
+    x, inputs_note = _sample_inputs(sample_inputs, src)
+    if check_data is not None:
+        inputs_note = data_note
     layer, no_layer = _pick_gradcam_layer(ir, gradcam_layer)
+    layer, gradcam_choice = _nondegenerate_gradcam_layer(ir, layer, gradcam_layer is not None, x)
     names = _graph_names(graphs)
     unavailable: dict[str, str] = {
         g: "left out of this export (export_package(graphs=...) did not ask for it)"
@@ -159,7 +177,6 @@ def export_package(
         if g not in names
     }
     built = _build_graphs(ir, names, layer, no_layer, graph_builder or build_graph, unavailable)
-    x, inputs_note = _sample_inputs(sample_inputs, src)
     # The output rule (ecgx.core.outputs): built beside ``out``, renamed into place once the graphs
     # passed their check; an old package is removed only then, and only a package is replaced.
     with StagedOutput(out, PACKAGE, overwrite=overwrite) as tmp:
@@ -188,6 +205,8 @@ def export_package(
         manifest["unavailable"] = {
             g: {"reason": unavailable[g], "methods": methods_needing(g)} for g in GRAPHS if g in unavailable
         }
+        if gradcam_choice is not None:
+            manifest["gradcam_layer_choice"] = gradcam_choice
         if training_data is not None:
             manifest["training_data"] = _training_data_entry(training_data)
         check_manifest(manifest, tmp / MANIFEST_FILE)  # again, with ``unavailable``
@@ -292,6 +311,58 @@ def _pick_gradcam_layer(ir: ModelIR, requested: str | None) -> tuple[str | None,
     return candidates[-1], None
 
 
+def gradcam_maps(ir: ModelIR, layer: str, x: np.ndarray) -> np.ndarray:
+    """GradCAM's maps (B, L) at ``layer`` for each check ECG's target class (as the checks pick it):
+    the ReLU of the activations weighted by their time-averaged gradients, on the rebuilt model."""
+    from ecgx.training.export.ir_torch import ir_module
+    from ecgx.training.export.reference import layer_activations_and_gradients
+
+    module = ir_module(ir)
+    target = np.arange(len(x)) % ir.n_outputs
+    acts, grads = layer_activations_and_gradients(module, module.op_modules[layer], x, target)
+    weights = grads.astype(np.float64).mean(axis=-1, keepdims=True)
+    return np.maximum((weights * acts).sum(axis=1), 0.0)
+
+
+def _constant_maps(maps: np.ndarray) -> bool:
+    """Every map flat (to float32 rounding of the largest value): nothing for GradCAM to show."""
+    scale = float(np.abs(maps).max())
+    spread = maps.max(axis=-1) - maps.min(axis=-1)
+    return bool((spread <= 1e-6 * scale).all()) if scale > 0 else True
+
+
+def _nondegenerate_gradcam_layer(
+    ir: ModelIR, layer: str | None, requested: bool, x: np.ndarray
+) -> tuple[str | None, dict[str, Any] | None]:
+    """The default GradCAM layer, or the last one before it whose maps are not constant on the check
+    ECGs (Ribeiro's ResNet: the last ReLU, read only through flatten + linear, gives all-zero maps),
+    with the record the manifest keeps of the choice. A layer the user named is kept as it is."""
+    if layer is None or requested:
+        return layer, None
+    candidates = [c for c in ir.conv_outputs() if ir.op_producing(c).out_shape[-1] > 1]
+    default_maps_constant = layer not in candidates or _constant_maps(gradcam_maps(ir, layer, x))
+    if not default_maps_constant:
+        return layer, None
+    tried = [layer]
+    for candidate in reversed(candidates[: candidates.index(layer)] if layer in candidates else candidates):
+        tried.append(candidate)
+        if not _constant_maps(gradcam_maps(ir, candidate, x)):
+            note = (
+                f"the default GradCAM layer {layer} gives constant maps on the {len(x)} check ECGs (nothing "
+                f"to show); GradCAM reads {candidate}, the last convolutional layer with spatial extent "
+                "whose maps vary"
+            )
+            log.warning("%s", note)
+            return candidate, {"default": layer, "chosen": candidate, "reason": note}
+    note = (
+        f"GradCAM's maps are constant on the {len(x)} check ECGs at every convolutional layer tried "
+        f"({', '.join(tried)}); GradCAM reads the default {layer}, and its maps will show nothing on "
+        "ECGs like these"
+    )
+    log.warning("%s", note)
+    return layer, {"default": layer, "chosen": layer, "reason": note}
+
+
 def _write_weights(
     folder: Path, ir: ModelIR, graphs: dict[str, onnx.ModelProto]
 ) -> dict[str, dict[str, Any]]:
@@ -360,6 +431,63 @@ def default_sample_inputs(
         strip = np.concatenate([resampled[(i + j) % n] for j in range(reps)], axis=1)
         out[i] = strip[lead_order, :samples]
     return out
+
+
+def check_data_inputs(folder: Path | str, input_shape: tuple[int, int], n: int) -> tuple[np.ndarray, str]:
+    """``n`` check ECGs (n, leads, samples) from ``folder``, evenly spaced over what it holds, and
+    the manifest's note naming them.
+
+    ``folder`` is a dataset folder (``ecgx.core.dataset``: median beats of 12 leads x 600 samples,
+    for a model that takes them), or a folder of ``.npy`` files at the model's rate, each one ECG
+    (leads, samples) or a stack of them (k, leads, samples), read in name order.
+    """
+    from ecgx.core.dataset import META_FILE, load_dataset
+
+    folder = Path(folder)
+    if not isinstance(n, int) or n < 1:
+        raise ExportError(f"check_samples must be a whole number of ECGs of at least 1, got {n!r}")
+    if not folder.is_dir():
+        raise ExportError(f"check data {folder} is not a folder (a dataset folder, or .npy files of ECGs)")
+    leads, samples = input_shape
+    if (folder / META_FILE).is_file():
+        ecgs = load_dataset(folder).signals
+        kind = "dataset"
+    else:
+        files = sorted(folder.glob("*.npy"))
+        if not files:
+            raise ExportError(
+                f"check data {folder} holds neither a dataset ({META_FILE}) nor .npy files of ECGs "
+                f"({leads} leads x {samples} samples at the model's rate)"
+            )
+        ecgs = np.concatenate([_npy_ecgs(f, input_shape) for f in files])
+        kind = f"{len(files)} .npy file(s)"
+    if ecgs.shape[1:] != (leads, samples):
+        raise ExportError(
+            f"check data {folder} holds ECGs of {ecgs.shape[1]} leads x {ecgs.shape[2]} samples; the model "
+            f"takes {leads} x {samples}"
+        )
+    picked = np.unique(np.linspace(0, len(ecgs) - 1, min(n, len(ecgs))).round().astype(int))
+    x = np.asarray(ecgs[picked], np.float32)
+    return (
+        x,
+        f"{len(x)} of the {len(ecgs)} ECGs of {folder.resolve()} ({kind}), evenly spaced: {picked.tolist()}",
+    )
+
+
+def _npy_ecgs(path: Path, input_shape: tuple[int, int]) -> np.ndarray:
+    try:
+        a = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ExportError(f"check data file {path} is not a NumPy array file: {e}") from None
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1:] != tuple(input_shape) or not np.issubdtype(a.dtype, np.floating):
+        raise ExportError(
+            f"check data file {path} holds a {a.dtype} array of shape {a.shape}; the model takes float "
+            f"ECGs of shape ({input_shape[0]}, {input_shape[1]}) or a stack (k, {input_shape[0]}, "
+            f"{input_shape[1]})"
+        )
+    return a
 
 
 def _sample_inputs(sample_inputs: np.ndarray | None, src: ModelSource) -> tuple[np.ndarray, str]:
@@ -440,9 +568,26 @@ def verify_package_graphs(
         "samples": len(x),
         "lrp_epsilons": LRP_CHECK_EPSILONS,
         "checks": checks,
+        "measured_error": measured_error(checks),
         "near_ties": refs.tie_report,
+        "near_relu_ties": refs.relu_tie_report,
         "excused_samples": {k: len(v) for k, v in sorted(excused.items())},
         "failed": failed,
+    }
+
+
+def measured_error(checks: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per binding check: the largest relative error the engine measured against its reference on
+    any sample (excused ones included), and the reference's precision (float64 unless the model as
+    given cannot run in float64)."""
+    return {
+        name: {
+            "max_rel_error": c["measured"]["max_rel_error"],
+            "outlier_fraction": c["measured"]["outlier_fraction"],
+            "reference_precision": c.get("reference_precision", "float32"),
+        }
+        for name, c in checks.items()
+        if "ok" in c and "measured" in c
     }
 
 

@@ -51,6 +51,11 @@ def per_sample_parity(
     return {
         "samples": len(results),
         "agreeing": int(agree.sum()),
+        # Every sample's figures, excused ones included: what the engine measured against its reference.
+        "measured": {
+            "max_rel_error": max(r["max_rel_error"] for r in results),
+            "outlier_fraction": max(r["outlier_fraction"] for r in results),
+        },
         "max_rel_error": max((r["max_rel_error"] for r in agreeing), default=None),
         "outlier_fraction": max((r["outlier_fraction"] for r in agreeing), default=None),
         "excused": {k: np.flatnonzero(~agree & v).tolist() for k, v in reasons.items()},
@@ -68,14 +73,40 @@ def describe_parity_failure(name: str, check: dict[str, Any]) -> str:
             f"{name}: {check['outlier_fraction']:.2%} of values off by more than {REL_TOL:g} "
             f"of the largest magnitude (max {check['max_rel_error']:.2e})"
         )
+    against = "the float64 run" if check.get("reference_precision") == "float64" else "its reference"
     parts = [
-        f"sample {f['sample']}: {f['outlier_fraction']:.2%} of elements off by more than {REL_TOL:g} of the "
-        f"largest magnitude (max {f['max_rel_error']:.2e}; limit {MAX_OUTLIER_FRACTION:.1%} of elements)"
+        f"sample {f['sample']}: the engine against {against}: {f['outlier_fraction']:.2%} of elements off by "
+        f"more than {REL_TOL:g} of the largest magnitude (max {f['max_rel_error']:.2e}; limit "
+        f"{MAX_OUTLIER_FRACTION:.1%} of elements){_float32_side(f)}"
         for f in check["failing"]
     ]
     if check["agreeing"] < check["samples"] / 2:
         parts.append(f"only {check['agreeing']} of {check['samples']} samples agree")
+        sides = check.get("excused_sides") or []
+        parts += [
+            f"excused sample {f['sample']}: the engine against {against}: {f['outlier_fraction']:.2%} of "
+            f"elements off (max {f['max_rel_error']:.2e}){_float32_side(f)}"
+            for f in sides[:3]
+        ]
+        if len(sides) > 3:
+            parts.append(f"and {len(sides) - 3} more excused samples")
     return f"{name}: " + "; ".join(parts)
+
+
+def _float32_side(failing: dict[str, Any]) -> str:
+    """Where PyTorch's float32 run stands against float64 on a failing sample: which side was off."""
+    ref = failing.get("float32_reference_vs_float64")
+    if ref is None:
+        return ""
+    if parity_ok(ref):
+        return (
+            f"; PyTorch's float32 reference agrees with float64 (max {ref['max_rel_error']:.2e}): "
+            "the engine is the side off"
+        )
+    return (
+        f"; PyTorch's float32 reference is off against float64 too ({ref['outlier_fraction']:.2%} of "
+        f"elements, max {ref['max_rel_error']:.2e})"
+    )
 
 
 def jsonable(value: Any) -> Any:

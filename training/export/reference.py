@@ -123,7 +123,9 @@ def layer_activations_and_gradients(
     """
     from captum._utils.gradient import compute_layer_gradients_and_eval
 
-    xt = torch.tensor(x, dtype=torch.float32)
+    from ecgx.training.export.autograd_reference import module_dtype
+
+    xt = torch.tensor(x, dtype=module_dtype(model))  # a float64 copy runs in float64
     grads, acts = compute_layer_gradients_and_eval(
         model.eval(), layer, xt, target_ind=target_indices(target, len(x))
     )
@@ -331,3 +333,78 @@ def ill_conditioned_samples(model: nn.Module, x: np.ndarray, epsilon: float, tol
 def _magnitude(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
     """``sum |w * a|`` (+ |bias|) for each output unit of a layer whose output LRP divides by."""
     return OP_SPECS[op.kind].magnitude(layer, inputs)
+
+
+# --------------------------------------------------------------------------- ReLU near-ties
+
+RELU_TIE_FACTOR = 8.0
+
+NEAR_RELU_TIE_REASON = (
+    "a ReLU input within float32 rounding of zero: its float64 value is smaller than "
+    f"{RELU_TIE_FACTOR:g} times what float32 arithmetic moves that layer's values by on this sample "
+    "(measured: the largest gap between the rebuilt model's float32 and float64 runs there, and at "
+    "least one rounding of the layer's largest value), so a correct float32 implementation may see "
+    "it on the other side of zero, switching that unit's gradient on or off (inputs that are exactly "
+    "zero in both runs are not counted: every implementation computes them alike)"
+)
+
+
+def as_float64(module: IRModule) -> IRModule:
+    """A float64 copy of ``module``: the same computation (its float32 parameters, BatchNorm folded)
+    in float64 arithmetic, the yardstick both the engine and PyTorch's float32 are measured by."""
+    return copy.deepcopy(module).double().eval()
+
+
+def _relu_inputs(module: IRModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every ReLU op's input on ``x`` (by op name)."""
+    from ecgx.training.export.ir import RELU
+
+    seen: dict[str, torch.Tensor] = {}
+
+    def record(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> None:
+        if op.kind == RELU:
+            seen[op.name] = inputs[0]
+        return None
+
+    with torch.no_grad():
+        module.evaluate(x, record)
+    return seen
+
+
+def relu_near_ties(
+    model: nn.Module, x: np.ndarray, factor: float = RELU_TIE_FACTOR, module64: IRModule | None = None
+) -> tuple[np.ndarray, dict]:
+    """Samples with a ReLU input that float32 arithmetic cannot place on one side of zero, and the
+    manifest's report of them (``samples``, ``flagged``, ``factor``, ``per_layer``, ``reason``).
+
+    The float32 spread is measured, not assumed: the rebuilt model runs in float32 and in float64
+    on the same input, and a layer's spread on a sample is the largest gap between the two over its
+    units (at least one float32 rounding of its largest value: ``2**-24 * max|z|``). A unit whose
+    float64 value lies within ``factor`` times that spread of zero may flip in any correct float32
+    implementation (ONNX Runtime, PyTorch): the gradient below it then differs on its receptive
+    field, which is what this excuses, and only this. ``model`` is an IRModule or a module traced
+    into one; ``module64`` its float64 copy when the caller has one.
+    """
+    module = as_ir_module(model, tuple(x.shape[1:])).eval()
+    module64 = module64 if module64 is not None else as_float64(module)
+    z32 = _relu_inputs(module, torch.tensor(x, dtype=torch.float32))
+    z64 = _relu_inputs(module64, torch.tensor(x, dtype=torch.float64))
+    flags = np.zeros(len(x), dtype=bool)
+    per_layer: dict[str, int] = {}
+    for name, exact in z64.items():
+        approx = z32[name].double()
+        gap = (approx - exact).abs().flatten(1).max(dim=1).values
+        floor = FLOAT32_UNIT_ROUNDOFF * exact.abs().flatten(1).max(dim=1).values
+        spread = torch.maximum(gap, floor).view(-1, *([1] * (exact.dim() - 1)))
+        both_zero = (exact == 0) & (approx == 0)
+        near = ((exact.abs() < factor * spread) & ~both_zero).flatten(1).any(dim=1).numpy()
+        per_layer[name] = int(near.sum())
+        flags |= near
+    report = {
+        "samples": len(x),
+        "flagged": int(flags.sum()),
+        "factor": float(factor),
+        "per_layer": per_layer,
+        "reason": NEAR_RELU_TIE_REASON,
+    }
+    return flags, report

@@ -1,0 +1,239 @@
+"""Published ECG architectures re-implemented small for the export's tests (issue #25).
+
+Each follows its paper's or benchmark code's layer pattern at a reduced width; the patterns are what
+the export must handle, not the capacity. Models are BatchNorm-calibrated on synthetic ECGs (a few
+forward passes in training mode), so their activations look like a trained network's rather than
+a fresh initialisation's (BatchNorm at identity).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class AdaptiveConcatPool1d(nn.Module):
+    """fastai's concat pooling: global max and global average, side by side."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(
+            [nn.functional.adaptive_max_pool1d(x, 1), nn.functional.adaptive_avg_pool1d(x, 1)], 1
+        )
+
+
+def _conv_bn_relu(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
+    # The PTB-XL benchmark's _conv1d: padding (k - 1) // 2, no bias before BatchNorm.
+    return nn.Sequential(
+        nn.Conv1d(c_in, c_out, kernel, padding=(kernel - 1) // 2, bias=False),
+        nn.BatchNorm1d(c_out),
+        nn.ReLU(),
+    )
+
+
+class FcnWang(nn.Module):
+    """fcn_wang of the PTB-XL benchmark (Strodthoff et al. 2021, after Wang et al. 2017): three
+    conv-BN-ReLU blocks (kernels 8, 5, 3; filters 128, 256, 128 in the paper, scaled by ``width``),
+    concat pooling, BatchNorm, dropout and a linear head. Its ReLUs see many pre-activations near zero:
+    the model that provoked float32 near-ties in issue #25."""
+
+    def __init__(self, leads: int = 12, classes: int = 5, width: float = 0.25) -> None:
+        super().__init__()
+        f = [max(4, round(c * width)) for c in (128, 256, 128)]
+        self.features = nn.Sequential(
+            _conv_bn_relu(leads, f[0], 8), _conv_bn_relu(f[0], f[1], 5), _conv_bn_relu(f[1], f[2], 3)
+        )
+        self.pool = AdaptiveConcatPool1d()
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.BatchNorm1d(2 * f[2]), nn.Dropout(0.5), nn.Linear(2 * f[2], classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.pool(self.features(x)))
+
+
+def synthetic_ecgs(n: int, leads: int, samples: int, seed: int) -> np.ndarray:
+    """Random ECG-like strips: a beat train with random rate, amplitude and noise per lead."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(samples)[None, None, :]
+    period = rng.uniform(0.5, 1.2, (n, 1, 1)) * samples / 2.5
+    phase = rng.uniform(0, 1, (n, leads, 1)) * period
+    beat = np.exp(-(((t + phase) % period - period / 2) ** 2) / (2 * (samples / 120) ** 2))
+    amp = rng.normal(0.8, 0.4, (n, leads, 1))
+    wave = 0.2 * np.sin(2 * np.pi * t / period * 1.7 + phase)
+    return (amp * beat + wave + rng.normal(0, 0.03, (n, leads, samples))).astype(np.float32)
+
+
+def calibrated(model: nn.Module, leads: int, samples: int, seed: int = 0, batches: int = 4) -> nn.Module:
+    """``model`` with its BatchNorm statistics set on synthetic ECGs, in eval mode."""
+    torch.manual_seed(seed)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # a cumulative average over the calibration batches
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    with torch.no_grad():
+        for b in range(batches):
+            model(torch.from_numpy(synthetic_ecgs(32, leads, samples, seed * 100 + b)))
+    return model.eval()
+
+
+def fcn_wang(
+    leads: int = 12, samples: int = 250, classes: int = 5, width: float = 0.25, seed: int = 0
+) -> nn.Module:
+    torch.manual_seed(seed)
+    return calibrated(FcnWang(leads, classes, width), leads, samples, seed)
+
+
+def provoke_relu_ties(model: nn.Module) -> nn.Module:
+    """Set the first BatchNorm's channel 0 so that a zero input maps to +1.2e-8 in float64 and to
+    -8.5e-9 in PyTorch's float32 BatchNorm (the folded bias, computed in float64 and rounded once, keeps
+    the float64 sign): on a flat stretch of signal every unit of that channel sits on a ReLU near-tie,
+    which float32 PyTorch resolves the wrong way. The mean was found by a search over float32 values;
+    ``tests/training/test_float32_parity.py`` checks that it still provokes the flip."""
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm1d))
+    with torch.no_grad():
+        bn.weight[0], bn.bias[0], bn.running_var[0] = 1.1, 0.3, 0.7
+        bn.running_mean[0] = float(np.float32(0.3 * np.sqrt(0.7 + bn.eps) / 1.1))
+    return model
+
+
+def with_flat_tail(x: np.ndarray, fraction: float = 0.3) -> np.ndarray:
+    """``x`` with its last ``fraction`` of samples zero: a record shorter than the model's window,
+    zero-padded to it (as loaders of PTB-XL-style strips do)."""
+    out = x.copy()
+    out[..., round(x.shape[-1] * (1 - fraction)) :] = 0.0
+    return out
+
+
+# --------------------------------------------------------------------------- patterns (issue #25)
+
+
+class ShapeIfBlock(nn.Module):
+    """torch_ecg's ResNet block pattern: the shortcut is fitted to the branch by an ``if`` on shapes
+    (``if identity.shape[-1] < out.shape[-1]``), which torch.fx cannot trace symbolically."""
+
+    def __init__(self, channels: int = 8, leads: int = 12, classes: int = 5) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(leads, channels, 5, padding=2)
+        self.conv = nn.Conv1d(channels, channels, 4, padding=2)  # one sample longer than its input
+        self.bn = nn.BatchNorm1d(channels)
+        self.fc = nn.Linear(channels, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = torch.relu(self.stem(x))
+        out = self.bn(self.conv(identity))
+        if identity.shape[-1] < out.shape[-1]:
+            identity = nn.functional.pad(identity, (0, out.shape[-1] - identity.shape[-1]))
+        out = torch.relu(out + identity)
+        return self.fc(nn.functional.adaptive_avg_pool1d(out, 1).flatten(1))
+
+
+class EinopsLikeRearrange(nn.Module):
+    """einops' ``Rearrange("b c l -> b l c")`` as it runs: reads ``x.shape``, then permutes (the
+    shape read is what stops torch.fx: ``KeyError: Proxy(getattr_1)`` in issue #25)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, length = x.shape
+        return x.permute(0, 2, 1).reshape(b, length, c)
+
+
+class RoundTrips(nn.Module):
+    """No-op rearrangements between layers: a rearrangement and its inverse (einops-style modules,
+    transpose twice), a singleton unsqueeze then squeeze, and an explicit 1-D max pool (which the
+    dynamo ONNX exporter spells Unsqueeze -> 2-D MaxPool -> Squeeze)."""
+
+    def __init__(self, leads: int = 12, classes: int = 5, use_einops: bool = False) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(leads, 8, 5, padding=2)
+        if use_einops:
+            from einops.layers.torch import Rearrange
+
+            self.to_time_major, self.to_channel_major = (
+                Rearrange("b c l -> b l c"),
+                Rearrange("b l c -> b c l"),
+            )
+        else:
+            self.to_time_major, self.to_channel_major = EinopsLikeRearrange(), EinopsLikeRearrange()
+        self.conv2 = nn.Conv1d(8, 8, 3, padding=1)
+        self.pool = nn.MaxPool1d(2)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = self.to_channel_major(self.to_time_major(h))
+        h = torch.relu(self.conv2(h.transpose(1, 2).transpose(1, 2)))
+        h = self.pool(h.unsqueeze(1).squeeze(1))
+        return self.fc(h.mean(-1))
+
+
+class LayersInForward(nn.Module):
+    """Parameter-free layers built inside forward(): ``nn.AdaptiveAvgPool1d(1)(x)``, ``nn.ReLU()(x)``,
+    ``nn.MaxPool1d(2)(x)`` (torch.fx refuses them as modules that are not submodules)."""
+
+    def __init__(self, leads: int = 12, classes: int = 5) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(leads, 8, 5, padding=2)
+        self.fc = nn.Linear(8, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.MaxPool1d(2)(nn.ReLU()(self.conv(x)))
+        return self.fc(nn.AdaptiveAvgPool1d(1)(h).flatten(1))
+
+
+class ParametersInForward(nn.Module):
+    """A layer with parameters built inside forward(): new random weights on every call."""
+
+    def __init__(self, leads: int = 12, classes: int = 5) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, classes)
+        self.leads = leads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(nn.Conv1d(self.leads, 8, 5)(x).mean(-1))
+
+
+class RibeiroHead(nn.Module):
+    """The ending of Ribeiro et al.'s ResNet (Nat. Commun. 2020): the last block's ReLU feeds a
+    flatten and a linear head directly. GradCAM's channel weights there are the head's weights
+    averaged over time, the same for every ECG; where they are all negative for a class (as here,
+    by construction: issue #25 saw it on the trained network for every class) the map at that ReLU
+    is zero on every ECG, while the layer before it still shows where the evidence is."""
+
+    def __init__(self, leads: int = 12, samples: int = 64, classes: int = 5) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(leads, 8, 5, padding=2)
+        self.conv2 = nn.Conv1d(8, 8, 5, padding=2, stride=samples // 4)
+        self.fc = nn.Linear(8 * 4, classes)
+        with torch.no_grad():
+            self.fc.weight.copy_(-self.fc.weight.abs())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv1(x))
+        h = torch.relu(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
+def pattern_factory(name: str, seed: int = 0) -> nn.Module:
+    """The pattern models by name (a ``module:factory`` spec calls this through a wrapper)."""
+    torch.manual_seed(seed)
+    models = {
+        "shape_if": ShapeIfBlock,
+        "round_trips": RoundTrips,
+        "layers_in_forward": LayersInForward,
+    }
+    return models[name]().eval()
+
+
+def shape_if() -> nn.Module:
+    return pattern_factory("shape_if")
+
+
+def round_trips() -> nn.Module:
+    return pattern_factory("round_trips")
+
+
+def layers_in_forward() -> nn.Module:
+    return pattern_factory("layers_in_forward")
