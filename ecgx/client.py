@@ -762,6 +762,8 @@ def run_client(args: Any) -> int:
         )
     fhir_out = getattr(args, "fhir_out", None)
     if fhir_out is not None:
+        if fhir_out.suffix.lower() != ".json":
+            raise InvalidArgument(f"--fhir-out {fhir_out} must name a .json file")
         check_output(fhir_out, FHIR_FILE, overwrite=overwrite)
     if png is not None:  # before the call, every picture it will write
         check_outputs(png, None, overwrite)
