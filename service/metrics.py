@@ -300,6 +300,10 @@ class ServiceMetrics:
         self.repository = repository
         self.registry = CollectorRegistry(auto_describe=True)
         self.labels = Labels(repository)
+        # Label children of the per-call metrics, resolved once per label set (prometheus_client's
+        # ``labels()`` validates and locks on every call); the label values are bounded by
+        # ``Labels``, so this is too.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._requests()
         self._repository()
         self._stability()
@@ -473,26 +477,34 @@ class ServiceMetrics:
 
     # ---------------------------------------------------------------- calls (CallObserver)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, looked up once per label set."""
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def call_started(self, record: CallRecord) -> None:
-        self.in_flight.labels(record.rpc).inc()
+        self._child(self.in_flight, record.rpc).inc()
 
     def call_finished(self, record: CallRecord) -> None:
         rpc = record.rpc
-        self.in_flight.labels(rpc).dec()
+        self._child(self.in_flight, rpc).dec()
         model = self.labels.model(record.model)
         version = self.labels.version(record.model, record.version) if model not in ("", UNKNOWN) else ""
         methods = [self.labels.method(m) for m in record.methods]
         code = self.labels.code(record.code)
         for method in methods or [""]:
-            self.requests.labels(rpc, model, version, method, code).inc()
+            self._child(self.requests, rpc, model, version, method, code).inc()
         if record.refusal:
             self.refused.labels(rpc, _REASON.sub("_", record.refusal)[:40]).inc()
         which = methods[0] if len(methods) == 1 else MULTIPLE if methods else ""
-        self.duration.labels(rpc, model, which).observe(record.latency_s)
+        self._child(self.duration, rpc, model, which).observe(record.latency_s)
         if record.batch_size > 0:
-            self.batch.labels(rpc).observe(record.batch_size)
+            self._child(self.batch, rpc).observe(record.batch_size)
         if record.engine_s > 0:
-            self.engine.labels(rpc, model).observe(record.engine_s)
+            self._child(self.engine, rpc, model).observe(record.engine_s)
 
     # ---------------------------------------------------------------- handlers
 
