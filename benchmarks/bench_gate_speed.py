@@ -183,6 +183,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=None, help="methods side by side (default: CPU count)")
     ap.add_argument("--repeats", type=int, default=1, help="pairs of runs, order alternating (default 1)")
     ap.add_argument("--micro", action="store_true", help="time only the parts sped up in place (seconds)")
+    ap.add_argument("--first", choices=("before", "now"), default="before", help="which runs first")
     ap.add_argument("--base", default=BASE_COMMIT, help=f"the commit to compare with (default {BASE_COMMIT})")
     ap.add_argument("--base-site", type=Path, default=None, help="its install (default OUT/base-site)")
     # The child process's own arguments.
@@ -217,7 +218,8 @@ def main() -> None:
     timings: dict[str, list[dict[str, float]]] = {"before": [], "now": []}
     reports: dict[str, dict] = {}
     for r in range(args.repeats):
-        for side in ("before", "now") if r % 2 == 0 else ("now", "before"):
+        first = ("before", "now") if args.first == "before" else ("now", "before")
+        for side in first if r % 2 == 0 else first[::-1]:
             t0 = time.perf_counter()
             res = run_one(side, site, args, packages, Path(data).resolve())
             print(f"{side}: {time.perf_counter() - t0:.1f} s (process)", file=sys.stderr)
