@@ -78,6 +78,10 @@ _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProt
 MIN_OPSET, MAX_OPSET = 11, 21
 
 
+# What may read a view (a rearranged tensor): another rearrangement.
+_LAYOUT_OPS = frozenset({"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity"})
+
+
 def load_onnx_model(path: Path | str) -> onnx.ModelProto:
     """Read an ONNX file, or raise ExportError saying why it is not one."""
     path = Path(path)
@@ -167,6 +171,9 @@ class _Importer:
         self.open_linear: dict[str, Op] = {}
         self.uses: dict[str, int] = {}
         self.shape_values: set[str] = set()  # integer shape arithmetic, skipped
+        # A value that only rearranges an IR tensor (Transpose, Reshape to another layout, Unsqueeze):
+        # ONNX value -> (the value of that IR tensor, its probe, the probe rearranged alike).
+        self.views: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -383,6 +390,18 @@ class _Importer:
             # integer shape arithmetic (Shape, Gather, ...): shapes come from inference instead
             self.shape_values.update(node.output)
             return
+        viewed = [d for d in data if d in self.views]
+        if viewed:
+            self._check_extra_outputs(node, name)
+            if op_type in _LAYOUT_OPS:
+                self._layout(node, name, data[0])
+            elif op_type in ("MaxPool", "AveragePool") and len(data) == 1:
+                self._lifted_pool(node, name, data[0], MAXPOOL if op_type == "MaxPool" else AVGPOOL)
+            elif op_type in ("ReduceMean", "ReduceMax") and len(data) == 1:
+                self._lifted_reduce(node, name, data[0], GAP if op_type == "ReduceMean" else GMP)
+            else:
+                raise self._view_refusal(name, op_type, viewed[0])
+            return
         missing = [d for d in data if d not in self.alias]
         if missing:
             raise ExportError(
@@ -548,11 +567,71 @@ class _Importer:
         self._pool(node, name, data, AVGPOOL)
 
     def _pool(self, node, name, data, kind) -> None:
-        a = _attrs(node)
         in_shape = self._per_sample(data[0], name, node.op_type)
         out_shape = self._per_sample(node.output[0], name, node.op_type)
         if len(in_shape) != 2:
             raise unsupported(name, node.op_type, "only 1-D pooling of (batch, channels, time)")
+        kind, params = self._pool_params(node, name, _attrs(node), in_shape, out_shape, kind)
+        self._emit(kind, name, node, data, params)
+
+    def _lifted_pool(self, node, name, value: str, kind: str) -> None:
+        """A 1-D pool as the dynamo exporter spells it: Unsqueeze to (B, C, 1, L), a 2-D pool with a
+        (1, k) window, Squeeze back. The pool is read as the 1-D pool of the IR tensor; its 4-D output
+        is a view of that pool's output, which the Squeeze then brings back."""
+        base, base_probe, probe = self.views[value]
+        if probe.ndim != 4 or not np.array_equal(probe, base_probe[:, :, None, :]):
+            raise self._view_refusal(name, node.op_type, value)
+        a = _attrs(node)
+        kernel, strides = list(a.get("kernel_shape", [])), list(a.get("strides", [1, 1]))
+        pads, dilations = list(a.get("pads", [0, 0, 0, 0])), list(a.get("dilations", [1, 1]))
+        if len(kernel) != 2 or kernel[0] != 1 or strides[0] != 1 or pads[0::2] != [0, 0] or dilations[0] != 1:
+            raise unsupported(
+                name,
+                f"2-D {node.op_type}",
+                f"only a (1, k) window over time, got kernel {kernel}, pads {pads}",
+            )
+        one_d = {**a, "kernel_shape": kernel[1:], "strides": strides[1:], "dilations": dilations[1:]}
+        one_d["pads"] = pads[1::2]
+        in_shape = self._per_sample(base, name, node.op_type)
+        out4 = self._per_sample(node.output[0], name, node.op_type)
+        out_shape = (out4[0], out4[2])
+        kind, params = self._pool_params(node, name, one_d, in_shape, out_shape, kind)
+        out = node.output[0]
+        op = Op(kind, name, (self.alias[base],), self._tensor(out), out_shape, (in_shape,), params)
+        self.ops.append(op)
+        flat = f"{out}#1d"
+        self.alias[flat] = op.output
+        self.shapes[flat] = [self.shapes[out][0], out_shape[0], out_shape[1]]
+        probe_out = self._probe(flat)
+        self.views[out] = (flat, probe_out, probe_out[:, :, None, :])
+
+    def _lifted_reduce(self, node, name, value: str, kind: str) -> None:
+        """Global pooling as the dynamo exporter spells it: Unsqueeze to (B, C, 1, L), ReduceMean or
+        ReduceMax over the last axes, Squeeze back; read as the global pool of the IR tensor."""
+        base, base_probe, probe = self.views[value]
+        a = _attrs(node)
+        axes = a.get("axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self._const(node, 1, name, "axes")
+        axes = sorted({int(x) % 4 for x in np.ravel(axes)}) if axes is not None else None
+        if (
+            probe.ndim != 4
+            or not np.array_equal(probe, base_probe[:, :, None, :])
+            or axes not in ([3], [2, 3])
+        ):
+            raise self._view_refusal(name, node.op_type, value)
+        in_shape = self._per_sample(base, name, node.op_type)
+        out = node.output[0]
+        pooled = f"{out}#1d"
+        op = Op(kind, name, (self.alias[base],), self._tensor(pooled), (in_shape[0], 1), (in_shape,))
+        self.ops.append(op)
+        self.alias[pooled] = op.output
+        self.shapes[pooled] = [self.shapes[out][0], in_shape[0], 1]
+        probe_out = self._probe(pooled)  # (B, C, 1)
+        kept = probe_out[:, :, None, :] if a.get("keepdims", 1) else probe_out[:, :, 0]
+        self._settle(out, pooled, probe_out, kept, name)
+
+    def _pool_params(self, node, name, a, in_shape, out_shape, kind) -> tuple[str, dict[str, Any]]:
         k = self._one(a["kernel_shape"], name, "kernel_shape")
         stride = self._one(a.get("strides", [1]), name, "strides")
         if any(d != 1 for d in a.get("dilations", [1])):
@@ -570,12 +649,11 @@ class _Importer:
             )
         if padding == 0 and k == in_shape[1] and out_shape[1] == 1:
             # a global pooling written as a window over the whole signal (AdaptiveMaxPool1d(1) exported)
-            self._emit(GMP if kind == MAXPOOL else GAP, name, node, data)
-            return
+            return (GMP if kind == MAXPOOL else GAP), {}
         params: dict[str, Any] = {"kernel": k, "stride": stride, "padding": padding, "ceil_mode": ceil}
         if kind == AVGPOOL:
             params["count_include_pad"] = bool(a.get("count_include_pad", 0))
-        self._emit(kind, name, node, data, params)
+        return kind, params
 
     def _op_GlobalAveragePool(self, node, name, data) -> None:
         self._global(node, name, data, GAP)
@@ -726,12 +804,77 @@ class _Importer:
             self.alias[node.output[0]] = self.alias[data[0]]
             return
         if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
-            raise unsupported(
-                name,
-                f"reshape {in_shape} -> {out_shape}",
-                "only flattening each ECG's features to one axis ((C, 1) -> (C,) or (C, L) -> (C*L,))",
-            )
+            self._layout(node, name, data[0])  # another layout: a view, until it comes back
+            return
         self._emit(FLATTEN, name, node, data)
+
+    def _op_Transpose(self, node, name, data) -> None:
+        self._layout(node, name, data[0])
+
+    # ------------------------------------------------------------------ rearrangements
+
+    def _probe(self, value: str) -> np.ndarray:
+        """Distinct values in ``value``'s full shape (a batch of two where the batch is not fixed)."""
+        dims = self.shapes[value]
+        shape = (dims[0] if isinstance(dims[0], int) else 2, *(int(d) for d in dims[1:]))
+        return np.arange(math.prod(shape), dtype=np.float64).reshape(shape)
+
+    def _layout(self, node, name, value: str) -> None:
+        """Transpose, Reshape, Squeeze, Unsqueeze or Flatten, replayed on a probe: when the
+        rearrangements since the IR tensor give it back (a round trip, a singleton axis added and
+        removed) the value is that tensor; when they give its per-ECG flattening, a flatten; else the
+        value stays a view, which only another rearrangement (or a 2-D pool over a (1, k) window,
+        the dynamo exporter's 1-D pool) may read."""
+        base, base_probe, probe = self.views.get(value) or (value, *([self._probe(value)] * 2))
+        self._settle(node.output[0], base, base_probe, self._replay(node, name, probe), name)
+
+    def _settle(self, out: str, base: str, base_probe: np.ndarray, new: np.ndarray, name: str) -> None:
+        """``out`` holds ``base`` rearranged as ``new`` shows on its probe: that tensor itself, its
+        per-ECG flattening (a flatten op), or a view for a later rearrangement to bring back."""
+        if new.shape == base_probe.shape and np.array_equal(new, base_probe):
+            self.alias[out] = self.alias[base]
+        elif new.ndim == 2 and np.array_equal(new, base_probe.reshape(len(base_probe), -1)):
+            in_shape = self._per_sample(base, name, "Reshape")
+            if len(in_shape) == 1:
+                self.alias[out] = self.alias[base]
+            else:
+                op = Op(FLATTEN, name, (self.alias[base],), self._tensor(out), (new.shape[1],), (in_shape,))
+                self.ops.append(op)
+                self.alias[out] = op.output
+        else:
+            self.views[out] = (base, base_probe, new)
+
+    def _replay(self, node, name, probe: np.ndarray) -> np.ndarray:
+        a, op_type = _attrs(node), node.op_type
+        if op_type == "Transpose":
+            return np.transpose(probe, a.get("perm", list(range(probe.ndim))[::-1]))
+        if op_type in ("Squeeze", "Unsqueeze"):
+            axes = a.get("axes")
+            if axes is None and len(node.input) > 1 and node.input[1]:
+                axes = self._const(node, 1, name, "axes")
+            if op_type == "Squeeze":
+                return np.squeeze(probe, axis=None if axes is None else tuple(int(x) for x in np.ravel(axes)))
+            rank = probe.ndim + len(np.ravel(axes))
+            for axis in sorted(int(x) % rank for x in np.ravel(axes)):
+                probe = np.expand_dims(probe, axis)
+            return probe
+        if op_type == "Flatten":
+            axis = int(a.get("axis", 1)) % probe.ndim
+            return probe.reshape(math.prod(probe.shape[:axis]), -1)
+        if op_type == "Identity":
+            return probe
+        # Reshape: the inferred output shape, with the probe's batch
+        return probe.reshape(len(probe), *self._per_sample(node.output[0], name, op_type))
+
+    def _view_refusal(self, name: str, op_type: str, value: str) -> ExportError:
+        base, base_probe, probe = self.views[value]
+        return unsupported(
+            name,
+            op_type,
+            f"it reads {base!r} rearranged from {base_probe.shape[1:]} to {probe.shape[1:]} (transposed or "
+            "reshaped); a rearrangement is supported only where it returns to (batch, channels, time) before "
+            "the next layer (a round trip), or flattens each ECG's features",
+        )
 
     # ------------------------------------------------------------------ attribute helpers
 

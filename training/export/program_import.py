@@ -238,6 +238,9 @@ class _Converter:
         self.lifted: set[str] = set()  # IR tensors seen through an unsqueeze(-2) (decomposed 1-D pooling)
         self.open_linear: dict[str, Op] = {}  # mm without bias, waiting for add(bias)
         self.names: dict[str, int] = {}
+        # A node that only rearranges an IR tensor (permute, transpose, a reshape to another layout):
+        # fx node name -> (the fx node of that IR tensor, its probe, the probe rearranged alike).
+        self.views: dict[str, tuple[fx.Node, torch.Tensor, torch.Tensor]] = {}
 
     def convert(self, shape: tuple[int, int]) -> ModelIR:
         output = None
@@ -292,7 +295,9 @@ class _Converter:
             self.ops.append(op)
 
     def _is_data(self, a: Any) -> bool:
-        return isinstance(a, fx.Node) and (a.name in self.alias or a.name in self.tuples)
+        return isinstance(a, fx.Node) and (
+            a.name in self.alias or a.name in self.tuples or a.name in self.views
+        )
 
     def _data_args(self, node: fx.Node) -> list[fx.Node]:
         found = []
@@ -355,8 +360,16 @@ class _Converter:
         meta = node.meta.get("tensor_meta")
         if meta is None:
             return  # assertions and shape arithmetic (_assert_tensor_metadata, sym_size)
-        name = self._layer(node)
         op = _op_name(node)
+        if not node.users and not op.endswith("_"):
+            return  # a value nothing reads (a slice taken only for its shape in forward())
+        name = self._layer(node)
+        viewed = [d for d in data if d.name in self.views]
+        if viewed:
+            if op not in _LAYOUT_OPS:
+                raise self._view_refusal(name, op, viewed[0])
+            self._layout(node, name, data[0])
+            return
         handler = getattr(self, f"_aten_{op}", None)
         if handler is None:
             raise unsupported(name, _REPLACEMENT_KEYS.get(op, op), f"ATen operator {node.target}")
@@ -404,6 +417,52 @@ class _Converter:
 
     def _alias(self, node: fx.Node, source: fx.Node) -> None:
         self.alias[node.name] = self.alias[source.name]
+
+    # ------------------------------------------------------------------ rearrangements
+
+    def _layout(self, node: fx.Node, name: str, x: fx.Node) -> None:
+        """A permute, transpose, squeeze, unsqueeze or reshape: replayed on a probe (distinct values
+        in the IR tensor's full shape). When the rearrangements since the IR tensor give the probe
+        back unchanged (a round trip: einops' ``b c l -> b l c`` and back, a singleton unsqueeze then
+        squeeze) the node is that tensor; when they give its per-ECG flattening, a flatten; else the
+        node stays a view, which only another rearrangement may read."""
+        base, base_probe, probe = self.views.get(x.name) or (x, *([self._probe(x)] * 2))
+        args = [probe if a is x else a for a in node.args]
+        try:
+            new = node.target(*args, **dict(node.kwargs))
+        except Exception as e:  # an argument the probe cannot stand in for
+            raise unsupported(
+                name, _op_name(node), f"a rearrangement that could not be replayed ({e})"
+            ) from None
+        self.views.pop(node.name, None)
+        if new.shape == base_probe.shape and torch.equal(new, base_probe):
+            self._alias(node, base)
+        elif (
+            new.dim() == 2 and new.shape[0] == base_probe.shape[0] and torch.equal(new, base_probe.flatten(1))
+        ):
+            in_shape = _shape(base)
+            if len(in_shape) == 1:
+                self._alias(node, base)
+            else:
+                flat = Op(FLATTEN, name, (self.alias[base.name],), node.name, _shape(node), (in_shape,))
+                self._add(flat)
+                self.alias[node.name] = node.name
+        else:
+            self.views[node.name] = (base, base_probe, new)
+
+    def _probe(self, node: fx.Node) -> torch.Tensor:
+        shape = tuple(node.meta["tensor_meta"].shape)
+        return torch.arange(math.prod(shape), dtype=torch.float64).reshape(shape)
+
+    def _view_refusal(self, name: str, op: str, viewed: fx.Node) -> ExportError:
+        base, base_probe, probe = self.views[viewed.name]
+        return unsupported(
+            name,
+            op,
+            f"it reads {base.name} rearranged from {tuple(base_probe.shape[1:])} to {tuple(probe.shape[1:])} "
+            "(permuted or reshaped); a rearrangement is supported only where it returns to (batch, channels, "
+            "time) before the next layer (a round trip), or flattens each ECG's features",
+        )
 
     # ------------------------------------------------------------------ operators
 
@@ -705,6 +764,9 @@ class _Converter:
             self._alias(node, x)
             return
         if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
+            if not lifted:
+                self._layout(node, name, x)  # another layout: a view, until it comes back
+                return
             raise unsupported(
                 name,
                 f"reshape {in_shape} -> {out_shape}",
@@ -716,6 +778,20 @@ class _Converter:
 
     _aten_flatten = _aten_view = _aten_reshape = _aten__unsafe_view = _reshape
     _aten_squeeze = _aten_unsqueeze = _reshape
+
+    def _aten_permute(self, node, name, data, a) -> None:
+        if data[0].name in self.lifted:
+            raise unsupported(name, "permute", "a permutation of a 4-D tensor")
+        self._layout(node, name, data[0])
+
+    _aten_transpose = _aten_permute
+
+
+# What may read a view (a rearranged tensor): another rearrangement, or a copy of it.
+_LAYOUT_OPS = frozenset(
+    {"permute", "transpose", "squeeze", "unsqueeze", "view", "reshape", "_unsafe_view", "flatten", "clone"}
+    | {"contiguous", "alias", "detach", "expand", "t"}
+)
 
 
 def _one(v: Any, name: str, what: str) -> int:
@@ -734,3 +810,27 @@ def _second(v: Any, name: str, trivial: int) -> list[int]:
     if len(v) != 2 or int(v[0]) != trivial:
         raise unsupported(name, "2-D pooling", f"only a 1-D window (1, k) over time, got {v}")
     return [int(v[1])]
+
+
+def export_module_ir(model: nn.Module, shape: tuple[int, int]) -> ModelIR:
+    """A module's IR through ``torch.export`` (non-strict, a batch of two ECGs of ``shape``): the
+    fx front end's fallback for code torch.fx cannot trace symbolically. Shapes are fixed at export,
+    so an ``if`` on a tensor's shape is resolved there, and layers built inside ``forward()`` appear
+    as the ATen calls they make. Raises ExportError naming the cause."""
+    example = torch.zeros(2, *shape)
+    try:
+        ep = torch.export.export(model.eval(), (example,), strict=False)
+        gm = ep.module()
+    except Exception as e:  # torch.export raises many types; data-dependent control flow among them
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        data_dependent = any(k in f"{type(e).__name__} {e}" for k in ("data-dependent", "DataDependent"))
+        why = (
+            "data-dependent Python control flow in forward() (an if or loop on tensor values) is not "
+            "supported; control flow on shapes is"
+            if data_dependent
+            else "torch.export cannot capture it either"
+        )
+        raise ExportError(f"torch.export: {type(e).__name__}: {first}; {why}") from None
+    with torch.no_grad():
+        ShapeProp(gm).propagate(example)
+    return _Converter(gm, Path("the model")).convert(shape)

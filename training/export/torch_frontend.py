@@ -77,10 +77,10 @@ def trace_model(model: nn.Module, input_shape: tuple[int, int] | None = None) ->
     try:
         graph = _Tracer().trace(model)
     except Exception as e:  # fx raises many types for untraceable code
-        raise ExportError(
-            f"the model cannot be traced for export ({type(e).__name__}: {e}); data-dependent Python "
-            "control flow in forward() is not supported"
-        ) from None
+        # torch.fx traces symbolically: an ``if`` on a shape, an einops rearrangement (it reads
+        # x.shape) or a layer built inside forward() stop it. torch.export runs the code on fixed
+        # shapes, so what depends only on shapes is resolved there.
+        return _trace_by_export(model, shape, f"{type(e).__name__}: {e}")
     gm = fx.GraphModule(model, graph)
     try:
         with torch.no_grad():
@@ -90,7 +90,51 @@ def trace_model(model: nn.Module, input_shape: tuple[int, int] | None = None) ->
             f"the model does not run on one ECG of shape {shape} (leads, samples): {type(e).__name__}: "
             f"{e}; give the input length it was built for"
         ) from None
-    return _Converter(gm, dict(model.named_modules())).convert(shape)
+    try:
+        return _Converter(gm, dict(model.named_modules())).convert(shape)
+    except _Rearrangement as e:
+        # permute, transpose, a reshape to another layout: the ATen graph's rearrangements are
+        # replayed on a probe (program_import), which tells a round trip from a real change of layout.
+        return _trace_by_export(model, shape, str(e))
+
+
+class _Rearrangement(ExportError):
+    """A rearrangement (permute, transpose, reshape to another layout) the fx converter does not read."""
+
+
+_REARRANGE = (torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.unsqueeze, "unsqueeze")
+_REARRANGE += ("permute", "transpose", "swapaxes", "movedim", "mT", "t", torch.t)
+
+
+def _trace_by_export(model: nn.Module, shape: tuple[int, ...], fx_error: str) -> ModelIR:
+    """The model through torch.export, when torch.fx cannot trace or describe it; refuses a model
+    whose output changes between two calls on the same input (a layer with parameters created in
+    forward() draws new weights on every call: there is no one model to export)."""
+    from ecgx.training.export.program_import import export_module_ir
+
+    x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        try:
+            first, second = model(x), model(x)
+        except Exception as e:
+            raise ExportError(
+                f"the model does not run on ECGs of shape {shape} (leads, samples): {type(e).__name__}: {e}"
+            ) from None
+    if (
+        isinstance(first, torch.Tensor)
+        and isinstance(second, torch.Tensor)
+        and not torch.equal(first, second)
+    ):
+        raise ExportError(
+            "the model gives different outputs for the same input on two calls in eval mode: a layer with "
+            "parameters created inside forward() (e.g. nn.Conv1d(...)(x)) gets new random weights on every "
+            "call, or forward() draws random numbers; create such layers in __init__ (parameter-free ones, "
+            "such as nn.AdaptiveAvgPool1d(1)(x), are fine)"
+        )
+    try:
+        return export_module_ir(model, tuple(shape))
+    except ExportError as e:
+        raise ExportError(f"the model cannot be traced for export (torch.fx: {fx_error}; {e})") from None
 
 
 class _Converter:
@@ -215,6 +259,8 @@ class _Converter:
             self._pool_function(node, name, _POOL_FUNCTIONS[target], ins[:1])
         elif target in _MEAN:
             self._mean(node, name, ins[:1])
+        elif target in _REARRANGE:
+            raise _Rearrangement(f"layer {name}: {getattr(target, '__name__', target)}, a rearrangement")
         elif target is F.pad:
             kw = {"mode": "constant", "value": None, **node.kwargs}
             self._pad(node, name, ins[:1], node.args[1], kw["mode"], kw["value"])
@@ -242,9 +288,7 @@ class _Converter:
             self.alias[node.name] = self.alias[ins[0].name]
             return
         if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
-            raise unsupported(
-                name, f"reshape {in_shape} -> {out_shape}", "only flattening each ECG's features to one axis"
-            )
+            raise _Rearrangement(f"layer {name}: reshape {in_shape} -> {out_shape}, a rearrangement")
         self._emit(FLATTEN, node, name, ins)
 
     def _pool_function(self, node: fx.Node, name: str, kind: str, ins: list[fx.Node]) -> None:
