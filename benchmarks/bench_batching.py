@@ -310,8 +310,9 @@ def report(args: argparse.Namespace, info: dict, rows: list[dict], started: floa
     print(
         f"Servers: `ecgx serve --max-concurrent 64 --max-queued 64 --max-batch 64` with `[batching]` "
         f"`preferred_batch_size = {args.preferred}`, `max_queue_delay_ms = {args.max_delay_ms:g}` (on) or "
-        "`enabled = false` (off), side by side, cells alternating on / off; engine threads: ONNX "
-        f"Runtime's default. Model: bench_service.py's default CNN; gate verdict {info['verdict']}"
+        "`enabled = false` (off), side by side, cells alternating on / off; engine threads: the serve "
+        "config's default (`engine_threads = 1`). Model: bench_service.py's default CNN; "
+        f"gate verdict {info['verdict']}"
         + (f", research mode for {', '.join(info['ungated'])}" if info["ungated"] else "")
         + f". {args.seconds:g} s measured after {args.warmup:g} s warm-up per cell."
     )
