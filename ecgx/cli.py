@@ -737,7 +737,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, default=Path("demo"), help="working folder (default ./demo)")
     p.add_argument("--n", type=int, default=None, help="number of synthetic beats (default: the demo's own)")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (default 0 1 2)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", default=None, help="training seeds (default 0 1 2; with --quick 0 1)"
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

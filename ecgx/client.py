@@ -713,27 +713,35 @@ def write_explanation_pngs(
     response: Any, out: Path, leads: Sequence[str] = LEADS, overwrite: bool = False
 ) -> list[Path]:
     """The attributions of each ECG over the beat the server explained: one column per
-    (method, target), one row per lead (:func:`ecgx.core.plots.plot_attributions`)."""
-    from ecgx.core.plots import plot_attributions
+    (method, target) marked with its gate verdict, one row per lead, the record (the request's
+    ECG id, echoed in ``ecg_ids``), methods and verdicts in the title
+    (:func:`ecgx.core.plots.plot_attributions`)."""
+    from ecgx.core.plots import explanation_title, plot_attributions
 
     beats = tensor(response.beats)
     probs = tensor(response.probabilities)
     keys = list(response.class_keys)
+    ids = list(response.ecg_ids)
     paths = png_paths(out, len(beats))
     for i, path in enumerate(paths):
-        maps = {}
+        maps, verdicts = {}, {}
         for a in response.attributions:
             if a.ecg_index == i:
-                mark = " UNGATED" if a.gate.ungated else ""
-                label = f"{a.method} -> {a.target_class}\ngate {a.gate.verdict}{mark}"
+                label = f"{a.method} -> {a.target_class}"
                 maps[label] = tensor(a.attribution)
+                verdicts[label] = "ungated" if a.gate.ungated else a.gate.verdict
         top = int(np.argmax(probs[i]))
-        title = (
-            f"{response.model} v{response.version}, ecg {i}: most probable {keys[top]} "
-            f"(p = {probs[i, top]:.3f}); red: |attribution|"
+        title = explanation_title(
+            response.model,
+            response.version,
+            i,
+            record=ids[i] if i < len(ids) else "",
+            top_class=keys[top],
+            probability=float(probs[i, top]),
+            methods=verdicts,
         )
         with StagedOutput(path, PNG_FILE, overwrite=overwrite) as tmp:
-            plot_attributions(beats[i], maps, tmp, title=title, leads=leads, fmt="png")
+            plot_attributions(beats[i], maps, tmp, title=title, verdicts=verdicts, leads=leads, fmt="png")
     return paths
 
 

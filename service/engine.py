@@ -28,10 +28,17 @@ import onnxruntime as ort
 from ecgx.core.errors import InvalidArgument, NotFound, ResourceExhausted
 from ecgx.core.package_reader import ModelPackage, PackageError, load_package
 from ecgx.service import limits
+from ecgx.service.providers import (  # noqa: F401  (PROVIDER_PREFERENCE, select_providers: older import paths)
+    PROVIDER_PREFERENCE,
+    ProviderSettings,
+    needs_warm_up,
+    select_providers,
+    session_providers,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 
-PROVIDER_PREFERENCE = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 # Inputs are millivolts; anything beyond this is a units error or garbage, not an ECG.
 MAX_ABS_MV = 50.0
 # Backward graphs whose ``logits`` output is the logits of their ``x`` input: when a method runs
@@ -45,31 +52,14 @@ LOGITS_AT_X_GRAPHS = frozenset(
 )
 
 
-def select_providers(requested: Sequence[str] | None = None) -> list[str]:
-    """Execution providers to use: ``requested`` (validated) or the best available.
-
-    The default order is TensorRT, CUDA, CPU, keeping those this onnxruntime build offers.
-    """
-    available = ort.get_available_providers()
-    if requested is None:
-        return [p for p in PROVIDER_PREFERENCE if p in available] or ["CPUExecutionProvider"]
-    requested = list(requested)
-    if not requested:
-        raise InvalidArgument("give at least one execution provider")
-    missing = [p for p in requested if p not in available]
-    if missing:
-        raise InvalidArgument(
-            f"execution provider(s) {missing} are not available; this onnxruntime offers {available}"
-        )
-    return requested
-
-
 class AttributionEngine:
     """Predictions and attributions for one model package on ONNX Runtime.
 
     Args:
         package: a package folder or an already loaded :class:`ModelPackage`.
         providers: execution providers in priority order (default: TensorRT, CUDA, CPU as available).
+        provider_settings: GPU provider options (:class:`ecgx.service.providers.ProviderSettings`:
+            TensorRT engine and timing caches, FP16, CUDA TF32); None: the defaults (no caches).
         max_batch: the most rows sent to ONNX Runtime in one run (forward or backward pass),
             at most ``limits.MAX_BATCH_ROWS``.
         threads: CPU threads one pass may use. 1: ONNX Runtime runs single-threaded in the
@@ -95,6 +85,7 @@ class AttributionEngine:
         package: str | Path | ModelPackage,
         *,
         providers: Sequence[str] | None = None,
+        provider_settings: ProviderSettings | None = None,
         max_batch: int = 64,
         threads: int | None = None,
         verify_hashes: bool = True,
@@ -113,6 +104,7 @@ class AttributionEngine:
         )
         self.package = package if isinstance(package, ModelPackage) else load_package(package, verify_hashes)
         self.providers = select_providers(providers)
+        self.provider_settings = provider_settings or ProviderSettings()
         self.threads = threads
         # One float32 array per parameter: views of the verified weights.bin bytes, or the
         # replacement values. Every session reads these (ONNX Runtime wraps them, no copy on CPU).
@@ -159,7 +151,9 @@ class AttributionEngine:
         if names:
             opts.add_external_initializers(names, [self._initializers[n] for n in names])
         try:
-            sess = ort.InferenceSession(data, opts, providers=self.providers)
+            sess = ort.InferenceSession(
+                data, opts, providers=session_providers(self.providers, self.provider_settings)
+            )
         except Exception as e:  # onnxruntime's own exception types derive from Exception only
             raise PackageError(
                 f"{file}: ONNX Runtime cannot load graph {graph!r}: {str(e).strip()[:500]}"
@@ -171,6 +165,8 @@ class AttributionEngine:
                 f"{file}: graph {graph!r} has inputs {got[0]} and outputs {got[1]}, but the manifest says "
                 f"inputs {inputs} and outputs {outputs}"
             )
+        if needs_warm_up(sess):  # GPU: engine build and kernel search at load, not in the first request
+            warm_up(sess)
         return sess
 
     def _check_overrides(self, parameters: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
