@@ -169,8 +169,12 @@ def export_package(
     if check_data is not None:
         inputs_note = data_note
     layer, no_layer = _pick_gradcam_layer(ir, gradcam_layer)
-    layer, gradcam_choice = _nondegenerate_gradcam_layer(ir, layer, gradcam_layer is not None, x)
     names = _graph_names(graphs)
+    gradcam_choice = None
+    if any(
+        GRAPHS[g].reads_layer for g in names
+    ):  # only a package with GradCAM needs its layer to show something
+        layer, gradcam_choice = _nondegenerate_gradcam_layer(ir, layer, gradcam_layer is not None, x)
     unavailable: dict[str, str] = {
         g: "left out of this export (export_package(graphs=...) did not ask for it)"
         for g in GRAPHS

@@ -5,9 +5,10 @@ tests compare every engine method with them. They run on the model rebuilt from 
 (``ecgx.training.export.ir_torch.ir_module``: one module per op, BatchNorm folded as the IR
 folds it), whatever form the model arrived in: Captum (``captum_attribution``, with
 LRP's epsilon rule attached to every rule layer by ``lrp_model``), GradCAM's layer
-activations and gradients, and the two excuses a sample may have (``near_tie_samples``,
-``ill_conditioned_samples``). The per-edge autograd reference for the gradient family is
-in ``autograd_reference``. Only the export and tests import this module (it needs
+activations and gradients, the float64 copy every graph is judged by (``as_float64``), and the
+excuses a sample may have (``near_tie_samples``, ``relu_near_ties``,
+``ill_conditioned_samples``). The per-edge autograd reference for the gradient family is in
+``autograd_reference``. Only the export and tests import this module (it needs
 PyTorch and Captum; the engine needs neither).
 """
 
