@@ -38,11 +38,12 @@ import numpy as np
 import onnxruntime as ort
 
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from ecgx.service import fhir_output
 from ecgx.service.access import EXPLAIN, require_scope
 from ecgx.service.admission import Admission
 from ecgx.service.batcher import BatchingConfig, BatchStats, DynamicBatcher, Job
 from ecgx.service.calls import EngineClock, note_call
-from ecgx.service.ecg_input import ModelInput, decode_ecgs
+from ecgx.service.ecg_input import ModelInput, decode_inputs
 from ecgx.service.methods import METHOD_NAMES, get_method
 from ecgx.service.repository import MethodGate, MethodSettings, ServedVersion, refusal_of_method
 from ecgx.service.requests import (
@@ -473,7 +474,7 @@ class ServingCore:
         cost = _count(request.ecgs)
         self._check_budget(cost, "Predict")
         with self.admission.admit(request.caller, request.cancel):
-            x, ids = self._inputs(served, request.ecgs)
+            x, ids, waveforms = self._inputs(served, request.ecgs)
             logits, engine_s = self._predict_rows(served, x, request.cancel)
         note_call(served, engine_s=engine_s)
         probs = sigmoid(logits)
@@ -485,6 +486,7 @@ class ServingCore:
             logits=np.asarray(logits, dtype=np.float32),
             beats=x,
             ecg_ids=ids,
+            ecg_waveforms=waveforms,
             research_mode=bool(served.ungated),
             compute_seconds=time.perf_counter() - started,
             cost=cost,
@@ -498,7 +500,7 @@ class ServingCore:
         plan = self._plan(request)
         served = plan.served
         with self.admission.admit(request.caller, request.cancel):
-            x, ids = self._inputs(served, request.ecgs)
+            x, ids, waveforms = self._inputs(served, request.ecgs)
             done = self._explain_rows(plan, x, request.cancel)
         logits, targets, results = done.logits, done.targets, done.results
         keys = served.engine.package.class_keys
@@ -512,6 +514,7 @@ class ServingCore:
             logits=np.asarray(logits, dtype=np.float32),
             beats=x,
             ecg_ids=ids,
+            ecg_waveforms=waveforms,
             research_mode=bool(served.ungated) or any(g.ungated for g in plan.gates.values()),
             compute_seconds=time.perf_counter() - started,
             cost=plan.cost,
@@ -534,7 +537,7 @@ class ServingCore:
         cost = self._cost(served, targets, effective)  # bad values: InvalidArgument, before coverage
         gates = {m.name: _covered_gate(served, m, gates[m.name]) for m in request.methods}
         self._check_budget(cost, "Explain")
-        self._check_response_size(served, targets, len(names))
+        self._check_response_size(served, targets, len(names), fhir=request.fhir)
         return _Plan(served, names, gates, targets, effective, cost)
 
     def _attribute(
@@ -776,13 +779,15 @@ class ServingCore:
             )
 
     def _check_response_size(
-        self, served: ServedVersion, plan: list[tuple[Target, str]], methods: int
+        self, served: ServedVersion, plan: list[tuple[Target, str]], methods: int, fhir: bool = False
     ) -> None:
         """Refuse, before any work, a response that could not be sent."""
         n_classes = served.engine.package.n_classes
         n = sum(_most_targets(t, n_classes) for t, _ in plan) * methods
-        beat = 4 * math.prod(served.engine.package.input_shape)
-        size = (n + len(plan)) * (beat + 1024)  # maps, beats, per-entry fields
+        values = math.prod(served.engine.package.input_shape)
+        size = (n + len(plan)) * (4 * values + 1024)  # maps, beats, per-entry fields
+        if fhir:  # the ECG and the map as decimal text, and the Observation's fixed fields
+            size += n * (2 * fhir_output.BYTES_PER_VALUE * values + 16 * 1024)
         if size > self.max_response_bytes:
             note_call(refusal="response_size")
             raise ResourceExhausted(
@@ -793,14 +798,16 @@ class ServingCore:
 
     def _inputs(
         self, served: ServedVersion, ecgs: np.ndarray | Sequence[Any]
-    ) -> tuple[np.ndarray, tuple[str, ...]]:
-        """The checked (B, leads, samples) float32 mV inputs, and the payloads' ids."""
+    ) -> tuple[np.ndarray, tuple[str, ...], tuple[str, ...]]:
+        """The checked (B, leads, samples) float32 mV inputs, the payloads' ids, and what each input
+        was made from (``ecg_input.WAVEFORMS``; none for an array)."""
         engine = served.engine
         if isinstance(ecgs, np.ndarray):  # its shape was checked by _check_batch
-            return engine.check_inputs(ecgs), ("",) * len(ecgs)
+            return engine.check_inputs(ecgs), ("",) * len(ecgs), ()
         spec = ModelInput.of_manifest(engine.package.manifest)
-        beats, _ = decode_ecgs(ecgs, engine.package.leads, spec, max_batch=self.max_batch)
-        return engine.check_inputs(beats), tuple(str(getattr(e, "id", "") or "") for e in ecgs)
+        beats, waveforms = decode_inputs(ecgs, engine.package.leads, spec, max_batch=self.max_batch)
+        ids = tuple(str(getattr(e, "id", "") or "") for e in ecgs)
+        return engine.check_inputs(beats), ids, waveforms
 
 
 __all__ = [

@@ -34,6 +34,9 @@ EXT_GATE_REPORT = EXTENSION_BASE + "gate-report-sha256"
 EXT_MODEL = EXTENSION_BASE + "model"
 EXT_VERSION = EXTENSION_BASE + "model-version"
 EXT_PACKAGE = EXTENSION_BASE + "package-sha256"
+# The most bytes one sample takes in SampledData.data ("%.9g" and a space: sign, 9 digits, point,
+# exponent); the core sizes responses with it before any work.
+BYTES_PER_VALUE = 17
 EXT_WAVEFORM = EXTENSION_BASE + "input-waveform"
 MDC = "urn:oid:2.16.840.1.113883.6.24"
 LOINC = "http://loinc.org"

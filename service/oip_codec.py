@@ -316,7 +316,10 @@ def core_request(
         return PredictRequest(**common)
     target = Target(PREDICTED) if call.target == PREDICTED else Target(CLASS, call.target)
     return ExplainRequest(
-        **common, methods=(MethodCall(call.method, dict(call.settings or {})),), targets=(target,)
+        **common,
+        methods=(MethodCall(call.method, dict(call.settings or {})),),
+        targets=(target,),
+        fhir=call.fhir,
     )
 
 

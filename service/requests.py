@@ -162,6 +162,7 @@ class ExplainRequest(PredictRequest):
 
     methods: Sequence[MethodCall] = ()
     targets: Sequence[Target] = ()
+    fhir: bool = False  # each attribution also as a FHIR Observation (counted in the response size)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,9 @@ class PredictResult:
     research_mode: bool  # the version serves although its gate failed
     compute_seconds: float
     cost: int  # model rows this request was charged
+    # What each payload's model input was made from ("median_beat", "window", "rhythm_strip": the
+    # decoder's WAVEFORMS); empty for an array of model inputs.
+    ecg_waveforms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ import numpy as np
 from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
 from ecgx.service.calls import CallInterceptor, CallObserver, caller_of, note_call, worker_threads
 from ecgx.service.core import MAX_RESPONSE_BYTES, ServingCore, lead_shares, parse_settings_json
+from ecgx.service.fhir_output import observations_of
 from ecgx.service.health import Extras, register_extras
 from ecgx.service.methods import METHOD_NAMES
 from ecgx.service.requests import (
@@ -269,6 +270,7 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
             beats=_tensor(r.beats),
             research_mode=r.research_mode,
             ecg_ids=r.ecg_ids,
+            ecg_waveforms=r.ecg_waveforms,
         )
 
     @_handler
@@ -282,9 +284,11 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                 cancel=cancel_token(context),
                 methods=_method_calls(request),
                 targets=[_target(t, f"targets[{i}]") for i, t in enumerate(request.targets)],
+                fhir=request.fhir,
             )
         )
         f = r.facts
+        fhir = observations_of(r, self.core.served(f.model, f.version)) if request.fhir else None
         settings_json: dict[str, str] = {}  # once per method, not per attribution
         for a in r.attributions:
             if a.method not in settings_json:
@@ -310,12 +314,14 @@ class ExplanationServicer(pb_grpc.ExplanationServiceServicer):
                     effective_parameters_json=settings_json[a.method],
                     gate=method_gate_message(a.gate),
                     compute_seconds=a.compute_seconds,
+                    fhir_observation=fhir[k] if fhir else b"",
                 )
-                for a in r.attributions
+                for k, a in enumerate(r.attributions)
             ],
             compute_seconds=r.compute_seconds,
             research_mode=r.research_mode,
             ecg_ids=r.ecg_ids,
+            ecg_waveforms=r.ecg_waveforms,
         )
 
 

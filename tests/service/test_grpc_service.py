@@ -657,6 +657,16 @@ def test_a_response_too_large_to_send_is_refused_before_any_work(server, beats, 
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "would hold 8 attributions" in msg
 
 
+def test_fhir_observations_count_in_the_response_size(server, beats, monkeypatch) -> None:
+    """An Observation holds the ECG and the map as text (~200 kB for a beat): a response that fits
+    as tensors but not with its Observations is refused before any work, not cut by gRPC."""
+    monkeypatch.setattr(server.servicer.core, "max_response_bytes", 400_000)
+    ecgs = [ecg_msg(b) for b in beats[:2]]
+    assert len(explain(server, beats, ecgs=ecgs).attributions) == 2
+    code, msg = code_of(lambda: explain(server, beats, ecgs=ecgs, fhir=True))
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "would hold 2 attributions" in msg
+
+
 def test_an_lrp_composite_the_gate_did_not_check_is_served_only_in_research_mode(gated, beats, tmp_path):
     """The gate checks lrp with its default rule (epsilon); a report that serves lrp covers that
     rule, so another composite is refused, naming both, unless the server is in research mode."""
