@@ -247,7 +247,6 @@ class _Accumulator:
             "independent": np.full((draws, n, len(RESOLUTIONS), b), np.nan),
         }
         self.curves = {"cascading": _empty(n), "independent": _empty(n)}
-        self.noise_floor = resolution_similarity(trained, floor, window, basis)
         self.constant = {
             "trained": int(is_constant(trained).sum()),
             "noisy_input": int(is_constant(floor).sum()),
@@ -256,6 +255,11 @@ class _Accumulator:
         # With reuse: the trained map ranked once (not once per step), and the last map compared
         # with its results, for the maps that come back unchanged (those that ignore the model).
         self.ranked = _RankedTrained(trained, window, basis) if reuse else None
+        self.noise_floor = (
+            resolution_similarity(trained, floor, window, basis)
+            if self.ranked is None
+            else self.ranked.resolution_similarity(floor)
+        )
         self.last: tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]] | None = None
 
     def compare(self, randomised: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
