@@ -75,17 +75,17 @@ def describe_parity_failure(name: str, check: dict[str, Any]) -> str:
         )
     against = "the float64 run" if check.get("reference_precision") == "float64" else "its reference"
     parts = [
-        f"sample {f['sample']}: the engine against {against}: {f['outlier_fraction']:.2%} of elements off by "
-        f"more than {REL_TOL:g} of the largest magnitude (max {f['max_rel_error']:.2e}; limit "
-        f"{MAX_OUTLIER_FRACTION:.1%} of elements){_float32_side(f)}"
+        f"sample {f['sample']}: {f['outlier_fraction']:.2%} of elements off by more than {REL_TOL:g} of the "
+        f"largest magnitude (max {f['max_rel_error']:.2e}; limit {MAX_OUTLIER_FRACTION:.1%} of elements), "
+        f"the engine against {against}{_float32_side(f)}"
         for f in check["failing"]
     ]
     if check["agreeing"] < check["samples"] / 2:
         parts.append(f"only {check['agreeing']} of {check['samples']} samples agree")
         sides = check.get("excused_sides") or []
         parts += [
-            f"excused sample {f['sample']}: the engine against {against}: {f['outlier_fraction']:.2%} of "
-            f"elements off (max {f['max_rel_error']:.2e}){_float32_side(f)}"
+            f"excused sample {f['sample']}: {f['outlier_fraction']:.2%} of elements off (max "
+            f"{f['max_rel_error']:.2e}), the engine against {against}{_float32_side(f)}"
             for f in sides[:3]
         ]
         if len(sides) > 3:
