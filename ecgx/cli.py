@@ -402,6 +402,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             "stability_queue": args.stability_queue,
             "providers": tuple(args.providers) if args.providers else None,
             "engine_threads": args.engine_threads,
+            "trt_cache": args.trt_cache,
+            "viewer": args.viewer,
         },
     )
     if args.no_batching:
@@ -418,10 +420,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         open_health=cfg.open_health,
         insecure=cfg.insecure,
     )
-    from ecgx.service.engine import select_providers
-
-    # Checked before any key or model loads: a provider this onnxruntime lacks is a clear error.
-    engine_options = {"providers": select_providers(list(cfg.providers))} if cfg.providers else {}
+    engine_options = cfg.provider_options()
     engine_options.update(cfg.engine_threads_option())
     keys = [load_public_key(k) for k in cfg.trusted_keys] if cfg.trusted_keys else [_default_trusted_key()]
     _warn_not_a_repository(Path(cfg.repo))
@@ -461,6 +460,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         watch_interval_s=cfg.watch_interval_s,
         http_port=cfg.http_port,
         http_tls=http_tls,
+        viewer=cfg.viewer,
     )
 
 
@@ -920,6 +920,13 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
         "TLS and tokens (0 picks a free one; default: off; docs/http.md)",
     )
     p.add_argument(
+        "--viewer",
+        action="store_true",
+        default=None,
+        help="also serve the web viewer at /viewer/ on the HTTP port, behind the same tokens "
+        "(needs --http-port; docs/viewer.md)",
+    )
+    p.add_argument(
         "--trusted-key",
         type=Path,
         action="append",
@@ -1075,8 +1082,15 @@ def _add_monitoring_flags(p: argparse.ArgumentParser) -> None:
         "--engine-threads",
         type=int,
         metavar="N",
-        help="ONNX Runtime intra-op threads per session (default 1: requests run side by side instead, "
-        "which measured faster than two threads each on small CPUs; 0 lets ONNX Runtime choose)",
+        help="engine threads (default 1: requests run side by side instead, which measured faster on "
+        "small CPUs; N >= 2 splits large passes over N single-thread runs; 0 lets ONNX Runtime choose)",
+    )
+    p.add_argument(
+        "--trt-cache",
+        type=Path,
+        metavar="DIR",
+        help="TensorRT engine and timing caches in DIR, passed as provider options (GPU only; "
+        "default: none, every start builds its engines again; docs/deployment.md)",
     )
     p.add_argument(
         "--no-batching",

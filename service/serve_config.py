@@ -39,7 +39,8 @@ command line wins over the file::
     metrics_tls_key = "serving"
     stability_share = 0.05    # share of Explain requests re-checked under input noise
     stability_queue = 8       # samples waiting for the worker; more are dropped (counted)
-    engine_threads = 1        # ONNX Runtime intra-op threads per session; 0: ONNX Runtime's choice
+    engine_threads = 1        # N >= 2 splits large passes over N single-thread runs; 0: ORT's choice
+    trt_cache = "/var/cache/ecgx/tensorrt"  # TensorRT engine and timing caches (GPU only; default: none)
 
     # Dynamic batching (docs/serving.md): concurrent requests merged into one engine call. On by
     # default; every key is optional, and a model's own table overrides the defaults for it.
@@ -115,11 +116,13 @@ class ServeConfig:
     # ONNX Runtime execution providers in priority order (None: TensorRT, CUDA, CPU as installed).
     providers: tuple[str, ...] | None = None
     batching: BatchingConfig = field(default_factory=BatchingConfig)  # the [batching] table
-    # ONNX Runtime intra-op threads per session (0: ONNX Runtime's choice, one per core). One: on
-    # the 2-vCPU reference machine two threads lose to one at every batch size but a single ECG
-    # (benchmarks/RESULTS.md, "Dynamic batching"); concurrent requests and the dynamic batcher
-    # use the cores instead.
+    # Engine threads (0: ONNX Runtime's choice). One: on the 2-vCPU reference machine two intra-op
+    # threads lost to one at every batch size but a single ECG (benchmarks/RESULTS.md, "Dynamic
+    # batching"); concurrent requests and the dynamic batcher use the cores instead. N >= 2 keeps
+    # one intra-op thread per session and splits large passes over N concurrent runs (engine.py).
     engine_threads: int = 1
+    # TensorRT's engine and timing cache folder, as provider options (service/providers.py); GPU only.
+    trt_cache: Path | None = None
 
     def check(self, source: str) -> ServeConfig:
         """Raise :class:`ServeConfigError` on a missing repository or a value out of range."""
@@ -173,6 +176,17 @@ class ServeConfig:
     def engine_threads_option(self) -> dict[str, int]:
         """The ``threads`` engine option (``ModelRepository(engine_options=...)``), none for 0."""
         return {"threads": self.engine_threads} if self.engine_threads else {}
+
+    def provider_options(self) -> dict[str, Any]:
+        """The engine's ``providers`` and ``provider_settings`` options, none left at their defaults."""
+        from ecgx.service.providers import ProviderSettings, select_providers
+
+        options: dict[str, Any] = {}
+        if self.providers:  # checked before any key or model loads: a missing provider is a clear error
+            options["providers"] = select_providers(list(self.providers))
+        if self.trt_cache is not None:
+            options["provider_settings"] = ProviderSettings(cache_dir=Path(self.trt_cache))
+        return options
 
     def metrics_tls(self, source: str = "ecgx serve") -> tuple[str, str] | None:
         """The metrics endpoint's (certificate, key) files, None for plain HTTP; "serving" names
@@ -229,6 +243,7 @@ _TYPES: dict[str, tuple[type, ...]] = {
     "stability_queue": (int,),
     "providers": (list,),
     "engine_threads": (int,),
+    "trt_cache": (str,),
 }
 
 
@@ -248,7 +263,7 @@ def read_serve_config(path: Path | str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ServeConfigError(f"{where}: serve must be a table ([serve])")
     values = {key: _serve_value(where, key, value) for key, value in table.items()}
-    for key in ("repo", "tokens", "tls_crl"):
+    for key in ("repo", "tokens", "tls_crl", "trt_cache"):
         if key in values:
             values[key] = Path(values[key])
     if "trusted_keys" in values:

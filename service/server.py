@@ -454,13 +454,15 @@ def serve(
     quotas: Quotas | None = None,
     http_port: int | None = None,
     http_tls: Any = None,
+    viewer: bool = False,
 ) -> int:
     """Serve until SIGTERM or SIGINT: then stop accepting, let in-flight requests finish within
     ``grace_s`` seconds, and return 0. With ``metrics`` and a ``metrics_port`` (0: a free one),
     Prometheus scrapes ``http://metrics_host:port/metrics`` (https with ``metrics_tls``, the
     certificate and key files). SIGHUP reopens the audit log (logrotate). With ``http_port`` (0: a
     free one) the Open Inference Protocol over REST serves the same core on ``host`` too
-    (docs/http.md), over TLS with ``http_tls`` (an ``ssl.SSLContext``; required with a TLS port)."""
+    (docs/http.md), over TLS with ``http_tls`` (an ``ssl.SSLContext``; required with a TLS port);
+    with ``viewer`` the web viewer too, at ``/viewer/`` (docs/viewer.md)."""
     server, bound, servicer, extras = build_server(
         repository,
         security=security,
@@ -495,6 +497,11 @@ def serve(
                 servicer.core, security, observers=observers, host=host, port=http_port, ssl_context=http_tls
             )
             log.info("serving the Open Inference Protocol over REST on %s", rest.url)
+            if viewer:
+                from ecgx.service.viewer import mount_viewer
+
+                mount_viewer(rest)
+                log.info("serving the web viewer on %s/viewer/", rest.url)
         if watch_interval_s and hasattr(repository, "start_watching"):
             repository.start_watching(watch_interval_s)
         extras.start(watch_interval_s or 2.0)

@@ -26,5 +26,7 @@ shopt -s nullglob
 for key in /etc/ecgx/keys/*.pem; do args+=(--trusted-key "$key"); done
 if [ -n "${ECGX_PORT:-}" ]; then args+=(--port "$ECGX_PORT"); fi
 if [ -n "${ECGX_METRICS_PORT:-}" ]; then args+=(--metrics-port "$ECGX_METRICS_PORT"); fi
+# The GPU image's TensorRT engine and timing caches (a volume there; absent from the CPU image).
+if [ -d /var/cache/ecgx/tensorrt ]; then args+=(--trt-cache /var/cache/ecgx/tensorrt); fi
 
 exec ecgx serve "${args[@]}" "$@"
