@@ -33,7 +33,7 @@ import logging
 import math
 import re
 import ssl
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,26 +176,10 @@ class OipHttpApp:
         route, match = _route(request)
         if route is None:
             return match  # 404 / 405, before any record: no RPC was asked for
-        record = self.ledger.open(route.rpc, request.peer, "http")
-        headers = [(k.lower(), v) for k, v in request.headers.items()]
-        with self.ledger.serving(record):
-            try:
-                self.ledger.admit(record, headers, request.client_certificate)
-                response, code = getattr(self, route.handler)(request, match.groupdict(), record), "OK"
-            except EcgxError as e:
-                response, code = self._refusal(e, record), e.code
-            final = self.ledger.close(record, code)
-        if final != code:  # a required audit line could not be written: the answer is withheld
-            response = _error(503, AUDIT_UNAVAILABLE_MESSAGE, final)
-        return _with_headers(response, ((REQUEST_ID_HEADER, record.request_id),))
-
-    def _refusal(self, error: EcgxError, record: CallRecord) -> HttpResponse:
-        status = http_status(error)
-        # DEBUG, as on gRPC (rpc.failure_status): the message may echo what the client typed; the
-        # audit log and the metrics count every refusal by code.
-        log.debug("REST %s: %s %s", record.method_name, error.code, str(error)[:300])
-        extra = (("WWW-Authenticate", 'Bearer realm="ecgx"'),) if status == 401 else ()
-        return _error(status, str(error)[:2000], error.code, extra)
+        handler = getattr(self, route.handler)
+        return serve_call(
+            self.ledger, route.rpc, request, lambda record: handler(request, match.groupdict(), record)
+        )
 
     # ------------------------------------------------------------------ health and metadata
 
@@ -543,6 +527,35 @@ def encode_infer_response(
 
 def _error(status: int, message: str, code: str, headers: Sequence[tuple[str, str]] = ()) -> HttpResponse:
     return error_response(status, message, ((STATUS_HEADER, code), *headers))
+
+
+def serve_call(
+    ledger: CallLedger, rpc: str, request: HttpRequest, answer: Callable[[CallRecord], HttpResponse]
+) -> HttpResponse:
+    """One REST call under the ledger, for the OIP routes and the viewer's calls alike: recorded,
+    admitted (tokens, client certificate, limits), answered by ``answer`` or refused with the
+    error's status, audited, and withheld if a required audit line cannot be written."""
+    record = ledger.open(rpc, request.peer, "http")
+    headers = [(k.lower(), v) for k, v in request.headers.items()]
+    with ledger.serving(record):
+        try:
+            ledger.admit(record, headers, request.client_certificate)
+            response, code = answer(record), "OK"
+        except EcgxError as e:
+            response, code = _refusal(e, record), e.code
+        final = ledger.close(record, code)
+    if final != code:  # a required audit line could not be written: the answer is withheld
+        response = _error(503, AUDIT_UNAVAILABLE_MESSAGE, final)
+    return _with_headers(response, ((REQUEST_ID_HEADER, record.request_id),))
+
+
+def _refusal(error: EcgxError, record: CallRecord) -> HttpResponse:
+    status = http_status(error)
+    # DEBUG, as on gRPC (rpc.failure_status): the message may echo what the client typed; the
+    # audit log and the metrics count every refusal by code.
+    log.debug("REST %s: %s %s", record.method_name, error.code, str(error)[:300])
+    extra = (("WWW-Authenticate", 'Bearer realm="ecgx"'),) if status == 401 else ()
+    return _error(status, str(error)[:2000], error.code, extra)
 
 
 def _with_headers(response: HttpResponse, headers: Sequence[tuple[str, str]]) -> HttpResponse:

@@ -35,11 +35,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from ecgx.core.errors import EcgxError, FailedPrecondition, InvalidArgument, NotFound
-from ecgx.service.calls import AUDIT_UNAVAILABLE_MESSAGE, CallRecord, note_call
+from ecgx.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ecgx.service.calls import CallRecord, note_call
 from ecgx.service.http_server import HttpRequest, HttpResponse, error_response
 from ecgx.service.methods import METHOD_NAMES
-from ecgx.service.oip_http import REQUEST_ID_HEADER, STATUS_HEADER, OipHttpApp, RestServer, http_status
+from ecgx.service.oip_http import STATUS_HEADER, OipHttpApp, RestServer, serve_call
 from ecgx.service.repository import refusal_of_method
 
 PREFIX = "/viewer"
@@ -129,31 +129,19 @@ class ViewerApp:
         route, params = found
         if request.method != "GET":
             return _error(405, "the viewer's calls take GET", "UNIMPLEMENTED", (("Allow", "GET"),))
-        # As the REST transport admits a call (oip_http.OipHttpApp.__call__), with its ledger.
-        record = self.ledger.open(route.rpc, request.peer, "http")
-        headers = [(k.lower(), v) for k, v in request.headers.items()]
-        with self.ledger.serving(record):
-            try:
-                self.ledger.admit(record, headers, request.client_certificate)
-                names = {k: _name(k, v) for k, v in params.items()}
-                response, code = HttpResponse.json(200, route.handler(self, names)), "OK"
-            except EcgxError as e:
-                response, code = self._refusal(e, record), e.code
-            final = self.ledger.close(record, code)
-        if final != code:  # a required audit line could not be written: the answer is withheld
-            response = _error(503, AUDIT_UNAVAILABLE_MESSAGE, final)
+
+        def answer(record: CallRecord) -> HttpResponse:
+            names = {k: _name(k, v) for k, v in params.items()}
+            return HttpResponse.json(200, route.handler(self, names))
+
+        # Admitted, audited and refused exactly as a REST call (one place: oip_http.serve_call).
+        response = serve_call(self.ledger, route.rpc, request, answer)
         return HttpResponse(
             response.status,
             response.body,
             response.content_type,
-            (*response.headers, (REQUEST_ID_HEADER, record.request_id), ("Cache-Control", "no-store")),
+            (*response.headers, ("Cache-Control", "no-store")),
         )
-
-    @staticmethod
-    def _refusal(error: EcgxError, record: CallRecord) -> HttpResponse:
-        status = http_status(error)
-        extra = (("WWW-Authenticate", 'Bearer realm="ecgx"'),) if status == 401 else ()
-        return _error(status, str(error)[:2000], error.code, extra)
 
     def list_models(self, params: dict[str, str]) -> dict[str, Any]:
         out = []
