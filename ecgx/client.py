@@ -171,18 +171,10 @@ class EcgDocumentFile:
 def load_document(path: Path, fmt: str | None = None) -> EcgDocumentFile:
     """An ECG document (DICOM, HL7 aECG, GE MUSE, Philips Sierra, FHIR): its bytes and its format,
     from ``fmt`` or else the file's extension or content (nothing is decoded here)."""
-    from ecgx.core.ecg_formats import DEFAULT_LIMITS, FORMATS, format_of_file
+    from ecgx.core.ecg_formats import read_document_file
 
-    path = Path(path)
-    if fmt is not None and fmt not in FORMATS:
-        raise InvalidArgument(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    size = path.stat().st_size
-    if size > DEFAULT_LIMITS.max_bytes:
-        raise InvalidArgument(
-            f"{path}: {size} bytes, over the {DEFAULT_LIMITS.max_bytes} bytes a document may have"
-        )
-    data = path.read_bytes()
-    return EcgDocumentFile(data, fmt or format_of_file(path, data), str(path))
+    data, fmt = read_document_file(path, fmt)
+    return EcgDocumentFile(data, fmt, str(path))
 
 
 def load_ecg_file(path: Path, fs: float | None = None, fmt: str | None = None) -> EcgInput | EcgDocumentFile:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from ecgx.core.dataset import DatasetError, default_meta, write_dataset
-from ecgx.core.ecg_formats import DEFAULT_LIMITS, FORMATS, format_of_file
+from ecgx.core.ecg_formats import FORMATS, read_document_file
 from ecgx.core.errors import InvalidArgument
 from ecgx.core.outputs import DATASET, OutputError, check_output
 from ecgx.core.progress import progress
@@ -45,15 +45,7 @@ class DocumentImportReport:
 
 def document_beat(path: Path, fmt: str | None = None) -> tuple[np.ndarray, str, str]:
     """(12, 600) float32 mV median beat of one document file, what it was made from, and its format."""
-    if fmt is not None and fmt not in FORMATS:
-        raise DocumentImportError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    size = path.stat().st_size
-    if size > DEFAULT_LIMITS.max_bytes:
-        raise DocumentImportError(
-            f"{size} bytes, over the {DEFAULT_LIMITS.max_bytes} bytes a document may have"
-        )
-    data = path.read_bytes()
-    fmt = fmt or format_of_file(path, data)
+    data, fmt = read_document_file(path, fmt)
     beat, waveform = decode_document(DocumentBytes(fmt, data), LEADS, ModelInput(), where=fmt)
     return beat, waveform, fmt
 

@@ -77,6 +77,26 @@ def format_of_file(path: str | Path, data: bytes | None = None) -> str:
     return sniffed
 
 
+def read_document_file(
+    path: str | Path, format: str | None = None, *, limits: DocumentLimits = DEFAULT_LIMITS
+) -> tuple[bytes, str]:
+    """The bytes of an ECG document file and its format (``format`` if given, else by
+    :func:`format_of_file`), nothing decoded; the size is checked before the file is read."""
+    path = Path(path)
+    if format is not None and format not in FORMATS:
+        raise EcgDocumentError(f"the format must be one of {', '.join(FORMATS)}, got {format!r}")
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise EcgDocumentError(
+                f"{path}: {size} bytes, over the {limits.max_bytes} bytes a document may have"
+            )
+        data = path.read_bytes()
+    except OSError as exc:
+        raise EcgDocumentError(f"cannot read ECG file {path}: {exc.strerror}") from exc
+    return data, format or format_of_file(path, data)
+
+
 def sniff_format(head: bytes) -> str | None:
     """The format the first bytes of a document show, or None."""
     if len(head) >= 132 and head[128:132] == b"DICM":
@@ -116,6 +136,7 @@ __all__ = [
     "EcgDocumentError",
     "Waveform",
     "format_of_file",
+    "read_document_file",
     "read_ecg_document",
     "sniff_format",
 ]
