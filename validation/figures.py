@@ -24,7 +24,8 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Rectangle
 
 from ecgx.core.errors import InvalidArgument
-from ecgx.core.schema import CLASSES
+from ecgx.core.plots import GROUND_TRUTH_LABEL, VERDICT_LABELS, attribution_figure  # noqa: F401 (re-exported)
+from ecgx.core.schema import CLASSES, LEADS, SAMPLING_RATE_HZ
 from ecgx.validation.policy import CHECKS, CONTROL_METHOD
 
 if TYPE_CHECKING:
@@ -438,9 +439,6 @@ def plot_class_overlays(
 
 # ------------------------------------------------------------------ attributions marked with verdicts
 
-VERDICT_LABELS = {"pass": "PASS: served", "fail": "FAIL: refused", "not gated": "not gated: never served"}
-GROUND_TRUTH_LABEL = "ground truth: where the synthetic generator put the class's feature"
-
 
 def gated_attribution_figure(
     signal: np.ndarray,
@@ -452,82 +450,17 @@ def gated_attribution_figure(
     leads: Sequence[str] | None = None,
     fs: float | None = None,
 ) -> plt.Figure:
-    """One column per method, one row per lead: the ECG window the model sees (black, mV) over
-    the method's |attribution| (scaled to the method's own maximum: colour bar), the gate's
-    verdict in each column's title; methods the gate refused (or did not gate) are drawn grey.
-    A 1 mV / 0.2 s scale bar, and a legend for the trace and the ground-truth band."""
-    from matplotlib.cm import ScalarMappable
-    from matplotlib.colors import Normalize
-    from matplotlib.patches import Patch
-
-    from ecgx.core.schema import LEADS, SAMPLING_RATE_HZ
-
-    leads = list(LEADS if leads is None else leads)
-    fs = float(SAMPLING_RATE_HZ if fs is None else fs)
-    methods = list(attributions)
-    t = np.arange(signal.shape[1]) / fs
-    fig, axes = plt.subplots(
-        len(leads), len(methods), figsize=(max(2.4 * len(methods), 7.0) + 1.2, 12), sharex=True, squeeze=False
+    """:func:`ecgx.core.plots.attribution_figure` with the gate's verdict on every column (a method
+    the gate did not check is "not gated"): the picture the demo and `ecgx client explain --png` share."""
+    return attribution_figure(
+        signal,
+        attributions,
+        title=title,
+        verdicts={m: verdicts.get(m, "not gated") for m in attributions},
+        mask=mask,
+        leads=LEADS if leads is None else leads,
+        fs=SAMPLING_RATE_HZ if fs is None else fs,
     )
-    lo, hi = float(signal.min()), float(signal.max())
-    pad = 0.1 * (hi - lo + 1e-6)
-    for col, name in enumerate(methods):
-        verdict = verdicts.get(name, "not gated")
-        served = verdict == "pass"
-        heat = np.abs(np.asarray(attributions[name]))
-        heat = heat / (heat.max() or 1.0)
-        for row, lead in enumerate(leads):
-            ax = axes[row, col]
-            ax.imshow(
-                heat[row][None, :],
-                aspect="auto",
-                cmap="Reds" if served else "Greys",
-                vmin=0,
-                vmax=1,
-                alpha=1.0 if served else 0.6,
-                extent=(t[0], t[-1], lo - pad, hi + pad),
-                origin="lower",
-            )
-            if mask is not None and mask[row].any():
-                ax.fill_between(
-                    t, lo - pad, lo - pad + 0.08 * (hi - lo), where=mask[row], color="tab:green", lw=0
-                )
-            ax.plot(t, signal[row], color="black" if served else "#555555", lw=0.7)
-            ax.set_ylim(lo - pad, hi + pad)
-            ax.set_yticks([])
-            if col == 0:
-                ax.set_ylabel(lead, rotation=0, ha="right", va="center")
-        axes[0, col].set_title(
-            f"{name}\n{VERDICT_LABELS.get(verdict, verdict)}",
-            fontsize=9,
-            color=PALETTE[0] if served else CONTROL_COLOUR,
-            fontweight="bold" if served else "normal",
-        )
-        axes[-1, col].set_xlabel("s")
-    _scale_bar(axes[-1, 0], t, lo - pad)
-    handles = [Line2D([], [], color="black", lw=0.7, label="ECG (mV); scale bar: 1 mV, 0.2 s")]
-    if mask is not None and np.asarray(mask).any():
-        handles.append(Patch(color="tab:green", label=GROUND_TRUTH_LABEL))
-    handles.append(
-        Patch(color=CONTROL_COLOUR, alpha=0.6, label="grey column: refused or not gated, never served")
-    )
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    window = (
-        f"the {signal.shape[1] / fs:.1f} s window the model sees ({signal.shape[1]} samples at {fs:g} Hz)"
-    )
-    fig.suptitle(_overlay_title([title, window], max(len(methods), 3)), fontsize=10)
-    fig.subplots_adjust(left=0.06, right=0.9, top=0.92, bottom=0.07, hspace=0.08, wspace=0.05)
-    cax = fig.add_axes((0.915, 0.3, 0.012, 0.4))  # its own axes, right of the columns: never over a map
-    bar = fig.colorbar(ScalarMappable(Normalize(0, 1), cmap="Reds"), cax=cax)
-    bar.set_label("|attribution| / the method's maximum on this ECG")
-    return fig
-
-
-def _scale_bar(ax: plt.Axes, t: np.ndarray, bottom: float) -> None:
-    """A 1 mV by 0.2 s L-shaped scale bar at the lower left of ``ax`` (the traces share mV)."""
-    x0 = t[0] + 0.02 * (t[-1] - t[0])
-    ax.plot([x0, x0, x0 + 0.2], [bottom + 1.0, bottom, bottom], color="#0072B2", lw=2.5, clip_on=False)
-    ax.text(x0 + 0.02, bottom + 0.5, "1 mV", color="#0072B2", fontsize=7, va="center")
 
 
 def plot_gated_attributions(
