@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ecgx.core.package_reader import PackageError, load_package
 from ecgx.service.engine import AttributionEngine, select_providers
@@ -162,3 +164,20 @@ def test_two_threads_split_rows_and_give_the_one_thread_result(tiny_package: Pat
         got = list(pool.map(lambda job: two.attribute(job[0], x, "SR", **job[1]), jobs))
     for job, a, b in zip(jobs, expected, got, strict=True):
         assert np.array_equal(a, b), job
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 9), start=st.integers(0, 30), length=st.integers(1, 60), seed=st.integers(0, 2**16)
+)
+def test_adding_sample_by_sample_equals_np_add_at_bit_for_bit(batch, start, length, seed) -> None:
+    """The engine's accumulation of many passes per ECG keeps np.add.at's order of additions."""
+    from ecgx.service.engine import _add_by_sample
+
+    rng = np.random.default_rng(seed)
+    contribution = rng.standard_normal((length, 3, 5)).astype(np.float32)
+    expected = rng.standard_normal((batch, 3, 5)).astype(np.float32)
+    got = expected.copy()
+    np.add.at(expected, np.arange(start, start + length) % batch, contribution)
+    _add_by_sample(got, slice(start, start + length), contribution)
+    assert np.array_equal(got, expected)
