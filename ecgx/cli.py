@@ -144,7 +144,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
         from ecgx.training.export import export_checkpoint
 
         out = export_checkpoint(
-            args.checkpoint, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite
+            args.checkpoint,
+            args.out,
+            gradcam_layer=args.gradcam_layer,
+            overwrite=args.overwrite,
+            check_data=args.check_data,
+            check_samples=args.check_samples,
         )
     else:
         from ecgx.training.export import export_package
@@ -160,7 +165,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
             sampling_rate_hz=args.sampling_rate,
             classes=classes,
         )
-        out = export_package(source, args.out, gradcam_layer=args.gradcam_layer, overwrite=args.overwrite)
+        out = export_package(
+            source,
+            args.out,
+            gradcam_layer=args.gradcam_layer,
+            overwrite=args.overwrite,
+            check_data=args.check_data,
+            check_samples=args.check_samples,
+        )
     log.info("wrote model package %s", out)
     _report_unavailable(out)
     return 0
@@ -684,6 +696,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, required=True, help="package folder to write")
     p.add_argument("--gradcam-layer", help="IR tensor GradCAM reads (default: last convolutional block)")
+    p.add_argument(
+        "--check-data",
+        type=Path,
+        metavar="FOLDER",
+        help="ECGs the export checks its graphs on (default: 8 synthetic ECGs of the model's shape): a "
+        "dataset folder, or .npy arrays of the model's shape (one ECG (leads, samples) or a stack)",
+    )
+    p.add_argument(
+        "--check-samples",
+        type=int,
+        default=8,
+        metavar="N",
+        help="how many of the --check-data ECGs the check uses, evenly spaced (default 8)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing package ecgx wrote")
     _add_common(p)
     p.set_defaults(func=_cmd_export)
