@@ -37,7 +37,7 @@ from ecgx.token_cli import add_token
 
 MODEL = "ecg"
 CHROMIUM = Path("/usr/bin/chromium")
-SAMPLE = ASSETS / "samples" / "HR06000.json"
+SAMPLE = ASSETS / "samples" / "synthetic-AF.json"
 REFUSED = "saliency"  # its gate verdict is edited to a failed blocking check in version 1
 
 
@@ -312,8 +312,8 @@ def test_the_viewer_explains_a_sample_on_ecg_paper_with_the_gate_verdicts(world,
     assert refused.locator("tr.fail td.threshold").count() >= 1
     assert page.locator("li.method.servable").count() >= 1
 
-    page.select_option("#sample", "HR06000.json")
-    page.locator("#ecg-title", has_text="HR06000").wait_for()  # (the pages' CSP forbids eval)
+    page.select_option("#sample", SAMPLE.name)
+    page.locator("#ecg-title", has_text="atrial fibrillation").wait_for()  # (the pages' CSP forbids eval)
     page.check("#method-gradcam")
     page.click("#explain")
     page.wait_for_selector("#results", state="visible", timeout=60_000)
@@ -369,8 +369,9 @@ def test_the_viewer_explains_a_sample_on_ecg_paper_with_the_gate_verdicts(world,
     page.context.close()
 
 
-def _attribution_over_rest(world: World, method: str) -> np.ndarray:
-    beat = json.loads(SAMPLE.read_text())["samples"]
+def _attribution_over_rest(world: World, method: str, beat: Any = None) -> np.ndarray:
+    """``method``'s map of ``beat`` (default: the shipped sample) over the REST transport."""
+    beat = json.loads(SAMPLE.read_text())["samples"] if beat is None else beat
     body = {
         "inputs": [
             {"name": "ecg", "datatype": "FP32", "shape": [1, 12, 600], "data": np.ravel(beat).tolist()}
@@ -424,10 +425,13 @@ def test_a_dropped_dicom_file_is_decoded_by_the_server_and_explained(
     assert len({c["lead"] for c in cells}) == 12
     bars = page.locator("svg.lead-shares g.bar")
     assert bars.count() == 12
-    # The same explanation as the shipped sample: the same record's median beat, computed by the
-    # server from the document as the importer computed it from the WFDB file.
+    # The same explanation as the record's median beat sent raw: computed by the server from the
+    # document as the WFDB importer computes it from the record itself.
+    from ecgx.training.data.wfdb_import import record_median_beat
+
+    beat, _ = record_median_beat(shared_data / "ptbxl-sample" / "HR06000")
     dicom_shares = [float(bars.nth(i).get_attribute("data-share")) for i in range(12)]
-    raw = lead_shares(_attribution_over_rest(world, "gradcam")[0])
+    raw = lead_shares(_attribution_over_rest(world, "gradcam", np.asarray(beat).tolist())[0])
     assert dicom_shares == pytest.approx(raw.tolist(), abs=0.02)
     assert "gate pass" in page.locator("#facts").text_content()
     page.context.close()

@@ -1,8 +1,9 @@
-"""The viewer's sample ECGs (service/viewer_assets/samples/) are the median beats the project's own
-WFDB importer computes from the shared PTB-XL records: this test recomputes them and compares.
+"""The viewer's sample ECGs (service/viewer_assets/samples/) are synthetic median beats from the
+project's own generator (ground truth known, no patient data shipped): this test recomputes them
+and compares. Real records stay in ../shared/data and are never copied into the package.
 
 Run ``python tests/service/test_viewer_samples.py`` to write them again (after a change to the
-importer or the median-beat code)."""
+generator)."""
 
 from __future__ import annotations
 
@@ -11,44 +12,41 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT.parent / "shared" / "data" / "ptbxl-sample"
 SAMPLES = ROOT / "service" / "viewer_assets" / "samples"
-RECORDS = {
-    "HR06000": "T-wave abnormality, sinus rhythm",
-    "HR06002": "sinus bradycardia, incomplete RBBB",
-    "HR06003": "sinus tachycardia",
-}
+SEED, COUNT = 20261206, 64
+# Beats of that draw with distinct findings: index -> what the generator put in it.
+PICKS = (0, 10, 2)
 SOURCE = (
-    "PTB-XL record {record} as redistributed in the PhysioNet/CinC Challenge 2021 (CC BY 4.0); "
-    "median beat by ecgx's WFDB importer (training.data.wfdb_import.record_median_beat)"
+    "synthetic median beat {i} of ecgx.training.data.synth.generate({count}, "
+    "numpy.random.default_rng({seed})): no patient data"
 )
 
 
 def sample_documents() -> dict[str, dict]:
     """File name -> JSON document of each sample, and the index."""
-    from ecgx.core.schema import LEADS
-    from ecgx.training.data.wfdb_import import record_median_beat
+    from ecgx.core.schema import CLASSES, LEADS
+    from ecgx.training.data.synth import generate
 
+    batch = generate(COUNT, np.random.default_rng(SEED))
     docs: dict[str, dict] = {}
     index = []
-    for record, dx in RECORDS.items():
-        beat, codes = record_median_beat(DATA / record)
-        docs[f"{record}.json"] = {
-            "id": record,
-            "title": f"{record}: {dx}",
-            "source": SOURCE.format(record=record),
-            "dx_snomed": list(codes),
+    for i in PICKS:
+        found = [c for c, on in zip(CLASSES, batch.labels[i], strict=True) if on]
+        name = "synthetic-" + "-".join(c.key for c in found)
+        docs[f"{name}.json"] = {
+            "id": name,
+            "title": f"synthetic beat: {', '.join(c.name for c in found)}",
+            "source": SOURCE.format(i=i, count=COUNT, seed=SEED),
+            "dx_snomed": [c.code for c in found],
             "leads": list(LEADS),
             "sampling_rate_hz": 500,
             "units": "mV",
             "kind": "median beat",
-            # Microvolt resolution, as the records themselves (gain 1000/mV).
-            "samples": np.round(np.asarray(beat, dtype=np.float64), 3).tolist(),
+            "samples": np.round(np.asarray(batch.signals[i], dtype=np.float64), 3).tolist(),
         }
-        index.append({"id": record, "title": docs[f"{record}.json"]["title"], "file": f"{record}.json"})
+        index.append({"id": name, "title": docs[f"{name}.json"]["title"], "file": f"{name}.json"})
     docs["index.json"] = {"samples": index}
     return docs
 
@@ -57,9 +55,10 @@ def _text(doc: dict) -> str:
     return json.dumps(doc, separators=(",", ":")) + "\n"
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data/ptbxl-sample")
-def test_the_shipped_samples_are_the_importers_median_beats() -> None:
-    for name, doc in sample_documents().items():
+def test_the_shipped_samples_are_the_generators_beats() -> None:
+    docs = sample_documents()
+    assert sorted(p.name for p in SAMPLES.glob("*.json")) == sorted(docs)
+    for name, doc in docs.items():
         shipped = json.loads((SAMPLES / name).read_text())
         if "samples" in doc and name != "index.json":
             assert np.allclose(shipped.pop("samples"), doc.pop("samples"), atol=1e-3), name
@@ -78,6 +77,8 @@ def test_every_sample_is_twelve_leads_of_a_median_beat() -> None:
 
 if __name__ == "__main__":
     SAMPLES.mkdir(parents=True, exist_ok=True)
+    for old in SAMPLES.glob("*.json"):
+        old.unlink()
     for name, doc in sample_documents().items():
         (SAMPLES / name).write_text(_text(doc))
         print("wrote", SAMPLES / name, file=sys.stderr)
