@@ -315,9 +315,9 @@ def test_run_demo_ends_with_the_grpc_step(gated, tmp_path, monkeypatch, capsys) 
     demo = tmp_path / "demo"
     packages = _demo_like(gated, demo)
     shutil.copytree(gated["family"]["data"], demo / "data")
-    for name in ("_check_reusable_data", "_synthesise", "_train"):
+    for name in ("_check_reusable_data", "_synthesise"):
         monkeypatch.setattr(demo_module, name, lambda *a, **k: None)
-    monkeypatch.setattr(demo_module, "_export", lambda *a, **k: packages)
+    monkeypatch.setattr(demo_module, "_train_and_export", lambda *a, **k: packages)
     monkeypatch.setattr(demo_module, "_draw", lambda *a, **k: [])
     monkeypatch.setattr(demo_module, "format_training_summary", lambda *a, **k: "")
     verdicts = {p: demo_module.PackageVerdict("pass", (PASSED,), 2) for p in packages}
