@@ -181,7 +181,7 @@ def conv_input_gradient(
             [g, as_4d(b, flipped, f"{w3}.flip")],
             "conv.T",
             kernel_shape=[1, k],
-            pads=[0, d * (k - 1) - pad_r, 0, d * (k - 1) - pad_l],
+            pads=[0, d * (k - 1) - pad_l, 0, d * (k - 1) - pad_r],
             dilations=[1, d],
             group=groups,
         )
