@@ -237,3 +237,211 @@ def round_trips() -> nn.Module:
 
 def layers_in_forward() -> nn.Module:
     return pattern_factory("layers_in_forward")
+
+
+# --------------------------------------------------------------------------- the zoo (issue #25)
+# The PTB-XL benchmark's models (Strodthoff et al. 2021, github.com/helme/ecg_ptbxl_benchmarking,
+# code/models/*.py), torch_ecg-like models and Ribeiro et al.'s ResNet, re-implemented from the
+# papers and the benchmark code's layer patterns. ``width`` scales every channel count (1.0 is the
+# published width; CI uses small ones); the head's hidden layer scales with it.
+
+
+def _ch(c: int, width: float) -> int:
+    return max(4, round(c * width))
+
+
+def _conv1d(
+    c_in: int,
+    c_out: int,
+    kernel: int = 3,
+    stride: int = 1,
+    dilation: int = 1,
+    act: bool = True,
+    bn: bool = True,
+    drop_p: float = 0.0,
+) -> nn.Sequential:
+    """The benchmark's ``_conv1d``: [dropout], conv (padding (k - 1) // 2, no bias before BN), [BN],
+    [ReLU]."""
+    layers: list[nn.Module] = [nn.Dropout(drop_p)] if drop_p > 0 else []
+    layers.append(
+        nn.Conv1d(
+            c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2, dilation=dilation, bias=not bn
+        )
+    )
+    if bn:
+        layers.append(nn.BatchNorm1d(c_out))
+    if act:
+        layers.append(nn.ReLU(True))
+    return nn.Sequential(*layers)
+
+
+def _head1d(
+    nf: int, classes: int, hidden: list[int], ps: float = 0.5, concat_pooling: bool = True
+) -> nn.Sequential:
+    """The benchmark's ``create_head1d``: concat pooling, flatten, then BN-dropout-linear(-ReLU) layers."""
+    sizes = [2 * nf if concat_pooling else nf, *hidden, classes]
+    drops = [ps / 2] * (len(sizes) - 2) + [ps]
+    layers: list[nn.Module] = [
+        AdaptiveConcatPool1d() if concat_pooling else nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+    ]
+    for i, (n_in, n_out, p) in enumerate(zip(sizes[:-1], sizes[1:], drops, strict=True)):
+        layers += [nn.BatchNorm1d(n_in), nn.Dropout(p), nn.Linear(n_in, n_out)]
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU(True))
+    return nn.Sequential(*layers)
+
+
+class SqueezeExcite1d(nn.Module):
+    """The benchmark's SqueezeExcite1d: channel gates from the time average through two parameter
+    matrices applied with ``torch.matmul`` (no nn.Linear), ReLU then sigmoid, multiplied onto ``x``."""
+
+    def __init__(self, channels: int, reduction: int = 16) -> None:
+        super().__init__()
+        reduced = max(1, channels // reduction)
+        self.w1 = nn.Parameter(torch.randn(reduced, channels).unsqueeze(0) / channels**0.5)
+        self.w2 = nn.Parameter(torch.randn(channels, reduced).unsqueeze(0) / reduced**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.mean(x, dim=2, keepdim=True)
+        intermed = nn.functional.relu(torch.matmul(self.w1, z))
+        s = torch.sigmoid(torch.matmul(self.w2, intermed))
+        return s * x
+
+
+class BasicConv1d(nn.Sequential):
+    """The benchmark's ``basic_conv1d``: a stack of ``_conv1d`` layers (optionally SE blocks and max
+    pools between them, optionally a first layer split into a 1x1 then a temporal conv) and the head."""
+
+    def __init__(
+        self,
+        filters: list[int],
+        kernel: int | list[int],
+        stride: int,
+        leads: int,
+        classes: int,
+        pool: int = 0,
+        pool_stride: int = 1,
+        se_reduction: int = 0,
+        split_first_layer: bool = False,
+        drop_p: float = 0.0,
+        hidden: list[int] | None = None,
+    ) -> None:
+        kernels = kernel if isinstance(kernel, list) else [kernel] * len(filters)
+        layers: list[nn.Module] = []
+        for i, (c_out, k) in enumerate(zip(filters, kernels, strict=True)):
+            c_in = leads if i == 0 else filters[i - 1]
+            if i == 0 and split_first_layer:
+                layers.append(
+                    nn.Sequential(
+                        _conv1d(leads, c_out, 1, act=False, bn=False),
+                        _conv1d(c_out, c_out, k, stride, drop_p=drop_p),
+                    )
+                )
+            else:
+                layers.append(_conv1d(c_in, c_out, k, stride, drop_p=drop_p))
+            if se_reduction > 0:
+                layers.append(SqueezeExcite1d(c_out, se_reduction))
+            if pool > 0 and i < len(filters) - 1:
+                layers.append(nn.MaxPool1d(pool, stride=pool_stride, padding=(pool - 1) // 2))
+        layers.append(_head1d(filters[-1], classes, hidden or []))
+        super().__init__(*layers)
+
+
+def schirrmeister_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    """Schirrmeister et al.'s deep ConvNet as the benchmark uses it: filters 25, 50, 100, 200, kernel 10,
+    stride 3, max pools of 3, the first layer split, dropout 0.5."""
+    f = [_ch(c, width) for c in (25, 50, 100, 200)]
+    return BasicConv1d(
+        f, 10, 3, leads, classes, pool=3, split_first_layer=True, drop_p=0.5, hidden=[_ch(128, width)]
+    )
+
+
+def sen_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    """The benchmark's squeeze-and-excitation net "sen": five conv layers of 128 filters, stride 2,
+    each followed by SqueezeExcite1d (reduction 16)."""
+    return BasicConv1d(
+        [_ch(128, width)] * 5,
+        3,
+        2,
+        leads,
+        classes,
+        se_reduction=4 if width < 0.5 else 16,
+        hidden=[_ch(128, width)],
+    )
+
+
+def basic1d_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    """The benchmark's basic1d: five conv layers of 128 filters, kernel 3, stride 2."""
+    return BasicConv1d([_ch(128, width)] * 5, 3, 2, leads, classes, hidden=[_ch(128, width)])
+
+
+class AdaptiveConcatPoolRNN(nn.Module):
+    """The benchmark's RNN head pooling: average, max and the last time step (for a bidirectional
+    RNN the forward half's last step and the backward half's first), side by side. The pools are
+    constructed in forward(), as in the benchmark code."""
+
+    def __init__(self, bidirectional: bool) -> None:
+        super().__init__()
+        self.bidirectional = bidirectional
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t1 = nn.AdaptiveAvgPool1d(1)(x)
+        t2 = nn.AdaptiveMaxPool1d(1)(x)
+        if not self.bidirectional:
+            t3 = x[:, :, -1]
+        else:
+            half = x.size(1) // 2  # the benchmark's code has x.size(1) here, an empty second half
+            t3 = torch.cat([x[:, :half, -1], x[:, half:, 0]], 1)
+        return torch.cat([t1.squeeze(-1), t2.squeeze(-1), t3], 1)
+
+
+class RNN1d(nn.Module):
+    """The benchmark's RNN1d: transpose to time-major features, a 2-layer LSTM or GRU (batch_first),
+    transpose back, concat-RNN pooling and a BN-dropout-linear head."""
+
+    def __init__(
+        self,
+        leads: int = 12,
+        classes: int = 5,
+        lstm: bool = True,
+        hidden: int = 256,
+        layers: int = 2,
+        bidirectional: bool = False,
+    ) -> None:
+        super().__init__()
+        cell = nn.LSTM if lstm else nn.GRU
+        self.rnn = cell(leads, hidden, num_layers=layers, batch_first=True, bidirectional=bidirectional)
+        nf = hidden * (2 if bidirectional else 1)
+        self.pool = AdaptiveConcatPoolRNN(bidirectional)
+        self.head = nn.Sequential(nn.BatchNorm1d(3 * nf), nn.Dropout(0.5), nn.Linear(3 * nf, classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.rnn(x.transpose(1, 2))
+        return self.head(self.pool(h.transpose(1, 2)))
+
+
+def lstm_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    return RNN1d(leads, classes, lstm=True, hidden=_ch(256, width))
+
+
+def gru_bidir_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    return RNN1d(leads, classes, lstm=False, hidden=_ch(256, width), bidirectional=True)
+
+
+def _zoo_factory(build):  # a factory of calibrated zoo models
+    def factory(
+        leads: int = 12, samples: int = 250, classes: int = 5, width: float = 0.25, seed: int = 0
+    ) -> nn.Module:
+        torch.manual_seed(seed)
+        return calibrated(build(leads, classes, width), leads, samples, seed)
+
+    factory.__doc__ = f"{build.__name__} at ``width``, BatchNorm-calibrated on synthetic ECGs, in eval mode."
+    return factory
+
+
+sen = _zoo_factory(sen_net)
+lstm = _zoo_factory(lstm_net)
+gru_bidir = _zoo_factory(gru_bidir_net)
+schirrmeister = _zoo_factory(schirrmeister_net)
+basic1d = _zoo_factory(basic1d_net)
