@@ -8,6 +8,11 @@ a fresh initialisation's (BatchNorm at identity).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import pairwise
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -436,6 +441,7 @@ def _zoo_factory(build):  # a factory of calibrated zoo models
         torch.manual_seed(seed)
         return calibrated(build(leads, classes, width), leads, samples, seed)
 
+    factory.__name__ = factory.__qualname__ = build.__name__.removesuffix("_net")
     factory.__doc__ = f"{build.__name__} at ``width``, BatchNorm-calibrated on synthetic ECGs, in eval mode."
     return factory
 
@@ -445,3 +451,396 @@ lstm = _zoo_factory(lstm_net)
 gru_bidir = _zoo_factory(gru_bidir_net)
 schirrmeister = _zoo_factory(schirrmeister_net)
 basic1d = _zoo_factory(basic1d_net)
+
+
+# xresnet1d (fastai's XResNet in 1-D, as the benchmark's xresnet1d.py): a 3-conv stem, a max pool,
+# bottleneck blocks (expansion 4) whose shortcut is an average pool (ceil mode) and a 1x1 conv
+# where the shape changes, and the benchmark's concat-pooling head.
+
+
+def _conv_layer(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, act: bool = True) -> nn.Sequential:
+    layers: list[nn.Module] = [
+        nn.Conv1d(c_in, c_out, kernel, stride=stride, padding=(kernel - 1) // 2, bias=False),
+        nn.BatchNorm1d(c_out),
+    ]
+    return nn.Sequential(*layers, nn.ReLU(True)) if act else nn.Sequential(*layers)
+
+
+class XResBlock(nn.Module):
+    def __init__(self, c_in: int, hidden: int, c_out: int, stride: int, kernel: int) -> None:
+        super().__init__()
+        self.convpath = nn.Sequential(
+            _conv_layer(c_in, hidden, 1),
+            _conv_layer(hidden, hidden, kernel, stride),
+            _conv_layer(hidden, c_out, 1, act=False),
+        )
+        idpath: list[nn.Module] = [nn.AvgPool1d(stride, ceil_mode=True)] if stride != 1 else []
+        if c_in != c_out:
+            idpath.append(_conv_layer(c_in, c_out, 1, act=False))
+        self.idpath = nn.Sequential(*idpath)
+        self.act = nn.ReLU(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.convpath(x) + self.idpath(x))
+
+
+class XResNet1d(nn.Sequential):
+    def __init__(
+        self, layers: list[int], leads: int = 12, classes: int = 5, width: float = 1.0, kernel: int = 5
+    ) -> None:
+        stem = [_ch(32, width), _ch(32, width), _ch(64, width)]
+        mods: list[nn.Module] = [
+            _conv_layer(c_in, c_out, kernel, 2 if i == 0 else 1)
+            for i, (c_in, c_out) in enumerate(zip([leads, *stem[:-1]], stem, strict=True))
+        ]
+        mods.append(nn.MaxPool1d(3, stride=2, padding=1))
+        c_in = stem[-1]
+        for i, (n, planes) in enumerate(zip(layers, (64, 128, 256, 512), strict=True)):
+            hidden = _ch(planes, width)
+            for b in range(n):
+                mods.append(XResBlock(c_in, hidden, 4 * hidden, 2 if (i > 0 and b == 0) else 1, kernel))
+                c_in = 4 * hidden
+        mods.append(_head1d(c_in, classes, [_ch(128, width)]))
+        super().__init__(*mods)
+
+
+def xresnet1d50_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    """xresnet1d50: bottleneck blocks [3, 4, 6, 3], kernel 5 (the benchmark's best model family)."""
+    return XResNet1d([3, 4, 6, 3], leads, classes, width)
+
+
+# inception1d (the benchmark's inception1d.py, after InceptionTime): blocks of a bottleneck conv and
+# three long convs (kernels 39, 19, 9) plus a max-pool-then-1x1 branch, concatenated, BN-ReLU;
+# a residual shortcut (1x1 conv + BN, add, ReLU) every third block.
+
+
+class InceptionBlock1d(nn.Module):
+    def __init__(
+        self, c_in: int, filters: int, bottleneck: int, kernels: tuple[int, ...] = (39, 19, 9)
+    ) -> None:
+        super().__init__()
+        self.bottleneck = nn.Conv1d(c_in, bottleneck, 1, bias=False)
+        self.convs = nn.ModuleList(
+            nn.Conv1d(bottleneck, filters, k, padding=(k - 1) // 2, bias=False) for k in kernels
+        )
+        self.conv_bottle = nn.Sequential(
+            nn.MaxPool1d(3, 1, padding=1), nn.Conv1d(c_in, filters, 1, bias=False)
+        )
+        self.bn_relu = nn.Sequential(nn.BatchNorm1d((len(kernels) + 1) * filters), nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bottled = self.bottleneck(x)
+        return self.bn_relu(torch.cat([c(bottled) for c in self.convs] + [self.conv_bottle(x)], dim=1))
+
+
+class Shortcut1d(nn.Module):
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.act_fn = nn.ReLU(True)
+        self.conv = nn.Conv1d(c_in, c_out, 1, bias=False)
+        self.bn = nn.BatchNorm1d(c_out)
+
+    def forward(self, inp: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.act_fn(out + self.bn(self.conv(inp)))
+
+
+class Inception1d(nn.Module):
+    def __init__(self, leads: int = 12, classes: int = 5, width: float = 1.0, depth: int = 6) -> None:
+        super().__init__()
+        filters, bottleneck = _ch(32, width), _ch(32, width)
+        n = 4 * filters
+        self.im = nn.ModuleList(
+            InceptionBlock1d(leads if d == 0 else n, filters, bottleneck) for d in range(depth)
+        )
+        self.sk = nn.ModuleList(Shortcut1d(leads if d == 0 else n, n) for d in range(depth // 3))
+        self.head = _head1d(n, classes, [_ch(128, width)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_res = x
+        for d, block in enumerate(self.im):
+            x = block(x)
+            if d % 3 == 2:
+                x = self.sk[d // 3](input_res, x)
+                input_res = x.clone()  # as the benchmark code has it
+        return self.head(x)
+
+
+def inception1d_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    return Inception1d(leads, classes, width)
+
+
+# resnet1d_wang (the benchmark's resnet1d.py after Wang et al. 2017): a kernel-7 stem without pooling,
+# basic blocks with kernels 5 and 3 at a fixed width of 128, the concat-pooling head.
+
+
+class BasicBlock1d(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, kernels: tuple[int, int] = (5, 3)) -> None:
+        super().__init__()
+        k1, k2 = kernels
+        self.conv1 = nn.Conv1d(c_in, c_out, k1, stride=stride, padding=(k1 - 1) // 2, bias=False)
+        self.bn1 = nn.BatchNorm1d(c_out)
+        self.relu = nn.ReLU(True)
+        self.conv2 = nn.Conv1d(c_out, c_out, k2, padding=(k2 - 1) // 2, bias=False)
+        self.bn2 = nn.BatchNorm1d(c_out)
+        self.downsample = (
+            nn.Sequential(nn.Conv1d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm1d(c_out))
+            if stride != 1 or c_in != c_out
+            else None
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        residual = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        out += residual
+        return self.relu(out)
+
+
+def resnet1d_wang_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    c = _ch(128, width)
+    return nn.Sequential(
+        _conv_layer(leads, c, 7),
+        BasicBlock1d(c, c, 1),
+        BasicBlock1d(c, c, 1),
+        BasicBlock1d(c, c, 1),
+        _head1d(c, classes, [_ch(128, width)]),
+    )
+
+
+xresnet1d50 = _zoo_factory(xresnet1d50_net)
+inception1d = _zoo_factory(inception1d_net)
+resnet1d_wang = _zoo_factory(resnet1d_wang_net)
+
+
+# torch_ecg-like models (Wen Hao's torch_ecg, MIT licence; re-implemented after its configs): the
+# ResNet block with the shape-dependent shortcut fit, the multi-scopic CNN (Cai et al. 2020) and
+# ECG_CRNN's default SE attention; and Ribeiro et al.'s ResNet (Nat. Commun. 2020).
+
+
+class TorchEcgResBlock(nn.Module):
+    """torch_ecg's ResNetBasicBlock: two convs, a shortcut of max pool then 1x1 conv where the shape
+    changes, fitted to the branch by an ``if`` on shapes (zero padding)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, kernel: int = 15) -> None:
+        super().__init__()
+        self.branch = nn.Sequential(
+            _conv_layer(c_in, c_out, kernel, stride), _conv_layer(c_out, c_out, kernel, act=False)
+        )
+        shortcut: list[nn.Module] = [nn.MaxPool1d(stride, stride)] if stride > 1 else []
+        if c_in != c_out:
+            shortcut += [nn.Conv1d(c_in, c_out, 1, bias=False), nn.BatchNorm1d(c_out)]
+        self.shortcut = nn.Sequential(*shortcut)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branch(x)
+        identity = self.shortcut(x)
+        if identity.shape[-1] < out.shape[-1]:
+            identity = nn.functional.pad(identity, (0, out.shape[-1] - identity.shape[-1]))
+        elif identity.shape[-1] > out.shape[-1]:
+            out = nn.functional.pad(out, (0, identity.shape[-1] - out.shape[-1]))
+        return self.act(out + identity)
+
+
+def resnet_nature_comm_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    """torch_ecg's resnet_nature_comm config: a kernel-15 stem, four stages of (64, 128, 196, 256)
+    filters down-sampling by 4 (the Nature Communications ResNet of Ribeiro et al. in torch_ecg's
+    blocks), global average pooling and a linear head."""
+    c = [_ch(v, width) for v in (64, 64, 128, 196, 256)]
+    blocks = [TorchEcgResBlock(c_in, c_out, 4) for c_in, c_out in pairwise(c)]
+    return nn.Sequential(
+        _conv_layer(leads, c[0], 15),
+        *blocks,
+        nn.AdaptiveAvgPool1d(1),
+        nn.Flatten(),
+        nn.Linear(c[-1], classes),
+    )
+
+
+class MultiScopic(nn.Module):
+    """torch_ecg's MultiScopicCNN (Cai et al. 2020, CPSC 2019): three branches of growing dilation
+    (1, 2, 4), each blocks of dilated conv-BN-ReLU and a max pool, concatenated on channels."""
+
+    def __init__(self, leads: int, width: float) -> None:
+        super().__init__()
+        filters = [_ch(v, width) for v in (64, 128, 256)]
+        self.branches = nn.ModuleList()
+        for dilation in (1, 2, 4):
+            layers: list[nn.Module] = []
+            c_in = leads
+            for c_out in filters:
+                layers += [
+                    nn.Conv1d(c_in, c_out, 11, padding=5 * dilation, dilation=dilation, bias=False),
+                    nn.BatchNorm1d(c_out),
+                    nn.ReLU(),
+                    nn.MaxPool1d(2, 2),
+                ]
+                c_in = c_out
+            self.branches.append(nn.Sequential(*layers))
+        self.out_channels = 3 * filters[-1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([branch(x) for branch in self.branches], dim=1)
+
+
+def multi_scopic_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    cnn = MultiScopic(leads, width)
+    return nn.Sequential(cnn, nn.AdaptiveMaxPool1d(1), nn.Flatten(), nn.Linear(cnn.out_channels, classes))
+
+
+class SEBlock(nn.Module):
+    """torch_ecg's SEBlock (ECG_CRNN's default attention): time average, linear-ReLU-linear-sigmoid
+    channel gates (no bias), multiplied onto ``x``."""
+
+    def __init__(self, channels: int, reduction: int = 8) -> None:
+        super().__init__()
+        reduced = max(1, channels // reduction)
+        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.fc = nn.Sequential(
+            nn.Linear(channels, reduced, bias=False),
+            nn.ReLU(),
+            nn.Linear(reduced, channels, bias=False),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(self.pool(x).squeeze(-1))
+        return x * y.unsqueeze(-1)
+
+
+class EcgCrnn(nn.Module):
+    """torch_ecg's ECG_CRNN at its default attention: a CNN (torch_ecg ResNet blocks), SE attention,
+    global max pooling and a linear classifier (no RNN: the config's rnn is "none")."""
+
+    def __init__(self, leads: int = 12, classes: int = 5, width: float = 0.25) -> None:
+        super().__init__()
+        c = [_ch(v, width) for v in (64, 64, 128, 256)]
+        blocks = [TorchEcgResBlock(c_in, c_out, 2, kernel=9) for c_in, c_out in pairwise(c)]
+        self.cnn = nn.Sequential(_conv_layer(leads, c[0], 15, 2), *blocks)
+        self.attn = SEBlock(c[-1])
+        self.pool = nn.AdaptiveMaxPool1d(1)
+        self.clf = nn.Linear(c[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clf(self.pool(self.attn(self.cnn(x))).flatten(1))
+
+
+def ecg_crnn_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    return EcgCrnn(leads, classes, width)
+
+
+def _ribeiro_padding(downsample: int, kernel: int) -> int:
+    return max(0, (kernel - downsample + 1) // 2)
+
+
+class RibeiroResBlock(nn.Module):
+    """Ribeiro et al.'s ResBlock1d (github.com/antonior92/automatic-ecg-diagnosis, PyTorch version):
+    pre-activation style, two inputs (x, y): the skip y is max-pooled (and 1x1-convolved) and added
+    before the second BN-ReLU; returns the new (x, y)."""
+
+    def __init__(
+        self, c_in: int, c_out: int, downsample: int, kernel: int = 17, dropout: float = 0.8
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(c_in, c_out, kernel, padding=_ribeiro_padding(1, kernel), bias=False)
+        self.bn1 = nn.BatchNorm1d(c_out)
+        self.relu = nn.ReLU()
+        self.dropout1 = nn.Dropout(dropout)
+        padding = _ribeiro_padding(downsample, kernel)
+        self.conv2 = nn.Conv1d(c_out, c_out, kernel, stride=downsample, padding=padding, bias=False)
+        self.bn2 = nn.BatchNorm1d(c_out)
+        self.dropout2 = nn.Dropout(dropout)
+        skip: list[nn.Module] = [nn.MaxPool1d(downsample, stride=downsample)] if downsample > 1 else []
+        if c_in != c_out:
+            skip.append(nn.Conv1d(c_in, c_out, 1, bias=False))
+        self.skip = nn.Sequential(*skip)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.skip(y)
+        x = self.dropout1(self.relu(self.bn1(self.conv1(x))))
+        x = self.conv2(x)
+        x = x + y
+        y = x
+        x = self.dropout2(self.relu(self.bn2(x)))
+        return x, y
+
+
+class RibeiroResNet(nn.Module):
+    """Ribeiro et al.'s ResNet: a conv-BN-ReLU stem, four residual blocks of (128, 196, 256, 320)
+    filters down-sampling to the given lengths, flatten and a linear head (the ending
+    :class:`RibeiroHead` isolates). 4096 samples: lengths 4096, 1024, 256, 64, 16 (the paper); 600
+    samples: 600, 150, 75, 25, 5."""
+
+    LENGTHS: ClassVar[dict[int, tuple[int, ...]]] = {
+        4096: (4096, 1024, 256, 64, 16),
+        600: (600, 150, 75, 25, 5),
+    }
+
+    def __init__(self, leads: int = 12, classes: int = 5, width: float = 0.25, samples: int = 4096) -> None:
+        super().__init__()
+        lengths = self.LENGTHS[samples]
+        c = [_ch(v, width) for v in (64, 128, 196, 256, 320)]
+        self.conv1 = nn.Conv1d(leads, c[0], 17, padding=_ribeiro_padding(1, 17), bias=False)
+        self.bn1 = nn.BatchNorm1d(c[0])
+        self.relu = nn.ReLU()
+        self.blocks = nn.ModuleList(
+            RibeiroResBlock(c[i], c[i + 1], lengths[i] // lengths[i + 1]) for i in range(len(c) - 1)
+        )
+        self.lin = nn.Linear(c[-1] * lengths[-1], classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        y = x
+        for block in self.blocks:
+            x, y = block(x, y)
+        return self.lin(x.view(x.size(0), -1))
+
+
+def ribeiro600_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    return RibeiroResNet(leads, classes, width, samples=600)
+
+
+def ribeiro4096_net(leads: int = 12, classes: int = 5, width: float = 0.25) -> nn.Module:
+    return RibeiroResNet(leads, classes, width, samples=4096)
+
+
+resnet_nature_comm = _zoo_factory(resnet_nature_comm_net)
+multi_scopic = _zoo_factory(multi_scopic_net)
+ecg_crnn = _zoo_factory(ecg_crnn_net)
+ribeiro600 = _zoo_factory(ribeiro600_net)
+ribeiro4096 = _zoo_factory(ribeiro4096_net)
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """One zoo network: its calibrated factory, its input (leads, samples) and sampling rate, and
+    whether it is built of ReLU networks' layers only (the no-false-refusal test's networks)."""
+
+    factory: Callable[..., nn.Module]
+    samples: int = 250
+    rate_hz: float = 100.0
+    relu_only: bool = True
+
+
+ZOO: dict[str, ZooEntry] = {
+    "fcn_wang": ZooEntry(fcn_wang),
+    "xresnet1d50": ZooEntry(xresnet1d50),
+    "inception1d": ZooEntry(inception1d),
+    "resnet1d_wang": ZooEntry(resnet1d_wang),
+    "schirrmeister": ZooEntry(schirrmeister),
+    "basic1d": ZooEntry(basic1d),
+    "sen": ZooEntry(sen, relu_only=False),
+    "lstm": ZooEntry(lstm, relu_only=False),
+    "gru_bidir": ZooEntry(gru_bidir, relu_only=False),
+    "ecg_crnn": ZooEntry(ecg_crnn, samples=1000, rate_hz=500.0, relu_only=False),
+    "resnet_nature_comm": ZooEntry(resnet_nature_comm, samples=1000, rate_hz=500.0),
+    "multi_scopic": ZooEntry(multi_scopic, samples=1000, rate_hz=500.0),
+    "ribeiro600": ZooEntry(ribeiro600, samples=600, rate_hz=400.0),
+    "ribeiro4096": ZooEntry(ribeiro4096, samples=4096, rate_hz=400.0),
+}
+
+
+def zoo_model(name: str, width: float = 0.125, seed: int = 0, leads: int = 12, classes: int = 5) -> nn.Module:
+    """The zoo network ``name`` at ``width``, calibrated on synthetic ECGs of its length, in eval mode."""
+    entry = ZOO[name]
+    return entry.factory(leads=leads, samples=entry.samples, classes=classes, width=width, seed=seed)
