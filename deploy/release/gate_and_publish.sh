@@ -42,6 +42,11 @@ options:
   --family PKG           a seed sibling of the candidate (repeatable)
   --methods "M1 M2 ..."  methods to gate (default: all)                ECGX_GATE_METHODS
   --workers N            methods computed side by side                 ECGX_GATE_WORKERS
+  --ray ADDRESS          run the gate's work on a Ray cluster: \`ecgx validate --ray ADDRESS\`
+                         (auto: the cluster this runs in, as in a KubeRay RayJob; local: a
+                         local cluster; host:port or ray://host:port: that cluster's head).
+                         Needs ecgx's ray extra; the numbers are the same as without it
+                                                                      ECGX_RAY_ADDRESS
   --replace              if the version exists, retire it (renamed to a hidden .retired-* folder that
                          servers never read) and publish the candidate in its place; without it an
                          existing version is refused before any gating
@@ -88,6 +93,7 @@ SIGNING_KEY=${ECGX_GATE_SIGNING_KEY_FILE:-}
 PUBLIC_KEY=${ECGX_GATE_PUBLIC_KEY_FILE:-}
 METHODS=${ECGX_GATE_METHODS:-}
 WORKERS=${ECGX_GATE_WORKERS:-}
+RAY_ADDRESS_ARG=${ECGX_RAY_ADDRESS:-}
 ECGX=${ECGX_BIN:-ecgx}
 REPLACE=0
 WORK=
@@ -118,6 +124,7 @@ while [[ $# -gt 0 ]]; do
     --family) need_value "$@"; FAMILY+=("$2"); shift 2 ;;
     --methods) need_value "$@"; METHODS=$2; shift 2 ;;
     --workers) need_value "$@"; WORKERS=$2; shift 2 ;;
+    --ray) need_value "$@"; RAY_ADDRESS_ARG=$2; shift 2 ;;
     --work) need_value "$@"; WORK=$2; shift 2 ;;
     --ecgx) need_value "$@"; ECGX=$2; shift 2 ;;
     --replace) REPLACE=1; shift ;;
@@ -153,6 +160,10 @@ for f in ${FAMILY[@]+"${FAMILY[@]}"}; do
     [[ -d "$f" ]] || bad_usage "family member $f is not a folder"
 done
 [[ -z "$WORKERS" || "$WORKERS" =~ ^[1-9][0-9]*$ ]] || bad_usage "--workers must be a positive integer, not '$WORKERS'"
+# One word: auto, local, host:port or ray://host:port (ecgx validate says whether it can connect).
+ray_address_re='^[][A-Za-z0-9_.:/-]+$'  # ']' first in a bracket expression: IPv6 [::1]:6379
+[[ -z "$RAY_ADDRESS_ARG" || "$RAY_ADDRESS_ARG" =~ $ray_address_re ]] ||
+    bad_usage "--ray must be auto, local or a cluster address (host:port), not '$RAY_ADDRESS_ARG'"
 is_plain_name "$MODEL" || bad_usage "model name '$MODEL' is not a plain name (letters, digits, '.', '_', '-')"
 [[ -z "$VERSION" ]] || is_plain_name "$VERSION" ||
     bad_usage "version name '$VERSION' is not a plain name (letters, digits, '.', '_', '-')"
@@ -211,8 +222,9 @@ if [[ -n "$METHODS" ]]; then
     validate+=(--methods "${method_list[@]}")
 fi
 [[ -z "$WORKERS" ]] || validate+=(--workers "$WORKERS")
+[[ -z "$RAY_ADDRESS_ARG" ]] || validate+=(--ray "$RAY_ADDRESS_ARG")
 
-echo "$PROG: gating $PACKAGE for $MODEL${VERSION:+ version $VERSION}" >&2
+echo "$PROG: gating $PACKAGE for $MODEL${VERSION:+ version $VERSION}${RAY_ADDRESS_ARG:+ on Ray ($RAY_ADDRESS_ARG)}" >&2
 set +e
 "${validate[@]}" >"$ARTEFACTS/validate.log" 2>&1
 gate_status=$?

@@ -332,6 +332,7 @@ def usage_args(tmp: Path, **change: str) -> list[str]:
         ({"--workers": "zero"}, "--workers must be a positive integer"),
         ({"--model": ""}, "--model needs a value"),
         ({"--bogus": "x"}, "unknown argument '--bogus'"),
+        ({"--ray": "head:6379;id"}, "--ray must be auto, local or a cluster address"),
     ],
     ids=[
         "no repo",
@@ -344,6 +345,7 @@ def usage_args(tmp: Path, **change: str) -> list[str]:
         "bad workers",
         "empty value",
         "unknown",
+        "bad ray address",
     ],
 )
 def test_bad_usage_exits_2_with_one_clear_line_and_touches_nothing(
@@ -393,8 +395,79 @@ def test_help_lists_every_setting_and_its_variable() -> None:
         "--policy",
         "--allowed-policy",
         "--replace",
+        "--ray",
     ):
         assert option in result.stdout
+
+
+# ------------------------------------------------------------------------------ the gate on Ray
+
+
+def recording_ecgx(tmp: Path) -> tuple[Path, Path]:
+    """A real ``ecgx`` behind a wrapper that first appends its arguments to a log (one call a line)."""
+    log = tmp / "ecgx-calls.log"
+    wrapper = tmp / "ecgx-recording"
+    ecgx = Path(sys.executable).with_name("ecgx")
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >>"{log}"\nexec "{ecgx}" "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, log
+
+
+@pytest.mark.parametrize("how", ["option", "environment"])
+def test_ray_address_is_passed_to_ecgx_validate(fake_candidate: Path, tmp_path: Path, how: str) -> None:
+    wrapper, log = recording_ecgx(tmp_path)
+    args = [*usage_args(tmp_path), "--ecgx", str(wrapper)]
+    env = {}
+    if how == "option":
+        args += ["--ray", "ray://head-svc.ecgx.svc:10001"]
+    else:
+        env["ECGX_RAY_ADDRESS"] = "ray://head-svc.ecgx.svc:10001"
+    result = run_script(*args, env=env, clean_env=True)
+    # The fake candidate cannot be gated: ecgx validate stops without a verdict (exit 2, ERROR).
+    assert result.returncode == 2 and "ERROR" in last_line(result), context(result)
+    assert "on Ray (ray://head-svc.ecgx.svc:10001)" in result.stderr
+    (call,) = [line.split() for line in log.read_text().splitlines() if line.startswith("validate ")]
+    assert call[call.index("--ray") + 1] == "ray://head-svc.ecgx.svc:10001", call
+    assert not (tmp_path / "repo").exists()
+
+
+def gate_numbers(report: dict[str, Any]) -> str:
+    """What a gate computed, without what differs between two runs (time, timings, the package's
+    scratch path, the unseeded reference row, and the execution backend the Ray report records)."""
+    keep = ("verdict", "serve", "passed", "failed", "not_checked", "methods", "inter_method", "data")
+    r = {k: report[k] for k in keep}
+    r["data"] = {k: v for k, v in r["data"].items() if k != "path"}
+    r["references"] = {k: v for k, v in report["references"].items() if k != "ref:unseeded_random"}
+    return json.dumps(r, sort_keys=True)
+
+
+@pytest.mark.slow
+def test_the_gate_submitted_to_a_ray_cluster_publishes_the_same_numbers(
+    release, candidate, published
+) -> None:
+    """--ray ADDRESS against a local Ray head (tests/ray_helpers.py), as the RayJob's --ray auto
+    joins its own cluster: the same verdict and numbers as the local run, published the same way."""
+    assert published["result"].returncode == 0, context(published["result"])
+    helper = subprocess.run(["ecgx", "validate", "--help"], capture_output=True, text=True, timeout=120)
+    if "--ray" not in helper.stdout:
+        pytest.skip("this ecgx has no `validate --ray` (issue #24's backend)")
+    pytest.importorskip("ray")
+    from ray_helpers import local_ray_cluster
+
+    tmp = release["tmp"] / "on-ray"
+    with local_ray_cluster() as cluster:
+        result = run_script(
+            *gate_args(release, candidate, "pass", tmp), "--ray", cluster.address, clean_env=True
+        )
+    assert result.returncode == 0, context(result)
+    assert last_line(result).startswith("gate_and_publish.sh: PUBLISHED: ")
+    on_ray = json.loads((tmp / "repo" / "ecg" / "1" / "gate.json").read_text())
+    local = json.loads((published["tmp"] / "artefacts" / "gate.json").read_text())
+    assert gate_numbers(on_ray) == gate_numbers(local)
+    check = verify_gate(
+        tmp / "repo" / "ecg" / "1", load_public_key(release["public"]), allowed_policies=[release["pass_sha"]]
+    )
+    assert check.ok and check.servable, check.problems
 
 
 def script_variables() -> set[str]:
