@@ -202,18 +202,33 @@ def _parse_param(text: str) -> tuple[str, object]:
 
 
 def _cmd_attribute(args: argparse.Namespace) -> int:
+    params = dict(_parse_param(p) for p in args.param)
+    if args.seed is not None:
+        params["seed"] = args.seed
+    if args.out.suffix == ".npy":
+        if args.ray or args.resume:
+            raise InvalidArgument(
+                f"--ray and --resume write sharded Parquet: give --out a folder, not the .npy file {args.out}"
+            )
+        return _attribute_npy(args, params)
+    if args.out.suffix:
+        raise InvalidArgument(
+            f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')}) or a folder "
+            f"without a suffix for sharded Parquet (e.g. {args.out.with_suffix('')})"
+        )
+    return _attribute_sharded(args, params)
+
+
+def _attribute_npy(args: argparse.Namespace, params: dict[str, object]) -> int:
     import numpy as np
 
     from ecgx.core.dataset import load_dataset
     from ecgx.core.outputs import ATTRIBUTIONS, StagedOutput, check_output
     from ecgx.service.engine import AttributionEngine
 
-    if args.out.suffix != ".npy":
-        raise InvalidArgument(f"--out {args.out} must name a .npy file (e.g. {args.out.with_suffix('.npy')})")
+    if "://" in args.data:
+        raise InvalidArgument(f"--data {args.data}: a URI is read by the sharded output: give --out a folder")
     check_output(args.out, ATTRIBUTIONS, overwrite=args.overwrite)  # before the work, not after
-    params = dict(_parse_param(p) for p in args.param)
-    if args.seed is not None:
-        params["seed"] = args.seed
     engine = AttributionEngine(args.package, providers=args.providers, max_batch=args.max_batch)
     ds = load_dataset(args.data)
     stop = len(ds) if args.count is None else args.start + args.count
@@ -237,6 +252,50 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
         stop - 1,
         args.out,
         engine.providers,
+    )
+    return 0
+
+
+def _attribute_sharded(args: argparse.Namespace, params: dict[str, object]) -> int:
+    from ecgx.core.outputs import ATTRIBUTION_SHARDS, classify_output
+    from ecgx.validation.batch_attribute import Backend, make_spec, run_sharded
+
+    state = classify_output(args.out, ATTRIBUTION_SHARDS)  # before the work, not after
+    if state == "ours" and not (args.resume or args.overwrite):
+        raise InvalidArgument(
+            f"{args.out} already holds an attribution run; --resume finishes it, --overwrite replaces it"
+        )
+    spec, source = make_spec(
+        package=args.package,
+        data=args.data,
+        method=args.method,
+        params=params,
+        target=args.target,
+        start=args.start,
+        count=args.count,
+        shard_size=args.shard_size,
+    )
+    backend = Backend("ray", args.ray, args.workers) if args.ray else Backend("local")
+    manifest = run_sharded(
+        spec,
+        source,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        backend=backend,
+        providers=args.providers,
+        max_batch=args.max_batch,
+        show_progress=not args.quiet,
+        seed_given="seed" in params,
+    )
+    counts = manifest["counts"]
+    log.info(
+        "wrote %s attributions of %d ECGs in %d Parquet shard(s) to %s (%s)",
+        args.method,
+        counts["ecgs"],
+        counts["shards"],
+        args.out,
+        "on Ray " + args.ray if args.ray else "here",
     )
     return 0
 
@@ -271,6 +330,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         workers=args.workers,
         show_progress=not args.quiet,
         research=args.research,
+        ray=args.ray,
     )
     report = run.report if key is None else sign_report(run.report, key)
     save_report(report, out, overwrite=replace)
@@ -546,6 +606,8 @@ def _cmd_experiments(args: argparse.Namespace) -> int:
         providers=args.providers,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
+        ray=args.ray,
+        workers=args.workers,
     )
     print(f"report: {html}")
     return 0
@@ -720,10 +782,15 @@ def build_parser() -> argparse.ArgumentParser:
         "attribute",
         help="compute attributions of a package for beats of a dataset",
         description="Run one attribution method from a model package on ONNX Runtime (no PyTorch) and save "
-        "(B, 12, 600) float32 to a .npy file. Method settings go in --param name=value.",
+        "(B, 12, 600) float32 to a .npy file, or to a folder of Parquet shards with the ECG ids (resumable, "
+        "computed here or with --ray on a Ray cluster). Method settings go in --param name=value.",
     )
     p.add_argument("--package", type=Path, required=True, help="model package folder")
-    p.add_argument("--data", type=Path, required=True, help="dataset folder")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="dataset folder, or (sharded output) a URI pyarrow reads: file://, s3://, gs://, hdfs://",
+    )
     p.add_argument(
         "--method",
         required=True,
@@ -742,8 +809,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of stochastic methods")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
     p.add_argument("--max-batch", type=int, default=64, help="rows per ONNX Runtime run (default 64)")
-    p.add_argument("--out", type=Path, required=True, help=".npy file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing .npy file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help=".npy file to write, or a folder (no suffix) for sharded Parquet with ECG ids (docs/cli.md)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing .npy file or folder")
+    p.add_argument(
+        "--shard-size", type=int, default=256, metavar="N", help="ECGs per Parquet shard (default 256)"
+    )
+    p.add_argument(
+        "--resume", action="store_true", help="finish the run in the --out folder: compute missing shards"
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="compute the shards on a Ray cluster: auto, local (start one here) or its address",
+    )
+    p.add_argument("--workers", type=int, metavar="N", help="Ray workers (default: one per cluster CPU)")
     _add_common(p)
     p.set_defaults(func=_cmd_attribute)
 
@@ -792,6 +876,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_gate_ray_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the gate's work on a Ray cluster: HOST:PORT, auto (RAY_ADDRESS or the running one) "
+        "or local (a cluster for this run); the numbers are those of the local run (needs ecgx[ray])",
+    )
+
+
 def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[str]) -> None:
     p = sub.add_parser(
         "validate",
@@ -814,7 +907,10 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--unsigned", action="store_true", help="write the report without a signature")
     p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
-    p.add_argument("--workers", type=int, help="methods computed side by side (default: CPU count)")
+    p.add_argument(
+        "--workers", type=int, help="methods computed side by side (default: CPU count; with --ray: cluster CPUs)"
+    )
+    _add_gate_ray_flag(p)
     p.add_argument(
         "--method",
         action="append",
@@ -1027,6 +1123,10 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--policy", type=Path, help="policy TOML (ECG counts, settings)")
     p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
+    p.add_argument(
+        "--workers", type=int, help="methods computed side by side (default: CPU count; with --ray: cluster CPUs)"
+    )
+    _add_gate_ray_flag(p)
     _add_common(p)
     p.set_defaults(func=_cmd_experiments)
 

@@ -129,6 +129,12 @@ EXPERIMENTS = OutputKind(
 KEYS = OutputKind("gate key folder", True, _is_key_folder, " and/or ".join(KEY_FILES))
 GATE_REPORT = OutputKind("gate report", False, _is_gate_report, "a JSON gate report", "gate.json")
 ATTRIBUTIONS = OutputKind("attribution file", False, _is_npy, "a .npy array", "attributions.npy")
+ATTRIBUTION_SHARDS = OutputKind(
+    "attribution folder",
+    True,
+    _json_marker("_attributions.json", lambda m: m.get("schema") == "ecgx-attributions"),
+    "_attributions.json",
+)
 DEMO = OutputKind(
     "demo folder", True, _json_marker("ecgx-demo.json", lambda m: "ecgx_demo" in m), "ecgx-demo.json"
 )
