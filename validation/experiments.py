@@ -97,12 +97,16 @@ def run_experiments(
     providers: Sequence[str] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
+    ray: str | None = None,
+    workers: int | None = None,
 ) -> Path:
     """Gate the first seed with the others as its family and write the report folder ``out``.
 
     ``out`` follows the output rule (:mod:`ecgx.core.outputs`): it is built in a temporary sibling,
     exported packages included (``out/packages``), and renamed into place when complete; with
-    ``overwrite`` an earlier report's exports of the same checkpoints are reused.
+    ``overwrite`` an earlier report's exports of the same checkpoints are reused. ``ray``: run the
+    gate's work on a Ray cluster (``auto``, ``local`` or HOST:PORT) with ``workers`` actors; the
+    numbers are those of the local run.
     """
     out = Path(out)
     with StagedOutput(out, EXPERIMENTS, overwrite=overwrite) as tmp:
@@ -116,6 +120,8 @@ def run_experiments(
             methods=methods,
             providers=providers,
             show_progress=show_progress,
+            workers=workers,
+            ray=ray,
             research=True,  # the study's experiments take any policy; their report is never served
         )
         _relocate(run.report, tmp, out)

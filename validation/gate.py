@@ -9,6 +9,7 @@ the arrays behind it for figures.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -209,6 +210,8 @@ def run_gate(
     show_progress: bool = True,
     research: bool = False,
     reuse: bool = True,
+    ray: str | None = None,
+    ray_cache: str | Path | None = None,
 ) -> GateRun:
     """Gate ``package`` on the validation dataset ``data``.
 
@@ -235,6 +238,10 @@ def run_gate(
             them, and the linear and noisy-linear replacements share their straight lines where
             they remove the same segments. False recomputes everything (the path before issue
             21, for the benchmark); the report's numbers are the same either way.
+        ray: run the gate's calls on a Ray cluster (``auto``, ``local`` or HOST:PORT;
+            :mod:`ecgx.validation.ray_backend`) with ``workers`` actors (default: one per cluster
+            CPU); the report's numbers are the same as without. The report records where it ran
+            (``execution``). ``ray_cache``: the node-local folder of package copies.
 
     Refuses (ValueError, before any computation) a policy below the floor without
     ``research``, and validation ECGs that overlap the package's training data
@@ -263,41 +270,66 @@ def run_gate(
     warnings = check_leakage(pkg, ds, gd.indices)  # refuses training data, before any computation
     warnings += check_coverage(ds, gd, pol, pkg.class_keys)
     warnings += [f"research mode: the policy is below the floor: {v}" for v in below_floor]
-    workers = workers or os.cpu_count() or 1
-    ctx = _Context(pkg, pol, gd, attrib, providers, workers, show_progress, fam, user, reuse=reuse)
-    timings["load"] = time.perf_counter() - started
+    with _backend(ray, [pkg, *fam], workers, ray_cache) as backend:
+        workers = backend.workers if backend else workers or os.cpu_count() or 1
+        ctx = _Context(
+            pkg, pol, gd, attrib, providers, workers, show_progress, fam, user, reuse=reuse, backend=backend
+        )
+        timings["load"] = time.perf_counter() - started
 
-    if user:  # before any built-in work, in an order the methods cannot predict
-        ctx.timed(
-            timings, "user_methods", lambda: ctx.user_maps.update(run_user_methods(user, ctx.user_calls()))
-        )
-    maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.trained, key=("trained",)))
-    family_maps = [
-        ctx.timed(
+        if user:  # before any built-in work, in an order the methods cannot predict
+            ctx.timed(
+                timings,
+                "user_methods",
+                lambda: ctx.user_maps.update(run_user_methods(user, ctx.user_calls())),
+            )
+        maps = ctx.timed(timings, "attributions", lambda: ctx.attribute_all(ctx.trained, key=("trained",)))
+        family_maps = [
+            ctx.timed(
+                timings,
+                f"family_{i}",
+                lambda i=i, p=p: ctx.attribute_all(ctx.engine(package=p), key=("family", i)),
+            )
+            for i, p in enumerate(fam)
+        ]
+        entries: dict[str, dict[str, Any]] = {m: {} for m in ctx.all_methods}
+        ctx.timed(timings, "randomisation", lambda: ctx.randomisation(maps, entries))
+        ctx.timed(timings, "perturbation", lambda: ctx.perturbation(maps, entries))
+        ctx.timed(timings, "changed_model", lambda: ctx.changed_model(entries))
+        ctx.self_consistency(maps, family_maps, entries)
+        matrix = ctx.inter_method(maps, entries)
+        ctx.localisation(maps, entries)
+        timings["total"] = time.perf_counter() - started
+        report = _report(
+            ctx,
+            fam,
+            {m: e for m, e in entries.items() if m not in user},
+            matrix,
             timings,
-            f"family_{i}",
-            lambda i=i, p=p: ctx.attribute_all(ctx.engine(package=p), key=("family", i)),
+            warnings,
+            unavailable,
         )
-        for i, p in enumerate(fam)
-    ]
-    entries: dict[str, dict[str, Any]] = {m: {} for m in ctx.all_methods}
-    ctx.timed(timings, "randomisation", lambda: ctx.randomisation(maps, entries))
-    ctx.timed(timings, "perturbation", lambda: ctx.perturbation(maps, entries))
-    ctx.timed(timings, "changed_model", lambda: ctx.changed_model(entries))
-    ctx.self_consistency(maps, family_maps, entries)
-    matrix = ctx.inter_method(maps, entries)
-    ctx.localisation(maps, entries)
-    timings["total"] = time.perf_counter() - started
-    report = _report(
-        ctx, fam, {m: e for m, e in entries.items() if m not in user}, matrix, timings, warnings, unavailable
-    )
-    report["leakage"] = leakage_record(pkg)
-    user_report(report, user, {m: _row(entries[m]) for m in user})
-    report["research"] = research
-    report["servable"] = report["verdict"] == checks.PASS and not research
-    if research:
-        report["headline"] = f"RESEARCH report, not servable (ecgx validate --research): {report['headline']}"
-    return GateRun(report, gd, maps, family_maps)
+        report["leakage"] = leakage_record(pkg)
+        report["execution"] = {"backend": "ray" if backend else "local", "workers": workers}
+        user_report(report, user, {m: _row(entries[m]) for m in user})
+        report["research"] = research
+        report["servable"] = report["verdict"] == checks.PASS and not research
+        if research:
+            report["headline"] = (
+                f"RESEARCH report, not servable (ecgx validate --research): {report['headline']}"
+            )
+        return GateRun(report, gd, maps, family_maps)
+
+
+def _backend(
+    ray: str | None, packages: list[ModelPackage], workers: int | None, cache: str | Path | None
+) -> contextlib.AbstractContextManager:
+    """The Ray backend for ``--ray`` (imported only then), else nothing: the local thread pool."""
+    if ray is None:
+        return contextlib.nullcontext()
+    from ecgx.validation.ray_backend import connect
+
+    return connect(ray, packages, workers, None if cache is None else str(cache))
 
 
 def _row(method_checks: dict[str, Any]) -> dict[str, Any]:
@@ -444,6 +476,9 @@ class _Context:
     # Work shared between checks is done once (run_gate's ``reuse``); all of it lives in this
     # run's context and goes with it.
     reuse: bool = True
+    # Where the calls of :meth:`run_calls` run: None, this process's threads; else a Ray backend
+    # (:class:`ecgx.validation.ray_backend.RayBackend`).
+    backend: Any = None
 
     def __post_init__(self) -> None:
         # Every run scores the model-independent reference rows beside the methods.
@@ -462,7 +497,7 @@ class _Context:
         return self.engine()
 
     def engine(self, package: ModelPackage | None = None, overrides=None) -> AttributionEngine:
-        threads = 1 if self.workers > 1 else None
+        threads = 1 if self.workers > 1 or self.backend else None
         # The policy bounds the gate's own work; the per-request caps are for served requests.
         return AttributionEngine(
             package or self.pkg,
@@ -482,18 +517,25 @@ class _Context:
 
     def parallel(self, fn: Callable[[str], Any], names: Sequence[str], desc: str | None) -> dict[str, Any]:
         """``fn`` of every name, ``workers`` at a time; a progress bar unless ``desc`` is None."""
-        enabled = self.show_progress and desc is not None
-        with progress_bar(total=len(names), desc=desc or "", unit="method", enabled=enabled) as bar:
+        return self.run_calls({n: functools.partial(fn, n) for n in names}, desc)
 
-            def one(name: str) -> Any:
-                out = fn(name)
+    def run_calls(self, calls: Mapping[Any, Callable[[], Any]], desc: str | None) -> dict[Any, Any]:
+        """Every call's result by key, ``workers`` at a time, on this process's threads or on the
+        Ray backend (each call whole: the unit of work whose seeds the local run draws)."""
+        enabled = self.show_progress and desc is not None
+        with progress_bar(total=len(calls), desc=desc or "", unit="method", enabled=enabled) as bar:
+            if self.backend is not None:
+                return dict(zip(calls, self.backend.map(list(calls.values()), bar.update), strict=True))
+
+            def one(call: Callable[[], Any]) -> Any:
+                out = call()
                 bar.update(1)
                 return out
 
             if self.workers <= 1:
-                return {n: one(n) for n in names}
+                return {k: one(c) for k, c in calls.items()}
             with ThreadPoolExecutor(self.workers) as pool:
-                return dict(zip(names, pool.map(one, names), strict=True))
+                return dict(zip(calls, pool.map(one, calls.values()), strict=True))
 
     def attribute_all(
         self,
@@ -514,7 +556,9 @@ class _Context:
         target = self.data.target if target is None else target
         desc = f"attributions {engine.package.path.name}" if desc == "" else desc
         names = list(self.methods) if same_model is None else [m for m in self.methods if self.fresh(m)]
-        maps = self.parallel(lambda m: self.methods[m](engine, x, target), names, desc)
+        # One call per method, binding only what it needs, so a backend can ship it on its own.
+        calls = {m: functools.partial(self.methods[m], engine, x, target) for m in names}
+        maps = self.run_calls(calls, desc)
         if same_model is not None:
             maps = {m: maps[m] if m in maps else same_model[m] for m in self.methods}
         return {**maps, **self.user_maps.get(key, {})} if self.user else maps
@@ -628,9 +672,9 @@ class _Context:
         starts = [target_logit(e, x, t) if self.reuse else None for e in engines]
         tasks = [(m, group) for m in maps[0] for group in self.same_maps([mm[m] for mm in maps])]
 
-        def curves_of(task: int) -> list[PerturbationCurves]:
-            m, group = tasks[task]
-            return perturbation_curves_on(
+        calls = {
+            task: functools.partial(
+                perturbation_curves_on,
                 [engines[i] for i in group],
                 x,
                 t,
@@ -641,8 +685,9 @@ class _Context:
                 reuse=self.reuse,
                 **settings,
             )
-
-        done = self.parallel(curves_of, list(range(len(tasks))), desc)
+            for task, (m, group) in enumerate(tasks)
+        }
+        done = self.run_calls(calls, desc)
         out: dict[str, list[Any]] = {m: [None] * len(engines) for m in maps[0]}
         for task, (m, group) in enumerate(tasks):
             for i, curves in zip(group, done[task], strict=True):
