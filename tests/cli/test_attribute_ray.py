@@ -1,0 +1,93 @@
+"""``ecgx attribute --ray``: the shards computed on a Ray cluster equal the local run's bit for bit,
+also when resumed across backends (issue #24). One private 2-CPU cluster per module
+(tests/ray_helpers.py) and one ``--ray local`` run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ray_helpers import LocalRayCluster, ray_cluster  # noqa: F401  (module fixture)
+
+from ecgx.cli import main
+from ecgx.validation.batch_attribute import MANIFEST, read_attributions
+
+pytest.importorskip("ray")
+
+# Five shards of 4 ECGs: more shards than workers, so both actors work and results come back out
+# of order; KernelSHAP draws its coalitions per call, so a wrong seed per shard would show.
+METHOD = ["--method", "kernel_shap", "--param", "n_samples=24", "--seed", "11", "--shard-size", "4"]
+
+
+def _attribute(pkg: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "attribute",
+        "--package",
+        str(pkg),
+        "--data",
+        str(data),
+        *METHOD,
+        "--start",
+        "5",
+        "--count",
+        "20",
+        "--out",
+        str(out),
+        "--quiet",
+        *extra,
+    ]
+
+
+def _assert_same(out: Path, reference: Path) -> None:
+    want = read_attributions(reference).attributions
+    np.testing.assert_array_equal(read_attributions(out).attributions, want)
+
+
+@pytest.fixture(scope="module")
+def local_run(tiny_package: Path, small_synth: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("attr") / "local"
+    assert main(_attribute(tiny_package, small_synth, out)) == 0
+    return out
+
+
+def test_ray_cluster_equals_local(
+    tiny_package: Path,
+    small_synth: Path,
+    local_run: Path,
+    ray_cluster: LocalRayCluster,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    out = tmp_path / "ray"
+    assert main(_attribute(tiny_package, small_synth, out, "--ray", ray_cluster.address)) == 0
+    _assert_same(out, local_run)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["backend"]["kind"] == "ray" and manifest["complete"]
+
+
+def test_resume_on_ray_of_a_local_run(
+    tiny_package: Path,
+    small_synth: Path,
+    local_run: Path,
+    ray_cluster: LocalRayCluster,
+    tmp_path: Path,  # noqa: F811
+) -> None:
+    import shutil
+
+    out = Path(shutil.copytree(local_run, tmp_path / "half"))
+    for name in ("shard-000001.parquet", "shard-000004.parquet"):
+        (out / name).unlink()
+    assert main([*_attribute(tiny_package, small_synth, out, "--ray", ray_cluster.address), "--resume"]) == 0
+    _assert_same(out, local_run)
+
+
+def test_ray_local_starts_and_stops_its_own_cluster(
+    tiny_package: Path, small_synth: Path, local_run: Path, tmp_path: Path
+) -> None:
+    import ray
+
+    out = tmp_path / "ray-local"
+    assert main(_attribute(tiny_package, small_synth, out, "--ray", "local", "--workers", "2")) == 0
+    assert not ray.is_initialized()
+    _assert_same(out, local_run)
