@@ -2,7 +2,7 @@
 
 The test machine is shared: several engineers (and CI jobs) may run Ray clusters at once, so
 `ray stop` / `pkill raylet` are forbidden.  `local_ray_cluster()` starts
-`ray start --head --block` in its own session (process group) with a unique temp dir and
+`ray start --head --block` in its own session with a unique temp dir and
 fresh ports for every Ray service, and tears down exactly the processes of that session plus
 any Ray process whose command line names this cluster's temp dir (workers re-parent and may
 leave the group).  Use it as a context manager or through the `ray_cluster` fixture::
@@ -50,11 +50,11 @@ class LocalRayCluster:
     address: str
     temp_dir: Path
     num_cpus: int
-    pgid: int
+    sid: int  # the session (`ray start`'s pid) every process of the cluster belongs to
 
     def session_pids(self) -> list[int]:
-        """Every live process of this cluster (its process group or naming its temp dir)."""
-        return _cluster_pids(self.pgid, str(self.temp_dir))
+        """Every live process of this cluster (its session, or naming its temp dir)."""
+        return _cluster_pids(self.sid, str(self.temp_dir))
 
 
 def _free_ports(count: int) -> list[int]:
@@ -100,8 +100,9 @@ def _start_command(num_cpus: int, temp_dir: Path, ports: list[int]) -> list[str]
     ]
 
 
-def _cluster_pids(pgid: int, temp_dir: str) -> list[int]:
-    """Live (non-zombie) pids in process group `pgid`, or whose command line names `temp_dir`."""
+def _cluster_pids(sid: int, temp_dir: str) -> list[int]:
+    """Live (non-zombie) pids of session `sid` (Ray's workers get process groups of their own,
+    but stay in the session), or whose command line names `temp_dir`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -110,11 +111,11 @@ def _cluster_pids(pgid: int, temp_dir: str) -> list[int]:
         try:
             if _is_zombie(entry):
                 continue
-            in_group = os.getpgid(pid) == pgid
+            in_session = os.getsid(pid) == sid
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except (OSError, ProcessLookupError):
             continue
-        if in_group or temp_dir in cmdline:
+        if in_session or temp_dir in cmdline:
             pids.append(pid)
     return pids
 
@@ -173,7 +174,10 @@ def local_ray_cluster(num_cpus: int = 2) -> Iterator[LocalRayCluster]:
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"},
+            # No token auth: a driver-local `ray.init()` elsewhere on the machine writes
+            # ~/.ray/auth_token, and a head started after that would then demand the token from
+            # drivers that do not have token auth on. This cluster listens on loopback only.
+            env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"},
         )
     cluster = LocalRayCluster(f"127.0.0.1:{ports[0]}", temp_dir, num_cpus, proc.pid)
     try:

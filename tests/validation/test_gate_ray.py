@@ -1,0 +1,202 @@
+"""The gate and the experiments on a Ray cluster (issue 24): the same numbers as the local run,
+a worker killed mid-run survived, a tampered package copy refused, and Ray never imported
+without ``--ray``.
+
+The cluster is a private local one (`tests.ray_helpers`: ``ray start --head --num-cpus 2`` in
+its own process group and temp dir, stopped at the end of the module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ecgx.core.errors import FailedPrecondition
+from ecgx.core.package_reader import load_package
+from ecgx.validation.gate import run_gate
+from tests.ray_helpers import LocalRayCluster, local_ray_cluster
+
+pytest.importorskip("ray")
+
+# Small, so a local and a Ray run fit the suite; a stochastic method (smoothgrad: its noise is
+# drawn per call from its seed) and a perturbation method, so equal numbers mean equal draws.
+POLICY = """
+[gate]
+ecgs = 16
+[checks.randomisation]
+ecgs = 8
+draws = 1
+[checks.perturbation]
+steps = 4
+bootstrap = 100
+margin = -1.0
+[checks.changed_model]
+ecgs = 8
+draws = 1
+bootstrap = 100
+"""
+METHODS = ["saliency", "smoothgrad", "occlusion"]
+SHA = "[0-9a-f]{64}"
+
+
+def numbers(report: dict) -> str:
+    """The report without what differs between any two runs (time, timings, the row drawn from
+    fresh OS entropy) and without where it ran: every number of the two runs must be equal."""
+    r = {k: v for k, v in report.items() if k not in ("created", "timings_s", "execution")}
+    r["references"] = {k: v for k, v in r["references"].items() if k != "ref:unseeded_random"}
+    return json.dumps(r, sort_keys=True)
+
+
+def gate(family: dict[str, Path], policy: Path, **kwargs):
+    return run_gate(
+        family["seed-0"],
+        family["data"],
+        family=[family["seed-1"]],
+        policy=policy,
+        methods=METHODS,
+        workers=2,
+        show_progress=False,
+        research=True,
+        **kwargs,
+    )
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    """One private 2-CPU cluster for the module."""
+    with local_ray_cluster(num_cpus=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ray-policy") / "policy.toml"
+    path.write_text(POLICY)
+    return path
+
+
+@pytest.fixture(scope="module")
+def local_report(trained_family: dict[str, Path], policy: Path) -> dict:
+    return gate(trained_family, policy).report
+
+
+def test_the_gate_on_ray_equals_the_local_run(
+    trained_family: dict[str, Path], policy: Path, local_report: dict, cluster: LocalRayCluster
+):
+    on_ray = gate(trained_family, policy, ray=cluster.address).report
+    assert numbers(on_ray) == numbers(local_report)
+    assert on_ray["execution"] == {"backend": "ray", "workers": 2}
+    assert local_report["execution"] == {"backend": "local", "workers": 2}
+    # The comparison compares something: the checks ran and produced numbers.
+    row = on_ray["methods"]["smoothgrad"]["checks"]
+    for check in ("randomisation", "perturbation", "changed_model", "self_consistency"):
+        assert row[check]["score"] is not None, check
+
+
+def _kill_a_worker_mid_run(cluster: LocalRayCluster, killed: list[int], stop: threading.Event) -> None:
+    """SIGKILL the first actor process seen computing a call (its title names the call)."""
+    while not stop.is_set() and not killed:
+        for pid in cluster.session_pids():
+            try:
+                title = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if title.startswith("ray::_Worker.run"):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.05)
+
+
+def test_a_worker_killed_mid_run_is_survived_with_the_same_report(
+    trained_family: dict[str, Path], policy: Path, local_report: dict, cluster: LocalRayCluster
+):
+    killed: list[int] = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_mid_run, args=(cluster, killed, stop))
+    killer.start()
+    try:
+        on_ray = gate(trained_family, policy, ray=cluster.address).report
+    finally:
+        stop.set()
+        killer.join()
+    assert killed, "no worker was seen computing, so none was killed"
+    assert numbers(on_ray) == numbers(local_report)
+
+
+def test_a_tampered_package_copy_on_a_node_is_refused(
+    trained_family: dict[str, Path], tmp_path: Path, cluster: LocalRayCluster
+):
+    import ray
+
+    from ecgx.validation.ray_backend import connect
+
+    pkg = load_package(trained_family["seed-0"])
+    cache = tmp_path / "node-cache"
+    ray.init(address=cluster.address, logging_level="ERROR")
+    try:
+        with connect(cluster.address, [pkg], workers=1, cache_root=str(cache)):
+            pass  # the node's copy is written and verified
+        (copy,) = [p for p in cache.iterdir() if not p.name.startswith(".")]
+        weights = next(p for p in copy.iterdir() if p.suffix == ".bin" or "weights" in p.name)
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        with (
+            pytest.raises(
+                FailedPrecondition, match=rf"{weights.name} has sha256 [0-9a-f]{{64}}.*has [0-9a-f]{{64}}"
+            ),
+            connect(cluster.address, [pkg], workers=1, cache_root=str(cache)),
+        ):
+            pass
+    finally:
+        ray.shutdown()
+
+
+def test_the_experiments_on_ray_equal_the_local_run(
+    trained_family: dict[str, Path], policy: Path, tmp_path: Path, cluster: LocalRayCluster
+):
+    from ecgx.validation.experiments import run_experiments
+
+    runs = {}
+    for name, ray in (("local", None), ("ray", cluster.address)):
+        path = run_experiments(
+            trained_family["data"],
+            trained_family["runs"],
+            tmp_path / name,
+            policy=policy,
+            methods=["saliency", "smoothgrad"],
+            show_progress=False,
+            ray=ray,
+            workers=2,
+        )
+        runs[name] = json.loads((path.parent / "experiments.json").read_text())
+    local, on_ray = (dict(runs[n]) for n in ("local", "ray"))
+    for r in (local, on_ray):
+        gate_report = r.get("gate", r)
+        gate_report.pop("execution", None)
+    assert numbers_of(local) == numbers_of(on_ray)
+
+
+def numbers_of(report: dict) -> str:
+    """Every number of an experiments report (the paths of its own folder aside)."""
+    text = json.dumps(report, sort_keys=True)
+    return text.replace('"local"', '"X"').replace('"ray"', '"X"')
+
+
+def test_without_ray_the_gate_never_imports_ray():
+    code = (
+        "import sys\n"
+        "import ecgx.cli, ecgx.validation.gate, ecgx.validation.experiments\n"
+        "assert 'ray' not in sys.modules, sorted(m for m in sys.modules if m.startswith('ray'))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
