@@ -330,6 +330,7 @@ def _cmd_validate(args: argparse.Namespace) -> int:
         workers=args.workers,
         show_progress=not args.quiet,
         research=args.research,
+        ray=args.ray,
     )
     report = run.report if key is None else sign_report(run.report, key)
     save_report(report, out, overwrite=replace)
@@ -605,6 +606,8 @@ def _cmd_experiments(args: argparse.Namespace) -> int:
         providers=args.providers,
         overwrite=args.overwrite,
         show_progress=not args.quiet,
+        ray=args.ray,
+        workers=args.workers,
     )
     print(f"report: {html}")
     return 0
@@ -873,6 +876,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_gate_ray_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the gate's work on a Ray cluster: HOST:PORT, auto (RAY_ADDRESS or the running one) "
+        "or local (a cluster for this run); the numbers are those of the local run (needs ecgx[ray])",
+    )
+
+
 def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[str]) -> None:
     p = sub.add_parser(
         "validate",
@@ -895,7 +907,10 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--unsigned", action="store_true", help="write the report without a signature")
     p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
-    p.add_argument("--workers", type=int, help="methods computed side by side (default: CPU count)")
+    p.add_argument(
+        "--workers", type=int, help="methods side by side (default: CPU count; with --ray: cluster CPUs)"
+    )
+    _add_gate_ray_flag(p)
     p.add_argument(
         "--method",
         action="append",
@@ -1108,6 +1123,10 @@ def _add_gate_parsers(sub: argparse._SubParsersAction, method_names: Sequence[st
     p.add_argument("--policy", type=Path, help="policy TOML (ECG counts, settings)")
     p.add_argument("--methods", nargs="+", choices=method_names, metavar="METHOD", help="default: all")
     p.add_argument("--providers", nargs="+", help="ONNX Runtime execution providers, in priority order")
+    p.add_argument(
+        "--workers", type=int, help="methods side by side (default: CPU count; with --ray: cluster CPUs)"
+    )
+    _add_gate_ray_flag(p)
     _add_common(p)
     p.set_defaults(func=_cmd_experiments)
 
