@@ -26,19 +26,18 @@ boundaries depend only on the beat range and ``shard_size``, never on the worker
 here, on Ray or resumed gives the same numbers bit for bit. A stochastic run without a seed
 draws a run seed once and records it in the manifest.
 
-Ray (``backend="ray"``) is imported only here, inside :func:`_ray_results`: the serving path
-and every other command never import it.
+Ray (``backend="ray"``) is the gate's backend, :mod:`ecgx.validation.ray_backend`, imported
+only inside :func:`_ray_results`: without ``--ray`` nothing here imports Ray.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import re
 import secrets
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +56,9 @@ from ecgx.core.outputs import (
     temporary_sibling,
     write_text_atomic,
 )
+from ecgx.core.package_reader import ModelPackage, load_package
 from ecgx.core.progress import progress_bar
+from ecgx.service.engine import AttributionEngine
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ FORMAT_VERSION = 1
 MANIFEST = "_attributions.json"  # "_": pyarrow's and pandas' folder readers skip it
 DEFAULT_SHARD_SIZE = 256
 _SHARD_NAME = "shard-{:06d}.parquet"
+# Shards handed to the Ray backend per worker at a time: enough to keep every worker busy, few
+# enough that the driver writes shards as the run goes (and holds only their results).
+SHARDS_PER_WORKER = 4
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # What must match for --resume to add shards to an existing folder.
 _IDENTITY = ("method", "params", "seed", "target", "start", "stop", "shard_size", "package_sha256", "data")
@@ -148,10 +152,7 @@ class DataSource:
     location: str
     n: int
     meta: dict[str, Any]
-    _read: Any = field(repr=False)  # (start, stop) -> (rows, leads, samples) float32
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self._read(start, stop)
+    reader: RangeReader = field(repr=False)  # picklable: workers read their shards themselves
 
     def ids(self, key: str) -> list[str] | None:
         ids = self.meta.get(key)
@@ -165,13 +166,12 @@ def is_uri(data: str) -> bool:
     return _URI.match(data) is not None
 
 
-def open_source(data: str, check_values: bool = True) -> DataSource:
+def open_source(data: str) -> DataSource:
     """Open ``data`` (a dataset folder path or URI); bad input is an InvalidArgument naming it."""
     if not is_uri(data):
-        ds = load_dataset(data, check_values=check_values)
-        return DataSource(
-            str(Path(data).resolve()), len(ds), ds.meta, lambda a, b: np.asarray(ds.signals[a:b])
-        )
+        ds = load_dataset(data)  # every check of a dataset folder
+        path = Path(data).resolve()
+        return DataSource(str(path), len(ds), ds.meta, _open_uri(path.as_uri()).reader)
     return _open_uri(data)
 
 
@@ -195,7 +195,7 @@ def _open_uri(uri: str) -> DataSource:
     except (OSError, ValueError, pa.ArrowException) as e:
         raise InvalidArgument(f"--data {uri} is not a readable dataset folder: {e}") from None
     _check_meta(uri, meta, header[1])
-    return DataSource(uri, header[1][0], meta, _RangeReader(uri, header))
+    return DataSource(uri, header[1][0], meta, RangeReader(uri, header))
 
 
 def _npy_header(fs: Any, path: str) -> tuple[int, tuple[int, ...], np.dtype]:
@@ -225,7 +225,7 @@ def _check_meta(uri: str, meta: Any, shape: tuple[int, ...]) -> None:
         raise InvalidArgument(f"--data {uri}: signals.npy has shape {shape}, expected (N, 12, 600)")
 
 
-class _RangeReader:
+class RangeReader:
     """Reads beats ``start..stop-1`` of a remote signals.npy with one ranged read (picklable:
     each Ray worker opens the file system itself)."""
 
@@ -246,26 +246,13 @@ class _RangeReader:
 # ---------------------------------------------------------------------- the work of one shard
 
 
-class ShardComputer:
-    """One engine and one data source; computes shards. Used as is here and as a Ray actor."""
-
-    def __init__(self, spec: RunSpec, providers: Sequence[str] | None, max_batch: int):
-        from ecgx.service.engine import AttributionEngine
-
-        self.spec = spec
-        self.engine = AttributionEngine(spec.package, providers=providers, max_batch=max_batch)
-        if self.engine.package.manifest_sha256 != spec.package_sha256:  # files verified by load_package
-            raise FailedPrecondition(
-                f"package {spec.package} here has manifest SHA-256 {self.engine.package.manifest_sha256}, "
-                f"the run's is {spec.package_sha256}: refusing to compute with a different package"
-            )
-        self.source = open_source(spec.data, check_values=False)  # the driver checked the values
-
-    def compute(self, shard: Shard) -> ShardResult:
-        x = self.source.read(shard.start, shard.stop)
-        targets = self.engine.resolve_target(self.spec.target, self.engine.check_inputs(x))
-        maps = self.engine.attribute(self.spec.method, x, targets, **self.spec.call_params(shard))
-        return ShardResult(shard.index, np.asarray(targets, dtype=np.int64), maps)
+def compute_shard(engine: Any, spec: RunSpec, reader: RangeReader, shard: Shard) -> ShardResult:
+    """One shard: its beats read where this runs, one engine call (the unit the seeds are drawn per).
+    The same function runs here and, pickled with the engine as a reference, on a Ray worker."""
+    x = reader(shard.start, shard.stop)
+    targets = engine.resolve_target(spec.target, engine.check_inputs(x))
+    maps = engine.attribute(spec.method, x, targets, **spec.call_params(shard))
+    return ShardResult(shard.index, np.asarray(targets, dtype=np.int64), maps)
 
 
 # ---------------------------------------------------------------------- Parquet shards
@@ -386,7 +373,6 @@ def make_spec(
     shard_size: int,
 ) -> tuple[RunSpec, DataSource]:
     """The run's spec, checked before any model pass (settings, target, range, shard size)."""
-    from ecgx.core.package_reader import load_package
     from ecgx.service.methods import check_available, get_method
 
     if shard_size < 1:
@@ -405,7 +391,7 @@ def make_spec(
     elif not impl.stochastic and seed is not None:
         params["seed"] = seed  # refused by the method's own check below, with its message
     check_available(pkg, method, params)
-    impl.check(source.read(start, start + 1), **({**params, "seed": 0} if impl.stochastic else params))
+    impl.check(source.reader(start, start + 1), **({**params, "seed": 0} if impl.stochastic else params))
     if target is not None:
         pkg.class_index(target)  # NotFound names the known classes
     spec = RunSpec(
@@ -487,18 +473,17 @@ def _run_into(
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if todo:
         log.info("%d of %d shard(s) to compute (%d ECGs)", len(todo), len(shards), sum(s.rows for s in todo))
-    from ecgx.core.package_reader import load_package
-
-    keys = load_package(spec.package, verify_hashes=False).class_keys
+    package = _load_same_package(spec)
     by_index = {s.index: s for s in todo}
     bar = progress_bar(
         total=sum(s.rows for s in todo), desc=f"attribute {spec.method}", unit="ECG", enabled=show_progress
     )
     with bar:
-        for result in _results(spec, todo, backend, providers, max_batch):
-            shard = by_index[result.index]
-            _write_shard(folder, shard, _table(spec, source, keys, shard, result))
-            bar.update(shard.rows)
+        if todo:
+            engine = AttributionEngine(package, providers=providers, max_batch=max_batch)
+            for result in _results(spec, todo, backend, engine, source.reader, bar):
+                shard = by_index[result.index]
+                _write_shard(folder, shard, _table(spec, source, package.class_keys, shard, result))
     manifest = _manifest(spec, shards, done=len(shards), backend=backend)
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -533,76 +518,56 @@ def _manifest(spec: RunSpec, shards: list[Shard], done: int, backend: Backend) -
     }
 
 
+def _load_same_package(spec: RunSpec) -> ModelPackage:
+    package = load_package(spec.package)  # every file's hash checked against the manifest
+    if package.manifest_sha256 != spec.package_sha256:
+        raise FailedPrecondition(
+            f"package {spec.package} changed during the run (manifest SHA-256 {package.manifest_sha256}, "
+            f"the run's is {spec.package_sha256})"
+        )
+    return package
+
+
 def _results(
-    spec: RunSpec, todo: list[Shard], backend: Backend, providers: Sequence[str] | None, max_batch: int
+    spec: RunSpec, todo: list[Shard], backend: Backend, engine: Any, reader: RangeReader, bar: Any
 ) -> Iterator[ShardResult]:
-    if not todo:
-        return iter(())
+    """Each shard's result, the bar advanced as each finishes."""
     if backend.kind == "ray":
-        return _ray_results(spec, todo, backend, providers, max_batch)
-    computer = ShardComputer(spec, providers, max_batch)
-    return (computer.compute(s) for s in todo)
+        yield from _ray_results(spec, todo, backend, engine, reader, bar)
+        return
+    for shard in todo:
+        yield compute_shard(engine, spec, reader, shard)
+        bar.update(shard.rows)
 
 
 def _ray_results(
-    spec: RunSpec, todo: list[Shard], backend: Backend, providers: Sequence[str] | None, max_batch: int
+    spec: RunSpec, todo: list[Shard], backend: Backend, engine: Any, reader: RangeReader, bar: Any
 ) -> Iterator[ShardResult]:
-    """Shards as tasks of long-lived actors (one engine each), results as they finish. A killed
-    worker's actor is restarted and its task retried by Ray; a shard's numbers do not depend on
-    the worker that computes it."""
-    import ray
-    from ray.util import ActorPool
+    """Shards as calls on the gate's Ray backend (:mod:`ecgx.validation.ray_backend`: the package
+    shipped to long-lived actors that verify its hashes and hold its engine; a killed worker's
+    calls retried), a few per worker at a time so the driver writes shards as the run goes and
+    holds only those results. A shard's numbers do not depend on the worker that computes it."""
+    from ecgx.validation.ray_backend import connect
 
-    temp_dir = _ray_connect(backend)
-    try:
-        workers = min(backend.workers or max(1, int(ray.cluster_resources().get("CPU", 1))), len(todo))
-        actor = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(ShardComputer)
-        pool = ActorPool([actor.remote(spec, providers, max_batch) for _ in range(workers)])
-        log.info("computing %d shard(s) on %d Ray worker(s)", len(todo), workers)
-        yield from pool.map_unordered(lambda a, s: a.compute.remote(s), todo)
-    except ray.exceptions.RayError as e:
-        raise _worker_error(e) from None
-    finally:
-        if temp_dir is not None:
-            ray.shutdown()  # the driver's connection; a cluster it started ends with it
-            if temp_dir:
-                shutil.rmtree(temp_dir, ignore_errors=True)
+    with connect(backend.address or "local", [engine.package], backend.workers) as ray_backend:
+        step = ray_backend.workers * SHARDS_PER_WORKER
+        for i in range(0, len(todo), step):
+            chunk = todo[i : i + step]
+            calls = [functools.partial(compute_shard, engine, spec, reader, s) for s in chunk]
+            # map calls on_done once per call, in the calls' order
+            on_done = functools.partial(_advance, bar, iter([s.rows for s in chunk]))
+            try:
+                results = ray_backend.map(calls, on_done)
+            except Exception as e:
+                raise _worker_error(e) from None
+            yield from results
+
+
+def _advance(bar: Any, rows: Iterator[int]) -> None:
+    bar.update(next(rows))
 
 
 def _worker_error(e: Exception) -> Exception:
-    """The EcgxError a worker raised (a refused package, a bad ECG), as itself; else ``e``."""
-    for cause in (getattr(e, "cause", None), getattr(getattr(e, "error", None), "cause", None)):
-        if isinstance(cause, EcgxError):
-            return cause
-    text = str(e)
-    for cls in (FailedPrecondition, InvalidArgument):
-        if f"{cls.__name__}:" in text:  # an actor whose engine refused to start: its message
-            return cls(text[text.index(f"{cls.__name__}:") :].splitlines()[0].partition(": ")[2])
-    return e
-
-
-def _ray_connect(backend: Backend) -> str | None:
-    """Connect to the cluster. ``local`` starts one on this machine in its own temp folder (never
-    another user's cluster) and returns that folder; a connection returns ""; None when Ray was
-    already initialised by the caller (who shuts it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return None
-    if backend.address in (None, "local"):
-        temp_dir = tempfile.mkdtemp(prefix="ray-ecgx-")
-        ray.init(
-            address="local",
-            num_cpus=backend.workers or os.cpu_count() or 1,
-            object_store_memory=300_000_000,
-            include_dashboard=False,
-            _temp_dir=temp_dir,
-            logging_level=logging.WARNING,
-            log_to_driver=False,
-        )
-        return temp_dir
-    try:
-        ray.init(address=backend.address, logging_level=logging.WARNING, log_to_driver=False)
-    except ConnectionError as e:
-        raise FailedPrecondition(f"--ray {backend.address}: no Ray cluster there ({e})") from None
-    return ""
+    """The EcgxError a worker raised (a bad ECG, a setting over a limit), as itself; else ``e``."""
+    cause = getattr(e, "cause", None)
+    return cause if isinstance(cause, EcgxError) else e
