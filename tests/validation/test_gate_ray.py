@@ -8,6 +8,7 @@ its own process group and temp dir, stopped at the end of the module).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,6 +47,7 @@ bootstrap = 100
 """
 METHODS = ["saliency", "smoothgrad", "occlusion"]
 SHA = "[0-9a-f]{64}"
+ECGX = [str(Path(sys.executable).with_name("ecgx"))]
 
 
 def numbers(report: dict) -> str:
@@ -183,6 +185,57 @@ def test_the_experiments_on_ray_equal_the_local_run(
     assert numbers(reports["ray"]) == numbers(reports["local"])
     assert reports["ray"]["execution"] == {"backend": "ray", "workers": 2}
     assert len(reports["ray"]["family"]) == 2
+
+
+def _actor_pids(cluster: LocalRayCluster) -> list[int]:
+    """The cluster's processes that are gate actors (Ray titles them by their class)."""
+    pids = []
+    for pid in cluster.session_pids():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes().startswith(b"ray::_Worker"):
+                pids.append(pid)
+    return pids
+
+
+def test_ctrl_c_on_the_driver_leaves_no_actor(
+    trained_family: dict[str, Path], policy: Path, tmp_path: Path, cluster: LocalRayCluster
+):
+    command = [
+        *ECGX,
+        "validate",
+        str(trained_family["seed-0"]),
+        "--data",
+        str(trained_family["data"]),
+        "--family",
+        str(trained_family["seed-1"]),
+        "--policy",
+        str(policy),
+        "--research",
+        "--unsigned",
+        "--out",
+        str(tmp_path / "gate.json"),
+        "--ray",
+        cluster.address,
+        "--workers",
+        "2",
+    ]
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(_actor_pids(cluster)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert driver.poll() is None, driver.stderr.read().decode()
+        assert len(_actor_pids(cluster)) == 2
+        driver.send_signal(signal.SIGINT)
+        driver.wait(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    deadline = time.monotonic() + 30
+    while _actor_pids(cluster) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _actor_pids(cluster) == []
+    assert not (tmp_path / "gate.json").exists()
 
 
 def test_without_ray_the_gate_never_imports_ray():
