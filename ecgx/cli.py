@@ -205,10 +205,13 @@ def _cmd_attribute(args: argparse.Namespace) -> int:
     params = dict(_parse_param(p) for p in args.param)
     if args.seed is not None:
         params["seed"] = args.seed
+    if args.workers is not None and not args.ray:
+        raise InvalidArgument("--workers counts Ray workers: it needs --ray")
     if args.out.suffix == ".npy":
-        if args.ray or args.resume:
+        if args.ray or args.resume or args.shard_size is not None:
             raise InvalidArgument(
-                f"--ray and --resume write sharded Parquet: give --out a folder, not the .npy file {args.out}"
+                "--ray, --resume and --shard-size write sharded Parquet: give --out a folder, "
+                f"not the .npy file {args.out}"
             )
         return _attribute_npy(args, params)
     if args.out.suffix:
@@ -258,7 +261,7 @@ def _attribute_npy(args: argparse.Namespace, params: dict[str, object]) -> int:
 
 def _attribute_sharded(args: argparse.Namespace, params: dict[str, object]) -> int:
     from ecgx.core.outputs import ATTRIBUTION_SHARDS, classify_output
-    from ecgx.validation.batch_attribute import Backend, make_spec, run_sharded
+    from ecgx.validation.batch_attribute import DEFAULT_SHARD_SIZE, Backend, make_spec, run_sharded
 
     state = classify_output(args.out, ATTRIBUTION_SHARDS)  # before the work, not after
     if state == "ours" and not (args.resume or args.overwrite):
@@ -273,7 +276,7 @@ def _attribute_sharded(args: argparse.Namespace, params: dict[str, object]) -> i
         target=args.target,
         start=args.start,
         count=args.count,
-        shard_size=args.shard_size,
+        shard_size=DEFAULT_SHARD_SIZE if args.shard_size is None else args.shard_size,
     )
     backend = Backend("ray", args.ray, args.workers) if args.ray else Backend("local")
     manifest = run_sharded(
@@ -816,9 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=".npy file to write, or a folder (no suffix) for sharded Parquet with ECG ids (docs/cli.md)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing .npy file or folder")
-    p.add_argument(
-        "--shard-size", type=int, default=256, metavar="N", help="ECGs per Parquet shard (default 256)"
-    )
+    p.add_argument("--shard-size", type=int, metavar="N", help="ECGs per Parquet shard (default 256)")
     p.add_argument(
         "--resume", action="store_true", help="finish the run in the --out folder: compute missing shards"
     )

@@ -151,15 +151,9 @@ class DataSource:
 
     location: str
     n: int
-    meta: dict[str, Any]
     reader: RangeReader = field(repr=False)  # picklable: workers read their shards themselves
-
-    def ids(self, key: str) -> list[str] | None:
-        ids = self.meta.get(key)
-        if ids is None and key == RECORD_IDS:  # datasets from before record_ids (ecgx.core.dataset)
-            records = self.meta.get("records")
-            ids = records if isinstance(records, list) and len(records) == self.n else None
-        return None if ids is None else [str(i) for i in ids]
+    record_ids: list[str] | None = field(default=None, repr=False)  # one per beat, if the data says
+    patient_ids: list[str] | None = field(default=None, repr=False)
 
 
 def is_uri(data: str) -> bool:
@@ -171,7 +165,7 @@ def open_source(data: str) -> DataSource:
     if not is_uri(data):
         ds = load_dataset(data)  # every check of a dataset folder
         path = Path(data).resolve()
-        return DataSource(str(path), len(ds), ds.meta, _open_uri(path.as_uri()).reader)
+        return DataSource(str(path), len(ds), _open_uri(path.as_uri()).reader, ds.record_ids, ds.patient_ids)
     return _open_uri(data)
 
 
@@ -195,7 +189,19 @@ def _open_uri(uri: str) -> DataSource:
     except (OSError, ValueError, pa.ArrowException) as e:
         raise InvalidArgument(f"--data {uri} is not a readable dataset folder: {e}") from None
     _check_meta(uri, meta, header[1])
-    return DataSource(uri, header[1][0], meta, RangeReader(uri, header))
+    n = header[1][0]
+    return DataSource(uri, n, RangeReader(uri, header), _ids(meta, RECORD_IDS, n), _ids(meta, PATIENT_IDS, n))
+
+
+def _ids(meta: dict[str, Any], key: str, n: int) -> list[str] | None:
+    """``ecgx.core.dataset.Dataset.record_ids`` / ``patient_ids`` of a folder read from a URI."""
+    ids = meta.get(key)
+    if ids is None and key == RECORD_IDS:  # datasets from before record_ids: the WFDB import's list
+        records = meta.get("records")
+        ids = records if isinstance(records, list) and len(records) == n else None
+    if ids is not None and (not isinstance(ids, list) or len(ids) != n):
+        raise InvalidArgument(f"meta.json: {key} must be a list of one id per beat ({n})")
+    return None if ids is None else [str(i) for i in ids]
 
 
 def _npy_header(fs: Any, path: str) -> tuple[int, tuple[int, ...], np.dtype]:
@@ -265,11 +271,10 @@ def _table(
 
     rows, size = shard.rows, int(np.prod(result.attributions.shape[1:]))
     flat = pa.array(np.ascontiguousarray(result.attributions, dtype=np.float32).reshape(-1))
-    ids = {k: source.ids(k) for k in (RECORD_IDS, PATIENT_IDS)}
     columns = {
         "index": pa.array(np.arange(shard.start, shard.stop, dtype=np.int64)),
-        "record_id": pa.array(_slice(ids[RECORD_IDS], shard, rows), pa.string()),
-        "patient_id": pa.array(_slice(ids[PATIENT_IDS], shard, rows), pa.string()),
+        "record_id": pa.array(_slice(source.record_ids, shard, rows), pa.string()),
+        "patient_id": pa.array(_slice(source.patient_ids, shard, rows), pa.string()),
         "target": pa.array(result.targets.astype(np.int32)),
         "target_key": pa.array([class_keys[t] for t in result.targets], pa.string()),
         "method": pa.array([spec.method] * rows, pa.string()),
@@ -386,12 +391,12 @@ def make_spec(
     params = dict(params)
     seed = params.pop("seed", None)
     impl, pkg = get_method(method), load_package(package)
+    given = {**params, "seed": seed} if seed is not None else params  # a deterministic method refuses it
+    check_available(pkg, method, given)
+    passes = impl.check(source.reader(start, start + 1), **given)  # every setting, the seed's too
+    _check_shard_cost(method, passes, min(shard_size, stop - start))
     if impl.stochastic and seed is None:
         seed = secrets.randbits(63)  # recorded in the manifest: the run can be resumed and repeated
-    elif not impl.stochastic and seed is not None:
-        params["seed"] = seed  # refused by the method's own check below, with its message
-    check_available(pkg, method, params)
-    impl.check(source.reader(start, start + 1), **({**params, "seed": 0} if impl.stochastic else params))
     if target is not None:
         pkg.class_index(target)  # NotFound names the known classes
     spec = RunSpec(
@@ -407,6 +412,18 @@ def make_spec(
         source.location,
     )
     return spec, source
+
+
+def _check_shard_cost(method: str, passes: int, rows: int) -> None:
+    """A shard is one engine call: it must fit the engine's per-call limits (``service.limits``)."""
+    from ecgx.service import limits
+
+    if rows > limits.MAX_REQUEST_ECGS or passes * rows > limits.MAX_REQUEST_ROWS:
+        fit = max(1, min(limits.MAX_REQUEST_ECGS, limits.MAX_REQUEST_ROWS // passes))
+        raise InvalidArgument(
+            f"{method} with these settings needs {passes:,} model passes per ECG: a shard of {rows} ECGs is "
+            f"over the engine's limits per call; use --shard-size {fit} or less"
+        )
 
 
 def run_sharded(

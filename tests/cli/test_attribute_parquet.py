@@ -159,6 +159,18 @@ def test_clear_errors(tiny_package: Path, small_synth: Path, tmp_path: Path, cap
     err = _error(capsys, _attribute(tiny_package, small_synth, out, "--resume", "--overwrite"))
     assert "choose one" in err
 
+    err = _error(
+        capsys, _attribute(tiny_package, small_synth, tmp_path / "s", "--seed", "-1", method="smoothgrad")
+    )
+    assert "seed" in err and not (tmp_path / "s").exists()
+    err = _error(capsys, _attribute(tiny_package, small_synth, tmp_path / "s", "--seed", "1"))
+    assert "seed" in err and not (tmp_path / "s").exists()  # saliency draws nothing
+    assert "needs --ray" in _error(
+        capsys, _attribute(tiny_package, small_synth, tmp_path / "s", "--workers", "2")
+    )
+    err = _error(capsys, _attribute(tiny_package, small_synth, tmp_path / "a.npy", "--shard-size", "4"))
+    assert "--shard-size" in err and "folder" in err
+
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -175,3 +187,12 @@ def test_sharded_output_never_imports_ray(tiny_package: Path, small_synth: Path,
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_a_shard_must_fit_one_engine_call() -> None:
+    from ecgx.core.errors import InvalidArgument
+    from ecgx.validation.batch_attribute import _check_shard_cost
+
+    _check_shard_cost("smoothgrad", 2000, 1000)  # 2,000,000 passes: the limit itself
+    with pytest.raises(InvalidArgument, match="--shard-size 1000 or less"):
+        _check_shard_cost("smoothgrad", 2000, 1001)
