@@ -164,6 +164,7 @@ def test_a_tampered_package_copy_on_a_node_is_refused(
         ray.shutdown()
 
 
+@pytest.mark.slow  # two gate runs of three models (about a minute on two loaded cores)
 def test_the_experiments_on_ray_equal_the_local_run(
     trained_family: dict[str, Path], policy: Path, tmp_path: Path, cluster: LocalRayCluster
 ):
