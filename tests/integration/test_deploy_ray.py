@@ -317,3 +317,19 @@ def test_the_kustomization_applies_the_cluster_and_its_policy_not_the_per_releas
     assert kustomization["namespace"] == "ecgx"
     assert set(kustomization["resources"]) == {"raycluster.yaml", "networkpolicy.yaml"}
     assert set(ray_manifests()) == {*kustomization["resources"], JOB.name}
+
+
+def test_the_probes_are_python_the_image_has_and_check_ray_health() -> None:
+    """KubeRay's default probes run wget, which ecgx's image lacks: every Ray container brings its
+    own, in Python, on the raylet's health endpoint (and the head's GCS one)."""
+    for path in (CLUSTER, JOB):
+        for where, _, container in _containers(load(path)):
+            if container["name"] == "ray-job-submitter":
+                continue
+            for probe in ("readinessProbe", "livenessProbe"):
+                command = container[probe]["exec"]["command"]
+                assert command[:2] == ["python3", "-c"], where
+                compile(command[2], f"{where} {probe}", "exec")  # a SyntaxError fails the test
+                assert "/api/local_raylet_healthz" in command[2], where
+                if container["name"] == "ray-head":
+                    assert "/api/gcs_healthz" in command[2], where
