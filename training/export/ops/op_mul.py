@@ -19,10 +19,16 @@ The rules (each ``Rule``'s ``product`` hook in ``onnx_graphs`` / ``lrp_rules``):
 * LRP (epsilon and the composites): the signal takes all of the product's relevance, the gate
   none: the gate is a constant scale (Arras et al. 2017, "Explaining recurrent neural network
   predictions in sentiment analysis"; 2019, "Explaining and interpreting LSTMs");
-* DeepLIFT: likewise, the product is a function of its signal alone with the gate held: the
-  signal's multiplier is delta-out / delta-signal (the rescale rule, the plain gradient ``gate``
-  where |delta-signal| < 1e-10), so all of the product's difference from its reference reaches
-  the signal and summation-to-delta holds; the gate's branch gets no multiplier.
+* DeepLIFT: the product's difference from its reference split exactly between the factors,
+  ``delta(s g) = mean(g) delta(s) + mean(s) delta(g)`` (``mean``: the midpoint of input and
+  reference): each factor's multiplier is the other's midpoint (the Shapley split of a product of
+  two, as SHAP's DeepExplainer treats two-input interactions). Summation-to-delta holds and nothing
+  divides by a difference. The gate cannot simply be a constant here: with the gate detached
+  (multiplier ``g`` of the input) the attributions no longer sum to the output's difference, and
+  sending all of the difference to the signal (multiplier ``delta(s g) / delta(s)``) diverges where
+  the signal's difference crosses zero, which it does at some time step of almost every ECG (float32
+  and float64 then disagree by 5e-4 of the largest value on synthetic ECGs; the export refused
+  DeepLIFT for one of six). The gate's share reaches the input through the gate's own branch.
 """
 
 from __future__ import annotations
@@ -77,6 +83,28 @@ def broadcast_problem(signal: tuple[int, ...], gate: tuple[int, ...]) -> str | N
     if len(signal) == 2 and len(gate) == 2 and all(g in (1, s) for g, s in zip(gate, signal, strict=True)):
         return None
     return f"a gate of shape {gate} does not broadcast over a signal of shape {signal}"
+
+
+# Why a parameter matrix times the signal was refused (the front ends' message).
+CHANNEL_MIX_ONLY = "a parameter matrix times the signal only as a channel mix: (R, C) @ (B, C, L)"
+
+
+def channel_mix_params(weight: np.ndarray, in_shape: tuple[int, ...]) -> dict | None:
+    """``W @ x`` with a parameter ``W`` ((R, C), or (1, R, C) broadcast over the batch) on a (C, L)
+    signal, as the conv op it is (kernel 1, no bias): the PTB-XL benchmark's SqueezeExcite1d mixes
+    the gate's channels this way instead of with nn.Linear. None if it is not one."""
+    w = np.asarray(weight, np.float64)
+    w = w[0] if w.ndim == 3 and w.shape[0] == 1 else w
+    if w.ndim != 2 or len(in_shape) != 2 or w.shape[1] != in_shape[0]:
+        return None
+    return {
+        "weight": w[:, :, None].copy(),
+        "bias": None,
+        "stride": 1,
+        "padding": 0,
+        "dilation": 1,
+        "groups": 1,
+    }
 
 
 def _four_d(op: Op, gate: str, b: GraphBuilder) -> str:
