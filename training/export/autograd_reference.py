@@ -29,6 +29,7 @@ from ecgx.core.errors import InvalidArgument
 from ecgx.training.export.ir import RELU, Op
 from ecgx.training.export.ir_torch import IRModule, target_indices
 from ecgx.training.export.ops import OP_SPECS
+from ecgx.training.export.ops.op_mul import GATE, as_broadcast, signal_and_gate
 from ecgx.training.export.ops.shapes import pool_output_length
 
 METHODS = ("gradient", "guided_backprop", "deconvolution", "deeplift", "lrp")
@@ -136,15 +137,123 @@ class EpsilonLayer(torch.autograd.Function):
         return (None, None, *(a.detach() * c for a, c in zip(inputs, shares, strict=True)))
 
 
+# Gating products (``ops/op_mul.py``). Neither library is the reference here: Captum's DeepLift does
+# not special-case products (autograd runs through the mul with each half's own factor, so
+# summation-to-delta breaks), and Zennit has no rule for a product. LRP treats the gate as a
+# constant and sends all relevance to the signal (Arras et al. 2017/2019): the plain-autograd
+# reference is the product with its gate detached. DeepLIFT splits the product's difference exactly,
+# delta(s g) = mean(g) delta(s) + mean(s) delta(g) (each factor's multiplier is the other's
+# midpoint): the reference is the product with those multipliers.
+
+
+class MidpointProduct(torch.autograd.Function):
+    """``signal * gate`` on a batch of inputs and references (DeepLIFT): each factor's gradient is
+    ``grad`` times the other factor's midpoint between input and reference."""
+
+    @staticmethod
+    def forward(ctx, signal: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.gate_shape = gate.shape
+        gate = as_broadcast(gate, signal)
+        ctx.save_for_backward(signal, gate)
+        return signal * gate
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        signal, gate = (_midpoints(t) for t in ctx.saved_tensors)
+        at_gate = grad * signal
+        dims = [d for d in range(1, grad.dim()) if gate.shape[d] == 1 and grad.shape[d] != 1]
+        at_gate = at_gate.sum(dim=dims, keepdim=True) if dims else at_gate
+        return grad * gate, at_gate.reshape(ctx.gate_shape)
+
+
+def _midpoints(t: torch.Tensor) -> torch.Tensor:
+    """(input + reference) / 2 of a doubled batch, repeated for both halves."""
+    half = len(t) // 2
+    return ((t[:half] + t[half:]) * 0.5).repeat(2, *([1] * (t.dim() - 1)))
+
+
+class RelevanceToSignal(torch.autograd.Function):
+    """``signal * gate`` for LRP: the relevance reaching the product passes to the signal unchanged
+    (relevance form of ``signal * gate.detach()``: ``signal * gate * R / z = R``), the gate gets none."""
+
+    @staticmethod
+    def forward(ctx, signal: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return signal * as_broadcast(gate, signal)
+
+    @staticmethod
+    def backward(ctx, relevance: torch.Tensor):  # type: ignore[override]
+        return relevance, None
+
+
+def _gate_product(op: Op, inputs: list[torch.Tensor], function) -> torch.Tensor | None:
+    """A gating product by ``function`` (signal, gate) if ``op`` is one, else None."""
+    if OP_SPECS[op.kind].lrp_role != GATE:
+        return None
+    signal, gate = signal_and_gate(op, inputs)
+    return function.apply(signal, gate)
+
+
 def _max_pool_first(op: Op, a: torch.Tensor) -> torch.Tensor | None:
     """``op`` on ``a`` by ``MaxPoolFirst`` if it is a max pool (of any kind), else None."""
     window = OP_SPECS[op.kind].max_window(op)
     return None if window is None else MaxPoolFirst.apply(a, *window)
 
 
+class RescaleActivation(torch.autograd.Function):
+    """DeepLIFT's rescale rule at an activation other than ReLU (``module``), on a doubled batch
+    as :class:`RescaleRelu`: the gradient times delta-out / delta-in, or the gradient times the
+    exact derivative where |delta-in| < 1e-10 (Captum's ``nonlinear``)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:  # type: ignore[override]
+        y = module(x)
+        ctx.module = module
+        ctx.save_for_backward(x, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        x, y = ctx.saved_tensors
+        half = len(x) // 2
+        d_in = (x[:half] - x[half:]).repeat(2, *([1] * (x.dim() - 1)))
+        d_out = (y[:half] - y[half:]).repeat(2, *([1] * (x.dim() - 1)))
+        small = d_in.abs() < DEEPLIFT_EPS
+        ratio = d_out / torch.where(small, torch.ones_like(d_in), d_in)
+        plain = _activation_gradient(ctx.module, x, grad)
+        return torch.where(small, plain, grad * ratio), None
+
+
+def _activation_gradient(module: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """``grad`` times the derivative of the element-wise ``module`` at ``x`` (PyTorch's own)."""
+    with torch.enable_grad():
+        leaf = x.detach().requires_grad_()
+        (g,) = torch.autograd.grad(module(leaf), leaf, grad)
+    return g
+
+
+class _PassActivation(torch.autograd.Function):
+    """An activation other than ReLU whose backward passes relevance unchanged (LRP)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:  # type: ignore[override]
+        return module(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return grad, None
+
+
 def _deeplift_substitute(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
     if op.kind == RELU:
         return RescaleRelu.apply(inputs[0])
+    if (gated := _gate_product(op, inputs, MidpointProduct)) is not None:
+        return gated
+    if OP_SPECS[op.kind].is_activation:
+        if not OP_SPECS[op.kind].monotone:
+            raise InvalidArgument(
+                f"layer {op.name} ({op.kind}): no DeepLIFT rescale rule for a non-monotone activation"
+            )
+        return RescaleActivation.apply(inputs[0], module)
     return _max_pool_first(op, inputs[0])  # the plain gradient through each half's own first maximum
 
 
@@ -152,7 +261,11 @@ def _lrp_substitute(epsilon: float):
     def run(op: Op, module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         if op.kind == RELU:  # relevance passes a ReLU unchanged
             return _PassRelu.apply(inputs[0])
+        if (gated := _gate_product(op, inputs, RelevanceToSignal)) is not None:
+            return gated
         spec = OP_SPECS[op.kind]
+        if spec.is_activation:  # and every other activation (ops/activation.py)
+            return _PassActivation.apply(inputs[0], module)
         if not spec.is_rule_layer:
             return None  # concatenation, flattening only move relevance: their gradient is the rule
         window = spec.max_window(op)

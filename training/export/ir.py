@@ -58,6 +58,7 @@ from ecgx.training.export.ops import (
     PARAMETERISED,
     RELU,
     RULE_LAYERS,
+    SIGMOID,
 )
 from ecgx.training.export.ops.shapes import conv_output_length, pool_output_length
 
@@ -91,21 +92,17 @@ __all__ = [
 INPUT = "x"
 SUPPORTED_LAYERS = (
     "Conv1d (any stride, padding, dilation, groups), Linear, BatchNorm1d (eval mode, with running "
-    "statistics), ReLU (module or function), MaxPool1d and AvgPool1d (any kernel, stride, padding, "
+    "statistics), ReLU, LeakyReLU, ELU, GELU (exact or tanh), SiLU / Swish, Mish, Sigmoid and Tanh "
+    "(modules or functions), MaxPool1d and AvgPool1d (any kernel, stride, padding, "
     "ceil_mode, count_include_pad), AdaptiveAvgPool1d(1), AdaptiveMaxPool1d(1), residual addition, "
     "torch.cat along channels, Flatten / torch.flatten / view(B, -1), zero padding over time "
     "(ConstantPad1d / ZeroPad1d with value 0, F.pad), Dropout, Identity"
 )
 # What to use instead of a layer the rules are not defined for.
 REPLACEMENTS = {
-    "GELU": "ReLU",
-    "ELU": "ReLU",
-    "SELU": "ReLU",
-    "SiLU": "ReLU",
-    "LeakyReLU": "ReLU",
-    "PReLU": "ReLU",
-    "Tanh": "ReLU",
-    "Sigmoid": "ReLU (and keep the sigmoid outside the model: the package returns logits)",
+    "SELU": "ELU",
+    "CELU": "ELU",
+    "PReLU": "LeakyReLU (one fixed slope)",
     "Softmax": "nothing: return logits (the service applies the activation)",
     "LSTM": "convolutions (recurrent layers have no backward graph here)",
     "GRU": "convolutions (recurrent layers have no backward graph here)",
@@ -165,11 +162,11 @@ class ModelIR:
         return self.ops[-1].out_shape[0]
 
     def conv_outputs(self) -> list[str]:
-        """Tensors after each ReLU that follows a convolution, addition or concatenation
+        """Tensors after each activation that follows a convolution, addition or concatenation
         (GradCAM candidate layers: (C, L) feature maps)."""
         found = []
         for op in self.ops:
-            if op.kind == RELU and len(op.out_shape) == 2:
+            if OP_SPECS[op.kind].is_activation and len(op.out_shape) == 2:
                 producer = self.op_producing(op.inputs[0])
                 if producer is not None and OP_SPECS[producer.kind].makes_feature_maps:
                     found.append(op.output)
@@ -277,6 +274,11 @@ def finish_ir(ops: list[Op], output: str, input_shape: tuple[int, int]) -> Model
     if not ops or output != ops[-1].output:
         raise ExportError("the model's output must be the result of its last layer")
     out = ops[-1].out_shape
+    if ops[-1].kind == SIGMOID:
+        raise ExportError(
+            f"the model ends in a sigmoid ({ops[-1].name}): return logits (keep the sigmoid outside the "
+            "model; the service applies the output activation)"
+        )
     if len(out) != 1:
         raise ExportError(
             f"the model must return (batch, classes) logits; it returns per-sample shape {out} "

@@ -90,6 +90,7 @@ from ecgx.training.export.onnx_graphs import (
     emit_backward,
     emit_forward,
     forward_op,
+    relevance_to_signal,
     stabilise,
     to_3d,
     transpose_op,
@@ -154,6 +155,15 @@ class CompositeRule(Rule):
     # ReLU: Zennit's Pass for activations.
     def relu(self, b, g, z, out):
         return g
+
+    # Every other activation: Pass too (``ops/activation.py``: Zennit's ``Activation`` types).
+    def activation(self, b, op, g, z, out):
+        return g
+
+    # A gating product: relevance to the signal, the gate a constant (Zennit has no product rule;
+    # Arras et al.'s treatment, as the epsilon rule's, ``onnx_graphs.relevance_to_signal``).
+    def product(self, b, op, g, ins, out):
+        return relevance_to_signal(op, g)
 
     # Max pooling: unmapped in Zennit, Rule.maxpool (the gradient) routes relevance.
     def layer(self, b, op, g, ins, out):

@@ -35,6 +35,7 @@ from ecgx.training.export.ops.onnx_helpers import (
     param_names,
     weight,
 )
+from ecgx.training.export.ops.op_mul import in_order, signal_and_gate
 
 # Re-exported: the package writer, the LRP composites and tests import these from here.
 __all__ = ["FLOAT", "I64", "OPSET", "GraphBuilder", "bias", "param_names", "weight"]
@@ -97,6 +98,17 @@ class Rule:
     def layer(self, b: GraphBuilder, op: Op, g: str, ins: list[str], out: str) -> list[str]:
         return transpose_op(b, op, g)
 
+    def product(self, b: GraphBuilder, op: Op, g: str, ins: list[str], out: str) -> list[str | None]:
+        """At a gating product (``ops/op_mul.py``): the product rule, the gradient to both factors
+        (what autograd, and so Captum's gradient, guided backprop and deconvolution, compute)."""
+        return OP_SPECS[op.kind].product_gradient(b, op, g, ins)
+
+    def activation(self, b: GraphBuilder, op: Op, g: str, z: str, out: str) -> str:
+        """An activation other than ReLU (``ops/activation.py``): the exact derivative. Guided
+        backprop and deconvolution keep it too (their rules are defined on ReLUs; Captum overrides
+        ``nn.ReLU`` modules only)."""
+        return activation_gradient(b, op, g, z, out)
+
 
 class GuidedRule(Rule):
     """Guided backprop: only positive gradient passes a ReLU, and only where it was active."""
@@ -144,6 +156,9 @@ class EpsilonRule(Rule):
     def relu(self, b, g, z, out):
         return g
 
+    def activation(self, b, op, g, z, out):
+        return g  # relevance passes every activation unchanged, as it passes ReLUs
+
     def layer(self, b, op, g, ins, out):
         s = b.op("Div", [g, stabilise(b, out, self.eps)], "lrp_s")
         return [b.op("Mul", [c, a], "lrp_r") for c, a in zip(transpose_op(b, op, s), ins, strict=True)]
@@ -151,6 +166,15 @@ class EpsilonRule(Rule):
     def maxpool(self, b, g, a, y, op):
         s = b.op("Div", [g, stabilise(b, y, self.eps)], "lrp_s")
         return b.op("Mul", [route_max(b, s, a, op), a], "lrp_r")
+
+    def product(self, b, op, g, ins, out):
+        return relevance_to_signal(op, g)
+
+
+def relevance_to_signal(op: Op, g: str) -> list[str | None]:
+    """LRP at a gating product: the signal takes all of the product's relevance, the gate none (a
+    constant scale: Arras et al. 2017/2019, LRP for LSTMs). None: no contribution on that edge."""
+    return in_order(op, g, None)
 
 
 class RescaleRule(Rule):
@@ -169,6 +193,15 @@ class RescaleRule(Rule):
         d_in, d_out = _halves_delta(b, z), _halves_delta(b, out)
         return _rescale(b, b.op("Mul", [g, d_out]), d_in, relu_mask(b, g, out))
 
+    def activation(self, b, op, g, z, out):
+        z_in, z_ref = b.op("Split", [z], "split", n_out=2, axis=0)
+        out_in, out_ref = b.op("Split", [out], "split", n_out=2, axis=0)
+        ratio = _activation_multiplier(b, op, z_in, z_ref, out_in, out_ref)
+        small = _halves_small(b, z_in, z_ref)
+        small2 = b.op("Concat", [small, small], axis=0)
+        derivative = OP_SPECS[op.kind].emit_derivative(b, op, z, out)
+        return b.op("Mul", [g, _blend(b, b.op("Concat", [ratio, ratio], axis=0), derivative, small2)])
+
     def maxpool(self, b, g, a, y, op):
         # Captum: route g * (cross-max deltas) through each half's argmax, sum the halves, divide by delta-in.
         y_in, y_ref = b.op("Split", [y], "split", n_out=2, axis=0)
@@ -179,6 +212,13 @@ class RescaleRule(Rule):
         summed = b.op("Add", [r_in, r_ref])
         plain = route_max(b, g, a, op)
         return _rescale(b, b.op("Concat", [summed, summed], axis=0), _halves_delta(b, a), plain)
+
+    def product(self, b, op, g, ins, out):
+        # delta(s * g) = mean(g) * delta(s) + mean(s) * delta(g) exactly: each factor's multiplier is
+        # the other's midpoint between input and reference (ops/op_mul.py says why not the gate as a
+        # constant), so summation-to-delta holds and nothing divides by a small delta.
+        signal, gate = (_halves_mean(b, t) for t in signal_and_gate(op, ins))
+        return OP_SPECS[op.kind].product_rule(b, op, g, signal, gate)
 
 
 class RescaleGradientMaxRule(Rule):
@@ -199,9 +239,21 @@ class RescaleGradientMaxRule(Rule):
         d_in, d_out = b.op("Sub", [z_in, z_ref], "delta"), b.op("Sub", [out_in, out_ref], "delta")
         return _rescale(b, b.op("Mul", [g, d_out]), d_in, relu_mask(b, g, out_in))
 
+    def activation(self, b, op, g, z, out):
+        z_in, z_ref = b.op("Split", [z], "split", n_out=2, axis=0)
+        out_in, out_ref = b.op("Split", [out], "split", n_out=2, axis=0)
+        ratio = _activation_multiplier(b, op, z_in, z_ref, out_in, out_ref)
+        derivative = OP_SPECS[op.kind].emit_derivative(b, op, z_in, out_in)
+        return b.op("Mul", [g, _blend(b, ratio, derivative, _halves_small(b, z_in, z_ref))])
+
     def maxpool(self, b, g, a, y, op):
         a_in, _ = b.op("Split", [a], "split", n_out=2, axis=0)
         return route_max(b, g, a_in, op)
+
+    def product(self, b, op, g, ins, out):
+        # RescaleRule.product on the input half (``g`` has B rows, the forward tensors 2B).
+        signal, gate = (_midpoint(b, t) for t in signal_and_gate(op, ins))
+        return OP_SPECS[op.kind].product_rule(b, op, g, signal, gate)
 
 
 def relu_mask(b: GraphBuilder, g: str, out: str) -> str:
@@ -215,11 +267,61 @@ def relu_mask(b: GraphBuilder, g: str, out: str) -> str:
     return b.op("Mul", [g, active], "relu_grad")
 
 
+def activation_gradient(b: GraphBuilder, op: Op, g: str, z: str, out: str) -> str:
+    """g times the activation's exact derivative at its input ``z`` (output ``out``)."""
+    return b.op("Mul", [g, OP_SPECS[op.kind].emit_derivative(b, op, z, out)], f"{op.kind}_grad")
+
+
+def _require_monotone(op: Op) -> None:
+    """DeepLIFT's rescale rule is defined here for monotone activations only (see
+    ``ops/activation.py``: Captum applies it to ELU, LeakyReLU, Sigmoid and Tanh, not to GELU,
+    SiLU or Mish): a graph that would need it elsewhere is not built, and says why."""
+    if not OP_SPECS[op.kind].monotone:
+        raise ExportError(
+            f"layer {op.name} ({op.kind}) is not monotone: DeepLIFT's rescale rule is defined for "
+            "monotone activations (ReLU, LeakyReLU, ELU, Sigmoid, Tanh; Captum's DeepLift applies it "
+            "to no other activation)"
+        )
+
+
+def _halves_small(b: GraphBuilder, z_in: str, z_ref: str) -> str:
+    """1.0 where |input - reference| < 1e-10 (DeepLIFT takes the gradient there), else 0.0."""
+    d = b.op("Sub", [z_in, z_ref], "delta")
+    return b.op("Cast", [b.op("Less", [b.op("Abs", [d]), b.const(DEEPLIFT_EPS)])], "small", to=FLOAT)
+
+
+def _activation_multiplier(b: GraphBuilder, op: Op, z_in: str, z_ref: str, out_in: str, out_ref: str) -> str:
+    """An activation's rescale multiplier delta-out / delta-in (finite where |delta-in| < 1e-10,
+    where ``_blend`` replaces it), in the activation's well-conditioned form (``emit_secant``)."""
+    _require_monotone(op)
+    small = _halves_small(b, z_in, z_ref)
+    safe = b.op("Add", [b.op("Sub", [z_in, z_ref]), small], "delta_safe")
+    return OP_SPECS[op.kind].emit_secant(b, op, z_in, z_ref, out_in, out_ref, safe)
+
+
+def _blend(b: GraphBuilder, ratio: str, fallback: str, small: str) -> str:
+    """``ratio`` where ``small`` is 0, ``fallback`` where it is 1 (as ``_rescale``)."""
+    kept = b.op("Mul", [ratio, b.op("Sub", [b.const(1.0), small])])
+    return b.op("Add", [kept, b.op("Mul", [fallback, small])], "deeplift")
+
+
 def _halves_delta(b: GraphBuilder, t: str) -> str:
     """(input - reference), repeated for both halves of a doubled batch."""
     t_in, t_ref = b.op("Split", [t], "split", n_out=2, axis=0)
     d = b.op("Sub", [t_in, t_ref], "delta")
     return b.op("Concat", [d, d], "delta2", axis=0)
+
+
+def _midpoint(b: GraphBuilder, t: str) -> str:
+    """(input + reference) / 2 of a doubled batch (B rows)."""
+    t_in, t_ref = b.op("Split", [t], "split", n_out=2, axis=0)
+    return b.op("Mul", [b.op("Add", [t_in, t_ref]), b.const(0.5)], "midpoint")
+
+
+def _halves_mean(b: GraphBuilder, t: str) -> str:
+    """:func:`_midpoint`, repeated for both halves of a doubled batch."""
+    m = _midpoint(b, t)
+    return b.op("Concat", [m, m], "midpoint2", axis=0)
 
 
 def _rescale(b: GraphBuilder, numerator: str, d_in: str, fallback: str) -> str:
@@ -266,7 +368,7 @@ def emit_backward(b: GraphBuilder, ir: ModelIR, rule: Rule, t: dict[str, str], s
             continue
         g = _total(b, pending.pop(op.output))
         for name, contribution in zip(op.inputs, _backward_op(b, rule, op, g, t), strict=True):
-            if name in needed:
+            if name in needed and contribution is not None:  # None: the rule sends nothing (a gate)
                 pending.setdefault(name, []).append(contribution)
     if wrt not in pending:
         raise ExportError(f"the model's output does not depend on {wrt!r}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +46,28 @@ from ecgx.training.export.ops import (
     AVGPOOL,
     CONCAT,
     CONV,
+    ELU,
     FLATTEN,
     GAP,
+    GELU,
     GMP,
+    LEAKY_RELU,
     LINEAR,
     MAXPOOL,
+    MISH,
+    MUL,
     PAD,
     RELU,
+    SIGMOID,
+    SILU,
+    TANH,
+)
+from ecgx.training.export.ops.op_mul import (
+    CHANNEL_MIX_ONLY,
+    NoClearGate,
+    broadcast_problem,
+    channel_mix_params,
+    gate_index,
 )
 
 # ONNX operator -> the name under which ir.REPLACEMENTS says what to use instead.
@@ -63,7 +79,7 @@ _REPLACEMENT_KEYS = {
     "PRelu": "PReLU",
     "Tanh": "Tanh",
     "Sigmoid": "Sigmoid",
-    "HardSigmoid": "Sigmoid",
+    "HardSigmoid": "HardSigmoid",
     "Softmax": "Softmax",
     "LogSoftmax": "Softmax",
     "LSTM": "LSTM",
@@ -174,6 +190,9 @@ class _Importer:
         # A value that only rearranges an IR tensor (Transpose, Reshape to another layout, Unsqueeze):
         # ONNX value -> (the value of that IR tensor, its probe, the probe rearranged alike).
         self.views: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+        # A gate's broadcast view ((B, C) -> (B, C, 1), Expand): ONNX value -> its IR tensor's shape;
+        # only a product reads it (the product broadcasts the gate itself).
+        self.gate_views: dict[str, tuple[int, ...]] = {}
 
     # ------------------------------------------------------------------ set-up
 
@@ -189,6 +208,7 @@ class _Importer:
         for name in (o.name for o in self.graph.output):
             self.uses[name] = self.uses.get(name, 0) + 1
         self.alias[inp.name] = INPUT
+        self.spelled = activation_spellings(self.graph, self.uses)
         for index, node in enumerate(self.graph.node):
             self._node(node, index)
         out = self.graph.output[0].name
@@ -356,13 +376,17 @@ class _Importer:
         self, kind: str, name: str, node: onnx.NodeProto, inputs: list[str], params: dict | None = None
     ) -> Op:
         out = node.output[0]
+        viewed = [i for i in inputs if i in self.gate_views]
+        if viewed and kind != MUL:
+            why = f"it reads {viewed[0]}, a gate's broadcast view (only a product may)"
+            raise unsupported(name, kind, why)
         op = Op(
             kind,
             name,
             tuple(self.alias[i] for i in inputs),
             self._tensor(out),
             self._per_sample(out, name, node.op_type),
-            tuple(self._per_sample(i, name, node.op_type) for i in inputs),
+            tuple(self.gate_views.get(i) or self._per_sample(i, name, node.op_type) for i in inputs),
             params or {},
         )
         self.ops.append(op)
@@ -372,8 +396,14 @@ class _Importer:
     # ------------------------------------------------------------------ nodes
 
     def _node(self, node: onnx.NodeProto, index: int) -> None:
+        if node.output and node.output[0] in self.spelled.inner:
+            return  # a step of a several-node activation, emitted at its last node
         name = self._name(node, index)
         op_type = node.op_type
+        if node.output and node.output[0] in self.spelled.last:
+            kind, params, x = self.spelled.last[node.output[0]]
+            self._emit(kind, name, node, [x], params)
+            return
         if node.domain not in ("", "ai.onnx"):
             raise unsupported(name, f"{node.domain}.{op_type}", "operators outside the standard ONNX domain")
         if op_type == "Constant":
@@ -513,6 +543,27 @@ class _Importer:
 
     def _op_Relu(self, node, name, data) -> None:
         self._emit(RELU, name, node, data[:1])
+
+    # The other activations (ops/activation.py); SiLU, and GELU and Mish before opsets 20 and 18,
+    # arrive as several nodes (``activation_spellings``).
+    def _op_LeakyRelu(self, node, name, data) -> None:
+        self._emit(LEAKY_RELU, name, node, data[:1], {"slope": float(_attrs(node).get("alpha", 0.01))})
+
+    def _op_Elu(self, node, name, data) -> None:
+        self._emit(ELU, name, node, data[:1], {"alpha": float(_attrs(node).get("alpha", 1.0))})
+
+    def _op_Gelu(self, node, name, data) -> None:
+        approximate = _attrs(node).get("approximate", b"none")
+        self._emit(GELU, name, node, data[:1], {"approximate": approximate.decode()})
+
+    def _op_Mish(self, node, name, data) -> None:
+        self._emit(MISH, name, node, data[:1])
+
+    def _op_Sigmoid(self, node, name, data) -> None:
+        self._emit(SIGMOID, name, node, data[:1])
+
+    def _op_Tanh(self, node, name, data) -> None:
+        self._emit(TANH, name, node, data[:1])
 
     def _op_Conv(self, node, name, data) -> None:
         a = _attrs(node)
@@ -759,6 +810,12 @@ class _Importer:
         self._linear(node, name, data, weight, bias)
 
     def _op_MatMul(self, node, name, data) -> None:
+        if len(data) == 1 and node.input[1] == data[0] and node.input[0] in self.consts:
+            params = channel_mix_params(self.consts[node.input[0]], self._per_sample(data[0], name, "MatMul"))
+            if params is None:
+                raise unsupported(name, "MatMul", CHANNEL_MIX_ONLY)
+            self._emit(CONV, name, node, data, params)
+            return
         if node.input[0] != data[0] or len(data) != 1:
             raise unsupported(name, "MatMul", "only input @ constant weight (the first input is the signal)")
         w = np.asarray(self._const(node, 1, name, "weight"), np.float64)
@@ -803,10 +860,38 @@ class _Importer:
         if out_shape == in_shape:
             self.alias[node.output[0]] = self.alias[data[0]]
             return
+        if self._gate_view(node, name, data[0]):
+            return
         if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
             self._layout(node, name, data[0])  # another layout: a view, until it comes back
             return
         self._emit(FLATTEN, name, node, data)
+
+    def _gate_view(self, node, name, value: str) -> bool:
+        """Alias a view that only broadcasts a gate ((C,) -> (C, 1), (C, 1) -> (C, L)); False if
+        ``node`` is another reshape."""
+        shape = self.gate_views.get(value) or self._per_sample(value, name, node.op_type)
+        out = self._per_sample(node.output[0], name, node.op_type)
+        if len(out) != 2 or out == shape or broadcast_problem(out, shape) is not None:
+            return False
+        self.alias[node.output[0]] = self.alias[value]
+        self.gate_views[node.output[0]] = shape
+        return True
+
+    def _op_Expand(self, node, name, data) -> None:
+        if not self._gate_view(node, name, data[0]):
+            raise unsupported(name, "Expand", "only a gate broadcast over the signal it multiplies")
+
+    def _op_Mul(self, node, name, data) -> None:
+        if len(data) != 2:  # a product with a constant: not a gate
+            raise self._refusal(node, name)
+        shapes = tuple(self.gate_views.get(d) or self._per_sample(d, name, "Mul") for d in data)
+        producers = [next((o for o in self.ops if o.output == self.alias[d]), None) for d in data]
+        try:
+            gate = gate_index(shapes, tuple(p.kind if p else None for p in producers))
+        except NoClearGate as e:
+            raise unsupported(name, "Mul", str(e)) from None
+        self._emit(MUL, name, node, data, {"gate": gate})
 
     def _op_Transpose(self, node, name, data) -> None:
         self._layout(node, name, data[0])
@@ -904,3 +989,102 @@ class _Importer:
         if len(pads) != 2 or pads[0] != pads[1]:
             raise unsupported(name, op_type, f"only the same padding at both ends, got pads {pads}")
         return int(pads[0])
+
+
+# --------------------------------------------------------------------------- several-node activations
+
+
+@dataclass
+class Spellings:
+    """Activations spelled as several nodes: the last node's output -> (kind, params, input value),
+    and the outputs of the nodes before it (skipped)."""
+
+    last: dict[str, tuple[str, dict, str]] = field(default_factory=dict)
+    inner: set[str] = field(default_factory=set)
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+
+
+def activation_spellings(graph: onnx.GraphProto, uses: dict[str, int]) -> Spellings:
+    """The exporters' spellings of one activation as a product of ``x`` and a function of ``x``:
+    SiLU ``x * Sigmoid(x)`` (every opset), Mish ``x * Tanh(Softplus(x))`` (before opset 18),
+    exact GELU ``0.5 * x * (1 + Erf(x / sqrt 2))`` (before opset 20, the factors in either
+    exporter's order). Each step's output must be read by that step alone. (GELU's tanh form
+    before opset 20 is not recognised: it is refused naming its ops.)"""
+    producer = {o: n for n in graph.node for o in n.output}
+    scalars = _scalars(graph)
+    found = Spellings()
+    for node in graph.node:
+        if node.op_type != "Mul" or node.output[0] in found.inner:
+            continue
+        factors, members = _factors(node.output[0], producer, uses, root=True)
+        data = [f for f in factors if f not in scalars]
+        scale = math.prod(scalars[f] for f in factors if f in scalars)
+        if len(data) != 2:
+            continue
+        for x, other in (data, data[::-1]):
+            match = _function_of(x, other, producer, uses, scalars)
+            if match is not None and math.isclose(scale, match[2], rel_tol=1e-6):
+                kind, params, _, steps = match
+                found.last[node.output[0]] = (kind, params, x)
+                found.inner |= (members | steps) - {node.output[0]}
+                break
+    return found
+
+
+def _scalars(graph: onnx.GraphProto) -> dict[str, float]:
+    """Values holding one number: initializers and ``Constant`` nodes."""
+    out = {}
+    for init in graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.size == 1:
+            out[init.name] = float(arr.reshape(-1)[0])
+    for n in graph.node:
+        if n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+            arr = numpy_helper.to_array(n.attribute[0].t)
+            if arr.size == 1:
+                out[n.output[0]] = float(arr.reshape(-1)[0])
+    return out
+
+
+def _factors(value: str, producer: dict, uses: dict, root: bool = False) -> tuple[list[str], set[str]]:
+    """The factors of a product tree of ``Mul`` nodes ending at ``value`` (an inner product read by
+    that tree alone), and the outputs of its ``Mul`` nodes."""
+    node = producer.get(value)
+    if node is None or node.op_type != "Mul" or (not root and uses.get(value, 0) != 1):
+        return [value], set()
+    factors, members = [], {value}
+    for i in node.input:
+        f, m = _factors(i, producer, uses)
+        factors += f
+        members |= m
+    return factors, members
+
+
+def _function_of(x: str, v: str, producer: dict, uses: dict[str, int], scalars: dict[str, float]):
+    """(kind, params, the product's constant factor, step outputs) when ``v`` is Sigmoid(x),
+    Tanh(Softplus(x)) or 1 + Erf(x / sqrt 2), each step read once; else None."""
+    chain = []
+    while v != x and len(chain) < 3:
+        node = producer.get(v)
+        data = [i for i in node.input if i not in scalars] if node is not None else []
+        if node is None or uses.get(v, 0) != 1 or len(data) != 1:
+            return None
+        chain.append(node)
+        v = data[0]
+    if v != x:
+        return None
+    kinds = [n.op_type for n in chain]
+    steps = {n.output[0] for n in chain}
+    if kinds == ["Sigmoid"]:
+        return SILU, {}, 1.0, steps
+    if kinds == ["Tanh", "Softplus"]:
+        return MISH, {}, 1.0, steps
+    if kinds in (["Add", "Erf", "Div"], ["Add", "Erf", "Mul"]):
+        one = next((scalars[i] for i in chain[0].input if i in scalars), None)
+        c = next((scalars[i] for i in chain[-1].input if i in scalars), None)
+        arg = (1.0 / c if kinds[-1] == "Div" else c) if c else None
+        if one is not None and math.isclose(one, 1.0) and arg and math.isclose(arg, _SQRT_HALF, rel_tol=1e-6):
+            return GELU, {"approximate": "none"}, 0.5, steps
+    return None

@@ -42,13 +42,28 @@ from ecgx.training.export.ops import (
     AVGPOOL,
     CONCAT,
     CONV,
+    ELU,
     FLATTEN,
     GAP,
+    GELU,
     GMP,
+    LEAKY_RELU,
     LINEAR,
     MAXPOOL,
+    MISH,
+    MUL,
     PAD,
     RELU,
+    SIGMOID,
+    SILU,
+    TANH,
+)
+from ecgx.training.export.ops.op_mul import (
+    CHANNEL_MIX_ONLY,
+    NoClearGate,
+    broadcast_problem,
+    channel_mix_params,
+    gate_index,
 )
 
 aten = torch.ops.aten
@@ -241,6 +256,9 @@ class _Converter:
         # A node that only rearranges an IR tensor (permute, transpose, a reshape to another layout):
         # fx node name -> (the fx node of that IR tensor, its probe, the probe rearranged alike).
         self.views: dict[str, tuple[fx.Node, torch.Tensor, torch.Tensor]] = {}
+        # A gate's broadcast view ((B, C) -> (B, C, 1), expand): fx node name -> its IR tensor's shape;
+        # only a product reads it (the product broadcasts the gate itself).
+        self.gate_views: dict[str, tuple[int, ...]] = {}
 
     def convert(self, shape: tuple[int, int]) -> ModelIR:
         output = None
@@ -319,13 +337,17 @@ class _Converter:
         return a
 
     def _emit(self, kind: str, node: fx.Node, name: str, inputs: list[fx.Node], params=None) -> Op:
+        viewed = [a.name for a in inputs if a.name in self.gate_views]
+        if viewed and kind != MUL:
+            why = f"it reads {viewed[0]}, a gate's broadcast view (only a product may)"
+            raise unsupported(name, kind, why)
         op = Op(
             kind,
             name,
             tuple(self.alias[a.name] for a in inputs),
             node.name,
             _shape(node),
-            tuple(_shape(a) for a in inputs),
+            tuple(self.gate_views.get(a.name, _shape(a)) for a in inputs),
             params or {},
         )
         self._add(op)
@@ -480,6 +502,33 @@ class _Converter:
 
     _aten_relu_ = _aten_relu
 
+    # The other activations (ops/activation.py), in place or not.
+    def _aten_leaky_relu(self, node, name, data, a) -> None:
+        self._emit(LEAKY_RELU, node, name, data[:1], {"slope": float(a.get("negative_slope", 0.01))})
+
+    def _aten_elu(self, node, name, data, a) -> None:
+        if float(a.get("scale", 1.0)) != 1.0 or float(a.get("input_scale", 1.0)) != 1.0:
+            raise unsupported(name, "ELU", "scale or input_scale other than 1 (SELU, CELU)")
+        self._emit(ELU, node, name, data[:1], {"alpha": float(a.get("alpha", 1.0))})
+
+    def _aten_gelu(self, node, name, data, a) -> None:
+        self._emit(GELU, node, name, data[:1], {"approximate": a.get("approximate", "none")})
+
+    def _aten_silu(self, node, name, data, a) -> None:
+        self._emit(SILU, node, name, data[:1])
+
+    def _aten_mish(self, node, name, data, a) -> None:
+        self._emit(MISH, node, name, data[:1])
+
+    def _aten_sigmoid(self, node, name, data, a) -> None:
+        self._emit(SIGMOID, node, name, data[:1])
+
+    def _aten_tanh(self, node, name, data, a) -> None:
+        self._emit(TANH, node, name, data[:1])
+
+    _aten_leaky_relu_, _aten_elu_, _aten_silu_ = _aten_leaky_relu, _aten_elu, _aten_silu
+    _aten_mish_, _aten_sigmoid_, _aten_tanh_ = _aten_mish, _aten_sigmoid, _aten_tanh
+
     def _aten_dropout(self, node, name, data, a) -> None:
         if a.get("train"):
             raise unsupported(name, "Dropout", "it is in training mode (export the model in eval mode)")
@@ -555,7 +604,15 @@ class _Converter:
         wt = self._const(a["mat2"], name, "weight")
         self.open_linear[node.name] = self._linear(node, name, data, _np(wt).T.copy(), None)
 
-    _aten_matmul = _aten_mm
+    def _aten_matmul(self, node, name, data, a) -> None:
+        if len(data) == 1 and a["other"] is data[0] and isinstance(a["self"], fx.Node):
+            w = _np(self._const(a["self"], name, "weight"))  # W @ x: a channel mix (a 1x1 convolution)
+            params = channel_mix_params(w, _shape(data[0]))
+            if params is None:
+                raise unsupported(name, "matmul", CHANNEL_MIX_ONLY)
+            self._emit(CONV, node, name, data, params)
+            return
+        self._aten_mm(node, name, data, {"self": a["self"], "mat2": a["other"]})
 
     def _linear(self, node, name, data, weight: np.ndarray, bias: np.ndarray | None) -> Op:
         in_shape = _shape(data[0])
@@ -763,6 +820,8 @@ class _Converter:
         if out_shape == in_shape:
             self._alias(node, x)
             return
+        if not lifted and self._gate_view(node, x):
+            return
         if len(out_shape) != 1 or out_shape[0] != math.prod(in_shape):
             if not lifted:
                 self._layout(node, name, x)  # another layout: a view, until it comes back
@@ -778,6 +837,33 @@ class _Converter:
 
     _aten_flatten = _aten_view = _aten_reshape = _aten__unsafe_view = _reshape
     _aten_squeeze = _aten_unsqueeze = _reshape
+
+    def _gate_view(self, node: fx.Node, x: fx.Node) -> bool:
+        """Alias a view that only broadcasts a gate ((C,) -> (C, 1), (C, 1) -> (C, L)); False if
+        ``node`` is another reshape."""
+        shape, out = self.gate_views.get(x.name, _shape(x)), _shape(node)
+        if len(out) != 2 or out == shape or broadcast_problem(out, shape) is not None:
+            return False
+        self._alias(node, x)
+        self.gate_views[node.name] = shape
+        return True
+
+    def _aten_expand(self, node, name, data, a) -> None:
+        if not self._gate_view(node, data[0]):
+            raise unsupported(name, "expand", "only a gate broadcast over the signal it multiplies")
+
+    _aten_expand_as = _aten_expand
+
+    def _aten_mul(self, node, name, data, a) -> None:
+        if len(data) != 2:
+            raise unsupported(name, "multiplication", "only a product of two tensors: a signal, its gate")
+        shapes = tuple(self.gate_views.get(d.name, _shape(d)) for d in data)
+        producers = [next((o for o in self.ops if o.output == self.alias[d.name]), None) for d in data]
+        try:
+            gate = gate_index(shapes, tuple(p.kind if p else None for p in producers))
+        except NoClearGate as e:
+            raise unsupported(name, "multiplication", str(e)) from None
+        self._emit(MUL, node, name, data, {"gate": gate})
 
     def _aten_permute(self, node, name, data, a) -> None:
         if data[0].name in self.lifted:

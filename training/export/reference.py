@@ -25,7 +25,7 @@ from torch import nn
 from ecgx.core.errors import InvalidArgument
 from ecgx.training.export.ir import ExportError, ModelIR, Op
 from ecgx.training.export.ir_torch import IRModule, as_ir_module, target_indices
-from ecgx.training.export.ops import OP_SPECS
+from ecgx.training.export.ops import OP_SPECS, RELU
 
 
 class PassRule(EpsilonRule):
@@ -49,6 +49,20 @@ class PassRule(EpsilonRule):
         return _backward_hook_output
 
 
+class ActivationPassRule(PassRule):
+    """Relevance passes an activation unchanged, as Captum passes ReLU and Tanh (ops/activation.py).
+
+    Captum refuses other activations without a rule, and ``PassRule`` would let the activation's
+    own derivative act between its hooks; the output is returned as ``x + (f(x) - x).detach()``, the
+    value of f(x) whose gradient with respect to x is the identity."""
+
+    def forward_hook(self, module, inputs, outputs):
+        self._handle_input_hooks = []
+        self._handle_output_hook = outputs.register_hook(lambda grad: grad)  # Captum removes it after
+        x = inputs[0]
+        return x + (outputs - x).detach()
+
+
 def attach_epsilon_rules(module: IRModule, epsilon: float) -> IRModule:
     """(Re)attach Captum's EpsilonRule to every rule layer of ``module`` (conv, linear, affine,
     pools, addition) and a pass-through rule to concatenations and flattens; ReLUs pass relevance
@@ -64,6 +78,8 @@ def attach_epsilon_rules(module: IRModule, epsilon: float) -> IRModule:
             layer.rule = EpsilonRule(epsilon)  # one rule object per layer: rules keep per-layer state
         elif spec.moves_values:
             layer.rule = PassRule()
+        elif spec.is_activation and op.kind != RELU:
+            layer.rule = ActivationPassRule()
     return module
 
 
@@ -357,13 +373,12 @@ def as_float64(module: IRModule) -> IRModule:
 
 
 def _relu_inputs(module: IRModule, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Every ReLU op's input on ``x`` (by op name)."""
-    from ecgx.training.export.ir import RELU
-
+    """Every ReLU op's input on ``x`` (by op name), and every other op's whose derivative jumps at 0
+    (LeakyReLU, ELU with alpha != 1: ``OpKind.kinked_at_zero``)."""
     seen: dict[str, torch.Tensor] = {}
 
     def record(op: Op, layer: nn.Module, inputs: list[torch.Tensor]) -> None:
-        if op.kind == RELU:
+        if OP_SPECS[op.kind].kinked_at_zero(op):
             seen[op.name] = inputs[0]
         return None
 

@@ -35,19 +35,49 @@ from ecgx.training.export.ops import (
     AVGPOOL,
     CONCAT,
     CONV,
+    ELU,
     FLATTEN,
     GAP,
+    GELU,
     GMP,
+    LEAKY_RELU,
     LINEAR,
     MAXPOOL,
+    MISH,
+    MUL,
     PAD,
     RELU,
+    SIGMOID,
+    SILU,
+    TANH,
 )
+from ecgx.training.export.ops.op_mul import NoClearGate, broadcast_problem, gate_index
 from ecgx.training.models import Add
 
 _ADD = (operator.add, operator.iadd, torch.add, "add", "add_", "__add__")
 _RELU = (F.relu, torch.relu, torch.relu_, "relu", "relu_")
 _CAT = (torch.cat, torch.concat, torch.concatenate)
+# The other activations (ops/activation.py): module -> (kind, {param: module attribute}), and
+# function or method -> (kind, {param: (position after the tensor, keyword, default)}).
+_ACTIVATION_MODULES: dict[type, tuple[str, dict[str, str]]] = {
+    nn.LeakyReLU: (LEAKY_RELU, {"slope": "negative_slope"}),
+    nn.ELU: (ELU, {"alpha": "alpha"}),
+    nn.GELU: (GELU, {"approximate": "approximate"}),
+    nn.SiLU: (SILU, {}),
+    nn.Mish: (MISH, {}),
+    nn.Sigmoid: (SIGMOID, {}),
+    nn.Tanh: (TANH, {}),
+}
+_SLOPE, _ALPHA = {"slope": (0, "negative_slope", 0.01)}, {"alpha": (0, "alpha", 1.0)}
+_ACTIVATION_FUNCTIONS: dict[Any, tuple[str, dict[str, tuple[int, str, Any]]]] = {
+    **{f: (LEAKY_RELU, _SLOPE) for f in (F.leaky_relu, F.leaky_relu_, "leaky_relu", "leaky_relu_")},
+    **{f: (ELU, _ALPHA) for f in (F.elu, F.elu_, "elu", "elu_")},
+    **{f: (GELU, {"approximate": (0, "approximate", "none")}) for f in (F.gelu, "gelu")},
+    **{f: (SILU, {}) for f in (F.silu, "silu")},
+    **{f: (MISH, {}) for f in (F.mish, "mish")},
+    **{f: (SIGMOID, {}) for f in (F.sigmoid, torch.sigmoid, torch.sigmoid_, "sigmoid", "sigmoid_")},
+    **{f: (TANH, {}) for f in (F.tanh, torch.tanh, torch.tanh_, "tanh", "tanh_")},
+}
 _FLATTEN = (torch.flatten, "flatten", "view", "reshape", torch.reshape, "squeeze", torch.squeeze)
 _DROPOUT = (F.dropout, F.dropout1d, F.alpha_dropout, "contiguous", torch.clone, "clone")
 _POOL_FUNCTIONS = {
@@ -57,6 +87,9 @@ _POOL_FUNCTIONS = {
     F.adaptive_max_pool1d: GMP,
 }
 _MEAN = (torch.mean, "mean")
+_MUL = (operator.mul, operator.imul, torch.mul, "mul", "mul_", "__mul__")
+# Views that only broadcast a gate ((B, C) -> (B, C, 1), expand_as): read by the product they feed.
+_BROADCAST_VIEWS = ("view", "reshape", torch.reshape, "unsqueeze", torch.unsqueeze, "expand", "expand_as")
 
 
 class _Tracer(fx.Tracer):
@@ -143,6 +176,8 @@ class _Converter:
         self.ops: list[Op] = []
         self.alias: dict[str, str] = {}
         self.names: dict[str, int] = {}
+        # fx node -> its IR tensor's shape, for broadcast views of a gate (only a product reads them)
+        self.views: dict[str, tuple[int, ...]] = {}
 
     def convert(self, shape: tuple[int, int]) -> ModelIR:
         output = None
@@ -152,7 +187,9 @@ class _Converter:
             elif node.op == "output":
                 output = self._output(node)
             elif node.op == "get_attr":
-                raise ExportError(
+                # torch.export reads some of these (a parameter matrix times the signal: the PTB-XL
+                # benchmark's SqueezeExcite1d), so the program front end has the last word.
+                raise _Rearrangement(
                     f"{node.target}: the model reads a parameter or buffer directly in forward() "
                     "(a functional layer such as F.conv1d(x, self.weight)); use the layer's module instead"
                 )
@@ -180,13 +217,17 @@ class _Converter:
         return base if self.names[base] == 1 else f"{base}@{self.names[base]}"
 
     def _emit(self, kind: str, node: fx.Node, name: str, inputs: list[fx.Node], params=None) -> None:
+        viewed = [a.name for a in inputs if a.name in self.views]
+        if viewed and kind != MUL:
+            why = f"it reads {viewed[0]}, a gate's broadcast view (only a product may)"
+            raise unsupported(name, kind, why)
         op = Op(
             kind,
             self._name(name),
             tuple(self.alias[a.name] for a in inputs),
             node.name,
             _shape(node),
-            tuple(_shape(a) for a in inputs),
+            tuple(self.views.get(a.name, _shape(a)) for a in inputs),
             params or {},
         )
         self.ops.append(op)
@@ -209,6 +250,9 @@ class _Converter:
             self._emit(ADD, node, name, ins)
         elif isinstance(m, nn.ReLU):
             self._emit(RELU, node, name, ins)
+        elif type(m) in _ACTIVATION_MODULES:
+            kind, attrs = _ACTIVATION_MODULES[type(m)]
+            self._emit(kind, node, name, ins, {p: getattr(m, a) for p, a in attrs.items()})
         elif isinstance(m, nn.Conv1d):
             self._emit(CONV, node, name, ins, _conv_params(name, m, _shape(ins[0])))
         elif isinstance(m, nn.Linear):
@@ -247,12 +291,23 @@ class _Converter:
             self.alias[node.name] = self.alias[ins[0].name]
         elif target in _RELU:
             self._emit(RELU, node, name, ins[:1])
+        elif target in _ACTIVATION_FUNCTIONS:
+            kind, args = _ACTIVATION_FUNCTIONS[target]
+            given = node.args[1:]
+            params = {
+                p: given[i] if i < len(given) else node.kwargs.get(k, d) for p, (i, k, d) in args.items()
+            }
+            self._emit(kind, node, name, ins[:1], params)
         elif target in _ADD:
             if len(ins) != 2 or len(node.args) != 2:
                 raise unsupported(name, "addition", "only the sum of two tensors (no constants, no alpha)")
             self._emit(ADD, node, name, ins)
         elif target in _CAT:
             self._cat(node, name)
+        elif target in _MUL:
+            self._product(node, name, ins)
+        elif target in _BROADCAST_VIEWS and self._broadcast_view(node, ins[:1]):
+            pass  # aliased to the gate, which the product reads with its own broadcast
         elif target in _FLATTEN:
             self._flatten(node, name, ins[:1])
         elif target in _POOL_FUNCTIONS:
@@ -281,6 +336,29 @@ class _Converter:
                 name, "torch.cat", f"only concatenation of tensors along channels (dim=1), got dim={dim}"
             )
         self._emit(CONCAT, node, name, parts)
+
+    def _product(self, node: fx.Node, name: str, ins: list[fx.Node]) -> None:
+        if len(ins) != 2 or len(node.args) != 2:
+            raise unsupported(name, "multiplication", "only a product of two tensors: a signal, its gate")
+        shapes = tuple(self.views.get(a.name, _shape(a)) for a in ins)
+        producers = [next((o for o in self.ops if o.output == self.alias[a.name]), None) for a in ins]
+        try:
+            gate = gate_index(shapes, tuple(p.kind if p else None for p in producers))
+        except NoClearGate as e:
+            raise unsupported(name, "multiplication", str(e)) from None
+        self._emit(MUL, node, name, ins, {"gate": gate})
+
+    def _broadcast_view(self, node: fx.Node, ins: list[fx.Node]) -> bool:
+        """Alias a view that only broadcasts a gate ((C,) -> (C, 1), (C, 1) -> (C, L)); False if
+        ``node`` is another reshape."""
+        if not ins:
+            return False
+        shape, out = self.views.get(ins[0].name, _shape(ins[0])), _shape(node)
+        if len(out) != 2 or out == shape or broadcast_problem(out, shape) is not None:
+            return False
+        self.alias[node.name] = self.alias[ins[0].name]
+        self.views[node.name] = shape
+        return True
 
     def _flatten(self, node: fx.Node, name: str, ins: list[fx.Node]) -> None:
         in_shape, out_shape = _shape(ins[0]), _shape(node)

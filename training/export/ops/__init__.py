@@ -14,13 +14,21 @@ from ecgx.training.export.ops.op_affine import Affine
 from ecgx.training.export.ops.op_avgpool import AvgPool
 from ecgx.training.export.ops.op_concat import ConcatKind
 from ecgx.training.export.ops.op_conv import Conv
+from ecgx.training.export.ops.op_elu import Elu
 from ecgx.training.export.ops.op_flatten import Flatten
 from ecgx.training.export.ops.op_gap import GlobalAvgPool
+from ecgx.training.export.ops.op_gelu import Gelu
 from ecgx.training.export.ops.op_gmp import GlobalMaxPool
+from ecgx.training.export.ops.op_leaky_relu import LeakyRelu
 from ecgx.training.export.ops.op_linear import Linear
 from ecgx.training.export.ops.op_maxpool import MaxPool
+from ecgx.training.export.ops.op_mish import Mish
+from ecgx.training.export.ops.op_mul import Mul
 from ecgx.training.export.ops.op_pad import Pad
 from ecgx.training.export.ops.op_relu import Relu
+from ecgx.training.export.ops.op_sigmoid import Sigmoid
+from ecgx.training.export.ops.op_silu import Silu
+from ecgx.training.export.ops.op_tanh import Tanh
 
 # Every op kind, in the IR's documented order.
 OP_SPECS: dict[str, OpKind] = {
@@ -34,8 +42,16 @@ OP_SPECS: dict[str, OpKind] = {
         GlobalAvgPool(),
         GlobalMaxPool(),
         Add(),
+        Mul(),
         ConcatKind(),
         Relu(),
+        LeakyRelu(),
+        Elu(),
+        Gelu(),
+        Silu(),
+        Mish(),
+        Sigmoid(),
+        Tanh(),
         Flatten(),
         Pad(),
     )
@@ -45,7 +61,9 @@ OP_SPECS: dict[str, OpKind] = {
 CONV, LINEAR, AFFINE = Conv.kind, Linear.kind, Affine.kind
 MAXPOOL, AVGPOOL, GAP, GMP = MaxPool.kind, AvgPool.kind, GlobalAvgPool.kind, GlobalMaxPool.kind
 ADD, CONCAT, RELU, FLATTEN = Add.kind, ConcatKind.kind, Relu.kind, Flatten.kind
-PAD = Pad.kind
+PAD, MUL = Pad.kind, Mul.kind
+LEAKY_RELU, ELU, GELU, SILU = LeakyRelu.kind, Elu.kind, Gelu.kind, Silu.kind
+MISH, SIGMOID, TANH = Mish.kind, Sigmoid.kind, Tanh.kind
 
 OP_KINDS: tuple[str, ...] = tuple(OP_SPECS)
 # "Linear" layers in the LRP sense (z = sum of weighted inputs + bias): the ones rules attach to.
@@ -58,16 +76,24 @@ __all__ = [
     "AVGPOOL",
     "CONCAT",
     "CONV",
+    "ELU",
     "FLATTEN",
     "GAP",
+    "GELU",
     "GMP",
+    "LEAKY_RELU",
     "LINEAR",
     "MAXPOOL",
+    "MISH",
+    "MUL",
     "OP_KINDS",
     "OP_SPECS",
     "PAD",
     "PARAMETERISED",
     "RELU",
     "RULE_LAYERS",
+    "SIGMOID",
+    "SILU",
+    "TANH",
     "OpKind",
 ]

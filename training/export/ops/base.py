@@ -49,7 +49,8 @@ class OpKind:
     # LRP's "linear" layers (z = a weighted sum of inputs + bias): Captum's epsilon rule attaches here.
     is_rule_layer: ClassVar[bool] = False
     moves_values: ClassVar[bool] = False  # only moves values: every rule passes its gradient through
-    makes_feature_maps: ClassVar[bool] = False  # a ReLU after it gives a GradCAM candidate layer
+    makes_feature_maps: ClassVar[bool] = False  # an activation after it gives a GradCAM candidate layer
+    is_activation: ClassVar[bool] = False  # element-wise activation (ReLU, ops/activation.py)
     lrp_role: ClassVar[str] = GRADIENT
 
     # ----------------------------------------------------------------- the IR
@@ -106,6 +107,11 @@ class OpKind:
     def magnitude(self, layer: nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor | None:
         """``sum |w * a|`` (+ |bias|) per output unit of a layer LRP divides by, else None."""
         return None
+
+    def kinked_at_zero(self, op: Op) -> bool:
+        """Whether the op's derivative jumps where its input crosses 0 (ReLU, LeakyReLU): float32
+        rounding of an input near 0 may then switch it (``reference.relu_near_ties``)."""
+        return False
 
     def zero_exact(self, inputs_exact: bool) -> bool:
         """Whether the output is non-negative with zeros exact in every float32 implementation,

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 class Relu(OpKind):
     kind = "relu"
     lrp_role = PASS
+    is_activation = True
 
     def emit_forward(self, b: GraphBuilder, op: Op, ins: list[str], weight_t, bias_t) -> str:
         return b.op("Relu", ins, op.name)
@@ -28,6 +29,9 @@ class Relu(OpKind):
 
     def torch_module(self, op: Op) -> nn.Module:
         return nn.ReLU()
+
+    def kinked_at_zero(self, op: Op) -> bool:
+        return True
 
     def zero_exact(self, inputs_exact: bool) -> bool:
         return True  # a ReLU's zeros are exact whatever its input
