@@ -29,6 +29,7 @@ from ecgx.training.export.ir_torch import IRModule, target_indices
 from ecgx.training.export.lrp_rules import COMPOSITE_GRAPH_NAMES, INPUT_RULES, STABILIZER, input_layers
 from ecgx.training.export.ops import OP_SPECS
 from ecgx.training.export.ops.base import CONV_RULE, DENSE_RULE, NORM, PASS
+from ecgx.training.export.ops.op_mul import GATE, in_order
 from ecgx.training.export.parity import MAX_OUTLIER_FRACTION, REL_TOL
 
 # Graph name -> composite name (``lrp_epsilon_plus`` -> ``epsilon_plus``).
@@ -89,6 +90,8 @@ class _Rules:
         role = OP_SPECS[op.kind].lrp_role  # the op's place in Zennit's layer map
         if role == PASS:  # relevance unchanged
             return lambda inputs, out, r: [r]
+        if role == GATE:  # a gating product: all relevance to the signal, none to the gate (Arras et al.)
+            return lambda inputs, out, r: in_order(op, r, None)
         if role == NORM:
             return lambda inputs, out, r: self.norm(module, inputs, r)
         if role in (CONV_RULE, DENSE_RULE):
