@@ -42,6 +42,9 @@ TRAINING_IDS_FILE = "training_ids.json"
 # when the export could not build or check it for the model; the manifest's ``unavailable`` then
 # says why (graph -> {"reason": ..., "methods": [the methods that need it]}).
 REQUIRED_GRAPHS = ("forward", "gradient")
+# A partial package (manifest ``partial``: {"reason": ...}) is a model the export's IR could not read:
+# it holds the forward pass only, and ``unavailable`` lists every other graph with that reason.
+PARTIAL_REQUIRED_GRAPHS = ("forward",)
 # Package files are plain names in the package folder: no separators, no "." or "..".
 _PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -89,6 +92,13 @@ class ModelPackage:
     def input_shape(self) -> tuple[int, int]:
         _, leads, samples = self.manifest["input"]["shape"]
         return int(leads), int(samples)
+
+    @property
+    def partial(self) -> str | None:
+        """Why the package holds only the forward pass (the export's IR could not read the model),
+        or None for a full package."""
+        entry = self.manifest.get("partial")
+        return entry["reason"] if entry else None
 
     @property
     def unavailable(self) -> dict[str, dict[str, Any]]:
@@ -328,9 +338,18 @@ class _Checker:
         return value
 
 
+def required_graphs(manifest: Mapping[str, Any]) -> tuple[str, ...]:
+    """The graphs a package must hold: forward and gradient, or forward alone in a partial package."""
+    return PARTIAL_REQUIRED_GRAPHS if manifest.get("partial") else REQUIRED_GRAPHS
+
+
 def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
     """Check the structure of a manifest: every field the reader and the engine use, with its type."""
     c = _Checker(manifest_path)
+    if manifest.get("partial") is not None:
+        partial = c.dict_(manifest["partial"], "partial", non_empty=True)
+        c.str_(c.get(partial, "reason", "partial."), "partial.reason")
+    required = required_graphs(manifest)
     classes = c.list_(c.get(manifest, "classes"), "classes", non_empty=True)
     keys = set()
     for i, cls in enumerate(classes):
@@ -376,7 +395,7 @@ def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
             c.int_(entry["bytes"], f"files[{name!r}].bytes")
 
     graphs = c.dict_(c.get(manifest, "graphs"), "graphs", non_empty=True)
-    for graph in REQUIRED_GRAPHS:
+    for graph in required:
         if graph not in graphs:
             c.fail("graphs", f"has no {graph!r} graph (it has {sorted(graphs)})")
     for graph, entry in graphs.items():
@@ -402,7 +421,7 @@ def check_manifest(manifest: dict[str, Any], manifest_path: Path) -> None:
                 c.fail(
                     key, "names a graph the package has under graphs; a graph is either there or unavailable"
                 )
-            if graph in REQUIRED_GRAPHS:
+            if graph in required:
                 c.fail(key, f"names the {graph!r} graph, which every package must have")
             entry = c.dict_(entry, key)
             c.str_(c.get(entry, "reason", f"{key}."), f"{key}.reason")

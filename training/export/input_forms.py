@@ -13,6 +13,11 @@ ONNX model                a forward-only ``.onnx`` file; ``input_length`` when i
                           dynamic
 ========================= =====================================================================
 
+A factory, program or ONNX model the export's IR cannot read (LSTM, GRU, a layer no front end
+maps) gives a *partial* source unless ``partial=False``: its forward pass only, the model itself
+as ONNX (``source.PartialForward``), from which the writer makes a package with the forward-only
+methods and every other method unavailable with the IR's refusal as the reason.
+
 The sampling rate is the project's 500 Hz only for 600-sample inputs (the project's
 median beat); otherwise it must be given, unless the file carries it (ONNX
 ``metadata_props`` or a ``.pt2`` extra file named ``sampling_rate_hz``). Classes default
@@ -34,8 +39,16 @@ import torch
 from torch import nn
 
 from ecgx.core.schema import BEAT_SAMPLES, CLASSES, N_LEADS, SAMPLING_RATE_HZ
-from ecgx.training.export.ir import ExportError, ModelIR
-from ecgx.training.export.source import ModelSource, module_forward
+from ecgx.training.export.ir import ExportError
+from ecgx.training.export.source import (
+    ModelSource,
+    module_forward,
+    partial_from_onnx,
+    partial_from_program,
+    recurrent_in_onnx,
+    refused,
+    trace_or_partial,
+)
 from ecgx.training.export.torch_frontend import trace_model
 
 SAMPLING_RATE_KEY = "sampling_rate_hz"
@@ -56,10 +69,14 @@ def load_source(
     input_length: int | None = None,
     sampling_rate_hz: float | None = None,
     classes: list[str] | Path | str | None = None,
+    partial: bool = True,
 ) -> ModelSource:
     """The :class:`ModelSource` of a checkpoint, a factory spec plus ``weights``, a ``.pt2``
     program or an ``.onnx`` file, or ExportError (CheckpointError for a bad checkpoint) naming
     what is wrong and what to pass instead.
+
+    ``partial``: a model the IR cannot read gives a forward-only source (a partial package);
+    False raises the IR's refusal instead.
 
     ``classes`` is a list of names, a file with one name per line, or a comma-separated string.
     """
@@ -73,7 +90,7 @@ def load_source(
                 f"--model {model} is a factory; give its trained weights with --weights FILE (a state dict "
                 "saved with torch.save(model.state_dict(), FILE))"
             )
-        return _from_factory(str(model), Path(weights), input_length, sampling_rate_hz, classes)
+        return _from_factory(str(model), Path(weights), input_length, sampling_rate_hz, classes, partial)
     path = Path(model)
     if weights is not None:
         raise ExportError(
@@ -81,9 +98,9 @@ def load_source(
         )
     suffix = path.suffix.lower()
     if suffix == ".pt2":
-        return _from_program(path, input_length, sampling_rate_hz, classes)
+        return _from_program(path, input_length, sampling_rate_hz, classes, partial)
     if suffix == ".onnx":
-        return _from_onnx(path, input_length, sampling_rate_hz, classes)
+        return _from_onnx(path, input_length, sampling_rate_hz, classes, partial)
     if not path.exists() and ":" in str(model):
         raise ExportError(
             f"--model {model}: neither a file nor a factory spec; a factory is written pkg.module:function "
@@ -116,12 +133,14 @@ def _from_checkpoint(path: Path, input_length, sampling_rate_hz, classes) -> Mod
         forward=module_forward(model),
         original=model,
         sampling_rate_hz=float(SAMPLING_RATE_HZ),
-        classes=_classes(classes, ir, path),
+        classes=_classes(classes, ir.n_outputs, path),
         description={"form": "checkpoint", "checkpoint": str(path.resolve()), "sha256": sha256_file(path)},
     )
 
 
-def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
+def _from_factory(
+    spec: str, weights: Path, input_length, sampling_rate_hz, classes, partial: bool = True
+) -> ModelSource:
     from ecgx.core.package_reader import sha256_file
 
     model = build_from_factory(spec)
@@ -129,13 +148,14 @@ def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, clas
     load_strict(model, state, spec, weights)
     model.eval()
     length = input_length or BEAT_SAMPLES
-    ir = trace_model(model, (N_LEADS, length))
+    ir, forward_only = trace_or_partial(model, (N_LEADS, length), partial)
     return ModelSource(
         ir=ir,
         forward=module_forward(model),
         original=model,
+        partial=forward_only,
         sampling_rate_hz=_sampling_rate(sampling_rate_hz, None, length, spec),
-        classes=_classes(classes, ir, spec),
+        classes=_classes(classes, (ir or forward_only).n_outputs, spec),
         description={
             "form": "factory",
             "factory": spec,
@@ -145,18 +165,26 @@ def _from_factory(spec: str, weights: Path, input_length, sampling_rate_hz, clas
     )
 
 
-def _from_program(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
+def _from_program(path: Path, input_length, sampling_rate_hz, classes, partial: bool = True) -> ModelSource:
     from ecgx.core.package_reader import sha256_file
     from ecgx.training.export.program_import import import_program, program_metadata
 
-    ir, module = import_program(path, input_length)
+    forward_only = None
+    try:
+        ir, module = import_program(path, input_length)
+    except ExportError as e:
+        if not partial:
+            raise
+        ir, (forward_only, module) = None, partial_from_program(path, input_length, e)
     meta = program_metadata(path).get(SAMPLING_RATE_KEY)
+    shaped = ir or forward_only
     return ModelSource(
         ir=ir,
         forward=module_forward(module),
         original=module,
-        sampling_rate_hz=_sampling_rate(sampling_rate_hz, meta, ir.input_shape[1], path),
-        classes=_classes(classes, ir, path),
+        partial=forward_only,
+        sampling_rate_hz=_sampling_rate(sampling_rate_hz, meta, shaped.input_shape[1], path),
+        classes=_classes(classes, shaped.n_outputs, path),
         description={
             "form": "torch.export program",
             "path": str(path.resolve()),
@@ -165,20 +193,39 @@ def _from_program(path: Path, input_length, sampling_rate_hz, classes) -> ModelS
     )
 
 
-def _from_onnx(path: Path, input_length, sampling_rate_hz, classes) -> ModelSource:
+def _from_onnx(path: Path, input_length, sampling_rate_hz, classes, partial: bool = True) -> ModelSource:
     from ecgx.core.package_reader import sha256_file
     from ecgx.training.export.onnx_import import import_onnx, onnx_forward, onnx_metadata
 
-    ir = import_onnx(path, input_length)
+    forward_only = None
+    try:
+        ir = import_onnx(path, input_length)
+    except ExportError as e:
+        model, shape = _onnx_input(path, input_length)  # the input's own refusals come first
+        if not partial:
+            raise refused(e, recurrent_in_onnx(model)) from None
+        ir, forward_only = None, partial_from_onnx(path, model, shape, e)
     meta = onnx_metadata(path).get(SAMPLING_RATE_KEY)
+    shaped = ir or forward_only
     return ModelSource(
         ir=ir,
         forward=onnx_forward(path),
         original=None,
-        sampling_rate_hz=_sampling_rate(sampling_rate_hz, meta, ir.input_shape[1], path),
-        classes=_classes(classes, ir, path),
+        partial=forward_only,
+        sampling_rate_hz=_sampling_rate(sampling_rate_hz, meta, shaped.input_shape[1], path),
+        classes=_classes(classes, shaped.n_outputs, path),
         description={"form": "onnx", "path": str(path.resolve()), "sha256": sha256_file(path)},
     )
+
+
+def _onnx_input(path: Path, input_length: int | None) -> tuple[Any, tuple[int, int]]:
+    """The ONNX model and its (leads, samples), with the importer's own checks of the input (one
+    float32 input (batch, leads, samples), one output, the length fixed or given)."""
+    from ecgx.training.export.onnx_import import _Importer, load_onnx_model
+
+    model = load_onnx_model(path)
+    _, leads, length = _Importer(model, path)._input(input_length)
+    return model, (leads, length)
 
 
 # --------------------------------------------------------------------------- factory and weights
@@ -347,8 +394,7 @@ def read_class_names(classes: list[str] | Path | str) -> list[str]:
     return names
 
 
-def _classes(classes: list[str] | Path | str | None, ir: ModelIR, where: Any) -> list[dict[str, str]] | None:
-    n = ir.n_outputs
+def _classes(classes: list[str] | Path | str | None, n: int, where: Any) -> list[dict[str, str]] | None:
     if classes is None:
         if n == len(CLASSES):
             return None  # the project's nine classes

@@ -29,6 +29,15 @@ of the package is written (with a logged warning). The forward pass and the
 gradient are needed by every gradient method and by the gate: if either fails,
 nothing is written (ExportError naming the check).
 
+A model the export's IR cannot read (an LSTM, a GRU, a layer no front end maps: the source is
+*partial*, ``source.PartialForward``) is written as a partial package: its forward graph is the model
+itself as ONNX (the user's file, or torch.onnx's export of the module or program), checked against
+the model as given like any forward graph, its float32 initialisers of weight-bearing nodes moved
+to ``weights.bin`` (so the gate can randomise them, layer by layer); the manifest says
+``"partial": {"reason": ...}`` and lists every other graph under ``unavailable`` with that reason.
+The forward-only methods (occlusion, feature ablation, KernelSHAP, LIME, the random control) serve
+from it; the incremental perturbation graphs are absent, so those methods run full forward passes.
+
 The bytes are reproducible: the same model exports to the same graph files and
 ``weights.bin`` (constants are named by content, parameters laid out in layer
 order); in the manifest only ``created`` (``SOURCE_DATE_EPOCH`` when set) and
@@ -67,12 +76,19 @@ from ecgx.core.package_reader import (
     sha256_file,
 )
 from ecgx.core.schema import BEAT_SAMPLES, CLASSES, LEADS, N_LEADS, R_PEAK_SAMPLE, SAMPLING_RATE_HZ
-from ecgx.service.methods import methods_needing
+from ecgx.service.methods import METHOD_NAMES, methods_needing, required_graphs
 from ecgx.training.export.graph_checks import LRP_CHECK_EPSILONS, References
 from ecgx.training.export.graphs import GRAPHS, build_graph, references
 from ecgx.training.export.ir import PARAMETERISED, ExportError, ModelIR
 from ecgx.training.export.onnx_graphs import OPSET, param_names
-from ecgx.training.export.parity import MAX_OUTLIER_FRACTION, REL_TOL, describe_parity_failure, jsonable
+from ecgx.training.export.parity import (
+    MAX_OUTLIER_FRACTION,
+    REL_TOL,
+    describe_parity_failure,
+    jsonable,
+    parity,
+    parity_ok,
+)
 from ecgx.training.export.source import ModelSource, from_module
 
 log = logging.getLogger(__name__)
@@ -126,6 +142,7 @@ def export_package(
     graph_builder: GraphBuilderFn | None = None,
     check_data: Path | str | None = None,
     check_samples: int = DEFAULT_SAMPLES,
+    partial: bool = True,
 ) -> Path:
     """Export ``model`` as a package folder ``out`` and return its path.
 
@@ -152,14 +169,16 @@ def export_package(
     A graph that cannot be built or fails its check is left out and listed in the
     manifest's ``unavailable`` with the reason and the methods that need it; raises
     :class:`ExportError` (nothing written) when ``forward`` or ``gradient`` fails.
+
+    A model the IR cannot read is written as a partial package (the forward pass only, see the
+    module docstring) unless ``partial`` is False: then the IR's refusal is raised.
     """
     from ecgx.core.outputs import PACKAGE, StagedOutput, check_output
 
     out = Path(out)
     check_output(out, PACKAGE, overwrite=overwrite)  # before the work, not after
     started = time.perf_counter()
-    src = model if isinstance(model, ModelSource) else from_module(model)
-    ir = src.ir
+    src = model if isinstance(model, ModelSource) else from_module(model, allow_partial=partial)
     classes = _classes(src)
     if check_data is not None:
         if sample_inputs is not None:
@@ -168,6 +187,12 @@ def export_package(
     x, inputs_note = _sample_inputs(sample_inputs, src)
     if check_data is not None:
         inputs_note = data_note
+    if src.partial is not None:
+        if not partial:
+            raise ExportError(f"{src.partial.reason} (partial packages refused: partial=False)")
+        info = {"training_info": training_info, "source": source, "training_data": training_data}
+        return _export_partial(src, out, classes, x, inputs_note, info, overwrite, started)
+    ir = src.ir
     layer, no_layer = _pick_gradcam_layer(ir, gradcam_layer)
     names = _graph_names(graphs)
     gradcam_choice = None
@@ -256,7 +281,7 @@ def _build_graphs(
 
 
 def _classes(src: ModelSource) -> list[dict[str, str]]:
-    n = src.ir.n_outputs
+    n = src.n_outputs
     if src.classes is None:
         if n != len(CLASSES):
             raise ExportError(
@@ -377,15 +402,7 @@ def _write_weights(
         for init in model.graph.initializer:
             if init.name in names and init.name not in found:
                 found[init.name] = onnx.numpy_helper.to_array(init)
-    table: dict[str, dict[str, Any]] = {}
-    with open(folder / WEIGHTS_FILE, "wb") as f:
-        for name in (n for n in names if n in found):
-            pad = (-f.tell()) % _ALIGN
-            f.write(b"\0" * pad)
-            data = np.ascontiguousarray(found[name], dtype="<f4").tobytes()
-            table[name] = {"offset": f.tell(), "length": len(data), "shape": list(found[name].shape)}
-            f.write(data)
-    return table
+    return _write_parameters(folder, {n: found[n] for n in names if n in found})
 
 
 def _write_graphs(folder: Path, graphs: dict[str, onnx.ModelProto], params: dict[str, dict]) -> list[str]:
@@ -668,8 +685,6 @@ def _manifest(
     if any(not is_plain_name(f) for f in all_files) or len(set(all_files)) != len(all_files):
         raise ExportError(f"package files must have distinct plain names, got {all_files}")
     written = [f.removesuffix(".onnx") for f in files if f.endswith(".onnx")]
-    leads, samples = src.input_shape
-    beat = (leads, samples) == (N_LEADS, BEAT_SAMPLES) and src.sampling_rate_hz == SAMPLING_RATE_HZ
     manifest = {
         "format": PACKAGE_FORMAT,
         "format_version": PACKAGE_VERSION,
@@ -679,17 +694,7 @@ def _manifest(
         "onnxruntime_version": ort.__version__,
         "classes": classes,
         "leads": _leads(src),
-        "input": {
-            "name": "x",
-            "shape": [None, leads, samples],
-            "dtype": "float32",
-            "units": "mV",
-            "sampling_rate_hz": float(src.sampling_rate_hz),
-            # Only the project's median beat is aligned on its R peak; any other input is a window
-            # of signal, which the service cuts from a strip at the model's rate (service/ecg_input.py).
-            "r_peak_sample": R_PEAK_SAMPLE if beat else None,
-            "kind": "median_beat" if beat else "window",
-        },
+        "input": _input_entry(src),
         "output": {"name": "logits", "shape": [None, len(classes)], "activation": "sigmoid"},
         "graphs": {
             name: {"file": f"{name}.onnx", "inputs": list(spec.inputs), "outputs": list(spec.outputs)}
@@ -699,9 +704,7 @@ def _manifest(
         "gradcam_layer": layer if any(GRAPHS[g].reads_layer for g in written) else None,
         "layers": layers,
         "parameters": params,
-        "files": {
-            f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in all_files
-        },
+        "files": _files_table(folder, all_files),
         "verification": {
             "reference": references(module_given=isinstance(src.original, nn.Module)),
             "rel_tol": REL_TOL,
@@ -717,6 +720,215 @@ def _manifest(
     check_manifest(manifest, folder / MANIFEST_FILE)
     check_parameters(params, (folder / WEIGHTS_FILE).read_bytes(), folder)
     return manifest
+
+
+def _input_entry(src: ModelSource) -> dict[str, Any]:
+    leads, samples = src.input_shape
+    beat = (leads, samples) == (N_LEADS, BEAT_SAMPLES) and src.sampling_rate_hz == SAMPLING_RATE_HZ
+    return {
+        "name": "x",
+        "shape": [None, leads, samples],
+        "dtype": "float32",
+        "units": "mV",
+        "sampling_rate_hz": float(src.sampling_rate_hz),
+        # Only the project's median beat is aligned on its R peak; any other input is a window
+        # of signal, which the service cuts from a strip at the model's rate (service/ecg_input.py).
+        "r_peak_sample": R_PEAK_SAMPLE if beat else None,
+        "kind": "median_beat" if beat else "window",
+    }
+
+
+def _files_table(folder: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {f: {"sha256": sha256_file(folder / f), "bytes": (folder / f).stat().st_size} for f in names}
+
+
+# --------------------------------------------------------------------------- partial packages
+
+# Inputs of an ONNX node that are its weights (the initialisers a partial package moves to
+# weights.bin and the gate randomises), by operator. Other initialisers (running statistics,
+# initial states, shapes, scalars) stay in the graph: randomising them is no test of the model.
+_WEIGHT_INPUTS: dict[str, tuple[int, ...]] = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "Gemm": (1, 2),
+    "MatMul": (0, 1),
+    "LSTM": (1, 2, 3),
+    "GRU": (1, 2, 3),
+    "RNN": (1, 2, 3),
+    "BatchNormalization": (1, 2),
+    "LayerNormalization": (1, 2),
+    "InstanceNormalization": (1, 2),
+}
+
+
+def _partial_layers(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], dict[str, np.ndarray]]:
+    """The manifest's layers of a partial package's forward graph (one per node, in graph order, with
+    the weights it owns) and those weights by name, in layer order. A bias added right after a
+    MatMul is that MatMul's; a weight two nodes read belongs to the first."""
+    inits = {
+        i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) >= 1
+    }
+    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    owned: dict[str, np.ndarray] = {}
+    layers = []
+    for index, node in enumerate(model.graph.node):
+        slots = _WEIGHT_INPUTS.get(node.op_type, ())
+        if node.op_type == "Add" and any(producer.get(v) == "MatMul" for v in node.input):
+            slots = (0, 1)
+        names = [
+            node.input[i]
+            for i in slots
+            if i < len(node.input) and node.input[i] in inits and node.input[i] not in owned
+        ]
+        for name in names:
+            owned[name] = onnx.numpy_helper.to_array(inits[name])
+        layers.append(
+            {
+                "name": node.name or f"{node.op_type}_{index}",
+                "kind": f"onnx:{node.op_type}",
+                "inputs": list(node.input),
+                "output": node.output[0] if node.output else "",
+                "parameters": names,
+            }
+        )
+    return layers, owned
+
+
+def _write_parameters(folder: Path, found: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:
+    """``found`` (name -> array, in the order given) in weights.bin, aligned; name -> {offset, length,
+    shape}."""
+    table: dict[str, dict[str, Any]] = {}
+    with open(folder / WEIGHTS_FILE, "wb") as f:
+        for name, value in found.items():
+            pad = (-f.tell()) % _ALIGN
+            f.write(b"\0" * pad)
+            data = np.ascontiguousarray(value, dtype="<f4").tobytes()
+            table[name] = {"offset": f.tell(), "length": len(data), "shape": list(value.shape)}
+            f.write(data)
+    return table
+
+
+def _partial_unavailable(src: ModelSource) -> dict[str, str]:
+    """Every graph but ``forward``, with why a partial package lacks it."""
+    reason = src.partial.reason
+    built_from_ir = (
+        f"the model cannot be read into the export's IR, from which every graph but the forward pass "
+        f"is built: {reason}"
+    )
+    no_autodiff = (
+        "; plain gradients of the model's own ONNX graph would need an ONNX automatic "
+        "differentiation the export does not have (a gradient graph from torch.onnx could not be "
+        "checked by anything but the same PyTorch autograd it was traced from, and ONNX models given "
+        "as files have no PyTorch side at all)"
+    )
+    return {g: built_from_ir + (no_autodiff if g == "gradient" else "") for g in GRAPHS if g != "forward"}
+
+
+def _check_partial_forward(folder: Path, src: ModelSource, x: np.ndarray) -> dict[str, Any]:
+    """The forward graph against the model as given (PyTorch, or the ONNX file on ONNX Runtime), with
+    the criterion of every package's forward graph; ExportError (nothing written) when it fails."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(folder / "forward.onnx"), options, providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"x": x})[0]
+    want = np.asarray(src.forward(x), np.float64)
+    if got.shape != want.shape:
+        raise ExportError(
+            f"the forward graph returns logits of shape {got.shape}, the model {want.shape} (package not "
+            "written)"
+        )
+    forward = parity(got, want)
+    check = {**forward, "ok": parity_ok(forward), "reference_precision": "float32"}
+    if not check["ok"]:
+        raise ExportError(
+            "the forward graph of the partial package disagrees with the model as given (package not "
+            "written): " + describe_parity_failure("forward", check)
+        )
+    return {
+        "samples": len(x),
+        "checks": {"forward": check},
+        "measured_error": measured_error({"forward": {**check, "measured": forward}}),
+    }
+
+
+def _export_partial(
+    src: ModelSource,
+    out: Path,
+    classes: list[dict[str, str]],
+    x: np.ndarray,
+    inputs_note: str,
+    info: dict[str, Any],
+    overwrite: bool,
+    started: float,
+) -> Path:
+    """Write the partial package of a model the IR cannot read (see the module docstring)."""
+    from ecgx.core.outputs import PACKAGE, StagedOutput
+
+    part = src.partial
+    log.warning(
+        "%s: PARTIAL PACKAGE, forward-only methods (occlusion, feature_ablation, kernel_shap, lime): %s",
+        out,
+        part.reason,
+    )
+    graph = onnx.ModelProto()
+    graph.CopyFrom(part.model)
+    layers, weights = _partial_layers(graph)
+    unavailable = _partial_unavailable(src)
+    with StagedOutput(out, PACKAGE, overwrite=overwrite) as tmp:
+        params = _write_parameters(tmp, weights)
+        _write_graphs(tmp, {"forward": graph}, params)
+        checks = _check_partial_forward(tmp, src, x)
+        checks["sample_inputs"] = inputs_note
+        extra = _write_training_data(tmp, info["training_data"])
+        files = [WEIGHTS_FILE, "forward.onnx", *extra]
+        opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+        manifest = {
+            "format": PACKAGE_FORMAT,
+            "format_version": PACKAGE_VERSION,
+            "ecgx_version": ecgx.__version__,
+            "created": _created(),
+            "opset": opset,
+            "onnxruntime_version": ort.__version__,
+            "partial": {
+                "reason": part.reason,
+                "blocked_by": part.blocked_by,
+                "forward_graph": part.made_by,
+                "methods": [m for m in METHOD_NAMES if not _unavailable_for(m, unavailable)],
+            },
+            "classes": classes,
+            "leads": _leads(src),
+            "input": _input_entry(src),
+            "output": {"name": "logits", "shape": [None, len(classes)], "activation": "sigmoid"},
+            "graphs": {"forward": {"file": "forward.onnx", "inputs": ["x"], "outputs": ["logits"]}},
+            "gradcam_layer": None,
+            "layers": layers,
+            "parameters": params,
+            "files": _files_table(tmp, files),
+            "verification": {
+                "reference": {"forward": GRAPHS["forward"].reference},
+                "rel_tol": REL_TOL,
+                "max_outlier_fraction": MAX_OUTLIER_FRACTION,
+                **checks,
+            },
+            "training": info["training_info"] or {},
+            "source": jsonable({**src.description, **(info["source"] or {})}),
+            "unavailable": {
+                g: {"reason": why, "methods": methods_needing(g)} for g, why in unavailable.items()
+            },
+        }
+        if info["training_data"] is not None:
+            manifest["training_data"] = _training_data_entry(info["training_data"])
+        check_manifest(manifest, tmp / MANIFEST_FILE)
+        check_parameters(params, (tmp / WEIGHTS_FILE).read_bytes(), tmp)
+        manifest["export_seconds"] = round(time.perf_counter() - started, 3)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    log.info("exported partial package %s (forward graph only) in %.1f s", out, time.perf_counter() - started)
+    return out
+
+
+def _unavailable_for(method: str, unavailable: dict[str, str]) -> bool:
+    """Whether ``method`` (default settings) needs a graph in ``unavailable``."""
+    return any(g in unavailable for g in required_graphs(method))
 
 
 def export_checkpoint(checkpoint: Path | str, out: Path | str, **kwargs: Any) -> Path:
