@@ -484,13 +484,13 @@ def _run_into(
     folder.mkdir(parents=True, exist_ok=True)
     for stale in folder.glob(f".*{TMP_SUFFIX}"):  # a shard being written when a run was killed
         stale.unlink(missing_ok=True)
+    package = _load_same_package(spec)
     shards = spec.shards()
     todo = [s for s in shards if not _finished(folder, spec, s)]
-    manifest = _manifest(spec, shards, done=len(shards) - len(todo), backend=backend)
+    manifest = _manifest(spec, package, shards, done=len(shards) - len(todo), backend=backend)
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     if todo:
         log.info("%d of %d shard(s) to compute (%d ECGs)", len(todo), len(shards), sum(s.rows for s in todo))
-    package = _load_same_package(spec)
     by_index = {s.index: s for s in todo}
     bar = progress_bar(
         total=sum(s.rows for s in todo), desc=f"attribute {spec.method}", unit="ECG", enabled=show_progress
@@ -501,12 +501,14 @@ def _run_into(
             for result in _results(spec, todo, backend, engine, source.reader, bar):
                 shard = by_index[result.index]
                 _write_shard(folder, shard, _table(spec, source, package.class_keys, shard, result))
-    manifest = _manifest(spec, shards, done=len(shards), backend=backend)
+    manifest = _manifest(spec, package, shards, done=len(shards), backend=backend)
     write_text_atomic(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
-def _manifest(spec: RunSpec, shards: list[Shard], done: int, backend: Backend) -> dict[str, Any]:
+def _manifest(
+    spec: RunSpec, package: ModelPackage, shards: list[Shard], done: int, backend: Backend
+) -> dict[str, Any]:
     from ecgx.core.schema import BEAT_SAMPLES, N_LEADS
 
     return {
@@ -514,6 +516,8 @@ def _manifest(spec: RunSpec, shards: list[Shard], done: int, backend: Backend) -
         "format_version": FORMAT_VERSION,
         **spec.identity(),
         "package": spec.package,
+        # Packages carry no version of their own: what the manifest says about where one came from.
+        "package_info": {k: package.manifest.get(k) for k in ("format_version", "ecgx_version", "created")},
         "seed_rule": "shard i uses numpy SeedSequence([seed, i]).generate_state(1)[0]"
         if spec.seed is not None
         else None,

@@ -52,6 +52,7 @@ def test_parquet_equals_npy_with_ids(tiny_package: Path, small_synth: Path, tmp_
     manifest = json.loads((folder / MANIFEST).read_text())
     assert manifest["complete"] and manifest["counts"] == {"shards": 3, "shards_done": 3, "ecgs": COUNT}
     assert manifest["shape"] == [12, 600] and manifest["seed"] is None
+    assert manifest["package_info"]["format_version"] is not None
     assert df["package_sha256"].iloc[0] == manifest["package_sha256"]
 
 
