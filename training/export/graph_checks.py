@@ -10,7 +10,11 @@ reference is called in the manifest, is the graph's :class:`~ecgx.training.expor
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,12 +39,30 @@ from ecgx.training.export.source import ModelSource
 # is well-conditioned on nearly every sample, which checks its construction element by element.
 LRP_CHECK_EPSILONS = {"lrp": 1e-2, "lrp.default_epsilon": DEFAULT_LRP_EPSILON}
 
+# Reference runs of one check that are independent of each other (an LRP composite's input rules)
+# run on this many threads: PyTorch releases the GIL in its kernels, so two use both cores of a
+# 2-core machine; and on a loaded machine a worker thread's kernels do not spin-wait for OpenMP
+# teams the way the main thread's do (a composite check measured 2.4 s a rule on the main thread
+# with one intra-op thread, 35 s with two, under load 11; benchmarks/bench_export.py).
+CHECK_WORKERS = 2
+
+log = logging.getLogger(__name__)
+
 # ``reference`` (Captum and the near-tie finders) is imported inside the checks: Captum takes about
 # a second to load, which importing this table (graphs.py, the engine's tests) need not pay.
 
 
 def _session(folder: Path, graph: str) -> ort.InferenceSession:
     return ort.InferenceSession(str(folder / f"{graph}.onnx"), providers=["CPUExecutionProvider"])
+
+
+def run_parallel(fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+    """``[fn(i) for i in items]`` on :data:`CHECK_WORKERS` threads, in order (exceptions re-raised)."""
+    items = list(items)
+    if len(items) < 2:
+        return [fn(i) for i in items]
+    with ThreadPoolExecutor(min(CHECK_WORKERS, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 class References:
@@ -62,6 +84,56 @@ class References:
         self.ties = {"near_max_pool_tie": np.asarray(flags, bool), "near_relu_tie": relu_flags}
         self.tie_report = jsonable(report)
         self.relu_tie_report = jsonable(relu_report)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self._results: dict[str, dict[str, dict[str, Any]]] = {}
+        # Progress: the graphs written to ``folder`` are the ones the export checks.
+        self._total = len(list(folder.glob("*.onnx")))
+        self._done: set[str] = set()
+        self._started = time.monotonic()
+
+    def session(self, graph: str) -> ort.InferenceSession:
+        """The ONNX Runtime session of ``graph``'s file, created once for all the checks."""
+        if graph not in self._sessions:
+            self._sessions[graph] = _session(self.folder, graph)
+        return self._sessions[graph]
+
+    def shared_result(self, key: str, compute: Callable[[], Any]) -> Any:
+        """``compute()``, once per ``key``: a check that several graphs share (the incremental pair)."""
+        if key not in self._results:
+            self._results[key] = compute()
+        return self._results[key]
+
+    def checked(self, graph: str, seconds: float) -> None:
+        """Log that ``graph``'s check ended, with the count and an estimate of the time left, so a
+        long export never goes silent (``ecgx export -q`` hides INFO)."""
+        self._done.add(graph)
+        done, total = len(self._done), max(self._total, len(self._done))
+        elapsed = time.monotonic() - self._started
+        left = elapsed / done * (total - done)
+        log.info(
+            "export check %d/%d: %s (%.1f s; %.0f s elapsed, about %.0f s left)",
+            done,
+            total,
+            graph,
+            seconds,
+            elapsed,
+            left,
+        )
+
+
+def reported(
+    check: Callable[[References, str], dict[str, dict[str, Any]]],
+) -> Callable[[References, str], dict[str, dict[str, Any]]]:
+    """``check`` that reports its end to ``refs.checked`` (the export's progress)."""
+
+    @functools.wraps(check)
+    def run(refs: References, graph: str) -> dict[str, dict[str, Any]]:
+        start = time.monotonic()
+        result = check(refs, graph)
+        refs.checked(graph, time.monotonic() - start)
+        return result
+
+    return run
 
 
 def judge(
@@ -94,9 +166,10 @@ def judge(
     return check
 
 
+@reported
 def check_forward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """The logits against the model as given (``ModelSource.forward``)."""
-    got = _session(refs.folder, "forward").run(None, {"x": refs.x})[0]
+    got = refs.session("forward").run(None, {"x": refs.x})[0]
     want = np.asarray(refs.src.forward(refs.x), np.float64)
     if got.shape != want.shape:
         raise ExportError(
@@ -107,14 +180,20 @@ def check_forward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     return {"forward": {**forward, "ok": parity_ok(forward)}}
 
 
+@reported
 def check_incremental(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """The incremental graphs together (either graph's check runs both): the logits of inputs with
     one lead replaced by zeros over a window of ``max_window`` samples, at starts across the beat
     (both ends included), against the forward graph on the same inputs."""
+    result = refs.shared_result("incremental", lambda: _incremental_parity(refs))
+    return {graph: {**result, "ok": parity_ok(result)}}
+
+
+def _incremental_parity(refs: References) -> dict[str, float]:
     from ecgx.service.methods.perturbation import MAX_WINDOW_KEY
 
-    forward, acts_graph = _session(refs.folder, "forward"), _session(refs.folder, "incremental_activations")
-    incremental = _session(refs.folder, "incremental_forward")
+    forward, acts_graph = refs.session("forward"), refs.session("incremental_activations")
+    incremental = refs.session("incremental_forward")
     width = int(incremental.get_modelmeta().custom_metadata_map[MAX_WINDOW_KEY])
     x = refs.x
     leads, samples = x.shape[1:]
@@ -129,12 +208,11 @@ def check_incremental(refs: References, graph: str) -> dict[str, dict[str, Any]]
         feeds = {"x": rows, "activations": acts, "ecg": ecg, "start": np.array([start], np.int64)}
         got.append(incremental.run(None, feeds)[0])
         want.append(forward.run(None, {"x": rows})[0])
-    result = parity(np.concatenate(got), np.concatenate(want, dtype=np.float64))
-    return {graph: {**result, "ok": parity_ok(result)}}
+    return parity(np.concatenate(got), np.concatenate(want, dtype=np.float64))
 
 
 def _run_backward(refs: References, graph: str) -> np.ndarray:
-    return _session(refs.folder, graph).run(None, {"x": refs.x, "seed": refs.seed})[1]
+    return refs.session(graph).run(None, {"x": refs.x, "seed": refs.seed})[1]
 
 
 def _module_gradient(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.ndarray:
@@ -154,6 +232,7 @@ def _module_gradient64(model: nn.Module, x: np.ndarray, seed: np.ndarray) -> np.
     return xt.grad.detach().numpy()
 
 
+@reported
 def check_gradient(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """The input gradient against autograd on the IR module in float64 and, for a PyTorch model, on
     the module as given (in float64 where it runs in float64; else in float32, its own spread under
@@ -197,6 +276,7 @@ def _captum_beside(got: np.ndarray, captum: Callable[[], np.ndarray], excused) -
     return {"informative": True, **captum}
 
 
+@reported
 def check_modified_backward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """A modified-gradient graph (guided backpropagation, deconvolution) against its plain-autograd
     rule; Captum recorded beside it."""
@@ -214,12 +294,13 @@ def check_modified_backward(refs: References, graph: str) -> dict[str, dict[str,
     }
 
 
+@reported
 def check_deeplift(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """DeepLIFT against its plain-autograd rescale rule (Captum beside it), and the rescale max-pool
     rule by summation to delta."""
     from ecgx.training.export.reference import captum_attribution, near_tie_samples
 
-    sess = _session(refs.folder, "deeplift")
+    sess = refs.session("deeplift")
     x, baseline, seed, target = refs.x, refs.baseline, refs.seed, refs.target
     feeds = {"x": x, "baseline": baseline, "seed": seed}
     plain = sess.run(None, {**feeds, "maxpool_rescale": np.array(False)})[1]
@@ -262,12 +343,13 @@ def check_deeplift(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     return checks
 
 
+@reported
 def check_lrp(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """LRP-epsilon against its plain-autograd rule per edge at :data:`LRP_CHECK_EPSILONS` (Captum
     beside it)."""
     from ecgx.training.export.reference import captum_attribution, ill_conditioned_samples
 
-    sess = _session(refs.folder, "lrp")
+    sess = refs.session("lrp")
     checks = {}
     for name, eps in LRP_CHECK_EPSILONS.items():
         got = sess.run(None, {"x": refs.x, "seed": refs.seed, "epsilon": np.array(eps, np.float32)})[1]
@@ -284,6 +366,7 @@ def check_lrp(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     return checks
 
 
+@reported
 def check_lrp_composite(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """An LRP composite graph (``lrp_epsilon_plus``, ...) against the independent PyTorch rule
     reference (``lrp_reference``, float64), with each input rule, at the well-conditioned epsilon.
@@ -291,43 +374,76 @@ def check_lrp_composite(refs: References, graph: str) -> dict[str, dict[str, Any
     Norm rule at an addition that nearly cancels (pre-activation blocks) amplifies rounding in
     any float32 implementation, while a construction error is of the order of the map itself."""
 
+    # The composite graphs' input rules are independent reference runs: the first composite's
+    # check runs those of every composite graph in the package on CHECK_WORKERS threads, the
+    # others read their share (an error stays with its own graph and rule).
+    outcomes = refs.shared_result("lrp_composites", lambda: _composite_outcomes(refs))
+    if not any(g == graph for g, _ in outcomes):
+        outcomes = _composite_outcomes(refs, [graph])
+    checks = {}
+    for (g, rule), outcome in outcomes.items():
+        if g != graph:
+            continue
+        if isinstance(outcome, Exception):
+            raise outcome
+        checks[f"{graph}.{rule}"] = outcome
+    return checks
+
+
+def _composite_outcomes(
+    refs: References, graphs: list[str] | None = None
+) -> dict[tuple[str, str], dict[str, Any] | Exception]:
+    """Each composite graph's check record per input rule (or the exception its check raised)."""
+    if graphs is None:
+        graphs = [g for g in GRAPH_COMPOSITES if (refs.folder / f"{g}.onnx").is_file()]
+    items = [(g, rule) for g in graphs for rule in INPUT_RULES]
+    for g in graphs:
+        refs.session(g)  # created here, not raced for by the threads
+
+    def outcome(item: tuple[str, str]) -> dict[str, Any] | Exception:
+        try:
+            return _composite_rule_check(refs, *item)
+        except Exception as e:  # raised by the graph's own check, in package_writer's handling
+            return e
+
+    return dict(zip(items, run_parallel(outcome, items), strict=True))
+
+
+def _composite_rule_check(refs: References, graph: str, rule: str) -> dict[str, Any]:
     composite = GRAPH_COMPOSITES[graph]
     eps = LRP_CHECK_EPSILONS["lrp"]
     flat = refs.x.reshape(len(refs.x), -1)
     low, high = flat.min(axis=1).astype(np.float32), flat.max(axis=1).astype(np.float32)
-    sess = _session(refs.folder, graph)
-    checks = {}
-    for rule, code in INPUT_RULES.items():
-        feeds = {
-            "x": refs.x,
-            "seed": refs.seed,
-            "epsilon": np.array(eps, np.float32),
-            "input_rule": np.array(code, np.int64),
-            "low": low,
-            "high": high,
-        }
-        got = sess.run(None, feeds)[1]
-        check = composite_parity(
-            got,
-            refs.module,
-            composite,
-            refs.x,
-            refs.target,
-            epsilon=eps,
-            input_rule=rule,
-            low=low,
-            high=high,
-            excused=dict(refs.ties),
-        )
-        checks[f"{graph}.{rule}"] = {"epsilon": eps, **jsonable(check)}
-    return checks
+    feeds = {
+        "x": refs.x,
+        "seed": refs.seed,
+        "epsilon": np.array(eps, np.float32),
+        "input_rule": np.array(INPUT_RULES[rule], np.int64),
+        "low": low,
+        "high": high,
+    }
+    got = refs.session(graph).run(None, feeds)[1]
+    check = composite_parity(
+        got,
+        refs.module,
+        composite,
+        refs.x,
+        refs.target,
+        epsilon=eps,
+        input_rule=rule,
+        low=low,
+        high=high,
+        excused=dict(refs.ties),
+    )
+    return {"epsilon": eps, **jsonable(check)}
 
 
+@reported
 def check_gradcam(refs: References, graph: str) -> dict[str, dict[str, Any]]:
     """The GradCAM layer's activations and gradients against autograd."""
     from ecgx.training.export.reference import layer_activations_and_gradients
 
-    _, acts, grads = _session(refs.folder, "gradcam").run(None, {"x": refs.x, "seed": refs.seed})
+    _, acts, grads = refs.session("gradcam").run(None, {"x": refs.x, "seed": refs.seed})
 
     def reference(module: nn.Module) -> tuple[np.ndarray, np.ndarray]:
         return layer_activations_and_gradients(module, module.op_modules[refs.layer], refs.x, refs.target)
