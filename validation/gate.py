@@ -499,7 +499,9 @@ class _Context:
     def engine(self, package: ModelPackage | None = None, overrides=None) -> AttributionEngine:
         threads = 1 if self.workers > 1 or self.backend else None
         # The policy bounds the gate's own work; the per-request caps are for served requests.
-        return AttributionEngine(
+        # A backend's engines are the same, and it knows how to build them again on a worker.
+        make = AttributionEngine if self.backend is None else self.backend.engine
+        return make(
             package or self.pkg,
             providers=self.providers,
             threads=threads,

@@ -30,7 +30,7 @@ import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,19 @@ def materialise(files: dict[str, bytes], expected: dict[str, str], root: Path, n
     return folder
 
 
+@dataclass(frozen=True)
+class _EngineSpec:
+    """What an actor needs to build a driver's engine again (its token names the actor's copy)."""
+
+    token: str
+    package: str  # the shipped package's key
+    parameters: dict[str, np.ndarray] | None  # weight overrides (randomised, changed copies)
+    providers: Sequence[str] | None
+    threads: int | None
+    max_request_ecgs: int | None
+    max_request_rows: int | None
+
+
 @dataclass
 class _Shipped:
     """A package as the driver knows it: its file hashes and its object-store entry."""
@@ -170,15 +183,18 @@ class _Worker:
     def ready(self) -> str | None:
         return self.refusal
 
-    def engine(self, token: str, key: str, overrides: Any, providers: Any, threads: Any) -> AttributionEngine:
+    def engine(
+        self, token: str, key: str, parameters: Any, providers: Any, threads: Any, *caps: Any
+    ) -> AttributionEngine:
         if token not in self.engines:
+            max_ecgs, max_rows = caps
             self.engines[token] = AttributionEngine(
                 self.packages[key],
                 providers=providers,
                 threads=threads,
-                parameters=overrides,
-                max_request_ecgs=None,
-                max_request_rows=None,
+                parameters=parameters,
+                max_request_ecgs=max_ecgs,
+                max_request_rows=max_rows,
             )
             while len(self.engines) > ENGINE_CACHE:
                 self.engines.popitem(last=False)
@@ -198,7 +214,7 @@ class RayBackend:
     cache_root: str | None = None
     _actors: list[Any] = field(default_factory=list)
     _shipped: dict[int, _Shipped] = field(default_factory=dict)
-    _tokens: Any = field(default_factory=weakref.WeakKeyDictionary)
+    _engines: Any = field(default_factory=weakref.WeakKeyDictionary)  # engine -> _EngineSpec
     _blobs: Any = None
 
     @property
@@ -237,15 +253,44 @@ class RayBackend:
             raise InvalidArgument(f"package {pkg.path} was not shipped to the Ray cluster")
         return shipped.key
 
+    def engine(
+        self,
+        package: ModelPackage,
+        *,
+        providers: Sequence[str] | None,
+        threads: int | None,
+        parameters: dict[str, np.ndarray] | None,
+        max_request_ecgs: int | None,
+        max_request_rows: int | None,
+    ) -> AttributionEngine:
+        """An engine as :class:`AttributionEngine` builds it, remembered so that a call using it
+        can name it to an actor (:meth:`engine_spec`), which builds its own copy once."""
+        engine = AttributionEngine(
+            package,
+            providers=providers,
+            threads=threads,
+            parameters=parameters,
+            max_request_ecgs=max_request_ecgs,
+            max_request_rows=max_request_rows,
+        )
+        self._engines[engine] = _EngineSpec(
+            uuid.uuid4().hex,
+            self.shipped_key(package),
+            parameters,
+            providers,
+            threads,
+            max_request_ecgs,
+            max_request_rows,
+        )
+        return engine
+
     def engine_spec(self, engine: AttributionEngine) -> tuple:
-        """How an actor rebuilds ``engine``: its package, parameter overrides, providers, threads."""
-        token = self._tokens.setdefault(engine, uuid.uuid4().hex)
-        # The engine keeps the package's parameters with its overrides on top; ship only those.
-        params, base = engine._parameters, engine.package.parameter_views()
-        changed = {
-            n: np.asarray(a) for n, a in params.items() if n not in base or not np.array_equal(base[n], a)
-        }
-        return token, self.shipped_key(engine.package), changed or None, engine.providers, engine.threads
+        """How an actor rebuilds ``engine`` (one :meth:`engine` made); another engine is refused,
+        so a call using it runs on the driver."""
+        spec = self._engines.get(engine)
+        if spec is None:
+            raise pickle.PicklingError(f"engine on {engine.package.path} was not built by the Ray backend")
+        return tuple(getattr(spec, f.name) for f in fields(spec))
 
     def map(self, calls: Sequence[Callable[[], Any]], on_done: Callable[[], Any]) -> list[Any]:
         """Every call's result in order: picklable calls on the actors, the rest on the driver."""
@@ -274,7 +319,7 @@ class RayBackend:
         try:
             _call_pickler(out, self, arrays).dump(call)
         except (TypeError, pickle.PicklingError, AttributeError) as e:
-            log.debug("ray: %r runs on the driver (%s)", call, e)
+            log.debug("ray: %s runs on the driver (%s)", getattr(call, "func", call).__qualname__, e)
             return None
         return out.getvalue(), arrays
 
