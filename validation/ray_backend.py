@@ -346,7 +346,11 @@ def connect(
             )
         else:
             ray.init(address=address, logging_level=logging.WARNING)
-    backend = RayBackend(packages, workers or max(1, int(ray.cluster_resources().get("CPU", 1))), cache_root)
+    cpus = int(ray.cluster_resources().get("CPU", 0))
+    if workers and workers > cpus:
+        # Each actor takes a CPU: the others wait for the cluster to grow (an autoscaler may).
+        log.warning("ray: %d workers asked for, the cluster has %d CPUs; some wait for more", workers, cpus)
+    backend = RayBackend(packages, workers or max(1, cpus), cache_root)
     try:
         backend.start()
         yield backend

@@ -239,6 +239,21 @@ def test_ctrl_c_on_the_driver_leaves_no_actor(
     assert not (tmp_path / "gate.json").exists()
 
 
+def test_a_node_copy_missing_a_file_or_differing_is_refused(tmp_path: Path):
+    from ecgx.validation.ray_backend import files_digest, materialise
+
+    files = {"manifest.json": b"{}", "weights.bin": b"1234"}
+    hashes = files_digest(files)
+    folder = materialise(files, hashes, tmp_path, "node-a")
+    (folder / "weights.bin").unlink()
+    lacks = rf"node-a: the package copy .* lacks weights.bin \(sha256 {SHA}\)"
+    with pytest.raises(FailedPrecondition, match=lacks):
+        materialise(files, hashes, tmp_path, "node-a")
+    (folder / "weights.bin").write_bytes(b"4321")
+    with pytest.raises(FailedPrecondition, match=rf"weights.bin has sha256 {SHA}, the driver's package has"):
+        materialise(files, hashes, tmp_path, "node-a")
+
+
 def test_without_ray_the_gate_never_imports_ray():
     code = (
         "import sys\n"
