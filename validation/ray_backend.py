@@ -25,6 +25,7 @@ import io
 import logging
 import os
 import pickle
+import shutil
 import tempfile
 import uuid
 import weakref
@@ -53,17 +54,6 @@ MAX_RESTARTS = 4
 MAX_TASK_RETRIES = 4
 # What ``--ray local`` starts: small, the machine is shared.
 LOCAL_OBJECT_STORE_BYTES = 300_000_000
-
-
-@dataclass(frozen=True)
-class Execution:
-    """Where a gate ran, as its report records it."""
-
-    backend: str  # "local" or "ray"
-    workers: int
-
-    def record(self) -> dict[str, Any]:
-        return {"backend": self.backend, "workers": self.workers}
 
 
 def package_files(folder: Path) -> dict[str, bytes]:
@@ -102,8 +92,10 @@ def materialise(files: dict[str, bytes], expected: dict[str, str], root: Path, n
         for name, data in files.items():
             (staging / name).parent.mkdir(parents=True, exist_ok=True)
             (staging / name).write_bytes(data)
-        with contextlib.suppress(OSError):  # another actor on this node won the race
+        try:
             staging.rename(folder)
+        except OSError:  # another actor on this node won the race
+            shutil.rmtree(staging, ignore_errors=True)
     verify_copy(folder, expected, node)
     return folder
 
@@ -119,15 +111,6 @@ class _EngineSpec:
     threads: int | None
     max_request_ecgs: int | None
     max_request_rows: int | None
-
-
-@dataclass
-class _Shipped:
-    """A package as the driver knows it: its file hashes and its object-store entry."""
-
-    key: str
-    hashes: dict[str, str]
-    ref: Any  # ray.ObjectRef of the files
 
 
 def _call_pickler(out: io.BytesIO, backend: RayBackend, arrays: list[np.ndarray]) -> pickle.Pickler:
@@ -213,13 +196,9 @@ class RayBackend:
     workers: int
     cache_root: str | None = None
     _actors: list[Any] = field(default_factory=list)
-    _shipped: dict[int, _Shipped] = field(default_factory=dict)
+    _shipped: dict[int, str] = field(default_factory=dict)  # id of a driver's package -> its key
     _engines: Any = field(default_factory=weakref.WeakKeyDictionary)  # engine -> _EngineSpec
     _blobs: Any = None
-
-    @property
-    def execution(self) -> Execution:
-        return Execution("ray", self.workers)
 
     def start(self) -> None:
         import ray
@@ -228,7 +207,7 @@ class RayBackend:
         for pkg in self.packages:
             files = package_files(Path(pkg.path))
             hashes = files_digest(files)
-            self._shipped[id(pkg)] = _Shipped(package_key(hashes), hashes, None)
+            self._shipped[id(pkg)] = package_key(hashes)
             blobs[package_key(hashes)] = (hashes, files)
         actor = ray.remote(num_cpus=1, max_restarts=MAX_RESTARTS, max_task_retries=MAX_TASK_RETRIES)(_Worker)
         # Held for the run: a restarted actor reads its packages from here again.
@@ -248,10 +227,10 @@ class RayBackend:
         self._actors = []
 
     def shipped_key(self, pkg: ModelPackage) -> str:
-        shipped = self._shipped.get(id(pkg))
-        if shipped is None:
+        key = self._shipped.get(id(pkg))
+        if key is None:
             raise InvalidArgument(f"package {pkg.path} was not shipped to the Ray cluster")
-        return shipped.key
+        return key
 
     def engine(
         self,
@@ -302,8 +281,12 @@ class RayBackend:
         for i, call in enumerate(calls):
             payload = self._pickle(call)
             (local if payload is None else remote).append((i, payload))
+        stored: dict[int, Any] = {}  # an array several calls use (the ECGs) is stored once
         for _, (data, arrays) in remote:
-            refs = [ray.put(a) for a in arrays]
+            for a in arrays:  # alive in `remote` until the loop ends, so their ids are theirs
+                if id(a) not in stored:
+                    stored[id(a)] = ray.put(a)
+            refs = [stored[id(a)] for a in arrays]
             pool.submit(lambda actor, v: actor.run.remote(v[0], *v[1]), (data, refs))
         log.debug("ray: %d calls on the actors, %d on the driver", len(remote), len(local))
         for i, _ in local:  # in the gate's order, while the actors work
