@@ -844,3 +844,20 @@ def zoo_model(name: str, width: float = 0.125, seed: int = 0, leads: int = 12, c
     """The zoo network ``name`` at ``width``, calibrated on synthetic ECGs of its length, in eval mode."""
     entry = ZOO[name]
     return entry.factory(leads=leads, samples=entry.samples, classes=classes, width=width, seed=seed)
+
+
+# The width CI exports the zoo at; the benchmark's full width is 1.0.
+CI_WIDTH = 0.125
+
+
+def _ci_factory(name: str) -> Callable[[], nn.Module]:
+    def factory() -> nn.Module:
+        return zoo_model(name, width=CI_WIDTH)
+
+    factory.__name__ = factory.__qualname__ = f"{name}_ci"
+    factory.__doc__ = f"The zoo's {name} at CI_WIDTH: the ``zoo_models:{name}_ci`` factory spec."
+    return factory
+
+
+# ``zoo_models:<name>_ci``: zero-argument factories, as a ``module:factory`` spec calls them.
+globals().update({f"{name}_ci": _ci_factory(name) for name in ZOO})
