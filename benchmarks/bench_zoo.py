@@ -74,6 +74,9 @@ def export_one(name: str, form: str, width: float, folder: Path) -> dict:
         pkg = export_package(source, folder / "pkg", overwrite=True)
     except ExportError as e:
         return {"status": "refused", "reason": str(e)[:300], "seconds": time.perf_counter() - t0}
+    except Exception as e:  # not a refusal in the project's words: a bug to report, shown as such
+        reason = f"unexpected {type(e).__name__}: {str(e)[:250]}"
+        return {"status": "refused", "reason": reason, "seconds": time.perf_counter() - t0}
     seconds = time.perf_counter() - t0
     manifest = json.loads((pkg / "manifest.json").read_text())
     unavailable = {g: u for g, u in manifest["unavailable"].items() if u["methods"]}
