@@ -268,12 +268,21 @@ def _onnx(model: nn.Module, path, dynamo: bool, opset: int):
 
 
 # (exporter, opset): the TorchScript exporter spells GELU with Erf before opset 20 and Mish with
-# Softplus and Tanh before 18; both spell SiLU as Sigmoid and Mul.
+# Softplus and Tanh before 18; both spell SiLU as Sigmoid and Mul; the dynamo exporter orders GELU's
+# factors differently and writes Mish as one node from opset 18. The dynamo exporter takes seconds
+# per model: the default run keeps the forms whose spelling differs from the TorchScript ones.
 FORMS = [("torchscript", 17), ("torchscript", 20), ("dynamo", 18), ("dynamo", 20)]
+SPELLING_CASES = [
+    (exporter, opset, name)
+    if exporter == "torchscript" or (opset, name) in ((18, "gelu"), (18, "mish"))
+    else pytest.param(exporter, opset, name, marks=pytest.mark.slow)
+    for exporter, opset in FORMS
+    for name in ACTIVATIONS
+    if name != "gelu_tanh"
+]
 
 
-@pytest.mark.parametrize("name", [n for n in ACTIVATIONS if n != "gelu_tanh"])
-@pytest.mark.parametrize("exporter,opset", FORMS)
+@pytest.mark.parametrize("exporter,opset,name", SPELLING_CASES)
 def test_onnx_spellings_import_to_the_module_forms_ir(tmp_path, name, exporter, opset):
     model = act_net(name)
     expected = _kinds(trace_model(model, SHAPE))

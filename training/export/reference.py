@@ -322,7 +322,9 @@ def ill_conditioned_samples(model: nn.Module, x: np.ndarray, epsilon: float, tol
     folded: the function LRP is applied to) and flags a sample when any convolution
     (grouped included), dense layer, channel affine, addition or average pooling has a
     unit with ``eps * delta / (|z| + eps)**2 > tol``, ``delta = u * sum|w*a|``, and
-    ``z > -delta`` (a unit that float32 may see active). Max pooling picks a value without
+    ``z > -delta`` (a unit that float32 may see active; units read by another activation carry
+    relevance whatever their sign, and behind a sigmoid, whose relevance does not shrink with ``z``,
+    the error is ``delta / (|z| + eps)``). Max pooling picks a value without
     arithmetic, and concatenation and flattening pass relevance exactly: nothing to flag.
     ``model`` is an IRModule, or a module traced into one. Returns one bool per sample
     (True: ill-conditioned).
@@ -338,7 +340,14 @@ def ill_conditioned_samples(model: nn.Module, x: np.ndarray, epsilon: float, tol
         delta = FLOAT32_UNIT_ROUNDOFF * scale
         # With epsilon = 0 the multiplier is z / z: only a unit rounding can switch on or off is sensitive.
         error = epsilon * delta / (z.abs() + epsilon) ** 2 if epsilon > 0 else (z.abs() < delta).to(z.dtype)
-        error = torch.where(z > -delta, error, torch.zeros_like(error))
+        passing = [OP_SPECS[c.kind] for c in module.ir.consumers(op.output)]
+        passing = [s for s in passing if s.is_activation and s.kind != RELU]
+        if not passing:
+            error = torch.where(z > -delta, error, torch.zeros_like(error))
+        elif not all(s.zero_at_zero for s in passing):
+            # Behind an activation with f(0) != 0 (a sigmoid) the relevance reaching a unit does not
+            # shrink with z, so the division by z + eps itself is what rounding moves.
+            error = torch.maximum(error, delta / (z.abs() + epsilon))
         worst[:] = torch.maximum(worst, error.flatten(1).max(dim=1).values)
         return z
 

@@ -50,6 +50,9 @@ class Activation(OpKind):
     is_activation = True
     lrp_role = PASS
     monotone: ClassVar[bool] = True
+    # f(0) == 0: the relevance a unit passes shrinks with its input, as after a ReLU (LRP-epsilon's
+    # conditioning, ``reference.ill_conditioned_samples``); False for the sigmoid (f(0) = 1/2).
+    zero_at_zero: ClassVar[bool] = True
 
     def validate(self, op: Op) -> str | None:
         if len(op.inputs) != 1 or op.out_shape != op.in_shape:

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
 
 class Sigmoid(Activation):
     kind = "sigmoid"
+    zero_at_zero = False
 
     def onnx_f(self, b, op, x):
         return b.op("Sigmoid", [x], op.name)
