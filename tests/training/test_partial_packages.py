@@ -333,3 +333,37 @@ def test_ecgx_validate_gates_the_forward_only_methods_and_reports_the_rest(
     assert "occlusion" in report["passed"] + report["failed"]
     assert "saliency" in report["unavailable"] and "recurrent layer" in report["unavailable"]["saliency"]
     assert "occlusion" in report["methods"] and "saliency" not in report["methods"]
+
+
+# --------------------------------------------------------------------------- the zoo's recurrent nets
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["lstm", "gru_bidir"])
+def test_the_benchmarks_recurrent_nets_export_partially_with_occlusion_equal_to_captum(
+    name, tmp_path
+) -> None:
+    """The PTB-XL benchmark's LSTM and bidirectional GRU (tests/zoo_models.py, CI width): 2-layer
+    recurrent layers, concat pooling built in forward() and a BatchNorm head."""
+    from zoo_models import ZOO, zoo_model
+
+    from ecgx.training.export.source import from_module
+
+    entry, classes = ZOO[name], [{"key": f"c{i}", "code": f"c{i}", "name": f"c{i}"} for i in range(5)]
+    model = zoo_model(name)
+    source = from_module(model, (12, entry.samples), sampling_rate_hz=entry.rate_hz, classes=classes)
+    x = generate(3, np.random.default_rng(0)).signals[:, :, : entry.samples].astype(np.float32)
+    package = export_package(source, tmp_path / "pkg", sample_inputs=x)
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert (
+        manifest["partial"]["methods"] == FORWARD_ONLY
+        and "is a recurrent layer" in manifest["partial"]["reason"]
+    )
+    target = np.array([0, 2, 4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = Occlusion(model).attribute(
+            torch.tensor(x), sliding_window_shapes=(1, 25), strides=(1, 25), target=torch.tensor(target)
+        )
+    got = _engine(package).attribute("occlusion", x, target, window=25, stride=25)
+    _assert_close(got, ref.numpy(), f"{name} occlusion")
