@@ -367,3 +367,23 @@ def test_the_benchmarks_recurrent_nets_export_partially_with_occlusion_equal_to_
         )
     got = _engine(package).attribute("occlusion", x, target, window=25, stride=25)
     _assert_close(got, ref.numpy(), f"{name} occlusion")
+
+
+def test_an_onnx_file_listing_its_initialisers_as_inputs_exports(tmp_path) -> None:
+    """Older exporters list every weight among the graph's inputs too: the forward graph takes x only."""
+    model = _model("last_step")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            (torch.from_numpy(X[:2]),),
+            tmp_path / "m.onnx",
+            dynamo=False,
+            opset_version=17,
+            keep_initializers_as_inputs=True,
+            dynamic_axes={"input.1": {0: "b"}},
+            input_names=["input.1"],
+        )
+    package = export_package(load_source(tmp_path / "m.onnx"), tmp_path / "pkg", sample_inputs=X)
+    with torch.no_grad():
+        _assert_close(_engine(package).logits(X), model(torch.from_numpy(X)).numpy(), "logits")

@@ -821,7 +821,14 @@ def _partial_unavailable(src: ModelSource) -> dict[str, str]:
         "checked by anything but the same PyTorch autograd it was traced from, and ONNX models given "
         "as files have no PyTorch side at all)"
     )
-    return {g: built_from_ir + (no_autodiff if g == "gradient" else "") for g in GRAPHS if g != "forward"}
+    speed_up = "; the perturbation methods run full forward passes instead"
+    return {
+        g: built_from_ir
+        + (no_autodiff if g == "gradient" else "")
+        + ("" if methods_needing(g) or GRAPHS[g].serves else speed_up)
+        for g in GRAPHS
+        if g != "forward"
+    }
 
 
 def _check_partial_forward(folder: Path, src: ModelSource, x: np.ndarray) -> dict[str, Any]:

@@ -322,6 +322,11 @@ def forward_graph(
             _rename(g, new, _fresh(g, new))  # a value already named ``x`` elsewhere
             _rename(g, old, new)
     del g.value_info[:]  # shapes recorded for another batch or length; ONNX Runtime infers them
+    # Initialisers listed as graph inputs too (older exporters) would be inputs the engine must feed.
+    initialised = {i.name for i in g.initializer}
+    inputs = [i for i in g.input if i.name not in initialised]
+    del g.input[:]
+    g.input.extend(inputs)
     inp = next(i for i in g.input if i.name == FORWARD_INPUT)
     dims = inp.type.tensor_type.shape.dim
     if len(dims) != 3:
