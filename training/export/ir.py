@@ -27,6 +27,8 @@ gap, gmp   global average / max over time: (C, L) -> (C, 1)
 add        two inputs of equal shape
 concat     two or more inputs, joined along channels (axis 0 of the shape)
 relu       -
+leaky_relu slope; ``elu``: alpha; ``gelu``: approximate ("none" | "tanh");
+           ``silu``, ``mish``, ``sigmoid``, ``tanh``: - (``ops/activation.py``)
 flatten    (C, L) -> (C * L,)
 ========== ===================================================================
 """
