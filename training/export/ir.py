@@ -278,7 +278,7 @@ def finish_ir(ops: list[Op], output: str, input_shape: tuple[int, int]) -> Model
     out = ops[-1].out_shape
     if ops[-1].kind == SIGMOID:
         raise ExportError(
-            f"the model ends in a sigmoid ({ops[-1].name}): return logits (keep the sigmoid outside the "
+            f"layer {ops[-1].name} (Sigmoid) ends the model: return logits (keep the sigmoid outside the "
             "model; the service applies the output activation)"
         )
     if len(out) != 1:
