@@ -571,6 +571,17 @@ def _ray_results(
     from ecgx.validation.ray_backend import connect
 
     with connect(backend.address or "local", [engine.package], backend.workers) as ray_backend:
+        # The actors rebuild only engines the backend made: the driver's own would keep every
+        # shard on the driver.
+        engine = ray_backend.engine(
+            engine.package,
+            providers=engine.providers,
+            threads=engine.threads,
+            parameters=None,
+            max_request_ecgs=engine.max_request_ecgs,
+            max_request_rows=engine.max_request_rows,
+            max_batch=engine.max_batch,
+        )
         step = ray_backend.workers * SHARDS_PER_WORKER
         for i in range(0, len(todo), step):
             chunk = todo[i : i + step]
@@ -578,7 +589,7 @@ def _ray_results(
             # map calls on_done once per call, in the calls' order
             on_done = functools.partial(_advance, bar, iter([s.rows for s in chunk]))
             try:
-                results = ray_backend.map(calls, on_done)
+                results = ray_backend.map(calls, on_done, driver_ok=False)
             except Exception as e:
                 raise _worker_error(e) from None
             yield from results

@@ -111,6 +111,7 @@ class _EngineSpec:
     threads: int | None
     max_request_ecgs: int | None
     max_request_rows: int | None
+    max_batch: int  # the most rows per ONNX Runtime run (the driver's --max-batch)
 
 
 def _call_pickler(out: io.BytesIO, backend: RayBackend, arrays: list[np.ndarray]) -> pickle.Pickler:
@@ -170,7 +171,7 @@ class _Worker:
         self, token: str, key: str, parameters: Any, providers: Any, threads: Any, *caps: Any
     ) -> AttributionEngine:
         if token not in self.engines:
-            max_ecgs, max_rows = caps
+            max_ecgs, max_rows, max_batch = caps
             self.engines[token] = AttributionEngine(
                 self.packages[key],
                 providers=providers,
@@ -178,6 +179,7 @@ class _Worker:
                 parameters=parameters,
                 max_request_ecgs=max_ecgs,
                 max_request_rows=max_rows,
+                max_batch=max_batch,
             )
             while len(self.engines) > ENGINE_CACHE:
                 self.engines.popitem(last=False)
@@ -241,6 +243,7 @@ class RayBackend:
         parameters: dict[str, np.ndarray] | None,
         max_request_ecgs: int | None,
         max_request_rows: int | None,
+        max_batch: int = 64,
     ) -> AttributionEngine:
         """An engine as :class:`AttributionEngine` builds it, remembered so that a call using it
         can name it to an actor (:meth:`engine_spec`), which builds its own copy once."""
@@ -251,6 +254,7 @@ class RayBackend:
             parameters=parameters,
             max_request_ecgs=max_request_ecgs,
             max_request_rows=max_request_rows,
+            max_batch=max_batch,
         )
         self._engines[engine] = _EngineSpec(
             uuid.uuid4().hex,
@@ -260,6 +264,7 @@ class RayBackend:
             threads,
             max_request_ecgs,
             max_request_rows,
+            engine.max_batch,
         )
         return engine
 
@@ -271,8 +276,11 @@ class RayBackend:
             raise pickle.PicklingError(f"engine on {engine.package.path} was not built by the Ray backend")
         return tuple(getattr(spec, f.name) for f in fields(spec))
 
-    def map(self, calls: Sequence[Callable[[], Any]], on_done: Callable[[], Any]) -> list[Any]:
-        """Every call's result in order: picklable calls on the actors, the rest on the driver."""
+    def map(
+        self, calls: Sequence[Callable[[], Any]], on_done: Callable[[], Any], *, driver_ok: bool = True
+    ) -> list[Any]:
+        """Every call's result in order: picklable calls on the actors, the rest on the driver
+        (``driver_ok=False``: a call that cannot go to the actors is an error, never silently local)."""
         import ray
         from ray.util import ActorPool
 
@@ -281,6 +289,9 @@ class RayBackend:
         for i, call in enumerate(calls):
             payload = self._pickle(call)
             (local if payload is None else remote).append((i, payload))
+        if local and not driver_ok:
+            name = getattr(calls[local[0][0]], "func", calls[local[0][0]]).__qualname__
+            raise FailedPrecondition(f"{name} cannot run on the Ray actors (see the debug log for why)")
         stored: dict[int, Any] = {}  # an array several calls use (the ECGs) is stored once
         for _, (data, arrays) in remote:
             for a in arrays:  # alive in `remote` until the loop ends, so their ids are theirs
@@ -322,7 +333,10 @@ def connect(
     started = not ray.is_initialized()
     if started:
         if address == "local":
+            # address="local": a new cluster for this run, never one that RAY_ADDRESS or an
+            # earlier `ray start` on this machine names.
             ray.init(
+                address="local",
                 object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                 include_dashboard=False,
                 logging_level=logging.WARNING,

@@ -56,8 +56,8 @@ def test_ray_cluster_equals_local(
     tiny_package: Path,
     small_synth: Path,
     local_run: Path,
-    ray_cluster: LocalRayCluster,
-    tmp_path: Path,  # noqa: F811
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     out = tmp_path / "ray"
     assert main(_attribute(tiny_package, small_synth, out, "--ray", ray_cluster.address)) == 0
@@ -70,8 +70,8 @@ def test_resume_on_ray_of_a_local_run(
     tiny_package: Path,
     small_synth: Path,
     local_run: Path,
-    ray_cluster: LocalRayCluster,
-    tmp_path: Path,  # noqa: F811
+    ray_cluster: LocalRayCluster,  # noqa: F811
+    tmp_path: Path,
 ) -> None:
     import shutil
 
@@ -82,6 +82,38 @@ def test_resume_on_ray_of_a_local_run(
     _assert_same(out, local_run)
 
 
+def test_a_call_the_actors_cannot_take_is_refused_not_run_on_the_driver(
+    tiny_package: Path,
+    ray_cluster: LocalRayCluster,  # noqa: F811
+) -> None:
+    """Batch attribution asks for actors only: an engine the backend did not build (the driver's
+    own) must not quietly keep the work on the driver."""
+    from ecgx.core.errors import FailedPrecondition
+    from ecgx.core.package_reader import load_package
+    from ecgx.service.engine import AttributionEngine
+    from ecgx.validation.ray_backend import connect
+
+    pkg = load_package(tiny_package)
+    x = np.zeros((1, *pkg.input_shape), np.float32)
+    with connect(ray_cluster.address, [pkg], workers=1) as backend:
+        own = AttributionEngine(pkg)
+        made = backend.engine(
+            pkg,
+            providers=None,
+            threads=None,
+            parameters=None,
+            max_request_ecgs=None,
+            max_request_rows=None,
+            max_batch=7,
+        )
+        ran = backend.map([lambda: (made.max_batch, made.logits(x).shape)], lambda: None, driver_ok=False)
+        assert ran == [(7, (1, len(pkg.class_keys)))]  # --max-batch reaches the actors
+        with pytest.raises(FailedPrecondition, match="cannot run on the Ray actors"):
+            backend.map([lambda: own.logits(x)], lambda: None, driver_ok=False)
+
+
+# Last: a driver-local cluster started and shut down in this process cannot be followed by
+# another connection here (Ray's actors then die with their references).
 def test_ray_local_starts_and_stops_its_own_cluster(
     tiny_package: Path, small_synth: Path, local_run: Path, tmp_path: Path
 ) -> None:
