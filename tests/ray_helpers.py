@@ -7,7 +7,7 @@ fresh ports for every Ray service, and tears down exactly the processes of that 
 any Ray process whose command line names this cluster's temp dir (workers re-parent and may
 leave the group).  Use it as a context manager or through the `ray_cluster` fixture::
 
-    from tests.ray_helpers import local_ray_cluster
+    from ray_helpers import local_ray_cluster
 
     with local_ray_cluster() as cluster:
         ray.init(address=cluster.address)
@@ -15,7 +15,7 @@ leave the group).  Use it as a context manager or through the `ray_cluster` fixt
         ray.shutdown()
 
     # or, in a test module
-    from tests.ray_helpers import ray_cluster  # noqa: F401  (module-scoped fixture)
+    from ray_helpers import ray_cluster  # noqa: F401  (module-scoped fixture)
 """
 
 from __future__ import annotations

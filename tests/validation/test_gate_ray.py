@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from ray_helpers import LocalRayCluster, local_ray_cluster
 
 from ecgx.core.errors import FailedPrecondition
 from ecgx.core.package_reader import load_package
 from ecgx.validation.gate import run_gate
-from tests.ray_helpers import LocalRayCluster, local_ray_cluster
 
 pytest.importorskip("ray")
 
