@@ -91,9 +91,11 @@ def class_template(templates: np.ndarray) -> Attributor:
     return attribute
 
 
-def other_model(make_engine: Callable[[], AttributionEngine], memo: bool = False) -> Attributor:
-    """Saliency computed on the engine ``make_engine`` builds (once, on first use), whatever
-    engine the gate passes in. ``memo``: the map of ECGs and targets seen before is given
+def other_model(
+    make_engine: Callable[[], AttributionEngine], memo: bool = False, method: str = "saliency"
+) -> Attributor:
+    """``method`` (saliency by default) computed on the engine ``make_engine`` builds (once, on
+    first use), whatever engine the gate passes in. ``memo``: the map of ECGs and targets seen before is given
     again (a copy) instead of recomputed; the gate asks for the same ECGs on every model."""
     cache: list[AttributionEngine] = []
     maps: dict[str, np.ndarray] = {}
@@ -106,7 +108,7 @@ def other_model(make_engine: Callable[[], AttributionEngine], memo: bool = False
                 cache.append(make_engine())
             if key in maps:
                 return maps[key].copy()
-        out = cache[0].attribute("saliency", x, target)
+        out = cache[0].attribute(method, x, target)
         if memo:
             with lock:
                 maps[key] = out.copy()
@@ -145,12 +147,14 @@ def reference_attributors(
         build = lambda: make_engine(package=sibling)  # noqa: E731
     else:
         build = lambda: make_engine(overrides=redrawn_weights(package, seed))  # noqa: E731
+    # A partial package (forward pass only) has no gradient: the other model's occlusion map.
+    method = "saliency" if "gradient" in package.manifest["graphs"] else "occlusion"
     rows = {
         f"{PREFIX}input": input_magnitude,
         f"{PREFIX}edges": edges,
         f"{PREFIX}class_template": None if templates is None else class_template(templates),
         f"{PREFIX}constant": constant,
         f"{PREFIX}unseeded_random": unseeded_random,
-        f"{PREFIX}other_model": other_model(build, memo),
+        f"{PREFIX}other_model": other_model(build, memo, method),
     }
     return {name: fn for name, fn in rows.items() if fn is not None}

@@ -311,11 +311,6 @@ ecgs = 8
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the gate's ref:other_model row runs saliency, which a partial package lacks: "
-    "validation/references.py must use a forward-only method (occlusion) there (issue #25, round two)",
-)
 def test_ecgx_validate_gates_the_forward_only_methods_and_reports_the_rest(
     exported, tmp_path_factory, small_synth, tmp_path
 ) -> None:
