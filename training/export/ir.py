@@ -102,6 +102,7 @@ SUPPORTED_LAYERS = (
 )
 # What to use instead of a layer the rules are not defined for.
 REPLACEMENTS = {
+    "GELU (tanh form)": "GELU exported at opset 20 or later (its Gelu operator), or the exact GELU",
     "SELU": "ELU",
     "CELU": "ELU",
     "PReLU": "LeakyReLU (one fixed slope)",

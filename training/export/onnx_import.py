@@ -72,13 +72,8 @@ from ecgx.training.export.ops.op_mul import (
 
 # ONNX operator -> the name under which ir.REPLACEMENTS says what to use instead.
 _REPLACEMENT_KEYS = {
-    "Gelu": "GELU",
-    "Elu": "ELU",
     "Selu": "SELU",
-    "LeakyRelu": "LeakyReLU",
     "PRelu": "PReLU",
-    "Tanh": "Tanh",
-    "Sigmoid": "Sigmoid",
     "HardSigmoid": "HardSigmoid",
     "Softmax": "Softmax",
     "LogSoftmax": "Softmax",
@@ -455,6 +450,9 @@ class _Importer:
         key = next((_REPLACEMENT_KEYS[t] for t in in_scope if t in _REPLACEMENT_KEYS), None)
         if key is None and "Erf" in in_scope:
             key = "GELU"
+        if key is None and "Tanh" in in_scope and "Erf" not in in_scope and len(set(in_scope)) > 2:
+            # a polynomial inside a Tanh: GELU's tanh form in a spelling ``activation_spellings`` lacks
+            key = "GELU (tanh form)"
         reason = f"ONNX operator {node.op_type}"
         if len(set(in_scope)) > 1:
             reason += f" in {scope} ({', '.join(sorted(set(in_scope)))})"
@@ -1004,14 +1002,16 @@ class Spellings:
 
 
 _SQRT_HALF = 1.0 / math.sqrt(2.0)
+_TANH_K, _TANH_C = math.sqrt(2.0 / math.pi), 0.044715  # GELU's tanh form: tanh(k (x + c x^3))
 
 
 def activation_spellings(graph: onnx.GraphProto, uses: dict[str, int]) -> Spellings:
     """The exporters' spellings of one activation as a product of ``x`` and a function of ``x``:
     SiLU ``x * Sigmoid(x)`` (every opset), Mish ``x * Tanh(Softplus(x))`` (before opset 18),
-    exact GELU ``0.5 * x * (1 + Erf(x / sqrt 2))`` (before opset 20, the factors in either
-    exporter's order). Each step's output must be read by that step alone. (GELU's tanh form
-    before opset 20 is not recognised: it is refused naming its ops.)"""
+    exact GELU ``0.5 * x * (1 + Erf(x / sqrt 2))`` and its tanh form
+    ``0.5 * x * (1 + Tanh(k * (x + 0.044715 * x^3)))`` (before opset 20, the factors in either
+    exporter's order, the cube as ``Pow`` or products). Each step's output must be read by that
+    step alone; another spelling is refused naming its ops."""
     producer = {o: n for n in graph.node for o in n.output}
     scalars = _scalars(graph)
     found = Spellings()
@@ -1031,6 +1031,31 @@ def activation_spellings(graph: onnx.GraphProto, uses: dict[str, int]) -> Spelli
                 found.inner |= (members | steps) - {node.output[0]}
                 break
     return found
+
+
+def _cubic_steps(v: str, x: str, producer: dict, uses: dict, scalars: dict[str, float]) -> set[str] | None:
+    """The outputs of ``x + 0.044715 * x^3`` ending at ``v`` (the cube as ``Pow(x, 3)`` or
+    ``x * x * x``; each step read once), or None."""
+
+    def node(value: str, op_type: str):
+        n = producer.get(value)
+        return n if n is not None and n.op_type == op_type and uses.get(value, 0) == 1 else None
+
+    add = node(v, "Add")
+    if add is None or x not in add.input:
+        return None
+    term = node(next(i for i in add.input if i != x), "Mul") if list(add.input).count(x) == 1 else None
+    if term is None:
+        return None
+    c = next((scalars[i] for i in term.input if i in scalars), None)
+    cube_value = next((i for i in term.input if i not in scalars), None)
+    if c is None or cube_value is None or not math.isclose(c, _TANH_C, rel_tol=1e-6):
+        return None
+    pow_node = node(cube_value, "Pow")
+    if pow_node is not None and pow_node.input[0] == x and scalars.get(pow_node.input[1]) == 3.0:
+        return {v, term.output[0], cube_value}
+    factors, members = _factors(cube_value, producer, uses)
+    return {v, term.output[0]} | members if factors == [x, x, x] else None
 
 
 def _scalars(graph: onnx.GraphProto) -> dict[str, float]:
@@ -1064,7 +1089,7 @@ def _factors(value: str, producer: dict, uses: dict, root: bool = False) -> tupl
 
 def _function_of(x: str, v: str, producer: dict, uses: dict[str, int], scalars: dict[str, float]):
     """(kind, params, the product's constant factor, step outputs) when ``v`` is Sigmoid(x),
-    Tanh(Softplus(x)) or 1 + Erf(x / sqrt 2), each step read once; else None."""
+    Tanh(Softplus(x)), 1 + Erf(x / sqrt 2) or 1 + Tanh(k (x + c x^3)), each step read once; else None."""
     chain = []
     while v != x and len(chain) < 3:
         node = producer.get(v)
@@ -1073,10 +1098,17 @@ def _function_of(x: str, v: str, producer: dict, uses: dict[str, int], scalars: 
             return None
         chain.append(node)
         v = data[0]
-    if v != x:
-        return None
     kinds = [n.op_type for n in chain]
     steps = {n.output[0] for n in chain}
+    if v != x:
+        cubic = _cubic_steps(v, x, producer, uses, scalars) if kinds == ["Add", "Tanh", "Mul"] else None
+        one = next((scalars[i] for i in chain[0].input if i in scalars), None)
+        k = next((scalars[i] for i in chain[-1].input if i in scalars), None)
+        if cubic is None or one is None or k is None or not math.isclose(one, 1.0):
+            return None
+        if not math.isclose(k, _TANH_K, rel_tol=1e-6):
+            return None
+        return GELU, {"approximate": "tanh"}, 0.5, steps | cubic
     if kinds == ["Sigmoid"]:
         return SILU, {}, 1.0, steps
     if kinds == ["Tanh", "Softplus"]:
