@@ -51,10 +51,12 @@ class EveryOp(nn.Module):
     """Each op kind the IR has: strided stem, overlapping padded ceil_mode max pool, a BatchNorm
     that stays an affine op (after a pool, before padded convolutions), grouped and depthwise
     branches joined by torch.cat, a residual addition, an average pool without padding counts,
-    a concat-pooling head (average and max), nn.Flatten and explicit zero padding (F.pad)."""
+    a concat-pooling head (average and max), nn.Flatten, explicit zero padding (F.pad), a
+    squeeze-and-excitation gate and every other activation."""
 
-    def __init__(self) -> None:
+    def __init__(self, relu_only: bool = False) -> None:
         super().__init__()
+        self.relu_only = relu_only  # no gate and no other activation: a piecewise-linear network
         self.stem = nn.Conv1d(12, 8, 7, stride=2, padding=3)
         self.stem_relu = nn.ReLU()
         self.pool = nn.MaxPool1d(3, stride=2, padding=1, ceil_mode=True)
@@ -70,18 +72,35 @@ class EveryOp(nn.Module):
         self.flatten = nn.Flatten()
         self.drop = nn.Dropout(0.3)
         self.fc = nn.Linear(16, 9)
+        self.se = nn.Linear(8, 8)  # a squeeze-and-excitation gate: the gating product
+        self.acts = nn.ModuleList(
+            [
+                nn.LeakyReLU(0.1),
+                nn.ELU(0.7),
+                nn.GELU(),
+                nn.GELU(approximate="tanh"),
+                nn.SiLU(),
+                nn.Mish(),
+                nn.Sigmoid(),
+                nn.Tanh(),
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pool(self.stem_relu(self.stem(F.pad(x, (2, 1)))))
         b = self.bn(h)
         branches = torch.cat([self.relu_a(self.grouped(b)), self.relu_b(self.depthwise(b))], dim=1)
         h = self.avg(self.relu(self.add(self.mix(branches), h)))
+        if not self.relu_only:
+            h = h * torch.sigmoid(self.se(h.mean(-1))).unsqueeze(-1)
+            for act in self.acts:
+                h = act(h)
         return self.fc(self.drop(self.flatten(torch.cat([self.gap(h), self.gmp(h)], dim=1))))
 
 
-def _every_op() -> EveryOp:
+def _every_op(relu_only: bool = False) -> EveryOp:
     torch.manual_seed(0)
-    model = EveryOp()
+    model = EveryOp(relu_only)
     randomise_batchnorm(model)
     return model.eval()
 
@@ -338,8 +357,9 @@ def test_autograd_reference_refuses_what_it_does_not_compute() -> None:
 
 def test_captum_lrp_runs_on_every_op_kind_and_is_input_times_gradient_at_tiny_epsilon() -> None:
     """With epsilon -> 0, LRP-epsilon on a ReLU network equals input x gradient; it holds only if
-    every op's rule is right (concatenation and flatten pass relevance unchanged)."""
-    module = ir_module(trace_model(_every_op(), SHAPE))
+    every op's rule is right (concatenation and flatten pass relevance unchanged). Only a
+    piecewise-linear network has that identity: no gate, no smooth activation."""
+    module = ir_module(trace_model(_every_op(relu_only=True), SHAPE))
     x, target = _x(3), np.array([0, 4, 7])
     lrp = captum_attribution(module, "lrp", x, target, epsilon=1e-9)
     with warnings.catch_warnings():
@@ -373,7 +393,8 @@ def test_lrp_passes_relevance_through_concatenation_and_flatten_unchanged() -> N
 
             return self.module.evaluate(x, plain)
 
-    module = ir_module(trace_model(_every_op(), SHAPE))
+    # Captum's LRP has no rule for the gating product: the piecewise-linear variant.
+    module = ir_module(trace_model(_every_op(relu_only=True), SHAPE))
     x, target = _x(3), np.array([2, 3, 4])
     ref = captum_attribution(module, "lrp", x, target, epsilon=0.1)
     with warnings.catch_warnings():

@@ -42,8 +42,8 @@ def test_each_kind_is_one_spec_in_its_own_file_listed_once() -> None:
 
 def test_the_kind_sets_derive_from_the_specs() -> None:
     assert OP_KINDS == (
-        "conv", "linear", "affine", "maxpool", "avgpool", "gap", "gmp", "add", "concat", "relu", "flatten",
-        "pad",
+        "conv", "linear", "affine", "maxpool", "avgpool", "gap", "gmp", "add", "mul", "concat", "relu",
+        "leaky_relu", "elu", "gelu", "silu", "mish", "sigmoid", "tanh", "flatten", "pad",
     )  # fmt: skip
     assert frozenset({"conv", "linear", "affine"}) == PARAMETERISED
     assert frozenset({"conv", "linear", "affine", "maxpool", "avgpool", "gap", "gmp", "add"}) == RULE_LAYERS
@@ -81,7 +81,7 @@ def _op(kind: str, in_shapes, out_shape, inputs=None, **params) -> Op:
             ),
             "groups must be >= 1",
         ),
-        (_op("sigmoid", [(4, 10)], (4, 10)), "unknown op kind 'sigmoid'"),
+        (_op("softsign", [(4, 10)], (4, 10)), "unknown op kind 'softsign'"),
     ],
 )
 def test_each_specs_validation_is_the_irs_error(op: Op, message: str) -> None:
@@ -110,12 +110,28 @@ class Variants(nn.Module):
         self.add, self.relu = Add(), nn.ReLU()
         self.pad = nn.ConstantPad1d((1, 2), 0.0)
         self.fc = nn.Linear(12, 4)
+        self.se = nn.Linear(6, 6)  # a squeeze-and-excitation gate: the gating product
+        self.acts = nn.ModuleList(
+            [
+                nn.LeakyReLU(0.1),
+                nn.ELU(0.7),
+                nn.GELU(),
+                nn.GELU(approximate="tanh"),
+                nn.SiLU(),
+                nn.Mish(),
+                nn.Sigmoid(),
+                nn.Tanh(),
+            ]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.pool(self.relu(self.stem(self.pad(x))))
         b = self.bn(h)
         branches = torch.cat([self.relu(self.grouped(b)), self.relu(self.dilated(b))], dim=1)
         h = self.avg_incl(self.avg(self.pairs(self.relu(self.add(self.mix(branches), h)))))
+        h = h * torch.sigmoid(self.se(h.mean(-1))).unsqueeze(-1)
+        for act in self.acts:
+            h = act(h)
         return self.fc(torch.flatten(torch.cat([self.gap(h), self.gmp(h)], dim=1), 1))
 
 
