@@ -25,6 +25,8 @@ maxpool    kernel, stride, padding (-inf), ceil_mode
 avgpool    kernel, stride, padding (zeros), ceil_mode, count_include_pad
 gap, gmp   global average / max over time: (C, L) -> (C, 1)
 add        two inputs of equal shape
+mul        two inputs: a signal and its gate (params gate: its index); the gate has
+           the signal's shape or broadcasts ((C, 1), (1, L), (C,))
 concat     two or more inputs, joined along channels (axis 0 of the shape)
 relu       -
 leaky_relu slope; ``elu``: alpha; ``gelu``: approximate ("none" | "tanh");
@@ -97,6 +99,7 @@ SUPPORTED_LAYERS = (
     "statistics), ReLU, LeakyReLU, ELU, GELU (exact or tanh), SiLU / Swish, Mish, Sigmoid and Tanh "
     "(modules or functions), MaxPool1d and AvgPool1d (any kernel, stride, padding, "
     "ceil_mode, count_include_pad), AdaptiveAvgPool1d(1), AdaptiveMaxPool1d(1), residual addition, "
+    "gating products x * gate (squeeze-and-excitation, sigmoid attention gates), "
     "torch.cat along channels, Flatten / torch.flatten / view(B, -1), zero padding over time "
     "(ConstantPad1d / ZeroPad1d with value 0, F.pad), Dropout, Identity"
 )
