@@ -163,7 +163,40 @@ def judge(
         }
         for i in excused_samples
     ]
+    return within_float32_spread(check)
+
+
+# An excused sample counts as agreeing when the engine is no further from float64 than this many
+# times PyTorch's own float32 run is (on that sample, or the median over the excused samples): on
+# deep networks (xresnet1d50 at 1000 samples) near-ties flip in most samples, and two correct
+# float32 implementations then differ from float64 alike, each at times worse than the other.
+FLOAT32_SPREAD_FACTOR = 2.0
+
+
+def within_float32_spread(check: dict[str, Any]) -> dict[str, Any]:
+    """``check`` (``judge``'s, after a failure) passed when its only fault is "fewer than half the
+    samples agree" and enough excused disagreeing samples are within float32's own spread: the
+    engine's error against float64 (largest, and fraction of elements off) at most
+    ``FLOAT32_SPREAD_FACTOR`` times PyTorch float32's there. A construction error still fails: it
+    leaves a sample unexcused, or most samples outside float32's spread."""
+    if check["ok"] or check["failing"] or not check.get("excused_sides"):
+        return check
+    sides = check["excused_sides"]
+    typical = {
+        k: float(np.median([side["float32_reference_vs_float64"][k] for side in sides]))
+        for k in ("max_rel_error", "outlier_fraction")
+    }
+    within = [side["sample"] for side in sides if _within_spread(side, typical)]
+    check["within_float32_spread"] = within
+    if check["agreeing"] + len(within) >= check["samples"] / 2:
+        check["ok"] = True
     return check
+
+
+def _within_spread(side: dict[str, Any], typical: dict[str, float]) -> bool:
+    f32 = side["float32_reference_vs_float64"]
+    keys = ("max_rel_error", "outlier_fraction")
+    return all(side[k] <= FLOAT32_SPREAD_FACTOR * max(f32[k], typical[k]) for k in keys)
 
 
 @reported
@@ -177,7 +210,33 @@ def check_forward(refs: References, graph: str) -> dict[str, dict[str, Any]]:
             "(package not written)"
         )
     forward = parity(got, want)
-    return {"forward": {**forward, "ok": parity_ok(forward)}}
+    if parity_ok(forward) or not isinstance(refs.src.original, nn.Module):
+        return {"forward": {**forward, "ok": parity_ok(forward)}}
+    return {"forward": _forward_against_float64(got, want, refs.src.original, refs.x, forward)}
+
+
+def _forward_against_float64(
+    got: np.ndarray, want32: np.ndarray, original: nn.Module, x: np.ndarray, float32: dict[str, float]
+) -> dict[str, Any]:
+    """The logits against a float64 copy of the PyTorch model as given, when PyTorch's float32 run
+    and the engine disagree: on a deep network (xresnet1d50) the two float32 runs differ by more
+    than ``REL_TOL`` on a few logits, and only float64 says which side is off. The engine passes
+    when it agrees with float64, or is no further from it than ``FLOAT32_SPREAD_FACTOR`` times
+    PyTorch's float32 run is."""
+    try:
+        with torch.no_grad():
+            want64 = copy.deepcopy(original).double().eval()(torch.tensor(x, dtype=torch.float64)).numpy()
+    except Exception as e:  # a model with float32 hard-wired: the float32 verdict stands
+        return {**float32, "ok": False, "float64_reference_error": f"{type(e).__name__}: {e}"}
+    engine64, torch64 = parity(got, want64), parity(want32, want64)
+    ok = parity_ok(engine64) or engine64["max_rel_error"] <= FLOAT32_SPREAD_FACTOR * torch64["max_rel_error"]
+    return {
+        **engine64,
+        "reference_precision": "float64",
+        "float32_reference": float32,
+        "float32_reference_vs_float64": torch64,
+        "ok": bool(ok),
+    }
 
 
 @reported

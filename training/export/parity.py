@@ -69,9 +69,15 @@ def describe_parity_failure(name: str, check: dict[str, Any]) -> str:
     if "error" in check:
         return f"{name}: {check['error']}"
     if "failing" not in check:  # a whole-batch comparison (forward logits, summation)
+        against = ""
+        if check.get("reference_precision") == "float64":
+            f32 = check["float32_reference_vs_float64"]
+            against = (
+                f" against the float64 run; PyTorch's float32 run is off by max {f32['max_rel_error']:.2e}"
+            )
         return (
             f"{name}: {check['outlier_fraction']:.2%} of values off by more than {REL_TOL:g} "
-            f"of the largest magnitude (max {check['max_rel_error']:.2e})"
+            f"of the largest magnitude (max {check['max_rel_error']:.2e}){against}"
         )
     against = "the float64 run" if check.get("reference_precision") == "float64" else "its reference"
     parts = [
