@@ -164,6 +164,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             input_length=args.input_length,
             sampling_rate_hz=args.sampling_rate,
             classes=classes,
+            partial=not args.no_partial,
         )
         out = export_package(
             source,
@@ -172,6 +173,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             check_data=args.check_data,
             check_samples=args.check_samples,
+            partial=not args.no_partial,
         )
     log.info("wrote model package %s", out)
     _report_unavailable(out)
@@ -183,7 +185,14 @@ def _report_unavailable(package: Path) -> None:
     refused at serving time."""
     import json
 
-    unavailable = json.loads((Path(package) / "manifest.json").read_text()).get("unavailable") or {}
+    manifest = json.loads((Path(package) / "manifest.json").read_text())
+    partial = manifest.get("partial")
+    if partial:
+        print(
+            f"PARTIAL PACKAGE (forward pass only; methods: {', '.join(partial['methods'])}; "
+            f"blocked by {partial['blocked_by']}): {partial['reason']}"
+        )
+    unavailable = manifest.get("unavailable") or {}
     for graph, entry in unavailable.items():
         print(f"UNAVAILABLE {graph} (methods: {', '.join(entry['methods']) or 'none'}): {entry['reason']}")
 
@@ -774,6 +783,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         metavar="N",
         help="how many of the --check-data ECGs the check uses, evenly spaced (default 8)",
+    )
+    p.add_argument(
+        "--no-partial",
+        action="store_true",
+        help="refuse a model the export's IR cannot read instead of writing a partial package (forward "
+        "pass only: occlusion, feature ablation, KernelSHAP, LIME)",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing package ecgx wrote")
     _add_common(p)

@@ -382,3 +382,20 @@ def test_an_onnx_file_listing_its_initialisers_as_inputs_exports(tmp_path) -> No
     package = export_package(load_source(tmp_path / "m.onnx"), tmp_path / "pkg", sample_inputs=X)
     with torch.no_grad():
         _assert_close(_engine(package).logits(X), model(torch.from_numpy(X)).numpy(), "logits")
+
+
+def test_ecgx_export_says_partial_and_no_partial_refuses(tmp_path, capsys) -> None:
+    """The command line: a partial package is announced before its unavailable graphs; --no-partial
+    refuses the model with the IR's reason and writes nothing."""
+    from ecgx.cli import main
+
+    _source("lstm", "onnx", tmp_path)  # writes m.onnx
+    args = ["export", "--model", str(tmp_path / "m.onnx"), "--sampling-rate", "500"]
+    args += ["--classes", ",".join(f"c{i}" for i in range(_model("lstm").head.out_features))]
+    assert main([*args, "--out", str(tmp_path / "pkg")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("PARTIAL PACKAGE (forward pass only; methods: occlusion"), out
+    assert "UNAVAILABLE gradient" in out
+    assert main([*args, "--out", str(tmp_path / "refused"), "--no-partial"]) != 0
+    assert "LSTM is not supported by the gradient graphs" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()
