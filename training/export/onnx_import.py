@@ -363,7 +363,8 @@ class _Importer:
         if value not in self.consts:
             raise ExportError(
                 f"layer {name} ({node.op_type}): its {what} {value!r} is computed from the input; it must "
-                "be a constant (an initializer)"
+                "be a constant (an initializer). Shapes are fixed at export in the module:factory and "
+                ".pt2 forms, which resolve such values"
             )
         return self.consts[value]
 
@@ -525,8 +526,9 @@ class _Importer:
         self.alias[node.output[0]] = self.alias[data[0]]
 
     def _op_Pad(self, node, name, data) -> None:
-        pads = [int(v) for v in np.asarray(self.consts[node.input[1]]).reshape(-1)]
-        value = self.consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        # Pads computed from shapes (torch_ecg's "same" padding) are refused by name, never a KeyError.
+        pads = [int(v) for v in np.asarray(self._const(node, 1, name, "pads")).reshape(-1)]
+        value = self._const(node, 2, name, "constant value")
         mode = _attrs(node).get("mode", b"constant")
         zero = value is None or not np.any(np.asarray(value))
         if (
