@@ -82,23 +82,6 @@ class Activation(OpKind):
         return b.op("Div", [b.op("Sub", [y, y_r]), d], "secant")
 
 
-def _positive(b: GraphBuilder, x: str) -> str:
-    """1.0 where x > 0, else 0.0 (PyTorch's derivative of LeakyReLU and ELU takes the negative
-    side at 0)."""
-    return b.op("Cast", [b.op("Greater", [x, b.const(0.0)])], "positive", to=FLOAT)
-
-
-def _sinhc(b: GraphBuilder, u: str) -> str:
-    """sinh(u) / u for u != 0, accurate for small u (sinh is)."""
-    return b.op("Div", [b.op("Sinh", [u]), u], "sinhc")
-
-
-def _where_close(b: GraphBuilder, d: str, stable: str, naive: str) -> str:
-    """``stable`` where |d| < 1 (where the naive quotient loses digits), ``naive`` elsewhere (where
-    the stable form's sinh or cosh could overflow)."""
-    return b.op("Where", [b.op("Less", [b.op("Abs", [d]), b.const(1.0)]), stable, naive], "secant")
-
-
 def positive(b: GraphBuilder, x: str) -> str:
     """1.0 where x > 0, else 0.0 (PyTorch's derivative of LeakyReLU and ELU takes the negative
     side at 0)."""
