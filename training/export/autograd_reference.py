@@ -36,6 +36,16 @@ METHODS = ("gradient", "guided_backprop", "deconvolution", "deeplift", "lrp")
 DEEPLIFT_EPS = 1e-10  # below this |delta in| a ReLU takes the plain gradient (Captum's DeepLift)
 
 
+def _rescale(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepLIFT's rescale multiplier on a batch stacked as (inputs, references): where the
+    input's difference is tiny (``small``) the caller takes the gradient instead of ``ratio``."""
+    half = len(x) // 2
+    d_in = (x[:half] - x[half:]).repeat(2, *([1] * (x.dim() - 1)))
+    d_out = (y[:half] - y[half:]).repeat(2, *([1] * (x.dim() - 1)))
+    small = d_in.abs() < DEEPLIFT_EPS
+    return small, d_out / torch.where(small, torch.ones_like(d_in), d_in)
+
+
 class ReluRule(torch.autograd.Function):
     """``relu`` forward; backward by ``method``'s rule for this edge.
 
@@ -107,11 +117,7 @@ class RescaleRelu(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x, y = ctx.saved_tensors
-        half = len(x) // 2
-        d_in = (x[:half] - x[half:]).repeat(2, *([1] * (x.dim() - 1)))
-        d_out = (y[:half] - y[half:]).repeat(2, *([1] * (x.dim() - 1)))
-        small = d_in.abs() < DEEPLIFT_EPS
-        ratio = d_out / torch.where(small, torch.ones_like(d_in), d_in)
+        small, ratio = _rescale(x, y)
         return torch.where(small, grad * (y > 0).to(grad.dtype), grad * ratio)
 
 
@@ -214,11 +220,7 @@ class RescaleActivation(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         x, y = ctx.saved_tensors
-        half = len(x) // 2
-        d_in = (x[:half] - x[half:]).repeat(2, *([1] * (x.dim() - 1)))
-        d_out = (y[:half] - y[half:]).repeat(2, *([1] * (x.dim() - 1)))
-        small = d_in.abs() < DEEPLIFT_EPS
-        ratio = d_out / torch.where(small, torch.ones_like(d_in), d_in)
+        small, ratio = _rescale(x, y)
         plain = _activation_gradient(ctx.module, x, grad)
         return torch.where(small, plain, grad * ratio), None
 
