@@ -320,7 +320,7 @@ def autograd_attribution(
     starting at the target logit (as Captum's LRP), passing ReLUs unchanged.
 
     The arithmetic is the module's own precision: a float64 copy (``reference.as_float64``) gives
-    the float64 run the export judges its graphs by; the inputs are float32 values either way.
+    the float64 run the export judges its graphs by (on float64 inputs as given).
     """
     if method not in METHODS:
         raise InvalidArgument(f"no autograd reference for {method!r}; one of {METHODS}")
@@ -329,13 +329,15 @@ def autograd_attribution(
             f"autograd_attribution runs on an IRModule (ecgx.training.export.ir_torch.ir_module), "
             f"got {type(module).__name__}"
         )
-    x = np.asarray(x, np.float32)
-    tgt = target_indices(target, len(x))
-    rows = torch.arange(len(x))
     module = module.eval()
     dtype = module_dtype(module)
+    # A float64 module keeps float64 inputs (the float32-spread estimate moves them by less than a
+    # float32 rounding); float32 values convert to float64 exactly.
+    x = np.asarray(x, np.float64 if dtype == torch.float64 else np.float32)
+    tgt = target_indices(target, len(x))
+    rows = torch.arange(len(x))
     if method == "deeplift":
-        ref = np.zeros_like(x) if baseline is None else np.asarray(baseline, np.float32)
+        ref = np.zeros_like(x) if baseline is None else np.asarray(baseline, x.dtype)
         both = torch.tensor(np.concatenate([x, ref]), dtype=dtype, requires_grad=True)
         with torch.enable_grad():
             logits = module.evaluate(both, _deeplift_substitute)

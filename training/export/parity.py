@@ -16,6 +16,37 @@ REL_TOL = 1e-4
 MAX_OUTLIER_FRACTION = 1e-3
 
 
+# float32's own spread: where PyTorch's float32 run of the same computation is itself off against
+# float64, float32 does not pin the map down, and two correct float32 implementations differ there
+# alike, each at times worse than the other. The engine passes such a sample when it is no further
+# from float64 than this many times PyTorch's float32 run (xresnet1d50 at 1000 samples, Ribeiro's
+# pre-activation ResNet; issue #25). A construction error is of the order of the map and shows on
+# the samples float32 does pin down.
+FLOAT32_SPREAD_FACTOR = 2.0
+
+
+def within_float32_spread(engine: Mapping[str, float], float32: Mapping[str, float]) -> bool:
+    """True when the engine's error against float64 (``parity``'s figures) is at most
+    ``FLOAT32_SPREAD_FACTOR`` times float32's own (``float32``: a float32 run's figures, or an
+    estimate of them) on the largest error and on the fraction of elements off."""
+    return all(engine[k] <= FLOAT32_SPREAD_FACTOR * float32[k] for k in ("max_rel_error", "outlier_fraction"))
+
+
+# float32's spread is estimated from several draws of rounding, because one float32 run may round
+# luckily (inception1d, LRP-epsilon at 1e-6: PyTorch's float32 run off by 6e-5, the float64 run of
+# an input moved by one float32 rounding by 2.2e-4, ONNX Runtime by 1.6e-4): PyTorch's float32
+# run, and the float64 run of the input moved by one rounding per value, FLOAT32_DRAWS times.
+FLOAT32_DRAWS = 2
+
+
+def moved_by_float32_rounding(x: np.ndarray, draw: int) -> np.ndarray:
+    """``x`` in float64 with each value moved by one float32 rounding (relative 2^-24, a fixed
+    pseudo-random sign per value; ``draw`` picks the signs): the effect rounding has on every
+    intermediate sum, made on the input. Deterministic, so an export's verdict is reproducible."""
+    signs = np.random.default_rng(draw).choice([-1.0, 1.0], size=np.shape(x))
+    return np.asarray(x, np.float64) * (1 + signs * 2.0**-24)
+
+
 def parity(got: np.ndarray, ref: np.ndarray) -> dict[str, float]:
     """Largest relative error (to the reference's largest magnitude) and fraction of
     elements above ``REL_TOL``."""
