@@ -100,14 +100,16 @@ def _source(name: str, form: str, folder: Path):
     if form == "factory":
         torch.save(model.state_dict(), folder / "w.pt")  # the classes are factories: no arguments
         return model, load_source(f"{__name__}:{NETS[name].__name__}", weights=folder / "w.pt")
-    if form == "program":
-        batch = torch.export.Dim("batch")
-        program = torch.export.export(model, example, dynamic_shapes=({0: batch},))
+    if form in ("program", "program_fixed"):  # program_fixed: specialised to the example's batch of 2
+        dynamic = {"dynamic_shapes": ({0: torch.export.Dim("batch")},)} if form == "program" else {}
+        program = torch.export.export(model, example, **dynamic)
         torch.export.save(program, folder / "m.pt2")
         return model, load_source(folder / "m.pt2")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if form == "onnx":
+        if form == "onnx_fixed":  # no dynamic axis: the recurrent layer's initial state fixes batch 2
+            torch.onnx.export(model, example, folder / "m.onnx", dynamo=False, opset_version=17)
+        elif form == "onnx":
             torch.onnx.export(
                 model,
                 example,
@@ -147,6 +149,8 @@ CASES = [
     ("lstm", "factory"),
     ("lstm", "onnx"),
     ("lstm", "program"),
+    ("lstm", "program_fixed"),
+    ("bigru", "onnx_fixed"),
     ("bigru", "factory"),
     ("bigru", "onnx"),
     ("last_step", "factory"),
@@ -288,11 +292,24 @@ def test_a_model_whose_batch_changes_its_answers_is_still_refused(tmp_path) -> N
     assert not (tmp_path / "pkg").exists()
 
 
-def test_a_program_with_a_fixed_batch_says_how_to_export_it(tmp_path) -> None:
-    program = torch.export.export(_model("lstm"), (torch.from_numpy(X[:2]),))
-    torch.export.save(program, tmp_path / "m.pt2")
-    with pytest.raises(ExportError, match=r"fixed batch of 2.*Dim\('batch'\)"):
-        load_source(tmp_path / "m.pt2")
+@pytest.mark.parametrize(("name", "form"), [("lstm", "program_fixed"), ("bigru", "onnx_fixed")])
+def test_a_model_exported_for_a_fixed_batch_runs_in_chunks_of_it(
+    name, form, exported, tmp_path_factory
+) -> None:
+    """torch.export and torch.onnx without a dynamic batch fix it at the example's (2), and the
+    recurrent layer's initial state bakes it in: the forward graph runs in chunks of 2 ECGs (an ONNX
+    Loop; a batch of 3 is padded to 4 and trimmed), says so, and equals the model row by row (the
+    other tests of the case check occlusion and feature ablation against Captum)."""
+    model, package = _exported(exported, tmp_path_factory, name, form)
+    made_by = json.loads((package / "manifest.json").read_text())["partial"]["forward_graph"]
+    assert made_by.endswith("exported for a fixed batch of 2: run in chunks of 2 ECGs (an ONNX Loop)"), (
+        made_by
+    )
+    engine = _engine(package)
+    with torch.no_grad():
+        want = model(torch.from_numpy(X)).numpy()
+    for rows in (X[:1], X[:2], X):
+        _assert_close(engine.logits(engine.check_inputs(rows)), want[: len(rows)], f"{len(rows)} ECGs")
 
 
 # --------------------------------------------------------------------------- the gate

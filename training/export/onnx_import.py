@@ -112,7 +112,9 @@ def onnx_metadata(path: Path | str) -> dict[str, str]:
 def onnx_forward(path: Path | str) -> Callable[[np.ndarray], np.ndarray]:
     """Run the original ONNX file on ONNX Runtime (CPU): float32 ``(B, leads, samples)`` -> logits.
 
-    A file exported with a fixed batch of one is run one ECG at a time.
+    A file exported with a fixed batch is run in chunks of that batch, the last one padded with zeros
+    and trimmed (independently of the forward graph's ONNX Loop, ``fixed_batch.any_batch``, which
+    this run checks).
     """
     import onnxruntime as ort
 
@@ -127,11 +129,15 @@ def onnx_forward(path: Path | str) -> Callable[[np.ndarray], np.ndarray]:
 
     def run(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if fixed_batch is None or fixed_batch == len(x):
+        b = fixed_batch
+        if b is None or b == len(x):
             return np.asarray(session.run(None, {inp.name: x})[0])
-        if fixed_batch != 1:
-            raise ExportError(f"{path}: the model's batch size is fixed at {fixed_batch}")
-        return np.concatenate([session.run(None, {inp.name: x[i : i + 1]})[0] for i in range(len(x))])
+        outs = []
+        for start in range(0, len(x), b):
+            chunk = x[start : start + b]
+            padded = np.concatenate([chunk, np.zeros((b - len(chunk), *x.shape[1:]), np.float32)])
+            outs.append(np.asarray(session.run(None, {inp.name: padded})[0])[: len(chunk)])
+        return np.concatenate(outs)
 
     return run
 

@@ -771,10 +771,11 @@ def _partial_layers(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], dict[
     inits = {
         i.name: i for i in model.graph.initializer if i.data_type == TensorProto.FLOAT and len(i.dims) >= 1
     }
-    producer = {o: n.op_type for n in model.graph.node for o in n.output}
+    nodes = list(_nodes_in_order(model.graph))
+    producer = {o: n.op_type for n in nodes for o in n.output}
     owned: dict[str, np.ndarray] = {}
     layers = []
-    for index, node in enumerate(model.graph.node):
+    for index, node in enumerate(nodes):
         slots = _WEIGHT_INPUTS.get(node.op_type, ())
         if node.op_type == "Add" and any(producer.get(v) == "MatMul" for v in node.input):
             slots = (0, 1)
@@ -795,6 +796,18 @@ def _partial_layers(model: onnx.ModelProto) -> tuple[list[dict[str, Any]], dict[
             }
         )
     return layers, owned
+
+
+def _nodes_in_order(graph: onnx.GraphProto):
+    """The graph's nodes in order, each subgraph's (a Loop's body: a forward graph run in chunks of
+    its fixed batch) right after the node that holds it: the model's layers, wherever they sit."""
+    for node in graph.node:
+        yield node
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes_in_order(attribute.g)
+            for sub in attribute.graphs:
+                yield from _nodes_in_order(sub)
 
 
 def _write_parameters(folder: Path, found: dict[str, np.ndarray]) -> dict[str, dict[str, Any]]:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from ecgx.core.schema import BEAT_SAMPLES, N_LEADS, SAMPLING_RATE_HZ
+from ecgx.training.export.fixed_batch import any_batch, fixed_batch
 from ecgx.training.export.ir import ExportError, ModelIR
 from ecgx.training.export.torch_frontend import trace_model
 
@@ -78,6 +79,10 @@ _BATCH_DEPENDENT = (
 # Recurrent layers: the IR and its gradient graphs have none (the refusal says so first).
 _RECURRENT = (nn.LSTM, nn.GRU, nn.RNN)
 _RECURRENT_ONNX = ("LSTM", "GRU", "RNN")
+
+
+# Metadata key of a forward graph wrapped to run in chunks of the batch it was exported for.
+FIXED_BATCH_KEY = "ecgx.fixed_batch"
 
 
 @dataclass(frozen=True)
@@ -194,9 +199,8 @@ def partial_from_module(model: nn.Module, shape: tuple[int, int], error: ExportE
     reason, blocked = _partial_reason(str(error), recurrent_in_module(model))
     exported = _torch_onnx(model, shape, error)
     graph, n = forward_graph(exported, shape, FORWARD_INPUT, FORWARD_OUTPUT, error)
-    return PartialForward(
-        reason, blocked, graph, "torch.onnx.export of the module (TorchScript exporter)", shape, n
-    )
+    made_by = _made_by("torch.onnx.export of the module (TorchScript exporter)", graph)
+    return PartialForward(reason, blocked, graph, made_by, shape, n)
 
 
 def partial_from_program(
@@ -217,12 +221,9 @@ def partial_from_program(
     if len(placeholders) != 1:
         raise error
     batch, leads, length = _input_shape(path, placeholders[0], input_length)
-    if not _dynamic_batch(placeholders[0]):
-        raise ExportError(
-            f"{error}; nor can a forward-only package be written: the program was exported for a fixed "
-            f"batch of {batch}, and a package's forward graph takes any batch (export it with "
-            "dynamic_shapes={'x': {0: torch.export.Dim('batch')}})"
-        ) from None
+    # A program exported for a fixed batch gives a forward graph fixed at it too: forward_graph runs
+    # it in chunks of that batch (fixed_batch.any_batch), and the reference module likewise.
+    fixed = None if _dynamic_batch(placeholders[0]) else int(batch)
     recurrent = next(
         (
             f"{n.name} ({str(n.target).split('.')[1].upper()})"
@@ -245,10 +246,9 @@ def partial_from_program(
     graph, n = forward_graph(
         exported, (leads, length), exported.graph.input[0].name, exported.graph.output[0].name, error
     )
-    part = PartialForward(
-        reason, blocked, graph, "torch.onnx.export of the program (dynamo exporter)", (leads, length), n
-    )
-    return part, ProgramModule(gm, fixed_batch=None)
+    made_by = _made_by("torch.onnx.export of the program (dynamo exporter)", graph)
+    part = PartialForward(reason, blocked, graph, made_by, (leads, length), n)
+    return part, ProgramModule(gm, fixed_batch=fixed)
 
 
 def partial_from_onnx(
@@ -262,7 +262,9 @@ def partial_from_onnx(
         raise error
     reason, blocked = _partial_reason(str(error), recurrent_in_onnx(model))
     graph, n = forward_graph(model, shape, inputs[0], model.graph.output[0].name, error)
-    return PartialForward(reason, blocked, graph, f"the ONNX model as given ({path.name})", shape, n)
+    return PartialForward(
+        reason, blocked, graph, _made_by(f"the ONNX model as given ({path.name})", graph), shape, n
+    )
 
 
 def _partial_reason(refusal: str, recurrent: str | None) -> tuple[str, str]:
@@ -311,9 +313,9 @@ def forward_graph(
 ) -> tuple[onnx.ModelProto, int]:
     """A copy of ``model`` with the forward graph's signature: input ``x`` (batch, leads, samples), a
     dynamic batch, output ``logits`` (batch, classes); and the number of classes, read from a run on
-    ONNX Runtime with a batch of 3. ExportError (``error`` and why) when it does not run so."""
-    import onnxruntime as ort
-
+    ONNX Runtime with a batch of 3. A model declared with a fixed batch that does not run on another
+    (a recurrent layer's initial state) is run in chunks of that batch (``fixed_batch.any_batch``).
+    ExportError (``error`` and why) when it does not run so."""
     graph = onnx.ModelProto()
     graph.CopyFrom(model)
     g = graph.graph
@@ -331,25 +333,22 @@ def forward_graph(
     dims = inp.type.tensor_type.shape.dim
     if len(dims) != 3:
         raise error
+    fixed = fixed_batch(graph, FORWARD_INPUT)
     dims[0].Clear()
     dims[0].dim_param = "batch"
     dims[1].dim_value, dims[2].dim_value = shape
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    x = (0.1 * np.random.default_rng(0).standard_normal((3, *shape))).astype(np.float32)
     try:
-        session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        logits = session.run([FORWARD_OUTPUT], {FORWARD_INPUT: x})[0]
-        alone = np.concatenate(
-            [session.run([FORWARD_OUTPUT], {FORWARD_INPUT: x[i : i + 1]})[0] for i in range(3)]
-        )
+        logits, alone = _run_batch_of_3(graph, shape)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
-        raise ExportError(
-            f"{error}; nor can a forward-only package be written: its ONNX graph does not run on ONNX "
-            f"Runtime with a batch of 3 ECGs of {shape[0]} leads x {shape[1]} samples ({type(e).__name__}: "
-            f"{first}); export it with a dynamic batch axis"
-        ) from None
+        if fixed is None:
+            raise _not_runnable(error, shape, e) from None
+        try:
+            graph = any_batch(graph, FORWARD_INPUT, FORWARD_OUTPUT, fixed)
+            onnx.helper.set_model_props(graph, {FIXED_BATCH_KEY: str(fixed)})
+            g = graph.graph
+            logits, alone = _run_batch_of_3(graph, shape)
+        except Exception as e:
+            raise _not_runnable(error, shape, e) from None
     if logits.ndim != 2 or len(logits) != 3:
         raise ExportError(
             f"{error}; nor can a forward-only package be written: its output has shape {logits.shape} "
@@ -362,6 +361,38 @@ def forward_graph(
     out.add().dim_param = "batch"
     out.add().dim_value = int(logits.shape[1])
     return graph, int(logits.shape[1])
+
+
+def _run_batch_of_3(graph: onnx.ModelProto, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """The logits of 3 ECGs of ``shape`` run together, and each run alone, on ONNX Runtime."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    x = (0.1 * np.random.default_rng(0).standard_normal((3, *shape))).astype(np.float32)
+    session = ort.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    logits = session.run([FORWARD_OUTPUT], {FORWARD_INPUT: x})[0]
+    alone = np.concatenate(
+        [session.run([FORWARD_OUTPUT], {FORWARD_INPUT: x[i : i + 1]})[0] for i in range(3)]
+    )
+    return logits, alone
+
+
+def _not_runnable(error: ExportError, shape: tuple[int, int], e: Exception) -> ExportError:
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+    return ExportError(
+        f"{error}; nor can a forward-only package be written: its ONNX graph does not run on ONNX "
+        f"Runtime with a batch of 3 ECGs of {shape[0]} leads x {shape[1]} samples ({type(e).__name__}: "
+        f"{first}); export it with a dynamic batch axis"
+    )
+
+
+def _made_by(how: str, graph: onnx.ModelProto) -> str:
+    """``how`` the forward graph was made, and that it runs in chunks when its batch is fixed."""
+    fixed = {p.key: p.value for p in graph.metadata_props}.get(FIXED_BATCH_KEY)
+    if fixed is None:
+        return how
+    return f"{how}, exported for a fixed batch of {fixed}: run in chunks of {fixed} ECGs (an ONNX Loop)"
 
 
 def _rows_independent(batched: np.ndarray, alone: np.ndarray) -> bool:
