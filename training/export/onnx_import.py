@@ -200,6 +200,7 @@ class _Importer:
     def convert(self, input_length: int | None) -> ModelIR:
         self._check_opset()
         inp, leads, length = self._input(input_length)
+        self.input_name, self.leads, self.length = inp.name, leads, length
         self._infer_shapes(inp, leads, length)
         for init in self.graph.initializer:
             self.consts[init.name] = numpy_helper.to_array(init)
@@ -366,13 +367,62 @@ class _Importer:
         if position >= len(node.input) or not node.input[position]:
             return None
         value = node.input[position]
+        if value not in self.consts and value in self.shape_values:
+            resolved = self._from_shapes(value)
+            if resolved is not None:
+                self.consts[value] = resolved
         if value not in self.consts:
             raise ExportError(
-                f"layer {name} ({node.op_type}): its {what} {value!r} is computed from the input; it must "
-                "be a constant (an initializer). Shapes are fixed at export in the module:factory and "
-                ".pt2 forms, which resolve such values"
+                f"layer {name} ({node.op_type}): its {what} {value!r} is computed from the input at run "
+                "time, from the signal's values or the batch size; it must be a constant (an initializer), "
+                "or computed from the ECG's shape alone (resolved at export, the shape being fixed)"
             )
         return self.consts[value]
+
+    def _from_shapes(self, value: str) -> np.ndarray | None:
+        """``value`` when it is computed from shapes alone (every path from the input passes a Shape
+        or Size node: torch_ecg's "same" padding), by running the model to it on ONNX Runtime with a
+        batch of 1 and of 2 ECGs of the fixed (leads, samples); None when it reads the signal's
+        values or changes with the batch. Shapes are fixed at export, so such a value is a constant."""
+        producer = {o: n for n in self.graph.node for o in n.output}
+        stack, seen = [value], set()
+        while stack:
+            name = stack.pop()
+            if name in seen or name in self.consts:
+                continue
+            seen.add(name)
+            if name == self.input_name:
+                return None  # reaches the signal's values, not only its shape
+            node = producer.get(name)
+            if node is None:
+                return None
+            if node.op_type not in ("Shape", "Size"):
+                stack.extend(i for i in node.input if i)
+        import onnxruntime as ort
+
+        model = onnx.ModelProto()
+        model.CopyFrom(self.model)
+        elem = self.types.get(value) or onnx.TensorProto.INT64
+        model.graph.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        declared = next(i for i in self.graph.input if i.name == self.input_name).type.tensor_type.shape.dim[
+            0
+        ]
+        batches = (declared.dim_value,) if declared.dim_value > 0 else (1, 2)
+        try:
+            session = ort.InferenceSession(
+                model.SerializeToString(), options, providers=["CPUExecutionProvider"]
+            )
+            values = [
+                session.run([value], {self.input_name: np.zeros((b, self.leads, self.length), np.float32)})[0]
+                for b in batches
+            ]
+        except Exception:  # the model does not run at these shapes: the caller's refusal stands
+            return None
+        if any(v.shape != values[0].shape or not np.array_equal(v, values[0]) for v in values):
+            return None
+        return np.asarray(values[0])
 
     def _emit(
         self, kind: str, name: str, node: onnx.NodeProto, inputs: list[str], params: dict | None = None
