@@ -29,6 +29,19 @@ MODELS = {
     ),
     "residual": lambda: build_model(ModelConfig(widths=(8, 16), stem_stride=4, residual=True)),
     "xresnet1d": lambda: reference_models.xresnet1d(width=8, layers=(1, 1)),
+    # the other activations are pointwise in time too: the span pass runs through them (issue #25)
+    "gelu_elu_silu": lambda: torch.nn.Sequential(
+        torch.nn.Conv1d(12, 8, 7, stride=2, padding=3),
+        torch.nn.GELU(),
+        torch.nn.MaxPool1d(3, stride=2),
+        torch.nn.Conv1d(8, 8, 5, padding=2),
+        torch.nn.ELU(),
+        torch.nn.Conv1d(8, 16, 3, padding=1),
+        torch.nn.SiLU(),
+        torch.nn.AdaptiveAvgPool1d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(16, 9),
+    ),
 }
 X = generate(3, np.random.default_rng(0)).signals.astype(np.float32)
 TARGET = np.array([0, 4, 8])
@@ -83,6 +96,11 @@ def test_the_plain_network_is_computed_on_spans():
     assert [ly.op.kind for ly in layers] == [op.kind for op in ir.ops[: len(layers)]]
     assert {"conv", "maxpool"} <= {ly.op.kind for ly in layers}
     assert all(ly.n < ly.op.out_shape[1] for ly in layers if ly.op.kind == "conv")
+
+
+def test_the_span_pass_runs_through_the_other_activations():
+    layers = plan(trace_model(_model("gelu_elu_silu")))
+    assert [ly.op.kind for ly in layers][:7] == ["conv", "gelu", "maxpool", "conv", "elu", "conv", "silu"]
 
 
 def test_a_model_without_leading_local_layers_gets_no_incremental_graph():

@@ -38,10 +38,18 @@ from ecgx.training.export.onnx_graphs import (
     emit_forward,
     forward_op,
 )
+from ecgx.training.export.ops import AFFINE, OP_SPECS
 from ecgx.training.export.ops.onnx_helpers import pool_extent
 
 MAX_WINDOW = 64  # samples: the widest window served incrementally (the methods' default is 50)
-_POINTWISE = ("relu", "affine")
+
+
+def _pointwise(op: Op) -> bool:
+    """An op of one input that maps each time step alone: a per-channel affine map, any element-wise
+    activation (ReLU, GELU, ELU, ...: ``OpKind.is_activation``)."""
+    return len(op.inputs) == 1 and (op.kind == AFFINE or OP_SPECS[op.kind].is_activation)
+
+
 _POOLS = ("maxpool", "avgpool")
 
 
@@ -59,7 +67,7 @@ class _Layer:
 
     @property
     def pointwise(self) -> bool:
-        return self.op.kind in _POINTWISE
+        return _pointwise(self.op)
 
     @property
     def m(self) -> int:
@@ -76,7 +84,7 @@ def _geometry(op: Op) -> tuple[int, int, int] | None:
     if len(op.in_shape) != 2 or len(op.inputs) != 1:
         return None
     p = op.params
-    if op.kind in _POINTWISE:
+    if _pointwise(op):
         return 1, 1, 0
     if op.kind == "conv":
         return (p["weight"].shape[2] - 1) * p["dilation"] + 1, p["stride"], p["padding"]
@@ -110,7 +118,7 @@ def plan(ir: ModelIR, max_window: int = MAX_WINDOW) -> list[_Layer]:
     """Span geometry of the local chain for every start sample (the window ``[start, start +
     max_window)`` cut at the end). ExportError when the model has no local chain."""
     chain = local_chain(ir)
-    if not chain or all(op.kind in _POINTWISE for op in chain):
+    if not chain or all(_pointwise(op) for op in chain):
         raise ExportError("the model has no leading convolution or pooling to compute incrementally")
     length = ir.input_shape[1]
     lo = np.arange(length)
