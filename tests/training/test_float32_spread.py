@@ -143,3 +143,43 @@ def test_the_forward_logits_are_judged_against_float64_when_the_float32_runs_dif
     assert check["ok"] is ok and check["reference_precision"] == "float64"
     if not ok:
         assert "against the float64 run" in describe_parity_failure("forward", check)
+
+
+# ----------------------------------------------------------------- the engine's graph run in float64
+
+
+def _graph64(result: np.ndarray | None, calls: list) -> object:
+    def run(samples: list[int]) -> np.ndarray | None:
+        calls.append(samples)
+        return None if result is None else result[samples]
+
+    return run
+
+
+def test_a_sample_the_graph_in_float64_shows_right_is_excused_as_float32_arithmetic() -> None:
+    """No float32 run is off there (PyTorch's and the moved inputs' runs are exact), but the engine's
+    own graph in float64 equals the reference: ONNX Runtime's float32 kernels round differently."""
+    got, calls = _engine_off_on_one_sample(3, 3e-3), []
+    check = judge(got, REF64, {}, lambda: REF64.copy(), None, _graph64(REF64 + 1e-12, calls))
+    assert check["ok"] and check["excused"]["float32_arithmetic"] == [3] and calls == [[3]]
+    assert check["proven_in_float64"] == [3] and check["failing"] == []
+
+
+def test_a_graph_wrong_in_float64_too_is_refused() -> None:
+    got, calls = _engine_off_on_one_sample(3, 3e-3), []
+    check = judge(got, REF64, {}, lambda: REF64.copy(), None, _graph64(got.astype(np.float64), calls))
+    assert not check["ok"] and [f["sample"] for f in check["failing"]] == [3]
+    assert check["failing"][0]["graph_in_float64"] > 1e-3 and "float32_arithmetic" not in check["excused"]
+
+
+def test_the_float64_run_is_not_tried_when_many_samples_disagree() -> None:
+    """A construction error shows on most samples: refused without the slow float64 run."""
+    calls = []
+    check = judge(REF64 * 1.01, REF64, {}, lambda: REF64.copy(), None, _graph64(REF64, calls))
+    assert not check["ok"] and calls == [] and len(check["failing"]) == 8
+
+
+def test_a_graph_the_float64_run_cannot_evaluate_leaves_the_verdict() -> None:
+    got, calls = _engine_off_on_one_sample(3, 3e-3), []
+    check = judge(got, REF64, {}, lambda: REF64.copy(), None, _graph64(None, calls))
+    assert not check["ok"] and calls == [[3]] and "graph_in_float64" not in check["failing"][0]
