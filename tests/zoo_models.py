@@ -814,12 +814,13 @@ ribeiro4096 = _zoo_factory(ribeiro4096_net)
 @dataclass(frozen=True)
 class ZooEntry:
     """One zoo network: its calibrated factory, its input (leads, samples) and sampling rate, and
-    whether it is built of ReLU networks' layers only (the no-false-refusal test's networks)."""
+    whether the export's IR reads it (``full``: every method; the recurrent nets export partially,
+    with the forward-only methods)."""
 
     factory: Callable[..., nn.Module]
     samples: int = 250
     rate_hz: float = 100.0
-    relu_only: bool = True
+    full: bool = True
 
 
 ZOO: dict[str, ZooEntry] = {
@@ -829,10 +830,10 @@ ZOO: dict[str, ZooEntry] = {
     "resnet1d_wang": ZooEntry(resnet1d_wang),
     "schirrmeister": ZooEntry(schirrmeister),
     "basic1d": ZooEntry(basic1d),
-    "sen": ZooEntry(sen, relu_only=False),
-    "lstm": ZooEntry(lstm, relu_only=False),
-    "gru_bidir": ZooEntry(gru_bidir, relu_only=False),
-    "ecg_crnn": ZooEntry(ecg_crnn, samples=1000, rate_hz=500.0, relu_only=False),
+    "sen": ZooEntry(sen),
+    "lstm": ZooEntry(lstm, full=False),
+    "gru_bidir": ZooEntry(gru_bidir, full=False),
+    "ecg_crnn": ZooEntry(ecg_crnn, samples=1000, rate_hz=500.0),
     "resnet_nature_comm": ZooEntry(resnet_nature_comm, samples=1000, rate_hz=500.0),
     "multi_scopic": ZooEntry(multi_scopic, samples=1000, rate_hz=500.0),
     "ribeiro600": ZooEntry(ribeiro600, samples=600, rate_hz=400.0),

@@ -1,6 +1,6 @@
 """The model zoo (issue #25): every published network of ``tests/zoo_models.py`` builds and exports
-through the ``module:factory`` form (fully, or partially with the reasons), and the ReLU networks
-export with no refusal whatever the check ECGs: 2 seeds in the default run, ``ECGX_ZOO_SEEDS`` (3
+through the ``module:factory`` form (fully, or partially with the reasons), and the networks the IR
+reads export with no refusal whatever the check ECGs: 2 seeds in the default run, ``ECGX_ZOO_SEEDS`` (3
 unless set; 20 for the issue's figure, about 30 minutes on 2 cores) per network with ``-m slow``.
 The networks run at ``CI_WIDTH``; the layer patterns, not the capacity, are what the export meets.
 """
@@ -25,7 +25,8 @@ from ecgx.training.export.source import from_module
 
 CLASSES = [f"c{i}" for i in range(5)]
 CLASS_RECORDS = [{"key": c, "code": str(i), "name": c} for i, c in enumerate(CLASSES)]
-RELU_NETWORKS = [name for name, entry in ZOO.items() if entry.relu_only]
+FULL_NETWORKS = [name for name, entry in ZOO.items() if entry.full]
+PARTIAL_NETWORKS = [name for name, entry in ZOO.items() if not entry.full]
 
 
 def _factory_source(name: str, folder: Path):
@@ -94,9 +95,31 @@ def test_relu_networks_export_with_every_method(name, seed, tmp_path) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(int(os.environ.get("ECGX_ZOO_SEEDS", "3"))))
-@pytest.mark.parametrize("name", RELU_NETWORKS)
-def test_relu_networks_export_with_every_method_on_20_seeds(name, seed, tmp_path) -> None:
+@pytest.mark.parametrize("name", FULL_NETWORKS)
+def test_networks_export_with_every_method_on_20_seeds(name, seed, tmp_path) -> None:
     _assert_no_false_refusal(name, seed, tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(int(os.environ.get("ECGX_ZOO_SEEDS", "3"))))
+@pytest.mark.parametrize("name", PARTIAL_NETWORKS)
+def test_recurrent_networks_export_the_forward_only_methods_on_20_seeds(name, seed, tmp_path) -> None:
+    """The recurrent nets' partial packages: the forward graph accepted whatever the check ECGs, and
+    exactly the forward-only methods served, every other graph unavailable for the recurrent layer."""
+    entry = ZOO[name]
+    model = zoo_models.zoo_model(name, width=CI_WIDTH)
+    source = from_module(model, (12, entry.samples), sampling_rate_hz=entry.rate_hz, classes=CLASS_RECORDS)
+    pkg = export_package(source, tmp_path / "pkg", sample_inputs=_check_ecgs(name, seed), overwrite=True)
+    manifest = _manifest(pkg)
+    assert manifest["verification"]["checks"]["forward"]["ok"]
+    assert manifest["partial"]["methods"] == [
+        "occlusion",
+        "feature_ablation",
+        "kernel_shap",
+        "lime",
+        "random",
+    ]
+    assert all("is a recurrent layer" in u["reason"] for u in manifest["unavailable"].values())
 
 
 # Seeds of check ECGs that were false refusals before float32's spread was measured (issue #25):
