@@ -198,9 +198,18 @@ def _actor_pids(cluster: LocalRayCluster) -> list[int]:
     return pids
 
 
+# The Ctrl-C test's gate does several times the module policy's work, so the signal lands while the
+# actors compute, not after the run's last call (the module's gate takes about 10 s; a loaded CI
+# machine once delivered the signal after the report was written).
+SLOW_POLICY = POLICY.replace("draws = 1", "draws = 4").replace("steps = 4", "steps = 16")
+
+
 def test_ctrl_c_on_the_driver_leaves_no_actor(
-    trained_family: dict[str, Path], policy: Path, tmp_path: Path, cluster: LocalRayCluster
+    trained_family: dict[str, Path], tmp_path: Path, cluster: LocalRayCluster
 ):
+    policy = tmp_path / "policy.toml"
+    policy.write_text(SLOW_POLICY)
+    before = set(_actor_pids(cluster))  # actors of an earlier test still exiting are not this run's
     command = [
         *ECGX,
         "validate",
@@ -223,12 +232,16 @@ def test_ctrl_c_on_the_driver_leaves_no_actor(
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
-        while len(_actor_pids(cluster)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+        while (
+            len(set(_actor_pids(cluster)) - before) < 2
+            and driver.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.1)
         assert driver.poll() is None, driver.stderr.read().decode()
-        assert len(_actor_pids(cluster)) == 2
+        assert len(set(_actor_pids(cluster)) - before) == 2
         driver.send_signal(signal.SIGINT)
-        driver.wait(timeout=60)
+        assert driver.wait(timeout=60) == 130, driver.stderr.read().decode()
     finally:
         if driver.poll() is None:
             driver.kill()
