@@ -198,10 +198,24 @@ def _actor_pids(cluster: LocalRayCluster) -> list[int]:
     return pids
 
 
-# The Ctrl-C test's gate does several times the module policy's work, so the signal lands while the
-# actors compute, not after the run's last call (the module's gate takes about 10 s; a loaded CI
-# machine once delivered the signal after the report was written).
+# The Ctrl-C test's gate does several times the module policy's work (about 10 s), so the signal
+# lands while the actors compute, whatever the machine's speed.
 SLOW_POLICY = POLICY.replace("draws = 1", "draws = 4").replace("steps = 4", "steps = 16")
+
+
+def _as_from_a_terminal() -> None:
+    """The driver starts with Ctrl-C's default disposition and unblocked, as a terminal starts it. A
+    shell starts background jobs with SIGINT ignored, a child inherits that from pytest's process,
+    and Python keeps an inherited SIG_IGN: run so (`nohup ... &`), the driver ignored the signal and
+    ran to the end (as tests/core/test_outputs.py's interrupted command restores the default too)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def _sigint_state() -> str:
+    """This process's blocked and ignored signal masks (for a failure's message)."""
+    lines = Path("/proc/self/status").read_text().splitlines()
+    return "; ".join(line for line in lines if line.startswith(("SigBlk", "SigIgn")))
 
 
 def test_ctrl_c_on_the_driver_leaves_no_actor(
@@ -229,7 +243,10 @@ def test_ctrl_c_on_the_driver_leaves_no_actor(
         "--workers",
         "2",
     ]
-    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    inherited = _sigint_state()
+    driver = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, preexec_fn=_as_from_a_terminal
+    )
     try:
         deadline = time.monotonic() + 120
         while (
@@ -241,7 +258,9 @@ def test_ctrl_c_on_the_driver_leaves_no_actor(
         assert driver.poll() is None, driver.stderr.read().decode()
         assert len(set(_actor_pids(cluster)) - before) == 2
         driver.send_signal(signal.SIGINT)
-        assert driver.wait(timeout=60) == 130, driver.stderr.read().decode()
+        assert driver.wait(timeout=60) == 130, (
+            f"pytest's SIGINT state {inherited}; " + driver.stderr.read().decode()
+        )
     finally:
         if driver.poll() is None:
             driver.kill()
