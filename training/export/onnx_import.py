@@ -29,6 +29,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper, shape_inference
 
+from ecgx.training.export.fixed_batch import fixed_batch
 from ecgx.training.export.ir import (
     INPUT,
     ExportError,
@@ -125,11 +126,10 @@ def onnx_forward(path: Path | str) -> Callable[[np.ndarray], np.ndarray]:
     except Exception as e:
         raise ExportError(f"{path}: ONNX Runtime cannot load the model ({type(e).__name__}: {e})") from None
     inp = session.get_inputs()[0]
-    fixed_batch = inp.shape[0] if isinstance(inp.shape[0], int) else None
+    b = inp.shape[0] if isinstance(inp.shape[0], int) else None  # a fixed batch, or None
 
     def run(x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
-        b = fixed_batch
         if b is None or b == len(x):
             return np.asarray(session.run(None, {inp.name: x})[0])
         outs = []
@@ -406,10 +406,8 @@ class _Importer:
         model.graph.output.append(onnx.helper.make_tensor_value_info(value, elem, None))
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        declared = next(i for i in self.graph.input if i.name == self.input_name).type.tensor_type.shape.dim[
-            0
-        ]
-        batches = (declared.dim_value,) if declared.dim_value > 0 else (1, 2)
+        fixed = fixed_batch(self.model, self.input_name)
+        batches = (fixed,) if fixed is not None else (1, 2)
         try:
             session = ort.InferenceSession(
                 model.SerializeToString(), options, providers=["CPUExecutionProvider"]
